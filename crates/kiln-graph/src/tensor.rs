@@ -1,0 +1,196 @@
+use std::sync::Arc;
+
+use crate::{DType, GraphError, Result};
+
+/// A constant tensor held on the host: initializers, `Constant` values, attribute tensors.
+///
+/// Numeric data is stored as little-endian bytes of `dtype`; strings as byte strings.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TensorData {
+    pub name: String,
+    pub dtype: DType,
+    pub dims: Vec<usize>,
+    bytes: Arc<[u8]>,
+    strings: Option<Arc<[Vec<u8>]>>,
+}
+
+impl TensorData {
+    /// Builds a numeric tensor, checking that the byte length matches dims and dtype.
+    pub fn new(name: impl Into<String>, dtype: DType, dims: Vec<usize>, bytes: Vec<u8>) -> Result<Self> {
+        let name = name.into();
+        if dtype == DType::String {
+            return Err(GraphError::BadTensor {
+                name,
+                reason: "string tensors must be built with TensorData::strings".into(),
+            });
+        }
+        let count = element_count(&name, &dims)?;
+        let want = count
+            .checked_mul(dtype.size_in_bytes())
+            .ok_or_else(|| GraphError::BadTensor {
+                name: name.clone(),
+                reason: format!("dims {dims:?} overflow"),
+            })?;
+        if want != bytes.len() {
+            return Err(GraphError::BadTensor {
+                name,
+                reason: format!(
+                    "dims {dims:?} of {dtype} need {want} bytes, the data has {}",
+                    bytes.len()
+                ),
+            });
+        }
+        Ok(TensorData {
+            name,
+            dtype,
+            dims,
+            bytes: bytes.into(),
+            strings: None,
+        })
+    }
+
+    /// Builds a string tensor.
+    pub fn strings(name: impl Into<String>, dims: Vec<usize>, data: Vec<Vec<u8>>) -> Result<Self> {
+        let name = name.into();
+        let count = element_count(&name, &dims)?;
+        if count != data.len() {
+            return Err(GraphError::BadTensor {
+                name,
+                reason: format!("dims {dims:?} need {count} strings, the data has {}", data.len()),
+            });
+        }
+        Ok(TensorData {
+            name,
+            dtype: DType::String,
+            dims,
+            bytes: Arc::from(Vec::new()),
+            strings: Some(data.into()),
+        })
+    }
+
+    /// Builds a numeric tensor from typed values.
+    pub fn from_values<T: Element>(name: impl Into<String>, dims: Vec<usize>, values: &[T]) -> Result<Self> {
+        let mut bytes = Vec::with_capacity(values.len() * T::DTYPE.size_in_bytes());
+        for v in values {
+            v.write_le(&mut bytes);
+        }
+        Self::new(name, T::DTYPE, dims, bytes)
+    }
+
+    pub fn bytes(&self) -> &[u8] {
+        &self.bytes
+    }
+
+    pub fn string_data(&self) -> Option<&[Vec<u8>]> {
+        self.strings.as_deref()
+    }
+
+    pub fn len(&self) -> usize {
+        self.dims.iter().product()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Reads the values as `T` when the dtype matches.
+    pub fn values<T: Element>(&self) -> Option<Vec<T>> {
+        if self.dtype != T::DTYPE {
+            return None;
+        }
+        let n = T::DTYPE.size_in_bytes();
+        Some(self.bytes.chunks_exact(n).map(T::read_le).collect())
+    }
+
+    /// Integer values of an integer tensor (any int width), for shape-like inputs.
+    pub fn to_i64_vec(&self) -> Option<Vec<i64>> {
+        let b = &self.bytes;
+        Some(match self.dtype {
+            DType::I64 => b.chunks_exact(8).map(|c| i64::read_le(c)).collect(),
+            DType::I32 => b.chunks_exact(4).map(|c| i32::read_le(c) as i64).collect(),
+            DType::I16 => b.chunks_exact(2).map(|c| i16::read_le(c) as i64).collect(),
+            DType::I8 => b.iter().map(|&v| v as i8 as i64).collect(),
+            DType::U8 | DType::Bool => b.iter().map(|&v| v as i64).collect(),
+            DType::U16 => b.chunks_exact(2).map(|c| u16::read_le(c) as i64).collect(),
+            DType::U32 => b.chunks_exact(4).map(|c| u32::read_le(c) as i64).collect(),
+            DType::U64 => b.chunks_exact(8).map(|c| u64::read_le(c) as i64).collect(),
+            _ => return None,
+        })
+    }
+}
+
+fn element_count(name: &str, dims: &[usize]) -> Result<usize> {
+    dims.iter().try_fold(1usize, |acc, &d| acc.checked_mul(d)).ok_or_else(|| GraphError::BadTensor {
+        name: name.to_string(),
+        reason: format!("dims {dims:?} overflow"),
+    })
+}
+
+/// A Rust element type that maps to one Kiln dtype.
+pub trait Element: Copy + Send + Sync + 'static {
+    const DTYPE: DType;
+    fn write_le(&self, out: &mut Vec<u8>);
+    fn read_le(bytes: &[u8]) -> Self;
+}
+
+macro_rules! element {
+    ($t:ty, $d:expr) => {
+        impl Element for $t {
+            const DTYPE: DType = $d;
+            fn write_le(&self, out: &mut Vec<u8>) {
+                out.extend_from_slice(&self.to_le_bytes());
+            }
+            fn read_le(bytes: &[u8]) -> Self {
+                let mut a = [0u8; std::mem::size_of::<$t>()];
+                a.copy_from_slice(&bytes[..std::mem::size_of::<$t>()]);
+                <$t>::from_le_bytes(a)
+            }
+        }
+    };
+}
+element!(f32, DType::F32);
+element!(f64, DType::F64);
+element!(i8, DType::I8);
+element!(u8, DType::U8);
+element!(i16, DType::I16);
+element!(u16, DType::U16);
+element!(i32, DType::I32);
+element!(i64, DType::I64);
+element!(u32, DType::U32);
+element!(u64, DType::U64);
+element!(half::f16, DType::F16);
+element!(half::bf16, DType::BF16);
+
+impl Element for bool {
+    const DTYPE: DType = DType::Bool;
+    fn write_le(&self, out: &mut Vec<u8>) {
+        out.push(*self as u8);
+    }
+    fn read_le(bytes: &[u8]) -> Self {
+        bytes[0] != 0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn size_mismatch_is_an_error() {
+        let e = TensorData::new("w", DType::F32, vec![2, 3], vec![0; 20]).unwrap_err();
+        assert!(e.to_string().contains("need 24 bytes"), "{e}");
+    }
+
+    #[test]
+    fn overflowing_dims_are_an_error() {
+        let e = TensorData::new("w", DType::F32, vec![usize::MAX, 4], vec![]).unwrap_err();
+        assert!(e.to_string().contains("overflow"), "{e}");
+    }
+
+    #[test]
+    fn round_trip_values() {
+        let t = TensorData::from_values("x", vec![3], &[1.5f32, -2.0, 3.25]).unwrap();
+        assert_eq!(t.values::<f32>().unwrap(), vec![1.5, -2.0, 3.25]);
+        assert!(t.values::<f64>().is_none());
+    }
+}

@@ -1,0 +1,43 @@
+use thiserror::Error;
+
+/// Errors raised while reading or importing an ONNX model.
+#[derive(Debug, Error)]
+pub enum OnnxError {
+    #[error("cannot read '{path}': {source}")]
+    Io {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("not a valid ONNX protobuf ({what}): {source}")]
+    Decode {
+        what: &'static str,
+        #[source]
+        source: prost::DecodeError,
+    },
+    #[error("the model has no graph")]
+    NoGraph,
+    #[error("tensor '{name}': {reason}")]
+    Tensor { name: String, reason: String },
+    #[error("tensor '{name}': external data location '{location}' {reason}")]
+    ExternalData {
+        name: String,
+        location: String,
+        reason: String,
+    },
+    #[error("node '{node}' ({op}): attribute '{attr}': {reason}")]
+    Attribute {
+        node: String,
+        op: String,
+        attr: String,
+        reason: String,
+    },
+    #[error("value '{name}': {reason}")]
+    Value { name: String, reason: String },
+    #[error("unsupported: {0}")]
+    Unsupported(String),
+    #[error(transparent)]
+    Graph(#[from] kiln_graph::GraphError),
+}
+
+pub type Result<T> = std::result::Result<T, OnnxError>;

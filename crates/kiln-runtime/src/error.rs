@@ -1,0 +1,57 @@
+use thiserror::Error;
+
+/// Errors raised while compiling or running a plan.
+#[derive(Debug, Error)]
+pub enum RuntimeError {
+    #[error("node '{node}' ({op}): {reason}")]
+    Op {
+        node: String,
+        op: String,
+        reason: String,
+    },
+    #[error("unsupported operators: {}", list.join(", "))]
+    Unsupported {
+        /// Entries formatted as `domain::Op (node 'name')`.
+        list: Vec<String>,
+    },
+    #[error("input '{name}': {reason}")]
+    Input { name: String, reason: String },
+    #[error("{0}")]
+    Invalid(String),
+    #[error("tensor of {bytes} bytes exceeds the limit of {limit} bytes")]
+    TooLarge { bytes: u128, limit: u64 },
+    #[error("Kiln was built without CUDA support (rebuild with `--features cuda`)")]
+    NotCompiledWithCuda,
+    #[error("device error: {0}")]
+    Device(String),
+    #[error(transparent)]
+    Candle(#[from] candle_core::Error),
+    #[error(transparent)]
+    Graph(#[from] kiln_graph::GraphError),
+}
+
+impl RuntimeError {
+    /// Wraps an error with the node that raised it (keeps the original message).
+    pub fn at_node(self, node: &str, op: &str) -> Self {
+        match self {
+            e @ (RuntimeError::Op { .. } | RuntimeError::TooLarge { .. }) => e,
+            other => RuntimeError::Op {
+                node: node.to_string(),
+                op: op.to_string(),
+                reason: other.to_string(),
+            },
+        }
+    }
+
+    pub fn msg(s: impl Into<String>) -> Self {
+        RuntimeError::Invalid(s.into())
+    }
+}
+
+pub type Result<T> = std::result::Result<T, RuntimeError>;
+
+/// `return Err(RuntimeError::Invalid(format!(..)))`.
+#[macro_export]
+macro_rules! bail {
+    ($($arg:tt)*) => { return Err($crate::RuntimeError::Invalid(format!($($arg)*))) };
+}

@@ -1,0 +1,139 @@
+use std::collections::HashMap;
+
+use crate::ops::RunCx;
+use crate::plan::is_tensor_kind;
+use crate::{ExecutionPlan, Result, RuntimeError, Value};
+
+/// Per-run limits.
+#[derive(Debug, Clone)]
+pub struct RunOptions {
+    /// Largest tensor an operator may create from run-time shapes (ConstantOfShape, Expand, ...).
+    pub max_tensor_bytes: u64,
+    /// Loop iteration cap (a model may declare an unbounded loop).
+    pub max_loop_iterations: u64,
+}
+
+impl Default for RunOptions {
+    fn default() -> Self {
+        RunOptions {
+            max_tensor_bytes: 4 << 30,
+            max_loop_iterations: 1 << 24,
+        }
+    }
+}
+
+/// What one run measured.
+#[derive(Debug, Clone, Default)]
+pub struct RunStats {
+    /// Most bytes of intermediate tensors alive at once.
+    pub peak_activation_bytes: u64,
+    /// Sum of the sizes of all intermediates (what no reuse would hold).
+    pub total_intermediate_bytes: u64,
+}
+
+impl ExecutionPlan {
+    /// Runs the plan. `feeds` is aligned with the plan's inputs (`None` = use the initializer
+    /// default); `captures` binds outer-scope names for subgraph bodies.
+    pub fn run(
+        &self,
+        feeds: Vec<Option<Value>>,
+        captures: &HashMap<&str, &Value>,
+        options: &RunOptions,
+    ) -> Result<(Vec<Value>, RunStats)> {
+        let mut env: Vec<Option<Value>> = vec![None; self.num_slots];
+        for (slot, v) in &self.constants {
+            env[*slot] = Some(v.clone());
+        }
+        if feeds.len() > self.inputs.len() {
+            return Err(RuntimeError::msg(format!(
+                "{} inputs given, the graph has {}",
+                feeds.len(),
+                self.inputs.len()
+            )));
+        }
+        let mut feeds = feeds.into_iter();
+        for (slot, info, has_default) in &self.inputs {
+            match feeds.next().flatten() {
+                Some(v) => {
+                    if is_tensor_kind(info.kind) {
+                        if let Value::Tensor(t) = &v {
+                            if t.device().location() != self.device.location() {
+                                return Err(RuntimeError::Input {
+                                    name: info.name.clone(),
+                                    reason: "tensor is on another device".into(),
+                                });
+                            }
+                        }
+                    }
+                    env[*slot] = Some(v);
+                }
+                None if *has_default => {}
+                None => {
+                    return Err(RuntimeError::Input {
+                        name: info.name.clone(),
+                        reason: "missing".into(),
+                    })
+                }
+            }
+        }
+        for (slot, name) in &self.captures {
+            let v = captures.get(name.as_str()).ok_or_else(|| RuntimeError::Input {
+                name: name.clone(),
+                reason: "outer-scope value not bound".into(),
+            })?;
+            env[*slot] = Some((*v).clone());
+        }
+        let cx = RunCx {
+            device: &self.device,
+            options,
+        };
+        let mut stats = RunStats::default();
+        let mut live: u64 = 0;
+        for step in &self.steps {
+            let outs = {
+                let ins: Vec<Option<&Value>> = step
+                    .inputs
+                    .iter()
+                    .map(|s| s.and_then(|s| env[s].as_ref()))
+                    .collect();
+                step.kernel
+                    .run(&cx, &ins)
+                    .map_err(|e| e.at_node(&step.node, &step.op))?
+            };
+            if outs.len() < step.outputs.iter().filter(|o| o.is_some()).count()
+                && outs.len() < step.outputs.len()
+            {
+                return Err(RuntimeError::Op {
+                    node: step.node.clone(),
+                    op: step.op.clone(),
+                    reason: format!("kernel returned {} outputs, {} expected", outs.len(), step.outputs.len()),
+                });
+            }
+            for (slot, v) in step.outputs.iter().zip(outs) {
+                if let Some(s) = slot {
+                    let b = v.size_in_bytes() as u64;
+                    live += b;
+                    stats.total_intermediate_bytes += b;
+                    env[*s] = Some(v);
+                }
+            }
+            stats.peak_activation_bytes = stats.peak_activation_bytes.max(live);
+            for &s in &step.release {
+                if let Some(v) = env[s].take() {
+                    live = live.saturating_sub(v.size_in_bytes() as u64);
+                }
+            }
+        }
+        let mut outputs = Vec::with_capacity(self.outputs.len());
+        for (slot, name) in &self.outputs {
+            let v = env[*slot].clone().ok_or_else(|| RuntimeError::Op {
+                node: String::new(),
+                op: String::new(),
+                reason: format!("graph output '{name}' was not produced"),
+            })?;
+            outputs.push(v);
+        }
+        self.note_peak(stats.peak_activation_bytes);
+        Ok((outputs, stats))
+    }
+}

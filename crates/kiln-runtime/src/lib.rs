@@ -1,0 +1,18 @@
+//! Kiln's executor: compiles a Kiln IR graph into an [`ExecutionPlan`] (topological order, one
+//! kernel per node, value slots freed at their last use) and runs it on a candle device.
+
+mod device;
+mod error;
+mod executor;
+pub mod ops;
+mod plan;
+mod tensor;
+mod value;
+
+pub use device::Device;
+pub use error::{Result, RuntimeError};
+pub use executor::{RunOptions, RunStats};
+pub use ops::{supported_ops, Registry};
+pub use plan::{ExecutionPlan, PlanOptions};
+pub use tensor::{storage_dtype, Tensor};
+pub use value::Value;

@@ -1,0 +1,374 @@
+//! Shape and data-movement operators: Reshape, Transpose, Concat, Slice, Gather, Split,
+//! Squeeze/Unsqueeze, Flatten, Expand, Tile, Shape, Size, Constant, ConstantOfShape, Range.
+
+use candle_core::Tensor as CT;
+use kiln_graph::{Attribute, TensorData};
+
+use super::common::{elems, ints_input, norm_axes, norm_axis, tin};
+use super::{kernel, out1, NodeCtx, OpKernel, Registry};
+use crate::{bail, Result, RuntimeError, Tensor, Value};
+
+pub fn register(r: &mut Registry) {
+    r.add("Reshape", |n| {
+        let allowzero = n.attr_i("allowzero", 0)? != 0;
+        let attr_shape = n.attr_ints("shape")?;
+        Ok(kernel(move |_, ins| {
+            let x = tin(ins, 0)?;
+            let spec = match ints_input(ins, 1)? {
+                Some(s) => s,
+                None => attr_shape.clone().ok_or_else(|| RuntimeError::msg("Reshape needs a shape"))?,
+            };
+            let dims = reshape_dims(x.dims(), &spec, allowzero)?;
+            out1(x.map(|t| t.reshape(dims.as_slice()))?)
+        }))
+    });
+    r.add("Transpose", |n| {
+        let perm = n.attr_ints("perm")?;
+        Ok(kernel(move |_, ins| {
+            let x = tin(ins, 0)?;
+            let rank = x.rank();
+            let p: Vec<usize> = match &perm {
+                Some(p) => norm_axes(p, rank)?,
+                None => (0..rank).rev().collect(),
+            };
+            if p.len() != rank {
+                bail!("perm {p:?} does not match rank {rank}");
+            }
+            out1(x.map(|t| t.permute(p.as_slice())?.contiguous())?)
+        }))
+    });
+    r.add("Concat", |n| {
+        let axis = n.attr_i("axis", 0)?;
+        Ok(kernel(move |_, ins| {
+            let ts: Vec<&Tensor> = ins.iter().flatten().map(|v| v.as_tensor()).collect::<Result<_>>()?;
+            out1(concat(&ts, axis)?)
+        }))
+    });
+    r.add("Shape", |n| {
+        let start = n.attr_i("start", 0)?;
+        let end = n.attr_i_opt("end")?;
+        Ok(kernel(move |cx, ins| {
+            let x = super::common::vin(ins, 0)?.as_tensor()?;
+            let r = x.rank() as i64;
+            let clampi = |v: i64| (if v < 0 { v + r } else { v }).clamp(0, r) as usize;
+            let (s, e) = (clampi(start), clampi(end.unwrap_or(r)));
+            let dims: Vec<i64> = x.dims()[s..e.max(s)].iter().map(|&d| d as i64).collect();
+            let n = dims.len();
+            out1(Tensor::from_i64s(dims, &[n], cx.device)?)
+        }))
+    });
+    r.add("Size", |_| {
+        Ok(kernel(|cx, ins| {
+            let x = tin(ins, 0)?;
+            out1(Tensor::from_i64s(vec![x.elem_count() as i64], &[], cx.device)?)
+        }))
+    });
+    r.add("Flatten", |n| {
+        let axis = n.attr_i("axis", 1)?;
+        Ok(kernel(move |_, ins| {
+            let x = tin(ins, 0)?;
+            let r = x.rank() as i64;
+            let a = if axis < 0 { axis + r } else { axis };
+            if a < 0 || a > r {
+                bail!("axis {axis} out of range for rank {r}");
+            }
+            let a = a as usize;
+            let outer: usize = x.dims()[..a].iter().product();
+            let inner: usize = x.dims()[a..].iter().product();
+            out1(x.map(|t| t.reshape((outer, inner)))?)
+        }))
+    });
+    r.add("Squeeze", |n| {
+        let attr_axes = n.attr_ints("axes")?;
+        Ok(kernel(move |_, ins| {
+            let x = tin(ins, 0)?;
+            let axes = ints_input(ins, 1)?.or_else(|| attr_axes.clone());
+            let rank = x.rank();
+            let drop: Vec<usize> = match axes {
+                Some(a) => norm_axes(&a, rank)?,
+                None => (0..rank).filter(|&i| x.dims()[i] == 1).collect(),
+            };
+            for &a in &drop {
+                if x.dims()[a] != 1 {
+                    bail!("cannot squeeze axis {a} of size {}", x.dims()[a]);
+                }
+            }
+            let dims: Vec<usize> = (0..rank).filter(|i| !drop.contains(i)).map(|i| x.dims()[i]).collect();
+            out1(x.map(|t| t.reshape(dims.as_slice()))?)
+        }))
+    });
+    r.add("Unsqueeze", |n| {
+        let attr_axes = n.attr_ints("axes")?;
+        Ok(kernel(move |_, ins| {
+            let x = tin(ins, 0)?;
+            let axes = ints_input(ins, 1)?
+                .or_else(|| attr_axes.clone())
+                .ok_or_else(|| RuntimeError::msg("Unsqueeze needs axes"))?;
+            let out_rank = x.rank() + axes.len();
+            let mut ax = norm_axes(&axes, out_rank)?;
+            ax.sort_unstable();
+            let mut dims = Vec::with_capacity(out_rank);
+            let mut src = x.dims().iter();
+            for i in 0..out_rank {
+                if ax.contains(&i) {
+                    dims.push(1);
+                } else {
+                    dims.push(*src.next().ok_or_else(|| RuntimeError::msg("bad axes"))?);
+                }
+            }
+            out1(x.map(|t| t.reshape(dims.as_slice()))?)
+        }))
+    });
+    r.add("Constant", constant);
+    r.add("ConstantOfShape", |n| {
+        let value = match n.attr_tensor("value")? {
+            Some(t) => t.clone(),
+            None => TensorData::from_values("value", vec![1], &[0f32]).map_err(RuntimeError::from)?,
+        };
+        Ok(kernel(move |cx, ins| {
+            let shape = tin(ins, 0)?.to_i64_vec()?;
+            if shape.iter().any(|&d| d < 0) {
+                bail!("negative dim in shape {shape:?}");
+            }
+            let dims: Vec<usize> = shape.iter().map(|&d| d as usize).collect();
+            cx.check_alloc(elems(&dims), value.dtype)?;
+            let v = Tensor::from_data(&value, cx.device)?;
+            let scalar = v.candle().flatten_all()?.get(0)?;
+            out1(Tensor::new(scalar.broadcast_as(dims.as_slice())?.contiguous()?, value.dtype)?)
+        }))
+    });
+    r.add("Gather", |n| {
+        let axis = n.attr_i("axis", 0)?;
+        Ok(kernel(move |_, ins| {
+            let (x, idx) = (tin(ins, 0)?, tin(ins, 1)?);
+            out1(gather(x, idx, axis)?)
+        }))
+    });
+    r.add("Slice", slice);
+    r.add("Expand", |_| {
+        Ok(kernel(|cx, ins| {
+            let x = tin(ins, 0)?;
+            let shape = tin(ins, 1)?.to_i64_vec()?;
+            if shape.iter().any(|&d| d < 0) {
+                bail!("negative dim in shape {shape:?}");
+            }
+            let target: Vec<usize> = shape.iter().map(|&d| d as usize).collect();
+            let dims = super::common::broadcast_dims(x.dims(), &target)?;
+            cx.check_alloc(elems(&dims), x.dtype())?;
+            out1(x.map(|t| t.broadcast_as(dims.as_slice())?.contiguous())?)
+        }))
+    });
+    r.add("Tile", |_| {
+        Ok(kernel(|cx, ins| {
+            let x = tin(ins, 0)?;
+            let reps = tin(ins, 1)?.to_i64_vec()?;
+            if reps.len() != x.rank() || reps.iter().any(|&r| r < 0) {
+                bail!("repeats {reps:?} do not fit rank {}", x.rank());
+            }
+            let r: Vec<usize> = reps.iter().map(|&v| v as usize).collect();
+            let out: Vec<usize> = x.dims().iter().zip(&r).map(|(a, b)| a * b).collect();
+            cx.check_alloc(elems(&out), x.dtype())?;
+            if out.iter().any(|&d| d == 0) {
+                return out1(Tensor::new(CT::zeros(out.as_slice(), x.candle().dtype(), cx.device)?, x.dtype())?);
+            }
+            out1(x.map(|t| t.repeat(r.as_slice()))?)
+        }))
+    });
+    r.add("Split", split);
+    r.add("Range", |_| {
+        Ok(kernel(|cx, ins| {
+            let (s, l, d) = (tin(ins, 0)?, tin(ins, 1)?, tin(ins, 2)?);
+            let dt = s.dtype();
+            let (start, limit, delta) = (scalar_f64(s)?, scalar_f64(l)?, scalar_f64(d)?);
+            if delta == 0.0 {
+                bail!("Range delta is zero");
+            }
+            let n = ((limit - start) / delta).ceil().max(0.0);
+            cx.check_alloc(n as u128, dt)?;
+            let n = n as usize;
+            if dt.is_float() {
+                let v: Vec<f64> = (0..n).map(|i| start + i as f64 * delta).collect();
+                return out1(Tensor::from_f64s(v, &[n], dt, cx.device)?);
+            }
+            let (si, di) = (start as i64, delta as i64);
+            let v: Vec<i64> = (0..n as i64).map(|i| si + i * di).collect();
+            out1(Tensor::from_i64s(v, &[n], cx.device)?.cast(dt)?)
+        }))
+    });
+}
+
+fn scalar_f64(t: &Tensor) -> Result<f64> {
+    t.to_f64_vec()?.first().copied().ok_or_else(|| RuntimeError::msg("expected a scalar"))
+}
+
+/// Resolves a Reshape spec (0 = copy, -1 = infer) against the input dims.
+pub fn reshape_dims(input: &[usize], spec: &[i64], allowzero: bool) -> Result<Vec<usize>> {
+    let total: usize = input.iter().product();
+    let mut dims = Vec::with_capacity(spec.len());
+    let mut infer = None;
+    for (i, &s) in spec.iter().enumerate() {
+        match s {
+            -1 => {
+                if infer.replace(i).is_some() {
+                    bail!("shape {spec:?} has more than one -1");
+                }
+                dims.push(1);
+            }
+            0 if !allowzero => dims.push(
+                *input
+                    .get(i)
+                    .ok_or_else(|| RuntimeError::msg(format!("shape {spec:?}: 0 at {i} has no input dim")))?,
+            ),
+            s if s < 0 => bail!("shape {spec:?} has a negative dim"),
+            s => dims.push(s as usize),
+        }
+    }
+    let known: usize = dims.iter().product();
+    if let Some(i) = infer {
+        if known == 0 || total % known != 0 {
+            bail!("cannot reshape {input:?} to {spec:?}");
+        }
+        dims[i] = total / known;
+    } else if known != total {
+        bail!("cannot reshape {input:?} ({total} elements) to {spec:?}");
+    }
+    Ok(dims)
+}
+
+pub fn concat(ts: &[&Tensor], axis: i64) -> Result<Tensor> {
+    let Some(first) = ts.first() else { bail!("Concat needs inputs") };
+    let rank = first.rank();
+    let a = norm_axis(axis, rank)?;
+    let dt = first.dtype();
+    let parts: Vec<&CT> = ts.iter().filter(|t| t.dims().get(a) != Some(&0) || ts.len() == 1).map(|t| t.candle()).collect();
+    for t in ts {
+        if t.dtype() != dt || t.rank() != rank {
+            bail!("Concat inputs differ in dtype or rank");
+        }
+    }
+    if parts.is_empty() {
+        return Ok((*first).clone());
+    }
+    Ok(Tensor::new(CT::cat(&parts, a)?, dt)?)
+}
+
+pub fn gather(x: &Tensor, idx: &Tensor, axis: i64) -> Result<Tensor> {
+    let a = norm_axis(axis, x.rank())?;
+    let dim = x.dims()[a] as i64;
+    let raw = idx.to_i64_vec()?;
+    let mut fixed = Vec::with_capacity(raw.len());
+    for v in raw {
+        let w = if v < 0 { v + dim } else { v };
+        if w < 0 || w >= dim {
+            bail!("index {v} is out of bounds for axis {a} of size {dim}");
+        }
+        fixed.push(w as u32);
+    }
+    let n = fixed.len();
+    let ids = CT::from_vec(fixed, n, x.device())?;
+    let picked = x.candle().index_select(&ids, a)?;
+    let mut dims: Vec<usize> = x.dims()[..a].to_vec();
+    dims.extend_from_slice(idx.dims());
+    dims.extend_from_slice(&x.dims()[a + 1..]);
+    Tensor::new(picked.reshape(dims.as_slice())?, x.dtype())
+}
+
+fn constant(n: &NodeCtx) -> Result<Box<dyn OpKernel>> {
+    let data = if let Some(t) = n.attr_tensor("value")? {
+        t.clone()
+    } else if let Some(v) = n.attr("value_float") {
+        let Attribute::Float(f) = v else { return Err(n.err("value_float must be a float")) };
+        TensorData::from_values("value", vec![], &[*f])?
+    } else if let Some(v) = n.attr_floats("value_floats")? {
+        TensorData::from_values("value", vec![v.len()], &v)?
+    } else if let Some(Attribute::Int(i)) = n.attr("value_int") {
+        TensorData::from_values("value", vec![], &[*i])?
+    } else if let Some(v) = n.attr_ints("value_ints")? {
+        TensorData::from_values("value", vec![v.len()], &v)?
+    } else {
+        return Err(n.err("Constant without a supported value attribute"));
+    };
+    let dev = n.options.device.clone();
+    let t = Tensor::from_data(&data, &dev)?;
+    Ok(kernel(move |_, _| out1(t.clone())))
+}
+
+fn slice(n: &NodeCtx) -> Result<Box<dyn OpKernel>> {
+    // Opset < 10: starts/ends/axes are attributes.
+    let a_starts = n.attr_ints("starts")?;
+    let a_ends = n.attr_ints("ends")?;
+    let a_axes = n.attr_ints("axes")?;
+    Ok(kernel(move |_, ins| {
+        let x = tin(ins, 0)?;
+        let starts = ints_input(ins, 1)?.or_else(|| a_starts.clone()).ok_or_else(|| RuntimeError::msg("no starts"))?;
+        let ends = ints_input(ins, 2)?.or_else(|| a_ends.clone()).ok_or_else(|| RuntimeError::msg("no ends"))?;
+        let axes = match ints_input(ins, 3)?.or_else(|| a_axes.clone()) {
+            Some(a) => norm_axes(&a, x.rank())?,
+            None => (0..starts.len()).collect(),
+        };
+        let steps = ints_input(ins, 4)?.unwrap_or_else(|| vec![1; starts.len()]);
+        if starts.len() != ends.len() || axes.len() != starts.len() || steps.len() != starts.len() {
+            bail!("starts/ends/axes/steps lengths differ");
+        }
+        let mut t = x.candle().clone();
+        for k in 0..axes.len() {
+            let a = axes[k];
+            let d = t.dims()[a] as i64;
+            let step = steps[k];
+            if step == 0 {
+                bail!("slice step is 0");
+            }
+            let clampv = |v: i64, lo: i64, hi: i64| v.clamp(lo, hi);
+            let norm = |v: i64| if v < 0 { v + d } else { v };
+            if step > 0 {
+                let s = clampv(norm(starts[k]), 0, d);
+                let e = clampv(norm(ends[k]), 0, d);
+                let len = if e > s { (e - s + step - 1) / step } else { 0 };
+                if step == 1 {
+                    t = t.narrow(a, s as usize, len as usize)?;
+                } else {
+                    let idx: Vec<u32> = (0..len).map(|i| (s + i * step) as u32).collect();
+                    t = t.index_select(&CT::from_vec(idx, len as usize, t.device())?, a)?;
+                }
+            } else {
+                let s = clampv(norm(starts[k]), -1, d - 1);
+                let e = clampv(norm(ends[k]), -1, d - 1);
+                let len = if s > e { (s - e + (-step) - 1) / (-step) } else { 0 };
+                let idx: Vec<u32> = (0..len).map(|i| (s + i * step) as u32).collect();
+                t = t.index_select(&CT::from_vec(idx, len as usize, t.device())?, a)?;
+            }
+        }
+        out1(Tensor::new(t, x.dtype())?)
+    }))
+}
+
+fn split(n: &NodeCtx) -> Result<Box<dyn OpKernel>> {
+    let axis = n.attr_i("axis", 0)?;
+    let attr_split = n.attr_ints("split")?;
+    let num_outputs = n.attr_i_opt("num_outputs")?;
+    let outs = n.num_outputs();
+    Ok(kernel(move |_, ins| {
+        let x = tin(ins, 0)?;
+        let a = norm_axis(axis, x.rank())?;
+        let d = x.dims()[a];
+        let sizes: Vec<usize> = match ints_input(ins, 1)?.or_else(|| attr_split.clone()) {
+            Some(s) => s.iter().map(|&v| v.max(0) as usize).collect(),
+            None => {
+                let k = num_outputs.map(|v| v.max(1) as usize).unwrap_or(outs.max(1));
+                let chunk = d.div_ceil(k);
+                (0..k).map(|i| chunk.min(d.saturating_sub(i * chunk))).collect()
+            }
+        };
+        if sizes.iter().sum::<usize>() != d {
+            bail!("split sizes {sizes:?} do not sum to {d}");
+        }
+        let mut out = Vec::with_capacity(sizes.len());
+        let mut off = 0;
+        for s in sizes {
+            out.push(Value::Tensor(x.map(|t| t.narrow(a, off, s))?));
+            off += s;
+        }
+        Ok(out)
+    }))
+}
+

@@ -1,0 +1,211 @@
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use kiln_graph::{Graph, Model, ValueInfo, ValueKind};
+
+use crate::ops::{NodeCtx, OpKernel, Registry};
+use crate::{Result, RuntimeError, Tensor, Value};
+
+/// Options fixed when a plan is compiled.
+#[derive(Clone)]
+pub struct PlanOptions {
+    pub device: candle_core::Device,
+    /// Opset versions by domain (`""` = ai.onnx).
+    pub opsets: HashMap<String, i64>,
+}
+
+impl PlanOptions {
+    pub fn for_model(model: &Model, device: candle_core::Device) -> Self {
+        PlanOptions {
+            device,
+            opsets: model.opsets.iter().map(|(k, v)| (k.clone(), *v)).collect(),
+        }
+    }
+}
+
+pub(crate) struct Step {
+    pub kernel: Box<dyn OpKernel>,
+    pub node: String,
+    pub op: String,
+    /// Slots of explicit then implicit inputs.
+    pub inputs: Vec<Option<usize>>,
+    pub outputs: Vec<Option<usize>>,
+    /// Slots whose last reader is this step: released right after it runs.
+    pub release: Vec<usize>,
+}
+
+/// A graph compiled for one device: ordered kernels over integer value slots.
+///
+/// Slots are freed at their last use, so activation memory follows tensor lifetimes rather than
+/// the sum of all intermediates. Compiled once, run many times, from many threads at once.
+pub struct ExecutionPlan {
+    pub(crate) steps: Vec<Step>,
+    pub(crate) num_slots: usize,
+    pub(crate) constants: Vec<(usize, Value)>,
+    /// Every graph input (slot, info); those with an initializer have a default.
+    pub(crate) inputs: Vec<(usize, ValueInfo, bool)>,
+    pub(crate) outputs: Vec<(usize, String)>,
+    pub(crate) captures: Vec<(usize, String)>,
+    pub(crate) device: candle_core::Device,
+    pub(crate) peak_activation: AtomicU64,
+}
+
+impl ExecutionPlan {
+    /// Compiles the main graph of a model.
+    pub fn compile(model: &Model, device: candle_core::Device) -> Result<Self> {
+        let options = PlanOptions::for_model(model, device);
+        let mut missing = Vec::new();
+        collect_unsupported(&model.graph, &options, &mut missing);
+        if !missing.is_empty() {
+            missing.sort();
+            missing.dedup();
+            return Err(RuntimeError::Unsupported { list: missing });
+        }
+        Self::compile_graph(&model.graph, &options)
+    }
+
+    /// Compiles one graph (also used for subgraph bodies).
+    pub fn compile_graph(graph: &Graph, options: &PlanOptions) -> Result<Self> {
+        let order = graph.topological_order()?;
+        let registry = Registry::global();
+        let n = graph.values.len();
+        let mut last_use: Vec<Option<usize>> = vec![None; n];
+        for (pos, &ni) in order.iter().enumerate() {
+            for v in graph.nodes[ni].all_inputs() {
+                last_use[v.index()] = Some(pos);
+            }
+        }
+        let mut keep = vec![false; n];
+        for o in &graph.outputs {
+            keep[o.index()] = true;
+        }
+        for v in graph.initializers.keys() {
+            keep[v.index()] = true;
+        }
+        let mut steps = Vec::with_capacity(order.len());
+        for (pos, &ni) in order.iter().enumerate() {
+            let node = &graph.nodes[ni];
+            let factory = registry
+                .get(&node.domain, &node.op_type)
+                .ok_or_else(|| RuntimeError::Unsupported {
+                    list: vec![describe(&node.domain, &node.op_type, &node.name)],
+                })?;
+            let opset = options.opsets.get(node.domain.as_str()).copied().unwrap_or(1);
+            let cx = NodeCtx {
+                node,
+                graph,
+                opset,
+                options,
+            };
+            let kernel = factory(&cx).map_err(|e| e.at_node(&node.name, &node.op_type))?;
+            let mut release: Vec<usize> = node
+                .all_inputs()
+                .map(|v| v.index())
+                .filter(|&s| last_use[s] == Some(pos) && !keep[s])
+                .collect();
+            release.sort_unstable();
+            release.dedup();
+            // Outputs nobody reads are released at once.
+            for o in node.outputs.iter().flatten() {
+                if last_use[o.index()].is_none() && !keep[o.index()] {
+                    release.push(o.index());
+                }
+            }
+            steps.push(Step {
+                kernel,
+                node: node.name.clone(),
+                op: node.op_type.clone(),
+                inputs: node
+                    .inputs
+                    .iter()
+                    .map(|v| v.map(|v| v.index()))
+                    .chain(node.implicit_inputs.iter().map(|v| Some(v.index())))
+                    .collect(),
+                outputs: node.outputs.iter().map(|v| v.map(|v| v.index())).collect(),
+                release,
+            });
+        }
+        let mut constants = Vec::new();
+        for (id, data) in &graph.initializers {
+            let t = Tensor::from_data(data, &options.device)?;
+            constants.push((id.index(), Value::Tensor(t)));
+        }
+        Ok(ExecutionPlan {
+            steps,
+            num_slots: n,
+            constants,
+            inputs: graph
+                .inputs
+                .iter()
+                .map(|v| (v.index(), graph.value(*v).clone(), graph.initializers.contains_key(v)))
+                .collect(),
+            outputs: graph
+                .outputs
+                .iter()
+                .map(|v| (v.index(), graph.value_name(*v).to_string()))
+                .collect(),
+            captures: graph
+                .captures
+                .iter()
+                .map(|v| (v.index(), graph.value_name(*v).to_string()))
+                .collect(),
+            device: options.device.clone(),
+            peak_activation: AtomicU64::new(0),
+        })
+    }
+
+    /// Inputs the caller must (or may) feed: `(info, has_default)`.
+    pub fn input_infos(&self) -> impl Iterator<Item = (&ValueInfo, bool)> {
+        self.inputs.iter().map(|(_, i, d)| (i, *d))
+    }
+
+    /// Output names in order.
+    pub fn output_names(&self) -> impl Iterator<Item = &str> {
+        self.outputs.iter().map(|(_, n)| n.as_str())
+    }
+
+    /// Number of kernels.
+    pub fn len(&self) -> usize {
+        self.steps.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.steps.is_empty()
+    }
+
+    /// Largest activation footprint (bytes of live intermediate tensors) seen by any run so far.
+    pub fn peak_activation_bytes(&self) -> u64 {
+        self.peak_activation.load(Ordering::Relaxed)
+    }
+
+    pub fn device(&self) -> &candle_core::Device {
+        &self.device
+    }
+
+    pub(crate) fn note_peak(&self, bytes: u64) {
+        self.peak_activation.fetch_max(bytes, Ordering::Relaxed);
+    }
+}
+
+fn describe(domain: &str, op: &str, node: &str) -> String {
+    let d = if domain.is_empty() { "ai.onnx" } else { domain };
+    format!("{d}::{op} (node '{node}')")
+}
+
+/// Lists every node (in all nested graphs) without a kernel.
+pub fn collect_unsupported(graph: &Graph, options: &PlanOptions, out: &mut Vec<String>) {
+    let reg = Registry::global();
+    let _ = options;
+    graph.for_each_graph(&mut |g| {
+        for n in &g.nodes {
+            if !reg.contains(&n.domain, &n.op_type) {
+                out.push(describe(&n.domain, &n.op_type, &n.name));
+            }
+        }
+    });
+}
+
+/// `true` for values that carry tensors (used by input checks).
+pub(crate) fn is_tensor_kind(k: ValueKind) -> bool {
+    matches!(k, ValueKind::Tensor | ValueKind::Unknown)
+}

@@ -1,0 +1,270 @@
+use candle_core::{DType as CDType, Device as CDevice};
+use half::{bf16, f16};
+use kiln_graph::{DType, TensorData};
+
+use crate::{Result, RuntimeError};
+
+/// A tensor at run time: a candle tensor plus its ONNX element type.
+///
+/// candle has no i8/u16/u64/bool storage, so those live in a wider candle dtype
+/// ([`storage_dtype`]) and are converted back at the edges ([`Tensor::to_data`]).
+#[derive(Debug, Clone)]
+pub struct Tensor {
+    t: candle_core::Tensor,
+    dtype: DType,
+}
+
+/// The candle dtype that stores values of an ONNX dtype.
+pub fn storage_dtype(d: DType) -> Result<CDType> {
+    Ok(match d {
+        DType::F32 => CDType::F32,
+        DType::F16 => CDType::F16,
+        DType::BF16 => CDType::BF16,
+        DType::F64 => CDType::F64,
+        DType::U8 | DType::Bool => CDType::U8,
+        DType::I8 | DType::I16 => CDType::I16,
+        DType::U16 | DType::I32 => CDType::I32,
+        DType::U32 => CDType::U32,
+        DType::I64 | DType::U64 => CDType::I64,
+        DType::String => return Err(RuntimeError::msg("string tensors are not supported")),
+    })
+}
+
+fn logical_of(c: CDType) -> Result<DType> {
+    Ok(match c {
+        CDType::F32 => DType::F32,
+        CDType::F16 => DType::F16,
+        CDType::BF16 => DType::BF16,
+        CDType::F64 => DType::F64,
+        CDType::U8 => DType::U8,
+        CDType::I16 => DType::I16,
+        CDType::I32 => DType::I32,
+        CDType::U32 => DType::U32,
+        CDType::I64 => DType::I64,
+        other => return Err(RuntimeError::msg(format!("unsupported candle dtype {other:?}"))),
+    })
+}
+
+macro_rules! decode_le {
+    ($bytes:expr, $t:ty) => {
+        $bytes
+            .chunks_exact(std::mem::size_of::<$t>())
+            .map(|c| {
+                let mut a = [0u8; std::mem::size_of::<$t>()];
+                a.copy_from_slice(c);
+                <$t>::from_le_bytes(a)
+            })
+            .collect::<Vec<$t>>()
+    };
+}
+
+impl Tensor {
+    /// Wraps a candle tensor whose storage dtype is `storage_dtype(dtype)`.
+    pub fn new(t: candle_core::Tensor, dtype: DType) -> Result<Self> {
+        let want = storage_dtype(dtype)?;
+        if t.dtype() != want {
+            return Err(RuntimeError::msg(format!(
+                "internal: {dtype} tensor stored as {:?}, expected {want:?}",
+                t.dtype()
+            )));
+        }
+        Ok(Tensor { t, dtype })
+    }
+
+    /// Wraps a candle tensor, taking the natural ONNX dtype of its storage.
+    pub fn from_candle(t: candle_core::Tensor) -> Result<Self> {
+        let dtype = logical_of(t.dtype())?;
+        Ok(Tensor { t, dtype })
+    }
+
+    /// Same storage, another logical dtype of the same storage (e.g. U8 <-> Bool).
+    pub fn with_dtype(self, dtype: DType) -> Result<Self> {
+        Tensor::new(self.t, dtype)
+    }
+
+    pub fn candle(&self) -> &candle_core::Tensor {
+        &self.t
+    }
+
+    pub fn into_candle(self) -> candle_core::Tensor {
+        self.t
+    }
+
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    pub fn dims(&self) -> &[usize] {
+        self.t.dims()
+    }
+
+    pub fn rank(&self) -> usize {
+        self.t.rank()
+    }
+
+    pub fn elem_count(&self) -> usize {
+        self.t.elem_count()
+    }
+
+    pub fn device(&self) -> &CDevice {
+        self.t.device()
+    }
+
+    /// Bytes this tensor occupies in its logical dtype.
+    pub fn size_in_bytes(&self) -> usize {
+        self.elem_count() * self.dtype.size_in_bytes()
+    }
+
+    /// Uploads host data to `device`.
+    pub fn from_data(d: &TensorData, device: &CDevice) -> Result<Self> {
+        let b = d.bytes();
+        let dims = d.dims.as_slice();
+        let t = match d.dtype {
+            DType::F32 => candle_core::Tensor::from_vec(decode_le!(b, f32), dims, device)?,
+            DType::F64 => candle_core::Tensor::from_vec(decode_le!(b, f64), dims, device)?,
+            DType::F16 => candle_core::Tensor::from_vec(decode_le!(b, u16).into_iter().map(f16::from_bits).collect::<Vec<_>>(), dims, device)?,
+            DType::BF16 => candle_core::Tensor::from_vec(decode_le!(b, u16).into_iter().map(bf16::from_bits).collect::<Vec<_>>(), dims, device)?,
+            DType::U8 => candle_core::Tensor::from_vec(b.to_vec(), dims, device)?,
+            DType::Bool => candle_core::Tensor::from_vec(b.iter().map(|&v| (v != 0) as u8).collect::<Vec<_>>(), dims, device)?,
+            DType::I8 => candle_core::Tensor::from_vec(b.iter().map(|&v| v as i8 as i16).collect::<Vec<_>>(), dims, device)?,
+            DType::I16 => candle_core::Tensor::from_vec(decode_le!(b, i16), dims, device)?,
+            DType::U16 => candle_core::Tensor::from_vec(decode_le!(b, u16).into_iter().map(i32::from).collect::<Vec<_>>(), dims, device)?,
+            DType::I32 => candle_core::Tensor::from_vec(decode_le!(b, i32), dims, device)?,
+            DType::U32 => candle_core::Tensor::from_vec(decode_le!(b, u32), dims, device)?,
+            DType::I64 => candle_core::Tensor::from_vec(decode_le!(b, i64), dims, device)?,
+            DType::U64 => candle_core::Tensor::from_vec(decode_le!(b, u64).into_iter().map(|v| v as i64).collect::<Vec<_>>(), dims, device)?,
+            DType::String => {
+                return Err(RuntimeError::msg(format!("tensor '{}': string tensors are not supported", d.name)))
+            }
+        };
+        Tensor::new(t, d.dtype)
+    }
+
+    /// Downloads to host data in the logical dtype.
+    pub fn to_data(&self, name: &str) -> Result<TensorData> {
+        let t = self.t.flatten_all()?;
+        let mut out: Vec<u8> = Vec::with_capacity(self.size_in_bytes());
+        match self.dtype {
+            DType::F32 => t.to_vec1::<f32>()?.iter().for_each(|v| out.extend_from_slice(&v.to_le_bytes())),
+            DType::F64 => t.to_vec1::<f64>()?.iter().for_each(|v| out.extend_from_slice(&v.to_le_bytes())),
+            DType::F16 => t.to_vec1::<f16>()?.iter().for_each(|v| out.extend_from_slice(&v.to_le_bytes())),
+            DType::BF16 => t.to_vec1::<bf16>()?.iter().for_each(|v| out.extend_from_slice(&v.to_le_bytes())),
+            DType::U8 => out = t.to_vec1::<u8>()?,
+            DType::Bool => out = t.to_vec1::<u8>()?.into_iter().map(|v| (v != 0) as u8).collect(),
+            DType::I8 => out = t.to_vec1::<i16>()?.into_iter().map(|v| v as i8 as u8).collect(),
+            DType::I16 => t.to_vec1::<i16>()?.iter().for_each(|v| out.extend_from_slice(&v.to_le_bytes())),
+            DType::U16 => t.to_vec1::<i32>()?.iter().for_each(|&v| out.extend_from_slice(&(v as u16).to_le_bytes())),
+            DType::I32 => t.to_vec1::<i32>()?.iter().for_each(|v| out.extend_from_slice(&v.to_le_bytes())),
+            DType::U32 => t.to_vec1::<u32>()?.iter().for_each(|v| out.extend_from_slice(&v.to_le_bytes())),
+            DType::I64 => t.to_vec1::<i64>()?.iter().for_each(|v| out.extend_from_slice(&v.to_le_bytes())),
+            DType::U64 => t.to_vec1::<i64>()?.iter().for_each(|&v| out.extend_from_slice(&(v as u64).to_le_bytes())),
+            DType::String => return Err(RuntimeError::msg("string tensors are not supported")),
+        }
+        Ok(TensorData::new(name, self.dtype, self.dims().to_vec(), out)?)
+    }
+
+    /// Integer contents (shape/axes/indices inputs); floats are truncated.
+    pub fn to_i64_vec(&self) -> Result<Vec<i64>> {
+        let t = self.t.flatten_all()?;
+        Ok(match t.dtype() {
+            CDType::I64 => t.to_vec1::<i64>()?,
+            CDType::F32 | CDType::F16 | CDType::BF16 | CDType::F64 => {
+                t.to_dtype(CDType::F64)?.to_vec1::<f64>()?.into_iter().map(|v| v as i64).collect()
+            }
+            _ => t.to_dtype(CDType::I64)?.to_vec1::<i64>()?,
+        })
+    }
+
+    /// Contents as f64 (any numeric dtype).
+    pub fn to_f64_vec(&self) -> Result<Vec<f64>> {
+        let t = self.t.flatten_all()?;
+        Ok(match t.dtype() {
+            CDType::I64 => t.to_vec1::<i64>()?.into_iter().map(|v| v as f64).collect(),
+            _ => t.to_dtype(CDType::F64)?.to_vec1::<f64>()?,
+        })
+    }
+
+    /// Builds an i64 tensor.
+    pub fn from_i64s(values: Vec<i64>, dims: &[usize], device: &CDevice) -> Result<Self> {
+        Tensor::new(candle_core::Tensor::from_vec(values, dims, device)?, DType::I64)
+    }
+
+    /// Builds an f64 tensor then casts to `dtype` (for small host-computed results).
+    pub fn from_f64s(values: Vec<f64>, dims: &[usize], dtype: DType, device: &CDevice) -> Result<Self> {
+        let t = Tensor::new(candle_core::Tensor::from_vec(values, dims, device)?, DType::F64)?;
+        t.cast(dtype)
+    }
+
+    /// Casts with ONNX `Cast` semantics: to bool is `!= 0`; narrow integers wrap.
+    pub fn cast(&self, to: DType) -> Result<Tensor> {
+        if to == self.dtype {
+            return Ok(self.clone());
+        }
+        let target = storage_dtype(to)?;
+        let t = match to {
+            DType::Bool => {
+                let zeros = self.t.zeros_like()?;
+                self.t.ne(&zeros)?
+            }
+            DType::I8 | DType::U16 | DType::U8 | DType::U64 | DType::U32 if !self.dtype.is_float() => {
+                // Integer narrowing wraps like a C cast; go through i64 on the host side.
+                let v = self.to_i64_vec()?;
+                let dims = self.dims().to_vec();
+                let dev = self.device().clone();
+                let t = match to {
+                    DType::I8 => candle_core::Tensor::from_vec(v.into_iter().map(|x| x as i8 as i16).collect::<Vec<_>>(), dims, &dev)?,
+                    DType::U16 => candle_core::Tensor::from_vec(v.into_iter().map(|x| x as u16 as i32).collect::<Vec<_>>(), dims, &dev)?,
+                    DType::U8 => candle_core::Tensor::from_vec(v.into_iter().map(|x| x as u8).collect::<Vec<_>>(), dims, &dev)?,
+                    DType::U32 => candle_core::Tensor::from_vec(v.into_iter().map(|x| x as u32).collect::<Vec<_>>(), dims, &dev)?,
+                    _ => candle_core::Tensor::from_vec(v, dims, &dev)?,
+                };
+                return Tensor::new(t, to);
+            }
+            DType::I8 | DType::U16 => {
+                // From float: convert through i64 then wrap.
+                let as_i64 = Tensor::new(self.t.to_dtype(CDType::I64)?, DType::I64)?;
+                return as_i64.cast(to);
+            }
+            _ => self.t.to_dtype(target)?,
+        };
+        Tensor::new(t, to)
+    }
+
+    /// Runs a candle operation that keeps the dtype.
+    pub fn map(&self, f: impl FnOnce(&candle_core::Tensor) -> candle_core::Result<candle_core::Tensor>) -> Result<Tensor> {
+        Tensor::new(f(&self.t)?, self.dtype)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn data_round_trip_all_dtypes() {
+        let dev = CDevice::Cpu;
+        let cases: Vec<TensorData> = vec![
+            TensorData::from_values("a", vec![2], &[1.5f32, -2.0]).unwrap(),
+            TensorData::from_values("b", vec![2], &[-128i8, 127]).unwrap(),
+            TensorData::from_values("c", vec![2], &[65535u16, 1]).unwrap(),
+            TensorData::from_values("d", vec![2], &[u64::MAX, 3]).unwrap(),
+            TensorData::from_values("e", vec![2], &[true, false]).unwrap(),
+            TensorData::from_values("f", vec![1], &[f16::from_f32(0.5)]).unwrap(),
+        ];
+        for d in cases {
+            let t = Tensor::from_data(&d, &dev).unwrap();
+            assert_eq!(t.to_data(&d.name).unwrap(), d);
+        }
+    }
+
+    #[test]
+    fn cast_rules() {
+        let dev = CDevice::Cpu;
+        let d = TensorData::from_values("x", vec![3], &[300i64, -1, 0]).unwrap();
+        let t = Tensor::from_data(&d, &dev).unwrap();
+        let u8s = t.cast(DType::U8).unwrap().to_data("y").unwrap();
+        assert_eq!(u8s.values::<u8>().unwrap(), vec![44, 255, 0]);
+        let b = t.cast(DType::Bool).unwrap().to_data("z").unwrap();
+        assert_eq!(b.values::<bool>().unwrap(), vec![true, true, false]);
+    }
+}
