@@ -15,4 +15,4 @@ pub use dtype::DType;
 pub use error::{GraphError, Result};
 pub use graph::{Attribute, Graph, Model, Node, ValueId, ValueInfo, ValueKind};
 pub use shape::{Dim, Shape};
-pub use tensor::TensorData;
+pub use tensor::{Element, TensorData};

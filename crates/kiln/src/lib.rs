@@ -1,1 +1,31 @@
-pub fn placeholder() {}
+//! Kiln: load an ONNX model, optimize it, run it.
+//!
+//! ```no_run
+//! use kiln::{Device, Level, Session, TensorData};
+//! # fn main() -> Result<(), kiln::Error> {
+//! let session = Session::builder()
+//!     .device(Device::Cpu)
+//!     .optimization(Level::Basic)
+//!     .build_from_file("model.onnx")?;
+//! let x = TensorData::from_values("x", vec![1, 4], &[1.0f32, 2.0, 3.0, 4.0])?;
+//! let outputs = session.run(vec![("x".to_string(), x)])?;
+//! println!("{:?}", outputs[0].dims);
+//! # Ok(()) }
+//! ```
+//!
+//! A [`Session`] is `Send + Sync`; `run(&self, ..)` may be called from many threads at once.
+
+mod error;
+mod session;
+
+pub use error::{Error, Result};
+pub use kiln_graph::{DType, Dim, Element, Shape, TensorData};
+pub use kiln_runtime::{Device, RunOptions, RunStats};
+pub use session::{IoInfo, Level, Session, SessionBuilder};
+
+/// Lower-level pieces for tools (CLI, server, conformance runner).
+pub mod internals {
+    pub use kiln_graph as graph;
+    pub use kiln_onnx as onnx;
+    pub use kiln_runtime as runtime;
+}

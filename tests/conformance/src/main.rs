@@ -1,1 +1,451 @@
-fn main() {}
+//! `kiln-conformance`: runs the ONNX node test suite (written by `scripts/gen-conformance-data.sh`)
+//! on Kiln's CPU backend, compares with THE RULE (see `compare.rs`), and optionally runs
+//! candle-onnx on the same tests, writes `docs/conformance.md`, and checks `expected_pass.txt`.
+
+mod compare;
+#[cfg(feature = "candle-baseline")]
+mod candle_baseline;
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use clap::Parser;
+use kiln::internals::onnx::{read_value_file, DataValue};
+use kiln::internals::runtime::{Tensor, Value};
+use kiln::{Level, Session};
+
+use compare::{compare, Tol};
+
+#[derive(Parser, Debug)]
+#[command(about = "ONNX node-test conformance runner for Kiln")]
+struct Args {
+    /// Directory of generated node tests.
+    #[arg(long, env = "KILN_NODE_TESTS")]
+    data: PathBuf,
+    /// Only run tests whose name contains one of these substrings.
+    #[arg(long)]
+    filter: Vec<String>,
+    /// Optimization level.
+    #[arg(long, default_value = "basic")]
+    level: Level,
+    /// Fail when a test listed in this file no longer passes.
+    #[arg(long)]
+    check: Option<PathBuf>,
+    /// Write the names of passing tests here.
+    #[arg(long)]
+    write_expected: Option<PathBuf>,
+    /// Write the markdown report here (needs ORT results in DATA/ort_results.tsv).
+    #[arg(long)]
+    write_doc: Option<PathBuf>,
+    /// Write per-test results (TSV).
+    #[arg(long)]
+    results: Option<PathBuf>,
+    /// Also run candle-onnx (needs the `candle-baseline` feature).
+    #[arg(long)]
+    candle: bool,
+    /// Per-test timeout in seconds.
+    #[arg(long, default_value_t = 60)]
+    timeout: u64,
+    /// Print every non-passing test.
+    #[arg(long, short)]
+    verbose: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Status {
+    Pass,
+    Fail(String),
+    Error(String),
+    Unsupported(String),
+}
+
+impl Status {
+    fn tag(&self) -> &'static str {
+        match self {
+            Status::Pass => "pass",
+            Status::Fail(_) => "fail",
+            Status::Error(_) => "error",
+            Status::Unsupported(_) => "unsupported",
+        }
+    }
+    fn detail(&self) -> &str {
+        match self {
+            Status::Pass => "",
+            Status::Fail(d) | Status::Error(d) | Status::Unsupported(d) => d,
+        }
+    }
+}
+
+#[derive(serde::Deserialize, Clone)]
+pub struct Meta {
+    pub rtol: f64,
+    pub atol: f64,
+    pub inputs: Vec<IoMeta>,
+    pub outputs: Vec<IoMeta>,
+}
+
+#[derive(serde::Deserialize, Clone)]
+pub struct IoMeta {
+    pub name: String,
+    pub kind: String,
+}
+
+pub struct TestCase {
+    pub name: String,
+    pub dir: PathBuf,
+    pub meta: Meta,
+}
+
+impl TestCase {
+    pub fn tol(&self) -> Tol {
+        Tol {
+            rtol: self.meta.rtol.max(1e-3),
+            atol: self.meta.atol.max(1e-5),
+        }
+    }
+
+    /// Every data set: (inputs, expected outputs).
+    pub fn data_sets(&self) -> Result<Vec<(Vec<DataValue>, Vec<DataValue>)>> {
+        let mut sets = Vec::new();
+        let mut k = 0;
+        loop {
+            let d = self.dir.join(format!("test_data_set_{k}"));
+            if !d.is_dir() {
+                break;
+            }
+            let mut ins = Vec::new();
+            for (i, m) in self.meta.inputs.iter().enumerate() {
+                ins.push(read_value_file(&d.join(format!("input_{i}.pb")), &m.kind)?);
+            }
+            let mut outs = Vec::new();
+            for (i, m) in self.meta.outputs.iter().enumerate() {
+                outs.push(read_value_file(&d.join(format!("output_{i}.pb")), &m.kind)?);
+            }
+            sets.push((ins, outs));
+            k += 1;
+        }
+        Ok(sets)
+    }
+}
+
+fn to_value(v: &DataValue, dev: &candle_core::Device) -> Result<Value> {
+    Ok(match v {
+        DataValue::Tensor(t) => Value::Tensor(Tensor::from_data(t, dev)?),
+        DataValue::Sequence(items) => {
+            let mut ts = Vec::new();
+            for i in items {
+                match i {
+                    DataValue::Tensor(t) => ts.push(Tensor::from_data(t, dev)?),
+                    _ => bail!("nested sequences are not supported"),
+                }
+            }
+            let dt = ts.first().map(Tensor::dtype);
+            Value::Sequence(ts, dt)
+        }
+        DataValue::Optional(o) => Value::Optional(o.as_ref().map(|x| to_value(x, dev)).transpose()?.map(Box::new), None),
+    })
+}
+
+fn from_value(v: Value, name: &str) -> Result<DataValue> {
+    Ok(match v {
+        Value::Tensor(t) => DataValue::Tensor(t.to_data(name)?),
+        Value::Sequence(ts, _) => {
+            DataValue::Sequence(ts.iter().map(|t| Ok(DataValue::Tensor(t.to_data(name)?))).collect::<Result<_>>()?)
+        }
+        Value::Optional(o, _) => DataValue::Optional(o.map(|x| from_value(*x, name)).transpose()?.map(Box::new)),
+    })
+}
+
+fn run_kiln(case: &TestCase, level: Level) -> Status {
+    let session = match Session::builder().optimization(level).build_from_file(case.dir.join("model.onnx")) {
+        Ok(s) => s,
+        Err(e) => {
+            let msg = e.to_string();
+            return if msg.contains("unsupported") || msg.contains("not supported") {
+                Status::Unsupported(msg)
+            } else {
+                Status::Error(msg)
+            };
+        }
+    };
+    let sets = match case.data_sets() {
+        Ok(s) => s,
+        Err(e) => return Status::Error(format!("test data: {e}")),
+    };
+    let model = match kiln::internals::onnx::load_model(case.dir.join("model.onnx")) {
+        Ok(m) => m,
+        Err(e) => return Status::Error(e.to_string()),
+    };
+    let graph_inputs: Vec<String> = model.graph.inputs.iter().map(|v| model.graph.value_name(*v).to_string()).collect();
+    let dev = candle_core::Device::Cpu;
+    for (ins, expected) in sets {
+        let by_name: HashMap<&str, &DataValue> =
+            case.meta.inputs.iter().map(|m| m.name.as_str()).zip(ins.iter()).collect();
+        let mut feeds = Vec::new();
+        for n in &graph_inputs {
+            match by_name.get(n.as_str()) {
+                Some(v) => match to_value(v, &dev) {
+                    Ok(v) => feeds.push(Some(v)),
+                    Err(e) => return Status::Unsupported(format!("input '{n}': {e}")),
+                },
+                None => feeds.push(None),
+            }
+        }
+        let outs = match session.run_values(feeds) {
+            Ok(o) => o,
+            Err(e) => {
+                let msg = e.to_string();
+                return if msg.contains("not supported") { Status::Unsupported(msg) } else { Status::Error(msg) };
+            }
+        };
+        if outs.len() != expected.len() {
+            return Status::Fail(format!("{} outputs, expected {}", outs.len(), expected.len()));
+        }
+        for (i, (o, e)) in outs.into_iter().zip(&expected).enumerate() {
+            let name = &case.meta.outputs[i].name;
+            let got = match from_value(o, name) {
+                Ok(g) => g,
+                Err(err) => return Status::Error(format!("output '{name}': {err}")),
+            };
+            if let Err(m) = compare(&got, e, &case.tol()) {
+                return Status::Fail(format!("output '{name}': {m}"));
+            }
+        }
+    }
+    Status::Pass
+}
+
+/// Runs `f` on a worker thread with a timeout; panics become errors.
+fn guarded(timeout: Duration, f: impl FnOnce() -> Status + Send + 'static) -> Status {
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f));
+        let _ = tx.send(r);
+    });
+    match rx.recv_timeout(timeout) {
+        Ok(Ok(s)) => s,
+        Ok(Err(p)) => {
+            let msg = p
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+                .unwrap_or_default();
+            Status::Error(format!("panic: {msg}"))
+        }
+        Err(_) => Status::Error(format!("timed out after {}s", timeout.as_secs())),
+    }
+}
+
+fn load_cases(data: &Path, filters: &[String]) -> Result<Vec<TestCase>> {
+    let mut cases = Vec::new();
+    let mut dirs: Vec<_> = std::fs::read_dir(data)
+        .with_context(|| format!("reading {}", data.display()))?
+        .filter_map(|e| e.ok())
+        .map(|e| e.path())
+        .filter(|p| p.join("model.onnx").is_file())
+        .collect();
+    dirs.sort();
+    for dir in dirs {
+        let name = dir.file_name().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+        if !filters.is_empty() && !filters.iter().any(|f| name.contains(f.as_str())) {
+            continue;
+        }
+        let meta: Meta = serde_json::from_slice(&std::fs::read(dir.join("meta.json"))?)
+            .with_context(|| format!("{name}/meta.json"))?;
+        cases.push(TestCase { name, dir, meta });
+    }
+    Ok(cases)
+}
+
+fn read_tsv(path: &Path) -> BTreeMap<String, String> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| {
+            let mut it = l.split('\t');
+            Some((it.next()?.to_string(), it.next()?.to_string()))
+        })
+        .collect()
+}
+
+/// The operator a test exercises: the single node's op, or for `_expanded` tests the op of the
+/// unexpanded sibling.
+fn test_ops(cases: &[TestCase]) -> BTreeMap<String, String> {
+    let mut single: BTreeMap<String, String> = BTreeMap::new();
+    for c in cases {
+        if let Ok(m) = kiln::internals::onnx::load_model(c.dir.join("model.onnx")) {
+            let ops: Vec<&str> = m.graph.nodes.iter().map(|n| n.op_type.as_str()).collect();
+            let op = if ops.len() == 1 { ops[0].to_string() } else { String::new() };
+            single.insert(c.name.clone(), op);
+        }
+    }
+    let mut out = BTreeMap::new();
+    for c in cases {
+        let mut op = single.get(&c.name).cloned().unwrap_or_default();
+        if op.is_empty() {
+            if let Some(i) = c.name.find("_expanded") {
+                op = single.get(&c.name[..i]).cloned().unwrap_or_default();
+            }
+        }
+        if op.is_empty() {
+            op = "(multi-node)".into();
+        }
+        out.insert(c.name.clone(), op);
+    }
+    out
+}
+
+fn main() -> Result<()> {
+    let args = Args::parse();
+    let cases = load_cases(&args.data, &args.filter)?;
+    if cases.is_empty() {
+        bail!("no tests found in {}", args.data.display());
+    }
+    let started = Instant::now();
+    let timeout = Duration::from_secs(args.timeout);
+    let mut kiln_results: BTreeMap<String, Status> = BTreeMap::new();
+    for c in &cases {
+        let (name, dir, meta, level) = (c.name.clone(), c.dir.clone(), c.meta.clone(), args.level);
+        let st = guarded(timeout, move || run_kiln(&TestCase { name, dir, meta }, level));
+        if args.verbose && st != Status::Pass {
+            println!("{:<60} {:<11} {}", c.name, st.tag(), st.detail().chars().take(200).collect::<String>());
+        }
+        kiln_results.insert(c.name.clone(), st);
+    }
+    let passed = kiln_results.values().filter(|s| **s == Status::Pass).count();
+    println!(
+        "kiln: {passed} of {} node tests pass ({:.1}s)",
+        cases.len(),
+        started.elapsed().as_secs_f64()
+    );
+
+    let candle_results: Option<BTreeMap<String, Status>> = if args.candle {
+        #[cfg(feature = "candle-baseline")]
+        {
+            let mut m = BTreeMap::new();
+            for c in &cases {
+                let (name, dir, meta) = (c.name.clone(), c.dir.clone(), c.meta.clone());
+                m.insert(c.name.clone(), guarded(timeout, move || candle_baseline::run(&TestCase { name, dir, meta })));
+            }
+            let p = m.values().filter(|s| **s == Status::Pass).count();
+            println!("candle-onnx: {p} of {} node tests pass", cases.len());
+            Some(m)
+        }
+        #[cfg(not(feature = "candle-baseline"))]
+        bail!("--candle needs the candle-baseline feature")
+    } else {
+        None
+    };
+
+    if let Some(p) = &args.results {
+        let mut s = String::new();
+        for (n, st) in &kiln_results {
+            s.push_str(&format!("{n}\t{}\t{}\n", st.tag(), st.detail().replace(['\t', '\n'], " ")));
+        }
+        std::fs::write(p, s)?;
+    }
+    if let Some(p) = &args.write_expected {
+        let mut s = String::from("# Node tests Kiln's CPU backend passes; CI fails if one regresses.\n# Regenerate: scripts/conformance.sh --write-expected\n");
+        for (n, st) in &kiln_results {
+            if *st == Status::Pass {
+                s.push_str(n);
+                s.push('\n');
+            }
+        }
+        std::fs::write(p, s)?;
+    }
+    if let Some(p) = &args.write_doc {
+        let ort = read_tsv(&args.data.join("ort_results.tsv"));
+        let ops = test_ops(&cases);
+        std::fs::write(p, report(&cases, &kiln_results, &ort, candle_results.as_ref(), &ops))?;
+        println!("wrote {}", p.display());
+    }
+    if let Some(p) = &args.check {
+        let text = std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?;
+        let mut regressions = Vec::new();
+        for name in text.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with('#')) {
+            match kiln_results.get(name) {
+                Some(Status::Pass) => {}
+                Some(st) => regressions.push(format!("{name}: {} {}", st.tag(), st.detail())),
+                None if args.filter.is_empty() => regressions.push(format!("{name}: missing from the data")),
+                None => {}
+            }
+        }
+        if !regressions.is_empty() {
+            for r in &regressions {
+                eprintln!("REGRESSION {r}");
+            }
+            bail!("{} expected-pass tests regressed", regressions.len());
+        }
+        println!("conformance check: no regressions against {}", p.display());
+    }
+    Ok(())
+}
+
+fn report(
+    cases: &[TestCase],
+    kiln: &BTreeMap<String, Status>,
+    ort: &BTreeMap<String, String>,
+    candle: Option<&BTreeMap<String, Status>>,
+    ops: &BTreeMap<String, String>,
+) -> String {
+    let total = cases.len();
+    let kp = kiln.values().filter(|s| **s == Status::Pass).count();
+    let op_ = ort.values().filter(|s| *s == "pass").count();
+    let both = kiln
+        .iter()
+        .filter(|(n, s)| **s == Status::Pass && ort.get(*n).map(String::as_str) == Some("pass"))
+        .count();
+    let pct = |a: usize, b: usize| if b == 0 { 0.0 } else { 100.0 * a as f64 / b as f64 };
+    let mut s = String::new();
+    s.push_str("# Conformance: the ONNX node test suite\n\n");
+    s.push_str("Generated by `scripts/conformance.sh --write-doc` (the `kiln-conformance` runner). Data: onnx 1.23.2 node tests\n");
+    s.push_str("(`onnx.backend.test.case.node.collect_testcases()`), written by `scripts/gen-conformance-data.sh`.\n\n");
+    s.push_str("Rule: output count equal; shapes and dtypes exactly equal; floats `|a-e| <= atol + rtol*|e|` in f64 with\n");
+    s.push_str("rtol = max(1e-3, test rtol), atol = max(1e-5, test atol), NaN == NaN, infinities exact; ints/bools exact.\n");
+    s.push_str("The same rule is applied to ONNX Runtime (`tests/conformance/ort_rates.py`, Python onnxruntime 1.32.0, CPU)\n");
+    s.push_str("and to candle-onnx 0.11.1 `simple_eval`.\n\n");
+    s.push_str("| engine | passed | of | rate |\n|---|---|---|---|\n");
+    s.push_str(&format!("| Kiln CPU | {kp} | {total} | {:.1}% |\n", pct(kp, total)));
+    s.push_str(&format!("| ONNX Runtime 1.32 (CPU) | {op_} | {total} | {:.1}% |\n", pct(op_, total)));
+    if let Some(c) = candle {
+        let cp = c.values().filter(|s| **s == Status::Pass).count();
+        s.push_str(&format!("| candle-onnx 0.11.1 | {cp} | {total} | {:.1}% |\n", pct(cp, total)));
+    }
+    s.push_str(&format!(
+        "\n**Kiln passes {both} of the {op_} tests ONNX Runtime passes ({:.1}%).**\n\n",
+        pct(both, op_)
+    ));
+    // Per-op table.
+    let mut per: BTreeMap<&str, [usize; 5]> = BTreeMap::new();
+    for c in cases {
+        let op = ops.get(&c.name).map(String::as_str).unwrap_or("(multi-node)");
+        let e = per.entry(op).or_default();
+        match kiln.get(&c.name) {
+            Some(Status::Pass) => e[0] += 1,
+            Some(Status::Fail(_)) => e[1] += 1,
+            Some(Status::Error(_)) => e[2] += 1,
+            _ => e[3] += 1,
+        }
+        if ort.get(&c.name).map(String::as_str) == Some("pass") {
+            e[4] += 1;
+        }
+    }
+    s.push_str("## Per operator\n\n`_expanded` tests count under the operator they expand. Unsupported = an operator or dtype Kiln refuses at load.\n\n");
+    s.push_str("| op | tests | Kiln pass | fail | error | unsupported | ORT pass |\n|---|---|---|---|---|---|---|\n");
+    for (op, e) in &per {
+        let n: usize = e[..4].iter().sum();
+        s.push_str(&format!("| {op} | {n} | {} | {} | {} | {} | {} |\n", e[0], e[1], e[2], e[3], e[4]));
+    }
+    s.push_str("\n## Tests ORT passes and Kiln does not\n\n| test | Kiln | detail |\n|---|---|---|\n");
+    for (n, st) in kiln {
+        if *st != Status::Pass && ort.get(n).map(String::as_str) == Some("pass") {
+            let d: String = st.detail().chars().take(120).collect::<String>().replace('|', "\\|");
+            s.push_str(&format!("| {n} | {} | {d} |\n", st.tag()));
+        }
+    }
+    s
+}

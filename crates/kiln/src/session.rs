@@ -1,0 +1,242 @@
+use std::collections::HashMap;
+use std::path::Path;
+
+use kiln_graph::{DType, Model, Shape, TensorData, ValueKind};
+use kiln_runtime::{Device, ExecutionPlan, RunOptions, RunStats, Tensor, Value};
+
+use crate::{Error, Result};
+
+/// Graph optimization level, named as in ONNX Runtime.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Default)]
+pub enum Level {
+    /// Run the graph as written.
+    Disabled,
+    /// Semantics-preserving clean-ups (dead-node elimination, ...).
+    #[default]
+    Basic,
+    /// Basic plus operator fusions.
+    Extended,
+    /// Everything, including layout choices for the backend.
+    All,
+}
+
+impl std::str::FromStr for Level {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s.to_ascii_lowercase().as_str() {
+            "disabled" | "none" => Ok(Level::Disabled),
+            "basic" => Ok(Level::Basic),
+            "extended" => Ok(Level::Extended),
+            "all" => Ok(Level::All),
+            _ => Err(format!("unknown optimization level '{s}' (disabled, basic, extended, all)")),
+        }
+    }
+}
+
+/// Name, element type and (possibly symbolic) shape of a model input or output.
+#[derive(Debug, Clone, PartialEq)]
+pub struct IoInfo {
+    pub name: String,
+    pub dtype: Option<DType>,
+    pub shape: Option<Shape>,
+}
+
+/// Configures and builds a [`Session`].
+#[derive(Debug, Clone, Default)]
+pub struct SessionBuilder {
+    device: Device,
+    level: Level,
+    run_options: RunOptions,
+}
+
+impl SessionBuilder {
+    /// Device to run on (default CPU).
+    pub fn device(mut self, device: Device) -> Self {
+        self.device = device;
+        self
+    }
+
+    /// Graph optimization level (default [`Level::Basic`]).
+    pub fn optimization(mut self, level: Level) -> Self {
+        self.level = level;
+        self
+    }
+
+    /// Limits applied at run time (largest tensor, loop iterations).
+    pub fn run_options(mut self, options: RunOptions) -> Self {
+        self.run_options = options;
+        self
+    }
+
+    /// Loads an ONNX file (external data resolved next to it) and compiles it.
+    pub fn build_from_file(self, path: impl AsRef<Path>) -> Result<Session> {
+        let model = kiln_onnx::load_model(path)?;
+        self.build_from_model(model)
+    }
+
+    /// Loads an ONNX model from bytes and compiles it.
+    pub fn build_from_bytes(self, bytes: &[u8]) -> Result<Session> {
+        let model = kiln_onnx::load_model_bytes(bytes)?;
+        self.build_from_model(model)
+    }
+
+    /// Compiles an already imported model.
+    pub fn build_from_model(self, mut model: Model) -> Result<Session> {
+        if self.level >= Level::Basic {
+            kiln_graph::passes::dce::eliminate_dead_nodes(&mut model.graph);
+        }
+        let device = self.device.to_candle()?;
+        let plan = ExecutionPlan::compile(&model, device)?;
+        let g = &model.graph;
+        let io = |id: kiln_graph::ValueId| {
+            let v = g.value(id);
+            IoInfo {
+                name: v.name.clone(),
+                dtype: v.dtype,
+                shape: v.shape.clone(),
+            }
+        };
+        let inputs = g.runtime_inputs().into_iter().map(io).collect();
+        let outputs = g.outputs.iter().copied().map(io).collect();
+        let input_kinds = g.inputs.iter().map(|v| g.value(*v).kind).collect();
+        Ok(Session {
+            plan,
+            inputs,
+            outputs,
+            input_kinds,
+            device: self.device,
+            run_options: self.run_options,
+        })
+    }
+}
+
+/// A compiled model, ready to run from many threads at once.
+pub struct Session {
+    plan: ExecutionPlan,
+    inputs: Vec<IoInfo>,
+    outputs: Vec<IoInfo>,
+    input_kinds: Vec<ValueKind>,
+    device: Device,
+    run_options: RunOptions,
+}
+
+impl Session {
+    /// Starts configuring a session.
+    pub fn builder() -> SessionBuilder {
+        SessionBuilder::default()
+    }
+
+    /// Inputs the caller must feed (initializer-backed inputs are optional and not listed).
+    pub fn inputs(&self) -> &[IoInfo] {
+        &self.inputs
+    }
+
+    pub fn outputs(&self) -> &[IoInfo] {
+        &self.outputs
+    }
+
+    pub fn device(&self) -> Device {
+        self.device
+    }
+
+    /// The compiled plan (kernel count, peak activation bytes).
+    pub fn plan(&self) -> &ExecutionPlan {
+        &self.plan
+    }
+
+    /// Runs with named host tensors; returns the outputs in graph order, named.
+    pub fn run(&self, inputs: Vec<(String, TensorData)>) -> Result<Vec<TensorData>> {
+        Ok(self.run_with_stats(inputs)?.0)
+    }
+
+    /// Like [`Session::run`], also returning what the run measured.
+    pub fn run_with_stats(&self, inputs: Vec<(String, TensorData)>) -> Result<(Vec<TensorData>, RunStats)> {
+        let device = self.plan.device().clone();
+        let mut by_name: HashMap<String, TensorData> = HashMap::new();
+        for (name, data) in inputs {
+            if by_name.insert(name.clone(), data).is_some() {
+                return Err(Error::Input { name, reason: "given twice".into() });
+            }
+        }
+        let mut feeds = Vec::new();
+        for (info, has_default) in self.plan.input_infos() {
+            match by_name.remove(&info.name) {
+                Some(data) => {
+                    check_input(&info.name, info.dtype, info.shape.as_ref(), &data)?;
+                    feeds.push(Some(Value::Tensor(Tensor::from_data(&data, &device).map_err(|e| Error::Input {
+                        name: info.name.clone(),
+                        reason: e.to_string(),
+                    })?)));
+                }
+                None if has_default => feeds.push(None),
+                None => {
+                    return Err(Error::Input {
+                        name: info.name.clone(),
+                        reason: "missing".into(),
+                    })
+                }
+            }
+        }
+        if let Some(name) = by_name.keys().next() {
+            let known: Vec<&str> = self.inputs.iter().map(|i| i.name.as_str()).collect();
+            return Err(Error::Input {
+                name: name.clone(),
+                reason: format!("the model has no such input (inputs: {})", known.join(", ")),
+            });
+        }
+        let (values, stats) = self.plan.run(feeds, &HashMap::new(), &self.run_options)?;
+        let mut out = Vec::with_capacity(values.len());
+        for (v, info) in values.into_iter().zip(&self.outputs) {
+            let t = v.into_tensor().map_err(|e| Error::Input {
+                name: info.name.clone(),
+                reason: format!("output is not a tensor: {e}"),
+            })?;
+            out.push(t.to_data(&info.name)?);
+        }
+        Ok((out, stats))
+    }
+
+    /// Runs with run-time values (tensors already on the session's device, sequences,
+    /// optionals), aligned with every graph input (`None` = initializer default).
+    pub fn run_values(&self, feeds: Vec<Option<Value>>) -> Result<Vec<Value>> {
+        if feeds.len() != self.input_kinds.len() {
+            return Err(Error::Input {
+                name: String::new(),
+                reason: format!("{} values given, the graph has {} inputs", feeds.len(), self.input_kinds.len()),
+            });
+        }
+        Ok(self.plan.run(feeds, &HashMap::new(), &self.run_options)?.0)
+    }
+}
+
+fn check_input(name: &str, dtype: Option<DType>, shape: Option<&Shape>, data: &TensorData) -> Result<()> {
+    if let Some(d) = dtype {
+        if d != data.dtype {
+            return Err(Error::Input {
+                name: name.into(),
+                reason: format!("expected dtype {d}, got {}", data.dtype),
+            });
+        }
+    }
+    if let Some(s) = shape {
+        if !s.accepts(&data.dims) {
+            return Err(Error::Input {
+                name: name.into(),
+                reason: format!("shape {:?} does not fit the declared shape {s}", data.dims),
+            });
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn assert_send_sync<T: Send + Sync>() {}
+
+    #[test]
+    fn session_is_send_and_sync() {
+        assert_send_sync::<Session>();
+    }
+}
