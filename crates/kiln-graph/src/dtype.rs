@@ -79,14 +79,7 @@ impl DType {
     pub fn is_int(self) -> bool {
         matches!(
             self,
-            DType::I8
-                | DType::U8
-                | DType::I16
-                | DType::U16
-                | DType::I32
-                | DType::I64
-                | DType::U32
-                | DType::U64
+            DType::I8 | DType::U8 | DType::I16 | DType::U16 | DType::I32 | DType::I64 | DType::U32 | DType::U64
         )
     }
 

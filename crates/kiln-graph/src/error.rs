@@ -11,11 +11,7 @@ pub enum GraphError {
         value: String,
     },
     #[error("graph '{graph}': the nodes form a cycle through node '{node}' ({op})")]
-    Cycle {
-        graph: String,
-        node: String,
-        op: String,
-    },
+    Cycle { graph: String, node: String, op: String },
     #[error("graph '{graph}': value '{value}' is produced more than once")]
     DuplicateProducer { graph: String, value: String },
     #[error("graph output '{0}' is never produced")]
@@ -23,11 +19,7 @@ pub enum GraphError {
     #[error("tensor '{name}': {reason}")]
     BadTensor { name: String, reason: String },
     #[error("node '{node}' ({op}): {reason}")]
-    BadNode {
-        node: String,
-        op: String,
-        reason: String,
-    },
+    BadNode { node: String, op: String, reason: String },
     #[error("pass '{pass}': {reason}")]
     Pass { pass: String, reason: String },
 }

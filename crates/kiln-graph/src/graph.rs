@@ -92,7 +92,11 @@ impl Node {
 
     /// Every value this node reads: explicit inputs then implicit (subgraph) ones.
     pub fn all_inputs(&self) -> impl Iterator<Item = ValueId> + '_ {
-        self.inputs.iter().flatten().copied().chain(self.implicit_inputs.iter().copied())
+        self.inputs
+            .iter()
+            .flatten()
+            .copied()
+            .chain(self.implicit_inputs.iter().copied())
     }
 }
 
@@ -126,7 +130,11 @@ impl Graph {
 
     /// Inputs the caller must feed: graph inputs that are not also initializers.
     pub fn runtime_inputs(&self) -> Vec<ValueId> {
-        self.inputs.iter().copied().filter(|v| !self.initializers.contains_key(v)).collect()
+        self.inputs
+            .iter()
+            .copied()
+            .filter(|v| !self.initializers.contains_key(v))
+            .collect()
     }
 
     /// Node index producing each value.
@@ -146,8 +154,7 @@ impl Graph {
         let mut producer: HashMap<ValueId, usize> = HashMap::new();
         for (i, n) in self.nodes.iter().enumerate() {
             for o in n.outputs.iter().flatten() {
-                if producer.insert(*o, i).is_some() || self.initializers.contains_key(o) && self.inputs.contains(o)
-                {
+                if producer.insert(*o, i).is_some() || self.initializers.contains_key(o) && self.inputs.contains(o) {
                     return Err(GraphError::DuplicateProducer {
                         graph: self.name.clone(),
                         value: self.value_name(*o).to_string(),
@@ -156,7 +163,12 @@ impl Graph {
             }
         }
         let mut sourced = vec![false; self.values.len()];
-        for v in self.inputs.iter().chain(self.initializers.keys()).chain(self.captures.iter()) {
+        for v in self
+            .inputs
+            .iter()
+            .chain(self.initializers.keys())
+            .chain(self.captures.iter())
+        {
             sourced[v.index()] = true;
         }
         let mut deps: Vec<usize> = vec![0; self.nodes.len()];
@@ -177,8 +189,10 @@ impl Graph {
             }
         }
         // Kahn's algorithm with a min-heap keeps the original order when it is already valid.
-        let mut ready: std::collections::BinaryHeap<std::cmp::Reverse<usize>> =
-            (0..self.nodes.len()).filter(|&i| deps[i] == 0).map(std::cmp::Reverse).collect();
+        let mut ready: std::collections::BinaryHeap<std::cmp::Reverse<usize>> = (0..self.nodes.len())
+            .filter(|&i| deps[i] == 0)
+            .map(std::cmp::Reverse)
+            .collect();
         let mut order = Vec::with_capacity(self.nodes.len());
         while let Some(std::cmp::Reverse(i)) = ready.pop() {
             order.push(i);

@@ -10,8 +10,16 @@ pub fn broadcast_shapes(a: &Shape, b: &Shape) -> Option<Shape> {
     let rank = a.rank().max(b.rank());
     let mut out = Vec::with_capacity(rank);
     for i in 0..rank {
-        let da = if i + a.rank() >= rank { &a.0[i + a.rank() - rank] } else { &Dim::Known(1) };
-        let db = if i + b.rank() >= rank { &b.0[i + b.rank() - rank] } else { &Dim::Known(1) };
+        let da = if i + a.rank() >= rank {
+            &a.0[i + a.rank() - rank]
+        } else {
+            &Dim::Known(1)
+        };
+        let db = if i + b.rank() >= rank {
+            &b.0[i + b.rank() - rank]
+        } else {
+            &Dim::Known(1)
+        };
         out.push(match (da, db) {
             (Dim::Known(1), d) | (d, Dim::Known(1)) => d.clone(),
             (Dim::Known(x), Dim::Known(y)) if x != y => return None,
@@ -24,13 +32,51 @@ pub fn broadcast_shapes(a: &Shape, b: &Shape) -> Option<Shape> {
 }
 
 const SAME_AS_INPUT: &[&str] = &[
-    "Relu", "Sigmoid", "Tanh", "Exp", "Log", "Neg", "Abs", "Sqrt", "Erf", "Gelu", "Softmax",
-    "LogSoftmax", "LeakyRelu", "Elu", "Selu", "HardSigmoid", "Identity", "Dropout", "Clip",
-    "LayerNormalization", "BatchNormalization", "InstanceNormalization", "Floor", "Ceil", "Round",
-    "Reciprocal", "Sin", "Cos", "Softplus", "Softsign", "HardSwish", "Mish", "Sign",
+    "Relu",
+    "Sigmoid",
+    "Tanh",
+    "Exp",
+    "Log",
+    "Neg",
+    "Abs",
+    "Sqrt",
+    "Erf",
+    "Gelu",
+    "Softmax",
+    "LogSoftmax",
+    "LeakyRelu",
+    "Elu",
+    "Selu",
+    "HardSigmoid",
+    "Identity",
+    "Dropout",
+    "Clip",
+    "LayerNormalization",
+    "BatchNormalization",
+    "InstanceNormalization",
+    "Floor",
+    "Ceil",
+    "Round",
+    "Reciprocal",
+    "Sin",
+    "Cos",
+    "Softplus",
+    "Softsign",
+    "HardSwish",
+    "Mish",
+    "Sign",
 ];
 const BROADCAST: &[&str] = &["Add", "Sub", "Mul", "Div", "Pow", "Max", "Min", "Mod", "PRelu", "Where"];
-const COMPARE: &[&str] = &["Equal", "Less", "Greater", "LessOrEqual", "GreaterOrEqual", "And", "Or", "Xor"];
+const COMPARE: &[&str] = &[
+    "Equal",
+    "Less",
+    "Greater",
+    "LessOrEqual",
+    "GreaterOrEqual",
+    "And",
+    "Or",
+    "Xor",
+];
 
 /// Runs one forward sweep of inference over `graph` (nodes must be in topological order).
 pub fn infer_shapes(graph: &mut Graph) {
@@ -63,7 +109,10 @@ pub fn infer_shapes(graph: &mut Graph) {
                 Some(Attribute::Int(code)) => (DType::from_onnx(*code as i32), input(0).and_then(|v| v.shape)),
                 _ => continue,
             },
-            "Shape" => (Some(DType::I64), input(0).and_then(|v| v.shape).map(|s| Shape::from_known(&[s.rank()]))),
+            "Shape" => (
+                Some(DType::I64),
+                input(0).and_then(|v| v.shape).map(|s| Shape::from_known(&[s.rank()])),
+            ),
             _ => continue,
         };
         let out = graph.nodes[i].outputs.first().copied().flatten();

@@ -47,12 +47,7 @@ impl Shape {
 
     /// `true` when `dims` fits this shape (symbols and unknowns match anything).
     pub fn accepts(&self, dims: &[usize]) -> bool {
-        self.0.len() == dims.len()
-            && self
-                .0
-                .iter()
-                .zip(dims)
-                .all(|(d, &n)| d.known().is_none_or(|k| k == n))
+        self.0.len() == dims.len() && self.0.iter().zip(dims).all(|(d, &n)| d.known().is_none_or(|k| k == n))
     }
 }
 

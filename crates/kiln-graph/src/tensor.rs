@@ -120,10 +120,12 @@ impl TensorData {
 }
 
 fn element_count(name: &str, dims: &[usize]) -> Result<usize> {
-    dims.iter().try_fold(1usize, |acc, &d| acc.checked_mul(d)).ok_or_else(|| GraphError::BadTensor {
-        name: name.to_string(),
-        reason: format!("dims {dims:?} overflow"),
-    })
+    dims.iter()
+        .try_fold(1usize, |acc, &d| acc.checked_mul(d))
+        .ok_or_else(|| GraphError::BadTensor {
+            name: name.to_string(),
+            reason: format!("dims {dims:?} overflow"),
+        })
 }
 
 /// A Rust element type that maps to one Kiln dtype.

@@ -65,7 +65,9 @@ fn sequence(s: &proto::SequenceProto, src: &ModelSource) -> Result<DataValue> {
 
 fn optional(o: &proto::OptionalProto, src: &ModelSource) -> Result<DataValue> {
     if let Some(t) = &o.tensor_value {
-        return Ok(DataValue::Optional(Some(Box::new(DataValue::Tensor(tensor_from_proto(t, src)?)))));
+        return Ok(DataValue::Optional(Some(Box::new(DataValue::Tensor(
+            tensor_from_proto(t, src)?,
+        )))));
     }
     if let Some(s) = &o.sequence_value {
         return Ok(DataValue::Optional(Some(Box::new(sequence(s, src)?))));

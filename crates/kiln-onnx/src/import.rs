@@ -24,7 +24,11 @@ pub fn import_model(m: &proto::ModelProto, source: &ModelSource) -> Result<Model
         // Model-local functions are inlined by name; see `FunctionInliner`.
     }
     let funcs = Functions::new(&m.functions);
-    let mut cx = ImportCx { source, funcs: &funcs, depth: 0 };
+    let mut cx = ImportCx {
+        source,
+        funcs: &funcs,
+        depth: 0,
+    };
     let (graph, captures) = cx.graph(gp, &[])?;
     if !captures.is_empty() {
         return Err(OnnxError::Value {
@@ -49,7 +53,12 @@ impl<'a> Functions<'a> {
     fn new(fs: &'a [proto::FunctionProto]) -> Self {
         let by_key = fs
             .iter()
-            .map(|f| ((f.domain.clone().unwrap_or_default(), f.name.clone().unwrap_or_default()), f))
+            .map(|f| {
+                (
+                    (f.domain.clone().unwrap_or_default(), f.name.clone().unwrap_or_default()),
+                    f,
+                )
+            })
             .collect();
         Functions { by_key }
     }
@@ -115,7 +124,9 @@ impl Scope {
 impl ImportCx<'_> {
     fn graph(&mut self, gp: &proto::GraphProto, outer: &[String]) -> Result<(Graph, Vec<String>)> {
         if self.depth > MAX_NESTING {
-            return Err(OnnxError::Unsupported(format!("subgraphs nested deeper than {MAX_NESTING}")));
+            return Err(OnnxError::Unsupported(format!(
+                "subgraphs nested deeper than {MAX_NESTING}"
+            )));
         }
         let mut sc = Scope {
             graph: Graph {
@@ -272,11 +283,13 @@ impl ImportCx<'_> {
             T::Int => Attribute::Int(a.i.unwrap_or(0)),
             T::String => Attribute::String(a.s.clone().unwrap_or_default()),
             T::Tensor => Attribute::Tensor(tensor_from_proto(
-                a.t.as_ref().ok_or_else(|| bad("tensor attribute without a tensor".into()))?,
+                a.t.as_ref()
+                    .ok_or_else(|| bad("tensor attribute without a tensor".into()))?,
                 self.source,
             )?),
             T::Graph => Attribute::Graph(sub(
-                a.g.as_ref().ok_or_else(|| bad("graph attribute without a graph".into()))?,
+                a.g.as_ref()
+                    .ok_or_else(|| bad("graph attribute without a graph".into()))?,
                 self,
             )?),
             T::Floats => Attribute::Floats(a.floats.clone()),
@@ -296,7 +309,9 @@ impl ImportCx<'_> {
                 Attribute::Graphs(gs)
             }
             T::TypeProto => {
-                let tp = a.tp.as_ref().ok_or_else(|| bad("type attribute without a type".into()))?;
+                let tp =
+                    a.tp.as_ref()
+                        .ok_or_else(|| bad("type attribute without a type".into()))?;
                 let (kind, dtype, _) = type_of(tp);
                 Attribute::Type(kind, dtype)
             }
@@ -321,7 +336,10 @@ impl ImportCx<'_> {
         }
         let mut out = Vec::new();
         for (k, n) in nodes.iter().enumerate() {
-            let key = (n.domain.clone().unwrap_or_default(), n.op_type.clone().unwrap_or_default());
+            let key = (
+                n.domain.clone().unwrap_or_default(),
+                n.op_type.clone().unwrap_or_default(),
+            );
             let Some(f) = self.funcs.by_key.get(&key) else {
                 out.push(n.clone());
                 continue;
@@ -418,7 +436,10 @@ fn densify(sp: &proto::SparseTensorProto, source: &ModelSource) -> Result<kiln_g
         .to_i64_vec()
         .ok_or_else(|| OnnxError::Unsupported("sparse indices must be integers".into()))?;
     let dims: Vec<usize> = sp.dims.iter().map(|&d| d.max(0) as usize).collect();
-    let total: usize = dims.iter().try_fold(1usize, |a, &d| a.checked_mul(d)).unwrap_or(usize::MAX);
+    let total: usize = dims
+        .iter()
+        .try_fold(1usize, |a, &d| a.checked_mul(d))
+        .unwrap_or(usize::MAX);
     let es = values.dtype.size_in_bytes();
     if total > (1 << 28) || es == 0 {
         return Err(OnnxError::Unsupported("sparse tensor too large or of strings".into()));
@@ -442,7 +463,12 @@ fn densify(sp: &proto::SparseTensorProto, source: &ModelSource) -> Result<kiln_g
         let f = flat as usize;
         out[f * es..(f + 1) * es].copy_from_slice(&values.bytes()[k * es..(k + 1) * es]);
     }
-    Ok(kiln_graph::TensorData::new(values.name.clone(), values.dtype, dims, out)?)
+    Ok(kiln_graph::TensorData::new(
+        values.name.clone(),
+        values.dtype,
+        dims,
+        out,
+    )?)
 }
 
 fn value_info(vi: &proto::ValueInfoProto) -> Result<ValueInfo> {
@@ -451,7 +477,12 @@ fn value_info(vi: &proto::ValueInfoProto) -> Result<ValueInfo> {
         Some(tp) => type_of(tp),
         None => (ValueKind::Unknown, None, None),
     };
-    Ok(ValueInfo { name, kind, dtype, shape })
+    Ok(ValueInfo {
+        name,
+        kind,
+        dtype,
+        shape,
+    })
 }
 
 fn type_of(tp: &proto::TypeProto) -> (ValueKind, Option<DType>, Option<Shape>) {

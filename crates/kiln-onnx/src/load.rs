@@ -17,7 +17,9 @@ pub fn load_model(path: impl AsRef<Path>) -> Result<kiln_graph::Model> {
         path: path.display().to_string(),
         source,
     })?;
-    let base_dir = path.parent().map(|p| if p.as_os_str().is_empty() { Path::new(".") } else { p });
+    let base_dir = path
+        .parent()
+        .map(|p| if p.as_os_str().is_empty() { Path::new(".") } else { p });
     let source = ModelSource {
         base_dir: base_dir.map(Path::to_path_buf),
     };

@@ -40,17 +40,39 @@ pub fn tensor_from_proto(t: &proto::TensorProto, source: &ModelSource) -> Result
 fn typed_fields_to_bytes(t: &proto::TensorProto, dtype: DType) -> Vec<u8> {
     let mut out = Vec::new();
     match dtype {
-        DType::F32 => t.float_data.iter().for_each(|v| out.extend_from_slice(&v.to_le_bytes())),
-        DType::F64 => t.double_data.iter().for_each(|v| out.extend_from_slice(&v.to_le_bytes())),
-        DType::I64 => t.int64_data.iter().for_each(|v| out.extend_from_slice(&v.to_le_bytes())),
-        DType::U64 => t.uint64_data.iter().for_each(|v| out.extend_from_slice(&v.to_le_bytes())),
-        DType::U32 => t.uint64_data.iter().for_each(|&v| out.extend_from_slice(&(v as u32).to_le_bytes())),
-        DType::I32 => t.int32_data.iter().for_each(|v| out.extend_from_slice(&v.to_le_bytes())),
-        DType::I16 => t.int32_data.iter().for_each(|&v| out.extend_from_slice(&(v as i16).to_le_bytes())),
+        DType::F32 => t
+            .float_data
+            .iter()
+            .for_each(|v| out.extend_from_slice(&v.to_le_bytes())),
+        DType::F64 => t
+            .double_data
+            .iter()
+            .for_each(|v| out.extend_from_slice(&v.to_le_bytes())),
+        DType::I64 => t
+            .int64_data
+            .iter()
+            .for_each(|v| out.extend_from_slice(&v.to_le_bytes())),
+        DType::U64 => t
+            .uint64_data
+            .iter()
+            .for_each(|v| out.extend_from_slice(&v.to_le_bytes())),
+        DType::U32 => t
+            .uint64_data
+            .iter()
+            .for_each(|&v| out.extend_from_slice(&(v as u32).to_le_bytes())),
+        DType::I32 => t
+            .int32_data
+            .iter()
+            .for_each(|v| out.extend_from_slice(&v.to_le_bytes())),
+        DType::I16 => t
+            .int32_data
+            .iter()
+            .for_each(|&v| out.extend_from_slice(&(v as i16).to_le_bytes())),
         // float16/bfloat16 store their bit patterns in int32_data.
-        DType::U16 | DType::F16 | DType::BF16 => {
-            t.int32_data.iter().for_each(|&v| out.extend_from_slice(&(v as u16).to_le_bytes()))
-        }
+        DType::U16 | DType::F16 | DType::BF16 => t
+            .int32_data
+            .iter()
+            .for_each(|&v| out.extend_from_slice(&(v as u16).to_le_bytes())),
         DType::I8 | DType::U8 | DType::Bool => t.int32_data.iter().for_each(|&v| out.push(v as u8)),
         DType::String => {}
     }
@@ -84,7 +106,11 @@ fn read_external(
         .as_ref()
         .ok_or_else(|| err("cannot be resolved: the model was not loaded from a file".into()))?;
     let rel = Path::new(&location);
-    if rel.is_absolute() || rel.components().any(|c| !matches!(c, Component::Normal(_) | Component::CurDir)) {
+    if rel.is_absolute()
+        || rel
+            .components()
+            .any(|c| !matches!(c, Component::Normal(_) | Component::CurDir))
+    {
         return Err(err("escapes the model directory".into()));
     }
     let path = base.join(rel);
@@ -105,12 +131,16 @@ fn read_external(
         .ok_or_else(|| err("declares dims that overflow".into()))?;
     let length = parse("length")?.unwrap_or(want);
     if length != want {
-        return Err(err(format!("has length {length} but dims {dims:?} of {dtype} need {want} bytes")));
+        return Err(err(format!(
+            "has length {length} but dims {dims:?} of {dtype} need {want} bytes"
+        )));
     }
     let mut f = std::fs::File::open(&canon).map_err(|e| err(format!("cannot be opened: {e}")))?;
     let size = f.metadata().map_err(|e| err(e.to_string()))?.len();
     if offset.checked_add(length).is_none_or(|end| end > size) {
-        return Err(err(format!("range {offset}+{length} is past the end of the file ({size} bytes)")));
+        return Err(err(format!(
+            "range {offset}+{length} is past the end of the file ({size} bytes)"
+        )));
     }
     f.seek(SeekFrom::Start(offset)).map_err(|e| err(e.to_string()))?;
     let mut buf = vec![0u8; length as usize];

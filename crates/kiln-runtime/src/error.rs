@@ -4,11 +4,7 @@ use thiserror::Error;
 #[derive(Debug, Error)]
 pub enum RuntimeError {
     #[error("node '{node}' ({op}): {reason}")]
-    Op {
-        node: String,
-        op: String,
-        reason: String,
-    },
+    Op { node: String, op: String, reason: String },
     #[error("unsupported operators: {}", list.join(", "))]
     Unsupported {
         /// Entries formatted as `domain::Op (node 'name')`.

@@ -91,22 +91,20 @@ impl ExecutionPlan {
         let mut live: u64 = 0;
         for step in &self.steps {
             let outs = {
-                let ins: Vec<Option<&Value>> = step
-                    .inputs
-                    .iter()
-                    .map(|s| s.and_then(|s| env[s].as_ref()))
-                    .collect();
+                let ins: Vec<Option<&Value>> = step.inputs.iter().map(|s| s.and_then(|s| env[s].as_ref())).collect();
                 step.kernel
                     .run(&cx, &ins)
                     .map_err(|e| e.at_node(&step.node, &step.op))?
             };
-            if outs.len() < step.outputs.iter().filter(|o| o.is_some()).count()
-                && outs.len() < step.outputs.len()
-            {
+            if outs.len() < step.outputs.iter().filter(|o| o.is_some()).count() && outs.len() < step.outputs.len() {
                 return Err(RuntimeError::Op {
                     node: step.node.clone(),
                     op: step.op.clone(),
-                    reason: format!("kernel returned {} outputs, {} expected", outs.len(), step.outputs.len()),
+                    reason: format!(
+                        "kernel returned {} outputs, {} expected",
+                        outs.len(),
+                        step.outputs.len()
+                    ),
                 });
             }
             for (slot, v) in step.outputs.iter().zip(outs) {

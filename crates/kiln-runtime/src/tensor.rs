@@ -122,19 +122,42 @@ impl Tensor {
         let t = match d.dtype {
             DType::F32 => candle_core::Tensor::from_vec(decode_le!(b, f32), dims, device)?,
             DType::F64 => candle_core::Tensor::from_vec(decode_le!(b, f64), dims, device)?,
-            DType::F16 => candle_core::Tensor::from_vec(decode_le!(b, u16).into_iter().map(f16::from_bits).collect::<Vec<_>>(), dims, device)?,
-            DType::BF16 => candle_core::Tensor::from_vec(decode_le!(b, u16).into_iter().map(bf16::from_bits).collect::<Vec<_>>(), dims, device)?,
+            DType::F16 => candle_core::Tensor::from_vec(
+                decode_le!(b, u16).into_iter().map(f16::from_bits).collect::<Vec<_>>(),
+                dims,
+                device,
+            )?,
+            DType::BF16 => candle_core::Tensor::from_vec(
+                decode_le!(b, u16).into_iter().map(bf16::from_bits).collect::<Vec<_>>(),
+                dims,
+                device,
+            )?,
             DType::U8 => candle_core::Tensor::from_vec(b.to_vec(), dims, device)?,
-            DType::Bool => candle_core::Tensor::from_vec(b.iter().map(|&v| (v != 0) as u8).collect::<Vec<_>>(), dims, device)?,
-            DType::I8 => candle_core::Tensor::from_vec(b.iter().map(|&v| v as i8 as i16).collect::<Vec<_>>(), dims, device)?,
+            DType::Bool => {
+                candle_core::Tensor::from_vec(b.iter().map(|&v| (v != 0) as u8).collect::<Vec<_>>(), dims, device)?
+            }
+            DType::I8 => {
+                candle_core::Tensor::from_vec(b.iter().map(|&v| v as i8 as i16).collect::<Vec<_>>(), dims, device)?
+            }
             DType::I16 => candle_core::Tensor::from_vec(decode_le!(b, i16), dims, device)?,
-            DType::U16 => candle_core::Tensor::from_vec(decode_le!(b, u16).into_iter().map(i32::from).collect::<Vec<_>>(), dims, device)?,
+            DType::U16 => candle_core::Tensor::from_vec(
+                decode_le!(b, u16).into_iter().map(i32::from).collect::<Vec<_>>(),
+                dims,
+                device,
+            )?,
             DType::I32 => candle_core::Tensor::from_vec(decode_le!(b, i32), dims, device)?,
             DType::U32 => candle_core::Tensor::from_vec(decode_le!(b, u32), dims, device)?,
             DType::I64 => candle_core::Tensor::from_vec(decode_le!(b, i64), dims, device)?,
-            DType::U64 => candle_core::Tensor::from_vec(decode_le!(b, u64).into_iter().map(|v| v as i64).collect::<Vec<_>>(), dims, device)?,
+            DType::U64 => candle_core::Tensor::from_vec(
+                decode_le!(b, u64).into_iter().map(|v| v as i64).collect::<Vec<_>>(),
+                dims,
+                device,
+            )?,
             DType::String => {
-                return Err(RuntimeError::msg(format!("tensor '{}': string tensors are not supported", d.name)))
+                return Err(RuntimeError::msg(format!(
+                    "tensor '{}': string tensors are not supported",
+                    d.name
+                )))
             }
         };
         Tensor::new(t, d.dtype)
@@ -145,19 +168,49 @@ impl Tensor {
         let t = self.t.flatten_all()?;
         let mut out: Vec<u8> = Vec::with_capacity(self.size_in_bytes());
         match self.dtype {
-            DType::F32 => t.to_vec1::<f32>()?.iter().for_each(|v| out.extend_from_slice(&v.to_le_bytes())),
-            DType::F64 => t.to_vec1::<f64>()?.iter().for_each(|v| out.extend_from_slice(&v.to_le_bytes())),
-            DType::F16 => t.to_vec1::<f16>()?.iter().for_each(|v| out.extend_from_slice(&v.to_le_bytes())),
-            DType::BF16 => t.to_vec1::<bf16>()?.iter().for_each(|v| out.extend_from_slice(&v.to_le_bytes())),
+            DType::F32 => t
+                .to_vec1::<f32>()?
+                .iter()
+                .for_each(|v| out.extend_from_slice(&v.to_le_bytes())),
+            DType::F64 => t
+                .to_vec1::<f64>()?
+                .iter()
+                .for_each(|v| out.extend_from_slice(&v.to_le_bytes())),
+            DType::F16 => t
+                .to_vec1::<f16>()?
+                .iter()
+                .for_each(|v| out.extend_from_slice(&v.to_le_bytes())),
+            DType::BF16 => t
+                .to_vec1::<bf16>()?
+                .iter()
+                .for_each(|v| out.extend_from_slice(&v.to_le_bytes())),
             DType::U8 => out = t.to_vec1::<u8>()?,
             DType::Bool => out = t.to_vec1::<u8>()?.into_iter().map(|v| (v != 0) as u8).collect(),
             DType::I8 => out = t.to_vec1::<i16>()?.into_iter().map(|v| v as i8 as u8).collect(),
-            DType::I16 => t.to_vec1::<i16>()?.iter().for_each(|v| out.extend_from_slice(&v.to_le_bytes())),
-            DType::U16 => t.to_vec1::<i32>()?.iter().for_each(|&v| out.extend_from_slice(&(v as u16).to_le_bytes())),
-            DType::I32 => t.to_vec1::<i32>()?.iter().for_each(|v| out.extend_from_slice(&v.to_le_bytes())),
-            DType::U32 => t.to_vec1::<u32>()?.iter().for_each(|v| out.extend_from_slice(&v.to_le_bytes())),
-            DType::I64 => t.to_vec1::<i64>()?.iter().for_each(|v| out.extend_from_slice(&v.to_le_bytes())),
-            DType::U64 => t.to_vec1::<i64>()?.iter().for_each(|&v| out.extend_from_slice(&(v as u64).to_le_bytes())),
+            DType::I16 => t
+                .to_vec1::<i16>()?
+                .iter()
+                .for_each(|v| out.extend_from_slice(&v.to_le_bytes())),
+            DType::U16 => t
+                .to_vec1::<i32>()?
+                .iter()
+                .for_each(|&v| out.extend_from_slice(&(v as u16).to_le_bytes())),
+            DType::I32 => t
+                .to_vec1::<i32>()?
+                .iter()
+                .for_each(|v| out.extend_from_slice(&v.to_le_bytes())),
+            DType::U32 => t
+                .to_vec1::<u32>()?
+                .iter()
+                .for_each(|v| out.extend_from_slice(&v.to_le_bytes())),
+            DType::I64 => t
+                .to_vec1::<i64>()?
+                .iter()
+                .for_each(|v| out.extend_from_slice(&v.to_le_bytes())),
+            DType::U64 => t
+                .to_vec1::<i64>()?
+                .iter()
+                .for_each(|&v| out.extend_from_slice(&(v as u64).to_le_bytes())),
             DType::String => return Err(RuntimeError::msg("string tensors are not supported")),
         }
         Ok(TensorData::new(name, self.dtype, self.dims().to_vec(), out)?)
@@ -168,9 +221,12 @@ impl Tensor {
         let t = self.t.flatten_all()?;
         Ok(match t.dtype() {
             CDType::I64 => t.to_vec1::<i64>()?,
-            CDType::F32 | CDType::F16 | CDType::BF16 | CDType::F64 => {
-                t.to_dtype(CDType::F64)?.to_vec1::<f64>()?.into_iter().map(|v| v as i64).collect()
-            }
+            CDType::F32 | CDType::F16 | CDType::BF16 | CDType::F64 => t
+                .to_dtype(CDType::F64)?
+                .to_vec1::<f64>()?
+                .into_iter()
+                .map(|v| v as i64)
+                .collect(),
             _ => t.to_dtype(CDType::I64)?.to_vec1::<i64>()?,
         })
     }
@@ -212,10 +268,22 @@ impl Tensor {
                 let dims = self.dims().to_vec();
                 let dev = self.device().clone();
                 let t = match to {
-                    DType::I8 => candle_core::Tensor::from_vec(v.into_iter().map(|x| x as i8 as i16).collect::<Vec<_>>(), dims, &dev)?,
-                    DType::U16 => candle_core::Tensor::from_vec(v.into_iter().map(|x| x as u16 as i32).collect::<Vec<_>>(), dims, &dev)?,
-                    DType::U8 => candle_core::Tensor::from_vec(v.into_iter().map(|x| x as u8).collect::<Vec<_>>(), dims, &dev)?,
-                    DType::U32 => candle_core::Tensor::from_vec(v.into_iter().map(|x| x as u32).collect::<Vec<_>>(), dims, &dev)?,
+                    DType::I8 => candle_core::Tensor::from_vec(
+                        v.into_iter().map(|x| x as i8 as i16).collect::<Vec<_>>(),
+                        dims,
+                        &dev,
+                    )?,
+                    DType::U16 => candle_core::Tensor::from_vec(
+                        v.into_iter().map(|x| x as u16 as i32).collect::<Vec<_>>(),
+                        dims,
+                        &dev,
+                    )?,
+                    DType::U8 => {
+                        candle_core::Tensor::from_vec(v.into_iter().map(|x| x as u8).collect::<Vec<_>>(), dims, &dev)?
+                    }
+                    DType::U32 => {
+                        candle_core::Tensor::from_vec(v.into_iter().map(|x| x as u32).collect::<Vec<_>>(), dims, &dev)?
+                    }
                     _ => candle_core::Tensor::from_vec(v, dims, &dev)?,
                 };
                 return Tensor::new(t, to);
@@ -231,7 +299,10 @@ impl Tensor {
     }
 
     /// Runs a candle operation that keeps the dtype.
-    pub fn map(&self, f: impl FnOnce(&candle_core::Tensor) -> candle_core::Result<candle_core::Tensor>) -> Result<Tensor> {
+    pub fn map(
+        &self,
+        f: impl FnOnce(&candle_core::Tensor) -> candle_core::Result<candle_core::Tensor>,
+    ) -> Result<Tensor> {
         Tensor::new(f(&self.t)?, self.dtype)
     }
 }

@@ -28,7 +28,9 @@ impl std::str::FromStr for Level {
             "basic" => Ok(Level::Basic),
             "extended" => Ok(Level::Extended),
             "all" => Ok(Level::All),
-            _ => Err(format!("unknown optimization level '{s}' (disabled, basic, extended, all)")),
+            _ => Err(format!(
+                "unknown optimization level '{s}' (disabled, basic, extended, all)"
+            )),
         }
     }
 }
@@ -155,7 +157,10 @@ impl Session {
         let mut by_name: HashMap<String, TensorData> = HashMap::new();
         for (name, data) in inputs {
             if by_name.insert(name.clone(), data).is_some() {
-                return Err(Error::Input { name, reason: "given twice".into() });
+                return Err(Error::Input {
+                    name,
+                    reason: "given twice".into(),
+                });
             }
         }
         let mut feeds = Vec::new();
@@ -163,9 +168,11 @@ impl Session {
             match by_name.remove(&info.name) {
                 Some(data) => {
                     check_input(&info.name, info.dtype, info.shape.as_ref(), &data)?;
-                    feeds.push(Some(Value::Tensor(Tensor::from_data(&data, &device).map_err(|e| Error::Input {
-                        name: info.name.clone(),
-                        reason: e.to_string(),
+                    feeds.push(Some(Value::Tensor(Tensor::from_data(&data, &device).map_err(|e| {
+                        Error::Input {
+                            name: info.name.clone(),
+                            reason: e.to_string(),
+                        }
                     })?)));
                 }
                 None if has_default => feeds.push(None),
@@ -202,7 +209,11 @@ impl Session {
         if feeds.len() != self.input_kinds.len() {
             return Err(Error::Input {
                 name: String::new(),
-                reason: format!("{} values given, the graph has {} inputs", feeds.len(), self.input_kinds.len()),
+                reason: format!(
+                    "{} values given, the graph has {} inputs",
+                    feeds.len(),
+                    self.input_kinds.len()
+                ),
             });
         }
         Ok(self.plan.run(feeds, &HashMap::new(), &self.run_options)?.0)

@@ -16,7 +16,10 @@ pub fn tin<'a>(ins: &[Option<&'a Value>], i: usize) -> Result<&'a Tensor> {
 /// Optional tensor input `i` (absent or an empty name).
 pub fn tin_opt<'a>(ins: &[Option<&'a Value>], i: usize) -> Result<Option<&'a Tensor>> {
     match ins.get(i).copied().flatten() {
-        Some(v) => v.as_tensor().map(Some).map_err(|e| RuntimeError::msg(format!("input {i}: {e}"))),
+        Some(v) => v
+            .as_tensor()
+            .map(Some)
+            .map_err(|e| RuntimeError::msg(format!("input {i}: {e}"))),
         None => Ok(None),
     }
 }
@@ -71,7 +74,10 @@ pub fn broadcast_all(shapes: &[&[usize]]) -> Result<Vec<usize>> {
 /// Expands both tensors to their common shape (views, no copy).
 pub fn broadcast2(a: &Tensor, b: &Tensor) -> Result<(candle_core::Tensor, candle_core::Tensor)> {
     let dims = broadcast_dims(a.dims(), b.dims())?;
-    Ok((a.candle().broadcast_as(dims.as_slice())?, b.candle().broadcast_as(dims.as_slice())?))
+    Ok((
+        a.candle().broadcast_as(dims.as_slice())?,
+        b.candle().broadcast_as(dims.as_slice())?,
+    ))
 }
 
 /// Both inputs must share a dtype (ONNX's type constraint `T`).

@@ -18,7 +18,9 @@ pub fn register(r: &mut Registry) {
 }
 
 fn body(n: &NodeCtx, name: &str) -> Result<Arc<ExecutionPlan>> {
-    let g = n.attr_graph(name)?.ok_or_else(|| n.err(format!("missing attribute '{name}'")))?;
+    let g = n
+        .attr_graph(name)?
+        .ok_or_else(|| n.err(format!("missing attribute '{name}'")))?;
     n.compile_subgraph(g)
 }
 
@@ -38,7 +40,11 @@ fn if_op(n: &NodeCtx) -> Result<Box<dyn OpKernel>> {
     let explicit = n.num_inputs();
     Ok(kernel(move |cx, ins| {
         let c = tin(ins, 0)?.to_i64_vec()?;
-        let branch = if c.first().copied().unwrap_or(0) != 0 { &then_b } else { &else_b };
+        let branch = if c.first().copied().unwrap_or(0) != 0 {
+            &then_b
+        } else {
+            &else_b
+        };
         let caps = bind(&names, ins, explicit);
         let (outs, _) = branch.run(vec![], &caps, cx.options)?;
         Ok(outs)
@@ -51,7 +57,10 @@ fn loop_op(n: &NodeCtx) -> Result<Box<dyn OpKernel>> {
     let explicit = n.num_inputs();
     let n_outputs = n.num_outputs();
     Ok(kernel(move |cx, ins| {
-        let max_trip = tin_opt(ins, 0)?.map(|t| t.to_i64_vec()).transpose()?.and_then(|v| v.first().copied());
+        let max_trip = tin_opt(ins, 0)?
+            .map(|t| t.to_i64_vec())
+            .transpose()?
+            .and_then(|v| v.first().copied());
         let mut cond = match tin_opt(ins, 1)? {
             Some(t) => t.to_i64_vec()?.first().copied().unwrap_or(0) != 0,
             None => true,
@@ -82,7 +91,11 @@ fn loop_op(n: &NodeCtx) -> Result<Box<dyn OpKernel>> {
             feeds.extend(carried.drain(..).map(Some));
             let (outs, _) = b.run(feeds, &caps, cx.options)?;
             if outs.len() != 1 + n_carried + n_scan {
-                bail!("loop body returned {} outputs, expected {}", outs.len(), 1 + n_carried + n_scan);
+                bail!(
+                    "loop body returned {} outputs, expected {}",
+                    outs.len(),
+                    1 + n_carried + n_scan
+                );
             }
             let mut it = outs.into_iter();
             let c_out = it.next().ok_or_else(|| RuntimeError::msg("loop body has no outputs"))?;
@@ -97,11 +110,17 @@ fn loop_op(n: &NodeCtx) -> Result<Box<dyn OpKernel>> {
         for s in scans {
             if s.is_empty() {
                 // Zero iterations: an empty tensor of unknown trailing shape.
-                out.push(Value::Tensor(Tensor::new(CT::zeros(0, candle_core::DType::F32, cx.device)?, DType::F32)?));
+                out.push(Value::Tensor(Tensor::new(
+                    CT::zeros(0, candle_core::DType::F32, cx.device)?,
+                    DType::F32,
+                )?));
                 continue;
             }
             let dt = s[0].dtype();
-            let parts: Vec<CT> = s.iter().map(|t| t.candle().unsqueeze(0)).collect::<candle_core::Result<_>>()?;
+            let parts: Vec<CT> = s
+                .iter()
+                .map(|t| t.candle().unsqueeze(0))
+                .collect::<candle_core::Result<_>>()?;
             out.push(Value::Tensor(Tensor::new(CT::cat(&parts, 0)?, dt)?));
         }
         Ok(out)
@@ -127,7 +146,13 @@ fn scan_op(n: &NodeCtx) -> Result<Box<dyn OpKernel>> {
     Ok(kernel(move |cx, ins| {
         let n_state = explicit - n_scan_in;
         let mut state: Vec<Value> = (0..n_state)
-            .map(|i| ins.get(i).copied().flatten().cloned().ok_or_else(|| RuntimeError::msg("missing state")))
+            .map(|i| {
+                ins.get(i)
+                    .copied()
+                    .flatten()
+                    .cloned()
+                    .ok_or_else(|| RuntimeError::msg("missing state"))
+            })
             .collect::<Result<_>>()?;
         let scan_ins: Vec<(&Tensor, usize, bool)> = (0..n_scan_in)
             .map(|k| {
@@ -169,7 +194,10 @@ fn scan_op(n: &NodeCtx) -> Result<Box<dyn OpKernel>> {
             let dt = s[0].dtype();
             let rank = s[0].rank() + 1;
             let ax = norm_axis(out_axes.get(k).copied().unwrap_or(0), rank)?;
-            let parts: Vec<CT> = s.iter().map(|t| t.candle().unsqueeze(ax)).collect::<candle_core::Result<_>>()?;
+            let parts: Vec<CT> = s
+                .iter()
+                .map(|t| t.candle().unsqueeze(ax))
+                .collect::<candle_core::Result<_>>()?;
             out.push(Value::Tensor(Tensor::new(CT::cat(&parts, ax)?, dt)?));
         }
         Ok(out)

@@ -32,13 +32,23 @@ pub fn register(r: &mut Registry) {
             let (a, b) = (tin(ins, 0)?, tin(ins, 1)?);
             let dt = same_dtype(a, b)?;
             if dt.is_float() {
-                return out1(host_binary(a, b, dt, |x, y| if fmod { x % y } else { x - y * (x / y).floor() })?);
+                return out1(host_binary(a, b, dt, |x, y| {
+                    if fmod {
+                        x % y
+                    } else {
+                        x - y * (x / y).floor()
+                    }
+                })?);
             }
             out1(host_binary_i64(a, b, dt, |x, y| {
                 if y == 0 {
                     bail!("integer modulo by zero");
                 }
-                Ok(if fmod { x.wrapping_rem(y) } else { x.rem_euclid(y) + if y < 0 && x.rem_euclid(y) != 0 { y } else { 0 } })
+                Ok(if fmod {
+                    x.wrapping_rem(y)
+                } else {
+                    x.rem_euclid(y) + if y < 0 && x.rem_euclid(y) != 0 { y } else { 0 }
+                })
             })?)
         }))
     });
@@ -97,7 +107,13 @@ pub fn register(r: &mut Registry) {
             let bits = dt.size_in_bytes() as i64 * 8;
             out1(host_binary_i64(a, b, dt, |x, s| {
                 let (x, s) = (x as u64, s.clamp(0, 64) as u32);
-                let r = if s >= bits as u32 { 0 } else if left { x << s } else { x >> s };
+                let r = if s >= bits as u32 {
+                    0
+                } else if left {
+                    x << s
+                } else {
+                    x >> s
+                };
                 Ok(r as i64)
             })?)
         }))
@@ -108,7 +124,10 @@ pub fn register(r: &mut Registry) {
             let dt = same_dtype(a, b)?;
             let dims = super::common::broadcast_all(&[c.dims(), a.dims(), b.dims()])?;
             let d = dims.as_slice();
-            let r = c.candle().broadcast_as(d)?.where_cond(&a.candle().broadcast_as(d)?, &b.candle().broadcast_as(d)?)?;
+            let r = c
+                .candle()
+                .broadcast_as(d)?
+                .where_cond(&a.candle().broadcast_as(d)?, &b.candle().broadcast_as(d)?)?;
             out1(Tensor::new(r, dt)?)
         }))
     });
@@ -117,8 +136,12 @@ pub fn register(r: &mut Registry) {
         let to = DType::from_onnx(code as i32).ok_or_else(|| n.err(format!("unsupported target type {code}")))?;
         Ok(kernel(move |_, ins| out1(tin(ins, 0)?.cast(to)?)))
     });
-    r.add("CastLike", |_| Ok(kernel(|_, ins| out1(tin(ins, 0)?.cast(tin(ins, 1)?.dtype())?))));
-    r.add("Identity", |_| Ok(kernel(|_, ins| Ok(vec![super::common::vin(ins, 0)?.clone()]))));
+    r.add("CastLike", |_| {
+        Ok(kernel(|_, ins| out1(tin(ins, 0)?.cast(tin(ins, 1)?.dtype())?)))
+    });
+    r.add("Identity", |_| {
+        Ok(kernel(|_, ins| Ok(vec![super::common::vin(ins, 0)?.clone()])))
+    });
     r.add("Dropout", |n| {
         let want_mask = n.num_outputs() > 1;
         Ok(kernel(move |_, ins| {
@@ -161,7 +184,9 @@ fn arith(op: Arith) -> Box<dyn OpKernel> {
                 Ok(x.wrapping_div(y))
             })?);
         }
-        if matches!(dt, DType::U8 | DType::U32 | DType::U16 | DType::U64 | DType::I8) && matches!(op, Arith::Sub | Arith::Mul | Arith::Add) {
+        if matches!(dt, DType::U8 | DType::U32 | DType::U16 | DType::U64 | DType::I8)
+            && matches!(op, Arith::Sub | Arith::Mul | Arith::Add)
+        {
             // Wrap-around semantics for narrow and unsigned integers.
             return out1(host_binary_i64(a, b, dt, |x, y| {
                 Ok(match op {
@@ -184,7 +209,9 @@ fn arith(op: Arith) -> Box<dyn OpKernel> {
 fn variadic(f: fn(&CT, &CT) -> candle_core::Result<CT>) -> Box<dyn OpKernel> {
     kernel(move |_, ins| {
         let ts: Vec<&Tensor> = ins.iter().flatten().map(|v| v.as_tensor()).collect::<Result<_>>()?;
-        let Some(first) = ts.first() else { bail!("needs at least one input") };
+        let Some(first) = ts.first() else {
+            bail!("needs at least one input")
+        };
         let mut acc: Tensor = (*first).clone();
         for t in &ts[1..] {
             let dt = same_dtype(&acc, t)?;
@@ -226,7 +253,11 @@ fn logic(f: fn(u8, u8) -> u8) -> Box<dyn OpKernel> {
         let (x, y) = broadcast2(a, b)?;
         let xv = x.contiguous()?.flatten_all()?.to_vec1::<u8>()?;
         let yv = y.contiguous()?.flatten_all()?.to_vec1::<u8>()?;
-        let v: Vec<u8> = xv.iter().zip(&yv).map(|(&p, &q)| f((p != 0) as u8, (q != 0) as u8)).collect();
+        let v: Vec<u8> = xv
+            .iter()
+            .zip(&yv)
+            .map(|(&p, &q)| f((p != 0) as u8, (q != 0) as u8))
+            .collect();
         out1(Tensor::new(CT::from_vec(v, x.dims(), a.device())?, DType::Bool)?)
     })
 }
@@ -329,7 +360,17 @@ fn register_unary(r: &mut Registry) {
             out1(Tensor::from_i64s(v, x.dims(), x.device())?.cast(x.dtype())?)
         }))
     });
-    r.add("Sign", |_| Ok(unary_host(|v| if v > 0.0 { 1.0 } else if v < 0.0 { -1.0 } else { 0.0 })));
+    r.add("Sign", |_| {
+        Ok(unary_host(|v| {
+            if v > 0.0 {
+                1.0
+            } else if v < 0.0 {
+                -1.0
+            } else {
+                0.0
+            }
+        }))
+    });
     r.add("Exp", |_| Ok(unary_candle(|t| t.exp(), f64::exp)));
     r.add("Log", |_| Ok(unary_candle(|t| t.log(), f64::ln)));
     r.add("Sqrt", |_| Ok(unary_candle(|t| t.sqrt(), f64::sqrt)));
@@ -353,8 +394,12 @@ fn register_unary(r: &mut Registry) {
     r.add("Round", |_| Ok(unary_host(round_half_even)));
     r.add("Relu", |_| Ok(unary_candle(|t| t.relu(), |v| v.max(0.0))));
     r.add("Softsign", |_| Ok(unary_host(|v| v / (1.0 + v.abs()))));
-    r.add("Softplus", |_| Ok(unary_host(|v| if v > 30.0 { v } else { v.exp().ln_1p() })));
-    r.add("Mish", |_| Ok(unary_host(|v| v * (if v > 30.0 { v } else { v.exp().ln_1p() }).tanh())));
+    r.add("Softplus", |_| {
+        Ok(unary_host(|v| if v > 30.0 { v } else { v.exp().ln_1p() }))
+    });
+    r.add("Mish", |_| {
+        Ok(unary_host(|v| v * (if v > 30.0 { v } else { v.exp().ln_1p() }).tanh()))
+    });
     r.add("HardSwish", |_| Ok(unary_host(|v| v * (v / 6.0 + 0.5).clamp(0.0, 1.0))));
     r.add("IsNaN", |_| {
         Ok(kernel(|_, ins| {
@@ -391,7 +436,9 @@ fn register_unary(r: &mut Registry) {
     r.add("Selu", |n| {
         let a = n.attr_f("alpha", 1.673_263_2)? as f64;
         let g = n.attr_f("gamma", 1.050_701)? as f64;
-        Ok(param_unary(move |v| if v <= 0.0 { g * (a * v.exp() - a) } else { g * v }))
+        Ok(param_unary(
+            move |v| if v <= 0.0 { g * (a * v.exp() - a) } else { g * v },
+        ))
     });
     r.add("ThresholdedRelu", |n| {
         let a = n.attr_f("alpha", 1.0)? as f64;
@@ -405,7 +452,15 @@ fn register_unary(r: &mut Registry) {
     r.add("Shrink", |n| {
         let l = n.attr_f("lambd", 0.5)? as f64;
         let b = n.attr_f("bias", 0.0)? as f64;
-        Ok(param_unary(move |v| if v < -l { v + b } else if v > l { v - b } else { 0.0 }))
+        Ok(param_unary(move |v| {
+            if v < -l {
+                v + b
+            } else if v > l {
+                v - b
+            } else {
+                0.0
+            }
+        }))
     });
     r.add("Gelu", |n| {
         let tanh = n.attr_s("approximate", "none")? == "tanh";

@@ -8,10 +8,23 @@ use kiln_graph::{Attribute, DType, Graph, Node, TensorData};
 
 use crate::{ExecutionPlan, PlanOptions, Result, RuntimeError, Tensor, Value};
 
+mod attention;
 pub mod common;
 mod control;
 mod elementwise;
+mod indexing;
+mod matmul;
+mod nn;
+mod norm;
+mod pool;
+mod quant;
+mod reduce;
+mod resize;
+mod rnn;
+mod sequence;
 mod shape;
+mod signal;
+mod softmax;
 
 /// Run-time context handed to every kernel.
 pub struct RunCx<'a> {
@@ -127,7 +140,10 @@ impl NodeCtx<'_> {
         match self.attr(name) {
             None => Ok(default.to_string()),
             Some(Attribute::String(v)) => Ok(String::from_utf8_lossy(v).into_owned()),
-            Some(a) => Err(self.err(format!("attribute '{name}' should be a string, found {}", a.kind_name()))),
+            Some(a) => Err(self.err(format!(
+                "attribute '{name}' should be a string, found {}",
+                a.kind_name()
+            ))),
         }
     }
 
@@ -135,7 +151,10 @@ impl NodeCtx<'_> {
         match self.attr(name) {
             None => Ok(None),
             Some(Attribute::Tensor(t)) => Ok(Some(t)),
-            Some(a) => Err(self.err(format!("attribute '{name}' should be a tensor, found {}", a.kind_name()))),
+            Some(a) => Err(self.err(format!(
+                "attribute '{name}' should be a tensor, found {}",
+                a.kind_name()
+            ))),
         }
     }
 
@@ -223,9 +242,22 @@ impl Registry {
         static REG: OnceLock<Registry> = OnceLock::new();
         REG.get_or_init(|| {
             let mut r = Registry::default();
-            elementwise::register(&mut r);
-            shape::register(&mut r);
+            attention::register(&mut r);
             control::register(&mut r);
+            elementwise::register(&mut r);
+            indexing::register(&mut r);
+            matmul::register(&mut r);
+            nn::register(&mut r);
+            norm::register(&mut r);
+            pool::register(&mut r);
+            quant::register(&mut r);
+            reduce::register(&mut r);
+            resize::register(&mut r);
+            rnn::register(&mut r);
+            sequence::register(&mut r);
+            shape::register(&mut r);
+            signal::register(&mut r);
+            softmax::register(&mut r);
             r
         })
     }

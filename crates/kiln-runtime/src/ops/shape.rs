@@ -16,7 +16,9 @@ pub fn register(r: &mut Registry) {
             let x = tin(ins, 0)?;
             let spec = match ints_input(ins, 1)? {
                 Some(s) => s,
-                None => attr_shape.clone().ok_or_else(|| RuntimeError::msg("Reshape needs a shape"))?,
+                None => attr_shape
+                    .clone()
+                    .ok_or_else(|| RuntimeError::msg("Reshape needs a shape"))?,
             };
             let dims = reshape_dims(x.dims(), &spec, allowzero)?;
             out1(x.map(|t| t.reshape(dims.as_slice()))?)
@@ -134,7 +136,10 @@ pub fn register(r: &mut Registry) {
             cx.check_alloc(elems(&dims), value.dtype)?;
             let v = Tensor::from_data(&value, cx.device)?;
             let scalar = v.candle().flatten_all()?.get(0)?;
-            out1(Tensor::new(scalar.broadcast_as(dims.as_slice())?.contiguous()?, value.dtype)?)
+            out1(Tensor::new(
+                scalar.broadcast_as(dims.as_slice())?.contiguous()?,
+                value.dtype,
+            )?)
         }))
     });
     r.add("Gather", |n| {
@@ -169,7 +174,10 @@ pub fn register(r: &mut Registry) {
             let out: Vec<usize> = x.dims().iter().zip(&r).map(|(a, b)| a * b).collect();
             cx.check_alloc(elems(&out), x.dtype())?;
             if out.iter().any(|&d| d == 0) {
-                return out1(Tensor::new(CT::zeros(out.as_slice(), x.candle().dtype(), cx.device)?, x.dtype())?);
+                return out1(Tensor::new(
+                    CT::zeros(out.as_slice(), x.candle().dtype(), cx.device)?,
+                    x.dtype(),
+                )?);
             }
             out1(x.map(|t| t.repeat(r.as_slice()))?)
         }))
@@ -198,7 +206,10 @@ pub fn register(r: &mut Registry) {
 }
 
 fn scalar_f64(t: &Tensor) -> Result<f64> {
-    t.to_f64_vec()?.first().copied().ok_or_else(|| RuntimeError::msg("expected a scalar"))
+    t.to_f64_vec()?
+        .first()
+        .copied()
+        .ok_or_else(|| RuntimeError::msg("expected a scalar"))
 }
 
 /// Resolves a Reshape spec (0 = copy, -1 = infer) against the input dims.
@@ -236,11 +247,17 @@ pub fn reshape_dims(input: &[usize], spec: &[i64], allowzero: bool) -> Result<Ve
 }
 
 pub fn concat(ts: &[&Tensor], axis: i64) -> Result<Tensor> {
-    let Some(first) = ts.first() else { bail!("Concat needs inputs") };
+    let Some(first) = ts.first() else {
+        bail!("Concat needs inputs")
+    };
     let rank = first.rank();
     let a = norm_axis(axis, rank)?;
     let dt = first.dtype();
-    let parts: Vec<&CT> = ts.iter().filter(|t| t.dims().get(a) != Some(&0) || ts.len() == 1).map(|t| t.candle()).collect();
+    let parts: Vec<&CT> = ts
+        .iter()
+        .filter(|t| t.dims().get(a) != Some(&0) || ts.len() == 1)
+        .map(|t| t.candle())
+        .collect();
     for t in ts {
         if t.dtype() != dt || t.rank() != rank {
             bail!("Concat inputs differ in dtype or rank");
@@ -277,7 +294,9 @@ fn constant(n: &NodeCtx) -> Result<Box<dyn OpKernel>> {
     let data = if let Some(t) = n.attr_tensor("value")? {
         t.clone()
     } else if let Some(v) = n.attr("value_float") {
-        let Attribute::Float(f) = v else { return Err(n.err("value_float must be a float")) };
+        let Attribute::Float(f) = v else {
+            return Err(n.err("value_float must be a float"));
+        };
         TensorData::from_values("value", vec![], &[*f])?
     } else if let Some(v) = n.attr_floats("value_floats")? {
         TensorData::from_values("value", vec![v.len()], &v)?
@@ -300,8 +319,12 @@ fn slice(n: &NodeCtx) -> Result<Box<dyn OpKernel>> {
     let a_axes = n.attr_ints("axes")?;
     Ok(kernel(move |_, ins| {
         let x = tin(ins, 0)?;
-        let starts = ints_input(ins, 1)?.or_else(|| a_starts.clone()).ok_or_else(|| RuntimeError::msg("no starts"))?;
-        let ends = ints_input(ins, 2)?.or_else(|| a_ends.clone()).ok_or_else(|| RuntimeError::msg("no ends"))?;
+        let starts = ints_input(ins, 1)?
+            .or_else(|| a_starts.clone())
+            .ok_or_else(|| RuntimeError::msg("no starts"))?;
+        let ends = ints_input(ins, 2)?
+            .or_else(|| a_ends.clone())
+            .ok_or_else(|| RuntimeError::msg("no ends"))?;
         let axes = match ints_input(ins, 3)?.or_else(|| a_axes.clone()) {
             Some(a) => norm_axes(&a, x.rank())?,
             None => (0..starts.len()).collect(),
@@ -371,4 +394,3 @@ fn split(n: &NodeCtx) -> Result<Box<dyn OpKernel>> {
         Ok(out)
     }))
 }
-
