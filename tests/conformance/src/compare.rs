@@ -41,7 +41,11 @@ pub fn compare_tensor(a: &TensorData, e: &TensorData, tol: &Tol) -> Result<(), S
         return Err(format!("dtype {} != expected {}", a.dtype, e.dtype));
     }
     if e.dtype == DType::String {
-        return if a.string_data() == e.string_data() { Ok(()) } else { Err("strings differ".into()) };
+        return if a.string_data() == e.string_data() {
+            Ok(())
+        } else {
+            Err("strings differ".into())
+        };
     }
     if e.dtype.is_float() {
         let (av, ev) = (floats(a), floats(e));
@@ -62,21 +66,32 @@ pub fn compare_tensor(a: &TensorData, e: &TensorData, tol: &Tol) -> Result<(), S
     if a.bytes() != e.bytes() {
         let (av, ev) = (a.to_i64_vec().unwrap_or_default(), e.to_i64_vec().unwrap_or_default());
         let i = av.iter().zip(&ev).position(|(x, y)| x != y).unwrap_or(0);
-        return Err(format!(
-            "element {i}: {:?} != expected {:?}",
-            av.get(i),
-            ev.get(i)
-        ));
+        return Err(format!("element {i}: {:?} != expected {:?}", av.get(i), ev.get(i)));
     }
     Ok(())
 }
 
 fn floats(t: &TensorData) -> Vec<f64> {
     match t.dtype {
-        DType::F32 => t.values::<f32>().unwrap_or_default().into_iter().map(f64::from).collect(),
+        DType::F32 => t
+            .values::<f32>()
+            .unwrap_or_default()
+            .into_iter()
+            .map(f64::from)
+            .collect(),
         DType::F64 => t.values::<f64>().unwrap_or_default(),
-        DType::F16 => t.values::<half::f16>().unwrap_or_default().into_iter().map(f64::from).collect(),
-        DType::BF16 => t.values::<half::bf16>().unwrap_or_default().into_iter().map(f64::from).collect(),
+        DType::F16 => t
+            .values::<half::f16>()
+            .unwrap_or_default()
+            .into_iter()
+            .map(f64::from)
+            .collect(),
+        DType::BF16 => t
+            .values::<half::bf16>()
+            .unwrap_or_default()
+            .into_iter()
+            .map(f64::from)
+            .collect(),
         _ => Vec::new(),
     }
 }

@@ -2,9 +2,9 @@
 //! on Kiln's CPU backend, compares with THE RULE (see `compare.rs`), and optionally runs
 //! candle-onnx on the same tests, writes `docs/conformance.md`, and checks `expected_pass.txt`.
 
-mod compare;
 #[cfg(feature = "candle-baseline")]
 mod candle_baseline;
+mod compare;
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -145,22 +145,29 @@ fn to_value(v: &DataValue, dev: &candle_core::Device) -> Result<Value> {
             let dt = ts.first().map(Tensor::dtype);
             Value::Sequence(ts, dt)
         }
-        DataValue::Optional(o) => Value::Optional(o.as_ref().map(|x| to_value(x, dev)).transpose()?.map(Box::new), None),
+        DataValue::Optional(o) => {
+            Value::Optional(o.as_ref().map(|x| to_value(x, dev)).transpose()?.map(Box::new), None)
+        }
     })
 }
 
 fn from_value(v: Value, name: &str) -> Result<DataValue> {
     Ok(match v {
         Value::Tensor(t) => DataValue::Tensor(t.to_data(name)?),
-        Value::Sequence(ts, _) => {
-            DataValue::Sequence(ts.iter().map(|t| Ok(DataValue::Tensor(t.to_data(name)?))).collect::<Result<_>>()?)
-        }
+        Value::Sequence(ts, _) => DataValue::Sequence(
+            ts.iter()
+                .map(|t| Ok(DataValue::Tensor(t.to_data(name)?)))
+                .collect::<Result<_>>()?,
+        ),
         Value::Optional(o, _) => DataValue::Optional(o.map(|x| from_value(*x, name)).transpose()?.map(Box::new)),
     })
 }
 
 fn run_kiln(case: &TestCase, level: Level) -> Status {
-    let session = match Session::builder().optimization(level).build_from_file(case.dir.join("model.onnx")) {
+    let session = match Session::builder()
+        .optimization(level)
+        .build_from_file(case.dir.join("model.onnx"))
+    {
         Ok(s) => s,
         Err(e) => {
             let msg = e.to_string();
@@ -179,11 +186,21 @@ fn run_kiln(case: &TestCase, level: Level) -> Status {
         Ok(m) => m,
         Err(e) => return Status::Error(e.to_string()),
     };
-    let graph_inputs: Vec<String> = model.graph.inputs.iter().map(|v| model.graph.value_name(*v).to_string()).collect();
+    let graph_inputs: Vec<String> = model
+        .graph
+        .inputs
+        .iter()
+        .map(|v| model.graph.value_name(*v).to_string())
+        .collect();
     let dev = candle_core::Device::Cpu;
     for (ins, expected) in sets {
-        let by_name: HashMap<&str, &DataValue> =
-            case.meta.inputs.iter().map(|m| m.name.as_str()).zip(ins.iter()).collect();
+        let by_name: HashMap<&str, &DataValue> = case
+            .meta
+            .inputs
+            .iter()
+            .map(|m| m.name.as_str())
+            .zip(ins.iter())
+            .collect();
         let mut feeds = Vec::new();
         for n in &graph_inputs {
             match by_name.get(n.as_str()) {
@@ -198,7 +215,11 @@ fn run_kiln(case: &TestCase, level: Level) -> Status {
             Ok(o) => o,
             Err(e) => {
                 let msg = e.to_string();
-                return if msg.contains("not supported") { Status::Unsupported(msg) } else { Status::Error(msg) };
+                return if msg.contains("not supported") {
+                    Status::Unsupported(msg)
+                } else {
+                    Status::Error(msg)
+                };
             }
         };
         if outs.len() != expected.len() {
@@ -249,7 +270,10 @@ fn load_cases(data: &Path, filters: &[String]) -> Result<Vec<TestCase>> {
         .collect();
     dirs.sort();
     for dir in dirs {
-        let name = dir.file_name().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+        let name = dir
+            .file_name()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_default();
         if !filters.is_empty() && !filters.iter().any(|f| name.contains(f.as_str())) {
             continue;
         }
@@ -278,7 +302,11 @@ fn test_ops(cases: &[TestCase]) -> BTreeMap<String, String> {
     for c in cases {
         if let Ok(m) = kiln::internals::onnx::load_model(c.dir.join("model.onnx")) {
             let ops: Vec<&str> = m.graph.nodes.iter().map(|n| n.op_type.as_str()).collect();
-            let op = if ops.len() == 1 { ops[0].to_string() } else { String::new() };
+            let op = if ops.len() == 1 {
+                ops[0].to_string()
+            } else {
+                String::new()
+            };
             single.insert(c.name.clone(), op);
         }
     }
@@ -311,7 +339,12 @@ fn main() -> Result<()> {
         let (name, dir, meta, level) = (c.name.clone(), c.dir.clone(), c.meta.clone(), args.level);
         let st = guarded(timeout, move || run_kiln(&TestCase { name, dir, meta }, level));
         if args.verbose && st != Status::Pass {
-            println!("{:<60} {:<11} {}", c.name, st.tag(), st.detail().chars().take(200).collect::<String>());
+            println!(
+                "{:<60} {:<11} {}",
+                c.name,
+                st.tag(),
+                st.detail().chars().take(200).collect::<String>()
+            );
         }
         kiln_results.insert(c.name.clone(), st);
     }
@@ -328,7 +361,10 @@ fn main() -> Result<()> {
             let mut m = BTreeMap::new();
             for c in &cases {
                 let (name, dir, meta) = (c.name.clone(), c.dir.clone(), c.meta.clone());
-                m.insert(c.name.clone(), guarded(timeout, move || candle_baseline::run(&TestCase { name, dir, meta })));
+                m.insert(
+                    c.name.clone(),
+                    guarded(timeout, move || candle_baseline::run(&TestCase { name, dir, meta })),
+                );
             }
             let p = m.values().filter(|s| **s == Status::Pass).count();
             println!("candle-onnx: {p} of {} node tests pass", cases.len());
@@ -343,7 +379,11 @@ fn main() -> Result<()> {
     if let Some(p) = &args.results {
         let mut s = String::new();
         for (n, st) in &kiln_results {
-            s.push_str(&format!("{n}\t{}\t{}\n", st.tag(), st.detail().replace(['\t', '\n'], " ")));
+            s.push_str(&format!(
+                "{n}\t{}\t{}\n",
+                st.tag(),
+                st.detail().replace(['\t', '\n'], " ")
+            ));
         }
         std::fs::write(p, s)?;
     }
@@ -366,7 +406,11 @@ fn main() -> Result<()> {
     if let Some(p) = &args.check {
         let text = std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?;
         let mut regressions = Vec::new();
-        for name in text.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with('#')) {
+        for name in text
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        {
             match kiln_results.get(name) {
                 Some(Status::Pass) => {}
                 Some(st) => regressions.push(format!("{name}: {} {}", st.tag(), st.detail())),
@@ -403,17 +447,31 @@ fn report(
     let mut s = String::new();
     s.push_str("# Conformance: the ONNX node test suite\n\n");
     s.push_str("Generated by `scripts/conformance.sh --write-doc` (the `kiln-conformance` runner). Data: onnx 1.23.2 node tests\n");
-    s.push_str("(`onnx.backend.test.case.node.collect_testcases()`), written by `scripts/gen-conformance-data.sh`.\n\n");
-    s.push_str("Rule: output count equal; shapes and dtypes exactly equal; floats `|a-e| <= atol + rtol*|e|` in f64 with\n");
-    s.push_str("rtol = max(1e-3, test rtol), atol = max(1e-5, test atol), NaN == NaN, infinities exact; ints/bools exact.\n");
-    s.push_str("The same rule is applied to ONNX Runtime (`tests/conformance/ort_rates.py`, Python onnxruntime 1.32.0, CPU)\n");
+    s.push_str(
+        "(`onnx.backend.test.case.node.collect_testcases()`), written by `scripts/gen-conformance-data.sh`.\n\n",
+    );
+    s.push_str(
+        "Rule: output count equal; shapes and dtypes exactly equal; floats `|a-e| <= atol + rtol*|e|` in f64 with\n",
+    );
+    s.push_str(
+        "rtol = max(1e-3, test rtol), atol = max(1e-5, test atol), NaN == NaN, infinities exact; ints/bools exact.\n",
+    );
+    s.push_str(
+        "The same rule is applied to ONNX Runtime (`tests/conformance/ort_rates.py`, Python onnxruntime 1.32.0, CPU)\n",
+    );
     s.push_str("and to candle-onnx 0.11.1 `simple_eval`.\n\n");
     s.push_str("| engine | passed | of | rate |\n|---|---|---|---|\n");
     s.push_str(&format!("| Kiln CPU | {kp} | {total} | {:.1}% |\n", pct(kp, total)));
-    s.push_str(&format!("| ONNX Runtime 1.32 (CPU) | {op_} | {total} | {:.1}% |\n", pct(op_, total)));
+    s.push_str(&format!(
+        "| ONNX Runtime 1.32 (CPU) | {op_} | {total} | {:.1}% |\n",
+        pct(op_, total)
+    ));
     if let Some(c) = candle {
         let cp = c.values().filter(|s| **s == Status::Pass).count();
-        s.push_str(&format!("| candle-onnx 0.11.1 | {cp} | {total} | {:.1}% |\n", pct(cp, total)));
+        s.push_str(&format!(
+            "| candle-onnx 0.11.1 | {cp} | {total} | {:.1}% |\n",
+            pct(cp, total)
+        ));
     }
     s.push_str(&format!(
         "\n**Kiln passes {both} of the {op_} tests ONNX Runtime passes ({:.1}%).**\n\n",
@@ -438,7 +496,10 @@ fn report(
     s.push_str("| op | tests | Kiln pass | fail | error | unsupported | ORT pass |\n|---|---|---|---|---|---|---|\n");
     for (op, e) in &per {
         let n: usize = e[..4].iter().sum();
-        s.push_str(&format!("| {op} | {n} | {} | {} | {} | {} | {} |\n", e[0], e[1], e[2], e[3], e[4]));
+        s.push_str(&format!(
+            "| {op} | {n} | {} | {} | {} | {} | {} |\n",
+            e[0], e[1], e[2], e[3], e[4]
+        ));
     }
     s.push_str("\n## Tests ORT passes and Kiln does not\n\n| test | Kiln | detail |\n|---|---|---|\n");
     for (n, st) in kiln {
