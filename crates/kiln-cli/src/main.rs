@@ -1,1 +1,224 @@
-fn main() {}
+//! The `kiln` command line.
+
+mod npy;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+use kiln::internals::{onnx, runtime};
+use kiln::{Device, Level, Session};
+
+#[derive(Parser)]
+#[command(name = "kiln", version, about = "Kiln: a pure-Rust ONNX inference engine")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Show a model's opset, inputs/outputs, operators, parameters and unsupported operators.
+    Inspect { model: PathBuf },
+    /// Run a model on .npy inputs and write one .npy per output.
+    Run {
+        model: PathBuf,
+        /// NAME=path.npy, once per input.
+        #[arg(long = "input", short = 'i', value_name = "NAME=PATH")]
+        inputs: Vec<String>,
+        /// cpu, cuda or cuda:N.
+        #[arg(long, default_value = "cpu")]
+        device: String,
+        /// Graph optimization level: disabled, basic, extended, all.
+        #[arg(long, default_value = "basic")]
+        level: Level,
+        /// Directory for `<output name>.npy` files.
+        #[arg(long, short = 'o', default_value = "kiln-out")]
+        output_dir: PathBuf,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let r = match cli.cmd {
+        Cmd::Inspect { model } => inspect(&model),
+        Cmd::Run {
+            model,
+            inputs,
+            device,
+            level,
+            output_dir,
+        } => run(&model, &inputs, &device, level, &output_dir),
+    };
+    match r {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            let msg = format!("{e:#}").replace('\n', " ");
+            eprintln!("error: {msg}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn inspect(path: &Path) -> Result<()> {
+    let model = onnx::load_model(path).with_context(|| format!("loading {}", path.display()))?;
+    let g = &model.graph;
+    println!("model:     {}", path.display());
+    println!(
+        "producer:  {}",
+        if model.producer.is_empty() {
+            "-"
+        } else {
+            &model.producer
+        }
+    );
+    println!("ir:        {}", model.ir_version);
+    let opsets: Vec<String> = model
+        .opsets
+        .iter()
+        .map(|(d, v)| format!("{}={v}", if d.is_empty() { "ai.onnx" } else { d }))
+        .collect();
+    println!("opsets:    {}", opsets.join(", "));
+    println!("\ninputs:");
+    for id in g.runtime_inputs() {
+        print_io(g.value(id));
+    }
+    println!("outputs:");
+    for id in &g.outputs {
+        print_io(g.value(*id));
+    }
+    let mut hist: BTreeMap<String, usize> = BTreeMap::new();
+    let mut nodes = 0usize;
+    g.for_each_graph(&mut |sub| {
+        for n in &sub.nodes {
+            nodes += 1;
+            let key = if n.domain.is_empty() {
+                n.op_type.clone()
+            } else {
+                format!("{}::{}", n.domain, n.op_type)
+            };
+            *hist.entry(key).or_default() += 1;
+        }
+    });
+    let mut params = 0usize;
+    g.for_each_graph(&mut |sub| params += sub.parameter_count());
+    println!("\nnodes:      {nodes} (including subgraphs)");
+    println!("parameters: {params} in {} initializers", g.initializers.len());
+    println!("\noperators:");
+    let mut by_count: Vec<_> = hist.iter().collect();
+    by_count.sort_by(|a, b| b.1.cmp(a.1).then(a.0.cmp(b.0)));
+    for (op, n) in by_count {
+        println!("  {n:>6}  {op}");
+    }
+    let reg = runtime::Registry::global();
+    let mut missing: Vec<String> = Vec::new();
+    g.for_each_graph(&mut |sub| {
+        for n in &sub.nodes {
+            if !reg.contains(&n.domain, &n.op_type) {
+                let d = if n.domain.is_empty() { "ai.onnx" } else { &n.domain };
+                missing.push(format!("{d}::{}", n.op_type));
+            }
+        }
+    });
+    missing.sort();
+    missing.dedup();
+    if missing.is_empty() {
+        println!("\nunsupported: none (Kiln has a CPU kernel for every operator)");
+    } else {
+        println!("\nunsupported: {}", missing.join(", "));
+    }
+    Ok(())
+}
+
+fn print_io(v: &kiln::internals::graph::ValueInfo) {
+    let dtype = v.dtype.map(|d| d.to_string()).unwrap_or_else(|| "?".into());
+    let shape = v.shape.as_ref().map(|s| s.to_string()).unwrap_or_else(|| "[?]".into());
+    println!("  {:<32} {dtype:<8} {shape}", v.name);
+}
+
+/// Characters outside `[A-Za-z0-9_.-]` become `_`.
+fn file_stem(name: &str) -> String {
+    let s: String = name
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-') {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    if s.is_empty() || s == "." || s == ".." {
+        format!("output_{}", s.len())
+    } else {
+        s
+    }
+}
+
+fn run(path: &Path, inputs: &[String], device: &str, level: Level, out_dir: &Path) -> Result<()> {
+    let device: Device = device.parse()?;
+    let session = Session::builder()
+        .device(device)
+        .optimization(level)
+        .build_from_file(path)
+        .with_context(|| format!("loading {}", path.display()))?;
+    let mut feeds = Vec::new();
+    for spec in inputs {
+        let (name, file) = spec
+            .split_once('=')
+            .with_context(|| format!("--input '{spec}' should be NAME=path.npy"))?;
+        feeds.push((name.to_string(), npy::read(Path::new(file), name)?));
+    }
+    if feeds.is_empty() && !session.inputs().is_empty() {
+        let names: Vec<String> = session
+            .inputs()
+            .iter()
+            .map(|i| {
+                let shape = i.shape.as_ref().map(|s| s.to_string()).unwrap_or_else(|| "[?]".into());
+                let dtype = i.dtype.map(|d| d.to_string()).unwrap_or_else(|| "?".into());
+                format!("{} ({dtype} {shape})", i.name)
+            })
+            .collect();
+        bail!(
+            "no inputs given; the model needs --input NAME=path.npy for: {}",
+            names.join(", ")
+        );
+    }
+    let started = std::time::Instant::now();
+    let (outputs, stats) = session.run_with_stats(feeds)?;
+    let elapsed = started.elapsed();
+    std::fs::create_dir_all(out_dir).with_context(|| format!("creating {}", out_dir.display()))?;
+    for (t, info) in outputs.iter().zip(session.outputs()) {
+        let file = out_dir.join(format!("{}.npy", file_stem(&info.name)));
+        npy::write(&file, t)?;
+        println!(
+            "{:<32} {:<8} {:?} -> {}",
+            info.name,
+            t.dtype.to_string(),
+            t.dims,
+            file.display()
+        );
+    }
+    println!(
+        "ran in {:.1} ms on {device}; peak activation memory {:.2} MiB (all intermediates: {:.2} MiB)",
+        elapsed.as_secs_f64() * 1e3,
+        stats.peak_activation_bytes as f64 / (1 << 20) as f64,
+        stats.total_intermediate_bytes as f64 / (1 << 20) as f64
+    );
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::file_stem;
+
+    #[test]
+    fn output_names_become_safe_file_names() {
+        assert_eq!(file_stem("gpu_0/softmax_1"), "gpu_0_softmax_1");
+        assert_eq!(file_stem("logits"), "logits");
+        assert_eq!(file_stem("a b:c"), "a_b_c");
+        assert_eq!(file_stem(".."), "output_2");
+    }
+}

@@ -15,30 +15,30 @@ pub enum DataValue {
 
 /// Reads a `.pb` file written by ONNX's test-data writer as the given kind.
 pub fn read_value_file(path: &Path, kind: &str) -> Result<DataValue> {
-    let bytes = std::fs::read(path).map_err(|source| OnnxError::Io {
+    let bytes = std::fs::read(path).map_err(|cause| OnnxError::Io {
         path: path.display().to_string(),
-        source,
+        cause,
     })?;
     let src = ModelSource::default();
     match kind {
         "tensor" => {
-            let t = proto::TensorProto::decode(bytes.as_slice()).map_err(|source| OnnxError::Decode {
+            let t = proto::TensorProto::decode(bytes.as_slice()).map_err(|cause| OnnxError::Decode {
                 what: "TensorProto",
-                source,
+                cause,
             })?;
             Ok(DataValue::Tensor(tensor_from_proto(&t, &src)?))
         }
         "sequence" => {
-            let s = proto::SequenceProto::decode(bytes.as_slice()).map_err(|source| OnnxError::Decode {
+            let s = proto::SequenceProto::decode(bytes.as_slice()).map_err(|cause| OnnxError::Decode {
                 what: "SequenceProto",
-                source,
+                cause,
             })?;
             sequence(&s, &src)
         }
         "optional" => {
-            let o = proto::OptionalProto::decode(bytes.as_slice()).map_err(|source| OnnxError::Decode {
+            let o = proto::OptionalProto::decode(bytes.as_slice()).map_err(|cause| OnnxError::Decode {
                 what: "OptionalProto",
-                source,
+                cause,
             })?;
             optional(&o, &src)
         }

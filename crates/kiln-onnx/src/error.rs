@@ -3,17 +3,12 @@ use thiserror::Error;
 /// Errors raised while reading or importing an ONNX model.
 #[derive(Debug, Error)]
 pub enum OnnxError {
-    #[error("cannot read '{path}': {source}")]
-    Io {
-        path: String,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("not a valid ONNX protobuf ({what}): {source}")]
+    #[error("cannot read '{path}': {cause}")]
+    Io { path: String, cause: std::io::Error },
+    #[error("not a valid ONNX protobuf ({what}): {cause}")]
     Decode {
         what: &'static str,
-        #[source]
-        source: prost::DecodeError,
+        cause: prost::DecodeError,
     },
     #[error("the model has no graph")]
     NoGraph,

@@ -13,9 +13,9 @@ pub struct ModelSource {
 /// Reads, decodes and imports an ONNX model file into Kiln IR.
 pub fn load_model(path: impl AsRef<Path>) -> Result<kiln_graph::Model> {
     let path = path.as_ref();
-    let bytes = std::fs::read(path).map_err(|source| OnnxError::Io {
+    let bytes = std::fs::read(path).map_err(|cause| OnnxError::Io {
         path: path.display().to_string(),
-        source,
+        cause,
     })?;
     let base_dir = path
         .parent()
@@ -38,8 +38,8 @@ pub fn decode_model(bytes: &[u8]) -> Result<proto::ModelProto> {
     if bytes.is_empty() {
         return Err(OnnxError::Unsupported("the model file is empty".into()));
     }
-    proto::ModelProto::decode(bytes).map_err(|source| OnnxError::Decode {
+    proto::ModelProto::decode(bytes).map_err(|cause| OnnxError::Decode {
         what: "ModelProto",
-        source,
+        cause,
     })
 }

@@ -57,9 +57,9 @@ impl ExecutionPlan {
         let mut missing = Vec::new();
         collect_unsupported(&model.graph, &options, &mut missing);
         if !missing.is_empty() {
-            missing.sort();
-            missing.dedup();
-            return Err(RuntimeError::Unsupported { list: missing });
+            return Err(RuntimeError::Unsupported {
+                list: group_missing(missing),
+            });
         }
         Self::compile_graph(&model.graph, &options)
     }
@@ -190,6 +190,28 @@ impl ExecutionPlan {
 fn describe(domain: &str, op: &str, node: &str) -> String {
     let d = if domain.is_empty() { "ai.onnx" } else { domain };
     format!("{d}::{op} (node '{node}')")
+}
+
+/// Groups `domain::Op (node 'x')` entries by operator: `domain::Op (3 nodes, first 'x')`.
+fn group_missing(entries: Vec<String>) -> Vec<String> {
+    let mut by_op: Vec<(String, usize, String)> = Vec::new();
+    for e in entries {
+        let (op, node) = e.split_once(" (node ").unwrap_or((e.as_str(), ""));
+        match by_op.iter_mut().find(|(o, _, _)| o == op) {
+            Some(entry) => entry.1 += 1,
+            None => by_op.push((op.to_string(), 1, node.trim_end_matches(')').to_string())),
+        }
+    }
+    by_op
+        .into_iter()
+        .map(|(op, n, first)| {
+            if n == 1 {
+                format!("{op} (node {first})")
+            } else {
+                format!("{op} ({n} nodes, first {first})")
+            }
+        })
+        .collect()
 }
 
 /// Lists every node (in all nested graphs) without a kernel.

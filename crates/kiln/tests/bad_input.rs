@@ -1,0 +1,180 @@
+//! Malformed models and inputs get clear errors, never a panic, hang or giant allocation.
+
+mod common;
+
+use common::*;
+use kiln::internals::onnx::proto;
+use kiln::{Session, TensorData};
+
+fn build(m: &proto::ModelProto) -> kiln::Result<Session> {
+    Session::builder().build_from_bytes(&bytes(m))
+}
+
+fn err_of(m: &proto::ModelProto) -> String {
+    match build(m) {
+        Ok(_) => panic!("model should have been rejected"),
+        Err(e) => e.to_string(),
+    }
+}
+
+#[test]
+fn garbage_empty_and_truncated_files() {
+    for data in [&b""[..], b"\xff\xff\xff\xff garbage", b"\x0a\x80"] {
+        let e = Session::builder()
+            .build_from_bytes(data)
+            .err()
+            .expect("must fail")
+            .to_string();
+        assert!(e.contains("ONNX") || e.contains("empty"), "{e}");
+    }
+    let good = bytes(&small_model());
+    for cut in [1, good.len() / 3, good.len() - 1] {
+        let r = Session::builder().build_from_bytes(&good[..cut]);
+        assert!(r.is_err(), "truncated at {cut} of {} should fail", good.len());
+    }
+}
+
+#[test]
+fn missing_file_names_the_path() {
+    let e = Session::builder()
+        .build_from_file("/nonexistent/model.onnx")
+        .err()
+        .expect("must fail")
+        .to_string();
+    assert!(e.contains("/nonexistent/model.onnx"), "{e}");
+}
+
+#[test]
+fn dangling_input_names_node_and_value() {
+    let mut m = small_model();
+    m.graph.as_mut().unwrap().node[1].input[0] = "nowhere".into();
+    let e = err_of(&m);
+    assert!(e.contains("nowhere") && e.contains("relu") && e.contains("Relu"), "{e}");
+}
+
+#[test]
+fn cycle_is_detected() {
+    let m = model(
+        vec![node("Relu", "a", &["x2"], &["x1"]), node("Relu", "b", &["x1"], &["x2"])],
+        vec![value("x", 1, &[1])],
+        vec![value("x2", 1, &[1])],
+        vec![],
+    );
+    let e = err_of(&m);
+    assert!(e.contains("cycle"), "{e}");
+}
+
+#[test]
+fn wrong_initializer_size() {
+    let mut m = small_model();
+    m.graph.as_mut().unwrap().initializer[0].float_data = vec![1.0, 2.0];
+    let e = err_of(&m);
+    assert!(e.contains("'b'") && e.contains("need 16 bytes"), "{e}");
+}
+
+#[test]
+fn unknown_op_lists_op_domain_and_node() {
+    let mut m = small_model();
+    let g = m.graph.as_mut().unwrap();
+    g.node[1].op_type = Some("FancyOp".into());
+    g.node[1].domain = Some("com.example".into());
+    let e = err_of(&m);
+    assert!(e.contains("com.example::FancyOp") && e.contains("relu"), "{e}");
+}
+
+#[test]
+fn huge_declared_initializer_dims() {
+    let mut m = small_model();
+    m.graph.as_mut().unwrap().initializer[0].dims = vec![1 << 40, 1 << 30];
+    let e = err_of(&m);
+    assert!(e.contains("overflow") || e.contains("need"), "{e}");
+}
+
+#[test]
+fn huge_runtime_shape_is_refused_before_allocating() {
+    let m = model(
+        vec![node("ConstantOfShape", "cos", &["shape"], &["y"])],
+        vec![value("shape", 7, &[3])],
+        vec![value("y", 1, &[-1, -1, -1])],
+        vec![],
+    );
+    let s = build(&m).expect("builds");
+    let shape = TensorData::from_values("shape", vec![3], &[1i64 << 20, 1 << 20, 1 << 20]).unwrap();
+    let e = s
+        .run(vec![("shape".into(), shape)])
+        .err()
+        .expect("must fail")
+        .to_string();
+    assert!(e.contains("exceeds the limit"), "{e}");
+    let neg = TensorData::from_values("shape", vec![3], &[2i64, -1, 2]).unwrap();
+    assert!(s.run(vec![("shape".into(), neg)]).is_err());
+}
+
+#[test]
+fn external_data_escaping_the_model_dir_is_rejected() {
+    let dir = std::env::temp_dir().join(format!("kiln-ext-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut m = small_model();
+    let t = &mut m.graph.as_mut().unwrap().initializer[0];
+    t.float_data.clear();
+    t.data_location = Some(proto::tensor_proto::DataLocation::External as i32);
+    t.external_data = vec![proto::StringStringEntryProto {
+        key: Some("location".into()),
+        value: Some("../../etc/passwd".into()),
+    }];
+    let path = dir.join("model.onnx");
+    std::fs::write(&path, bytes(&m)).unwrap();
+    let e = Session::builder()
+        .build_from_file(&path)
+        .err()
+        .expect("must fail")
+        .to_string();
+    assert!(e.contains("escapes the model directory"), "{e}");
+
+    // A well-formed external file next to the model loads.
+    let t = &mut m.graph.as_mut().unwrap().initializer[0];
+    t.external_data[0].value = Some("weights.bin".into());
+    let raw: Vec<u8> = [0.5f32, -1.0, 0.0, 2.0].iter().flat_map(|v| v.to_le_bytes()).collect();
+    std::fs::write(dir.join("weights.bin"), raw).unwrap();
+    std::fs::write(&path, bytes(&m)).unwrap();
+    let s = Session::builder().build_from_file(&path).expect("external data loads");
+    let x = TensorData::from_values("x", vec![1, 4], &[1.0f32, 1.0, 1.0, 1.0]).unwrap();
+    let y = s.run(vec![("x".into(), x)]).unwrap();
+    assert_eq!(y[0].values::<f32>().unwrap(), small_model_ref(&[1.0, 1.0, 1.0, 1.0]));
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn input_errors_are_clear() {
+    let s = build(&small_model()).unwrap();
+    let e = s.run(vec![]).err().unwrap().to_string();
+    assert!(e.contains("'x'") && e.contains("missing"), "{e}");
+    let wrong_dtype = TensorData::from_values("x", vec![1, 4], &[1i64, 2, 3, 4]).unwrap();
+    let e = s.run(vec![("x".into(), wrong_dtype)]).err().unwrap().to_string();
+    assert!(e.contains("expected dtype float32, got int64"), "{e}");
+    let wrong_shape = TensorData::from_values("x", vec![1, 3], &[1f32, 2., 3.]).unwrap();
+    let e = s.run(vec![("x".into(), wrong_shape)]).err().unwrap().to_string();
+    assert!(e.contains("does not fit the declared shape"), "{e}");
+    let x = TensorData::from_values("x", vec![1, 4], &[1f32, 2., 3., 4.]).unwrap();
+    let e = s
+        .run(vec![("x".into(), x.clone()), ("zz".into(), x)])
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(e.contains("no such input"), "{e}");
+}
+
+#[test]
+fn runtime_shape_errors_name_the_node() {
+    let m = model(
+        vec![node("Add", "the_add", &["a", "b"], &["y"])],
+        vec![value("a", 1, &[-1]), value("b", 1, &[-1])],
+        vec![value("y", 1, &[-1])],
+        vec![],
+    );
+    let s = build(&m).unwrap();
+    let a = TensorData::from_values("a", vec![3], &[1f32, 2., 3.]).unwrap();
+    let b = TensorData::from_values("b", vec![2], &[1f32, 2.]).unwrap();
+    let e = s.run(vec![("a".into(), a), ("b".into(), b)]).err().unwrap().to_string();
+    assert!(e.contains("the_add") && e.contains("Add"), "{e}");
+}
