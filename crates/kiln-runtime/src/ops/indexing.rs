@@ -151,9 +151,7 @@ pub fn register(r: &mut Registry) {
     r.add("Unique", unique);
     r.add("EyeLike", |n| {
         let dtype = match n.attr_i_opt("dtype")? {
-            Some(c) => {
-                Some(DType::from_onnx(c as i32).ok_or_else(|| n.err(format!("unsupported dtype code {c}")))?)
-            }
+            Some(c) => Some(DType::from_onnx(c as i32).ok_or_else(|| n.err(format!("unsupported dtype code {c}")))?),
             None => None,
         };
         let k = n.attr_i("k", 0)?;
@@ -311,7 +309,9 @@ fn gather_nd(cx: &super::RunCx, x: &Tensor, idx: &Tensor, batch_dims: i64) -> Re
             let base = (bi * per_batch + t) * q;
             let mut off = bi * batch_stride;
             for k in 0..q {
-                let v = *iv.get(base + k).ok_or_else(|| RuntimeError::msg("GatherND: short indices"))?;
+                let v = *iv
+                    .get(base + k)
+                    .ok_or_else(|| RuntimeError::msg("GatherND: short indices"))?;
                 off += norm_index(v, xd[b + k])? * xs[b + k];
             }
             src.extend((0..slice).map(|s| (off + s) as i64));
@@ -468,14 +468,24 @@ fn pad(n: &NodeCtx) -> Result<Box<dyn OpKernel>> {
         let x = tin(ins, 0)?;
         let r = x.rank();
         let (pads, value, axes) = if opset < 11 {
-            let p = attr_pads.clone().ok_or_else(|| RuntimeError::msg("Pad: missing pads"))?;
-            (p, Value::Tensor(Tensor::from_f64s(vec![attr_value], &[], x.dtype(), x.device())?), None)
+            let p = attr_pads
+                .clone()
+                .ok_or_else(|| RuntimeError::msg("Pad: missing pads"))?;
+            (
+                p,
+                Value::Tensor(Tensor::from_f64s(vec![attr_value], &[], x.dtype(), x.device())?),
+                None,
+            )
         } else {
             let p = ints_input(ins, 1)?.ok_or_else(|| RuntimeError::msg("Pad: missing pads"))?;
             let v = match tin_opt(ins, 2)? {
                 Some(t) if t.elem_count() > 0 => {
                     if t.dtype() != x.dtype() {
-                        bail!("Pad: constant_value dtype {} differs from data {}", t.dtype(), x.dtype());
+                        bail!(
+                            "Pad: constant_value dtype {} differs from data {}",
+                            t.dtype(),
+                            x.dtype()
+                        );
                     }
                     Value::Tensor(t.clone())
                 }
@@ -489,6 +499,9 @@ fn pad(n: &NodeCtx) -> Result<Box<dyn OpKernel>> {
         };
         if pads.len() != 2 * axes.len() {
             bail!("Pad: {} pads for {} axes", pads.len(), axes.len());
+        }
+        if pads.iter().any(|p| p.unsigned_abs() > 1 << 40) {
+            bail!("Pad: pads {pads:?} are out of range");
         }
         let mut per_axis = vec![(0i64, 0i64); r];
         for (i, &a) in axes.iter().enumerate() {
@@ -577,18 +590,20 @@ fn unique(n: &NodeCtx) -> Result<Box<dyn OpKernel>> {
         let (a, items, item_len) = match axis {
             None => (None, x.candle().flatten_all()?, 1usize),
             Some(ax) => {
+                if x.rank() == 0 {
+                    bail!("Unique: axis given for a scalar input");
+                }
                 let a = norm_axis(ax, x.rank())?;
                 let t = x.candle().transpose(0, a)?.contiguous()?;
                 let len = t.dims()[0];
-                let inner = if len == 0 { 0 } else { t.elem_count() / len };
+                let inner = t.elem_count().checked_div(len).unwrap_or(0);
                 (Some(a), t.flatten_all()?, inner)
             }
         };
-        let count = if item_len == 0 {
-            x.dims()[a.unwrap_or(0)]
-        } else {
-            items.elem_count() / item_len
-        };
+        let count = items
+            .elem_count()
+            .checked_div(item_len)
+            .unwrap_or_else(|| x.dims()[a.unwrap_or(0)]);
         let flat = Tensor::new(items, x.dtype())?;
         let groups = if x.dtype().is_float() {
             group_items(&flat.to_f64_vec()?, count, item_len, sorted)
@@ -614,7 +629,12 @@ fn unique(n: &NodeCtx) -> Result<Box<dyn OpKernel>> {
 
 /// Groups `count` items of `len` values: (first occurrence of each unique item, inverse map,
 /// counts), unique items in sorted or first-seen order.
-fn group_items<T: PartialOrd + Copy>(v: &[T], count: usize, len: usize, sorted: bool) -> (Vec<i64>, Vec<i64>, Vec<i64>) {
+fn group_items<T: PartialOrd + Copy>(
+    v: &[T],
+    count: usize,
+    len: usize,
+    sorted: bool,
+) -> (Vec<i64>, Vec<i64>, Vec<i64>) {
     let item = |i: usize| &v[i * len..(i + 1) * len];
     let cmp = |a: usize, b: usize| {
         item(a)
@@ -685,7 +705,11 @@ fn reverse_sequence(x: &Tensor, lens: &[i64], time_axis: i64, batch_axis: i64) -
             }
             let l = l as usize;
             let ts = if t < l { l - 1 - t } else { t };
-            let off = if ta == 0 { ts * st[0] + b * st[1] } else { b * st[0] + ts * st[1] };
+            let off = if ta == 0 {
+                ts * st[0] + b * st[1]
+            } else {
+                b * st[0] + ts * st[1]
+            };
             src.extend((0..inner).map(|k| (off + k) as i64));
         }
     }
