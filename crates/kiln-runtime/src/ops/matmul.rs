@@ -31,8 +31,9 @@ pub fn register(r: &mut Registry) {
 /// Whether candle's matmul on this device handles `dt` natively.
 fn native_mm(dt: CDType, dev: &candle_core::Device) -> bool {
     match dt {
-        CDType::F32 | CDType::F64 | CDType::F16 => true,
-        CDType::BF16 => dev.is_cuda(),
+        CDType::F32 | CDType::F64 => true,
+        // candle's CPU f16 gemm loses precision on long sums: accumulate those in f32.
+        CDType::F16 | CDType::BF16 => dev.is_cuda(),
         _ => false,
     }
 }
@@ -77,7 +78,11 @@ pub(crate) fn mm_any(a: &CT, b: &CT) -> Result<CT> {
 
 /// Exact wrapping integer matrix product on the host (rank 2 or 3).
 fn host_mm_i64(a: &CT, b: &CT) -> Result<CT> {
-    let (a3, b3) = if a.rank() == 2 { (a.unsqueeze(0)?, b.unsqueeze(0)?) } else { (a.clone(), b.clone()) };
+    let (a3, b3) = if a.rank() == 2 {
+        (a.unsqueeze(0)?, b.unsqueeze(0)?)
+    } else {
+        (a.clone(), b.clone())
+    };
     let (bt, m, k) = a3.dims3()?;
     let (_, k2, n) = b3.dims3()?;
     if k != k2 {
@@ -116,8 +121,16 @@ pub(crate) fn matmul_ct(cx: &RunCx, a: &CT, b: &CT, out_dtype: DType) -> Result<
     if ad.is_empty() || bd.is_empty() {
         bail!("MatMul inputs must have rank >= 1, got shapes {ad:?} and {bd:?}");
     }
-    let a2 = if ad.len() == 1 { a.reshape((1, ad[0]))? } else { a.clone() };
-    let b2 = if bd.len() == 1 { b.reshape((bd[0], 1))? } else { b.clone() };
+    let a2 = if ad.len() == 1 {
+        a.reshape((1, ad[0]))?
+    } else {
+        a.clone()
+    };
+    let b2 = if bd.len() == 1 {
+        b.reshape((bd[0], 1))?
+    } else {
+        b.clone()
+    };
     let (a2d, b2d) = (a2.dims().to_vec(), b2.dims().to_vec());
     let (ra, rb) = (a2d.len(), b2d.len());
     let (m, k) = (a2d[ra - 2], a2d[ra - 1]);
@@ -199,6 +212,10 @@ fn gemm(n: &NodeCtx) -> Result<Box<dyn OpKernel>> {
             // Integers: compute in f64 then convert (numpy's float scale then astype).
             at = at.to_dtype(CDType::F64)?;
             bt = bt.to_dtype(CDType::F64)?;
+        } else if matches!(dt, DType::F16 | DType::BF16) {
+            // Half precision: one rounding at the end (product and bias in f32).
+            at = at.to_dtype(CDType::F32)?;
+            bt = bt.to_dtype(CDType::F32)?;
         }
         let mut y = matmul_ct(cx, &at, &bt, dt)?;
         if alpha != 1.0 {
@@ -215,7 +232,7 @@ fn gemm(n: &NodeCtx) -> Result<Box<dyn OpKernel>> {
             }
         }
         if dt.is_float() {
-            out1(Tensor::new(y, dt)?)
+            out1(Tensor::new(y.to_dtype(crate::storage_dtype(dt)?)?, dt)?)
         } else {
             out1(Tensor::new(y.trunc_f64()?, DType::F64)?.cast(dt)?)
         }
@@ -264,7 +281,11 @@ pub(crate) fn matmul_integer(
     }
     if let Some(z) = bzp {
         let z = z.candle().to_dtype(CDType::F64)?;
-        let z = if z.elem_count() == 1 { z.flatten_all()?.reshape(())? } else { z };
+        let z = if z.elem_count() == 1 {
+            z.flatten_all()?.reshape(())?
+        } else {
+            z
+        };
         bf = bf.broadcast_sub(&z)?;
     }
     // Products of 8/16-bit values: f64 accumulation is exact for any realistic K.
@@ -383,7 +404,11 @@ fn expand_term(t: &Term, ell_rank: usize, total_ell: usize) -> Vec<Label> {
 }
 
 fn einsum_factory(n: &NodeCtx) -> Result<Box<dyn OpKernel>> {
-    let eq: String = n.attr_s("equation", "")?.chars().filter(|c| !c.is_whitespace()).collect();
+    let eq: String = n
+        .attr_s("equation", "")?
+        .chars()
+        .filter(|c| !c.is_whitespace())
+        .collect();
     if eq.is_empty() {
         return Err(n.err("Einsum needs an equation"));
     }
@@ -406,7 +431,11 @@ fn einsum(cx: &RunCx, eq: &str, ts: &[&Tensor]) -> Result<Tensor> {
     };
     let terms: Vec<Term> = lhs.split(',').map(parse_term).collect::<Result<_>>()?;
     if terms.len() != ts.len() {
-        bail!("Einsum equation has {} operands but {} inputs were given", terms.len(), ts.len());
+        bail!(
+            "Einsum equation has {} operands but {} inputs were given",
+            terms.len(),
+            ts.len()
+        );
     }
     let Some(first) = ts.first() else {
         bail!("Einsum needs at least one input")
@@ -436,7 +465,10 @@ fn einsum(cx: &RunCx, eq: &str, ts: &[&Tensor]) -> Result<Tensor> {
             r - t.letters.len()
         } else {
             if r != t.letters.len() {
-                bail!("Einsum: operand of rank {r} does not match a term of {} labels", t.letters.len());
+                bail!(
+                    "Einsum: operand of rank {r} does not match a term of {} labels",
+                    t.letters.len()
+                );
             }
             0
         };
@@ -506,9 +538,8 @@ fn einsum(cx: &RunCx, eq: &str, ts: &[&Tensor]) -> Result<Tensor> {
 
     // Diagonals and single-operand sums.
     let mut ops: Vec<Op> = ops.into_iter().map(diagonalize).collect::<Result<_>>()?;
-    for i in 0..ops.len() {
+    for op in &mut ops {
         let keep = |l: Label| out_labels.contains(&l) || counts[l] > 1;
-        let op = &ops[i];
         let sum_dims: Vec<usize> = (0..op.labels.len()).filter(|&d| !keep(op.labels[d])).collect();
         if !sum_dims.is_empty() {
             let t = op.t.sum(sum_dims.clone())?;
@@ -519,12 +550,14 @@ fn einsum(cx: &RunCx, eq: &str, ts: &[&Tensor]) -> Result<Tensor> {
             for &d in &sum_dims {
                 counts[op.labels[d]] -= 1;
             }
-            ops[i] = Op { t, labels };
+            *op = Op { t, labels };
         }
     }
     // Pairwise contraction, left to right.
     let mut it = ops.into_iter();
-    let mut acc = it.next().ok_or_else(|| crate::RuntimeError::msg("Einsum needs an input"))?;
+    let mut acc = it
+        .next()
+        .ok_or_else(|| crate::RuntimeError::msg("Einsum needs an input"))?;
     for b in it {
         for &l in &acc.labels {
             counts[l] -= 1;
@@ -539,12 +572,17 @@ fn einsum(cx: &RunCx, eq: &str, ts: &[&Tensor]) -> Result<Tensor> {
         }
     }
     // Final sums and permutation.
-    let sum_dims: Vec<usize> = (0..acc.labels.len()).filter(|&d| !out_labels.contains(&acc.labels[d])).collect();
+    let sum_dims: Vec<usize> = (0..acc.labels.len())
+        .filter(|&d| !out_labels.contains(&acc.labels[d]))
+        .collect();
     let mut t = acc.t;
     let mut labels = acc.labels;
     if !sum_dims.is_empty() {
         t = t.sum(sum_dims.clone())?;
-        labels = (0..labels.len()).filter(|d| !sum_dims.contains(d)).map(|d| labels[d]).collect();
+        labels = (0..labels.len())
+            .filter(|d| !sum_dims.contains(d))
+            .map(|d| labels[d])
+            .collect();
     }
     let perm: Vec<usize> = out_labels
         .iter()
@@ -576,7 +614,11 @@ fn diagonalize(mut op: Op) -> Result<Op> {
         let Some((i, j)) = pair else { return Ok(op) };
         let dims = op.t.dims().to_vec();
         if dims[i] != dims[j] {
-            bail!("Einsum: repeated label with different sizes {} and {}", dims[i], dims[j]);
+            bail!(
+                "Einsum: repeated label with different sizes {} and {}",
+                dims[i],
+                dims[j]
+            );
         }
         let n = dims[i];
         let r = dims.len();
@@ -613,7 +655,11 @@ fn contract(cx: &RunCx, a: Op, b: Op, sizes: &[usize], later: impl Fn(Label) -> 
             .collect::<Option<_>>()
             .ok_or_else(|| crate::RuntimeError::msg("Einsum: internal label error"))?;
         let target: Vec<usize> = order.iter().map(|&l| sizes[l]).collect();
-        let t = if perm.is_empty() { op.t.clone() } else { op.t.permute(perm)? };
+        let t = if perm.is_empty() {
+            op.t.clone()
+        } else {
+            op.t.permute(perm)?
+        };
         Ok(t.broadcast_as(target)?.contiguous()?)
     };
     let prod = |ls: &[Label]| ls.iter().map(|&l| sizes[l]).product::<usize>();

@@ -12,7 +12,9 @@ use crate::{bail, Result, Tensor, Value};
 pub fn register(r: &mut Registry) {
     r.add("QuantizeLinear", quantize_linear);
     r.add("DequantizeLinear", dequantize_linear);
-    r.add("DynamicQuantizeLinear", |_| Ok(kernel(|_, ins| dynamic_quantize(tin(ins, 0)?))));
+    r.add("DynamicQuantizeLinear", |_| {
+        Ok(kernel(|_, ins| dynamic_quantize(tin(ins, 0)?)))
+    });
     r.add("QLinearMatMul", |_| Ok(kernel(qlinear_matmul)));
     r.add("ConvInteger", |n| {
         let p = ConvParams::from_node(n)?;
@@ -62,15 +64,16 @@ fn expand_param(p: &CT, x_dims: &[usize], axis: i64, block: i64) -> Result<CT> {
         return Ok(p.reshape(shape)?);
     }
     if p.rank() != x_dims.len() {
-        bail!("blocked parameter of shape {:?} does not match input shape {x_dims:?}", p.dims());
+        bail!(
+            "blocked parameter of shape {:?} does not match input shape {x_dims:?}",
+            p.dims()
+        );
     }
     let block = block as usize;
     let nb = p.dims()[ax];
     let n = x_dims[ax];
     if n.div_ceil(block) != nb {
-        bail!(
-            "blocked parameter dim {nb} does not match ceil({n} / block_size {block}) on axis {axis}"
-        );
+        bail!("blocked parameter dim {nb} does not match ceil({n} / block_size {block}) on axis {axis}");
     }
     let idx: Vec<u32> = (0..n).map(|i| (i / block) as u32).collect();
     let idx = CT::from_vec(idx, n, p.device())?;
@@ -114,7 +117,11 @@ fn quantize_linear(n: &NodeCtx) -> Result<Box<dyn OpKernel>> {
     } else {
         None
     };
-    let prec = if precision != 0 { Some(float_dtype(precision)?) } else { None };
+    let prec = if precision != 0 {
+        Some(float_dtype(precision)?)
+    } else {
+        None
+    };
     Ok(kernel(move |_, ins| {
         let (x, s) = (tin(ins, 0)?, tin(ins, 1)?);
         let zp = tin_opt(ins, 2)?;
@@ -154,7 +161,11 @@ fn dequantize_linear(n: &NodeCtx) -> Result<Box<dyn OpKernel>> {
     let axis = n.attr_i("axis", 1)?;
     let block = n.attr_i("block_size", 0)?;
     let out_code = n.attr_i("output_dtype", 0)?;
-    let out_attr = if out_code != 0 { Some(float_dtype(out_code)?) } else { None };
+    let out_attr = if out_code != 0 {
+        Some(float_dtype(out_code)?)
+    } else {
+        None
+    };
     Ok(kernel(move |_, ins| {
         let (x, s) = (tin(ins, 0)?, tin(ins, 1)?);
         let zp = tin_opt(ins, 2)?;
@@ -170,11 +181,7 @@ fn dequantize_linear(n: &NodeCtx) -> Result<Box<dyn OpKernel>> {
         if !out.is_float() {
             bail!("DequantizeLinear scale must be a float, got {}", s.dtype());
         }
-        let wide = if out == DType::F64 || x.dtype() == DType::I32 && out == DType::F64 {
-            CDType::F64
-        } else {
-            CDType::F32
-        };
+        let wide = if out == DType::F64 { CDType::F64 } else { CDType::F32 };
         let mut d = x.candle().to_dtype(wide)?;
         if let Some(z) = zp {
             let zd = expand_param(&z.candle().to_dtype(wide)?, x.dims(), axis, block)?;
@@ -290,7 +297,11 @@ fn shift(t: &Tensor, zp: Option<&Tensor>, ch_axis: usize) -> Result<CT> {
         shape[ch_axis] = z.dims()[0];
         z.reshape(shape)?
     } else {
-        bail!("zero point of shape {:?} does not fit input shape {:?}", z.dims(), t.dims());
+        bail!(
+            "zero point of shape {:?} does not fit input shape {:?}",
+            z.dims(),
+            t.dims()
+        );
     };
     Ok(v.broadcast_sub(&z)?)
 }
@@ -312,7 +323,11 @@ fn conv_integer(
 fn conv_f64(cx: &RunCx, p: &ConvParams, x: &CT, w: &CT) -> Result<CT> {
     let xr = x.rank();
     if xr < 3 || w.rank() != xr {
-        bail!("convolution needs X and W of equal rank >= 3, got {:?} and {:?}", x.dims(), w.dims());
+        bail!(
+            "convolution needs X and W of equal rank >= 3, got {:?} and {:?}",
+            x.dims(),
+            w.dims()
+        );
     }
     let sp = xr - 2;
     let (xd, wd) = (x.dims().to_vec(), w.dims().to_vec());
@@ -358,7 +373,11 @@ fn conv_f64(cx: &RunCx, p: &ConvParams, x: &CT, w: &CT) -> Result<CT> {
     }
     let group = group as usize;
     if xd[1] != wd[1] * group {
-        bail!("input channels {} do not match W channels {} x group {group}", xd[1], wd[1]);
+        bail!(
+            "input channels {} do not match W channels {} x group {group}",
+            xd[1],
+            wd[1]
+        );
     }
     let mut out_dims = vec![xd[0], wd[0]];
     for i in 0..sp {
@@ -380,9 +399,11 @@ fn conv_f64(cx: &RunCx, p: &ConvParams, x: &CT, w: &CT) -> Result<CT> {
     let same = |v: &[usize]| v.iter().all(|&s| s == v[0]);
     if sp <= 2 && same(&strides) && same(&dil) {
         let r = if sp == 2 {
-            xp.contiguous()?.conv2d(&w.contiguous()?, 0, strides[0], dil[0], group)?
+            xp.contiguous()?
+                .conv2d(&w.contiguous()?, 0, strides[0], dil[0], group)?
         } else {
-            xp.contiguous()?.conv1d(&w.contiguous()?, 0, strides[0], dil[0], group)?
+            xp.contiguous()?
+                .conv1d(&w.contiguous()?, 0, strides[0], dil[0], group)?
         };
         return Ok(r);
     }
