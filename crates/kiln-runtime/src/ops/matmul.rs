@@ -38,6 +38,18 @@ fn native_mm(dt: CDType, dev: &candle_core::Device) -> bool {
     }
 }
 
+/// A matrix operand as candle's gemm takes it: a row-major or a plain transposed (column-major)
+/// 2-D view is used in place, anything else is made contiguous.
+fn gemm_ready(t: &CT) -> Result<CT> {
+    if t.rank() == 2 && !t.is_contiguous() {
+        let d = t.dims();
+        if t.stride() == [1, d[0]] && d[0] > 1 && d[1] > 1 {
+            return Ok(t.clone());
+        }
+    }
+    Ok(t.contiguous()?)
+}
+
 /// Matrix product of two candle tensors of equal rank (2 or 3), equal batch and equal dtype,
 /// any dtype: floats on candle (bf16 through f32 where needed), integers exactly (wrapping).
 pub(crate) fn mm_any(a: &CT, b: &CT) -> Result<CT> {
@@ -46,13 +58,10 @@ pub(crate) fn mm_any(a: &CT, b: &CT) -> Result<CT> {
         bail!("internal: matmul of {:?} and {:?}", dt, b.dtype());
     }
     if native_mm(dt, a.device()) {
-        return Ok(a.contiguous()?.matmul(&b.contiguous()?)?);
+        return Ok(gemm_ready(a)?.matmul(&gemm_ready(b)?)?);
     }
     if matches!(dt, CDType::BF16 | CDType::F16) {
-        let r = a
-            .to_dtype(CDType::F32)?
-            .contiguous()?
-            .matmul(&b.to_dtype(CDType::F32)?.contiguous()?)?;
+        let r = gemm_ready(&a.to_dtype(CDType::F32)?)?.matmul(&gemm_ready(&b.to_dtype(CDType::F32)?)?)?;
         return Ok(r.to_dtype(dt)?);
     }
     // Integers: f64 is exact while every partial sum stays below 2^53.
@@ -144,12 +153,18 @@ pub(crate) fn matmul_ct(cx: &RunCx, a: &CT, b: &CT, out_dtype: DType) -> Result<
     cx.check_alloc(elems(&out_dims), out_dtype)?;
     let bsz: usize = batch.iter().product();
     let b_batch: usize = b2d[..rb - 2].iter().product();
-    let r = if b_batch == 1 && bsz > 0 {
+    let r = if batch.is_empty() {
+        mm_any(&a2, &b2)?
+    } else if b_batch == 1 && bsz > 0 {
         // Fold every batch of `a` into the rows of one 2-D product.
         let mut ab = batch.clone();
         ab.extend([m, k]);
         let a_flat = a2.broadcast_as(ab)?.contiguous()?.reshape((bsz * m, k))?;
-        let b_flat = b2.reshape((k, n))?;
+        let b_flat = if b2.rank() == 2 {
+            b2.clone()
+        } else {
+            b2.reshape((k, n))?
+        };
         mm_any(&a_flat, &b_flat)?.reshape(out_dims.as_slice())?
     } else {
         let mut ab = batch.clone();
