@@ -522,6 +522,9 @@ fn einsum(cx: &RunCx, eq: &str, ts: &[&Tensor]) -> Result<Tensor> {
         Some(r) => {
             let t = parse_term(r)?;
             let out = expand_term(&t, total_ell, total_ell);
+            if out.iter().any(|&l| l >= 256) {
+                bail!("Einsum: too many ellipsis dimensions");
+            }
             for &l in &out {
                 if !seen[l] {
                     bail!("Einsum: output label not found in inputs");
@@ -636,6 +639,9 @@ fn diagonalize(mut op: Op) -> Result<Op> {
             );
         }
         let n = dims[i];
+        if n >= 65_000 {
+            bail!("Einsum: diagonal of size {n} is too large");
+        }
         let r = dims.len();
         let mut perm: Vec<usize> = (0..r).filter(|&d| d != i && d != j).collect();
         perm.push(i);

@@ -51,6 +51,9 @@ fn expand_param(p: &CT, x_dims: &[usize], axis: i64, block: i64) -> Result<CT> {
     if p.elem_count() == 1 {
         return Ok(p.flatten_all()?.reshape(())?);
     }
+    if x_dims.is_empty() {
+        bail!("a scalar input needs a scalar scale and zero point");
+    }
     let ax = norm_axis(axis, x_dims.len())?;
     if block <= 0 {
         if p.rank() != 1 || p.dims()[0] != x_dims[ax] {
@@ -354,7 +357,7 @@ fn conv_f64(cx: &RunCx, p: &ConvParams, x: &CT, w: &CT) -> Result<CT> {
     if p.auto_pad == "SAME_UPPER" || p.auto_pad == "SAME_LOWER" {
         for i in 0..sp {
             let out = xd[i + 2].div_ceil(strides[i]);
-            let eff = (kshape[i] - 1) * dil[i] + 1;
+            let eff = kshape[i].saturating_sub(1) * dil[i] + 1;
             let total = ((out.saturating_sub(1)) * strides[i] + eff).saturating_sub(xd[i + 2]);
             let (b, e) = if p.auto_pad == "SAME_UPPER" {
                 (total / 2, total - total / 2)
