@@ -1,5 +1,5 @@
-//! Operator family `quant`: QuantizeLinear, DequantizeLinear, DynamicQuantizeLinear, QLinearMatMul,
-//! MatMulInteger's convolution siblings ConvInteger and QLinearConv.
+//! Operator family `quant`: QuantizeLinear, DequantizeLinear, DynamicQuantizeLinear, QLinearMatMul and
+//! the integer convolutions ConvInteger and QLinearConv.
 
 use candle_core::{DType as CDType, Tensor as CT};
 use kiln_graph::DType;
