@@ -1,5 +1,719 @@
-//! Operator family `matmul` (see the module list in `ops/mod.rs`).
+//! Operator family `matmul`: MatMul, Gemm, Einsum, Det, MatMulInteger.
 
-use super::Registry;
+use candle_core::{DType as CDType, Tensor as CT};
+use kiln_graph::DType;
+use rayon::prelude::*;
 
-pub fn register(_r: &mut Registry) {}
+use super::common::{broadcast_dims, elems, tin, tin_opt};
+use super::{kernel, out1, NodeCtx, OpKernel, Registry, RunCx};
+use crate::{bail, Result, Tensor};
+
+pub fn register(r: &mut Registry) {
+    r.add("MatMul", |_| {
+        Ok(kernel(|cx, ins| {
+            let (a, b) = (tin(ins, 0)?, tin(ins, 1)?);
+            out1(matmul(cx, a, b)?)
+        }))
+    });
+    r.add("Gemm", gemm);
+    r.add("Einsum", einsum_factory);
+    r.add("Det", |_| Ok(kernel(|_, ins| out1(det(tin(ins, 0)?)?))));
+    r.add("MatMulInteger", |_| {
+        Ok(kernel(|cx, ins| {
+            let (a, b) = (tin(ins, 0)?, tin(ins, 1)?);
+            let (azp, bzp) = (tin_opt(ins, 2)?, tin_opt(ins, 3)?);
+            let acc = matmul_integer(cx, a, azp, b, bzp)?;
+            out1(acc.cast(DType::I32)?)
+        }))
+    });
+}
+
+/// Whether candle's matmul on this device handles `dt` natively.
+fn native_mm(dt: CDType, dev: &candle_core::Device) -> bool {
+    match dt {
+        CDType::F32 | CDType::F64 => true,
+        // candle's CPU f16 gemm loses precision on long sums: accumulate those in f32.
+        CDType::F16 | CDType::BF16 => dev.is_cuda(),
+        _ => false,
+    }
+}
+
+/// A matrix operand as candle's gemm takes it: a row-major or a plain transposed (column-major)
+/// 2-D view is used in place, anything else is made contiguous.
+fn gemm_ready(t: &CT) -> Result<CT> {
+    if t.rank() == 2 && !t.is_contiguous() {
+        let d = t.dims();
+        if t.stride() == [1, d[0]] && d[0] > 1 && d[1] > 1 {
+            return Ok(t.clone());
+        }
+    }
+    Ok(t.contiguous()?)
+}
+
+/// Matrix product of two candle tensors of equal rank (2 or 3), equal batch and equal dtype,
+/// any dtype: floats on candle (bf16 through f32 where needed), integers exactly (wrapping).
+pub(crate) fn mm_any(a: &CT, b: &CT) -> Result<CT> {
+    let dt = a.dtype();
+    if b.dtype() != dt {
+        bail!("internal: matmul of {:?} and {:?}", dt, b.dtype());
+    }
+    if native_mm(dt, a.device()) {
+        return Ok(gemm_ready(a)?.matmul(&gemm_ready(b)?)?);
+    }
+    if matches!(dt, CDType::BF16 | CDType::F16) {
+        let r = gemm_ready(&a.to_dtype(CDType::F32)?)?.matmul(&gemm_ready(&b.to_dtype(CDType::F32)?)?)?;
+        return Ok(r.to_dtype(dt)?);
+    }
+    // Integers: f64 is exact while every partial sum stays below 2^53.
+    let k = a.dims().last().copied().unwrap_or(0);
+    let af = a.to_dtype(CDType::F64)?;
+    let bf = b.to_dtype(CDType::F64)?;
+    let amax = if af.elem_count() == 0 {
+        0.0
+    } else {
+        af.abs()?.max_all()?.to_scalar::<f64>()?
+    };
+    let bmax = if bf.elem_count() == 0 {
+        0.0
+    } else {
+        bf.abs()?.max_all()?.to_scalar::<f64>()?
+    };
+    if amax * bmax * (k as f64) < 9.0e15 {
+        let r = af.contiguous()?.matmul(&bf.contiguous()?)?;
+        return Ok(r.round()?.to_dtype(CDType::I64)?.to_dtype(dt)?);
+    }
+    host_mm_i64(a, b)
+}
+
+/// Exact wrapping integer matrix product on the host (rank 2 or 3).
+fn host_mm_i64(a: &CT, b: &CT) -> Result<CT> {
+    let (a3, b3) = if a.rank() == 2 {
+        (a.unsqueeze(0)?, b.unsqueeze(0)?)
+    } else {
+        (a.clone(), b.clone())
+    };
+    let (bt, m, k) = a3.dims3()?;
+    let (_, k2, n) = b3.dims3()?;
+    if k != k2 {
+        bail!("matmul inner dimensions differ: {k} and {k2}");
+    }
+    let av = a3.to_dtype(CDType::I64)?.flatten_all()?.to_vec1::<i64>()?;
+    let bv = b3.to_dtype(CDType::I64)?.flatten_all()?.to_vec1::<i64>()?;
+    let mut out = vec![0i64; bt * m * n];
+    if n > 0 {
+        out.par_chunks_mut(n).enumerate().for_each(|(row, dst)| {
+            let (bi, i) = (row / m.max(1), row % m.max(1));
+            let arow = &av[(bi * m + i) * k..(bi * m + i + 1) * k];
+            let bmat = &bv[bi * k * n..(bi + 1) * k * n];
+            for (p, &x) in arow.iter().enumerate() {
+                if x == 0 {
+                    continue;
+                }
+                let brow = &bmat[p * n..(p + 1) * n];
+                for (d, &y) in dst.iter_mut().zip(brow) {
+                    *d = d.wrapping_add(x.wrapping_mul(y));
+                }
+            }
+        });
+    }
+    let mut dims = a.dims().to_vec();
+    if let Some(last) = dims.last_mut() {
+        *last = n;
+    }
+    let r = CT::from_vec(out, dims, a.device())?;
+    Ok(r.to_dtype(a.dtype())?)
+}
+
+/// Numpy `matmul` on candle tensors of one dtype: 1-D promotion and batch broadcasting.
+pub(crate) fn matmul_ct(cx: &RunCx, a: &CT, b: &CT, out_dtype: DType) -> Result<CT> {
+    let (ad, bd) = (a.dims().to_vec(), b.dims().to_vec());
+    if ad.is_empty() || bd.is_empty() {
+        bail!("MatMul inputs must have rank >= 1, got shapes {ad:?} and {bd:?}");
+    }
+    let a2 = if ad.len() == 1 {
+        a.reshape((1, ad[0]))?
+    } else {
+        a.clone()
+    };
+    let b2 = if bd.len() == 1 {
+        b.reshape((bd[0], 1))?
+    } else {
+        b.clone()
+    };
+    let (a2d, b2d) = (a2.dims().to_vec(), b2.dims().to_vec());
+    let (ra, rb) = (a2d.len(), b2d.len());
+    let (m, k) = (a2d[ra - 2], a2d[ra - 1]);
+    let (k2, n) = (b2d[rb - 2], b2d[rb - 1]);
+    if k != k2 {
+        bail!("MatMul shapes {ad:?} and {bd:?} are not aligned ({k} != {k2})");
+    }
+    let batch = broadcast_dims(&a2d[..ra - 2], &b2d[..rb - 2])?;
+    let mut out_dims = batch.clone();
+    out_dims.extend([m, n]);
+    cx.check_alloc(elems(&out_dims), out_dtype)?;
+    let bsz: usize = batch.iter().product();
+    let b_batch: usize = b2d[..rb - 2].iter().product();
+    let r = if batch.is_empty() {
+        mm_any(&a2, &b2)?
+    } else if b_batch == 1 && bsz > 0 {
+        // Fold every batch of `a` into the rows of one 2-D product.
+        let mut ab = batch.clone();
+        ab.extend([m, k]);
+        let a_flat = a2.broadcast_as(ab)?.contiguous()?.reshape((bsz * m, k))?;
+        let b_flat = if b2.rank() == 2 {
+            b2.clone()
+        } else {
+            b2.reshape((k, n))?
+        };
+        mm_any(&a_flat, &b_flat)?.reshape(out_dims.as_slice())?
+    } else {
+        let mut ab = batch.clone();
+        ab.extend([m, k]);
+        let mut bb = batch.clone();
+        bb.extend([k, n]);
+        cx.check_alloc(elems(&ab).max(elems(&bb)), out_dtype)?;
+        let a3 = a2.broadcast_as(ab)?.contiguous()?.reshape((bsz, m, k))?;
+        let b3 = b2.broadcast_as(bb)?.contiguous()?.reshape((bsz, k, n))?;
+        mm_any(&a3, &b3)?.reshape(out_dims.as_slice())?
+    };
+    // Undo 1-D promotion.
+    let mut fin = batch;
+    if ad.len() > 1 {
+        fin.push(m);
+    }
+    if bd.len() > 1 {
+        fin.push(n);
+    }
+    Ok(r.reshape(fin)?)
+}
+
+/// ONNX MatMul on Kiln tensors (any numeric dtype; integers wrap).
+pub(crate) fn matmul(cx: &RunCx, a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    if a.dtype() != b.dtype() {
+        bail!("MatMul inputs have different dtypes: {} and {}", a.dtype(), b.dtype());
+    }
+    let dt = a.dtype();
+    if dt == DType::Bool || dt == DType::String {
+        bail!("MatMul does not support {dt}");
+    }
+    let r = matmul_ct(cx, a.candle(), b.candle(), dt)?;
+    Tensor::new(r, dt)
+}
+
+fn gemm(n: &NodeCtx) -> Result<Box<dyn OpKernel>> {
+    let alpha = n.attr_f("alpha", 1.0)? as f64;
+    let beta = n.attr_f("beta", 1.0)? as f64;
+    let ta = n.attr_i("transA", 0)? != 0;
+    let tb = n.attr_i("transB", 0)? != 0;
+    Ok(kernel(move |cx, ins| {
+        let (a, b) = (tin(ins, 0)?, tin(ins, 1)?);
+        let c = tin_opt(ins, 2)?;
+        if a.dtype() != b.dtype() {
+            bail!("Gemm inputs have different dtypes: {} and {}", a.dtype(), b.dtype());
+        }
+        if a.rank() != 2 || b.rank() != 2 {
+            bail!("Gemm needs 2-D inputs, got shapes {:?} and {:?}", a.dims(), b.dims());
+        }
+        let dt = a.dtype();
+        let mut at = a.candle().clone();
+        let mut bt = b.candle().clone();
+        if ta {
+            at = at.t()?;
+        }
+        if tb {
+            bt = bt.t()?;
+        }
+        if !dt.is_float() {
+            // Integers: compute in f64 then convert (numpy's float scale then astype).
+            at = at.to_dtype(CDType::F64)?;
+            bt = bt.to_dtype(CDType::F64)?;
+        } else if matches!(dt, DType::F16 | DType::BF16) {
+            // Half precision: one rounding at the end (product and bias in f32).
+            at = at.to_dtype(CDType::F32)?;
+            bt = bt.to_dtype(CDType::F32)?;
+        }
+        let mut y = matmul_ct(cx, &at, &bt, dt)?;
+        if alpha != 1.0 {
+            y = y.affine(alpha, 0.0)?;
+        }
+        if let Some(c) = c {
+            if beta != 0.0 {
+                let mut cc = c.candle().to_dtype(y.dtype())?;
+                if beta != 1.0 {
+                    cc = cc.affine(beta, 0.0)?;
+                }
+                let dims = y.dims().to_vec();
+                y = y.add(&cc.broadcast_as(dims)?)?;
+            }
+        }
+        if dt.is_float() {
+            out1(Tensor::new(y.to_dtype(crate::storage_dtype(dt)?)?, dt)?)
+        } else {
+            out1(Tensor::new(y.trunc_f64()?, DType::F64)?.cast(dt)?)
+        }
+    }))
+}
+
+trait TruncF64 {
+    fn trunc_f64(&self) -> candle_core::Result<CT>;
+}
+
+impl TruncF64 for CT {
+    /// Rounds toward zero (numpy `astype(int)`), kept in f64.
+    fn trunc_f64(&self) -> candle_core::Result<CT> {
+        let pos = self.ge(0.0)?;
+        pos.where_cond(&self.floor()?, &self.ceil()?)
+    }
+}
+
+/// MatMulInteger's accumulation: (A - a_zp) @ (B - b_zp), exact, as an I64 tensor.
+/// `a_zp` is a scalar or per-row (1-D of size M); `b_zp` a scalar or per-column (1-D of size N).
+pub(crate) fn matmul_integer(
+    cx: &RunCx,
+    a: &Tensor,
+    azp: Option<&Tensor>,
+    b: &Tensor,
+    bzp: Option<&Tensor>,
+) -> Result<Tensor> {
+    for t in [a, b] {
+        if t.dtype().is_float() || t.dtype() == DType::Bool {
+            bail!("integer matmul needs integer inputs, got {}", t.dtype());
+        }
+    }
+    let mut af = a.candle().to_dtype(CDType::F64)?;
+    let mut bf = b.candle().to_dtype(CDType::F64)?;
+    if let Some(z) = azp {
+        let z = z.candle().to_dtype(CDType::F64)?;
+        let z = if z.elem_count() == 1 {
+            z.flatten_all()?.reshape(())?
+        } else if a.rank() >= 2 && z.rank() == 1 {
+            // Per-row zero point: shape [M] -> [M, 1].
+            z.reshape((z.elem_count(), 1))?
+        } else {
+            z
+        };
+        af = af.broadcast_sub(&z)?;
+    }
+    if let Some(z) = bzp {
+        let z = z.candle().to_dtype(CDType::F64)?;
+        let z = if z.elem_count() == 1 {
+            z.flatten_all()?.reshape(())?
+        } else {
+            z
+        };
+        bf = bf.broadcast_sub(&z)?;
+    }
+    // Products of 8/16-bit values: f64 accumulation is exact for any realistic K.
+    let r = matmul_ct(cx, &af, &bf, DType::I64)?;
+    Tensor::new(r.round()?.to_dtype(CDType::I64)?, DType::I64)
+}
+
+// ---------------------------------------------------------------- Det
+
+fn det(x: &Tensor) -> Result<Tensor> {
+    let d = x.dims();
+    if d.len() < 2 || d[d.len() - 1] != d[d.len() - 2] {
+        bail!("Det needs [..., n, n] input, got {d:?}");
+    }
+    if !x.dtype().is_float() {
+        bail!("Det needs a float input, got {}", x.dtype());
+    }
+    let n = d[d.len() - 1];
+    let batch = &d[..d.len() - 2];
+    let v = x.to_f64_vec()?;
+    let count: usize = batch.iter().product();
+    let out: Vec<f64> = (0..count)
+        .map(|bi| {
+            let mut m = v[bi * n * n..(bi + 1) * n * n].to_vec();
+            lu_det(&mut m, n)
+        })
+        .collect();
+    Tensor::from_f64s(out, batch, x.dtype(), x.device())
+}
+
+fn lu_det(m: &mut [f64], n: usize) -> f64 {
+    let mut det = 1.0;
+    for c in 0..n {
+        let mut p = c;
+        let mut best = m[c * n + c].abs();
+        for r in c + 1..n {
+            let v = m[r * n + c].abs();
+            if v > best {
+                best = v;
+                p = r;
+            }
+        }
+        if best == 0.0 {
+            return 0.0;
+        }
+        if p != c {
+            for j in 0..n {
+                m.swap(c * n + j, p * n + j);
+            }
+            det = -det;
+        }
+        let piv = m[c * n + c];
+        det *= piv;
+        for r in c + 1..n {
+            let f = m[r * n + c] / piv;
+            if f != 0.0 {
+                for j in c..n {
+                    m[r * n + j] -= f * m[c * n + j];
+                }
+            }
+        }
+    }
+    det
+}
+
+// ---------------------------------------------------------------- Einsum
+
+/// A label: letters are 0..52, ellipsis dimensions 52.. (right-aligned).
+type Label = usize;
+const ELL: usize = 52;
+
+struct Term {
+    letters: Vec<Label>,
+    /// Position of the ellipsis among `letters`, if any.
+    ell: Option<usize>,
+}
+
+fn parse_term(s: &str) -> Result<Term> {
+    let mut letters = Vec::new();
+    let mut ell = None;
+    let b = s.as_bytes();
+    let mut i = 0;
+    while i < b.len() {
+        let c = b[i];
+        if c == b'.' {
+            if b.get(i + 1) == Some(&b'.') && b.get(i + 2) == Some(&b'.') && ell.is_none() {
+                ell = Some(letters.len());
+                i += 3;
+                continue;
+            }
+            bail!("Einsum: bad ellipsis in term '{s}'");
+        }
+        let l = match c {
+            b'a'..=b'z' => (c - b'a') as usize + 26,
+            b'A'..=b'Z' => (c - b'A') as usize,
+            _ => bail!("Einsum: bad character '{}' in equation", c as char),
+        };
+        letters.push(l);
+        i += 1;
+    }
+    Ok(Term { letters, ell })
+}
+
+fn expand_term(t: &Term, ell_rank: usize, total_ell: usize) -> Vec<Label> {
+    let mut out = Vec::new();
+    for (i, &l) in t.letters.iter().enumerate() {
+        if t.ell == Some(i) {
+            out.extend((total_ell - ell_rank..total_ell).map(|j| ELL + j));
+        }
+        out.push(l);
+    }
+    if t.ell == Some(t.letters.len()) {
+        out.extend((total_ell - ell_rank..total_ell).map(|j| ELL + j));
+    }
+    out
+}
+
+fn einsum_factory(n: &NodeCtx) -> Result<Box<dyn OpKernel>> {
+    let eq: String = n
+        .attr_s("equation", "")?
+        .chars()
+        .filter(|c| !c.is_whitespace())
+        .collect();
+    if eq.is_empty() {
+        return Err(n.err("Einsum needs an equation"));
+    }
+    Ok(kernel(move |cx, ins| {
+        let ts: Vec<&Tensor> = (0..ins.len()).map(|i| tin(ins, i)).collect::<Result<_>>()?;
+        out1(einsum(cx, &eq, &ts)?)
+    }))
+}
+
+/// An operand during contraction: a candle tensor and one label per dimension.
+struct Op {
+    t: CT,
+    labels: Vec<Label>,
+}
+
+fn einsum(cx: &RunCx, eq: &str, ts: &[&Tensor]) -> Result<Tensor> {
+    let (lhs, rhs) = match eq.split_once("->") {
+        Some((l, r)) => (l, Some(r)),
+        None => (eq, None),
+    };
+    let terms: Vec<Term> = lhs.split(',').map(parse_term).collect::<Result<_>>()?;
+    if terms.len() != ts.len() {
+        bail!(
+            "Einsum equation has {} operands but {} inputs were given",
+            terms.len(),
+            ts.len()
+        );
+    }
+    let Some(first) = ts.first() else {
+        bail!("Einsum needs at least one input")
+    };
+    let dt = first.dtype();
+    for t in ts {
+        if t.dtype() != dt {
+            bail!("Einsum inputs have different dtypes");
+        }
+    }
+    if dt == DType::Bool {
+        bail!("Einsum does not support bool");
+    }
+    let cdt = match dt {
+        DType::F64 => CDType::F64,
+        d if d.is_float() => CDType::F32,
+        _ => CDType::I64,
+    };
+    // Ellipsis ranks.
+    let mut ell_ranks = Vec::new();
+    for (t, x) in terms.iter().zip(ts) {
+        let r = x.rank();
+        let er = if t.ell.is_some() {
+            if r < t.letters.len() {
+                bail!("Einsum: operand of rank {r} has too few dimensions for its term");
+            }
+            r - t.letters.len()
+        } else {
+            if r != t.letters.len() {
+                bail!(
+                    "Einsum: operand of rank {r} does not match a term of {} labels",
+                    t.letters.len()
+                );
+            }
+            0
+        };
+        ell_ranks.push(er);
+    }
+    let total_ell = ell_ranks.iter().copied().max().unwrap_or(0);
+    let mut sizes = [0usize; 256];
+    let mut seen = [false; 256];
+    let mut ops = Vec::new();
+    let mut counts = [0usize; 256];
+    for ((t, x), er) in terms.iter().zip(ts).zip(&ell_ranks) {
+        let labels = expand_term(t, *er, total_ell);
+        if labels.iter().any(|&l| l >= 256) {
+            bail!("Einsum: too many ellipsis dimensions");
+        }
+        for (&l, &d) in labels.iter().zip(x.dims()) {
+            if !seen[l] || sizes[l] == 1 {
+                sizes[l] = d;
+            } else if d != 1 && d != sizes[l] {
+                bail!("Einsum: label size mismatch ({} vs {d})", sizes[l]);
+            }
+            seen[l] = true;
+        }
+        let mut uniq = labels.clone();
+        uniq.sort_unstable();
+        uniq.dedup();
+        for &l in &uniq {
+            counts[l] += 1;
+        }
+        ops.push(Op {
+            t: x.candle().to_dtype(cdt)?,
+            labels,
+        });
+    }
+    let out_labels: Vec<Label> = match rhs {
+        Some(r) => {
+            let t = parse_term(r)?;
+            let out = expand_term(&t, total_ell, total_ell);
+            if out.iter().any(|&l| l >= 256) {
+                bail!("Einsum: too many ellipsis dimensions");
+            }
+            for &l in &out {
+                if !seen[l] {
+                    bail!("Einsum: output label not found in inputs");
+                }
+            }
+            let mut s = out.clone();
+            s.sort_unstable();
+            s.dedup();
+            if s.len() != out.len() {
+                bail!("Einsum: repeated output label");
+            }
+            out
+        }
+        None => {
+            let mut out: Vec<Label> = (0..total_ell).map(|j| ELL + j).collect();
+            // Letters appearing once in the whole equation, in alphabetical (ASCII) order.
+            let mut occ = [0usize; 52];
+            for t in &terms {
+                for &l in &t.letters {
+                    occ[l] += 1;
+                }
+            }
+            out.extend((0..52).filter(|&l| occ[l] == 1));
+            out
+        }
+    };
+    let out_dims: Vec<usize> = out_labels.iter().map(|&l| sizes[l]).collect();
+    cx.check_alloc(elems(&out_dims), dt)?;
+
+    // Diagonals and single-operand sums.
+    let mut ops: Vec<Op> = ops.into_iter().map(diagonalize).collect::<Result<_>>()?;
+    for op in &mut ops {
+        let keep = |l: Label| out_labels.contains(&l) || counts[l] > 1;
+        let sum_dims: Vec<usize> = (0..op.labels.len()).filter(|&d| !keep(op.labels[d])).collect();
+        if !sum_dims.is_empty() {
+            let t = op.t.sum(sum_dims.clone())?;
+            let labels = (0..op.labels.len())
+                .filter(|d| !sum_dims.contains(d))
+                .map(|d| op.labels[d])
+                .collect();
+            for &d in &sum_dims {
+                counts[op.labels[d]] -= 1;
+            }
+            *op = Op { t, labels };
+        }
+    }
+    // Pairwise contraction, left to right.
+    let mut it = ops.into_iter();
+    let mut acc = it
+        .next()
+        .ok_or_else(|| crate::RuntimeError::msg("Einsum needs an input"))?;
+    for b in it {
+        for &l in &acc.labels {
+            counts[l] -= 1;
+        }
+        for &l in &b.labels {
+            counts[l] -= 1;
+        }
+        let later = |l: Label| out_labels.contains(&l) || counts[l] > 0;
+        acc = contract(cx, acc, b, &sizes, later, dt)?;
+        for &l in &acc.labels {
+            counts[l] += 1;
+        }
+    }
+    // Final sums and permutation.
+    let sum_dims: Vec<usize> = (0..acc.labels.len())
+        .filter(|&d| !out_labels.contains(&acc.labels[d]))
+        .collect();
+    let mut t = acc.t;
+    let mut labels = acc.labels;
+    if !sum_dims.is_empty() {
+        t = t.sum(sum_dims.clone())?;
+        labels = (0..labels.len())
+            .filter(|d| !sum_dims.contains(d))
+            .map(|d| labels[d])
+            .collect();
+    }
+    let perm: Vec<usize> = out_labels
+        .iter()
+        .map(|l| labels.iter().position(|x| x == l))
+        .collect::<Option<_>>()
+        .ok_or_else(|| crate::RuntimeError::msg("Einsum: internal label error"))?;
+    if perm.len() != labels.len() {
+        bail!("Einsum: internal label count error");
+    }
+    if !perm.is_empty() {
+        t = t.permute(perm)?;
+    }
+    let t = t.broadcast_as(out_dims.as_slice())?.contiguous()?;
+    Tensor::from_candle(t)?.cast(dt)
+}
+
+/// Takes diagonals for labels repeated within one operand.
+fn diagonalize(mut op: Op) -> Result<Op> {
+    loop {
+        let mut pair = None;
+        'outer: for i in 0..op.labels.len() {
+            for j in i + 1..op.labels.len() {
+                if op.labels[i] == op.labels[j] {
+                    pair = Some((i, j));
+                    break 'outer;
+                }
+            }
+        }
+        let Some((i, j)) = pair else { return Ok(op) };
+        let dims = op.t.dims().to_vec();
+        if dims[i] != dims[j] {
+            bail!(
+                "Einsum: repeated label with different sizes {} and {}",
+                dims[i],
+                dims[j]
+            );
+        }
+        let n = dims[i];
+        if n >= 65_000 {
+            bail!("Einsum: diagonal of size {n} is too large");
+        }
+        let r = dims.len();
+        let mut perm: Vec<usize> = (0..r).filter(|&d| d != i && d != j).collect();
+        perm.push(i);
+        perm.push(j);
+        let t = op.t.permute(perm.clone())?.contiguous()?;
+        let mut nd: Vec<usize> = perm[..r - 2].iter().map(|&d| dims[d]).collect();
+        nd.push(n * n);
+        let t = t.reshape(nd)?;
+        let idx: Vec<u32> = (0..n as u32).map(|x| x * (n as u32 + 1)).collect();
+        let idx = CT::from_vec(idx, n, t.device())?;
+        let t = t.index_select(&idx, r - 2)?;
+        let mut labels: Vec<Label> = perm[..r - 2].iter().map(|&d| op.labels[d]).collect();
+        labels.push(op.labels[i]);
+        op = Op { t, labels };
+    }
+}
+
+fn contract(cx: &RunCx, a: Op, b: Op, sizes: &[usize], later: impl Fn(Label) -> bool, dt: DType) -> Result<Op> {
+    let in_a = |l: &Label| a.labels.contains(l);
+    let in_b = |l: &Label| b.labels.contains(l);
+    let batch: Vec<Label> = a.labels.iter().copied().filter(|l| in_b(l) && later(*l)).collect();
+    let contr: Vec<Label> = a.labels.iter().copied().filter(|l| in_b(l) && !later(*l)).collect();
+    let a_only: Vec<Label> = a.labels.iter().copied().filter(|l| !in_b(l)).collect();
+    let b_only: Vec<Label> = b.labels.iter().copied().filter(|l| !in_a(l)).collect();
+    // Labels in only one operand that nothing needs later are summed first.
+    let (a, a_only) = sum_unneeded(a, a_only, &later)?;
+    let (b, b_only) = sum_unneeded(b, b_only, &later)?;
+    let arrange = |op: &Op, order: &[Label]| -> Result<CT> {
+        let perm: Vec<usize> = order
+            .iter()
+            .map(|l| op.labels.iter().position(|x| x == l))
+            .collect::<Option<_>>()
+            .ok_or_else(|| crate::RuntimeError::msg("Einsum: internal label error"))?;
+        let target: Vec<usize> = order.iter().map(|&l| sizes[l]).collect();
+        let t = if perm.is_empty() {
+            op.t.clone()
+        } else {
+            op.t.permute(perm)?
+        };
+        Ok(t.broadcast_as(target)?.contiguous()?)
+    };
+    let prod = |ls: &[Label]| ls.iter().map(|&l| sizes[l]).product::<usize>();
+    let (nb, m, k, n) = (prod(&batch), prod(&a_only), prod(&contr), prod(&b_only));
+    let mut ord_a = batch.clone();
+    ord_a.extend(&a_only);
+    ord_a.extend(&contr);
+    let mut ord_b = batch.clone();
+    ord_b.extend(&contr);
+    ord_b.extend(&b_only);
+    let mut labels = batch.clone();
+    labels.extend(&a_only);
+    labels.extend(&b_only);
+    let out_dims: Vec<usize> = labels.iter().map(|&l| sizes[l]).collect();
+    cx.check_alloc(elems(&out_dims), dt)?;
+    let ta = arrange(&a, &ord_a)?.reshape((nb, m, k))?;
+    let tb = arrange(&b, &ord_b)?.reshape((nb, k, n))?;
+    let t = mm_any(&ta, &tb)?.reshape(out_dims)?;
+    Ok(Op { t, labels })
+}
+
+fn sum_unneeded(op: Op, only: Vec<Label>, later: &impl Fn(Label) -> bool) -> Result<(Op, Vec<Label>)> {
+    let dims: Vec<usize> = (0..op.labels.len())
+        .filter(|&d| only.contains(&op.labels[d]) && !later(op.labels[d]))
+        .collect();
+    if dims.is_empty() {
+        return Ok((op, only));
+    }
+    let t = op.t.sum(dims.clone())?;
+    let labels: Vec<Label> = (0..op.labels.len())
+        .filter(|d| !dims.contains(d))
+        .map(|d| op.labels[d])
+        .collect();
+    let only = only.into_iter().filter(|l| later(*l)).collect();
+    Ok((Op { t, labels }, only))
+}

@@ -1,5 +1,499 @@
-//! Operator family `quant` (see the module list in `ops/mod.rs`).
+//! Operator family `quant`: QuantizeLinear, DequantizeLinear, DynamicQuantizeLinear, QLinearMatMul and
+//! the integer convolutions ConvInteger and QLinearConv.
 
-use super::Registry;
+use candle_core::{DType as CDType, Tensor as CT};
+use kiln_graph::DType;
 
-pub fn register(_r: &mut Registry) {}
+use super::common::{elems, norm_axis, tin, tin_opt};
+use super::matmul::matmul_integer;
+use super::{kernel, out1, NodeCtx, OpKernel, Registry, RunCx};
+use crate::{bail, Result, Tensor, Value};
+
+pub fn register(r: &mut Registry) {
+    r.add("QuantizeLinear", quantize_linear);
+    r.add("DequantizeLinear", dequantize_linear);
+    r.add("DynamicQuantizeLinear", |_| {
+        Ok(kernel(|_, ins| dynamic_quantize(tin(ins, 0)?)))
+    });
+    r.add("QLinearMatMul", |_| Ok(kernel(qlinear_matmul)));
+    r.add("ConvInteger", |n| {
+        let p = ConvParams::from_node(n)?;
+        Ok(kernel(move |cx, ins| {
+            let (x, w) = (tin(ins, 0)?, tin(ins, 1)?);
+            let acc = conv_integer(cx, &p, x, tin_opt(ins, 2)?, w, tin_opt(ins, 3)?)?;
+            out1(Tensor::new(acc.round()?.to_dtype(CDType::I64)?, DType::I64)?.cast(DType::I32)?)
+        }))
+    });
+    r.add("QLinearConv", |n| {
+        let p = ConvParams::from_node(n)?;
+        Ok(kernel(move |cx, ins| qlinear_conv(cx, &p, ins)))
+    });
+}
+
+/// Integer range of a quantized dtype.
+fn qrange(d: DType) -> Result<(f64, f64)> {
+    Ok(match d {
+        DType::U8 => (0.0, 255.0),
+        DType::I8 => (-128.0, 127.0),
+        DType::U16 => (0.0, 65535.0),
+        DType::I16 => (-32768.0, 32767.0),
+        DType::I32 => (i32::MIN as f64, i32::MAX as f64),
+        other => bail!("quantized type {other} is not supported"),
+    })
+}
+
+/// Reshapes a scale or zero point so that it broadcasts against `x_dims`: per tensor (scalar or
+/// one element), per axis (1-D of size `x_dims[axis]`) or blocked (`block > 0`).
+fn expand_param(p: &CT, x_dims: &[usize], axis: i64, block: i64) -> Result<CT> {
+    if p.rank() == 0 {
+        return Ok(p.clone());
+    }
+    if p.elem_count() == 1 {
+        return Ok(p.flatten_all()?.reshape(())?);
+    }
+    if x_dims.is_empty() {
+        bail!("a scalar input needs a scalar scale and zero point");
+    }
+    let ax = norm_axis(axis, x_dims.len())?;
+    if block <= 0 {
+        if p.rank() != 1 || p.dims()[0] != x_dims[ax] {
+            bail!(
+                "per-axis parameter of shape {:?} does not match axis {axis} of input shape {x_dims:?}",
+                p.dims()
+            );
+        }
+        let mut shape = vec![1usize; x_dims.len()];
+        shape[ax] = x_dims[ax];
+        return Ok(p.reshape(shape)?);
+    }
+    if p.rank() != x_dims.len() {
+        bail!(
+            "blocked parameter of shape {:?} does not match input shape {x_dims:?}",
+            p.dims()
+        );
+    }
+    let block = block as usize;
+    let nb = p.dims()[ax];
+    let n = x_dims[ax];
+    if n.div_ceil(block) != nb {
+        bail!("blocked parameter dim {nb} does not match ceil({n} / block_size {block}) on axis {axis}");
+    }
+    let idx: Vec<u32> = (0..n).map(|i| (i / block) as u32).collect();
+    let idx = CT::from_vec(idx, n, p.device())?;
+    let e = p.index_select(&idx, ax)?;
+    if e.dims() != x_dims {
+        bail!(
+            "blocked parameter of shape {:?} does not match input shape {x_dims:?} outside axis {axis}",
+            p.dims()
+        );
+    }
+    Ok(e)
+}
+
+/// Round half to even, element-wise (float tensors).
+fn round_half_even(x: &CT) -> Result<CT> {
+    let r = x.round()?;
+    let frac = (x - x.floor()?)?;
+    let half = frac.eq(0.5)?;
+    let even = ((x * 0.5)?.round()? * 2.0)?;
+    Ok(half.where_cond(&even, &r)?)
+}
+
+fn float_dtype(code: i64) -> Result<DType> {
+    match DType::from_onnx(code as i32) {
+        Some(d) if d.is_float() => Ok(d),
+        _ => bail!("unsupported float type code {code}"),
+    }
+}
+
+fn cdt(d: DType) -> Result<CDType> {
+    crate::tensor::storage_dtype(d)
+}
+
+fn quantize_linear(n: &NodeCtx) -> Result<Box<dyn OpKernel>> {
+    let axis = n.attr_i("axis", 1)?;
+    let block = n.attr_i("block_size", 0)?;
+    let out_code = n.attr_i("output_dtype", 0)?;
+    let precision = n.attr_i("precision", 0)?;
+    let out_attr = if out_code != 0 {
+        Some(DType::from_onnx(out_code as i32).ok_or_else(|| n.err(format!("unsupported output_dtype {out_code}")))?)
+    } else {
+        None
+    };
+    let prec = if precision != 0 {
+        Some(float_dtype(precision)?)
+    } else {
+        None
+    };
+    Ok(kernel(move |_, ins| {
+        let (x, s) = (tin(ins, 0)?, tin(ins, 1)?);
+        let zp = tin_opt(ins, 2)?;
+        let out = match (zp, out_attr) {
+            (Some(z), Some(o)) if z.dtype() != o => {
+                bail!("zero point dtype {} differs from output_dtype {o}", z.dtype())
+            }
+            (Some(z), _) => z.dtype(),
+            (None, Some(o)) => o,
+            (None, None) => DType::U8,
+        };
+        if !matches!(out, DType::U8 | DType::I8 | DType::U16 | DType::I16) {
+            bail!("QuantizeLinear to {out} is not supported");
+        }
+        let (lo, hi) = qrange(out)?;
+        // Division in the requested precision (or the input's float type).
+        let div_dt = match prec {
+            Some(p) => p,
+            None if x.dtype().is_float() => x.dtype(),
+            None => DType::F32,
+        };
+        let xd = x.candle().to_dtype(cdt(div_dt)?)?;
+        let sd = expand_param(&s.candle().to_dtype(cdt(div_dt)?)?, x.dims(), axis, block)?;
+        let q = xd.broadcast_div(&sd)?;
+        let wide = if div_dt == DType::F64 { CDType::F64 } else { CDType::F32 };
+        let mut q = round_half_even(&q.to_dtype(wide)?)?;
+        if let Some(z) = zp {
+            let zd = expand_param(&z.candle().to_dtype(wide)?, x.dims(), axis, block)?;
+            q = q.broadcast_add(&zd)?;
+        }
+        let q = q.clamp(lo, hi)?;
+        out1(Tensor::new(q.to_dtype(cdt(out)?)?, out)?)
+    }))
+}
+
+fn dequantize_linear(n: &NodeCtx) -> Result<Box<dyn OpKernel>> {
+    let axis = n.attr_i("axis", 1)?;
+    let block = n.attr_i("block_size", 0)?;
+    let out_code = n.attr_i("output_dtype", 0)?;
+    let out_attr = if out_code != 0 {
+        Some(float_dtype(out_code)?)
+    } else {
+        None
+    };
+    Ok(kernel(move |_, ins| {
+        let (x, s) = (tin(ins, 0)?, tin(ins, 1)?);
+        let zp = tin_opt(ins, 2)?;
+        if x.dtype().is_float() || x.dtype() == DType::Bool {
+            bail!("DequantizeLinear of {} is not supported", x.dtype());
+        }
+        if let Some(z) = zp {
+            if z.dtype() != x.dtype() {
+                bail!("zero point dtype {} differs from input dtype {}", z.dtype(), x.dtype());
+            }
+        }
+        let out = out_attr.unwrap_or(s.dtype());
+        if !out.is_float() {
+            bail!("DequantizeLinear scale must be a float, got {}", s.dtype());
+        }
+        let wide = if out == DType::F64 { CDType::F64 } else { CDType::F32 };
+        let mut d = x.candle().to_dtype(wide)?;
+        if let Some(z) = zp {
+            let zd = expand_param(&z.candle().to_dtype(wide)?, x.dims(), axis, block)?;
+            d = d.broadcast_sub(&zd)?;
+        }
+        let sd = expand_param(&s.candle().to_dtype(wide)?, x.dims(), axis, block)?;
+        let y = d.broadcast_mul(&sd)?;
+        out1(Tensor::new(y.to_dtype(cdt(out)?)?, out)?)
+    }))
+}
+
+fn dynamic_quantize(x: &Tensor) -> Result<Vec<Value>> {
+    if !x.dtype().is_float() {
+        bail!("DynamicQuantizeLinear needs a float input, got {}", x.dtype());
+    }
+    let xf = x.candle().to_dtype(CDType::F32)?;
+    let (mx, mn) = if xf.elem_count() == 0 {
+        (0f32, 0f32)
+    } else {
+        (
+            xf.max_all()?.to_scalar::<f32>()?.max(0.0),
+            xf.min_all()?.to_scalar::<f32>()?.min(0.0),
+        )
+    };
+    let scale: f32 = (if mx == mn { 1.0 } else { mx - mn }) / 255.0;
+    let izp = 0.0f32 - mn / scale;
+    let zp = izp.clamp(0.0, 255.0);
+    let zpi = {
+        let r = zp.round();
+        if (zp - zp.floor()) == 0.5 {
+            2.0 * (zp / 2.0).round()
+        } else {
+            r
+        }
+    };
+    let st = CT::new(scale, x.device())?;
+    let q = round_half_even(&xf.broadcast_div(&st)?)?;
+    let q = (q + zpi as f64)?.clamp(0f64, 255f64)?.to_dtype(CDType::U8)?;
+    let y = Tensor::new(q, DType::U8)?;
+    let s = Tensor::new(st, DType::F32)?.cast(x.dtype())?;
+    let z = Tensor::new(CT::new(zpi as u8, x.device())?, DType::U8)?;
+    Ok(vec![Value::Tensor(y), Value::Tensor(s), Value::Tensor(z)])
+}
+
+/// Scale for a per-row (`rows`) or per-column parameter of a matmul operand.
+fn mm_param(p: &CT, per_row: bool) -> Result<CT> {
+    if p.elem_count() == 1 {
+        return Ok(p.flatten_all()?.reshape(())?);
+    }
+    if per_row && p.rank() == 1 {
+        return Ok(p.reshape((p.elem_count(), 1))?);
+    }
+    Ok(p.clone())
+}
+
+fn qlinear_matmul(cx: &RunCx, ins: &[Option<&Value>]) -> Result<Vec<Value>> {
+    let (a, a_s, a_zp) = (tin(ins, 0)?, tin(ins, 1)?, tin_opt(ins, 2)?);
+    let (b, b_s, b_zp) = (tin(ins, 3)?, tin(ins, 4)?, tin_opt(ins, 5)?);
+    let (y_s, y_zp) = (tin(ins, 6)?, tin_opt(ins, 7)?);
+    let acc = matmul_integer(cx, a, a_zp, b, b_zp)?;
+    let out = y_zp.map_or(a.dtype(), |z| z.dtype());
+    let (lo, hi) = qrange(out)?;
+    // Multiplier a_scale * b_scale / y_scale in the scales' own precision (as numpy does).
+    let sdt = a_s.candle().dtype();
+    let as_ = mm_param(a_s.candle(), true)?;
+    let bs = mm_param(&b_s.candle().to_dtype(sdt)?, false)?;
+    let ys = mm_param(&y_s.candle().to_dtype(sdt)?, false)?;
+    let mult = as_.broadcast_mul(&bs)?.broadcast_div(&ys)?.to_dtype(CDType::F64)?;
+    let mut d = acc.candle().to_dtype(CDType::F64)?.broadcast_mul(&mult)?;
+    if let Some(z) = y_zp {
+        d = d.broadcast_add(&mm_param(&z.candle().to_dtype(CDType::F64)?, false)?)?;
+    }
+    let q = round_half_even(&d)?.clamp(lo, hi)?;
+    out1(Tensor::new(q.to_dtype(cdt(out)?)?, out)?)
+}
+
+// ---------------------------------------------------------------- integer convolution
+
+struct ConvParams {
+    auto_pad: String,
+    dilations: Option<Vec<i64>>,
+    group: i64,
+    kernel_shape: Option<Vec<i64>>,
+    pads: Option<Vec<i64>>,
+    strides: Option<Vec<i64>>,
+}
+
+impl ConvParams {
+    fn from_node(n: &NodeCtx) -> Result<Self> {
+        Ok(ConvParams {
+            auto_pad: n.attr_s("auto_pad", "NOTSET")?,
+            dilations: n.attr_ints("dilations")?,
+            group: n.attr_i("group", 1)?,
+            kernel_shape: n.attr_ints("kernel_shape")?,
+            pads: n.attr_ints("pads")?,
+            strides: n.attr_ints("strides")?,
+        })
+    }
+}
+
+/// Shifts an integer tensor by its zero point into f64: scalar, or per channel along `ch_axis`.
+fn shift(t: &Tensor, zp: Option<&Tensor>, ch_axis: usize) -> Result<CT> {
+    if t.dtype().is_float() || t.dtype() == DType::Bool {
+        bail!("integer convolution needs integer inputs, got {}", t.dtype());
+    }
+    let v = t.candle().to_dtype(CDType::F64)?;
+    let Some(z) = zp else { return Ok(v) };
+    let z = z.candle().to_dtype(CDType::F64)?;
+    let z = if z.elem_count() == 1 {
+        z.flatten_all()?.reshape(())?
+    } else if z.rank() == 1 && t.rank() > ch_axis && z.dims()[0] == t.dims()[ch_axis] {
+        let mut shape = vec![1usize; t.rank()];
+        shape[ch_axis] = z.dims()[0];
+        z.reshape(shape)?
+    } else {
+        bail!(
+            "zero point of shape {:?} does not fit input shape {:?}",
+            z.dims(),
+            t.dims()
+        );
+    };
+    Ok(v.broadcast_sub(&z)?)
+}
+
+/// Exact integer convolution `(x - x_zp) * (w - w_zp)`, as an f64 tensor.
+fn conv_integer(
+    cx: &RunCx,
+    p: &ConvParams,
+    x: &Tensor,
+    xzp: Option<&Tensor>,
+    w: &Tensor,
+    wzp: Option<&Tensor>,
+) -> Result<CT> {
+    let xs = shift(x, xzp, 1)?;
+    let ws = shift(w, wzp, 0)?;
+    conv_f64(cx, p, &xs, &ws)
+}
+
+fn conv_f64(cx: &RunCx, p: &ConvParams, x: &CT, w: &CT) -> Result<CT> {
+    let xr = x.rank();
+    if xr < 3 || w.rank() != xr {
+        bail!(
+            "convolution needs X and W of equal rank >= 3, got {:?} and {:?}",
+            x.dims(),
+            w.dims()
+        );
+    }
+    let sp = xr - 2;
+    let (xd, wd) = (x.dims().to_vec(), w.dims().to_vec());
+    let kshape: Vec<usize> = match &p.kernel_shape {
+        Some(k) => k.iter().map(|&v| v.max(0) as usize).collect(),
+        None => wd[2..].to_vec(),
+    };
+    if kshape.len() != sp || kshape[..] != wd[2..] {
+        bail!("kernel_shape {kshape:?} does not match W shape {wd:?}");
+    }
+    let get = |o: &Option<Vec<i64>>, def: i64, len: usize, what: &str| -> Result<Vec<usize>> {
+        match o {
+            None => Ok(vec![def as usize; len]),
+            Some(v) if v.len() == len && v.iter().all(|&x| x >= 0) => Ok(v.iter().map(|&x| x as usize).collect()),
+            Some(v) => bail!("bad {what} {v:?}"),
+        }
+    };
+    let strides = get(&p.strides, 1, sp, "strides")?;
+    let dil = get(&p.dilations, 1, sp, "dilations")?;
+    if strides.contains(&0) || dil.contains(&0) {
+        bail!("strides and dilations must be positive");
+    }
+    let mut pads = get(&p.pads, 0, 2 * sp, "pads")?;
+    if p.auto_pad == "SAME_UPPER" || p.auto_pad == "SAME_LOWER" {
+        for i in 0..sp {
+            let out = xd[i + 2].div_ceil(strides[i]);
+            let eff = kshape[i].saturating_sub(1) * dil[i] + 1;
+            let total = ((out.saturating_sub(1)) * strides[i] + eff).saturating_sub(xd[i + 2]);
+            let (b, e) = if p.auto_pad == "SAME_UPPER" {
+                (total / 2, total - total / 2)
+            } else {
+                (total - total / 2, total / 2)
+            };
+            pads[i] = b;
+            pads[i + sp] = e;
+        }
+    } else if p.auto_pad == "VALID" {
+        pads = vec![0; 2 * sp];
+    }
+    let group = p.group;
+    if group <= 0 || xd[1] % group as usize != 0 || wd[0] % group as usize != 0 {
+        bail!("bad group {group} for shapes {xd:?}, {wd:?}");
+    }
+    let group = group as usize;
+    if xd[1] != wd[1] * group {
+        bail!(
+            "input channels {} do not match W channels {} x group {group}",
+            xd[1],
+            wd[1]
+        );
+    }
+    let mut out_dims = vec![xd[0], wd[0]];
+    for i in 0..sp {
+        let padded = xd[i + 2] + pads[i] + pads[i + sp];
+        let eff = (kshape[i].max(1) - 1) * dil[i] + 1;
+        if padded < eff {
+            bail!("kernel larger than padded input");
+        }
+        out_dims.push((padded - eff) / strides[i] + 1);
+    }
+    cx.check_alloc(elems(&out_dims), DType::F64)?;
+    // Pad explicitly (asymmetric pads allowed).
+    let mut xp = x.clone();
+    for i in 0..sp {
+        if pads[i] > 0 || pads[i + sp] > 0 {
+            xp = xp.pad_with_zeros(i + 2, pads[i], pads[i + sp])?;
+        }
+    }
+    let same = |v: &[usize]| v.iter().all(|&s| s == v[0]);
+    if sp <= 2 && same(&strides) && same(&dil) {
+        let r = if sp == 2 {
+            xp.contiguous()?
+                .conv2d(&w.contiguous()?, 0, strides[0], dil[0], group)?
+        } else {
+            xp.contiguous()?
+                .conv1d(&w.contiguous()?, 0, strides[0], dil[0], group)?
+        };
+        return Ok(r);
+    }
+    host_conv(&xp, w, &strides, &dil, group, &out_dims)
+}
+
+/// Direct N-D convolution on the host (rare layouts: unequal strides or dilations, 3-D+).
+fn host_conv(x: &CT, w: &CT, strides: &[usize], dil: &[usize], group: usize, out_dims: &[usize]) -> Result<CT> {
+    let xd = x.dims().to_vec();
+    let wd = w.dims().to_vec();
+    let sp = xd.len() - 2;
+    let xv = x.flatten_all()?.to_vec1::<f64>()?;
+    let wv = w.flatten_all()?.to_vec1::<f64>()?;
+    let (n, cin, cout) = (xd[0], xd[1], wd[0]);
+    let cin_g = wd[1];
+    let cout_g = cout / group;
+    let osp: Vec<usize> = out_dims[2..].to_vec();
+    let ocount: usize = osp.iter().product();
+    let kcount: usize = wd[2..].iter().product();
+    let xsp: usize = xd[2..].iter().product();
+    let unravel = |mut i: usize, dims: &[usize]| -> Vec<usize> {
+        let mut r = vec![0; dims.len()];
+        for d in (0..dims.len()).rev() {
+            r[d] = i % dims[d].max(1);
+            i /= dims[d].max(1);
+        }
+        r
+    };
+    let mut out = vec![0f64; n * cout * ocount];
+    for b in 0..n {
+        for oc in 0..cout {
+            let g = oc / cout_g;
+            for o in 0..ocount {
+                let opos = unravel(o, &osp);
+                let mut acc = 0.0;
+                for ic in 0..cin_g {
+                    let c = g * cin_g + ic;
+                    for k in 0..kcount {
+                        let kpos = unravel(k, &wd[2..]);
+                        let mut xi = 0usize;
+                        for d in 0..sp {
+                            xi = xi * xd[d + 2] + opos[d] * strides[d] + kpos[d] * dil[d];
+                        }
+                        acc += xv[(b * cin + c) * xsp + xi] * wv[(oc * cin_g + ic) * kcount + k];
+                    }
+                }
+                out[(b * cout + oc) * ocount + o] = acc;
+            }
+        }
+    }
+    Ok(CT::from_vec(out, out_dims, x.device())?)
+}
+
+fn qlinear_conv(cx: &RunCx, p: &ConvParams, ins: &[Option<&Value>]) -> Result<Vec<Value>> {
+    let (x, x_s, x_zp) = (tin(ins, 0)?, tin(ins, 1)?, tin_opt(ins, 2)?);
+    let (w, w_s, w_zp) = (tin(ins, 3)?, tin(ins, 4)?, tin_opt(ins, 5)?);
+    let (y_s, y_zp) = (tin(ins, 6)?, tin_opt(ins, 7)?);
+    let bias = tin_opt(ins, 8)?;
+    let mut acc = conv_integer(cx, p, x, x_zp, w, w_zp)?;
+    if let Some(bv) = bias {
+        let bv = bv.candle().to_dtype(CDType::F64)?;
+        let mut shape = vec![1usize; acc.rank()];
+        shape[1] = bv.elem_count();
+        acc = acc.broadcast_add(&bv.reshape(shape)?)?;
+    }
+    let out = y_zp.map_or(x.dtype(), |z| z.dtype());
+    let (lo, hi) = qrange(out)?;
+    // Multiplier x_scale * w_scale / y_scale in f32 (the scales' precision), applied in f64.
+    let xs = x_s.candle().flatten_all()?.to_dtype(CDType::F32)?;
+    let ws = w_s.candle().to_dtype(CDType::F32)?;
+    let ws = if ws.elem_count() == 1 {
+        ws.flatten_all()?.reshape(())?
+    } else {
+        let mut shape = vec![1usize; acc.rank()];
+        shape[1] = ws.elem_count();
+        ws.reshape(shape)?
+    };
+    let ys = y_s.candle().flatten_all()?.to_dtype(CDType::F32)?;
+    if xs.elem_count() != 1 || ys.elem_count() != 1 {
+        bail!("QLinearConv x_scale and y_scale must be scalars");
+    }
+    let (xs, ys) = (xs.reshape(())?, ys.reshape(())?);
+    let mult = xs.broadcast_mul(&ws)?.broadcast_div(&ys)?.to_dtype(CDType::F64)?;
+    let mut r = acc.broadcast_mul(&mult)?;
+    if let Some(z) = y_zp {
+        r = r.broadcast_add(&z.candle().flatten_all()?.to_dtype(CDType::F64)?.reshape(())?)?;
+    }
+    let q = round_half_even(&r.clamp(lo, hi)?)?;
+    out1(Tensor::new(q.to_dtype(cdt(out)?)?, out)?)
+}
