@@ -106,7 +106,7 @@ impl TensorData {
     pub fn to_i64_vec(&self) -> Option<Vec<i64>> {
         let b = &self.bytes;
         Some(match self.dtype {
-            DType::I64 => b.chunks_exact(8).map(|c| i64::read_le(c)).collect(),
+            DType::I64 => b.chunks_exact(8).map(i64::read_le).collect(),
             DType::I32 => b.chunks_exact(4).map(|c| i32::read_le(c) as i64).collect(),
             DType::I16 => b.chunks_exact(2).map(|c| i16::read_le(c) as i64).collect(),
             DType::I8 => b.iter().map(|&v| v as i8 as i64).collect(),

@@ -173,7 +173,7 @@ pub fn register(r: &mut Registry) {
             let r: Vec<usize> = reps.iter().map(|&v| v as usize).collect();
             let out: Vec<usize> = x.dims().iter().zip(&r).map(|(a, b)| a * b).collect();
             cx.check_alloc(elems(&out), x.dtype())?;
-            if out.iter().any(|&d| d == 0) {
+            if out.contains(&0) {
                 return out1(Tensor::new(
                     CT::zeros(out.as_slice(), x.candle().dtype(), cx.device)?,
                     x.dtype(),
@@ -236,7 +236,7 @@ pub fn reshape_dims(input: &[usize], spec: &[i64], allowzero: bool) -> Result<Ve
     }
     let known: usize = dims.iter().product();
     if let Some(i) = infer {
-        if known == 0 || total % known != 0 {
+        if known == 0 || !total.is_multiple_of(known) {
             bail!("cannot reshape {input:?} to {spec:?}");
         }
         dims[i] = total / known;
@@ -266,7 +266,7 @@ pub fn concat(ts: &[&Tensor], axis: i64) -> Result<Tensor> {
     if parts.is_empty() {
         return Ok((*first).clone());
     }
-    Ok(Tensor::new(CT::cat(&parts, a)?, dt)?)
+    Tensor::new(CT::cat(&parts, a)?, dt)
 }
 
 pub fn gather(x: &Tensor, idx: &Tensor, axis: i64) -> Result<Tensor> {
