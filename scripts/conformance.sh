@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# Regenerates docs/conformance.md (Kiln vs ONNX Runtime vs candle-onnx, same data and rule) and,
+# with --write-expected, tests/conformance/expected_pass.txt.
+# candle-onnx's build needs a system protoc: apt-get install -y protobuf-compiler.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+DATA="$(bash scripts/gen-conformance-data.sh </dev/null | tail -n 1)"
+extra=()
+if [[ "${1:-}" == "--write-expected" ]]; then
+  extra+=(--write-expected tests/conformance/expected_pass.txt)
+fi
+cargo run --release -q -p kiln-conformance --features candle-baseline -- \
+  --data "$DATA" --candle --write-doc docs/conformance.md --results target-conformance-results.tsv "${extra[@]}"

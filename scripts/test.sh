@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Kiln's test command (README, CI): lint, unit + integration tests, and the whole ONNX node
+# test suite checked against tests/conformance/expected_pass.txt.
+#
+# Needs: a Rust toolchain, python3 (>= 3.10) with venv + pip access for the pinned onnx /
+# onnxruntime wheels (scripts/setup-python.sh). Caches: $KILN_CACHE (default ~/.cache/kiln).
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+step() { printf '\n== %s\n' "$*"; }
+
+step "format"
+cargo fmt --all -- --check
+
+step "clippy"
+cargo clippy --workspace --all-targets -- -D warnings
+
+step "conformance data (onnx 1.23.2 node tests + onnxruntime reference)"
+DATA="$(bash scripts/gen-conformance-data.sh </dev/null | tail -n 1)"
+export KILN_NODE_TESTS="$DATA"
+
+step "unit and integration tests"
+cargo test --workspace
+
+step "ONNX node test suite (fails if a test in expected_pass.txt regresses)"
+cargo run -q -p kiln-conformance -- --data "$DATA" --check tests/conformance/expected_pass.txt
