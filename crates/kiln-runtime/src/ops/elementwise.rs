@@ -32,11 +32,13 @@ pub fn register(r: &mut Registry) {
             let (a, b) = (tin(ins, 0)?, tin(ins, 1)?);
             let dt = same_dtype(a, b)?;
             if dt.is_float() {
+                // fmod=1: C fmod (sign of the dividend); fmod=0: numpy mod (sign of the divisor).
                 return out1(host_binary(a, b, dt, |x, y| {
-                    if fmod {
-                        x % y
+                    let r = x % y;
+                    if fmod || r == 0.0 || (r < 0.0) == (y < 0.0) {
+                        r
                     } else {
-                        x - y * (x / y).floor()
+                        r + y
                     }
                 })?);
             }
@@ -44,11 +46,8 @@ pub fn register(r: &mut Registry) {
                 if y == 0 {
                     bail!("integer modulo by zero");
                 }
-                Ok(if fmod {
-                    x.wrapping_rem(y)
-                } else {
-                    x.rem_euclid(y) + if y < 0 && x.rem_euclid(y) != 0 { y } else { 0 }
-                })
+                let r = x.wrapping_rem(y);
+                Ok(if fmod || r == 0 || (r < 0) == (y < 0) { r } else { r + y })
             })?)
         }))
     });
@@ -105,16 +104,19 @@ pub fn register(r: &mut Registry) {
             let (a, b) = (tin(ins, 0)?, tin(ins, 1)?);
             let dt = same_dtype(a, b)?;
             let bits = dt.size_in_bytes() as i64 * 8;
+            let signed = dt.is_signed();
             out1(host_binary_i64(a, b, dt, |x, s| {
-                let (x, s) = (x as u64, s.clamp(0, 64) as u32);
-                let r = if s >= bits as u32 {
-                    0
-                } else if left {
-                    x << s
-                } else {
+                // Shifts outside [0, width) give 0 (or -1 for a negative signed value shifted right).
+                if s < 0 || s >= bits {
+                    return Ok(if !left && signed && x < 0 { -1 } else { 0 });
+                }
+                Ok(if left {
+                    ((x as u64) << s) as i64
+                } else if signed {
                     x >> s
-                };
-                Ok(r as i64)
+                } else {
+                    ((x as u64) >> s) as i64
+                })
             })?)
         }))
     });

@@ -333,7 +333,7 @@ fn slice(n: &NodeCtx) -> Result<Box<dyn OpKernel>> {
         if starts.len() != ends.len() || axes.len() != starts.len() || steps.len() != starts.len() {
             bail!("starts/ends/axes/steps lengths differ");
         }
-        let mut t = x.candle().clone();
+        let mut t = x.candle().contiguous()?;
         for k in 0..axes.len() {
             let a = axes[k];
             let d = t.dims()[a] as i64;
@@ -351,14 +351,18 @@ fn slice(n: &NodeCtx) -> Result<Box<dyn OpKernel>> {
                     t = t.narrow(a, s as usize, len as usize)?;
                 } else {
                     let idx: Vec<u32> = (0..len).map(|i| (s + i * step) as u32).collect();
-                    t = t.index_select(&CT::from_vec(idx, len as usize, t.device())?, a)?;
+                    t = t
+                        .contiguous()?
+                        .index_select(&CT::from_vec(idx, len as usize, t.device())?, a)?;
                 }
             } else {
                 let s = clampv(norm(starts[k]), -1, d - 1);
                 let e = clampv(norm(ends[k]), -1, d - 1);
                 let len = if s > e { (s - e + (-step) - 1) / (-step) } else { 0 };
                 let idx: Vec<u32> = (0..len).map(|i| (s + i * step) as u32).collect();
-                t = t.index_select(&CT::from_vec(idx, len as usize, t.device())?, a)?;
+                t = t
+                    .contiguous()?
+                    .index_select(&CT::from_vec(idx, len as usize, t.device())?, a)?;
             }
         }
         out1(Tensor::new(t, x.dtype())?)
