@@ -314,7 +314,12 @@ fn arg_factory(n: &NodeCtx, is_max: bool) -> Result<Box<dyn OpKernel>> {
             let rev: Vec<u32> = (0..len as u32).rev().collect();
             c = c.index_select(&CT::from_vec(rev, len, dev)?, a)?;
         }
-        let mut r = if is_max { c.argmax_keepdim(a)? } else { c.argmin_keepdim(a)? }.to_dtype(CDType::I64)?;
+        let mut r = if is_max {
+            c.argmax_keepdim(a)?
+        } else {
+            c.argmin_keepdim(a)?
+        }
+        .to_dtype(CDType::I64)?;
         if last {
             r = CT::full(len as i64 - 1, r.shape(), dev)?.sub(&r)?;
         }

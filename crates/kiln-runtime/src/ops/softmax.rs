@@ -101,7 +101,11 @@ fn loss_factory(n: &NodeCtx, with_softmax: bool) -> Result<Box<dyn OpKernel>> {
         if target.dims() != tdims.as_slice() {
             bail!("target shape {:?} does not match input shape {:?}", target.dims(), dims);
         }
-        let log_prob = if with_softmax { Some(softmax(x, 1, false, true)?) } else { None };
+        let log_prob = if with_softmax {
+            Some(softmax(x, 1, false, true)?)
+        } else {
+            None
+        };
         let lp = log_prob.as_ref().unwrap_or(x).to_f64_vec()?;
         let t = target.to_i64_vec()?;
         let w = weight.map(Tensor::to_f64_vec).transpose()?;
