@@ -246,7 +246,9 @@ fn reduce_float(x: &Tensor, op: Red, axes: &[usize], kept: &[usize], fin: &[usiz
         }
         Red::Prod => unreachable_float()?,
     };
-    debug_assert_eq!(r.dims(), kept);
+    if r.dims() != kept {
+        bail!("internal: reduction produced shape {:?}, expected {kept:?}", r.dims());
+    }
     let r = r.reshape(fin)?.to_dtype(x.candle().dtype())?;
     Tensor::new(r, dt)
 }
