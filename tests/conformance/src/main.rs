@@ -15,7 +15,7 @@ use anyhow::{bail, Context, Result};
 use clap::Parser;
 use kiln::internals::onnx::{read_value_file, DataValue};
 use kiln::internals::runtime::{Tensor, Value};
-use kiln::{Level, Session};
+use kiln::{Device, Level, Session};
 
 use compare::{compare, Tol};
 
@@ -31,6 +31,9 @@ struct Args {
     /// Optimization level.
     #[arg(long, default_value = "basic")]
     level: Level,
+    /// Device: cpu, cuda or cuda:N (CUDA needs the `cuda` feature).
+    #[arg(long, default_value = "cpu")]
+    device: String,
     /// Fail when a test listed in this file no longer passes.
     #[arg(long)]
     check: Option<PathBuf>,
@@ -163,8 +166,13 @@ fn from_value(v: Value, name: &str) -> Result<DataValue> {
     })
 }
 
-fn run_kiln(case: &TestCase, level: Level) -> Status {
+fn run_kiln(case: &TestCase, level: Level, device: Device) -> Status {
+    let dev = match device.to_candle() {
+        Ok(d) => d,
+        Err(e) => return Status::Error(e.to_string()),
+    };
     let session = match Session::builder()
+        .device(device)
         .optimization(level)
         .build_from_file(case.dir.join("model.onnx"))
     {
@@ -192,7 +200,6 @@ fn run_kiln(case: &TestCase, level: Level) -> Status {
         .iter()
         .map(|v| model.graph.value_name(*v).to_string())
         .collect();
-    let dev = candle_core::Device::Cpu;
     for (ins, expected) in sets {
         let by_name: HashMap<&str, &DataValue> = case
             .meta
@@ -332,12 +339,13 @@ fn main() -> Result<()> {
     if cases.is_empty() {
         bail!("no tests found in {}", args.data.display());
     }
+    let device: Device = args.device.parse()?;
     let started = Instant::now();
     let timeout = Duration::from_secs(args.timeout);
     let mut kiln_results: BTreeMap<String, Status> = BTreeMap::new();
     for c in &cases {
         let (name, dir, meta, level) = (c.name.clone(), c.dir.clone(), c.meta.clone(), args.level);
-        let st = guarded(timeout, move || run_kiln(&TestCase { name, dir, meta }, level));
+        let st = guarded(timeout, move || run_kiln(&TestCase { name, dir, meta }, level, device));
         if args.verbose && st != Status::Pass {
             println!(
                 "{:<60} {:<11} {}",
@@ -350,7 +358,7 @@ fn main() -> Result<()> {
     }
     let passed = kiln_results.values().filter(|s| **s == Status::Pass).count();
     println!(
-        "kiln: {passed} of {} node tests pass ({:.1}s)",
+        "kiln ({device}): {passed} of {} node tests pass ({:.1}s)",
         cases.len(),
         started.elapsed().as_secs_f64()
     );
