@@ -3,6 +3,8 @@
 //! 1-D/2-D convolutions with uniform strides/dilations run on candle's conv kernels; every other
 //! case uses an im2col built from strided views of the padded input plus one batched matmul.
 
+#![allow(clippy::needless_range_loop)]
+
 use candle_core::{DType as CDType, Tensor as CT};
 use kiln_graph::DType;
 use rayon::prelude::*;
@@ -256,7 +258,7 @@ fn conv_nd(
     let sp = xd.len() - 2;
     let (nb, c) = (xd[0], xd[1]);
     let m = wd[0];
-    if c % g != 0 || m % g != 0 || wd[1] * g != c {
+    if c % g != 0 || !m.is_multiple_of(g) || wd[1] * g != c {
         bail!("Conv: channels {c} / weight {wd:?} do not fit group {g}");
     }
     let k = &wd[2..];
@@ -334,7 +336,11 @@ fn conv_transpose_factory(n: &NodeCtx) -> Result<Box<dyn OpKernel>> {
         let xd = x.dims().to_vec();
         let wd = w.dims().to_vec();
         if xd.len() < 3 || wd.len() != xd.len() {
-            bail!("ConvTranspose: input rank {} and weight rank {} do not fit", xd.len(), wd.len());
+            bail!(
+                "ConvTranspose: input rank {} and weight rank {} do not fit",
+                xd.len(),
+                wd.len()
+            );
         }
         let sp = xd.len() - 2;
         let g = a.group;
@@ -442,7 +448,10 @@ fn conv_transpose_factory(n: &NodeCtx) -> Result<Box<dyn OpKernel>> {
             }
         }
         // Weight [C, M/g, K...] -> [M, C/g, K...] with flipped spatial axes.
-        let mut wf = wc.reshape([vec![g, c / g, mg], k.clone()].concat())?.transpose(1, 2)?.contiguous()?;
+        let mut wf = wc
+            .reshape([vec![g, c / g, mg], k.clone()].concat())?
+            .transpose(1, 2)?
+            .contiguous()?;
         for i in 0..sp {
             let ax = 3 + i;
             let idx: Vec<u32> = (0..k[i] as u32).rev().collect();
@@ -514,7 +523,11 @@ fn space_to_depth(n: &NodeCtx) -> Result<Box<dyn OpKernel>> {
         let y = x
             .candle()
             .reshape(vec![nb, c, h / b, b, w / b, b])?
-            .permute(if crd { vec![0, 1, 3, 5, 2, 4] } else { vec![0, 3, 5, 1, 2, 4] })?
+            .permute(if crd {
+                vec![0, 1, 3, 5, 2, 4]
+            } else {
+                vec![0, 3, 5, 1, 2, 4]
+            })?
             .contiguous()?
             .reshape((nb, c * b * b, h / b, w / b))?;
         out1(Tensor::new(y, x.dtype())?)

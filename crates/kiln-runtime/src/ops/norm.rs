@@ -3,6 +3,8 @@
 //!
 //! Everything runs on whole candle tensors; f16/bf16 are computed in f32 and cast back.
 
+#![allow(clippy::needless_range_loop)]
+
 use candle_core::{DType as CDType, Tensor as CT};
 use kiln_graph::DType;
 
@@ -203,7 +205,10 @@ fn group_norm(n: &NodeCtx) -> Result<Box<dyn OpKernel>> {
         let x = tin(ins, 0)?;
         let d = x.dims().to_vec();
         if d.len() < 2 || d[1] % g != 0 {
-            bail!("GroupNormalization: channels {:?} not divisible by {g} groups", d.get(1));
+            bail!(
+                "GroupNormalization: channels {:?} not divisible by {g} groups",
+                d.get(1)
+            );
         }
         let (nb, c) = (d[0], d[1]);
         let xc = stash_work(x, stash)?;
@@ -222,7 +227,9 @@ fn group_norm(n: &NodeCtx) -> Result<Box<dyn OpKernel>> {
             }
             Ok(v.reshape(chan_shape(c, d.len()))?)
         };
-        let y = y.broadcast_mul(&per(tin(ins, 1)?)?)?.broadcast_add(&per(tin(ins, 2)?)?)?;
+        let y = y
+            .broadcast_mul(&per(tin(ins, 1)?)?)?
+            .broadcast_add(&per(tin(ins, 2)?)?)?;
         out1(back(y, x.dtype())?)
     }))
 }

@@ -1,5 +1,395 @@
-//! Operator family `pool` (see the module list in `ops/mod.rs`).
+//! Operator family `pool`: MaxPool, AveragePool, LpPool, the Global pools, MaxUnpool.
+//!
+//! Windowed pools run on whole candle tensors: the padded input is sliced once per kernel
+//! offset (strided views) and the slices are folded with `maximum` / `add`.
 
-use super::Registry;
+#![allow(clippy::needless_range_loop)]
 
-pub fn register(_r: &mut Registry) {}
+use candle_core::Tensor as CT;
+use kiln_graph::DType;
+use rayon::prelude::*;
+
+use super::common::{elems, tin, tin_opt};
+use super::nn::{float_back, float_work, pad_value, parse_auto_pad, spatial_attr, strided, window_pads, AutoPad};
+use super::{kernel, out1, NodeCtx, OpKernel, Registry, RunCx};
+use crate::{bail, Result, Tensor, Value};
+
+pub fn register(r: &mut Registry) {
+    r.add("MaxPool", |n| pool_factory(n, Kind::Max));
+    r.add("AveragePool", |n| pool_factory(n, Kind::Avg));
+    r.add("LpPool", |n| pool_factory(n, Kind::Lp));
+    r.add("GlobalAveragePool", |_| Ok(global(Kind::Avg, 2)));
+    r.add("GlobalMaxPool", |_| Ok(global(Kind::Max, 2)));
+    r.add("GlobalLpPool", |n| {
+        let p = n.attr_i("p", 2)?;
+        Ok(global(Kind::Lp, p))
+    });
+    r.add("MaxUnpool", max_unpool);
+}
+
+#[derive(Clone, Copy, PartialEq, Debug)]
+enum Kind {
+    Max,
+    Avg,
+    Lp,
+}
+
+#[derive(Clone, Debug)]
+struct PoolAttrs {
+    kind: Kind,
+    auto: AutoPad,
+    kernel: Vec<i64>,
+    strides: Option<Vec<i64>>,
+    dilations: Option<Vec<i64>>,
+    pads: Option<Vec<i64>>,
+    ceil: bool,
+    count_include_pad: bool,
+    p: i64,
+    storage_order: i64,
+    want_indices: bool,
+}
+
+fn pool_factory(n: &NodeCtx, kind: Kind) -> Result<Box<dyn OpKernel>> {
+    let a = PoolAttrs {
+        kind,
+        auto: parse_auto_pad(n)?,
+        kernel: n
+            .attr_ints("kernel_shape")?
+            .ok_or_else(|| n.err("kernel_shape is required"))?,
+        strides: n.attr_ints("strides")?,
+        dilations: n.attr_ints("dilations")?,
+        pads: n.attr_ints("pads")?,
+        ceil: n.attr_i("ceil_mode", 0)? != 0,
+        count_include_pad: n.attr_i("count_include_pad", 0)? != 0,
+        p: n.attr_i("p", 2)?,
+        storage_order: n.attr_i("storage_order", 0)?,
+        want_indices: kind == Kind::Max && n.num_outputs() > 1,
+    };
+    if a.kernel.iter().any(|&k| k < 1) {
+        return Err(n.err(format!("kernel_shape must be positive: {:?}", a.kernel)));
+    }
+    Ok(kernel(move |cx, ins| {
+        let x = tin(ins, 0)?;
+        pool_run(cx, x, &a)
+    }))
+}
+
+/// Geometry of one pooling call.
+struct Geo {
+    k: Vec<usize>,
+    s: Vec<usize>,
+    d: Vec<usize>,
+    pb: Vec<usize>,
+    pe: Vec<usize>,
+    out: Vec<usize>,
+}
+
+fn geometry(a: &PoolAttrs, input: &[usize]) -> Result<Geo> {
+    let sp = input.len();
+    if a.kernel.len() != sp {
+        bail!("kernel_shape has {} values for {sp} spatial axes", a.kernel.len());
+    }
+    let k: Vec<usize> = a.kernel.iter().map(|&v| v as usize).collect();
+    let s = spatial_attr(&a.strides, sp, 1, "strides")?;
+    let d = spatial_attr(&a.dilations, sp, 1, "dilations")?;
+    let (pb, pe) = window_pads(a.auto, &a.pads, input, &k, &s, &d)?;
+    let mut out = Vec::with_capacity(sp);
+    for i in 0..sp {
+        let span = (k[i] - 1) * d[i] + 1;
+        let padded = input[i] + pb[i] + pe[i];
+        let o = match a.auto {
+            AutoPad::SameUpper | AutoPad::SameLower => input[i].div_ceil(s[i]),
+            _ => {
+                if padded < span {
+                    bail!("pooling window larger than the padded input");
+                }
+                let num = padded - span;
+                if a.ceil {
+                    let mut o = num.div_ceil(s[i]) + 1;
+                    if (o - 1) * s[i] >= input[i] + pb[i] {
+                        o -= 1;
+                    }
+                    o
+                } else {
+                    num / s[i] + 1
+                }
+            }
+        };
+        out.push(o);
+    }
+    Ok(Geo { k, s, d, pb, pe, out })
+}
+
+fn min_value(dt: DType) -> f64 {
+    match dt {
+        DType::U8 | DType::U16 | DType::U32 | DType::U64 | DType::Bool => 0.0,
+        DType::I8 => -128.0,
+        DType::I16 => -32768.0,
+        DType::I32 => i32::MIN as f64,
+        DType::I64 => i64::MIN as f64,
+        _ => f64::NEG_INFINITY,
+    }
+}
+
+/// Folds every kernel offset of the padded tensor `xp` with `f`.
+fn fold_windows(xp: &CT, g: &Geo, f: impl Fn(&CT, &CT) -> candle_core::Result<CT>) -> Result<CT> {
+    let sp = g.k.len();
+    let kprod: usize = g.k.iter().product();
+    let mut acc: Option<CT> = None;
+    for kk in 0..kprod {
+        let mut rem = kk;
+        let mut off = vec![0usize; sp];
+        for i in (0..sp).rev() {
+            off[i] = rem % g.k[i];
+            rem /= g.k[i];
+        }
+        let mut s = xp.clone();
+        for i in 0..sp {
+            s = strided(&s, 2 + i, off[i] * g.d[i], g.out[i], g.s[i])?;
+        }
+        acc = Some(match acc {
+            None => s.contiguous()?,
+            Some(a) => f(&a, &s)?,
+        });
+    }
+    match acc {
+        Some(a) => Ok(a),
+        None => bail!("empty pooling kernel"),
+    }
+}
+
+/// Pads the spatial axes: `pb` before, and after enough to fit every window.
+fn pad_spatial(t: &CT, g: &Geo, input: &[usize], value: f64, explicit_end_value: Option<f64>) -> Result<CT> {
+    let mut xp = t.clone();
+    for i in 0..g.k.len() {
+        let span = (g.k[i] - 1) * g.d[i] + 1;
+        let need = (g.out[i].saturating_sub(1)) * g.s[i] + span;
+        let end = need.saturating_sub(input[i] + g.pb[i]);
+        match explicit_end_value {
+            // Pads inside the explicit pad region get `value`, the ceil-mode extra gets the other.
+            Some(v2) => {
+                let inner = end.min(g.pe[i]);
+                xp = pad_value(&xp, 2 + i, g.pb[i], inner, value)?;
+                xp = pad_value(&xp, 2 + i, 0, end - inner, v2)?;
+            }
+            None => xp = pad_value(&xp, 2 + i, g.pb[i], end, value)?,
+        }
+    }
+    Ok(xp)
+}
+
+fn pool_run(cx: &RunCx, x: &Tensor, a: &PoolAttrs) -> Result<Vec<Value>> {
+    let xd = x.dims().to_vec();
+    if xd.len() < 3 {
+        bail!("pooling needs an input of rank >= 3, got {xd:?}");
+    }
+    let input = &xd[2..];
+    let g = geometry(a, input)?;
+    let mut out_dims = xd[..2].to_vec();
+    out_dims.extend_from_slice(&g.out);
+    cx.check_alloc(elems(&out_dims), x.dtype())?;
+    if a.want_indices {
+        return max_pool_indices(x, &g, a.storage_order, &out_dims);
+    }
+    match a.kind {
+        Kind::Max => {
+            if x.dtype() == DType::Bool {
+                bail!("MaxPool does not take bool input");
+            }
+            let xp = pad_spatial(x.candle(), &g, input, min_value(x.dtype()), None)?;
+            let y = fold_windows(&xp, &g, |a, b| a.maximum(b))?;
+            out1(Tensor::new(y, x.dtype())?)
+        }
+        Kind::Avg | Kind::Lp => {
+            let xc = float_work(x)?;
+            let xc = if a.kind == Kind::Lp {
+                if a.p == 1 {
+                    xc.abs()?
+                } else if a.p == 2 {
+                    xc.sqr()?
+                } else {
+                    xc.abs()?.powf(a.p as f64)?
+                }
+            } else {
+                xc
+            };
+            let xp = pad_spatial(&xc, &g, input, 0.0, None)?;
+            let sum = fold_windows(&xp, &g, |a, b| a.add(b))?;
+            let y = if a.kind == Kind::Lp {
+                if a.p == 1 {
+                    sum
+                } else if a.p == 2 {
+                    sum.sqrt()?
+                } else {
+                    sum.powf(1.0 / a.p as f64)?
+                }
+            } else {
+                // Divisor: the pooled count of valid (or explicitly padded) positions.
+                let mut od = vec![1usize, 1];
+                od.extend_from_slice(input);
+                let ones = CT::ones(od.as_slice(), xc.dtype(), xc.device())?;
+                let mp = if a.count_include_pad {
+                    pad_spatial(&ones, &g, input, 1.0, Some(0.0))?
+                } else {
+                    pad_spatial(&ones, &g, input, 0.0, None)?
+                };
+                let cnt = fold_windows(&mp, &g, |a, b| a.add(b))?;
+                let cnt = cnt.maximum(1.0)?;
+                sum.broadcast_div(&cnt)?
+            };
+            out1(float_back(y, x.dtype())?)
+        }
+    }
+}
+
+/// MaxPool with the Indices output (host code).
+fn max_pool_indices(x: &Tensor, g: &Geo, storage_order: i64, out_dims: &[usize]) -> Result<Vec<Value>> {
+    let xd = x.dims().to_vec();
+    let input = &xd[2..];
+    let sp = input.len();
+    let in_n: usize = input.iter().product();
+    let out_n: usize = g.out.iter().product();
+    let xv = x.to_f64_vec()?;
+    let kprod: usize = g.k.iter().product();
+    let nc = xd[0] * xd[1];
+    let mut vals = vec![0.0f64; nc * out_n];
+    let mut idxs = vec![0i64; nc * out_n];
+    vals.par_chunks_mut(out_n.max(1))
+        .zip(idxs.par_chunks_mut(out_n.max(1)))
+        .enumerate()
+        .for_each(|(ci, (vd, id))| {
+            let src = &xv[ci * in_n..(ci + 1) * in_n];
+            let mut o = vec![0usize; sp];
+            let mut pos = vec![0i64; sp];
+            for p in 0..out_n {
+                let mut r = p;
+                for i in (0..sp).rev() {
+                    o[i] = r % g.out[i];
+                    r /= g.out[i];
+                }
+                let mut best = f64::NEG_INFINITY;
+                let mut best_i: i64 = -1;
+                for kk in 0..kprod {
+                    let mut r = kk;
+                    let mut ok = true;
+                    for i in (0..sp).rev() {
+                        let ko = r % g.k[i];
+                        r /= g.k[i];
+                        pos[i] = (o[i] * g.s[i] + ko * g.d[i]) as i64 - g.pb[i] as i64;
+                        if pos[i] < 0 || pos[i] >= input[i] as i64 {
+                            ok = false;
+                        }
+                    }
+                    if !ok {
+                        continue;
+                    }
+                    let mut off = 0usize;
+                    for i in 0..sp {
+                        off = off * input[i] + pos[i] as usize;
+                    }
+                    let v = src[off];
+                    if v > best || best_i < 0 {
+                        best = v;
+                        let flat = if storage_order == 1 {
+                            let mut f = 0usize;
+                            for i in (0..sp).rev() {
+                                f = f * input[i] + pos[i] as usize;
+                            }
+                            f
+                        } else {
+                            off
+                        };
+                        best_i = (ci * in_n + flat) as i64;
+                    }
+                }
+                vd[p] = best;
+                id[p] = best_i;
+            }
+        });
+    let y = Tensor::from_f64s(vals, out_dims, x.dtype(), x.device())?;
+    let i = Tensor::from_i64s(idxs, out_dims, x.device())?;
+    Ok(vec![Value::Tensor(y), Value::Tensor(i)])
+}
+
+fn global(kind: Kind, p: i64) -> Box<dyn OpKernel> {
+    kernel(move |_, ins| {
+        let x = tin(ins, 0)?;
+        let d = x.dims().to_vec();
+        if d.len() < 2 {
+            bail!("global pooling needs rank >= 2");
+        }
+        let mut od = d[..2].to_vec();
+        od.extend(std::iter::repeat_n(1, d.len() - 2));
+        let flat = (d[0], d[1], d[2..].iter().product::<usize>());
+        match kind {
+            Kind::Max => {
+                if flat.2 == 0 {
+                    bail!("GlobalMaxPool of an empty input");
+                }
+                let y = x.candle().reshape(flat)?.max_keepdim(2)?.reshape(od)?;
+                out1(Tensor::new(y, x.dtype())?)
+            }
+            Kind::Avg => {
+                let y = float_work(x)?.reshape(flat)?.mean_keepdim(2)?.reshape(od)?;
+                out1(float_back(y, x.dtype())?)
+            }
+            Kind::Lp => {
+                let xc = float_work(x)?.reshape(flat)?.abs()?;
+                let y = xc.powf(p as f64)?.sum_keepdim(2)?.powf(1.0 / p as f64)?.reshape(od)?;
+                out1(float_back(y, x.dtype())?)
+            }
+        }
+    })
+}
+
+fn max_unpool(n: &NodeCtx) -> Result<Box<dyn OpKernel>> {
+    let kernel_shape = n
+        .attr_ints("kernel_shape")?
+        .ok_or_else(|| n.err("kernel_shape is required"))?;
+    let strides = n.attr_ints("strides")?;
+    let pads = n.attr_ints("pads")?;
+    Ok(kernel(move |cx, ins| {
+        let x = tin(ins, 0)?;
+        let ind = tin(ins, 1)?;
+        let xd = x.dims().to_vec();
+        if xd.len() < 3 || ind.dims() != xd.as_slice() {
+            bail!("MaxUnpool: X {:?} and I {:?} must match", xd, ind.dims());
+        }
+        let sp = xd.len() - 2;
+        if kernel_shape.len() != sp || kernel_shape.iter().any(|&k| k < 1) {
+            bail!("MaxUnpool: bad kernel_shape {kernel_shape:?}");
+        }
+        let s = spatial_attr(&strides, sp, 1, "strides")?;
+        let (pb, pe) = window_pads(AutoPad::NotSet, &pads, &xd[2..], &vec![1; sp], &s, &vec![1; sp])?;
+        let out_dims: Vec<usize> = match tin_opt(ins, 2)? {
+            Some(t) => {
+                let v = t.to_i64_vec()?;
+                if v.len() != xd.len() || v.iter().any(|&d| d < 0) {
+                    bail!("MaxUnpool: bad output_shape {v:?}");
+                }
+                v.iter().map(|&d| d as usize).collect()
+            }
+            None => {
+                let mut o = xd[..2].to_vec();
+                for i in 0..sp {
+                    let full = (xd[2 + i] - 1) * s[i] + kernel_shape[i] as usize;
+                    o.push(full.saturating_sub(pb[i] + pe[i]));
+                }
+                o
+            }
+        };
+        cx.check_alloc(elems(&out_dims), x.dtype())?;
+        let total: usize = out_dims.iter().product();
+        let xv = x.to_f64_vec()?;
+        let iv = ind.to_i64_vec()?;
+        let mut out = vec![0.0f64; total];
+        for (&v, &i) in xv.iter().zip(&iv) {
+            if i < 0 || i as usize >= total {
+                bail!("MaxUnpool: index {i} out of range");
+            }
+            let dst = i as usize;
+            out[dst] = v;
+        }
+        out1(Tensor::from_f64s(out, &out_dims, x.dtype(), x.device())?)
+    }))
+}

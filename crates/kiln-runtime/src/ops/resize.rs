@@ -3,6 +3,8 @@
 //! Resize is separable: each resized axis is interpolated in turn on a host f64 buffer, following
 //! the ONNX reference (`onnx/reference/ops/op_resize.py`) exactly.
 
+#![allow(clippy::needless_range_loop)]
+
 use kiln_graph::DType;
 use rayon::prelude::*;
 
@@ -237,7 +239,7 @@ fn resize_run(
                 bail!("scales has {} values, expected {}", sc.len(), na);
             }
             for (i, &d) in axes.iter().enumerate() {
-                if !(sc[i] > 0.0) || !sc[i].is_finite() {
+                if sc[i].is_nan() || sc[i] <= 0.0 || !sc[i].is_finite() {
                     bail!("invalid scale {}", sc[i]);
                 }
                 scale_f[d] = sc[i];
