@@ -25,6 +25,9 @@ pub fn register(r: &mut Registry) {
 // ---------------------------------------------------------------------------------------------
 // Shared helpers (also used by `pool.rs`).
 
+/// Largest kernel size, stride, dilation or pad accepted (keeps index arithmetic in range).
+pub(super) const LIMIT: i64 = i32::MAX as i64;
+
 /// `auto_pad` attribute.
 #[derive(Clone, Copy, PartialEq, Debug)]
 pub(super) enum AutoPad {
@@ -52,8 +55,8 @@ pub(super) fn spatial_attr(v: &Option<Vec<i64>>, sp: usize, default: i64, name: 
             if v.len() != sp {
                 bail!("attribute {name} has {} values for {sp} spatial axes", v.len());
             }
-            if v.iter().any(|&x| x < 1) {
-                bail!("attribute {name} must be positive: {v:?}");
+            if v.iter().any(|&x| !(1..=LIMIT).contains(&x)) {
+                bail!("attribute {name} must be positive and below 2^31: {v:?}");
             }
             Ok(v.iter().map(|&x| x as usize).collect())
         }
@@ -70,6 +73,9 @@ pub(super) fn window_pads(
     dilations: &[usize],
 ) -> Result<(Vec<usize>, Vec<usize>)> {
     let sp = input.len();
+    if kernel.len() != sp || kernel.iter().any(|&k| k == 0 || k as i64 > LIMIT) {
+        bail!("bad kernel shape {kernel:?} for {sp} spatial axes");
+    }
     match auto {
         AutoPad::NotSet => match pads {
             None => Ok((vec![0; sp], vec![0; sp])),
@@ -77,8 +83,8 @@ pub(super) fn window_pads(
                 if p.len() != 2 * sp {
                     bail!("pads has {} values for {sp} spatial axes", p.len());
                 }
-                if p.iter().any(|&v| v < 0) {
-                    bail!("negative pads are not supported: {p:?}");
+                if p.iter().any(|&v| !(0..=LIMIT).contains(&v)) {
+                    bail!("pads must be in 0..2^31: {p:?}");
                 }
                 Ok((
                     p[..sp].iter().map(|&v| v as usize).collect(),
@@ -258,15 +264,18 @@ fn conv_nd(
     let sp = xd.len() - 2;
     let (nb, c) = (xd[0], xd[1]);
     let m = wd[0];
-    if c % g != 0 || !m.is_multiple_of(g) || wd[1] * g != c {
+    if c % g != 0 || !m.is_multiple_of(g) || wd[1].checked_mul(g) != Some(c) {
         bail!("Conv: channels {c} / weight {wd:?} do not fit group {g}");
     }
     let k = &wd[2..];
     let mut out_sp = Vec::with_capacity(sp);
+    if k.iter().any(|&v| v == 0 || v as i64 > LIMIT) {
+        bail!("Conv: bad kernel shape {k:?}");
+    }
     for i in 0..sp {
         let padded = xd[2 + i] + pb[i] + pe[i];
         let span = (k[i] - 1) * dil[i] + 1;
-        if k[i] == 0 || padded < span {
+        if padded < span {
             bail!("Conv: kernel {k:?} larger than the padded input");
         }
         out_sp.push((padded - span) / strides[i] + 1);
@@ -353,16 +362,23 @@ fn conv_transpose_factory(n: &NodeCtx) -> Result<Box<dyn OpKernel>> {
             bail!("ConvTranspose: weight {wd:?} does not fit {c} input channels");
         }
         let mg = wd[1];
-        let m = mg * g;
+        let Some(m) = mg.checked_mul(g) else {
+            bail!("ConvTranspose: too many output channels");
+        };
         let k: Vec<usize> = wd[2..].to_vec();
-        if k.contains(&0) {
-            bail!("ConvTranspose: empty kernel");
+        if k.iter().any(|&v| v == 0 || v as i64 > LIMIT) {
+            bail!("ConvTranspose: bad kernel shape {k:?}");
+        }
+        if xd[2..].contains(&0) {
+            bail!("ConvTranspose: empty spatial input");
         }
         let strides = spatial_attr(&a.strides, sp, 1, "strides")?;
         let dil = spatial_attr(&a.dilations, sp, 1, "dilations")?;
         let op: Vec<usize> = match &output_padding {
             None => vec![0; sp],
-            Some(v) if v.len() == sp && v.iter().all(|&x| x >= 0) => v.iter().map(|&x| x as usize).collect(),
+            Some(v) if v.len() == sp && v.iter().all(|&x| (0..=LIMIT).contains(&x)) => {
+                v.iter().map(|&x| x as usize).collect()
+            }
             Some(v) => bail!("ConvTranspose: bad output_padding {v:?}"),
         };
         // Begin pad and output size per axis.
@@ -430,6 +446,9 @@ fn conv_transpose_factory(n: &NodeCtx) -> Result<Box<dyn OpKernel>> {
         let mut out_dims = vec![nb, m];
         out_dims.extend_from_slice(&out_sp);
         cx.check_alloc(elems(&out_dims), x.dtype())?;
+        let mut up_dims = xd[..2].to_vec();
+        up_dims.extend((0..sp).map(|i| xd[2 + i] * strides[i] + 2 * (k[i] - 1) * dil[i]));
+        cx.check_alloc(elems(&up_dims), DType::F32)?;
         let xc = float_work(x)?;
         let wc = w.candle().to_dtype(xc.dtype())?;
         // Full transposed conv = conv of the zero-interleaved input with the flipped kernel.
@@ -490,7 +509,7 @@ fn depth_to_space(n: &NodeCtx) -> Result<Box<dyn OpKernel>> {
     Ok(kernel(move |_, ins| {
         let x = tin(ins, 0)?;
         let d = x.dims();
-        if d.len() != 4 || d[1] % (b * b) != 0 {
+        if d.len() != 4 || b > 1 << 16 || d[1] % (b * b) != 0 {
             bail!("DepthToSpace: bad input shape {d:?} for blocksize {b}");
         }
         let (nb, c, h, w) = (d[0], d[1], d[2], d[3]);
@@ -546,7 +565,7 @@ fn col2im_factory(n: &NodeCtx) -> Result<Box<dyn OpKernel>> {
         let image = tin(ins, 1)?.to_i64_vec()?;
         let block = tin(ins, 2)?.to_i64_vec()?;
         let sp = image.len();
-        if block.len() != sp || sp == 0 || image.iter().chain(&block).any(|&v| v < 1) {
+        if block.len() != sp || sp == 0 || image.iter().chain(&block).any(|&v| !(1..=LIMIT).contains(&v)) {
             bail!("Col2Im: bad image_shape {image:?} / block_shape {block:?}");
         }
         let image: Vec<usize> = image.iter().map(|&v| v as usize).collect();

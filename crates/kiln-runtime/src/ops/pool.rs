@@ -65,7 +65,7 @@ fn pool_factory(n: &NodeCtx, kind: Kind) -> Result<Box<dyn OpKernel>> {
         storage_order: n.attr_i("storage_order", 0)?,
         want_indices: kind == Kind::Max && n.num_outputs() > 1,
     };
-    if a.kernel.iter().any(|&k| k < 1) {
+    if a.kernel.iter().any(|&k| !(1..=super::nn::LIMIT).contains(&k)) {
         return Err(n.err(format!("kernel_shape must be positive: {:?}", a.kernel)));
     }
     Ok(kernel(move |cx, ins| {
@@ -356,7 +356,7 @@ fn max_unpool(n: &NodeCtx) -> Result<Box<dyn OpKernel>> {
             bail!("MaxUnpool: X {:?} and I {:?} must match", xd, ind.dims());
         }
         let sp = xd.len() - 2;
-        if kernel_shape.len() != sp || kernel_shape.iter().any(|&k| k < 1) {
+        if kernel_shape.len() != sp || kernel_shape.iter().any(|&k| !(1..=super::nn::LIMIT).contains(&k)) {
             bail!("MaxUnpool: bad kernel_shape {kernel_shape:?}");
         }
         let s = spatial_attr(&strides, sp, 1, "strides")?;
@@ -372,7 +372,7 @@ fn max_unpool(n: &NodeCtx) -> Result<Box<dyn OpKernel>> {
             None => {
                 let mut o = xd[..2].to_vec();
                 for i in 0..sp {
-                    let full = (xd[2 + i] - 1) * s[i] + kernel_shape[i] as usize;
+                    let full = xd[2 + i].saturating_sub(1) * s[i] + kernel_shape[i] as usize;
                     o.push(full.saturating_sub(pb[i] + pe[i]));
                 }
                 o

@@ -5,6 +5,7 @@
 
 #![allow(clippy::needless_range_loop)]
 
+use candle_core::{DType as CDType, Tensor as CT};
 use kiln_graph::DType;
 use rayon::prelude::*;
 
@@ -258,7 +259,19 @@ fn resize_run(
             bail!("cannot resize an empty axis");
         }
     }
-    let mut data = x.to_f64_vec()?;
+    let dt = x.dtype();
+    if elems(&out_dims) == 0 {
+        let z = CT::zeros(out_dims.as_slice(), x.candle().dtype(), x.device())?;
+        return Tensor::new(z, dt);
+    }
+    // Nearest without renormalisation or extrapolation is a pure gather: exact for every dtype.
+    let gather = cfg.mode == Mode::Nearest && !cfg.exclude_outside && cfg.ctm != Ctm::TfCropAndResize;
+    let mut t: CT = match dt {
+        _ if gather => x.candle().clone(),
+        DType::F32 | DType::F64 => x.candle().clone(),
+        DType::F16 | DType::BF16 => x.candle().to_dtype(CDType::F32)?,
+        _ => x.candle().to_dtype(CDType::F64)?,
+    };
     let mut cur = dims.clone();
     for &ax in &axes {
         let s = scale_f[ax];
@@ -270,17 +283,82 @@ fn resize_run(
         if identity {
             continue;
         }
-        data = interp_axis(&data, &cur, ax, s, o, cfg, axis_roi)?;
+        let taps = axis_taps(cur[ax], s, o, cfg, axis_roi)?;
+        t = apply_taps(&t, ax, &taps, gather, cfg.extrapolation)?;
         cur[ax] = o;
     }
-    let dt = x.dtype();
-    if !dt.is_float() {
-        let (lo, hi) = int_range(dt);
-        for v in data.iter_mut() {
-            *v = v.round().clamp(lo, hi);
-        }
+    if gather {
+        return Tensor::new(t.contiguous()?, dt);
     }
-    Tensor::from_f64s(data, &out_dims, dt, x.device())
+    if dt.is_float() {
+        let st = crate::tensor::storage_dtype(dt)?;
+        return Tensor::new(t.to_dtype(st)?, dt);
+    }
+    let (lo, hi) = int_range(dt);
+    let t = t.round()?.clamp(lo, hi)?;
+    Tensor::new(t, DType::F64)?.cast(dt)
+}
+
+/// One output position of a 1-D resize: source indices, their weights, extrapolated flag.
+type Tap = (Vec<usize>, Vec<f64>, bool);
+
+/// Applies per-axis taps with candle gathers and a weighted sum.
+fn apply_taps(t: &CT, axis: usize, taps: &[Tap], gather: bool, ev: f64) -> Result<CT> {
+    let dev = t.device();
+    let out_w = taps.len();
+    if gather {
+        let idx: Vec<u32> = taps
+            .iter()
+            .map(|(i, c, _)| {
+                let k = c
+                    .iter()
+                    .enumerate()
+                    .fold(0usize, |best, (k, &v)| if v > c[best] { k } else { best });
+                i.get(k).copied().unwrap_or(0) as u32
+            })
+            .collect();
+        return Ok(t.index_select(&CT::from_vec(idx, out_w, dev)?, axis)?);
+    }
+    let n = taps.first().map(|t| t.1.len()).unwrap_or(0);
+    if taps.iter().any(|t| t.1.len() != n || t.0.len() != n) || n == 0 {
+        bail!("internal: uneven resize taps");
+    }
+    let mut wshape = vec![1usize; t.rank()];
+    wshape[axis] = out_w;
+    let mut acc: Option<CT> = None;
+    for k in 0..n {
+        let idx: Vec<u32> = taps.iter().map(|tp| tp.0[k] as u32).collect();
+        let w: Vec<f64> = taps.iter().map(|tp| tp.1[k]).collect();
+        if w.iter().all(|&v| v == 0.0) {
+            continue;
+        }
+        let g = t.index_select(&CT::from_vec(idx, out_w, dev)?, axis)?;
+        let w = CT::from_vec(w, out_w, dev)?
+            .to_dtype(t.dtype())?
+            .reshape(wshape.as_slice())?;
+        let term = g.broadcast_mul(&w)?;
+        acc = Some(match acc {
+            None => term,
+            Some(a) => (a + term)?,
+        });
+    }
+    let acc = match acc {
+        Some(a) => a,
+        None => {
+            let mut d = t.dims().to_vec();
+            d[axis] = out_w;
+            CT::zeros(d, t.dtype(), dev)?
+        }
+    };
+    if taps.iter().any(|tp| tp.2) {
+        let m: Vec<u8> = taps.iter().map(|tp| tp.2 as u8).collect();
+        let m = CT::from_vec(m, out_w, dev)?
+            .reshape(wshape.as_slice())?
+            .broadcast_as(acc.dims())?;
+        let e = (acc.zeros_like()? + ev)?;
+        return Ok(m.where_cond(&e, &acc)?);
+    }
+    Ok(acc)
 }
 
 fn int_range(dt: DType) -> (f64, f64) {
@@ -364,26 +442,14 @@ fn normalize(c: Vec<f64>) -> Vec<f64> {
     c.into_iter().map(|v| v / s).collect()
 }
 
-/// Interpolates along one axis (reference `_interpolate_1d_along_axis`).
-fn interp_axis(
-    data: &[f64],
-    dims: &[usize],
-    axis: usize,
-    scale: f64,
-    out_w: usize,
-    cfg: &ResizeCfg,
-    roi: Option<(f64, f64)>,
-) -> Result<Vec<f64>> {
-    let in_w = dims[axis];
-    let outer: usize = dims[..axis].iter().product();
-    let inner: usize = dims[axis + 1..].iter().product();
-    let out_len = outer * out_w * inner;
-    if out_len == 0 {
-        return Ok(Vec::new());
+/// Source taps along one axis (reference `_interpolate_1d_along_axis`).
+fn axis_taps(in_w: usize, scale: f64, out_w: usize, cfg: &ResizeCfg, roi: Option<(f64, f64)>) -> Result<Vec<Tap>> {
+    if in_w == 0 {
+        bail!("cannot resize an empty axis");
     }
     let output_width = scale * in_w as f64;
     // Per output position: (indices, coeffs, extrapolated).
-    let mut taps: Vec<(Vec<usize>, Vec<f64>, bool)> = Vec::with_capacity(out_w);
+    let mut taps: Vec<Tap> = Vec::with_capacity(out_w);
     for y in 0..out_w {
         let yf = y as f64;
         let mut extrap = false;
@@ -460,28 +526,7 @@ fn interp_axis(
         let idx = idx.into_iter().map(|i| i.clamp(0, in_w as i64 - 1) as usize).collect();
         taps.push((idx, c, extrap));
     }
-    let ev = cfg.extrapolation;
-    let mut out = vec![0.0f64; out_len];
-    out.par_chunks_mut(out_w * inner).enumerate().for_each(|(o, chunk)| {
-        let base = o * in_w * inner;
-        for (y, (idx, c, ex)) in taps.iter().enumerate() {
-            let dst = &mut chunk[y * inner..(y + 1) * inner];
-            if *ex {
-                dst.iter_mut().for_each(|v| *v = ev);
-                continue;
-            }
-            for (&i, &w) in idx.iter().zip(c) {
-                if w == 0.0 {
-                    continue;
-                }
-                let src = &data[base + i * inner..base + (i + 1) * inner];
-                for (d, s) in dst.iter_mut().zip(src) {
-                    *d += w * s;
-                }
-            }
-        }
-    });
-    Ok(out)
+    Ok(taps)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -517,6 +562,9 @@ fn grid_sample_factory(n: &NodeCtx) -> Result<Box<dyn OpKernel>> {
         let (nb, c) = (xd[0], xd[1]);
         let in_sp = &xd[2..];
         let out_sp = &gd[1..r - 1];
+        if in_sp.contains(&0) {
+            bail!("GridSample: empty spatial input");
+        }
         let mut out_dims = vec![nb, c];
         out_dims.extend_from_slice(out_sp);
         cx.check_alloc(elems(&out_dims), x.dtype())?;
@@ -706,11 +754,11 @@ fn affine_grid_factory(n: &NodeCtx) -> Result<Box<dyn OpKernel>> {
         }
         let nb = size[0];
         let sdims = &size[2..];
-        let npts: usize = sdims.iter().product();
         let mut out_dims = vec![nb];
         out_dims.extend_from_slice(sdims);
         out_dims.push(sp);
         cx.check_alloc(elems(&out_dims), theta.dtype())?;
+        let npts: usize = sdims.iter().product();
         let th = theta.to_f64_vec()?;
         let lin = |i: usize, n: usize| -> f64 {
             if n <= 1 {
