@@ -20,6 +20,7 @@ pub fn register(r: &mut Registry) {
     r.add("SpaceToDepth", space_to_depth);
     r.add("Col2Im", col2im_factory);
     r.add("DeformConv", deform_conv_factory);
+    r.add("CausalConvWithState", causal_conv_factory);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -292,7 +293,35 @@ fn conv_nd(
         xp = xp.pad_with_zeros(2 + i, pb[i], pe[i])?;
     }
     let uniform = strides.iter().all(|&s| s == strides[0]) && dil.iter().all(|&d| d == dil[0]);
-    let y = if sp == 2 && uniform {
+    let depthwise = g > 1 && g == c && m == c && wd[1] == 1;
+    let y = if depthwise {
+        // One multiply-add per kernel offset over the whole tensor.
+        let wk = w.reshape((m, kprod))?;
+        let mut bshape = vec![1usize; sp + 2];
+        bshape[1] = m;
+        let mut acc: Option<CT> = None;
+        for kk in 0..kprod {
+            let mut rem = kk;
+            let mut off = vec![0usize; sp];
+            for i in (0..sp).rev() {
+                off[i] = rem % k[i];
+                rem /= k[i];
+            }
+            let mut s = xp.clone();
+            for i in 0..sp {
+                s = strided(&s, 2 + i, off[i] * dil[i], out_sp[i], strides[i])?;
+            }
+            let term = s.broadcast_mul(&wk.narrow(1, kk, 1)?.reshape(bshape.as_slice())?)?;
+            acc = Some(match acc {
+                None => term,
+                Some(a) => (a + term)?,
+            });
+        }
+        match acc {
+            Some(a) => a,
+            None => bail!("Conv: empty kernel"),
+        }
+    } else if sp == 2 && uniform {
         xp.contiguous()?.conv2d(&w.contiguous()?, 0, strides[0], dil[0], g)?
     } else if sp == 1 {
         xp.contiguous()?.conv1d(&w.contiguous()?, 0, strides[0], dil[0], g)?
@@ -329,6 +358,57 @@ fn conv_nd(
         }
         None => Ok(y),
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// CausalConvWithState: depthwise causal 1-D conv carrying the last k-1 inputs as state.
+
+fn causal_conv_factory(n: &NodeCtx) -> Result<Box<dyn OpKernel>> {
+    let act = n.attr_s("activation", "none")?;
+    let silu = match act.as_str() {
+        "none" => false,
+        "silu" | "swish" => true,
+        s => return Err(n.err(format!("unsupported activation '{s}'"))),
+    };
+    Ok(kernel(move |cx, ins| {
+        let x = tin(ins, 0)?;
+        let w = tin(ins, 1)?;
+        let xd = x.dims().to_vec();
+        let wd = w.dims().to_vec();
+        if xd.len() != 3 || wd.len() != 3 || wd[0] != xd[1] || wd[1] != 1 || wd[2] == 0 {
+            bail!("CausalConvWithState: bad shapes input {xd:?} weight {wd:?}");
+        }
+        let (b, c, k) = (xd[0], xd[1], wd[2]);
+        let xc = float_work(x)?;
+        let padded = match tin_opt(ins, 3)? {
+            Some(p) => {
+                if p.dims() != [b, c, k - 1] {
+                    bail!(
+                        "CausalConvWithState: past_state shape {:?}, expected {:?}",
+                        p.dims(),
+                        [b, c, k - 1]
+                    );
+                }
+                CT::cat(&[&p.candle().to_dtype(xc.dtype())?, &xc], 2)?
+            }
+            None => xc.pad_with_zeros(2, k - 1, 0)?,
+        };
+        let wc = w.candle().to_dtype(xc.dtype())?;
+        let bc = tin_opt(ins, 2)?.map(|t| t.candle().to_dtype(xc.dtype())).transpose()?;
+        let mut y = conv_nd(cx, &padded, &wc, bc.as_ref(), c, &[1], &[1], &[0], &[0])?;
+        let y_dt = x.dtype();
+        if silu {
+            // Round to the output dtype first, like the reference.
+            let yr = float_back(y, y_dt)?.candle().to_dtype(CDType::F32)?;
+            y = yr.silu()?;
+        }
+        let len = padded.dims()[2];
+        let state = padded.narrow(2, len - (k - 1), k - 1)?.contiguous()?;
+        Ok(vec![
+            crate::Value::Tensor(float_back(y, y_dt)?),
+            crate::Value::Tensor(float_back(state, y_dt)?),
+        ])
+    }))
 }
 
 // ---------------------------------------------------------------------------------------------
