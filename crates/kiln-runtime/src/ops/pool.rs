@@ -25,6 +25,8 @@ pub fn register(r: &mut Registry) {
         Ok(global(Kind::Lp, p))
     });
     r.add("MaxUnpool", max_unpool);
+    r.add("RoiAlign", roi_align);
+    r.add("MaxRoiPool", max_roi_pool);
 }
 
 #[derive(Clone, Copy, PartialEq, Debug)]
@@ -389,6 +391,213 @@ fn max_unpool(n: &NodeCtx) -> Result<Box<dyn OpKernel>> {
             }
             let dst = i as usize;
             out[dst] = v;
+        }
+        out1(Tensor::from_f64s(out, &out_dims, x.dtype(), x.device())?)
+    }))
+}
+
+/// Bilinear sample positions and weights of one RoiAlign sampling point.
+#[derive(Clone, Copy, Default)]
+struct Pre {
+    pos: [usize; 4],
+    w: [f64; 4],
+}
+
+fn roi_align(n: &NodeCtx) -> Result<Box<dyn OpKernel>> {
+    let default_ctm = if n.opset >= 16 {
+        "half_pixel"
+    } else {
+        "output_half_pixel"
+    };
+    let half_pixel = n.attr_s("coordinate_transformation_mode", default_ctm)? == "half_pixel";
+    let max_mode = n.attr_s("mode", "avg")?.eq_ignore_ascii_case("max");
+    let oh = n.attr_i("output_height", 1)?;
+    let ow = n.attr_i("output_width", 1)?;
+    let sampling = n.attr_i("sampling_ratio", 0)?;
+    let scale = n.attr_f("spatial_scale", 1.0)? as f64;
+    if !(1..=super::nn::LIMIT).contains(&oh) || !(1..=super::nn::LIMIT).contains(&ow) || sampling < 0 {
+        return Err(n.err("RoiAlign: bad output size or sampling_ratio"));
+    }
+    let (ph_n, pw_n) = (oh as usize, ow as usize);
+    Ok(kernel(move |cx, ins| {
+        let x = tin(ins, 0)?;
+        let rois = tin(ins, 1)?;
+        let bi = tin(ins, 2)?.to_i64_vec()?;
+        let xd = x.dims().to_vec();
+        if xd.len() != 4 || rois.dims().len() != 2 || rois.dims()[1] != 4 || rois.dims()[0] != bi.len() {
+            bail!("RoiAlign: bad shapes X {:?} rois {:?}", xd, rois.dims());
+        }
+        let (nb, c, h, w) = (xd[0], xd[1], xd[2], xd[3]);
+        if bi.iter().any(|&b| b < 0 || b as usize >= nb) {
+            bail!("RoiAlign: batch index out of range");
+        }
+        let nr = bi.len();
+        let out_dims = vec![nr, c, ph_n, pw_n];
+        cx.check_alloc(elems(&out_dims), x.dtype())?;
+        if h == 0 || w == 0 {
+            bail!("RoiAlign: empty feature map");
+        }
+        let xv = x.to_f64_vec()?;
+        let rv = rois.to_f64_vec()?;
+        let per = c * ph_n * pw_n;
+        let mut out = vec![0.0f64; nr * per];
+        let off = if half_pixel { 0.5 } else { 0.0 };
+        // Per ROI: sampling grid and its precomputed bilinear taps.
+        let mut plans = Vec::with_capacity(nr);
+        for r in 0..nr {
+            let rs_w = rv[r * 4] * scale - off;
+            let rs_h = rv[r * 4 + 1] * scale - off;
+            let re_w = rv[r * 4 + 2] * scale - off;
+            let re_h = rv[r * 4 + 3] * scale - off;
+            let (mut rw, mut rh) = (re_w - rs_w, re_h - rs_h);
+            if !half_pixel {
+                rw = rw.max(1.0);
+                rh = rh.max(1.0);
+            }
+            let bh = rh / ph_n as f64;
+            let bw = rw / pw_n as f64;
+            let gh = if sampling > 0 {
+                sampling as usize
+            } else {
+                (rh / ph_n as f64).ceil().max(0.0) as usize
+            };
+            let gw = if sampling > 0 {
+                sampling as usize
+            } else {
+                (rw / pw_n as f64).ceil().max(0.0) as usize
+            };
+            if (gh as u128) * (gw as u128) * (ph_n * pw_n) as u128 > 1 << 26 {
+                bail!("RoiAlign: sampling grid too large");
+            }
+            let mut pre = Vec::with_capacity(gh * gw * ph_n * pw_n);
+            for ph in 0..ph_n {
+                for pw in 0..pw_n {
+                    for iy in 0..gh {
+                        let yy = rs_h + ph as f64 * bh + (iy as f64 + 0.5) * bh / gh as f64;
+                        for ix in 0..gw {
+                            let xx = rs_w + pw as f64 * bw + (ix as f64 + 0.5) * bw / gw as f64;
+                            pre.push(roi_pre(yy, xx, h, w));
+                        }
+                    }
+                }
+            }
+            plans.push((pre, (gh * gw).max(1)));
+        }
+        out.par_chunks_mut(per.max(1)).enumerate().for_each(|(r, dst)| {
+            let (pre, count) = &plans[r];
+            let b = bi[r] as usize;
+            let samples = pre.len() / (ph_n * pw_n);
+            for ci in 0..c {
+                let img = &xv[(b * c + ci) * h * w..(b * c + ci + 1) * h * w];
+                for p in 0..ph_n * pw_n {
+                    let taps = &pre[p * samples..(p + 1) * samples];
+                    let v = if max_mode {
+                        taps.iter()
+                            .map(|t| (0..4).map(|k| t.w[k] * img[t.pos[k]]).fold(f64::NEG_INFINITY, f64::max))
+                            .fold(None, |a: Option<f64>, v| Some(a.map_or(v, |a| a.max(v))))
+                            .unwrap_or(0.0)
+                    } else {
+                        let s: f64 = taps
+                            .iter()
+                            .map(|t| (0..4).map(|k| t.w[k] * img[t.pos[k]]).sum::<f64>())
+                            .sum();
+                        s / *count as f64
+                    };
+                    dst[ci * ph_n * pw_n + p] = v;
+                }
+            }
+        });
+        out1(Tensor::from_f64s(out, &out_dims, x.dtype(), x.device())?)
+    }))
+}
+
+fn roi_pre(y: f64, x: f64, h: usize, w: usize) -> Pre {
+    if !(y >= -1.0 && y <= h as f64 && x >= -1.0 && x <= w as f64) {
+        return Pre::default();
+    }
+    let (mut y, mut x) = (y.max(0.0), x.max(0.0));
+    let (mut yl, mut xl) = (y as usize, x as usize);
+    let (yh, xh);
+    if yl >= h - 1 {
+        yl = h - 1;
+        yh = yl;
+        y = yl as f64;
+    } else {
+        yh = yl + 1;
+    }
+    if xl >= w - 1 {
+        xl = w - 1;
+        xh = xl;
+        x = xl as f64;
+    } else {
+        xh = xl + 1;
+    }
+    let (ly, lx) = (y - yl as f64, x - xl as f64);
+    let (hy, hx) = (1.0 - ly, 1.0 - lx);
+    Pre {
+        pos: [yl * w + xl, yl * w + xh, yh * w + xl, yh * w + xh],
+        w: [hy * hx, hy * lx, ly * hx, ly * lx],
+    }
+}
+
+fn max_roi_pool(n: &NodeCtx) -> Result<Box<dyn OpKernel>> {
+    let pooled = n
+        .attr_ints("pooled_shape")?
+        .ok_or_else(|| n.err("pooled_shape is required"))?;
+    let scale = n.attr_f("spatial_scale", 1.0)? as f64;
+    if pooled.len() != 2 || pooled.iter().any(|&v| !(1..=super::nn::LIMIT).contains(&v)) {
+        return Err(n.err(format!("MaxRoiPool: bad pooled_shape {pooled:?}")));
+    }
+    let (ph_n, pw_n) = (pooled[0] as usize, pooled[1] as usize);
+    Ok(kernel(move |cx, ins| {
+        let x = tin(ins, 0)?;
+        let rois = tin(ins, 1)?;
+        let xd = x.dims().to_vec();
+        if xd.len() != 4 || rois.dims().len() != 2 || rois.dims()[1] != 5 {
+            bail!("MaxRoiPool: bad shapes X {:?} rois {:?}", xd, rois.dims());
+        }
+        let (nb, c, h, w) = (xd[0], xd[1], xd[2], xd[3]);
+        let nr = rois.dims()[0];
+        let out_dims = vec![nr, c, ph_n, pw_n];
+        cx.check_alloc(elems(&out_dims), x.dtype())?;
+        let xv = x.to_f64_vec()?;
+        let rv = rois.to_f64_vec()?;
+        let mut out = vec![0.0f64; nr * c * ph_n * pw_n];
+        for r in 0..nr {
+            let b = rv[r * 5];
+            if !(b >= 0.0 && (b as usize) < nb) {
+                bail!("MaxRoiPool: batch index {b} out of range");
+            }
+            let b = b as usize;
+            let sw = (rv[r * 5 + 1] * scale).round() as i64;
+            let sh = (rv[r * 5 + 2] * scale).round() as i64;
+            let ew = (rv[r * 5 + 3] * scale).round() as i64;
+            let eh = (rv[r * 5 + 4] * scale).round() as i64;
+            let rw = (ew.saturating_sub(sw).saturating_add(1)).max(1) as f64;
+            let rh = (eh.saturating_sub(sh).saturating_add(1)).max(1) as f64;
+            let (bh, bw) = (rh / ph_n as f64, rw / pw_n as f64);
+            for ci in 0..c {
+                let img = &xv[(b * c + ci) * h * w..(b * c + ci + 1) * h * w];
+                for ph in 0..ph_n {
+                    let hs = ((ph as f64 * bh).floor() as i64).saturating_add(sh).clamp(0, h as i64) as usize;
+                    let he = (((ph + 1) as f64 * bh).ceil() as i64)
+                        .saturating_add(sh)
+                        .clamp(0, h as i64) as usize;
+                    for pw in 0..pw_n {
+                        let ws = ((pw as f64 * bw).floor() as i64).saturating_add(sw).clamp(0, w as i64) as usize;
+                        let we = (((pw + 1) as f64 * bw).ceil() as i64)
+                            .saturating_add(sw)
+                            .clamp(0, w as i64) as usize;
+                        let mut m = f64::NEG_INFINITY;
+                        for yy in hs..he {
+                            for xx in ws..we {
+                                m = m.max(img[yy * w + xx]);
+                            }
+                        }
+                        out[((r * c + ci) * ph_n + ph) * pw_n + pw] = if he <= hs || we <= ws { 0.0 } else { m };
+                    }
+                }
+            }
         }
         out1(Tensor::from_f64s(out, &out_dims, x.dtype(), x.device())?)
     }))
