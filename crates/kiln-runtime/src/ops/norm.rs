@@ -75,7 +75,10 @@ fn batch_norm(n: &NodeCtx) -> Result<Box<dyn OpKernel>> {
         let (scale, bias, mean, var) = (p(1)?, p(2)?, p(3)?, p(4)?);
         if training {
             // Statistics over every axis but 1.
-            let xt = xc.transpose(0, 1)?.contiguous()?.reshape((c, ()))?;
+            let xt = xc
+                .transpose(0, 1)?
+                .contiguous()?
+                .reshape((c, x.elem_count() / c.max(1)))?;
             let bm = xt.mean_keepdim(1)?;
             let bv = xt.broadcast_sub(&bm)?.sqr()?.mean_keepdim(1)?;
             let (bm, bv) = (bm.reshape(chan_shape(c, r))?, bv.reshape(chan_shape(c, r))?);
@@ -121,7 +124,8 @@ fn instance_norm(n: &NodeCtx) -> Result<Box<dyn OpKernel>> {
             bail!("InstanceNormalization needs rank >= 2");
         }
         let (nb, c) = (d[0], d[1]);
-        let (y, _, _) = norm_rows(&xc.reshape((nb * c, ()))?, eps)?;
+        let inner: usize = d[2..].iter().product();
+        let (y, _, _) = norm_rows(&xc.reshape((nb * c, inner))?, eps)?;
         let cs = chan_shape(c, d.len());
         let scale = work_as(tin(ins, 1)?, &xc)?.reshape(cs.as_slice())?;
         let bias = work_as(tin(ins, 2)?, &xc)?.reshape(cs.as_slice())?;
@@ -151,7 +155,7 @@ fn layer_norm(n: &NodeCtx) -> Result<Box<dyn OpKernel>> {
         let a = norm_axis(axis, d.len())?;
         let outer: usize = d[..a].iter().product();
         let xc = stash_work(x, stash)?;
-        let (y, mean, inv) = norm_rows(&xc.reshape((outer, ()))?, eps)?;
+        let (y, mean, inv) = norm_rows(&xc.reshape((outer, d[a..].iter().product::<usize>()))?, eps)?;
         let mut y = y.reshape(d.as_slice())?;
         if let Some(s) = tin_opt(ins, 1)? {
             y = y.broadcast_mul(&work_as(s, &y)?)?;
@@ -183,7 +187,7 @@ fn rms_norm(n: &NodeCtx) -> Result<Box<dyn OpKernel>> {
         let a = norm_axis(axis, d.len())?;
         let outer: usize = d[..a].iter().product();
         let xc = stash_work(x, stash)?;
-        let x2 = xc.reshape((outer, ()))?;
+        let x2 = xc.reshape((outer, d[a..].iter().product::<usize>()))?;
         let inv = (x2.sqr()?.mean_keepdim(1)? + eps)?.sqrt()?.recip()?;
         let mut y = x2.broadcast_mul(&inv)?.reshape(d.as_slice())?;
         if let Some(s) = tin_opt(ins, 1)? {
@@ -212,7 +216,8 @@ fn group_norm(n: &NodeCtx) -> Result<Box<dyn OpKernel>> {
         }
         let (nb, c) = (d[0], d[1]);
         let xc = stash_work(x, stash)?;
-        let (y, _, _) = norm_rows(&xc.reshape((nb * g, ()))?, eps)?;
+        let per_group: usize = d[1..].iter().product::<usize>() / g;
+        let (y, _, _) = norm_rows(&xc.reshape((nb * g, per_group))?, eps)?;
         let y = y.reshape(d.as_slice())?;
         let per = |t: &Tensor| -> Result<CT> {
             let v = work_as(t, &y)?.flatten_all()?;
@@ -292,11 +297,12 @@ fn lrn(n: &NodeCtx) -> Result<Box<dyn OpKernel>> {
         }
         let xc = work(x)?;
         let c = x.dims()[1];
-        let c1 = (size - 1) / 2;
-        let c2 = size - 1 - c1;
+        // Window [i - c1, i + c2]; parts past the channel range only add zeros.
+        let c1 = ((size - 1) / 2).min(c);
+        let c2 = (size - 1 - (size - 1) / 2).min(c);
         let sq = xc.sqr()?.pad_with_zeros(1, c1, c2)?;
         let mut sum = sq.narrow(1, 0, c)?;
-        for k in 1..size {
+        for k in 1..=c1 + c2 {
             sum = (sum + sq.narrow(1, k, c)?)?;
         }
         let den = ((sum * (alpha / size as f64))? + bias)?.powf(beta)?;

@@ -22,6 +22,9 @@ pub fn register(r: &mut Registry) {
     r.add("GlobalMaxPool", |_| Ok(global(Kind::Max, 2)));
     r.add("GlobalLpPool", |n| {
         let p = n.attr_i("p", 2)?;
+        if p < 1 {
+            return Err(n.err(format!("p must be positive, got {p}")));
+        }
         Ok(global(Kind::Lp, p))
     });
     r.add("MaxUnpool", max_unpool);
@@ -67,6 +70,9 @@ fn pool_factory(n: &NodeCtx, kind: Kind) -> Result<Box<dyn OpKernel>> {
         storage_order: n.attr_i("storage_order", 0)?,
         want_indices: kind == Kind::Max && n.num_outputs() > 1,
     };
+    if kind == Kind::Lp && a.p < 1 {
+        return Err(n.err(format!("p must be positive, got {}", a.p)));
+    }
     if a.kernel.iter().any(|&k| !(1..=super::nn::LIMIT).contains(&k)) {
         return Err(n.err(format!("kernel_shape must be positive: {:?}", a.kernel)));
     }
