@@ -36,6 +36,7 @@ enum Ctm {
     AlignCorners,
     Asymmetric,
     TfCropAndResize,
+    TfHalfPixelForNn,
 }
 
 #[derive(Clone, Copy, PartialEq, Debug)]
@@ -91,7 +92,7 @@ fn resize_factory(n: &NodeCtx) -> Result<Box<dyn OpKernel>> {
             "align_corners" => Ctm::AlignCorners,
             "asymmetric" => Ctm::Asymmetric,
             "tf_crop_and_resize" => Ctm::TfCropAndResize,
-            "tf_half_pixel_for_nn" => Ctm::HalfPixel,
+            "tf_half_pixel_for_nn" => Ctm::TfHalfPixelForNn,
             s => return Err(n.err(format!("unsupported coordinate_transformation_mode '{s}'"))),
         }
     };
@@ -464,11 +465,15 @@ fn axis_taps(in_w: usize, scale: f64, out_w: usize, cfg: &ResizeCfg, roi: Option
             Ctm::Asymmetric => yf / scale,
             Ctm::TfCropAndResize => {
                 let (r0, r1) = roi.unwrap_or((0.0, 1.0));
+                // The roi arithmetic is single precision (as in the reference and ORT), so that
+                // ties such as x.5 land where theirs do.
+                let span = (r1 as f32 - r0 as f32) as f64;
+                let start = (r0 as f32 * (in_w as f32 - 1.0)) as f64;
                 let v = if output_width == 1.0 {
-                    (r1 - r0) * (in_w as f64 - 1.0) / 2.0
+                    span * (in_w as f64 - 1.0) / 2.0
                 } else {
-                    yf * (r1 - r0) * (in_w as f64 - 1.0) / (output_width - 1.0)
-                } + r0 * (in_w as f64 - 1.0);
+                    yf * span * (in_w as f64 - 1.0) / (output_width - 1.0)
+                } + start;
                 extrap = v < 0.0 || v > in_w as f64 - 1.0;
                 v
             }
@@ -480,6 +485,7 @@ fn axis_taps(in_w: usize, scale: f64, out_w: usize, cfg: &ResizeCfg, roi: Option
                 }
             }
             Ctm::HalfPixel => (yf + 0.5) / scale - 0.5,
+            Ctm::TfHalfPixelForNn => (yf + 0.5) / scale,
             Ctm::HalfPixelSymmetric => {
                 let adjustment = out_w as f64 / output_width;
                 let center = in_w as f64 / 2.0;
