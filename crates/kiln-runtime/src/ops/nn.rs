@@ -288,12 +288,18 @@ fn conv_nd(
     let p: usize = out_sp.iter().product();
     cx.check_alloc(elems(&[nb, c, kprod, p]), DType::F32)?;
     // Pad explicitly (asymmetric pads allowed).
-    let mut xp = x.clone();
-    for i in 0..sp {
-        xp = xp.pad_with_zeros(2 + i, pb[i], pe[i])?;
-    }
     let uniform = strides.iter().all(|&s| s == strides[0]) && dil.iter().all(|&d| d == dil[0]);
     let depthwise = g > 1 && g == c && m == c && wd[1] == 1;
+    // candle's kernels take one symmetric pad for all axes; use it when the pads allow.
+    let native = !depthwise && uniform && sp <= 2;
+    let sym = native && pb.iter().chain(pe).all(|&p| p == pb[0]);
+    let native_pad = if sym { pb[0] } else { 0 };
+    let mut xp = x.clone();
+    if !sym {
+        for i in 0..sp {
+            xp = xp.pad_with_zeros(2 + i, pb[i], pe[i])?;
+        }
+    }
     let y = if depthwise {
         // One multiply-add per kernel offset over the whole tensor.
         let wk = w.reshape((m, kprod))?;
@@ -322,9 +328,11 @@ fn conv_nd(
             None => bail!("Conv: empty kernel"),
         }
     } else if sp == 2 && uniform {
-        xp.contiguous()?.conv2d(&w.contiguous()?, 0, strides[0], dil[0], g)?
+        xp.contiguous()?
+            .conv2d(&w.contiguous()?, native_pad, strides[0], dil[0], g)?
     } else if sp == 1 {
-        xp.contiguous()?.conv1d(&w.contiguous()?, 0, strides[0], dil[0], g)?
+        xp.contiguous()?
+            .conv1d(&w.contiguous()?, native_pad, strides[0], dil[0], g)?
     } else {
         // im2col from strided views: one slice per kernel offset.
         let mut cols = Vec::with_capacity(kprod);

@@ -166,6 +166,35 @@ fn fold_windows(xp: &CT, g: &Geo, f: impl Fn(&CT, &CT) -> candle_core::Result<CT
     }
 }
 
+/// Max (`max`) or sum over every window of the padded tensor `xp`. 2-D windows without dilation
+/// use candle's pooling kernels (one pass); the rest fold strided views.
+fn window_reduce(xp: &CT, g: &Geo, max: bool) -> Result<CT> {
+    let fast = g.k.len() == 2 && g.d.iter().all(|&d| d == 1) && g.out.iter().all(|&o| o > 0);
+    if !fast {
+        return if max {
+            fold_windows(xp, g, |a, b| a.maximum(b))
+        } else {
+            fold_windows(xp, g, |a, b| a.add(b))
+        };
+    }
+    // Trim to exactly the extent the windows cover, so candle's floor gives `g.out`.
+    let mut t = xp.clone();
+    for i in 0..2 {
+        let need = (g.out[i] - 1) * g.s[i] + g.k[i];
+        if t.dims()[2 + i] < need {
+            bail!("internal: padded input shorter than the pooling windows");
+        }
+        t = t.narrow(2 + i, 0, need)?;
+    }
+    let t = t.contiguous()?;
+    let (k, s) = ((g.k[0], g.k[1]), (g.s[0], g.s[1]));
+    if max {
+        Ok(t.max_pool2d_with_stride(k, s)?)
+    } else {
+        Ok((t.avg_pool2d_with_stride(k, s)? * (g.k[0] * g.k[1]) as f64)?)
+    }
+}
+
 /// Pads the spatial axes: `pb` before, and after enough to fit every window.
 fn pad_spatial(t: &CT, g: &Geo, input: &[usize], value: f64, explicit_end_value: Option<f64>) -> Result<CT> {
     let mut xp = t.clone();
@@ -205,7 +234,7 @@ fn pool_run(cx: &RunCx, x: &Tensor, a: &PoolAttrs) -> Result<Vec<Value>> {
                 bail!("MaxPool does not take bool input");
             }
             let xp = pad_spatial(x.candle(), &g, input, min_value(x.dtype()), None)?;
-            let y = fold_windows(&xp, &g, |a, b| a.maximum(b))?;
+            let y = window_reduce(&xp, &g, true)?;
             out1(Tensor::new(y, x.dtype())?)
         }
         Kind::Avg | Kind::Lp => {
@@ -222,7 +251,7 @@ fn pool_run(cx: &RunCx, x: &Tensor, a: &PoolAttrs) -> Result<Vec<Value>> {
                 xc
             };
             let xp = pad_spatial(&xc, &g, input, 0.0, None)?;
-            let sum = fold_windows(&xp, &g, |a, b| a.add(b))?;
+            let sum = window_reduce(&xp, &g, false)?;
             let y = if a.kind == Kind::Lp {
                 if a.p == 1 {
                     sum
@@ -241,7 +270,7 @@ fn pool_run(cx: &RunCx, x: &Tensor, a: &PoolAttrs) -> Result<Vec<Value>> {
                 } else {
                     pad_spatial(&ones, &g, input, 0.0, None)?
                 };
-                let cnt = fold_windows(&mp, &g, |a, b| a.add(b))?;
+                let cnt = window_reduce(&mp, &g, false)?;
                 let cnt = cnt.maximum(1.0)?;
                 sum.broadcast_div(&cnt)?
             };
