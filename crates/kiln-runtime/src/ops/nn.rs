@@ -534,41 +534,13 @@ fn conv_transpose_factory(n: &NodeCtx) -> Result<Box<dyn OpKernel>> {
         let mut out_dims = vec![nb, m];
         out_dims.extend_from_slice(&out_sp);
         cx.check_alloc(elems(&out_dims), x.dtype())?;
-        let mut up_dims = xd[..2].to_vec();
-        up_dims.extend((0..sp).map(|i| xd[2 + i] * strides[i] + 2 * (k[i] - 1) * dil[i]));
-        cx.check_alloc(elems(&up_dims), DType::F32)?;
         let xc = float_work(x)?;
         let wc = w.candle().to_dtype(xc.dtype())?;
-        // Full transposed conv = conv of the zero-interleaved input with the flipped kernel.
-        let mut xu = xc.clone();
-        for i in 0..sp {
-            let ax = 2 + i;
-            if strides[i] > 1 {
-                let s = strides[i];
-                let d = xu.dims().to_vec();
-                let mut d2 = d.clone();
-                d2.insert(ax + 1, 1);
-                let t = xu.reshape(d2)?.pad_with_zeros(ax + 1, 0, s - 1)?;
-                let mut d3 = d.clone();
-                d3[ax] = d[ax] * s;
-                xu = t.reshape(d3)?.narrow(ax, 0, (d[ax] - 1) * s + 1)?;
-            }
-        }
-        // Weight [C, M/g, K...] -> [M, C/g, K...] with flipped spatial axes.
-        let mut wf = wc
-            .reshape([vec![g, c / g, mg], k.clone()].concat())?
-            .transpose(1, 2)?
-            .contiguous()?;
-        for i in 0..sp {
-            let ax = 3 + i;
-            let idx: Vec<u32> = (0..k[i] as u32).rev().collect();
-            let idx = CT::from_vec(idx, k[i], wf.device())?;
-            wf = wf.index_select(&idx, ax)?;
-        }
-        let wf = wf.reshape([vec![m, c / g], k.clone()].concat())?;
-        let pads: Vec<usize> = (0..sp).map(|i| (k[i] - 1) * dil[i]).collect();
-        let ones = vec![1usize; sp];
-        let mut y = conv_nd(cx, &xu, &wf, None, g, &ones, &dil, &pads, &pads)?;
+        let mut y = if strides.iter().any(|&s| s > 1) {
+            conv_transpose_full(cx, &xc, &wc, g, &strides, &dil)?
+        } else {
+            transpose_by_conv(cx, &xc, &wc, g, &dil)?
+        };
         for i in 0..sp {
             y = crop(&y, 2 + i, begin[i], out_sp[i])?;
         }
@@ -582,6 +554,115 @@ fn conv_transpose_factory(n: &NodeCtx) -> Result<Box<dyn OpKernel>> {
         }
         out1(float_back(y.contiguous()?, x.dtype())?)
     }))
+}
+
+/// Full transposed conv with unit strides = conv of the input with the flipped, transposed kernel.
+fn transpose_by_conv(cx: &RunCx, xc: &CT, wc: &CT, g: usize, dil: &[usize]) -> Result<CT> {
+    let xd = xc.dims().to_vec();
+    let wd = wc.dims().to_vec();
+    let sp = xd.len() - 2;
+    let c = xd[1];
+    let mg = wd[1];
+    let m = mg * g;
+    let k: Vec<usize> = wd[2..].to_vec();
+    // Weight [C, M/g, K...] -> [M, C/g, K...] with flipped spatial axes.
+    let mut wf = wc
+        .reshape([vec![g, c / g, mg], k.clone()].concat())?
+        .transpose(1, 2)?
+        .contiguous()?;
+    for i in 0..sp {
+        let ax = 3 + i;
+        let idx: Vec<u32> = (0..k[i] as u32).rev().collect();
+        let idx = CT::from_vec(idx, k[i], wf.device())?;
+        wf = wf.index_select(&idx, ax)?;
+    }
+    let wf = wf.reshape([vec![m, c / g], k.clone()].concat())?;
+    let pads: Vec<usize> = (0..sp).map(|i| (k[i] - 1) * dil[i]).collect();
+    let ones = vec![1usize; sp];
+    conv_nd(cx, xc, &wf, None, g, &ones, dil, &pads, &pads)
+}
+
+/// Full (unpadded) transposed convolution as one GEMM plus a phase-split col2im:
+/// x `[N, C, I...]`, w `[C, M/g, K...]` -> `[N, M, F...]` with `F = (I-1)*s + (K-1)*d + 1`.
+/// Output positions are grouped by their residue modulo the stride, so every kernel offset adds a
+/// shifted (not interleaved) block, and the residue grids are interleaved once at the end.
+fn conv_transpose_full(cx: &RunCx, x: &CT, w: &CT, g: usize, s: &[usize], d: &[usize]) -> Result<CT> {
+    let xd = x.dims().to_vec();
+    let wd = w.dims().to_vec();
+    let sp = xd.len() - 2;
+    let (nb, c) = (xd[0], xd[1]);
+    let mg = wd[1];
+    let m = mg * g;
+    let k = &wd[2..];
+    let kprod: usize = k.iter().product();
+    let ins = &xd[2..];
+    let p_in: usize = ins.iter().product();
+    cx.check_alloc(elems(&[nb, m, kprod, p_in]), DType::F32)?;
+    let full: Vec<usize> = (0..sp).map(|i| (ins[i] - 1) * s[i] + (k[i] - 1) * d[i] + 1).collect();
+    let lmax: Vec<usize> = (0..sp).map(|i| full[i].div_ceil(s[i])).collect();
+    let nphase: usize = s.iter().product();
+    let mut grid = vec![nb, m];
+    grid.extend_from_slice(&lmax);
+    cx.check_alloc(elems(&grid).saturating_mul(nphase as u128), DType::F32)?;
+    // cols[n, g, (M/g)*K, P] = W_g^T x_g
+    let wt = w
+        .reshape((g, c / g, mg * kprod))?
+        .transpose(1, 2)?
+        .contiguous()?
+        .unsqueeze(0)?;
+    let xg = x.contiguous()?.reshape((nb, g, c / g, p_in))?;
+    let cols = wt.broadcast_matmul(&xg)?;
+    let mut cd = vec![nb, m, kprod];
+    cd.extend_from_slice(ins);
+    let cols = cols.reshape(cd)?;
+    let mut phases: Vec<Option<CT>> = vec![None; nphase];
+    for kk in 0..kprod {
+        let mut rem = kk;
+        let mut off = vec![0usize; sp];
+        for i in (0..sp).rev() {
+            off[i] = rem % k[i];
+            rem /= k[i];
+        }
+        let mut block = cols.narrow(2, kk, 1)?.squeeze(2)?;
+        let mut ph = 0usize;
+        for i in 0..sp {
+            let pos = off[i] * d[i];
+            let (q, r) = (pos / s[i], pos % s[i]);
+            ph = ph * s[i] + r;
+            let after = lmax[i]
+                .checked_sub(q + ins[i])
+                .ok_or_else(|| crate::RuntimeError::msg("internal: transposed conv block out of range"))?;
+            block = block.pad_with_zeros(2 + i, q, after)?;
+        }
+        phases[ph] = Some(match phases[ph].take() {
+            None => block,
+            Some(a) => (a + block)?,
+        });
+    }
+    let mut level: Vec<CT> = phases
+        .into_iter()
+        .map(|p| match p {
+            Some(t) => Ok(t),
+            None => CT::zeros(grid.as_slice(), x.dtype(), x.device()),
+        })
+        .collect::<candle_core::Result<_>>()?;
+    // Interleave the residue grids, last axis first.
+    for i in (0..sp).rev() {
+        let si = s[i];
+        let mut next = Vec::with_capacity(level.len() / si);
+        for chunk in level.chunks(si) {
+            let st = CT::stack(chunk, 3 + i)?;
+            let mut dd = st.dims().to_vec();
+            dd.remove(3 + i);
+            dd[2 + i] *= si;
+            next.push(st.reshape(dd)?.narrow(2 + i, 0, full[i])?);
+        }
+        level = next;
+    }
+    match level.pop() {
+        Some(t) => Ok(t),
+        None => bail!("internal: empty transposed conv"),
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
