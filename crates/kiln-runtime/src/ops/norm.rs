@@ -65,12 +65,19 @@ fn batch_norm(n: &NodeCtx) -> Result<Box<dyn OpKernel>> {
             bail!("BatchNormalization needs rank >= 2");
         }
         let c = x.dims()[1];
+        let per_act: usize = x.dims()[1..].iter().product();
         let p = |i: usize| -> Result<CT> {
             let t = tin(ins, i)?;
-            if t.elem_count() != c {
-                bail!("parameter {i} has {} values, expected {c}", t.elem_count());
+            if t.elem_count() == c {
+                Ok(work_as(t, &xc)?.reshape(chan_shape(c, r))?)
+            } else if t.elem_count() == per_act && !training {
+                // Opset < 9 with spatial = 0: one value per activation.
+                let mut d = x.dims().to_vec();
+                d[0] = 1;
+                Ok(work_as(t, &xc)?.reshape(d)?)
+            } else {
+                bail!("parameter {i} has {} values, expected {c}", t.elem_count())
             }
-            Ok(work_as(t, &xc)?.reshape(chan_shape(c, r))?)
         };
         let (scale, bias, mean, var) = (p(1)?, p(2)?, p(3)?, p(4)?);
         if training {
