@@ -247,9 +247,11 @@ fn conv_factory(n: &NodeCtx) -> Result<Box<dyn OpKernel>> {
     }))
 }
 
-/// N-D convolution on candle float tensors: x `[N, C, S...]`, w `[M, C/g, K...]`.
+/// N-D convolution on candle float tensors: x `[N, C, S...]`, w `[M, C/g, K...]`, bias `[M]`,
+/// begin/end pads per spatial axis (see `window_pads`). Usable by other families (ConvInteger,
+/// QLinearConv) after dequantizing to f32.
 #[allow(clippy::too_many_arguments)]
-fn conv_nd(
+pub(super) fn conv_nd(
     cx: &RunCx,
     x: &CT,
     w: &CT,
