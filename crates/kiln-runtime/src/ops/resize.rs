@@ -305,6 +305,8 @@ type Tap = (Vec<usize>, Vec<f64>, bool);
 
 /// Applies per-axis taps with candle gathers and a weighted sum.
 fn apply_taps(t: &CT, axis: usize, taps: &[Tap], gather: bool, ev: f64) -> Result<CT> {
+    // candle's index_select needs a contiguous source.
+    let t = &t.contiguous()?;
     let dev = t.device();
     let out_w = taps.len();
     if gather {
