@@ -1,5 +1,319 @@
-//! Operator family `norm` (see the module list in `ops/mod.rs`).
+//! Operator family `norm`: BatchNormalization, InstanceNormalization, LayerNormalization,
+//! GroupNormalization, RMSNormalization, LpNormalization, MeanVarianceNormalization, LRN.
+//!
+//! Everything runs on whole candle tensors; f16/bf16 are computed in f32 and cast back.
 
-use super::Registry;
+#![allow(clippy::needless_range_loop)]
 
-pub fn register(_r: &mut Registry) {}
+use candle_core::{DType as CDType, Tensor as CT};
+use kiln_graph::DType;
+
+use super::common::{norm_axes, norm_axis, tin, tin_opt};
+use super::{kernel, out1, NodeCtx, OpKernel, Registry};
+use crate::{bail, Result, Tensor, Value};
+
+pub fn register(r: &mut Registry) {
+    r.add("BatchNormalization", batch_norm);
+    r.add("InstanceNormalization", instance_norm);
+    r.add("LayerNormalization", layer_norm);
+    r.add("GroupNormalization", group_norm);
+    r.add("RMSNormalization", rms_norm);
+    r.add("LpNormalization", lp_norm);
+    r.add("MeanVarianceNormalization", mvn);
+    r.add("LRN", lrn);
+}
+
+/// Compute dtype for a float input: f16/bf16 widen to f32.
+fn work(t: &Tensor) -> Result<CT> {
+    match t.dtype() {
+        DType::F32 | DType::F64 => Ok(t.candle().clone()),
+        DType::F16 | DType::BF16 => Ok(t.candle().to_dtype(CDType::F32)?),
+        d => bail!("expected a float tensor, found {d}"),
+    }
+}
+
+/// Widens `t` to the compute dtype `like`.
+fn work_as(t: &Tensor, like: &CT) -> Result<CT> {
+    if !t.dtype().is_float() {
+        bail!("expected a float tensor, found {}", t.dtype());
+    }
+    Ok(t.candle().to_dtype(like.dtype())?)
+}
+
+fn back(t: CT, dt: DType) -> Result<Tensor> {
+    let s = crate::tensor::storage_dtype(dt)?;
+    Tensor::new(if t.dtype() == s { t } else { t.to_dtype(s)? }, dt)
+}
+
+/// Shape `[1, C, 1, ...]` for per-channel parameters of a rank-`r` input.
+fn chan_shape(c: usize, r: usize) -> Vec<usize> {
+    let mut s = vec![1usize; r.max(2)];
+    s[1] = c;
+    s
+}
+
+fn batch_norm(n: &NodeCtx) -> Result<Box<dyn OpKernel>> {
+    let eps = n.attr_f("epsilon", 1e-5)? as f64;
+    let momentum = n.attr_f("momentum", 0.9)? as f64;
+    let training = n.opset >= 14 && n.attr_i("training_mode", 0)? != 0;
+    let nout = n.num_outputs();
+    Ok(kernel(move |_, ins| {
+        let x = tin(ins, 0)?;
+        let xc = work(x)?;
+        let r = x.rank();
+        if r < 2 {
+            bail!("BatchNormalization needs rank >= 2");
+        }
+        let c = x.dims()[1];
+        let per_act: usize = x.dims()[1..].iter().product();
+        let p = |i: usize| -> Result<CT> {
+            let t = tin(ins, i)?;
+            if t.elem_count() == c {
+                Ok(work_as(t, &xc)?.reshape(chan_shape(c, r))?)
+            } else if t.elem_count() == per_act && !training {
+                // Opset < 9 with spatial = 0: one value per activation.
+                let mut d = x.dims().to_vec();
+                d[0] = 1;
+                Ok(work_as(t, &xc)?.reshape(d)?)
+            } else {
+                bail!("parameter {i} has {} values, expected {c}", t.elem_count())
+            }
+        };
+        let (scale, bias, mean, var) = (p(1)?, p(2)?, p(3)?, p(4)?);
+        if training {
+            // Statistics over every axis but 1.
+            let xt = xc
+                .transpose(0, 1)?
+                .contiguous()?
+                .reshape((c, x.elem_count() / c.max(1)))?;
+            let bm = xt.mean_keepdim(1)?;
+            let bv = xt.broadcast_sub(&bm)?.sqr()?.mean_keepdim(1)?;
+            let (bm, bv) = (bm.reshape(chan_shape(c, r))?, bv.reshape(chan_shape(c, r))?);
+            let y = xc
+                .broadcast_sub(&bm)?
+                .broadcast_div(&(bv.clone() + eps)?.sqrt()?)?
+                .broadcast_mul(&scale)?
+                .broadcast_add(&bias)?;
+            let om = ((mean * momentum)? + (bm * (1.0 - momentum))?)?.flatten_all()?;
+            let ov = ((var * momentum)? + (bv * (1.0 - momentum))?)?.flatten_all()?;
+            let mut out = vec![Value::Tensor(back(y, x.dtype())?)];
+            if nout > 1 {
+                out.push(Value::Tensor(back(om, x.dtype())?));
+            }
+            if nout > 2 {
+                out.push(Value::Tensor(back(ov, x.dtype())?));
+            }
+            return Ok(out);
+        }
+        let inv = scale.broadcast_div(&(var + eps)?.sqrt()?)?;
+        let shift = bias.broadcast_sub(&mean.broadcast_mul(&inv)?)?;
+        let y = xc.broadcast_mul(&inv)?.broadcast_add(&shift)?;
+        out1(back(y, x.dtype())?)
+    }))
+}
+
+/// Normalizes rows of a 2-D tensor: returns (centered * inv_std, mean, inv_std).
+fn norm_rows(x2: &CT, eps: f64) -> Result<(CT, CT, CT)> {
+    let mean = x2.mean_keepdim(1)?;
+    let cen = x2.broadcast_sub(&mean)?;
+    let var = cen.sqr()?.mean_keepdim(1)?;
+    let inv = (var + eps)?.sqrt()?.recip()?;
+    Ok((cen.broadcast_mul(&inv)?, mean, inv))
+}
+
+fn instance_norm(n: &NodeCtx) -> Result<Box<dyn OpKernel>> {
+    let eps = n.attr_f("epsilon", 1e-5)? as f64;
+    Ok(kernel(move |_, ins| {
+        let x = tin(ins, 0)?;
+        let xc = work(x)?;
+        let d = x.dims().to_vec();
+        if d.len() < 2 {
+            bail!("InstanceNormalization needs rank >= 2");
+        }
+        let (nb, c) = (d[0], d[1]);
+        let inner: usize = d[2..].iter().product();
+        let (y, _, _) = norm_rows(&xc.reshape((nb * c, inner))?, eps)?;
+        let cs = chan_shape(c, d.len());
+        let scale = work_as(tin(ins, 1)?, &xc)?.reshape(cs.as_slice())?;
+        let bias = work_as(tin(ins, 2)?, &xc)?.reshape(cs.as_slice())?;
+        let y = y.reshape(d.as_slice())?.broadcast_mul(&scale)?.broadcast_add(&bias)?;
+        out1(back(y, x.dtype())?)
+    }))
+}
+
+/// Compute dtype from `stash_type` (1 = f32) and the input.
+fn stash_work(x: &Tensor, stash: i64) -> Result<CT> {
+    let c = work(x)?;
+    if stash == 1 || c.dtype() == CDType::F64 {
+        Ok(c)
+    } else {
+        Ok(c.to_dtype(CDType::F64)?)
+    }
+}
+
+fn layer_norm(n: &NodeCtx) -> Result<Box<dyn OpKernel>> {
+    let axis = n.attr_i("axis", -1)?;
+    let eps = n.attr_f("epsilon", 1e-5)? as f64;
+    let stash = n.attr_i("stash_type", 1)?;
+    let nout = n.num_outputs();
+    Ok(kernel(move |_, ins| {
+        let x = tin(ins, 0)?;
+        let d = x.dims().to_vec();
+        let a = norm_axis(axis, d.len())?;
+        let outer: usize = d[..a].iter().product();
+        let xc = stash_work(x, stash)?;
+        let (y, mean, inv) = norm_rows(&xc.reshape((outer, d[a..].iter().product::<usize>()))?, eps)?;
+        let mut y = y.reshape(d.as_slice())?;
+        if let Some(s) = tin_opt(ins, 1)? {
+            y = y.broadcast_mul(&work_as(s, &y)?)?;
+        }
+        if let Some(b) = tin_opt(ins, 2)? {
+            y = y.broadcast_add(&work_as(b, &y)?)?;
+        }
+        let mut out = vec![Value::Tensor(back(y, x.dtype())?)];
+        let mut sd = d.clone();
+        sd[a..].iter_mut().for_each(|v| *v = 1);
+        let stat_dt = if stash == 1 { DType::F32 } else { x.dtype() };
+        if nout > 1 {
+            out.push(Value::Tensor(back(mean.reshape(sd.as_slice())?, stat_dt)?));
+        }
+        if nout > 2 {
+            out.push(Value::Tensor(back(inv.reshape(sd.as_slice())?, stat_dt)?));
+        }
+        Ok(out)
+    }))
+}
+
+fn rms_norm(n: &NodeCtx) -> Result<Box<dyn OpKernel>> {
+    let axis = n.attr_i("axis", -1)?;
+    let eps = n.attr_f("epsilon", 1e-5)? as f64;
+    let stash = n.attr_i("stash_type", 1)?;
+    Ok(kernel(move |_, ins| {
+        let x = tin(ins, 0)?;
+        let d = x.dims().to_vec();
+        let a = norm_axis(axis, d.len())?;
+        let outer: usize = d[..a].iter().product();
+        let xc = stash_work(x, stash)?;
+        let x2 = xc.reshape((outer, d[a..].iter().product::<usize>()))?;
+        let inv = (x2.sqr()?.mean_keepdim(1)? + eps)?.sqrt()?.recip()?;
+        let mut y = x2.broadcast_mul(&inv)?.reshape(d.as_slice())?;
+        if let Some(s) = tin_opt(ins, 1)? {
+            y = y.broadcast_mul(&work_as(s, &y)?)?;
+        }
+        out1(back(y, x.dtype())?)
+    }))
+}
+
+fn group_norm(n: &NodeCtx) -> Result<Box<dyn OpKernel>> {
+    let eps = n.attr_f("epsilon", 1e-5)? as f64;
+    let groups = n.attr_i("num_groups", 0)?;
+    let stash = n.attr_i("stash_type", 1)?;
+    if groups <= 0 {
+        return Err(n.err("num_groups must be positive"));
+    }
+    let g = groups as usize;
+    Ok(kernel(move |_, ins| {
+        let x = tin(ins, 0)?;
+        let d = x.dims().to_vec();
+        if d.len() < 2 || d[1] % g != 0 {
+            bail!(
+                "GroupNormalization: channels {:?} not divisible by {g} groups",
+                d.get(1)
+            );
+        }
+        let (nb, c) = (d[0], d[1]);
+        let xc = stash_work(x, stash)?;
+        let per_group: usize = d[1..].iter().product::<usize>() / g;
+        let (y, _, _) = norm_rows(&xc.reshape((nb * g, per_group))?, eps)?;
+        let y = y.reshape(d.as_slice())?;
+        let per = |t: &Tensor| -> Result<CT> {
+            let v = work_as(t, &y)?.flatten_all()?;
+            let v = if v.dims()[0] == g && g != c {
+                // Opset 18: one value per group, repeated over its channels.
+                v.reshape((g, 1))?.broadcast_as((g, c / g))?.flatten_all()?
+            } else {
+                v
+            };
+            if v.dims()[0] != c {
+                bail!("GroupNormalization: parameter has {} values", v.dims()[0]);
+            }
+            Ok(v.reshape(chan_shape(c, d.len()))?)
+        };
+        let y = y
+            .broadcast_mul(&per(tin(ins, 1)?)?)?
+            .broadcast_add(&per(tin(ins, 2)?)?)?;
+        out1(back(y, x.dtype())?)
+    }))
+}
+
+fn lp_norm(n: &NodeCtx) -> Result<Box<dyn OpKernel>> {
+    let axis = n.attr_i("axis", -1)?;
+    let p = n.attr_i("p", 2)?;
+    if p != 1 && p != 2 {
+        return Err(n.err(format!("LpNormalization: p must be 1 or 2, got {p}")));
+    }
+    Ok(kernel(move |_, ins| {
+        let x = tin(ins, 0)?;
+        let a = norm_axis(axis, x.rank())?;
+        let xc = work(x)?;
+        let norm = if p == 1 {
+            xc.abs()?.sum_keepdim(a)?
+        } else {
+            xc.sqr()?.sum_keepdim(a)?.sqrt()?
+        };
+        let zero = norm.eq(0.0)?;
+        let safe = zero.where_cond(&norm.ones_like()?, &norm)?;
+        let y = xc.broadcast_div(&safe)?;
+        let y = zero.broadcast_as(y.dims())?.where_cond(&y.zeros_like()?, &y)?;
+        out1(back(y, x.dtype())?)
+    }))
+}
+
+fn mvn(n: &NodeCtx) -> Result<Box<dyn OpKernel>> {
+    let axes = n.attr_ints("axes")?.unwrap_or(vec![0, 2, 3]);
+    Ok(kernel(move |_, ins| {
+        let x = tin(ins, 0)?;
+        let ax = norm_axes(&axes, x.rank())?;
+        let xc = work(x)?;
+        let mut mean = xc.clone();
+        let mut msq = xc.sqr()?;
+        for &a in &ax {
+            mean = mean.mean_keepdim(a)?;
+            msq = msq.mean_keepdim(a)?;
+        }
+        let var = (msq - mean.sqr()?)?.relu()?;
+        let std = (var.sqrt()? + 1e-9)?;
+        let y = xc.broadcast_sub(&mean)?.broadcast_div(&std)?;
+        out1(back(y, x.dtype())?)
+    }))
+}
+
+fn lrn(n: &NodeCtx) -> Result<Box<dyn OpKernel>> {
+    let alpha = n.attr_f("alpha", 1e-4)? as f64;
+    let beta = n.attr_f("beta", 0.75)? as f64;
+    let bias = n.attr_f("bias", 1.0)? as f64;
+    let size = n.attr_i("size", 0)?;
+    if size <= 0 {
+        return Err(n.err("LRN: size must be positive"));
+    }
+    let size = size as usize;
+    Ok(kernel(move |_, ins| {
+        let x = tin(ins, 0)?;
+        if x.rank() < 3 {
+            bail!("LRN needs rank >= 3");
+        }
+        let xc = work(x)?;
+        let c = x.dims()[1];
+        // Window [i - c1, i + c2]; parts past the channel range only add zeros.
+        let c1 = ((size - 1) / 2).min(c);
+        let c2 = (size - 1 - (size - 1) / 2).min(c);
+        let sq = xc.sqr()?.pad_with_zeros(1, c1, c2)?;
+        let mut sum = sq.narrow(1, 0, c)?;
+        for k in 1..=c1 + c2 {
+            sum = (sum + sq.narrow(1, k, c)?)?;
+        }
+        let den = ((sum * (alpha / size as f64))? + bias)?.powf(beta)?;
+        let y = xc.div(&den)?;
+        out1(back(y, x.dtype())?)
+    }))
+}
