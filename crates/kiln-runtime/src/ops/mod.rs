@@ -14,6 +14,7 @@ mod control;
 mod elementwise;
 mod indexing;
 mod matmul;
+mod ml;
 mod nn;
 mod norm;
 mod pool;
@@ -25,6 +26,7 @@ mod sequence;
 mod shape;
 mod signal;
 mod softmax;
+mod text;
 
 /// Run-time context handed to every kernel.
 pub struct RunCx<'a> {
@@ -247,6 +249,7 @@ impl Registry {
             elementwise::register(&mut r);
             indexing::register(&mut r);
             matmul::register(&mut r);
+            ml::register(&mut r);
             nn::register(&mut r);
             norm::register(&mut r);
             pool::register(&mut r);
@@ -258,6 +261,7 @@ impl Registry {
             shape::register(&mut r);
             signal::register(&mut r);
             softmax::register(&mut r);
+            text::register(&mut r);
             r
         })
     }
