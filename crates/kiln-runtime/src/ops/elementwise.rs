@@ -148,10 +148,17 @@ pub fn register(r: &mut Registry) {
         let want_mask = n.num_outputs() > 1;
         Ok(kernel(move |_, ins| {
             let x = tin(ins, 0)?;
-            // Inference mode, or training_mode given as false: identity (ratio ignored).
+            // Inference mode (training_mode absent or false) is the identity whatever the ratio;
+            // training mode is deterministic only for ratio 0.
             if let Some(t) = tin_opt(ins, 2)? {
                 if t.to_i64_vec()?.first().copied().unwrap_or(0) != 0 {
-                    bail!("Dropout in training mode is not supported");
+                    let ratio = match tin_opt(ins, 1)? {
+                        Some(r) => r.to_f64_vec()?.first().copied().unwrap_or(0.5),
+                        None => 0.5,
+                    };
+                    if ratio != 0.0 {
+                        bail!("Dropout in training mode with ratio {ratio} is random and not supported");
+                    }
                 }
             }
             let mut out = vec![Value::Tensor(x.clone())];

@@ -183,6 +183,21 @@ pub fn register(r: &mut Registry) {
         }))
     });
     r.add("Split", split);
+    r.add("BitCast", |n| {
+        let code = n.attr_i("to", 0)?;
+        let to = kiln_graph::DType::from_onnx(code as i32)
+            .ok_or_else(|| n.err(format!("unsupported target type {code}")))?;
+        Ok(kernel(move |cx, ins| {
+            let x = tin(ins, 0)?;
+            if x.dtype().size_in_bytes() != to.size_in_bytes() || to.size_in_bytes() == 0 {
+                bail!("BitCast from {} to {to} needs types of the same size", x.dtype());
+            }
+            // Reinterpret the little-endian bytes of the logical dtype.
+            let data = x.to_data("x")?;
+            let cast = TensorData::new("y", to, data.dims.clone(), data.bytes().to_vec())?;
+            out1(Tensor::from_data(&cast, cx.device)?)
+        }))
+    });
     r.add("Range", |_| {
         Ok(kernel(|cx, ins| {
             let (s, l, d) = (tin(ins, 0)?, tin(ins, 1)?, tin(ins, 2)?);
