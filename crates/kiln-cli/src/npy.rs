@@ -86,7 +86,43 @@ pub fn write(path: &Path, t: &TensorData) -> Result<()> {
             w.extend(v)?;
             w.finish()?;
         }
+        DType::I4 | DType::I2 => {
+            // numpy has no int4/int2: write int8 values.
+            let v: Vec<i8> = t
+                .to_i64_vec()
+                .context("dtype mismatch")?
+                .into_iter()
+                .map(|x| x as i8)
+                .collect();
+            write_values(file, &shape, v)?;
+        }
+        DType::U4 | DType::U2 => {
+            // numpy has no uint4/uint2: write uint8 values.
+            let v: Vec<u8> = t
+                .to_i64_vec()
+                .context("dtype mismatch")?
+                .into_iter()
+                .map(|x| x as u8)
+                .collect();
+            write_values(file, &shape, v)?;
+        }
+        DType::F8E4M3FN | DType::F8E4M3FNUZ | DType::F8E5M2 | DType::F8E5M2FNUZ | DType::F4E2M1 | DType::F8E8M0 => {
+            // numpy has no float8/float4: write float32 values (exact).
+            let v = t.exotic_to_f32().context("dtype mismatch")?;
+            write_values(file, &shape, v)?;
+        }
         DType::String => bail!("string outputs cannot be written as .npy"),
     }
+    Ok(())
+}
+
+fn write_values<T: npyz::AutoSerialize>(file: std::fs::File, shape: &[u64], values: Vec<T>) -> Result<()> {
+    let mut w = npyz::WriteOptions::new()
+        .default_dtype()
+        .shape(shape)
+        .writer(BufWriter::new(file))
+        .begin_nd()?;
+    w.extend(values)?;
+    w.finish()?;
     Ok(())
 }

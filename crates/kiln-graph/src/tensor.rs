@@ -16,6 +16,8 @@ pub struct TensorData {
 
 impl TensorData {
     /// Builds a numeric tensor, checking that the byte length matches dims and dtype.
+    ///
+    /// 4-bit and 2-bit types use the packed ONNX layout ([`DType::pack`]).
     pub fn new(name: impl Into<String>, dtype: DType, dims: Vec<usize>, bytes: Vec<u8>) -> Result<Self> {
         let name = name.into();
         if dtype == DType::String {
@@ -25,12 +27,10 @@ impl TensorData {
             });
         }
         let count = element_count(&name, &dims)?;
-        let want = count
-            .checked_mul(dtype.size_in_bytes())
-            .ok_or_else(|| GraphError::BadTensor {
-                name: name.clone(),
-                reason: format!("dims {dims:?} overflow"),
-            })?;
+        let want = dtype.packed_size(count).ok_or_else(|| GraphError::BadTensor {
+            name: name.clone(),
+            reason: format!("dims {dims:?} overflow"),
+        })?;
         if want != bytes.len() {
             return Err(GraphError::BadTensor {
                 name,
@@ -114,8 +114,49 @@ impl TensorData {
             DType::U16 => b.chunks_exact(2).map(|c| u16::read_le(c) as i64).collect(),
             DType::U32 => b.chunks_exact(4).map(|c| u32::read_le(c) as i64).collect(),
             DType::U64 => b.chunks_exact(8).map(|c| u64::read_le(c) as i64).collect(),
+            DType::I4 | DType::U4 | DType::I2 | DType::U2 => self
+                .dtype
+                .unpack(b, self.len())
+                .into_iter()
+                .map(|c| self.dtype.decode(c).unwrap_or(0.0) as i64)
+                .collect(),
             _ => return None,
         })
+    }
+
+    /// Values of a tensor of an exotic type (float8, float4, int4, int2 families: see
+    /// [`DType::is_exotic`]) decoded to f32, which holds all of them exactly.
+    pub fn exotic_to_f32(&self) -> Option<Vec<f32>> {
+        if !self.dtype.is_exotic() {
+            return None;
+        }
+        let d = self.dtype;
+        Some(
+            d.unpack(&self.bytes, self.len())
+                .into_iter()
+                .map(|c| d.decode(c).unwrap_or(f32::NAN))
+                .collect(),
+        )
+    }
+
+    /// Encodes f32 values as an exotic type (see [`DType::encode`]; `saturate` for float8).
+    pub fn exotic_from_f32(
+        name: impl Into<String>,
+        dtype: DType,
+        dims: Vec<usize>,
+        values: &[f32],
+        saturate: bool,
+    ) -> Result<Self> {
+        let name = name.into();
+        let codes = values
+            .iter()
+            .map(|&v| dtype.encode(v as f64, saturate))
+            .collect::<Option<Vec<u8>>>()
+            .ok_or_else(|| GraphError::BadTensor {
+                name: name.clone(),
+                reason: format!("{dtype} is not a float8/4-bit/2-bit type"),
+            })?;
+        Self::new(name, dtype, dims, dtype.pack(&codes))
     }
 }
 
@@ -187,6 +228,19 @@ mod tests {
     fn overflowing_dims_are_an_error() {
         let e = TensorData::new("w", DType::F32, vec![usize::MAX, 4], vec![]).unwrap_err();
         assert!(e.to_string().contains("overflow"), "{e}");
+    }
+
+    #[test]
+    fn packed_types() {
+        let t = TensorData::new("p", DType::I4, vec![3], vec![0xF1, 0x07]).unwrap();
+        assert_eq!(t.to_i64_vec().unwrap(), vec![1, -1, 7]);
+        assert_eq!(t.exotic_to_f32().unwrap(), vec![1.0, -1.0, 7.0]);
+        let e = TensorData::new("p", DType::U2, vec![5], vec![0]).unwrap_err();
+        assert!(e.to_string().contains("need 2 bytes"), "{e}");
+        let f = TensorData::exotic_from_f32("f", DType::F8E4M3FN, vec![2], &[1.0, 500.0], true).unwrap();
+        assert_eq!(f.bytes(), &[0x38, 0x7E]);
+        let u = TensorData::exotic_from_f32("u", DType::U4, vec![3], &[1.0, 2.0, 15.0], true).unwrap();
+        assert_eq!(u.bytes(), &[0x21, 0x0F]);
     }
 
     #[test]

@@ -74,6 +74,18 @@ fn typed_fields_to_bytes(t: &proto::TensorProto, dtype: DType) -> Vec<u8> {
             .iter()
             .for_each(|&v| out.extend_from_slice(&(v as u16).to_le_bytes())),
         DType::I8 | DType::U8 | DType::Bool => t.int32_data.iter().for_each(|&v| out.push(v as u8)),
+        // float8 types: one bit pattern per entry; 4-bit and 2-bit types: one packed byte per
+        // entry (the same layout as raw_data).
+        DType::F8E4M3FN
+        | DType::F8E4M3FNUZ
+        | DType::F8E5M2
+        | DType::F8E5M2FNUZ
+        | DType::F8E8M0
+        | DType::U4
+        | DType::I4
+        | DType::F4E2M1
+        | DType::U2
+        | DType::I2 => t.int32_data.iter().for_each(|&v| out.push(v as u8)),
         DType::String => {}
     }
     out
@@ -127,7 +139,9 @@ fn read_external(
     let offset = parse("offset")?.unwrap_or(0);
     let want = dims
         .iter()
-        .try_fold(dtype.size_in_bytes() as u64, |a, &d| a.checked_mul(d as u64))
+        .try_fold(1usize, |a, &d| a.checked_mul(d))
+        .and_then(|n| dtype.packed_size(n))
+        .map(|n| n as u64)
         .ok_or_else(|| err("declares dims that overflow".into()))?;
     let length = parse("length")?.unwrap_or(want);
     if length != want {

@@ -8,6 +8,7 @@ use crate::{Result, RuntimeError};
 ///
 /// candle has no i8/u16/u64/bool storage, so those live in a wider candle dtype
 /// ([`storage_dtype`]) and are converted back at the edges ([`Tensor::to_data`]).
+/// The float8, float4, int4 and int2 types are stored as f32 holding representable values.
 #[derive(Debug, Clone)]
 pub struct Tensor {
     t: candle_core::Tensor,
@@ -26,6 +27,17 @@ pub fn storage_dtype(d: DType) -> Result<CDType> {
         DType::U16 | DType::I32 => CDType::I32,
         DType::U32 => CDType::U32,
         DType::I64 | DType::U64 => CDType::I64,
+        // float8/float4/int4/int2 families: every value is exact in f32.
+        DType::F8E4M3FN
+        | DType::F8E4M3FNUZ
+        | DType::F8E5M2
+        | DType::F8E5M2FNUZ
+        | DType::U4
+        | DType::I4
+        | DType::F4E2M1
+        | DType::F8E8M0
+        | DType::U2
+        | DType::I2 => CDType::F32,
         DType::String => return Err(RuntimeError::msg("string tensors are not supported")),
     })
 }
@@ -153,7 +165,13 @@ impl Tensor {
                 dims,
                 device,
             )?,
-            DType::String => {
+            dt if dt.is_exotic() => {
+                let v = d
+                    .exotic_to_f32()
+                    .ok_or_else(|| RuntimeError::msg(format!("tensor '{}': cannot decode {dt}", d.name)))?;
+                candle_core::Tensor::from_vec(v, dims, device)?
+            }
+            _ => {
                 return Err(RuntimeError::msg(format!(
                     "tensor '{}': string tensors are not supported",
                     d.name
@@ -166,6 +184,17 @@ impl Tensor {
     /// Downloads to host data in the logical dtype.
     pub fn to_data(&self, name: &str) -> Result<TensorData> {
         let t = self.t.flatten_all()?;
+        if self.dtype.is_exotic() {
+            // Values are representable already (see `cast`); saturate=false keeps NaN/inf.
+            let v = t.to_dtype(CDType::F32)?.to_vec1::<f32>()?;
+            return Ok(TensorData::exotic_from_f32(
+                name,
+                self.dtype,
+                self.dims().to_vec(),
+                &v,
+                false,
+            )?);
+        }
         let mut out: Vec<u8> = Vec::with_capacity(self.size_in_bytes());
         match self.dtype {
             DType::F32 => t
@@ -211,7 +240,7 @@ impl Tensor {
                 .to_vec1::<i64>()?
                 .iter()
                 .for_each(|&v| out.extend_from_slice(&(v as u64).to_le_bytes())),
-            DType::String => return Err(RuntimeError::msg("string tensors are not supported")),
+            _ => return Err(RuntimeError::msg(format!("{} tensors are not supported", self.dtype))),
         }
         Ok(TensorData::new(name, self.dtype, self.dims().to_vec(), out)?)
     }
@@ -251,10 +280,30 @@ impl Tensor {
         t.cast(dtype)
     }
 
-    /// Casts with ONNX `Cast` semantics: to bool is `!= 0`; narrow integers wrap.
+    /// Casts with ONNX `Cast` semantics: to bool is `!= 0`; narrow integers wrap; float8
+    /// targets saturate (see [`Tensor::cast_with`]).
     pub fn cast(&self, to: DType) -> Result<Tensor> {
+        self.cast_with(to, true, "up")
+    }
+
+    /// `Cast` with its `saturate` (float8 targets: clamp out-of-range values to +-max instead
+    /// of producing inf/NaN) and `round_mode` (float8e8m0 targets: "up", "down", "nearest").
+    pub fn cast_with(&self, to: DType, saturate: bool, round_mode: &str) -> Result<Tensor> {
         if to == self.dtype {
             return Ok(self.clone());
+        }
+        if to.is_exotic() {
+            // Round the values to the target's representable set (encode, then decode).
+            let v = self.to_f64_vec()?;
+            let mut out = Vec::with_capacity(v.len());
+            for x in v {
+                let code = to
+                    .encode_with(x, saturate, round_mode)
+                    .ok_or_else(|| RuntimeError::msg(format!("cannot cast to {to} (round_mode '{round_mode}')")))?;
+                out.push(to.decode(code).unwrap_or(f32::NAN));
+            }
+            let t = candle_core::Tensor::from_vec(out, self.dims(), self.device())?;
+            return Tensor::new(t, to);
         }
         let target = storage_dtype(to)?;
         let t = match to {
@@ -321,6 +370,12 @@ mod tests {
             TensorData::from_values("d", vec![2], &[u64::MAX, 3]).unwrap(),
             TensorData::from_values("e", vec![2], &[true, false]).unwrap(),
             TensorData::from_values("f", vec![1], &[f16::from_f32(0.5)]).unwrap(),
+            TensorData::new("g", DType::I4, vec![3], vec![0xF1, 0x08]).unwrap(),
+            TensorData::new("h", DType::U2, vec![5], vec![0b1110_0100, 0b10]).unwrap(),
+            TensorData::new("i", DType::F8E4M3FN, vec![3], vec![0x38, 0x7F, 0x80]).unwrap(),
+            TensorData::new("j", DType::F8E5M2, vec![2], vec![0x7C, 0x01]).unwrap(),
+            TensorData::new("k", DType::F4E2M1, vec![2], vec![0xF1]).unwrap(),
+            TensorData::new("l", DType::F8E8M0, vec![2], vec![0x00, 0xFE]).unwrap(),
         ];
         for d in cases {
             let t = Tensor::from_data(&d, &dev).unwrap();
@@ -337,5 +392,20 @@ mod tests {
         assert_eq!(u8s.values::<u8>().unwrap(), vec![44, 255, 0]);
         let b = t.cast(DType::Bool).unwrap().to_data("z").unwrap();
         assert_eq!(b.values::<bool>().unwrap(), vec![true, true, false]);
+    }
+
+    #[test]
+    fn cast_to_exotic_types() {
+        let dev = CDevice::Cpu;
+        let d = TensorData::from_values("x", vec![4], &[1.0f32, 500.0, -0.3, f32::INFINITY]).unwrap();
+        let t = Tensor::from_data(&d, &dev).unwrap();
+        let sat = t.cast(DType::F8E4M3FN).unwrap();
+        assert_eq!(sat.to_data("y").unwrap().bytes(), &[0x38, 0x7E, 0xAA, 0x7E]);
+        let raw = t.cast_with(DType::F8E4M3FN, false, "up").unwrap();
+        assert_eq!(raw.to_data("y").unwrap().bytes(), &[0x38, 0x7F, 0xAA, 0x7F]);
+        let i4 = t.cast(DType::I4).unwrap();
+        assert_eq!(i4.to_data("y").unwrap().bytes(), &[0x41, 0x00]);
+        let back = sat.cast(DType::F32).unwrap().to_f64_vec().unwrap();
+        assert_eq!(back, vec![1.0, 448.0, -0.3125, 448.0]);
     }
 }

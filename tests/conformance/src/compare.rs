@@ -49,6 +49,9 @@ pub fn compare_tensor(a: &TensorData, e: &TensorData, tol: &Tol) -> Result<(), S
     }
     if e.dtype.is_float() {
         let (av, ev) = (floats(a), floats(e));
+        if av.len() != ev.len() || ev.len() != e.len() {
+            return Err(format!("{} values could not be decoded", e.dtype));
+        }
         for (i, (&x, &y)) in av.iter().zip(&ev).enumerate() {
             let ok = if y.is_nan() {
                 x.is_nan()
@@ -88,6 +91,13 @@ fn floats(t: &TensorData) -> Vec<f64> {
             .collect(),
         DType::BF16 => t
             .values::<half::bf16>()
+            .unwrap_or_default()
+            .into_iter()
+            .map(f64::from)
+            .collect(),
+        // float8 / float4 / e8m0: decoded (exactly) to f32.
+        d if d.is_exotic() => t
+            .exotic_to_f32()
             .unwrap_or_default()
             .into_iter()
             .map(f64::from)

@@ -1,5 +1,486 @@
-//! Operator family `attention` (see the module list in `ops/mod.rs`).
+//! Operator family `attention`: Attention (opset 23+), RotaryEmbedding, Swish, SwiGLU.
+//!
+//! Everything runs on whole candle tensors. Half-precision inputs are computed in f32 and cast back.
 
-use super::Registry;
+use candle_core::{DType as CDType, Device as CDevice, Tensor as CT, D};
+use kiln_graph::DType;
 
-pub fn register(_r: &mut Registry) {}
+use super::common::{tin, tin_opt};
+use super::{kernel, out1, NodeCtx, OpKernel, Registry};
+use crate::{bail, Result, Tensor, Value};
+
+pub fn register(r: &mut Registry) {
+    r.add("Attention", attention);
+    r.add("RotaryEmbedding", rotary);
+    r.add("Swish", |n| {
+        let alpha = n.attr_f("alpha", 1.0)? as f64;
+        Ok(kernel(move |_, ins| {
+            let x = tin(ins, 0)?;
+            out1(swish(x, alpha)?)
+        }))
+    });
+    r.add("SwiGLU", |n| {
+        let alpha = n.attr_f("alpha", 1.0)? as f64;
+        Ok(kernel(move |_, ins| {
+            let (a, b) = (tin(ins, 0)?, tin(ins, 1)?);
+            if a.dims() != b.dims() {
+                bail!(
+                    "SwiGLU inputs must have the same shape: {:?} vs {:?}",
+                    a.dims(),
+                    b.dims()
+                );
+            }
+            if a.dtype() != b.dtype() {
+                bail!("SwiGLU inputs must have the same dtype");
+            }
+            let s = swish(a, alpha)?;
+            let (sc, dt) = to_compute(&s)?;
+            let (bc, _) = to_compute(b)?;
+            out1(from_compute(sc.mul(&bc)?, dt)?)
+        }))
+    });
+}
+
+/// Converts a float tensor to the dtype used for computing (f32, or f64 for f64 inputs).
+fn to_compute(t: &Tensor) -> Result<(CT, DType)> {
+    let dt = t.dtype();
+    let c = match dt {
+        DType::F32 | DType::F64 => t.candle().clone(),
+        DType::F16 | DType::BF16 => t.candle().to_dtype(CDType::F32)?,
+        other => bail!("expected a float tensor, found {other}"),
+    };
+    Ok((c, dt))
+}
+
+fn from_compute(c: CT, dt: DType) -> Result<Tensor> {
+    Tensor::new(c.to_dtype(crate::tensor::storage_dtype(dt)?)?, dt)
+}
+
+fn swish(x: &Tensor, alpha: f64) -> Result<Tensor> {
+    let (c, dt) = to_compute(x)?;
+    // x * sigmoid(alpha * x) = x / (1 + exp(-alpha * x))
+    let den = c.affine(-alpha, 0.0)?.exp()?.affine(1.0, 1.0)?;
+    from_compute(c.div(&den)?, dt)
+}
+
+fn filled(v: f64, dims: &[usize], cd: CDType, dev: &CDevice) -> Result<CT> {
+    Ok(CT::full(v, dims, dev)?.to_dtype(cd)?)
+}
+
+/// Turns a u8 "allowed" tensor into an additive bias: 0 where allowed, -inf elsewhere.
+fn allowed_to_bias(allowed: &CT, cd: CDType) -> Result<CT> {
+    let dims = allowed.dims().to_vec();
+    let dev = allowed.device();
+    let z = filled(0.0, &dims, cd, dev)?;
+    let n = filled(f64::NEG_INFINITY, &dims, cd, dev)?;
+    Ok(allowed.where_cond(&z, &n)?)
+}
+
+/// Causal / window frontier offset: one for all batches, or one per batch.
+enum Offset {
+    Scalar(i64),
+    PerBatch(Vec<i64>),
+}
+
+/// `diff[b?, i, j] = i + offset[b] - j` as i64: shape (q, kv) or (batch, 1, q, kv).
+fn diff_tensor(q: usize, kv: usize, off: &Offset, dev: &CDevice) -> Result<CT> {
+    let i = CT::arange(0i64, q as i64, dev)?.reshape((q, 1))?;
+    let j = CT::arange(0i64, kv as i64, dev)?.reshape((1, kv))?;
+    Ok(match off {
+        Offset::Scalar(o) => {
+            let o = CT::from_vec(vec![*o], (1, 1), dev)?;
+            i.broadcast_add(&o)?.broadcast_sub(&j)?
+        }
+        Offset::PerBatch(v) => {
+            let b = v.len();
+            let o = CT::from_vec(v.clone(), (b, 1, 1), dev)?;
+            i.broadcast_add(&o)?.broadcast_sub(&j)?.reshape((b, 1, q, kv))?
+        }
+    })
+}
+
+fn add_bias(bias: Option<CT>, extra: CT) -> Result<Option<CT>> {
+    Ok(Some(match bias {
+        None => extra,
+        Some(b) => b.broadcast_add(&extra)?,
+    }))
+}
+
+struct AttnCfg {
+    is_causal: bool,
+    scale: Option<f32>,
+    q_heads: Option<i64>,
+    kv_heads: Option<i64>,
+    softcap: Option<f32>,
+    mode: i64,
+    left: i64,
+    right: i64,
+}
+
+fn attention(n: &NodeCtx) -> Result<Box<dyn OpKernel>> {
+    let cfg = AttnCfg {
+        is_causal: n.attr_i("is_causal", 0)? != 0,
+        scale: n.attr_f_opt("scale")?,
+        q_heads: n.attr_i_opt("q_num_heads")?,
+        kv_heads: n.attr_i_opt("kv_num_heads")?,
+        softcap: n.attr_f_opt("softcap")?,
+        mode: n.attr_i("qk_matmul_output_mode", 0)?,
+        left: n.attr_i("left_window_size", -1)?,
+        right: n.attr_i("right_window_size", -1)?,
+    };
+    if !(0..=3).contains(&cfg.mode) {
+        return Err(n.err(format!("qk_matmul_output_mode {} is not supported", cfg.mode)));
+    }
+    if cfg.left < -1 || cfg.right < -1 {
+        return Err(n.err("window sizes must be -1 or nonnegative"));
+    }
+    Ok(kernel(move |_, ins| run_attention(&cfg, ins)))
+}
+
+/// Splits (B, S, H*D) into (B, H, S, D).
+fn split_heads(t: &CT, heads: i64, what: &str) -> Result<CT> {
+    let (b, s, hid) = t.dims3()?;
+    if heads <= 0 || hid % heads as usize != 0 {
+        bail!("{what} hidden size {hid} is not divisible by the number of heads {heads}");
+    }
+    let h = heads as usize;
+    Ok(t.reshape((b, s, h, hid / h))?.transpose(1, 2)?.contiguous()?)
+}
+
+fn run_attention(cfg: &AttnCfg, ins: &[Option<&Value>]) -> Result<Vec<Value>> {
+    let (q, k, v) = (tin(ins, 0)?, tin(ins, 1)?, tin(ins, 2)?);
+    let mask = tin_opt(ins, 3)?;
+    let past_k = tin_opt(ins, 4)?;
+    let past_v = tin_opt(ins, 5)?;
+    let nonpad = tin_opt(ins, 6)?;
+    let dt = q.dtype();
+    if !dt.is_float() {
+        bail!("Attention expects float inputs, found {dt}");
+    }
+    if k.dtype() != dt || v.dtype() != dt {
+        bail!("Q, K and V must share a dtype");
+    }
+    let rank = q.rank();
+    if k.rank() != rank || v.rank() != rank || !(rank == 3 || rank == 4) {
+        bail!("Q, K and V must all be 3-D or all be 4-D");
+    }
+    if past_k.is_some() != past_v.is_some() {
+        bail!("past_key and past_value must be provided together");
+    }
+    if nonpad.is_some() && past_k.is_some() {
+        bail!("nonpad_kv_seqlen cannot be combined with past_key/past_value");
+    }
+    // 4-D (B, H, S, D) views in the input dtype.
+    let (q4, k4, v4) = if rank == 3 {
+        let (Some(qh), Some(kvh)) = (cfg.q_heads, cfg.kv_heads) else {
+            bail!("q_num_heads and kv_num_heads are required for 3-D inputs");
+        };
+        (
+            split_heads(q.candle(), qh, "Q")?,
+            split_heads(k.candle(), kvh, "K")?,
+            split_heads(v.candle(), kvh, "V")?,
+        )
+    } else {
+        (q.candle().clone(), k.candle().clone(), v.candle().clone())
+    };
+    let (b, hq, s, dq) = q4.dims4()?;
+    let (bk, hk, _, dk) = k4.dims4()?;
+    let (bv, hv, _, dv) = v4.dims4()?;
+    if bk != b || bv != b {
+        bail!("Q, K and V batch sizes differ");
+    }
+    if dk != dq {
+        bail!("Q head size {dq} differs from K head size {dk}");
+    }
+    let cat_past = |cur: CT, past: Option<&Tensor>, what: &str| -> Result<CT> {
+        match past {
+            None => Ok(cur),
+            Some(p) => {
+                if p.dtype() != dt || p.rank() != 4 {
+                    bail!("{what} must be a 4-D tensor of the input dtype");
+                }
+                let (pd, cd) = (p.dims(), cur.dims());
+                if pd[0] != cd[0] || pd[1] != cd[1] || pd[3] != cd[3] {
+                    bail!("{what} shape {pd:?} does not match {cd:?}");
+                }
+                Ok(CT::cat(&[p.candle(), &cur], 2)?)
+            }
+        }
+    };
+    let present_k = cat_past(k4, past_k, "past_key")?;
+    let present_v = cat_past(v4, past_v, "past_value")?;
+    let t = present_k.dim(2)?;
+    if present_v.dim(2)? != t {
+        bail!("K and V sequence lengths differ");
+    }
+    if hk != hv {
+        bail!("K has {hk} heads but V has {hv}");
+    }
+    if hk == 0 || hq % hk != 0 {
+        bail!("q_num_heads {hq} is not a multiple of kv_num_heads {hk}");
+    }
+    let reps = hq / hk;
+    let past_len = past_k.map(|p| p.dims()[2]).unwrap_or(0);
+
+    let cd = if dt == DType::F64 { CDType::F64 } else { CDType::F32 };
+    let dev = q.device();
+    let scale = cfg.scale.map(f64::from).unwrap_or(1.0 / (dq as f64).sqrt());
+
+    // ---- additive bias, broadcastable to (B, Hq, S, T) ----
+    let mask_b = match mask {
+        None => None,
+        Some(m) => {
+            let mut mc = if m.dtype() == DType::Bool {
+                allowed_to_bias(m.candle(), cd)?
+            } else if m.dtype().is_float() {
+                m.candle().to_dtype(cd)?
+            } else {
+                bail!("attn_mask must be bool or float, found {}", m.dtype());
+            };
+            if mc.rank() == 0 {
+                mc = mc.reshape((1, 1))?;
+            }
+            let ml = mc.dims()[mc.rank() - 1];
+            if ml < t {
+                let mut pd = mc.dims().to_vec();
+                let last = pd.len() - 1;
+                pd[last] = t - ml;
+                let pad = filled(f64::NEG_INFINITY, &pd, cd, dev)?;
+                mc = CT::cat(&[&mc, &pad], last)?;
+            } else if ml > t && ml != 1 {
+                bail!("attn_mask last dimension {ml} exceeds the key length {t}");
+            }
+            Some(mc)
+        }
+    };
+    let nonpad_v = match nonpad {
+        None => None,
+        Some(np) => {
+            let v = np.to_i64_vec()?;
+            if v.len() != b {
+                bail!("nonpad_kv_seqlen has {} entries for batch size {b}", v.len());
+            }
+            Some(v)
+        }
+    };
+    let offset = match (&nonpad_v, past_k) {
+        (Some(v), None) => Offset::PerBatch(v.iter().map(|&x| x - s as i64).collect()),
+        _ => Offset::Scalar(past_len as i64),
+    };
+    let window = cfg.left >= 0 || cfg.right >= 0;
+    let mut bias = mask_b;
+    if cfg.is_causal || window {
+        let diff = diff_tensor(s, t, &offset, dev)?;
+        let mut allowed: Option<CT> = None;
+        let mut and = |a: CT| -> Result<()> {
+            allowed = Some(match allowed.take() {
+                None => a,
+                Some(p) => p.mul(&a)?,
+            });
+            Ok(())
+        };
+        if cfg.is_causal {
+            and(diff.ge(0i64)?)?;
+        }
+        if cfg.left >= 0 {
+            and(diff.le(cfg.left)?)?;
+        }
+        if cfg.right >= 0 {
+            and(diff.ge(-cfg.right)?)?;
+        }
+        if let Some(a) = allowed {
+            bias = add_bias(bias, allowed_to_bias(&a, cd)?)?;
+        }
+    }
+    if let Some(v) = &nonpad_v {
+        let j = CT::arange(0i64, t as i64, dev)?.reshape((1, t))?;
+        let lim = CT::from_vec(v.clone(), (b, 1), dev)?;
+        let allowed = j.broadcast_lt(&lim)?.reshape((b, 1, 1, t))?;
+        bias = add_bias(bias, allowed_to_bias(&allowed, cd)?)?;
+    }
+    if let Some(bb) = &bias {
+        if bb.rank() < 2 {
+            bias = Some(bb.broadcast_add(&filled(0.0, &[s, t], cd, dev)?)?);
+        }
+    }
+
+    // ---- QK^T ----
+    // bf16 results are rounded at the reference's rounding points (it computes in bf16 throughout).
+    let emulate = dt == DType::BF16;
+    let rnd = |x: CT| -> Result<CT> {
+        if emulate {
+            Ok(x.to_dtype(CDType::BF16)?.to_dtype(cd)?)
+        } else {
+            Ok(x)
+        }
+    };
+    let (qc, kc) = if emulate {
+        let ss = rnd(CT::new(&[scale.sqrt() as f32], dev)?)?.to_vec1::<f32>()?[0] as f64;
+        (
+            rnd(q4.to_dtype(cd)?.affine(ss, 0.0)?)?,
+            rnd(present_k.to_dtype(cd)?.affine(ss, 0.0)?)?,
+        )
+    } else {
+        (q4.to_dtype(cd)?.affine(scale, 0.0)?, present_k.to_dtype(cd)?)
+    };
+    let vc = present_v.to_dtype(cd)?.contiguous()?;
+    let qg = qc.contiguous()?.reshape((b, hk, reps * s, dq))?;
+    let kt = kc.transpose(2, 3)?.contiguous()?;
+    let mut qk = rnd(qg.matmul(&kt)?.reshape((b, hq, s, t))?)?;
+    if let Some(c) = cfg.softcap {
+        if c > 0.0 {
+            let c = c as f64;
+            qk = rnd(qk.affine(1.0 / c, 0.0)?.tanh()?.affine(c, 0.0)?)?;
+        }
+    }
+    let qk_bias = match &bias {
+        None => qk.clone(),
+        Some(bb) => rnd(qk.broadcast_add(bb)?)?,
+    };
+
+    // ---- softmax robust to fully masked rows ----
+    let mx = qk_bias.max_keepdim(D::Minus1)?;
+    let safe = mx.eq(f64::NEG_INFINITY)?.where_cond(&mx.zeros_like()?, &mx)?;
+    let e = rnd(rnd(qk_bias.broadcast_sub(&safe)?)?.exp()?)?;
+    let sum = if emulate && t <= 256 {
+        // numpy reduces bf16 sequentially, rounding after each add.
+        let mut acc = e.narrow(D::Minus1, 0, 1.min(t))?;
+        for j in 1..t {
+            acc = rnd(acc.add(&e.narrow(D::Minus1, j, 1)?)?)?;
+        }
+        acc
+    } else {
+        rnd(e.sum_keepdim(D::Minus1)?)?
+    };
+    let sum = sum.eq(0f64)?.where_cond(&sum.ones_like()?, &sum)?;
+    let mut p = rnd(e.broadcast_div(&sum)?)?;
+    if let Some(bb) = &bias {
+        let masked = bb.max_keepdim(D::Minus1)?.eq(f64::NEG_INFINITY)?;
+        let masked = masked.broadcast_as(p.shape())?.contiguous()?;
+        p = masked.where_cond(&p.zeros_like()?, &p)?;
+    }
+
+    let y = p
+        .contiguous()?
+        .reshape((b, hk, reps * s, t))?
+        .matmul(&vc)?
+        .reshape((b, hq, s, dv))?;
+    let y = if rank == 3 {
+        y.transpose(1, 2)?.contiguous()?.reshape((b, s, hq * dv))?
+    } else {
+        y
+    };
+    let qk_out = match cfg.mode {
+        2 => qk_bias,
+        3 => p,
+        _ => qk,
+    };
+    Ok(vec![
+        Value::Tensor(from_compute(y, dt)?),
+        Value::Tensor(Tensor::new(present_k, dt)?),
+        Value::Tensor(Tensor::new(present_v, dt)?),
+        Value::Tensor(from_compute(qk_out.contiguous()?, dt)?),
+    ])
+}
+
+fn rotary(n: &NodeCtx) -> Result<Box<dyn OpKernel>> {
+    let interleaved = n.attr_i("interleaved", 0)? != 0;
+    let rot_dim = n.attr_i("rotary_embedding_dim", 0)?;
+    let num_heads = n.attr_i("num_heads", 0)?;
+    if rot_dim < 0 || num_heads < 0 {
+        return Err(n.err("rotary_embedding_dim and num_heads must be nonnegative"));
+    }
+    Ok(kernel(move |_, ins| {
+        let x = tin(ins, 0)?;
+        let (cos, sin) = (tin(ins, 1)?, tin(ins, 2)?);
+        let pos = tin_opt(ins, 3)?;
+        let (xc, dt) = to_compute(x)?;
+        let (cc, _) = to_compute(cos)?;
+        let (sc, _) = to_compute(sin)?;
+        // Work in (B, S, H, D) for 3-D inputs, (B, H, S, D) for 4-D ones.
+        let (x4, b, sq) = match xc.rank() {
+            4 => {
+                let (b, _, s, _) = xc.dims4()?;
+                (xc.clone(), b, s)
+            }
+            3 => {
+                let (b, s, hid) = xc.dims3()?;
+                if num_heads == 0 || hid % num_heads as usize != 0 {
+                    bail!("hidden size {hid} is not divisible by num_heads {num_heads}");
+                }
+                let h = num_heads as usize;
+                (xc.reshape((b, s, h, hid / h))?, b, s)
+            }
+            r => bail!("RotaryEmbedding input must be 3-D or 4-D, got rank {r}"),
+        };
+        let hd = x4.dim(3)?;
+        let rd = if rot_dim == 0 { hd } else { rot_dim as usize };
+        if rd > hd || rd % 2 != 0 {
+            bail!("rotary_embedding_dim {rd} is invalid for head size {hd}");
+        }
+        let half = rd / 2;
+        // cos/sin as (B, S, half)
+        let (cg, sg) = match pos {
+            Some(p) => {
+                let ids = p.to_i64_vec()?;
+                if cc.rank() != 2 || sc.rank() != 2 {
+                    bail!("cos_cache and sin_cache must be 2-D when position_ids is given");
+                }
+                let maxp = cc.dim(0)?.min(sc.dim(0)?);
+                if ids.len() != b * sq {
+                    bail!(
+                        "position_ids shape {:?} does not match (batch, seq) = ({b}, {sq})",
+                        p.dims()
+                    );
+                }
+                let idx: Vec<u32> = ids
+                    .iter()
+                    .map(|&i| {
+                        if i < 0 || i as usize >= maxp {
+                            bail!("position id {i} is out of range for cache length {maxp}");
+                        }
+                        Ok(i as u32)
+                    })
+                    .collect::<Result<_>>()?;
+                let it = CT::from_vec(idx, ids.len(), xc.device())?;
+                (
+                    cc.index_select(&it, 0)?.reshape((b, sq, cc.dim(1)?))?,
+                    sc.index_select(&it, 0)?.reshape((b, sq, sc.dim(1)?))?,
+                )
+            }
+            None => (cc.clone(), sc.clone()),
+        };
+        if cg.rank() != 3 || sg.rank() != 3 || cg.dim(2)? != half || sg.dim(2)? != half {
+            bail!("cos/sin cache last dimension must be rotary_embedding_dim/2 = {half}");
+        }
+        // Broadcast shape for cos/sin against x4's (.., .., .., half).
+        let (cg, sg) = if xc.rank() == 4 {
+            (cg.unsqueeze(1)?, sg.unsqueeze(1)?)
+        } else {
+            (cg.unsqueeze(2)?, sg.unsqueeze(2)?)
+        };
+        let xr = x4.narrow(3, 0, rd)?;
+        let (x1, x2) = if interleaved {
+            let d = xr.dims().to_vec();
+            let pairs = xr.reshape((d[0], d[1], d[2], half, 2))?;
+            (pairs.narrow(4, 0, 1)?.squeeze(4)?, pairs.narrow(4, 1, 1)?.squeeze(4)?)
+        } else {
+            (xr.narrow(3, 0, half)?, xr.narrow(3, half, half)?)
+        };
+        let real = x1.broadcast_mul(&cg)?.sub(&x2.broadcast_mul(&sg)?)?;
+        let imag = x1.broadcast_mul(&sg)?.add(&x2.broadcast_mul(&cg)?)?;
+        let rot = if interleaved {
+            let d = real.dims().to_vec();
+            CT::stack(&[&real, &imag], 4)?.reshape((d[0], d[1], d[2], rd))?
+        } else {
+            CT::cat(&[&real, &imag], 3)?
+        };
+        let out = if rd < hd {
+            CT::cat(&[&rot, &x4.narrow(3, rd, hd - rd)?], 3)?
+        } else {
+            rot
+        };
+        let out = out.reshape(xc.dims())?;
+        out1(from_compute(out, dt)?)
+    }))
+}

@@ -136,10 +136,16 @@ pub fn register(r: &mut Registry) {
     r.add("Cast", |n| {
         let code = n.attr_i("to", 0)?;
         let to = DType::from_onnx(code as i32).ok_or_else(|| n.err(format!("unsupported target type {code}")))?;
-        Ok(kernel(move |_, ins| out1(tin(ins, 0)?.cast(to)?)))
+        let (saturate, round_mode) = cast_options(n)?;
+        Ok(kernel(move |_, ins| {
+            out1(tin(ins, 0)?.cast_with(to, saturate, &round_mode)?)
+        }))
     });
-    r.add("CastLike", |_| {
-        Ok(kernel(|_, ins| out1(tin(ins, 0)?.cast(tin(ins, 1)?.dtype())?)))
+    r.add("CastLike", |n| {
+        let (saturate, round_mode) = cast_options(n)?;
+        Ok(kernel(move |_, ins| {
+            out1(tin(ins, 0)?.cast_with(tin(ins, 1)?.dtype(), saturate, &round_mode)?)
+        }))
     });
     r.add("Identity", |_| {
         Ok(kernel(|_, ins| Ok(vec![super::common::vin(ins, 0)?.clone()])))
@@ -179,6 +185,17 @@ enum Arith {
     Sub,
     Mul,
     Div,
+}
+
+/// Cast/CastLike `saturate` (default 1; float8 targets) and `round_mode` (default "up";
+/// float8e8m0 targets).
+fn cast_options(n: &NodeCtx) -> Result<(bool, String)> {
+    let saturate = n.attr_i("saturate", 1)? != 0;
+    let round_mode = n.attr_s("round_mode", "up")?;
+    if !DType::is_round_mode(&round_mode) {
+        return Err(n.err(format!("unsupported round_mode '{round_mode}'")));
+    }
+    Ok((saturate, round_mode))
 }
 
 fn arith(op: Arith) -> Box<dyn OpKernel> {

@@ -38,6 +38,10 @@ fn qrange(d: DType) -> Result<(f64, f64)> {
         DType::U16 => (0.0, 65535.0),
         DType::I16 => (-32768.0, 32767.0),
         DType::I32 => (i32::MIN as f64, i32::MAX as f64),
+        DType::U4 | DType::I4 | DType::U2 | DType::I2 => {
+            let (lo, hi) = d.small_int_range().unwrap_or((0, 0));
+            (lo as f64, hi as f64)
+        }
         other => bail!("quantized type {other} is not supported"),
     })
 }
@@ -110,9 +114,18 @@ fn cdt(d: DType) -> Result<CDType> {
     crate::tensor::storage_dtype(d)
 }
 
+/// float8 types (zero point must be 0 and is ignored; `saturate` applies).
+fn is_float8(d: DType) -> bool {
+    matches!(
+        d,
+        DType::F8E4M3FN | DType::F8E4M3FNUZ | DType::F8E5M2 | DType::F8E5M2FNUZ
+    )
+}
+
 fn quantize_linear(n: &NodeCtx) -> Result<Box<dyn OpKernel>> {
     let axis = n.attr_i("axis", 1)?;
     let block = n.attr_i("block_size", 0)?;
+    let saturate = n.attr_i("saturate", 1)? != 0;
     let out_code = n.attr_i("output_dtype", 0)?;
     let precision = n.attr_i("precision", 0)?;
     let out_attr = if out_code != 0 {
@@ -136,10 +149,15 @@ fn quantize_linear(n: &NodeCtx) -> Result<Box<dyn OpKernel>> {
             (None, Some(o)) => o,
             (None, None) => DType::U8,
         };
-        if !matches!(out, DType::U8 | DType::I8 | DType::U16 | DType::I16) {
+        let float_out = is_float8(out) || out == DType::F4E2M1;
+        if !float_out
+            && !matches!(
+                out,
+                DType::U8 | DType::I8 | DType::U16 | DType::I16 | DType::U4 | DType::I4 | DType::U2 | DType::I2
+            )
+        {
             bail!("QuantizeLinear to {out} is not supported");
         }
-        let (lo, hi) = qrange(out)?;
         // Division in the requested precision (or the input's float type).
         let div_dt = match prec {
             Some(p) => p,
@@ -149,6 +167,18 @@ fn quantize_linear(n: &NodeCtx) -> Result<Box<dyn OpKernel>> {
         let xd = x.candle().to_dtype(cdt(div_dt)?)?;
         let sd = expand_param(&s.candle().to_dtype(cdt(div_dt)?)?, x.dims(), axis, block)?;
         let q = xd.broadcast_div(&sd)?;
+        if float_out {
+            // float8: x / scale, rounded to nearest even (zero point is 0 by definition);
+            // float4: x / scale + zero point, saturating.
+            let mut q = Tensor::new(q, div_dt)?;
+            if let (Some(z), DType::F4E2M1) = (zp, out) {
+                let wide = if div_dt == DType::F64 { DType::F64 } else { DType::F32 };
+                let zd = expand_param(&z.candle().to_dtype(cdt(wide)?)?, x.dims(), axis, block)?;
+                q = Tensor::new(q.candle().to_dtype(cdt(wide)?)?.broadcast_add(&zd)?, wide)?;
+            }
+            return out1(q.cast_with(out, saturate, "up")?);
+        }
+        let (lo, hi) = qrange(out)?;
         let wide = if div_dt == DType::F64 { CDType::F64 } else { CDType::F32 };
         let mut q = round_half_even(&q.to_dtype(wide)?)?;
         if let Some(z) = zp {
@@ -172,14 +202,21 @@ fn dequantize_linear(n: &NodeCtx) -> Result<Box<dyn OpKernel>> {
     Ok(kernel(move |_, ins| {
         let (x, s) = (tin(ins, 0)?, tin(ins, 1)?);
         let zp = tin_opt(ins, 2)?;
-        if x.dtype().is_float() || x.dtype() == DType::Bool {
-            bail!("DequantizeLinear of {} is not supported", x.dtype());
+        let xdt = x.dtype();
+        let float_in = is_float8(xdt) || xdt == DType::F4E2M1;
+        if (xdt.is_float() && !float_in) || xdt == DType::Bool || xdt == DType::F8E8M0 {
+            bail!("DequantizeLinear of {} is not supported", xdt);
         }
         if let Some(z) = zp {
-            if z.dtype() != x.dtype() {
-                bail!("zero point dtype {} differs from input dtype {}", z.dtype(), x.dtype());
+            if z.dtype() != xdt {
+                bail!("zero point dtype {} differs from input dtype {}", z.dtype(), xdt);
+            }
+            if is_float8(xdt) && z.to_f64_vec()?.iter().any(|&v| v != 0.0) {
+                bail!("the zero point of a {xdt} input must be zero");
             }
         }
+        // float8 and float4 inputs have no zero point to subtract.
+        let zp = if float_in { None } else { zp };
         let out = out_attr.unwrap_or(s.dtype());
         if !out.is_float() {
             bail!("DequantizeLinear scale must be a float, got {}", s.dtype());

@@ -1,5 +1,494 @@
-//! Operator family `rnn` (see the module list in `ops/mod.rs`).
+//! Operator family `rnn`: RNN, GRU, LSTM.
+//!
+//! The input projection of every time step is one matmul over the whole sequence; each step then
+//! runs whole-batch candle ops. Half-precision inputs are computed in f32.
 
-use super::Registry;
+use candle_core::{DType as CDType, Tensor as CT};
+use kiln_graph::DType;
 
-pub fn register(_r: &mut Registry) {}
+use super::common::{tin, tin_opt};
+use super::{kernel, NodeCtx, OpKernel, Registry};
+use crate::{bail, Result, Tensor, Value};
+
+pub fn register(r: &mut Registry) {
+    r.add("RNN", |n| build(n, Kind::Rnn));
+    r.add("GRU", |n| build(n, Kind::Gru));
+    r.add("LSTM", |n| build(n, Kind::Lstm));
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Rnn,
+    Gru,
+    Lstm,
+}
+
+impl Kind {
+    fn gates(self) -> usize {
+        match self {
+            Kind::Rnn => 1,
+            Kind::Gru => 3,
+            Kind::Lstm => 4,
+        }
+    }
+    fn default_acts(self) -> &'static [&'static str] {
+        match self {
+            Kind::Rnn => &["Tanh"],
+            Kind::Gru => &["Sigmoid", "Tanh"],
+            Kind::Lstm => &["Sigmoid", "Tanh", "Tanh"],
+        }
+    }
+}
+
+#[derive(Clone, Copy)]
+enum ActKind {
+    Relu,
+    Tanh,
+    Sigmoid,
+    Affine,
+    LeakyRelu,
+    ThresholdedRelu,
+    ScaledTanh,
+    HardSigmoid,
+    Elu,
+    Softsign,
+    Softplus,
+}
+
+#[derive(Clone, Copy)]
+struct Act {
+    kind: ActKind,
+    alpha: f64,
+    beta: f64,
+}
+
+impl Act {
+    fn apply(&self, x: &CT) -> candle_core::Result<CT> {
+        let (a, b) = (self.alpha, self.beta);
+        match self.kind {
+            ActKind::Relu => x.relu(),
+            ActKind::Tanh => x.tanh(),
+            ActKind::Sigmoid => x.neg()?.exp()?.affine(1.0, 1.0)?.recip(),
+            ActKind::Affine => x.affine(a, b),
+            ActKind::LeakyRelu => {
+                let pos = x.relu()?;
+                let neg = x.sub(&pos)?;
+                pos.add(&neg.affine(a, 0.0)?)
+            }
+            ActKind::ThresholdedRelu => {
+                let m = x.gt(a)?;
+                m.where_cond(x, &x.zeros_like()?)
+            }
+            ActKind::ScaledTanh => x.affine(b, 0.0)?.tanh()?.affine(a, 0.0),
+            ActKind::HardSigmoid => x.affine(a, b)?.clamp(0.0, 1.0),
+            ActKind::Elu => {
+                let m = x.ge(0.0)?;
+                let e = x.exp()?.affine(a, -a)?;
+                m.where_cond(x, &e)
+            }
+            ActKind::Softsign => x.div(&x.abs()?.affine(1.0, 1.0)?),
+            ActKind::Softplus => {
+                // log(1 + exp(x)), stable: max(x,0) + log(1 + exp(-|x|))
+                let r = x.relu()?;
+                r.add(&x.abs()?.neg()?.exp()?.affine(1.0, 1.0)?.log()?)
+            }
+        }
+    }
+}
+
+fn parse_act(name: &str, alphas: &[f32], betas: &[f32], ai: &mut usize, bi: &mut usize) -> Option<Act> {
+    let lower = name.to_ascii_lowercase();
+    // (kind, needs alpha, needs beta, default alpha, default beta)
+    let (kind, na, nb, da, db) = match lower.as_str() {
+        "relu" => (ActKind::Relu, false, false, 0.0, 0.0),
+        "tanh" => (ActKind::Tanh, false, false, 0.0, 0.0),
+        "sigmoid" => (ActKind::Sigmoid, false, false, 0.0, 0.0),
+        "affine" => (ActKind::Affine, true, true, 1.0, 0.0),
+        "leakyrelu" => (ActKind::LeakyRelu, true, false, 0.01, 0.0),
+        "thresholdedrelu" => (ActKind::ThresholdedRelu, true, false, 1.0, 0.0),
+        "scaledtanh" => (ActKind::ScaledTanh, true, true, 1.0, 1.0),
+        "hardsigmoid" => (ActKind::HardSigmoid, true, true, 0.2, 0.5),
+        "elu" => (ActKind::Elu, true, false, 1.0, 0.0),
+        "softsign" => (ActKind::Softsign, false, false, 0.0, 0.0),
+        "softplus" => (ActKind::Softplus, false, false, 0.0, 0.0),
+        _ => return None,
+    };
+    let mut alpha = da;
+    let mut beta = db;
+    if na {
+        if let Some(v) = alphas.get(*ai) {
+            alpha = *v as f64;
+            *ai += 1;
+        }
+    }
+    if nb {
+        if let Some(v) = betas.get(*bi) {
+            beta = *v as f64;
+            *bi += 1;
+        }
+    }
+    Some(Act { kind, alpha, beta })
+}
+
+struct Cfg {
+    kind: Kind,
+    /// `reverse` flag per direction.
+    dirs: Vec<bool>,
+    /// Activations per direction.
+    acts: Vec<Vec<Act>>,
+    clip: Option<f64>,
+    hidden: Option<usize>,
+    layout: i64,
+    linear_before_reset: bool,
+    input_forget: bool,
+}
+
+fn build(n: &NodeCtx, kind: Kind) -> Result<Box<dyn OpKernel>> {
+    let direction = n.attr_s("direction", "forward")?;
+    let dirs = match direction.as_str() {
+        "forward" => vec![false],
+        "reverse" => vec![true],
+        "bidirectional" => vec![false, true],
+        d => return Err(n.err(format!("unknown direction '{d}'"))),
+    };
+    let nacts = kind.default_acts().len();
+    let names: Vec<String> = match n.attr("activations") {
+        Some(kiln_graph::Attribute::Strings(v)) => v.iter().map(|s| String::from_utf8_lossy(s).into_owned()).collect(),
+        Some(_) => return Err(n.err("attribute 'activations' should be strings")),
+        None => kind.default_acts().iter().map(|s| s.to_string()).collect(),
+    };
+    let alphas = n.attr_floats("activation_alpha")?.unwrap_or_default();
+    let betas = n.attr_floats("activation_beta")?.unwrap_or_default();
+    let (mut ai, mut bi) = (0, 0);
+    let mut parsed = Vec::with_capacity(names.len());
+    for name in &names {
+        parsed.push(
+            parse_act(name, &alphas, &betas, &mut ai, &mut bi)
+                .ok_or_else(|| n.err(format!("unsupported activation '{name}'")))?,
+        );
+    }
+    let mut acts = Vec::new();
+    for d in 0..dirs.len() {
+        let start = if parsed.len() >= nacts * (d + 1) { nacts * d } else { 0 };
+        if parsed.len() < start + nacts {
+            return Err(n.err(format!(
+                "expected {} activations, found {}",
+                nacts * dirs.len(),
+                parsed.len()
+            )));
+        }
+        acts.push(parsed[start..start + nacts].to_vec());
+    }
+    let clip = n.attr_f_opt("clip")?.map(f64::from);
+    if let Some(c) = clip {
+        if c.is_nan() || c < 0.0 {
+            return Err(n.err("clip must be nonnegative"));
+        }
+    }
+    let hidden = match n.attr_i_opt("hidden_size")? {
+        Some(h) if h <= 0 => return Err(n.err("hidden_size must be positive")),
+        Some(h) => Some(h as usize),
+        None => None,
+    };
+    let layout = n.attr_i("layout", 0)?;
+    if layout != 0 && layout != 1 {
+        return Err(n.err(format!("layout {layout} is not supported")));
+    }
+    let cfg = Cfg {
+        kind,
+        dirs,
+        acts,
+        clip,
+        hidden,
+        layout,
+        linear_before_reset: n.attr_i("linear_before_reset", 0)? != 0,
+        input_forget: n.attr_i("input_forget", 0)? != 0,
+    };
+    Ok(kernel(move |_, ins| run(&cfg, ins)))
+}
+
+fn compute_dtype(dt: DType) -> Result<CDType> {
+    Ok(match dt {
+        DType::F64 => CDType::F64,
+        DType::F32 | DType::F16 | DType::BF16 => CDType::F32,
+        other => bail!("RNN ops expect float inputs, found {other}"),
+    })
+}
+
+/// Index map that reverses each batch's first `len[b]` steps (an involution on `(S, B)` rows).
+fn reverse_index(s: usize, lens: &[usize]) -> Vec<u32> {
+    let b = lens.len();
+    let mut v = Vec::with_capacity(s * b);
+    for t in 0..s {
+        for (bi, &l) in lens.iter().enumerate() {
+            let src = if t < l { l - 1 - t } else { t };
+            v.push((src * b + bi) as u32);
+        }
+    }
+    v
+}
+
+fn run(cfg: &Cfg, ins: &[Option<&Value>]) -> Result<Vec<Value>> {
+    let kind = cfg.kind;
+    let x = tin(ins, 0)?;
+    let w = tin(ins, 1)?;
+    let r = tin(ins, 2)?;
+    let bias = tin_opt(ins, 3)?;
+    let seq_lens = tin_opt(ins, 4)?;
+    let h0 = tin_opt(ins, 5)?;
+    let (c0, p) = if kind == Kind::Lstm {
+        (tin_opt(ins, 6)?, tin_opt(ins, 7)?)
+    } else {
+        (None, None)
+    };
+    let dt = x.dtype();
+    let cd = compute_dtype(dt)?;
+    let conv = |t: &Tensor| -> Result<CT> { Ok(t.candle().to_dtype(cd)?) };
+    let mut xc = conv(x)?;
+    if xc.rank() != 3 {
+        bail!("X must be 3-D");
+    }
+    if cfg.layout == 1 {
+        xc = xc.transpose(0, 1)?.contiguous()?;
+    }
+    let (s, b, isz) = xc.dims3()?;
+    let nd = cfg.dirs.len();
+    let g = kind.gates();
+    let (wd, wg, wi) = w.candle().dims3()?;
+    let (rd, rg, hsz) = r.candle().dims3()?;
+    if let Some(h) = cfg.hidden {
+        if h != hsz {
+            bail!("hidden_size {h} does not match R's last dimension {hsz}");
+        }
+    }
+    if wd != nd || rd != nd || wg != g * hsz || rg != g * hsz || wi != isz {
+        bail!(
+            "weight shapes W {:?} / R {:?} do not match {nd} directions, {g} gates, hidden {hsz}, input {isz}",
+            w.dims(),
+            r.dims()
+        );
+    }
+    let wc = conv(w)?;
+    let rc = conv(r)?;
+    let bc = match bias {
+        Some(bt) => {
+            if bt.dims() != [nd, 2 * g * hsz] {
+                bail!("B shape {:?} should be [{nd}, {}]", bt.dims(), 2 * g * hsz);
+            }
+            conv(bt)?
+        }
+        None => CT::zeros((nd, 2 * g * hsz), cd, xc.device())?,
+    };
+    let state = |t: Option<&Tensor>, what: &str| -> Result<CT> {
+        match t {
+            Some(t) => {
+                let mut c = conv(t)?;
+                if cfg.layout == 1 && c.rank() == 3 {
+                    c = c.transpose(0, 1)?.contiguous()?;
+                }
+                if c.dims() != [nd, b, hsz] {
+                    bail!("{what} shape {:?} should be [{nd}, {b}, {hsz}]", t.dims());
+                }
+                Ok(c)
+            }
+            None => Ok(CT::zeros((nd, b, hsz), cd, xc.device())?),
+        }
+    };
+    let h0c = state(h0, "initial_h")?;
+    let c0c = state(c0, "initial_c")?;
+    let pc = match p {
+        Some(pt) => {
+            if pt.dims() != [nd, 3 * hsz] {
+                bail!("P shape {:?} should be [{nd}, {}]", pt.dims(), 3 * hsz);
+            }
+            Some(conv(pt)?)
+        }
+        None => None,
+    };
+    let lens: Vec<usize> = match seq_lens {
+        Some(sl) => {
+            let v = sl.to_i64_vec()?;
+            if v.len() != b {
+                bail!("sequence_lens has {} entries for batch size {b}", v.len());
+            }
+            v.into_iter()
+                .map(|l| {
+                    if l < 0 || l as usize > s {
+                        bail!("sequence length {l} is out of range 0..={s}");
+                    }
+                    Ok(l as usize)
+                })
+                .collect::<Result<_>>()?
+        }
+        None => vec![s; b],
+    };
+    let masked = lens.iter().any(|&l| l < s);
+    // masks[t]: (B, H) u8, 1 where step t is valid for the batch entry.
+    let masks: Option<Vec<CT>> = if masked {
+        let mut v = Vec::with_capacity(s);
+        for t in 0..s {
+            let m: Vec<u8> = lens.iter().map(|&l| (t < l) as u8).collect();
+            v.push(
+                CT::from_vec(m, (b, 1), xc.device())?
+                    .broadcast_as((b, hsz))?
+                    .contiguous()?,
+            );
+        }
+        Some(v)
+    } else {
+        None
+    };
+
+    let mut ys = Vec::with_capacity(nd);
+    let mut hs = Vec::with_capacity(nd);
+    let mut cs = Vec::with_capacity(nd);
+    for (d, &rev) in cfg.dirs.iter().enumerate() {
+        let idx = if rev {
+            Some(CT::from_vec(reverse_index(s, &lens), s * b, xc.device())?)
+        } else {
+            None
+        };
+        let x2 = xc.reshape((s * b, isz))?;
+        let xd = match &idx {
+            Some(i) => x2.index_select(i, 0)?,
+            None => x2,
+        };
+        let bd = bc.get(d)?;
+        let wb = bd.narrow(0, 0, g * hsz)?;
+        let rb = bd.narrow(0, g * hsz, g * hsz)?;
+        let xw = xd
+            .matmul(&wc.get(d)?.t()?.contiguous()?)?
+            .broadcast_add(&wb)?
+            .reshape((s, b, g * hsz))?;
+        let rd = rc.get(d)?;
+        let rt = rd.t()?.contiguous()?;
+        let acts = &cfg.acts[d];
+        let clip = |t: CT| -> Result<CT> {
+            match cfg.clip {
+                Some(c) => Ok(t.clamp(-c, c)?),
+                None => Ok(t),
+            }
+        };
+        let mut h = h0c.get(d)?;
+        let mut c = c0c.get(d)?;
+        let peep = match &pc {
+            Some(p) => {
+                let pd = p.get(d)?;
+                Some((
+                    pd.narrow(0, 0, hsz)?.unsqueeze(0)?,
+                    pd.narrow(0, hsz, hsz)?.unsqueeze(0)?,
+                    pd.narrow(0, 2 * hsz, hsz)?.unsqueeze(0)?,
+                ))
+            }
+            None => None,
+        };
+        let mut y = Vec::with_capacity(s);
+        for t in 0..s {
+            let xt = xw.get(t)?;
+            let (h_new, c_new) = match kind {
+                Kind::Rnn => {
+                    let pre = xt.add(&h.matmul(&rt)?)?.broadcast_add(&rb)?;
+                    (acts[0].apply(&clip(pre)?)?, None)
+                }
+                Kind::Gru => {
+                    let (f, gg) = (&acts[0], &acts[1]);
+                    let hr = h.matmul(&rt)?;
+                    let zr = xt
+                        .narrow(1, 0, 2 * hsz)?
+                        .add(&hr.narrow(1, 0, 2 * hsz)?)?
+                        .broadcast_add(&rb.narrow(0, 0, 2 * hsz)?)?;
+                    let zr = f.apply(&clip(zr)?)?;
+                    let z = zr.narrow(1, 0, hsz)?;
+                    let rg = zr.narrow(1, hsz, hsz)?;
+                    let rbh = rb.narrow(0, 2 * hsz, hsz)?;
+                    let xh = xt.narrow(1, 2 * hsz, hsz)?;
+                    let pre = if cfg.linear_before_reset {
+                        let hh = hr.narrow(1, 2 * hsz, hsz)?.broadcast_add(&rbh)?;
+                        xh.add(&rg.mul(&hh)?)?
+                    } else {
+                        let rh_t = rd.narrow(0, 2 * hsz, hsz)?.t()?.contiguous()?;
+                        xh.add(&rg.mul(&h)?.matmul(&rh_t)?)?.broadcast_add(&rbh)?
+                    };
+                    let hh = gg.apply(&clip(pre)?)?;
+                    // (1 - z) * hh + z * h = hh + z * (h - hh)
+                    (hh.add(&z.mul(&h.sub(&hh)?)?)?, None)
+                }
+                Kind::Lstm => {
+                    let (f, gg, hf) = (&acts[0], &acts[1], &acts[2]);
+                    let gates = xt.add(&h.matmul(&rt)?)?.broadcast_add(&rb)?;
+                    let gi = gates.narrow(1, 0, hsz)?;
+                    let go = gates.narrow(1, hsz, hsz)?;
+                    let gf = gates.narrow(1, 2 * hsz, hsz)?;
+                    let gc = gates.narrow(1, 3 * hsz, hsz)?;
+                    let (gi, gf) = match &peep {
+                        Some((pi, _, pf)) => (gi.add(&c.broadcast_mul(pi)?)?, gf.add(&c.broadcast_mul(pf)?)?),
+                        None => (gi, gf),
+                    };
+                    let i = f.apply(&clip(gi)?)?;
+                    let fg = if cfg.input_forget {
+                        i.affine(-1.0, 1.0)?
+                    } else {
+                        f.apply(&clip(gf)?)?
+                    };
+                    let cc = gg.apply(&clip(gc)?)?;
+                    let c_new = fg.mul(&c)?.add(&i.mul(&cc)?)?;
+                    let go = match &peep {
+                        Some((_, po, _)) => go.add(&c_new.broadcast_mul(po)?)?,
+                        None => go,
+                    };
+                    let o = f.apply(&clip(go)?)?;
+                    (o.mul(&hf.apply(&c_new)?)?, Some(c_new))
+                }
+            };
+            match &masks {
+                Some(ms) => {
+                    let m = &ms[t];
+                    let zeros = h_new.zeros_like()?;
+                    y.push(m.where_cond(&h_new, &zeros)?);
+                    h = m.where_cond(&h_new, &h)?;
+                    if let Some(cn) = c_new {
+                        c = m.where_cond(&cn, &c)?;
+                    }
+                }
+                None => {
+                    y.push(h_new.clone());
+                    h = h_new;
+                    if let Some(cn) = c_new {
+                        c = cn;
+                    }
+                }
+            }
+        }
+        let yd = if s == 0 {
+            CT::zeros((0, b, hsz), cd, xc.device())?
+        } else {
+            CT::stack(&y, 0)?
+        };
+        let yd = match &idx {
+            Some(i) => yd.reshape((s * b, hsz))?.index_select(i, 0)?.reshape((s, b, hsz))?,
+            None => yd,
+        };
+        ys.push(yd);
+        hs.push(h);
+        cs.push(c);
+    }
+    let mut y = CT::stack(&ys, 1)?; // (S, dirs, B, H)
+    let mut yh = CT::stack(&hs, 0)?; // (dirs, B, H)
+    let mut yc = CT::stack(&cs, 0)?;
+    if cfg.layout == 1 {
+        y = y.permute((2, 0, 1, 3))?.contiguous()?;
+        yh = yh.transpose(0, 1)?.contiguous()?;
+        yc = yc.transpose(0, 1)?.contiguous()?;
+    }
+    let out = |t: CT| -> Result<Value> {
+        Ok(Value::Tensor(Tensor::new(
+            t.to_dtype(crate::tensor::storage_dtype(dt)?)?,
+            dt,
+        )?))
+    };
+    let mut outs = vec![out(y)?, out(yh)?];
+    if kind == Kind::Lstm {
+        outs.push(out(yc)?);
+    }
+    Ok(outs)
+}
