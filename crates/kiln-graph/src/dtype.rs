@@ -167,13 +167,13 @@ impl MiniFloat {
 
     /// Round-to-nearest-even encoding. Out-of-range values become +-max when `saturate`
     /// (also infinities), otherwise infinity (formats that have it) or NaN. Formats without
-    /// NaN (float4) always saturate and map NaN to -0 like `ml_dtypes`.
+    /// NaN (float4) always saturate and map NaN to a zero like `ml_dtypes`.
     fn encode(&self, x: f64, saturate: bool) -> u8 {
         let sign = if x.is_sign_negative() { self.sign_bit() } else { 0 };
         let Some(nan) = self.nan else {
-            // float4e2m1: no NaN, no infinity.
+            // float4e2m1: no NaN, no infinity. ml_dtypes turns +NaN into -0 and -NaN into +0.
             if x.is_nan() {
-                return self.sign_bit();
+                return if x.is_sign_negative() { 0 } else { self.sign_bit() };
             }
             return self.encode_finite(x.abs().min(self.max), sign);
         };

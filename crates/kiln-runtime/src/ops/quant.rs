@@ -105,7 +105,7 @@ fn round_half_even(x: &CT) -> Result<CT> {
 
 fn float_dtype(code: i64) -> Result<DType> {
     match DType::from_onnx(code as i32) {
-        Some(d) if d.is_float() => Ok(d),
+        Some(d) if d.is_float() && !d.is_exotic() => Ok(d),
         _ => bail!("unsupported float type code {code}"),
     }
 }
