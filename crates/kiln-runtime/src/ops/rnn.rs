@@ -492,3 +492,14 @@ fn run(cfg: &Cfg, ins: &[Option<&Value>]) -> Result<Vec<Value>> {
     }
     Ok(outs)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::reverse_index;
+
+    #[test]
+    fn reverse_index_respects_lengths() {
+        // S = 3, B = 2, lengths [3, 1]: batch 0 fully reversed, batch 1 keeps padded rows in place.
+        assert_eq!(reverse_index(3, &[3, 1]), vec![4, 1, 2, 3, 0, 5]);
+    }
+}
