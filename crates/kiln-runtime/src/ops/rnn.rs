@@ -322,6 +322,9 @@ fn run(cfg: &Cfg, ins: &[Option<&Value>]) -> Result<Vec<Value>> {
         }
         None => vec![s; b],
     };
+    if b == 0 || hsz == 0 || isz == 0 {
+        bail!("RNN ops need a nonempty batch, input size and hidden size");
+    }
     let masked = lens.iter().any(|&l| l < s);
     // masks[t]: (B, H) u8, 1 where step t is valid for the batch entry.
     let masks: Option<Vec<CT>> = if masked {

@@ -96,6 +96,13 @@ fn dft_core(x: &CT, axis: usize, len: usize, inverse: bool, onesided: bool) -> R
     } else {
         (len, n_in.min(len), false)
     };
+    if rows == 0 || used == 0 {
+        let mut od = moved_dims.clone();
+        od[last] = out_len;
+        od.push(if real_out { 1 } else { 2 });
+        let z = CT::zeros(od.as_slice(), CDType::F64, dev)?;
+        return Ok(z.transpose(axis, last)?.contiguous()?);
+    }
     let xr = xr.narrow(1, 0, used)?;
     let xi = xi.map(|t| t.narrow(1, 0, used)).transpose()?;
     let (re, im) = if inverse && onesided {
