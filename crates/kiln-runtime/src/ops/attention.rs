@@ -304,6 +304,22 @@ fn run_attention(cfg: &AttnCfg, ins: &[Option<&Value>]) -> Result<Vec<Value>> {
         }
     }
 
+    if b * hq * s * t * dv == 0 {
+        // Degenerate shapes (no queries or no keys): the weighted sum is empty, hence zero.
+        let y = CT::zeros((b, hq, s, dv), cd, dev)?;
+        let y = if rank == 3 {
+            y.transpose(1, 2)?.contiguous()?.reshape((b, s, hq * dv))?
+        } else {
+            y
+        };
+        return Ok(vec![
+            Value::Tensor(from_compute(y, dt)?),
+            Value::Tensor(Tensor::new(present_k, dt)?),
+            Value::Tensor(Tensor::new(present_v, dt)?),
+            Value::Tensor(from_compute(CT::zeros((b, hq, s, t), cd, dev)?, dt)?),
+        ]);
+    }
+
     // ---- QK^T ----
     // bf16 results are rounded at the reference's rounding points (it computes in bf16 throughout).
     let emulate = dt == DType::BF16;
@@ -326,7 +342,11 @@ fn run_attention(cfg: &AttnCfg, ins: &[Option<&Value>]) -> Result<Vec<Value>> {
     let vc = present_v.to_dtype(cd)?.contiguous()?;
     let qg = qc.contiguous()?.reshape((b, hk, reps * s, dq))?;
     let kt = kc.transpose(2, 3)?.contiguous()?;
-    let mut qk = rnd(qg.matmul(&kt)?.reshape((b, hq, s, t))?)?;
+    let mut qk = if dq == 0 {
+        CT::zeros((b, hq, s, t), cd, dev)?
+    } else {
+        rnd(qg.matmul(&kt)?.reshape((b, hq, s, t))?)?
+    };
     if let Some(c) = cfg.softcap {
         if c > 0.0 {
             let c = c as f64;
@@ -355,9 +375,12 @@ fn run_attention(cfg: &AttnCfg, ins: &[Option<&Value>]) -> Result<Vec<Value>> {
     let sum = sum.eq(0f64)?.where_cond(&sum.ones_like()?, &sum)?;
     let mut p = rnd(e.broadcast_div(&sum)?)?;
     if let Some(bb) = &bias {
+        // Rows whose bias is entirely -inf have no attendable key: their probabilities are 0.
         let masked = bb.max_keepdim(D::Minus1)?.eq(f64::NEG_INFINITY)?;
-        let masked = masked.broadcast_as(p.shape())?.contiguous()?;
-        p = masked.where_cond(&p.zeros_like()?, &p)?;
+        if masked.flatten_all()?.max(0)?.to_scalar::<u8>()? != 0 {
+            let masked = masked.broadcast_as(p.shape())?.contiguous()?;
+            p = masked.where_cond(&p.zeros_like()?, &p)?;
+        }
     }
 
     let y = p

@@ -322,6 +322,9 @@ fn run(cfg: &Cfg, ins: &[Option<&Value>]) -> Result<Vec<Value>> {
         }
         None => vec![s; b],
     };
+    if b == 0 || hsz == 0 || isz == 0 {
+        bail!("RNN ops need a nonempty batch, input size and hidden size");
+    }
     let masked = lens.iter().any(|&l| l < s);
     // masks[t]: (B, H) u8, 1 where step t is valid for the batch entry.
     let masks: Option<Vec<CT>> = if masked {
@@ -491,4 +494,15 @@ fn run(cfg: &Cfg, ins: &[Option<&Value>]) -> Result<Vec<Value>> {
         outs.push(out(yc)?);
     }
     Ok(outs)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::reverse_index;
+
+    #[test]
+    fn reverse_index_respects_lengths() {
+        // S = 3, B = 2, lengths [3, 1]: batch 0 fully reversed, batch 1 keeps padded rows in place.
+        assert_eq!(reverse_index(3, &[3, 1]), vec![4, 1, 2, 3, 0, 5]);
+    }
 }

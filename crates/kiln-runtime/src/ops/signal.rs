@@ -96,6 +96,13 @@ fn dft_core(x: &CT, axis: usize, len: usize, inverse: bool, onesided: bool) -> R
     } else {
         (len, n_in.min(len), false)
     };
+    if rows == 0 || used == 0 {
+        let mut od = moved_dims.clone();
+        od[last] = out_len;
+        od.push(if real_out { 1 } else { 2 });
+        let z = CT::zeros(od.as_slice(), CDType::F64, dev)?;
+        return Ok(z.transpose(axis, last)?.contiguous()?);
+    }
     let xr = xr.narrow(1, 0, used)?;
     let xi = xi.map(|t| t.narrow(1, 0, used)).transpose()?;
     let (re, im) = if inverse && onesided {
@@ -336,4 +343,38 @@ fn mel(n: &NodeCtx) -> Result<Box<dyn OpKernel>> {
         }
         out1(Tensor::from_f64s(out, &[spec_bins, bins], dt, cx.device)?)
     }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dft_round_trip() {
+        let dev = CDevice::Cpu;
+        let v: Vec<f64> = (0..2 * 7 * 2).map(|i| ((i * 37 % 11) as f64) - 5.0).collect();
+        let x = CT::from_vec(v.clone(), (2, 7, 2), &dev).unwrap();
+        let f = dft_core(&x, 1, 7, false, false).unwrap();
+        assert_eq!(f.dims(), &[2, 7, 2]);
+        let b = dft_core(&f, 1, 7, true, false).unwrap();
+        let back: Vec<f64> = b.flatten_all().unwrap().to_vec1().unwrap();
+        for (a, e) in back.iter().zip(&v) {
+            assert!((a - e).abs() < 1e-9, "{a} vs {e}");
+        }
+    }
+
+    #[test]
+    fn rfft_irfft_round_trip() {
+        let dev = CDevice::Cpu;
+        let v: Vec<f64> = (0..8).map(|i| (i as f64 * 0.7).sin()).collect();
+        let x = CT::from_vec(v.clone(), (1, 8, 1), &dev).unwrap();
+        let f = dft_core(&x, 1, 8, false, true).unwrap();
+        assert_eq!(f.dims(), &[1, 5, 2]);
+        let b = dft_core(&f, 1, 8, true, true).unwrap();
+        assert_eq!(b.dims(), &[1, 8, 1]);
+        let back: Vec<f64> = b.flatten_all().unwrap().to_vec1().unwrap();
+        for (a, e) in back.iter().zip(&v) {
+            assert!((a - e).abs() < 1e-9, "{a} vs {e}");
+        }
+    }
 }
