@@ -1,5 +1,873 @@
-//! Operator family `ml` (see the module list in `ops/mod.rs`).
+//! Operator family `ml`: the `ai.onnx.ml` domain (tree ensembles, linear models, scalers...).
+//! String-valued inputs, outputs and labels are refused (Kiln has no string tensors).
 
-use super::Registry;
+use std::collections::HashMap;
 
-pub fn register(_r: &mut Registry) {}
+use candle_core::Tensor as CT;
+use kiln_graph::{Attribute, DType, TensorData};
+use rayon::prelude::*;
+
+use super::common::tin;
+use super::{kernel, out1, NodeCtx, OpKernel, Registry};
+use crate::{bail, Result, Tensor, Value};
+
+const ML: &str = "ai.onnx.ml";
+
+pub fn register(r: &mut Registry) {
+    r.add_domain(ML, "Binarizer", binarizer);
+    r.add_domain(ML, "ArrayFeatureExtractor", array_feature_extractor);
+    r.add_domain(ML, "TreeEnsemble", tree_ensemble);
+    r.add_domain(ML, "TreeEnsembleRegressor", tree_ensemble_regressor);
+    r.add_domain(ML, "TreeEnsembleClassifier", tree_ensemble_classifier);
+    r.add_domain(ML, "LinearRegressor", linear_regressor);
+    r.add_domain(ML, "LinearClassifier", linear_classifier);
+    r.add_domain(ML, "Normalizer", normalizer);
+    r.add_domain(ML, "Scaler", scaler);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Attribute helpers
+
+/// Numeric values of an attribute tensor as f64.
+fn td_f64(t: &TensorData) -> Option<Vec<f64>> {
+    Some(match t.dtype {
+        DType::F32 => t.values::<f32>()?.into_iter().map(f64::from).collect(),
+        DType::F64 => t.values::<f64>()?,
+        DType::F16 => t.values::<half::f16>()?.into_iter().map(f64::from).collect(),
+        DType::BF16 => t.values::<half::bf16>()?.into_iter().map(f64::from).collect(),
+        _ => t.to_i64_vec()?.into_iter().map(|v| v as f64).collect(),
+    })
+}
+
+fn tensor_attr_f64(n: &NodeCtx, name: &str) -> Result<Option<Vec<f64>>> {
+    match n.attr_tensor(name)? {
+        None => Ok(None),
+        Some(t) => td_f64(t)
+            .map(Some)
+            .ok_or_else(|| n.err(format!("attribute '{name}' is not a numeric tensor"))),
+    }
+}
+
+/// `name` (floats) or `name_as_tensor` (tensor), as f64.
+fn floats_or_tensor(n: &NodeCtx, name: &str) -> Result<Option<Vec<f64>>> {
+    if let Some(v) = n.attr_floats(name)? {
+        return Ok(Some(v.into_iter().map(f64::from).collect()));
+    }
+    tensor_attr_f64(n, &format!("{name}_as_tensor"))
+}
+
+fn attr_strings(n: &NodeCtx, name: &str) -> Result<Option<Vec<String>>> {
+    match n.attr(name) {
+        None => Ok(None),
+        Some(Attribute::Strings(v)) => Ok(Some(
+            v.iter().map(|s| String::from_utf8_lossy(s).into_owned()).collect(),
+        )),
+        Some(a) => Err(n.err(format!("attribute '{name}' should be strings, found {}", a.kind_name()))),
+    }
+}
+
+fn to_usize(n: &NodeCtx, v: i64, what: &str) -> Result<usize> {
+    usize::try_from(v).map_err(|_| n.err(format!("{what} {v} is negative")))
+}
+
+/// X as rows of f64: [N, F] (a 1-D input is one row).
+fn rows_f64(x: &Tensor) -> Result<(usize, usize, Vec<f64>)> {
+    let (n, f) = match x.dims() {
+        [f] => (1, *f),
+        [n, f] => (*n, *f),
+        d => bail!("input must be [N, F] or [F], got {d:?}"),
+    };
+    Ok((n, f, x.to_f64_vec()?))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Post transforms
+
+#[derive(Clone, Copy, PartialEq, Debug)]
+enum Post {
+    None,
+    Softmax,
+    Logistic,
+    SoftmaxZero,
+    Probit,
+}
+
+impl Post {
+    fn from_name(n: &NodeCtx, s: &str) -> Result<Post> {
+        Ok(match s {
+            "" | "NONE" => Post::None,
+            "SOFTMAX" => Post::Softmax,
+            "LOGISTIC" => Post::Logistic,
+            "SOFTMAX_ZERO" => Post::SoftmaxZero,
+            "PROBIT" => Post::Probit,
+            o => return Err(n.err(format!("unknown post_transform '{o}'"))),
+        })
+    }
+
+    fn from_code(n: &NodeCtx, c: i64) -> Result<Post> {
+        Ok(match c {
+            0 => Post::None,
+            1 => Post::Softmax,
+            2 => Post::Logistic,
+            3 => Post::SoftmaxZero,
+            4 => Post::Probit,
+            o => return Err(n.err(format!("unknown post_transform {o}"))),
+        })
+    }
+
+    /// Applies the transform to one row of scores in place.
+    fn apply(self, row: &mut [f64]) {
+        match self {
+            Post::None => {}
+            Post::Logistic => row.iter_mut().for_each(|v| *v = logistic(*v)),
+            Post::Probit => row.iter_mut().for_each(|v| *v = probit(*v)),
+            Post::Softmax => {
+                let m = row.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+                let mut s = 0.0;
+                for v in row.iter_mut() {
+                    *v = (*v - m).exp();
+                    s += *v;
+                }
+                row.iter_mut().for_each(|v| *v /= s);
+            }
+            Post::SoftmaxZero => {
+                let m = row.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+                let e = (-m).exp();
+                let mut s = 0.0;
+                for v in row.iter_mut() {
+                    if *v > 1e-7 || *v < -1e-7 {
+                        *v = (*v - m).exp();
+                    } else {
+                        *v *= e;
+                    }
+                    s += *v;
+                }
+                if s == 0.0 {
+                    row.iter_mut().for_each(|v| *v = 0.5);
+                } else {
+                    row.iter_mut().for_each(|v| *v /= s);
+                }
+            }
+        }
+    }
+}
+
+fn logistic(v: f64) -> f64 {
+    let e = 1.0 / (1.0 + (-v.abs()).exp());
+    if v < 0.0 {
+        1.0 - e
+    } else {
+        e
+    }
+}
+
+fn erf_inv(x: f64) -> f64 {
+    let sgn = if x < 0.0 { -1.0 } else { 1.0 };
+    let x = (1.0 - x) * (1.0 + x);
+    if x == 0.0 {
+        return 0.0;
+    }
+    let log = x.ln();
+    let v = 2.0 / (std::f64::consts::PI * 0.147) + 0.5 * log;
+    let v2 = 1.0 / 0.147 * log;
+    let v3 = -v + (v * v - v2).sqrt();
+    sgn * v3.sqrt()
+}
+
+fn probit(v: f64) -> f64 {
+    std::f64::consts::SQRT_2 * erf_inv(v * 2.0 - 1.0)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Binarizer, ArrayFeatureExtractor
+
+fn binarizer(n: &NodeCtx) -> Result<Box<dyn OpKernel>> {
+    let thr = n.attr_f("threshold", 0.0)? as f64;
+    Ok(kernel(move |_cx, ins| {
+        let x = tin(ins, 0)?;
+        let dt = x.dtype();
+        let c = x.candle();
+        let t = if dt.is_float() {
+            let s = CT::new(thr, c.device())?.to_dtype(c.dtype())?;
+            c.broadcast_gt(&s)?
+        } else if dt.is_int() {
+            // For integers, x > t <=> x > floor(t).
+            let f = thr.floor();
+            if f >= i64::MAX as f64 {
+                c.zeros_like()?.to_dtype(candle_core::DType::U8)?
+            } else {
+                let lo = (f.max(i64::MIN as f64)) as i64;
+                let s = CT::new(lo, c.device())?;
+                c.to_dtype(candle_core::DType::I64)?.broadcast_gt(&s)?
+            }
+        } else {
+            bail!("Binarizer does not support {dt}");
+        };
+        out1(Tensor::new(t, DType::Bool)?.cast(dt)?)
+    }))
+}
+
+fn array_feature_extractor(_n: &NodeCtx) -> Result<Box<dyn OpKernel>> {
+    Ok(kernel(move |_cx, ins| {
+        let x = tin(ins, 0)?;
+        let idx = tin(ins, 1)?.to_i64_vec()?;
+        let rank = x.rank();
+        if rank == 0 {
+            bail!("ArrayFeatureExtractor needs an input of rank >= 1");
+        }
+        let last = x.dims()[rank - 1];
+        for &i in &idx {
+            if i < 0 || i as usize >= last {
+                bail!("index {i} is out of range for a last axis of {last}");
+            }
+        }
+        let ids = CT::from_vec(idx.clone(), idx.len(), x.device())?;
+        let y = x.map(|c| c.contiguous()?.index_select(&ids, rank - 1))?;
+        if rank == 1 {
+            return out1(y.map(|c| c.unsqueeze(0))?);
+        }
+        out1(y)
+    }))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Tree ensembles
+
+#[derive(Clone, Copy, PartialEq, Debug)]
+enum Mode {
+    Leq,
+    Lt,
+    Gte,
+    Gt,
+    Eq,
+    Neq,
+    Member,
+}
+
+#[derive(Clone, Copy, Debug)]
+enum Next {
+    Node(usize),
+    Leaf(usize),
+}
+
+struct Branch {
+    feature: usize,
+    mode: Mode,
+    split: f64,
+    set: Vec<f64>,
+    tracks_true: bool,
+    t: Next,
+    f: Next,
+}
+
+impl Branch {
+    fn test(&self, x: f64) -> bool {
+        if self.tracks_true && x.is_nan() {
+            return true;
+        }
+        match self.mode {
+            Mode::Leq => x <= self.split,
+            Mode::Lt => x < self.split,
+            Mode::Gte => x >= self.split,
+            Mode::Gt => x > self.split,
+            Mode::Eq => x == self.split,
+            Mode::Neq => x != self.split,
+            Mode::Member => self.set.contains(&x),
+        }
+    }
+}
+
+#[derive(Clone, Copy, PartialEq)]
+enum Agg {
+    Sum,
+    Average,
+    Min,
+    Max,
+}
+
+struct Ensemble {
+    branches: Vec<Branch>,
+    /// Each leaf's (target, weight) contributions.
+    leaves: Vec<Vec<(usize, f64)>>,
+    roots: Vec<Next>,
+    n_targets: usize,
+    n_features: usize,
+    agg: Agg,
+    base: Vec<f64>,
+}
+
+impl Ensemble {
+    fn leaf_of(&self, root: Next, row: &[f64]) -> Result<usize> {
+        let mut cur = root;
+        for _ in 0..=self.branches.len() {
+            match cur {
+                Next::Leaf(l) => return Ok(l),
+                Next::Node(i) => {
+                    let Some(b) = self.branches.get(i) else {
+                        bail!("tree node {i} does not exist");
+                    };
+                    let x = row.get(b.feature).copied().unwrap_or(f64::NAN);
+                    cur = if b.test(x) { b.t } else { b.f };
+                }
+            }
+        }
+        bail!("the tree has a cycle")
+    }
+
+    /// Aggregated scores [N, n_targets] (before any post transform), base values added.
+    fn scores(&self, n: usize, f: usize, xs: &[f64]) -> Result<Vec<f64>> {
+        if f < self.n_features {
+            bail!("the trees read feature {} but the input has {f}", self.n_features - 1);
+        }
+        let nt = self.n_targets;
+        let mut out = vec![0f64; n * nt];
+        if nt == 0 {
+            return Ok(out);
+        }
+        out.par_chunks_mut(nt).enumerate().try_for_each(|(r, o)| -> Result<()> {
+            let row = xs.get(r * f..(r + 1) * f).unwrap_or(&[]);
+            let mut hit = vec![false; nt];
+            for &root in &self.roots {
+                let l = self.leaf_of(root, row)?;
+                for &(t, w) in self.leaves.get(l).map(Vec::as_slice).unwrap_or(&[]) {
+                    let (Some(v), Some(h)) = (o.get_mut(t), hit.get_mut(t)) else {
+                        bail!("target {t} is out of range");
+                    };
+                    *v = match self.agg {
+                        Agg::Sum | Agg::Average => *v + w,
+                        Agg::Min if *h => v.min(w),
+                        Agg::Max if *h => v.max(w),
+                        Agg::Min | Agg::Max => w,
+                    };
+                    *h = true;
+                }
+            }
+            if self.agg == Agg::Average && !self.roots.is_empty() {
+                let k = self.roots.len() as f64;
+                o.iter_mut().for_each(|v| *v /= k);
+            }
+            for (v, b) in o.iter_mut().zip(&self.base) {
+                *v += b;
+            }
+            Ok(())
+        })?;
+        Ok(out)
+    }
+}
+
+fn agg_from_name(n: &NodeCtx, s: &str) -> Result<Agg> {
+    Ok(match s {
+        "SUM" => Agg::Sum,
+        "AVERAGE" => Agg::Average,
+        "MIN" => Agg::Min,
+        "MAX" => Agg::Max,
+        o => return Err(n.err(format!("unknown aggregate_function '{o}'"))),
+    })
+}
+
+fn mode_from_code(n: &NodeCtx, c: i64) -> Result<Mode> {
+    Ok(match c {
+        0 => Mode::Leq,
+        1 => Mode::Lt,
+        2 => Mode::Gte,
+        3 => Mode::Gt,
+        4 => Mode::Eq,
+        5 => Mode::Neq,
+        6 => Mode::Member,
+        o => return Err(n.err(format!("unknown node mode {o}"))),
+    })
+}
+
+fn req_ints(n: &NodeCtx, name: &str) -> Result<Vec<i64>> {
+    n.attr_ints(name)?
+        .ok_or_else(|| n.err(format!("missing attribute '{name}'")))
+}
+
+/// TreeEnsemble (ai.onnx.ml opset 5): nodes_* and leaf_* arrays, tree_roots.
+fn tree_ensemble(n: &NodeCtx) -> Result<Box<dyn OpKernel>> {
+    let splits = tensor_attr_f64(n, "nodes_splits")?.ok_or_else(|| n.err("missing attribute 'nodes_splits'"))?;
+    let features = req_ints(n, "nodes_featureids")?;
+    let modes = n
+        .attr_tensor("nodes_modes")?
+        .and_then(TensorData::to_i64_vec)
+        .ok_or_else(|| n.err("missing or non-integer attribute 'nodes_modes'"))?;
+    let tids = req_ints(n, "nodes_truenodeids")?;
+    let fids = req_ints(n, "nodes_falsenodeids")?;
+    let tleaf = req_ints(n, "nodes_trueleafs")?;
+    let fleaf = req_ints(n, "nodes_falseleafs")?;
+    let tracks = n.attr_ints("nodes_missing_value_tracks_true")?.unwrap_or_default();
+    let leaf_targets = req_ints(n, "leaf_targetids")?;
+    let leaf_weights = tensor_attr_f64(n, "leaf_weights")?.ok_or_else(|| n.err("missing attribute 'leaf_weights'"))?;
+    let roots = req_ints(n, "tree_roots")?;
+    let members = tensor_attr_f64(n, "membership_values")?.unwrap_or_default();
+    let n_targets = to_usize(n, n.attr_i("n_targets", 0)?, "n_targets")?;
+    let agg = match n.attr_i("aggregate_function", 1)? {
+        0 => Agg::Average,
+        1 => Agg::Sum,
+        2 => Agg::Min,
+        3 => Agg::Max,
+        o => return Err(n.err(format!("unknown aggregate_function {o}"))),
+    };
+    let post = Post::from_code(n, n.attr_i("post_transform", 0)?)?;
+    let nn = splits.len();
+    if [features.len(), modes.len(), tids.len(), fids.len(), tleaf.len(), fleaf.len()]
+        .iter()
+        .any(|&l| l != nn)
+    {
+        return Err(n.err("the nodes_* attributes have different lengths"));
+    }
+    if !tracks.is_empty() && tracks.len() != nn {
+        return Err(n.err("nodes_missing_value_tracks_true has the wrong length"));
+    }
+    if leaf_targets.len() != leaf_weights.len() {
+        return Err(n.err("leaf_targetids and leaf_weights have different lengths"));
+    }
+    let mut leaves = Vec::with_capacity(leaf_targets.len());
+    for (&t, &w) in leaf_targets.iter().zip(&leaf_weights) {
+        let t = to_usize(n, t, "leaf target id")?;
+        if t >= n_targets {
+            return Err(n.err(format!("leaf target id {t} is not below n_targets {n_targets}")));
+        }
+        leaves.push(vec![(t, w)]);
+    }
+    let next = |id: i64, is_leaf: i64| -> Result<Next> {
+        let i = to_usize(n, id, "node id")?;
+        if is_leaf != 0 {
+            if i >= leaves.len() {
+                return Err(n.err(format!("leaf {i} does not exist")));
+            }
+            Ok(Next::Leaf(i))
+        } else {
+            if i >= nn {
+                return Err(n.err(format!("node {i} does not exist")));
+            }
+            Ok(Next::Node(i))
+        }
+    };
+    let mut member_iter = members.into_iter();
+    let mut branches = Vec::with_capacity(nn);
+    let mut n_features = 0usize;
+    for i in 0..nn {
+        let mode = mode_from_code(n, modes[i])?;
+        let mut set = Vec::new();
+        if mode == Mode::Member {
+            for v in member_iter.by_ref() {
+                if v.is_nan() {
+                    break;
+                }
+                set.push(v);
+            }
+        }
+        let feature = to_usize(n, features[i], "feature id")?;
+        // Leaf-only roots may carry any feature id; count it only for real branches.
+        let degenerate = tleaf[i] != 0 && fleaf[i] != 0 && tids[i] == fids[i];
+        if !degenerate {
+            n_features = n_features.max(feature + 1);
+        }
+        branches.push(Branch {
+            feature,
+            mode,
+            split: splits[i],
+            set,
+            tracks_true: tracks.get(i).copied().unwrap_or(0) != 0,
+            t: next(tids[i], tleaf[i])?,
+            f: next(fids[i], fleaf[i])?,
+        });
+    }
+    let mut root_next = Vec::with_capacity(roots.len());
+    for &r in &roots {
+        let ri = to_usize(n, r, "tree root")?;
+        if ri >= nn {
+            return Err(n.err(format!("tree root {ri} does not exist")));
+        }
+        let degenerate = tleaf[ri] != 0 && fleaf[ri] != 0 && tids[ri] == fids[ri];
+        root_next.push(if degenerate {
+            next(tids[ri], 1)?
+        } else {
+            Next::Node(ri)
+        });
+    }
+    let ens = Ensemble {
+        branches,
+        leaves,
+        roots: root_next,
+        n_targets,
+        n_features,
+        agg,
+        base: Vec::new(),
+    };
+    Ok(kernel(move |cx, ins| {
+        let x = tin(ins, 0)?;
+        let (rows, f, xs) = rows_f64(x)?;
+        cx.check_alloc(rows as u128 * ens.n_targets as u128, DType::F64)?;
+        let mut s = ens.scores(rows, f, &xs)?;
+        if post != Post::None && ens.n_targets > 0 {
+            s.par_chunks_mut(ens.n_targets).for_each(|r| post.apply(r));
+        }
+        let dt = if x.dtype().is_float() { x.dtype() } else { DType::F32 };
+        out1(Tensor::from_f64s(s, &[rows, ens.n_targets], dt, cx.device)?)
+    }))
+}
+
+/// Builds an ensemble from the older attribute form (TreeEnsembleRegressor/Classifier).
+/// `prefix` is "target" or "class".
+fn old_ensemble(n: &NodeCtx, prefix: &str, n_targets: usize, agg: Agg) -> Result<Ensemble> {
+    let treeids = req_ints(n, "nodes_treeids")?;
+    let nodeids = req_ints(n, "nodes_nodeids")?;
+    let features = req_ints(n, "nodes_featureids")?;
+    let modes = attr_strings(n, "nodes_modes")?.ok_or_else(|| n.err("missing attribute 'nodes_modes'"))?;
+    let values = floats_or_tensor(n, "nodes_values")?.unwrap_or_default();
+    let tids = req_ints(n, "nodes_truenodeids")?;
+    let fids = req_ints(n, "nodes_falsenodeids")?;
+    let tracks = n.attr_ints("nodes_missing_value_tracks_true")?.unwrap_or_default();
+    let nn = treeids.len();
+    if [nodeids.len(), features.len(), modes.len(), tids.len(), fids.len()]
+        .iter()
+        .any(|&l| l != nn)
+        || (!values.is_empty() && values.len() != nn)
+    {
+        return Err(n.err("the nodes_* attributes have different lengths"));
+    }
+    let t_tree = req_ints(n, &format!("{prefix}_treeids"))?;
+    let t_node = req_ints(n, &format!("{prefix}_nodeids"))?;
+    let t_ids = req_ints(n, &format!("{prefix}_ids"))?;
+    let t_w = floats_or_tensor(n, &format!("{prefix}_weights"))?.unwrap_or_default();
+    if t_node.len() != t_tree.len() || t_ids.len() != t_tree.len() || t_w.len() != t_tree.len() {
+        return Err(n.err(format!("the {prefix}_* attributes have different lengths")));
+    }
+    let mut index: HashMap<(i64, i64), usize> = HashMap::with_capacity(nn);
+    for (i, (&t, &id)) in treeids.iter().zip(&nodeids).enumerate() {
+        index.entry((t, id)).or_insert(i);
+    }
+    // Slots: branch index or leaf index for each node.
+    let mut slot = Vec::with_capacity(nn);
+    let (mut nb, mut nl) = (0usize, 0usize);
+    for m in &modes {
+        if m == "LEAF" {
+            slot.push(Next::Leaf(nl));
+            nl += 1;
+        } else {
+            slot.push(Next::Node(nb));
+            nb += 1;
+        }
+    }
+    let mut leaves: Vec<Vec<(usize, f64)>> = vec![Vec::new(); nl];
+    for j in 0..t_tree.len() {
+        let Some(&i) = index.get(&(t_tree[j], t_node[j])) else {
+            return Err(n.err(format!("{prefix} refers to missing node ({}, {})", t_tree[j], t_node[j])));
+        };
+        let Next::Leaf(l) = slot[i] else {
+            return Err(n.err(format!("{prefix} refers to node {i}, which is not a leaf")));
+        };
+        let t = to_usize(n, t_ids[j], "target id")?;
+        if t >= n_targets {
+            return Err(n.err(format!("target id {t} is not below {n_targets}")));
+        }
+        leaves[l].push((t, t_w[j]));
+    }
+    let mut branches = Vec::with_capacity(nb);
+    let mut n_features = 0usize;
+    for i in 0..nn {
+        let mode = match modes[i].as_str() {
+            "LEAF" => continue,
+            "BRANCH_LEQ" => Mode::Leq,
+            "BRANCH_LT" => Mode::Lt,
+            "BRANCH_GTE" => Mode::Gte,
+            "BRANCH_GT" => Mode::Gt,
+            "BRANCH_EQ" => Mode::Eq,
+            "BRANCH_NEQ" => Mode::Neq,
+            o => return Err(n.err(format!("unknown node mode '{o}'"))),
+        };
+        let resolve = |id: i64| -> Result<Next> {
+            index
+                .get(&(treeids[i], id))
+                .map(|&k| slot[k])
+                .ok_or_else(|| n.err(format!("node ({}, {id}) does not exist", treeids[i])))
+        };
+        let feature = to_usize(n, features[i], "feature id")?;
+        n_features = n_features.max(feature + 1);
+        branches.push(Branch {
+            feature,
+            mode,
+            split: values.get(i).copied().unwrap_or(0.0),
+            set: Vec::new(),
+            tracks_true: tracks.get(i).copied().unwrap_or(0) != 0,
+            t: resolve(tids[i])?,
+            f: resolve(fids[i])?,
+        });
+    }
+    let mut tree_list: Vec<i64> = treeids.clone();
+    tree_list.sort_unstable();
+    tree_list.dedup();
+    let roots = tree_list
+        .iter()
+        .filter_map(|t| treeids.iter().position(|x| x == t).map(|i| slot[i]))
+        .collect();
+    let base = floats_or_tensor(n, "base_values")?.unwrap_or_default();
+    if !base.is_empty() && base.len() != n_targets {
+        return Err(n.err(format!("base_values has {} values, expected {n_targets}", base.len())));
+    }
+    Ok(Ensemble {
+        branches,
+        leaves,
+        roots,
+        n_targets,
+        n_features,
+        agg,
+        base,
+    })
+}
+
+fn tree_ensemble_regressor(n: &NodeCtx) -> Result<Box<dyn OpKernel>> {
+    let n_targets = to_usize(n, n.attr_i("n_targets", 1)?, "n_targets")?;
+    let agg = agg_from_name(n, &n.attr_s("aggregate_function", "SUM")?)?;
+    let post = Post::from_name(n, &n.attr_s("post_transform", "NONE")?)?;
+    let ens = old_ensemble(n, "target", n_targets, agg)?;
+    Ok(kernel(move |cx, ins| {
+        let (rows, f, xs) = rows_f64(tin(ins, 0)?)?;
+        cx.check_alloc(rows as u128 * ens.n_targets as u128, DType::F64)?;
+        let mut s = ens.scores(rows, f, &xs)?;
+        if post != Post::None && ens.n_targets > 0 {
+            s.par_chunks_mut(ens.n_targets).for_each(|r| post.apply(r));
+        }
+        out1(Tensor::from_f64s(s, &[rows, ens.n_targets], DType::F32, cx.device)?)
+    }))
+}
+
+fn int_labels(n: &NodeCtx) -> Result<Vec<i64>> {
+    if n.attr("classlabels_strings").is_some() {
+        return Err(n.err("string class labels are not supported"));
+    }
+    n.attr_ints("classlabels_int64s")?
+        .or(n.attr_ints("classlabels_ints")?)
+        .ok_or_else(|| n.err("missing class labels"))
+}
+
+fn tree_ensemble_classifier(n: &NodeCtx) -> Result<Box<dyn OpKernel>> {
+    let labels = int_labels(n)?;
+    let n_classes = labels.len();
+    let post = Post::from_name(n, &n.attr_s("post_transform", "NONE")?)?;
+    let ens = old_ensemble(n, "class", n_classes, Agg::Sum)?;
+    let class_ids = req_ints(n, "class_ids")?;
+    let binary = !class_ids.is_empty() && class_ids.iter().all(|&c| c == class_ids[0]);
+    let width = if binary && n_classes == 1 { 2 } else { n_classes };
+    if binary && width < 2 {
+        return Err(n.err("a binary classifier needs two score columns"));
+    }
+    Ok(kernel(move |cx, ins| {
+        let (rows, f, xs) = rows_f64(tin(ins, 0)?)?;
+        cx.check_alloc(rows as u128 * width as u128, DType::F64)?;
+        let raw = ens.scores(rows, f, &xs)?;
+        let mut scores = vec![0f64; rows * width];
+        let mut out_labels = vec![0i64; rows];
+        for r in 0..rows {
+            let src = raw.get(r * n_classes..(r + 1) * n_classes).unwrap_or(&[]);
+            let row = scores.get_mut(r * width..(r + 1) * width).unwrap_or(&mut []);
+            if binary {
+                let v = src.first().copied().unwrap_or(0.0);
+                if n_classes > 1 {
+                    row.copy_from_slice(src);
+                }
+                row[1] = v;
+                row[0] = if matches!(post, Post::None | Post::Probit) { 1.0 - v } else { -v };
+            } else {
+                row.copy_from_slice(src);
+            }
+            post.apply(row);
+            let mut best = 0usize;
+            for (k, &v) in row.iter().enumerate() {
+                if v > row[best] {
+                    best = k;
+                }
+            }
+            out_labels[r] = if n_classes == 1 {
+                if labels[0] == 1 {
+                    i64::from(best == 1)
+                } else {
+                    bail!("a single class label other than 1 is not supported");
+                }
+            } else {
+                labels.get(best).copied().unwrap_or(0)
+            };
+        }
+        Ok(vec![
+            Value::Tensor(Tensor::from_i64s(out_labels, &[rows], cx.device)?),
+            Value::Tensor(Tensor::from_f64s(scores, &[rows, width], DType::F32, cx.device)?),
+        ])
+    }))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Linear models, Normalizer, Scaler
+
+/// X as an f32 candle matrix [N, F].
+fn as_matrix_f32(x: &Tensor) -> Result<CT> {
+    let c = match x.dtype() {
+        DType::F32 => x.candle().clone(),
+        _ => x.cast(DType::F32)?.into_candle(),
+    };
+    Ok(match c.rank() {
+        1 => c.unsqueeze(0)?,
+        2 => c,
+        r => bail!("input must be [N, F] or [F], got rank {r}"),
+    })
+}
+
+/// scores = X @ coef^T + intercepts, coef given row-major as [k, F].
+fn linear_scores(x: &Tensor, coef: &[f32], intercepts: &[f32]) -> Result<CT> {
+    let xm = as_matrix_f32(x)?;
+    let f = xm.dims()[1];
+    if f == 0 || coef.len() % f != 0 {
+        bail!("{} coefficients do not divide into rows of {f} features", coef.len());
+    }
+    let k = coef.len() / f;
+    let w = CT::from_vec(coef.to_vec(), (k, f), xm.device())?;
+    let mut s = xm.contiguous()?.matmul(&w.t()?)?;
+    if !intercepts.is_empty() {
+        if intercepts.len() != k {
+            bail!("{} intercepts for {k} outputs", intercepts.len());
+        }
+        let b = CT::from_vec(intercepts.to_vec(), (1, k), xm.device())?;
+        s = s.broadcast_add(&b)?;
+    }
+    Ok(s)
+}
+
+fn linear_regressor(n: &NodeCtx) -> Result<Box<dyn OpKernel>> {
+    let coef = n.attr_floats("coefficients")?.unwrap_or_default();
+    let intercepts = n.attr_floats("intercepts")?.unwrap_or_default();
+    let targets = to_usize(n, n.attr_i("targets", 1)?, "targets")?;
+    let post = Post::from_name(n, &n.attr_s("post_transform", "NONE")?)?;
+    if targets == 0 || coef.len() % targets != 0 {
+        return Err(n.err(format!("{} coefficients for {targets} targets", coef.len())));
+    }
+    Ok(kernel(move |cx, ins| {
+        let x = tin(ins, 0)?;
+        let s = linear_scores(x, &coef, &intercepts)?;
+        if s.dims()[1] != targets {
+            bail!("the input has the wrong number of features for {targets} targets");
+        }
+        if post == Post::None {
+            return out1(Tensor::new(s, DType::F32)?);
+        }
+        let rows = s.dims()[0];
+        let mut v: Vec<f64> = Tensor::new(s, DType::F32)?.to_f64_vec()?;
+        v.chunks_mut(targets).for_each(|r| post.apply(r));
+        out1(Tensor::from_f64s(v, &[rows, targets], DType::F32, cx.device)?)
+    }))
+}
+
+fn linear_classifier(n: &NodeCtx) -> Result<Box<dyn OpKernel>> {
+    if n.attr("classlabels_strings").is_some() {
+        return Err(n.err("string class labels are not supported"));
+    }
+    let labels = n.attr_ints("classlabels_ints")?;
+    let coef = n.attr_floats("coefficients")?.unwrap_or_default();
+    let intercepts = n.attr_floats("intercepts")?.unwrap_or_default();
+    let post = Post::from_name(n, &n.attr_s("post_transform", "NONE")?)?;
+    let n_classes = labels.as_ref().map_or(0, Vec::len);
+    Ok(kernel(move |cx, ins| {
+        let x = tin(ins, 0)?;
+        let s = linear_scores(x, &coef, &intercepts)?;
+        let (rows, k) = (s.dims()[0], s.dims()[1]);
+        let raw: Vec<f64> = Tensor::new(s, DType::F32)?.to_f64_vec()?;
+        let expand = k == 1 && n_classes == 2;
+        let width = if expand { 2 } else { k };
+        let mut scores = Vec::with_capacity(rows * width);
+        for r in raw.chunks(k.max(1)) {
+            if expand {
+                let v = r.first().copied().unwrap_or(0.0);
+                scores.extend_from_slice(&[-v, v]);
+            } else {
+                scores.extend_from_slice(r);
+            }
+        }
+        if width > 0 {
+            scores.chunks_mut(width).for_each(|r| post.apply(r));
+        }
+        let mut out_labels = Vec::with_capacity(rows);
+        for row in scores.chunks(width.max(1)).take(rows) {
+            if width > 1 {
+                let mut best = 0usize;
+                for (j, &v) in row.iter().enumerate() {
+                    if v > row[best] {
+                        best = j;
+                    }
+                }
+                out_labels.push(match &labels {
+                    Some(l) => match l.get(best) {
+                        Some(&v) => v,
+                        None => bail!("class {best} has no label"),
+                    },
+                    None => best as i64,
+                });
+            } else {
+                let thr = if post == Post::None { 0.0 } else { 0.5 };
+                let pos = row.first().copied().unwrap_or(0.0) >= thr;
+                out_labels.push(match &labels {
+                    Some(l) => {
+                        if pos {
+                            l.first().copied().unwrap_or(1)
+                        } else {
+                            0
+                        }
+                    }
+                    None => i64::from(pos),
+                });
+            }
+        }
+        Ok(vec![
+            Value::Tensor(Tensor::from_i64s(out_labels, &[rows], cx.device)?),
+            Value::Tensor(Tensor::from_f64s(scores, &[rows, width], DType::F32, cx.device)?),
+        ])
+    }))
+}
+
+fn normalizer(n: &NodeCtx) -> Result<Box<dyn OpKernel>> {
+    let norm = n.attr_s("norm", "MAX")?;
+    if !matches!(norm.as_str(), "MAX" | "L1" | "L2") {
+        return Err(n.err(format!("unknown norm '{norm}'")));
+    }
+    Ok(kernel(move |_cx, ins| {
+        let x = tin(ins, 0)?;
+        let one_d = x.rank() == 1;
+        let m = as_matrix_f32(x)?;
+        let d = match norm.as_str() {
+            "MAX" => m.abs()?.max_keepdim(1)?,
+            "L1" => m.abs()?.sum_keepdim(1)?,
+            _ => m.sqr()?.sum_keepdim(1)?.sqrt()?,
+        };
+        let d = d.maximum(1e-30)?;
+        let mut y = m.broadcast_div(&d)?;
+        if one_d {
+            y = y.squeeze(0)?;
+        }
+        out1(Tensor::new(y, DType::F32)?)
+    }))
+}
+
+fn scaler(n: &NodeCtx) -> Result<Box<dyn OpKernel>> {
+    let offset = n.attr_floats("offset")?.unwrap_or_else(|| vec![0.0]);
+    let scale = n.attr_floats("scale")?.unwrap_or_else(|| vec![1.0]);
+    Ok(kernel(move |_cx, ins| {
+        let x = tin(ins, 0)?;
+        let c = match x.dtype() {
+            DType::F32 => x.candle().clone(),
+            _ => x.cast(DType::F32)?.into_candle(),
+        };
+        let last = c.dims().last().copied().unwrap_or(1);
+        let vec_for = |v: &[f32], what: &str| -> Result<CT> {
+            if v.len() == 1 {
+                Ok(CT::new(v[0], c.device())?)
+            } else if v.len() == last && c.rank() > 0 {
+                Ok(CT::from_vec(v.to_vec(), last, c.device())?)
+            } else {
+                bail!("{what} has {} values for a last axis of {last}", v.len())
+            }
+        };
+        let o = vec_for(&offset, "offset")?;
+        let s = vec_for(&scale, "scale")?;
+        let y = c.broadcast_sub(&o)?.broadcast_mul(&s)?;
+        out1(Tensor::new(y, DType::F32)?)
+    }))
+}
