@@ -167,6 +167,9 @@ fn scan_op(n: &NodeCtx) -> Result<Box<dyn OpKernel>> {
             let scan_ins: Vec<(Tensor, usize, bool)> = (0..n_scan_in)
                 .map(|k| {
                     let t = tin(ins, n_state + k)?;
+                    if t.rank() == 0 {
+                        bail!("scan input {k} is a scalar");
+                    }
                     let ax = norm_axis(in_axes.get(k).copied().unwrap_or(0), t.rank())?;
                     Ok((t.clone(), ax, in_dirs.get(k).copied().unwrap_or(0) != 0))
                 })

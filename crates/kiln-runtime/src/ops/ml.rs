@@ -66,6 +66,14 @@ fn attr_strings(n: &NodeCtx, name: &str) -> Result<Option<Vec<String>>> {
     }
 }
 
+/// A floats attribute, also accepting ints (some exporters write integral values as ints).
+fn floats_attr(n: &NodeCtx, name: &str) -> Result<Option<Vec<f32>>> {
+    match n.attr(name) {
+        Some(Attribute::Ints(v)) => Ok(Some(v.iter().map(|&i| i as f32).collect())),
+        _ => n.attr_floats(name),
+    }
+}
+
 fn to_usize(n: &NodeCtx, v: i64, what: &str) -> Result<usize> {
     usize::try_from(v).map_err(|_| n.err(format!("{what} {v} is negative")))
 }
@@ -324,33 +332,35 @@ impl Ensemble {
         if nt == 0 {
             return Ok(out);
         }
-        out.par_chunks_mut(nt).enumerate().try_for_each(|(r, o)| -> Result<()> {
-            let row = xs.get(r * f..(r + 1) * f).unwrap_or(&[]);
-            let mut hit = vec![false; nt];
-            for &root in &self.roots {
-                let l = self.leaf_of(root, row)?;
-                for &(t, w) in self.leaves.get(l).map(Vec::as_slice).unwrap_or(&[]) {
-                    let (Some(v), Some(h)) = (o.get_mut(t), hit.get_mut(t)) else {
-                        bail!("target {t} is out of range");
-                    };
-                    *v = match self.agg {
-                        Agg::Sum | Agg::Average => *v + w,
-                        Agg::Min if *h => v.min(w),
-                        Agg::Max if *h => v.max(w),
-                        Agg::Min | Agg::Max => w,
-                    };
-                    *h = true;
+        out.par_chunks_mut(nt)
+            .enumerate()
+            .try_for_each(|(r, o)| -> Result<()> {
+                let row = xs.get(r * f..(r + 1) * f).unwrap_or(&[]);
+                let mut hit = vec![false; nt];
+                for &root in &self.roots {
+                    let l = self.leaf_of(root, row)?;
+                    for &(t, w) in self.leaves.get(l).map(Vec::as_slice).unwrap_or(&[]) {
+                        let (Some(v), Some(h)) = (o.get_mut(t), hit.get_mut(t)) else {
+                            bail!("target {t} is out of range");
+                        };
+                        *v = match self.agg {
+                            Agg::Sum | Agg::Average => *v + w,
+                            Agg::Min if *h => v.min(w),
+                            Agg::Max if *h => v.max(w),
+                            Agg::Min | Agg::Max => w,
+                        };
+                        *h = true;
+                    }
                 }
-            }
-            if self.agg == Agg::Average && !self.roots.is_empty() {
-                let k = self.roots.len() as f64;
-                o.iter_mut().for_each(|v| *v /= k);
-            }
-            for (v, b) in o.iter_mut().zip(&self.base) {
-                *v += b;
-            }
-            Ok(())
-        })?;
+                if self.agg == Agg::Average && !self.roots.is_empty() {
+                    let k = self.roots.len() as f64;
+                    o.iter_mut().for_each(|v| *v /= k);
+                }
+                for (v, b) in o.iter_mut().zip(&self.base) {
+                    *v += b;
+                }
+                Ok(())
+            })?;
         Ok(out)
     }
 }
@@ -410,9 +420,16 @@ fn tree_ensemble(n: &NodeCtx) -> Result<Box<dyn OpKernel>> {
     };
     let post = Post::from_code(n, n.attr_i("post_transform", 0)?)?;
     let nn = splits.len();
-    if [features.len(), modes.len(), tids.len(), fids.len(), tleaf.len(), fleaf.len()]
-        .iter()
-        .any(|&l| l != nn)
+    if [
+        features.len(),
+        modes.len(),
+        tids.len(),
+        fids.len(),
+        tleaf.len(),
+        fleaf.len(),
+    ]
+    .iter()
+    .any(|&l| l != nn)
     {
         return Err(n.err("the nodes_* attributes have different lengths"));
     }
@@ -481,11 +498,7 @@ fn tree_ensemble(n: &NodeCtx) -> Result<Box<dyn OpKernel>> {
             return Err(n.err(format!("tree root {ri} does not exist")));
         }
         let degenerate = tleaf[ri] != 0 && fleaf[ri] != 0 && tids[ri] == fids[ri];
-        root_next.push(if degenerate {
-            next(tids[ri], 1)?
-        } else {
-            Next::Node(ri)
-        });
+        root_next.push(if degenerate { next(tids[ri], 1)? } else { Next::Node(ri) });
     }
     let ens = Ensemble {
         branches,
@@ -554,7 +567,10 @@ fn old_ensemble(n: &NodeCtx, prefix: &str, n_targets: usize, agg: Agg) -> Result
     let mut leaves: Vec<Vec<(usize, f64)>> = vec![Vec::new(); nl];
     for j in 0..t_tree.len() {
         let Some(&i) = index.get(&(t_tree[j], t_node[j])) else {
-            return Err(n.err(format!("{prefix} refers to missing node ({}, {})", t_tree[j], t_node[j])));
+            return Err(n.err(format!(
+                "{prefix} refers to missing node ({}, {})",
+                t_tree[j], t_node[j]
+            )));
         };
         let Next::Leaf(l) = slot[i] else {
             return Err(n.err(format!("{prefix} refers to node {i}, which is not a leaf")));
@@ -660,18 +676,24 @@ fn tree_ensemble_classifier(n: &NodeCtx) -> Result<Box<dyn OpKernel>> {
         let raw = ens.scores(rows, f, &xs)?;
         let mut scores = vec![0f64; rows * width];
         let mut out_labels = vec![0i64; rows];
-        for r in 0..rows {
+        for (r, label) in out_labels.iter_mut().enumerate() {
             let src = raw.get(r * n_classes..(r + 1) * n_classes).unwrap_or(&[]);
             let row = scores.get_mut(r * width..(r + 1) * width).unwrap_or(&mut []);
             if binary {
                 let v = src.first().copied().unwrap_or(0.0);
                 if n_classes > 1 {
-                    row.copy_from_slice(src);
+                    row.iter_mut().zip(src).for_each(|(d, &v)| *d = v);
                 }
-                row[1] = v;
-                row[0] = if matches!(post, Post::None | Post::Probit) { 1.0 - v } else { -v };
+                if let [r0, r1, ..] = row {
+                    *r1 = v;
+                    *r0 = if matches!(post, Post::None | Post::Probit) {
+                        1.0 - v
+                    } else {
+                        -v
+                    };
+                }
             } else {
-                row.copy_from_slice(src);
+                row.iter_mut().zip(src).for_each(|(d, &v)| *d = v);
             }
             post.apply(row);
             let mut best = 0usize;
@@ -680,7 +702,7 @@ fn tree_ensemble_classifier(n: &NodeCtx) -> Result<Box<dyn OpKernel>> {
                     best = k;
                 }
             }
-            out_labels[r] = if n_classes == 1 {
+            *label = if n_classes == 1 {
                 if labels[0] == 1 {
                     i64::from(best == 1)
                 } else {
@@ -717,7 +739,7 @@ fn as_matrix_f32(x: &Tensor) -> Result<CT> {
 fn linear_scores(x: &Tensor, coef: &[f32], intercepts: &[f32]) -> Result<CT> {
     let xm = as_matrix_f32(x)?;
     let f = xm.dims()[1];
-    if f == 0 || coef.len() % f != 0 {
+    if f == 0 || !coef.len().is_multiple_of(f) {
         bail!("{} coefficients do not divide into rows of {f} features", coef.len());
     }
     let k = coef.len() / f;
@@ -734,11 +756,11 @@ fn linear_scores(x: &Tensor, coef: &[f32], intercepts: &[f32]) -> Result<CT> {
 }
 
 fn linear_regressor(n: &NodeCtx) -> Result<Box<dyn OpKernel>> {
-    let coef = n.attr_floats("coefficients")?.unwrap_or_default();
-    let intercepts = n.attr_floats("intercepts")?.unwrap_or_default();
+    let coef = floats_attr(n, "coefficients")?.unwrap_or_default();
+    let intercepts = floats_attr(n, "intercepts")?.unwrap_or_default();
     let targets = to_usize(n, n.attr_i("targets", 1)?, "targets")?;
     let post = Post::from_name(n, &n.attr_s("post_transform", "NONE")?)?;
-    if targets == 0 || coef.len() % targets != 0 {
+    if targets == 0 || !coef.len().is_multiple_of(targets) {
         return Err(n.err(format!("{} coefficients for {targets} targets", coef.len())));
     }
     Ok(kernel(move |cx, ins| {
@@ -762,8 +784,8 @@ fn linear_classifier(n: &NodeCtx) -> Result<Box<dyn OpKernel>> {
         return Err(n.err("string class labels are not supported"));
     }
     let labels = n.attr_ints("classlabels_ints")?;
-    let coef = n.attr_floats("coefficients")?.unwrap_or_default();
-    let intercepts = n.attr_floats("intercepts")?.unwrap_or_default();
+    let coef = floats_attr(n, "coefficients")?.unwrap_or_default();
+    let intercepts = floats_attr(n, "intercepts")?.unwrap_or_default();
     let post = Post::from_name(n, &n.attr_s("post_transform", "NONE")?)?;
     let n_classes = labels.as_ref().map_or(0, Vec::len);
     Ok(kernel(move |cx, ins| {
@@ -847,8 +869,8 @@ fn normalizer(n: &NodeCtx) -> Result<Box<dyn OpKernel>> {
 }
 
 fn scaler(n: &NodeCtx) -> Result<Box<dyn OpKernel>> {
-    let offset = n.attr_floats("offset")?.unwrap_or_else(|| vec![0.0]);
-    let scale = n.attr_floats("scale")?.unwrap_or_else(|| vec![1.0]);
+    let offset = floats_attr(n, "offset")?.unwrap_or_else(|| vec![0.0]);
+    let scale = floats_attr(n, "scale")?.unwrap_or_else(|| vec![1.0]);
     Ok(kernel(move |_cx, ins| {
         let x = tin(ins, 0)?;
         let c = match x.dtype() {

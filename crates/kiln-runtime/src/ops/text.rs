@@ -218,7 +218,7 @@ impl TfIdf {
         for skip in 1..=max_dist {
             let mut ngram_start = 0usize;
             while ngram_start < row_end {
-                if ngram_start + skip * (start_size - 1) >= row_end {
+                if ngram_start.saturating_add(skip.saturating_mul(start_size - 1)) >= row_end {
                     break;
                 }
                 let mut item = ngram_start;
