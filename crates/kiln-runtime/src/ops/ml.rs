@@ -23,6 +23,10 @@ pub fn register(r: &mut Registry) {
     r.add_domain(ML, "LinearClassifier", linear_classifier);
     r.add_domain(ML, "Normalizer", normalizer);
     r.add_domain(ML, "Scaler", scaler);
+    r.add_domain(ML, "Imputer", imputer);
+    r.add_domain(ML, "LabelEncoder", label_encoder);
+    r.add_domain(ML, "OneHotEncoder", one_hot_encoder);
+    r.add_domain(ML, "FeatureVectorizer", feature_vectorizer);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -891,5 +895,245 @@ fn scaler(n: &NodeCtx) -> Result<Box<dyn OpKernel>> {
         let s = vec_for(&scale, "scale")?;
         let y = c.broadcast_sub(&o)?.broadcast_mul(&s)?;
         out1(Tensor::new(y, DType::F32)?)
+    }))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Imputer, LabelEncoder, OneHotEncoder, FeatureVectorizer
+
+fn imputer(n: &NodeCtx) -> Result<Box<dyn OpKernel>> {
+    let fl = floats_attr(n, "imputed_value_floats")?.unwrap_or_default();
+    let il = n.attr_ints("imputed_value_int64s")?.unwrap_or_default();
+    let (values, replace): (Vec<f64>, f64) = if !fl.is_empty() {
+        (
+            fl.iter().map(|&v| f64::from(v)).collect(),
+            f64::from(n.attr_f("replaced_value_float", 0.0)?),
+        )
+    } else if !il.is_empty() {
+        (
+            il.iter().map(|&v| v as f64).collect(),
+            n.attr_i("replaced_value_int64", 0)? as f64,
+        )
+    } else {
+        return Err(n.err("Imputer needs imputed_value_floats or imputed_value_int64s"));
+    };
+    Ok(kernel(move |cx, ins| {
+        let x = tin(ins, 0)?;
+        let c = match x.dims().last() {
+            Some(&c) => c,
+            None => bail!("Imputer needs an input of rank >= 1"),
+        };
+        if values.len() != 1 && values.len() != c {
+            bail!("{} imputed values for {c} features", values.len());
+        }
+        let pick = |i: usize| values.get(i % c.max(1)).or(values.first()).copied().unwrap_or(0.0);
+        if x.dtype().is_float() {
+            let mut v = x.to_f64_vec()?;
+            for (i, e) in v.iter_mut().enumerate() {
+                if (replace.is_nan() && e.is_nan()) || *e == replace {
+                    *e = pick(i);
+                }
+            }
+            out1(Tensor::from_f64s(v, x.dims(), x.dtype(), cx.device)?)
+        } else {
+            let mut v = x.to_i64_vec()?;
+            let r = replace as i64;
+            for (i, e) in v.iter_mut().enumerate() {
+                if !replace.is_nan() && *e == r {
+                    *e = pick(i) as i64;
+                }
+            }
+            out1(Tensor::from_i64s(v, x.dims(), cx.device)?.cast(x.dtype())?)
+        }
+    }))
+}
+
+/// A lookup key: integers as themselves, floats by canonical bits (NaN matches NaN, -0 matches 0).
+fn float_key(v: f64) -> u64 {
+    if v.is_nan() {
+        f64::NAN.to_bits()
+    } else if v == 0.0 {
+        0
+    } else {
+        v.to_bits()
+    }
+}
+
+fn label_encoder(n: &NodeCtx) -> Result<Box<dyn OpKernel>> {
+    for s in ["keys_strings", "values_strings", "classes_strings", "default_string"] {
+        if n.attr(s).is_some() {
+            return Err(n.err("string keys or values are not supported"));
+        }
+    }
+    // Keys: (is_float, raw values).
+    let (key_float, keys): (bool, Vec<f64>) = if let Some(k) = n.attr_ints("keys_int64s")? {
+        (false, k.iter().map(|&v| v as f64).collect())
+    } else if let Some(k) = n.attr_floats("keys_floats")? {
+        (true, k.iter().map(|&v| f64::from(v)).collect())
+    } else if let Some(t) = n.attr_tensor("keys_tensor")? {
+        if t.dtype == DType::String {
+            return Err(n.err("string keys are not supported"));
+        }
+        (t.dtype.is_float(), td_f64(t).ok_or_else(|| n.err("bad keys_tensor"))?)
+    } else {
+        return Err(n.err("LabelEncoder needs keys"));
+    };
+    let key_ints: Option<Vec<i64>> = if key_float {
+        None
+    } else if let Some(k) = n.attr_ints("keys_int64s")? {
+        Some(k)
+    } else {
+        n.attr_tensor("keys_tensor")?.and_then(TensorData::to_i64_vec)
+    };
+    // Values and default, as (dtype, f64 values, i64 values).
+    let (out_dt, vals_f, vals_i, def_f, def_i): (DType, Vec<f64>, Vec<i64>, f64, i64) =
+        if let Some(v) = n.attr_ints("values_int64s")? {
+            let d = n.attr_i("default_int64", -1)?;
+            (DType::I64, v.iter().map(|&x| x as f64).collect(), v, d as f64, d)
+        } else if let Some(v) = n.attr_floats("values_floats")? {
+            let d = f64::from(n.attr_f("default_float", -0.0)?);
+            (
+                DType::F32,
+                v.iter().map(|&x| f64::from(x)).collect(),
+                vec![0; v.len()],
+                d,
+                0,
+            )
+        } else if let Some(t) = n.attr_tensor("values_tensor")? {
+            if t.dtype == DType::String {
+                return Err(n.err("string values are not supported"));
+            }
+            let vf = td_f64(t).ok_or_else(|| n.err("bad values_tensor"))?;
+            let vi = t.to_i64_vec().unwrap_or_else(|| vec![0; vf.len()]);
+            let (df, di) = match n.attr_tensor("default_tensor")? {
+                Some(d) => (
+                    td_f64(d).and_then(|v| v.first().copied()).unwrap_or(0.0),
+                    d.to_i64_vec().and_then(|v| v.first().copied()).unwrap_or(0),
+                ),
+                None if t.dtype.is_float() => (-0.0, 0),
+                None => (-1.0, -1),
+            };
+            (t.dtype, vf, vi, df, di)
+        } else {
+            return Err(n.err("LabelEncoder needs values"));
+        };
+    if keys.len() != vals_f.len() {
+        return Err(n.err(format!("{} keys for {} values", keys.len(), vals_f.len())));
+    }
+    let mut map: HashMap<u64, usize> = HashMap::with_capacity(keys.len());
+    for (i, &k) in keys.iter().enumerate() {
+        let key = match &key_ints {
+            Some(ki) => ki.get(i).copied().unwrap_or(k as i64) as u64,
+            None => float_key(k),
+        };
+        map.entry(key).or_insert(i);
+    }
+    Ok(kernel(move |cx, ins| {
+        let x = tin(ins, 0)?;
+        if x.dtype().is_float() != key_float {
+            bail!("input dtype {} does not match the key type", x.dtype());
+        }
+        let idx: Vec<Option<usize>> = if key_float {
+            x.to_f64_vec()?
+                .into_iter()
+                .map(|v| map.get(&float_key(v)).copied())
+                .collect()
+        } else {
+            x.to_i64_vec()?
+                .into_iter()
+                .map(|v| map.get(&(v as u64)).copied())
+                .collect()
+        };
+        if out_dt.is_float() {
+            let v: Vec<f64> = idx
+                .iter()
+                .map(|i| i.and_then(|i| vals_f.get(i).copied()).unwrap_or(def_f))
+                .collect();
+            out1(Tensor::from_f64s(v, x.dims(), out_dt, cx.device)?)
+        } else {
+            let v: Vec<i64> = idx
+                .iter()
+                .map(|i| i.and_then(|i| vals_i.get(i).copied()).unwrap_or(def_i))
+                .collect();
+            out1(Tensor::from_i64s(v, x.dims(), cx.device)?.cast(out_dt)?)
+        }
+    }))
+}
+
+fn one_hot_encoder(n: &NodeCtx) -> Result<Box<dyn OpKernel>> {
+    if n.attr("cats_strings").is_some() && n.attr("cats_int64s").is_none() {
+        return Err(n.err("string categories are not supported"));
+    }
+    let cats = n
+        .attr_ints("cats_int64s")?
+        .filter(|c| !c.is_empty())
+        .ok_or_else(|| n.err("OneHotEncoder needs cats_int64s"))?;
+    let zeros = n.attr_i("zeros", 1)? != 0;
+    let mut map: HashMap<i64, usize> = HashMap::with_capacity(cats.len());
+    for (i, &c) in cats.iter().enumerate() {
+        map.entry(c).or_insert(i);
+    }
+    let k = cats.len();
+    Ok(kernel(move |cx, ins| {
+        let x = tin(ins, 0)?;
+        let vals = x.to_i64_vec()?;
+        cx.check_alloc(vals.len() as u128 * k as u128, DType::F32)?;
+        let mut out = vec![0f32; vals.len() * k];
+        for (i, v) in vals.iter().enumerate() {
+            match map.get(v) {
+                Some(&j) => {
+                    if let Some(o) = out.get_mut(i * k + j) {
+                        *o = 1.0;
+                    }
+                }
+                None if !zeros => bail!("value {v} is not a known category"),
+                None => {}
+            }
+        }
+        let mut dims = x.dims().to_vec();
+        dims.push(k);
+        out1(Tensor::new(CT::from_vec(out, dims.as_slice(), cx.device)?, DType::F32)?)
+    }))
+}
+
+fn feature_vectorizer(n: &NodeCtx) -> Result<Box<dyn OpKernel>> {
+    let dims_attr = n.attr_ints("inputdimensions")?.unwrap_or_default();
+    let mut widths = Vec::with_capacity(dims_attr.len());
+    for &d in &dims_attr {
+        widths.push(to_usize(n, d, "input dimension")?);
+    }
+    let n_in = n.num_inputs();
+    if widths.len() < n_in {
+        return Err(n.err(format!("{} inputdimensions for {n_in} inputs", widths.len())));
+    }
+    Ok(kernel(move |cx, ins| {
+        let mut parts = Vec::with_capacity(n_in);
+        let mut rows = None;
+        for (i, &w) in widths.iter().enumerate().take(n_in) {
+            let x = tin(ins, i)?;
+            let m = as_matrix_f32(x)?;
+            // A 1-D input is a column of N rows.
+            let m = if x.rank() == 1 { m.t()? } else { m };
+            let (r, c) = (m.dims()[0], m.dims()[1]);
+            if rows.is_some_and(|n| n != r) {
+                bail!("inputs have different row counts");
+            }
+            rows = Some(r);
+            let m = if c > w {
+                m.narrow(1, 0, w)?
+            } else if c < w {
+                CT::cat(
+                    &[m.clone(), CT::zeros((r, w - c), candle_core::DType::F32, cx.device)?],
+                    1,
+                )?
+            } else {
+                m
+            };
+            parts.push(m);
+        }
+        if parts.is_empty() {
+            bail!("FeatureVectorizer needs inputs");
+        }
+        out1(Tensor::new(CT::cat(&parts, 1)?, DType::F32)?)
     }))
 }
