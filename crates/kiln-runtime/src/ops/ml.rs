@@ -27,6 +27,8 @@ pub fn register(r: &mut Registry) {
     r.add_domain(ML, "LabelEncoder", label_encoder);
     r.add_domain(ML, "OneHotEncoder", one_hot_encoder);
     r.add_domain(ML, "FeatureVectorizer", feature_vectorizer);
+    r.add_domain(ML, "SVMRegressor", svm_regressor);
+    r.add_domain(ML, "SVMClassifier", svm_classifier);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1135,5 +1137,362 @@ fn feature_vectorizer(n: &NodeCtx) -> Result<Box<dyn OpKernel>> {
             bail!("FeatureVectorizer needs inputs");
         }
         out1(Tensor::new(CT::cat(&parts, 1)?, DType::F32)?)
+    }))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Support vector machines (following the ONNX reference implementation)
+
+#[derive(Clone, Copy, PartialEq)]
+enum SvmKernel {
+    Linear,
+    Poly,
+    Rbf,
+    Sigmoid,
+}
+
+struct KernelFn {
+    kind: SvmKernel,
+    gamma: f64,
+    coef0: f64,
+    degree: i32,
+}
+
+impl KernelFn {
+    fn from_node(n: &NodeCtx) -> Result<KernelFn> {
+        let kind = match n.attr_s("kernel_type", "LINEAR")?.to_ascii_uppercase().as_str() {
+            "LINEAR" => SvmKernel::Linear,
+            "POLY" => SvmKernel::Poly,
+            "RBF" => SvmKernel::Rbf,
+            "SIGMOID" => SvmKernel::Sigmoid,
+            o => return Err(n.err(format!("unknown kernel_type '{o}'"))),
+        };
+        let p = floats_attr(n, "kernel_params")?.unwrap_or_default();
+        Ok(KernelFn {
+            kind,
+            gamma: p.first().map_or(0.0, |&v| f64::from(v)),
+            coef0: p.get(1).map_or(0.0, |&v| f64::from(v)),
+            degree: p.get(2).map_or(0, |&v| v as i32),
+        })
+    }
+
+    fn eval(&self, kind: SvmKernel, a: &[f64], b: &[f64]) -> f64 {
+        let dot = || a.iter().zip(b).map(|(x, y)| x * y).sum::<f64>();
+        match kind {
+            SvmKernel::Linear => dot(),
+            SvmKernel::Poly => (dot() * self.gamma + self.coef0).powi(self.degree),
+            SvmKernel::Sigmoid => (dot() * self.gamma + self.coef0).tanh(),
+            SvmKernel::Rbf => {
+                let d: f64 = a.iter().zip(b).map(|(x, y)| (x - y) * (x - y)).sum();
+                (-self.gamma * d).exp()
+            }
+        }
+    }
+}
+
+fn f64_list(n: &NodeCtx, name: &str) -> Result<Vec<f64>> {
+    Ok(floats_attr(n, name)?
+        .unwrap_or_default()
+        .into_iter()
+        .map(f64::from)
+        .collect())
+}
+
+fn svm_regressor(n: &NodeCtx) -> Result<Box<dyn OpKernel>> {
+    let kf = KernelFn::from_node(n)?;
+    let coef = f64_list(n, "coefficients")?;
+    let rho = f64_list(n, "rho")?.first().copied().unwrap_or(0.0);
+    let sv = f64_list(n, "support_vectors")?;
+    let n_sup = to_usize(n, n.attr_i("n_supports", 0)?, "n_supports")?;
+    let one_class = n.attr_i("one_class", 0)? != 0;
+    let post = Post::from_name(n, &n.attr_s("post_transform", "NONE")?)?;
+    if n_sup > 0 && (coef.len() < n_sup || sv.is_empty() || sv.len() % n_sup != 0) {
+        return Err(n.err("support_vectors/coefficients do not match n_supports"));
+    }
+    let feat = sv.len().checked_div(n_sup).unwrap_or(coef.len());
+    Ok(kernel(move |cx, ins| {
+        let (rows, f, xs) = rows_f64(tin(ins, 0)?)?;
+        if f != feat {
+            bail!("the model has {feat} features, the input {f}");
+        }
+        let mut out = vec![0f64; rows];
+        out.par_iter_mut().enumerate().for_each(|(r, o)| {
+            let x = xs.get(r * f..(r + 1) * f).unwrap_or(&[]);
+            let mut s = if n_sup > 0 {
+                sv.chunks(feat.max(1))
+                    .zip(&coef)
+                    .map(|(v, c)| c * kf.eval(kf.kind, x, v))
+                    .sum::<f64>()
+            } else {
+                kf.eval(SvmKernel::Linear, x, &coef)
+            } + rho;
+            if one_class {
+                s = if s > 0.0 { 1.0 } else { -1.0 };
+            }
+            post.apply(std::slice::from_mut(&mut s));
+            *o = s;
+        });
+        out1(Tensor::from_f64s(out, &[rows, 1], DType::F32, cx.device)?)
+    }))
+}
+
+fn argmax(v: &[f64]) -> usize {
+    let mut best = 0usize;
+    for (i, &x) in v.iter().enumerate() {
+        if v.get(best).is_some_and(|&b| x > b) {
+            best = i;
+        }
+    }
+    best
+}
+
+/// Pairwise coupling of libsvm (`multiclass_probability`); `r` is k x k row-major.
+fn multiclass_probability(k: usize, r: &[f64]) -> Vec<f64> {
+    let at = |i: usize, j: usize| r.get(i * k + j).copied().unwrap_or(0.0);
+    let mut q = vec![0f64; k * k];
+    let mut p = vec![1.0 / k as f64; k];
+    let mut qp = vec![0f64; k];
+    let eps = 0.005 / k as f64;
+    for t in 0..k {
+        let mut d = 0.0;
+        for j in 0..t {
+            d += at(j, t) * at(j, t);
+            q[t * k + j] = q[j * k + t];
+        }
+        for j in t + 1..k {
+            d += at(j, t) * at(j, t);
+            q[t * k + j] = -at(j, t) * at(t, j);
+        }
+        q[t * k + t] = d;
+    }
+    for _ in 0..k.max(100) {
+        for t in 0..k {
+            qp[t] = (0..k).map(|j| q[t * k + j] * p[j]).sum();
+        }
+        let mut pqp: f64 = p.iter().zip(&qp).map(|(a, b)| a * b).sum();
+        let max_err = qp.iter().map(|&v| (v - pqp).abs()).fold(0.0, f64::max);
+        if max_err < eps {
+            break;
+        }
+        for t in 0..k {
+            let qtt = q[t * k + t];
+            let diff = (-qp[t] + pqp) / qtt;
+            p[t] += diff;
+            pqp = (pqp + diff * (diff * qtt + 2.0 * qp[t])) / ((1.0 + diff) * (1.0 + diff));
+            p.iter_mut().for_each(|v| *v /= 1.0 + diff);
+            for j in 0..k {
+                qp[j] = (qp[j] + diff * q[t * k + j]) / (1.0 + diff);
+            }
+        }
+    }
+    p
+}
+
+struct SvmClassifier {
+    kf: KernelFn,
+    labels: Vec<i64>,
+    class_count: usize,
+    coef: Vec<f64>,
+    rho: Vec<f64>,
+    prob_a: Vec<f64>,
+    prob_b: Vec<f64>,
+    sv: Vec<f64>,
+    vectors_per_class: Vec<usize>,
+    starts: Vec<usize>,
+    vector_count: usize,
+    features: usize,
+    all_positive: bool,
+    post: Post,
+}
+
+impl SvmClassifier {
+    /// (label, scores) for one row.
+    fn row(&self, x: &[f64]) -> Result<(i64, Vec<f64>)> {
+        let cc = self.class_count;
+        let rho0 = self.rho.first().copied().unwrap_or(0.0);
+        let (votes, scores) = if self.vector_count == 0 {
+            let s: Vec<f64> = (0..cc)
+                .map(|j| {
+                    let c = self.coef.get(j * self.features..(j + 1) * self.features).unwrap_or(&[]);
+                    rho0 + self.kf.eval(SvmKernel::Linear, x, c)
+                })
+                .collect();
+            (None, s)
+        } else {
+            let vc = self.vector_count;
+            let kern: Vec<f64> = self
+                .sv
+                .chunks(self.features.max(1))
+                .take(vc)
+                .map(|v| self.kf.eval(self.kf.kind, x, v))
+                .collect();
+            let dot = |row: usize, start: usize, len: usize| -> f64 {
+                let c = self.coef.get(row * vc + start..row * vc + start + len).unwrap_or(&[]);
+                let k = kern.get(start..start + len).unwrap_or(&[]);
+                c.iter().zip(k).map(|(a, b)| a * b).sum()
+            };
+            let mut votes = vec![0f64; cc];
+            let mut scores = Vec::with_capacity(cc * cc.saturating_sub(1) / 2);
+            let mut evals = 0usize;
+            for i in 0..cc {
+                let (si, ni) = (self.starts[i], self.vectors_per_class[i]);
+                for j in i + 1..cc {
+                    let (sj, nj) = (self.starts[j], self.vectors_per_class[j]);
+                    let s = self.rho.get(evals).copied().unwrap_or(0.0) + dot(j - 1, si, ni) + dot(i, sj, nj);
+                    scores.push(s);
+                    if s > 0.0 {
+                        votes[i] += 1.0;
+                    } else {
+                        votes[j] += 1.0;
+                    }
+                    evals += 1;
+                }
+            }
+            (Some(votes), scores)
+        };
+        let has_proba = !self.prob_a.is_empty() && self.vector_count > 0;
+        let scores = if has_proba {
+            let mut r = vec![0f64; cc * cc];
+            let mut idx = 0usize;
+            for i in 0..cc {
+                for j in i + 1..cc {
+                    let v = scores.get(idx).copied().unwrap_or(0.0) * self.prob_a.get(idx).copied().unwrap_or(0.0)
+                        + self.prob_b.get(idx).copied().unwrap_or(0.0);
+                    let v1 = (1.0 - logistic(v)).clamp(1e-7, 1.0 - 1e-7);
+                    r[i * cc + j] = v1;
+                    r[j * cc + i] = 1.0 - v1;
+                    idx += 1;
+                }
+            }
+            multiclass_probability(cc, &r)
+        } else {
+            scores
+        };
+        let (max_class, max_weight) = match &votes {
+            Some(v) if !v.is_empty() => {
+                let m = argmax(v);
+                (m, v[m])
+            }
+            _ => {
+                let m = argmax(&scores);
+                (m, scores.get(m).copied().unwrap_or(0.0))
+            }
+        };
+        let mut add = -1;
+        let label = if self.rho.len() == 1 {
+            if self.labels.len() == 2 {
+                add = 2;
+                if !has_proba && self.all_positive && max_weight >= 0.5 {
+                    self.labels[1]
+                } else {
+                    self.labels.get(max_class).copied().unwrap_or(0)
+                }
+            } else if max_weight > 0.0 {
+                1
+            } else {
+                0
+            }
+        } else if !self.labels.is_empty() {
+            self.labels.get(max_class).copied().unwrap_or(0)
+        } else {
+            max_class as i64
+        };
+        let post = self.post;
+        let out = match scores.len() {
+            0 => bail!("the SVM produced no scores"),
+            1 => {
+                let s = scores[0];
+                if post == Post::Probit {
+                    vec![probit(s)]
+                } else if add == 0 || add == 1 {
+                    vec![1.0 - s, s]
+                } else if add == 2 || add == 3 {
+                    let mut v = vec![-s, s];
+                    post.apply(&mut v);
+                    v
+                } else {
+                    vec![s]
+                }
+            }
+            _ => {
+                let mut v = scores;
+                post.apply(&mut v);
+                v
+            }
+        };
+        Ok((label, out))
+    }
+}
+
+fn svm_classifier(n: &NodeCtx) -> Result<Box<dyn OpKernel>> {
+    if n.attr("classlabels_strings").is_some() {
+        return Err(n.err("string class labels are not supported"));
+    }
+    let labels = n.attr_ints("classlabels_ints")?.unwrap_or_default();
+    let class_count = labels.len().max(1);
+    let coef = f64_list(n, "coefficients")?;
+    let sv = f64_list(n, "support_vectors")?;
+    let mut vectors_per_class = Vec::new();
+    let mut starts = Vec::new();
+    let mut vector_count = 0usize;
+    for &v in &n.attr_ints("vectors_per_class")?.unwrap_or_default() {
+        let v = to_usize(n, v, "vectors_per_class")?;
+        starts.push(vector_count);
+        vectors_per_class.push(v);
+        vector_count += v;
+    }
+    let features = if vector_count > 0 {
+        if vectors_per_class.len() < class_count {
+            return Err(n.err("vectors_per_class has fewer entries than classes"));
+        }
+        if sv.is_empty() || sv.len() % vector_count != 0 || coef.len() < (class_count - 1) * vector_count {
+            return Err(n.err("support_vectors/coefficients do not match vectors_per_class"));
+        }
+        sv.len() / vector_count
+    } else {
+        if coef.is_empty() || coef.len() % class_count != 0 {
+            return Err(n.err("coefficients do not divide into classes"));
+        }
+        coef.len() / class_count
+    };
+    let op = SvmClassifier {
+        kf: KernelFn::from_node(n)?,
+        labels,
+        class_count,
+        all_positive: coef.iter().all(|&c| c >= 0.0),
+        coef,
+        rho: f64_list(n, "rho")?,
+        prob_a: f64_list(n, "prob_a")?,
+        prob_b: f64_list(n, "prob_b")?,
+        sv,
+        vectors_per_class,
+        starts,
+        vector_count,
+        features,
+        post: Post::from_name(n, &n.attr_s("post_transform", "NONE")?)?,
+    };
+    Ok(kernel(move |cx, ins| {
+        let (rows, f, xs) = rows_f64(tin(ins, 0)?)?;
+        if f != op.features {
+            bail!("the model has {} features, the input {f}", op.features);
+        }
+        let res: Vec<(i64, Vec<f64>)> = (0..rows)
+            .into_par_iter()
+            .map(|r| op.row(xs.get(r * f..(r + 1) * f).unwrap_or(&[])))
+            .collect::<Result<_>>()?;
+        let width = res.first().map_or(op.class_count, |(_, s)| s.len());
+        let mut labels = Vec::with_capacity(rows);
+        let mut scores = Vec::with_capacity(rows * width);
+        for (l, s) in res {
+            if s.len() != width {
+                bail!("rows produced different score widths");
+            }
+            labels.push(l);
+            scores.extend(s);
+        }
+        Ok(vec![
+            Value::Tensor(Tensor::from_i64s(labels, &[rows], cx.device)?),
+            Value::Tensor(Tensor::from_f64s(scores, &[rows, width], DType::F32, cx.device)?),
+        ])
     }))
 }
