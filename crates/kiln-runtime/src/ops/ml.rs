@@ -1496,3 +1496,54 @@ fn svm_classifier(n: &NodeCtx) -> Result<Box<dyn OpKernel>> {
         ])
     }))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn post_transforms() {
+        let mut r = vec![1.0, 2.0, 3.0];
+        Post::Softmax.apply(&mut r);
+        assert!((r.iter().sum::<f64>() - 1.0).abs() < 1e-12 && r[2] > r[1]);
+        let mut z = vec![0.0, 0.0];
+        Post::SoftmaxZero.apply(&mut z);
+        assert_eq!(z, vec![0.5, 0.5]);
+        assert!((logistic(0.0) - 0.5).abs() < 1e-12 && logistic(-50.0) < 1e-20);
+        assert!(probit(0.5).abs() < 1e-9 && probit(0.9) > 1.2 && probit(0.9) < 1.35);
+    }
+
+    #[test]
+    fn pairwise_coupling_gives_a_distribution() {
+        // Class 0 beats 1 and 2 with probability 0.8; 1 vs 2 is even.
+        let r = [0.0, 0.8, 0.8, 0.2, 0.0, 0.5, 0.2, 0.5, 0.0];
+        let p = multiclass_probability(3, &r);
+        assert!((p.iter().sum::<f64>() - 1.0).abs() < 1e-9);
+        assert!(p[0] > 0.6 && (p[1] - p[2]).abs() < 1e-2);
+    }
+
+    #[test]
+    fn cyclic_tree_is_an_error() {
+        let b = |t, f| Branch {
+            feature: 0,
+            mode: Mode::Leq,
+            split: 0.0,
+            set: vec![],
+            tracks_true: false,
+            t,
+            f,
+        };
+        let e = Ensemble {
+            branches: vec![b(Next::Node(1), Next::Leaf(0)), b(Next::Node(0), Next::Leaf(0))],
+            leaves: vec![vec![(0, 1.0)]],
+            roots: vec![Next::Node(0)],
+            n_targets: 1,
+            n_features: 1,
+            agg: Agg::Sum,
+            base: vec![],
+        };
+        assert!(e.scores(1, 1, &[-1.0]).is_err());
+        assert_eq!(e.scores(1, 1, &[1.0]).unwrap(), vec![1.0]);
+        assert!(e.scores(1, 0, &[]).is_err());
+    }
+}
