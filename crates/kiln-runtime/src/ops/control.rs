@@ -167,6 +167,9 @@ fn scan_op(n: &NodeCtx) -> Result<Box<dyn OpKernel>> {
             let scan_ins: Vec<(Tensor, usize, bool)> = (0..n_scan_in)
                 .map(|k| {
                     let t = tin(ins, n_state + k)?;
+                    if t.rank() == 0 {
+                        bail!("scan input {k} is a scalar");
+                    }
                     let ax = norm_axis(in_axes.get(k).copied().unwrap_or(0), t.rank())?;
                     Ok((t.clone(), ax, in_dirs.get(k).copied().unwrap_or(0) != 0))
                 })
@@ -240,7 +243,8 @@ fn scan_op(n: &NodeCtx) -> Result<Box<dyn OpKernel>> {
         };
         let mut state_parts: Vec<Vec<CT>> = vec![Vec::new(); n_state];
         let mut state_dt: Vec<DType> = vec![DType::F32; n_state];
-        let mut scan_parts: Vec<Vec<CT>> = vec![Vec::new(); n_scan_out];
+        // Per output, per batch entry: the [max_len, ...] stack, `None` for a zero-length entry.
+        let mut scan_parts: Vec<Vec<Option<CT>>> = vec![Vec::new(); n_scan_out];
         let mut scan_dt: Vec<DType> = vec![DType::F32; n_scan_out];
         for (bi, &len) in lens.iter().enumerate() {
             let state: Vec<Value> = states
@@ -262,11 +266,11 @@ fn scan_op(n: &NodeCtx) -> Result<Box<dyn OpKernel>> {
                 state_parts[k].push(t.candle().unsqueeze(0)?);
             }
             for (k, s) in scans.into_iter().enumerate() {
-                if s.is_empty() {
-                    bail!("Scan over an empty sequence");
-                }
-                let dt = s[0].dtype();
-                scan_dt[k] = dt;
+                let Some(first) = s.first() else {
+                    scan_parts[k].push(None);
+                    continue;
+                };
+                scan_dt[k] = first.dtype();
                 let parts: Vec<CT> = s
                     .iter()
                     .map(|t| t.candle().unsqueeze(0))
@@ -278,15 +282,23 @@ fn scan_op(n: &NodeCtx) -> Result<Box<dyn OpKernel>> {
                     let pad = CT::zeros(pad_dims.as_slice(), st.dtype(), cx.device)?;
                     st = CT::cat(&[st, pad], 0)?;
                 }
-                scan_parts[k].push(st.unsqueeze(0)?);
+                scan_parts[k].push(Some(st.unsqueeze(0)?));
             }
         }
         let mut out = Vec::with_capacity(n_outputs);
         for (p, dt) in state_parts.iter().zip(state_dt) {
             out.push(Value::Tensor(Tensor::new(CT::cat(p, 0)?, dt)?));
         }
-        for (p, dt) in scan_parts.iter().zip(scan_dt) {
-            out.push(Value::Tensor(Tensor::new(CT::cat(p, 0)?, dt)?));
+        for (p, dt) in scan_parts.into_iter().zip(scan_dt) {
+            // Zero-length batch entries become zeros shaped like the others.
+            let Some(like) = p.iter().flatten().next().cloned() else {
+                bail!("Scan over an empty sequence");
+            };
+            let p: Vec<CT> = p
+                .into_iter()
+                .map(|t| t.map_or_else(|| like.zeros_like(), Ok))
+                .collect::<candle_core::Result<_>>()?;
+            out.push(Value::Tensor(Tensor::new(CT::cat(&p, 0)?, dt)?));
         }
         Ok(out)
     }))

@@ -107,49 +107,8 @@ fn tfidf_vectorizer(n: &NodeCtx) -> Result<Box<dyn OpKernel>> {
             weights.len()
         )));
     }
-    // Build the n-gram trie exactly like the reference implementation.
-    let mut trie = Trie {
-        nodes: vec![GramNode {
-            id: 0,
-            children: Some(HashMap::new()),
-        }],
-    };
-    let total = pool.len();
-    let mut ngram_id = 1usize;
-    for (i, &start) in ngram_counts.iter().enumerate() {
-        let ngram_size = i + 1;
-        let end = ngram_counts.get(i + 1).copied().unwrap_or(total as i64);
-        if start < 0 || end < start || end as usize > total {
-            return Err(n.err(format!("bad ngram_counts {ngram_counts:?} for a pool of {total}")));
-        }
-        let items = (end - start) as usize;
-        if items == 0 {
-            continue;
-        }
-        let ngrams = items / ngram_size;
-        if ngram_size >= min_gram as usize && ngram_size <= max_gram as usize {
-            let mut idx = start as usize;
-            for _ in 0..ngrams {
-                let mut m = 0usize;
-                let mut k = 1usize;
-                while let Some(&tok) = pool.get(idx) {
-                    let p = trie.emplace(m, tok);
-                    idx += 1;
-                    if k == ngram_size {
-                        if let Some(node) = trie.nodes.get_mut(p) {
-                            node.id = ngram_id;
-                        }
-                        ngram_id += 1;
-                        break;
-                    }
-                    m = p;
-                    k += 1;
-                }
-            }
-        } else {
-            ngram_id += ngrams;
-        }
-    }
+    let (trie, ngram_id) =
+        build_trie(&pool, &ngram_counts, min_gram as usize, max_gram as usize).map_err(|e| n.err(e))?;
     if ngram_id - 1 > ngram_indexes.len() {
         return Err(n.err(format!(
             "the pool defines {} n-grams but ngram_indexes has {}",
@@ -209,6 +168,58 @@ fn tfidf_vectorizer(n: &NodeCtx) -> Result<Box<dyn OpKernel>> {
     }))
 }
 
+/// Builds the n-gram trie exactly like the reference implementation; returns it and the next id.
+fn build_trie(
+    pool: &[i64],
+    ngram_counts: &[i64],
+    min_gram: usize,
+    max_gram: usize,
+) -> std::result::Result<(Trie, usize), String> {
+    let mut trie = Trie {
+        nodes: vec![GramNode {
+            id: 0,
+            children: Some(HashMap::new()),
+        }],
+    };
+    let total = pool.len();
+    let mut ngram_id = 1usize;
+    for (i, &start) in ngram_counts.iter().enumerate() {
+        let ngram_size = i + 1;
+        let end = ngram_counts.get(i + 1).copied().unwrap_or(total as i64);
+        if start < 0 || end < start || end as usize > total {
+            return Err(format!("bad ngram_counts {ngram_counts:?} for a pool of {total}"));
+        }
+        let items = (end - start) as usize;
+        if items == 0 {
+            continue;
+        }
+        let ngrams = items / ngram_size;
+        if ngram_size >= min_gram && ngram_size <= max_gram {
+            let mut idx = start as usize;
+            for _ in 0..ngrams {
+                let mut m = 0usize;
+                let mut k = 1usize;
+                while let Some(&tok) = pool.get(idx) {
+                    let p = trie.emplace(m, tok);
+                    idx += 1;
+                    if k == ngram_size {
+                        if let Some(node) = trie.nodes.get_mut(p) {
+                            node.id = ngram_id;
+                        }
+                        ngram_id += 1;
+                        break;
+                    }
+                    m = p;
+                    k += 1;
+                }
+            }
+        } else {
+            ngram_id += ngrams;
+        }
+    }
+    Ok((trie, ngram_id))
+}
+
 impl TfIdf {
     fn count_row(&self, row: &[i64], freq: &mut [u64]) -> Result<()> {
         let row_end = row.len();
@@ -218,7 +229,7 @@ impl TfIdf {
         for skip in 1..=max_dist {
             let mut ngram_start = 0usize;
             while ngram_start < row_end {
-                if ngram_start + skip * (start_size - 1) >= row_end {
+                if ngram_start.saturating_add(skip.saturating_mul(start_size - 1)) >= row_end {
                     break;
                 }
                 let mut item = ngram_start;
@@ -251,5 +262,60 @@ impl TfIdf {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn op(min_gram: usize, max_gram: usize, max_skip: usize) -> TfIdf {
+        // Unigrams 2 3 5 4, bigrams (5 6) (7 8), trigram (6 7 8).
+        let pool = [2, 3, 5, 4, 5, 6, 7, 8, 6, 7, 8];
+        let (trie, next) = build_trie(&pool, &[0, 4, 8], min_gram, max_gram).unwrap();
+        assert_eq!(next, 8);
+        TfIdf {
+            weighting: Weighting::Tf,
+            min_gram,
+            max_gram,
+            max_skip,
+            ngram_indexes: (0..7).collect(),
+            output_size: 7,
+            weights: vec![],
+            trie,
+        }
+    }
+
+    fn counts(o: &TfIdf, row: &[i64]) -> Vec<u64> {
+        let mut f = vec![0; o.output_size];
+        o.count_row(row, &mut f).unwrap();
+        f
+    }
+
+    #[test]
+    fn unigrams_and_bigrams_without_skips() {
+        let o = op(1, 2, 0);
+        assert_eq!(counts(&o, &[2, 5, 6, 5, 6, 7, 8]), vec![1, 0, 2, 0, 2, 1, 0]);
+    }
+
+    #[test]
+    fn skips_find_spread_bigrams_and_trigrams() {
+        let o = op(2, 3, 1);
+        // Expected counts checked against onnx.reference: skipped bigrams and a skipped trigram.
+        assert_eq!(counts(&o, &[5, 1, 6, 7, 1, 8]), vec![0, 0, 0, 0, 1, 1, 0]);
+        assert_eq!(counts(&o, &[6, 0, 7, 0, 8]), vec![0, 0, 0, 0, 0, 1, 1]);
+    }
+
+    #[test]
+    fn huge_skip_count_is_cheap_and_safe() {
+        let o = op(1, 3, usize::MAX / 4);
+        assert_eq!(counts(&o, &[7, 8]), vec![0, 0, 0, 0, 0, 1, 0]);
+        assert_eq!(counts(&o, &[]), vec![0; 7]);
+    }
+
+    #[test]
+    fn bad_ngram_counts_are_errors() {
+        assert!(build_trie(&[1, 2], &[0, 5], 1, 2).is_err());
+        assert!(build_trie(&[1, 2], &[-1], 1, 2).is_err());
     }
 }
