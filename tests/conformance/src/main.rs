@@ -5,6 +5,7 @@
 #[cfg(feature = "candle-baseline")]
 mod candle_baseline;
 mod compare;
+mod mutate;
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -52,6 +53,9 @@ struct Args {
     /// Per-test timeout in seconds.
     #[arg(long, default_value_t = 60)]
     timeout: u64,
+    /// Instead of checking results, run every model with malformed inputs and fail on any panic.
+    #[arg(long)]
+    mutate: bool,
     /// Print every non-passing test.
     #[arg(long, short)]
     verbose: bool,
@@ -342,6 +346,27 @@ fn main() -> Result<()> {
     let device: Device = args.device.parse()?;
     let started = Instant::now();
     let timeout = Duration::from_secs(args.timeout);
+    if args.mutate {
+        let mut bad = Vec::new();
+        for c in &cases {
+            let (name, dir, meta) = (c.name.clone(), c.dir.clone(), c.meta.clone());
+            let st = guarded(timeout, move || mutate::run(&TestCase { name, dir, meta }));
+            if st != Status::Pass {
+                println!("{:<60} {}", c.name, st.detail().chars().take(300).collect::<String>());
+                bad.push(c.name.clone());
+            }
+        }
+        println!(
+            "mutated inputs: {} of {} models panicked or hung ({:.1}s)",
+            bad.len(),
+            cases.len(),
+            started.elapsed().as_secs_f64()
+        );
+        if !bad.is_empty() {
+            bail!("{} models panicked or hung on malformed inputs", bad.len());
+        }
+        return Ok(());
+    }
     let mut kiln_results: BTreeMap<String, Status> = BTreeMap::new();
     for c in &cases {
         let (name, dir, meta, level) = (c.name.clone(), c.dir.clone(), c.meta.clone(), args.level);
