@@ -24,3 +24,6 @@ cargo test --workspace
 
 step "ONNX node test suite (fails if a test in expected_pass.txt regresses)"
 cargo run -q -p kiln-conformance -- --data "$DATA" --check tests/conformance/expected_pass.txt
+
+step "robustness: every node-test model with malformed inputs (no panic, no hang)"
+cargo run -q -p kiln-conformance -- --data "$DATA" --mutate --timeout 60

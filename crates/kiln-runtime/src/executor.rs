@@ -11,13 +11,17 @@ pub struct RunOptions {
     pub max_tensor_bytes: u64,
     /// Loop iteration cap (a model may declare an unbounded loop).
     pub max_loop_iterations: u64,
+    /// Abandon the run (with an error) once this instant has passed; checked before every kernel,
+    /// including those inside loop bodies. A server sets it from the request timeout.
+    pub deadline: Option<std::time::Instant>,
 }
 
 impl Default for RunOptions {
     fn default() -> Self {
         RunOptions {
             max_tensor_bytes: 4 << 30,
-            max_loop_iterations: 1 << 24,
+            max_loop_iterations: 1 << 20,
+            deadline: None,
         }
     }
 }
@@ -90,6 +94,13 @@ impl ExecutionPlan {
         let mut stats = RunStats::default();
         let mut live: u64 = 0;
         for step in &self.steps {
+            if options.deadline.is_some_and(|d| std::time::Instant::now() > d) {
+                return Err(RuntimeError::Op {
+                    node: step.node.clone(),
+                    op: step.op.clone(),
+                    reason: "the run passed its deadline".into(),
+                });
+            }
             let outs = {
                 let ins: Vec<Option<&Value>> = step.inputs.iter().map(|s| s.and_then(|s| env[s].as_ref())).collect();
                 step.kernel

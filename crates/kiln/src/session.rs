@@ -206,6 +206,11 @@ impl Session {
     /// Runs with run-time values (tensors already on the session's device, sequences,
     /// optionals), aligned with every graph input (`None` = initializer default).
     pub fn run_values(&self, feeds: Vec<Option<Value>>) -> Result<Vec<Value>> {
+        self.run_values_with(feeds, &self.run_options)
+    }
+
+    /// Like [`Session::run_values`] with per-run limits (e.g. a deadline for this request).
+    pub fn run_values_with(&self, feeds: Vec<Option<Value>>, options: &RunOptions) -> Result<Vec<Value>> {
         if feeds.len() != self.input_kinds.len() {
             return Err(Error::Input {
                 name: String::new(),
@@ -216,7 +221,7 @@ impl Session {
                 ),
             });
         }
-        Ok(self.plan.run(feeds, &HashMap::new(), &self.run_options)?.0)
+        Ok(self.plan.run(feeds, &HashMap::new(), options)?.0)
     }
 }
 

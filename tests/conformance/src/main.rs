@@ -250,22 +250,37 @@ fn run_kiln(case: &TestCase, level: Level, device: Device) -> Status {
     Status::Pass
 }
 
-/// Runs `f` on a worker thread with a timeout; panics become errors.
+thread_local! {
+    static PANIC_AT: std::cell::RefCell<String> = const { std::cell::RefCell::new(String::new()) };
+}
+
+/// Runs `f` on a worker thread with a timeout; panics become errors naming where they happened.
 fn guarded(timeout: Duration, f: impl FnOnce() -> Status + Send + 'static) -> Status {
+    static HOOK: std::sync::Once = std::sync::Once::new();
+    HOOK.call_once(|| {
+        std::panic::set_hook(Box::new(|info| {
+            let at = info
+                .location()
+                .map(|l| format!("{}:{}", l.file(), l.line()))
+                .unwrap_or_default();
+            PANIC_AT.with(|p| *p.borrow_mut() = at);
+        }))
+    });
     let (tx, rx) = mpsc::channel();
     std::thread::spawn(move || {
-        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f));
+        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f))
+            .map_err(|p| (p, PANIC_AT.with(|a| a.borrow().clone())));
         let _ = tx.send(r);
     });
     match rx.recv_timeout(timeout) {
         Ok(Ok(s)) => s,
-        Ok(Err(p)) => {
+        Ok(Err((p, at))) => {
             let msg = p
                 .downcast_ref::<String>()
                 .cloned()
                 .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
                 .unwrap_or_default();
-            Status::Error(format!("panic: {msg}"))
+            Status::Error(format!("panic at {at}: {msg}"))
         }
         Err(_) => Status::Error(format!("timed out after {}s", timeout.as_secs())),
     }

@@ -40,12 +40,21 @@ pub fn run(case: &TestCase) -> Status {
     let Ok(session) = Session::builder().build_from_file(case.dir.join("model.onnx")) else {
         return Status::Pass;
     };
-    let Ok(sets) = case.data_sets() else { return Status::Pass };
-    let Some((ins, _)) = sets.into_iter().next() else { return Status::Pass };
+    let Ok(sets) = case.data_sets() else {
+        return Status::Pass;
+    };
+    let Some((ins, _)) = sets.into_iter().next() else {
+        return Status::Pass;
+    };
     let Ok(model) = kiln::internals::onnx::load_model(case.dir.join("model.onnx")) else {
         return Status::Pass;
     };
-    let names: Vec<String> = model.graph.inputs.iter().map(|v| model.graph.value_name(*v).to_string()).collect();
+    let names: Vec<String> = model
+        .graph
+        .inputs
+        .iter()
+        .map(|v| model.graph.value_name(*v).to_string())
+        .collect();
     let dev = candle_core::Device::Cpu;
     let base: Vec<Option<Value>> = names
         .iter()
@@ -58,8 +67,12 @@ pub fn run(case: &TestCase) -> Status {
         })
         .collect();
     for (k, v) in ins.iter().enumerate() {
-        let kiln::internals::onnx::DataValue::Tensor(t) = v else { continue };
-        let Some(pos) = names.iter().position(|n| *n == case.meta.inputs[k].name) else { continue };
+        let kiln::internals::onnx::DataValue::Tensor(t) = v else {
+            continue;
+        };
+        let Some(pos) = names.iter().position(|n| *n == case.meta.inputs[k].name) else {
+            continue;
+        };
         for bad in variants(t) {
             let mut feeds = base.clone();
             match Tensor::from_data(&bad, &dev) {
@@ -67,7 +80,11 @@ pub fn run(case: &TestCase) -> Status {
                 Err(_) => continue,
             }
             // Errors are the expected outcome; only panics (caught by the caller) count.
-            let _ = session.run_values(feeds);
+            let options = kiln::RunOptions {
+                deadline: Some(std::time::Instant::now() + std::time::Duration::from_secs(3)),
+                ..Default::default()
+            };
+            let _ = session.run_values_with(feeds, &options);
         }
     }
     Status::Pass

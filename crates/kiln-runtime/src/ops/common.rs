@@ -35,8 +35,8 @@ pub fn vin<'a>(ins: &[Option<&'a Value>], i: usize) -> Result<&'a Value> {
 /// Normalizes a possibly negative axis into `0..rank`.
 pub fn norm_axis(axis: i64, rank: usize) -> Result<usize> {
     let r = rank as i64;
-    let a = if axis < 0 { axis + r } else { axis };
-    if a < 0 || a >= r.max(1) && !(r == 0 && a == 0) {
+    let a = if axis < 0 { axis.saturating_add(r) } else { axis };
+    if a < 0 || a >= r {
         bail!("axis {axis} is out of range for rank {rank}");
     }
     Ok(a as usize)
@@ -122,7 +122,7 @@ pub fn ints_input(ins: &[Option<&Value>], i: usize) -> Result<Option<Vec<i64>>> 
     tin_opt(ins, i)?.map(Tensor::to_i64_vec).transpose()
 }
 
-/// Product of dims as u128 (no overflow).
+/// Product of dims as u128, saturating (never overflows, so limit checks stay sound).
 pub fn elems(dims: &[usize]) -> u128 {
-    dims.iter().map(|&d| d as u128).product()
+    dims.iter().fold(1u128, |acc, &d| acc.saturating_mul(d as u128))
 }

@@ -281,6 +281,11 @@ fn qlinear_matmul(cx: &RunCx, ins: &[Option<&Value>]) -> Result<Vec<Value>> {
     let (a, a_s, a_zp) = (tin(ins, 0)?, tin(ins, 1)?, tin_opt(ins, 2)?);
     let (b, b_s, b_zp) = (tin(ins, 3)?, tin(ins, 4)?, tin_opt(ins, 5)?);
     let (y_s, y_zp) = (tin(ins, 6)?, tin_opt(ins, 7)?);
+    for s in [a_s, b_s, y_s] {
+        if !s.dtype().is_float() {
+            bail!("QLinearMatMul scales must be floating point, got {}", s.dtype());
+        }
+    }
     let acc = matmul_integer(cx, a, a_zp, b, b_zp)?;
     let out = y_zp.map_or(a.dtype(), |z| z.dtype());
     let (lo, hi) = qrange(out)?;

@@ -246,10 +246,13 @@ pub fn reshape_dims(input: &[usize], spec: &[i64], allowzero: bool) -> Result<Ve
                     .ok_or_else(|| RuntimeError::msg(format!("shape {spec:?}: 0 at {i} has no input dim")))?,
             ),
             s if s < 0 => bail!("shape {spec:?} has a negative dim"),
-            s => dims.push(s as usize),
+            s => dims.push(usize::try_from(s).map_err(|_| RuntimeError::msg(format!("dim {s} is too large")))?),
         }
     }
-    let known: usize = dims.iter().product();
+    let known = dims
+        .iter()
+        .try_fold(1usize, |acc, &d| acc.checked_mul(d))
+        .ok_or_else(|| RuntimeError::msg(format!("cannot reshape {input:?} to {spec:?}: size overflows")))?;
     if let Some(i) = infer {
         if known == 0 || !total.is_multiple_of(known) {
             bail!("cannot reshape {input:?} to {spec:?}");
@@ -342,7 +345,8 @@ fn slice(n: &NodeCtx) -> Result<Box<dyn OpKernel>> {
             .ok_or_else(|| RuntimeError::msg("no ends"))?;
         let axes = match ints_input(ins, 3)?.or_else(|| a_axes.clone()) {
             Some(a) => norm_axes(&a, x.rank())?,
-            None => (0..starts.len()).collect(),
+            None if starts.len() <= x.rank() => (0..starts.len()).collect(),
+            None => bail!("{} starts for a rank-{} input", starts.len(), x.rank()),
         };
         let steps = ints_input(ins, 4)?.unwrap_or_else(|| vec![1; starts.len()]);
         if starts.len() != ends.len() || axes.len() != starts.len() || steps.len() != starts.len() {
