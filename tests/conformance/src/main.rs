@@ -549,8 +549,12 @@ fn report(
             e[0], e[1], e[2], e[3], e[4]
         ));
     }
-    s.push_str("\nKnown gaps: Kiln refuses string tensors (StringConcat, StringSplit, StringNormalizer, RegexFullMatch, ");
-    s.push_str("string Equal, string LabelEncoder); training-mode Dropout with a ratio above 0 is random by definition.\n");
+    s.push_str(
+        "\nKnown gaps: Kiln refuses string tensors (StringConcat, StringSplit, StringNormalizer, RegexFullMatch, ",
+    );
+    s.push_str(
+        "string Equal, string LabelEncoder); training-mode Dropout with a ratio above 0 is random by definition.\n",
+    );
     s.push_str("\n## Tests ORT passes and Kiln does not\n\n| test | Kiln | detail |\n|---|---|---|\n");
     for (n, st) in kiln {
         if *st != Status::Pass && ort.get(n).map(String::as_str) == Some("pass") {

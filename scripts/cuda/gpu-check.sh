@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# Runs on the GPU machine (no cargo there): unpacks dist/kiln-gpu.tgz (scripts/cuda/build.sh) and
+# dist/node-tests.tgz (the generated node tests), then records in $OUT:
+#   nvidia-smi.txt, conformance-{cuda,cpu}.txt + results TSVs, light-models.txt
+set -uo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/../.."
+OUT="${OUT:-/tmp/kiln-gpu-out}"
+mkdir -p "$OUT" /tmp/kiln-gpu
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$OUT/nvidia-smi.txt" 2>&1
+date -u > "$OUT/date.txt"
+tar xzf dist/kiln-gpu.tgz -C /tmp/kiln-gpu
+tar xzf dist/node-tests.tgz -C /tmp/kiln-gpu
+RUN="bash scripts/cuda/gpu-run.sh"
+DATA=/tmp/kiln-gpu/node-tests-onnx-1.23.2
+for dev in cuda:0 cpu; do
+  tag=${dev%%:*}
+  timeout 240 $RUN /tmp/kiln-gpu/kiln-conformance --data "$DATA" --device "$dev" --timeout 30 \
+    --results "$OUT/results-$tag.tsv" > "$OUT/conformance-$tag.txt" 2>&1
+  echo "exit $?" >> "$OUT/conformance-$tag.txt"
+done
+{
+  for m in resnet50:gpu_0/data_0:gpu_0_softmax_1 squeezenet:data_0:softmaxout_1; do
+    IFS=: read -r name input output <<< "$m"
+    for dev in cuda:0 cpu; do
+      $RUN /tmp/kiln-gpu/kiln run "models/light/$name.onnx" --device "$dev" \
+        --input "$input=models/light/input_1x3x224x224.npy" --output-dir "/tmp/kiln-gpu/out-$name-${dev%%:*}" 2>&1
+      python3 - "$name" "/tmp/kiln-gpu/out-$name-${dev%%:*}/$output.npy" "$dev" <<'PY'
+import sys, numpy as np
+name, path, dev = sys.argv[1:]
+got = np.load(path); want = np.load(f"models/light/{name}_expected.npy")
+err = float(np.max(np.abs(got - want))); scale = float(np.max(np.abs(want)))
+print(f"{name} on {dev}: max abs err {err:.3g} (output scale {scale:.3g}), allclose(rtol=1e-3, atol=1e-5) = {np.allclose(got, want, rtol=1e-3, atol=1e-5)}")
+PY
+    done
+  done
+} > "$OUT/light-models.txt" 2>&1
+ls -la "$OUT"
