@@ -78,9 +78,14 @@ const COMPARE: &[&str] = &[
     "Xor",
 ];
 
-/// Runs one forward sweep of inference over `graph` (nodes must be in topological order).
+/// Runs one forward sweep of inference over `graph` in topological order, filling dtypes and
+/// shapes the model did not declare. Declared facts are never overwritten.
 pub fn infer_shapes(graph: &mut Graph) {
-    for i in 0..graph.nodes.len() {
+    let order = match graph.topological_order() {
+        Ok(o) => o,
+        Err(_) => return,
+    };
+    for i in order {
         let node = &graph.nodes[i];
         let input = |k: usize| node.inputs.get(k).copied().flatten().map(|v| graph.value(v).clone());
         let (dtype, shape) = match node.op_type.as_str() {
@@ -141,5 +146,53 @@ mod tests {
             Shape(vec![Dim::Sym("N".into()), Dim::Known(3), Dim::Known(4)])
         );
         assert!(broadcast_shapes(&Shape::from_known(&[3]), &Shape::from_known(&[4])).is_none());
+    }
+}
+
+#[cfg(test)]
+mod graph_tests {
+    use std::collections::BTreeMap;
+
+    use super::*;
+    use crate::{Node, ValueId, ValueInfo, ValueKind};
+
+    #[test]
+    fn fills_unknown_intermediates_in_topological_order() {
+        let v = |name: &str, dtype: Option<DType>, shape: Option<Shape>| ValueInfo {
+            name: name.into(),
+            kind: ValueKind::Tensor,
+            dtype,
+            shape,
+        };
+        let n = |op: &str, ins: &[u32], out: u32| Node {
+            name: op.into(),
+            op_type: op.into(),
+            domain: String::new(),
+            inputs: ins.iter().map(|&i| Some(ValueId(i))).collect(),
+            outputs: vec![Some(ValueId(out))],
+            attributes: BTreeMap::new(),
+            implicit_inputs: vec![],
+        };
+        let x = Shape(vec![Dim::Sym("N".into()), Dim::Known(4)]);
+        let mut g = Graph {
+            name: "g".into(),
+            values: vec![
+                v("x", Some(DType::F32), Some(x.clone())),
+                v("b", Some(DType::F32), Some(Shape::from_known(&[4]))),
+                v("s", None, None),
+                v("r", None, None),
+                v("m", None, None),
+            ],
+            // Listed out of order on purpose.
+            nodes: vec![n("Relu", &[2], 3), n("Add", &[0, 1], 2), n("Less", &[3, 1], 4)],
+            inputs: vec![ValueId(0), ValueId(1)],
+            outputs: vec![ValueId(4)],
+            ..Default::default()
+        };
+        infer_shapes(&mut g);
+        assert_eq!(g.values[3].dtype, Some(DType::F32));
+        assert_eq!(g.values[3].shape.as_ref(), Some(&x));
+        assert_eq!(g.values[4].dtype, Some(DType::Bool));
+        assert_eq!(g.values[4].shape.as_ref(), Some(&x));
     }
 }

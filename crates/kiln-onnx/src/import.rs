@@ -29,7 +29,7 @@ pub fn import_model(m: &proto::ModelProto, source: &ModelSource) -> Result<Model
         funcs: &funcs,
         depth: 0,
     };
-    let (graph, captures) = cx.graph(gp, &[])?;
+    let (mut graph, captures) = cx.graph(gp, &[])?;
     if !captures.is_empty() {
         return Err(OnnxError::Value {
             name: captures.join(", "),
@@ -37,6 +37,7 @@ pub fn import_model(m: &proto::ModelProto, source: &ModelSource) -> Result<Model
         });
     }
     graph.topological_order()?;
+    kiln_graph::infer::infer_shapes(&mut graph);
     Ok(Model {
         graph,
         opsets,
