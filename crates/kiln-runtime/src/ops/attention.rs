@@ -717,3 +717,146 @@ fn run_linear_attention(cfg: &LinAttnCfg, cx: &super::RunCx, ins: &[Option<&Valu
         Value::Tensor(from_compute(state.reshape((b, hkv, dk, dv))?, state_dt)?),
     ])
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run(cfg: &LinAttnCfg, ins: &[Option<Tensor>]) -> Result<Vec<Tensor>> {
+        let dev = CDevice::Cpu;
+        let options = crate::RunOptions::default();
+        let cx = super::super::RunCx {
+            device: &dev,
+            options: &options,
+        };
+        let vals: Vec<Option<Value>> = ins.iter().map(|t| t.clone().map(Value::Tensor)).collect();
+        let refs: Vec<Option<&Value>> = vals.iter().map(|v| v.as_ref()).collect();
+        let outs = run_linear_attention(cfg, &cx, &refs)?;
+        Ok(outs
+            .into_iter()
+            .map(|v| match v {
+                Value::Tensor(t) => t,
+                _ => panic!("expected a tensor"),
+            })
+            .collect())
+    }
+
+    fn seq(n: usize, seed: f64) -> Vec<f64> {
+        (0..n).map(|i| (i as f64 * 0.37 + seed).sin() * 0.5).collect()
+    }
+
+    fn t64(v: Vec<f64>, dims: &[usize]) -> Tensor {
+        Tensor::from_f64s(v, dims, DType::F64, &CDevice::Cpu).unwrap()
+    }
+
+    /// Scalar-loop reference for gated_delta with per-head decay, shared beta, GQA and a past state.
+    #[test]
+    fn gated_delta_gqa_matches_scalar_reference() {
+        let (b, t, hq, hkv, dk, dv) = (2, 3, 4, 2, 3, 2);
+        let g = hq / hkv;
+        let q = seq(b * t * hq * dk, 0.1);
+        let k = seq(b * t * hkv * dk, 0.7);
+        let v = seq(b * t * hkv * dv, 1.3);
+        let decay: Vec<f64> = seq(b * t * hkv, 2.1).iter().map(|x| -x.abs()).collect();
+        let beta: Vec<f64> = seq(b * t, 3.3).iter().map(|x| x.abs() + 0.2).collect();
+        let past = seq(b * hkv * dk * dv, 4.9);
+        let scale = 0.5;
+        let cfg = LinAttnCfg {
+            q_heads: hq,
+            kv_heads: hkv,
+            scale: scale as f32,
+            gating: true,
+            delta: true,
+        };
+        let outs = run(
+            &cfg,
+            &[
+                Some(t64(q.clone(), &[b, t, hq * dk])),
+                Some(t64(k.clone(), &[b, t, hkv * dk])),
+                Some(t64(v.clone(), &[b, t, hkv * dv])),
+                Some(t64(past.clone(), &[b, hkv, dk, dv])),
+                Some(t64(decay.clone(), &[b, t, hkv])),
+                Some(t64(beta.clone(), &[b, t, 1])),
+            ],
+        )
+        .unwrap();
+        assert_eq!(outs[0].dims(), [b, t, hq * dv]);
+        assert_eq!(outs[1].dims(), [b, hkv, dk, dv]);
+        let (out, state) = (outs[0].to_f64_vec().unwrap(), outs[1].to_f64_vec().unwrap());
+        let mut s = past;
+        let si = |bb: usize, h: usize, i: usize, j: usize| ((bb * hkv + h) * dk + i) * dv + j;
+        for bb in 0..b {
+            for ti in 0..t {
+                for h in 0..hkv {
+                    let e = decay[(bb * t + ti) * hkv + h].exp();
+                    let kv = |i: usize| k[((bb * t + ti) * hkv + h) * dk + i];
+                    for i in 0..dk {
+                        for j in 0..dv {
+                            s[si(bb, h, i, j)] *= e;
+                        }
+                    }
+                    let mut vt = vec![0.0; dv];
+                    for (j, vj) in vt.iter_mut().enumerate() {
+                        let r: f64 = (0..dk).map(|i| s[si(bb, h, i, j)] * kv(i)).sum();
+                        *vj = beta[bb * t + ti] * (v[((bb * t + ti) * hkv + h) * dv + j] - r);
+                    }
+                    for i in 0..dk {
+                        for (j, vj) in vt.iter().enumerate() {
+                            s[si(bb, h, i, j)] += kv(i) * vj;
+                        }
+                    }
+                    for gi in 0..g {
+                        let qh = h * g + gi;
+                        for j in 0..dv {
+                            let o: f64 = (0..dk)
+                                .map(|i| q[((bb * t + ti) * hq + qh) * dk + i] * s[si(bb, h, i, j)])
+                                .sum();
+                            let got = out[((bb * t + ti) * hq + qh) * dv + j];
+                            assert!((got - scale * o).abs() < 1e-12, "{got} vs {}", scale * o);
+                        }
+                    }
+                }
+            }
+        }
+        for (a, e) in state.iter().zip(&s) {
+            assert!((a - e).abs() < 1e-12);
+        }
+    }
+
+    #[test]
+    fn empty_sequence_passes_state_through() {
+        let cfg = LinAttnCfg {
+            q_heads: 2,
+            kv_heads: 1,
+            scale: 0.0,
+            gating: false,
+            delta: false,
+        };
+        let past = Tensor::from_f64s(seq(4, 0.0), &[1, 1, 2, 2], DType::F32, &CDevice::Cpu).unwrap();
+        let z = |n| Tensor::from_f64s(vec![], &[1, 0, n], DType::F16, &CDevice::Cpu).unwrap();
+        let outs = run(&cfg, &[Some(z(4)), Some(z(2)), Some(z(2)), Some(past.clone())]).unwrap();
+        assert_eq!(outs[0].dims(), [1, 0, 4]);
+        assert_eq!(outs[0].dtype(), DType::F16);
+        assert_eq!(outs[1].dtype(), DType::F32);
+        assert_eq!(outs[1].to_f64_vec().unwrap(), past.to_f64_vec().unwrap());
+    }
+
+    #[test]
+    fn bad_inputs_are_errors() {
+        let cfg = LinAttnCfg {
+            q_heads: 2,
+            kv_heads: 2,
+            scale: 0.0,
+            gating: true,
+            delta: false,
+        };
+        let x = |n| t64(seq(2 * n, 0.0), &[1, 2, n]);
+        // Missing decay for a gated rule.
+        assert!(run(&cfg, &[Some(x(4)), Some(x(4)), Some(x(4))]).is_err());
+        // Decay with a last dim that is neither H_kv nor H_kv*d_k.
+        assert!(run(&cfg, &[Some(x(4)), Some(x(4)), Some(x(4)), None, Some(x(3))]).is_err());
+        // Key head size differs from the query's.
+        assert!(run(&cfg, &[Some(x(4)), Some(x(6)), Some(x(4)), None, Some(x(2))]).is_err());
+        assert!(run(&cfg, &[Some(x(4)), Some(x(4)), Some(x(4)), None, Some(x(2))]).is_ok());
+    }
+}
