@@ -633,14 +633,17 @@ fn run_linear_attention(cfg: &LinAttnCfg, cx: &super::RunCx, ins: &[Option<&Valu
     cx.check_alloc(super::common::elems(&state_dims), DType::F32)?;
     let cd = if dt == DType::F64 { CDType::F64 } else { CDType::F32 };
     let dev = q.device();
-    let bh = b * hkv;
+    // Head counts come from attributes: keep the products overflow-free even for empty tensors.
+    let (Some(bh), Some(out_hid)) = (b.checked_mul(hkv), hq.checked_mul(dv)) else {
+        bail!("LinearAttention sizes overflow");
+    };
     let mut state = match past {
         Some(p) => p.candle().to_dtype(cd)?.reshape((bh, dk, dv))?,
         None => CT::zeros((bh, dk, dv), cd, dev)?,
     };
     if bh == 0 || t == 0 || dk == 0 || dv == 0 {
         // Nothing to accumulate: the state passes through and every output is an empty sum.
-        let out = CT::zeros((b, t, hq * dv), cd, dev)?;
+        let out = CT::zeros((b, t, out_hid), cd, dev)?;
         return Ok(vec![
             Value::Tensor(from_compute(out, dt)?),
             Value::Tensor(from_compute(state.reshape((b, hkv, dk, dv))?, state_dt)?),
@@ -709,7 +712,7 @@ fn run_linear_attention(cfg: &LinAttnCfg, cx: &super::RunCx, ins: &[Option<&Valu
     }
     let out = CT::stack(&outs, 0)?
         .affine(scale, 0.0)?
-        .reshape((t, b, hq * dv))?
+        .reshape((t, b, out_hid))?
         .transpose(0, 1)?
         .contiguous()?;
     Ok(vec![
