@@ -22,7 +22,8 @@ impl Device {
 
 #[cfg(feature = "cuda")]
 fn open_cuda(n: usize) -> Result<candle_core::Device> {
-    candle_core::Device::new_cuda(n).map_err(|e| RuntimeError::Device(format!("cuda:{n}: {e}")))
+    candle_core::Device::new_cuda(n)
+        .map_err(|e| RuntimeError::Device(format!("cuda:{n}: {}", crate::error::candle_message(&e))))
 }
 
 #[cfg(not(feature = "cuda"))]

@@ -20,7 +20,7 @@ pub enum RuntimeError {
     NotCompiledWithCuda,
     #[error("device error: {0}")]
     Device(String),
-    #[error(transparent)]
+    #[error("{}", candle_message(.0))]
     Candle(#[from] candle_core::Error),
     #[error(transparent)]
     Graph(#[from] kiln_graph::GraphError),
@@ -45,6 +45,13 @@ impl RuntimeError {
 }
 
 pub type Result<T> = std::result::Result<T, RuntimeError>;
+
+/// candle appends a captured backtrace to some error messages; keep the message only.
+pub(crate) fn candle_message(e: &dyn std::fmt::Display) -> String {
+    let s = e.to_string();
+    let cut = s.find("    0: ").unwrap_or(s.len());
+    s[..cut].trim_end().to_string()
+}
 
 /// `return Err(RuntimeError::Invalid(format!(..)))`.
 #[macro_export]

@@ -247,7 +247,8 @@ impl Tensor {
 
     /// Integer contents (shape/axes/indices inputs); floats are truncated.
     pub fn to_i64_vec(&self) -> Result<Vec<i64>> {
-        let t = self.t.flatten_all()?;
+        // Convert on the host: candle's CUDA backend has no casts for every dtype pair.
+        let t = self.t.flatten_all()?.to_device(&CDevice::Cpu)?;
         Ok(match t.dtype() {
             CDType::I64 => t.to_vec1::<i64>()?,
             CDType::F32 | CDType::F16 | CDType::BF16 | CDType::F64 => t
@@ -262,7 +263,7 @@ impl Tensor {
 
     /// Contents as f64 (any numeric dtype).
     pub fn to_f64_vec(&self) -> Result<Vec<f64>> {
-        let t = self.t.flatten_all()?;
+        let t = self.t.flatten_all()?.to_device(&CDevice::Cpu)?;
         Ok(match t.dtype() {
             CDType::I64 => t.to_vec1::<i64>()?.into_iter().map(|v| v as f64).collect(),
             _ => t.to_dtype(CDType::F64)?.to_vec1::<f64>()?,
@@ -276,8 +277,22 @@ impl Tensor {
 
     /// Builds an f64 tensor then casts to `dtype` (for small host-computed results).
     pub fn from_f64s(values: Vec<f64>, dims: &[usize], dtype: DType, device: &CDevice) -> Result<Self> {
-        let t = Tensor::new(candle_core::Tensor::from_vec(values, dims, device)?, DType::F64)?;
-        t.cast(dtype)
+        let t = Tensor::new(candle_core::Tensor::from_vec(values, dims, &CDevice::Cpu)?, DType::F64)?;
+        t.cast(dtype)?.to_device(device)
+    }
+
+    /// Copies to `device` (no copy when already there).
+    pub fn to_device(&self, device: &CDevice) -> Result<Tensor> {
+        if self.device().same_device(device) {
+            return Ok(self.clone());
+        }
+        Tensor::new(self.t.to_device(device)?, self.dtype)
+    }
+
+    /// `true` when candle's CUDA kernels do not cover this tensor's storage dtype (i16/i32 are
+    /// missing from several CUDA binary, compare and cast kernels): such ops run on the host.
+    pub fn needs_host_kernels(&self) -> bool {
+        !self.device().is_cpu() && matches!(self.t.dtype(), CDType::I16 | CDType::I32)
     }
 
     /// Casts with ONNX `Cast` semantics: to bool is `!= 0`; narrow integers wrap; float8
@@ -291,6 +306,14 @@ impl Tensor {
     pub fn cast_with(&self, to: DType, saturate: bool, round_mode: &str) -> Result<Tensor> {
         if to == self.dtype {
             return Ok(self.clone());
+        }
+        let narrow_target = matches!(storage_dtype(to)?, CDType::I16 | CDType::I32);
+        if !self.device().is_cpu() && (self.needs_host_kernels() || narrow_target) {
+            let dev = self.device().clone();
+            return self
+                .to_device(&CDevice::Cpu)?
+                .cast_with(to, saturate, round_mode)?
+                .to_device(&dev);
         }
         if to.is_exotic() {
             // Round the values to the target's representable set (encode, then decode).

@@ -260,16 +260,25 @@ fn compare(c: Cmp) -> Box<dyn OpKernel> {
     kernel(move |_, ins| {
         let (a, b) = (tin(ins, 0)?, tin(ins, 1)?);
         same_dtype(a, b)?;
-        let (x, y) = broadcast2(a, b)?;
-        let r = match c {
-            Cmp::Eq => x.eq(&y)?,
-            Cmp::Lt => x.lt(&y)?,
-            Cmp::Gt => x.gt(&y)?,
-            Cmp::Le => x.le(&y)?,
-            Cmp::Ge => x.ge(&y)?,
-        };
-        out1(Tensor::new(r, DType::Bool)?)
+        if a.needs_host_kernels() {
+            let cpu = candle_core::Device::Cpu;
+            let r = compare_tensors(&a.to_device(&cpu)?, &b.to_device(&cpu)?, c)?;
+            return out1(r.to_device(a.device())?);
+        }
+        out1(compare_tensors(a, b, c)?)
     })
+}
+
+fn compare_tensors(a: &Tensor, b: &Tensor, c: Cmp) -> Result<Tensor> {
+    let (x, y) = broadcast2(a, b)?;
+    let r = match c {
+        Cmp::Eq => x.eq(&y)?,
+        Cmp::Lt => x.lt(&y)?,
+        Cmp::Gt => x.gt(&y)?,
+        Cmp::Le => x.le(&y)?,
+        Cmp::Ge => x.ge(&y)?,
+    };
+    Tensor::new(r, DType::Bool)
 }
 
 fn logic(f: fn(u8, u8) -> u8) -> Box<dyn OpKernel> {
