@@ -26,6 +26,50 @@ impl Default for RunOptions {
     }
 }
 
+/// Runs one kernel. On a GPU, a node whose kernel hits a gap in the device backend (an op or dtype
+/// candle's CUDA backend lacks) is re-run on the CPU with explicit copies; the step remembers it, so
+/// later runs skip the failing attempt, and the fallback is logged once per node.
+fn run_step(step: &crate::plan::Step, cx: &RunCx, ins: &[Option<&Value>]) -> Result<Vec<Value>> {
+    use std::sync::atomic::Ordering;
+    let on_device = !cx.device.is_cpu();
+    if !(on_device && step.host_fallback.load(Ordering::Relaxed)) {
+        match step.kernel.run(cx, ins) {
+            Ok(o) => return Ok(o),
+            Err(e @ RuntimeError::Candle(_)) if on_device => {
+                tracing::warn!(node = %step.node, op = %step.op, error = %e, "no device kernel; running this node on the CPU");
+                step.host_fallback.store(true, Ordering::Relaxed);
+            }
+            Err(e) => return Err(e.at_node(&step.node, &step.op)),
+        }
+    }
+    let cpu = candle_core::Device::Cpu;
+    let host_ins: Vec<Option<Value>> = ins
+        .iter()
+        .map(|v| v.map(|v| move_value(v, &cpu)).transpose())
+        .collect::<Result<_>>()?;
+    let refs: Vec<Option<&Value>> = host_ins.iter().map(Option::as_ref).collect();
+    let host_cx = RunCx {
+        device: &cpu,
+        options: cx.options,
+    };
+    let outs = step
+        .kernel
+        .run(&host_cx, &refs)
+        .map_err(|e| e.at_node(&step.node, &step.op))?;
+    outs.iter().map(|v| move_value(v, cx.device)).collect()
+}
+
+/// Copies a value (and everything inside it) to `device`.
+fn move_value(v: &Value, device: &candle_core::Device) -> Result<Value> {
+    Ok(match v {
+        Value::Tensor(t) => Value::Tensor(t.to_device(device)?),
+        Value::Sequence(ts, d) => Value::Sequence(ts.iter().map(|t| t.to_device(device)).collect::<Result<_>>()?, *d),
+        Value::Optional(o, d) => {
+            Value::Optional(o.as_ref().map(|v| move_value(v, device).map(Box::new)).transpose()?, *d)
+        }
+    })
+}
+
 /// What one run measured.
 #[derive(Debug, Clone, Default)]
 pub struct RunStats {
@@ -103,9 +147,7 @@ impl ExecutionPlan {
             }
             let outs = {
                 let ins: Vec<Option<&Value>> = step.inputs.iter().map(|s| s.and_then(|s| env[s].as_ref())).collect();
-                step.kernel
-                    .run(&cx, &ins)
-                    .map_err(|e| e.at_node(&step.node, &step.op))?
+                run_step(step, &cx, &ins)?
             };
             if outs.len() < step.outputs.iter().filter(|o| o.is_some()).count() && outs.len() < step.outputs.len() {
                 return Err(RuntimeError::Op {

@@ -32,6 +32,8 @@ pub(crate) struct Step {
     pub outputs: Vec<Option<usize>>,
     /// Slots whose last reader is this step: released right after it runs.
     pub release: Vec<usize>,
+    /// Set once the device lacked a kernel for this node: later runs go straight to the CPU.
+    pub host_fallback: std::sync::atomic::AtomicBool,
 }
 
 /// A graph compiled for one device: ordered kernels over integer value slots.
@@ -123,6 +125,7 @@ impl ExecutionPlan {
                     .collect(),
                 outputs: node.outputs.iter().map(|v| v.map(|v| v.index())).collect(),
                 release,
+                host_fallback: std::sync::atomic::AtomicBool::new(false),
             });
         }
         let mut constants = Vec::new();
