@@ -1,7 +1,6 @@
 use std::collections::HashMap;
 
 use crate::ops::RunCx;
-use crate::plan::is_tensor_kind;
 use crate::{ExecutionPlan, Result, RuntimeError, Value};
 
 /// Per-run limits.
@@ -103,17 +102,9 @@ impl ExecutionPlan {
         for (slot, info, has_default) in &self.inputs {
             match feeds.next().flatten() {
                 Some(v) => {
-                    if is_tensor_kind(info.kind) {
-                        if let Value::Tensor(t) = &v {
-                            if t.device().location() != self.device.location() {
-                                return Err(RuntimeError::Input {
-                                    name: info.name.clone(),
-                                    reason: "tensor is on another device".into(),
-                                });
-                            }
-                        }
-                    }
-                    env[*slot] = Some(v);
+                    // Values from another device (a caller's host tensor, or a loop body fed by a
+                    // node that fell back to the CPU) are copied to the plan's device.
+                    env[*slot] = Some(move_value(&v, &self.device)?);
                 }
                 None if *has_default => {}
                 None => {
@@ -129,7 +120,7 @@ impl ExecutionPlan {
                 name: name.clone(),
                 reason: "outer-scope value not bound".into(),
             })?;
-            env[*slot] = Some((*v).clone());
+            env[*slot] = Some(move_value(v, &self.device)?);
         }
         let cx = RunCx {
             device: &self.device,

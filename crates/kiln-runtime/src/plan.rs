@@ -1,7 +1,7 @@
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use kiln_graph::{Graph, Model, ValueInfo, ValueKind};
+use kiln_graph::{Graph, Model, ValueInfo};
 
 use crate::ops::{NodeCtx, OpKernel, Registry};
 use crate::{Result, RuntimeError, Tensor, Value};
@@ -228,9 +228,4 @@ pub fn collect_unsupported(graph: &Graph, options: &PlanOptions, out: &mut Vec<S
             }
         }
     });
-}
-
-/// `true` for values that carry tensors (used by input checks).
-pub(crate) fn is_tensor_kind(k: ValueKind) -> bool {
-    matches!(k, ValueKind::Tensor | ValueKind::Unknown)
 }
