@@ -49,7 +49,7 @@ pub type Result<T> = std::result::Result<T, RuntimeError>;
 /// candle appends a captured backtrace to some error messages; keep the message only.
 pub(crate) fn candle_message(e: &dyn std::fmt::Display) -> String {
     let s = e.to_string();
-    let cut = s.find("    0: ").unwrap_or(s.len());
+    let cut = s.find('\n').or_else(|| s.find("    0: ")).unwrap_or(s.len());
     s[..cut].trim_end().to_string()
 }
 

@@ -59,7 +59,7 @@ fn run_step(step: &crate::plan::Step, cx: &RunCx, ins: &[Option<&Value>]) -> Res
 }
 
 /// Copies a value (and everything inside it) to `device`.
-fn move_value(v: &Value, device: &candle_core::Device) -> Result<Value> {
+pub(crate) fn move_value(v: &Value, device: &candle_core::Device) -> Result<Value> {
     Ok(match v {
         Value::Tensor(t) => Value::Tensor(t.to_device(device)?),
         Value::Sequence(ts, d) => Value::Sequence(ts.iter().map(|t| t.to_device(device)).collect::<Result<_>>()?, *d),
@@ -86,6 +86,18 @@ impl ExecutionPlan {
         feeds: Vec<Option<Value>>,
         captures: &HashMap<&str, &Value>,
         options: &RunOptions,
+    ) -> Result<(Vec<Value>, RunStats)> {
+        self.run_on(feeds, captures, options, &self.device)
+    }
+
+    /// Like [`ExecutionPlan::run`], returning the outputs on `out_device` (a control-flow node
+    /// that fell back to the CPU gets its body's outputs there).
+    pub fn run_on(
+        &self,
+        feeds: Vec<Option<Value>>,
+        captures: &HashMap<&str, &Value>,
+        options: &RunOptions,
+        out_device: &candle_core::Device,
     ) -> Result<(Vec<Value>, RunStats)> {
         let mut env: Vec<Option<Value>> = vec![None; self.num_slots];
         for (slot, v) in &self.constants {
@@ -173,7 +185,7 @@ impl ExecutionPlan {
                 op: String::new(),
                 reason: format!("graph output '{name}' was not produced"),
             })?;
-            outputs.push(v);
+            outputs.push(move_value(&v, out_device)?);
         }
         self.note_peak(stats.peak_activation_bytes);
         Ok((outputs, stats))

@@ -46,7 +46,7 @@ fn if_op(n: &NodeCtx) -> Result<Box<dyn OpKernel>> {
             &else_b
         };
         let caps = bind(&names, ins, explicit);
-        let (outs, _) = branch.run(vec![], &caps, cx.options)?;
+        let (outs, _) = branch.run_on(vec![], &caps, cx.options, cx.device)?;
         Ok(outs)
     }))
 }
@@ -89,7 +89,7 @@ fn loop_op(n: &NodeCtx) -> Result<Box<dyn OpKernel>> {
             let c = Tensor::new(CT::from_vec(vec![cond as u8], (), cx.device)?, DType::Bool)?;
             let mut feeds = vec![Some(Value::Tensor(iter)), Some(Value::Tensor(c))];
             feeds.extend(carried.drain(..).map(Some));
-            let (outs, _) = b.run(feeds, &caps, cx.options)?;
+            let (outs, _) = b.run_on(feeds, &caps, cx.options, cx.device)?;
             if outs.len() != 1 + n_carried + n_scan {
                 bail!(
                     "loop body returned {} outputs, expected {}",
@@ -323,7 +323,7 @@ fn scan_loop(
             let j = if *rev { len - 1 - i } else { i };
             feeds.push(Some(Value::Tensor(t.map(|c| c.narrow(*a, j, 1)?.squeeze(*a))?)));
         }
-        let (outs, _) = b.run(feeds, caps, cx.options)?;
+        let (outs, _) = b.run_on(feeds, caps, cx.options, cx.device)?;
         if outs.len() < n_state + n_scan_out {
             bail!(
                 "Scan body returned {} outputs, expected {}",

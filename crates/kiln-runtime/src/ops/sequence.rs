@@ -258,7 +258,7 @@ fn sequence_map(n: &NodeCtx) -> Result<Box<dyn OpKernel>> {
                     })
                 })
                 .collect();
-            let (res, _) = plan.run(feeds, &caps, cx.options)?;
+            let (res, _) = plan.run_on(feeds, &caps, cx.options, cx.device)?;
             if res.len() < n_out {
                 bail!("SequenceMap: body returned {} outputs, expected {n_out}", res.len());
             }
