@@ -25,6 +25,14 @@ impl Default for RunOptions {
     }
 }
 
+static HOST_FALLBACKS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// How many plan steps (process-wide, all plans) have switched to the CPU because the device
+/// backend lacked a kernel. For reports; 0 on CPU-only runs.
+pub fn host_fallback_count() -> u64 {
+    HOST_FALLBACKS.load(std::sync::atomic::Ordering::Relaxed)
+}
+
 /// Runs one kernel. On a GPU, a node whose kernel hits a gap in the device backend (an op or dtype
 /// candle's CUDA backend lacks) is re-run on the CPU with explicit copies; the step remembers it, so
 /// later runs skip the failing attempt, and the fallback is logged once per node.
@@ -37,6 +45,7 @@ fn run_step(step: &crate::plan::Step, cx: &RunCx, ins: &[Option<&Value>]) -> Res
             Err(e @ RuntimeError::Candle(_)) if on_device => {
                 tracing::warn!(node = %step.node, op = %step.op, error = %e, "no device kernel; running this node on the CPU");
                 step.host_fallback.store(true, Ordering::Relaxed);
+                HOST_FALLBACKS.fetch_add(1, Ordering::Relaxed);
             }
             Err(e) => return Err(e.at_node(&step.node, &step.op)),
         }

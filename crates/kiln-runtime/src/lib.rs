@@ -11,7 +11,7 @@ mod value;
 
 pub use device::Device;
 pub use error::{Result, RuntimeError};
-pub use executor::{RunOptions, RunStats};
+pub use executor::{host_fallback_count, RunOptions, RunStats};
 pub use ops::{supported_ops, Registry};
 pub use plan::{ExecutionPlan, PlanOptions};
 pub use tensor::{storage_dtype, Tensor};

@@ -383,9 +383,14 @@ fn main() -> Result<()> {
         return Ok(());
     }
     let mut kiln_results: BTreeMap<String, Status> = BTreeMap::new();
+    let mut fallbacks: std::collections::BTreeSet<String> = std::collections::BTreeSet::new();
     for c in &cases {
         let (name, dir, meta, level) = (c.name.clone(), c.dir.clone(), c.meta.clone(), args.level);
+        let before = kiln::internals::runtime::host_fallback_count();
         let st = guarded(timeout, move || run_kiln(&TestCase { name, dir, meta }, level, device));
+        if kiln::internals::runtime::host_fallback_count() > before {
+            fallbacks.insert(c.name.clone());
+        }
         if args.verbose && st != Status::Pass {
             println!(
                 "{:<60} {:<11} {}",
@@ -397,6 +402,15 @@ fn main() -> Result<()> {
         kiln_results.insert(c.name.clone(), st);
     }
     let passed = kiln_results.values().filter(|s| **s == Status::Pass).count();
+    if !matches!(device, Device::Cpu) {
+        let fell_back: Vec<&String> = kiln_results.keys().filter(|n| fallbacks.contains(*n)).collect();
+        println!(
+            "{} nodes switched to the CPU (no {device} kernel) in {} tests: {}",
+            kiln::internals::runtime::host_fallback_count(),
+            fell_back.len(),
+            fell_back.iter().map(|s| s.as_str()).collect::<Vec<_>>().join(" ")
+        );
+    }
     println!(
         "kiln ({device}): {passed} of {} node tests pass ({:.1}s)",
         cases.len(),
