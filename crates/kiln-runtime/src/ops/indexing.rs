@@ -260,27 +260,37 @@ fn gather_elements(x: &Tensor, idx: &Tensor, axis: i64) -> Result<Tensor> {
         bail!("GatherElements: indices rank {} differs from data rank {r}", idx.rank());
     }
     let a = norm_axis(axis, r)?;
-    let xd = x.dims();
     let id = idx.dims().to_vec();
-    for d in 0..r {
+    let src = element_offsets(x.dims(), idx, a, "GatherElements")?
+        .into_iter()
+        .map(|o| o as i64)
+        .collect();
+    Tensor::new(take(&x.candle().flatten_all()?, src, &id)?, x.dtype())
+}
+
+/// For GatherElements/ScatterElements: the flat data offset addressed by each element of `idx`
+/// (its own coordinates, with the `axis` coordinate replaced by the index value).
+fn element_offsets(xd: &[usize], idx: &Tensor, a: usize, op: &str) -> Result<Vec<usize>> {
+    let id = idx.dims();
+    for d in 0..xd.len() {
         if d != a && id[d] > xd[d] {
-            bail!("GatherElements: indices shape {id:?} exceeds data shape {xd:?}");
+            bail!("{op}: indices shape {id:?} exceeds data shape {xd:?}");
         }
     }
     let xs = strides(xd);
-    let is = strides(&id);
+    let is = strides(id);
     let iv = idx.to_i64_vec()?;
-    let mut src = Vec::with_capacity(iv.len());
+    let mut out = Vec::with_capacity(iv.len());
     for (flat, &k) in iv.iter().enumerate() {
         let mut off = 0usize;
-        for d in 0..r {
+        for d in 0..xd.len() {
             let c = (flat / is[d]) % id[d].max(1);
             let c = if d == a { norm_index(k, xd[a])? } else { c };
             off += c * xs[d];
         }
-        src.push(off as i64);
+        out.push(off);
     }
-    Tensor::new(take(&x.candle().flatten_all()?, src, &id)?, x.dtype())
+    Ok(out)
 }
 
 fn gather_nd(cx: &super::RunCx, x: &Tensor, idx: &Tensor, batch_dims: i64) -> Result<Tensor> {
@@ -400,25 +410,11 @@ fn scatter_elements(x: &Tensor, idx: &Tensor, upd: &Tensor, axis: i64, red: Redu
             upd.dims()
         );
     }
-    let xd = x.dims();
-    for d in 0..r {
-        if d != a && id[d] > xd[d] {
-            bail!("Scatter: indices shape {id:?} exceeds data shape {xd:?}");
-        }
-    }
-    let xs = strides(xd);
-    let is = strides(&id);
-    let iv = idx.to_i64_vec()?;
-    let mut pairs = Vec::with_capacity(iv.len());
-    for (flat, &k) in iv.iter().enumerate() {
-        let mut off = 0usize;
-        for d in 0..r {
-            let c = (flat / is[d]) % id[d].max(1);
-            let c = if d == a { norm_index(k, xd[a])? } else { c };
-            off += c * xs[d];
-        }
-        pairs.push((off, flat));
-    }
+    let pairs: Vec<(usize, usize)> = element_offsets(x.dims(), idx, a, "Scatter")?
+        .into_iter()
+        .enumerate()
+        .map(|(flat, off)| (off, flat))
+        .collect();
     scatter_apply(x, upd, &pairs, red)
 }
 
