@@ -9,5 +9,6 @@ extra=()
 if [[ "${1:-}" == "--write-expected" ]]; then
   extra+=(--write-expected tests/conformance/expected_pass.txt)
 fi
-cargo run --release -q -p kiln-conformance --features candle-baseline -- \
-  --data "$DATA" --candle --write-doc docs/conformance.md --results target-conformance-results.tsv "${extra[@]}"
+mkdir -p "${CARGO_TARGET_DIR:-target}"
+cargo run -q -p kiln-conformance --features candle-baseline -- \
+  --data "$DATA" --candle --write-doc docs/conformance.md --results "${CARGO_TARGET_DIR:-target}/conformance-results.tsv" "${extra[@]}"
