@@ -1,5 +1,6 @@
 //! The `kiln` command line.
 
+mod bench;
 mod npy;
 
 use std::collections::BTreeMap;
@@ -38,6 +39,27 @@ enum Cmd {
         #[arg(long, short = 'o', default_value = "kiln-out")]
         output_dir: PathBuf,
     },
+    /// Measure latency percentiles and throughput (inputs synthesized from the declared shapes).
+    Bench {
+        model: PathBuf,
+        /// NAME=path.npy to use a real input instead of a synthetic one.
+        #[arg(long = "input", short = 'i', value_name = "NAME=PATH")]
+        inputs: Vec<String>,
+        /// SYMBOL=SIZE for symbolic dims of synthesized inputs (default 1), e.g. batch=8.
+        #[arg(long = "dim", value_name = "SYMBOL=SIZE")]
+        dims: Vec<String>,
+        #[arg(long, default_value = "cpu")]
+        device: String,
+        #[arg(long, default_value = "basic")]
+        level: Level,
+        #[arg(long, default_value_t = 5)]
+        warmup: usize,
+        #[arg(long, short = 'n', default_value_t = 50)]
+        iterations: usize,
+        /// CPU threads (default: all cores).
+        #[arg(long, env = "KILN_THREADS")]
+        threads: Option<usize>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -51,6 +73,29 @@ fn main() -> ExitCode {
             level,
             output_dir,
         } => run(&model, &inputs, &device, level, &output_dir),
+        Cmd::Bench {
+            model,
+            inputs,
+            dims,
+            device,
+            level,
+            warmup,
+            iterations,
+            threads,
+        } => (|| {
+            if let Some(n) = threads {
+                rayon::ThreadPoolBuilder::new().num_threads(n.max(1)).build_global()?;
+            }
+            let cfg = bench::BenchConfig {
+                inputs: &inputs,
+                dims: &dims,
+                device: device.parse()?,
+                level,
+                warmup,
+                iterations: iterations.max(1),
+            };
+            bench::bench(&model, &cfg)
+        })(),
     };
     match r {
         Ok(()) => ExitCode::SUCCESS,

@@ -1,0 +1,142 @@
+//! `kiln bench`: latency percentiles and throughput of one model on one device.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use indicatif::{ProgressBar, ProgressStyle};
+use kiln::{DType, Device, Dim, Level, Session, TensorData};
+
+/// Settings of one benchmark run.
+pub struct BenchConfig<'a> {
+    pub inputs: &'a [String],
+    pub dims: &'a [String],
+    pub device: Device,
+    pub level: Level,
+    pub warmup: usize,
+    pub iterations: usize,
+}
+
+pub fn bench(path: &Path, cfg: &BenchConfig) -> Result<()> {
+    let session = Session::builder()
+        .device(cfg.device)
+        .optimization(cfg.level)
+        .build_from_file(path)
+        .with_context(|| format!("loading {}", path.display()))?;
+    let mut symbols: HashMap<String, usize> = HashMap::new();
+    for spec in cfg.dims {
+        let (k, v) = spec
+            .split_once('=')
+            .with_context(|| format!("--dim '{spec}' should be NAME=SIZE"))?;
+        symbols.insert(
+            k.to_string(),
+            v.parse().with_context(|| format!("--dim '{spec}': bad size"))?,
+        );
+    }
+    let mut given: HashMap<String, TensorData> = HashMap::new();
+    for spec in cfg.inputs {
+        let (name, file) = spec
+            .split_once('=')
+            .with_context(|| format!("--input '{spec}' should be NAME=path.npy"))?;
+        given.insert(name.to_string(), crate::npy::read(Path::new(file), name)?);
+    }
+    let mut feeds = Vec::new();
+    for info in session.inputs() {
+        let data = match given.remove(&info.name) {
+            Some(d) => d,
+            None => synthetic(
+                &info.name,
+                info.dtype,
+                info.shape.as_ref().map(|s| s.0.as_slice()),
+                &symbols,
+            )?,
+        };
+        feeds.push((info.name.clone(), data));
+    }
+    if let Some(name) = given.keys().next() {
+        bail!("the model has no input '{name}'");
+    }
+    for _ in 0..cfg.warmup {
+        session.run(feeds.clone())?;
+    }
+    let bar = ProgressBar::new(cfg.iterations as u64);
+    bar.set_style(
+        ProgressStyle::with_template("{bar:40} {pos}/{len} runs {elapsed_precise}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    let mut times: Vec<Duration> = Vec::with_capacity(cfg.iterations);
+    let started = Instant::now();
+    for _ in 0..cfg.iterations {
+        let t = Instant::now();
+        session.run(feeds.clone())?;
+        times.push(t.elapsed());
+        bar.inc(1);
+    }
+    let total = started.elapsed();
+    bar.finish_and_clear();
+    times.sort();
+    let pct = |p: f64| -> f64 {
+        let i = ((times.len() as f64 - 1.0) * p).round() as usize;
+        times.get(i).map_or(0.0, |d| d.as_secs_f64() * 1e3)
+    };
+    let mean = times.iter().map(Duration::as_secs_f64).sum::<f64>() / times.len().max(1) as f64 * 1e3;
+    println!("model:      {}", path.display());
+    println!(
+        "device:     {}  level: {:?}  threads: {}",
+        cfg.device,
+        cfg.level,
+        rayon::current_num_threads()
+    );
+    println!("runs:       {} (after {} warm-up)", times.len(), cfg.warmup);
+    println!(
+        "latency ms: mean {mean:.3}  p50 {:.3}  p90 {:.3}  p99 {:.3}  min {:.3}  max {:.3}",
+        pct(0.5),
+        pct(0.9),
+        pct(0.99),
+        pct(0.0),
+        pct(1.0)
+    );
+    println!(
+        "throughput: {:.2} runs/s",
+        times.len() as f64 / total.as_secs_f64().max(1e-9)
+    );
+    Ok(())
+}
+
+/// A deterministic input for a declared input: symbolic dims from `--dim`, else 1.
+fn synthetic(
+    name: &str,
+    dtype: Option<DType>,
+    shape: Option<&[Dim]>,
+    symbols: &HashMap<String, usize>,
+) -> Result<TensorData> {
+    let dims: Vec<usize> = shape
+        .with_context(|| format!("input '{name}' has no declared shape; pass --input {name}=file.npy"))?
+        .iter()
+        .map(|d| match d {
+            Dim::Known(n) => *n,
+            Dim::Sym(s) => symbols.get(s).copied().unwrap_or(1),
+            Dim::Unknown => 1,
+        })
+        .collect();
+    let n: usize = dims.iter().product();
+    if n > 1 << 28 {
+        bail!("input '{name}' would have {n} elements; pass smaller --dim values");
+    }
+    let ramp = |i: usize| ((i % 97) as f64) / 97.0;
+    Ok(match dtype.unwrap_or(DType::F32) {
+        DType::F32 => TensorData::from_values(name, dims, &(0..n).map(|i| ramp(i) as f32).collect::<Vec<_>>())?,
+        DType::F64 => TensorData::from_values(name, dims, &(0..n).map(ramp).collect::<Vec<_>>())?,
+        DType::F16 => TensorData::from_values(
+            name,
+            dims,
+            &(0..n).map(|i| half::f16::from_f64(ramp(i))).collect::<Vec<_>>(),
+        )?,
+        DType::I64 => TensorData::from_values(name, dims, &(0..n).map(|i| (i % 7) as i64).collect::<Vec<_>>())?,
+        DType::I32 => TensorData::from_values(name, dims, &(0..n).map(|i| (i % 7) as i32).collect::<Vec<_>>())?,
+        DType::Bool => TensorData::from_values(name, dims, &(0..n).map(|i| i % 2 == 0).collect::<Vec<_>>())?,
+        DType::U8 => TensorData::from_values(name, dims, &(0..n).map(|i| (i % 251) as u8).collect::<Vec<_>>())?,
+        other => bail!("input '{name}' of {other}: pass --input {name}=file.npy"),
+    })
+}

@@ -1,0 +1,94 @@
+//! The `kiln` binary end to end on the shipped SqueezeNet.
+
+use std::path::PathBuf;
+use std::process::Command;
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+fn kiln(args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .args(args)
+        .current_dir(root())
+        .output()
+        .expect("runs");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn inspect_lists_io_ops_and_support() {
+    let (ok, out, _) = kiln(&["inspect", "models/light/squeezenet.onnx"]);
+    assert!(ok);
+    assert!(out.contains("ai.onnx=9"), "{out}");
+    assert!(out.contains("data_0") && out.contains("[1, 3, 224, 224]"), "{out}");
+    assert!(out.contains("26  Conv"), "{out}");
+    assert!(out.contains("unsupported: none"), "{out}");
+}
+
+#[test]
+fn run_writes_one_npy_per_output() {
+    let dir = std::env::temp_dir().join(format!("kiln-cli-run-{}", std::process::id()));
+    let dir_s = dir.to_string_lossy().into_owned();
+    let (ok, out, err) = kiln(&[
+        "run",
+        "models/light/squeezenet.onnx",
+        "--input",
+        "data_0=models/light/input_1x3x224x224.npy",
+        "--output-dir",
+        &dir_s,
+    ]);
+    assert!(ok, "{err}");
+    assert!(out.contains("peak activation memory"), "{out}");
+    let got = std::fs::read(dir.join("softmaxout_1.npy")).expect("output file");
+    let want = std::fs::read(root().join("models/light/squeezenet_expected.npy")).unwrap();
+    let g = npyz::NpyFile::new(&got[..]).unwrap();
+    assert_eq!(g.shape(), &[1, 1000, 1, 1]);
+    let g: Vec<f32> = g.into_vec().unwrap();
+    let w: Vec<f32> = npyz::NpyFile::new(&want[..]).unwrap().into_vec().unwrap();
+    for (a, b) in g.iter().zip(&w) {
+        assert!((a - b).abs() <= 1e-5 + 1e-3 * b.abs());
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn bench_reports_percentiles() {
+    let (ok, out, err) = kiln(&["bench", "models/light/squeezenet.onnx", "-n", "2", "--warmup", "1"]);
+    assert!(ok, "{err}");
+    assert!(
+        out.contains("p50") && out.contains("p99") && out.contains("runs/s"),
+        "{out}"
+    );
+}
+
+#[test]
+fn failures_exit_non_zero_with_one_line() {
+    for args in [
+        vec!["run", "models/light/missing.onnx"],
+        vec!["run", "models/light/squeezenet.onnx"],
+        vec![
+            "run",
+            "models/light/squeezenet.onnx",
+            "--input",
+            "data_0=/nonexistent.npy",
+        ],
+        vec![
+            "run",
+            "models/light/squeezenet.onnx",
+            "--device",
+            "cuda:0",
+            "--input",
+            "x=y.npy",
+        ],
+    ] {
+        let (ok, _, err) = kiln(&args);
+        assert!(!ok, "{args:?} should fail");
+        assert_eq!(err.trim_end().lines().count(), 1, "{args:?}: {err}");
+        assert!(err.starts_with("error: "), "{err}");
+    }
+}
