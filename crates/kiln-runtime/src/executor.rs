@@ -34,22 +34,34 @@ pub fn host_fallback_count() -> u64 {
 }
 
 /// Runs one kernel. On a GPU, a node whose kernel hits a gap in the device backend (an op or dtype
-/// candle's CUDA backend lacks) is re-run on the CPU with explicit copies; the step remembers it, so
-/// later runs skip the failing attempt, and the fallback is logged once per node.
+/// candle's CUDA backend lacks) is re-run on the CPU with explicit copies. Only when the CPU run
+/// succeeds does the step remember it (so a bad input cannot pin a node to the CPU), log it once and
+/// count it; later runs then skip the failing device attempt.
 fn run_step(step: &crate::plan::Step, cx: &RunCx, ins: &[Option<&Value>]) -> Result<Vec<Value>> {
     use std::sync::atomic::Ordering;
     let on_device = !cx.device.is_cpu();
-    if !(on_device && step.host_fallback.load(Ordering::Relaxed)) {
+    let pinned = on_device && step.host_fallback.load(Ordering::Relaxed);
+    let device_error = if pinned {
+        None
+    } else {
         match step.kernel.run(cx, ins) {
             Ok(o) => return Ok(o),
-            Err(e @ RuntimeError::Candle(_)) if on_device => {
-                tracing::warn!(node = %step.node, op = %step.op, error = %e, "no device kernel; running this node on the CPU");
-                step.host_fallback.store(true, Ordering::Relaxed);
-                HOST_FALLBACKS.fetch_add(1, Ordering::Relaxed);
-            }
+            Err(e @ RuntimeError::Candle(_)) if on_device => Some(e),
             Err(e) => return Err(e.at_node(&step.node, &step.op)),
         }
+    };
+    let outs = run_step_on_host(step, cx, ins)?;
+    if let Some(e) = device_error {
+        if !step.host_fallback.swap(true, Ordering::Relaxed) {
+            tracing::warn!(node = %step.node, op = %step.op, error = %e, "no device kernel; running this node on the CPU");
+            HOST_FALLBACKS.fetch_add(1, Ordering::Relaxed);
+        }
     }
+    Ok(outs)
+}
+
+/// Runs a step's kernel on the CPU: inputs copied to the host, outputs copied back to `cx.device`.
+fn run_step_on_host(step: &crate::plan::Step, cx: &RunCx, ins: &[Option<&Value>]) -> Result<Vec<Value>> {
     let cpu = candle_core::Device::Cpu;
     let host_ins: Vec<Option<Value>> = ins
         .iter()
