@@ -143,6 +143,27 @@ fn full(dims: &[usize], value: f64, like: &CT) -> Result<CT> {
 }
 
 /// `count` elements of `t` along `axis` starting at `start`, `step` apart (zero-filled past the end).
+/// Coordinates of the `kk`-th kernel offset (row-major over kernel shape `k`).
+pub(super) fn kernel_offset(kk: usize, k: &[usize]) -> Vec<usize> {
+    let mut rem = kk;
+    let mut off = vec![0usize; k.len()];
+    for i in (0..k.len()).rev() {
+        off[i] = rem % k[i];
+        rem /= k[i];
+    }
+    off
+}
+
+/// The strided view of the padded input `xp` (N, C, spatial...) that kernel offset `off` reads
+/// for every output position.
+pub(super) fn window_view(xp: &CT, off: &[usize], dil: &[usize], out: &[usize], strides: &[usize]) -> Result<CT> {
+    let mut s = xp.clone();
+    for i in 0..off.len() {
+        s = strided(&s, 2 + i, off[i] * dil[i], out[i], strides[i])?;
+    }
+    Ok(s)
+}
+
 pub(super) fn strided(t: &CT, axis: usize, start: usize, count: usize, step: usize) -> Result<CT> {
     if step == 1 {
         let dim = t.dims()[axis];
@@ -309,16 +330,7 @@ pub(super) fn conv_nd(
         bshape[1] = m;
         let mut acc: Option<CT> = None;
         for kk in 0..kprod {
-            let mut rem = kk;
-            let mut off = vec![0usize; sp];
-            for i in (0..sp).rev() {
-                off[i] = rem % k[i];
-                rem /= k[i];
-            }
-            let mut s = xp.clone();
-            for i in 0..sp {
-                s = strided(&s, 2 + i, off[i] * dil[i], out_sp[i], strides[i])?;
-            }
+            let s = window_view(&xp, &kernel_offset(kk, k), dil, &out_sp, strides)?;
             let term = s.broadcast_mul(&wk.narrow(1, kk, 1)?.reshape(bshape.as_slice())?)?;
             acc = Some(match acc {
                 None => term,
@@ -339,16 +351,7 @@ pub(super) fn conv_nd(
         // im2col from strided views: one slice per kernel offset.
         let mut cols = Vec::with_capacity(kprod);
         for kk in 0..kprod {
-            let mut rem = kk;
-            let mut off = vec![0usize; sp];
-            for i in (0..sp).rev() {
-                off[i] = rem % k[i];
-                rem /= k[i];
-            }
-            let mut s = xp.clone();
-            for i in 0..sp {
-                s = strided(&s, 2 + i, off[i] * dil[i], out_sp[i], strides[i])?;
-            }
+            let s = window_view(&xp, &kernel_offset(kk, k), dil, &out_sp, strides)?;
             cols.push(s.contiguous()?);
         }
         // [N, C, K, P] -> [N, g, C/g*K, P]
@@ -619,12 +622,7 @@ fn conv_transpose_full(cx: &RunCx, x: &CT, w: &CT, g: usize, s: &[usize], d: &[u
     let cols = cols.reshape(cd)?;
     let mut phases: Vec<Option<CT>> = vec![None; nphase];
     for kk in 0..kprod {
-        let mut rem = kk;
-        let mut off = vec![0usize; sp];
-        for i in (0..sp).rev() {
-            off[i] = rem % k[i];
-            rem /= k[i];
-        }
+        let off = kernel_offset(kk, k);
         let mut block = cols.narrow(2, kk, 1)?.squeeze(2)?;
         let mut ph = 0usize;
         for i in 0..sp {

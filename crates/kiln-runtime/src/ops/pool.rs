@@ -10,7 +10,9 @@ use kiln_graph::DType;
 use rayon::prelude::*;
 
 use super::common::{elems, tin, tin_opt};
-use super::nn::{float_back, float_work, pad_value, parse_auto_pad, spatial_attr, strided, window_pads, AutoPad};
+use super::nn::{
+    float_back, float_work, kernel_offset, pad_value, parse_auto_pad, spatial_attr, window_pads, window_view, AutoPad,
+};
 use super::{kernel, out1, NodeCtx, OpKernel, Registry, RunCx};
 use crate::{bail, Result, Tensor, Value};
 
@@ -141,20 +143,10 @@ fn min_value(dt: DType) -> f64 {
 
 /// Folds every kernel offset of the padded tensor `xp` with `f`.
 fn fold_windows(xp: &CT, g: &Geo, f: impl Fn(&CT, &CT) -> candle_core::Result<CT>) -> Result<CT> {
-    let sp = g.k.len();
     let kprod: usize = g.k.iter().product();
     let mut acc: Option<CT> = None;
     for kk in 0..kprod {
-        let mut rem = kk;
-        let mut off = vec![0usize; sp];
-        for i in (0..sp).rev() {
-            off[i] = rem % g.k[i];
-            rem /= g.k[i];
-        }
-        let mut s = xp.clone();
-        for i in 0..sp {
-            s = strided(&s, 2 + i, off[i] * g.d[i], g.out[i], g.s[i])?;
-        }
+        let s = window_view(xp, &kernel_offset(kk, &g.k), &g.d, &g.out, &g.s)?;
         acc = Some(match acc {
             None => s.contiguous()?,
             Some(a) => f(&a, &s)?,
