@@ -16,6 +16,8 @@ pub struct BenchConfig<'a> {
     pub level: Level,
     pub warmup: usize,
     pub iterations: usize,
+    /// Print a per-operator time breakdown from extra profiled runs.
+    pub profile: bool,
 }
 
 pub fn bench(path: &Path, cfg: &BenchConfig) -> Result<()> {
@@ -86,7 +88,7 @@ pub fn bench(path: &Path, cfg: &BenchConfig) -> Result<()> {
         "device:     {}  level: {:?}  threads: {}",
         cfg.device,
         cfg.level,
-        rayon::current_num_threads()
+        kiln::num_threads()
     );
     println!("runs:       {} (after {} warm-up)", times.len(), cfg.warmup);
     println!(
@@ -101,6 +103,55 @@ pub fn bench(path: &Path, cfg: &BenchConfig) -> Result<()> {
         "throughput: {:.2} runs/s",
         times.len() as f64 / total.as_secs_f64().max(1e-9)
     );
+    if cfg.profile {
+        profile(&session, &feeds, cfg.iterations.min(20))?;
+    }
+    Ok(())
+}
+
+/// Runs `runs` more times with per-node timing; prints time by operator type and the slowest nodes.
+fn profile(session: &Session, feeds: &[(String, TensorData)], runs: usize) -> Result<()> {
+    let options = kiln::RunOptions {
+        profile: true,
+        ..session.run_options().clone()
+    };
+    let mut by_op: HashMap<String, (Duration, usize)> = HashMap::new();
+    let mut by_node: HashMap<(String, String), Duration> = HashMap::new();
+    let mut total = Duration::ZERO;
+    for _ in 0..runs {
+        let (_, stats) = session.run_with_options(feeds.to_vec(), &options)?;
+        for t in stats.op_times {
+            let e = by_op.entry(t.op.clone()).or_default();
+            e.0 += t.duration;
+            e.1 += 1;
+            *by_node.entry((t.op, t.node)).or_default() += t.duration;
+            total += t.duration;
+        }
+    }
+    let runs = runs.max(1) as f64;
+    let per_run = |d: Duration| d.as_secs_f64() * 1e3 / runs;
+    let share = |d: Duration| 100.0 * d.as_secs_f64() / total.as_secs_f64().max(1e-12);
+    let mut ops: Vec<_> = by_op.into_iter().collect();
+    ops.sort_by_key(|o| std::cmp::Reverse(o.1 .0));
+    println!(
+        "\nprofile over {runs} runs: {:.3} ms per run inside kernels",
+        per_run(total)
+    );
+    println!("{:<28} {:>7} {:>11} {:>7}", "operator", "nodes", "ms/run", "share");
+    for (op, (d, n)) in &ops {
+        println!(
+            "{op:<28} {:>7} {:>11.3} {:>6.1}%",
+            (*n as f64 / runs).round(),
+            per_run(*d),
+            share(*d)
+        );
+    }
+    let mut nodes: Vec<_> = by_node.into_iter().collect();
+    nodes.sort_by_key(|n| std::cmp::Reverse(n.1));
+    println!("\nslowest nodes:");
+    for ((op, node), d) in nodes.iter().take(10) {
+        println!("  {:>9.3} ms {:>6.1}%  {op} {node}", per_run(*d), share(*d));
+    }
     Ok(())
 }
 

@@ -10,6 +10,12 @@ use std::process::ExitCode;
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 use kiln::internals::{onnx, runtime};
+
+/// mimalloc keeps freed tensor buffers for reuse: with the system allocator every large
+/// intermediate is a fresh mmap that page-faults on first touch (measured on MiniLM, batch 8:
+/// 4x fewer page faults, see docs/benchmarks.md).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use kiln::{Device, Level, Session};
 
 #[derive(Parser)]
@@ -59,6 +65,9 @@ enum Cmd {
         /// CPU threads (default: all cores).
         #[arg(long, env = "KILN_THREADS")]
         threads: Option<usize>,
+        /// After timing, run again with per-node timing and print where the time goes.
+        #[arg(long)]
+        profile: bool,
     },
 }
 
@@ -82,9 +91,10 @@ fn main() -> ExitCode {
             warmup,
             iterations,
             threads,
+            profile,
         } => (|| {
             if let Some(n) = threads {
-                rayon::ThreadPoolBuilder::new().num_threads(n.max(1)).build_global()?;
+                kiln::set_num_threads(n)?;
             }
             let cfg = bench::BenchConfig {
                 inputs: &inputs,
@@ -93,6 +103,7 @@ fn main() -> ExitCode {
                 level,
                 warmup,
                 iterations: iterations.max(1),
+                profile,
             };
             bench::bench(&model, &cfg)
         })(),

@@ -67,6 +67,30 @@ fn bench_reports_percentiles() {
 }
 
 #[test]
+fn bench_profile_breaks_time_down_by_operator() {
+    let (ok, out, err) = kiln(&[
+        "bench",
+        "models/light/squeezenet.onnx",
+        "-n",
+        "2",
+        "--warmup",
+        "1",
+        "--threads",
+        "1",
+        "--profile",
+    ]);
+    assert!(ok, "{err}");
+    assert!(out.contains("threads: 1"), "{out}");
+    let conv = out
+        .lines()
+        .find(|l| l.starts_with("Conv "))
+        .unwrap_or_else(|| panic!("no Conv row in the profile:\n{out}"));
+    // SqueezeNet 1.1 has 26 Conv nodes; the row reports nodes per run.
+    assert_eq!(conv.split_whitespace().nth(1), Some("26"), "{conv}");
+    assert!(out.contains("slowest nodes:"), "{out}");
+}
+
+#[test]
 fn failures_exit_non_zero_with_one_line() {
     for args in [
         vec!["run", "models/light/missing.onnx"],

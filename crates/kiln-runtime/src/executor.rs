@@ -13,6 +13,9 @@ pub struct RunOptions {
     /// Abandon the run (with an error) once this instant has passed; checked before every kernel,
     /// including those inside loop bodies. A server sets it from the request timeout.
     pub deadline: Option<std::time::Instant>,
+    /// Time every top-level kernel and return the times in [`RunStats::op_times`] (costs two clock
+    /// reads per node; off by default).
+    pub profile: bool,
 }
 
 impl Default for RunOptions {
@@ -21,6 +24,7 @@ impl Default for RunOptions {
             max_tensor_bytes: 4 << 30,
             max_loop_iterations: 1 << 20,
             deadline: None,
+            profile: false,
         }
     }
 }
@@ -97,6 +101,16 @@ pub struct RunStats {
     pub peak_activation_bytes: u64,
     /// Sum of the sizes of all intermediates (what no reuse would hold).
     pub total_intermediate_bytes: u64,
+    /// With [`RunOptions::profile`]: wall time of each top-level node, in plan order.
+    pub op_times: Vec<OpTime>,
+}
+
+/// Wall time one node took in a profiled run.
+#[derive(Debug, Clone)]
+pub struct OpTime {
+    pub node: String,
+    pub op: String,
+    pub duration: std::time::Duration,
 }
 
 impl ExecutionPlan {
@@ -169,10 +183,18 @@ impl ExecutionPlan {
                     reason: "the run passed its deadline".into(),
                 });
             }
+            let started = options.profile.then(std::time::Instant::now);
             let outs = {
                 let ins: Vec<Option<&Value>> = step.inputs.iter().map(|s| s.and_then(|s| env[s].as_ref())).collect();
                 run_step(step, &cx, &ins)?
             };
+            if let Some(t) = started {
+                stats.op_times.push(OpTime {
+                    node: step.node.clone(),
+                    op: step.op.clone(),
+                    duration: t.elapsed(),
+                });
+            }
             if outs.len() < step.outputs.iter().filter(|o| o.is_some()).count() && outs.len() < step.outputs.len() {
                 return Err(RuntimeError::Op {
                     node: step.node.clone(),

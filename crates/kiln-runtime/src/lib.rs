@@ -4,15 +4,18 @@
 mod device;
 mod error;
 mod executor;
+mod fastmath;
 pub mod ops;
 mod plan;
 mod tensor;
+mod threads;
 mod value;
 
 pub use device::Device;
 pub use error::{Result, RuntimeError};
-pub use executor::{host_fallback_count, RunOptions, RunStats};
+pub use executor::{host_fallback_count, OpTime, RunOptions, RunStats};
 pub use ops::{supported_ops, Registry};
 pub use plan::{ExecutionPlan, PlanOptions};
 pub use tensor::{storage_dtype, Tensor};
+pub use threads::{num_threads, set_num_threads};
 pub use value::Value;

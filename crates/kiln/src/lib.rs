@@ -20,7 +20,7 @@ mod session;
 
 pub use error::{Error, Result};
 pub use kiln_graph::{DType, Dim, Element, Shape, TensorData};
-pub use kiln_runtime::{Device, RunOptions, RunStats};
+pub use kiln_runtime::{num_threads, set_num_threads, Device, OpTime, RunOptions, RunStats};
 pub use session::{IoInfo, Level, Session, SessionBuilder};
 
 /// Lower-level pieces for tools (CLI, server, conformance runner).

@@ -153,6 +153,16 @@ impl Session {
 
     /// Like [`Session::run`], also returning what the run measured.
     pub fn run_with_stats(&self, inputs: Vec<(String, TensorData)>) -> Result<(Vec<TensorData>, RunStats)> {
+        self.run_with_options(inputs, &self.run_options)
+    }
+
+    /// Like [`Session::run_with_stats`] with per-run options (a deadline, profiling) in place of
+    /// the session's.
+    pub fn run_with_options(
+        &self,
+        inputs: Vec<(String, TensorData)>,
+        options: &RunOptions,
+    ) -> Result<(Vec<TensorData>, RunStats)> {
         let device = self.plan.device().clone();
         let mut by_name: HashMap<String, TensorData> = HashMap::new();
         for (name, data) in inputs {
@@ -191,7 +201,7 @@ impl Session {
                 reason: format!("the model has no such input (inputs: {})", known.join(", ")),
             });
         }
-        let (values, stats) = self.plan.run(feeds, &HashMap::new(), &self.run_options)?;
+        let (values, stats) = self.plan.run(feeds, &HashMap::new(), options)?;
         let mut out = Vec::with_capacity(values.len());
         for (v, info) in values.into_iter().zip(&self.outputs) {
             let t = v.into_tensor().map_err(|e| Error::Input {
@@ -201,6 +211,11 @@ impl Session {
             out.push(t.to_data(&info.name)?);
         }
         Ok((out, stats))
+    }
+
+    /// The limits every run of this session applies.
+    pub fn run_options(&self) -> &RunOptions {
+        &self.run_options
     }
 
     /// Runs with run-time values (tensors already on the session's device, sequences,

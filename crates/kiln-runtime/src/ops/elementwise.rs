@@ -6,6 +6,7 @@ use kiln_graph::DType;
 
 use super::common::{broadcast2, host_binary, host_binary_i64, host_unary, same_dtype, tin, tin_opt};
 use super::{kernel, out1, NodeCtx, OpKernel, Registry, RunCx};
+use crate::fastmath::{self, Func};
 use crate::{bail, Result, Tensor, Value};
 
 pub fn register(r: &mut Registry) {
@@ -353,6 +354,19 @@ fn unary_candle(f: CandleUnary, host: fn(f64) -> f64) -> Box<dyn OpKernel> {
     })
 }
 
+/// An f32 CPU tensor goes through the vectorized `fastmath` kernel; anything else through `other`.
+fn fast(f: Func, other: Box<dyn OpKernel>) -> Box<dyn OpKernel> {
+    kernel(move |cx, ins| {
+        let x = tin(ins, 0)?;
+        if x.dtype() == DType::F32 {
+            if let Some(r) = fastmath::map_tensor(f, x.candle()) {
+                return out1(Tensor::new(r?, DType::F32)?);
+            }
+        }
+        other.run(cx, ins)
+    })
+}
+
 fn unary_host(host: fn(f64) -> f64) -> Box<dyn OpKernel> {
     kernel(move |_, ins| {
         let x = tin(ins, 0)?;
@@ -405,7 +419,7 @@ fn register_unary(r: &mut Registry) {
             }
         }))
     });
-    r.add("Exp", |_| Ok(unary_candle(|t| t.exp(), f64::exp)));
+    r.add("Exp", |_| Ok(fast(Func::Exp, unary_candle(|t| t.exp(), f64::exp))));
     r.add("Log", |_| Ok(unary_candle(|t| t.log(), f64::ln)));
     r.add("Sqrt", |_| Ok(unary_candle(|t| t.sqrt(), f64::sqrt)));
     r.add("Reciprocal", |_| Ok(unary_candle(|t| t.recip(), f64::recip)));
@@ -420,9 +434,11 @@ fn register_unary(r: &mut Registry) {
     r.add("Asinh", |_| Ok(unary_host(f64::asinh)));
     r.add("Acosh", |_| Ok(unary_host(f64::acosh)));
     r.add("Atanh", |_| Ok(unary_host(f64::atanh)));
-    r.add("Tanh", |_| Ok(unary_candle(|t| t.tanh(), f64::tanh)));
-    r.add("Sigmoid", |_| Ok(unary_candle(sigmoid, |v| 1.0 / (1.0 + (-v).exp()))));
-    r.add("Erf", |_| Ok(unary_host(libm::erf)));
+    r.add("Tanh", |_| Ok(fast(Func::Tanh, unary_candle(|t| t.tanh(), f64::tanh))));
+    r.add("Sigmoid", |_| {
+        Ok(fast(Func::Sigmoid, unary_candle(sigmoid, |v| 1.0 / (1.0 + (-v).exp()))))
+    });
+    r.add("Erf", |_| Ok(fast(Func::Erf, unary_host(libm::erf))));
     r.add("Floor", |_| Ok(unary_candle(|t| t.floor(), f64::floor)));
     r.add("Ceil", |_| Ok(unary_candle(|t| t.ceil(), f64::ceil)));
     r.add("Round", |_| Ok(unary_host(round_half_even)));
@@ -500,6 +516,12 @@ fn register_unary(r: &mut Registry) {
         let tanh = n.attr_s("approximate", "none")? == "tanh";
         Ok(kernel(move |_, ins| {
             let x = tin(ins, 0)?;
+            if x.dtype() == DType::F32 {
+                let f = if tanh { Func::GeluTanh } else { Func::GeluErf };
+                if let Some(r) = fastmath::map_tensor(f, x.candle()) {
+                    return out1(Tensor::new(r?, DType::F32)?);
+                }
+            }
             if x.dtype().is_float() {
                 return out1(x.map(|t| if tanh { t.gelu() } else { t.gelu_erf() })?);
             }

@@ -9,6 +9,7 @@ use rayon::prelude::*;
 
 use super::common::{norm_axis, tin, tin_opt};
 use super::{kernel, out1, NodeCtx, OpKernel, Registry};
+use crate::fastmath;
 use crate::{bail, Result, Tensor, Value};
 
 pub fn register(r: &mut Registry) {
@@ -79,19 +80,13 @@ fn softmax_last_cpu(c: &CT, log: bool) -> Result<CT> {
     let mut v = c.flatten_all()?.to_vec1::<f32>()?;
     let min_rows = (16384 / len).max(1);
     v.par_chunks_mut(len).with_min_len(min_rows).for_each(|row| {
-        let m = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
         if log {
+            let m = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
             let s: f32 = row.iter().map(|&x| (x - m).exp()).sum();
             let ls = s.ln();
             row.iter_mut().for_each(|x| *x = *x - m - ls);
         } else {
-            let mut s = 0f32;
-            for x in row.iter_mut() {
-                *x = (*x - m).exp();
-                s += *x;
-            }
-            let inv = 1.0 / s;
-            row.iter_mut().for_each(|x| *x *= inv);
+            fastmath::softmax_row(row);
         }
     });
     Ok(CT::from_vec(v, dims, c.device())?)

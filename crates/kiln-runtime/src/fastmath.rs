@@ -1,0 +1,381 @@
+//! Vectorizable f32 transcendental functions for CPU kernels (exp, erf, tanh, sigmoid, GELU).
+//!
+//! libm's scalar `erf`/`exp` cost 10-30 ns per element and block auto-vectorization; these are
+//! branch-free polynomial / rational approximations (Cephes `expf`, Eigen's `erf` and `tanh`
+//! rational forms) that LLVM turns into AVX2+FMA code. Accuracy, checked against libm in the
+//! tests below over dense grids: exp and sigmoid within relative 1e-6, erf within 5e-7 absolute
+//! (f32 evaluation of Eigen's form), tanh within 3e-7 absolute, GELU within 1.5e-6 absolute.
+//! NaN in gives NaN out; +-inf behave as the limits.
+//!
+//! Dispatch: the kernels are compiled twice, once with `avx2,fma` enabled (picked at run time when
+//! the CPU has both) and once for the baseline target.
+
+use candle_core::{CpuStorage, Storage, Tensor as CT};
+use rayon::prelude::*;
+
+/// An element-wise f32 kernel over a slice (`src` and `dst` have equal length).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Func {
+    Exp,
+    Erf,
+    Tanh,
+    Sigmoid,
+    /// x * 0.5 * (1 + erf(x / sqrt 2))
+    GeluErf,
+    /// x * 0.5 * (1 + tanh(sqrt(2/pi) * (x + 0.044715 x^3)))
+    GeluTanh,
+}
+
+#[inline(always)]
+fn madd<const FMA: bool>(a: f32, b: f32, c: f32) -> f32 {
+    if FMA {
+        a.mul_add(b, c)
+    } else {
+        a * b + c
+    }
+}
+
+#[inline(always)]
+fn exp1<const FMA: bool>(x: f32) -> f32 {
+    const HI: f32 = 88.722_83;
+    const LO: f32 = -87.336_54;
+    let xc = x.clamp(LO, HI);
+    let fx = madd::<FMA>(xc, std::f32::consts::LOG2_E, 0.5).floor();
+    let r = madd::<FMA>(fx, -0.693_359_4, xc);
+    let r = madd::<FMA>(fx, 2.121_944_4e-4, r);
+    let mut y = 1.987_569_1e-4f32;
+    y = madd::<FMA>(y, r, 1.398_199_9e-3);
+    y = madd::<FMA>(y, r, 8.333_452e-3);
+    y = madd::<FMA>(y, r, 4.166_579_6e-2);
+    y = madd::<FMA>(y, r, 1.666_666_5e-1);
+    y = madd::<FMA>(y, r, 0.5);
+    y = madd::<FMA>(y, r * r, r + 1.0);
+    // 2^fx through the exponent bits, in two halves so fx = 128 (x near HI) stays in range.
+    let n = (fx as i32).clamp(-126, 128);
+    let n1 = n >> 1;
+    let scaled = y * f32::from_bits(((n1 + 127) as u32) << 23) * f32::from_bits(((n - n1 + 127) as u32) << 23);
+    // Above HI the clamp would give a finite value; below LO the true result underflows.
+    let v = if x > HI { f32::INFINITY } else { scaled };
+    let v = if x < LO { 0.0 } else { v };
+    if x.is_nan() {
+        x
+    } else {
+        v
+    }
+}
+
+#[inline(always)]
+fn erf1<const FMA: bool>(x: f32) -> f32 {
+    let c = x.clamp(-4.0, 4.0);
+    let x2 = c * c;
+    let mut p = -2.726_142_3e-10f32;
+    p = madd::<FMA>(x2, p, 2.770_681_4e-8);
+    p = madd::<FMA>(x2, p, -2.101_024e-6);
+    p = madd::<FMA>(x2, p, -5.692_506_4e-5);
+    p = madd::<FMA>(x2, p, -7.349_906_3e-4);
+    p = madd::<FMA>(x2, p, -2.954_6e-3);
+    p = madd::<FMA>(x2, p, -1.609_603_3e-2);
+    p *= c;
+    let mut q = -1.456_607_2e-5f32;
+    q = madd::<FMA>(x2, q, -2.133_740_5e-4);
+    q = madd::<FMA>(x2, q, -1.682_827e-3);
+    q = madd::<FMA>(x2, q, -7.373_329e-3);
+    q = madd::<FMA>(x2, q, -1.426_474e-2);
+    // Past 3.85, erf rounds to +-1 in f32; saturate exactly (the rational form is 3e-7 short).
+    let v = if c.abs() > 3.85 { c.signum() } else { p / q };
+    if x.is_nan() {
+        x
+    } else {
+        v
+    }
+}
+
+#[inline(always)]
+fn tanh1<const FMA: bool>(x: f32) -> f32 {
+    const CLAMP: f32 = 7.905_311;
+    let c = x.clamp(-CLAMP, CLAMP);
+    let x2 = c * c;
+    let mut p = -2.760_768_5e-16f32;
+    p = madd::<FMA>(x2, p, 2.000_188e-13);
+    p = madd::<FMA>(x2, p, -8.604_672e-11);
+    p = madd::<FMA>(x2, p, 5.122_297e-8);
+    p = madd::<FMA>(x2, p, 1.485_722_4e-5);
+    p = madd::<FMA>(x2, p, 6.372_619_3e-4);
+    p = madd::<FMA>(x2, p, 4.893_524_6e-3);
+    p *= c;
+    let mut q = 1.198_258_4e-6f32;
+    q = madd::<FMA>(x2, q, 1.185_347_1e-4);
+    q = madd::<FMA>(x2, q, 2.268_434_6e-3);
+    q = madd::<FMA>(x2, q, 4.893_525e-3);
+    // At the clamp point tanh is within 3e-7 of +-1; saturate exactly beyond it.
+    let v = if x.abs() >= CLAMP { c.signum() } else { p / q };
+    // Tiny inputs: tanh(x) = x to f32 precision (also keeps -0.0).
+    let v = if x.abs() < 4e-4 { x } else { v };
+    if x.is_nan() {
+        x
+    } else {
+        v
+    }
+}
+
+/// The scalar form of `f` (inlined into the vector loops below).
+#[inline(always)]
+fn eval<const FMA: bool>(f: Func, x: f32) -> f32 {
+    match f {
+        Func::Exp => exp1::<FMA>(x),
+        Func::Erf => erf1::<FMA>(x),
+        Func::Tanh => tanh1::<FMA>(x),
+        Func::Sigmoid => 1.0 / (1.0 + exp1::<FMA>(-x)),
+        Func::GeluErf => 0.5 * x * (1.0 + erf1::<FMA>(x * std::f32::consts::FRAC_1_SQRT_2)),
+        Func::GeluTanh => {
+            let inner = 0.797_884_6 * madd::<FMA>(0.044_715 * x * x, x, x);
+            0.5 * x * (1.0 + tanh1::<FMA>(inner))
+        }
+    }
+}
+
+// One loop per function (the match hoisted out of the loop) so each one vectorizes.
+macro_rules! per_func {
+    ($f:expr, $fma:ident, $body:ident) => {
+        match $f {
+            Func::Exp => $body!(Func::Exp, $fma),
+            Func::Erf => $body!(Func::Erf, $fma),
+            Func::Tanh => $body!(Func::Tanh, $fma),
+            Func::Sigmoid => $body!(Func::Sigmoid, $fma),
+            Func::GeluErf => $body!(Func::GeluErf, $fma),
+            Func::GeluTanh => $body!(Func::GeluTanh, $fma),
+        }
+    };
+}
+
+#[inline(always)]
+fn apply<const FMA: bool>(f: Func, src: &[f32], dst: &mut [f32]) {
+    macro_rules! body {
+        ($k:expr, $fm:ident) => {
+            dst.iter_mut()
+                .zip(src)
+                .for_each(|(d, &x)| *d = eval::<$fm>($k, x))
+        };
+    }
+    per_func!(f, FMA, body)
+}
+
+#[cfg(any(target_arch = "x86", target_arch = "x86_64"))]
+#[target_feature(enable = "avx2,fma")]
+fn apply_avx2(f: Func, src: &[f32], dst: &mut [f32]) {
+    apply::<true>(f, src, dst)
+}
+
+fn has_avx2_fma() -> bool {
+    #[cfg(any(target_arch = "x86", target_arch = "x86_64"))]
+    {
+        std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma")
+    }
+    #[cfg(not(any(target_arch = "x86", target_arch = "x86_64")))]
+    {
+        false
+    }
+}
+
+/// Applies `f` to `src` into `dst` (single thread; equal lengths).
+pub(crate) fn map_slice(f: Func, src: &[f32], dst: &mut [f32]) {
+    #[cfg(any(target_arch = "x86", target_arch = "x86_64"))]
+    if has_avx2_fma() {
+        // SAFETY: the CPU supports the features `apply_avx2` is compiled for (checked above).
+        unsafe { apply_avx2(f, src, dst) };
+        return;
+    }
+    apply::<false>(f, src, dst)
+}
+
+#[inline(always)]
+fn softmax_row_impl<const FMA: bool>(row: &mut [f32]) {
+    // Eight independent lanes so the max and the sum vectorize.
+    // (A NaN is skipped here but still poisons the sum below, so the row comes out NaN.)
+    let mut m = [f32::NEG_INFINITY; 8];
+    let mut chunks = row.chunks_exact(8);
+    for c in &mut chunks {
+        for (a, &x) in m.iter_mut().zip(c) {
+            *a = a.max(x);
+        }
+    }
+    let max = m
+        .iter()
+        .chain(chunks.remainder())
+        .fold(f32::NEG_INFINITY, |a, &x| a.max(x));
+    row.iter_mut().for_each(|x| *x = exp1::<FMA>(*x - max));
+    let mut acc = [0f32; 8];
+    let mut chunks = row.chunks_exact(8);
+    for c in &mut chunks {
+        for (a, &x) in acc.iter_mut().zip(c) {
+            *a += x;
+        }
+    }
+    let sum = acc.iter().sum::<f32>() + chunks.remainder().iter().sum::<f32>();
+    let inv = 1.0 / sum;
+    row.iter_mut().for_each(|x| *x *= inv);
+}
+
+#[cfg(any(target_arch = "x86", target_arch = "x86_64"))]
+#[target_feature(enable = "avx2,fma")]
+fn softmax_row_avx2(row: &mut [f32]) {
+    softmax_row_impl::<true>(row)
+}
+
+/// Softmax of one row in place: max, exp(x - max), scale by 1/sum. A NaN anywhere gives NaN.
+pub(crate) fn softmax_row(row: &mut [f32]) {
+    #[cfg(any(target_arch = "x86", target_arch = "x86_64"))]
+    if has_avx2_fma() {
+        // SAFETY: the CPU supports the features `softmax_row_avx2` is compiled for (checked above).
+        unsafe { softmax_row_avx2(row) };
+        return;
+    }
+    softmax_row_impl::<false>(row)
+}
+
+/// Elements per parallel task: large enough to amortize scheduling, small enough to balance.
+const CHUNK: usize = 16 * 1024;
+
+/// Applies `f` to a contiguous f32 CPU tensor, in parallel; `None` when the tensor is not one
+/// (other dtype, device or layout), so the caller uses its generic path.
+pub(crate) fn map_tensor(f: Func, t: &CT) -> Option<candle_core::Result<CT>> {
+    if !t.device().is_cpu() || t.dtype() != candle_core::DType::F32 {
+        return None;
+    }
+    let (storage, layout) = t.storage_and_layout();
+    let (start, end) = layout.contiguous_offsets()?;
+    let Storage::Cpu(CpuStorage::F32(data)) = &*storage else {
+        return None;
+    };
+    let src = data.get(start..end)?;
+    let mut out = vec![0f32; src.len()];
+    if src.len() <= CHUNK {
+        map_slice(f, src, &mut out);
+    } else {
+        out.par_chunks_mut(CHUNK)
+            .zip(src.par_chunks(CHUNK))
+            .for_each(|(d, s)| map_slice(f, s, d));
+    }
+    Some(CT::from_vec(out, t.dims(), t.device()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn grid() -> Vec<f32> {
+        let mut v: Vec<f32> = (-200_000..=200_000).map(|i| i as f32 * 1e-4).collect();
+        v.extend((-1000..=1000).map(|i| i as f32 * 0.1));
+        v.extend([
+            1e-30, -1e-30, 1e-7, -3e-5, 0.0, -0.0, 87.0, -87.0, 88.7, -87.3, 89.0, -90.0, 1e4, -1e4,
+        ]);
+        v
+    }
+
+    fn check(f: Func, reference: impl Fn(f64) -> f64, rel: f64, abs: f64) {
+        let xs = grid();
+        let mut out = vec![0f32; xs.len()];
+        map_slice(f, &xs, &mut out);
+        let mut scalar = vec![0f32; xs.len()];
+        apply::<false>(f, &xs, &mut scalar);
+        for (path, got) in [("dispatched", &out), ("baseline", &scalar)] {
+            for (&x, &y) in xs.iter().zip(got) {
+                // The reference rounded to f32 (so overflow to inf counts as right).
+                let want = reference(x as f64) as f32 as f64;
+                let err = if y as f64 == want { 0.0 } else { (y as f64 - want).abs() };
+                assert!(
+                    err <= abs + rel * want.abs(),
+                    "{path} {f:?}({x}) = {y}, reference {want}, error {err}"
+                );
+            }
+        }
+        let mut special = [0f32; 3];
+        map_slice(f, &[f32::NAN, f32::INFINITY, f32::NEG_INFINITY], &mut special);
+        assert!(special[0].is_nan(), "{f:?}(NaN) should be NaN");
+        for (x, y) in [(f32::INFINITY, special[1]), (f32::NEG_INFINITY, special[2])] {
+            let want = reference(x as f64);
+            let same = y as f64 == want || (y.is_nan() && want.is_nan()) || (y as f64 - want).abs() <= 1e-6;
+            assert!(same, "{f:?}({x}) = {y}, want {want}");
+        }
+    }
+
+    #[test]
+    fn exp_matches_libm() {
+        check(Func::Exp, f64::exp, 4e-7, 1e-37);
+    }
+
+    #[test]
+    fn erf_matches_libm() {
+        check(Func::Erf, libm::erf, 0.0, 5e-7);
+    }
+
+    #[test]
+    fn tanh_matches_libm() {
+        check(Func::Tanh, f64::tanh, 1e-6, 3e-7);
+    }
+
+    #[test]
+    fn sigmoid_matches() {
+        check(Func::Sigmoid, |x| 1.0 / (1.0 + (-x).exp()), 1e-6, 1e-37);
+    }
+
+    #[test]
+    fn gelu_forms_match() {
+        check(
+            Func::GeluErf,
+            |x| 0.5 * x * (1.0 + libm::erf(x / std::f64::consts::SQRT_2)),
+            1e-6,
+            1.5e-6,
+        );
+        check(
+            Func::GeluTanh,
+            |x| 0.5 * x * (1.0 + ((2.0 / std::f64::consts::PI).sqrt() * (x + 0.044715 * x * x * x)).tanh()),
+            1e-6,
+            1.5e-6,
+        );
+    }
+
+    #[test]
+    fn softmax_row_matches_reference() {
+        for len in [1usize, 7, 8, 13, 128, 1000] {
+            let row: Vec<f32> = (0..len).map(|i| ((i * 37 % 101) as f32 - 50.0) * 0.3).collect();
+            let m = row.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
+            let e: Vec<f64> = row.iter().map(|&x| (x as f64 - m).exp()).collect();
+            let s: f64 = e.iter().sum();
+            let mut got = row.clone();
+            softmax_row(&mut got);
+            for (g, w) in got.iter().zip(&e) {
+                assert!(
+                    (*g as f64 - w / s).abs() <= 1e-6 * (w / s) + 1e-9,
+                    "len {len}: {g} vs {}",
+                    w / s
+                );
+            }
+        }
+        let mut masked = vec![f32::NEG_INFINITY, 0.0, f32::NEG_INFINITY, 0.0];
+        softmax_row(&mut masked);
+        assert_eq!(masked, vec![0.0, 0.5, 0.0, 0.5]);
+        let mut nan = vec![1.0, f32::NAN, 2.0];
+        softmax_row(&mut nan);
+        assert!(nan.iter().all(|x| x.is_nan()));
+    }
+
+    #[test]
+    fn tensor_path_handles_views() {
+        let t = CT::arange(0f32, 40_000f32, &candle_core::Device::Cpu)
+            .and_then(|t| t.affine(1e-3, -20.0))
+            .and_then(|t| t.reshape((200, 200)))
+            .expect("tensor");
+        let r = map_tensor(Func::Erf, &t).expect("contiguous").expect("ok");
+        let want: Vec<f32> = t.flatten_all().and_then(|t| t.to_vec1::<f32>()).expect("vec");
+        let got: Vec<f32> = r.flatten_all().and_then(|t| t.to_vec1::<f32>()).expect("vec");
+        for (w, g) in want.iter().zip(&got) {
+            assert!((libm::erf(*w as f64) - *g as f64).abs() < 5e-7);
+        }
+        let tt = t.t().expect("transpose");
+        assert!(
+            map_tensor(Func::Erf, &tt).is_none(),
+            "a transposed view is not contiguous"
+        );
+    }
+}
