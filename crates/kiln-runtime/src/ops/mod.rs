@@ -11,6 +11,7 @@ use crate::{ExecutionPlan, PlanOptions, Result, RuntimeError, Tensor, Value};
 mod attention;
 pub mod common;
 mod control;
+mod conv_cpu;
 mod elementwise;
 mod indexing;
 mod matmul;

@@ -310,6 +310,30 @@ pub(super) fn conv_nd(
     let kprod: usize = k.iter().product();
     let p: usize = out_sp.iter().product();
     cx.check_alloc(elems(&[nb, c, kprod, p]), DType::F32)?;
+    if sp == 2 && x.dtype() == CDType::F32 && x.device().is_cpu() {
+        let cv = super::conv_cpu::Conv2d {
+            n: nb,
+            c,
+            h: xd[2],
+            w: xd[3],
+            m,
+            kh: k[0],
+            kw: k[1],
+            group: g,
+            stride: (strides[0], strides[1]),
+            dil: (dil[0], dil[1]),
+            pad: (pb[0], pb[1]),
+            oh: out_sp[0],
+            ow: out_sp[1],
+        };
+        if let Some(y) = cv.run(
+            &x.contiguous()?,
+            &w.contiguous()?,
+            b.map(|b| b.contiguous()).transpose()?.as_ref(),
+        ) {
+            return y;
+        }
+    }
     // Pad explicitly (asymmetric pads allowed).
     let uniform = strides.iter().all(|&s| s == strides[0]) && dil.iter().all(|&d| d == dil[0]);
     let depthwise = g > 1 && g == c && m == c && wd[1] == 1;
