@@ -60,7 +60,13 @@ impl Conv2d {
             self.n, self.c, self.h, self.w, self.m, self.kh, self.kw, self.oh, self.ow,
         ]
         .contains(&0);
-        if empty || g == 0 || self.c % g != 0 || self.m % g != 0 || self.stride.0 == 0 || self.stride.1 == 0 {
+        if empty
+            || g == 0
+            || !self.c.is_multiple_of(g)
+            || !self.m.is_multiple_of(g)
+            || self.stride.0 == 0
+            || self.stride.1 == 0
+        {
             return None;
         }
         let depthwise = g > 1 && g == self.c && self.m == self.c;
@@ -238,7 +244,6 @@ mod tests {
     use candle_core::Device;
 
     /// Reference: the textbook 7-loop convolution in f64.
-    #[allow(clippy::too_many_arguments)]
     fn reference(cv: &Conv2d, x: &[f32], w: &[f32], b: Option<&[f32]>) -> Vec<f32> {
         let (cg, mg) = (cv.c / cv.group, cv.m / cv.group);
         let mut out = vec![0f32; cv.n * cv.m * cv.oh * cv.ow];
@@ -270,6 +275,7 @@ mod tests {
         out
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn case(
         n: usize,
         c: usize,
