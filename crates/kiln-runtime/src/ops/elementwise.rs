@@ -4,6 +4,7 @@
 use candle_core::Tensor as CT;
 use kiln_graph::DType;
 
+use super::binary_cpu::{binary_f32, BinOp};
 use super::common::{broadcast2, host_binary, host_binary_i64, host_unary, same_dtype, tin, tin_opt};
 use super::{kernel, out1, NodeCtx, OpKernel, Registry, RunCx};
 use crate::fastmath::{self, Func};
@@ -221,6 +222,17 @@ fn arith(op: Arith) -> Box<dyn OpKernel> {
                     _ => x.wrapping_mul(y),
                 })
             })?);
+        }
+        if dt == DType::F32 {
+            let bop = match op {
+                Arith::Add => BinOp::Add,
+                Arith::Sub => BinOp::Sub,
+                Arith::Mul => BinOp::Mul,
+                Arith::Div => BinOp::Div,
+            };
+            if let Some(r) = binary_f32(bop, a.candle(), b.candle()) {
+                return out1(Tensor::new(r?, dt)?);
+            }
         }
         let r = match op {
             Arith::Add => a.candle().broadcast_add(b.candle())?,

@@ -9,6 +9,7 @@ use kiln_graph::{Attribute, DType, Graph, Node, TensorData};
 use crate::{ExecutionPlan, PlanOptions, Result, RuntimeError, Tensor, Value};
 
 mod attention;
+mod binary_cpu;
 pub mod common;
 mod control;
 mod conv_cpu;

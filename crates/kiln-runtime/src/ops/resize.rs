@@ -273,6 +273,11 @@ fn resize_run(
         DType::F16 | DType::BF16 => x.candle().to_dtype(CDType::F32)?,
         _ => x.candle().to_dtype(CDType::F64)?,
     };
+    if gather && r >= 2 {
+        if let Some(y) = nearest_last2_fast(x, &axes, &dims, &out_dims, &scale_f, cfg, roi_full.as_deref())? {
+            return Tensor::new(y, dt);
+        }
+    }
     let mut cur = dims.clone();
     for &ax in &axes {
         let s = scale_f[ax];
@@ -300,6 +305,80 @@ fn resize_run(
     Tensor::new(t, DType::F64)?.cast(dt)
 }
 
+/// Nearest-neighbour resize of the last two axes of a contiguous f32 CPU tensor (the FPN
+/// upsampling of detection models): per plane, each output row is gathered once from its source
+/// row and repeated rows are copied. `None` when the case does not apply.
+#[allow(clippy::too_many_arguments)]
+fn nearest_last2_fast(
+    x: &Tensor,
+    axes: &[usize],
+    dims: &[usize],
+    out_dims: &[usize],
+    scale_f: &[f64],
+    cfg: &ResizeCfg,
+    roi_full: Option<&[f64]>,
+) -> Result<Option<CT>> {
+    let r = dims.len();
+    if x.dtype() != DType::F32 || !x.device().is_cpu() {
+        return Ok(None);
+    }
+    let mut index: [Option<Vec<usize>>; 2] = [None, None];
+    for &ax in axes {
+        let axis_roi = roi_full.map(|v| (v[ax], v[ax + r]));
+        let identity = (scale_f[ax] - 1.0).abs() < 1e-9
+            && out_dims[ax] == dims[ax]
+            && axis_roi.is_none_or(|(a, b)| a.abs() < 1e-9 && (b - 1.0).abs() < 1e-9);
+        if identity {
+            continue;
+        }
+        if ax + 2 < r {
+            return Ok(None);
+        }
+        let taps = axis_taps(dims[ax], scale_f[ax], out_dims[ax], cfg, axis_roi)?;
+        index[ax + 2 - r] = Some(taps.iter().map(nearest_source).collect());
+    }
+    let (h, w) = (dims[r - 2], dims[r - 1]);
+    let (oh, ow) = (out_dims[r - 2], out_dims[r - 1]);
+    let iy = index[0].take().unwrap_or_else(|| (0..h).collect());
+    let ix = index[1].take().unwrap_or_else(|| (0..w).collect());
+    if iy.iter().any(|&i| i >= h) || ix.iter().any(|&i| i >= w) || oh * ow == 0 || h * w == 0 {
+        return Ok(None);
+    }
+    let planes: usize = dims[..r - 2].iter().product();
+    let xc = x.candle().contiguous()?;
+    let out = super::conv_cpu::with_f32(&xc, |src| {
+        let mut out = vec![0f32; planes * oh * ow];
+        out.par_chunks_mut(oh * ow).enumerate().for_each(|(p, dst)| {
+            let plane = &src[p * h * w..(p + 1) * h * w];
+            for oy in 0..oh {
+                if oy > 0 && iy[oy] == iy[oy - 1] {
+                    let (done, rest) = dst.split_at_mut(oy * ow);
+                    rest[..ow].copy_from_slice(&done[(oy - 1) * ow..]);
+                    continue;
+                }
+                let srow = &plane[iy[oy] * w..(iy[oy] + 1) * w];
+                let drow = &mut dst[oy * ow..(oy + 1) * ow];
+                drow.iter_mut().zip(&ix).for_each(|(d, &i)| *d = srow[i]);
+            }
+        });
+        out
+    });
+    match out {
+        Some(v) => Ok(Some(CT::from_vec(v, out_dims, x.device())?)),
+        None => Ok(None),
+    }
+}
+
+/// The source index a nearest tap reads (its largest weight).
+fn nearest_source(tap: &Tap) -> usize {
+    let (i, c, _) = tap;
+    let k = c
+        .iter()
+        .enumerate()
+        .fold(0usize, |best, (k, &v)| if v > c[best] { k } else { best });
+    i.get(k).copied().unwrap_or(0)
+}
+
 /// One output position of a 1-D resize: source indices, their weights, extrapolated flag.
 type Tap = (Vec<usize>, Vec<f64>, bool);
 
@@ -310,16 +389,7 @@ fn apply_taps(t: &CT, axis: usize, taps: &[Tap], gather: bool, ev: f64) -> Resul
     let dev = t.device();
     let out_w = taps.len();
     if gather {
-        let idx: Vec<u32> = taps
-            .iter()
-            .map(|(i, c, _)| {
-                let k = c
-                    .iter()
-                    .enumerate()
-                    .fold(0usize, |best, (k, &v)| if v > c[best] { k } else { best });
-                i.get(k).copied().unwrap_or(0) as u32
-            })
-            .collect();
+        let idx: Vec<u32> = taps.iter().map(|t| nearest_source(t) as u32).collect();
         return Ok(t.index_select(&CT::from_vec(idx, out_w, dev)?, axis)?);
     }
     let n = taps.first().map(|t| t.1.len()).unwrap_or(0);
