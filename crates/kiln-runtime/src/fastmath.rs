@@ -166,7 +166,8 @@ fn apply_avx2(f: Func, src: &[f32], dst: &mut [f32]) {
     apply::<true>(f, src, dst)
 }
 
-fn has_avx2_fma() -> bool {
+/// Whether the CPU runs the `avx2,fma` builds of the kernels (cached by std after the first call).
+pub(crate) fn has_avx2_fma() -> bool {
     #[cfg(any(target_arch = "x86", target_arch = "x86_64"))]
     {
         std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma")

@@ -73,8 +73,24 @@ fn collapse(out: &[usize], sa: &[usize], sb: &[usize]) -> Collapsed {
     (sizes, ra, rb)
 }
 
-#[inline(always)]
 fn row(op: BinOp, a: &[f32], a_scalar: Option<f32>, b: &[f32], b_scalar: Option<f32>, dst: &mut [f32]) {
+    #[cfg(any(target_arch = "x86", target_arch = "x86_64"))]
+    if crate::fastmath::has_avx2_fma() {
+        // SAFETY: the CPU has AVX2 (checked by `has_avx2_fma`).
+        unsafe { row_avx2(op, a, a_scalar, b, b_scalar, dst) };
+        return;
+    }
+    row_impl(op, a, a_scalar, b, b_scalar, dst)
+}
+
+#[cfg(any(target_arch = "x86", target_arch = "x86_64"))]
+#[target_feature(enable = "avx2,fma")]
+fn row_avx2(op: BinOp, a: &[f32], a_scalar: Option<f32>, b: &[f32], b_scalar: Option<f32>, dst: &mut [f32]) {
+    row_impl(op, a, a_scalar, b, b_scalar, dst)
+}
+
+#[inline(always)]
+fn row_impl(op: BinOp, a: &[f32], a_scalar: Option<f32>, b: &[f32], b_scalar: Option<f32>, dst: &mut [f32]) {
     macro_rules! go {
         ($f:expr) => {
             match (a_scalar, b_scalar) {

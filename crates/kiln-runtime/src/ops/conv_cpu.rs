@@ -93,42 +93,65 @@ impl Conv2d {
     fn depthwise(&self, x: &[f32], wv: &[f32], bias: Option<&[f32]>) -> Vec<f32> {
         let (h, w, oh, ow) = (self.h, self.w, self.oh, self.ow);
         let (kh, kw) = (self.kh, self.kw);
-        let (sh, sw) = self.stride;
-        let (dh, dw) = self.dil;
-        let (pt, pl) = self.pad;
         let mut out = vec![0f32; self.n * self.m * oh * ow];
+        let avx2 = crate::fastmath::has_avx2_fma();
         out.par_chunks_mut(oh * ow).enumerate().for_each(|(plane, dst)| {
             let ch = plane % self.c;
             let src = &x[plane * h * w..(plane + 1) * h * w];
             let wk = &wv[ch * kh * kw..(ch + 1) * kh * kw];
             let b = bias.map_or(0.0, |b| b[ch]);
-            dst.iter_mut().for_each(|v| *v = b);
-            for oy in 0..oh {
-                let row = &mut dst[oy * ow..(oy + 1) * ow];
-                for ky in 0..kh {
-                    let iy = (oy * sh + ky * dh) as isize - pt as isize;
-                    if iy < 0 || iy >= h as isize {
-                        continue;
-                    }
-                    let irow = &src[iy as usize * w..(iy as usize + 1) * w];
-                    for kx in 0..kw {
-                        let wt = wk[ky * kw + kx];
-                        let off = (kx * dw) as isize - pl as isize;
-                        let (lo, hi) = valid_range(off, sw, w, ow);
-                        if sw == 1 {
-                            let start = (lo as isize + off) as usize;
-                            let s = &irow[start..start + (hi - lo)];
-                            row[lo..hi].iter_mut().zip(s).for_each(|(d, &v)| *d += wt * v);
-                        } else {
-                            for ox in lo..hi {
-                                row[ox] += wt * irow[(ox as isize * sw as isize + off) as usize];
-                            }
+            #[cfg(any(target_arch = "x86", target_arch = "x86_64"))]
+            if avx2 {
+                // SAFETY: the CPU has AVX2 and FMA (checked by `has_avx2_fma`).
+                unsafe { self.depthwise_plane_avx2(src, wk, b, dst) };
+                return;
+            }
+            let _ = avx2;
+            self.depthwise_plane::<false>(src, wk, b, dst);
+        });
+        out
+    }
+
+    #[cfg(any(target_arch = "x86", target_arch = "x86_64"))]
+    #[target_feature(enable = "avx2,fma")]
+    fn depthwise_plane_avx2(&self, src: &[f32], wk: &[f32], b: f32, dst: &mut [f32]) {
+        self.depthwise_plane::<true>(src, wk, b, dst)
+    }
+
+    /// One output plane of a depthwise conv: rows accumulate `weight * input row` per tap.
+    #[inline(always)]
+    fn depthwise_plane<const FMA: bool>(&self, src: &[f32], wk: &[f32], b: f32, dst: &mut [f32]) {
+        let (h, w, oh, ow) = (self.h, self.w, self.oh, self.ow);
+        let (kh, kw) = (self.kh, self.kw);
+        let (sh, sw) = self.stride;
+        let (dh, dw) = self.dil;
+        let (pt, pl) = self.pad;
+        let madd = |a: f32, x: f32, acc: f32| if FMA { a.mul_add(x, acc) } else { a * x + acc };
+        dst.iter_mut().for_each(|v| *v = b);
+        for oy in 0..oh {
+            let row = &mut dst[oy * ow..(oy + 1) * ow];
+            for ky in 0..kh {
+                let iy = (oy * sh + ky * dh) as isize - pt as isize;
+                if iy < 0 || iy >= h as isize {
+                    continue;
+                }
+                let irow = &src[iy as usize * w..(iy as usize + 1) * w];
+                for kx in 0..kw {
+                    let wt = wk[ky * kw + kx];
+                    let off = (kx * dw) as isize - pl as isize;
+                    let (lo, hi) = valid_range(off, sw, w, ow);
+                    if sw == 1 {
+                        let start = (lo as isize + off) as usize;
+                        let s = &irow[start..start + (hi - lo)];
+                        row[lo..hi].iter_mut().zip(s).for_each(|(d, &v)| *d = madd(wt, v, *d));
+                    } else {
+                        for ox in lo..hi {
+                            row[ox] = madd(wt, irow[(ox as isize * sw as isize + off) as usize], row[ox]);
                         }
                     }
                 }
             }
-        });
-        out
+        }
     }
 
     fn dense(&self, x: &[f32], w: &CT, bias: Option<&[f32]>) -> Result<Vec<f32>> {
