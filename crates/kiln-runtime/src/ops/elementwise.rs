@@ -18,6 +18,9 @@ pub fn register(r: &mut Registry) {
     r.add("Pow", |_| {
         Ok(kernel(|_, ins| {
             let (a, b) = (tin(ins, 0)?, tin(ins, 1)?);
+            if let Some(r) = pow_small_exponent(a, b)? {
+                return out1(r);
+            }
             if a.dtype().is_float() && b.dtype() == a.dtype() {
                 let (x, y) = broadcast2(a, b)?;
                 // x^y = exp(y * ln x) is wrong for negative x; use the host path then.
@@ -364,6 +367,41 @@ fn unary_candle(f: CandleUnary, host: fn(f64) -> f64) -> Box<dyn OpKernel> {
         }
         out1(host_unary(x, x.dtype(), host)?)
     })
+}
+
+/// `x ^ e` for a float `x` and a one-element exponent in {1, 2, 3, 0.5, -1} (LayerNorm's variance,
+/// RMSNorm, ...) with products, sqrt or a reciprocal instead of `powf`; `None` otherwise.
+fn pow_small_exponent(a: &Tensor, b: &Tensor) -> Result<Option<Tensor>> {
+    if !a.dtype().is_float() || !b.dtype().is_float() || b.elem_count() != 1 || b.rank() > a.rank() {
+        return Ok(None);
+    }
+    let e = match b.to_f64_vec()?.first() {
+        Some(&e) => e,
+        None => return Ok(None),
+    };
+    let x = a.candle();
+    let square = |x: &CT| -> Result<CT> {
+        if x.dtype() == candle_core::DType::F32 {
+            if let Some(r) = binary_f32(BinOp::Mul, x, x) {
+                return r;
+            }
+        }
+        Ok(x.sqr()?)
+    };
+    let r = if e == 1.0 {
+        x.clone()
+    } else if e == 2.0 {
+        square(x)?
+    } else if e == 3.0 {
+        (square(x)? * x)?
+    } else if e == 0.5 {
+        x.sqrt()?
+    } else if e == -1.0 {
+        x.recip()?
+    } else {
+        return Ok(None);
+    };
+    Ok(Some(Tensor::new(r, a.dtype())?))
 }
 
 /// An f32 CPU tensor goes through the vectorized `fastmath` kernel; anything else through `other`.
