@@ -4,6 +4,7 @@
 mod device;
 mod error;
 mod executor;
+mod fold;
 pub mod ops;
 mod plan;
 mod tensor;
@@ -11,6 +12,7 @@ mod value;
 
 pub use device::Device;
 pub use error::{Result, RuntimeError};
+pub use fold::CpuConstEval;
 pub use executor::{host_fallback_count, RunOptions, RunStats};
 pub use ops::{supported_ops, Registry};
 pub use plan::{ExecutionPlan, PlanOptions};

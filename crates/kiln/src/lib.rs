@@ -21,7 +21,8 @@ mod session;
 pub use error::{Error, Result};
 pub use kiln_graph::{DType, Dim, Element, Shape, TensorData};
 pub use kiln_runtime::{Device, RunOptions, RunStats};
-pub use session::{IoInfo, Level, Session, SessionBuilder};
+pub use kiln_graph::passes::Report as OptimizationReport;
+pub use session::{optimize_model, IoInfo, Level, Session, SessionBuilder};
 
 /// Lower-level pieces for tools (CLI, server, conformance runner).
 pub mod internals {

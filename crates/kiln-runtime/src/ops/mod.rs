@@ -12,6 +12,7 @@ mod attention;
 pub mod common;
 mod control;
 mod elementwise;
+mod fused;
 mod indexing;
 mod matmul;
 mod ml;
@@ -247,6 +248,7 @@ impl Registry {
             attention::register(&mut r);
             control::register(&mut r);
             elementwise::register(&mut r);
+            fused::register(&mut r);
             indexing::register(&mut r);
             matmul::register(&mut r);
             ml::register(&mut r);
