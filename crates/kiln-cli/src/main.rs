@@ -2,6 +2,7 @@
 
 mod bench;
 mod npy;
+mod optimize;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -60,6 +61,16 @@ enum Cmd {
         #[arg(long, env = "KILN_THREADS")]
         threads: Option<usize>,
     },
+    /// Optimize a model's graph and write it as ONNX (prints node counts by op before/after).
+    Optimize {
+        input: PathBuf,
+        output: PathBuf,
+        #[arg(long, default_value = "extended")]
+        level: Level,
+        /// Most bytes a folded constant may add to the model.
+        #[arg(long, default_value_t = 1 << 20)]
+        fold_limit: usize,
+    },
 }
 
 fn main() -> ExitCode {
@@ -96,6 +107,12 @@ fn main() -> ExitCode {
             };
             bench::bench(&model, &cfg)
         })(),
+        Cmd::Optimize {
+            input,
+            output,
+            level,
+            fold_limit,
+        } => optimize::optimize(&input, &output, &optimize::OptimizeConfig { level, fold_limit }),
     };
     match r {
         Ok(()) => ExitCode::SUCCESS,
