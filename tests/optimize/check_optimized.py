@@ -3,9 +3,10 @@
 matching the original model's within a tolerance.
 
 usage: check_optimized.py ORIGINAL.onnx OPTIMIZED.onnx [--atol 1e-4] [--dim NAME=SIZE ...]
+                          [--shape INPUT=1x3x48x320 ...]
 
 Inputs are synthesized from the original's declared inputs (symbolic dims from --dim, else 1;
-integer inputs drawn from [0, 100), floats from a fixed-seed normal); prints the largest
+integer inputs drawn from [0, 100), ones for inputs named *mask*, floats from a fixed-seed normal); prints the largest
 difference per output and exits 1 on a mismatch or a checker/runtime error.
 """
 import argparse
@@ -25,21 +26,23 @@ DTYPES = {
 }
 
 
-def feeds(model, dims, rng):
+def feeds(model, dims, shapes, rng):
     inits = {i.name for i in model.graph.initializer}
     out = {}
     for vi in model.graph.input:
         if vi.name in inits:
             continue
         tt = vi.type.tensor_type
-        shape = []
-        for d in tt.shape.dim:
+        shape = list(shapes.get(vi.name, []))
+        for d in tt.shape.dim if not shape else []:
             if d.HasField("dim_value"):
                 shape.append(d.dim_value)
             else:
                 shape.append(dims.get(d.dim_param, 1))
         dt = DTYPES[tt.elem_type]
-        if np.issubdtype(dt, np.integer):
+        if np.issubdtype(dt, np.integer) and "mask" in vi.name:
+            out[vi.name] = np.ones(shape, dtype=dt)
+        elif np.issubdtype(dt, np.integer):
             out[vi.name] = rng.integers(0, 100, size=shape).astype(dt)
         elif dt == np.bool_:
             out[vi.name] = np.ones(shape, dtype=dt)
@@ -54,12 +57,14 @@ def main():
     ap.add_argument("optimized")
     ap.add_argument("--atol", type=float, default=1e-4)
     ap.add_argument("--dim", action="append", default=[])
+    ap.add_argument("--shape", action="append", default=[], help="INPUT=1x3x48x320")
     a = ap.parse_args()
     dims = {k: int(v) for k, v in (d.split("=") for d in a.dim)}
     opt = onnx.load(a.optimized)
     onnx.checker.check_model(opt)
     orig = onnx.load(a.original)
-    x = feeds(orig, dims, np.random.default_rng(0))
+    shapes = {k: [int(n) for n in v.split("x")] for k, v in (d.split("=") for d in a.shape)}
+    x = feeds(orig, dims, shapes, np.random.default_rng(0))
     so = ort.SessionOptions()
     # Compare the models as written: ORT's own rewrites off on both sides.
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL

@@ -46,7 +46,7 @@ impl Pass for FuseBiasGelu {
                 let last = g.value(x).shape.as_ref().and_then(|sh| sh.0.last().cloned());
                 let fits = t.dims.len() == 1
                     && t.dims[0] > 1
-                    && Some(t.dtype) == g.value(x).dtype
+                    && g.value(x).dtype.is_none_or(|d| d == t.dtype)
                     && constant(g, cx.options, x).is_none()
                     && match last {
                         Some(Dim::Known(d)) => d == t.dims[0],
