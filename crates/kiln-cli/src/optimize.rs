@@ -31,8 +31,8 @@ pub fn optimize(input: &Path, output: &Path, cfg: &OptimizeConfig) -> Result<()>
     let mut options = graph::passes::Options::for_model(&model, level);
     options.strict_opsets = true;
     options.max_fold_growth_bytes = cfg.fold_limit;
-    let report = graph::passes::optimize(&mut model.graph, &options, &runtime::CpuConstEval)
-        .context("optimizing the graph")?;
+    let report =
+        graph::passes::optimize(&mut model.graph, &options, &runtime::CpuConstEval).context("optimizing the graph")?;
     let after = onnx::op_counts(&model.graph);
     let bytes = onnx::export_model_bytes(&model).context("exporting the optimized model")?;
     std::fs::write(output, &bytes).with_context(|| format!("writing {}", output.display()))?;

@@ -58,7 +58,10 @@ pub fn graph_to_proto(g: &Graph) -> Result<proto::GraphProto> {
     let mut node = Vec::with_capacity(order.len());
     let mut used: HashSet<ValueId> = HashSet::new();
     for i in order {
-        let n = g.nodes.get(i).ok_or_else(|| OnnxError::Unsupported("node index out of range".into()))?;
+        let n = g
+            .nodes
+            .get(i)
+            .ok_or_else(|| OnnxError::Unsupported("node index out of range".into()))?;
         let mut attribute = Vec::with_capacity(n.attributes.len());
         for (k, a) in &n.attributes {
             attribute.push(attribute_to_proto(k, a)?);

@@ -69,9 +69,7 @@ impl ConstEval for CpuConstEval {
             max_tensor_bytes: max_output_bytes as u64,
             ..Default::default()
         };
-        let (values, _) = plan
-            .run(Vec::new(), &HashMap::new(), &run)
-            .map_err(|e| e.to_string())?;
+        let (values, _) = plan.run(Vec::new(), &HashMap::new(), &run).map_err(|e| e.to_string())?;
         let mut out = Vec::with_capacity(values.len());
         for (v, id) in values.into_iter().zip(&g.outputs) {
             match v {

@@ -12,8 +12,8 @@ mod value;
 
 pub use device::Device;
 pub use error::{Result, RuntimeError};
-pub use fold::CpuConstEval;
 pub use executor::{host_fallback_count, RunOptions, RunStats};
+pub use fold::CpuConstEval;
 pub use ops::{supported_ops, Registry};
 pub use plan::{ExecutionPlan, PlanOptions};
 pub use tensor::{storage_dtype, Tensor};

@@ -19,9 +19,9 @@ mod error;
 mod session;
 
 pub use error::{Error, Result};
+pub use kiln_graph::passes::Report as OptimizationReport;
 pub use kiln_graph::{DType, Dim, Element, Shape, TensorData};
 pub use kiln_runtime::{Device, RunOptions, RunStats};
-pub use kiln_graph::passes::Report as OptimizationReport;
 pub use session::{optimize_model, IoInfo, Level, Session, SessionBuilder};
 
 /// Lower-level pieces for tools (CLI, server, conformance runner).

@@ -130,8 +130,16 @@ fn assert_close(want: &[TensorData], got: &[TensorData], tol: f64) {
         assert_eq!(w.dtype, g.dtype, "{}", w.name);
         let (a, b) = match w.dtype {
             DType::F32 => (
-                w.values::<f32>().unwrap().into_iter().map(f64::from).collect::<Vec<_>>(),
-                g.values::<f32>().unwrap().into_iter().map(f64::from).collect::<Vec<_>>(),
+                w.values::<f32>()
+                    .unwrap()
+                    .into_iter()
+                    .map(f64::from)
+                    .collect::<Vec<_>>(),
+                g.values::<f32>()
+                    .unwrap()
+                    .into_iter()
+                    .map(f64::from)
+                    .collect::<Vec<_>>(),
             ),
             _ => (
                 w.to_i64_vec().unwrap().into_iter().map(|v| v as f64).collect(),
@@ -422,7 +430,11 @@ fn decomposed_layer_norm(b: &mut B, x: ValueId, d: usize, pow: bool) -> ValueId 
     let ve = b.op("Add", &[var, eps]);
     let s = b.op("Sqrt", &[ve]);
     let n = b.op("Div", &[diff, s]);
-    let gamma = b.f32s("gamma", &[d], &(0..d).map(|i| 1.0 + i as f32 / 10.0).collect::<Vec<_>>());
+    let gamma = b.f32s(
+        "gamma",
+        &[d],
+        &(0..d).map(|i| 1.0 + i as f32 / 10.0).collect::<Vec<_>>(),
+    );
     let beta = b.f32s("beta", &[d], &(0..d).map(|i| i as f32 / 20.0).collect::<Vec<_>>());
     let g = b.op("Mul", &[n, gamma]);
     b.op("Add", &[g, beta])
@@ -436,7 +448,11 @@ fn layer_norm_subgraph_becomes_layer_normalization() {
         let y = decomposed_layer_norm(&mut b, x, 8, pow);
         let (m, feeds) = b.model(&[y], 17);
         let (ops, report) = check(&m, &feeds, OptLevel::Extended);
-        assert_eq!(ops, BTreeMap::from([("LayerNormalization".to_string(), 1)]), "pow={pow}");
+        assert_eq!(
+            ops,
+            BTreeMap::from([("LayerNormalization".to_string(), 1)]),
+            "pow={pow}"
+        );
         assert_eq!(report.count("layer_norm_fusion"), 1);
     }
     // Under strict opsets an opset-12 model keeps the subgraph (LayerNormalization is opset 17).
@@ -598,7 +614,10 @@ fn light_models_round_trip_and_match_at_every_level() {
         let back = onnx::load_model_bytes(&onnx::export_model_bytes(&model).unwrap()).unwrap();
         assert_close(&want, &run_as_is(back, &feeds), 0.0);
         for level in [Level::Basic, Level::Extended, Level::All] {
-            let s = Session::builder().optimization(level).build_from_model(model.clone()).unwrap();
+            let s = Session::builder()
+                .optimization(level)
+                .build_from_model(model.clone())
+                .unwrap();
             assert_close(&want, &s.run(feeds.clone()).unwrap(), 1e-4);
             let r = s.optimization_report();
             assert!(r.nodes_after < r.nodes_before, "{name} {level:?}: {r}");
@@ -631,7 +650,9 @@ fn node_tests_round_trip_through_export() {
     ];
     for name in names {
         let case = dir.join(name);
-        let Ok(model) = onnx::load_model(case.join("model.onnx")) else { continue };
+        let Ok(model) = onnx::load_model(case.join("model.onnx")) else {
+            continue;
+        };
         let Ok(bytes) = onnx::export_model_bytes(&model) else {
             panic!("{name}: export failed")
         };
@@ -649,14 +670,29 @@ fn node_tests_round_trip_through_export() {
 /// Real models fetched into the cache (MiniLM, PP-OCR): the fusions fire and outputs still match.
 #[test]
 fn cached_real_models_fuse_and_match() {
-    let cache = std::env::var_os("KILN_CACHE").map(std::path::PathBuf::from).unwrap_or_default();
+    let cache = std::env::var_os("KILN_CACHE")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_default();
     let dirs = ["models-shared", "models-v1"];
-    let cases: [(&str, &[(&str, &[usize])], &str); 3] = [
-        ("paraphrase-MiniLM-L3-v2.onnx", &[("input_ids", &[2, 7]), ("attention_mask", &[2, 7])], "gelu_fusion"),
-        ("ch_PP-OCRv4_det_infer.onnx", &[("x", &[1, 3, 64, 64])], "conv_bn_fusion"),
-        ("ch_PP-OCRv4_rec_infer.onnx", &[("x", &[1, 3, 48, 64])], "layer_norm_fusion"),
+    type Case<'a> = (&'a str, &'a [(&'a str, &'a [usize])], &'a [&'a str]);
+    let cases: [Case; 3] = [
+        (
+            "paraphrase-MiniLM-L3-v2.onnx",
+            &[("input_ids", &[2, 7]), ("attention_mask", &[2, 7])],
+            &["gelu_fusion", "bias_gelu_fusion", "attention_fusion"],
+        ),
+        (
+            "ch_PP-OCRv4_det_infer.onnx",
+            &[("x", &[1, 3, 64, 64])],
+            &["conv_bn_fusion", "conv_activation_fusion"],
+        ),
+        (
+            "ch_PP-OCRv4_rec_infer.onnx",
+            &[("x", &[1, 3, 48, 64])],
+            &["layer_norm_fusion", "conv_bn_fusion"],
+        ),
     ];
-    for (file, inputs, rule) in cases {
+    for (file, inputs, rules) in cases {
         let Some(path) = dirs
             .iter()
             .flat_map(|d| {
@@ -676,7 +712,9 @@ fn cached_real_models_fuse_and_match() {
             .map(|(n, dims)| {
                 let count: usize = dims.iter().product();
                 let t = if n.contains("ids") || n.contains("mask") {
-                    let v: Vec<i64> = (0..count).map(|i| if n.contains("mask") { 1 } else { (i * 7 % 90) as i64 + 1 }).collect();
+                    let v: Vec<i64> = (0..count)
+                        .map(|i| if n.contains("mask") { 1 } else { (i * 7 % 90) as i64 + 1 })
+                        .collect();
                     TensorData::from_values(*n, dims.to_vec(), &v)
                 } else {
                     let v: Vec<f32> = (0..count).map(|i| ((i * 13 % 17) as f32 - 8.0) / 8.0).collect();
@@ -686,11 +724,63 @@ fn cached_real_models_fuse_and_match() {
             })
             .collect();
         let want = run_as_is(model.clone(), &feeds);
-        let s = Session::builder().optimization(Level::Extended).build_from_model(model).unwrap();
+        let s = Session::builder()
+            .optimization(Level::Extended)
+            .build_from_model(model)
+            .unwrap();
         let r = s.optimization_report();
         eprintln!("{file}: {r}");
-        assert!(r.count(rule) > 0, "{file}: {r}");
+        for rule in rules {
+            assert!(r.count(rule) > 0, "{file}: {rule} did not fire: {r}");
+        }
         assert_close(&want, &s.run(feeds).unwrap(), 1e-4);
     }
 }
 
+#[test]
+fn scaled_dot_product_attention_becomes_one_node() {
+    let (bsz, s, h, d) = (2, 5, 3, 4);
+    for (with_mask, scale_op) in [(true, "Div"), (false, "Mul"), (true, "")] {
+        let mut b = B::new();
+        let q = b.input("q", &[bsz, s, h, d]);
+        let k = b.input("k", &[bsz, s, h, d]);
+        let v = b.input("v", &[bsz, s, h, d]);
+        let qt = b.node("Transpose", &[q], vec![("perm", ints(&[0, 2, 1, 3]))]);
+        let kt = b.node("Transpose", &[k], vec![("perm", ints(&[0, 2, 3, 1]))]);
+        let vt = b.node("Transpose", &[v], vec![("perm", ints(&[0, 2, 1, 3]))]);
+        let scores = b.op("MatMul", &[qt, kt]);
+        let scaled = match scale_op {
+            "Div" => {
+                let c = b.scalar("c", (d as f32).sqrt());
+                b.op("Div", &[scores, c])
+            }
+            "Mul" => {
+                let c = b.scalar("c", 0.3);
+                b.op("Mul", &[scores, c])
+            }
+            _ => scores,
+        };
+        let logits = if with_mask {
+            let mask: Vec<f32> = (0..bsz * s).map(|i| if i % 5 == 4 { -10000.0 } else { 0.0 }).collect();
+            let m = b.input_data(TensorData::from_values("mask", vec![bsz, 1, 1, s], &mask).unwrap());
+            b.op("Add", &[scaled, m])
+        } else {
+            scaled
+        };
+        let p = b.node("Softmax", &[logits], vec![("axis", Attribute::Int(-1))]);
+        let y = b.op("MatMul", &[p, vt]);
+        let (m, feeds) = b.model(&[y], 17);
+        let (ops, report) = check(&m, &feeds, OptLevel::Extended);
+        assert_eq!(
+            ops,
+            BTreeMap::from([("Attention".to_string(), 1), ("Transpose".to_string(), 3)]),
+            "mask={with_mask} scale={scale_op}"
+        );
+        assert_eq!(report.count("attention_fusion"), 1);
+        // Export keeps opset 17: the standard Attention (opset 23) is not emitted then.
+        let mut o = opts(&m, OptLevel::Extended);
+        o.strict_opsets = true;
+        let (opt, _) = optimize_and_compare(&m, &feeds, &o, 1e-5);
+        assert!(!op_counts(&opt.graph).contains_key("Attention"));
+    }
+}

@@ -34,8 +34,12 @@ impl Pass for FuseBiasGelu {
             if !exact || idx.is_touched(gi) {
                 continue;
             }
-            let (Some(s), Some(out)) = (input(n, 0), out0(n)) else { continue };
-            let Some(ai) = idx.producer_op(g, s, "Add") else { continue };
+            let (Some(s), Some(out)) = (input(n, 0), out0(n)) else {
+                continue;
+            };
+            let Some(ai) = idx.producer_op(g, s, "Add") else {
+                continue;
+            };
             if idx.sole_reader(s) != Some(gi) {
                 continue;
             }

@@ -28,7 +28,11 @@ impl Pass for FoldConstants {
             if !n.implicit_inputs.is_empty() || has_subgraph(n) || is_nondeterministic(n) {
                 continue;
             }
-            if n.outputs.iter().flatten().any(|o| idx.pinned.contains(o) || g.initializers.contains_key(o)) {
+            if n.outputs
+                .iter()
+                .flatten()
+                .any(|o| idx.pinned.contains(o) || g.initializers.contains_key(o))
+            {
                 continue;
             }
             if n.outputs.iter().flatten().next().is_none() {
@@ -71,8 +75,15 @@ impl Pass for FoldConstants {
                 continue;
             }
             let opset = cx.options.opsets.get(&n.domain).copied().unwrap_or(1);
-            let Ok(Some(outs)) = cx.eval.eval(g, n, opset, &inputs, limit) else { continue };
-            let present: Vec<_> = n.outputs.iter().enumerate().filter_map(|(k, o)| o.map(|o| (k, o))).collect();
+            let Ok(Some(outs)) = cx.eval.eval(g, n, opset, &inputs, limit) else {
+                continue;
+            };
+            let present: Vec<_> = n
+                .outputs
+                .iter()
+                .enumerate()
+                .filter_map(|(k, o)| o.map(|o| (k, o)))
+                .collect();
             let out_bytes: usize = outs.iter().map(|t| t.bytes().len()).sum();
             if outs.len() != present.len() || out_bytes > limit {
                 continue;

@@ -31,7 +31,10 @@ fn activation(g: &Graph, cx: &PassCx, n: &crate::Node) -> Option<(&'static str, 
         "Sigmoid" => ("Sigmoid", vec![]),
         "Tanh" => ("Tanh", vec![]),
         "LeakyRelu" => ("LeakyRelu", vec![float_attr(n, "alpha", 0.01)?]),
-        "HardSigmoid" => ("HardSigmoid", vec![float_attr(n, "alpha", 0.2)?, float_attr(n, "beta", 0.5)?]),
+        "HardSigmoid" => (
+            "HardSigmoid",
+            vec![float_attr(n, "alpha", 0.2)?, float_attr(n, "beta", 0.5)?],
+        ),
         "Clip" => {
             let bound = |k: usize, attr: &str, default: f32| -> Option<f32> {
                 if n.attr(attr).is_some() {
@@ -70,14 +73,23 @@ impl Pass for FuseConvActivation {
                 continue;
             }
             let act = &g.nodes[ai];
-            let Some((name, params)) = activation(g, cx, act) else { continue };
+            let Some((name, params)) = activation(g, cx, act) else {
+                continue;
+            };
             let Some(out) = out0(act) else { continue };
             let mut attrs = conv.attributes.clone();
             attrs.insert("activation".into(), Attribute::String(name.as_bytes().to_vec()));
             if !params.is_empty() {
                 attrs.insert("activation_params".into(), Attribute::Floats(params));
             }
-            let fused = make_node(conv.name.clone(), MS, "FusedConv", conv.inputs.clone(), vec![Some(out)], attrs);
+            let fused = make_node(
+                conv.name.clone(),
+                MS,
+                "FusedConv",
+                conv.inputs.clone(),
+                vec![Some(out)],
+                attrs,
+            );
             g.nodes[ci] = fused;
             idx.remove(&[ai]);
             idx.touch(&[ci]);

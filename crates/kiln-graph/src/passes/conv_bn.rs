@@ -30,8 +30,12 @@ impl Pass for FuseConvBatchNorm {
             {
                 continue;
             }
-            let (Some(y), Some(bn_out)) = (input(bn, 0), out0(bn)) else { continue };
-            let Some(ci) = idx.producer_op(g, y, "Conv") else { continue };
+            let (Some(y), Some(bn_out)) = (input(bn, 0), out0(bn)) else {
+                continue;
+            };
+            let Some(ci) = idx.producer_op(g, y, "Conv") else {
+                continue;
+            };
             if idx.sole_reader(y) != Some(bi) {
                 continue;
             }
@@ -43,10 +47,16 @@ impl Pass for FuseConvBatchNorm {
             let conv = &g.nodes[ci];
             let o = cx.options;
             let params: Option<Vec<Vec<f32>>> = (1..5)
-                .map(|k| const_input(g, o, bn, k).filter(|t| t.dtype == DType::F32)?.values::<f32>())
+                .map(|k| {
+                    const_input(g, o, bn, k)
+                        .filter(|t| t.dtype == DType::F32)?
+                        .values::<f32>()
+                })
                 .collect();
             let Some(params) = params else { continue };
-            let [gamma, beta, mean, var] = params.as_slice() else { continue };
+            let [gamma, beta, mean, var] = params.as_slice() else {
+                continue;
+            };
             let Some(w) = const_input(g, o, conv, 1).filter(|t| t.dtype == DType::F32 && t.dims.len() >= 3) else {
                 continue;
             };
@@ -63,9 +73,7 @@ impl Pass for FuseConvBatchNorm {
             };
             let Some(wv) = w.values::<f32>() else { continue };
             let per = wv.len() / m;
-            let s: Vec<f64> = (0..m)
-                .map(|k| gamma[k] as f64 / (var[k] as f64 + eps).sqrt())
-                .collect();
+            let s: Vec<f64> = (0..m).map(|k| gamma[k] as f64 / (var[k] as f64 + eps).sqrt()).collect();
             let new_w: Vec<f32> = wv
                 .iter()
                 .enumerate()

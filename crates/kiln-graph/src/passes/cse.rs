@@ -48,10 +48,7 @@ impl Pass for EliminateCommonSubexpressions {
             if !ok {
                 continue;
             }
-            let repl: Vec<_> = pairs
-                .into_iter()
-                .filter_map(|(d, o)| Some(((*d)?, (*o)?)))
-                .collect();
+            let repl: Vec<_> = pairs.into_iter().filter_map(|(d, o)| Some(((*d)?, (*o)?))).collect();
             for (d, o) in repl {
                 replace_uses(g, d, o);
             }

@@ -72,7 +72,9 @@ fn tanh_head(g: &Graph, o: &Options, idx: &Index, t: ValueId) -> Option<(ValueId
     let add = &g.nodes[add_i];
     for &x in add.inputs.iter().flatten() {
         let Some(k) = other_input(add, x) else { continue };
-        let Some(km_i) = idx.producer_op(g, k, "Mul") else { continue };
+        let Some(km_i) = idx.producer_op(g, k, "Mul") else {
+            continue;
+        };
         let km = &g.nodes[km_i];
         let Some(cube) = km
             .inputs
@@ -83,7 +85,9 @@ fn tanh_head(g: &Graph, o: &Options, idx: &Index, t: ValueId) -> Option<(ValueId
         else {
             continue;
         };
-        let Some(c_i) = idx.producer.get(&cube).copied().filter(|&c| !idx.is_touched(c)) else { continue };
+        let Some(c_i) = idx.producer.get(&cube).copied().filter(|&c| !idx.is_touched(c)) else {
+            continue;
+        };
         let c = &g.nodes[c_i];
         let mut nodes = vec![c_i, km_i, add_i, scale_i];
         let is_cube = match c.op_type.as_str() {
@@ -167,10 +171,18 @@ impl Pass for FuseGelu {
                 "Tanh" => false,
                 _ => continue,
             };
-            let (Some(t), Some(f)) = (input(n, 0), out0(n)) else { continue };
-            let head = if erf { erf_head(g, o, &idx, t) } else { tanh_head(g, o, &idx, t) };
+            let (Some(t), Some(f)) = (input(n, 0), out0(n)) else {
+                continue;
+            };
+            let head = if erf {
+                erf_head(g, o, &idx, t)
+            } else {
+                tanh_head(g, o, &idx, t)
+            };
             let Some((x, mut nodes)) = head else { continue };
-            let Some((tail_nodes, out)) = tail(g, o, &idx, f, x) else { continue };
+            let Some((tail_nodes, out)) = tail(g, o, &idx, f, x) else {
+                continue;
+            };
             nodes.push(i);
             nodes.extend(tail_nodes);
             if nodes.iter().any(|&k| idx.is_touched(k)) || nodes.iter().any(|&k| out0(&g.nodes[k]) == Some(x)) {

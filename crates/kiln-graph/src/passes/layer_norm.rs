@@ -12,7 +12,9 @@ use std::collections::BTreeMap;
 
 use crate::{Attribute, Graph, Result, ValueId};
 
-use super::edit::{attr_i, binary_with_scalar, constant, input, make_node, other_input, out0, reduce_axes, scalar_f64, Index};
+use super::edit::{
+    attr_i, binary_with_scalar, constant, input, make_node, other_input, out0, reduce_axes, scalar_f64, Index,
+};
 use super::{Options, Pass, PassCx};
 
 /// Rule `layer_norm_fusion`.
@@ -45,7 +47,11 @@ fn match_at(g: &Graph, o: &Options, idx: &Index, mul_i: usize) -> Option<Match> 
         return None;
     }
     // Mul(Div(..), gamma) in either order.
-    let (div_i, nrm) = mul.inputs.iter().flatten().find_map(|&v| Some((idx.producer_op(g, v, "Div")?, v)))?;
+    let (div_i, nrm) = mul
+        .inputs
+        .iter()
+        .flatten()
+        .find_map(|&v| Some((idx.producer_op(g, v, "Div")?, v)))?;
     let gamma = other_input(mul, nrm)?;
     constant(g, o, gamma)?;
     if idx.sole_reader(nrm) != Some(mul_i) {
@@ -57,7 +63,12 @@ fn match_at(g: &Graph, o: &Options, idx: &Index, mul_i: usize) -> Option<Match> 
     let ve = input(&g.nodes[sqrt_i], 0)?;
     let add_i = idx.producer_op(g, ve, "Add")?;
     let add = &g.nodes[add_i];
-    let v = add.inputs.iter().flatten().copied().find(|&v| idx.producer_op(g, v, "ReduceMean").is_some())?;
+    let v = add
+        .inputs
+        .iter()
+        .flatten()
+        .copied()
+        .find(|&v| idx.producer_op(g, v, "ReduceMean").is_some())?;
     let eps = scalar_f64(constant(g, o, other_input(add, v)?)?)?;
     let (rv_i, p) = mean_last_axis(g, o, idx, v)?;
     let sq_i = *idx.producer.get(&p)?;
@@ -124,7 +135,9 @@ impl Pass for FuseLayerNorm {
         let mut idx = Index::new(g);
         let mut count = 0;
         for i in 0..g.nodes.len() {
-            let Some(m) = match_at(g, cx.options, &idx, i) else { continue };
+            let Some(m) = match_at(g, cx.options, &idx, i) else {
+                continue;
+            };
             let mut attrs = BTreeMap::new();
             attrs.insert("axis".to_string(), Attribute::Int(-1));
             attrs.insert("epsilon".to_string(), Attribute::Float(m.eps as f32));

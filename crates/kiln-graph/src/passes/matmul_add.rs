@@ -54,8 +54,12 @@ impl Pass for FuseMatMulAdd {
             let Some((mi, mm_out)) = found else { continue };
             let Some(c) = other_input(add, mm_out) else { continue };
             let mm = &g.nodes[mi];
-            let (Some(a), Some(b)) = (input(mm, 0), input(mm, 1)) else { continue };
-            let (Some((m, _)), Some((_, n))) = (dims2(g, a), dims2(g, b)) else { continue };
+            let (Some(a), Some(b)) = (input(mm, 0), input(mm, 1)) else {
+                continue;
+            };
+            let (Some((m, _)), Some((_, n))) = (dims2(g, a), dims2(g, b)) else {
+                continue;
+            };
             let float = g.value(a).dtype.is_some_and(|d| d.is_float()) && g.value(a).dtype == g.value(c).dtype;
             let Some(cs) = g.value(c).shape.clone() else { continue };
             if !float || !fits(&cs.0, &m, &n) {

@@ -21,7 +21,7 @@ use std::fmt;
 
 use crate::{Graph, Node, Result, TensorData};
 
-
+pub mod attention;
 pub mod bias_gelu;
 pub mod const_fold;
 pub mod conv_activation;
@@ -129,7 +129,8 @@ impl PassCx<'_> {
     /// `true` when a fused node `domain::op` may be emitted: the runtime has a kernel and, for the
     /// default domain under `strict_opsets`, the model's opset has the op (`since` = first opset).
     pub fn can_emit(&self, domain: &str, op: &str, since: i64) -> bool {
-        self.eval.has_kernel(domain, op) && (!domain.is_empty() || !self.options.strict_opsets || self.options.opset() >= since)
+        self.eval.has_kernel(domain, op)
+            && (!domain.is_empty() || !self.options.strict_opsets || self.options.opset() >= since)
     }
 }
 
@@ -160,7 +161,7 @@ pub fn passes_for(level: OptLevel) -> Vec<Box<dyn Pass>> {
         v.push(Box::new(layer_norm::FuseLayerNorm));
         v.push(Box::new(gelu::FuseGelu));
         v.push(Box::new(bias_gelu::FuseBiasGelu));
-
+        v.push(Box::new(attention::FuseAttention));
     }
     v.push(Box::new(dce::EliminateDeadNodes));
     v

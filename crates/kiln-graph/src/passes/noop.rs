@@ -26,7 +26,9 @@ impl Pass for EliminateNoOps {
                 continue;
             }
             let n = &g.nodes[i];
-            let (Some(src), Some(dst)) = (input(n, 0), out0(n)) else { continue };
+            let (Some(src), Some(dst)) = (input(n, 0), out0(n)) else {
+                continue;
+            };
             if bypass(g, &mut idx, i, src, dst) {
                 count += 1;
             }
@@ -41,7 +43,9 @@ fn is_noop(g: &Graph, options: &Options, idx: &Index, i: usize) -> bool {
     if !n.domain.is_empty() || !n.implicit_inputs.is_empty() {
         return false;
     }
-    let (Some(src), Some(_)) = (input(n, 0), out0(n)) else { return false };
+    let (Some(src), Some(_)) = (input(n, 0), out0(n)) else {
+        return false;
+    };
     let info = g.value(src);
     match n.op_type.as_str() {
         "Identity" => true,
@@ -60,8 +64,12 @@ fn is_noop(g: &Graph, options: &Options, idx: &Index, i: usize) -> bool {
             _ => false,
         },
         "Reshape" => {
-            let Some(dims) = info.shape.as_ref().and_then(|s| s.as_known()) else { return false };
-            let Some(target) = const_input(g, options, n, 1).and_then(|t| t.to_i64_vec()) else { return false };
+            let Some(dims) = info.shape.as_ref().and_then(|s| s.as_known()) else {
+                return false;
+            };
+            let Some(target) = const_input(g, options, n, 1).and_then(|t| t.to_i64_vec()) else {
+                return false;
+            };
             let allowzero = matches!(n.attr("allowzero"), Some(Attribute::Int(1)));
             reshape_is_identity(&dims, &target, allowzero)
         }
@@ -112,7 +120,9 @@ pub fn bypass(g: &mut Graph, idx: &mut Index, i: usize, src: ValueId, dst: Value
     if idx.pinned.contains(&src) || idx.readers(src) != [i] || idx.is_touched(p) {
         return false;
     }
-    let Some(slot) = g.nodes[p].outputs.iter_mut().flatten().find(|o| **o == src) else { return false };
+    let Some(slot) = g.nodes[p].outputs.iter_mut().flatten().find(|o| **o == src) else {
+        return false;
+    };
     *slot = dst;
     let info = g.value(src).clone();
     let d = &mut g.values[dst.index()];

@@ -26,7 +26,9 @@ impl Pass for MergeReshapes {
             if n.op_type != "Reshape" || !n.domain.is_empty() {
                 continue;
             }
-            let Some(shape) = const_input(g, cx.options, n, 1).and_then(|t| t.to_i64_vec()) else { continue };
+            let Some(shape) = const_input(g, cx.options, n, 1).and_then(|t| t.to_i64_vec()) else {
+                continue;
+            };
             let allowzero = matches!(n.attr("allowzero"), Some(Attribute::Int(1)));
             if !allowzero && shape.contains(&0) {
                 continue;

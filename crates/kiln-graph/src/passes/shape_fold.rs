@@ -23,11 +23,15 @@ impl Pass for FoldStaticShapes {
             if !n.domain.is_empty() || !(n.op_type == "Shape" || n.op_type == "Size") {
                 continue;
             }
-            let (Some(x), Some(out)) = (input(n, 0), out0(n)) else { continue };
+            let (Some(x), Some(out)) = (input(n, 0), out0(n)) else {
+                continue;
+            };
             if idx.pinned.contains(&out) || g.initializers.contains_key(&out) {
                 continue;
             }
-            let Some(dims) = g.value(x).shape.as_ref().and_then(Shape::as_known) else { continue };
+            let Some(dims) = g.value(x).shape.as_ref().and_then(Shape::as_known) else {
+                continue;
+            };
             let name = g.value_name(out).to_string();
             let data = if n.op_type == "Size" {
                 TensorData::from_values(name, vec![], &[dims.iter().product::<usize>() as i64])

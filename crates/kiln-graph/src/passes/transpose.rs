@@ -32,9 +32,13 @@ impl Pass for MergeTransposes {
             }
             let Some(p2) = perm(n) else { continue };
             let Some(mid) = input(n, 0) else { continue };
-            let Some(p) = idx.producer_op(g, mid, "Transpose") else { continue };
+            let Some(p) = idx.producer_op(g, mid, "Transpose") else {
+                continue;
+            };
             let inner = &g.nodes[p];
-            let (Some(p1), Some(x)) = (perm(inner), input(inner, 0)) else { continue };
+            let (Some(p1), Some(x)) = (perm(inner), input(inner, 0)) else {
+                continue;
+            };
             if p1.len() != p2.len() {
                 continue;
             }

@@ -164,7 +164,9 @@ fn fused_conv(n: &NodeCtx) -> Result<Box<dyn OpKernel>> {
     let conv = factory(&cx)?;
     Ok(kernel(move |cx, ins| {
         let mut outs = conv.run(cx, ins)?;
-        let Some(Value::Tensor(y)) = outs.pop() else { bail!("FusedConv: Conv gave no tensor") };
+        let Some(Value::Tensor(y)) = outs.pop() else {
+            bail!("FusedConv: Conv gave no tensor")
+        };
         let c = y.candle();
         // The Conv kernel's output is a fresh tensor nobody else holds: activate it in place.
         if c.device().is_cpu() && c.dtype() == candle_core::DType::F32 && c.is_contiguous() {
