@@ -95,9 +95,7 @@ fn match_at(g: &Graph, o: &Options, idx: &Index, m2_i: usize) -> Option<Match> {
         }
     }
     let m1_i = idx.producer_op(g, cur, "MatMul")?;
-    if idx.sole_reader(cur).is_none() {
-        return None;
-    }
+    idx.sole_reader(cur)?;
     nodes.push(m1_i);
     let m1 = &g.nodes[m1_i];
     let (q, kt) = (input(m1, 0)?, input(m1, 1)?);
