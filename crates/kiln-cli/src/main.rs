@@ -191,6 +191,12 @@ fn inspect(path: &Path) -> Result<()> {
     } else {
         println!("\nunsupported: {}", missing.join(", "));
     }
+    for level in [Level::Basic, Level::Extended] {
+        let mut m = model.clone();
+        if let Ok(r) = kiln::optimize_model(&mut m, level) {
+            println!("optimized ({level:?}): {r}");
+        }
+    }
     Ok(())
 }
 
