@@ -48,7 +48,9 @@ impl Pass for MergeTransposes {
                 .collect();
             let Some(merged) = merged else { continue };
             let node = &mut g.nodes[i];
-            node.inputs[0] = Some(x);
+            if let Some(slot) = node.inputs.first_mut() {
+                *slot = Some(x);
+            }
             node.attributes.insert("perm".into(), Attribute::Ints(merged));
             idx.touch(&[i, p]);
             count += 1;
