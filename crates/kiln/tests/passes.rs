@@ -623,6 +623,11 @@ fn light_models_round_trip_and_match_at_every_level() {
             assert!(r.nodes_after < r.nodes_before, "{name} {level:?}: {r}");
             if level >= Level::Extended {
                 assert!(r.count("conv_activation_fusion") > 0, "{name}: {r}");
+                if name == "resnet50" {
+                    // 53 Conv+BN; 16 residual blocks end in Sum + Relu.
+                    assert_eq!(r.count("conv_bn_fusion"), 53, "{r}");
+                    assert_eq!(r.count("conv_add_activation_fusion"), 16, "{r}");
+                }
             }
         }
     }
@@ -783,4 +788,36 @@ fn scaled_dot_product_attention_becomes_one_node() {
         let (opt, _) = optimize_and_compare(&m, &feeds, &o, 1e-5);
         assert!(!op_counts(&opt.graph).contains_key("Attention"));
     }
+}
+
+#[test]
+fn conv_residual_add_and_activation_fuse_in_memory() {
+    let mut b = B::new();
+    let x = b.input("x", &[1, 2, 6, 6]);
+    let w = conv_weight(&mut b, "w", 2, 2);
+    let w2 = conv_weight(&mut b, "w2", 2, 2);
+    let branch = b.node("Conv", &[x, w2], vec![("pads", ints(&[1, 1, 1, 1]))]);
+    let z = b.op("Relu", &[branch]);
+    let conv = b.node("Conv", &[z, w], vec![("pads", ints(&[1, 1, 1, 1]))]);
+    let s = b.op("Sum", &[z, conv]);
+    let y = b.op("Relu", &[s]);
+    // A broadcast residual ([2, 1, 1]) takes the kernel's broadcasting path.
+    let w3 = conv_weight(&mut b, "w3", 2, 2);
+    let conv3 = b.op("Conv", &[x, w3]);
+    let r = b.f32s("r", &[2, 1, 1], &[0.5, -0.25]);
+    let s3 = b.op("Add", &[conv3, r]);
+    let y3 = b.node("LeakyRelu", &[s3], vec![("alpha", Attribute::Float(0.2))]);
+    let (m, feeds) = b.model(&[y, y3], 17);
+    let (ops, report) = check(&m, &feeds, OptLevel::Extended);
+    assert_eq!(
+        ops,
+        BTreeMap::from([("com.microsoft::FusedConv".to_string(), 3)]),
+        "{report}"
+    );
+    assert_eq!(report.count("conv_add_activation_fusion"), 2);
+    // Not under strict opsets: ONNX Runtime's Z must match the Conv output exactly.
+    let mut o = opts(&m, OptLevel::Extended);
+    o.strict_opsets = true;
+    let (opt, _) = optimize_and_compare(&m, &feeds, &o, 1e-5);
+    assert_eq!(op_counts(&opt.graph).get("com.microsoft::FusedConv"), Some(&1));
 }

@@ -22,7 +22,7 @@ fn float_attr(n: &crate::Node, name: &str, default: f32) -> Option<f32> {
 }
 
 /// The `(activation, activation_params)` of a supported activation node.
-fn activation(g: &Graph, cx: &PassCx, n: &crate::Node) -> Option<(&'static str, Vec<f32>)> {
+pub fn activation(g: &Graph, cx: &PassCx, n: &crate::Node) -> Option<(&'static str, Vec<f32>)> {
     if !n.domain.is_empty() {
         return None;
     }

@@ -9,7 +9,7 @@
 //!   dead-node elimination, common-subexpression elimination, removal of no-op nodes (Identity,
 //!   same-type Cast, identity Reshape/Transpose, inference Dropout) and Reshape chains.
 //! - `Extended`: operator fusions into ops the runtime implements (MatMul+Add -> Gemm, Conv+BN,
-//!   Conv+activation -> `com.microsoft` FusedConv, LayerNorm and GELU subgraphs, bias+GELU,
+//!   Conv[+residual Add]+activation -> `com.microsoft` FusedConv, LayerNorm and GELU subgraphs, bias+GELU,
 //!   scaled-dot-product attention, Transpose pairs).
 //! - `All`: Extended; Kiln has no layout (NCHWc) rewrites, so there is nothing backend-specific yet.
 //!
@@ -25,6 +25,7 @@ pub mod attention;
 pub mod bias_gelu;
 pub mod const_fold;
 pub mod conv_activation;
+pub mod conv_add_activation;
 pub mod conv_bn;
 pub mod cse;
 pub mod dce;
@@ -156,6 +157,7 @@ pub fn passes_for(level: OptLevel) -> Vec<Box<dyn Pass>> {
     if level >= OptLevel::Extended {
         v.push(Box::new(transpose::MergeTransposes));
         v.push(Box::new(conv_bn::FuseConvBatchNorm));
+        v.push(Box::new(conv_add_activation::FuseConvAddActivation));
         v.push(Box::new(conv_activation::FuseConvActivation));
         v.push(Box::new(matmul_add::FuseMatMulAdd));
         v.push(Box::new(layer_norm::FuseLayerNorm));

@@ -117,6 +117,33 @@ impl candle_core::InplaceOp1 for Act {
     }
 }
 
+/// `y = act(y + z)` in place over two same-shaped contiguous f32 tensors.
+struct AddThen(Act);
+
+impl candle_core::InplaceOp2 for AddThen {
+    fn name(&self) -> &'static str {
+        "fused-add-activation"
+    }
+
+    fn cpu_fwd(&self, s1: &mut CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> candle_core::Result<()> {
+        let (CpuStorage::F32(a), CpuStorage::F32(b)) = (s1, s2) else {
+            candle_core::bail!("fused add: f32 storage expected")
+        };
+        let (Some((s1, e1)), Some((s2, e2))) = (l1.contiguous_offsets(), l2.contiguous_offsets()) else {
+            candle_core::bail!("fused add: contiguous layouts expected")
+        };
+        let (Some(a), Some(b)) = (a.get_mut(s1..e1), b.get(s2..e2)) else {
+            candle_core::bail!("fused add: layout out of the storage")
+        };
+        if a.len() != b.len() {
+            candle_core::bail!("fused add: {} vs {} elements", a.len(), b.len())
+        }
+        let act = self.0;
+        a.iter_mut().zip(b).for_each(|(v, &z)| *v = act.apply(*v + z));
+        Ok(())
+    }
+}
+
 fn parse_act(n: &NodeCtx) -> Result<Act> {
     let name = n.attr_s("activation", "")?;
     let p = n.attr_floats("activation_params")?.unwrap_or_default();
@@ -132,12 +159,9 @@ fn parse_act(n: &NodeCtx) -> Result<Act> {
     })
 }
 
-/// `com.microsoft::FusedConv`: Conv (all of Conv's attributes) then `activation`. The optional
-/// fourth input `Z` (added before the activation) is not supported.
+/// `com.microsoft::FusedConv`: Conv (all of Conv's attributes), plus the optional fourth input
+/// `Z` (a residual, broadcast like Add), then `activation`.
 fn fused_conv(n: &NodeCtx) -> Result<Box<dyn OpKernel>> {
-    if n.has_input(3) {
-        return Err(n.err("FusedConv with a Z (sum) input is not supported"));
-    }
     let act = parse_act(n)?;
     let attributes: BTreeMap<String, Attribute> = n
         .node
@@ -146,12 +170,13 @@ fn fused_conv(n: &NodeCtx) -> Result<Box<dyn OpKernel>> {
         .filter(|(k, _)| k.as_str() != "activation" && k.as_str() != "activation_params")
         .map(|(k, v)| (k.clone(), v.clone()))
         .collect();
-    let conv_node = Node {
+    let mut conv_node = Node {
         op_type: "Conv".into(),
         domain: String::new(),
         attributes,
         ..n.node.clone()
     };
+    conv_node.inputs.truncate(3);
     let factory = Registry::global()
         .get("", "Conv")
         .ok_or_else(|| n.err("no Conv kernel"))?;
@@ -163,14 +188,22 @@ fn fused_conv(n: &NodeCtx) -> Result<Box<dyn OpKernel>> {
     };
     let conv = factory(&cx)?;
     Ok(kernel(move |cx, ins| {
-        let mut outs = conv.run(cx, ins)?;
-        let Some(Value::Tensor(y)) = outs.pop() else {
+        let mut outs = conv.run(cx, ins.get(..3).unwrap_or(ins))?;
+        let Some(Value::Tensor(mut y)) = outs.pop() else {
             bail!("FusedConv: Conv gave no tensor")
         };
-        let c = y.candle();
-        // The Conv kernel's output is a fresh tensor nobody else holds: activate it in place.
-        if c.device().is_cpu() && c.dtype() == candle_core::DType::F32 && c.is_contiguous() {
-            c.inplace_op1(&act)?;
+        let fast = |t: &CT| t.device().is_cpu() && t.dtype() == candle_core::DType::F32 && t.is_contiguous();
+        if let Some(z) = super::common::tin_opt(ins, 3)? {
+            let zc = z.candle().to_dtype(y.candle().dtype())?;
+            // The Conv kernel's output is a fresh tensor nobody else holds: add in place.
+            if fast(y.candle()) && fast(&zc) && zc.dims() == y.dims() {
+                y.candle().inplace_op2(&zc, &AddThen(act))?;
+                return out1(y);
+            }
+            y = y.map(|t| t.broadcast_add(&zc))?;
+        }
+        if fast(y.candle()) {
+            y.candle().inplace_op1(&act)?;
             return out1(y);
         }
         out1(y.map(|t| act.apply_candle(t))?)
