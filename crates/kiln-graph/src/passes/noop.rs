@@ -85,7 +85,8 @@ fn is_noop(g: &Graph, options: &Options, idx: &Index, i: usize) -> bool {
 
 /// `true` when reshaping `dims` to `target` (ONNX rules for 0 and -1) gives `dims` back.
 pub fn reshape_is_identity(dims: &[usize], target: &[i64], allowzero: bool) -> bool {
-    if dims.len() != target.len() {
+    // With a zero-sized dim a -1 cannot be inferred (the Reshape fails): keep the node.
+    if dims.len() != target.len() || (target.contains(&-1) && dims.contains(&0)) {
         return false;
     }
     let mut infer = None;
@@ -135,4 +136,20 @@ pub fn bypass(g: &mut Graph, idx: &mut Index, i: usize, src: ValueId, dst: Value
     idx.remove(&[i]);
     idx.touch(&[p]);
     true
+}
+
+#[cfg(test)]
+mod tests {
+    use super::reshape_is_identity;
+
+    #[test]
+    fn reshape_identity_rules() {
+        assert!(reshape_is_identity(&[2, 3, 4], &[2, 3, 4], false));
+        assert!(reshape_is_identity(&[2, 3, 4], &[0, -1, 4], false));
+        assert!(!reshape_is_identity(&[2, 3, 4], &[0, -1, 4], true));
+        assert!(!reshape_is_identity(&[2, 3, 4], &[2, -1, -1], false));
+        assert!(!reshape_is_identity(&[2, 3, 4], &[6, 4], false));
+        assert!(!reshape_is_identity(&[2, 0], &[2, -1], false));
+        assert!(reshape_is_identity(&[2, 0], &[2, 0], true));
+    }
 }
