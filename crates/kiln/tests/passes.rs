@@ -836,3 +836,55 @@ fn conv_residual_add_and_activation_fuse_in_memory() {
     let (opt, _) = optimize_and_compare(&m, &feeds, &o, 1e-5);
     assert_eq!(op_counts(&opt.graph).get("com.microsoft::FusedConv"), Some(&1));
 }
+
+/// Every node test whose inputs are tensors: export -> import gives identical outputs (or the
+/// same failure), with the optimizer off on both sides.
+#[test]
+fn all_node_tests_round_trip_through_export() {
+    let Some(dir) = std::env::var_os("KILN_NODE_TESTS").map(std::path::PathBuf::from) else {
+        eprintln!("KILN_NODE_TESTS not set: skipped");
+        return;
+    };
+    let mut entries: Vec<_> = std::fs::read_dir(&dir).unwrap().flatten().map(|e| e.path()).collect();
+    entries.sort();
+    let (mut same, mut bad) = (0, Vec::new());
+    for case in entries {
+        let Ok(model) = onnx::load_model(case.join("model.onnx")) else {
+            continue;
+        };
+        let name = case.file_name().unwrap_or_default().to_string_lossy().into_owned();
+        let back = match onnx::export_model_bytes(&model).and_then(|b| onnx::load_model_bytes(&b)) {
+            Ok(m) => m,
+            Err(e) => {
+                bad.push(format!("{name}: {e}"));
+                continue;
+            }
+        };
+        let mut feeds = Vec::new();
+        for (i, v) in model.graph.runtime_inputs().iter().enumerate() {
+            let path = case.join(format!("test_data_set_0/input_{i}.pb"));
+            if let Ok(onnx::DataValue::Tensor(t)) = onnx::read_value_file(&path, "tensor") {
+                feeds.push((model.graph.value_name(*v).to_string(), t));
+            }
+        }
+        let run = |m: Model| {
+            Session::builder()
+                .optimization(Level::Disabled)
+                .build_from_model(m)
+                .and_then(|s| s.run(feeds.clone()))
+                .map_err(|e| e.to_string())
+        };
+        let (a, b) = (run(model), run(back));
+        if a == b {
+            same += 1;
+        } else {
+            bad.push(format!("{name}: {:?} vs {:?}", a.err(), b.err()));
+        }
+    }
+    eprintln!("{same} node tests give the same result after export -> import");
+    assert!(
+        same > 1000 && bad.is_empty(),
+        "{same} same; differ:\n{}",
+        bad.join("\n")
+    );
+}
