@@ -776,7 +776,7 @@ fn scaled_dot_product_attention_becomes_one_node() {
             }
             "Mul" => {
                 let c = b.scalar("c", 0.3);
-                b.op("Mul", &[scores, c])
+                b.op("Mul", &[c, scores])
             }
             _ => scores,
         };

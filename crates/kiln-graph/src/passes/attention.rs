@@ -83,8 +83,13 @@ fn match_at(g: &Graph, o: &Options, idx: &Index, m2_i: usize) -> Option<Match> {
     for (op, inv) in [("Div", true), ("Mul", false)] {
         if let Some(s_i) = idx.producer_op(g, cur, op) {
             let s = &g.nodes[s_i];
-            let x = input(s, 0)?;
-            let c = scalar_f64(constant(g, o, input(s, 1)?)?)?;
+            let scalar_at = |k: usize| input(s, k).and_then(|v| constant(g, o, v)).and_then(scalar_f64);
+            // Div(S, c), Mul(S, c) or Mul(c, S).
+            let (x, c) = match (scalar_at(1), scalar_at(0)) {
+                (Some(c), _) => (input(s, 0)?, c),
+                (None, Some(c)) if !inv => (input(s, 1)?, c),
+                _ => return None,
+            };
             if c == 0.0 || idx.sole_reader(cur).is_none() {
                 return None;
             }

@@ -68,9 +68,13 @@ impl Pass for FoldConstants {
                 .filter_map(|o| {
                     let v = g.value(*o);
                     let dims = v.shape.as_ref()?.as_known()?;
-                    Some(dims.iter().product::<usize>().saturating_mul(v.dtype?.size_in_bytes()))
+                    Some(
+                        dims.iter()
+                            .fold(1usize, |a, &d| a.saturating_mul(d))
+                            .saturating_mul(v.dtype?.size_in_bytes()),
+                    )
                 })
-                .sum();
+                .fold(0usize, usize::saturating_add);
             if declared > limit {
                 continue;
             }

@@ -34,7 +34,13 @@ impl Pass for FoldStaticShapes {
             };
             let name = g.value_name(out).to_string();
             let data = if n.op_type == "Size" {
-                TensorData::from_values(name, vec![], &[dims.iter().product::<usize>() as i64])
+                let Some(size) = dims
+                    .iter()
+                    .try_fold(1i64, |a, &d| a.checked_mul(i64::try_from(d).ok()?))
+                else {
+                    continue;
+                };
+                TensorData::from_values(name, vec![], &[size])
             } else {
                 let r = dims.len() as i64;
                 let clamp = |v: i64| if v < 0 { (v + r).max(0) } else { v.min(r) } as usize;
