@@ -54,7 +54,8 @@ pub enum OptLevel {
 /// kiln-graph cannot run kernels; `kiln-runtime` implements this on the CPU.
 pub trait ConstEval {
     /// Runs `node` (of `graph`, whose other nodes are irrelevant) on `inputs` (aligned with the
-    /// node's explicit inputs, `None` for omitted ones). `Ok(None)` when the node cannot be folded
+    /// node's explicit inputs, `None` for omitted ones) and returns the tensors of its present
+    /// (`Some`) outputs, in order. `Ok(None)` when the node cannot be folded
     /// (its outputs are not all tensors); `Err` with a reason when the kernel failed or would
     /// allocate a tensor over `max_output_bytes`.
     fn eval(
