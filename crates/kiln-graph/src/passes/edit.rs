@@ -21,7 +21,8 @@ pub struct Index {
     /// Nodes already rewritten or scheduled for removal in this sweep.
     touched: Vec<bool>,
     dead: Vec<bool>,
-    names: HashSet<String>,
+    /// Value names, collected on the first [`Index::fresh_name`] (most sweeps never need one).
+    names: Option<HashSet<String>>,
 }
 
 impl Index {
@@ -43,7 +44,7 @@ impl Index {
             pinned,
             touched: vec![false; g.nodes.len()],
             dead: vec![false; g.nodes.len()],
-            names: g.values.iter().map(|v| v.name.clone()).collect(),
+            names: None,
         }
     }
 
@@ -92,20 +93,23 @@ impl Index {
     }
 
     /// A value name not used in the graph yet, derived from `base`.
-    pub fn fresh_name(&mut self, base: &str) -> String {
+    pub fn fresh_name(&mut self, g: &Graph, base: &str) -> String {
+        let names = self
+            .names
+            .get_or_insert_with(|| g.values.iter().map(|v| v.name.clone()).collect());
         let mut name = base.to_string();
         let mut k = 0;
-        while self.names.contains(&name) {
+        while names.contains(&name) {
             k += 1;
             name = format!("{base}_{k}");
         }
-        self.names.insert(name.clone());
+        names.insert(name.clone());
         name
     }
 
     /// Adds a tensor value with a fresh name.
     pub fn new_value(&mut self, g: &mut Graph, base: &str, dtype: Option<DType>, shape: Option<Shape>) -> ValueId {
-        let name = self.fresh_name(base);
+        let name = self.fresh_name(g, base);
         g.add_value(ValueInfo {
             name,
             kind: ValueKind::Tensor,
