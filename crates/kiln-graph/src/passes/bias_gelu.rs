@@ -48,12 +48,12 @@ impl Pass for FuseBiasGelu {
                 let t = constant(g, cx.options, b)?;
                 let x = other_input(add, b)?;
                 let last = g.value(x).shape.as_ref().and_then(|sh| sh.0.last().cloned());
-                let fits = t.dims.len() == 1
-                    && t.dims[0] > 1
+                let &[len] = t.dims.as_slice() else { return None };
+                let fits = len > 1
                     && g.value(x).dtype.is_none_or(|d| d == t.dtype)
                     && constant(g, cx.options, x).is_none()
                     && match last {
-                        Some(Dim::Known(d)) => d == t.dims[0],
+                        Some(Dim::Known(d)) => d == len,
                         // Unknown: the Add broadcast `b` over the last axis, so it equals len(b)
                         // unless it is 1 (Kiln's kernel broadcasts the same way).
                         _ => true,

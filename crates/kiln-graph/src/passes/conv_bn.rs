@@ -60,7 +60,7 @@ impl Pass for FuseConvBatchNorm {
             let Some(w) = const_input(g, o, conv, 1).filter(|t| t.dtype == DType::F32 && t.dims.len() >= 3) else {
                 continue;
             };
-            let m = w.dims[0];
+            let Some(&m) = w.dims.first() else { continue };
             if m == 0 || [gamma, beta, mean, var].iter().any(|p| p.len() != m) {
                 continue;
             }
@@ -92,9 +92,8 @@ impl Pass for FuseConvBatchNorm {
             let wid = idx.new_initializer(g, &format!("{base}_W_bn"), wt);
             let bid = idx.new_initializer(g, &format!("{base}_B_bn"), bt);
             let conv = &mut g.nodes[ci];
-            conv.inputs.resize(3, None);
-            conv.inputs[1] = Some(wid);
-            conv.inputs[2] = Some(bid);
+            let x = conv.inputs.first().copied().flatten();
+            conv.inputs = vec![x, Some(wid), Some(bid)];
             conv.outputs = vec![Some(bn_out)];
             idx.remove(&[bi]);
             idx.touch(&[ci]);
