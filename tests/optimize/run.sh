@@ -31,13 +31,11 @@ check models/light/resnet50.onnx extended
 
 # Real models fetched by scripts (optional: CI checks them only when cached).
 CACHE="${KILN_CACHE:-$HOME/.cache/kiln}"
-for dir in "$CACHE/models-shared" "$CACHE/models-v1"; do
-  m="$(find "$dir" -name 'paraphrase-MiniLM-L3-v2.onnx' 2>/dev/null | head -n 1)"
-  [[ -n "$m" ]] && check "$m" extended --dim batch_size=2 --dim sequence_length=7
-  m="$(find "$dir" -name 'ch_PP-OCRv4_det_infer.onnx' 2>/dev/null | head -n 1)"
-  [[ -n "$m" ]] && check "$m" extended --shape x=1x3x64x64
-  m="$(find "$dir" -name 'ch_PP-OCRv4_rec_infer.onnx' 2>/dev/null | head -n 1)"
-  [[ -n "$m" ]] && check "$m" extended --shape x=1x3x48x160
-  [[ -n "$m" ]] && break
-done
+find_model() { find "$CACHE/models-shared" "$CACHE/models-v1" -name "$1" 2>/dev/null | head -n 1 || true; }
+m="$(find_model paraphrase-MiniLM-L3-v2.onnx)"
+if [[ -n "$m" ]]; then check "$m" extended --dim batch_size=2 --dim sequence_length=7; fi
+m="$(find_model ch_PP-OCRv4_det_infer.onnx)"
+if [[ -n "$m" ]]; then check "$m" extended --shape x=1x3x64x64; fi
+m="$(find_model ch_PP-OCRv4_rec_infer.onnx)"
+if [[ -n "$m" ]]; then check "$m" extended --shape x=1x3x48x160; fi
 echo "optimize: all outputs valid and matching"
