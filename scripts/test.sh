@@ -25,5 +25,13 @@ cargo test --workspace
 step "ONNX node test suite (fails if a test in expected_pass.txt regresses)"
 cargo run -q -p kiln-conformance -- --data "$DATA" --check tests/conformance/expected_pass.txt
 
+step "ONNX node test suite with the optimizer off and at --level extended (same expected passes)"
+for level in disabled extended; do
+  cargo run -q -p kiln-conformance -- --data "$DATA" --check tests/conformance/expected_pass.txt --level "$level"
+done
+
+step "kiln optimize: onnx.checker accepts the output, onnxruntime matches the original"
+bash tests/optimize/run.sh
+
 step "robustness: every node-test model with malformed inputs (no panic, no hang)"
 cargo run -q -p kiln-conformance -- --data "$DATA" --mutate --timeout 60

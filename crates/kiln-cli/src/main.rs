@@ -2,6 +2,7 @@
 
 mod bench;
 mod npy;
+mod optimize;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -69,6 +70,16 @@ enum Cmd {
         #[arg(long)]
         profile: bool,
     },
+    /// Optimize a model's graph and write it as ONNX (prints node counts by op before/after).
+    Optimize {
+        input: PathBuf,
+        output: PathBuf,
+        #[arg(long, default_value = "extended")]
+        level: Level,
+        /// Most bytes a folded constant may add to the model.
+        #[arg(long, default_value_t = 1 << 20)]
+        fold_limit: usize,
+    },
 }
 
 fn main() -> ExitCode {
@@ -107,6 +118,12 @@ fn main() -> ExitCode {
             };
             bench::bench(&model, &cfg)
         })(),
+        Cmd::Optimize {
+            input,
+            output,
+            level,
+            fold_limit,
+        } => optimize::optimize(&input, &output, &optimize::OptimizeConfig { level, fold_limit }),
     };
     match r {
         Ok(()) => ExitCode::SUCCESS,
@@ -184,6 +201,12 @@ fn inspect(path: &Path) -> Result<()> {
         println!("\nunsupported: none (Kiln has a CPU kernel for every operator)");
     } else {
         println!("\nunsupported: {}", missing.join(", "));
+    }
+    for level in [Level::Basic, Level::Extended] {
+        let mut m = model.clone();
+        if let Ok(r) = kiln::optimize_model(&mut m, level) {
+            println!("optimized ({level:?}): {r}");
+        }
     }
     Ok(())
 }

@@ -3,6 +3,7 @@
 
 mod data;
 mod error;
+mod export;
 mod import;
 mod load;
 pub mod proto;
@@ -10,6 +11,7 @@ mod tensor;
 
 pub use data::{read_value_file, DataValue};
 pub use error::{OnnxError, Result};
+pub use export::{export_model, export_model_bytes, graph_to_proto, op_counts};
 pub use import::import_model;
 pub use load::{load_model, load_model_bytes, ModelSource};
 pub use tensor::{tensor_from_proto, tensor_to_proto};

@@ -1,8 +1,9 @@
 use std::collections::HashMap;
 use std::path::Path;
 
+use kiln_graph::passes::{optimize, OptLevel, Options, Report as OptimizationReport};
 use kiln_graph::{DType, Model, Shape, TensorData, ValueKind};
-use kiln_runtime::{Device, ExecutionPlan, RunOptions, RunStats, Tensor, Value};
+use kiln_runtime::{CpuConstEval, Device, ExecutionPlan, RunOptions, RunStats, Tensor, Value};
 
 use crate::{Error, Result};
 
@@ -33,6 +34,24 @@ impl std::str::FromStr for Level {
             )),
         }
     }
+}
+
+impl From<Level> for OptLevel {
+    fn from(l: Level) -> Self {
+        match l {
+            Level::Disabled => OptLevel::Disabled,
+            Level::Basic => OptLevel::Basic,
+            Level::Extended => OptLevel::Extended,
+            Level::All => OptLevel::All,
+        }
+    }
+}
+
+/// Runs the graph optimizer of `level` over a model's main graph, folding constants with the
+/// runtime's CPU kernels. Fusions may use Kiln's kernels whatever opset the model declares.
+pub fn optimize_model(model: &mut Model, level: Level) -> Result<OptimizationReport> {
+    let options = Options::for_model(model, level.into());
+    Ok(optimize(&mut model.graph, &options, &CpuConstEval)?)
 }
 
 /// Name, element type and (possibly symbolic) shape of a model input or output.
@@ -84,9 +103,7 @@ impl SessionBuilder {
 
     /// Compiles an already imported model.
     pub fn build_from_model(self, mut model: Model) -> Result<Session> {
-        if self.level >= Level::Basic {
-            kiln_graph::passes::dce::eliminate_dead_nodes(&mut model.graph);
-        }
+        let optimization = optimize_model(&mut model, self.level)?;
         let device = self.device.to_candle()?;
         let plan = ExecutionPlan::compile(&model, device)?;
         let g = &model.graph;
@@ -102,6 +119,7 @@ impl SessionBuilder {
         let outputs = g.outputs.iter().copied().map(io).collect();
         let input_kinds = g.inputs.iter().map(|v| g.value(*v).kind).collect();
         Ok(Session {
+            optimization,
             plan,
             inputs,
             outputs,
@@ -114,6 +132,7 @@ impl SessionBuilder {
 
 /// A compiled model, ready to run from many threads at once.
 pub struct Session {
+    optimization: OptimizationReport,
     plan: ExecutionPlan,
     inputs: Vec<IoInfo>,
     outputs: Vec<IoInfo>,
@@ -139,6 +158,11 @@ impl Session {
 
     pub fn device(&self) -> Device {
         self.device
+    }
+
+    /// What the graph optimizer did at build time (node counts before/after, rewrites per rule).
+    pub fn optimization_report(&self) -> &OptimizationReport {
+        &self.optimization
     }
 
     /// The compiled plan (kernel count, peak activation bytes).

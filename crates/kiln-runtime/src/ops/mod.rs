@@ -14,6 +14,7 @@ pub mod common;
 mod control;
 mod conv_cpu;
 mod elementwise;
+mod fused;
 mod indexing;
 mod matmul;
 mod ml;
@@ -249,6 +250,7 @@ impl Registry {
             attention::register(&mut r);
             control::register(&mut r);
             elementwise::register(&mut r);
+            fused::register(&mut r);
             indexing::register(&mut r);
             matmul::register(&mut r);
             ml::register(&mut r);

@@ -1,0 +1,890 @@
+//! Graph optimizer rules: each test builds a small graph the rule should rewrite, checks the
+//! rewrite happened (op counts), and that the optimized graph computes the same outputs as the
+//! original through the engine. Fused `com.microsoft` kernels are exercised here (the ONNX node
+//! tests have none).
+
+use std::collections::BTreeMap;
+
+use kiln::internals::graph::passes::{self, OptLevel, Options};
+use kiln::internals::graph::{Attribute, DType, Graph, Model, Node, Shape, ValueId, ValueInfo, ValueKind};
+use kiln::internals::{onnx, runtime};
+use kiln::{Level, Session, TensorData};
+
+/// Builds a graph value by value.
+struct B {
+    g: Graph,
+    feeds: Vec<(String, TensorData)>,
+    n: usize,
+}
+
+impl B {
+    fn new() -> Self {
+        B {
+            g: Graph {
+                name: "test".into(),
+                ..Default::default()
+            },
+            feeds: Vec::new(),
+            n: 0,
+        }
+    }
+
+    fn value(&mut self, name: &str, dtype: Option<DType>, shape: Option<Shape>) -> ValueId {
+        self.g.add_value(ValueInfo {
+            name: name.into(),
+            kind: ValueKind::Tensor,
+            dtype,
+            shape,
+        })
+    }
+
+    /// A float input with a deterministic feed.
+    fn input(&mut self, name: &str, dims: &[usize]) -> ValueId {
+        let count: usize = dims.iter().product();
+        let vals: Vec<f32> = (0..count).map(|i| ((i * 37 % 23) as f32 - 11.0) / 7.0).collect();
+        self.input_data(TensorData::from_values(name, dims.to_vec(), &vals).unwrap())
+    }
+
+    fn input_data(&mut self, t: TensorData) -> ValueId {
+        let v = self.value(&t.name, Some(t.dtype), Some(Shape::from_known(&t.dims)));
+        self.g.inputs.push(v);
+        self.feeds.push((t.name.clone(), t));
+        v
+    }
+
+    fn init(&mut self, t: TensorData) -> ValueId {
+        let v = self.value(&t.name, Some(t.dtype), Some(Shape::from_known(&t.dims)));
+        self.g.initializers.insert(v, t);
+        v
+    }
+
+    fn f32s(&mut self, name: &str, dims: &[usize], vals: &[f32]) -> ValueId {
+        self.init(TensorData::from_values(name, dims.to_vec(), vals).unwrap())
+    }
+
+    fn scalar(&mut self, name: &str, v: f32) -> ValueId {
+        self.f32s(name, &[], &[v])
+    }
+
+    fn i64s(&mut self, name: &str, vals: &[i64]) -> ValueId {
+        self.init(TensorData::from_values(name, vec![vals.len()], vals).unwrap())
+    }
+
+    fn node_in(&mut self, domain: &str, op: &str, inputs: &[ValueId], attrs: Vec<(&str, Attribute)>) -> ValueId {
+        self.n += 1;
+        let out = self.value(&format!("{op}_{}_out", self.n), None, None);
+        self.g.nodes.push(Node {
+            name: format!("{op}_{}", self.n),
+            op_type: op.into(),
+            domain: domain.into(),
+            inputs: inputs.iter().map(|v| Some(*v)).collect(),
+            outputs: vec![Some(out)],
+            attributes: attrs.into_iter().map(|(k, v)| (k.to_string(), v)).collect(),
+            implicit_inputs: vec![],
+        });
+        out
+    }
+
+    fn node(&mut self, op: &str, inputs: &[ValueId], attrs: Vec<(&str, Attribute)>) -> ValueId {
+        self.node_in("", op, inputs, attrs)
+    }
+
+    fn op(&mut self, op: &str, inputs: &[ValueId]) -> ValueId {
+        self.node(op, inputs, vec![])
+    }
+
+    fn model(mut self, outputs: &[ValueId], opset: i64) -> (Model, Vec<(String, TensorData)>) {
+        self.g.outputs = outputs.to_vec();
+        let model = Model {
+            graph: self.g,
+            opsets: BTreeMap::from([(String::new(), opset)]),
+            ir_version: 8,
+            producer: "test".into(),
+        };
+        (model, self.feeds)
+    }
+}
+
+fn ints(v: &[i64]) -> Attribute {
+    Attribute::Ints(v.to_vec())
+}
+
+fn op_counts(g: &Graph) -> BTreeMap<String, usize> {
+    onnx::op_counts(g)
+}
+
+/// Runs a model exactly as written (no optimization).
+fn run_as_is(model: Model, feeds: &[(String, TensorData)]) -> Vec<TensorData> {
+    Session::builder()
+        .optimization(Level::Disabled)
+        .build_from_model(model)
+        .expect("builds")
+        .run(feeds.to_vec())
+        .expect("runs")
+}
+
+fn assert_close(want: &[TensorData], got: &[TensorData], tol: f64) {
+    assert_eq!(want.len(), got.len());
+    for (w, g) in want.iter().zip(got) {
+        assert_eq!(w.dims, g.dims, "{}", w.name);
+        assert_eq!(w.dtype, g.dtype, "{}", w.name);
+        let (a, b) = match w.dtype {
+            DType::F32 => (
+                w.values::<f32>()
+                    .unwrap()
+                    .into_iter()
+                    .map(f64::from)
+                    .collect::<Vec<_>>(),
+                g.values::<f32>()
+                    .unwrap()
+                    .into_iter()
+                    .map(f64::from)
+                    .collect::<Vec<_>>(),
+            ),
+            _ => (
+                w.to_i64_vec().unwrap().into_iter().map(|v| v as f64).collect(),
+                g.to_i64_vec().unwrap().into_iter().map(|v| v as f64).collect(),
+            ),
+        };
+        for (i, (x, y)) in a.iter().zip(&b).enumerate() {
+            assert!((x - y).abs() <= tol * (1.0 + x.abs()), "{}[{i}]: {x} vs {y}", w.name);
+        }
+    }
+}
+
+/// Optimizes with `options`, checks the outputs against the unoptimized graph, returns the
+/// optimized model and report.
+fn optimize_and_compare(
+    model: &Model,
+    feeds: &[(String, TensorData)],
+    options: &Options,
+    tol: f64,
+) -> (Model, passes::Report) {
+    let want = run_as_is(model.clone(), feeds);
+    let mut opt = model.clone();
+    let report = passes::optimize(&mut opt.graph, options, &runtime::CpuConstEval).expect("optimizes");
+    // Graph outputs keep their ids and names.
+    assert_eq!(opt.graph.outputs, model.graph.outputs);
+    let got = run_as_is(opt.clone(), feeds);
+    assert_close(&want, &got, tol);
+    (opt, report)
+}
+
+fn opts(model: &Model, level: OptLevel) -> Options {
+    Options::for_model(model, level)
+}
+
+fn check(model: &Model, feeds: &[(String, TensorData)], level: OptLevel) -> (BTreeMap<String, usize>, passes::Report) {
+    let (opt, report) = optimize_and_compare(model, feeds, &opts(model, level), 1e-5);
+    (op_counts(&opt.graph), report)
+}
+
+#[test]
+fn constant_folding_evaluates_constant_subgraphs_once() {
+    let mut b = B::new();
+    let x = b.input("x", &[2, 3]);
+    let a = b.f32s("a", &[3], &[1.0, 2.0, 3.0]);
+    let c = b.node(
+        "Constant",
+        &[],
+        vec![(
+            "value",
+            Attribute::Tensor(TensorData::from_values("", vec![3], &[0.5f32, 0.25, 2.0]).unwrap()),
+        )],
+    );
+    let s = b.op("Add", &[a, c]);
+    let e = b.op("Exp", &[s]);
+    let y = b.op("Mul", &[x, e]);
+    let (m, feeds) = b.model(&[y], 17);
+    let (ops, report) = check(&m, &feeds, OptLevel::Basic);
+    assert_eq!(ops, BTreeMap::from([("Mul".to_string(), 1)]));
+    assert_eq!(report.count("constant_folding"), 3);
+    assert_eq!((report.nodes_before, report.nodes_after), (4, 1));
+}
+
+#[test]
+fn constant_folding_respects_size_cap_randomness_and_overridable_initializers() {
+    let mut b = B::new();
+    let x = b.input("x", &[1]);
+    let shape = b.i64s("shape", &[256, 256]);
+    let big = b.node(
+        "ConstantOfShape",
+        &[shape],
+        vec![(
+            "value",
+            Attribute::Tensor(TensorData::from_values("", vec![1], &[1.0f32]).unwrap()),
+        )],
+    );
+    let r = b.node("RandomNormal", &[], vec![("shape", ints(&[1]))]);
+    let r2 = b.op("Abs", &[r]);
+    let w = b.f32s("w", &[1], &[3.0]);
+    b.g.inputs.push(w); // overridable: IR >= 4
+    let w2 = b.op("Neg", &[w]);
+    let s = b.op("ReduceSum", &[big]);
+    let y = b.op("Add", &[x, s]);
+    let z = b.op("Mul", &[r2, w2]);
+    let (m, _) = b.model(&[y, z], 17);
+    let mut o = opts(&m, OptLevel::Basic);
+    o.max_fold_growth_bytes = 1024;
+    let mut g = m.graph.clone();
+    let report = passes::optimize(&mut g, &o, &runtime::CpuConstEval).unwrap();
+    let ops = op_counts(&g);
+    // 256*256 f32 is 256 KiB > 1 KiB: not folded; RandomNormal never; Neg(w) reads an input.
+    for op in ["ConstantOfShape", "RandomNormal", "Abs", "Neg", "ReduceSum"] {
+        assert_eq!(ops.get(op), Some(&1), "{op}: {ops:?}");
+    }
+    assert_eq!(report.count("constant_folding"), 0);
+    // With the default (64 MiB) cap the ConstantOfShape -> ReduceSum chain folds.
+    let mut g = m.graph.clone();
+    let report = passes::optimize(&mut g, &opts(&m, OptLevel::Basic), &runtime::CpuConstEval).unwrap();
+    assert_eq!(report.count("constant_folding"), 2);
+    assert!(!op_counts(&g).contains_key("ConstantOfShape"));
+}
+
+#[test]
+fn cse_merges_identical_nodes_but_not_random_ones() {
+    let mut b = B::new();
+    let x = b.input("x", &[2, 4]);
+    let r1 = b.node("LeakyRelu", &[x], vec![("alpha", Attribute::Float(0.2))]);
+    let r2 = b.node("LeakyRelu", &[x], vec![("alpha", Attribute::Float(0.2))]);
+    let r3 = b.node("LeakyRelu", &[x], vec![("alpha", Attribute::Float(0.3))]);
+    let e1 = b.op("Exp", &[r1]);
+    let e2 = b.op("Exp", &[r2]);
+    let s = b.op("Sum", &[e1, e2, r3]);
+    let (m, feeds) = b.model(&[s], 17);
+    let (ops, report) = check(&m, &feeds, OptLevel::Basic);
+    assert_eq!(ops.get("LeakyRelu"), Some(&2));
+    assert_eq!(ops.get("Exp"), Some(&1));
+    assert_eq!(report.count("common_subexpression_elimination"), 2);
+
+    let mut b = B::new();
+    let x = b.input("x", &[2]);
+    let r1 = b.node("RandomUniformLike", &[x], vec![]);
+    let r2 = b.node("RandomUniformLike", &[x], vec![]);
+    let s = b.op("Sub", &[r1, r2]);
+    let (m, _) = b.model(&[s], 17);
+    let mut g = m.graph.clone();
+    passes::optimize(&mut g, &opts(&m, OptLevel::Basic), &runtime::CpuConstEval).unwrap();
+    assert_eq!(op_counts(&g).get("RandomUniformLike"), Some(&2));
+}
+
+#[test]
+fn noop_nodes_disappear_and_graph_outputs_keep_their_names() {
+    let mut b = B::new();
+    let x = b.input("x", &[2, 3]);
+    let i = b.op("Identity", &[x]);
+    let c = b.node("Cast", &[i], vec![("to", Attribute::Int(1))]);
+    let shape = b.i64s("s", &[0, -1]);
+    let r = b.op("Reshape", &[c, shape]);
+    let t = b.node("Transpose", &[r], vec![("perm", ints(&[0, 1]))]);
+    let d = b.op("Dropout", &[t]);
+    let e = b.op("Exp", &[d]);
+    // The graph output is an Identity: its producer writes the output instead.
+    let out = b.op("Identity", &[e]);
+    let (m, feeds) = b.model(&[out], 17);
+    let (ops, report) = check(&m, &feeds, OptLevel::Basic);
+    assert_eq!(ops, BTreeMap::from([("Exp".to_string(), 1)]));
+    assert_eq!(report.count("noop_elimination"), 6);
+    let mut opt = m.clone();
+    kiln::optimize_model(&mut opt, Level::Basic).unwrap();
+    assert_eq!(opt.graph.value_name(opt.graph.outputs[0]), "Identity_7_out");
+    // A Cast that changes the type stays.
+    let mut b = B::new();
+    let x = b.input("x", &[2]);
+    let c = b.node("Cast", &[x], vec![("to", Attribute::Int(7))]);
+    let (m, feeds) = b.model(&[c], 17);
+    let (ops, _) = check(&m, &feeds, OptLevel::Basic);
+    assert_eq!(ops.get("Cast"), Some(&1));
+}
+
+#[test]
+fn static_shape_chains_fold_to_constants() {
+    // Shape -> Gather -> Unsqueeze -> Concat -> Reshape, as exporters write `x.view(x.size(0), -1)`.
+    let mut b = B::new();
+    let x = b.input("x", &[2, 3, 4]);
+    let s = b.op("Shape", &[x]);
+    let zero = b.init(TensorData::from_values("zero", vec![], &[0i64]).unwrap());
+    let d0 = b.node("Gather", &[s, zero], vec![("axis", Attribute::Int(0))]);
+    let ax = b.i64s("ax", &[0]);
+    let u = b.op("Unsqueeze", &[d0, ax]);
+    let minus1 = b.i64s("m1", &[-1]);
+    let cat = b.node("Concat", &[u, minus1], vec![("axis", Attribute::Int(0))]);
+    let r = b.op("Reshape", &[x, cat]);
+    let y = b.op("Relu", &[r]);
+    let (m, feeds) = b.model(&[y], 17);
+    let (ops, report) = check(&m, &feeds, OptLevel::Basic);
+    assert_eq!(
+        ops,
+        BTreeMap::from([("Relu".to_string(), 1), ("Reshape".to_string(), 1)])
+    );
+    assert_eq!(report.count("shape_folding"), 1);
+    assert_eq!(report.count("constant_folding"), 3);
+}
+
+#[test]
+fn reshape_chains_and_transpose_pairs_collapse() {
+    let mut b = B::new();
+    let x = b.input("x", &[2, 3, 4]);
+    let s1 = b.i64s("s1", &[6, 4]);
+    let s2 = b.i64s("s2", &[4, 6]);
+    let r1 = b.op("Reshape", &[x, s1]);
+    let f = b.op("Exp", &[x]);
+    let r2 = b.op("Reshape", &[r1, s2]);
+    let t1 = b.node("Transpose", &[f], vec![("perm", ints(&[1, 2, 0]))]);
+    let t2 = b.node("Transpose", &[t1], vec![("perm", ints(&[2, 0, 1]))]);
+    let t3 = b.node("Transpose", &[t2], vec![("perm", ints(&[0, 2, 1]))]);
+    let t4 = b.node("Transpose", &[t3], vec![("perm", ints(&[1, 0, 2]))]);
+    let (m, feeds) = b.model(&[r2, t4], 17);
+    let (ops, report) = check(&m, &feeds, OptLevel::Basic);
+    assert_eq!(ops.get("Reshape"), Some(&1));
+    assert_eq!(report.count("reshape_chain"), 1);
+    assert_eq!(ops.get("Transpose"), Some(&4), "Transpose merging is an Extended rule");
+    let (ops, report) = check(&m, &feeds, OptLevel::Extended);
+    // t2(t1) is the identity and disappears; t4(t3) merges into one Transpose.
+    assert_eq!(ops.get("Transpose"), Some(&1), "{ops:?}");
+    assert!(report.count("transpose_merge") >= 2);
+}
+
+/// Conv weights `[m, c, 3, 3]` with varied values.
+fn conv_weight(b: &mut B, name: &str, m: usize, c: usize) -> ValueId {
+    let vals: Vec<f32> = (0..m * c * 9).map(|i| ((i * 7 % 13) as f32 - 6.0) / 10.0).collect();
+    b.f32s(name, &[m, c, 3, 3], &vals)
+}
+
+#[test]
+fn conv_batchnorm_and_activation_fuse() {
+    let mut b = B::new();
+    let x = b.input("x", &[1, 3, 8, 8]);
+    let w = conv_weight(&mut b, "w", 4, 3);
+    let cb = b.f32s("cb", &[4], &[0.1, -0.2, 0.3, 0.0]);
+    let conv = b.node("Conv", &[x, w, cb], vec![("pads", ints(&[1, 1, 1, 1]))]);
+    let gamma = b.f32s("gamma", &[4], &[1.0, 0.5, 2.0, -1.0]);
+    let beta = b.f32s("beta", &[4], &[0.0, 0.1, -0.1, 0.3]);
+    let mean = b.f32s("mean", &[4], &[0.2, -0.1, 0.0, 0.5]);
+    let var = b.f32s("var", &[4], &[1.0, 0.3, 2.0, 0.7]);
+    let bn = b.node(
+        "BatchNormalization",
+        &[conv, gamma, beta, mean, var],
+        vec![("epsilon", Attribute::Float(1e-3))],
+    );
+    let y = b.op("Relu", &[bn]);
+    // A branch for every other activation FusedConv supports (distinct weights, or CSE would
+    // merge the Convs first).
+    let mut outs = vec![y];
+    let lo = b.scalar("lo", -0.5);
+    let hi = b.scalar("hi", 0.5);
+    for (op, attrs, extra) in [
+        ("Clip", vec![], vec![lo, hi]),
+        ("LeakyRelu", vec![("alpha", Attribute::Float(0.1))], vec![]),
+        ("Sigmoid", vec![], vec![]),
+        ("Tanh", vec![], vec![]),
+        ("HardSigmoid", vec![("alpha", Attribute::Float(0.3))], vec![]),
+    ] {
+        let w2 = conv_weight(&mut b, &format!("w_{op}"), 2 + outs.len(), 3);
+        let c = b.op("Conv", &[x, w2]);
+        let mut ins = vec![c];
+        ins.extend(extra);
+        outs.push(b.node(op, &ins, attrs));
+    }
+    let (m, feeds) = b.model(&outs, 17);
+    let (ops, report) = check(&m, &feeds, OptLevel::Extended);
+    assert_eq!(ops, BTreeMap::from([("com.microsoft::FusedConv".to_string(), 6)]));
+    assert_eq!(report.count("conv_bn_fusion"), 1);
+    assert_eq!(report.count("conv_activation_fusion"), 6);
+    // Basic leaves them alone.
+    let (ops, _) = check(&m, &feeds, OptLevel::Basic);
+    assert_eq!(ops.get("BatchNormalization"), Some(&1));
+}
+
+#[test]
+fn matmul_add_becomes_gemm_in_2d_only() {
+    let mut b = B::new();
+    let a = b.input("a", &[3, 4]);
+    let w = b.f32s("w", &[4, 5], &(0..20).map(|i| i as f32 / 10.0).collect::<Vec<_>>());
+    let bias = b.f32s("bias", &[5], &[1.0, 2.0, 3.0, 4.0, 5.0]);
+    let mm = b.op("MatMul", &[a, w]);
+    let y = b.op("Add", &[bias, mm]);
+    let a3 = b.input("a3", &[2, 3, 4]);
+    let mm3 = b.op("MatMul", &[a3, w]);
+    let y3 = b.op("Add", &[mm3, bias]);
+    let (m, feeds) = b.model(&[y, y3], 17);
+    let (ops, report) = check(&m, &feeds, OptLevel::Extended);
+    assert_eq!(ops.get("Gemm"), Some(&1));
+    assert_eq!(ops.get("MatMul"), Some(&1));
+    assert_eq!(report.count("matmul_add_fusion"), 1);
+}
+
+/// `x` normalized over the last axis the way exporters decompose LayerNorm.
+fn decomposed_layer_norm(b: &mut B, x: ValueId, d: usize, pow: bool) -> ValueId {
+    let axes = vec![("axes", ints(&[-1]))];
+    let mu = b.node("ReduceMean", &[x], axes.clone());
+    let diff = b.op("Sub", &[x, mu]);
+    let sq = if pow {
+        let two = b.scalar("two", 2.0);
+        b.op("Pow", &[diff, two])
+    } else {
+        b.op("Mul", &[diff, diff])
+    };
+    let var = b.node("ReduceMean", &[sq], axes);
+    let eps = b.scalar("eps", 1e-5);
+    let ve = b.op("Add", &[var, eps]);
+    let s = b.op("Sqrt", &[ve]);
+    let n = b.op("Div", &[diff, s]);
+    let gamma = b.f32s(
+        "gamma",
+        &[d],
+        &(0..d).map(|i| 1.0 + i as f32 / 10.0).collect::<Vec<_>>(),
+    );
+    let beta = b.f32s("beta", &[d], &(0..d).map(|i| i as f32 / 20.0).collect::<Vec<_>>());
+    let g = b.op("Mul", &[n, gamma]);
+    b.op("Add", &[g, beta])
+}
+
+#[test]
+fn layer_norm_subgraph_becomes_layer_normalization() {
+    for pow in [true, false] {
+        let mut b = B::new();
+        let x = b.input("x", &[2, 3, 8]);
+        let y = decomposed_layer_norm(&mut b, x, 8, pow);
+        let (m, feeds) = b.model(&[y], 17);
+        let (ops, report) = check(&m, &feeds, OptLevel::Extended);
+        assert_eq!(
+            ops,
+            BTreeMap::from([("LayerNormalization".to_string(), 1)]),
+            "pow={pow}"
+        );
+        assert_eq!(report.count("layer_norm_fusion"), 1);
+    }
+    // Under strict opsets an opset-12 model keeps the subgraph (LayerNormalization is opset 17).
+    let mut b = B::new();
+    let x = b.input("x", &[2, 8]);
+    let y = decomposed_layer_norm(&mut b, x, 8, true);
+    let (m, feeds) = b.model(&[y], 12);
+    let mut o = opts(&m, OptLevel::Extended);
+    o.strict_opsets = true;
+    let (opt, _) = optimize_and_compare(&m, &feeds, &o, 1e-5);
+    assert!(!op_counts(&opt.graph).contains_key("LayerNormalization"));
+}
+
+/// GELU in erf form; `order` picks where the 0.5 multiplies.
+fn erf_gelu(b: &mut B, x: ValueId, order: usize) -> ValueId {
+    let sqrt2 = b.scalar(&format!("sqrt2_{order}"), std::f32::consts::SQRT_2);
+    let one = b.scalar(&format!("one_{order}"), 1.0);
+    let half = b.scalar(&format!("half_{order}"), 0.5);
+    let d = b.op("Div", &[x, sqrt2]);
+    let e = b.op("Erf", &[d]);
+    let a = b.op("Add", &[e, one]);
+    match order {
+        0 => {
+            let m = b.op("Mul", &[x, a]);
+            b.op("Mul", &[m, half])
+        }
+        1 => {
+            let h = b.op("Mul", &[x, half]);
+            b.op("Mul", &[h, a])
+        }
+        _ => {
+            let h = b.op("Mul", &[a, half]);
+            b.op("Mul", &[x, h])
+        }
+    }
+}
+
+fn tanh_gelu(b: &mut B, x: ValueId) -> ValueId {
+    let three = b.scalar("three", 3.0);
+    let k = b.scalar("k", 0.044715);
+    let c = b.scalar("c", 0.797_884_6);
+    let one = b.scalar("one_t", 1.0);
+    let half = b.scalar("half_t", 0.5);
+    let cube = b.op("Pow", &[x, three]);
+    let kc = b.op("Mul", &[k, cube]);
+    let inner = b.op("Add", &[x, kc]);
+    let s = b.op("Mul", &[inner, c]);
+    let t = b.op("Tanh", &[s]);
+    let a = b.op("Add", &[t, one]);
+    let h = b.op("Mul", &[half, x]);
+    b.op("Mul", &[h, a])
+}
+
+#[test]
+fn gelu_forms_fuse_to_standard_or_microsoft_gelu() {
+    let mut b = B::new();
+    let x = b.input("x", &[2, 16]);
+    let mut outs: Vec<ValueId> = (0..3).map(|k| erf_gelu(&mut b, x, k)).collect();
+    outs.push(tanh_gelu(&mut b, x));
+    let (m, feeds) = b.model(&outs, 17);
+    // In memory: Kiln's standard Gelu kernel whatever the opset.
+    let (ops, report) = check(&m, &feeds, OptLevel::Extended);
+    assert_eq!(ops, BTreeMap::from([("Gelu".to_string(), 4)]));
+    assert_eq!(report.count("gelu_fusion"), 4);
+    // Strict opsets (export) at opset 17: com.microsoft Gelu / FastGelu.
+    let mut o = opts(&m, OptLevel::Extended);
+    o.strict_opsets = true;
+    let (opt, _) = optimize_and_compare(&m, &feeds, &o, 1e-5);
+    assert_eq!(
+        op_counts(&opt.graph),
+        BTreeMap::from([
+            ("com.microsoft::FastGelu".to_string(), 1),
+            ("com.microsoft::Gelu".to_string(), 3)
+        ])
+    );
+}
+
+#[test]
+fn bias_add_and_gelu_fuse_to_bias_gelu() {
+    for opset in [17, 20] {
+        let mut b = B::new();
+        let x = b.input("x", &[2, 3, 8]);
+        let bias = b.f32s("bias", &[8], &(0..8).map(|i| i as f32 / 4.0 - 1.0).collect::<Vec<_>>());
+        let s = b.op("Add", &[x, bias]);
+        let y = erf_gelu(&mut b, s, 0);
+        let (m, feeds) = b.model(&[y], opset);
+        let mut o = opts(&m, OptLevel::Extended);
+        o.strict_opsets = true;
+        let (opt, report) = optimize_and_compare(&m, &feeds, &o, 1e-5);
+        assert_eq!(
+            op_counts(&opt.graph),
+            BTreeMap::from([("com.microsoft::BiasGelu".to_string(), 1)]),
+            "opset {opset}"
+        );
+        assert_eq!(report.count("bias_gelu_fusion"), 1);
+    }
+}
+
+#[test]
+fn disabled_does_nothing_and_all_includes_extended() {
+    let mut b = B::new();
+    let x = b.input("x", &[1, 3, 8, 8]);
+    let w = conv_weight(&mut b, "w", 2, 3);
+    let c = b.op("Conv", &[x, w]);
+    let i = b.op("Identity", &[c]);
+    let y = b.op("Relu", &[i]);
+    let (m, feeds) = b.model(&[y], 17);
+    let (ops, report) = check(&m, &feeds, OptLevel::Disabled);
+    assert_eq!(ops.len(), 3);
+    assert_eq!(report.iterations, 0);
+    let (ops, _) = check(&m, &feeds, OptLevel::All);
+    assert_eq!(ops, BTreeMap::from([("com.microsoft::FusedConv".to_string(), 1)]));
+    // The session reports what it did.
+    let s = Session::builder().optimization(Level::All).build_from_model(m).unwrap();
+    let r = s.optimization_report();
+    assert_eq!((r.nodes_before, r.nodes_after), (3, 1));
+}
+
+#[test]
+fn export_round_trips_through_the_importer() {
+    let mut b = B::new();
+    let x = b.input("x", &[1, 3, 8, 8]);
+    let w = conv_weight(&mut b, "w", 2, 3);
+    let c = b.op("Conv", &[x, w]);
+    let y = b.op("Relu", &[c]);
+    let (m, feeds) = b.model(&[y], 17);
+    let mut opt = m.clone();
+    kiln::optimize_model(&mut opt, Level::Extended).unwrap();
+    let bytes = onnx::export_model_bytes(&opt).unwrap();
+    let back = onnx::load_model_bytes(&bytes).unwrap();
+    assert_eq!(back.opsets.get("com.microsoft"), Some(&1));
+    assert_eq!(op_counts(&back.graph), op_counts(&opt.graph));
+    assert_close(&run_as_is(m, &feeds), &run_as_is(back, &feeds), 1e-5);
+}
+
+fn root() -> std::path::PathBuf {
+    std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+fn read_npy(path: &std::path::Path) -> TensorData {
+    let bytes = std::fs::read(path).unwrap();
+    let npy = npyz::NpyFile::new(&bytes[..]).unwrap();
+    let dims: Vec<usize> = npy.shape().iter().map(|&d| d as usize).collect();
+    let vals: Vec<f32> = npy.into_vec().unwrap();
+    TensorData::from_values("x", dims, &vals).unwrap()
+}
+
+/// The light models: import -> export -> import runs the same, and every level gives the same
+/// outputs as the unoptimized model.
+#[test]
+fn light_models_round_trip_and_match_at_every_level() {
+    for name in ["squeezenet", "resnet50"] {
+        let path = root().join(format!("models/light/{name}.onnx"));
+        let model = onnx::load_model(&path).unwrap();
+        let x = read_npy(&root().join("models/light/input_1x3x224x224.npy"));
+        let input = model.graph.value_name(model.graph.runtime_inputs()[0]).to_string();
+        let feeds = vec![(input, x)];
+        let want = run_as_is(model.clone(), &feeds);
+        let back = onnx::load_model_bytes(&onnx::export_model_bytes(&model).unwrap()).unwrap();
+        assert_close(&want, &run_as_is(back, &feeds), 0.0);
+        for level in [Level::Basic, Level::Extended, Level::All] {
+            let s = Session::builder()
+                .optimization(level)
+                .build_from_model(model.clone())
+                .unwrap();
+            assert_close(&want, &s.run(feeds.clone()).unwrap(), 1e-4);
+            let r = s.optimization_report();
+            assert!(r.nodes_after < r.nodes_before, "{name} {level:?}: {r}");
+            if level >= Level::Extended {
+                assert!(r.count("conv_activation_fusion") > 0, "{name}: {r}");
+                if name == "resnet50" {
+                    // 53 Conv+BN; 16 residual blocks end in Sum + Relu.
+                    assert_eq!(r.count("conv_bn_fusion"), 53, "{r}");
+                    assert_eq!(r.count("conv_add_activation_fusion"), 16, "{r}");
+                }
+            }
+        }
+    }
+}
+
+/// A sample of ONNX node tests (when the test data is present): export -> import runs the same
+/// (identical outputs on the test's own inputs).
+#[test]
+fn node_tests_round_trip_through_export() {
+    let Some(dir) = std::env::var_os("KILN_NODE_TESTS").map(std::path::PathBuf::from) else {
+        eprintln!("KILN_NODE_TESTS not set: skipped");
+        return;
+    };
+    let mut checked = 0;
+    let names = [
+        "test_conv_with_strides_padding",
+        "test_if",
+        "test_loop11",
+        "test_scan9_sum",
+        "test_layer_normalization_2d_axis0",
+        "test_gemm_default_no_bias",
+        "test_gelu_tanh_1",
+        "test_reshape_reordered_all_dims",
+        "test_cast_FLOAT_to_FLOAT16",
+        "test_constant",
+        "test_attention_4d",
+        "test_range_float_type_positive_delta_expanded",
+    ];
+    for name in names {
+        let case = dir.join(name);
+        let Ok(model) = onnx::load_model(case.join("model.onnx")) else {
+            continue;
+        };
+        let bytes = onnx::export_model_bytes(&model).unwrap_or_else(|e| panic!("{name}: export failed: {e}"));
+        let back = onnx::load_model_bytes(&bytes).unwrap_or_else(|e| panic!("{name}: {e}"));
+        assert_eq!(op_counts(&back.graph), op_counts(&model.graph), "{name}");
+        assert_eq!(back.graph.inputs.len(), model.graph.inputs.len(), "{name}");
+        let inputs: Vec<String> = model
+            .graph
+            .runtime_inputs()
+            .iter()
+            .map(|v| model.graph.value_name(*v).to_string())
+            .collect();
+        let mut feeds = Vec::new();
+        for (i, input) in inputs.iter().enumerate() {
+            let path = case.join(format!("test_data_set_0/input_{i}.pb"));
+            match onnx::read_value_file(&path, "tensor").unwrap_or_else(|e| panic!("{name}: {e}")) {
+                onnx::DataValue::Tensor(t) => feeds.push((input.clone(), t)),
+                other => panic!("{name}: {other:?} is not a tensor"),
+            }
+        }
+        let want = run_as_is(model, &feeds);
+        let got = run_as_is(back, &feeds);
+        assert_eq!(want, got, "{name}");
+        checked += 1;
+    }
+    assert!(checked >= 10, "only {checked} node tests found under {}", dir.display());
+}
+
+/// Real models fetched into the cache (MiniLM, PP-OCR): the fusions fire and outputs still match.
+#[test]
+fn cached_real_models_fuse_and_match() {
+    let cache = std::env::var_os("KILN_CACHE")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_default();
+    let dirs = ["models-shared", "models-v1"];
+    type Case<'a> = (&'a str, &'a [(&'a str, &'a [usize])], &'a [&'a str]);
+    let cases: [Case; 3] = [
+        (
+            "paraphrase-MiniLM-L3-v2.onnx",
+            &[("input_ids", &[2, 7]), ("attention_mask", &[2, 7])],
+            &["gelu_fusion", "bias_gelu_fusion", "attention_fusion"],
+        ),
+        (
+            "ch_PP-OCRv4_det_infer.onnx",
+            &[("x", &[1, 3, 64, 64])],
+            &["conv_bn_fusion", "conv_activation_fusion"],
+        ),
+        (
+            "ch_PP-OCRv4_rec_infer.onnx",
+            &[("x", &[1, 3, 48, 64])],
+            &["layer_norm_fusion", "conv_bn_fusion"],
+        ),
+    ];
+    for (file, inputs, rules) in cases {
+        let Some(path) = dirs
+            .iter()
+            .flat_map(|d| {
+                let base = cache.join(d);
+                ["", "vital-paraphrase-minilm", "rapidocr"]
+                    .iter()
+                    .map(move |s| base.join(s).join(file))
+            })
+            .find(|p| p.exists())
+        else {
+            eprintln!("{file} not in the cache: skipped");
+            continue;
+        };
+        let model = onnx::load_model(&path).unwrap();
+        let feeds: Vec<(String, TensorData)> = inputs
+            .iter()
+            .map(|(n, dims)| {
+                let count: usize = dims.iter().product();
+                let t = if n.contains("ids") || n.contains("mask") {
+                    let v: Vec<i64> = (0..count)
+                        .map(|i| if n.contains("mask") { 1 } else { (i * 7 % 90) as i64 + 1 })
+                        .collect();
+                    TensorData::from_values(*n, dims.to_vec(), &v)
+                } else {
+                    let v: Vec<f32> = (0..count).map(|i| ((i * 13 % 17) as f32 - 8.0) / 8.0).collect();
+                    TensorData::from_values(*n, dims.to_vec(), &v)
+                };
+                (n.to_string(), t.unwrap())
+            })
+            .collect();
+        let want = run_as_is(model.clone(), &feeds);
+        let s = Session::builder()
+            .optimization(Level::Extended)
+            .build_from_model(model)
+            .unwrap();
+        let r = s.optimization_report();
+        eprintln!("{file}: {r}");
+        for rule in rules {
+            assert!(r.count(rule) > 0, "{file}: {rule} did not fire: {r}");
+        }
+        assert_close(&want, &s.run(feeds).unwrap(), 1e-4);
+    }
+}
+
+#[test]
+fn scaled_dot_product_attention_becomes_one_node() {
+    let (bsz, s, h, d) = (2, 5, 3, 4);
+    for (with_mask, scale_op) in [(true, "Div"), (false, "Mul"), (true, "")] {
+        let mut b = B::new();
+        let q = b.input("q", &[bsz, s, h, d]);
+        let k = b.input("k", &[bsz, s, h, d]);
+        let v = b.input("v", &[bsz, s, h, d]);
+        let qt = b.node("Transpose", &[q], vec![("perm", ints(&[0, 2, 1, 3]))]);
+        let kt = b.node("Transpose", &[k], vec![("perm", ints(&[0, 2, 3, 1]))]);
+        let vt = b.node("Transpose", &[v], vec![("perm", ints(&[0, 2, 1, 3]))]);
+        let scores = b.op("MatMul", &[qt, kt]);
+        let scaled = match scale_op {
+            "Div" => {
+                let c = b.scalar("c", (d as f32).sqrt());
+                b.op("Div", &[scores, c])
+            }
+            "Mul" => {
+                let c = b.scalar("c", 0.3);
+                b.op("Mul", &[c, scores])
+            }
+            _ => scores,
+        };
+        let logits = if with_mask {
+            let mask: Vec<f32> = (0..bsz * s).map(|i| if i % 5 == 4 { -10000.0 } else { 0.0 }).collect();
+            let m = b.input_data(TensorData::from_values("mask", vec![bsz, 1, 1, s], &mask).unwrap());
+            b.op("Add", &[scaled, m])
+        } else {
+            scaled
+        };
+        let p = b.node("Softmax", &[logits], vec![("axis", Attribute::Int(-1))]);
+        let y = b.op("MatMul", &[p, vt]);
+        let (m, feeds) = b.model(&[y], 17);
+        let (ops, report) = check(&m, &feeds, OptLevel::Extended);
+        assert_eq!(
+            ops,
+            BTreeMap::from([("Attention".to_string(), 1), ("Transpose".to_string(), 3)]),
+            "mask={with_mask} scale={scale_op}"
+        );
+        assert_eq!(report.count("attention_fusion"), 1);
+        // Export keeps opset 17: the standard Attention (opset 23) is not emitted then.
+        let mut o = opts(&m, OptLevel::Extended);
+        o.strict_opsets = true;
+        let (opt, _) = optimize_and_compare(&m, &feeds, &o, 1e-5);
+        assert!(!op_counts(&opt.graph).contains_key("Attention"));
+    }
+}
+
+#[test]
+fn conv_residual_add_and_activation_fuse_in_memory() {
+    let mut b = B::new();
+    let x = b.input("x", &[1, 2, 6, 6]);
+    let w = conv_weight(&mut b, "w", 2, 2);
+    let w2 = conv_weight(&mut b, "w2", 2, 2);
+    let branch = b.node("Conv", &[x, w2], vec![("pads", ints(&[1, 1, 1, 1]))]);
+    let z = b.op("Relu", &[branch]);
+    let conv = b.node("Conv", &[z, w], vec![("pads", ints(&[1, 1, 1, 1]))]);
+    let s = b.op("Sum", &[z, conv]);
+    let y = b.op("Relu", &[s]);
+    // A broadcast residual ([2, 1, 1]) takes the kernel's broadcasting path.
+    let w3 = conv_weight(&mut b, "w3", 2, 2);
+    let conv3 = b.op("Conv", &[x, w3]);
+    let r = b.f32s("r", &[2, 1, 1], &[0.5, -0.25]);
+    let s3 = b.op("Add", &[conv3, r]);
+    let y3 = b.node("LeakyRelu", &[s3], vec![("alpha", Attribute::Float(0.2))]);
+    let (m, feeds) = b.model(&[y, y3], 17);
+    let (ops, report) = check(&m, &feeds, OptLevel::Extended);
+    assert_eq!(
+        ops,
+        BTreeMap::from([("com.microsoft::FusedConv".to_string(), 3)]),
+        "{report}"
+    );
+    assert_eq!(report.count("conv_add_activation_fusion"), 2);
+    // Not under strict opsets: ONNX Runtime's Z must match the Conv output exactly.
+    let mut o = opts(&m, OptLevel::Extended);
+    o.strict_opsets = true;
+    let (opt, _) = optimize_and_compare(&m, &feeds, &o, 1e-5);
+    assert_eq!(op_counts(&opt.graph).get("com.microsoft::FusedConv"), Some(&1));
+}
+
+/// Every node test whose inputs are tensors: export -> import gives identical outputs (or the
+/// same failure), with the optimizer off on both sides.
+#[test]
+fn all_node_tests_round_trip_through_export() {
+    let Some(dir) = std::env::var_os("KILN_NODE_TESTS").map(std::path::PathBuf::from) else {
+        eprintln!("KILN_NODE_TESTS not set: skipped");
+        return;
+    };
+    let mut entries: Vec<_> = std::fs::read_dir(&dir).unwrap().flatten().map(|e| e.path()).collect();
+    entries.sort();
+    let (mut same, mut bad) = (0, Vec::new());
+    for case in entries {
+        let Ok(model) = onnx::load_model(case.join("model.onnx")) else {
+            continue;
+        };
+        let name = case.file_name().unwrap_or_default().to_string_lossy().into_owned();
+        let back = match onnx::export_model_bytes(&model).and_then(|b| onnx::load_model_bytes(&b)) {
+            Ok(m) => m,
+            Err(e) => {
+                bad.push(format!("{name}: {e}"));
+                continue;
+            }
+        };
+        let mut feeds = Vec::new();
+        for (i, v) in model.graph.runtime_inputs().iter().enumerate() {
+            let path = case.join(format!("test_data_set_0/input_{i}.pb"));
+            if let Ok(onnx::DataValue::Tensor(t)) = onnx::read_value_file(&path, "tensor") {
+                feeds.push((model.graph.value_name(*v).to_string(), t));
+            }
+        }
+        let run = |m: Model| {
+            Session::builder()
+                .optimization(Level::Disabled)
+                .build_from_model(m)
+                .and_then(|s| s.run(feeds.clone()))
+                .map_err(|e| e.to_string())
+        };
+        let (a, b) = (run(model), run(back));
+        if a == b {
+            same += 1;
+        } else {
+            bad.push(format!("{name}: {:?} vs {:?}", a.err(), b.err()));
+        }
+    }
+    eprintln!("{same} node tests give the same result after export -> import");
+    assert!(
+        same > 1000 && bad.is_empty(),
+        "{same} same; differ:\n{}",
+        bad.join("\n")
+    );
+}
