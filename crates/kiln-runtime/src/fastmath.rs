@@ -234,6 +234,53 @@ pub(crate) fn softmax_row(row: &mut [f32]) {
     softmax_row_impl::<false>(row)
 }
 
+#[inline(always)]
+fn layer_norm_row_impl<const FMA: bool>(x: &[f32], scale: &[f32], bias: Option<&[f32]>, eps: f32, y: &mut [f32]) {
+    let n = x.len().max(1) as f32;
+    // Two passes (mean, then squared deviations) in eight lanes: stable and vectorizable.
+    let lanes = |f: &dyn Fn(f32) -> f32| -> f32 {
+        let mut acc = [0f32; 8];
+        let mut chunks = x.chunks_exact(8);
+        for c in &mut chunks {
+            for (a, &v) in acc.iter_mut().zip(c) {
+                *a += f(v);
+            }
+        }
+        acc.iter().sum::<f32>() + chunks.remainder().iter().map(|&v| f(v)).sum::<f32>()
+    };
+    let mean = lanes(&|v| v) / n;
+    let var = lanes(&|v| (v - mean) * (v - mean)) / n;
+    let inv = 1.0 / (var + eps).sqrt();
+    match bias {
+        Some(b) => y
+            .iter_mut()
+            .zip(x.iter().zip(scale.iter().zip(b)))
+            .for_each(|(o, (&v, (&s, &bb)))| *o = madd::<FMA>((v - mean) * inv, s, bb)),
+        None => y
+            .iter_mut()
+            .zip(x.iter().zip(scale))
+            .for_each(|(o, (&v, &s))| *o = (v - mean) * inv * s),
+    }
+}
+
+#[cfg(any(target_arch = "x86", target_arch = "x86_64"))]
+#[target_feature(enable = "avx2,fma")]
+fn layer_norm_row_avx2(x: &[f32], scale: &[f32], bias: Option<&[f32]>, eps: f32, y: &mut [f32]) {
+    layer_norm_row_impl::<true>(x, scale, bias, eps, y)
+}
+
+/// LayerNormalization of one row: `(x - mean) / sqrt(var + eps) * scale + bias`, f32 throughout.
+/// `scale`, `bias` and `y` have the row's length.
+pub(crate) fn layer_norm_row(x: &[f32], scale: &[f32], bias: Option<&[f32]>, eps: f32, y: &mut [f32]) {
+    #[cfg(any(target_arch = "x86", target_arch = "x86_64"))]
+    if has_avx2_fma() {
+        // SAFETY: the CPU supports the features `layer_norm_row_avx2` is compiled for (checked above).
+        unsafe { layer_norm_row_avx2(x, scale, bias, eps, y) };
+        return;
+    }
+    layer_norm_row_impl::<false>(x, scale, bias, eps, y)
+}
+
 /// Elements per parallel task: large enough to amortize scheduling, small enough to balance.
 const CHUNK: usize = 16 * 1024;
 

@@ -7,6 +7,7 @@
 
 use candle_core::{DType as CDType, Tensor as CT};
 use kiln_graph::DType;
+use rayon::prelude::*;
 
 use super::common::{norm_axes, norm_axis, tin, tin_opt};
 use super::{kernel, out1, NodeCtx, OpKernel, Registry};
@@ -161,6 +162,11 @@ fn layer_norm(n: &NodeCtx) -> Result<Box<dyn OpKernel>> {
         let d = x.dims().to_vec();
         let a = norm_axis(axis, d.len())?;
         let outer: usize = d[..a].iter().product();
+        if nout == 1 {
+            if let Some(y) = layer_norm_f32(x, a, tin_opt(ins, 1)?, tin_opt(ins, 2)?, eps as f32)? {
+                return out1(y);
+            }
+        }
         let xc = stash_work(x, stash)?;
         let (y, mean, inv) = norm_rows(&xc.reshape((outer, d[a..].iter().product::<usize>()))?, eps)?;
         let mut y = y.reshape(d.as_slice())?;
@@ -182,6 +188,53 @@ fn layer_norm(n: &NodeCtx) -> Result<Box<dyn OpKernel>> {
         }
         Ok(out)
     }))
+}
+
+/// Fused CPU LayerNormalization for f32 `x` with per-row f32 scale (and bias) of the normalized
+/// size: rows in parallel, one read and one write of `x`. `None` when the case does not apply.
+fn layer_norm_f32(
+    x: &Tensor,
+    axis: usize,
+    scale: Option<&Tensor>,
+    bias: Option<&Tensor>,
+    eps: f32,
+) -> Result<Option<Tensor>> {
+    use super::conv_cpu::with_f32;
+    let d = x.dims();
+    let inner: usize = d[axis..].iter().product();
+    let rows: usize = d[..axis].iter().product();
+    let Some(scale) = scale else { return Ok(None) };
+    // Scale and bias must be exactly the normalized dims (leading 1s aside), not a broadcast.
+    let strip = |v: &[usize]| -> Vec<usize> { v.iter().copied().skip_while(|&x| x == 1).collect() };
+    let want = strip(&d[axis..]);
+    let fits = |t: &Tensor| t.dtype() == DType::F32 && strip(t.dims()) == want;
+    if x.dtype() != DType::F32 || inner == 0 || rows == 0 || !fits(scale) || bias.is_some_and(|b| !fits(b)) {
+        return Ok(None);
+    }
+    let (Some(sv), bv) = (
+        with_f32(&scale.candle().contiguous()?, |s| s.to_vec()),
+        match bias {
+            Some(b) => with_f32(&b.candle().contiguous()?, |s| s.to_vec()),
+            None => None,
+        },
+    ) else {
+        return Ok(None);
+    };
+    if bias.is_some() && bv.is_none() {
+        return Ok(None);
+    }
+    let out = with_f32(x.candle(), |xs| {
+        let mut y = vec![0f32; xs.len()];
+        y.par_chunks_mut(inner)
+            .zip(xs.par_chunks(inner))
+            .with_min_len((16384 / inner).max(1))
+            .for_each(|(yr, xr)| crate::fastmath::layer_norm_row(xr, &sv, bv.as_deref(), eps, yr));
+        y
+    });
+    match out {
+        Some(y) => Ok(Some(Tensor::new(CT::from_vec(y, d, x.device())?, DType::F32)?)),
+        None => Ok(None),
+    }
 }
 
 fn rms_norm(n: &NodeCtx) -> Result<Box<dyn OpKernel>> {
