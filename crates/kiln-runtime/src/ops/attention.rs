@@ -360,6 +360,21 @@ fn run_attention(cfg: &AttnCfg, ins: &[Option<&Value>]) -> Result<Vec<Value>> {
     };
 
     // ---- softmax robust to fully masked rows ----
+    if !emulate && cd == CDType::F32 && dev.is_cpu() {
+        if let Some(p) = softmax_rows_f32(&qk_bias)? {
+            return finish(
+                cfg,
+                (b, hq, hk, reps, s, t, dv, rank),
+                p,
+                &vc,
+                qk,
+                qk_bias,
+                present_k,
+                present_v,
+                dt,
+            );
+        }
+    }
     let mx = qk_bias.max_keepdim(D::Minus1)?;
     let safe = mx.eq(f64::NEG_INFINITY)?.where_cond(&mx.zeros_like()?, &mx)?;
     let e = rnd(rnd(qk_bias.broadcast_sub(&safe)?)?.exp()?)?;
@@ -384,10 +399,64 @@ fn run_attention(cfg: &AttnCfg, ins: &[Option<&Value>]) -> Result<Vec<Value>> {
         }
     }
 
+    finish(
+        cfg,
+        (b, hq, hk, reps, s, t, dv, rank),
+        p,
+        &vc,
+        qk,
+        qk_bias,
+        present_k,
+        present_v,
+        dt,
+    )
+}
+
+/// Softmax over the last axis of f32 scores on the CPU, one fused pass per row; rows whose scores
+/// are all -inf (no attendable key) give zeros. `None` when the scores are not a contiguous f32
+/// CPU tensor.
+fn softmax_rows_f32(scores: &CT) -> Result<Option<CT>> {
+    use rayon::prelude::*;
+    let Some(t) = scores.dims().last().copied() else {
+        return Ok(None);
+    };
+    if t == 0 {
+        return Ok(None);
+    }
+    let out = super::conv_cpu::with_f32(scores, |src| {
+        let mut v = src.to_vec();
+        v.par_chunks_mut(t).with_min_len((16384 / t).max(1)).for_each(|row| {
+            if row.iter().all(|&x| x == f32::NEG_INFINITY) {
+                row.iter_mut().for_each(|x| *x = 0.0);
+            } else {
+                crate::fastmath::softmax_row(row);
+            }
+        });
+        v
+    });
+    Ok(match out {
+        Some(v) => Some(CT::from_vec(v, scores.dims(), scores.device())?),
+        None => None,
+    })
+}
+
+/// Probabilities times V, the output layout, and the node's four outputs.
+#[allow(clippy::too_many_arguments, clippy::type_complexity)]
+fn finish(
+    cfg: &AttnCfg,
+    (b, hq, hk, reps, s, t, dv, rank): (usize, usize, usize, usize, usize, usize, usize, usize),
+    p: CT,
+    vc: &CT,
+    qk: CT,
+    qk_bias: CT,
+    present_k: CT,
+    present_v: CT,
+    dt: DType,
+) -> Result<Vec<Value>> {
     let y = p
         .contiguous()?
         .reshape((b, hk, reps * s, t))?
-        .matmul(&vc)?
+        .matmul(vc)?
         .reshape((b, hq, s, dv))?;
     let y = if rank == 3 {
         y.transpose(1, 2)?.contiguous()?.reshape((b, s, hq * dv))?

@@ -10,11 +10,36 @@ use std::collections::BTreeMap;
 use candle_core::{CpuStorage, Layout, Tensor as CT};
 use kiln_graph::{Attribute, Node};
 
+use super::binary_cpu::{binary_f32, BinOp};
 use super::common::tin;
 use super::{kernel, out1, NodeCtx, OpKernel, Registry};
-use crate::{bail, Result, Value};
+use crate::fastmath::Func;
+use crate::{bail, Result, Tensor, Value};
 
 const MS: &str = "com.microsoft";
+
+/// f32 CPU GELU (optionally after a broadcast bias add) through the vectorized `fastmath`
+/// kernels; `None` when the operands are not contiguous f32 CPU tensors.
+fn fast_gelu_f32(x: &CT, bias: Option<&CT>, f: Func) -> Result<Option<Tensor>> {
+    if x.dtype() != candle_core::DType::F32 || bias.is_some_and(|b| b.dtype() != candle_core::DType::F32) {
+        return Ok(None);
+    }
+    let summed;
+    let input = match bias {
+        Some(b) => match binary_f32(BinOp::Add, x, b) {
+            Some(r) => {
+                summed = r?;
+                &summed
+            }
+            None => return Ok(None),
+        },
+        None => x,
+    };
+    match crate::fastmath::map_tensor(f, input) {
+        Some(y) => Ok(Some(Tensor::new(y?, kiln_graph::DType::F32)?)),
+        None => Ok(None),
+    }
+}
 
 pub fn register(r: &mut Registry) {
     r.add_domain(MS, "FusedConv", fused_conv);
@@ -22,6 +47,9 @@ pub fn register(r: &mut Registry) {
         Ok(kernel(|_, ins| {
             let x = tin(ins, 0)?;
             float_only(x, "Gelu")?;
+            if let Some(y) = fast_gelu_f32(x.candle(), None, Func::GeluErf)? {
+                return out1(y);
+            }
             out1(x.map(|t| t.gelu_erf())?)
         }))
     });
@@ -29,6 +57,9 @@ pub fn register(r: &mut Registry) {
         Ok(kernel(|_, ins| {
             let (x, b) = (tin(ins, 0)?, tin(ins, 1)?);
             float_only(x, "BiasGelu")?;
+            if let Some(y) = fast_gelu_f32(x.candle(), Some(b.candle()), Func::GeluErf)? {
+                return out1(y);
+            }
             let bc = b.candle().to_dtype(x.candle().dtype())?;
             out1(x.map(|t| t.broadcast_add(&bc)?.gelu_erf())?)
         }))
@@ -38,6 +69,9 @@ pub fn register(r: &mut Registry) {
             let x = tin(ins, 0)?;
             float_only(x, "FastGelu")?;
             let b = super::common::tin_opt(ins, 1)?;
+            if let Some(y) = fast_gelu_f32(x.candle(), b.map(|b| b.candle()), Func::GeluTanh)? {
+                return out1(y);
+            }
             let bc = b.map(|b| b.candle().to_dtype(x.candle().dtype())).transpose()?;
             out1(x.map(|t| match &bc {
                 Some(b) => t.broadcast_add(b)?.gelu(),
