@@ -356,7 +356,17 @@ fn run_attention(cfg: &AttnCfg, ins: &[Option<&Value>]) -> Result<Vec<Value>> {
     }
     let qk_bias = match &bias {
         None => qk.clone(),
-        Some(bb) => rnd(qk.broadcast_add(bb)?)?,
+        Some(bb) => {
+            let fast = if emulate || cd != CDType::F32 {
+                None
+            } else {
+                super::binary_cpu::binary_f32(super::binary_cpu::BinOp::Add, &qk, &bb.contiguous()?)
+            };
+            match fast {
+                Some(r) => r?,
+                None => rnd(qk.broadcast_add(bb)?)?,
+            }
+        }
     };
 
     // ---- softmax robust to fully masked rows ----
