@@ -2,6 +2,7 @@
 
 mod bench;
 mod npy;
+mod serve;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -60,6 +61,8 @@ enum Cmd {
         #[arg(long, env = "KILN_THREADS")]
         threads: Option<usize>,
     },
+    /// Serve a model repository over KServe v2 HTTP/gRPC and TF-Serving REST.
+    Serve(serve::ServeArgs),
 }
 
 fn main() -> ExitCode {
@@ -96,6 +99,7 @@ fn main() -> ExitCode {
             };
             bench::bench(&model, &cfg)
         })(),
+        Cmd::Serve(args) => serve::serve(args),
     };
     match r {
         Ok(()) => ExitCode::SUCCESS,
