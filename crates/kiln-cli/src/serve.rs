@@ -1,5 +1,6 @@
 //! `kiln serve`: the model server (KServe v2 HTTP/gRPC, TF-Serving REST, Prometheus metrics).
 
+use std::io::IsTerminal;
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::time::Duration;

@@ -378,3 +378,79 @@ fn split_outputs(outputs: Vec<TensorData>, batch: &[Job], rows: usize) -> Result
     }
     Ok(per_job)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn job(dims: Vec<usize>, values: &[f32]) -> (Job, oneshot::Receiver<Result<JobOutput>>) {
+        let (tx, rx) = oneshot::channel();
+        let rows = dims[0];
+        let job = Job {
+            inputs: vec![TensorData::from_values("x", dims, values).unwrap()],
+            rows,
+            enqueued: Instant::now(),
+            deadline: None,
+            reply: tx,
+        };
+        (job, rx)
+    }
+
+    #[test]
+    fn only_same_non_batch_shapes_batch_together() {
+        let (a, _ra) = job(vec![1, 2], &[1.0, 2.0]);
+        let (b, _rb) = job(vec![3, 2], &[0.0; 6]);
+        let (c, _rc) = job(vec![1, 3], &[0.0; 3]);
+        assert!(a.compatible(&b));
+        assert!(!a.compatible(&c));
+        let (mut d, _rd) = job(vec![1, 2], &[1.0, 2.0]);
+        d.inputs[0] = TensorData::from_values("x", vec![1, 2], &[1i64, 2]).unwrap();
+        assert!(!a.compatible(&d), "dtypes differ");
+    }
+
+    #[test]
+    fn stack_then_split_restores_each_request() {
+        let (a, _ra) = job(vec![1, 2], &[1.0, 2.0]);
+        let (b, _rb) = job(vec![2, 2], &[3.0, 4.0, 5.0, 6.0]);
+        let batch = vec![a, b];
+        let stacked = stack_inputs(&batch, 3).unwrap();
+        assert_eq!(stacked[0].dims, vec![3, 2]);
+        assert_eq!(stacked[0].values::<f32>().unwrap(), vec![1.0, 2.0, 3.0, 4.0, 5.0, 6.0]);
+        // An "output" with 3 rows of 1 element each.
+        let out = TensorData::from_values("y", vec![3, 1], &[10i32, 20, 30]).unwrap();
+        let per_job = split_outputs(vec![out], &batch, 3).unwrap();
+        assert_eq!(per_job[0][0].dims, vec![1, 1]);
+        assert_eq!(per_job[0][0].values::<i32>().unwrap(), vec![10]);
+        assert_eq!(per_job[1][0].dims, vec![2, 1]);
+        assert_eq!(per_job[1][0].values::<i32>().unwrap(), vec![20, 30]);
+        // Outputs without the batch rows along dim 0 cannot be split.
+        let wrong = TensorData::from_values("y", vec![2], &[1.0f32, 2.0]).unwrap();
+        assert!(split_outputs(vec![wrong], &batch, 3).is_err());
+    }
+
+    #[test]
+    fn string_tensors_stack_and_split() {
+        let (tx, _r) = oneshot::channel();
+        let s = |v: &[&str]| v.iter().map(|x| x.as_bytes().to_vec()).collect::<Vec<_>>();
+        let a = Job {
+            inputs: vec![TensorData::strings("s", vec![1], s(&["a"])).unwrap()],
+            rows: 1,
+            enqueued: Instant::now(),
+            deadline: None,
+            reply: tx,
+        };
+        let (tx, _r2) = oneshot::channel();
+        let b = Job {
+            inputs: vec![TensorData::strings("s", vec![2], s(&["bb", "ccc"])).unwrap()],
+            rows: 2,
+            enqueued: Instant::now(),
+            deadline: None,
+            reply: tx,
+        };
+        let batch = vec![a, b];
+        let stacked = stack_inputs(&batch, 3).unwrap();
+        assert_eq!(stacked[0].string_data().unwrap(), s(&["a", "bb", "ccc"]).as_slice());
+        let per_job = split_outputs(stacked, &batch, 3).unwrap();
+        assert_eq!(per_job[1][0].string_data().unwrap(), s(&["bb", "ccc"]).as_slice());
+    }
+}
