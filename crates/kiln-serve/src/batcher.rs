@@ -195,11 +195,13 @@ fn next_batch(shared: &Shared) -> Option<Vec<Job>> {
                 None => st = shared.ready.wait(st).unwrap_or_else(|e| e.into_inner()),
             }
         };
-        shared.metrics.pending.dec();
+        // `pending` counts requests not yet executing: queued or held in a forming batch.
         if first.reply.is_closed() {
+            shared.metrics.pending.dec();
             continue; // the client went away
         }
         if first.expired(Instant::now()) {
+            shared.metrics.pending.dec();
             first.time_out();
             continue;
         }
@@ -223,11 +225,12 @@ fn next_batch(shared: &Shared) -> Option<Vec<Job>> {
                     continue;
                 }
                 if let Some(j) = st.jobs.remove(i) {
-                    shared.metrics.pending.dec();
                     if j.reply.is_closed() {
+                        shared.metrics.pending.dec();
                         continue;
                     }
                     if j.expired(now) {
+                        shared.metrics.pending.dec();
                         j.time_out();
                         continue;
                     }
@@ -250,6 +253,7 @@ fn next_batch(shared: &Shared) -> Option<Vec<Job>> {
 }
 
 fn run_batch(shared: &Shared, batch: Vec<Job>) {
+    shared.metrics.pending.sub(batch.len() as i64);
     let start = Instant::now();
     if batch.len() == 1 {
         for job in batch {

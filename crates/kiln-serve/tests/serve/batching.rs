@@ -1,5 +1,3 @@
-use std::time::Duration;
-
 use reqwest::StatusCode;
 use serde_json::{json, Value};
 
@@ -79,12 +77,12 @@ where
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn full_queue_answers_503_at_once_with_flat_memory() {
     let repo = temp_repo(&["mlp"]);
-    // The worker holds a 1-row request for 4 s waiting for batch mates; 4-row requests do not
+    // The worker holds a 1-row request for 8 s waiting for batch mates; 4-row requests do not
     // fit beside it and stay queued, so the queue (2) fills deterministically.
     write_config(
         &repo,
         "mlp",
-        "max_batch_size = 4\n[dynamic_batching]\nmax_queue_delay_us = 4000000\nmax_queue_size = 2\n",
+        "max_batch_size = 4\n[dynamic_batching]\nmax_queue_delay_us = 8000000\nmax_queue_size = 2\n",
     );
     let server = start(&repo).await;
     let c = reqwest::Client::new();
@@ -98,21 +96,22 @@ async fn full_queue_answers_503_at_once_with_flat_memory() {
             (status, r.json::<Value>().await.unwrap())
         })
     };
-    let held = send(1, 1);
-    let queued: Vec<_> = (0..2).map(|i| send(4, 10 + i)).collect();
+    // Pending counts requests not yet executing (queued or held for a batch). The 1-row request
+    // goes first, so it is the one the worker holds.
     let pending = "nv_inference_pending_request_count{model=\"mlp\",version=\"1\"}";
-    assert!(
-        wait_until(10, || async {
-            metric(&metrics_text(&server).await, pending) == Some(2.0)
-        })
-        .await,
-        "the queue never filled"
-    );
+    let pending_is = |n: f64| {
+        let server = &server;
+        async move { wait_until(10, || async { metric(&metrics_text(server).await, pending) == Some(n) }).await }
+    };
+    let held = send(1, 1);
+    assert!(pending_is(1.0).await);
+    let queued: Vec<_> = (0..2).map(|i| send(4, 10 + i)).collect();
+    assert!(pending_is(3.0).await, "the queue never filled");
     let rss = |text: &str| metric(text, "process_resident_memory_bytes").unwrap();
     let before = rss(&metrics_text(&server).await);
-    // Refused requests cost nothing that stays: 400 of them, 8 at a time.
+    // Refused requests cost nothing that stays: 200 of them, 8 at a time.
     let mut refused = 0;
-    for round in 0..50 {
+    for round in 0..25 {
         let batch: Vec<_> = (0..8).map(|i| send(4, 100 + round * 8 + i)).collect();
         for h in batch {
             let (status, body) = h.await.unwrap();
@@ -121,11 +120,11 @@ async fn full_queue_answers_503_at_once_with_flat_memory() {
             refused += 1;
         }
     }
-    assert_eq!(refused, 400);
+    assert_eq!(refused, 200);
     let after = rss(&metrics_text(&server).await);
     assert!(
         after - before < 16.0 * 1024.0 * 1024.0,
-        "RSS grew by {} bytes over 400 refused requests",
+        "RSS grew by {} bytes over 200 refused requests",
         after - before
     );
     // Everything that was admitted completes correctly.
@@ -145,7 +144,7 @@ async fn full_queue_answers_503_at_once_with_flat_memory() {
             &text,
             "nv_inference_request_failure{model=\"mlp\",reason=\"REJECTED\",version=\"1\"}"
         ),
-        Some(400.0)
+        Some(200.0)
     );
     server.shutdown().await.unwrap();
 }
@@ -153,44 +152,65 @@ async fn full_queue_answers_503_at_once_with_flat_memory() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shutdown_drains_in_flight_requests() {
     let repo = temp_repo(&["mlp"]);
+    // A 1-row request is held for batch mates; a 4-row one waits in the queue behind it.
     write_config(
         &repo,
         "mlp",
-        "max_batch_size = 8\n[dynamic_batching]\nmax_queue_delay_us = 1500000\n",
+        "max_batch_size = 4\n[dynamic_batching]\nmax_queue_delay_us = 1500000\n",
     );
     let server = start(&repo).await;
     let c = reqwest::Client::new();
     let u = url(&server, "/v2/models/mlp/infer");
-    let inflight = tokio::spawn(async move { c.post(u).json(&infer_body(2, 4)).send().await.unwrap() });
-    // Let the request reach the batcher, where it waits up to 1.5 s for batch mates.
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    let send = |rows: usize| {
+        let (c, u) = (c.clone(), u.clone());
+        tokio::spawn(async move { c.post(u).json(&infer_body(rows, rows)).send().await.unwrap() })
+    };
+    let pending = "nv_inference_pending_request_count{model=\"mlp\",version=\"1\"}";
+    let pending_is = |n: f64| {
+        let server = &server;
+        async move { wait_until(10, || async { metric(&metrics_text(server).await, pending) == Some(n) }).await }
+    };
+    let first = send(1);
+    assert!(pending_is(1.0).await);
+    let second = send(4);
+    assert!(pending_is(2.0).await, "both requests in flight");
     server.shutdown().await.unwrap();
-    let r = inflight.await.unwrap();
-    assert_eq!(r.status(), 200);
-    let v: Value = r.json().await.unwrap();
-    let want = reference(&repo, "mlp", 1, vec![mlp_tensor(2, 4)]);
-    assert_eq!(f32s(&v["outputs"][0]["data"]), want[0].values::<f32>().unwrap());
+    for (h, rows) in [(first, 1), (second, 4)] {
+        let r = h.await.unwrap();
+        assert_eq!(r.status(), 200);
+        let v: Value = r.json().await.unwrap();
+        let want = reference(&repo, "mlp", 1, vec![mlp_tensor(rows, rows)]);
+        assert_eq!(f32s(&v["outputs"][0]["data"]), want[0].values::<f32>().unwrap());
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn queued_requests_time_out() {
+async fn requests_past_their_timeout_get_504() {
     let repo = temp_repo(&["mlp"]);
-    // The held 1-row request blocks the 4-row one, whose 100 ms timeout passes in the queue.
+    // The batcher would hold a lone request 5 s for batch mates; its 100 ms timeout ends the wait.
     write_config(
         &repo,
         "mlp",
-        "max_batch_size = 4\nrequest_timeout_ms = 100\n[dynamic_batching]\nmax_queue_delay_us = 2000000\n",
+        "max_batch_size = 4\nrequest_timeout_ms = 100\n[dynamic_batching]\nmax_queue_delay_us = 5000000\n",
     );
     let server = start(&repo).await;
     let c = reqwest::Client::new();
-    let u = url(&server, "/v2/models/mlp/infer");
-    let (c1, u1) = (c.clone(), u.clone());
-    let held = tokio::spawn(async move { c1.post(u1).json(&infer_body(1, 0)).send().await.unwrap().status() });
-    let r = c.post(&u).json(&infer_body(4, 0)).send().await.unwrap();
+    let r = c
+        .post(url(&server, "/v2/models/mlp/infer"))
+        .json(&infer_body(1, 0))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), StatusCode::GATEWAY_TIMEOUT);
     let v: Value = r.json().await.unwrap();
     assert!(v["error"].as_str().unwrap().contains("timed out"), "{v}");
-    // The held request itself also passed its deadline while waiting in the batch.
-    let _ = held.await.unwrap();
+    let text = metrics_text(&server).await;
+    assert_eq!(
+        metric(
+            &text,
+            "nv_inference_request_failure{model=\"mlp\",reason=\"BACKEND\",version=\"1\"}"
+        ),
+        Some(1.0)
+    );
     server.shutdown().await.unwrap();
 }
