@@ -5,6 +5,10 @@
 #   venv:   ${KILN_CACHE:-$HOME/.cache/kiln}/venv-v1
 #   python: ${KILN_PYTHON:-python3}   (needs >= 3.10 for these wheels)
 #
+# `setup-python.sh serve` makes a second venv, venv-serve-v1, for the `kiln serve` client test
+# (tritonclient[http,grpc] + onnxruntime). It is separate because tritonclient needs older
+# protobuf / ml_dtypes than the conformance set pins.
+#
 # Idempotent: a marker file inside the venv records the pinned requirement set;
 # when it matches, the script exits immediately. Progress goes to stderr, so
 #   VENV=$(scripts/setup-python.sh)
@@ -25,8 +29,46 @@ REQUIREMENTS=(
   "typing_extensions==4.16.0"
 )
 
+# Pinned set for `setup-python.sh serve` (what pip resolved for tritonclient[http,grpc] 2.73.0 +
+# onnxruntime 1.32.0).
+SERVE_REQUIREMENTS=(
+  "tritonclient[http,grpc]==2.73.0"
+  "onnxruntime==1.32.0"
+  "numpy==2.4.6"
+  "aiohttp==3.14.5"
+  "geventhttpclient==2.6.1"
+  "greenlet==3.3.2"
+  "grpcio==1.85.3"
+  "ml_dtypes==0.5.4"
+  "packaging==26.4"
+  "protobuf==6.33.6"
+  "python-rapidjson==1.25"
+  "urllib3==2.8.0"
+  "flatbuffers==25.12.19"
+  "aiohappyeyeballs==2.7.1"
+  "aiosignal==1.4.0"
+  "attrs==26.1.0"
+  "frozenlist==1.8.0"
+  "gevent==26.9.0"
+  "multidict==7.2.1"
+  "propcache==0.5.4"
+  "typing_extensions==4.16.0"
+  "yarl==1.25.1"
+  "brotli==1.2.1"
+  "certifi==2026.10.19.post1"
+  "idna==3.20"
+  "zope.event==6.2"
+  "zope.interface==8.7"
+)
+
 CACHE="${KILN_CACHE:-$HOME/.cache/kiln}"
 VENV="$CACHE/venv-v1"
+SMOKE='import numpy, onnx, onnxruntime; print("setup-python: numpy", numpy.__version__, "onnx", onnx.__version__, "onnxruntime", onnxruntime.__version__)'
+if [[ "${1:-}" == "serve" ]]; then
+  REQUIREMENTS=("${SERVE_REQUIREMENTS[@]}")
+  VENV="$CACHE/venv-serve-v1"
+  SMOKE='import numpy, onnxruntime, tritonclient.http, tritonclient.grpc; print("setup-python: tritonclient + onnxruntime", onnxruntime.__version__)'
+fi
 MARKER="$VENV/.kiln-setup-complete"
 PYTHON="${KILN_PYTHON:-python3}"
 WANT="$(printf '%s\n' "${REQUIREMENTS[@]}")"
@@ -61,7 +103,7 @@ PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_INPUT=1 \
   "$VENV/bin/python" -m pip install --quiet "${REQUIREMENTS[@]}" </dev/null >&2
 
 # Smoke test before declaring success.
-"$VENV/bin/python" -c 'import numpy, onnx, onnxruntime; print("setup-python: numpy", numpy.__version__, "onnx", onnx.__version__, "onnxruntime", onnxruntime.__version__)' </dev/null >&2
+"$VENV/bin/python" -c "$SMOKE" </dev/null >&2
 
 printf '%s\n' "$WANT" >"$MARKER"
 printf '%s\n' "$VENV"

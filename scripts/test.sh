@@ -35,3 +35,10 @@ bash tests/optimize/run.sh
 
 step "robustness: every node-test model with malformed inputs (no panic, no hang)"
 cargo run -q -p kiln-conformance -- --data "$DATA" --mutate --timeout 60
+
+step "kiln serve with the official Triton clients (tritonclient[http,grpc], pinned in setup-python.sh serve)"
+SERVE_VENV="$(bash scripts/setup-python.sh serve </dev/null | tail -n 1)"
+# `cargo test --workspace` above built target/debug/kiln (kiln-cli has integration tests); this is a
+# no-op that only makes sure of it, with the same feature set.
+cargo test -q --workspace --no-run
+"$SERVE_VENV/bin/python" crates/kiln-serve/tests/python/tritonclient_test.py "${CARGO_TARGET_DIR:-target}/debug/kiln"

@@ -3,6 +3,7 @@
 mod bench;
 mod npy;
 mod optimize;
+mod serve;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -80,6 +81,8 @@ enum Cmd {
         #[arg(long, default_value_t = 1 << 20)]
         fold_limit: usize,
     },
+    /// Serve a model repository over KServe v2 HTTP/gRPC and TF-Serving REST.
+    Serve(serve::ServeArgs),
 }
 
 fn main() -> ExitCode {
@@ -124,6 +127,7 @@ fn main() -> ExitCode {
             level,
             fold_limit,
         } => optimize::optimize(&input, &output, &optimize::OptimizeConfig { level, fold_limit }),
+        Cmd::Serve(args) => serve::serve(args),
     };
     match r {
         Ok(()) => ExitCode::SUCCESS,

@@ -1,0 +1,181 @@
+"""`kiln serve` driven by the official Triton clients (tritonclient[http,grpc]) and plain HTTP for
+TF-Serving REST, over real sockets. Outputs are checked against onnxruntime on the same model files
+(float: allclose; int: exact) and against each other (HTTP JSON, HTTP binary and gRPC answers must be
+bit-identical).
+
+    python crates/kiln-serve/tests/python/tritonclient_test.py path/to/kiln
+
+Needs the venv from `scripts/setup-python.sh serve`. Prints 'N passed, M failed'; exits non-zero on failure.
+"""
+import json
+import os
+import subprocess
+import sys
+import traceback
+import urllib.request
+
+import numpy as np
+import onnxruntime as ort
+import tritonclient.grpc as grpcclient
+import tritonclient.http as httpclient
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))))
+REPO = os.path.join(ROOT, "models", "repository")
+
+
+def ort_run(model, feeds):
+    path = os.path.join(REPO, model, "1", "model.onnx")
+    sess = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    return dict(zip([o.name for o in sess.get_outputs()], sess.run(None, feeds)))
+
+
+def start(kiln):
+    proc = subprocess.Popen(
+        [kiln, "serve", "--model-repository", REPO, "--host", "127.0.0.1", "--http-port", "0",
+         "--grpc-port", "0", "--metrics-port", "0", "--poll-interval-secs", "0"],
+        stdout=subprocess.PIPE, text=True,
+    )
+    line = proc.stdout.readline().split()
+    # "kiln serve: http HOST:PORT grpc HOST:PORT metrics HOST:PORT"
+    if len(line) < 8:
+        proc.kill()
+        raise RuntimeError(f"kiln serve did not start (said {line!r})")
+    return proc, line[3], line[5], line[7]
+
+
+def main():
+    kiln = sys.argv[1]
+    proc, http_addr, grpc_addr, metrics_addr = start(kiln)
+    results = []
+
+    def check(name, fn):
+        try:
+            fn()
+            results.append((name, None))
+            print(f"ok      {name}")
+        except Exception:  # noqa: BLE001 - report every failure, keep going
+            results.append((name, traceback.format_exc()))
+            print(f"FAILED  {name}\n{traceback.format_exc()}")
+
+    http = httpclient.InferenceServerClient(url=http_addr)
+    grpc = grpcclient.InferenceServerClient(url=grpc_addr)
+    x = (np.arange(12, dtype=np.float32).reshape(3, 4) / 5.0 - 1.0).astype(np.float32)
+    want = ort_run("mlp", {"input": x})
+    answers = {}
+
+    def health():
+        assert http.is_server_live() and http.is_server_ready()
+        assert http.is_model_ready("mlp") and http.is_model_ready("simple", "1")
+        assert not http.is_model_ready("mlp", "7")
+        assert grpc.is_server_live() and grpc.is_server_ready() and grpc.is_model_ready("mlp")
+        assert http.get_server_metadata()["name"] == "kiln"
+        assert grpc.get_server_metadata().name == "kiln"
+
+    def metadata():
+        m = http.get_model_metadata("mlp")
+        assert m["inputs"] == [{"name": "input", "datatype": "FP32", "shape": [-1, 4]}], m
+        assert [o["name"] for o in m["outputs"]] == ["logits", "probabilities"]
+        g = grpc.get_model_metadata("simple")
+        assert g.inputs[0].datatype == "INT32" and list(g.inputs[0].shape) == [1, 16]
+        assert http.get_model_config("mlp")["max_batch_size"] == 16
+
+    def infer_http(binary):
+        def run():
+            inp = httpclient.InferInput("input", list(x.shape), "FP32")
+            inp.set_data_from_numpy(x, binary_data=binary)
+            outs = [httpclient.InferRequestedOutput(n, binary_data=binary) for n in ["logits", "probabilities"]]
+            r = http.infer("mlp", [inp], outputs=outs, request_id="py-1")
+            assert r.get_response()["id"] == "py-1"
+            for n in ["logits", "probabilities"]:
+                got = r.as_numpy(n)
+                assert got.dtype == np.float32 and got.shape == (3, 3)
+                np.testing.assert_allclose(got, want[n], rtol=1e-5, atol=1e-6)
+                answers[(n, "binary" if binary else "json")] = got
+        return run
+
+    def infer_grpc():
+        inp = grpcclient.InferInput("input", list(x.shape), "FP32")
+        inp.set_data_from_numpy(x)
+        r = grpc.infer("mlp", [inp])
+        for n in ["logits", "probabilities"]:
+            got = r.as_numpy(n)
+            np.testing.assert_allclose(got, want[n], rtol=1e-5, atol=1e-6)
+            answers[(n, "grpc")] = got
+
+    def same_bits():
+        for n in ["logits", "probabilities"]:
+            a, b, c = answers[(n, "json")], answers[(n, "binary")], answers[(n, "grpc")]
+            assert a.tobytes() == b.tobytes() == c.tobytes(), n
+
+    def infer_int32():
+        a = np.arange(16, dtype=np.int32).reshape(1, 16)
+        b = np.full((1, 16), 3, dtype=np.int32)
+        expect = ort_run("simple", {"INPUT0": a, "INPUT1": b})
+        for client, mod in [(http, httpclient), (grpc, grpcclient)]:
+            i0, i1 = mod.InferInput("INPUT0", [1, 16], "INT32"), mod.InferInput("INPUT1", [1, 16], "INT32")
+            i0.set_data_from_numpy(a)
+            i1.set_data_from_numpy(b)
+            r = client.infer("simple", [i0, i1])
+            assert (r.as_numpy("OUTPUT0") == expect["OUTPUT0"]).all()
+            assert (r.as_numpy("OUTPUT1") == expect["OUTPUT1"]).all()
+
+    def errors():
+        bad = httpclient.InferInput("input", [1, 5], "FP32")
+        bad.set_data_from_numpy(np.zeros((1, 5), dtype=np.float32))
+        try:
+            http.infer("mlp", [bad])
+            raise AssertionError("a wrong shape was accepted")
+        except httpclient.InferenceServerException as e:
+            assert "does not match" in str(e), e
+        gin = grpcclient.InferInput("input", [1, 4], "FP32")
+        gin.set_data_from_numpy(x[:1])
+        try:
+            grpc.infer("nope", [gin])
+            raise AssertionError("an unknown model was accepted")
+        except grpcclient.InferenceServerException as e:
+            assert "unknown model" in str(e), e
+
+    def tf_rest():
+        body = json.dumps({"instances": x.tolist()}).encode()
+        req = urllib.request.Request(f"http://{http_addr}/v1/models/mlp:predict", data=body, method="POST")
+        preds = json.load(urllib.request.urlopen(req))["predictions"]
+        got = np.array([p["logits"] for p in preds], dtype=np.float32)
+        np.testing.assert_allclose(got, want["logits"], rtol=1e-5, atol=1e-6)
+        body = json.dumps({"inputs": {"input": x.tolist()}}).encode()
+        req = urllib.request.Request(f"http://{http_addr}/v1/models/mlp:predict", data=body, method="POST")
+        outs = json.load(urllib.request.urlopen(req))["outputs"]
+        assert np.array(outs["probabilities"], dtype=np.float32).tobytes() == answers[("probabilities", "json")].tobytes()
+
+    def metrics():
+        text = urllib.request.urlopen(f"http://{metrics_addr}/metrics").read().decode()
+        line = [l for l in text.splitlines() if l.startswith('nv_inference_request_success{model="mlp",version="1"}')]
+        assert line and float(line[0].split()[-1]) >= 5, line
+
+    try:
+        check("health", health)
+        check("metadata", metadata)
+        check("infer HTTP JSON", infer_http(False))
+        check("infer HTTP binary", infer_http(True))
+        check("infer gRPC", infer_grpc)
+        check("HTTP JSON, HTTP binary and gRPC agree bit for bit", same_bits)
+        check("infer INT32 (HTTP, gRPC)", infer_int32)
+        check("errors", errors)
+        check("TF-Serving REST predict (row, columnar)", tf_rest)
+        check("metrics", metrics)
+    finally:
+        http.close()
+        grpc.close()
+        proc.terminate()  # SIGTERM: graceful shutdown
+        code = proc.wait(timeout=60)
+
+        def graceful_exit():
+            assert code == 0, f"exit code {code}"
+
+        check("graceful exit on SIGTERM", graceful_exit)
+    failed = sum(1 for _, e in results if e)
+    print(f"{len(results) - failed} passed, {failed} failed")
+    sys.exit(1 if failed else 0)
+
+
+if __name__ == "__main__":
+    main()

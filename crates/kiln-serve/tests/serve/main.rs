@@ -1,0 +1,9 @@
+//! End-to-end tests of `kiln serve` over real sockets on localhost (ephemeral ports): every
+//! answer is compared with a direct `Session::run` on the same model file.
+
+mod batching;
+mod common;
+mod grpc;
+mod http;
+mod reload;
+mod tf_rest;
