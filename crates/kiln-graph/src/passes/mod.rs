@@ -27,7 +27,6 @@ pub mod const_fold;
 pub mod conv_activation;
 pub mod conv_add_activation;
 pub mod conv_bn;
-pub mod conv_scale;
 pub mod cse;
 pub mod dce;
 pub mod edit;
@@ -159,7 +158,6 @@ pub fn passes_for(level: OptLevel) -> Vec<Box<dyn Pass>> {
     if level >= OptLevel::Extended {
         v.push(Box::new(transpose::MergeTransposes));
         v.push(Box::new(conv_bn::FuseConvBatchNorm));
-        v.push(Box::new(conv_scale::FuseConvScale));
         v.push(Box::new(conv_add_activation::FuseConvAddActivation));
         v.push(Box::new(conv_activation::FuseConvActivation));
         v.push(Box::new(matmul_add::FuseMatMulAdd));
