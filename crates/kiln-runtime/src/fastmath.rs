@@ -281,12 +281,8 @@ pub(crate) fn layer_norm_row(x: &[f32], scale: &[f32], bias: Option<&[f32]>, eps
     layer_norm_row_impl::<false>(x, scale, bias, eps, y)
 }
 
-/// Elements per parallel task: large enough to amortize scheduling, small enough to balance.
-const CHUNK: usize = 16 * 1024;
-
-/// Applies `f` to a contiguous f32 CPU tensor, in parallel; `None` when the tensor is not one
-/// (other dtype, device or layout), so the caller uses its generic path.
-pub(crate) fn map_tensor(f: Func, t: &CT) -> Option<candle_core::Result<CT>> {
+/// Runs `f` on the contiguous f32 data of a CPU tensor; `None` when it is not one.
+pub(crate) fn with_f32<R>(t: &CT, f: impl FnOnce(&[f32]) -> R) -> Option<R> {
     if !t.device().is_cpu() || t.dtype() != candle_core::DType::F32 {
         return None;
     }
@@ -295,15 +291,26 @@ pub(crate) fn map_tensor(f: Func, t: &CT) -> Option<candle_core::Result<CT>> {
     let Storage::Cpu(CpuStorage::F32(data)) = &*storage else {
         return None;
     };
-    let src = data.get(start..end)?;
-    let mut out = vec![0f32; src.len()];
-    if src.len() <= CHUNK {
-        map_slice(f, src, &mut out);
-    } else {
-        out.par_chunks_mut(CHUNK)
-            .zip(src.par_chunks(CHUNK))
-            .for_each(|(d, s)| map_slice(f, s, d));
-    }
+    Some(f(data.get(start..end)?))
+}
+
+/// Elements per parallel task: large enough to amortize scheduling, small enough to balance.
+const CHUNK: usize = 16 * 1024;
+
+/// Applies `f` to a contiguous f32 CPU tensor, in parallel; `None` when the tensor is not one
+/// (other dtype, device or layout), so the caller uses its generic path.
+pub(crate) fn map_tensor(f: Func, t: &CT) -> Option<candle_core::Result<CT>> {
+    let out = with_f32(t, |src| {
+        let mut out = vec![0f32; src.len()];
+        if src.len() <= CHUNK {
+            map_slice(f, src, &mut out);
+        } else {
+            out.par_chunks_mut(CHUNK)
+                .zip(src.par_chunks(CHUNK))
+                .for_each(|(d, s)| map_slice(f, s, d));
+        }
+        out
+    })?;
     Some(CT::from_vec(out, t.dims(), t.device()))
 }
 

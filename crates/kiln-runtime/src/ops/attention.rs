@@ -433,7 +433,7 @@ fn softmax_rows_f32(scores: &CT) -> Result<Option<CT>> {
     if t == 0 {
         return Ok(None);
     }
-    let out = super::conv_cpu::with_f32(scores, |src| {
+    let out = crate::fastmath::with_f32(scores, |src| {
         let mut v = src.to_vec();
         v.par_chunks_mut(t).with_min_len((16384 / t).max(1)).for_each(|row| {
             if row.iter().all(|&x| x == f32::NEG_INFINITY) {

@@ -9,7 +9,7 @@
 use candle_core::Tensor as CT;
 use rayon::prelude::*;
 
-use super::conv_cpu::with_f32;
+use crate::fastmath::with_f32;
 use crate::Result;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -11,9 +11,10 @@
 //! depthwise convs as a dense conv per group; on PP-OCR's detector that made Conv 12x slower
 //! than ONNX Runtime's.
 
-use candle_core::{CpuStorage, Storage, Tensor as CT};
+use candle_core::Tensor as CT;
 use rayon::prelude::*;
 
+use crate::fastmath::with_f32;
 use crate::Result;
 
 /// Geometry of one 2-D convolution.
@@ -33,19 +34,6 @@ pub(crate) struct Conv2d {
     pub pad: (usize, usize),
     pub oh: usize,
     pub ow: usize,
-}
-
-/// Runs `f` on the contiguous f32 data of a CPU tensor; `None` when it is not one.
-pub(crate) fn with_f32<R>(t: &CT, f: impl FnOnce(&[f32]) -> R) -> Option<R> {
-    if !t.device().is_cpu() || t.dtype() != candle_core::DType::F32 {
-        return None;
-    }
-    let (storage, layout) = t.storage_and_layout();
-    let (start, end) = layout.contiguous_offsets()?;
-    let Storage::Cpu(CpuStorage::F32(data)) = &*storage else {
-        return None;
-    };
-    Some(f(data.get(start..end)?))
 }
 
 /// Output elements per im2col tile (bounded so the column buffer stays in the low megabytes).

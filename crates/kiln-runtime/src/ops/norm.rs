@@ -199,7 +199,7 @@ fn layer_norm_f32(
     bias: Option<&Tensor>,
     eps: f32,
 ) -> Result<Option<Tensor>> {
-    use super::conv_cpu::with_f32;
+    use crate::fastmath::with_f32;
     let d = x.dims();
     let inner: usize = d[axis..].iter().product();
     let rows: usize = d[..axis].iter().product();

@@ -346,7 +346,7 @@ fn nearest_last2_fast(
     }
     let planes: usize = dims[..r - 2].iter().product();
     let xc = x.candle().contiguous()?;
-    let out = super::conv_cpu::with_f32(&xc, |src| {
+    let out = crate::fastmath::with_f32(&xc, |src| {
         let mut out = vec![0f32; planes * oh * ow];
         out.par_chunks_mut(oh * ow).enumerate().for_each(|(p, dst)| {
             let plane = &src[p * h * w..(p + 1) * h * w];
