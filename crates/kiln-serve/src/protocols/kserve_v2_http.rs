@@ -60,6 +60,16 @@ impl From<BytesRejection> for HttpError {
 
 impl IntoResponse for HttpError {
     fn into_response(self) -> Response {
+        if self.0 == StatusCode::PAYLOAD_TOO_LARGE {
+            // The rest of the oversize body is never read, so the connection cannot carry another
+            // request: say so, or a keep-alive client reuses it and its next request fails.
+            return (
+                self.0,
+                [(axum::http::header::CONNECTION, "close")],
+                Json(json!({ "error": self.1 })),
+            )
+                .into_response();
+        }
         (self.0, Json(json!({ "error": self.1 }))).into_response()
     }
 }
