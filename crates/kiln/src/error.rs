@@ -11,6 +11,8 @@ pub enum Error {
     Runtime(#[from] kiln_runtime::RuntimeError),
     #[error("input '{name}': {reason}")]
     Input { name: String, reason: String },
+    #[error("unsupported: {0}")]
+    Unsupported(String),
 }
 
 /// `Result` with Kiln's [`Error`].

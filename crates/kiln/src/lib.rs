@@ -22,7 +22,7 @@ pub use error::{Error, Result};
 pub use kiln_graph::passes::Report as OptimizationReport;
 pub use kiln_graph::{DType, Dim, Element, Shape, TensorData};
 pub use kiln_runtime::{num_threads, set_num_threads, Device, OpTime, RunOptions, RunStats};
-pub use session::{optimize_model, IoInfo, Level, Session, SessionBuilder};
+pub use session::{optimize_model, IoInfo, Level, Precision, Session, SessionBuilder};
 
 /// Lower-level pieces for tools (CLI, server, conformance runner).
 pub mod internals {

@@ -54,6 +54,33 @@ pub fn optimize_model(model: &mut Model, level: Level) -> Result<OptimizationRep
     Ok(optimize(&mut model.graph, &options, &CpuConstEval)?)
 }
 
+/// Numeric precision a session computes in. Inputs and outputs keep the model's dtypes whatever
+/// the precision.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Precision {
+    /// The model as written.
+    #[default]
+    F32,
+    /// Float weights converted to fp16 once at load; reductions, softmax and normalization
+    /// accumulate in fp32.
+    F16,
+    /// MatMul/Gemm weights stored as int8 with one scale per output channel, dequantized inside
+    /// the kernel; activations stay float.
+    Int8WeightOnly,
+}
+
+impl std::str::FromStr for Precision {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s.to_ascii_lowercase().as_str() {
+            "fp32" | "f32" | "float32" => Ok(Precision::F32),
+            "fp16" | "f16" | "float16" => Ok(Precision::F16),
+            "int8" | "int8-weight" | "int8_weight" | "int8-weight-only" => Ok(Precision::Int8WeightOnly),
+            _ => Err(format!("unknown precision '{s}' (fp32, fp16, int8-weight)")),
+        }
+    }
+}
+
 /// Name, element type and (possibly symbolic) shape of a model input or output.
 #[derive(Debug, Clone, PartialEq)]
 pub struct IoInfo {
@@ -67,10 +94,17 @@ pub struct IoInfo {
 pub struct SessionBuilder {
     device: Device,
     level: Level,
+    precision: Precision,
     run_options: RunOptions,
 }
 
 impl SessionBuilder {
+    /// Numeric precision (default [`Precision::F32`]).
+    pub fn precision(mut self, precision: Precision) -> Self {
+        self.precision = precision;
+        self
+    }
+
     /// Device to run on (default CPU).
     pub fn device(mut self, device: Device) -> Self {
         self.device = device;
@@ -104,6 +138,10 @@ impl SessionBuilder {
     /// Compiles an already imported model.
     pub fn build_from_model(self, mut model: Model) -> Result<Session> {
         let optimization = optimize_model(&mut model, self.level)?;
+        match self.precision {
+            Precision::F32 => {}
+            other => return Err(Error::Unsupported(format!("precision {other:?} is not available yet"))),
+        }
         let device = self.device.to_candle()?;
         let plan = ExecutionPlan::compile(&model, device)?;
         let g = &model.graph;
