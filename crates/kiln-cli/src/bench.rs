@@ -120,12 +120,16 @@ fn profile(session: &Session, feeds: &[(String, TensorData)], runs: usize) -> Re
     let mut total = Duration::ZERO;
     for _ in 0..runs {
         let (_, stats) = session.run_with_options(feeds.to_vec(), &options)?;
-        for t in stats.op_times {
+        // Subgraph nodes are counted in their own right; an If/Loop/Scan keeps only its own time.
+        let own = kiln::OpTime::self_times(&stats.op_times);
+        for (t, own) in stats.op_times.into_iter().zip(own) {
             let e = by_op.entry(t.op.clone()).or_default();
-            e.0 += t.duration;
+            e.0 += own;
             e.1 += 1;
-            *by_node.entry((t.op, t.node)).or_default() += t.duration;
-            total += t.duration;
+            *by_node.entry((t.op, t.node)).or_default() += own;
+            if t.depth == 0 {
+                total += t.duration;
+            }
         }
     }
     let runs = runs.max(1) as f64;

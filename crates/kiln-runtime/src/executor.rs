@@ -13,8 +13,8 @@ pub struct RunOptions {
     /// Abandon the run (with an error) once this instant has passed; checked before every kernel,
     /// including those inside loop bodies. A server sets it from the request timeout.
     pub deadline: Option<std::time::Instant>,
-    /// Time every top-level kernel and return the times in [`RunStats::op_times`] (costs two clock
-    /// reads per node; off by default).
+    /// Time every kernel, those of subgraph bodies included, and return the times in
+    /// [`RunStats::op_times`] (costs two clock reads per node; off by default).
     pub profile: bool,
 }
 
@@ -101,7 +101,8 @@ pub struct RunStats {
     pub peak_activation_bytes: u64,
     /// Sum of the sizes of all intermediates (what no reuse would hold).
     pub total_intermediate_bytes: u64,
-    /// With [`RunOptions::profile`]: wall time of each top-level node, in plan order.
+    /// With [`RunOptions::profile`]: wall time of each node, subgraph nodes included (see
+    /// [`OpTime::depth`]), in the order they finished.
     pub op_times: Vec<OpTime>,
 }
 
@@ -110,7 +111,60 @@ pub struct RunStats {
 pub struct OpTime {
     pub node: String,
     pub op: String,
+    /// Everything the node took, including the nodes of its subgraphs (If, Loop, Scan bodies).
     pub duration: std::time::Duration,
+    /// 0 for the main graph's nodes, 1 for nodes of their subgraphs, and so on. A node's subgraph
+    /// nodes come right before it in [`RunStats::op_times`] (post-order).
+    pub depth: u32,
+}
+
+impl OpTime {
+    /// Each entry's own time: its duration less that of the subgraph nodes it ran (its direct
+    /// children in the post-ordered list). Aligned with `times`.
+    pub fn self_times(times: &[OpTime]) -> Vec<std::time::Duration> {
+        let mut child_sums: Vec<std::time::Duration> = Vec::new();
+        times
+            .iter()
+            .map(|t| {
+                let d = t.depth as usize;
+                if child_sums.len() < d + 2 {
+                    child_sums.resize(d + 2, std::time::Duration::ZERO);
+                }
+                let children = std::mem::take(&mut child_sums[d + 1]);
+                child_sums[d] += t.duration;
+                t.duration.saturating_sub(children)
+            })
+            .collect()
+    }
+}
+
+thread_local! {
+    /// Profiling depth of the plan running on this thread (0 = not inside a profiled run).
+    static PROFILE_DEPTH: std::cell::Cell<u32> = const { std::cell::Cell::new(0) };
+    /// Times of subgraph nodes, collected until the main-graph node that ran them finishes.
+    static NESTED_TIMES: std::cell::RefCell<Vec<OpTime>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Marks this thread as inside a profiled plan run for its lifetime; yields the depth.
+struct ProfileScope(u32);
+
+impl ProfileScope {
+    fn enter() -> Self {
+        ProfileScope(PROFILE_DEPTH.with(|d| {
+            let v = d.get();
+            d.set(v + 1);
+            v
+        }))
+    }
+}
+
+impl Drop for ProfileScope {
+    fn drop(&mut self) {
+        PROFILE_DEPTH.with(|d| d.set(self.0));
+        if self.0 == 0 {
+            NESTED_TIMES.with(|n| n.borrow_mut().clear());
+        }
+    }
 }
 
 impl ExecutionPlan {
@@ -175,6 +229,7 @@ impl ExecutionPlan {
         };
         let mut stats = RunStats::default();
         let mut live: u64 = 0;
+        let scope = options.profile.then(ProfileScope::enter);
         for step in &self.steps {
             if options.deadline.is_some_and(|d| std::time::Instant::now() > d) {
                 return Err(RuntimeError::Op {
@@ -188,12 +243,19 @@ impl ExecutionPlan {
                 let ins: Vec<Option<&Value>> = step.inputs.iter().map(|s| s.and_then(|s| env[s].as_ref())).collect();
                 run_step(step, &cx, &ins)?
             };
-            if let Some(t) = started {
-                stats.op_times.push(OpTime {
+            if let (Some(t), Some(scope)) = (started, &scope) {
+                let time = OpTime {
                     node: step.node.clone(),
                     op: step.op.clone(),
                     duration: t.elapsed(),
-                });
+                    depth: scope.0,
+                };
+                if scope.0 == 0 {
+                    NESTED_TIMES.with(|n| stats.op_times.append(&mut n.borrow_mut()));
+                    stats.op_times.push(time);
+                } else {
+                    NESTED_TIMES.with(|n| n.borrow_mut().push(time));
+                }
             }
             if outs.len() < step.outputs.iter().filter(|o| o.is_some()).count() && outs.len() < step.outputs.len() {
                 return Err(RuntimeError::Op {

@@ -281,17 +281,90 @@ pub(crate) fn layer_norm_row(x: &[f32], scale: &[f32], bias: Option<&[f32]>, eps
     layer_norm_row_impl::<false>(x, scale, bias, eps, y)
 }
 
-/// Runs `f` on the contiguous f32 data of a CPU tensor; `None` when it is not one.
-pub(crate) fn with_f32<R>(t: &CT, f: impl FnOnce(&[f32]) -> R) -> Option<R> {
+#[inline(always)]
+fn dot_impl(a: &[f32], b: &[f32]) -> f32 {
+    // 16 independent lanes so LLVM keeps two vector accumulators without reassociating.
+    let mut acc = [0f32; 16];
+    let (ca, cb) = (a.chunks_exact(16), b.chunks_exact(16));
+    let (ra, rb) = (ca.remainder(), cb.remainder());
+    for (x, y) in ca.zip(cb) {
+        for l in 0..16 {
+            acc[l] += x[l] * y[l];
+        }
+    }
+    let mut tail = 0f32;
+    for (x, y) in ra.iter().zip(rb) {
+        tail += x * y;
+    }
+    acc.iter().sum::<f32>() + tail
+}
+
+#[inline(always)]
+fn gemv_impl(a: &[f32], k: usize, x: &[f32], y: &mut [f32]) {
+    for (yj, row) in y.iter_mut().zip(a.chunks_exact(k)) {
+        *yj = dot_impl(row, x);
+    }
+}
+
+#[cfg(any(target_arch = "x86", target_arch = "x86_64"))]
+#[target_feature(enable = "avx2,fma")]
+fn gemv_avx2(a: &[f32], k: usize, x: &[f32], y: &mut [f32]) {
+    gemv_impl(a, k, x, y)
+}
+
+/// `y[j] = dot(a[j*k..(j+1)*k], x)` for a row-major `a` of `y.len()` rows (single thread; for
+/// the small matrix-vector products of recurrent steps, where a gemm call costs more than the
+/// arithmetic). `k` must be positive and `x.len() == k`.
+pub(crate) fn gemv(a: &[f32], k: usize, x: &[f32], y: &mut [f32]) {
+    if k == 0 {
+        y.fill(0.0);
+        return;
+    }
+    #[cfg(any(target_arch = "x86", target_arch = "x86_64"))]
+    if has_avx2_fma() {
+        // SAFETY: the CPU supports the features `gemv_avx2` is compiled for (checked above).
+        unsafe { gemv_avx2(a, k, x, y) };
+        return;
+    }
+    gemv_impl(a, k, x, y)
+}
+
+/// Borrowed contiguous f32 data of a CPU tensor (holds the storage's read lock).
+pub(crate) struct F32View<G> {
+    storage: G,
+    start: usize,
+    end: usize,
+}
+
+impl<G: std::ops::Deref<Target = Storage>> F32View<G> {
+    fn try_slice(&self) -> Option<&[f32]> {
+        match &*self.storage {
+            Storage::Cpu(CpuStorage::F32(data)) => data.get(self.start..self.end),
+            _ => None,
+        }
+    }
+
+    pub(crate) fn slice(&self) -> &[f32] {
+        // `f32_view` checked that the storage is f32 and the range is inside it.
+        self.try_slice().unwrap_or(&[])
+    }
+}
+
+/// The data of a contiguous f32 CPU tensor, borrowed; `None` when `t` is not one.
+pub(crate) fn f32_view(t: &CT) -> Option<F32View<impl std::ops::Deref<Target = Storage> + '_>> {
     if !t.device().is_cpu() || t.dtype() != candle_core::DType::F32 {
         return None;
     }
     let (storage, layout) = t.storage_and_layout();
     let (start, end) = layout.contiguous_offsets()?;
-    let Storage::Cpu(CpuStorage::F32(data)) = &*storage else {
-        return None;
-    };
-    Some(f(data.get(start..end)?))
+    let view = F32View { storage, start, end };
+    view.try_slice()?;
+    Some(view)
+}
+
+/// Runs `f` on the contiguous f32 data of a CPU tensor; `None` when it is not one.
+pub(crate) fn with_f32<R>(t: &CT, f: impl FnOnce(&[f32]) -> R) -> Option<R> {
+    f32_view(t).map(|v| f(v.slice()))
 }
 
 /// Elements per parallel task: large enough to amortize scheduling, small enough to balance.
@@ -317,6 +390,23 @@ pub(crate) fn map_tensor(f: Func, t: &CT) -> Option<candle_core::Result<CT>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn gemv_matches_naive_sums() {
+        for (m, k) in [(1, 1), (3, 15), (5, 16), (7, 37), (512, 128)] {
+            let a: Vec<f32> = (0..m * k).map(|i| ((i * 7919) % 97) as f32 / 97.0 - 0.5).collect();
+            let x: Vec<f32> = (0..k).map(|i| ((i * 31) % 13) as f32 / 13.0 - 0.3).collect();
+            let mut y = vec![f32::NAN; m];
+            gemv(&a, k, &x, &mut y);
+            for j in 0..m {
+                let want: f64 = (0..k).map(|i| a[j * k + i] as f64 * x[i] as f64).sum();
+                assert!(
+                    (y[j] as f64 - want).abs() <= 1e-5 * (1.0 + want.abs()),
+                    "m {m} k {k} row {j}"
+                );
+            }
+        }
+    }
 
     fn grid() -> Vec<f32> {
         let mut v: Vec<f32> = (-200_000..=200_000).map(|i| i as f32 * 1e-4).collect();

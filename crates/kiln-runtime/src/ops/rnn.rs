@@ -8,6 +8,7 @@ use kiln_graph::DType;
 
 use super::common::{tin, tin_opt};
 use super::{kernel, NodeCtx, OpKernel, Registry};
+use crate::fastmath::{self, f32_view, Func};
 use crate::{bail, Result, Tensor, Value};
 
 pub fn register(r: &mut Registry) {
@@ -141,6 +142,8 @@ struct Cfg {
     layout: i64,
     linear_before_reset: bool,
     input_forget: bool,
+    /// Allow the plain-loop f32 LSTM (tests turn it off to compare against the candle-op path).
+    fast: bool,
 }
 
 fn build(n: &NodeCtx, kind: Kind) -> Result<Box<dyn OpKernel>> {
@@ -203,6 +206,7 @@ fn build(n: &NodeCtx, kind: Kind) -> Result<Box<dyn OpKernel>> {
         layout,
         linear_before_reset: n.attr_i("linear_before_reset", 0)? != 0,
         input_forget: n.attr_i("input_forget", 0)? != 0,
+        fast: true,
     };
     Ok(kernel(move |_, ins| run(&cfg, ins)))
 }
@@ -324,6 +328,21 @@ fn run(cfg: &Cfg, ins: &[Option<&Value>]) -> Result<Vec<Value>> {
     };
     if b == 0 || hsz == 0 || isz == 0 {
         bail!("RNN ops need a nonempty batch, input size and hidden size");
+    }
+    if let Some(outs) = lstm_f32(
+        cfg,
+        dt,
+        (s, b, isz, hsz),
+        &xc,
+        &wc,
+        &rc,
+        &bc,
+        &h0c,
+        &c0c,
+        pc.as_ref(),
+        &lens,
+    )? {
+        return Ok(outs);
     }
     let masked = lens.iter().any(|&l| l < s);
     // masks[t]: (B, H) u8, 1 where step t is valid for the batch entry.
@@ -496,9 +515,229 @@ fn run(cfg: &Cfg, ins: &[Option<&Value>]) -> Result<Vec<Value>> {
     Ok(outs)
 }
 
+/// Rows of `x` (`n` x `k`) times the transpose of `w` (`m` x `k`, row-major; `w_ct` is the same
+/// matrix as a tensor): `n` x `m`. A few rows go through [`fastmath::gemv`]; more through gemm.
+fn project(x: &[f32], n: usize, k: usize, w: &[f32], m: usize, w_ct: &CT) -> Result<Vec<f32>> {
+    if n <= 4 {
+        let mut out = vec![0f32; n * m];
+        for (row, o) in x.chunks_exact(k).zip(out.chunks_exact_mut(m)) {
+            fastmath::gemv(w, k, row, o);
+        }
+        return Ok(out);
+    }
+    let a = CT::from_slice(x, (n, k), w_ct.device())?;
+    Ok(a.matmul(&w_ct.t()?)?.flatten_all()?.to_vec1::<f32>()?)
+}
+
+/// LSTM on f32 CPU tensors with the default activations (sigmoid, tanh, tanh) and layout 0, as
+/// plain loops: one projection of the whole input sequence, then per step a matrix-vector (or,
+/// for larger batches, gemm) product with R and the gate arithmetic in place. The candle-op path
+/// below costs ~20 tensor allocations per step, which dominated small recurrent models (Silero
+/// VAD: one step, hidden 128). `None` when the node or its tensors do not qualify.
+#[allow(clippy::too_many_arguments)]
+fn lstm_f32(
+    cfg: &Cfg,
+    dt: DType,
+    (s, b, isz, hsz): (usize, usize, usize, usize),
+    x: &CT,
+    w: &CT,
+    r: &CT,
+    bias: &CT,
+    h0: &CT,
+    c0: &CT,
+    p: Option<&CT>,
+    lens: &[usize],
+) -> Result<Option<Vec<Value>>> {
+    let default_acts = cfg.acts.iter().all(|a| {
+        matches!(
+            a.as_slice(),
+            [
+                Act {
+                    kind: ActKind::Sigmoid,
+                    ..
+                },
+                Act {
+                    kind: ActKind::Tanh,
+                    ..
+                },
+                Act {
+                    kind: ActKind::Tanh,
+                    ..
+                }
+            ]
+        )
+    });
+    if !cfg.fast || cfg.kind != Kind::Lstm || cfg.layout != 0 || cfg.input_forget || !default_acts || dt != DType::F32 {
+        return Ok(None);
+    }
+    let views = (
+        f32_view(x),
+        f32_view(w),
+        f32_view(r),
+        f32_view(bias),
+        f32_view(h0),
+        f32_view(c0),
+    );
+    let (Some(xv), Some(wv), Some(rv), Some(bv), Some(h0v), Some(c0v)) = views else {
+        return Ok(None);
+    };
+    let pv = match p.map(f32_view) {
+        Some(None) => return Ok(None),
+        other => other.flatten(),
+    };
+    let (xs, ws, rs, bs, h0s, c0s) = (xv.slice(), wv.slice(), rv.slice(), bv.slice(), h0v.slice(), c0v.slice());
+    let ps = pv.as_ref().map(|v| v.slice());
+    let nd = cfg.dirs.len();
+    let g4 = 4 * hsz;
+    let clip = |v: &mut [f32]| {
+        if let Some(c) = cfg.clip {
+            let c = c as f32;
+            v.iter_mut().for_each(|e| *e = e.clamp(-c, c));
+        }
+    };
+    let mut y = vec![0f32; s * nd * b * hsz];
+    let mut yh = vec![0f32; nd * b * hsz];
+    let mut yc = vec![0f32; nd * b * hsz];
+    let (mut pre, mut act, mut tc) = (vec![0f32; g4], vec![0f32; g4], vec![0f32; hsz]);
+    for (d, &rev) in cfg.dirs.iter().enumerate() {
+        let wd = &ws[d * g4 * isz..(d + 1) * g4 * isz];
+        let rd = &rs[d * g4 * hsz..(d + 1) * g4 * hsz];
+        let bd = &bs[d * 2 * g4..(d + 1) * 2 * g4];
+        let bsum: Vec<f32> = bd[..g4].iter().zip(&bd[g4..]).map(|(a, c)| a + c).collect();
+        let pd = ps.map(|p| &p[d * 3 * hsz..(d + 1) * 3 * hsz]);
+        let xw = project(xs, s * b, isz, wd, g4, &w.get(d)?)?;
+        let rct = r.get(d)?;
+        let mut h = h0s[d * b * hsz..(d + 1) * b * hsz].to_vec();
+        let mut c = c0s[d * b * hsz..(d + 1) * b * hsz].to_vec();
+        for step in 0..s {
+            let rec = project(&h, b, hsz, rd, g4, &rct)?;
+            for (bi, &len) in lens.iter().enumerate() {
+                if step >= len {
+                    continue;
+                }
+                let t = if rev { len - 1 - step } else { step };
+                let xrow = &xw[(t * b + bi) * g4..(t * b + bi + 1) * g4];
+                let rrow = &rec[bi * g4..(bi + 1) * g4];
+                for j in 0..g4 {
+                    pre[j] = xrow[j] + rrow[j] + bsum[j];
+                }
+                let hb = &mut h[bi * hsz..(bi + 1) * hsz];
+                let cb = &mut c[bi * hsz..(bi + 1) * hsz];
+                // Gate order i, o, f, c; peepholes P = [p_i, p_o, p_f].
+                if let Some(pd) = pd {
+                    for k in 0..hsz {
+                        pre[k] += pd[k] * cb[k];
+                        pre[2 * hsz + k] += pd[2 * hsz + k] * cb[k];
+                    }
+                }
+                clip(&mut pre[..hsz]);
+                clip(&mut pre[2 * hsz..]);
+                fastmath::map_slice(Func::Sigmoid, &pre[..hsz], &mut act[..hsz]);
+                fastmath::map_slice(Func::Sigmoid, &pre[2 * hsz..3 * hsz], &mut act[2 * hsz..3 * hsz]);
+                fastmath::map_slice(Func::Tanh, &pre[3 * hsz..], &mut act[3 * hsz..]);
+                for k in 0..hsz {
+                    cb[k] = act[2 * hsz + k] * cb[k] + act[k] * act[3 * hsz + k];
+                }
+                if let Some(pd) = pd {
+                    for k in 0..hsz {
+                        pre[hsz + k] += pd[hsz + k] * cb[k];
+                    }
+                }
+                clip(&mut pre[hsz..2 * hsz]);
+                fastmath::map_slice(Func::Sigmoid, &pre[hsz..2 * hsz], &mut act[hsz..2 * hsz]);
+                fastmath::map_slice(Func::Tanh, cb, &mut tc);
+                for k in 0..hsz {
+                    hb[k] = act[hsz + k] * tc[k];
+                }
+                let at = ((t * nd + d) * b + bi) * hsz;
+                y[at..at + hsz].copy_from_slice(hb);
+            }
+        }
+        yh[d * b * hsz..(d + 1) * b * hsz].copy_from_slice(&h);
+        yc[d * b * hsz..(d + 1) * b * hsz].copy_from_slice(&c);
+    }
+    let dev = x.device();
+    let out = |v: Vec<f32>, dims: &[usize]| -> Result<Value> {
+        Ok(Value::Tensor(Tensor::new(CT::from_vec(v, dims, dev)?, dt)?))
+    };
+    Ok(Some(vec![
+        out(y, &[s, nd, b, hsz])?,
+        out(yh, &[nd, b, hsz])?,
+        out(yc, &[nd, b, hsz])?,
+    ]))
+}
+
 #[cfg(test)]
 mod tests {
-    use super::reverse_index;
+    use super::*;
+
+    fn tensor(dims: &[usize], seed: usize, scale: f32) -> Value {
+        let n: usize = dims.iter().product();
+        let v: Vec<f32> = (0..n)
+            .map(|i| ((((i + seed * 977) * 7919) % 1999) as f32 / 1999.0 - 0.5) * scale)
+            .collect();
+        Value::Tensor(Tensor::new(CT::from_vec(v, dims, &candle_core::Device::Cpu).unwrap(), DType::F32).unwrap())
+    }
+
+    fn lstm_cfg(dirs: Vec<bool>, clip: Option<f64>) -> Cfg {
+        let act = |kind| Act {
+            kind,
+            alpha: 0.0,
+            beta: 0.0,
+        };
+        Cfg {
+            kind: Kind::Lstm,
+            acts: vec![vec![act(ActKind::Sigmoid), act(ActKind::Tanh), act(ActKind::Tanh)]; dirs.len()],
+            dirs,
+            clip,
+            hidden: None,
+            layout: 0,
+            linear_before_reset: false,
+            input_forget: false,
+            fast: true,
+        }
+    }
+
+    /// The plain-loop LSTM against the candle-op path: directions, sequence lengths (0, partial,
+    /// full), peepholes, clip, and batches on both sides of the gemv/gemm switch.
+    #[test]
+    fn fast_lstm_matches_the_op_path() {
+        let (isz, hsz) = (5, 7);
+        for (dirs, s, b, clip, peep, lens) in [
+            (vec![false], 1, 1, None, false, None),
+            (vec![false], 3, 2, None, true, None),
+            (vec![true], 4, 6, Some(0.9), false, Some(vec![4i64, 2, 0, 1, 3, 4])),
+            (vec![false, true], 5, 5, None, true, Some(vec![5i64, 1, 3, 0, 5])),
+        ] {
+            let nd = dirs.len();
+            let g4 = 4 * hsz;
+            let ins = [
+                Some(tensor(&[s, b, isz], 1, 2.0)),
+                Some(tensor(&[nd, g4, isz], 2, 1.0)),
+                Some(tensor(&[nd, g4, hsz], 3, 1.0)),
+                Some(tensor(&[nd, 2 * g4], 4, 0.5)),
+                lens.map(|l| {
+                    Value::Tensor(
+                        Tensor::from_candle(CT::new(l.as_slice(), &candle_core::Device::Cpu).unwrap()).unwrap(),
+                    )
+                }),
+                Some(tensor(&[nd, b, hsz], 5, 1.0)),
+                Some(tensor(&[nd, b, hsz], 6, 1.0)),
+                peep.then(|| tensor(&[nd, 3 * hsz], 7, 1.0)),
+            ];
+            let refs: Vec<Option<&Value>> = ins.iter().map(Option::as_ref).collect();
+            let mut cfg = lstm_cfg(dirs, clip);
+            let fast = run(&cfg, &refs).unwrap();
+            cfg.fast = false;
+            let slow = run(&cfg, &refs).unwrap();
+            for (f, o) in fast.iter().zip(&slow) {
+                let (f, o) = (f.as_tensor().unwrap().candle(), o.as_tensor().unwrap().candle());
+                assert_eq!(f.dims(), o.dims());
+                let d = (f - o).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap();
+                assert!(d.to_scalar::<f32>().unwrap() < 1e-5, "s {s} b {b}: {d}");
+            }
+        }
+    }
 
     #[test]
     fn reverse_index_respects_lengths() {
