@@ -310,28 +310,31 @@ pub(super) fn conv_nd(
     let kprod: usize = k.iter().product();
     let p: usize = out_sp.iter().product();
     cx.check_alloc(elems(&[nb, c, kprod, p]), DType::F32)?;
-    if sp == 2 && x.dtype() == CDType::F32 && x.device().is_cpu() {
+    if (sp == 1 || sp == 2) && x.dtype() == CDType::F32 && x.device().is_cpu() {
+        // A 1-D conv is a 2-D one over a single row (the data layout is the same).
+        let at = |v: &[usize], i: usize, one: usize| if sp == 1 { [one, v[i]] } else { [v[i], v[i + 1]] };
+        let ([h, wd_], [kh, kw]) = (at(&xd, 2, 1), at(k, 0, 1));
         let cv = super::conv_cpu::Conv2d {
             n: nb,
             c,
-            h: xd[2],
-            w: xd[3],
+            h,
+            w: wd_,
             m,
-            kh: k[0],
-            kw: k[1],
+            kh,
+            kw,
             group: g,
-            stride: (strides[0], strides[1]),
-            dil: (dil[0], dil[1]),
-            pad: (pb[0], pb[1]),
-            oh: out_sp[0],
-            ow: out_sp[1],
+            stride: at(strides, 0, 1).into(),
+            dil: at(dil, 0, 1).into(),
+            pad: at(pb, 0, 0).into(),
+            oh: at(&out_sp, 0, 1)[0],
+            ow: at(&out_sp, 0, 1)[1],
         };
         if let Some(y) = cv.run(
             &x.contiguous()?,
             &w.contiguous()?,
             b.map(|b| b.contiguous()).transpose()?.as_ref(),
         ) {
-            return y;
+            return if sp == 1 { Ok(y?.reshape(out_dims)?) } else { y };
         }
     }
     // Pad explicitly (asymmetric pads allowed).
@@ -938,4 +941,55 @@ fn bilinear(img: &[f64], h: usize, w: usize, y: f64, x: f64) -> f64 {
         + (1.0 - ly) * lx * at(y0, x0 + 1)
         + ly * (1.0 - lx) * at(y0 + 1, x0)
         + ly * lx * at(y0 + 1, x0 + 1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// 1-D convs take the 2-D CPU path as a single row; compare with candle's conv1d.
+    #[test]
+    fn conv1d_through_the_2d_path_matches_candle() {
+        let dev = candle_core::Device::Cpu;
+        let options = crate::RunOptions::default();
+        let cx = RunCx {
+            device: &dev,
+            options: &options,
+        };
+        let val = |n: usize, seed: usize| -> Vec<f32> {
+            (0..n)
+                .map(|i| (((i + seed) * 7919) % 211) as f32 / 211.0 - 0.5)
+                .collect()
+        };
+        // (n, c, l, m, k, group, stride, dilation, pad)
+        for (n, c, l, m, k, g, s, d, p) in [
+            (1, 1, 640, 258, 256, 1, 128, 1, 0),
+            (2, 4, 33, 6, 3, 1, 2, 1, 1),
+            (2, 6, 20, 6, 3, 3, 1, 2, 2),
+            (3, 4, 17, 4, 5, 4, 1, 1, 2),
+        ] {
+            let x = CT::from_vec(val(n * c * l, 1), (n, c, l), &dev).unwrap();
+            let w = CT::from_vec(val(m * (c / g) * k, 2), (m, c / g, k), &dev).unwrap();
+            let b = CT::from_vec(val(m, 3), m, &dev).unwrap();
+            let got = conv_nd(&cx, &x, &w, Some(&b), g, &[s], &[d], &[p], &[p]).unwrap();
+            let want = x
+                .conv1d(&w, p, s, d, g)
+                .unwrap()
+                .broadcast_add(&b.reshape((1, m, 1)).unwrap())
+                .unwrap();
+            assert_eq!(got.dims(), want.dims());
+            let diff = (got - want)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .max(0)
+                .unwrap();
+            assert!(
+                diff.to_scalar::<f32>().unwrap() < 1e-4,
+                "case c {c} k {k} g {g}: {diff}"
+            );
+        }
+    }
 }
