@@ -155,43 +155,81 @@ impl Conv2d {
             && self.pad == (0, 0)
             && self.oh == self.h
             && self.ow == self.w;
+        // Columns for image `b`'s channel slice `xin`, output rows oy0..oy1.
+        let columns = |xin: &[f32], oy0: usize, oy1: usize| -> Vec<f32> {
+            if pointwise {
+                // Rows of the input plane are the columns; gather this tile's span.
+                let tile = (oy1 - oy0) * self.ow;
+                let mut v = Vec::with_capacity(cg * tile);
+                for ci in 0..cg {
+                    let base = ci * p + oy0 * self.ow;
+                    v.extend_from_slice(&xin[base..base + tile]);
+                }
+                v
+            } else {
+                self.im2col(xin, cg, oy0, oy1)
+            }
+        };
+        // Runs one gemm over `cols` ([k, imgs * rows * ow]: images b0.., output rows oy0..oy1 of
+        // each) for group `gi` and writes the tile into `out`, adding the bias.
+        let mut emit = |cols: Vec<f32>, gi: usize, b0: usize, imgs: usize, oy0: usize, oy1: usize| -> Result<()> {
+            let span = (oy1 - oy0) * self.ow;
+            let wg = if g == 1 { w2.clone() } else { w2.narrow(0, gi * mg, mg)? };
+            let cols = CT::from_vec(cols, (k, imgs * span), w.device())?;
+            let y = wg.matmul(&cols)?;
+            let written = with_f32(&y, |ys| {
+                for mi in 0..mg {
+                    let oc = gi * mg + mi;
+                    let bv = bias.map_or(0.0, |bs| bs[oc]);
+                    for i in 0..imgs {
+                        let dst0 = ((b0 + i) * self.m + oc) * p + oy0 * self.ow;
+                        let dst = &mut out[dst0..dst0 + span];
+                        let src0 = (mi * imgs + i) * span;
+                        let src = &ys[src0..src0 + span];
+                        dst.iter_mut().zip(src).for_each(|(d, &s)| *d = s + bv);
+                    }
+                }
+            });
+            if written.is_none() {
+                crate::bail!("internal: gemm result is not a contiguous f32 tensor");
+            }
+            Ok(())
+        };
+        let plane = |b: usize, gi: usize| {
+            let plane0 = (b * self.c + gi * cg) * self.h * self.w;
+            &x[plane0..plane0 + cg * self.h * self.w]
+        };
+        // Small outputs (1-D convs over short frames, late CNN stages): several images per gemm,
+        // so the gemm is not dominated by its fixed cost.
+        let imgs_per_tile = (TILE_COLS_BUDGET / (k * p).max(1)).clamp(1, self.n);
+        if p < 1024 && imgs_per_tile > 1 {
+            for gi in 0..g {
+                let mut b0 = 0;
+                while b0 < self.n {
+                    let imgs = imgs_per_tile.min(self.n - b0);
+                    let mut cols = vec![0f32; k * imgs * p];
+                    for i in 0..imgs {
+                        let one = columns(plane(b0 + i, gi), 0, self.oh);
+                        for (r, src) in one.chunks_exact(p).enumerate() {
+                            let at = (r * imgs + i) * p;
+                            cols[at..at + p].copy_from_slice(src);
+                        }
+                    }
+                    emit(cols, gi, b0, imgs, 0, self.oh)?;
+                    b0 += imgs;
+                }
+            }
+            return Ok(out);
+        }
         // Whole output rows per tile.
         let rows = (TILE_COLS_BUDGET / (k * self.ow).max(1)).clamp(1, self.oh.max(1));
         for b in 0..self.n {
             for gi in 0..g {
-                let wg = if g == 1 { w2.clone() } else { w2.narrow(0, gi * mg, mg)? };
-                let plane0 = (b * self.c + gi * cg) * self.h * self.w;
-                let xin = &x[plane0..plane0 + cg * self.h * self.w];
+                let xin = plane(b, gi);
                 let mut oy0 = 0;
                 while oy0 < self.oh {
                     let oy1 = (oy0 + rows).min(self.oh);
-                    let tile = (oy1 - oy0) * self.ow;
-                    let cols = if pointwise {
-                        // Rows of the input plane are the columns; gather this tile's span.
-                        let mut v = Vec::with_capacity(cg * tile);
-                        for ci in 0..cg {
-                            let base = ci * p + oy0 * self.ow;
-                            v.extend_from_slice(&xin[base..base + tile]);
-                        }
-                        v
-                    } else {
-                        self.im2col(xin, cg, oy0, oy1)
-                    };
-                    let cols = CT::from_vec(cols, (k, tile), w.device())?;
-                    let y = wg.matmul(&cols)?;
-                    let written = with_f32(&y, |ys| {
-                        for mi in 0..mg {
-                            let oc = gi * mg + mi;
-                            let bv = bias.map_or(0.0, |bs| bs[oc]);
-                            let dst0 = (b * self.m + oc) * p + oy0 * self.ow;
-                            let dst = &mut out[dst0..dst0 + tile];
-                            let src = &ys[mi * tile..(mi + 1) * tile];
-                            dst.iter_mut().zip(src).for_each(|(d, &s)| *d = s + bv);
-                        }
-                    });
-                    if written.is_none() {
-                        crate::bail!("internal: gemm result is not a contiguous f32 tensor");
-                    }
+                    emit(columns(xin, oy0, oy1), gi, b, 1, oy0, oy1)?;
                     oy0 = oy1;
                 }
             }
@@ -209,7 +247,7 @@ impl Conv2d {
         let (pt, pl) = self.pad;
         let tile = (oy1 - oy0) * ow;
         let mut cols = vec![0f32; cg * kh * kw * tile];
-        cols.par_chunks_mut(tile).enumerate().for_each(|(r, dst)| {
+        let fill = |(r, dst): (usize, &mut [f32])| {
             let ci = r / (kh * kw);
             let ky = (r / kw) % kh;
             let kx = r % kw;
@@ -232,7 +270,13 @@ impl Conv2d {
                     }
                 }
             }
-        });
+        };
+        // Short rows are not worth a task each.
+        if tile >= 256 {
+            cols.par_chunks_mut(tile).enumerate().for_each(fill);
+        } else {
+            cols.chunks_mut(tile).enumerate().for_each(fill);
+        }
         cols
     }
 }
@@ -344,6 +388,10 @@ mod tests {
         case(1, 8, (6, 6), 8, (1, 1), 1, 1, 1, (0, 0, 0, 0));
         case(2, 3, (7, 5), 2, (1, 1), 1, 2, 1, (0, 0, 0, 0));
         case(1, 2, (3, 3), 2, (3, 3), 1, 3, 1, (2, 2, 2, 2));
+        // Several images per gemm (small outputs): dense, pointwise, grouped.
+        case(3, 4, (5, 6), 6, (3, 3), 1, 1, 1, (1, 1, 1, 1));
+        case(3, 8, (4, 4), 5, (1, 1), 1, 1, 1, (0, 0, 0, 0));
+        case(4, 4, (1, 9), 6, (1, 3), 2, 2, 1, (0, 1, 0, 1));
     }
 
     #[test]
