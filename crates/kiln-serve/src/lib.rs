@@ -12,6 +12,7 @@ pub mod batcher;
 pub mod cache;
 pub mod config;
 mod error;
+mod gpu_metrics;
 mod infer;
 pub mod manager;
 pub mod metrics;

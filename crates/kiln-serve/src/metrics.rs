@@ -1,6 +1,7 @@
 //! Prometheus metrics, named as Triton names them (`nv_inference_*`, `nv_cache_*`) with
 //! `model` and `version` labels so existing dashboards work, plus latency and batch-size
-//! histograms, model-load failures and process CPU/memory read from `/proc/self`.
+//! histograms, model-load failures, process CPU/memory read from `/proc/self`, and GPU
+//! utilization/memory/power through NVML where a GPU is present (`gpu_metrics.rs`).
 
 use std::sync::Mutex;
 
@@ -53,6 +54,7 @@ pub struct Metrics {
     process_rss: IntGauge,
     process_vms: IntGauge,
     process_threads: IntGauge,
+    gpu: Option<crate::gpu_metrics::GpuMetrics>,
 }
 
 const MV: &[&str] = &["model", "version"];
@@ -156,6 +158,7 @@ impl Metrics {
         let process_rss = gauge("process_resident_memory_bytes", "Resident memory of the server process")?;
         let process_vms = gauge("process_virtual_memory_bytes", "Virtual memory of the server process")?;
         let process_threads = gauge("process_threads", "Threads of the server process")?;
+        let gpu = crate::gpu_metrics::GpuMetrics::try_new(&registry)?;
         Ok(Metrics {
             registry,
             request_success,
@@ -177,6 +180,7 @@ impl Metrics {
             process_rss,
             process_vms,
             process_threads,
+            gpu,
         })
     }
 
@@ -219,6 +223,9 @@ impl Metrics {
     /// The Prometheus text exposition of every metric, process figures refreshed first.
     pub fn render(&self) -> String {
         self.refresh_process();
+        if let Some(g) = &self.gpu {
+            g.refresh();
+        }
         let mut buf = Vec::new();
         if let Err(e) = TextEncoder::new().encode(&self.registry.gather(), &mut buf) {
             return format!("# error encoding metrics: {e}\n");
@@ -335,5 +342,21 @@ mod tests {
         assert!(text.contains("nv_cache_num_hits_per_model{model=\"mlp\",version=\"1\"} 2"));
         assert!(text.contains("nv_inference_request_failure{model=\"mlp\",reason=\"REJECTED\",version=\"1\"} 1"));
         assert!(text.contains("process_resident_memory_bytes "));
+    }
+
+    /// GPU gauges appear exactly when NVML works here (a GPU machine) and the server still
+    /// starts and renders without them (no driver library, as in CI).
+    #[test]
+    fn gpu_metrics_follow_nvml_availability() {
+        let nvml_gpus = nvml_wrapper::Nvml::init().and_then(|n| n.device_count()).unwrap_or(0);
+        let text = Metrics::new().unwrap().render();
+        let has_gpu_metrics = text.contains("nv_gpu_memory_total_bytes{gpu_uuid=");
+        assert_eq!(has_gpu_metrics, nvml_gpus > 0, "{text}");
+        if nvml_gpus == 0 {
+            eprintln!("no GPU visible through NVML: checked that no GPU metrics are exported");
+        } else {
+            assert!(text.contains("nv_gpu_utilization{gpu_uuid="));
+            assert!(text.contains("nv_gpu_memory_used_bytes{gpu_uuid="));
+        }
     }
 }
