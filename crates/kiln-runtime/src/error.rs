@@ -14,6 +14,10 @@ pub enum RuntimeError {
     Input { name: String, reason: String },
     #[error("{0}")]
     Invalid(String),
+    /// The run passed [`crate::RunOptions::deadline`]; checked before every kernel (and between
+    /// the steps of long-running ones).
+    #[error("the run passed its deadline (at node '{node}')")]
+    DeadlineExceeded { node: String },
     #[error("tensor of {bytes} bytes exceeds the limit of {limit} bytes")]
     TooLarge { bytes: u128, limit: u64 },
     #[error("Kiln was built without CUDA support (rebuild with `--features cuda`)")]
@@ -30,7 +34,10 @@ impl RuntimeError {
     /// Wraps an error with the node that raised it (keeps the original message).
     pub fn at_node(self, node: &str, op: &str) -> Self {
         match self {
-            e @ (RuntimeError::Op { .. } | RuntimeError::TooLarge { .. }) => e,
+            RuntimeError::DeadlineExceeded { node: n } if n.is_empty() => {
+                RuntimeError::DeadlineExceeded { node: node.to_string() }
+            }
+            e @ (RuntimeError::Op { .. } | RuntimeError::TooLarge { .. } | RuntimeError::DeadlineExceeded { .. }) => e,
             other => RuntimeError::Op {
                 node: node.to_string(),
                 op: op.to_string(),

@@ -232,10 +232,8 @@ impl ExecutionPlan {
         let scope = options.profile.then(ProfileScope::enter);
         for step in &self.steps {
             if options.deadline.is_some_and(|d| std::time::Instant::now() > d) {
-                return Err(RuntimeError::Op {
+                return Err(RuntimeError::DeadlineExceeded {
                     node: step.node.clone(),
-                    op: step.op.clone(),
-                    reason: "the run passed its deadline".into(),
                 });
             }
             let started = options.profile.then(std::time::Instant::now);

@@ -262,8 +262,13 @@ fn run_batch(shared: &Shared, batch: Vec<Job>) {
         return;
     }
     let rows: usize = batch.iter().map(|j| j.rows).sum();
+    // The batch may run until its latest request's deadline (none if any request has none); a
+    // request whose own deadline passes meanwhile still gets its result.
+    let deadline = batch.iter().try_fold(None::<Instant>, |acc, j| {
+        j.deadline.map(|d| Some(acc.map_or(d, |a: Instant| a.max(d))))
+    });
     let result = stack_inputs(&batch, rows).and_then(|inputs| {
-        let outputs = execute(shared, inputs)?;
+        let outputs = execute(shared, inputs, deadline.flatten())?;
         split_outputs(outputs, &batch, rows)
     });
     match result {
@@ -275,6 +280,11 @@ fn run_batch(shared: &Shared, batch: Vec<Job>) {
                     outputs,
                     queue: start.saturating_duration_since(job.enqueued),
                 }));
+            }
+        }
+        Err(ServeError::Timeout(_)) => {
+            for job in batch {
+                job.time_out();
             }
         }
         Err(e) => {
@@ -289,7 +299,11 @@ fn run_batch(shared: &Shared, batch: Vec<Job>) {
 }
 
 fn run_single(shared: &Shared, job: Job, start: Instant) {
-    let result = execute(shared, job.inputs.clone());
+    if job.expired(start) {
+        job.time_out();
+        return;
+    }
+    let result = execute(shared, job.inputs.clone(), job.deadline);
     let compute = start.elapsed();
     record_exec(shared, job.rows.max(1), compute);
     let queue = start.saturating_duration_since(job.enqueued);
@@ -304,9 +318,22 @@ fn record_exec(shared: &Shared, rows: usize, compute: Duration) {
     m.compute_us.inc_by(compute.as_micros() as u64);
 }
 
-fn execute(shared: &Shared, inputs: Vec<TensorData>) -> Result<Vec<TensorData>> {
+/// Runs the model; past `deadline` the run stops between kernels and the request times out.
+fn execute(shared: &Shared, inputs: Vec<TensorData>, deadline: Option<Instant>) -> Result<Vec<TensorData>> {
     let feeds = inputs.into_iter().map(|t| (t.name.clone(), t)).collect();
-    shared.session.run(feeds).map_err(|e| match e {
+    let options = kiln::RunOptions {
+        deadline,
+        ..shared.session.run_options().clone()
+    };
+    let started = Instant::now();
+    let run = shared
+        .session
+        .run_with_options(feeds, &options)
+        .map(|(outputs, _)| outputs);
+    run.map_err(|e| match e {
+        kiln::Error::Runtime(kiln::internals::runtime::RuntimeError::DeadlineExceeded { .. }) => {
+            ServeError::Timeout(started.elapsed())
+        }
         kiln::Error::Input { .. } => ServeError::InvalidInput(e.to_string()),
         other => ServeError::Execution {
             model: shared.model.clone(),

@@ -32,7 +32,7 @@ pub enum ServeError {
     NotReady { model: String, reason: String },
     #[error("model '{model}' version {version}: the request queue is full ({size} requests waiting)")]
     QueueFull { model: String, version: u64, size: usize },
-    #[error("request timed out after {0:?} in the queue")]
+    #[error("request timed out after {0:?}")]
     Timeout(Duration),
     #[error("the server is shutting down")]
     ShuttingDown,

@@ -774,7 +774,7 @@ fn run_linear_attention(cfg: &LinAttnCfg, cx: &super::RunCx, ins: &[Option<&Valu
     let mut outs = Vec::with_capacity(t);
     for i in 0..t {
         if cx.options.deadline.is_some_and(|d| std::time::Instant::now() > d) {
-            bail!("the run passed its deadline");
+            return Err(crate::RuntimeError::DeadlineExceeded { node: String::new() });
         }
         if let Some(ed) = &edecay {
             state = state.broadcast_mul(&ed.get(i)?)?;

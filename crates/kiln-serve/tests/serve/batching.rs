@@ -214,3 +214,116 @@ async fn requests_past_their_timeout_get_504() {
     );
     server.shutdown().await.unwrap();
 }
+
+/// `y = Loop(trips) { v = Tanh(v @ v) }` on a 64x64 `v`, as `<repo>/spin/1/model.onnx`: a
+/// million trips run for a minute or more, one trip for a moment.
+fn write_spin_model(repo: &std::path::Path) {
+    use kiln::internals::onnx::proto;
+    use prost::Message;
+    let tensor_type = |elem: i32, dims: &[i64]| proto::TypeProto {
+        value: Some(proto::type_proto::Value::TensorType(proto::type_proto::Tensor {
+            elem_type: Some(elem),
+            shape: Some(proto::TensorShapeProto {
+                dim: dims
+                    .iter()
+                    .map(|&d| proto::tensor_shape_proto::Dimension {
+                        value: Some(proto::tensor_shape_proto::dimension::Value::DimValue(d)),
+                        ..Default::default()
+                    })
+                    .collect(),
+            }),
+        })),
+        ..Default::default()
+    };
+    let value = |name: &str, elem: i32, dims: &[i64]| proto::ValueInfoProto {
+        name: Some(name.into()),
+        r#type: Some(tensor_type(elem, dims)),
+        ..Default::default()
+    };
+    let node = |op: &str, inputs: &[&str], outputs: &[&str]| proto::NodeProto {
+        op_type: Some(op.into()),
+        name: Some(format!("{op}_{}", outputs[0])),
+        input: inputs.iter().map(|s| s.to_string()).collect(),
+        output: outputs.iter().map(|s| s.to_string()).collect(),
+        ..Default::default()
+    };
+    let body = proto::GraphProto {
+        name: Some("body".into()),
+        node: vec![
+            node("Identity", &["cond_in"], &["cond_out"]),
+            node("MatMul", &["v_in", "v_in"], &["vv"]),
+            node("Tanh", &["vv"], &["v_out"]),
+        ],
+        input: vec![
+            value("iter", 7, &[]),
+            value("cond_in", 9, &[]),
+            value("v_in", 1, &[64, 64]),
+        ],
+        output: vec![value("cond_out", 9, &[]), value("v_out", 1, &[64, 64])],
+        ..Default::default()
+    };
+    let mut lp = node("Loop", &["trips", "", "v"], &["y"]);
+    lp.attribute.push(proto::AttributeProto {
+        name: Some("body".into()),
+        r#type: Some(proto::attribute_proto::AttributeType::Graph as i32),
+        g: Some(body),
+        ..Default::default()
+    });
+    let model = proto::ModelProto {
+        ir_version: Some(8),
+        opset_import: vec![proto::OperatorSetIdProto {
+            domain: Some(String::new()),
+            version: Some(17),
+        }],
+        graph: Some(proto::GraphProto {
+            name: Some("spin".into()),
+            node: vec![lp],
+            input: vec![value("trips", 7, &[1]), value("v", 1, &[64, 64])],
+            output: vec![value("y", 1, &[64, 64])],
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let dir = repo.join("spin").join("1");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("model.onnx"), model.encode_to_vec()).unwrap();
+    write_config(repo, "spin", "max_batch_size = 0\nrequest_timeout_ms = 300\n");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_timeout_stops_a_running_model() {
+    let repo = temp_repo(&[]);
+    write_spin_model(&repo);
+    let server = start(&repo).await;
+    let c = reqwest::Client::new();
+    let body = |trips: i64| {
+        json!({"inputs": [{"name": "trips", "shape": [1], "datatype": "INT64", "data": [trips]},
+                          {"name": "v", "shape": [64, 64], "datatype": "FP32", "data": vec![0.01f32; 64 * 64]}]})
+    };
+    let infer = |trips: i64| c.post(url(&server, "/v2/models/spin/infer")).json(&body(trips)).send();
+    let r = infer(1_000_000).await.unwrap();
+    assert_eq!(r.status(), StatusCode::GATEWAY_TIMEOUT);
+    let v: Value = r.json().await.unwrap();
+    assert!(v["error"].as_str().unwrap().contains("timed out"), "{v}");
+    // The long run was stopped at its deadline, so the model's worker is free: a one-trip
+    // request runs now. (Had the first run gone on, this one would wait behind it and time out.)
+    let r = infer(1).await.unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    let v: Value = r.json().await.unwrap();
+    let y = f32s(&v["outputs"][0]["data"]);
+    let want = (64.0f32 * 0.01 * 0.01).tanh();
+    assert!(
+        y.len() == 64 * 64 && y.iter().all(|&e| (e - want).abs() < 1e-6),
+        "{:?}",
+        &y[..4]
+    );
+    let text = metrics_text(&server).await;
+    assert_eq!(
+        metric(
+            &text,
+            "nv_inference_request_failure{model=\"spin\",reason=\"BACKEND\",version=\"1\"}"
+        ),
+        Some(1.0)
+    );
+    server.shutdown().await.unwrap();
+}
