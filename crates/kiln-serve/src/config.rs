@@ -128,8 +128,9 @@ pub struct OptimizationConfig {
     /// Graph optimization level: disabled, basic, extended, all.
     #[serde(default = "basic")]
     pub level: String,
-    /// Compute precision. Only `fp32` (the model's own types) for now; other values are
-    /// refused at load rather than silently ignored.
+    /// Compute precision: `fp32` (the model's own types), `fp16` (weights converted once at
+    /// load, fp32 accumulation), `int8-weight` (MatMul/Gemm weights int8 per channel). Inputs and
+    /// outputs keep the model's dtypes.
     #[serde(default = "fp32")]
     pub precision: String,
 }
@@ -186,6 +187,7 @@ pub struct ResolvedConfig {
     pub policy: VersionPolicy,
     pub device: Device,
     pub level: Level,
+    pub precision: kiln::Precision,
     pub instance_count: usize,
     pub queue_size: usize,
     pub request_timeout: Option<Duration>,
@@ -235,12 +237,11 @@ impl ModelConfig {
             .level
             .parse()
             .map_err(|e| bad(format!("optimization.level: {e}")))?;
-        if !self.optimization.precision.eq_ignore_ascii_case("fp32") {
-            return Err(bad(format!(
-                "optimization.precision '{}' is not supported yet (only fp32)",
-                self.optimization.precision
-            )));
-        }
+        let precision: kiln::Precision = self
+            .optimization
+            .precision
+            .parse()
+            .map_err(|e| bad(format!("optimization.precision: {e}")))?;
         if self.instance_group.count == 0 || self.instance_group.count > 64 {
             return Err(bad("instance_group.count must be between 1 and 64".into()));
         }
@@ -286,6 +287,7 @@ impl ModelConfig {
             policy,
             device,
             level,
+            precision,
             queue_size,
             model_filename,
             raw: self,
@@ -340,7 +342,7 @@ mod tests {
             "[version_policy]\nlatest = 0",
             "[instance_group]\ncount = 0",
             "[instance_group]\ndevice = \"tpu\"",
-            "[optimization]\nprecision = \"int8\"",
+            "[optimization]\nprecision = \"int4\"",
             "max_queue_size = 0",
         ] {
             assert!(parse(text).is_err(), "accepted: {text}");

@@ -504,6 +504,7 @@ impl ModelManager {
         let session = Session::builder()
             .device(config.device)
             .optimization(config.level)
+            .precision(config.precision)
             .build_from_file(file)
             .map_err(|e| load_err(e.to_string()))?;
         let inputs = session.inputs().to_vec();
