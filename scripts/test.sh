@@ -34,8 +34,8 @@ cargo test --workspace
 step "ONNX node test suite (fails if a test in expected_pass.txt regresses)"
 cargo run -q -p kiln-conformance -- --data "$DATA" --check tests/conformance/expected_pass.txt
 
-step "ONNX node test suite with the optimizer off and at --level extended (same expected passes)"
-for level in disabled extended; do
+step "ONNX node test suite with the optimizer off, at --level extended and --level all (same expected passes)"
+for level in disabled extended all; do
   cargo run -q -p kiln-conformance -- --data "$DATA" --check tests/conformance/expected_pass.txt --level "$level"
 done
 

@@ -888,3 +888,60 @@ fn all_node_tests_round_trip_through_export() {
         bad.join("\n")
     );
 }
+
+#[test]
+fn scalar_elementwise_chains_become_one_node_with_identical_results() {
+    let mut b = B::new();
+    let x = b.input("x", &[2, 3, 5]);
+    // PP-LCNetV3's tail: x * s + t, HardSwish written out, then * s2 + t2.
+    let (s1, t1) = (b.scalar("s1", 1.3), b.f32s("t1", &[1], &[-0.2]));
+    let a = b.op("Mul", &[s1, x]);
+    let a = b.op("Add", &[a, t1]);
+    let (three, zero, six) = (b.scalar("three", 3.0), b.scalar("zero", 0.0), b.scalar("six", 6.0));
+    let h = b.op("Add", &[a, three]);
+    let h = b.op("Clip", &[h, zero, six]);
+    let h = b.op("Mul", &[a, h]);
+    let h = b.op("Div", &[h, six]);
+    let (s2, one) = (b.scalar("s2", 0.7), b.scalar("one", 1.0));
+    let y = b.op("Mul", &[h, s2]);
+    let y = b.op("Sub", &[one, y]);
+    // A second chain whose first value is also read elsewhere: only the part after it fuses.
+    let ten = b.scalar("ten", 10.0);
+    let q = b.op("Sub", &[x, ten]);
+    let q2 = b.op("Div", &[one, q]);
+    let q3 = b.op("Mul", &[q2, s2]);
+    let other = b.op("Relu", &[q]);
+    let (m, feeds) = b.model(&[y, q3, other], 17);
+    let (opt, report) = optimize_and_compare(&m, &feeds, &opts(&m, OptLevel::All), 0.0);
+    let ops = op_counts(&opt.graph);
+    assert_eq!(report.count("elementwise_chain_fusion"), 2, "{report}");
+    assert_eq!(ops.get("ai.kiln::ElementwiseChain"), Some(&2), "{ops:?}");
+    assert_eq!(ops.get("Sub"), Some(&1), "{ops:?}");
+    assert_eq!(ops.get("Relu"), Some(&1), "{ops:?}");
+    assert_eq!(ops.values().sum::<usize>(), 4, "{ops:?}");
+    // Extended keeps the ops (the fused node is Kiln's own, never exported).
+    let (ext, _) = optimize_and_compare(&m, &feeds, &opts(&m, OptLevel::Extended), 0.0);
+    assert!(!op_counts(&ext.graph).contains_key("ai.kiln::ElementwiseChain"));
+}
+
+#[test]
+fn elementwise_chain_keeps_broadcast_rank() {
+    // A rank-0 input plus a [1, 1] constant is [1, 1], fused or not.
+    let mut b = B::new();
+    let x = b.input_data(TensorData::from_values("x", vec![], &[2.5f32]).unwrap());
+    let c = b.f32s("c", &[1, 1], &[4.0]);
+    let y = b.op("Add", &[x, c]);
+    let two = b.scalar("two", 2.0);
+    let y = b.op("Mul", &[y, two]);
+    let (m, feeds) = b.model(&[y], 17);
+    let (opt, report) = optimize_and_compare(&m, &feeds, &opts(&m, OptLevel::All), 0.0);
+    assert_eq!(report.count("elementwise_chain_fusion"), 1, "{report}");
+    let out = Session::builder()
+        .optimization(Level::Disabled)
+        .build_from_model(opt)
+        .unwrap()
+        .run(feeds)
+        .unwrap();
+    assert_eq!(out[0].dims, vec![1, 1]);
+    assert_eq!(out[0].values::<f32>().unwrap(), vec![13.0]);
+}

@@ -11,7 +11,8 @@
 //! - `Extended`: operator fusions into ops the runtime implements (MatMul+Add -> Gemm, Conv+BN,
 //!   Conv[+residual Add]+activation -> `com.microsoft` FusedConv, LayerNorm and GELU subgraphs, bias+GELU,
 //!   scaled-dot-product attention, Transpose pairs).
-//! - `All`: Extended; Kiln has no layout (NCHWc) rewrites, so there is nothing backend-specific yet.
+//! - `All`: Extended plus fusions into Kiln's own `ai.kiln` nodes, which only Kiln runs (chains of
+//!   scalar element-wise ops -> `ElementwiseChain`). No layout (NCHWc) rewrites yet.
 //!
 //! Rules never rename or remove graph outputs, never drop graph inputs, and never rewire a value a
 //! subgraph reads by name (an implicit input): those values are *pinned* (see [`edit`]).
@@ -30,6 +31,7 @@ pub mod conv_bn;
 pub mod cse;
 pub mod dce;
 pub mod edit;
+pub mod elementwise_chain;
 pub mod gelu;
 pub mod layer_norm;
 pub mod matmul_add;
@@ -165,6 +167,9 @@ pub fn passes_for(level: OptLevel) -> Vec<Box<dyn Pass>> {
         v.push(Box::new(gelu::FuseGelu));
         v.push(Box::new(bias_gelu::FuseBiasGelu));
         v.push(Box::new(attention::FuseAttention));
+    }
+    if level >= OptLevel::All {
+        v.push(Box::new(elementwise_chain::FuseElementwiseChains));
     }
     v.push(Box::new(dce::EliminateDeadNodes));
     v

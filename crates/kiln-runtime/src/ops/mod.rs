@@ -10,6 +10,7 @@ use crate::{ExecutionPlan, PlanOptions, Result, RuntimeError, Tensor, Value};
 
 mod attention;
 mod binary_cpu;
+mod chain;
 pub mod common;
 mod control;
 mod conv_cpu;
@@ -251,6 +252,7 @@ impl Registry {
             control::register(&mut r);
             elementwise::register(&mut r);
             fused::register(&mut r);
+            chain::register(&mut r);
             indexing::register(&mut r);
             matmul::register(&mut r);
             ml::register(&mut r);

@@ -1,0 +1,103 @@
+//! `ai.kiln::ElementwiseChain`: a chain of scalar element-wise steps in one pass (see
+//! `kiln_graph::passes::elementwise_chain`). On f32 CPU tensors each step runs over a cache-sized
+//! block before the next, with the same f32 operations in the same order as the original nodes
+//! (bit-identical results); elsewhere the steps run as candle ops.
+
+use candle_core::Tensor as CT;
+use kiln_graph::passes::elementwise_chain::{decode, Step, KILN, OP};
+use rayon::prelude::*;
+
+use super::common::tin;
+use super::{kernel, out1, NodeCtx, OpKernel, Registry};
+use crate::fastmath::with_f32;
+use crate::{Result, Tensor};
+
+pub fn register(r: &mut Registry) {
+    r.add_domain(KILN, OP, build);
+}
+
+fn build(n: &NodeCtx) -> Result<Box<dyn OpKernel>> {
+    let program = n
+        .attr_floats("program")?
+        .ok_or_else(|| n.err("missing attribute 'program'"))?;
+    let steps = decode(&program).ok_or_else(|| n.err("malformed 'program' attribute"))?;
+    let min_rank = n.attr_i("min_rank", 0)?;
+    if !(0..=8).contains(&min_rank) {
+        return Err(n.err(format!("min_rank {min_rank} is out of range 0..=8")));
+    }
+    Ok(kernel(move |_, ins| {
+        let x = tin(ins, 0)?;
+        // One-element constants of a higher rank broadcast to leading 1s.
+        let mut dims = vec![1usize; (min_rank as usize).saturating_sub(x.dims().len())];
+        dims.extend_from_slice(x.dims());
+        let fast = with_f32(x.candle(), |src| run_f32(&steps, src));
+        let y = match fast {
+            Some(v) => CT::from_vec(v, dims, x.candle().device())?,
+            None => run_candle(&steps, x.candle())?.reshape(dims)?,
+        };
+        out1(Tensor::new(y, x.dtype())?)
+    }))
+}
+
+/// Elements per block: each step sweeps a block while it is in L1/L2.
+const BLOCK: usize = 4096;
+
+fn run_f32(steps: &[Step], src: &[f32]) -> Vec<f32> {
+    let mut out = src.to_vec();
+    if out.len() <= 4 * BLOCK {
+        out.chunks_mut(BLOCK).for_each(|b| apply(steps, b));
+    } else {
+        out.par_chunks_mut(BLOCK).for_each(|b| apply(steps, b));
+    }
+    out
+}
+
+fn apply(steps: &[Step], x: &mut [f32]) {
+    for s in steps {
+        match s {
+            Step::Mul(c) => x.iter_mut().for_each(|v| *v *= c),
+            Step::Add(c) => x.iter_mut().for_each(|v| *v += c),
+            Step::Sub(c) => x.iter_mut().for_each(|v| *v -= c),
+            Step::SubFrom(c) => x.iter_mut().for_each(|v| *v = c - *v),
+            Step::Div(c) => x.iter_mut().for_each(|v| *v /= c),
+            Step::DivInto(c) => x.iter_mut().for_each(|v| *v = c / *v),
+            Step::Clip(lo, hi) => x.iter_mut().for_each(|v| {
+                // As candle's maximum/minimum: NaN stays NaN.
+                let t = if *v < *lo { *lo } else { *v };
+                *v = if t > *hi { *hi } else { t };
+            }),
+            Step::MulSelf(inner) => {
+                let mut g = x.to_vec();
+                apply(inner, &mut g);
+                x.iter_mut().zip(&g).for_each(|(v, f)| *v *= f);
+            }
+        }
+    }
+}
+
+fn run_candle(steps: &[Step], x: &CT) -> Result<CT> {
+    let scalar = |c: f32| -> Result<CT> { Ok(CT::new(c, x.device())?.to_dtype(x.dtype())?) };
+    let mut y = x.clone();
+    for s in steps {
+        y = match s {
+            Step::Mul(c) => y.broadcast_mul(&scalar(*c)?)?,
+            Step::Add(c) => y.broadcast_add(&scalar(*c)?)?,
+            Step::Sub(c) => y.broadcast_sub(&scalar(*c)?)?,
+            Step::SubFrom(c) => scalar(*c)?.broadcast_sub(&y)?,
+            Step::Div(c) => y.broadcast_div(&scalar(*c)?)?,
+            Step::DivInto(c) => scalar(*c)?.broadcast_div(&y)?,
+            Step::Clip(lo, hi) => {
+                let mut t = y;
+                if lo.is_finite() {
+                    t = t.maximum(f64::from(*lo))?;
+                }
+                if hi.is_finite() {
+                    t = t.minimum(f64::from(*hi))?;
+                }
+                t
+            }
+            Step::MulSelf(inner) => y.mul(&run_candle(inner, &y)?)?,
+        };
+    }
+    Ok(y)
+}
