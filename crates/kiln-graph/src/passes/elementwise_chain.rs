@@ -152,9 +152,7 @@ fn simple_step(g: &Graph, cx: &PassCx, node: &Node, x: ValueId) -> Option<Step> 
                 }
             };
             // A constant bound types `x` as f32 (a bound-less Clip could be any type).
-            if node.inputs.iter().skip(1).flatten().next().is_none() {
-                return None;
-            }
+            node.inputs.iter().skip(1).flatten().next()?;
             Some(Step::Clip(bound(1, f32::NEG_INFINITY)?, bound(2, f32::INFINITY)?))
         }
         _ => None,
@@ -260,7 +258,7 @@ impl Pass for FuseElementwiseChains {
                 .inputs
                 .iter()
                 .flatten()
-                .find(|v| g.initializers.get(v).is_none())
+                .find(|v| !g.initializers.contains_key(v))
                 .copied()
             else {
                 continue;
