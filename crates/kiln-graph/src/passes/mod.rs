@@ -34,6 +34,7 @@ pub mod gelu;
 pub mod layer_norm;
 pub mod matmul_add;
 pub mod noop;
+pub mod quantize;
 pub mod reshape_chain;
 pub mod shape_fold;
 pub mod transpose;
