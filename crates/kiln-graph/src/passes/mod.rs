@@ -31,6 +31,7 @@ pub mod cse;
 pub mod dce;
 pub mod edit;
 pub mod gelu;
+pub mod int8_matmul;
 pub mod layer_norm;
 pub mod matmul_add;
 pub mod noop;

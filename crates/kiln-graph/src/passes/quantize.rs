@@ -28,8 +28,8 @@ pub const PER_AXIS_DQ_OPSET: i64 = 13;
 pub struct QuantizeOptions {
     /// Weights with fewer elements stay f32 (their memory is negligible, their error is not).
     pub min_elements: usize,
-    /// Default-domain opset of the model and whether overridable initializers exist
-    /// (`Options::for_model` fills both).
+    /// Opsets, overridable initializers (`Options::for_model` fills both) and `strict_opsets`: when
+    /// set (an exported model), nothing is quantized below opset 13.
     pub options: Options,
 }
 
@@ -124,6 +124,16 @@ pub fn quantize_per_channel(t: &TensorData, axis: usize) -> Option<(Vec<i8>, Vec
 /// Rewrites every quantizable MatMul/Gemm weight to `DequantizeLinear(int8, scale, axis)`.
 pub fn quantize_weights_int8(g: &mut Graph, q: &QuantizeOptions) -> Result<QuantizeReport> {
     let mut report = QuantizeReport::default();
+    if q.options.strict_opsets && q.options.opset() < PER_AXIS_DQ_OPSET {
+        report.skipped.push((
+            "*".into(),
+            format!(
+                "per-channel DequantizeLinear needs opset {PER_AXIS_DQ_OPSET}, the model declares {}",
+                q.options.opset()
+            ),
+        ));
+        return Ok(report);
+    }
     let idx = Index::new(g);
     let mut reads: Reads = BTreeMap::new();
     for (i, n) in g.nodes.iter().enumerate() {

@@ -16,6 +16,7 @@ mod conv_cpu;
 mod elementwise;
 mod fused;
 mod indexing;
+mod int8_matmul;
 mod matmul;
 mod ml;
 mod nn;
@@ -252,6 +253,7 @@ impl Registry {
             elementwise::register(&mut r);
             fused::register(&mut r);
             indexing::register(&mut r);
+            int8_matmul::register(&mut r);
             matmul::register(&mut r);
             ml::register(&mut r);
             nn::register(&mut r);
