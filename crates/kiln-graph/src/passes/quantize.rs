@@ -301,12 +301,12 @@ mod tests {
         let cols = w.dims[1];
         assert_eq!(q.dims, w.dims);
         assert_eq!(s.len(), w.dims[axis]);
-        for c in 0..s.len() {
+        for (c, &sc) in s.iter().enumerate() {
             let max = (0..wv.len())
                 .filter(|i| if axis == 1 { i % cols == c } else { i / cols == c })
                 .map(|i| wv[i].abs())
                 .fold(0f32, f32::max);
-            assert_eq!(s[c], max / 127.0, "channel {c}");
+            assert_eq!(sc, max / 127.0, "channel {c}");
         }
         for i in 0..wv.len() {
             let c = if axis == 1 { i % cols } else { i / cols };
