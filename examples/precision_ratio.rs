@@ -24,14 +24,25 @@ fn main() -> anyhow::Result<()> {
         }
     }
     kiln::set_num_threads(1)?;
-    let sessions = [Precision::F32, Precision::Int8WeightOnly].map(|p| {
-        Session::builder()
+    // Resident memory each session adds (Linux; the load's transient buffers are freed by then).
+    let mut rss = vec![resident_bytes()];
+    let mut build = |p| -> anyhow::Result<Session> {
+        let s = Session::builder()
             .precision(p)
             .optimization(kiln::Level::Extended)
-            .build_from_file(&model)
-    });
-    let [fp32, int8] = sessions;
-    let (fp32, int8) = (fp32?, int8?);
+            .build_from_file(&model)?;
+        rss.push(resident_bytes());
+        Ok(s)
+    };
+    let (fp32, int8) = (build(Precision::F32)?, build(Precision::Int8WeightOnly)?);
+    if let [Some(a), Some(b), Some(c)] = rss[..] {
+        let mib = |x: u64, y: u64| (y as f64 - x as f64) / (1 << 20) as f64;
+        println!(
+            "session memory (RSS added): fp32 {:.1} MiB, int8-weight {:.1} MiB",
+            mib(a, b),
+            mib(b, c)
+        );
+    }
     let mut feeds = Vec::new();
     for i in fp32.inputs() {
         let shape: Vec<usize> = i
