@@ -13,6 +13,7 @@
 use candle_core::{DType as CDType, Tensor as CT};
 use gemm::Parallelism;
 use kiln_graph::{DType, TensorData};
+use rayon::prelude::*;
 
 use super::common::{elems, tin, tin_opt};
 use super::{kernel, out1, NodeCtx, OpKernel, Registry, RunCx};
@@ -170,6 +171,8 @@ impl Int8Weight {
         let kc = (TILE_BYTES / (4 * n)).max(MIN_BLOCK_K).min(k);
         let mut scratch = vec![0f32; kc * n];
         let threads = crate::num_threads();
+        // The dequantization is spread over rayon's threads too when there are several.
+        let par_dequant = threads > 1 && kc * n >= 1 << 16;
         let par = if threads > 1 && rows * kc * n >= 1 << 16 {
             Parallelism::Rayon(threads)
         } else {
@@ -181,20 +184,31 @@ impl Int8Weight {
             let buf = &mut scratch[..kb * n];
             // Row-major [kb, N] (weight [K, N]) or [N, kb] (weight [N, K]): both read the codes
             // in order.
+            let scale = &self.scale;
             let (rhs_cs, rhs_rs) = if self.trans_b {
-                for (j, dst) in buf.chunks_exact_mut(kb).enumerate() {
+                let row = |(j, dst): (usize, &mut [f32])| {
                     let src = &codes[j * k + k0..j * k + k0 + kb];
-                    let sj = self.scale[j];
+                    let sj = scale[j];
                     dst.iter_mut().zip(src).for_each(|(d, &q)| *d = q as i8 as f32 * sj);
+                };
+                if par_dequant {
+                    buf.par_chunks_exact_mut(kb).enumerate().for_each(row);
+                } else {
+                    buf.chunks_exact_mut(kb).enumerate().for_each(row);
                 }
                 (kb as isize, 1isize)
             } else {
-                for (r, dst) in buf.chunks_exact_mut(n).enumerate() {
+                let row = |(r, dst): (usize, &mut [f32])| {
                     let src = &codes[(k0 + r) * n..(k0 + r + 1) * n];
                     dst.iter_mut()
                         .zip(src)
-                        .zip(&self.scale)
+                        .zip(scale)
                         .for_each(|((d, &q), &sj)| *d = q as i8 as f32 * sj);
+                };
+                if par_dequant {
+                    buf.par_chunks_exact_mut(n).enumerate().for_each(row);
+                } else {
+                    buf.chunks_exact_mut(n).enumerate().for_each(row);
                 }
                 (1isize, n as isize)
             };
