@@ -42,6 +42,9 @@ done
 step "kiln optimize: onnx.checker accepts the output, onnxruntime matches the original"
 bash tests/optimize/run.sh
 
+step "kiln quantize: onnx.checker accepts the int8 output, onnxruntime within tolerance of fp32, kiln matches onnxruntime"
+bash tests/quantize/run.sh
+
 step "robustness: every node-test model with malformed inputs (no panic, no hang)"
 cargo run -q -p kiln-conformance -- --data "$DATA" --mutate --timeout 60
 

@@ -14,6 +14,7 @@ pub struct BenchConfig<'a> {
     pub dims: &'a [String],
     pub device: Device,
     pub level: Level,
+    pub precision: kiln::Precision,
     pub warmup: usize,
     pub iterations: usize,
     /// Print a per-operator time breakdown from extra profiled runs.
@@ -24,6 +25,7 @@ pub fn bench(path: &Path, cfg: &BenchConfig) -> Result<()> {
     let session = Session::builder()
         .device(cfg.device)
         .optimization(cfg.level)
+        .precision(cfg.precision)
         .build_from_file(path)
         .with_context(|| format!("loading {}", path.display()))?;
     let mut symbols: HashMap<String, usize> = HashMap::new();

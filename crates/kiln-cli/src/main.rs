@@ -3,6 +3,8 @@
 mod bench;
 mod npy;
 mod optimize;
+mod precision;
+mod quantize;
 mod serve;
 
 use std::collections::BTreeMap;
@@ -46,6 +48,8 @@ enum Cmd {
         /// Directory for `<output name>.npy` files.
         #[arg(long, short = 'o', default_value = "kiln-out")]
         output_dir: PathBuf,
+        #[command(flatten)]
+        precision: precision::PrecisionArg,
     },
     /// Measure latency percentiles and throughput (inputs synthesized from the declared shapes).
     Bench {
@@ -70,6 +74,8 @@ enum Cmd {
         /// After timing, run again with per-node timing and print where the time goes.
         #[arg(long)]
         profile: bool,
+        #[command(flatten)]
+        precision: precision::PrecisionArg,
     },
     /// Optimize a model's graph and write it as ONNX (prints node counts by op before/after).
     Optimize {
@@ -80,6 +86,17 @@ enum Cmd {
         /// Most bytes a folded constant may add to the model.
         #[arg(long, default_value_t = 1 << 20)]
         fold_limit: usize,
+    },
+    /// Quantize MatMul/Gemm weights to int8 (per output channel) and write the model as ONNX.
+    Quantize {
+        input: PathBuf,
+        output: PathBuf,
+        /// What to quantize: int8-weight (weights only; activations stay float).
+        #[arg(long, default_value = "int8-weight")]
+        mode: String,
+        /// Weights with fewer elements stay f32.
+        #[arg(long, default_value_t = kiln::quantize::DEFAULT_MIN_ELEMENTS)]
+        min_elements: usize,
     },
     /// Serve a model repository over KServe v2 HTTP/gRPC and TF-Serving REST.
     Serve(serve::ServeArgs),
@@ -95,7 +112,8 @@ fn main() -> ExitCode {
             device,
             level,
             output_dir,
-        } => run(&model, &inputs, &device, level, &output_dir),
+            precision,
+        } => run(&model, &inputs, &device, level, precision.precision, &output_dir),
         Cmd::Bench {
             model,
             inputs,
@@ -106,6 +124,7 @@ fn main() -> ExitCode {
             iterations,
             threads,
             profile,
+            precision,
         } => (|| {
             if let Some(n) = threads {
                 kiln::set_num_threads(n)?;
@@ -115,6 +134,7 @@ fn main() -> ExitCode {
                 dims: &dims,
                 device: device.parse()?,
                 level,
+                precision: precision.precision,
                 warmup,
                 iterations: iterations.max(1),
                 profile,
@@ -127,6 +147,12 @@ fn main() -> ExitCode {
             level,
             fold_limit,
         } => optimize::optimize(&input, &output, &optimize::OptimizeConfig { level, fold_limit }),
+        Cmd::Quantize {
+            input,
+            output,
+            mode,
+            min_elements,
+        } => quantize::quantize(&input, &output, &quantize::QuantizeConfig { mode, min_elements }),
         Cmd::Serve(args) => serve::serve(args),
     };
     match r {
@@ -240,11 +266,19 @@ fn file_stem(name: &str) -> String {
     }
 }
 
-fn run(path: &Path, inputs: &[String], device: &str, level: Level, out_dir: &Path) -> Result<()> {
+fn run(
+    path: &Path,
+    inputs: &[String],
+    device: &str,
+    level: Level,
+    precision: kiln::Precision,
+    out_dir: &Path,
+) -> Result<()> {
     let device: Device = device.parse()?;
     let session = Session::builder()
         .device(device)
         .optimization(level)
+        .precision(precision)
         .build_from_file(path)
         .with_context(|| format!("loading {}", path.display()))?;
     let mut feeds = Vec::new();

@@ -16,6 +16,7 @@
 //! A [`Session`] is `Send + Sync`; `run(&self, ..)` may be called from many threads at once.
 
 mod error;
+pub mod quantize;
 mod session;
 
 pub use error::{Error, Result};

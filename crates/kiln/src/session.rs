@@ -140,7 +140,15 @@ impl SessionBuilder {
         let optimization = optimize_model(&mut model, self.level)?;
         match self.precision {
             Precision::F32 => {}
+            Precision::Int8WeightOnly => {
+                crate::quantize::quantize_model(&mut model, crate::quantize::DEFAULT_MIN_ELEMENTS, false)?;
+            }
             other => return Err(Error::Unsupported(format!("precision {other:?} is not available yet"))),
+        }
+        // After optimizing, so constant folding never sees the int8 weights; also picks up models
+        // quantized by `kiln quantize`.
+        if self.level != Level::Disabled || self.precision == Precision::Int8WeightOnly {
+            crate::quantize::fuse_int8_weight_matmuls(&mut model)?;
         }
         let device = self.device.to_candle()?;
         let plan = ExecutionPlan::compile(&model, device)?;

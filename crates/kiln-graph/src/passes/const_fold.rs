@@ -2,7 +2,8 @@
 //! override) is evaluated once, at load, by the runtime's own kernel ([`super::ConstEval`]), and
 //! its outputs become initializers. `Constant` nodes become initializers the same way.
 //!
-//! Skipped: random and other nondeterministic ops, nodes with subgraphs or non-tensor outputs,
+//! Skipped: random and other nondeterministic ops, DequantizeLinear of an int8 MatMul/Gemm weight
+//! (folding would undo the quantization; see [`super::quantize`]), nodes with subgraphs or non-tensor outputs,
 //! nodes producing a graph output, and nodes whose outputs would be more than
 //! [`super::Options::max_fold_growth_bytes`] larger than their inputs (folding must not inflate
 //! the model, e.g. `ConstantOfShape` of a large shape).
@@ -26,6 +27,9 @@ impl Pass for FoldConstants {
         for i in 0..g.nodes.len() {
             let n = &g.nodes[i];
             if !n.implicit_inputs.is_empty() || has_subgraph(n) || is_nondeterministic(n) {
+                continue;
+            }
+            if super::quantize::is_quantized_weight(g, &idx, n) {
                 continue;
             }
             if n.outputs

@@ -17,6 +17,7 @@ mod conv_cpu;
 mod elementwise;
 mod fused;
 mod indexing;
+mod int8_matmul;
 mod matmul;
 mod ml;
 mod nn;
@@ -254,6 +255,7 @@ impl Registry {
             fused::register(&mut r);
             chain::register(&mut r);
             indexing::register(&mut r);
+            int8_matmul::register(&mut r);
             matmul::register(&mut r);
             ml::register(&mut r);
             nn::register(&mut r);

@@ -1,0 +1,97 @@
+//! `kiln quantize` end to end on a small generated model: the written model re-imports with an int8
+//! DequantizeLinear weight, runs, and the report names the weight; a bad `--mode` is an error.
+//! (`tests/quantize/run.sh` checks the output with onnx.checker and ONNX Runtime on real models.)
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use kiln::internals::graph::{DType, Graph, Model, Node, Shape, ValueInfo, ValueKind};
+use kiln::internals::onnx;
+use kiln::TensorData;
+
+/// `y = MatMul(x [2, 64], w [64, 96])`, opset 17.
+fn write_model(path: &Path) {
+    let mut g = Graph::default();
+    let value = |g: &mut Graph, name: &str, dims: &[usize]| {
+        g.add_value(ValueInfo {
+            name: name.into(),
+            kind: ValueKind::Tensor,
+            dtype: Some(DType::F32),
+            shape: Some(Shape::from_known(dims)),
+        })
+    };
+    let x = value(&mut g, "x", &[2, 64]);
+    let w = value(&mut g, "w", &[64, 96]);
+    let y = value(&mut g, "y", &[2, 96]);
+    let wv: Vec<f32> = (0..64 * 96).map(|i| ((i * 31 % 101) as f32 - 50.0) / 40.0).collect();
+    g.initializers
+        .insert(w, TensorData::from_values("w", vec![64, 96], &wv).unwrap());
+    g.nodes.push(Node {
+        name: "mm".into(),
+        op_type: "MatMul".into(),
+        domain: String::new(),
+        inputs: vec![Some(x), Some(w)],
+        outputs: vec![Some(y)],
+        attributes: Default::default(),
+        implicit_inputs: Vec::new(),
+    });
+    g.inputs.push(x);
+    g.outputs.push(y);
+    let m = Model {
+        ir_version: 8,
+        opsets: [(String::new(), 17)].into_iter().collect(),
+        graph: g,
+        ..Default::default()
+    };
+    std::fs::write(path, onnx::export_model_bytes(&m).unwrap()).unwrap();
+}
+
+fn tmp(name: &str) -> PathBuf {
+    std::env::temp_dir().join(format!("kiln-quantize-{}-{name}", std::process::id()))
+}
+
+#[test]
+fn quantize_writes_int8_weights() {
+    let (src, dst) = (tmp("in.onnx"), tmp("out.onnx"));
+    write_model(&src);
+    let out = Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .arg("quantize")
+        .args([&src, &dst])
+        .args(["--mode", "int8-weight", "--min-elements", "1024"])
+        .output()
+        .expect("runs");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.contains("int8  [64, 96] axis 1  w"), "{stdout}");
+    // 64*96*4 bytes -> 64*96 + 96*4.
+    assert!(
+        stdout.contains("quantized 1 weight(s): 0.02 MiB -> 0.01 MiB"),
+        "{stdout}"
+    );
+
+    let m = onnx::load_model(&dst).expect("re-imports");
+    let dq: Vec<&Node> = m
+        .graph
+        .nodes
+        .iter()
+        .filter(|n| n.op_type == "DequantizeLinear")
+        .collect();
+    assert_eq!(dq.len(), 1);
+    let q = &m.graph.initializers[&dq[0].inputs[0].unwrap()];
+    assert_eq!((q.dtype, q.dims.as_slice()), (DType::I8, &[64usize, 96][..]));
+    let s = kiln::Session::builder().build_from_model(m).expect("builds");
+    let x = TensorData::from_values("x", vec![2, 64], &[0.25f32; 128]).unwrap();
+    let y = s.run(vec![("x".into(), x)]).expect("runs");
+    assert_eq!(y[0].dims, [2, 96]);
+
+    let bad = Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .arg("quantize")
+        .args([&src, &dst])
+        .args(["--mode", "int4"])
+        .output()
+        .expect("runs");
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("unknown --mode 'int4'"));
+    let _ = std::fs::remove_file(src);
+    let _ = std::fs::remove_file(dst);
+}

@@ -1,0 +1,33 @@
+//! Weight-only int8: the graph transform (`kiln quantize`, [`crate::Precision::Int8WeightOnly`])
+//! and the fusion that lets the runtime keep the weights in int8.
+
+use kiln_graph::passes::int8_matmul::FuseInt8WeightMatMul;
+use kiln_graph::passes::quantize::{quantize_weights_int8, QuantizeOptions};
+use kiln_graph::passes::{OptLevel, Options, Pass, PassCx};
+use kiln_graph::Model;
+use kiln_runtime::CpuConstEval;
+
+pub use kiln_graph::passes::quantize::{QuantizeReport, QuantizedWeight, DEFAULT_MIN_ELEMENTS};
+
+use crate::Result;
+
+/// Quantizes the MatMul/Gemm weights of `model` with at least `min_elements` elements to int8 with
+/// per-output-channel scales, as standard `DequantizeLinear` nodes. `strict_opsets`: the model will
+/// be exported, so nothing is quantized when its opset lacks per-axis DequantizeLinear (< 13).
+pub fn quantize_model(model: &mut Model, min_elements: usize, strict_opsets: bool) -> Result<QuantizeReport> {
+    let mut options = QuantizeOptions::for_model(model);
+    options.min_elements = min_elements;
+    options.options.strict_opsets = strict_opsets;
+    Ok(quantize_weights_int8(&mut model.graph, &options)?)
+}
+
+/// Replaces `DequantizeLinear(int8 constant) -> MatMul/Gemm` by Kiln's int8 MatMul kernel, which
+/// keeps the weight in int8. Returns how many MatMul/Gemm nodes were fused.
+pub(crate) fn fuse_int8_weight_matmuls(model: &mut Model) -> Result<usize> {
+    let options = Options::for_model(model, OptLevel::Basic);
+    let cx = PassCx {
+        options: &options,
+        eval: &CpuConstEval,
+    };
+    Ok(FuseInt8WeightMatMul.run(&mut model.graph, &cx)?)
+}

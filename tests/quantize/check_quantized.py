@@ -1,0 +1,93 @@
+#!/usr/bin/env python3
+"""Checks `kiln quantize --mode int8-weight` output.
+
+1. onnx.checker accepts it and it has int8 DequantizeLinear weights (at least --min-int8 of them).
+2. ONNX Runtime runs it (its own QDQ handling is the reference for the file's meaning); each
+   output is close to the fp32 original's: cosine similarity >= 0.99 and
+   max|int8 - fp32| <= 0.1 * max|fp32| (the tolerance crates/kiln/tests/int8.rs states and justifies).
+3. With --kiln PATH: `kiln run` on the quantized file matches ONNX Runtime on the same file within
+   --atol (relative to max(1, max|ort|)): Kiln's int8 MatMul kernel computes what the file says.
+
+usage: check_quantized.py ORIGINAL.onnx QUANTIZED.onnx [--kiln BIN] [--min-int8 N]
+                          [--dim NAME=SIZE ...] [--shape INPUT=AxB ...]
+"""
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "optimize"))
+from check_optimized import feeds  # noqa: E402  (same synthetic inputs as the optimize check)
+
+MIN_COSINE = 0.99
+MAX_ABS_FRACTION = 0.1
+
+
+def clean(name):
+    return "".join(c if c.isalnum() or c in "_.-" else "_" for c in name)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("original")
+    ap.add_argument("quantized")
+    ap.add_argument("--kiln")
+    ap.add_argument("--min-int8", type=int, default=1)
+    ap.add_argument("--atol", type=float, default=1e-4)
+    ap.add_argument("--dim", action="append", default=[])
+    ap.add_argument("--shape", action="append", default=[], help="INPUT=1x3x48x320")
+    a = ap.parse_args()
+    q = onnx.load(a.quantized)
+    onnx.checker.check_model(q)
+    inits = {i.name: i for i in q.graph.initializer}
+    n_int8 = sum(
+        1
+        for n in q.graph.node
+        if n.op_type == "DequantizeLinear" and n.input[0] in inits and inits[n.input[0]].data_type == onnx.TensorProto.INT8
+    )
+    print(f"{n_int8} int8 DequantizeLinear weights")
+    ok = n_int8 >= a.min_int8
+    dims = {k: int(v) for k, v in (d.split("=") for d in a.dim)}
+    shapes = {k: [int(n) for n in v.split("x")] for k, v in (d.split("=") for d in a.shape)}
+    orig = onnx.load(a.original)
+    x = feeds(orig, dims, shapes, np.random.default_rng(0))
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    ref = ort.InferenceSession(a.original, so, providers=["CPUExecutionProvider"]).run(None, x)
+    got = ort.InferenceSession(a.quantized, so, providers=["CPUExecutionProvider"]).run(None, x)
+    ok &= len(ref) == len(got)
+    for r, g, o in zip(ref, got, orig.graph.output):
+        r64, g64 = r.astype(np.float64).ravel(), g.astype(np.float64).ravel()
+        denom = np.linalg.norm(r64) * np.linalg.norm(g64)
+        cos = float(r64 @ g64 / denom) if denom > 0 else 1.0
+        diff = float(np.max(np.abs(r64 - g64))) if r.size else 0.0
+        bound = MAX_ABS_FRACTION * (float(np.max(np.abs(r64))) if r.size else 0.0)
+        good = r.shape == g.shape and cos >= MIN_COSINE and diff <= bound
+        ok &= good
+        print(f"ort int8 vs fp32 {o.name}: cosine {cos:.6f} max|diff| {diff:.3g} (bound {bound:.3g}) {'ok' if good else 'OUT OF TOLERANCE'}")
+    if a.kiln:
+        with tempfile.TemporaryDirectory() as tmp:
+            args = [a.kiln, "run", a.quantized, "-o", tmp]
+            for name, v in x.items():
+                p = os.path.join(tmp, clean(name) + ".in.npy")
+                np.save(p, v)
+                args += ["-i", f"{name}={p}"]
+            subprocess.run(args, check=True, stdout=subprocess.DEVNULL)
+            for g, o in zip(got, q.graph.output):
+                k = np.load(os.path.join(tmp, clean(o.name) + ".npy"))
+                diff = float(np.max(np.abs(k.astype(np.float64) - g.astype(np.float64)))) if g.size else 0.0
+                scale = max(1.0, float(np.max(np.abs(g)))) if g.size else 1.0
+                good = k.shape == g.shape and diff <= a.atol * scale
+                ok &= good
+                print(f"kiln vs ort on the int8 file {o.name}: max|diff| {diff:.3g} {'ok' if good else 'MISMATCH'}")
+    print("checker ok; int8 outputs", "within tolerance" if ok else "OUT OF TOLERANCE")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# `kiln quantize --mode int8-weight` end to end: quantizes a generated Gemm/MatMul model and the
+# cached real models, then tests/quantize/check_quantized.py checks each output with onnx.checker,
+# runs it in ONNX Runtime against the fp32 original (cosine >= 0.99, max|diff| <= 0.1 * max|fp32|)
+# and runs `kiln run` on it against ONNX Runtime on the same file.
+#
+# Needs the Python venv (scripts/setup-python.sh) and a built `kiln` (built here if missing).
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/../.."
+
+VENV="$(bash scripts/setup-python.sh </dev/null | tail -n 1)"
+PY="$VENV/bin/python"
+TARGET="${CARGO_TARGET_DIR:-target}"
+cargo build -q -p kiln-cli
+KILN="$TARGET/debug/kiln"
+OUT="$(mktemp -d)"
+trap 'rm -rf "$OUT"' EXIT
+
+check() { # model min-int8 extra-args-for-check...
+  local model="$1" min="$2"; shift 2
+  local out="$OUT/$(basename "$model" .onnx)-int8.onnx"
+  echo "== kiln quantize $(basename "$model")"
+  "$KILN" quantize "$model" "$out" --min-elements 1024 | grep -E '^quantized|^wrote'
+  "$PY" tests/quantize/check_quantized.py "$model" "$out" --kiln "$KILN" --min-int8 "$min" "$@" \
+    2> >(grep -v -e Warning -e 'W:onnxruntime' >&2)
+}
+
+"$PY" tests/quantize/make_gemm.py "$OUT/gemm_matmul.onnx"
+# Gemm (transB) and a weight shared by two MatMuls: one DequantizeLinear each.
+check "$OUT/gemm_matmul.onnx" 2 --dim batch=6
+
+CACHE="${KILN_CACHE:-$HOME/.cache/kiln}"
+MODELS="${KILN_MODELS:-$CACHE/models-v1}"
+find_model() { find "$MODELS" "$CACHE/models-shared" "$CACHE/models-v1" -name "$1" 2>/dev/null | head -n 1 || true; }
+m="$(find_model paraphrase-MiniLM-L3-v2.onnx)"
+if [[ -n "$m" ]]; then check "$m" 18 --dim batch_size=2 --dim sequence_length=7; fi
+m="$(find_model bert-tiny.onnx)"
+if [[ -n "$m" ]]; then check "$m" 13 --dim batch=2 --dim sequence=9; fi
+echo "quantize: all outputs valid and within tolerance"
