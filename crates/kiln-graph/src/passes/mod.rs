@@ -30,6 +30,7 @@ pub mod conv_bn;
 pub mod cse;
 pub mod dce;
 pub mod edit;
+pub mod float16;
 pub mod gelu;
 pub mod layer_norm;
 pub mod matmul_add;
