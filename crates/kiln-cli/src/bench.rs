@@ -14,6 +14,7 @@ pub struct BenchConfig<'a> {
     pub dims: &'a [String],
     pub device: Device,
     pub level: Level,
+    pub precision: kiln::Precision,
     pub warmup: usize,
     pub iterations: usize,
     /// Print a per-operator time breakdown from extra profiled runs.
@@ -24,6 +25,7 @@ pub fn bench(path: &Path, cfg: &BenchConfig) -> Result<()> {
     let session = Session::builder()
         .device(cfg.device)
         .optimization(cfg.level)
+        .precision(cfg.precision)
         .build_from_file(path)
         .with_context(|| format!("loading {}", path.display()))?;
     let mut symbols: HashMap<String, usize> = HashMap::new();
@@ -85,9 +87,10 @@ pub fn bench(path: &Path, cfg: &BenchConfig) -> Result<()> {
     let mean = times.iter().map(Duration::as_secs_f64).sum::<f64>() / times.len().max(1) as f64 * 1e3;
     println!("model:      {}", path.display());
     println!(
-        "device:     {}  level: {:?}  threads: {}",
+        "device:     {}  level: {:?}  precision: {:?}  threads: {}",
         cfg.device,
         cfg.level,
+        cfg.precision,
         kiln::num_threads()
     );
     println!("runs:       {} (after {} warm-up)", times.len(), cfg.warmup);

@@ -18,7 +18,7 @@ use kiln::internals::{onnx, runtime};
 /// 4x fewer page faults, see docs/benchmarks.md).
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
-use kiln::{Device, Level, Session};
+use kiln::{Device, Level, Precision, Session};
 
 #[derive(Parser)]
 #[command(name = "kiln", version, about = "Kiln: a pure-Rust ONNX inference engine")]
@@ -43,6 +43,9 @@ enum Cmd {
         /// Graph optimization level: disabled, basic, extended, all.
         #[arg(long, default_value = "basic")]
         level: Level,
+        /// Numeric precision: fp32, or fp16 (f16 weights and activations, f32 inputs/outputs).
+        #[arg(long, default_value = "fp32")]
+        precision: Precision,
         /// Directory for `<output name>.npy` files.
         #[arg(long, short = 'o', default_value = "kiln-out")]
         output_dir: PathBuf,
@@ -60,6 +63,9 @@ enum Cmd {
         device: String,
         #[arg(long, default_value = "basic")]
         level: Level,
+        /// Numeric precision: fp32, or fp16 (f16 weights and activations, f32 inputs/outputs).
+        #[arg(long, default_value = "fp32")]
+        precision: Precision,
         #[arg(long, default_value_t = 5)]
         warmup: usize,
         #[arg(long, short = 'n', default_value_t = 50)]
@@ -80,6 +86,9 @@ enum Cmd {
         /// Most bytes a folded constant may add to the model.
         #[arg(long, default_value_t = 1 << 20)]
         fold_limit: usize,
+        /// fp16 writes a mixed-precision model (f16 weights, f32 inputs/outputs, Casts between).
+        #[arg(long, default_value = "fp32")]
+        precision: Precision,
     },
     /// Serve a model repository over KServe v2 HTTP/gRPC and TF-Serving REST.
     Serve(serve::ServeArgs),
@@ -94,14 +103,16 @@ fn main() -> ExitCode {
             inputs,
             device,
             level,
+            precision,
             output_dir,
-        } => run(&model, &inputs, &device, level, &output_dir),
+        } => run(&model, &inputs, &device, level, precision, &output_dir),
         Cmd::Bench {
             model,
             inputs,
             dims,
             device,
             level,
+            precision,
             warmup,
             iterations,
             threads,
@@ -115,6 +126,7 @@ fn main() -> ExitCode {
                 dims: &dims,
                 device: device.parse()?,
                 level,
+                precision,
                 warmup,
                 iterations: iterations.max(1),
                 profile,
@@ -126,7 +138,16 @@ fn main() -> ExitCode {
             output,
             level,
             fold_limit,
-        } => optimize::optimize(&input, &output, &optimize::OptimizeConfig { level, fold_limit }),
+            precision,
+        } => optimize::optimize(
+            &input,
+            &output,
+            &optimize::OptimizeConfig {
+                level,
+                fold_limit,
+                precision,
+            },
+        ),
         Cmd::Serve(args) => serve::serve(args),
     };
     match r {
@@ -240,11 +261,12 @@ fn file_stem(name: &str) -> String {
     }
 }
 
-fn run(path: &Path, inputs: &[String], device: &str, level: Level, out_dir: &Path) -> Result<()> {
+fn run(path: &Path, inputs: &[String], device: &str, level: Level, precision: Precision, out_dir: &Path) -> Result<()> {
     let device: Device = device.parse()?;
     let session = Session::builder()
         .device(device)
         .optimization(level)
+        .precision(precision)
         .build_from_file(path)
         .with_context(|| format!("loading {}", path.display()))?;
     let mut feeds = Vec::new();

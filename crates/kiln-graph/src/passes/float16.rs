@@ -197,7 +197,11 @@ fn attr_dtype(node: &Node, name: &str) -> Option<Option<DType>> {
 
 fn subgraph_output(node: &Node, attr: &str, k: usize) -> Option<DType> {
     match node.attr(attr) {
-        Some(Attribute::Graph(b)) => b.outputs.get(k).and_then(|v| b.values.get(v.index())).and_then(|v| v.dtype),
+        Some(Attribute::Graph(b)) => b
+            .outputs
+            .get(k)
+            .and_then(|v| b.values.get(v.index()))
+            .and_then(|v| v.dtype),
         _ => None,
     }
 }
@@ -214,8 +218,8 @@ fn output_dtype(node: &Node, k: usize, ins: &[Option<DType>]) -> Option<DType> {
         "Cast" => attr_dtype(node, "to").flatten(),
         "CastLike" => in_(1),
         "Shape" | "Size" | "NonZero" | "ArgMax" | "ArgMin" | "NonMaxSuppression" => Some(DType::I64),
-        "Equal" | "Less" | "Greater" | "LessOrEqual" | "GreaterOrEqual" | "And" | "Or" | "Xor" | "Not"
-        | "IsNaN" | "IsInf" => Some(DType::Bool),
+        "Equal" | "Less" | "Greater" | "LessOrEqual" | "GreaterOrEqual" | "And" | "Or" | "Xor" | "Not" | "IsNaN"
+        | "IsInf" => Some(DType::Bool),
         "Constant" => match (node.attr("value"), node.attr("value_float"), node.attr("value_floats")) {
             (Some(Attribute::Tensor(t)), _, _) => Some(t.dtype),
             (_, Some(_), _) | (_, _, Some(_)) => Some(DType::F32),
@@ -242,7 +246,9 @@ fn output_dtype(node: &Node, k: usize, ins: &[Option<DType>]) -> Option<DType> {
         },
         "Where" => in_(1),
         "OneHot" => in_(2),
-        "QuantizeLinear" => in_(2).or(attr_dtype(node, "output_dtype").flatten()).or(Some(DType::U8)),
+        "QuantizeLinear" => in_(2)
+            .or(attr_dtype(node, "output_dtype").flatten())
+            .or(Some(DType::U8)),
         "DequantizeLinear" => in_(1),
         "DynamicQuantizeLinear" => Some(if k == 1 { DType::F32 } else { DType::U8 }),
         "QLinearMatMul" | "QLinearConv" => in_(7),
@@ -266,7 +272,8 @@ fn keep_reason(
 ) -> Option<&'static str> {
     let op = node.op_type.as_str();
     let default_domain = node.domain.is_empty() || node.domain == "ai.onnx";
-    if !default_domain && !(node.domain == "com.microsoft" && MS_CONVERTIBLE.contains(&op)) {
+    let ms_fused = node.domain == "com.microsoft" && MS_CONVERTIBLE.contains(&op);
+    if !(default_domain || ms_fused) {
         return Some("other domain");
     }
     if default_domain && (KEEP_FP32.contains(&op) || options.keep_fp32.iter().any(|k| k == op)) {
@@ -302,7 +309,13 @@ fn keep_reason(
         return None;
     }
     let source = match op {
-        "Cast" => node.inputs.first().copied().flatten().and_then(dtype_of).is_some_and(|d| !d.is_float()),
+        "Cast" => node
+            .inputs
+            .first()
+            .copied()
+            .flatten()
+            .and_then(dtype_of)
+            .is_some_and(|d| !d.is_float()),
         "Constant" | "ConstantOfShape" | "EyeLike" => true,
         _ => false,
     };
@@ -405,7 +418,11 @@ impl Rewriter<'_> {
             id
         } else {
             // The other representation exists already (the producer's output); cast from it.
-            let from = if want == DType::F16 { self.f32_of.get(&v) } else { self.f16_of.get(&v) };
+            let from = if want == DType::F16 {
+                self.f32_of.get(&v)
+            } else {
+                self.f16_of.get(&v)
+            };
             let from = *from.ok_or_else(|| GraphError::Pass {
                 pass: "float16".into(),
                 reason: format!("value '{}' has no source", g.value_name(v)),
@@ -481,13 +498,17 @@ pub fn convert_to_float16(graph: &mut Graph, options: &Float16Options) -> Result
         our_casts: HashSet::new(),
         report: &mut report,
     };
-    for v in graph.inputs.iter().chain(graph.initializers.keys()).chain(&graph.captures) {
+    for v in graph
+        .inputs
+        .iter()
+        .chain(graph.initializers.keys())
+        .chain(&graph.captures)
+    {
         if is_f32(*v) {
             rw.f32_of.insert(*v, *v);
         }
     }
-    for i in 0..graph.nodes.len() {
-        let conv = convert[i];
+    for (i, &conv) in convert.iter().enumerate() {
         let outs: Vec<(usize, ValueId)> = graph.nodes[i]
             .outputs
             .iter()
@@ -519,8 +540,8 @@ pub fn convert_to_float16(graph: &mut Graph, options: &Float16Options) -> Result
     }
 
     // 3. Point every explicit f32 input at the representation its node computes in.
-    for i in 0..graph.nodes.len() {
-        let want = if convert[i] { DType::F16 } else { DType::F32 };
+    for (i, &conv) in convert.iter().enumerate() {
+        let want = if conv { DType::F16 } else { DType::F32 };
         for k in 0..graph.nodes[i].inputs.len() {
             let Some(v) = graph.nodes[i].inputs[k] else { continue };
             if !is_f32(v) {
@@ -530,7 +551,7 @@ pub fn convert_to_float16(graph: &mut Graph, options: &Float16Options) -> Result
             graph.nodes[i].inputs[k] = Some(x);
         }
         // Dtype-typed attributes of converted nodes.
-        if convert[i] {
+        if conv {
             let node = &mut graph.nodes[i];
             if node.op_type == "Cast" && matches!(node.attr("to"), Some(Attribute::Int(1))) {
                 node.attributes
@@ -554,7 +575,10 @@ pub fn convert_to_float16(graph: &mut Graph, options: &Float16Options) -> Result
         .count();
     let order = graph.topological_order()?;
     let mut slots: Vec<Option<Node>> = std::mem::take(&mut graph.nodes).into_iter().map(Some).collect();
-    graph.nodes = order.iter().filter_map(|&i| slots.get_mut(i).and_then(Option::take)).collect();
+    graph.nodes = order
+        .iter()
+        .filter_map(|&i| slots.get_mut(i).and_then(Option::take))
+        .collect();
     Ok(report)
 }
 

@@ -102,7 +102,10 @@ fn converts_weights_and_keeps_io_dtypes() {
     // One Cast in (x -> f16), one out (relu f16 -> y).
     assert_eq!(casts(g), 2);
     assert_eq!(r.casts_inserted, 2);
-    let out_cast = node(g, "Cast").into_iter().find(|n| n.outputs[0] == Some(b.ids["y"])).unwrap();
+    let out_cast = node(g, "Cast")
+        .into_iter()
+        .find(|n| n.outputs[0] == Some(b.ids["y"]))
+        .unwrap();
     assert_eq!(out_cast.attr("to"), Some(&Attribute::Int(1)));
     for op in ["MatMul", "Add", "Relu"] {
         let n = node(g, op)[0];
@@ -208,7 +211,10 @@ fn index_math_stays_fp32() {
         .find(|n| n.attr("to") == Some(&Attribute::Int(7)))
         .unwrap();
     assert_eq!(input_dtypes(g, cast_int), vec![Some(DType::F32)]);
-    let cast_float = node(g, "Cast").into_iter().find(|n| n.inputs[0] == Some(b.ids["s"])).unwrap();
+    let cast_float = node(g, "Cast")
+        .into_iter()
+        .find(|n| n.inputs[0] == Some(b.ids["s"]))
+        .unwrap();
     assert_eq!(cast_float.attr("to"), Some(&Attribute::Int(1)));
     // The data path converts.
     assert_eq!(input_dtypes(g, node(g, "Relu")[0]), vec![Some(DType::F16)]);
@@ -231,9 +237,15 @@ fn mask_arithmetic_meets_the_f16_path_once() {
     let r = b.convert();
     let g = &b.g;
     assert_eq!(r.kept_fp32.get("index math"), Some(&3));
-    assert_eq!(input_dtypes(g, node(g, "Add")[0]), vec![Some(DType::F16), Some(DType::F16)]);
+    assert_eq!(
+        input_dtypes(g, node(g, "Add")[0]),
+        vec![Some(DType::F16), Some(DType::F16)]
+    );
     assert_eq!(input_dtypes(g, node(g, "Softmax")[0]), vec![Some(DType::F16)]);
-    assert_eq!(input_dtypes(g, node(g, "Sub")[0]), vec![Some(DType::F32), Some(DType::F32)]);
+    assert_eq!(
+        input_dtypes(g, node(g, "Sub")[0]),
+        vec![Some(DType::F32), Some(DType::F32)]
+    );
 }
 
 #[test]
