@@ -349,6 +349,34 @@ pub fn tensor_to_f16(t: &TensorData) -> Result<TensorData> {
     TensorData::from_values(t.name.clone(), t.dims.clone(), &h)
 }
 
+/// The attributes of an f32 Constant/ConstantOfShape with the value in f16; `None` when the
+/// value is not a plain f32 one.
+fn constant_attrs_to_f16(node: &Node) -> Result<Option<BTreeMap<String, Attribute>>> {
+    let mut attrs = node.attributes.clone();
+    let value = match (
+        node.op_type.as_str(),
+        node.attr("value"),
+        node.attr("value_float"),
+        node.attr("value_floats"),
+    ) {
+        (_, Some(Attribute::Tensor(t)), None, None) if t.dtype == DType::F32 => tensor_to_f16(t)?,
+        ("Constant", None, Some(Attribute::Float(f)), None) => {
+            tensor_to_f16(&TensorData::from_values(node.name.clone(), vec![], &[*f])?)?
+        }
+        ("Constant", None, None, Some(Attribute::Floats(f))) => {
+            tensor_to_f16(&TensorData::from_values(node.name.clone(), vec![f.len()], f)?)?
+        }
+        ("ConstantOfShape", None, None, None) => {
+            tensor_to_f16(&TensorData::from_values(node.name.clone(), vec![1], &[0f32])?)?
+        }
+        _ => return Ok(None),
+    };
+    attrs.remove("value_float");
+    attrs.remove("value_floats");
+    attrs.insert("value".into(), Attribute::Tensor(value));
+    Ok(Some(attrs))
+}
+
 struct Rewriter<'a> {
     names: HashSet<String>,
     /// f16 / f32 stand-ins of each original f32 value.
@@ -484,12 +512,44 @@ pub fn convert_to_float16(graph: &mut Graph, options: &Float16Options) -> Result
         }
     }
 
-    // 2. Representations of every f32 value at its source.
     let mut pinned: HashSet<ValueId> = graph.outputs.iter().copied().collect();
     pinned.extend(graph.captures.iter().copied());
     for n in &graph.nodes {
         pinned.extend(n.implicit_inputs.iter().copied());
     }
+
+    // A Constant/ConstantOfShape read only by converted nodes (a weight made at run time) converts
+    // too, by rewriting its value attribute: no Cast at every run.
+    let mut readers: HashMap<ValueId, Vec<usize>> = HashMap::new();
+    for (i, n) in graph.nodes.iter().enumerate() {
+        for v in n.inputs.iter().flatten() {
+            readers.entry(*v).or_default().push(i);
+        }
+    }
+    for i in 0..convert.len() {
+        let node = &graph.nodes[i];
+        let is_source = matches!(node.op_type.as_str(), "Constant" | "ConstantOfShape") && node.domain.is_empty();
+        let Some(Some(out)) = node.outputs.first().copied() else {
+            continue;
+        };
+        let feeds_f16 = readers
+            .get(&out)
+            .is_some_and(|r| r.iter().all(|&c| convert.get(c).copied().unwrap_or(false)));
+        if convert[i] || !is_source || !is_f32(out) || pinned.contains(&out) || !feeds_f16 {
+            continue;
+        }
+        if let Some(attrs) = constant_attrs_to_f16(node)? {
+            graph.nodes[i].attributes = attrs;
+            convert[i] = true;
+            report.converted_nodes += 1;
+            if let Some(n) = report.kept_fp32.get_mut("index math") {
+                *n = n.saturating_sub(1);
+            }
+        }
+    }
+    report.kept_fp32.retain(|_, n| *n > 0);
+
+    // 2. Representations of every f32 value at its source.
     let mut rw = Rewriter {
         names: graph.values.iter().map(|v| v.name.clone()).collect(),
         f16_of: HashMap::new(),

@@ -330,3 +330,36 @@ fn layer_norm_statistics_stay_f32() {
     assert_eq!(ln.outputs[1], Some(b.ids["mean"]));
     assert_eq!(casts(g), 2);
 }
+
+#[test]
+fn run_time_weights_convert_their_value_attribute() {
+    // A ConstantOfShape weight read only by a converted MatMul becomes an f16 ConstantOfShape.
+    let shape = TensorData::from_values("shape", vec![2], &[2i64, 2]).unwrap();
+    let value = TensorData::from_values("v", vec![1], &[0.1f32]).unwrap();
+    let mut b = B::default();
+    b.input("x", DType::F32)
+        .node(
+            "ConstantOfShape",
+            &["shape"],
+            &["w"],
+            &[("value", Attribute::Tensor(value))],
+        )
+        .node("MatMul", &["x", "w"], &["y"], &[])
+        .output("y", DType::F32);
+    let s = b.ids["shape"];
+    b.g.initializers.insert(s, shape);
+    b.g.values[s.index()].dtype = Some(DType::I64);
+    let r = b.convert();
+    let g = &b.g;
+    assert!(r.kept_fp32.is_empty(), "{r}");
+    let cos = node(g, "ConstantOfShape")[0];
+    match cos.attr("value") {
+        Some(Attribute::Tensor(t)) => assert_eq!(t.values::<half::f16>(), Some(vec![half::f16::from_f32(0.1)])),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(
+        input_dtypes(g, node(g, "MatMul")[0]),
+        vec![Some(DType::F16), Some(DType::F16)]
+    );
+    assert_eq!(casts(g), 2, "x in, y out");
+}
