@@ -55,4 +55,7 @@ if [[ -n "$m" ]]; then
 fi
 m="$(find_model ch_PP-OCRv4_rec_infer.onnx)"
 if [[ -n "$m" ]]; then check "$m" extended --shape x=1x3x48x160; fi
+# fp16 through If bodies (Silero VAD: the network lives in the branches), on its reference inputs.
+m="${KILN_MODELS:-$CACHE/models-v1}/silero_vad.onnx"
+if [[ -f "$m" && -d "${m%.onnx}.ref/sr16k_b1/inputs" ]]; then check_fp16 "$m" --inputs "${m%.onnx}.ref/sr16k_b1/inputs"; fi
 echo "optimize: all outputs valid and matching"

@@ -11,7 +11,7 @@
 //!   clamped to the finite f16 range, so `-3.4e38` masks become `-65504`, not `-inf`); the fp32
 //!   original is dropped when nothing else reads it;
 //! - graph inputs and outputs keep their float32 dtype (Casts at the boundary), and so do values a
-//!   subgraph reads by name;
+//!   subgraph reads by name (the producer writes an f16 value, a Cast writes the named f32 one);
 //! - Cast pairs that cancel (f16 -> f32 -> f16, or our own f32 -> f16 -> f32) and Casts to the
 //!   dtype they already have are removed; value dtypes are updated so inference stays right.
 //!
@@ -23,7 +23,9 @@
 //!   whose scale dtype is tied to float32, and `BatchNormalization` (its statistics may have a
 //!   dtype of their own);
 //! - ops outside the default domain other than the `com.microsoft` kernels Kiln fuses to;
-//! - nodes with subgraphs (If/Loop/Scan bodies stay fp32 by design) and sequence/optional ops;
+//! - nodes with subgraphs (If/Loop/Scan) and sequence/optional ops. The bodies themselves are
+//!   converted, each like a graph of its own: their inputs, outputs and captured outer values stay
+//!   f32 with Casts inside the body, so the owning node reads and writes f32 as before;
 //! - nodes where a tensor dtype is unknown (converting could mix dtypes);
 //! - *index math*: a float computation on values made from integers (a Cast from an integer type,
 //!   a Constant/ConstantOfShape/EyeLike) and constants only, e.g. `Shape -> Cast -> Mul -> Floor ->
@@ -476,12 +478,52 @@ fn dtype_suffix(d: DType) -> &'static str {
     }
 }
 
-/// Rewrites `graph` (a main graph; subgraph bodies are left fp32) to compute in float16. See the
-/// module doc. Returns what was converted and kept.
+/// Rewrites `graph` to compute in float16. See the module doc. Returns what was converted and kept
+/// (subgraph bodies included).
 pub fn convert_to_float16(graph: &mut Graph, options: &Float16Options) -> Result<Float16Report> {
+    // Value names must be unique across the model, bodies included (ONNX's SSA rule).
+    let mut names = HashSet::new();
+    graph.for_each_graph(&mut |g| names.extend(g.values.iter().map(|v| v.name.clone())));
+    convert_graph(graph, options, &HashMap::new(), &mut names)
+}
+
+impl Float16Report {
+    fn merge(&mut self, other: Float16Report) {
+        self.converted_nodes += other.converted_nodes;
+        self.converted_initializers += other.converted_initializers;
+        self.casts_inserted += other.casts_inserted;
+        self.casts_removed += other.casts_removed;
+        for (k, v) in other.kept_fp32 {
+            *self.kept_fp32.entry(k).or_insert(0) += v;
+        }
+    }
+}
+
+/// [`convert_to_float16`] on one graph; `outer` holds the dtypes of the enclosing scopes' values
+/// by name (what a body's captures are).
+fn convert_graph(
+    graph: &mut Graph,
+    options: &Float16Options,
+    outer: &HashMap<String, DType>,
+    names: &mut HashSet<String>,
+) -> Result<Float16Report> {
     let mut report = Float16Report::default();
+    for c in graph.captures.clone() {
+        if let Some(info) = graph.values.get_mut(c.index()) {
+            if info.dtype.is_none() {
+                info.dtype = outer.get(&info.name).copied();
+            }
+        }
+    }
     let order = graph.topological_order()?;
     let dt = infer_dtypes(graph, &order);
+    // What a body nested here sees by name: this scope's original dtypes over the outer ones.
+    let mut scope = outer.clone();
+    for (v, d) in graph.values.iter().zip(&dt) {
+        if let Some(d) = d {
+            scope.insert(v.name.clone(), *d);
+        }
+    }
     let dtype_of = |v: ValueId| dt.get(v.index()).copied().flatten();
     let is_f32 = |v: ValueId| dtype_of(v) == Some(DType::F32);
     let overridable = |g: &Graph, v: ValueId| options.overridable_initializers && g.inputs.contains(&v);
@@ -551,7 +593,7 @@ pub fn convert_to_float16(graph: &mut Graph, options: &Float16Options) -> Result
 
     // 2. Representations of every f32 value at its source.
     let mut rw = Rewriter {
-        names: graph.values.iter().map(|v| v.name.clone()).collect(),
+        names: std::mem::take(names),
         f16_of: HashMap::new(),
         f32_of: HashMap::new(),
         new_nodes: Vec::new(),
@@ -622,6 +664,7 @@ pub fn convert_to_float16(graph: &mut Graph, options: &Float16Options) -> Result
     }
     let new_nodes = std::mem::take(&mut rw.new_nodes);
     let our_casts = std::mem::take(&mut rw.our_casts);
+    *names = std::mem::take(&mut rw.names);
     graph.nodes.extend(new_nodes);
 
     // 4. Remove Casts that cancel or do nothing, then what became dead; restore topological order.
@@ -639,6 +682,32 @@ pub fn convert_to_float16(graph: &mut Graph, options: &Float16Options) -> Result
         .iter()
         .filter_map(|&i| slots.get_mut(i).and_then(Option::take))
         .collect();
+
+    // 5. Bodies (If/Loop/Scan): each converts on its own with an f32 interface (its inputs, outputs
+    // and captures stay f32, Casts inside), so the owning node keeps its f32 contract.
+    let body_options = Float16Options {
+        overridable_initializers: false,
+        keep_fp32: options.keep_fp32.clone(),
+    };
+    for node in &mut graph.nodes {
+        for attr in node.attributes.values_mut() {
+            match attr {
+                Attribute::Graph(body) => {
+                    let mut b = (**body).clone();
+                    report.merge(convert_graph(&mut b, &body_options, &scope, names)?);
+                    *body = std::sync::Arc::new(b);
+                }
+                Attribute::Graphs(bodies) => {
+                    for body in bodies.iter_mut() {
+                        let mut b = (**body).clone();
+                        report.merge(convert_graph(&mut b, &body_options, &scope, names)?);
+                        *body = std::sync::Arc::new(b);
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
     Ok(report)
 }
 

@@ -249,12 +249,12 @@ fn mask_arithmetic_meets_the_f16_path_once() {
 }
 
 #[test]
-fn subgraph_nodes_and_captured_values_stay_fp32() {
+fn subgraph_nodes_keep_an_f32_contract_and_bodies_convert() {
     // `r` (converted Relu) is an output and is read by name inside the If branches.
     let branch = |name: &str| {
         let mut b = B::default();
         let r = b.v("r");
-        b.g.values[r.index()].dtype = Some(DType::F32);
+        // No declared dtype: the conversion takes it from the outer scope.
         b.g.captures.push(r);
         b.node("Neg", &["r"], &[name], &[]).output(name, DType::F32);
         b.g.name = name.into();
@@ -293,10 +293,22 @@ fn subgraph_nodes_and_captured_values_stay_fp32() {
         .find(|n| n.outputs[0] == Some(b.ids["y"]) || n.outputs[0] != writer.inputs[0])
         .unwrap();
     assert_eq!(input_dtypes(g, second), vec![Some(DType::F16)]);
-    // The bodies are untouched.
+    // The bodies convert on their own: Neg in f16, the capture read by name through a Cast, the
+    // body output still f32.
     let if_node = node(g, "If")[0];
-    assert_eq!(if_node.attr("then_branch"), Some(&Attribute::Graph(then_b)));
-    assert_eq!(if_node.attr("else_branch"), Some(&Attribute::Graph(else_b)));
+    assert_eq!(r.converted_nodes, 2 + 2, "two Relus and each body's Neg");
+    for attr in ["then_branch", "else_branch"] {
+        let Some(Attribute::Graph(body)) = if_node.attr(attr) else {
+            panic!("{attr}")
+        };
+        let cap = body.captures[0];
+        assert_eq!(body.value_name(cap), "r");
+        assert_eq!(body.value(cap).dtype, Some(DType::F32));
+        let neg = node(body, "Neg")[0];
+        assert_eq!(input_dtypes(body, neg), vec![Some(DType::F16)]);
+        assert_eq!(dtype(body, body.outputs[0]), Some(DType::F32));
+        assert_eq!(casts(body), 2);
+    }
     g.topological_order().unwrap();
 }
 
