@@ -375,3 +375,62 @@ fn run_time_weights_convert_their_value_attribute() {
     );
     assert_eq!(casts(g), 2, "x in, y out");
 }
+
+#[test]
+fn loop_bodies_convert_behind_an_f32_interface() {
+    // body(i, cond, v) -> (cond, v + k) with k captured from the outer Relu.
+    let mut body = B::default();
+    body.input("i", DType::I64)
+        .input("cond", DType::Bool)
+        .input("v", DType::F32)
+        .node("Identity", &["cond"], &["cond_out"], &[])
+        .node("Add", &["v", "k"], &["v_out"], &[])
+        .output("cond_out", DType::Bool)
+        .output("v_out", DType::F32);
+    let k = body.ids["k"];
+    body.g.captures.push(k);
+    body.g.name = "body".into();
+    let body = Arc::new(body.g);
+    let mut b = B::default();
+    b.input("x", DType::F32)
+        .input("m", DType::I64)
+        .input("c", DType::Bool)
+        .node("Relu", &["x"], &["k"], &[])
+        .node("Loop", &["m", "c", "x"], &["y"], &[("body", Attribute::Graph(body))])
+        .output("y", DType::F32);
+    let k_outer = b.ids["k"];
+    b.g.nodes[1].implicit_inputs.push(k_outer);
+    let r = b.convert();
+    let g = &b.g;
+    assert_eq!(r.kept_fp32.get("subgraph"), Some(&1), "{r}");
+    let lp = node(g, "Loop")[0];
+    assert_eq!(
+        input_dtypes(g, lp),
+        vec![Some(DType::I64), Some(DType::Bool), Some(DType::F32)]
+    );
+    assert_eq!(lp.inputs[2], Some(b.ids["x"]), "the Loop reads the f32 input itself");
+    assert_eq!(g.value(k_outer).dtype, Some(DType::F32));
+    let Some(Attribute::Graph(body)) = lp.attr("body") else {
+        panic!("body")
+    };
+    let add = node(body, "Add")[0];
+    assert_eq!(input_dtypes(body, add), vec![Some(DType::F16), Some(DType::F16)]);
+    assert_eq!(dtype(body, body.outputs[1]), Some(DType::F32));
+    assert_eq!(body.inputs.len(), 3);
+    assert_eq!(body.value(body.inputs[2]).dtype, Some(DType::F32));
+    // v in, k in, v_out out.
+    assert_eq!(casts(body), 3);
+    // Names are unique across the model (ONNX's SSA rule).
+    let mut names = HashSet::new();
+    g.for_each_graph(&mut |sg| {
+        for n in &sg.nodes {
+            for o in n.outputs.iter().flatten() {
+                assert!(
+                    names.insert(sg.value_name(*o).to_string()),
+                    "{} twice",
+                    sg.value_name(*o)
+                );
+            }
+        }
+    });
+}
