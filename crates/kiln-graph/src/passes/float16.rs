@@ -621,7 +621,11 @@ fn convert_graph(
             if !is_f32(o) {
                 continue;
             }
-            let fixed_f32 = graph.nodes[i].op_type == "LayerNormalization" && k > 0;
+            // LayerNormalization's Mean/InvStdDev are float32 whatever X is (stash_type 1).
+            let n = &graph.nodes[i];
+            let fixed_f32 = n.op_type == "LayerNormalization"
+                && k > 0
+                && matches!(n.attr("stash_type"), None | Some(Attribute::Int(1)));
             if !conv || fixed_f32 {
                 rw.f32_of.insert(o, o);
             } else if pinned.contains(&o) {
