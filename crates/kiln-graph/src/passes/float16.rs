@@ -258,7 +258,11 @@ fn output_dtype(node: &Node, k: usize, ins: &[Option<DType>]) -> Option<DType> {
         "If" => subgraph_output(node, "then_branch", k),
         "Loop" => subgraph_output(node, "body", k + 1),
         "Scan" => subgraph_output(node, "body", k),
-        op if KEEP_FP32.contains(&op) && op.starts_with("Sequence") => None,
+        "SequenceLength" => Some(DType::I64),
+        "OptionalHasElement" => Some(DType::Bool),
+        // Sequences and optionals (and elements taken out of them): not told here.
+        "SequenceConstruct" | "SequenceEmpty" | "SequenceInsert" | "SequenceErase" | "SequenceAt"
+        | "SplitToSequence" | "ConcatFromSequence" | "SequenceMap" | "Optional" | "OptionalGetElement" => None,
         _ => in_(0),
     }
 }
