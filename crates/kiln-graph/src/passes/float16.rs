@@ -58,6 +58,8 @@ pub const KEEP_FP32: &[&str] = &[
     "Softplus",
     "Mish",
     "BatchNormalization",
+    // bit reinterpretation of the f32 data
+    "BitCast",
     // index and coordinate math, ordering
     "Range",
     "Resize",
