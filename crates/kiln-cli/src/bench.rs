@@ -87,9 +87,10 @@ pub fn bench(path: &Path, cfg: &BenchConfig) -> Result<()> {
     let mean = times.iter().map(Duration::as_secs_f64).sum::<f64>() / times.len().max(1) as f64 * 1e3;
     println!("model:      {}", path.display());
     println!(
-        "device:     {}  level: {:?}  threads: {}",
+        "device:     {}  level: {:?}  precision: {:?}  threads: {}",
         cfg.device,
         cfg.level,
+        cfg.precision,
         kiln::num_threads()
     );
     println!("runs:       {} (after {} warm-up)", times.len(), cfg.warmup);

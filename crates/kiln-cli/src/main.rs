@@ -20,7 +20,7 @@ use kiln::internals::{onnx, runtime};
 /// 4x fewer page faults, see docs/benchmarks.md).
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
-use kiln::{Device, Level, Session};
+use kiln::{Device, Level, Precision, Session};
 
 #[derive(Parser)]
 #[command(name = "kiln", version, about = "Kiln: a pure-Rust ONNX inference engine")]
@@ -86,6 +86,9 @@ enum Cmd {
         /// Most bytes a folded constant may add to the model.
         #[arg(long, default_value_t = 1 << 20)]
         fold_limit: usize,
+        /// fp16 writes a mixed-precision model (f16 weights, f32 inputs/outputs, Casts between).
+        #[arg(long, default_value = "fp32")]
+        precision: Precision,
     },
     /// Quantize MatMul/Gemm weights to int8 (per output channel) and write the model as ONNX.
     Quantize {
@@ -146,7 +149,16 @@ fn main() -> ExitCode {
             output,
             level,
             fold_limit,
-        } => optimize::optimize(&input, &output, &optimize::OptimizeConfig { level, fold_limit }),
+            precision,
+        } => optimize::optimize(
+            &input,
+            &output,
+            &optimize::OptimizeConfig {
+                level,
+                fold_limit,
+                precision,
+            },
+        ),
         Cmd::Quantize {
             input,
             output,
@@ -266,14 +278,7 @@ fn file_stem(name: &str) -> String {
     }
 }
 
-fn run(
-    path: &Path,
-    inputs: &[String],
-    device: &str,
-    level: Level,
-    precision: kiln::Precision,
-    out_dir: &Path,
-) -> Result<()> {
+fn run(path: &Path, inputs: &[String], device: &str, level: Level, precision: Precision, out_dir: &Path) -> Result<()> {
     let device: Device = device.parse()?;
     let session = Session::builder()
         .device(device)

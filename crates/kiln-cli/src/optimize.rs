@@ -4,19 +4,21 @@
 //! Unlike an in-memory session, the written model must stay valid for other runtimes: fusions only
 //! emit default-domain ops the model's opset declares (others go to `com.microsoft`, which ONNX
 //! Runtime implements), and constant folding may grow the file by at most `--fold-limit` bytes
-//! per folded node.
+//! per folded node. `--precision fp16` then converts the graph to fp16 (docs/precision.md).
 
 use std::collections::BTreeSet;
 use std::path::Path;
 
 use anyhow::{Context, Result};
 use kiln::internals::{graph, onnx, runtime};
-use kiln::Level;
+use kiln::{Level, Precision};
 
 /// Settings of one `kiln optimize` run.
 pub struct OptimizeConfig {
     pub level: Level,
     pub fold_limit: usize,
+    /// `Precision::F16` converts the optimized graph to fp16 (`kiln::convert_model_to_float16`).
+    pub precision: Precision,
 }
 
 pub fn optimize(input: &Path, output: &Path, cfg: &OptimizeConfig) -> Result<()> {
@@ -33,6 +35,11 @@ pub fn optimize(input: &Path, output: &Path, cfg: &OptimizeConfig) -> Result<()>
     options.max_fold_growth_bytes = cfg.fold_limit;
     let report =
         graph::passes::optimize(&mut model.graph, &options, &runtime::CpuConstEval).context("optimizing the graph")?;
+    let fp16 = match cfg.precision {
+        Precision::F32 => None,
+        Precision::F16 => Some(kiln::convert_model_to_float16(&mut model).context("converting to fp16")?),
+        other => anyhow::bail!("kiln optimize cannot write precision {other:?}"),
+    };
     let after = onnx::op_counts(&model.graph);
     let bytes = onnx::export_model_bytes(&model).context("exporting the optimized model")?;
     std::fs::write(output, &bytes).with_context(|| format!("writing {}", output.display()))?;
@@ -49,6 +56,9 @@ pub fn optimize(input: &Path, output: &Path, cfg: &OptimizeConfig) -> Result<()>
     println!("{:>8}  {:>8}  total", report.nodes_before, report.nodes_after);
     for (rule, n) in &report.rewrites {
         println!("rule {rule}: {n}");
+    }
+    if let Some(r) = fp16 {
+        println!("{r}");
     }
     println!("wrote {} ({} bytes)", output.display(), bytes.len());
     Ok(())

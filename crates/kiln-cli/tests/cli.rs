@@ -116,3 +116,46 @@ fn failures_exit_non_zero_with_one_line() {
         assert!(err.starts_with("error: "), "{err}");
     }
 }
+
+#[test]
+fn precision_fp16_runs_benches_and_rejects_unknown_names() {
+    let dir = std::env::temp_dir().join(format!("kiln-cli-fp16-{}", std::process::id()));
+    let dir_s = dir.to_string_lossy().into_owned();
+    let (ok, _, err) = kiln(&[
+        "run",
+        "models/light/squeezenet.onnx",
+        "--precision",
+        "fp16",
+        "--input",
+        "data_0=models/light/input_1x3x224x224.npy",
+        "--output-dir",
+        &dir_s,
+    ]);
+    assert!(ok, "{err}");
+    // Outputs keep the model's f32 dtype; values within the fp16 rule of docs/precision.md.
+    let got = std::fs::read(dir.join("softmaxout_1.npy")).expect("output file");
+    let want = std::fs::read(root().join("models/light/squeezenet_expected.npy")).unwrap();
+    let g: Vec<f32> = npyz::NpyFile::new(&got[..]).unwrap().into_vec().unwrap();
+    let w: Vec<f32> = npyz::NpyFile::new(&want[..]).unwrap().into_vec().unwrap();
+    let scale = w.iter().fold(0f32, |m, v| m.max(v.abs()));
+    let err = g.iter().zip(&w).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+    assert!(err <= 1e-2 * scale || err <= 1e-4, "max |d| {err}, max |ref| {scale}");
+    let _ = std::fs::remove_dir_all(&dir);
+
+    let (ok, out, err) = kiln(&[
+        "bench",
+        "models/light/squeezenet.onnx",
+        "-n",
+        "1",
+        "--warmup",
+        "0",
+        "--precision",
+        "fp16",
+    ]);
+    assert!(ok, "{err}");
+    assert!(out.contains("precision: F16"), "{out}");
+
+    let (ok, _, err) = kiln(&["bench", "models/light/squeezenet.onnx", "--precision", "fp8"]);
+    assert!(!ok);
+    assert!(err.contains("unknown precision 'fp8'"), "{err}");
+}

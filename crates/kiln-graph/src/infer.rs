@@ -105,6 +105,9 @@ pub fn infer_shapes(graph: &mut Graph) {
                 }
                 let dtype = if COMPARE.contains(&op) {
                     Some(DType::Bool)
+                } else if op == "Where" {
+                    // Where(cond, x, y): the condition is bool, the result has x's type.
+                    ins.get(1).and_then(|v| v.dtype)
                 } else {
                     ins.first().and_then(|v| v.dtype).or(first.dtype)
                 };
@@ -194,5 +197,38 @@ mod graph_tests {
         assert_eq!(g.values[3].shape.as_ref(), Some(&x));
         assert_eq!(g.values[4].dtype, Some(DType::Bool));
         assert_eq!(g.values[4].shape.as_ref(), Some(&x));
+    }
+
+    #[test]
+    fn where_takes_the_dtype_of_its_values_not_the_condition() {
+        let v = |name: &str, dtype: Option<DType>| ValueInfo {
+            name: name.into(),
+            kind: ValueKind::Tensor,
+            dtype,
+            shape: Some(Shape::from_known(&[3])),
+        };
+        let mut g = Graph {
+            name: "g".into(),
+            values: vec![
+                v("c", Some(DType::Bool)),
+                v("x", Some(DType::F32)),
+                v("y", Some(DType::F32)),
+                v("w", None),
+            ],
+            nodes: vec![Node {
+                name: "where".into(),
+                op_type: "Where".into(),
+                domain: String::new(),
+                inputs: vec![Some(ValueId(0)), Some(ValueId(1)), Some(ValueId(2))],
+                outputs: vec![Some(ValueId(3))],
+                attributes: BTreeMap::new(),
+                implicit_inputs: vec![],
+            }],
+            inputs: vec![ValueId(0), ValueId(1), ValueId(2)],
+            outputs: vec![ValueId(3)],
+            ..Default::default()
+        };
+        infer_shapes(&mut g);
+        assert_eq!(g.values[3].dtype, Some(DType::F32));
     }
 }

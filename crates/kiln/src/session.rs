@@ -1,6 +1,7 @@
 use std::collections::HashMap;
 use std::path::Path;
 
+use kiln_graph::passes::float16::{convert_to_float16, Float16Options, Float16Report};
 use kiln_graph::passes::{optimize, OptLevel, Options, Report as OptimizationReport};
 use kiln_graph::{DType, Model, Shape, TensorData, ValueKind};
 use kiln_runtime::{CpuConstEval, Device, ExecutionPlan, RunOptions, RunStats, Tensor, Value};
@@ -52,6 +53,13 @@ impl From<Level> for OptLevel {
 pub fn optimize_model(model: &mut Model, level: Level) -> Result<OptimizationReport> {
     let options = Options::for_model(model, level.into());
     Ok(optimize(&mut model.graph, &options, &CpuConstEval)?)
+}
+
+/// Rewrites a model's main graph to compute in fp16 (f16 weights, f32 inputs and outputs, the
+/// ops in `kiln_graph::passes::float16::KEEP_FP32` kept in fp32). Run it after [`optimize_model`].
+pub fn convert_model_to_float16(model: &mut Model) -> Result<Float16Report> {
+    let options = Float16Options::for_model(model);
+    Ok(convert_to_float16(&mut model.graph, &options)?)
 }
 
 /// Numeric precision a session computes in. Inputs and outputs keep the model's dtypes whatever
@@ -143,7 +151,7 @@ impl SessionBuilder {
             Precision::Int8WeightOnly => {
                 crate::quantize::quantize_model(&mut model, crate::quantize::DEFAULT_MIN_ELEMENTS, false)?;
             }
-            other => return Err(Error::Unsupported(format!("precision {other:?} is not available yet"))),
+            Precision::F16 => convert_model_to_float16(&mut model).map(|_| ())?,
         }
         // After optimizing, so constant folding never sees the int8 weights; also picks up models
         // quantized by `kiln quantize`.

@@ -32,6 +32,7 @@ pub mod cse;
 pub mod dce;
 pub mod edit;
 pub mod elementwise_chain;
+pub mod float16;
 pub mod gelu;
 pub mod int8_matmul;
 pub mod layer_norm;

@@ -425,6 +425,11 @@ fn unary_host(host: fn(f64) -> f64) -> Box<dyn OpKernel> {
 }
 
 fn sigmoid(x: &CT) -> candle_core::Result<CT> {
+    // exp(-x) overflows f16 below x = -11, flushing every result under 1.5e-5 to 0: widen halves.
+    let dt = x.dtype();
+    if matches!(dt, candle_core::DType::F16 | candle_core::DType::BF16) {
+        return sigmoid(&x.to_dtype(candle_core::DType::F32)?)?.to_dtype(dt);
+    }
     (x.neg()?.exp()? + 1.0)?.recip()
 }
 
