@@ -598,3 +598,48 @@ async fn repository_index_load_unload() {
     assert_eq!(idx[0]["state"], "UNAVAILABLE");
     server.shutdown().await.unwrap();
 }
+
+/// `optimization.precision` reaches the session: fp16 and int8-weight versions of `mlp` serve
+/// outputs within their stated tolerances of the fp32 session (docs/precision.md: 1e-2 of the
+/// output scale; int8 weights: docs/quantization.md), and an unknown precision fails the load.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn precision_from_the_model_config() {
+    let repo = temp_repo(&["mlp"]);
+    let want = reference(&repo, "mlp", 1, vec![mlp_tensor(3, 5)]);
+    let want = want[0].values::<f32>().unwrap();
+    let scale = want.iter().fold(0f32, |m, v| m.max(v.abs()));
+    for (precision, tol) in [("fp16", 1e-2), ("int8-weight", 1e-1)] {
+        // (mlp's weights are below int8-weight's 4096-element threshold, so that case checks the
+        // config plumbing; crates/kiln/tests/int8.rs checks int8 accuracy on real models.)
+        write_config(
+            &repo,
+            "mlp",
+            &format!("max_batch_size = 16\n[optimization]\nprecision = \"{precision}\"\n"),
+        );
+        let server = start(&repo).await;
+        let c = reqwest::Client::new();
+        let body = json!({"inputs": [{"name": "input", "shape": [3, 4], "datatype": "FP32", "data": mlp_input(3, 5)}]});
+        let r = c
+            .post(url(&server, "/v2/models/mlp/infer"))
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), StatusCode::OK, "{precision}");
+        let v: Value = r.json().await.unwrap();
+        let got = f32s(&v["outputs"][0]["data"]);
+        assert_eq!(got.len(), want.len());
+        let worst = got.iter().zip(&want).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+        assert!(worst <= tol * scale, "{precision}: max |diff| {worst} vs scale {scale}");
+        server.shutdown().await.unwrap();
+    }
+    write_config(
+        &repo,
+        "mlp",
+        "max_batch_size = 16\n[optimization]\nprecision = \"int4\"\n",
+    );
+    let server = start(&repo).await;
+    let r = reqwest::get(url(&server, "/v2/models/mlp/ready")).await.unwrap();
+    assert_ne!(r.status(), StatusCode::OK);
+    server.shutdown().await.unwrap();
+}
