@@ -11,65 +11,14 @@
 //! The test prints, per output, the max error and the ratio `max|d| / max|ref|` (docs/precision.md
 //! quotes them).
 
-use std::path::{Path, PathBuf};
+mod common;
 
 use kiln::{DType, Level, Precision, Session, TensorData};
 
+use common::refs::{file_safe, read_npy, reference_dir, sorted_entries};
+
 const REL: f64 = 1e-2;
 const ABS_FLOOR: f64 = 1e-4;
-
-fn file_safe(name: &str) -> String {
-    name.chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || "_.-".contains(c) {
-                c
-            } else {
-                '_'
-            }
-        })
-        .collect()
-}
-
-fn reference_dir(stem: &str) -> Result<(PathBuf, PathBuf), String> {
-    let dir = std::env::var_os("KILN_MODELS").ok_or("KILN_MODELS is not set (scripts/test.sh sets it up)")?;
-    let dir = PathBuf::from(dir);
-    let model = dir.join(format!("{stem}.onnx"));
-    let refs = dir.join(format!("{stem}.ref"));
-    if !model.is_file() {
-        return Err(format!("{} is missing (run models/fetch.sh)", model.display()));
-    }
-    if !refs.is_dir() {
-        return Err(format!("{} is missing (run models/make_reference.py)", refs.display()));
-    }
-    Ok((model, refs))
-}
-
-fn read_npy(path: &Path, name: &str) -> TensorData {
-    let bytes = std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-    let npy = npyz::NpyFile::new(&bytes[..]).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-    let dims: Vec<usize> = npy.shape().iter().map(|&d| d as usize).collect();
-    let descr = match npy.dtype() {
-        npyz::DType::Plain(ts) => ts.to_string(),
-        other => panic!("{}: unsupported npy dtype {other:?}", path.display()),
-    };
-    let t = match descr.as_str() {
-        "<f4" => TensorData::from_values(name, dims, &npy.into_vec::<f32>().expect("f32 data")),
-        "<i8" => TensorData::from_values(name, dims, &npy.into_vec::<i64>().expect("i64 data")),
-        "<i4" => TensorData::from_values(name, dims, &npy.into_vec::<i32>().expect("i32 data")),
-        "|b1" => TensorData::from_values(name, dims, &npy.into_vec::<bool>().expect("bool data")),
-        other => panic!("{}: unsupported npy dtype {other}", path.display()),
-    };
-    t.unwrap_or_else(|e| panic!("{}: {e}", path.display()))
-}
-
-fn sorted_entries(dir: &Path) -> Vec<PathBuf> {
-    let mut v: Vec<PathBuf> = std::fs::read_dir(dir)
-        .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
-        .map(|e| e.expect("dir entry").path())
-        .collect();
-    v.sort();
-    v
-}
 
 /// `(max |d|, max |ref|)` of a float output, or why it does not compare.
 fn compare(got: &TensorData, want: &TensorData) -> Result<(f64, f64), String> {

@@ -13,10 +13,14 @@
 //! output's energy (cosine >= 0.99) while single elements may move by a few percent of the
 //! output's range.
 
-use std::path::{Path, PathBuf};
+mod common;
+
+use std::path::PathBuf;
 
 use kiln::internals::graph::{Attribute, DType, Graph, Model, Node, Shape, ValueId, ValueInfo, ValueKind};
 use kiln::{Precision, RunOptions, Session, TensorData};
+
+use common::refs::{file_safe, read_npy, sorted_entries};
 
 fn value(g: &mut Graph, name: &str, dims: &[usize]) -> ValueId {
     g.add_value(ValueInfo {
@@ -217,44 +221,6 @@ fn wrong_input_shape_is_an_error() {
 
 const MIN_COSINE: f64 = 0.99;
 const MAX_ABS_FRACTION: f64 = 0.1;
-
-fn read_npy(path: &Path, name: &str) -> TensorData {
-    let bytes = std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-    let npy = npyz::NpyFile::new(&bytes[..]).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-    let dims: Vec<usize> = npy.shape().iter().map(|&d| d as usize).collect();
-    let descr = match npy.dtype() {
-        npyz::DType::Plain(ts) => ts.to_string(),
-        other => panic!("{}: unsupported npy dtype {other:?}", path.display()),
-    };
-    match descr.as_str() {
-        "<f4" => TensorData::from_values(name, dims, &npy.into_vec::<f32>().unwrap()),
-        "<i8" => TensorData::from_values(name, dims, &npy.into_vec::<i64>().unwrap()),
-        "<i4" => TensorData::from_values(name, dims, &npy.into_vec::<i32>().unwrap()),
-        other => panic!("{}: unsupported npy dtype {other}", path.display()),
-    }
-    .unwrap()
-}
-
-fn sorted_entries(dir: &Path) -> Vec<PathBuf> {
-    let mut v: Vec<PathBuf> = std::fs::read_dir(dir)
-        .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
-        .map(|e| e.unwrap().path())
-        .collect();
-    v.sort();
-    v
-}
-
-fn file_safe(name: &str) -> String {
-    name.chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || "_.-".contains(c) {
-                c
-            } else {
-                '_'
-            }
-        })
-        .collect()
-}
 
 /// Cosine similarity and max |a - b| of two f32 tensors.
 fn similarity(got: &[f32], want: &[f32]) -> (f64, f64, f64) {

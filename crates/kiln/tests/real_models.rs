@@ -15,68 +15,15 @@
 //! `bert-base` (12 layers, 440 MB) runs only with `KILN_TEST_BERT_BASE=1` (about 40 s in a debug build;
 //! `scripts/test.sh`, hence CI, sets it); a bare `cargo test` covers the same graph shape through `bert-tiny`.
 
-use std::path::{Path, PathBuf};
+mod common;
 
 use kiln::{DType, Level, Session, TensorData};
+
+use common::refs::{file_safe, read_npy, reference_dir, sorted_entries};
 
 const ATOL: f64 = 1e-4;
 const RTOL: f64 = 1e-4;
 const LEVELS: [Level; 4] = [Level::Disabled, Level::Basic, Level::Extended, Level::All];
-
-/// Same rule as `make_reference.py`'s `clean`: characters outside `[A-Za-z0-9_.-]` become `_`.
-fn file_safe(name: &str) -> String {
-    name.chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || "_.-".contains(c) {
-                c
-            } else {
-                '_'
-            }
-        })
-        .collect()
-}
-
-/// The reference directory of a model, or the reason the test is skipped.
-fn reference_dir(stem: &str) -> Result<(PathBuf, PathBuf), String> {
-    let dir = std::env::var_os("KILN_MODELS").ok_or("KILN_MODELS is not set (scripts/test.sh sets it up)")?;
-    let dir = PathBuf::from(dir);
-    let model = dir.join(format!("{stem}.onnx"));
-    let refs = dir.join(format!("{stem}.ref"));
-    if !model.is_file() {
-        return Err(format!("{} is missing (run models/fetch.sh)", model.display()));
-    }
-    if !refs.is_dir() {
-        return Err(format!("{} is missing (run models/make_reference.py)", refs.display()));
-    }
-    Ok((model, refs))
-}
-
-fn read_npy(path: &Path, name: &str) -> TensorData {
-    let bytes = std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-    let npy = npyz::NpyFile::new(&bytes[..]).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-    let dims: Vec<usize> = npy.shape().iter().map(|&d| d as usize).collect();
-    let descr = match npy.dtype() {
-        npyz::DType::Plain(ts) => ts.to_string(),
-        other => panic!("{}: unsupported npy dtype {other:?}", path.display()),
-    };
-    let t = match descr.as_str() {
-        "<f4" => TensorData::from_values(name, dims, &npy.into_vec::<f32>().expect("f32 data")),
-        "<i8" => TensorData::from_values(name, dims, &npy.into_vec::<i64>().expect("i64 data")),
-        "<i4" => TensorData::from_values(name, dims, &npy.into_vec::<i32>().expect("i32 data")),
-        "|b1" => TensorData::from_values(name, dims, &npy.into_vec::<bool>().expect("bool data")),
-        other => panic!("{}: unsupported npy dtype {other}", path.display()),
-    };
-    t.unwrap_or_else(|e| panic!("{}: {e}", path.display()))
-}
-
-fn sorted_entries(dir: &Path) -> Vec<PathBuf> {
-    let mut v: Vec<PathBuf> = std::fs::read_dir(dir)
-        .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
-        .map(|e| e.expect("dir entry").path())
-        .collect();
-    v.sort();
-    v
-}
 
 /// Compares one output; returns a description of the first mismatch and the largest error seen.
 fn compare(got: &TensorData, want: &TensorData) -> Result<f64, String> {

@@ -1,6 +1,8 @@
 //! Tiny ONNX model builder for tests (prost types; no Python needed).
 #![allow(dead_code)]
 
+pub mod refs;
+
 use kiln::internals::onnx::proto;
 use prost::Message;
 

@@ -1,0 +1,62 @@
+//! Real-model references (`KILN_MODELS`: models/fetch.sh, models/make_bert.py,
+//! models/make_reference.py): locating them and reading their `.npy` files.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+
+use kiln::TensorData;
+
+/// Same rule as `make_reference.py`'s `clean`: characters outside `[A-Za-z0-9_.-]` become `_`.
+pub fn file_safe(name: &str) -> String {
+    name.chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || "_.-".contains(c) {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect()
+}
+
+/// The reference directory of a model, or the reason the test is skipped.
+pub fn reference_dir(stem: &str) -> Result<(PathBuf, PathBuf), String> {
+    let dir = std::env::var_os("KILN_MODELS").ok_or("KILN_MODELS is not set (scripts/test.sh sets it up)")?;
+    let dir = PathBuf::from(dir);
+    let model = dir.join(format!("{stem}.onnx"));
+    let refs = dir.join(format!("{stem}.ref"));
+    if !model.is_file() {
+        return Err(format!("{} is missing (run models/fetch.sh)", model.display()));
+    }
+    if !refs.is_dir() {
+        return Err(format!("{} is missing (run models/make_reference.py)", refs.display()));
+    }
+    Ok((model, refs))
+}
+
+pub fn read_npy(path: &Path, name: &str) -> TensorData {
+    let bytes = std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let npy = npyz::NpyFile::new(&bytes[..]).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let dims: Vec<usize> = npy.shape().iter().map(|&d| d as usize).collect();
+    let descr = match npy.dtype() {
+        npyz::DType::Plain(ts) => ts.to_string(),
+        other => panic!("{}: unsupported npy dtype {other:?}", path.display()),
+    };
+    let t = match descr.as_str() {
+        "<f4" => TensorData::from_values(name, dims, &npy.into_vec::<f32>().expect("f32 data")),
+        "<i8" => TensorData::from_values(name, dims, &npy.into_vec::<i64>().expect("i64 data")),
+        "<i4" => TensorData::from_values(name, dims, &npy.into_vec::<i32>().expect("i32 data")),
+        "|b1" => TensorData::from_values(name, dims, &npy.into_vec::<bool>().expect("bool data")),
+        other => panic!("{}: unsupported npy dtype {other}", path.display()),
+    };
+    t.unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+pub fn sorted_entries(dir: &Path) -> Vec<PathBuf> {
+    let mut v: Vec<PathBuf> = std::fs::read_dir(dir)
+        .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
+        .map(|e| e.expect("dir entry").path())
+        .collect();
+    v.sort();
+    v
+}
