@@ -10,6 +10,12 @@ use std::time::Duration;
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
 use kiln_benches::{default_ort_library, engines, models, prepare_checked, set_threads};
 
+/// The allocator the `kiln` binary ships with: with glibc malloc every large intermediate is a fresh mmap
+/// that page-faults on first touch, which is not what Kiln's users run (ORT uses its own arena either way;
+/// tract and candle-onnx get mimalloc too).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn bench_engines(c: &mut Criterion) {
     let Some(dir) = std::env::var_os("KILN_MODELS").map(std::path::PathBuf::from) else {
         eprintln!("SKIP: KILN_MODELS is not set (bash models/fetch.sh; python models/make_bert.py DIR)");

@@ -9,6 +9,12 @@ use anyhow::{bail, Result};
 use clap::Parser;
 use kiln_benches::{default_ort_library, engines, measure, models, set_threads, Budget, KilnEngine, Outcome};
 
+/// The allocator the `kiln` binary ships with: with glibc malloc every large intermediate is a fresh mmap
+/// that page-faults on first touch, which is not what Kiln's users run (ORT uses its own arena either way;
+/// tract and candle-onnx get mimalloc too).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(about = "Kiln vs ONNX Runtime vs tract-onnx vs candle-onnx on the real models (markdown table)")]
 struct Args {
