@@ -115,6 +115,21 @@ impl Conv2d {
         let (dh, dw) = self.dil;
         let (pt, pl) = self.pad;
         let madd = |a: f32, x: f32, acc: f32| if FMA { a.mul_add(x, acc) } else { a * x + acc };
+        // Strided convs: the plane split once into `sw` column phases per row (phase r holds
+        // columns r, r+sw, ...), so every tap below reads a contiguous run instead of gathering.
+        let phases = (sw > 1).then(|| {
+            let pw = w.div_ceil(sw);
+            let mut ph = vec![0f32; h * sw * pw];
+            for (iy, row) in src.chunks_exact(w).enumerate() {
+                for r in 0..sw {
+                    let dst = &mut ph[(iy * sw + r) * pw..(iy * sw + r + 1) * pw];
+                    for (d, &v) in dst.iter_mut().zip(row.iter().skip(r).step_by(sw)) {
+                        *d = v;
+                    }
+                }
+            }
+            (ph, pw)
+        });
         dst.iter_mut().for_each(|v| *v = b);
         for oy in 0..oh {
             let row = &mut dst[oy * ow..(oy + 1) * ow];
@@ -132,10 +147,12 @@ impl Conv2d {
                         let start = (lo as isize + off) as usize;
                         let s = &irow[start..start + (hi - lo)];
                         row[lo..hi].iter_mut().zip(s).for_each(|(d, &v)| *d = madd(wt, v, *d));
-                    } else {
-                        for ox in lo..hi {
-                            row[ox] = madd(wt, irow[(ox as isize * sw as isize + off) as usize], row[ox]);
-                        }
+                    } else if let Some((ph, pw)) = &phases {
+                        // Input column ox*sw + off = (ox + q)*sw + r.
+                        let (r, q) = (off.rem_euclid(sw as isize) as usize, off.div_euclid(sw as isize));
+                        let start = (iy as usize * sw + r) * pw + (lo as isize + q) as usize;
+                        let s = &ph[start..start + (hi - lo)];
+                        row[lo..hi].iter_mut().zip(s).for_each(|(d, &v)| *d = madd(wt, v, *d));
                     }
                 }
             }
