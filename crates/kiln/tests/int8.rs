@@ -20,7 +20,7 @@ use std::path::PathBuf;
 use kiln::internals::graph::{Attribute, DType, Graph, Model, Node, Shape, ValueId, ValueInfo, ValueKind};
 use kiln::{Precision, RunOptions, Session, TensorData};
 
-use common::refs::{file_safe, read_npy, sorted_entries};
+use common::refs::cases;
 
 fn value(g: &mut Graph, name: &str, dims: &[usize]) -> ValueId {
     g.add_value(ValueInfo {
@@ -270,26 +270,13 @@ fn check_int8(stem: &str) {
         .build_from_file(&model)
         .unwrap();
     let mut checked = 0;
-    for case in sorted_entries(&refs) {
-        if !case.join(".complete").is_file() {
-            continue;
-        }
-        let feeds: Vec<(String, TensorData)> = sorted_entries(&case.join("inputs"))
-            .iter()
-            .map(|p| {
-                let name = p.file_stem().unwrap().to_string_lossy().into_owned();
-                let t = read_npy(p, &name);
-                (name, t)
-            })
-            .collect();
+    for case in cases(&refs) {
+        let feeds = case.feeds();
         let (outputs, stats) = session.run_with_stats(feeds).unwrap();
         let int8_ops = stats.op_times.iter().filter(|t| t.op == "MatMulInt8Weight").count();
         assert!(int8_ops > 0, "{stem}: no MatMul ran in int8");
         for (info, got) in session.outputs().iter().zip(&outputs) {
-            let want = read_npy(
-                &case.join("expected").join(format!("{}.npy", file_safe(&info.name))),
-                &info.name,
-            );
+            let want = case.expected(&info.name);
             assert_eq!(got.dims, want.dims, "{stem}: output {}", info.name);
             let (Some(g), Some(w)) = (got.values::<f32>(), want.values::<f32>()) else {
                 assert_eq!(got, &want, "{stem}: non-float output {}", info.name);
@@ -298,7 +285,7 @@ fn check_int8(stem: &str) {
             let (cos, max_diff, max_ref) = similarity(&g, &w);
             eprintln!(
                 "int8 {stem}/{}: output '{}' {:?}: cosine {cos:.6}, max |diff| {max_diff:.3e} (max |fp32| {max_ref:.3e}), {int8_ops} int8 MatMuls",
-                case.file_name().unwrap().to_string_lossy(),
+                case.name,
                 info.name,
                 got.dims
             );

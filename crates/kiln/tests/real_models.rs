@@ -19,7 +19,7 @@ mod common;
 
 use kiln::{DType, Level, Session, TensorData};
 
-use common::refs::{file_safe, read_npy, reference_dir, sorted_entries};
+use common::refs::{cases, reference_dir};
 
 const ATOL: f64 = 1e-4;
 const RTOL: f64 = 1e-4;
@@ -85,22 +85,9 @@ fn check_model(stem: &str) {
                 continue;
             }
         };
-        for case in sorted_entries(&refs) {
-            if !case.join(".complete").is_file() {
-                continue;
-            }
-            let case_name = case
-                .file_name()
-                .map(|n| n.to_string_lossy().into_owned())
-                .unwrap_or_default();
-            let feeds: Vec<(String, TensorData)> = sorted_entries(&case.join("inputs"))
-                .iter()
-                .map(|p| {
-                    let name = p.file_stem().expect("file stem").to_string_lossy().into_owned();
-                    let t = read_npy(p, &name);
-                    (name, t)
-                })
-                .collect();
+        for case in cases(&refs) {
+            let case_name = &case.name;
+            let feeds = case.feeds();
             let outputs = match session.run(feeds) {
                 Ok(o) => o,
                 Err(e) => {
@@ -109,8 +96,7 @@ fn check_model(stem: &str) {
                 }
             };
             for (info, got) in session.outputs().iter().zip(&outputs) {
-                let path = case.join("expected").join(format!("{}.npy", file_safe(&info.name)));
-                let want = read_npy(&path, &info.name);
+                let want = case.expected(&info.name);
                 match compare(got, &want) {
                     Ok(worst) => {
                         checked += 1;

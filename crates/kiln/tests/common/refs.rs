@@ -60,3 +60,44 @@ pub fn sorted_entries(dir: &Path) -> Vec<PathBuf> {
     v.sort();
     v
 }
+
+/// One reference case: `<model>.ref/<case>/{inputs,expected}/<name>.npy`.
+pub struct Case {
+    pub name: String,
+    pub dir: PathBuf,
+}
+
+impl Case {
+    /// The case's inputs, named by file stem.
+    pub fn feeds(&self) -> Vec<(String, TensorData)> {
+        sorted_entries(&self.dir.join("inputs"))
+            .iter()
+            .map(|p| {
+                let name = p.file_stem().expect("file stem").to_string_lossy().into_owned();
+                let t = read_npy(p, &name);
+                (name, t)
+            })
+            .collect()
+    }
+
+    /// ONNX Runtime's value of output `name`.
+    pub fn expected(&self, name: &str) -> TensorData {
+        let path = self.dir.join("expected").join(format!("{}.npy", file_safe(name)));
+        read_npy(&path, name)
+    }
+}
+
+/// The complete cases under a model's reference directory (those `make_reference.py` finished).
+pub fn cases(refs: &Path) -> Vec<Case> {
+    sorted_entries(refs)
+        .into_iter()
+        .filter(|dir| dir.join(".complete").is_file())
+        .map(|dir| Case {
+            name: dir
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default(),
+            dir,
+        })
+        .collect()
+}
