@@ -8,6 +8,7 @@ mod fastmath;
 mod fold;
 pub mod ops;
 mod plan;
+pub mod sgemm;
 mod tensor;
 mod threads;
 mod value;

@@ -4,14 +4,23 @@ use candle_core::{DType as CDType, Tensor as CT};
 use kiln_graph::DType;
 use rayon::prelude::*;
 
+use std::sync::Arc;
+
 use super::common::{broadcast_dims, elems, tin, tin_opt};
 use super::{kernel, out1, NodeCtx, OpKernel, Registry, RunCx};
-use crate::{bail, Result, Tensor};
+use crate::fastmath::with_f32;
+use crate::{bail, sgemm, Result, Tensor};
 
 pub fn register(r: &mut Registry) {
-    r.add("MatMul", |_| {
-        Ok(kernel(|cx, ins| {
+    r.add("MatMul", |n| {
+        let packed = pack_const_weight(n, 1, false)?;
+        Ok(kernel(move |cx, ins| {
             let (a, b) = (tin(ins, 0)?, tin(ins, 1)?);
+            if let Some(p) = &packed {
+                if let Some(y) = packed_matmul(cx, a, p, None)? {
+                    return out1(y);
+                }
+            }
             out1(matmul(cx, a, b)?)
         }))
     });
@@ -26,6 +35,76 @@ pub fn register(r: &mut Registry) {
             out1(acc.cast(DType::I32)?)
         }))
     });
+}
+
+/// Rows of A below which the packed kernel (6-row tiles) is not used: a 1-2 row product is a
+/// matrix-vector product, which candle's gemm handles without padding rows.
+const PACKED_MIN_ROWS: usize = 3;
+
+/// Packs a constant f32 2-D weight (input `i`; `[K, N]`, or `[N, K]` when `trans`) for the CPU
+/// packed GEMM, when the plan runs on a CPU that has the kernels.
+fn pack_const_weight(n: &NodeCtx, i: usize, trans: bool) -> Result<Option<Arc<sgemm::PackedB>>> {
+    if !n.options.device.is_cpu() || !sgemm::available() || std::env::var_os("KILN_AB_NOPACK").is_some() {
+        return Ok(None);
+    }
+    let Some(w) = n.const_input(i) else { return Ok(None) };
+    if w.dtype != DType::F32 || w.dims.len() != 2 {
+        return Ok(None);
+    }
+    let Some(vals) = w.values::<f32>() else { return Ok(None) };
+    let (r, c) = (w.dims[0], w.dims[1]);
+    let view = if trans {
+        // stored [N, K]: element (p, j) of the [K, N] operand is at j * K + p
+        sgemm::MatRef {
+            data: &vals,
+            rows: c,
+            cols: r,
+            rs: 1,
+            cs: c,
+        }
+    } else {
+        sgemm::MatRef::row_major(&vals, r, c)
+    };
+    let packed = sgemm::PackedB::pack(view).map_err(|e| n.err(e.to_string()))?;
+    Ok(Some(Arc::new(packed)))
+}
+
+/// `A @ W (+ bias)` with a packed constant `W` for an f32 CPU `A` of rank >= 2 whose last dim is
+/// `W`'s K; `None` when `A` is anything else (the caller takes the general path, which also
+/// reports shape errors).
+pub(crate) fn packed_matmul(
+    cx: &RunCx,
+    a: &Tensor,
+    w: &sgemm::PackedB,
+    bias: Option<&[f32]>,
+) -> Result<Option<Tensor>> {
+    let dims = a.dims();
+    let (k, n) = (w.k(), w.n());
+    if a.dtype() != DType::F32 || !a.device().is_cpu() || dims.len() < 2 || dims.last() != Some(&k) {
+        return Ok(None);
+    }
+    let m = if k == 0 {
+        dims[..dims.len() - 1].iter().product()
+    } else {
+        a.elem_count() / k
+    };
+    if m < PACKED_MIN_ROWS {
+        return Ok(None);
+    }
+    let mut out_dims = dims[..dims.len() - 1].to_vec();
+    out_dims.push(n);
+    cx.check_alloc(elems(&out_dims), DType::F32)?;
+    let ac = a.candle().contiguous()?;
+    let mut out = vec![0f32; m * n];
+    let done = with_f32(&ac, |x| {
+        let bias = bias.map_or(sgemm::Bias::None, sgemm::Bias::PerCol);
+        sgemm::gemm_packed_b(sgemm::MatRef::row_major(x, m, k), w, bias, &mut out, n)
+    });
+    match done {
+        None => return Ok(None),
+        Some(r) => r.map_err(|e| crate::RuntimeError::msg(e.to_string()))?,
+    }
+    Ok(Some(Tensor::new(CT::from_vec(out, out_dims, a.device())?, DType::F32)?))
 }
 
 /// Whether candle's matmul on this device handles `dt` natively.
@@ -205,9 +284,38 @@ fn gemm(n: &NodeCtx) -> Result<Box<dyn OpKernel>> {
     let beta = n.attr_f("beta", 1.0)? as f64;
     let ta = n.attr_i("transA", 0)? != 0;
     let tb = n.attr_i("transB", 0)? != 0;
+    let packed = if ta || alpha != 1.0 {
+        None
+    } else {
+        pack_const_weight(n, 1, tb)?
+    };
     Ok(kernel(move |cx, ins| {
         let (a, b) = (tin(ins, 0)?, tin(ins, 1)?);
         let c = tin_opt(ins, 2)?;
+        if let (Some(p), true) = (&packed, a.rank() == 2) {
+            // A [N] / [1, N] bias with beta 1 is the kernel's initial value; any other C is added below.
+            let row_bias = c.filter(|c| {
+                beta == 1.0 && c.dtype() == DType::F32 && c.elem_count() == p.n() && c.dims().last() == Some(&p.n())
+            });
+            let bias_vec = match row_bias {
+                Some(c) => Some(c.candle().flatten_all()?.to_vec1::<f32>()?),
+                None => None,
+            };
+            if let Some(y) = packed_matmul(cx, a, p, bias_vec.as_deref())? {
+                if bias_vec.is_some() || c.is_none() || beta == 0.0 {
+                    return out1(y);
+                }
+                let mut cc = c
+                    .map(|c| c.candle().to_dtype(CDType::F32))
+                    .transpose()?
+                    .unwrap_or(y.candle().zeros_like()?);
+                if beta != 1.0 {
+                    cc = cc.affine(beta, 0.0)?;
+                }
+                let dims = y.dims().to_vec();
+                return out1(Tensor::new(y.candle().add(&cc.broadcast_as(dims)?)?, DType::F32)?);
+            }
+        }
         if a.dtype() != b.dtype() {
             bail!("Gemm inputs have different dtypes: {} and {}", a.dtype(), b.dtype());
         }

@@ -1,0 +1,748 @@
+//! Packed f32 GEMM for the CPU: `C[m, n] = A[m, k] · B[k, n] (+ bias[n])`, with the constant
+//! operand (a MatMul/Gemm weight, a Conv filter) packed once when the plan is built.
+//!
+//! candle's matmul (the `gemm` crate) packs both operands again at every call and picks its blocking
+//! per call; for inference the weight never changes, so Kiln packs it once into the layout the
+//! micro-kernel reads and only packs the activation per call. The structure is the classic
+//! BLIS/GotoBLAS one:
+//! - micro-kernel `MR x NR = 6 x 16` f32 (12 AVX2 accumulators, 2 B vectors, 1 A broadcast = 15 of
+//!   the 16 ymm registers), FMA over a `kc` slice of k;
+//! - B is stored as `kc x NR` column panels (contiguous, zero-padded past n), A as `kc x MR` row
+//!   panels (zero-padded past m); an `MC x kc` block of A (96 x 384 f32 = 144 KiB) stays in L2 while
+//!   the kernel sweeps the 16 KiB B panels through L1;
+//! - the bias is the accumulators' initial value, so `MatMul + Add(bias)` costs no extra pass;
+//! - threads (rayon) take disjoint `MC`-row blocks of C, split further by column panels when there
+//!   are fewer row blocks than threads (one batch-1 sequence).
+//!
+//! The kernels need x86-64 with AVX2 and FMA ([`available`]); elsewhere callers keep candle's path.
+//! Results differ from a naive triple loop only by summation order (FMA, k split in kc blocks).
+
+use rayon::prelude::*;
+
+/// Rows of the micro-tile (A panel height).
+pub const MR: usize = 6;
+/// Columns of the micro-tile (B panel width): two 8-lane vectors.
+pub const NR: usize = 16;
+/// Largest depth of one packed block: a `KC_MAX x NR` B panel (24 KiB) stays in a 32 KiB L1 beside
+/// the A panel it meets. k is split into equal blocks no deeper than this, so the output tile is
+/// loaded and stored as few times as possible (k = 384 is one block, not 256 + 128).
+const KC_MAX: usize = 384;
+
+/// The block depth for a given k (every block but the last has exactly this depth).
+fn kc_for(k: usize) -> usize {
+    let blocks = k.div_ceil(KC_MAX).max(1);
+    k.div_ceil(blocks).max(1)
+}
+/// Rows of A packed together (a multiple of MR).
+const MC: usize = 96;
+
+/// Whether the packed kernels run on this CPU (x86-64 with AVX2 and FMA).
+pub fn available() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// A zeroed f32 buffer whose first element is 64-byte aligned (packed panels are read with vector
+/// loads; aligned rows never split a cache line).
+struct Aligned {
+    buf: Vec<f32>,
+    off: usize,
+    len: usize,
+}
+
+impl Aligned {
+    fn zeroed(len: usize) -> Aligned {
+        let buf = vec![0f32; len + 16];
+        let off = (buf.as_ptr() as usize).wrapping_neg() % 64 / 4;
+        Aligned { buf, off, len }
+    }
+    fn as_slice(&self) -> &[f32] {
+        &self.buf[self.off..self.off + self.len]
+    }
+    fn as_mut_slice(&mut self) -> &mut [f32] {
+        &mut self.buf[self.off..self.off + self.len]
+    }
+}
+
+/// A strided read-only matrix view: element `(r, c)` is `data[r * rs + c * cs]`.
+#[derive(Clone, Copy)]
+pub struct MatRef<'a> {
+    pub data: &'a [f32],
+    pub rows: usize,
+    pub cols: usize,
+    pub rs: usize,
+    pub cs: usize,
+}
+
+impl<'a> MatRef<'a> {
+    /// A row-major `rows x cols` matrix.
+    pub fn row_major(data: &'a [f32], rows: usize, cols: usize) -> MatRef<'a> {
+        MatRef {
+            data,
+            rows,
+            cols,
+            rs: cols,
+            cs: 1,
+        }
+    }
+
+    /// Whether every element index is inside `data`.
+    fn in_bounds(&self) -> bool {
+        if self.rows == 0 || self.cols == 0 {
+            return true;
+        }
+        let last = (self.rows - 1)
+            .checked_mul(self.rs)
+            .and_then(|r| (self.cols - 1).checked_mul(self.cs).and_then(|c| r.checked_add(c)));
+        matches!(last, Some(l) if l < self.data.len())
+    }
+}
+
+/// Errors of the packed GEMM entry points (shape mismatches; callers turn them into runtime errors).
+#[derive(Debug, thiserror::Error)]
+pub enum GemmError {
+    #[error("packed gemm: {0}")]
+    Shape(String),
+    #[error("packed gemm needs x86-64 with AVX2 and FMA")]
+    Unsupported,
+}
+
+/// The constant right operand `B[k, n]`, packed once: for each kc block of k, `ceil(n / NR)` panels
+/// of `kc x NR` floats.
+pub struct PackedB {
+    k: usize,
+    n: usize,
+    data: Aligned,
+}
+
+impl PackedB {
+    /// Packs `b` (`k x n`, any strides: a transposed weight is `rs = 1, cs = k`).
+    pub fn pack(b: MatRef) -> Result<PackedB, GemmError> {
+        if !b.in_bounds() {
+            return Err(GemmError::Shape(format!("{}x{} view out of bounds", b.rows, b.cols)));
+        }
+        let (k, n) = (b.rows, b.cols);
+        let npan = n.div_ceil(NR);
+        let mut data = Aligned::zeroed(k * npan * NR);
+        let dst = data.as_mut_slice();
+        let kcb = kc_for(k);
+        for pc in 0..k.div_ceil(kcb) {
+            let (k0, kc) = (pc * kcb, kcb.min(k - pc * kcb));
+            for jp in 0..npan {
+                let (j0, nr) = (jp * NR, NR.min(n - jp * NR));
+                let panel = &mut dst[k0 * npan * NR + jp * kc * NR..][..kc * NR];
+                for p in 0..kc {
+                    let row = &mut panel[p * NR..p * NR + nr];
+                    let base = (k0 + p) * b.rs + j0 * b.cs;
+                    if b.cs == 1 {
+                        row.copy_from_slice(&b.data[base..base + nr]);
+                    } else {
+                        for (j, d) in row.iter_mut().enumerate() {
+                            *d = b.data[base + j * b.cs];
+                        }
+                    }
+                }
+            }
+        }
+        Ok(PackedB { k, n, data })
+    }
+
+    pub fn k(&self) -> usize {
+        self.k
+    }
+    pub fn n(&self) -> usize {
+        self.n
+    }
+
+    fn panel(&self, pc: usize, jp: usize) -> &[f32] {
+        let kcb = kc_for(self.k);
+        let kc = kcb.min(self.k - pc * kcb);
+        let npan = self.n.div_ceil(NR);
+        &self.data.as_slice()[pc * kcb * npan * NR + jp * kc * NR..][..kc * NR]
+    }
+}
+
+/// The constant left operand `A[m, k]` (a Conv filter `[cout, cin * kh * kw]`), packed once: for each
+/// kc block, `ceil(m / MR)` panels of `kc x MR` floats.
+pub struct PackedA {
+    m: usize,
+    k: usize,
+    data: Aligned,
+}
+
+impl PackedA {
+    pub fn pack(a: MatRef) -> Result<PackedA, GemmError> {
+        if !a.in_bounds() {
+            return Err(GemmError::Shape(format!("{}x{} view out of bounds", a.rows, a.cols)));
+        }
+        let (m, k) = (a.rows, a.cols);
+        let mpan = m.div_ceil(MR);
+        let mut data = Aligned::zeroed(k * mpan * MR);
+        let dst = data.as_mut_slice();
+        let kcb = kc_for(k);
+        for pc in 0..k.div_ceil(kcb) {
+            let (k0, kc) = (pc * kcb, kcb.min(k - pc * kcb));
+            pack_a_block(a, 0, m, k0, kc, &mut dst[k0 * mpan * MR..][..mpan * kc * MR]);
+        }
+        Ok(PackedA { m, k, data })
+    }
+
+    pub fn m(&self) -> usize {
+        self.m
+    }
+    pub fn k(&self) -> usize {
+        self.k
+    }
+
+    fn panel(&self, pc: usize, ip: usize) -> &[f32] {
+        let kcb = kc_for(self.k);
+        let kc = kcb.min(self.k - pc * kcb);
+        let mpan = self.m.div_ceil(MR);
+        &self.data.as_slice()[pc * kcb * mpan * MR + ip * kc * MR..][..kc * MR]
+    }
+}
+
+/// Packs rows `i0..i0 + mc` and columns `k0..k0 + kc` of `a` into MR-row panels (`kc x MR` each,
+/// rows past the matrix zero).
+fn pack_a_block(a: MatRef, i0: usize, mc: usize, k0: usize, kc: usize, dst: &mut [f32]) {
+    for ip in 0..mc.div_ceil(MR) {
+        let panel = &mut dst[ip * kc * MR..][..kc * MR];
+        let r0 = i0 + ip * MR;
+        let mr = MR.min(i0 + mc - r0);
+        if a.cs == 1 {
+            for i in 0..MR {
+                if i < mr {
+                    let row = &a.data[(r0 + i) * a.rs + k0..][..kc];
+                    for (p, &x) in row.iter().enumerate() {
+                        panel[p * MR + i] = x;
+                    }
+                } else {
+                    for p in 0..kc {
+                        panel[p * MR + i] = 0.0;
+                    }
+                }
+            }
+        } else {
+            for p in 0..kc {
+                for i in 0..MR {
+                    panel[p * MR + i] = if i < mr {
+                        a.data[(r0 + i) * a.rs + (k0 + p) * a.cs]
+                    } else {
+                        0.0
+                    };
+                }
+            }
+        }
+    }
+}
+
+/// Packs rows `k0..k0 + kc` and columns `j0..j0 + nc` of `b` into NR-column panels.
+fn pack_b_block(b: MatRef, k0: usize, kc: usize, j0: usize, nc: usize, dst: &mut [f32]) {
+    for jp in 0..nc.div_ceil(NR) {
+        let panel = &mut dst[jp * kc * NR..][..kc * NR];
+        let c0 = j0 + jp * NR;
+        let nr = NR.min(j0 + nc - c0);
+        for p in 0..kc {
+            let row = &mut panel[p * NR..][..NR];
+            let base = (k0 + p) * b.rs + c0 * b.cs;
+            if b.cs == 1 {
+                row[..nr].copy_from_slice(&b.data[base..base + nr]);
+            } else {
+                for (j, d) in row[..nr].iter_mut().enumerate() {
+                    *d = b.data[base + j * b.cs];
+                }
+            }
+            row[nr..].fill(0.0);
+        }
+    }
+}
+
+/// Where a micro-tile's accumulators start.
+#[derive(Clone, Copy)]
+enum Init {
+    Zero,
+    /// `NR` floats, the same for every row.
+    Row(*const f32),
+    /// `MR` floats, one per row.
+    Col(*const f32),
+    /// The tile's current contents (a later kc block).
+    Load,
+}
+
+/// Per-output bias: one value per column of C (MatMul/Gemm) or per row (Conv channels).
+#[derive(Clone, Copy)]
+pub enum Bias<'a> {
+    None,
+    PerCol(&'a [f32]),
+    PerRow(&'a [f32]),
+    /// C already holds the initial values: `C += A · B`.
+    Accumulate,
+}
+
+/// The mutable output, shared by tasks that write disjoint tiles.
+#[derive(Clone, Copy)]
+struct OutPtr {
+    ptr: *mut f32,
+    ldc: usize,
+}
+// SAFETY: tasks write disjoint tiles of one buffer that outlives the parallel loop.
+unsafe impl Send for OutPtr {}
+unsafe impl Sync for OutPtr {}
+
+/// `C = A · B (+ bias)` with a packed constant `B`; `c` is row-major `[m, n]` with row stride `ldc`.
+pub fn gemm_packed_b(a: MatRef, b: &PackedB, bias: Bias, c: &mut [f32], ldc: usize) -> Result<(), GemmError> {
+    let (m, n) = (a.rows, b.n);
+    check(a.cols, b.k, m, n, bias, c, ldc)?;
+    if !a.in_bounds() {
+        return Err(GemmError::Shape("A view out of bounds".into()));
+    }
+    run(m, n, b.k, Left::Raw(a), Right::Packed(b), bias, c, ldc, true)
+}
+
+/// `C = A · B (+ bias)` with a packed constant `A` (a Conv filter) and a strided `B`.
+pub fn gemm_packed_a(a: &PackedA, b: MatRef, bias: Bias, c: &mut [f32], ldc: usize) -> Result<(), GemmError> {
+    let (m, n) = (a.m, b.cols);
+    check(a.k, b.rows, m, n, bias, c, ldc)?;
+    if !b.in_bounds() {
+        return Err(GemmError::Shape("B view out of bounds".into()));
+    }
+    run(m, n, a.k, Left::Packed(a), Right::Raw(b), bias, c, ldc, true)
+}
+
+/// `C = A · B (+ bias)` with both operands packed per call, on the calling thread: small products
+/// (one attention head) inside an outer parallel loop.
+pub fn gemm_seq(a: MatRef, b: MatRef, bias: Bias, c: &mut [f32], ldc: usize) -> Result<(), GemmError> {
+    let (m, n) = (a.rows, b.cols);
+    check(a.cols, b.rows, m, n, bias, c, ldc)?;
+    if !a.in_bounds() || !b.in_bounds() {
+        return Err(GemmError::Shape("operand view out of bounds".into()));
+    }
+    run(m, n, a.cols, Left::Raw(a), Right::Raw(b), bias, c, ldc, false)
+}
+
+fn check(ka: usize, kb: usize, m: usize, n: usize, bias: Bias, c: &[f32], ldc: usize) -> Result<(), GemmError> {
+    if !available() {
+        return Err(GemmError::Unsupported);
+    }
+    if ka != kb {
+        return Err(GemmError::Shape(format!("inner dimensions differ: {ka} and {kb}")));
+    }
+    if ldc < n || (m > 0 && c.len() < (m - 1) * ldc + n) {
+        return Err(GemmError::Shape(format!(
+            "output of {} floats is too small for {m}x{n}",
+            c.len()
+        )));
+    }
+    match bias {
+        Bias::PerCol(b) if b.len() != n => {
+            Err(GemmError::Shape(format!("bias has {} values for {n} columns", b.len())))
+        }
+        Bias::PerRow(b) if b.len() != m => Err(GemmError::Shape(format!("bias has {} values for {m} rows", b.len()))),
+        _ => Ok(()),
+    }
+}
+
+enum Left<'a> {
+    Raw(MatRef<'a>),
+    Packed(&'a PackedA),
+}
+
+enum Right<'a> {
+    Raw(MatRef<'a>),
+    Packed(&'a PackedB),
+}
+
+#[allow(clippy::too_many_arguments)]
+fn run(
+    m: usize,
+    n: usize,
+    k: usize,
+    a: Left,
+    b: Right,
+    bias: Bias,
+    c: &mut [f32],
+    ldc: usize,
+    parallel: bool,
+) -> Result<(), GemmError> {
+    if m == 0 || n == 0 {
+        return Ok(());
+    }
+    let out = OutPtr {
+        ptr: c.as_mut_ptr(),
+        ldc,
+    };
+    if k == 0 {
+        for i in 0..m {
+            for j in 0..n {
+                let v = match bias {
+                    Bias::None => 0.0,
+                    Bias::Accumulate => c[i * ldc + j],
+                    Bias::PerCol(b) => b[j],
+                    Bias::PerRow(b) => b[i],
+                };
+                c[i * ldc + j] = v;
+            }
+        }
+        return Ok(());
+    }
+    let npan = n.div_ceil(NR);
+    // Row blocks: a per-call A is packed MC rows at a time (kept in L2); a packed A is one block, so each
+    // B panel, packed per call, serves every row of C while it is in L1.
+    let mcb = match a {
+        Left::Raw(_) => MC,
+        Left::Packed(_) => m.div_ceil(MR) * MR,
+    };
+    let mblocks = m.div_ceil(mcb);
+    // With fewer row blocks than threads, the columns are split too so every thread has work.
+    let threads = if parallel {
+        rayon::current_num_threads().max(1)
+    } else {
+        1
+    };
+    let mut chunk = npan;
+    if mblocks < threads * 2 && threads > 1 {
+        let want = (threads * 2).div_ceil(mblocks);
+        chunk = chunk.min(npan.div_ceil(want).max(1));
+    }
+    let nchunks = npan.div_ceil(chunk);
+    let tasks = mblocks * nchunks;
+    let task = |t: usize| {
+        let (ib, jc) = (t / nchunks, t % nchunks);
+        let i0 = ib * mcb;
+        let mc = mcb.min(m - i0);
+        let (jp0, jp1) = (jc * chunk, ((jc + 1) * chunk).min(npan));
+        let mut abuf = match a {
+            Left::Raw(_) => Aligned::zeroed(mc.div_ceil(MR) * MR * kc_for(k)),
+            Left::Packed(_) => Aligned::zeroed(0),
+        };
+        // A per-call B is packed one panel at a time, right before the micro-kernels that use it, so the
+        // panel is still in L1 (packing a whole block first would send it through L2 and back).
+        let mut bbuf = match b {
+            Right::Raw(_) => Aligned::zeroed(kc_for(k) * NR),
+            Right::Packed(_) => Aligned::zeroed(0),
+        };
+        let kcb = kc_for(k);
+        for pc in 0..k.div_ceil(kcb) {
+            let (k0, kc) = (pc * kcb, kcb.min(k - pc * kcb));
+            if let Left::Raw(am) = a {
+                pack_a_block(am, i0, mc, k0, kc, abuf.as_mut_slice());
+            }
+            for jp in jp0..jp1 {
+                let bp = match b {
+                    Right::Packed(pb) => pb.panel(pc, jp),
+                    Right::Raw(bm) => {
+                        let j0 = jp * NR;
+                        let dst = &mut bbuf.as_mut_slice()[..kc * NR];
+                        pack_b_block(bm, k0, kc, j0, NR.min(n - j0), dst);
+                        &bbuf.as_slice()[..kc * NR]
+                    }
+                };
+                let j0 = jp * NR;
+                let nr = NR.min(n - j0);
+                for ip in 0..mc.div_ceil(MR) {
+                    let ap = match a {
+                        Left::Packed(pa) => pa.panel(pc, i0 / MR + ip),
+                        Left::Raw(_) => &abuf.as_slice()[ip * kc * MR..][..kc * MR],
+                    };
+                    let r0 = i0 + ip * MR;
+                    let mr = MR.min(m - r0);
+                    let init = if pc > 0 {
+                        Init::Load
+                    } else {
+                        match bias {
+                            Bias::None => Init::Zero,
+                            Bias::Accumulate => Init::Load,
+                            Bias::PerCol(bv) => Init::Row(bv[j0..].as_ptr()),
+                            Bias::PerRow(bv) => Init::Col(bv[r0..].as_ptr()),
+                        }
+                    };
+                    // SAFETY: the tile (r0..r0+mr, j0..j0+nr) is inside C (checked by `check`), no other
+                    // task writes it, and the panels hold kc*MR / kc*NR floats.
+                    unsafe { tile(kc, ap, bp, out, r0, j0, mr, nr, init) };
+                }
+            }
+        }
+    };
+    if tasks == 1 || threads == 1 {
+        (0..tasks).for_each(task);
+    } else {
+        (0..tasks).into_par_iter().for_each(task);
+    }
+    Ok(())
+}
+
+/// One micro-tile: full tiles go straight to C, edge tiles through a 6x16 scratch tile.
+#[allow(clippy::too_many_arguments)]
+unsafe fn tile(kc: usize, ap: &[f32], bp: &[f32], out: OutPtr, r0: usize, j0: usize, mr: usize, nr: usize, init: Init) {
+    // SAFETY (whole body): see the caller; edge tiles touch only their mr x nr part of C.
+    unsafe {
+        let c = out.ptr.add(r0 * out.ldc + j0);
+        if mr == MR && nr == NR {
+            kernel(kc, ap.as_ptr(), bp.as_ptr(), c, out.ldc, init);
+            return;
+        }
+        let mut t = [0f32; MR * NR];
+        for i in 0..mr {
+            for j in 0..nr {
+                t[i * NR + j] = match init {
+                    Init::Zero => 0.0,
+                    Init::Row(b) => *b.add(j),
+                    Init::Col(b) => *b.add(i),
+                    Init::Load => *c.add(i * out.ldc + j),
+                };
+            }
+        }
+        kernel(kc, ap.as_ptr(), bp.as_ptr(), t.as_mut_ptr(), NR, Init::Load);
+        for i in 0..mr {
+            for j in 0..nr {
+                *c.add(i * out.ldc + j) = t[i * NR + j];
+            }
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[inline]
+unsafe fn kernel(kc: usize, a: *const f32, b: *const f32, c: *mut f32, ldc: usize, init: Init) {
+    // SAFETY: as for `kernel_avx2`; `check` made sure the CPU has AVX2 and FMA.
+    unsafe { kernel_avx2(kc, a, b, c, ldc, init) }
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+unsafe fn kernel(_kc: usize, _a: *const f32, _b: *const f32, _c: *mut f32, _ldc: usize, _init: Init) {
+    // `check` refuses to run without AVX2 + FMA, so this is never reached.
+}
+
+/// The 6x16 micro-kernel: `C[6, 16] = init + sum_p A[p, 0..6]^T B[p, 0..16]` with A and B panels
+/// packed `kc x MR` and `kc x NR`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn kernel_avx2(kc: usize, a: *const f32, b: *const f32, c: *mut f32, ldc: usize, init: Init) {
+    use std::arch::x86_64::*;
+    // SAFETY (whole body): the caller guarantees kc*MR floats at `a`, kc*NR 64-byte aligned floats at
+    // `b`, and an MR x NR tile at `c` with row stride `ldc`; `Row`/`Col` point at NR / MR floats.
+    unsafe {
+        let mut acc = [[_mm256_setzero_ps(); 2]; MR];
+        match init {
+            Init::Zero => {}
+            Init::Row(bias) => {
+                let (b0, b1) = (_mm256_loadu_ps(bias), _mm256_loadu_ps(bias.add(8)));
+                for r in acc.iter_mut() {
+                    *r = [b0, b1];
+                }
+            }
+            Init::Col(bias) => {
+                for (i, r) in acc.iter_mut().enumerate() {
+                    let v = _mm256_broadcast_ss(&*bias.add(i));
+                    *r = [v, v];
+                }
+            }
+            Init::Load => {
+                for (i, r) in acc.iter_mut().enumerate() {
+                    *r = [_mm256_loadu_ps(c.add(i * ldc)), _mm256_loadu_ps(c.add(i * ldc + 8))];
+                }
+            }
+        }
+        let (mut ap, mut bp) = (a, b);
+        for _ in 0..kc {
+            let b0 = _mm256_load_ps(bp);
+            let b1 = _mm256_load_ps(bp.add(8));
+            for (i, r) in acc.iter_mut().enumerate() {
+                let av = _mm256_broadcast_ss(&*ap.add(i));
+                r[0] = _mm256_fmadd_ps(av, b0, r[0]);
+                r[1] = _mm256_fmadd_ps(av, b1, r[1]);
+            }
+            ap = ap.add(MR);
+            bp = bp.add(NR);
+        }
+        for (i, r) in acc.iter().enumerate() {
+            _mm256_storeu_ps(c.add(i * ldc), r[0]);
+            _mm256_storeu_ps(c.add(i * ldc + 8), r[1]);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn naive(m: usize, n: usize, k: usize, a: &[f32], b: &[f32], bias: Bias) -> Vec<f32> {
+        let mut c = vec![0f32; m * n];
+        for i in 0..m {
+            for j in 0..n {
+                let mut s = match bias {
+                    Bias::None | Bias::Accumulate => 0.0f64,
+                    Bias::PerCol(bv) => bv[j] as f64,
+                    Bias::PerRow(bv) => bv[i] as f64,
+                };
+                for p in 0..k {
+                    s += a[i * k + p] as f64 * b[p * n + j] as f64;
+                }
+                c[i * n + j] = s as f32;
+            }
+        }
+        c
+    }
+
+    fn rand(len: usize, seed: u64) -> Vec<f32> {
+        let mut s = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        (0..len)
+            .map(|_| {
+                s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                ((s >> 40) as f32 / (1u64 << 24) as f32) - 0.5
+            })
+            .collect()
+    }
+
+    fn close(got: &[f32], want: &[f32], k: usize) {
+        let tol = 1e-5 * (k as f32).sqrt().max(1.0);
+        for (i, (g, w)) in got.iter().zip(want).enumerate() {
+            assert!((g - w).abs() <= tol * (1.0 + w.abs()), "element {i}: {g} vs {w}");
+        }
+    }
+
+    #[test]
+    fn packed_b_matches_naive_on_edge_shapes() {
+        if !available() {
+            eprintln!("skipped: no AVX2+FMA on this CPU");
+            return;
+        }
+        for &(m, n, k) in &[
+            (1, 1, 1),
+            (5, 17, 3),
+            (6, 16, 256),
+            (7, 33, 257),
+            (97, 40, 600),
+            (130, 70, 513),
+            (64, 3, 0),
+        ] {
+            let a = rand(m * k, 1);
+            let b = rand(k * n, 2);
+            let bias = rand(n, 3);
+            let pb = PackedB::pack(MatRef::row_major(&b, k, n)).unwrap();
+            for with_bias in [false, true] {
+                let bs = if with_bias { Bias::PerCol(&bias) } else { Bias::None };
+                let mut c = vec![f32::NAN; m * n];
+                gemm_packed_b(MatRef::row_major(&a, m, k), &pb, bs, &mut c, n).unwrap();
+                close(&c, &naive(m, n, k, &a, &b, bs), k);
+            }
+        }
+    }
+
+    #[test]
+    fn packed_a_and_strided_views_match_naive() {
+        if !available() {
+            eprintln!("skipped: no AVX2+FMA on this CPU");
+            return;
+        }
+        for &(m, n, k) in &[(3, 5, 7), (16, 1100, 27), (40, 300, 300), (13, 2049, 9)] {
+            let a = rand(m * k, 4);
+            let b = rand(k * n, 5);
+            let bias = rand(m, 6);
+            let pa = PackedA::pack(MatRef::row_major(&a, m, k)).unwrap();
+            let mut c = vec![f32::NAN; m * n];
+            gemm_packed_a(&pa, MatRef::row_major(&b, k, n), Bias::PerRow(&bias), &mut c, n).unwrap();
+            close(&c, &naive(m, n, k, &a, &b, Bias::PerRow(&bias)), k);
+            // B given transposed (stored n x k), A given transposed (stored k x m), C with a wider stride.
+            let bt: Vec<f32> = (0..n * k).map(|i| b[(i % k) * n + i / k]).collect();
+            let at: Vec<f32> = (0..k * m).map(|i| a[(i % m) * k + i / m]).collect();
+            let a_view = MatRef {
+                data: &at,
+                rows: m,
+                cols: k,
+                rs: 1,
+                cs: m,
+            };
+            let b_view = MatRef {
+                data: &bt,
+                rows: k,
+                cols: n,
+                rs: 1,
+                cs: k,
+            };
+            let pb = PackedB::pack(b_view).unwrap();
+            let ldc = n + 3;
+            let mut c2 = vec![7f32; m * ldc];
+            gemm_packed_b(a_view, &pb, Bias::None, &mut c2, ldc).unwrap();
+            let want = naive(m, n, k, &a, &b, Bias::None);
+            for i in 0..m {
+                close(&c2[i * ldc..i * ldc + n], &want[i * n..(i + 1) * n], k);
+                assert!(
+                    c2[i * ldc + n..(i + 1) * ldc].iter().all(|&x| x == 7.0),
+                    "padding columns were written"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn unpacked_product_accumulates_into_c() {
+        if !available() {
+            eprintln!("skipped: no AVX2+FMA on this CPU");
+            return;
+        }
+        for &(m, n, k) in &[(64, 64, 32), (7, 19, 5), (130, 33, 700)] {
+            let a = rand(m * k, 9);
+            let b = rand(k * n, 10);
+            let init = rand(m * n, 11);
+            let mut c = init.clone();
+            gemm_seq(
+                MatRef::row_major(&a, m, k),
+                MatRef::row_major(&b, k, n),
+                Bias::Accumulate,
+                &mut c,
+                n,
+            )
+            .unwrap();
+            let mut want = naive(m, n, k, &a, &b, Bias::None);
+            want.iter_mut().zip(&init).for_each(|(w, i)| *w += i);
+            close(&c, &want, k);
+        }
+    }
+
+    #[test]
+    fn threads_split_the_same_result() {
+        if !available() {
+            eprintln!("skipped: no AVX2+FMA on this CPU");
+            return;
+        }
+        let (m, n, k) = (64, 3072, 768);
+        let a = rand(m * k, 7);
+        let b = rand(k * n, 8);
+        let pb = PackedB::pack(MatRef::row_major(&b, k, n)).unwrap();
+        let mut one = vec![0f32; m * n];
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(1).build().unwrap();
+        pool.install(|| gemm_packed_b(MatRef::row_major(&a, m, k), &pb, Bias::None, &mut one, n).unwrap());
+        let mut four = vec![0f32; m * n];
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(4).build().unwrap();
+        pool.install(|| gemm_packed_b(MatRef::row_major(&a, m, k), &pb, Bias::None, &mut four, n).unwrap());
+        assert_eq!(one, four, "the split must not change the summation order");
+    }
+
+    #[test]
+    fn bad_shapes_are_errors() {
+        if !available() {
+            return;
+        }
+        let b = vec![0f32; 12];
+        let pb = PackedB::pack(MatRef::row_major(&b, 3, 4)).unwrap();
+        let a = vec![0f32; 10];
+        let mut c = vec![0f32; 8];
+        assert!(gemm_packed_b(MatRef::row_major(&a, 2, 5), &pb, Bias::None, &mut c, 4).is_err());
+        assert!(gemm_packed_b(MatRef::row_major(&a[..6], 2, 3), &pb, Bias::None, &mut c[..7], 4).is_err());
+        let short = MatRef {
+            data: &b,
+            rows: 4,
+            cols: 4,
+            rs: 4,
+            cs: 1,
+        };
+        assert!(PackedB::pack(short).is_err());
+    }
+}
