@@ -295,14 +295,37 @@ struct OutPtr {
 unsafe impl Send for OutPtr {}
 unsafe impl Sync for OutPtr {}
 
+/// An activation applied to the finished output (bias included), block by block while it is in cache.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Activation {
+    None,
+    Relu,
+    /// `x * 0.5 * (1 + erf(x / sqrt 2))`
+    GeluErf,
+    /// `x * 0.5 * (1 + tanh(sqrt(2/pi) * (x + 0.044715 x^3)))`
+    GeluTanh,
+}
+
 /// `C = A · B (+ bias)` with a packed constant `B`; `c` is row-major `[m, n]` with row stride `ldc`.
 pub fn gemm_packed_b(a: MatRef, b: &PackedB, bias: Bias, c: &mut [f32], ldc: usize) -> Result<(), GemmError> {
+    gemm_packed_b_act(a, b, bias, Activation::None, c, ldc)
+}
+
+/// `C = act(A · B (+ bias))` with a packed constant `B`.
+pub fn gemm_packed_b_act(
+    a: MatRef,
+    b: &PackedB,
+    bias: Bias,
+    act: Activation,
+    c: &mut [f32],
+    ldc: usize,
+) -> Result<(), GemmError> {
     let (m, n) = (a.rows, b.n);
     check(a.cols, b.k, m, n, bias, c, ldc)?;
     if !a.in_bounds() {
         return Err(GemmError::Shape("A view out of bounds".into()));
     }
-    run(m, n, b.k, Left::Raw(a), Right::Packed(b), bias, c, ldc, true)
+    run(m, n, b.k, Left::Raw(a), Right::Packed(b), bias, c, ldc, Opts { parallel: true, act })
 }
 
 /// `C = A · B (+ bias)` with a packed constant `A` (a Conv filter) and a strided `B`.
@@ -312,7 +335,7 @@ pub fn gemm_packed_a(a: &PackedA, b: MatRef, bias: Bias, c: &mut [f32], ldc: usi
     if !b.in_bounds() {
         return Err(GemmError::Shape("B view out of bounds".into()));
     }
-    run(m, n, a.k, Left::Packed(a), Right::Raw(b), bias, c, ldc, true)
+    run(m, n, a.k, Left::Packed(a), Right::Raw(b), bias, c, ldc, Opts { parallel: true, act: Activation::None })
 }
 
 /// `C = A · B (+ bias)` with both operands packed per call, on the calling thread: small products
@@ -323,7 +346,7 @@ pub fn gemm_seq(a: MatRef, b: MatRef, bias: Bias, c: &mut [f32], ldc: usize) -> 
     if !a.in_bounds() || !b.in_bounds() {
         return Err(GemmError::Shape("operand view out of bounds".into()));
     }
-    run(m, n, a.cols, Left::Raw(a), Right::Raw(b), bias, c, ldc, false)
+    run(m, n, a.cols, Left::Raw(a), Right::Raw(b), bias, c, ldc, Opts { parallel: false, act: Activation::None })
 }
 
 fn check(ka: usize, kb: usize, m: usize, n: usize, bias: Bias, c: &[f32], ldc: usize) -> Result<(), GemmError> {
@@ -348,6 +371,13 @@ fn check(ka: usize, kb: usize, m: usize, n: usize, bias: Bias, c: &[f32], ldc: u
     }
 }
 
+#[derive(Clone, Copy)]
+struct Opts {
+    /// Split the work over rayon's threads (false inside an outer parallel loop).
+    parallel: bool,
+    act: Activation,
+}
+
 enum Left<'a> {
     Raw(MatRef<'a>),
     Packed(&'a PackedA),
@@ -368,7 +398,7 @@ fn run(
     bias: Bias,
     c: &mut [f32],
     ldc: usize,
-    parallel: bool,
+    opts: Opts,
 ) -> Result<(), GemmError> {
     if m == 0 || n == 0 {
         return Ok(());
@@ -386,7 +416,7 @@ fn run(
                     Bias::PerCol(b) => b[j],
                     Bias::PerRow(b) => b[i],
                 };
-                c[i * ldc + j] = v;
+                c[i * ldc + j] = act1(opts.act, v);
             }
         }
         return Ok(());
@@ -400,7 +430,7 @@ fn run(
     };
     let mblocks = m.div_ceil(mcb);
     // With fewer row blocks than threads, the columns are split too so every thread has work.
-    let threads = if parallel {
+    let threads = if opts.parallel {
         rayon::current_num_threads().max(1)
     } else {
         1
@@ -468,6 +498,15 @@ fn run(
                 }
             }
         }
+        if opts.act != Activation::None {
+            let (j0, j1) = (jp0 * NR, (jp1 * NR).min(n));
+            for r in i0..i0 + mc {
+                // SAFETY: this task's rows i0..i0+mc, columns j0..j1 of C, finished above; no other task
+                // touches them.
+                let row = unsafe { std::slice::from_raw_parts_mut(out.ptr.add(r * out.ldc + j0), j1 - j0) };
+                activate(opts.act, row);
+            }
+        }
     };
     if tasks == 1 || threads == 1 {
         (0..tasks).for_each(task);
@@ -475,6 +514,33 @@ fn run(
         (0..tasks).into_par_iter().for_each(task);
     }
     Ok(())
+}
+
+fn act1(act: Activation, x: f32) -> f32 {
+    let mut v = [x];
+    activate(act, &mut v);
+    v[0]
+}
+
+/// Applies `act` in place (the vectorized `fastmath` kernels, through a small stack buffer).
+fn activate(act: Activation, row: &mut [f32]) {
+    use crate::fastmath::{map_slice, Func};
+    let f = match act {
+        Activation::None => return,
+        Activation::Relu => {
+            // NaN stays NaN, like the Relu kernel (max would drop it).
+            row.iter_mut().for_each(|x| *x = if *x < 0.0 { 0.0 } else { *x });
+            return;
+        }
+        Activation::GeluErf => Func::GeluErf,
+        Activation::GeluTanh => Func::GeluTanh,
+    };
+    let mut tmp = [0f32; 256];
+    for chunk in row.chunks_mut(256) {
+        let t = &mut tmp[..chunk.len()];
+        t.copy_from_slice(chunk);
+        map_slice(f, t, chunk);
+    }
 }
 
 /// One micro-tile: full tiles go straight to C, edge tiles through a 6x16 scratch tile.

@@ -945,3 +945,42 @@ fn elementwise_chain_keeps_broadcast_rank() {
     assert_eq!(out[0].dims, vec![1, 1]);
     assert_eq!(out[0].values::<f32>().unwrap(), vec![13.0]);
 }
+
+#[test]
+fn matmul_bias_and_gelu_become_one_node_at_level_all() {
+    let mut b = B::new();
+    let (k, n) = (40, 37);
+    let vals = |seed: usize, len: usize| -> Vec<f32> {
+        (0..len).map(|i| (((i + seed) * 7919 % 113) as f32 / 113.0 - 0.5) * 0.3).collect()
+    };
+    let x = b.input("x", &[2, 7, k]);
+    let w1 = b.f32s("w1", &[k, n], &vals(1, k * n));
+    let w2 = b.f32s("w2", &[k, n], &vals(2, k * n));
+    let bias = b.f32s("bias", &[n], &vals(3, n));
+    // Add with the bias first, then the bias + erf GELU that Extended turns into BiasGelu.
+    let mm1 = b.op("MatMul", &[x, w1]);
+    let y1 = b.op("Add", &[bias, mm1]);
+    let mm2 = b.op("MatMul", &[x, w2]);
+    let s = b.op("Add", &[mm2, bias]);
+    let y2 = erf_gelu(&mut b, s, 0);
+    // A [1, 1, N] bias on a 2-D product would raise its rank: left alone.
+    let x2 = b.input("x2", &[5, k]);
+    let bias3 = b.f32s("bias3", &[1, 1, n], &vals(4, n));
+    let mm3 = b.op("MatMul", &[x2, w1]);
+    let y3 = b.op("Add", &[mm3, bias3]);
+    let (m, feeds) = b.model(&[y1, y2, y3], 17);
+    let (opt, report) = optimize_and_compare(&m, &feeds, &opts(&m, OptLevel::All), 1e-5);
+    let ops = op_counts(&opt.graph);
+    assert_eq!(report.count("matmul_bias_fusion"), 2, "{report}");
+    assert_eq!(ops.get("ai.kiln::MatMulBias"), Some(&2), "{ops:?}");
+    assert_eq!(ops.get("MatMul"), Some(&1), "{ops:?}");
+    assert_eq!(ops.get("Add"), Some(&1), "{ops:?}");
+    let gelu = opt.graph.nodes.iter().filter(|nd| {
+        nd.op_type == "MatMulBias"
+            && matches!(nd.attributes.get("activation"), Some(Attribute::String(s)) if s.as_slice() == b"gelu_erf")
+    });
+    assert_eq!(gelu.count(), 1);
+    // Extended keeps standard / com.microsoft ops only.
+    let (ext, _) = optimize_and_compare(&m, &feeds, &opts(&m, OptLevel::Extended), 1e-5);
+    assert!(!op_counts(&ext.graph).contains_key("ai.kiln::MatMulBias"));
+}

@@ -37,6 +37,7 @@ pub mod gelu;
 pub mod int8_matmul;
 pub mod layer_norm;
 pub mod matmul_add;
+pub mod matmul_bias;
 pub mod noop;
 pub mod quantize;
 pub mod reshape_chain;
@@ -172,6 +173,7 @@ pub fn passes_for(level: OptLevel) -> Vec<Box<dyn Pass>> {
         v.push(Box::new(attention::FuseAttention));
     }
     if level >= OptLevel::All {
+        v.push(Box::new(matmul_bias::FuseMatMulBias));
         v.push(Box::new(elementwise_chain::FuseElementwiseChains));
     }
     v.push(Box::new(dce::EliminateDeadNodes));

@@ -25,6 +25,7 @@ pub fn register(r: &mut Registry) {
         }))
     });
     r.add("Gemm", gemm);
+    r.add_domain("ai.kiln", "MatMulBias", matmul_bias);
     r.add("Einsum", einsum_factory);
     r.add("Det", |_| Ok(kernel(|_, ins| out1(det(tin(ins, 0)?)?))));
     r.add("MatMulInteger", |_| {
@@ -78,6 +79,17 @@ pub(crate) fn packed_matmul(
     w: &sgemm::PackedB,
     bias: Option<&[f32]>,
 ) -> Result<Option<Tensor>> {
+    packed_matmul_act(cx, a, w, bias, sgemm::Activation::None)
+}
+
+/// [`packed_matmul`] followed by an activation (applied while each output block is in cache).
+fn packed_matmul_act(
+    cx: &RunCx,
+    a: &Tensor,
+    w: &sgemm::PackedB,
+    bias: Option<&[f32]>,
+    act: sgemm::Activation,
+) -> Result<Option<Tensor>> {
     let dims = a.dims();
     let (k, n) = (w.k(), w.n());
     if a.dtype() != DType::F32 || !a.device().is_cpu() || dims.len() < 2 || dims.last() != Some(&k) {
@@ -98,13 +110,60 @@ pub(crate) fn packed_matmul(
     let mut out = vec![0f32; m * n];
     let done = with_f32(&ac, |x| {
         let bias = bias.map_or(sgemm::Bias::None, sgemm::Bias::PerCol);
-        sgemm::gemm_packed_b(sgemm::MatRef::row_major(x, m, k), w, bias, &mut out, n)
+        sgemm::gemm_packed_b_act(sgemm::MatRef::row_major(x, m, k), w, bias, act, &mut out, n)
     });
     match done {
         None => return Ok(None),
         Some(r) => r.map_err(|e| crate::RuntimeError::msg(e.to_string()))?,
     }
     Ok(Some(Tensor::new(CT::from_vec(out, out_dims, a.device())?, DType::F32)?))
+}
+
+/// `ai.kiln::MatMulBias(A, W, bias)` with attribute `activation` (`""`, `"relu"`, `"gelu_erf"`,
+/// `"gelu_tanh"`): `act(A @ W + bias)`, fused by `kiln_graph::passes::matmul_bias`. With a constant
+/// f32 `W` on a CPU with the packed kernels the bias and activation are part of the GEMM; otherwise
+/// (other devices, dtypes or shapes) it runs as MatMul, Add and the activation.
+fn matmul_bias(n: &NodeCtx) -> Result<Box<dyn OpKernel>> {
+    let act = match n.attr_s("activation", "")?.as_str() {
+        "" => sgemm::Activation::None,
+        "relu" => sgemm::Activation::Relu,
+        "gelu_erf" => sgemm::Activation::GeluErf,
+        "gelu_tanh" => sgemm::Activation::GeluTanh,
+        other => return Err(n.err(format!("unknown activation '{other}'"))),
+    };
+    let packed = pack_const_weight(n, 1, false)?;
+    let const_bias = n.const_input(2).filter(|t| t.dtype == DType::F32).and_then(|t| t.values::<f32>());
+    Ok(kernel(move |cx, ins| {
+        let (a, w, bias) = (tin(ins, 0)?, tin(ins, 1)?, tin(ins, 2)?);
+        if let Some(p) = &packed {
+            let fits = bias.dtype() == DType::F32 && bias.elem_count() == p.n() && bias.rank() <= a.rank();
+            if fits {
+                let runtime_bias;
+                let bv = match &const_bias {
+                    Some(v) => v.as_slice(),
+                    None => {
+                        runtime_bias = bias.candle().flatten_all()?.to_vec1::<f32>()?;
+                        runtime_bias.as_slice()
+                    }
+                };
+                if let Some(y) = packed_matmul_act(cx, a, p, Some(bv), act)? {
+                    return out1(y);
+                }
+            }
+        }
+        let y = matmul(cx, a, w)?;
+        if bias.dtype() != y.dtype() {
+            bail!("MatMulBias bias has dtype {}, the product {}", bias.dtype(), y.dtype());
+        }
+        let s = y.candle().broadcast_add(bias.candle())?;
+        let s = match act {
+            sgemm::Activation::None => s,
+            sgemm::Activation::Relu => s.relu()?,
+            sgemm::Activation::GeluErf => s.gelu_erf()?,
+            sgemm::Activation::GeluTanh => s.gelu()?,
+        };
+        out1(Tensor::new(s, y.dtype())?)
+    }))
 }
 
 /// Whether candle's matmul on this device handles `dt` natively.
