@@ -499,3 +499,53 @@ pub fn measure(engine: &dyn Engine, model: &Path, inputs: &[Input], budget: Budg
         Err(e) => Outcome::Fails(first_line(&e)),
     }
 }
+
+/// Measures several engines on one cell with their runs interleaved (one run of each engine per
+/// round), so load from other processes on a shared machine falls on every engine alike and the
+/// ratios stay meaningful. Every engine is prepared and warmed up first; rounds continue until each
+/// working engine has `min_runs` runs and then until `time` per engine has passed or `max_runs` rounds
+/// are done. `None` in `engines` skips that slot (reported as not run).
+pub fn measure_interleaved(
+    engines: &[Option<&dyn Engine>],
+    model: &Path,
+    inputs: &[Input],
+    budget: Budget,
+) -> Vec<Outcome> {
+    let mut prepared: Vec<Result<Box<dyn Prepared>, String>> = engines
+        .iter()
+        .map(|e| match e {
+            Some(e) => prepare_checked(*e, model, inputs).map_err(|err| first_line(&err)),
+            None => Err("not run".to_string()),
+        })
+        .collect();
+    let working = prepared.iter().filter(|p| p.is_ok()).count().max(1);
+    let mut times: Vec<Vec<Duration>> = vec![Vec::new(); engines.len()];
+    let start = Instant::now();
+    let mut rounds = 0;
+    while rounds < budget.min_runs || (start.elapsed() < budget.time * working as u32 && rounds < budget.max_runs) {
+        for (slot, p) in prepared.iter_mut().enumerate() {
+            let Ok(run) = p else { continue };
+            let t = Instant::now();
+            match guarded("run", || run.run()) {
+                Ok(()) => times[slot].push(t.elapsed()),
+                Err(e) => *p = Err(first_line(&e)),
+            }
+        }
+        rounds += 1;
+    }
+    prepared
+        .into_iter()
+        .zip(times)
+        .map(|(p, mut t)| match p {
+            Err(e) => Outcome::Fails(e),
+            Ok(_) if t.is_empty() => Outcome::Fails("no runs".into()),
+            Ok(_) => {
+                t.sort();
+                Outcome::Median {
+                    median: t[t.len() / 2],
+                    runs: t.len(),
+                }
+            }
+        })
+        .collect()
+}

@@ -7,7 +7,9 @@ use std::time::Duration;
 
 use anyhow::{bail, Result};
 use clap::Parser;
-use kiln_benches::{default_ort_library, engines, measure, models, set_threads, Budget, KilnEngine, Outcome};
+use kiln_benches::{
+    default_ort_library, engines, measure_interleaved, models, set_threads, Budget, Engine, KilnEngine, Outcome,
+};
 
 /// The allocator the `kiln` binary ships with: with glibc malloc every large intermediate is a fresh mmap
 /// that page-faults on first touch, which is not what Kiln's users run (ORT uses its own arena either way;
@@ -119,17 +121,13 @@ fn main() -> Result<()> {
         let batches = args.batches.clone().unwrap_or_else(|| spec.batches.to_vec());
         for batch in batches {
             let inputs = (spec.make_inputs)(batch);
-            let mut outcomes = Vec::new();
-            for engine in &engines {
-                if args.kiln_only && engine.name() != "Kiln" {
-                    outcomes.push(Outcome::Fails("not run (--kiln-only)".into()));
-                    continue;
-                }
-                eprintln!("{} batch {batch}: {} ...", spec.label, engine.name());
-                let o = measure(engine.as_ref(), &path, &inputs, budget);
-                eprintln!("  {}", cell(&o));
-                outcomes.push(o);
-            }
+            let slots: Vec<Option<&dyn Engine>> = engines
+                .iter()
+                .map(|e| (!args.kiln_only || e.name() == "Kiln").then_some(e.as_ref()))
+                .collect();
+            eprintln!("{} batch {batch}: {} (interleaved) ...", spec.label, names.join(", "));
+            let outcomes = measure_interleaved(&slots, &path, &inputs, budget);
+            eprintln!("  {}", outcomes.iter().map(cell).collect::<Vec<_>>().join(" | "));
             println!(
                 "| {} ({}) | {batch} | {} | {} | {} | {} |",
                 spec.label,

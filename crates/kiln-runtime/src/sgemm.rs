@@ -325,7 +325,17 @@ pub fn gemm_packed_b_act(
     if !a.in_bounds() {
         return Err(GemmError::Shape("A view out of bounds".into()));
     }
-    run(m, n, b.k, Left::Raw(a), Right::Packed(b), bias, c, ldc, Opts { parallel: true, act })
+    run(
+        m,
+        n,
+        b.k,
+        Left::Raw(a),
+        Right::Packed(b),
+        bias,
+        c,
+        ldc,
+        Opts { parallel: true, act },
+    )
 }
 
 /// `C = A · B (+ bias)` with a packed constant `A` (a Conv filter) and a strided `B`.
@@ -335,7 +345,20 @@ pub fn gemm_packed_a(a: &PackedA, b: MatRef, bias: Bias, c: &mut [f32], ldc: usi
     if !b.in_bounds() {
         return Err(GemmError::Shape("B view out of bounds".into()));
     }
-    run(m, n, a.k, Left::Packed(a), Right::Raw(b), bias, c, ldc, Opts { parallel: true, act: Activation::None })
+    run(
+        m,
+        n,
+        a.k,
+        Left::Packed(a),
+        Right::Raw(b),
+        bias,
+        c,
+        ldc,
+        Opts {
+            parallel: true,
+            act: Activation::None,
+        },
+    )
 }
 
 /// `C = A · B (+ bias)` with both operands packed per call, on the calling thread: small products
@@ -346,7 +369,20 @@ pub fn gemm_seq(a: MatRef, b: MatRef, bias: Bias, c: &mut [f32], ldc: usize) -> 
     if !a.in_bounds() || !b.in_bounds() {
         return Err(GemmError::Shape("operand view out of bounds".into()));
     }
-    run(m, n, a.cols, Left::Raw(a), Right::Raw(b), bias, c, ldc, Opts { parallel: false, act: Activation::None })
+    run(
+        m,
+        n,
+        a.cols,
+        Left::Raw(a),
+        Right::Raw(b),
+        bias,
+        c,
+        ldc,
+        Opts {
+            parallel: false,
+            act: Activation::None,
+        },
+    )
 }
 
 fn check(ka: usize, kb: usize, m: usize, n: usize, bias: Bias, c: &[f32], ldc: usize) -> Result<(), GemmError> {

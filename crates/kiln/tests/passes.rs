@@ -951,7 +951,9 @@ fn matmul_bias_and_gelu_become_one_node_at_level_all() {
     let mut b = B::new();
     let (k, n) = (40, 37);
     let vals = |seed: usize, len: usize| -> Vec<f32> {
-        (0..len).map(|i| (((i + seed) * 7919 % 113) as f32 / 113.0 - 0.5) * 0.3).collect()
+        (0..len)
+            .map(|i| (((i + seed) * 7919 % 113) as f32 / 113.0 - 0.5) * 0.3)
+            .collect()
     };
     let x = b.input("x", &[2, 7, k]);
     let w1 = b.f32s("w1", &[k, n], &vals(1, k * n));

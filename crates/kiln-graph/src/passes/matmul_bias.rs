@@ -3,7 +3,7 @@
 //! `ai.kiln` `MatMulBias(A, W, b)` with attribute `activation` (`""`, `"gelu_erf"`, `"gelu_tanh"`).
 //!
 //! `W` is a constant 2-D f32 `[K, N]`, `b` a constant f32 of `N` values shaped `[N]` or `[1, .., 1, N]`
-//! (no higher rank than `A`, so the result's shape is the MatMul's). This is the N-D form of
+//! (a longer one no higher rank than `A`, so the result's shape is the MatMul's). This is the N-D form of
 //! `matmul_add_fusion` (which needs 2-D operands to emit a standard `Gemm`): transformer encoders
 //! multiply `[batch, seq, hidden]` activations, so their projections end up here. The CPU kernel adds
 //! the bias as the GEMM's initial value and applies the GELU to each finished output block while it
@@ -62,13 +62,16 @@ impl Pass for FuseMatMulBias {
                 let wt = constant(g, cx.options, w)?;
                 let bt = constant(g, cx.options, b)?;
                 let &[_, n] = wt.dims.as_slice() else { return None };
-                let a_rank = g.value(a).shape.as_ref()?.0.len();
+                // A's shape may be unknown (symbolic models before shape inference reaches it): a 1-D bias
+                // never changes the result's rank, a longer one needs A's rank.
+                let a_shape = g.value(a).shape.as_ref().map(|s| s.0.as_slice());
                 let bias_ok = bt.dtype == DType::F32
                     && bt.dims.last() == Some(&n)
                     && bt.dims.iter().rev().skip(1).all(|&d| d == 1)
-                    && bt.dims.len() <= a_rank;
-                let a_ok = a_rank >= 2 && g.value(a).dtype == Some(DType::F32) && constant(g, cx.options, a).is_none();
-                let last_ok = !matches!(g.value(a).shape.as_ref()?.0.last(), Some(Dim::Known(k)) if *k != wt.dims[0]);
+                    && (bt.dims.len() == 1 || a_shape.is_some_and(|s| bt.dims.len() <= s.len()));
+                // MatMul needs equal dtypes, so A is f32 like W whenever the model is valid.
+                let a_ok = constant(g, cx.options, a).is_none() && g.value(a).dtype.is_none_or(|d| d == DType::F32);
+                let last_ok = !matches!(a_shape.and_then(|s| s.last()), Some(Dim::Known(k)) if *k != wt.dims[0]);
                 (wt.dtype == DType::F32 && bias_ok && a_ok && last_ok).then_some((mi, a, w, b))
             });
             let Some((mi, a, w, b)) = found else { continue };

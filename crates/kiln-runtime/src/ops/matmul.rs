@@ -132,7 +132,10 @@ fn matmul_bias(n: &NodeCtx) -> Result<Box<dyn OpKernel>> {
         other => return Err(n.err(format!("unknown activation '{other}'"))),
     };
     let packed = pack_const_weight(n, 1, false)?;
-    let const_bias = n.const_input(2).filter(|t| t.dtype == DType::F32).and_then(|t| t.values::<f32>());
+    let const_bias = n
+        .const_input(2)
+        .filter(|t| t.dtype == DType::F32)
+        .and_then(|t| t.values::<f32>());
     Ok(kernel(move |cx, ins| {
         let (a, w, bias) = (tin(ins, 0)?, tin(ins, 1)?, tin(ins, 2)?);
         if let Some(p) = &packed {
