@@ -36,8 +36,15 @@ fn kc_for(k: usize) -> usize {
 /// Rows of A packed together (a multiple of MR).
 const MC: usize = 96;
 
-/// Whether the packed kernels run on this CPU (x86-64 with AVX2 and FMA).
+/// Whether the packed kernels run on this CPU (x86-64 with AVX2 and FMA), unless the environment
+/// variable `KILN_DISABLE_PACKED_GEMM` is set (to any value) when the process first asks: then
+/// MatMul, Gemm, Conv and Attention take candle's paths, for A/B measurements and as an escape hatch.
 pub fn available() -> bool {
+    static AVAILABLE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *AVAILABLE.get_or_init(|| std::env::var_os("KILN_DISABLE_PACKED_GEMM").is_none() && cpu_has_kernels())
+}
+
+fn cpu_has_kernels() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
         std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma")
@@ -263,6 +270,30 @@ fn pack_b_block(b: MatRef, k0: usize, kc: usize, j0: usize, nc: usize, dst: &mut
     }
 }
 
+/// A right operand packed on the fly, one NR-column panel at a time, straight from where its values
+/// live (an implicit im2col: a convolution's input image, never written out as a column matrix).
+pub trait PanelSource: Sync {
+    /// k
+    fn rows(&self) -> usize;
+    /// n
+    fn cols(&self) -> usize;
+    /// Writes rows `k0..k0 + kc` of columns `j0..j0 + nr` (`nr <= NR`) as a `kc x NR` panel:
+    /// `dst[p * NR + j]`, zero in columns `nr..NR`. `dst` holds `kc * NR` floats.
+    fn pack_panel(&self, k0: usize, kc: usize, j0: usize, nr: usize, dst: &mut [f32]);
+}
+
+impl PanelSource for MatRef<'_> {
+    fn rows(&self) -> usize {
+        self.rows
+    }
+    fn cols(&self) -> usize {
+        self.cols
+    }
+    fn pack_panel(&self, k0: usize, kc: usize, j0: usize, nr: usize, dst: &mut [f32]) {
+        pack_b_block(*self, k0, kc, j0, nr, dst)
+    }
+}
+
 /// Where a micro-tile's accumulators start.
 #[derive(Clone, Copy)]
 enum Init {
@@ -345,12 +376,26 @@ pub fn gemm_packed_a(a: &PackedA, b: MatRef, bias: Bias, c: &mut [f32], ldc: usi
     if !b.in_bounds() {
         return Err(GemmError::Shape("B view out of bounds".into()));
     }
+    gemm_packed_a_source(a, &b, bias, c, ldc)
+}
+
+/// `C = A · B (+ bias)` with a packed constant `A` and a `B` packed panel by panel from `b` (a
+/// convolution's implicit im2col).
+pub fn gemm_packed_a_source(
+    a: &PackedA,
+    b: &dyn PanelSource,
+    bias: Bias,
+    c: &mut [f32],
+    ldc: usize,
+) -> Result<(), GemmError> {
+    let (m, n) = (a.m, b.cols());
+    check(a.k, b.rows(), m, n, bias, c, ldc)?;
     run(
         m,
         n,
         a.k,
         Left::Packed(a),
-        Right::Raw(b),
+        Right::Source(b),
         bias,
         c,
         ldc,
@@ -374,7 +419,7 @@ pub fn gemm_seq(a: MatRef, b: MatRef, bias: Bias, c: &mut [f32], ldc: usize) -> 
         n,
         a.cols,
         Left::Raw(a),
-        Right::Raw(b),
+        Right::Source(&b),
         bias,
         c,
         ldc,
@@ -420,8 +465,8 @@ enum Left<'a> {
 }
 
 enum Right<'a> {
-    Raw(MatRef<'a>),
     Packed(&'a PackedB),
+    Source(&'a dyn PanelSource),
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -490,7 +535,7 @@ fn run(
         // A per-call B is packed one panel at a time, right before the micro-kernels that use it, so the
         // panel is still in L1 (packing a whole block first would send it through L2 and back).
         let mut bbuf = match b {
-            Right::Raw(_) => Aligned::zeroed(kc_for(k) * NR),
+            Right::Source(_) => Aligned::zeroed(kc_for(k) * NR),
             Right::Packed(_) => Aligned::zeroed(0),
         };
         let kcb = kc_for(k);
@@ -502,10 +547,10 @@ fn run(
             for jp in jp0..jp1 {
                 let bp = match b {
                     Right::Packed(pb) => pb.panel(pc, jp),
-                    Right::Raw(bm) => {
+                    Right::Source(src) => {
                         let j0 = jp * NR;
                         let dst = &mut bbuf.as_mut_slice()[..kc * NR];
-                        pack_b_block(bm, k0, kc, j0, NR.min(n - j0), dst);
+                        src.pack_panel(k0, kc, j0, NR.min(n - j0), dst);
                         &bbuf.as_slice()[..kc * NR]
                     }
                 };

@@ -172,6 +172,38 @@ impl Conv2d {
             && self.pad == (0, 0)
             && self.oh == self.h
             && self.ow == self.w;
+        // Packed kernels: the filter packed once per call, the input packed panel by panel straight
+        // from the image (implicit im2col), the product written into `out` with the bias as its
+        // initial value. Small outputs keep the batched path below (several images per gemm).
+        let batched = p < 1024 && (TILE_COLS_BUDGET / (k * p).max(1)).clamp(1, self.n) > 1;
+        if crate::sgemm::available() && !batched {
+            let done = with_f32(w, |wv| -> Result<()> {
+                use crate::sgemm::{gemm_packed_a, gemm_packed_a_source, Bias, MatRef, PackedA};
+                let err = |e: crate::sgemm::GemmError| crate::RuntimeError::msg(e.to_string());
+                for gi in 0..g {
+                    let wg = wv.get(gi * mg * k..(gi + 1) * mg * k).unwrap_or(&[]);
+                    let pa = PackedA::pack(MatRef::row_major(wg, mg, k)).map_err(err)?;
+                    let bias_g = bias.and_then(|bs| bs.get(gi * mg..(gi + 1) * mg));
+                    let bias_g = bias_g.map_or(Bias::None, Bias::PerRow);
+                    for b in 0..self.n {
+                        let plane0 = (b * self.c + gi * cg) * self.h * self.w;
+                        let xin = &x[plane0..plane0 + cg * self.h * self.w];
+                        let c = &mut out[(b * self.m + gi * mg) * p..(b * self.m + (gi + 1) * mg) * p];
+                        if pointwise {
+                            gemm_packed_a(&pa, MatRef::row_major(xin, cg, p), bias_g, c, p).map_err(err)?;
+                        } else {
+                            let src = Im2col::new(self, xin, cg);
+                            gemm_packed_a_source(&pa, &src, bias_g, c, p).map_err(err)?;
+                        }
+                    }
+                }
+                Ok(())
+            });
+            if let Some(r) = done {
+                r?;
+                return Ok(out);
+            }
+        }
         // Columns for image `b`'s channel slice `xin`, output rows oy0..oy1.
         let columns = |xin: &[f32], oy0: usize, oy1: usize| -> Vec<f32> {
             if pointwise {
@@ -299,6 +331,87 @@ impl Conv2d {
 }
 
 /// The output columns `ox` whose input column `ox * stride + off` lies inside `0..width`.
+/// One image's (one group's) implicit im2col for the packed GEMM: row `(ci, ky, kx)`, column
+/// `oy * ow + ox`, zero where the window hangs over the padding.
+struct Im2col<'a> {
+    x: &'a [f32],
+    cv: &'a Conv2d,
+    /// Per row: (offset of plane ci, ky * dh - pad top, kx * dw - pad left).
+    taps: Vec<(usize, isize, isize)>,
+}
+
+impl<'a> Im2col<'a> {
+    fn new(cv: &'a Conv2d, x: &'a [f32], cg: usize) -> Self {
+        let mut taps = Vec::with_capacity(cg * cv.kh * cv.kw);
+        for ci in 0..cg {
+            for ky in 0..cv.kh {
+                for kx in 0..cv.kw {
+                    let dy = (ky * cv.dil.0) as isize - cv.pad.0 as isize;
+                    let dx = (kx * cv.dil.1) as isize - cv.pad.1 as isize;
+                    taps.push((ci * cv.h * cv.w, dy, dx));
+                }
+            }
+        }
+        Im2col { x, cv, taps }
+    }
+}
+
+impl crate::sgemm::PanelSource for Im2col<'_> {
+    fn rows(&self) -> usize {
+        self.taps.len()
+    }
+    fn cols(&self) -> usize {
+        self.cv.oh * self.cv.ow
+    }
+    fn pack_panel(&self, k0: usize, kc: usize, j0: usize, nr: usize, dst: &mut [f32]) {
+        const NR: usize = crate::sgemm::NR;
+        dst[..kc * NR].fill(0.0);
+        let (h, w, ow) = (self.cv.h as isize, self.cv.w, self.cv.ow);
+        let (sh, sw) = (self.cv.stride.0 as isize, self.cv.stride.1 as isize);
+        let mut j = j0;
+        // Columns in runs that share an output row.
+        while j < j0 + nr {
+            let (oy, ox0) = (j / ow, j % ow);
+            let run = (ow - ox0).min(j0 + nr - j);
+            let col = j - j0;
+            for (p, &(base, dy, dx)) in self.taps[k0..k0 + kc].iter().enumerate() {
+                let iy = oy as isize * sh + dy;
+                if iy < 0 || iy >= h {
+                    continue;
+                }
+                let row = &self.x[base + iy as usize * w..base + (iy as usize + 1) * w];
+                let d = &mut dst[p * NR + col..p * NR + col + run];
+                let start = ox0 as isize + dx;
+                if sw == 1 && run == NR && start >= 0 && start as usize + NR <= w {
+                    // The common case, a whole panel row inside the image: a fixed-size copy the
+                    // compiler turns into two vector moves (a memcpy call per 16 floats cost as much
+                    // as the FMAs that use them).
+                    let s0 = start as usize;
+                    if let (Ok(dd), Ok(ss)) = (<&mut [f32; NR]>::try_from(d), <&[f32; NR]>::try_from(&row[s0..s0 + NR]))
+                    {
+                        *dd = *ss;
+                    }
+                } else if sw == 1 {
+                    let lo = (-start).max(0) as usize;
+                    let hi = ((w as isize - start).max(0) as usize).min(run);
+                    if lo < hi {
+                        let s0 = (start + lo as isize) as usize;
+                        d[lo..hi].copy_from_slice(&row[s0..s0 + (hi - lo)]);
+                    }
+                } else {
+                    for (t, v) in d.iter_mut().enumerate() {
+                        let ix = (ox0 + t) as isize * sw + dx;
+                        if ix >= 0 && ix < w as isize {
+                            *v = row[ix as usize];
+                        }
+                    }
+                }
+            }
+            j += run;
+        }
+    }
+}
+
 fn valid_range(off: isize, stride: usize, width: usize, ow: usize) -> (usize, usize) {
     let s = stride as isize;
     // ox * s + off >= 0  <=>  ox >= ceil(-off / s)
@@ -409,6 +522,14 @@ mod tests {
         case(3, 4, (5, 6), 6, (3, 3), 1, 1, 1, (1, 1, 1, 1));
         case(3, 8, (4, 4), 5, (1, 1), 1, 1, 1, (0, 0, 0, 0));
         case(4, 4, (1, 9), 6, (1, 3), 2, 2, 1, (0, 1, 0, 1));
+        // Packed-kernel path (large outputs): padding on every side, stride 2, k over one block
+        // (96 * 9 = 864), pointwise over two images, groups, dilation, odd widths.
+        case(1, 16, (40, 37), 24, (3, 3), 1, 1, 1, (1, 1, 1, 1));
+        case(1, 3, (64, 63), 16, (3, 3), 1, 2, 1, (1, 1, 1, 1));
+        case(1, 96, (20, 21), 24, (3, 3), 1, 1, 1, (1, 1, 1, 1));
+        case(2, 32, (33, 33), 40, (1, 1), 1, 1, 1, (0, 0, 0, 0));
+        case(1, 8, (32, 35), 8, (3, 3), 2, 1, 2, (2, 2, 2, 2));
+        case(1, 5, (30, 50), 7, (2, 5), 1, 3, 1, (0, 2, 1, 0));
     }
 
     #[test]

@@ -45,7 +45,7 @@ const PACKED_MIN_ROWS: usize = 3;
 /// Packs a constant f32 2-D weight (input `i`; `[K, N]`, or `[N, K]` when `trans`) for the CPU
 /// packed GEMM, when the plan runs on a CPU that has the kernels.
 fn pack_const_weight(n: &NodeCtx, i: usize, trans: bool) -> Result<Option<Arc<sgemm::PackedB>>> {
-    if !n.options.device.is_cpu() || !sgemm::available() || std::env::var_os("KILN_AB_NOPACK").is_some() {
+    if !n.options.device.is_cpu() || !sgemm::available() {
         return Ok(None);
     }
     let Some(w) = n.const_input(i) else { return Ok(None) };
@@ -95,11 +95,10 @@ fn packed_matmul_act(
     if a.dtype() != DType::F32 || !a.device().is_cpu() || dims.len() < 2 || dims.last() != Some(&k) {
         return Ok(None);
     }
-    let m = if k == 0 {
-        dims[..dims.len() - 1].iter().product()
-    } else {
-        a.elem_count() / k
-    };
+    let m = a
+        .elem_count()
+        .checked_div(k)
+        .unwrap_or_else(|| dims[..dims.len() - 1].iter().product());
     if m < PACKED_MIN_ROWS {
         return Ok(None);
     }
