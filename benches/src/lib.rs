@@ -500,8 +500,8 @@ pub fn measure(engine: &dyn Engine, model: &Path, inputs: &[Input], budget: Budg
     }
 }
 
-/// Measures several engines on one cell with their runs interleaved (one run of each engine per
-/// round), so load from other processes on a shared machine falls on every engine alike and the
+/// Measures several engines on one cell with their runs interleaved (per round, each engine runs
+/// once untimed and once timed), so load from other processes on a shared machine falls on every engine alike and the
 /// ratios stay meaningful. Every engine is prepared and warmed up first; rounds continue until each
 /// working engine has `min_runs` runs and then until `time` per engine has passed or `max_runs` rounds
 /// are done. `None` in `engines` skips that slot (reported as not run).
@@ -525,6 +525,12 @@ pub fn measure_interleaved(
     while rounds < budget.min_runs || (start.elapsed() < budget.time * working as u32 && rounds < budget.max_runs) {
         for (slot, p) in prepared.iter_mut().enumerate() {
             let Ok(run) = p else { continue };
+            // One untimed run first: the previous engine's thread pool may still be spinning (ORT's and
+            // candle's workers spin for a while after a run), which would otherwise land on this engine.
+            if let Err(e) = guarded("run", || run.run()) {
+                *p = Err(first_line(&e));
+                continue;
+            }
             let t = Instant::now();
             match guarded("run", || run.run()) {
                 Ok(()) => times[slot].push(t.elapsed()),

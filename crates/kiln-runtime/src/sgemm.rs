@@ -33,6 +33,9 @@ fn kc_for(k: usize) -> usize {
     let blocks = k.div_ceil(KC_MAX).max(1);
     k.div_ceil(blocks).max(1)
 }
+/// Multiply-adds below which a product runs on one thread (about 50 us at 80 GFLOP/s).
+const PARALLEL_MIN_MACS: usize = 1 << 22;
+
 /// Rows of A packed together (a multiple of MR).
 const MC: usize = 96;
 
@@ -511,7 +514,10 @@ fn run(
     };
     let mblocks = m.div_ceil(mcb);
     // With fewer row blocks than threads, the columns are split too so every thread has work.
-    let threads = if opts.parallel {
+    // Small products stay on the calling thread: waking rayon's workers costs tens of microseconds, more
+    // when other thread pools (another engine's, candle's barrier pool) spin on the same cores.
+    let big = m.saturating_mul(n).saturating_mul(k) >= PARALLEL_MIN_MACS;
+    let threads = if opts.parallel && big {
         rayon::current_num_threads().max(1)
     } else {
         1

@@ -174,9 +174,11 @@ impl Conv2d {
             && self.ow == self.w;
         // Packed kernels: the filter packed once per call, the input packed panel by panel straight
         // from the image (implicit im2col), the product written into `out` with the bias as its
-        // initial value. Small outputs keep the batched path below (several images per gemm).
+        // initial value. Small outputs keep the paths below: several images per gemm, or, for a single
+        // image with fewer than 64 output pixels, candle's gemm (packing the filter per call costs
+        // M*K, too much against M*K*P when P is a handful of frames, as in Silero VAD's convs).
         let batched = p < 1024 && (TILE_COLS_BUDGET / (k * p).max(1)).clamp(1, self.n) > 1;
-        if crate::sgemm::available() && !batched {
+        if crate::sgemm::available() && !batched && p >= 64 {
             let done = with_f32(w, |wv| -> Result<()> {
                 use crate::sgemm::{gemm_packed_a, gemm_packed_a_source, Bias, MatRef, PackedA};
                 let err = |e: crate::sgemm::GemmError| crate::RuntimeError::msg(e.to_string());
