@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Runs on the GPU machine (no cargo there): unpacks dist/kiln-gpu.tgz (scripts/cuda/build.sh) and
 # dist/node-tests.tgz (the generated node tests), then records in $OUT:
-#   nvidia-smi.txt, conformance-{cuda,cpu}.txt + results TSVs, light-models.txt
+#   nvidia-smi.txt, fused-kernels.txt (kiln-runtime's fused CUDA kernel tests against the CPU
+#   kernels), conformance-{cuda,cpu}.txt + results TSVs, light-models.txt
+# KILN_GPU_CHECK=kernels runs only the fused kernel tests (about a minute; no node-tests.tgz needed).
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/../.."
 OUT="${OUT:-/tmp/kiln-gpu-out}"
@@ -9,8 +11,18 @@ mkdir -p "$OUT" /tmp/kiln-gpu
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$OUT/nvidia-smi.txt" 2>&1
 date -u > "$OUT/date.txt"
 tar xzf dist/kiln-gpu.tgz -C /tmp/kiln-gpu
-tar xzf dist/node-tests.tgz -C /tmp/kiln-gpu
 RUN="bash scripts/cuda/gpu-run.sh"
+if [[ -x /tmp/kiln-gpu/kiln-runtime-tests ]]; then
+  timeout 300 $RUN /tmp/kiln-gpu/kiln-runtime-tests cuda_kernels --test-threads 1 --nocapture \
+    > "$OUT/fused-kernels.txt" 2>&1
+  echo "exit $?" >> "$OUT/fused-kernels.txt"
+  tail -n 3 "$OUT/fused-kernels.txt"
+fi
+if [[ "${KILN_GPU_CHECK:-all}" == kernels ]]; then
+  ls -la "$OUT"
+  exit 0
+fi
+tar xzf dist/node-tests.tgz -C /tmp/kiln-gpu
 DATA=/tmp/kiln-gpu/node-tests-onnx-1.23.2
 for dev in cuda:0 cpu; do
   tag=${dev%%:*}
