@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Builds the `kiln` binary, the conformance runner and kiln-runtime's test binary (the fused CUDA
-# kernel tests, src/cuda_kernels/tests.rs) with the `cuda` feature on a machine without a GPU (pip
+# Builds the `kiln` binary, the conformance runner, kiln-runtime's test binary (the fused CUDA
+# kernel tests, src/cuda_kernels/tests.rs) and the fused kernel microbenchmark with the `cuda` feature on a machine without a GPU (pip
 # CUDA 13.0 toolchain from scripts/cuda/setup.sh, sm_90 = H100/H200), then strips and packs them into
 # dist/kiln-gpu.tgz for the GPU machine (run there by scripts/cuda/gpu-check.sh).
 # First build ~35 min on 2 cores (candle-kernels); later builds are incremental.
@@ -14,9 +14,11 @@ cargo build --release --features cuda -p kiln-cli -p kiln-conformance --features
 tests_bin="$(cargo test --release --features cuda -p kiln-runtime --lib --no-run --message-format=json "$@" |
   grep -o '"executable":"[^"]*"' | tail -n 1 | sed 's/"executable":"\(.*\)"/\1/')"
 [[ -x "$tests_bin" ]] || { echo "build.sh: no kiln-runtime test binary found" >&2; exit 1; }
+cargo build --release --features cuda -p kiln-runtime --example fused_kernel_bench "$@"
 mkdir -p dist
 strip -o dist/kiln "$CARGO_TARGET_DIR/release/kiln"
 strip -o dist/kiln-conformance "$CARGO_TARGET_DIR/release/kiln-conformance"
 strip -o dist/kiln-runtime-tests "$tests_bin"
-tar czf dist/kiln-gpu.tgz -C dist kiln kiln-conformance kiln-runtime-tests
+strip -o dist/fused-kernel-bench "$CARGO_TARGET_DIR/release/examples/fused_kernel_bench"
+tar czf dist/kiln-gpu.tgz -C dist kiln kiln-conformance kiln-runtime-tests fused-kernel-bench
 ls -la dist/kiln-gpu.tgz

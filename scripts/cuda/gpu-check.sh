@@ -2,8 +2,8 @@
 # Runs on the GPU machine (no cargo there): unpacks dist/kiln-gpu.tgz (scripts/cuda/build.sh) and
 # dist/node-tests.tgz (the generated node tests), then records in $OUT:
 #   nvidia-smi.txt, fused-kernels.txt (kiln-runtime's fused CUDA kernel tests against the CPU
-#   kernels), conformance-{cuda,cpu}.txt + results TSVs, light-models.txt
-# KILN_GPU_CHECK=kernels runs only the fused kernel tests (about a minute; no node-tests.tgz needed).
+#   kernels), fused-kernel-bench.txt (GB/s, TFLOP/s of each fused kernel), conformance-{cuda,cpu}.txt + results TSVs, light-models.txt
+# KILN_GPU_CHECK=kernels runs only the fused kernel tests and benchmark (no node-tests.tgz needed).
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/../.."
 OUT="${OUT:-/tmp/kiln-gpu-out}"
@@ -17,6 +17,17 @@ if [[ -x /tmp/kiln-gpu/kiln-runtime-tests ]]; then
     > "$OUT/fused-kernels.txt" 2>&1
   echo "exit $?" >> "$OUT/fused-kernels.txt"
   tail -n 3 "$OUT/fused-kernels.txt"
+fi
+if [[ -x /tmp/kiln-gpu/fused-kernel-bench ]]; then
+  # Peaks for the "% of peak" column: HBM bandwidth and FP32 CUDA-core (non-tensor) TFLOP/s, the
+  # units these kernels run on (SXM parts; H100 PCIe: 2000 GB/s, 51 TFLOP/s).
+  case "$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null)" in
+    *H200*) export KILN_PEAK_GBPS=4800 KILN_PEAK_TFLOPS=67 ;;
+    *H100*PCIe*) export KILN_PEAK_GBPS=2000 KILN_PEAK_TFLOPS=51 ;;
+    *H100*) export KILN_PEAK_GBPS=3350 KILN_PEAK_TFLOPS=67 ;;
+  esac
+  timeout 120 $RUN /tmp/kiln-gpu/fused-kernel-bench > "$OUT/fused-kernel-bench.txt" 2>&1
+  echo "exit $?" >> "$OUT/fused-kernel-bench.txt"
 fi
 if [[ "${KILN_GPU_CHECK:-all}" == kernels ]]; then
   ls -la "$OUT"
