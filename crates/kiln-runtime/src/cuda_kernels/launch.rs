@@ -452,6 +452,7 @@ pub(crate) fn attention(spec: &AttentionSpec) -> Result<Option<CT>> {
     }
     let mask = match spec.mask {
         None => None,
+        Some(m) if !m.device().same_device(q.device()) => return Ok(None),
         Some(m) => match attention_bias(m, b, hq, s, t)? {
             Some(m) => Some(m),
             None => return Ok(None),
