@@ -3,7 +3,9 @@
 # kernel tests, src/cuda_kernels/tests.rs) and the fused kernel microbenchmark with the `cuda` feature on a machine without a GPU (pip
 # CUDA 13.0 toolchain from scripts/cuda/setup.sh, sm_90 = H100/H200), then strips and packs them into
 # dist/kiln-gpu.tgz for the GPU machine (run there by scripts/cuda/gpu-check.sh).
-# First build ~35 min on 2 cores (candle-kernels); later builds are incremental.
+# First build ~35 min on 2 cores (candle-kernels); later builds are incremental. The kiln-runtime
+# test build resolves build-dependency features differently from the kiln-cli build, so its first
+# run compiles candle-kernels once more (about 20 min); both stay cached in the target dir.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/../.."
 eval "$(bash scripts/cuda/setup.sh --env)"
