@@ -13,7 +13,7 @@ use half::f16;
 use super::{count_launch, Act, AttentionSpec, SoftmaxSpec, WeightArgs};
 use crate::{Result, RuntimeError};
 
-mod ptx {
+pub(super) mod ptx {
     include!(concat!(env!("OUT_DIR"), "/kiln_kernels.rs"));
 }
 
@@ -173,7 +173,7 @@ pub(crate) fn layer_norm(
     };
     let cols: usize = trailing.iter().product();
     let n = x.elem_count();
-    if cols == 0 || n == 0 || n % cols != 0 || n / cols > MAX_GRID_X || (rms && beta.is_some()) {
+    if cols == 0 || n == 0 || !n.is_multiple_of(cols) || n / cols > MAX_GRID_X || (rms && beta.is_some()) {
         return Ok(None);
     }
     let (Ok(g), Ok(b)) = (column_param(gamma, x, trailing)?, column_param(beta, x, trailing)?) else {
@@ -321,7 +321,7 @@ pub(crate) fn softmax(x: &CT, spec: &SoftmaxSpec) -> Result<Option<CT>> {
     };
     let (n, cols) = (x.elem_count(), spec.cols);
     let hs = spec.heads * spec.seq;
-    if n == 0 || cols == 0 || hs == 0 || n % cols != 0 || (n / cols) % hs != 0 {
+    if n == 0 || cols == 0 || hs == 0 || !n.is_multiple_of(cols) || !(n / cols).is_multiple_of(hs) {
         return Ok(None);
     }
     let rows = n / cols;

@@ -395,9 +395,9 @@ fn attention_matches_cpu() {
             let scale = [("scale", Attribute::Float(0.3))];
             // Additive key-padding mask [B, 1, 1, T]: batch 0 keeps its first 60% of keys.
             let mut pad = vec![0f32; b * t];
-            for j in (t * 3 / 5).max(1)..t {
-                pad[j] = f32::NEG_INFINITY;
-            }
+            pad[(t * 3 / 5).max(1)..t]
+                .iter_mut()
+                .for_each(|p| *p = f32::NEG_INFINITY);
             let pad = Tensor::new(CT::from_vec(pad, (b, 1, 1, t), &CDevice::Cpu).unwrap(), DType::F32).unwrap();
             let pad = if dt == DType::F16 {
                 Tensor::new(pad.candle().to_dtype(CDType::F16).unwrap(), dt).unwrap()
@@ -497,6 +497,50 @@ fn int8_matmul_matches_cpu() {
             compare(&dev, &what, op, &attrs, &[Some(&a)]);
             compare(&dev, &format!("{what} + bias"), op, &attrs, &[Some(&a), Some(&c)]);
         }
+    }
+}
+
+/// The embedded PTX has every entry point the launchers name, with the parameter list they push
+/// (count and width, in order). Needs no GPU.
+#[test]
+fn ptx_entry_points_match_the_launchers() {
+    use super::launch::ptx;
+    // 8-byte pointers / i64 / size_t are "u64", i32 "u32", f32 "f32".
+    let (p, i, f) = ("u64", "u32", "f32");
+    let norm = [p, p, p, p, i, f].join(" ");
+    let bias = [p, p, p, p, i].join(" ");
+    let soft = [p, p, p, p, i, i, i, f, p, p, p, p, i, i].join(" ");
+    let attn = [p, p, p, p, p, p, p, p, p, p, i, i, i, i, i, f, i, i].join(" ");
+    let gemm = [p, p, p, p, i, i, i].join(" ");
+    let mut want: Vec<(&str, String, &str)> = Vec::new();
+    for sfx in ["f32", "f16"] {
+        for n in ["layer_norm", "rms_norm"] {
+            want.push((ptx::LAYER_NORM, format!("kiln_{n}_{sfx}"), &norm));
+        }
+        for a in ["gelu_erf", "gelu_tanh", "relu"] {
+            want.push((ptx::BIAS_ACT, format!("kiln_bias_{a}_{sfx}"), &bias));
+        }
+        for k in ["warp", "block"] {
+            want.push((ptx::SOFTMAX, format!("kiln_softmax_{k}_{sfx}"), &soft));
+        }
+        for d in [32, 64, 128] {
+            want.push((ptx::ATTENTION, format!("kiln_attention_{sfx}_d{d}"), &attn));
+        }
+        for t in ["nn", "nt"] {
+            want.push((ptx::INT8_GEMM, format!("kiln_int8_gemm_{sfx}_{t}"), &gemm));
+        }
+    }
+    for (text, name, params) in want {
+        let head = format!(".visible .entry {name}(");
+        let at = text.find(&head).unwrap_or_else(|| panic!("{name}: no such PTX entry"));
+        let rest = &text[at + head.len()..];
+        let list = &rest[..rest.find(')').expect("closed parameter list")];
+        let got: Vec<&str> = list
+            .split(".param .")
+            .skip(1)
+            .map(|p| p.split_whitespace().next().unwrap_or(""))
+            .collect();
+        assert_eq!(got.join(" "), params, "{name}: parameter list");
     }
 }
 
