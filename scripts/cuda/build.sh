@@ -2,7 +2,8 @@
 # Builds the `kiln` binary, the conformance runner, kiln-runtime's test binary (the fused CUDA
 # kernel tests, src/cuda_kernels/tests.rs) and the fused kernel microbenchmark with the `cuda` feature on a machine without a GPU (pip
 # CUDA 13.0 toolchain from scripts/cuda/setup.sh, sm_90 = H100/H200), then strips and packs them into
-# dist/kiln-gpu.tgz for the GPU machine (run there by scripts/cuda/gpu-check.sh).
+# dist/kiln-gpu.tgz (kiln, kiln-conformance) and dist/kiln-gpu-kernels.tgz (kernel tests, benchmark)
+# for the GPU machine (run there by scripts/cuda/gpu-check.sh).
 # First build ~35 min on 2 cores (candle-kernels); later builds are incremental. The kiln-runtime
 # test build resolves build-dependency features differently from the kiln-cli build, so its first
 # run compiles candle-kernels once more (about 20 min); both stay cached in the target dir.
@@ -22,5 +23,7 @@ strip -o dist/kiln "$CARGO_TARGET_DIR/release/kiln"
 strip -o dist/kiln-conformance "$CARGO_TARGET_DIR/release/kiln-conformance"
 strip -o dist/kiln-runtime-tests "$tests_bin"
 strip -o dist/fused-kernel-bench "$CARGO_TARGET_DIR/release/examples/fused_kernel_bench"
-tar czf dist/kiln-gpu.tgz -C dist kiln kiln-conformance kiln-runtime-tests fused-kernel-bench
-ls -la dist/kiln-gpu.tgz
+tar czf dist/kiln-gpu.tgz -C dist kiln kiln-conformance
+# The fused kernel checks in their own archive, so a GPU run of only those carries ~30 MB.
+tar czf dist/kiln-gpu-kernels.tgz -C dist kiln-runtime-tests fused-kernel-bench
+ls -la dist/kiln-gpu.tgz dist/kiln-gpu-kernels.tgz

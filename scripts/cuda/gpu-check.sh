@@ -1,16 +1,18 @@
 #!/usr/bin/env bash
-# Runs on the GPU machine (no cargo there): unpacks dist/kiln-gpu.tgz (scripts/cuda/build.sh) and
-# dist/node-tests.tgz (the generated node tests), then records in $OUT:
+# Runs on the GPU machine (no cargo there): unpacks dist/kiln-gpu.tgz and dist/kiln-gpu-kernels.tgz
+# (scripts/cuda/build.sh) and dist/node-tests.tgz (the generated node tests), then records in $OUT:
 #   nvidia-smi.txt, fused-kernels.txt (kiln-runtime's fused CUDA kernel tests against the CPU
-#   kernels), fused-kernel-bench.txt (GB/s, TFLOP/s of each fused kernel), conformance-{cuda,cpu}.txt + results TSVs, light-models.txt
-# KILN_GPU_CHECK=kernels runs only the fused kernel tests and benchmark (no node-tests.tgz needed).
+#   kernels), fused-kernel-bench.txt (GB/s, TFLOP/s of each fused kernel),
+#   conformance-{cuda,cpu}.txt + results TSVs, light-models.txt
+# KILN_GPU_CHECK=kernels runs only the fused kernel tests and benchmark: it needs only
+# dist/kiln-gpu-kernels.tgz (carry just that file, ~30 MB).
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/../.."
 OUT="${OUT:-/tmp/kiln-gpu-out}"
 mkdir -p "$OUT" /tmp/kiln-gpu
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$OUT/nvidia-smi.txt" 2>&1
 date -u > "$OUT/date.txt"
-tar xzf dist/kiln-gpu.tgz -C /tmp/kiln-gpu
+[[ -f dist/kiln-gpu-kernels.tgz ]] && tar xzf dist/kiln-gpu-kernels.tgz -C /tmp/kiln-gpu
 RUN="bash scripts/cuda/gpu-run.sh"
 if [[ -x /tmp/kiln-gpu/kiln-runtime-tests ]]; then
   timeout 300 $RUN /tmp/kiln-gpu/kiln-runtime-tests cuda_kernels --test-threads 1 --nocapture \
@@ -33,6 +35,7 @@ if [[ "${KILN_GPU_CHECK:-all}" == kernels ]]; then
   ls -la "$OUT"
   exit 0
 fi
+tar xzf dist/kiln-gpu.tgz -C /tmp/kiln-gpu
 tar xzf dist/node-tests.tgz -C /tmp/kiln-gpu
 DATA=/tmp/kiln-gpu/node-tests-onnx-1.23.2
 for dev in cuda:0 cpu; do
