@@ -39,6 +39,12 @@ template <> struct Vec<__half> {
     using Raw = uint4;
 };
 
+// A 16-byte vector and its elements (see layer_norm.cu).
+template <typename T> union Pack {
+    typename Vec<T>::Raw raw;
+    T e[Vec<T>::N];
+};
+
 template <typename T, Act A>
 __device__ __forceinline__ void bias_act(const T* __restrict__ x, const float* __restrict__ bias, T* __restrict__ y,
                                          size_t total, int n) {
@@ -51,8 +57,9 @@ __device__ __forceinline__ void bias_act(const T* __restrict__ x, const float* _
     if (aligned) {
         const size_t nvec = total / N;
         for (size_t i = tid; i < nvec; i += stride) {
-            typename Vec<T>::Raw raw = reinterpret_cast<const typename Vec<T>::Raw*>(x)[i];
-            T* e = reinterpret_cast<T*>(&raw);
+            Pack<T> pk;
+            pk.raw = reinterpret_cast<const typename Vec<T>::Raw*>(x)[i];
+            T* e = pk.e;
             // n % N == 0: the N elements share one bias row and never wrap inside the vector.
             const int b0 = bias ? (int)((i * N) % (size_t)n) : 0;
 #pragma unroll
@@ -61,7 +68,7 @@ __device__ __forceinline__ void bias_act(const T* __restrict__ x, const float* _
                 if (bias) v += bias[b0 + k];
                 e[k] = from_f32<T>(act<A>(v));
             }
-            reinterpret_cast<typename Vec<T>::Raw*>(y)[i] = raw;
+            reinterpret_cast<typename Vec<T>::Raw*>(y)[i] = pk.raw;
         }
         done = nvec * N;
     }

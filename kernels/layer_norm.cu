@@ -32,21 +32,27 @@ template <> struct Vec<__half> {
     using Raw = uint4;
 };
 
+// A 16-byte vector and its elements (a union: the one type-punning form that is defined for host
+// compilers too, which the CPU emulator in tests/kernels/emu relies on).
+template <typename T> union Pack {
+    typename Vec<T>::Raw raw;
+    T e[Vec<T>::N];
+};
+
 template <typename T>
 __device__ __forceinline__ void load_vec(const T* p, float (&out)[Vec<T>::N]) {
-    typename Vec<T>::Raw raw = *reinterpret_cast<const typename Vec<T>::Raw*>(p);
-    const T* e = reinterpret_cast<const T*>(&raw);
+    Pack<T> pk;
+    pk.raw = *reinterpret_cast<const typename Vec<T>::Raw*>(p);
 #pragma unroll
-    for (int i = 0; i < Vec<T>::N; ++i) out[i] = to_f32(e[i]);
+    for (int i = 0; i < Vec<T>::N; ++i) out[i] = to_f32(pk.e[i]);
 }
 
 template <typename T>
 __device__ __forceinline__ void store_vec(T* p, const float (&v)[Vec<T>::N]) {
-    typename Vec<T>::Raw raw;
-    T* e = reinterpret_cast<T*>(&raw);
+    Pack<T> pk;
 #pragma unroll
-    for (int i = 0; i < Vec<T>::N; ++i) e[i] = from_f32<T>(v[i]);
-    *reinterpret_cast<typename Vec<T>::Raw*>(p) = raw;
+    for (int i = 0; i < Vec<T>::N; ++i) pk.e[i] = from_f32<T>(v[i]);
+    *reinterpret_cast<typename Vec<T>::Raw*>(p) = pk.raw;
 }
 
 template <typename T, bool RMS>
