@@ -28,6 +28,9 @@ export KILN_MODELS="$MODELS"
 export KILN_MODELS_REQUIRED=1   # crates/kiln/tests/real_models.rs fails instead of skipping
 export KILN_TEST_BERT_BASE=1    # and checks bert-base too (~40 s in a debug build)
 
+step "fused CUDA kernels (kernels/*.cu) on the CPU emulator against double-precision loops (g++ only, no GPU)"
+bash tests/kernels/emu/run.sh
+
 step "unit and integration tests"
 cargo test --workspace
 

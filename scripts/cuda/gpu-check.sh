@@ -1,16 +1,42 @@
 #!/usr/bin/env bash
-# Runs on the GPU machine (no cargo there): unpacks dist/kiln-gpu.tgz (scripts/cuda/build.sh) and
-# dist/node-tests.tgz (the generated node tests), then records in $OUT:
-#   nvidia-smi.txt, conformance-{cuda,cpu}.txt + results TSVs, light-models.txt
+# Runs on the GPU machine (no cargo there): unpacks dist/kiln-gpu.tgz and dist/kiln-gpu-kernels.tgz
+# (scripts/cuda/build.sh) and dist/node-tests.tgz (the generated node tests), then records in $OUT:
+#   nvidia-smi.txt, fused-kernels.txt (kiln-runtime's fused CUDA kernel tests against the CPU
+#   kernels), fused-kernel-bench.txt (GB/s, TFLOP/s of each fused kernel),
+#   conformance-{cuda,cpu}.txt + results TSVs, light-models.txt
+# KILN_GPU_CHECK=kernels runs only the fused kernel tests and benchmark: it needs only
+# dist/kiln-gpu-kernels.tgz (carry just that file, ~30 MB).
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/../.."
 OUT="${OUT:-/tmp/kiln-gpu-out}"
 mkdir -p "$OUT" /tmp/kiln-gpu
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$OUT/nvidia-smi.txt" 2>&1
 date -u > "$OUT/date.txt"
+[[ -f dist/kiln-gpu-kernels.tgz ]] && tar xzf dist/kiln-gpu-kernels.tgz -C /tmp/kiln-gpu
+RUN="bash scripts/cuda/gpu-run.sh"
+if [[ -x /tmp/kiln-gpu/kiln-runtime-tests ]]; then
+  timeout 300 $RUN /tmp/kiln-gpu/kiln-runtime-tests cuda_kernels --test-threads 1 --nocapture \
+    > "$OUT/fused-kernels.txt" 2>&1
+  echo "exit $?" >> "$OUT/fused-kernels.txt"
+  tail -n 3 "$OUT/fused-kernels.txt"
+fi
+if [[ -x /tmp/kiln-gpu/fused-kernel-bench ]]; then
+  # Peaks for the "% of peak" column: HBM bandwidth and FP32 CUDA-core (non-tensor) TFLOP/s, the
+  # units these kernels run on (SXM parts; H100 PCIe: 2000 GB/s, 51 TFLOP/s).
+  case "$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null)" in
+    *H200*) export KILN_PEAK_GBPS=4800 KILN_PEAK_TFLOPS=67 ;;
+    *H100*PCIe*) export KILN_PEAK_GBPS=2000 KILN_PEAK_TFLOPS=51 ;;
+    *H100*) export KILN_PEAK_GBPS=3350 KILN_PEAK_TFLOPS=67 ;;
+  esac
+  timeout 120 $RUN /tmp/kiln-gpu/fused-kernel-bench > "$OUT/fused-kernel-bench.txt" 2>&1
+  echo "exit $?" >> "$OUT/fused-kernel-bench.txt"
+fi
+if [[ "${KILN_GPU_CHECK:-all}" == kernels ]]; then
+  ls -la "$OUT"
+  exit 0
+fi
 tar xzf dist/kiln-gpu.tgz -C /tmp/kiln-gpu
 tar xzf dist/node-tests.tgz -C /tmp/kiln-gpu
-RUN="bash scripts/cuda/gpu-run.sh"
 DATA=/tmp/kiln-gpu/node-tests-onnx-1.23.2
 for dev in cuda:0 cpu; do
   tag=${dev%%:*}

@@ -1,6 +1,7 @@
 //! Kiln's executor: compiles a Kiln IR graph into an [`ExecutionPlan`] (topological order, one
 //! kernel per node, value slots freed at their last use) and runs it on a candle device.
 
+mod cuda_kernels;
 mod device;
 mod error;
 mod executor;
@@ -13,6 +14,7 @@ mod tensor;
 mod threads;
 mod value;
 
+pub use cuda_kernels::fused_kernel_launches;
 pub use device::Device;
 pub use error::{Result, RuntimeError};
 pub use executor::{host_fallback_count, OpTime, RunOptions, RunStats};

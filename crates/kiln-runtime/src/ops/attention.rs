@@ -118,6 +118,7 @@ struct AttnCfg {
     right: i64,
     /// Whether the graph reads output 3 (the QK scores), which the fused CPU path does not produce.
     wants_scores: bool,
+    outputs: usize,
 }
 
 fn attention(n: &NodeCtx) -> Result<Box<dyn OpKernel>> {
@@ -131,6 +132,7 @@ fn attention(n: &NodeCtx) -> Result<Box<dyn OpKernel>> {
         left: n.attr_i("left_window_size", -1)?,
         right: n.attr_i("right_window_size", -1)?,
         wants_scores: n.node.outputs.get(3).is_some_and(|o| o.is_some()),
+        outputs: n.num_outputs(),
     };
     if !(0..=3).contains(&cfg.mode) {
         return Err(n.err(format!("qk_matmul_output_mode {} is not supported", cfg.mode)));
@@ -139,6 +141,52 @@ fn attention(n: &NodeCtx) -> Result<Box<dyn OpKernel>> {
         return Err(n.err("window sizes must be -1 or nonnegative"));
     }
     Ok(kernel(move |_, ins| run_attention(&cfg, ins)))
+}
+
+/// The fused CUDA kernel (`kernels/attention.cu`) for a node with only the Y output, on a CUDA
+/// device, without past K/V, softcap or sliding window; `None` otherwise (and for shapes the kernel
+/// does not cover), so the path below runs and reports any input error.
+fn attention_cuda(cfg: &AttnCfg, ins: &[Option<&Value>]) -> Result<Option<Tensor>> {
+    let (q, k, v) = (tin(ins, 0)?, tin(ins, 1)?, tin(ins, 2)?);
+    let plain = cfg.outputs <= 1 && cfg.softcap.is_none_or(|c| c <= 0.0) && cfg.left < 0 && cfg.right < 0;
+    if !plain || !q.device().is_cuda() || tin_opt(ins, 4)?.is_some() || tin_opt(ins, 5)?.is_some() {
+        return Ok(None);
+    }
+    let (q4, k4, v4) = match (q.rank(), cfg.q_heads, cfg.kv_heads) {
+        (4, _, _) => (q.candle().clone(), k.candle().clone(), v.candle().clone()),
+        (3, Some(qh), Some(kvh)) if k.rank() == 3 && v.rank() == 3 => {
+            match (
+                split_heads(q.candle(), qh, "Q"),
+                split_heads(k.candle(), kvh, "K"),
+                split_heads(v.candle(), kvh, "V"),
+            ) {
+                (Ok(q4), Ok(k4), Ok(v4)) => (q4, k4, v4),
+                _ => return Ok(None),
+            }
+        }
+        _ => return Ok(None),
+    };
+    let nonpad = tin_opt(ins, 6)?.map(Tensor::to_i64_vec).transpose()?;
+    let d = q4.dim(3)?;
+    let spec = crate::cuda_kernels::AttentionSpec {
+        q: &q4,
+        k: &k4,
+        v: &v4,
+        mask: tin_opt(ins, 3)?.map(Tensor::candle),
+        kv_len: nonpad.as_deref(),
+        scale: cfg.scale.unwrap_or(1.0 / (d as f32).sqrt()),
+        causal: cfg.is_causal,
+    };
+    let Some(y) = crate::cuda_kernels::attention(&spec)? else {
+        return Ok(None);
+    };
+    let y = if q.rank() == 3 {
+        let (b, h, s, dv) = y.dims4()?;
+        y.transpose(1, 2)?.contiguous()?.reshape((b, s, h * dv))?
+    } else {
+        y
+    };
+    Ok(Some(Tensor::new(y, q.dtype())?))
 }
 
 /// Splits (B, S, H*D) into (B, H, S, D).
@@ -152,6 +200,9 @@ fn split_heads(t: &CT, heads: i64, what: &str) -> Result<CT> {
 }
 
 fn run_attention(cfg: &AttnCfg, ins: &[Option<&Value>]) -> Result<Vec<Value>> {
+    if let Some(y) = attention_cuda(cfg, ins)? {
+        return Ok(vec![Value::Tensor(y)]);
+    }
     let (q, k, v) = (tin(ins, 0)?, tin(ins, 1)?, tin(ins, 2)?);
     let mask = tin_opt(ins, 3)?;
     let past_k = tin_opt(ins, 4)?;

@@ -13,6 +13,7 @@ use kiln_graph::{Attribute, Node};
 use super::binary_cpu::{binary_f32, BinOp};
 use super::common::tin;
 use super::{kernel, out1, NodeCtx, OpKernel, Registry};
+use crate::cuda_kernels::{self, Act as CudaAct};
 use crate::fastmath::Func;
 use crate::{bail, Result, Tensor, Value};
 
@@ -47,6 +48,9 @@ pub fn register(r: &mut Registry) {
         Ok(kernel(|_, ins| {
             let x = tin(ins, 0)?;
             float_only(x, "Gelu")?;
+            if let Some(y) = cuda_kernels::bias_act(x.candle(), None, CudaAct::GeluErf)? {
+                return out1(Tensor::new(y, x.dtype())?);
+            }
             if let Some(y) = fast_gelu_f32(x.candle(), None, Func::GeluErf)? {
                 return out1(y);
             }
@@ -57,6 +61,9 @@ pub fn register(r: &mut Registry) {
         Ok(kernel(|_, ins| {
             let (x, b) = (tin(ins, 0)?, tin(ins, 1)?);
             float_only(x, "BiasGelu")?;
+            if let Some(y) = cuda_kernels::bias_act(x.candle(), Some(b.candle()), CudaAct::GeluErf)? {
+                return out1(Tensor::new(y, x.dtype())?);
+            }
             if let Some(y) = fast_gelu_f32(x.candle(), Some(b.candle()), Func::GeluErf)? {
                 return out1(y);
             }
@@ -69,6 +76,9 @@ pub fn register(r: &mut Registry) {
             let x = tin(ins, 0)?;
             float_only(x, "FastGelu")?;
             let b = super::common::tin_opt(ins, 1)?;
+            if let Some(y) = cuda_kernels::bias_act(x.candle(), b.map(Tensor::candle), CudaAct::GeluTanh)? {
+                return out1(Tensor::new(y, x.dtype())?);
+            }
             if let Some(y) = fast_gelu_f32(x.candle(), b.map(|b| b.candle()), Func::GeluTanh)? {
                 return out1(y);
             }

@@ -42,6 +42,8 @@ struct Int8Weight {
     n: usize,
     trans_b: bool,
     beta: f32,
+    /// The codes and scales on the GPU, for the fused CUDA kernel.
+    device_copy: crate::cuda_kernels::WeightCache,
 }
 
 fn factory(nc: &NodeCtx) -> Result<Box<dyn OpKernel>> {
@@ -75,6 +77,7 @@ fn factory(nc: &NodeCtx) -> Result<Box<dyn OpKernel>> {
         n,
         trans_b,
         beta,
+        device_copy: Default::default(),
     };
     Ok(kernel(move |cx, ins| {
         let a = tin(ins, 0)?;
@@ -103,15 +106,27 @@ impl Int8Weight {
         out_dims.push(n);
         cx.check_alloc(elems(&out_dims), dt)?;
         let rows: usize = batch.iter().product();
-        let fast = if dt == DType::F32 {
+        let weight = crate::cuda_kernels::WeightArgs {
+            codes: self.codes.bytes(),
+            scale: &self.scale,
+            k,
+            n,
+            trans_b: self.trans_b,
+            cache: &self.device_copy,
+        };
+        let on_gpu = crate::cuda_kernels::int8_gemm(a.candle(), &weight)?;
+        let fast = if on_gpu.is_some() {
+            None
+        } else if dt == DType::F32 {
             let ac = a.candle().contiguous()?;
             with_f32(&ac, |x| self.gemm_f32(x, rows)).transpose()?
         } else {
             None
         };
-        let y = match fast {
-            Some(y) => CT::from_vec(y, out_dims.as_slice(), a.candle().device())?,
-            None => {
+        let y = match (on_gpu, fast) {
+            (Some(y), _) => y,
+            (None, Some(y)) => CT::from_vec(y, out_dims.as_slice(), a.candle().device())?,
+            (None, None) => {
                 let w = self.dequantized(a.candle().device())?.to_dtype(a.candle().dtype())?;
                 let a2 = a.candle().reshape((rows, k))?;
                 super::matmul::mm_any(&a2.contiguous()?, &w)?.reshape(out_dims.as_slice())?
@@ -271,6 +286,7 @@ mod tests {
                 n,
                 trans_b,
                 beta: 1.0,
+                device_copy: Default::default(),
             };
             let x: Vec<f32> = (0..rows * k).map(|i| ((i * 17 % 29) as f32 - 14.0) / 9.0).collect();
             let got = w.gemm_f32(&x, rows).unwrap();

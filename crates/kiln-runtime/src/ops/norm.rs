@@ -161,6 +161,15 @@ fn layer_norm(n: &NodeCtx) -> Result<Box<dyn OpKernel>> {
         let x = tin(ins, 0)?;
         let d = x.dims().to_vec();
         let a = norm_axis(axis, d.len())?;
+        if nout == 1 && stash == 1 {
+            let (s, b) = (
+                tin_opt(ins, 1)?.map(Tensor::candle),
+                tin_opt(ins, 2)?.map(Tensor::candle),
+            );
+            if let Some(y) = crate::cuda_kernels::layer_norm(x.candle(), s, b, a, eps as f32, false)? {
+                return out1(Tensor::new(y, x.dtype())?);
+            }
+        }
         let outer: usize = d[..a].iter().product();
         if nout == 1 {
             if let Some(y) = layer_norm_f32(x, a, tin_opt(ins, 1)?, tin_opt(ins, 2)?, eps as f32)? {
@@ -245,6 +254,12 @@ fn rms_norm(n: &NodeCtx) -> Result<Box<dyn OpKernel>> {
         let x = tin(ins, 0)?;
         let d = x.dims().to_vec();
         let a = norm_axis(axis, d.len())?;
+        if stash == 1 {
+            let s = tin_opt(ins, 1)?.map(Tensor::candle);
+            if let Some(y) = crate::cuda_kernels::layer_norm(x.candle(), s, None, a, eps as f32, true)? {
+                return out1(Tensor::new(y, x.dtype())?);
+            }
+        }
         let outer: usize = d[..a].iter().product();
         let xc = stash_work(x, stash)?;
         let x2 = xc.reshape((outer, d[a..].iter().product::<usize>()))?;

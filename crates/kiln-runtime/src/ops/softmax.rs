@@ -24,8 +24,34 @@ fn softmax_factory(n: &NodeCtx, log: bool) -> Result<Box<dyn OpKernel>> {
     let axis = n.attr_i("axis", if legacy { 1 } else { -1 })?;
     Ok(kernel(move |_, ins| {
         let x = tin(ins, 0)?;
+        if !log {
+            if let Some(y) = softmax_cuda(x, axis, legacy)? {
+                return out1(y);
+            }
+        }
         out1(softmax(x, axis, legacy, log)?)
     }))
+}
+
+/// The fused CUDA softmax when `x` is on a CUDA device and the axis is the last one (or, before
+/// opset 13, the flattened trailing axes); `None` otherwise.
+fn softmax_cuda(x: &Tensor, axis: i64, legacy: bool) -> Result<Option<Tensor>> {
+    if x.rank() == 0 || !x.dtype().is_float() {
+        return Ok(None);
+    }
+    let a = norm_axis(axis, x.rank())?;
+    let cols = if legacy {
+        x.dims()[a..].iter().product()
+    } else if a + 1 == x.rank() {
+        x.dims()[a]
+    } else {
+        return Ok(None);
+    };
+    let spec = crate::cuda_kernels::SoftmaxSpec::plain(cols);
+    match crate::cuda_kernels::softmax(x.candle(), &spec)? {
+        Some(y) => Ok(Some(Tensor::new(y, x.dtype())?)),
+        None => Ok(None),
+    }
 }
 
 /// Softmax (or log-softmax) of `x` along `axis`; `legacy` (opset < 13) flattens to 2-D at `axis`.

@@ -1,0 +1,33 @@
+//! Without the `cuda` feature: every entry point declines, the callers take their regular path.
+
+use candle_core::Tensor as CT;
+
+use super::{Act, AttentionSpec, SoftmaxSpec, WeightArgs};
+use crate::Result;
+
+pub(crate) fn layer_norm(
+    _x: &CT,
+    _gamma: Option<&CT>,
+    _beta: Option<&CT>,
+    _axis: usize,
+    _eps: f32,
+    _rms: bool,
+) -> Result<Option<CT>> {
+    Ok(None)
+}
+
+pub(crate) fn bias_act(_x: &CT, _bias: Option<&CT>, _act: Act) -> Result<Option<CT>> {
+    Ok(None)
+}
+
+pub(crate) fn softmax(_x: &CT, _spec: &SoftmaxSpec) -> Result<Option<CT>> {
+    Ok(None)
+}
+
+pub(crate) fn attention(_spec: &AttentionSpec) -> Result<Option<CT>> {
+    Ok(None)
+}
+
+pub(crate) fn int8_gemm(_a: &CT, _weight: &WeightArgs) -> Result<Option<CT>> {
+    Ok(None)
+}

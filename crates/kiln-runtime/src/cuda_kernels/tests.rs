@@ -1,0 +1,556 @@
+//! GPU checks of the fused kernels (built with the `cuda` feature only). Each test runs an
+//! operator through the same kernel factory on the CPU and on `cuda:0` with the same random
+//! inputs (odd sizes, masks, causal, f32 and f16) and compares: f32 within 1e-4 and f16 within
+//! 1e-2 of the CPU result, relative to the largest |CPU value| of the output (`check`). Each also
+//! asserts that a fused kernel launched, so a silent fall back to candle's generic CUDA ops fails.
+//! Without a visible GPU each test prints `skipped: no CUDA device (<reason>)` and returns.
+//!
+//! Run (GPU machine): `kiln-runtime-<hash> cuda_kernels --test-threads 1 --nocapture`
+//! (scripts/cuda/build.sh packs the binary; scripts/cuda/gpu-check.sh runs it).
+
+use std::collections::{BTreeMap, HashMap};
+
+use candle_core::{DType as CDType, Device as CDevice, Tensor as CT};
+use kiln_graph::{Attribute, DType, Graph, Node, TensorData, ValueInfo};
+
+use super::{fused_kernel_launches, Act, SoftmaxSpec};
+use crate::ops::{NodeCtx, Registry, RunCx};
+use crate::{PlanOptions, RunOptions, Tensor, Value};
+
+const TOL_F32: f64 = 1e-4;
+const TOL_F16: f64 = 1e-2;
+
+/// `cuda:0`, or `None` after printing why not. A missing driver library makes cudarc panic while
+/// loading it; that is caught and reported as a skip too.
+fn gpu() -> Option<CDevice> {
+    let r = std::panic::catch_unwind(|| CDevice::new_cuda(0));
+    match r {
+        Ok(Ok(d)) => Some(d),
+        Ok(Err(e)) => {
+            println!("skipped: no CUDA device ({})", crate::error::candle_message(&e));
+            None
+        }
+        Err(p) => {
+            let why = p
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+                .unwrap_or_else(|| "the CUDA driver library could not be loaded".into());
+            println!("skipped: no CUDA device ({why})");
+            None
+        }
+    }
+}
+
+/// Deterministic values in [-scale, scale).
+fn values(n: usize, seed: u64, scale: f32) -> Vec<f32> {
+    let mut s = seed
+        .wrapping_mul(6_364_136_223_846_793_005)
+        .wrapping_add(1_442_695_040_888_963_407);
+    (0..n)
+        .map(|_| {
+            s = s
+                .wrapping_mul(6_364_136_223_846_793_005)
+                .wrapping_add(1_442_695_040_888_963_407);
+            ((s >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0) * scale
+        })
+        .collect()
+}
+
+/// A CPU tensor of `dt` (F32 or F16) with deterministic values.
+fn rand(dims: &[usize], seed: u64, scale: f32, dt: DType) -> Tensor {
+    let n = dims.iter().product();
+    let t = CT::from_vec(values(n, seed, scale), dims, &CDevice::Cpu).unwrap();
+    let t = if dt == DType::F16 {
+        t.to_dtype(CDType::F16).unwrap()
+    } else {
+        t
+    };
+    Tensor::new(t, dt).unwrap()
+}
+
+fn tol(dt: DType) -> f64 {
+    if dt == DType::F16 {
+        TOL_F16
+    } else {
+        TOL_F32
+    }
+}
+
+/// Runs one node of `op` on `device` through the registered kernel, as the executor would (but
+/// without its per-node CPU fallback, so a CUDA failure is an error here).
+fn run_op(
+    device: &CDevice,
+    (domain, op, opset): (&str, &str, i64),
+    attrs: &[(&str, Attribute)],
+    inputs: &[Option<&Tensor>],
+) -> crate::Result<Tensor> {
+    let mut graph = Graph::default();
+    let mut ids = Vec::new();
+    for (i, t) in inputs.iter().enumerate() {
+        ids.push(t.map(|t| {
+            graph.add_value(ValueInfo {
+                name: format!("in{i}"),
+                dtype: Some(t.dtype()),
+                ..Default::default()
+            })
+        }));
+    }
+    let out = graph.add_value(ValueInfo {
+        name: "out".into(),
+        ..Default::default()
+    });
+    let node = Node {
+        name: format!("test_{op}"),
+        op_type: op.into(),
+        domain: domain.into(),
+        inputs: ids,
+        outputs: vec![Some(out)],
+        attributes: attrs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.clone()))
+            .collect::<BTreeMap<_, _>>(),
+        implicit_inputs: vec![],
+    };
+    let options = PlanOptions {
+        device: device.clone(),
+        opsets: HashMap::from([(domain.to_string(), opset)]),
+    };
+    let cx = NodeCtx {
+        node: &node,
+        graph: &graph,
+        opset,
+        options: &options,
+    };
+    let factory = Registry::global()
+        .get(domain, op)
+        .ok_or_else(|| crate::RuntimeError::msg(format!("no kernel for {op}")))?;
+    let kernel = factory(&cx)?;
+    let moved: Vec<Option<Value>> = inputs
+        .iter()
+        .map(|t| t.map(|t| t.to_device(device).map(Value::Tensor)).transpose())
+        .collect::<crate::Result<_>>()?;
+    let refs: Vec<Option<&Value>> = moved.iter().map(Option::as_ref).collect();
+    let run_options = RunOptions::default();
+    let rcx = RunCx {
+        device,
+        options: &run_options,
+    };
+    match kernel.run(&rcx, &refs)?.into_iter().next() {
+        Some(Value::Tensor(t)) => Ok(t),
+        _ => Err(crate::RuntimeError::msg("no tensor output")),
+    }
+}
+
+/// `got` (any device) against `want` (CPU): same shape and dtype, max |got - want| <= tol * max
+/// |want|. Returns the relative error for the log.
+fn check(what: &str, got: &Tensor, want: &Tensor) -> f64 {
+    assert_eq!(got.dims(), want.dims(), "{what}: shape");
+    assert_eq!(got.dtype(), want.dtype(), "{what}: dtype");
+    let g = got.to_f64_vec().unwrap();
+    let w = want.to_f64_vec().unwrap();
+    let scale = w.iter().fold(0f64, |m, v| m.max(v.abs())).max(1e-6);
+    let mut err = 0f64;
+    for (i, (a, b)) in g.iter().zip(&w).enumerate() {
+        assert!(a.is_finite() == b.is_finite(), "{what}: element {i}: {a} vs {b}");
+        if b.is_finite() {
+            err = err.max((a - b).abs());
+        }
+    }
+    let rel = err / scale;
+    let t = tol(want.dtype());
+    println!("{what}: max |d| {err:.3e}, max |ref| {scale:.3e}, relative {rel:.3e} (tolerance {t:e})");
+    assert!(rel <= t, "{what}: relative error {rel:e} over {t:e}");
+    rel
+}
+
+/// Runs `op` on the CPU and the GPU and checks that a fused kernel launched on the GPU.
+fn compare(gpu: &CDevice, what: &str, op: (&str, &str, i64), attrs: &[(&str, Attribute)], inputs: &[Option<&Tensor>]) {
+    let want = run_op(&CDevice::Cpu, op, attrs, inputs).unwrap();
+    let before = fused_kernel_launches();
+    let got = run_op(gpu, op, attrs, inputs).unwrap_or_else(|e| panic!("{what}: {e}"));
+    assert!(fused_kernel_launches() > before, "{what}: no fused kernel launched");
+    check(what, &got, &want);
+}
+
+const FLOATS: [DType; 2] = [DType::F32, DType::F16];
+
+#[test]
+fn layer_norm_matches_cpu() {
+    let Some(dev) = gpu() else { return };
+    // Rows of odd, vector-friendly, long and 1-element sizes; axis -1 and a two-axis norm.
+    let cases: &[(&[usize], i64)] = &[
+        (&[3, 7, 33], -1),
+        (&[2, 5, 768], -1),
+        (&[4, 4100], -1),
+        (&[2, 3, 5, 8], 2),
+        (&[6, 1], -1),
+    ];
+    for &dt in &FLOATS {
+        for (ci, &(dims, axis)) in cases.iter().enumerate() {
+            let a = if axis < 0 { dims.len() - 1 } else { axis as usize };
+            let pdims = &dims[a..];
+            let x = rand(dims, 10 + ci as u64, 3.0, dt);
+            let (g, b) = (
+                rand(pdims, 20 + ci as u64, 1.5, dt),
+                rand(pdims, 30 + ci as u64, 0.5, dt),
+            );
+            let attrs = [("axis", Attribute::Int(axis)), ("epsilon", Attribute::Float(1e-5))];
+            let op = ("", "LayerNormalization", 17);
+            compare(
+                &dev,
+                &format!("LayerNorm {dt} {dims:?} axis {axis}"),
+                op,
+                &attrs,
+                &[Some(&x), Some(&g), Some(&b)],
+            );
+            compare(
+                &dev,
+                &format!("LayerNorm {dt} {dims:?} no bias"),
+                op,
+                &attrs,
+                &[Some(&x), Some(&g)],
+            );
+            let op = ("", "RMSNormalization", 23);
+            compare(
+                &dev,
+                &format!("RMSNorm {dt} {dims:?} axis {axis}"),
+                op,
+                &attrs,
+                &[Some(&x), Some(&g)],
+            );
+        }
+    }
+}
+
+#[test]
+fn bias_gelu_matches_cpu() {
+    let Some(dev) = gpu() else { return };
+    let ms = "com.microsoft";
+    // [.., 3072] takes the 16-byte vector path; 37 and 5 the scalar one.
+    for &dt in &FLOATS {
+        for (ci, dims) in [&[2usize, 7, 3072][..], &[3, 5, 37], &[1, 5]].iter().enumerate() {
+            let x = rand(dims, 40 + ci as u64, 4.0, dt);
+            let last = dims[dims.len() - 1];
+            let b = rand(&[last], 50 + ci as u64, 1.0, dt);
+            compare(
+                &dev,
+                &format!("BiasGelu {dt} {dims:?}"),
+                (ms, "BiasGelu", 1),
+                &[],
+                &[Some(&x), Some(&b)],
+            );
+            compare(&dev, &format!("Gelu {dt} {dims:?}"), (ms, "Gelu", 1), &[], &[Some(&x)]);
+            compare(
+                &dev,
+                &format!("FastGelu {dt} {dims:?}"),
+                (ms, "FastGelu", 1),
+                &[],
+                &[Some(&x), Some(&b)],
+            );
+            compare(
+                &dev,
+                &format!("FastGelu {dt} {dims:?} no bias"),
+                (ms, "FastGelu", 1),
+                &[],
+                &[Some(&x)],
+            );
+        }
+    }
+}
+
+#[test]
+fn bias_relu_matches_cpu() {
+    let Some(dev) = gpu() else { return };
+    for &dt in &FLOATS {
+        for dims in [&[4usize, 256][..], &[3, 37]] {
+            let x = rand(dims, 60, 2.0, dt);
+            let b = rand(&[dims[1]], 61, 1.0, dt);
+            let want = x.candle().to_dtype(CDType::F32).unwrap();
+            let want = want
+                .broadcast_add(&b.candle().to_dtype(CDType::F32).unwrap())
+                .unwrap()
+                .relu()
+                .unwrap();
+            let want = Tensor::new(want.to_dtype(x.candle().dtype()).unwrap(), dt).unwrap();
+            let xg = x.candle().to_device(&dev).unwrap();
+            let bg = b.candle().to_device(&dev).unwrap();
+            let got = super::bias_act(&xg, Some(&bg), Act::Relu)
+                .unwrap()
+                .expect("the kernel takes f32/f16 on CUDA");
+            check(
+                &format!("bias+ReLU {dt} {dims:?}"),
+                &Tensor::new(got, dt).unwrap(),
+                &want,
+            );
+        }
+    }
+}
+
+#[test]
+fn softmax_matches_cpu() {
+    let Some(dev) = gpu() else { return };
+    // Warp kernel (<= 1024 columns) and block kernel (longer rows); opset 11 flattens from axis 1.
+    let cases: &[(&[usize], i64, i64)] = &[
+        (&[2, 12, 37, 37], -1, 13),
+        (&[3, 2000], -1, 13),
+        (&[2, 9000], 1, 13),
+        (&[5, 1], -1, 13),
+        (&[2, 3, 4, 5], 1, 11),
+    ];
+    for &dt in &FLOATS {
+        for (ci, &(dims, axis, opset)) in cases.iter().enumerate() {
+            let x = rand(dims, 70 + ci as u64, 8.0, dt);
+            let attrs = [("axis", Attribute::Int(axis))];
+            compare(
+                &dev,
+                &format!("Softmax {dt} {dims:?} axis {axis} opset {opset}"),
+                ("", "Softmax", opset),
+                &attrs,
+                &[Some(&x)],
+            );
+        }
+    }
+}
+
+/// Scaled masked softmax with a head-broadcast mask and causal masking, against an f64 loop.
+#[test]
+fn masked_causal_softmax_matches_reference() {
+    let Some(dev) = gpu() else { return };
+    let (b, h, s, t) = (2usize, 3usize, 19usize, 1100usize);
+    for &dt in &FLOATS {
+        for &(causal, offset, cols) in &[(false, 0i64, t), (true, 0, 37), (true, 5, t)] {
+            let x = rand(&[b, h, s, cols], 80, 4.0, dt);
+            // Key-padding mask [B, 1, 1, T]: batch 1 masks its last third; plus a finite bias.
+            let mut m = values(b * cols, 81, 1.0);
+            for j in 2 * cols / 3..cols {
+                m[cols + j] = f32::NEG_INFINITY;
+            }
+            let mask = CT::from_vec(m.clone(), (b, 1, 1, cols), &CDevice::Cpu).unwrap();
+            let scale = 0.37f32;
+            let mask_gpu = mask.to_device(&dev).unwrap();
+            let spec = SoftmaxSpec {
+                cols,
+                heads: h,
+                seq: s,
+                scale,
+                mask: Some(&mask_gpu),
+                causal,
+                causal_offset: offset,
+            };
+            let got = super::softmax(&x.candle().to_device(&dev).unwrap(), &spec)
+                .unwrap()
+                .expect("softmax on CUDA");
+            let xv = x.to_f64_vec().unwrap();
+            let mut want = vec![0f64; xv.len()];
+            for r in 0..b * h * s {
+                let (bi, si) = (r / (h * s), r % s);
+                let logit = |j: usize| -> f64 {
+                    if causal && j as i64 > si as i64 + offset {
+                        return f64::NEG_INFINITY;
+                    }
+                    scale as f64 * xv[r * cols + j] + m[bi * cols + j] as f64
+                };
+                let mx = (0..cols).map(logit).fold(f64::NEG_INFINITY, f64::max);
+                if mx == f64::NEG_INFINITY {
+                    continue;
+                }
+                let sum: f64 = (0..cols).map(|j| (logit(j) - mx).exp()).sum();
+                for j in 0..cols {
+                    want[r * cols + j] = (logit(j) - mx).exp() / sum;
+                }
+            }
+            let want = Tensor::from_f64s(want, &[b, h, s, cols], dt, &CDevice::Cpu).unwrap();
+            check(
+                &format!("masked softmax {dt} causal {causal} offset {offset} cols {cols}"),
+                &Tensor::new(got, dt).unwrap(),
+                &want,
+            );
+        }
+    }
+}
+
+#[test]
+fn attention_matches_cpu() {
+    let Some(dev) = gpu() else { return };
+    let op = ("", "Attention", 23);
+    // (B, Hq, Hk, S, T, D): odd lengths, S != T, every head-dim tile (32, 64, 128; 80 pads), GQA.
+    let shapes = [
+        (2usize, 4usize, 4usize, 37usize, 37usize, 64usize),
+        (1, 2, 2, 130, 130, 128),
+        (2, 8, 2, 16, 45, 32),
+        (1, 3, 3, 5, 77, 80),
+        (3, 2, 1, 1, 200, 64),
+    ];
+    for &dt in &FLOATS {
+        for (ci, &(b, hq, hk, s, t, d)) in shapes.iter().enumerate() {
+            let seed = 100 + 10 * ci as u64;
+            let q = rand(&[b, hq, s, d], seed, 1.0, dt);
+            let k = rand(&[b, hk, t, d], seed + 1, 1.0, dt);
+            let v = rand(&[b, hk, t, d], seed + 2, 1.0, dt);
+            let what = |x: &str| format!("Attention {dt} B{b} Hq{hq} Hk{hk} S{s} T{t} D{d} {x}");
+            let qkv = [Some(&q), Some(&k), Some(&v)];
+            compare(&dev, &what("no mask"), op, &[], &qkv);
+            compare(&dev, &what("causal"), op, &[("is_causal", Attribute::Int(1))], &qkv);
+            let scale = [("scale", Attribute::Float(0.3))];
+            // Additive key-padding mask [B, 1, 1, T]: batch 0 keeps its first 60% of keys.
+            let mut pad = vec![0f32; b * t];
+            pad[(t * 3 / 5).max(1)..t]
+                .iter_mut()
+                .for_each(|p| *p = f32::NEG_INFINITY);
+            let pad = Tensor::new(CT::from_vec(pad, (b, 1, 1, t), &CDevice::Cpu).unwrap(), DType::F32).unwrap();
+            let pad = if dt == DType::F16 {
+                Tensor::new(pad.candle().to_dtype(CDType::F16).unwrap(), dt).unwrap()
+            } else {
+                pad
+            };
+            compare(
+                &dev,
+                &what("padding mask, scale"),
+                op,
+                &scale,
+                &[Some(&q), Some(&k), Some(&v), Some(&pad)],
+            );
+            // Boolean [S, T] mask with one fully masked query row (gives zeros) and a short
+            // last dimension (padded with -inf as the reference does).
+            let tm = t.saturating_sub(3).max(1);
+            let mut allowed: Vec<u8> = values(s * tm, seed + 3, 1.0)
+                .iter()
+                .map(|&x| u8::from(x > -0.6))
+                .collect();
+            allowed[..tm].iter_mut().for_each(|a| *a = 0);
+            let mb = Tensor::new(CT::from_vec(allowed, (s, tm), &CDevice::Cpu).unwrap(), DType::Bool).unwrap();
+            compare(
+                &dev,
+                &what("bool mask + causal"),
+                op,
+                &[("is_causal", Attribute::Int(1))],
+                &[Some(&q), Some(&k), Some(&v), Some(&mb)],
+            );
+            // Full float bias [B, Hq, S, T].
+            let bias = rand(&[b, hq, s, t], seed + 4, 2.0, dt);
+            compare(
+                &dev,
+                &what("float bias"),
+                op,
+                &[],
+                &[Some(&q), Some(&k), Some(&v), Some(&bias)],
+            );
+            // nonpad_kv_seqlen with causal (the frontier moves to kv_len - S).
+            let lens: Vec<i64> = (0..b).map(|i| (t - i * t / 4).max(1) as i64).collect();
+            let np = Tensor::new(CT::from_vec(lens, b, &CDevice::Cpu).unwrap(), DType::I64).unwrap();
+            compare(
+                &dev,
+                &what("nonpad_kv_seqlen + causal"),
+                op,
+                &[("is_causal", Attribute::Int(1))],
+                &[Some(&q), Some(&k), Some(&v), None, None, None, Some(&np)],
+            );
+        }
+        // 3-D (B, S, H*D) inputs with head attributes.
+        let (b, s, h, d) = (2usize, 21usize, 4usize, 32usize);
+        let x = |seed| rand(&[b, s, h * d], seed, 1.0, dt);
+        let (q, k, v) = (x(200), x(201), x(202));
+        let heads = [
+            ("q_num_heads", Attribute::Int(h as i64)),
+            ("kv_num_heads", Attribute::Int(h as i64)),
+        ];
+        compare(
+            &dev,
+            &format!("Attention {dt} 3-D"),
+            op,
+            &heads,
+            &[Some(&q), Some(&k), Some(&v)],
+        );
+    }
+}
+
+#[test]
+fn int8_matmul_matches_cpu() {
+    let Some(dev) = gpu() else { return };
+    let op = ("ai.kiln", "MatMulInt8Weight", 1);
+    for &dt in &FLOATS {
+        for &(batch, m, k, n, trans_b) in &[
+            (1usize, 1usize, 77usize, 65usize, false),
+            (2, 37, 768, 3, true),
+            (1, 130, 768, 3072, false),
+            (3, 7, 300, 1000, true),
+        ] {
+            let dims = if trans_b { vec![n, k] } else { vec![k, n] };
+            let codes: Vec<i8> = values(k * n, 300 + k as u64, 127.0).iter().map(|&v| v as i8).collect();
+            let scale: Vec<f32> = values(n, 301, 0.01).iter().map(|v| v.abs() + 1e-3).collect();
+            let attrs = [
+                (
+                    "weight",
+                    Attribute::Tensor(TensorData::from_values("w", dims, &codes).unwrap()),
+                ),
+                (
+                    "scale",
+                    Attribute::Tensor(TensorData::from_values("s", vec![n], &scale).unwrap()),
+                ),
+                ("transB", Attribute::Int(i64::from(trans_b))),
+                ("alpha", Attribute::Float(0.5)),
+            ];
+            let a = rand(&[batch, m, k], 302, 1.0, dt);
+            let c = rand(&[n], 303, 1.0, dt);
+            let what = format!("MatMulInt8Weight {dt} [{batch},{m},{k}] x [{k},{n}] transB {trans_b}");
+            compare(&dev, &what, op, &attrs, &[Some(&a)]);
+            compare(&dev, &format!("{what} + bias"), op, &attrs, &[Some(&a), Some(&c)]);
+        }
+    }
+}
+
+/// The embedded PTX has every entry point the launchers name, with the parameter list they push
+/// (count and width, in order). Needs no GPU.
+#[test]
+fn ptx_entry_points_match_the_launchers() {
+    use super::launch::ptx;
+    // 8-byte pointers / i64 / size_t are "u64", i32 "u32", f32 "f32".
+    let (p, i, f) = ("u64", "u32", "f32");
+    let norm = [p, p, p, p, i, f].join(" ");
+    let bias = [p, p, p, p, i].join(" ");
+    let soft = [p, p, p, p, i, i, i, f, p, p, p, p, i, i].join(" ");
+    let attn = [p, p, p, p, p, p, p, p, p, p, i, i, i, i, i, f, i, i].join(" ");
+    let gemm = [p, p, p, p, i, i, i].join(" ");
+    let mut want: Vec<(&str, String, &str)> = Vec::new();
+    for sfx in ["f32", "f16"] {
+        for n in ["layer_norm", "rms_norm"] {
+            want.push((ptx::LAYER_NORM, format!("kiln_{n}_{sfx}"), &norm));
+        }
+        for a in ["gelu_erf", "gelu_tanh", "relu"] {
+            want.push((ptx::BIAS_ACT, format!("kiln_bias_{a}_{sfx}"), &bias));
+        }
+        for k in ["warp", "block"] {
+            want.push((ptx::SOFTMAX, format!("kiln_softmax_{k}_{sfx}"), &soft));
+        }
+        for d in [32, 64, 128] {
+            want.push((ptx::ATTENTION, format!("kiln_attention_{sfx}_d{d}"), &attn));
+        }
+        for t in ["nn", "nt"] {
+            want.push((ptx::INT8_GEMM, format!("kiln_int8_gemm_{sfx}_{t}"), &gemm));
+        }
+    }
+    for (text, name, params) in want {
+        let head = format!(".visible .entry {name}(");
+        let at = text.find(&head).unwrap_or_else(|| panic!("{name}: no such PTX entry"));
+        let rest = &text[at + head.len()..];
+        let list = &rest[..rest.find(')').expect("closed parameter list")];
+        let got: Vec<&str> = list
+            .split(".param .")
+            .skip(1)
+            .map(|p| p.split_whitespace().next().unwrap_or(""))
+            .collect();
+        assert_eq!(got.join(" "), params, "{name}: parameter list");
+    }
+}
+
+/// CPU tensors never take the CUDA entry points.
+#[test]
+fn cpu_tensors_are_declined() {
+    let x = rand(&[2, 8], 1, 1.0, DType::F32);
+    assert!(super::bias_act(x.candle(), None, Act::Relu).unwrap().is_none());
+    assert!(super::layer_norm(x.candle(), None, None, 1, 1e-5, false)
+        .unwrap()
+        .is_none());
+    assert!(super::softmax(x.candle(), &SoftmaxSpec::plain(8)).unwrap().is_none());
+}

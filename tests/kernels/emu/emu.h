@@ -1,0 +1,7 @@
+#pragma once
+#include <functional>
+
+#include "cuda_emu.h"
+
+// Runs `kernel` once per thread of every block of `grid`, one block at a time.
+void emu_launch(dim3 grid, dim3 block, const std::function<void()>& kernel);

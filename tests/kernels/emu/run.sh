@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Runs kernels/*.cu on the CPU under a small CUDA emulator (one OS thread per CUDA thread, barriers for
+# __syncthreads and warp shuffles) and compares every kernel with double-precision loops. Needs only
+# g++ >= 12 (C++20 <barrier>, _Float16); no GPU, no nvcc. It checks index math, reductions and masking,
+# not speed and not GPU memory-model details.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")"
+CXX="${CXX:-g++}"
+if ! command -v "$CXX" >/dev/null 2>&1; then
+  echo "skipped: no C++ compiler ($CXX)"
+  exit 0
+fi
+tmp="$(mktemp -d)"
+trap 'rm -rf "$tmp"' EXIT
+printf '#include <barrier>\nint main() { std::barrier<> b(1); b.arrive_and_wait(); _Float16 h = 1; return (int)h - 1; }\n' > "$tmp/probe.cpp"
+if ! "$CXX" -std=c++20 -pthread "$tmp/probe.cpp" -o "$tmp/probe" 2>/dev/null; then
+  echo "skipped: $CXX lacks C++20 <barrier> or _Float16 (needs g++ >= 12)"
+  exit 0
+fi
+objs=()
+for src in ../../../kernels/*.cu; do
+  o="$tmp/$(basename "$src" .cu).o"
+  "$CXX" -std=c++20 -O2 -I. -include cuda_emu.h -x c++ -c "$src" -o "$o"
+  objs+=("$o")
+done
+"$CXX" -std=c++20 -O2 -I. -pthread check.cpp emu.cpp "${objs[@]}" -o "$tmp/check"
+"$tmp/check"
