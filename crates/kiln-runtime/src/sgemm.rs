@@ -144,21 +144,7 @@ impl PackedB {
         let kcb = kc_for(k);
         for pc in 0..k.div_ceil(kcb) {
             let (k0, kc) = (pc * kcb, kcb.min(k - pc * kcb));
-            for jp in 0..npan {
-                let (j0, nr) = (jp * NR, NR.min(n - jp * NR));
-                let panel = &mut dst[k0 * npan * NR + jp * kc * NR..][..kc * NR];
-                for p in 0..kc {
-                    let row = &mut panel[p * NR..p * NR + nr];
-                    let base = (k0 + p) * b.rs + j0 * b.cs;
-                    if b.cs == 1 {
-                        row.copy_from_slice(&b.data[base..base + nr]);
-                    } else {
-                        for (j, d) in row.iter_mut().enumerate() {
-                            *d = b.data[base + j * b.cs];
-                        }
-                    }
-                }
-            }
+            pack_b_block(b, k0, kc, 0, n, &mut dst[k0 * npan * NR..][..npan * kc * NR]);
         }
         Ok(PackedB { k, n, data })
     }
