@@ -24,6 +24,10 @@ pub enum RuntimeError {
     NotCompiledWithCuda,
     #[error("device error: {0}")]
     Device(String),
+    /// The device (or its memory pool's limit) ran out of memory during a run; the run's tensors went
+    /// back to the pool and the session can run again (with a smaller batch, or a higher limit).
+    #[error("node '{node}': device out of memory ({message})")]
+    DeviceOutOfMemory { node: String, message: String },
     #[error("{}", candle_message(.0))]
     Candle(#[from] candle_core::Error),
     #[error(transparent)]
@@ -37,7 +41,16 @@ impl RuntimeError {
             RuntimeError::DeadlineExceeded { node: n } if n.is_empty() => {
                 RuntimeError::DeadlineExceeded { node: node.to_string() }
             }
-            e @ (RuntimeError::Op { .. } | RuntimeError::TooLarge { .. } | RuntimeError::DeadlineExceeded { .. }) => e,
+            RuntimeError::Candle(e) if crate::device_memory::is_out_of_memory(&candle_message(&e)) => {
+                RuntimeError::DeviceOutOfMemory {
+                    node: node.to_string(),
+                    message: candle_message(&e),
+                }
+            }
+            e @ (RuntimeError::Op { .. }
+            | RuntimeError::TooLarge { .. }
+            | RuntimeError::DeadlineExceeded { .. }
+            | RuntimeError::DeviceOutOfMemory { .. }) => e,
             other => RuntimeError::Op {
                 node: node.to_string(),
                 op: op.to_string(),

@@ -3,6 +3,7 @@
 
 mod cuda_kernels;
 mod device;
+pub mod device_memory;
 mod error;
 mod executor;
 mod fastmath;
@@ -16,6 +17,7 @@ mod value;
 
 pub use cuda_kernels::fused_kernel_launches;
 pub use device::Device;
+pub use device_memory::DeviceMemoryStats;
 pub use error::{Result, RuntimeError};
 pub use executor::{host_fallback_count, OpTime, RunOptions, RunStats};
 pub use fold::CpuConstEval;

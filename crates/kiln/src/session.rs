@@ -4,7 +4,7 @@ use std::path::Path;
 use kiln_graph::passes::float16::{convert_to_float16, Float16Options, Float16Report};
 use kiln_graph::passes::{optimize, OptLevel, Options, Report as OptimizationReport};
 use kiln_graph::{DType, Model, Shape, TensorData, ValueKind};
-use kiln_runtime::{CpuConstEval, Device, ExecutionPlan, RunOptions, RunStats, Tensor, Value};
+use kiln_runtime::{CpuConstEval, Device, DeviceMemoryStats, ExecutionPlan, RunOptions, RunStats, Tensor, Value};
 
 use crate::{Error, Result};
 
@@ -104,9 +104,19 @@ pub struct SessionBuilder {
     level: Level,
     precision: Precision,
     run_options: RunOptions,
+    device_memory_limit: Option<u64>,
 }
 
 impl SessionBuilder {
+    /// Caps the device memory pool of a CUDA device at `bytes` (the pool is per device and process:
+    /// the first session on a device sets it, a later one asking for another limit fails to build).
+    /// A run that needs more fails with [`kiln_runtime::RuntimeError::DeviceOutOfMemory`] and the
+    /// session stays usable. Ignored on the CPU.
+    pub fn device_memory_limit(mut self, bytes: u64) -> Self {
+        self.device_memory_limit = Some(bytes);
+        self
+    }
+
     /// Numeric precision (default [`Precision::F32`]).
     pub fn precision(mut self, precision: Precision) -> Self {
         self.precision = precision;
@@ -159,6 +169,8 @@ impl SessionBuilder {
             crate::quantize::fuse_int8_weight_matmuls(&mut model)?;
         }
         let device = self.device.to_candle()?;
+        // Every CUDA allocation comes from Kiln's caching pool (kiln_runtime::device_memory).
+        kiln_runtime::device_memory::configure_pool(&device, self.device_memory_limit)?;
         let plan = ExecutionPlan::compile(&model, device)?;
         let g = &model.graph;
         let io = |id: kiln_graph::ValueId| {
@@ -212,6 +224,12 @@ impl Session {
 
     pub fn device(&self) -> Device {
         self.device
+    }
+
+    /// The device memory pool's statistics (reserved, allocated, peaks, limit; fragmentation via
+    /// [`DeviceMemoryStats::fragmentation`]); `None` for a CPU session.
+    pub fn device_memory_stats(&self) -> Result<Option<DeviceMemoryStats>> {
+        Ok(kiln_runtime::device_memory::pool_stats(self.plan.device())?)
     }
 
     /// What the graph optimizer did at build time (node counts before/after, rewrites per rule).

@@ -174,3 +174,15 @@ fn runtime_shape_errors_name_the_node() {
     let e = s.run(vec![("a".into(), a), ("b".into(), b)]).err().unwrap().to_string();
     assert!(e.contains("the_add") && e.contains("Add"), "{e}");
 }
+
+#[test]
+fn cpu_sessions_have_no_device_pool() {
+    let session = kiln::Session::builder()
+        .device_memory_limit(1 << 20)
+        .build_from_file(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../../models/light/squeezenet.onnx"
+        ))
+        .expect("builds on the CPU; the limit only applies to CUDA devices");
+    assert_eq!(session.device_memory_stats().expect("stats"), None);
+}
