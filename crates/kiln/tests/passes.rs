@@ -986,3 +986,34 @@ fn matmul_bias_and_gelu_become_one_node_at_level_all() {
     let (ext, _) = optimize_and_compare(&m, &feeds, &opts(&m, OptLevel::Extended), 1e-5);
     assert!(!op_counts(&ext.graph).contains_key("ai.kiln::MatMulBias"));
 }
+
+#[test]
+fn an_overridable_matmul_weight_is_not_packed_as_a_constant() {
+    // W is an initializer and a graph input (IR >= 4): a fed W must win over the packed default.
+    let mut b = B::new();
+    let x = b.input("x", &[4, 3]);
+    let w = b.f32s("w", &[3, 2], &[1.0; 6]);
+    b.g.inputs.push(w);
+    let y = b.op("MatMul", &[x, w]);
+    let (m, mut feeds) = b.model(&[y], 17);
+    let fed = TensorData::from_values("w", vec![3, 2], &[2.0f32, 0.0, 0.0, 2.0, 1.0, 1.0]).unwrap();
+    feeds.push(("w".to_string(), fed));
+    let session = kiln::Session::builder()
+        .optimization(kiln::Level::All)
+        .build_from_model(m)
+        .unwrap();
+    let out = session.run(feeds.clone()).unwrap();
+    let got: Vec<f32> = out[0].values().unwrap();
+    let xv: Vec<f32> = feeds[0].1.values().unwrap();
+    let wv = [2.0f32, 0.0, 0.0, 2.0, 1.0, 1.0];
+    let mut want = Vec::new();
+    for i in 0..4 {
+        for j in 0..2 {
+            want.push((0..3).map(|p| xv[i * 3 + p] * wv[p * 2 + j]).sum::<f32>());
+        }
+    }
+    assert_eq!(got.len(), want.len());
+    for (g, w) in got.iter().zip(&want) {
+        assert!((g - w).abs() < 1e-5, "{got:?} vs {want:?}");
+    }
+}

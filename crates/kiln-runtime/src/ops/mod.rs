@@ -188,9 +188,13 @@ impl NodeCtx<'_> {
         matches!(self.node.inputs.get(i), Some(Some(_)))
     }
 
-    /// The initializer feeding input `i`, when it is a constant of the graph.
+    /// Input `i` when it is an initializer the caller cannot override at run time (an initializer
+    /// that is also a graph input may be fed a different value, so it is not a constant).
     pub fn const_input(&self, i: usize) -> Option<&TensorData> {
         let id = self.node.inputs.get(i).copied().flatten()?;
+        if self.graph.inputs.contains(&id) {
+            return None;
+        }
         self.graph.initializers.get(&id)
     }
 
