@@ -186,3 +186,44 @@ fn cpu_sessions_have_no_device_pool() {
         .expect("builds on the CPU; the limit only applies to CUDA devices");
     assert_eq!(session.device_memory_stats().expect("stats"), None);
 }
+
+#[test]
+fn attention_over_the_tensor_limit_is_refused_before_allocating_scores() {
+    let mut m = model(
+        vec![node("Attention", "attn", &["q", "k", "v"], &["y"])],
+        vec![
+            value("q", 1, &[1, 1, -1, 8]),
+            value("k", 1, &[1, 1, -1, 8]),
+            value("v", 1, &[1, 1, -1, 8]),
+        ],
+        vec![value("y", 1, &[1, 1, -1, 8])],
+        vec![],
+    );
+    m.opset_import[0].version = Some(23);
+    let options = kiln::RunOptions {
+        max_tensor_bytes: 64 << 20,
+        ..Default::default()
+    };
+    let s = Session::builder()
+        .run_options(options)
+        .build_from_bytes(&bytes(&m))
+        .expect("builds");
+    let feed = |name: &str, len: usize| {
+        let vals: Vec<f32> = (0..len * 8).map(|i| (i % 7) as f32 * 0.1).collect();
+        (
+            name.to_string(),
+            TensorData::from_values(name, vec![1, 1, len, 8], &vals).unwrap(),
+        )
+    };
+    // 8192 x 8192 scores are 256 MiB: over the 64 MiB limit.
+    let e = s
+        .run(vec![feed("q", 8192), feed("k", 8192), feed("v", 8192)])
+        .expect_err("must be refused")
+        .to_string();
+    assert!(e.contains("exceeds the limit"), "{e}");
+    // A small one still runs on the same session.
+    let y = s
+        .run(vec![feed("q", 4), feed("k", 4), feed("v", 4)])
+        .expect("small attention runs");
+    assert_eq!(y[0].dims, vec![1, 1, 4, 8]);
+}

@@ -140,7 +140,7 @@ fn attention(n: &NodeCtx) -> Result<Box<dyn OpKernel>> {
     if cfg.left < -1 || cfg.right < -1 {
         return Err(n.err("window sizes must be -1 or nonnegative"));
     }
-    Ok(kernel(move |_, ins| run_attention(&cfg, ins)))
+    Ok(kernel(move |cx, ins| run_attention(&cfg, cx, ins)))
 }
 
 /// The fused CUDA kernel (`kernels/attention.cu`) for a node with only the Y output, on a CUDA
@@ -199,7 +199,7 @@ fn split_heads(t: &CT, heads: i64, what: &str) -> Result<CT> {
     Ok(t.reshape((b, s, h, hid / h))?.transpose(1, 2)?.contiguous()?)
 }
 
-fn run_attention(cfg: &AttnCfg, ins: &[Option<&Value>]) -> Result<Vec<Value>> {
+fn run_attention(cfg: &AttnCfg, cx: &super::RunCx, ins: &[Option<&Value>]) -> Result<Vec<Value>> {
     if let Some(y) = attention_cuda(cfg, ins)? {
         return Ok(vec![Value::Tensor(y)]);
     }
@@ -375,6 +375,10 @@ fn run_attention(cfg: &AttnCfg, ins: &[Option<&Value>]) -> Result<Vec<Value>> {
         ]);
     }
 
+    // The output, and the (B, H, S, T) scores the general path below materializes (the fused CPU path
+    // holds one head's (S, T) at a time, per thread): refused before allocating when over the limit.
+    cx.check_alloc((b * hq * s) as u128 * dv as u128, dt)?;
+    cx.check_alloc(s as u128 * t as u128, dt)?;
     let plain = cfg.softcap.is_none_or(|c| c <= 0.0) && !cfg.wants_scores;
     if plain && dt == DType::F32 && dev.is_cpu() && crate::sgemm::available() {
         if let Some(y) = fused_cpu_attention(&q4, &present_k, &present_v, bias.as_ref(), scale, reps)? {
@@ -391,6 +395,7 @@ fn run_attention(cfg: &AttnCfg, ins: &[Option<&Value>]) -> Result<Vec<Value>> {
         }
     }
 
+    cx.check_alloc((b * hq * s) as u128 * t as u128, dt)?;
     // ---- QK^T ----
     // bf16 results are rounded at the reference's rounding points (it computes in bf16 throughout).
     let emulate = dt == DType::BF16;
