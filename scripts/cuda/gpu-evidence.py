@@ -791,12 +791,13 @@ def evidence(args) -> int:
                          "result": fails(first_error_line(str(e)) or e)})
             save()
             continue
-        if have_cuda and name in torch_models:
-            for prec in ("fp32", "fp16"):
+        if name in torch_models:
+            tdev = "cuda" if have_cuda else "cpu"
+            for prec in ("fp32", "fp16") if have_cuda else ("fp32",):
                 try:
                     with Alarm(clock.limit(60), f"PyTorch {prec} {name}"):
-                        m = torch_models[name].cuda()
-                        xt = torch.from_numpy(x).cuda()
+                        m = torch_models[name].to(tdev)
+                        xt = torch.from_numpy(x).to(tdev)
                         if prec == "fp16":
                             m, xt = copy.deepcopy(m).half(), xt.half()
                         with torch.inference_mode():
@@ -805,10 +806,12 @@ def evidence(args) -> int:
                     res = compare(got, ref, prec)
                 except Exception as e:  # noqa: BLE001
                     res = fails(first_error_line(str(e)) or e)
-                corr.append({"model": name, "run": "PyTorch eager cuda (sanity)", "precision": prec, "result": res})
+                corr.append({"model": name, "run": f"PyTorch eager {tdev} (sanity)", "precision": prec,
+                             "result": res})
                 save()
-        runs = [("cuda", "fp32", args.level), ("cuda", "fp16", args.level), ("cuda", "int8-weight", args.level),
-                ("cuda", "fp32", "basic"), ("cpu", "fp32", args.level)]
+        dev = args.device
+        runs = [(dev, "fp32", args.level), (dev, "fp16", args.level), (dev, "int8-weight", args.level),
+                (dev, "fp32", "basic"), ("cpu", "fp32", args.level)]
         seen = set()
         for dev, prec, level in runs:
             if (dev, prec, level) in seen:
@@ -822,13 +825,13 @@ def evidence(args) -> int:
 
     # 3. Speed: PyTorch eager in this process, then Kiln, then torch.compile in a child process.
     for name in MODELS:
-        for b in BATCHES:
+        for b in args.batches:
             speed[(name, b)] = {}
     if have_cuda:
         for name in MODELS:
             if name not in torch_models:
                 continue
-            for b in BATCHES:
+            for b in args.batches:
                 cols = speed[(name, b)]
                 x32 = torch.from_numpy(fixed_input(name, b))
                 for key, half in (("torch_fp32", False), ("torch_fp16", True)):
@@ -859,12 +862,12 @@ def evidence(args) -> int:
         for k in speed:
             speed[k]["torch_fp32"] = speed[k]["torch_fp16"] = "skipped: no PyTorch CUDA"
     # Kiln: most important first (the acceptance row is the encoder at batch 64 in fp16).
-    kiln_order = [(n, b, p) for n in MODELS for b in sorted(BATCHES, reverse=True) for p in ("fp16", "fp32")]
+    kiln_order = [(n, b, p) for n in MODELS for b in sorted(args.batches, reverse=True) for p in ("fp16", "fp32")]
     for name, b, prec in kiln_order:
         if name not in onnx_paths:
             speed[(name, b)][f"kiln_{prec}"] = meta["export"][name]
             continue
-        res = kiln_speed(args, runner, name, onnx_paths[name], dim_names[name], b, "cuda", prec, args.level)
+        res = kiln_speed(args, runner, name, onnx_paths[name], dim_names[name], b, args.device, prec, args.level)
         speed[(name, b)][f"kiln_{prec}"] = res
         print(f"speed {name} b{b} kiln {prec}: {speed_cell(res)}", flush=True)
         save()
@@ -880,7 +883,8 @@ def evidence(args) -> int:
                 d = json.loads(line)
             except ValueError:
                 continue
-            got[(d.get("model"), d.get("batch"))] = d
+            if isinstance(d, dict):
+                got[(d.get("model"), d.get("batch"))] = d
         compile_s = [d["compile_s"] for d in got.values() if "compile_s" in d]
         for key in speed:
             d = got.get(key)
@@ -1066,9 +1070,15 @@ def main() -> int:
                     help="seconds for all torch.compile work (default 120; 0 skips it)")
     ap.add_argument("--runner", default=f"bash {GPU_RUN}" if GPU_RUN.exists() else "",
                     help="command prefix that runs the CUDA kiln binary (default: scripts/cuda/gpu-run.sh)")
+    ap.add_argument("--device", default="cuda", help="Kiln's device (cpu: a rehearsal on a machine without a GPU)")
+    ap.add_argument("--batches", default=",".join(map(str, BATCHES)), help="speed batch sizes (default 1,8,64)")
     ap.add_argument("--self-test", action="store_true", help="check the parts that need no torch or GPU")
     ap.add_argument("--compile-worker", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    try:
+        args.batches = tuple(int(b) for b in str(args.batches).split(",") if b.strip())
+    except ValueError:
+        ap.error(f"--batches '{args.batches}': give sizes like 1,8,64")
     if args.self_test:
         return self_test(args)
     if args.compile_worker:
