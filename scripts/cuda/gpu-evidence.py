@@ -661,28 +661,32 @@ def time_host(fn, warmup: int = 3, min_iters: int = 20, max_iters: int = 200, ta
 
 def compile_worker(args) -> int:
     """Child process: torch.compile fp16 of both models, one JSON line per (model, batch) as soon as it
-    is measured (the parent keeps what was printed if it kills this process)."""
+    is measured (the parent keeps what was printed if it kills this process). With --device cpu (the
+    rehearsal) it compiles fp32 on the CPU instead."""
     import torch
 
     torch_fp32_exact()
     builders = torch_modules()
-    order = [("encoder", 64), ("encoder", 8), ("encoder", 1), ("cnn", 64), ("cnn", 8), ("cnn", 1)]
+    gpu = args.device.startswith("cuda")
+    order = [(n, b) for n in MODELS for b in sorted(args.batches, reverse=True)]
     compiled = {}
     for name, batch in order:
         try:
             if name not in compiled:
-                m = builders[name]().cuda().half()
+                m = builders[name]().cuda().half() if gpu else builders[name]()
                 if name == "encoder":
                     m.use_sdpa(True)
                 compiled[name] = torch.compile(m, dynamic=False)
             cm = compiled[name]
-            x = torch.from_numpy(fixed_input(name, batch)).cuda().half()
+            x = torch.from_numpy(fixed_input(name, batch))
+            x = x.cuda().half() if gpu else x
             t0 = time.perf_counter()
             with torch.inference_mode():
                 cm(x)
-            torch.cuda.synchronize()
+            if gpu:
+                torch.cuda.synchronize()
             compile_s = time.perf_counter() - t0
-            ms = time_cuda(cm, x)
+            ms = time_cuda(cm, x) if gpu else time_host(lambda: cm(x), warmup=1, min_iters=3, max_iters=20)
             print(json.dumps({"model": name, "batch": batch, "ms": ms, "compile_s": compile_s}), flush=True)
         except Exception as e:  # noqa: BLE001
             print(json.dumps({"model": name, "batch": batch, "error": first_error_line(str(e)) or repr(e)}),
@@ -882,11 +886,11 @@ def evidence(args) -> int:
         print(f"speed {name} b{b} kiln {prec}: {speed_cell(res)}", flush=True)
         save()
     # torch.compile.
-    if not have_cuda or args.compile_budget <= 0:
+    if torch is None or (not have_cuda and args.device != "cpu") or args.compile_budget <= 0:
         meta["compile_note"] = "torch.compile: not run (no PyTorch CUDA or --compile-budget 0)."
     else:
-        r = runner.run([sys.executable, str(SCRIPT), "--compile-worker", args.kiln], "torch-compile",
-                       args.compile_budget)
+        r = runner.run([sys.executable, str(SCRIPT), "--compile-worker", args.kiln, "--device", args.device,
+                        "--batches", ",".join(map(str, args.batches))], "torch-compile", args.compile_budget)
         got = {}
         for line in r["out"].splitlines():
             try:
@@ -910,7 +914,7 @@ def evidence(args) -> int:
                 speed[key]["compile_fp16"] = "fails: no result"
         meta["compile_note"] = (
             f"torch.compile: default mode, `dynamic=False`, fp16, in a child process limited to "
-            f"{args.compile_budget:.0f} s for everything (compiled in the order encoder 64/8/1, cnn 64/8/1); "
+            f"{args.compile_budget:.0f} s for everything (largest batch first, encoder before cnn); "
             f"first-call (compile) times: {', '.join(f'{s:.0f} s' for s in compile_s) or 'none'}.")
         print(meta["compile_note"], flush=True)
     save()
