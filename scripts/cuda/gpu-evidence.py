@@ -727,6 +727,13 @@ def evidence(args) -> int:
         "notes": [],
         "commands": runner.commands,
     }
+    if os.environ.get("KILN_GPU_CHECK"):
+        meta["command"] = (f"KILN_GPU_CHECK={os.environ['KILN_GPU_CHECK']} bash scripts/cuda/gpu-check.sh\n"
+                           f"# which runs: {meta['command']}")
+    r = runner.run(kiln_argv(args, args.device) + ["--version"], "kiln-version", 30)
+    kiln_version = r["out"].strip() if r["ok"] else fails(r["error"])
+    r = runner.run(["git", "-C", str(REPO), "log", "-1", "--format=%h %s"], "git", 10)
+    commit = r["out"].strip() if r["ok"] and r["out"].strip() else "unknown commit"
     corr: list[dict] = []
     speed: dict = {}
 
@@ -750,7 +757,8 @@ def evidence(args) -> int:
     try:
         import torch
 
-        meta["software"] = f"torch {torch.__version__} (CUDA {torch.version.cuda}), numpy {np.__version__}"
+        meta["software"] = (f"{kiln_version} ({commit}), torch {torch.__version__} (CUDA {torch.version.cuda}), "
+                            f"onnxruntime {meta['ort_version']}, numpy {np.__version__}")
         tf32 = torch_fp32_exact()
         note(f"PyTorch fp32: {tf32}")
         builders = torch_modules()
@@ -761,7 +769,7 @@ def evidence(args) -> int:
         torch = None
         builders = {}
         have_cuda = False
-        meta["software"] = f"torch unavailable ({first_error_line(str(e)) or e})"
+        meta["software"] = f"{kiln_version} ({commit}), torch unavailable ({first_error_line(str(e)) or e})"
         note(f"PyTorch unavailable: {e}")
     save()
 
