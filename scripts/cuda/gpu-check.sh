@@ -3,17 +3,32 @@
 # (scripts/cuda/build.sh) and dist/node-tests.tgz (the generated node tests), then records in $OUT:
 #   nvidia-smi.txt, fused-kernels.txt (kiln-runtime's fused CUDA kernel tests against the CPU
 #   kernels), fused-kernel-bench.txt (GB/s, TFLOP/s of each fused kernel),
-#   conformance-{cuda,cpu}.txt + results TSVs, light-models.txt
+#   conformance-{cuda,cpu}.txt + results TSVs, light-models.txt, gpu-evidence.{md,json,txt}
 # KILN_GPU_CHECK=kernels runs only the fused kernel tests and benchmark: it needs only
 # dist/kiln-gpu-kernels.tgz (carry just that file, ~30 MB).
+# KILN_GPU_CHECK=evidence runs only scripts/cuda/gpu-evidence.py (correctness against onnxruntime and speed
+# against PyTorch on a BERT-base-shaped encoder and a CNN, about 8 min, writes gpu-evidence.md): it needs only
+# dist/kiln-gpu.tgz. The full run ends with it too.
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/../.."
 OUT="${OUT:-/tmp/kiln-gpu-out}"
 mkdir -p "$OUT" /tmp/kiln-gpu
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$OUT/nvidia-smi.txt" 2>&1
 date -u > "$OUT/date.txt"
-[[ -f dist/kiln-gpu-kernels.tgz ]] && tar xzf dist/kiln-gpu-kernels.tgz -C /tmp/kiln-gpu
 RUN="bash scripts/cuda/gpu-run.sh"
+evidence() {
+  # The script keeps to its own 480 s budget; the timeout is a backstop.
+  timeout -k 10 560 python3 scripts/cuda/gpu-evidence.py /tmp/kiln-gpu/kiln --out "$OUT" > "$OUT/gpu-evidence.txt" 2>&1
+  echo "exit $?" >> "$OUT/gpu-evidence.txt"
+  tail -n 3 "$OUT/gpu-evidence.txt"
+}
+if [[ "${KILN_GPU_CHECK:-all}" == evidence ]]; then
+  tar xzf dist/kiln-gpu.tgz -C /tmp/kiln-gpu
+  evidence
+  ls -la "$OUT"
+  exit 0
+fi
+[[ -f dist/kiln-gpu-kernels.tgz ]] && tar xzf dist/kiln-gpu-kernels.tgz -C /tmp/kiln-gpu
 if [[ -x /tmp/kiln-gpu/kiln-runtime-tests ]]; then
   timeout 300 $RUN /tmp/kiln-gpu/kiln-runtime-tests cuda_kernels --test-threads 1 --nocapture \
     > "$OUT/fused-kernels.txt" 2>&1
@@ -60,4 +75,5 @@ PY
     done
   done
 } > "$OUT/light-models.txt" 2>&1
+evidence
 ls -la "$OUT"
