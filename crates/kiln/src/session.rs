@@ -51,7 +51,14 @@ impl From<Level> for OptLevel {
 /// Runs the graph optimizer of `level` over a model's main graph, folding constants with the
 /// runtime's CPU kernels. Fusions may use Kiln's kernels whatever opset the model declares.
 pub fn optimize_model(model: &mut Model, level: Level) -> Result<OptimizationReport> {
-    let options = Options::for_model(model, level.into());
+    optimize_for_precision(model, level, Precision::F32)
+}
+
+/// [`optimize_model`] for a session of the given precision: int8 weight-only quantization runs after
+/// the optimizer and rewrites MatMul/Gemm weights, so the MatMul + bias fusion (Level All) stays off.
+fn optimize_for_precision(model: &mut Model, level: Level, precision: Precision) -> Result<OptimizationReport> {
+    let mut options = Options::for_model(model, level.into());
+    options.fuse_matmul_bias = precision != Precision::Int8WeightOnly;
     Ok(optimize(&mut model.graph, &options, &CpuConstEval)?)
 }
 
@@ -155,7 +162,7 @@ impl SessionBuilder {
 
     /// Compiles an already imported model.
     pub fn build_from_model(self, mut model: Model) -> Result<Session> {
-        let optimization = optimize_model(&mut model, self.level)?;
+        let optimization = optimize_for_precision(&mut model, self.level, self.precision)?;
         match self.precision {
             Precision::F32 => {}
             Precision::Int8WeightOnly => {

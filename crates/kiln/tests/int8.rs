@@ -261,20 +261,28 @@ fn check_int8(stem: &str) {
         eprintln!("SKIP {stem}: model or reference missing in {}", dir.display());
         return;
     }
+    // Level All too: its MatMul + bias fusion must not hide the weights from the quantizer.
+    for level in [kiln::Level::Basic, kiln::Level::All] {
+        check_int8_at(stem, &model, &refs, level);
+    }
+}
+
+fn check_int8_at(stem: &str, model: &std::path::Path, refs: &std::path::Path, level: kiln::Level) {
     let session = Session::builder()
         .precision(Precision::Int8WeightOnly)
+        .optimization(level)
         .run_options(RunOptions {
             profile: true,
             ..Default::default()
         })
-        .build_from_file(&model)
+        .build_from_file(model)
         .unwrap();
     let mut checked = 0;
-    for case in cases(&refs) {
+    for case in cases(refs) {
         let feeds = case.feeds();
         let (outputs, stats) = session.run_with_stats(feeds).unwrap();
         let int8_ops = stats.op_times.iter().filter(|t| t.op == "MatMulInt8Weight").count();
-        assert!(int8_ops > 0, "{stem}: no MatMul ran in int8");
+        assert!(int8_ops > 0, "{stem} at {level:?}: no MatMul ran in int8");
         for (info, got) in session.outputs().iter().zip(&outputs) {
             let want = case.expected(&info.name);
             assert_eq!(got.dims, want.dims, "{stem}: output {}", info.name);

@@ -31,7 +31,7 @@ impl Pass for FuseMatMulBias {
     }
 
     fn run(&self, g: &mut Graph, cx: &PassCx) -> Result<usize> {
-        if cx.options.strict_opsets || !cx.can_emit(KILN, OP, 1) {
+        if cx.options.strict_opsets || !cx.options.fuse_matmul_bias || !cx.can_emit(KILN, OP, 1) {
             return Ok(0);
         }
         let mut idx = Index::new(g);

@@ -95,6 +95,9 @@ pub struct Options {
     /// `LayerNormalization` only at opset >= 17), so an exported model stays valid ONNX. When
     /// `false` (in-memory sessions), Kiln's kernels are used regardless of the declared opset.
     pub strict_opsets: bool,
+    /// Level All's `matmul_bias_fusion` (MatMul + bias (+ GELU) -> `ai.kiln::MatMulBias`). Off when the
+    /// int8 weight-only quantization runs after the optimizer: it rewrites MatMul/Gemm weights only.
+    pub fuse_matmul_bias: bool,
 }
 
 impl Default for Options {
@@ -106,6 +109,7 @@ impl Default for Options {
             opsets: BTreeMap::new(),
             overridable_initializers: true,
             strict_opsets: false,
+            fuse_matmul_bias: true,
         }
     }
 }
