@@ -17,7 +17,7 @@ pub fn register(r: &mut Registry) {
         Ok(kernel(move |cx, ins| {
             let (a, b) = (tin(ins, 0)?, tin(ins, 1)?);
             if let Some(p) = &packed {
-                if let Some(y) = packed_matmul(cx, a, p, None)? {
+                if let Some(y) = packed_matmul(cx, a, p, None, sgemm::Activation::None)? {
                     return out1(y);
                 }
             }
@@ -70,20 +70,10 @@ fn pack_const_weight(n: &NodeCtx, i: usize, trans: bool) -> Result<Option<Arc<sg
     Ok(Some(Arc::new(packed)))
 }
 
-/// `A @ W (+ bias)` with a packed constant `W` for an f32 CPU `A` of rank >= 2 whose last dim is
-/// `W`'s K; `None` when `A` is anything else (the caller takes the general path, which also
-/// reports shape errors).
+/// `act(A @ W (+ bias))` with a packed constant `W` for an f32 CPU `A` of rank >= 2 whose last dim
+/// is `W`'s K (the activation is applied while each output block is in cache); `None` when `A` is
+/// anything else (the caller takes the general path, which also reports shape errors).
 pub(crate) fn packed_matmul(
-    cx: &RunCx,
-    a: &Tensor,
-    w: &sgemm::PackedB,
-    bias: Option<&[f32]>,
-) -> Result<Option<Tensor>> {
-    packed_matmul_act(cx, a, w, bias, sgemm::Activation::None)
-}
-
-/// [`packed_matmul`] followed by an activation (applied while each output block is in cache).
-fn packed_matmul_act(
     cx: &RunCx,
     a: &Tensor,
     w: &sgemm::PackedB,
@@ -148,7 +138,7 @@ fn matmul_bias(n: &NodeCtx) -> Result<Box<dyn OpKernel>> {
                         runtime_bias.as_slice()
                     }
                 };
-                if let Some(y) = packed_matmul_act(cx, a, p, Some(bv), act)? {
+                if let Some(y) = packed_matmul(cx, a, p, Some(bv), act)? {
                     return out1(y);
                 }
             }
@@ -365,30 +355,6 @@ fn gemm(n: &NodeCtx) -> Result<Box<dyn OpKernel>> {
     Ok(kernel(move |cx, ins| {
         let (a, b) = (tin(ins, 0)?, tin(ins, 1)?);
         let c = tin_opt(ins, 2)?;
-        if let (Some(p), true) = (&packed, a.rank() == 2) {
-            // A [N] / [1, N] bias with beta 1 is the kernel's initial value; any other C is added below.
-            let row_bias = c.filter(|c| {
-                beta == 1.0 && c.dtype() == DType::F32 && c.elem_count() == p.n() && c.dims().last() == Some(&p.n())
-            });
-            let bias_vec = match row_bias {
-                Some(c) => Some(c.candle().flatten_all()?.to_vec1::<f32>()?),
-                None => None,
-            };
-            if let Some(y) = packed_matmul(cx, a, p, bias_vec.as_deref())? {
-                if bias_vec.is_some() || c.is_none() || beta == 0.0 {
-                    return out1(y);
-                }
-                let mut cc = c
-                    .map(|c| c.candle().to_dtype(CDType::F32))
-                    .transpose()?
-                    .unwrap_or(y.candle().zeros_like()?);
-                if beta != 1.0 {
-                    cc = cc.affine(beta, 0.0)?;
-                }
-                let dims = y.dims().to_vec();
-                return out1(Tensor::new(y.candle().add(&cc.broadcast_as(dims)?)?, DType::F32)?);
-            }
-        }
         if a.dtype() != b.dtype() {
             bail!("Gemm inputs have different dtypes: {} and {}", a.dtype(), b.dtype());
         }
@@ -396,28 +362,50 @@ fn gemm(n: &NodeCtx) -> Result<Box<dyn OpKernel>> {
             bail!("Gemm needs 2-D inputs, got shapes {:?} and {:?}", a.dims(), b.dims());
         }
         let dt = a.dtype();
-        let mut at = a.candle().clone();
-        let mut bt = b.candle().clone();
-        if ta {
-            at = at.t()?;
+        // Packed weight (f32 CPU, alpha 1, no transA): a [N] / [1, N] C with beta 1 is the kernel's
+        // initial value; any other C is added below like on the general path.
+        let mut c_added = false;
+        let mut packed_y = None;
+        if let Some(p) = &packed {
+            let row_bias = c.filter(|c| {
+                beta == 1.0 && c.dtype() == DType::F32 && c.elem_count() == p.n() && c.dims().last() == Some(&p.n())
+            });
+            let bias_vec = match row_bias {
+                Some(c) => Some(c.candle().flatten_all()?.to_vec1::<f32>()?),
+                None => None,
+            };
+            packed_y = packed_matmul(cx, a, p, bias_vec.as_deref(), sgemm::Activation::None)?;
+            c_added = packed_y.is_some() && bias_vec.is_some();
         }
-        if tb {
-            bt = bt.t()?;
-        }
-        if !dt.is_float() {
-            // Integers: compute in f64 then convert (numpy's float scale then astype).
-            at = at.to_dtype(CDType::F64)?;
-            bt = bt.to_dtype(CDType::F64)?;
-        } else if matches!(dt, DType::F16 | DType::BF16) {
-            // Half precision: one rounding at the end (product and bias in f32).
-            at = at.to_dtype(CDType::F32)?;
-            bt = bt.to_dtype(CDType::F32)?;
-        }
-        let mut y = matmul_ct(cx, &at, &bt, dt)?;
-        if alpha != 1.0 {
-            y = y.affine(alpha, 0.0)?;
-        }
-        if let Some(c) = c {
+        let mut y = match packed_y {
+            Some(y) => y.into_candle(),
+            None => {
+                let mut at = a.candle().clone();
+                let mut bt = b.candle().clone();
+                if ta {
+                    at = at.t()?;
+                }
+                if tb {
+                    bt = bt.t()?;
+                }
+                if !dt.is_float() {
+                    // Integers: compute in f64 then convert (numpy's float scale then astype).
+                    at = at.to_dtype(CDType::F64)?;
+                    bt = bt.to_dtype(CDType::F64)?;
+                } else if matches!(dt, DType::F16 | DType::BF16) {
+                    // Half precision: one rounding at the end (product and bias in f32).
+                    at = at.to_dtype(CDType::F32)?;
+                    bt = bt.to_dtype(CDType::F32)?;
+                }
+                let y = matmul_ct(cx, &at, &bt, dt)?;
+                if alpha != 1.0 {
+                    y.affine(alpha, 0.0)?
+                } else {
+                    y
+                }
+            }
+        };
+        if let Some(c) = c.filter(|_| !c_added) {
             if beta != 0.0 {
                 let mut cc = c.candle().to_dtype(y.dtype())?;
                 if beta != 1.0 {
