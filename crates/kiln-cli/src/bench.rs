@@ -28,39 +28,7 @@ pub fn bench(path: &Path, cfg: &BenchConfig) -> Result<()> {
         .precision(cfg.precision)
         .build_from_file(path)
         .with_context(|| format!("loading {}", path.display()))?;
-    let mut symbols: HashMap<String, usize> = HashMap::new();
-    for spec in cfg.dims {
-        let (k, v) = spec
-            .split_once('=')
-            .with_context(|| format!("--dim '{spec}' should be NAME=SIZE"))?;
-        symbols.insert(
-            k.to_string(),
-            v.parse().with_context(|| format!("--dim '{spec}': bad size"))?,
-        );
-    }
-    let mut given: HashMap<String, TensorData> = HashMap::new();
-    for spec in cfg.inputs {
-        let (name, file) = spec
-            .split_once('=')
-            .with_context(|| format!("--input '{spec}' should be NAME=path.npy"))?;
-        given.insert(name.to_string(), crate::npy::read(Path::new(file), name)?);
-    }
-    let mut feeds = Vec::new();
-    for info in session.inputs() {
-        let data = match given.remove(&info.name) {
-            Some(d) => d,
-            None => synthetic(
-                &info.name,
-                info.dtype,
-                info.shape.as_ref().map(|s| s.0.as_slice()),
-                &symbols,
-            )?,
-        };
-        feeds.push((info.name.clone(), data));
-    }
-    if let Some(name) = given.keys().next() {
-        bail!("the model has no input '{name}'");
-    }
+    let feeds = feeds(&session, cfg.inputs, cfg.dims)?;
     for _ in 0..cfg.warmup {
         session.run(feeds.clone())?;
     }
@@ -106,10 +74,62 @@ pub fn bench(path: &Path, cfg: &BenchConfig) -> Result<()> {
         "throughput: {:.2} runs/s",
         times.len() as f64 / total.as_secs_f64().max(1e-9)
     );
+    let fallbacks = session.host_fallbacks();
+    if !fallbacks.is_empty() {
+        let mut ops: Vec<&str> = fallbacks.iter().map(|f| f.op.as_str()).collect();
+        ops.sort_unstable();
+        ops.dedup();
+        println!(
+            "on the CPU: {} node(s) without a {} kernel ({}); `kiln inspect --device {}` lists them",
+            fallbacks.len(),
+            cfg.device,
+            ops.join(", "),
+            cfg.device
+        );
+    }
     if cfg.profile {
         profile(&session, &feeds, cfg.iterations.min(20))?;
     }
     Ok(())
+}
+
+/// Feeds for every model input: `NAME=path.npy` files where given, the rest synthesized from the
+/// declared shapes (symbolic dims from `SYMBOL=SIZE`, else 1). Shared by `bench` and `inspect`.
+pub fn feeds(session: &Session, inputs: &[String], dims: &[String]) -> Result<Vec<(String, TensorData)>> {
+    let mut symbols: HashMap<String, usize> = HashMap::new();
+    for spec in dims {
+        let (k, v) = spec
+            .split_once('=')
+            .with_context(|| format!("--dim '{spec}' should be NAME=SIZE"))?;
+        symbols.insert(
+            k.to_string(),
+            v.parse().with_context(|| format!("--dim '{spec}': bad size"))?,
+        );
+    }
+    let mut given: HashMap<String, TensorData> = HashMap::new();
+    for spec in inputs {
+        let (name, file) = spec
+            .split_once('=')
+            .with_context(|| format!("--input '{spec}' should be NAME=path.npy"))?;
+        given.insert(name.to_string(), crate::npy::read(Path::new(file), name)?);
+    }
+    let mut feeds = Vec::new();
+    for info in session.inputs() {
+        let data = match given.remove(&info.name) {
+            Some(d) => d,
+            None => synthetic(
+                &info.name,
+                info.dtype,
+                info.shape.as_ref().map(|s| s.0.as_slice()),
+                &symbols,
+            )?,
+        };
+        feeds.push((info.name.clone(), data));
+    }
+    if let Some(name) = given.keys().next() {
+        bail!("the model has no input '{name}'");
+    }
+    Ok(feeds)
 }
 
 /// Runs `runs` more times with per-node timing; prints time by operator type and the slowest nodes.

@@ -31,8 +31,26 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
-    /// Show a model's opset, inputs/outputs, operators, parameters and unsupported operators.
-    Inspect { model: PathBuf },
+    /// Show a model's opset, inputs/outputs, operators, parameters and unsupported operators;
+    /// with --device, also run it once there and list the nodes that fall back to the CPU.
+    Inspect {
+        model: PathBuf,
+        /// Build a session on this device (cpu, cuda or cuda:N), run it once on synthesized
+        /// inputs (or --input files) and list the nodes that ran on the CPU instead.
+        #[arg(long)]
+        device: Option<String>,
+        /// NAME=path.npy to use a real input for the trial run.
+        #[arg(long = "input", short = 'i', value_name = "NAME=PATH")]
+        inputs: Vec<String>,
+        /// SYMBOL=SIZE for symbolic dims of synthesized inputs (default 1), e.g. batch=8.
+        #[arg(long = "dim", value_name = "SYMBOL=SIZE")]
+        dims: Vec<String>,
+        /// Optimization level of the trial session.
+        #[arg(long, default_value = "basic")]
+        level: Level,
+        #[command(flatten)]
+        precision: precision::PrecisionArg,
+    },
     /// Run a model on .npy inputs and write one .npy per output.
     Run {
         model: PathBuf,
@@ -108,7 +126,17 @@ enum Cmd {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let r = match cli.cmd {
-        Cmd::Inspect { model } => inspect(&model),
+        Cmd::Inspect {
+            model,
+            device,
+            inputs,
+            dims,
+            level,
+            precision,
+        } => inspect(&model).and_then(|()| match device {
+            Some(d) => trial_run(&model, &d, &inputs, &dims, level, precision.precision),
+            None => Ok(()),
+        }),
         Cmd::Run {
             model,
             inputs,
@@ -253,6 +281,79 @@ fn inspect(path: &Path) -> Result<()> {
     Ok(())
 }
 
+/// `kiln inspect --device`: builds a session there, runs it once and reports where nodes ran.
+fn trial_run(
+    path: &Path,
+    device: &str,
+    inputs: &[String],
+    dims: &[String],
+    level: Level,
+    precision: Precision,
+) -> Result<()> {
+    let device: Device = device.parse()?;
+    let session = Session::builder()
+        .device(device)
+        .optimization(level)
+        .precision(precision)
+        .build_from_file(path)
+        .with_context(|| format!("building a session on {device}"))?;
+    let feeds = bench::feeds(&session, inputs, dims)?;
+    let started = std::time::Instant::now();
+    session.run(feeds).with_context(|| format!("trial run on {device}"))?;
+    println!(
+        "
+trial run on {device} (level {level:?}, precision {precision:?}): {} kernels in the main graph, {:.1} ms (first run)",
+        session.plan().len(),
+        started.elapsed().as_secs_f64() * 1e3
+    );
+    if device == Device::Cpu {
+        println!("  every node runs on the CPU");
+    } else {
+        print_host_fallbacks(&session, device);
+    }
+    if let Some(m) = session.device_memory_stats()? {
+        const MIB: f64 = (1 << 20) as f64;
+        println!(
+            "  device memory: {:.1} MiB reserved, {:.1} MiB allocated (peak {:.1} MiB)",
+            m.reserved_bytes as f64 / MIB,
+            m.allocated_bytes as f64 / MIB,
+            m.allocated_peak_bytes as f64 / MIB
+        );
+    }
+    Ok(())
+}
+
+/// Prints the nodes of a device session that ran on the CPU, grouped by operator.
+fn print_host_fallbacks(session: &Session, device: Device) {
+    let fallbacks = session.host_fallbacks();
+    if fallbacks.is_empty() {
+        println!("  every node ran on {device}");
+        return;
+    }
+    let mut by_op: BTreeMap<&str, Vec<String>> = BTreeMap::new();
+    for f in &fallbacks {
+        let name = if f.depth > 0 {
+            format!("{} (subgraph depth {})", f.node, f.depth)
+        } else {
+            f.node.clone()
+        };
+        by_op.entry(f.op.as_str()).or_default().push(name);
+    }
+    println!(
+        "  {} node(s) ran on the CPU (no {device} kernel for their op or dtype; inputs and outputs copied):",
+        fallbacks.len()
+    );
+    for (op, nodes) in by_op {
+        let shown: Vec<&str> = nodes.iter().take(4).map(String::as_str).collect();
+        let more = if nodes.len() > 4 {
+            format!(", ... {} more", nodes.len() - 4)
+        } else {
+            String::new()
+        };
+        println!("    {op:<24} {:>4}  {}{more}", nodes.len(), shown.join(", "));
+    }
+}
+
 fn print_io(v: &kiln::internals::graph::ValueInfo) {
     let dtype = v.dtype.map(|d| d.to_string()).unwrap_or_else(|| "?".into());
     let shape = v.shape.as_ref().map(|s| s.to_string()).unwrap_or_else(|| "[?]".into());
@@ -329,6 +430,9 @@ fn run(path: &Path, inputs: &[String], device: &str, level: Level, precision: Pr
         stats.peak_activation_bytes as f64 / (1 << 20) as f64,
         stats.total_intermediate_bytes as f64 / (1 << 20) as f64
     );
+    if device != Device::Cpu {
+        print_host_fallbacks(&session, device);
+    }
     Ok(())
 }
 

@@ -31,6 +31,40 @@ fn inspect_lists_io_ops_and_support() {
 }
 
 #[test]
+fn inspect_with_a_device_runs_once_and_says_where_nodes_ran() {
+    let (ok, out, err) = kiln(&["inspect", "models/light/squeezenet.onnx", "--device", "cpu"]);
+    assert!(ok, "{err}");
+    assert!(out.contains("26  Conv"), "{out}");
+    assert!(
+        out.contains("trial run on cpu (level Basic, precision F32)") && out.contains("every node runs on the CPU"),
+        "{out}"
+    );
+    // A bad --dim is an error, not a guess.
+    let (ok, _, err) = kiln(&[
+        "inspect",
+        "models/light/squeezenet.onnx",
+        "--device",
+        "cpu",
+        "--dim",
+        "batch",
+    ]);
+    assert!(!ok && err.contains("--dim 'batch' should be NAME=SIZE"), "{err}");
+    // cuda: without the feature or without a GPU, one clear line; with a GPU, the report.
+    let (ok, out, err) = kiln(&["inspect", "models/light/squeezenet.onnx", "--device", "cuda"]);
+    if ok {
+        assert!(out.contains("trial run on cuda:0"), "{out}");
+        assert!(
+            out.contains("every node ran on cuda:0") || out.contains("ran on the CPU"),
+            "{out}"
+        );
+        assert!(out.contains("device memory:"), "{out}");
+    } else {
+        assert_eq!(err.trim_end().lines().count(), 1, "{err}");
+        assert!(err.starts_with("error: building a session on cuda:0"), "{err}");
+    }
+}
+
+#[test]
 fn run_writes_one_npy_per_output() {
     let dir = std::env::temp_dir().join(format!("kiln-cli-run-{}", std::process::id()));
     let dir_s = dir.to_string_lossy().into_owned();

@@ -42,8 +42,13 @@ pub fn host_fallback_count() -> u64 {
 /// succeeds does the step remember it (so a bad input cannot pin a node to the CPU), log it once and
 /// count it; later runs then skip the failing device attempt.
 fn run_step(step: &crate::plan::Step, cx: &RunCx, ins: &[Option<&Value>]) -> Result<Vec<Value>> {
+    run_step_on(step, cx, ins, !cx.device.is_cpu())
+}
+
+/// [`run_step`] with the "is this a device plan" answer passed in (so the fallback bookkeeping can
+/// be tested on a machine without a GPU).
+fn run_step_on(step: &crate::plan::Step, cx: &RunCx, ins: &[Option<&Value>], on_device: bool) -> Result<Vec<Value>> {
     use std::sync::atomic::Ordering;
-    let on_device = !cx.device.is_cpu();
     let pinned = on_device && step.host_fallback.load(Ordering::Relaxed);
     let device_error = if pinned {
         None
@@ -292,5 +297,180 @@ impl ExecutionPlan {
         }
         self.note_peak(stats.peak_activation_bytes);
         Ok((outputs, stats))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::ops::OpKernel;
+    use crate::plan::Step;
+    use crate::Tensor;
+
+    /// Fails its first `device_failures` calls with a candle error (what a missing CUDA kernel
+    /// gives), then doubles its input; counts every call.
+    struct Flaky {
+        calls: Arc<AtomicUsize>,
+        device_failures: usize,
+        candle_error: bool,
+    }
+
+    impl OpKernel for Flaky {
+        fn run(&self, cx: &RunCx, ins: &[Option<&Value>]) -> Result<Vec<Value>> {
+            let n = self.calls.fetch_add(1, Ordering::SeqCst);
+            if n < self.device_failures {
+                return Err(if self.candle_error {
+                    RuntimeError::Candle(candle_core::Error::Msg("no cuda kernel for this dtype".into()))
+                } else {
+                    RuntimeError::msg("a shape error")
+                });
+            }
+            let x = crate::ops::common::tin(ins, 0)?;
+            let y = Tensor::new((x.candle() * 2.0)?, x.dtype())?;
+            assert!(y.device().same_device(cx.device));
+            Ok(vec![Value::Tensor(y)])
+        }
+    }
+
+    fn step(node: &str, kernel: Flaky) -> Step {
+        Step {
+            kernel: Box::new(kernel),
+            node: node.into(),
+            op: "Flaky".into(),
+            inputs: vec![Some(0)],
+            outputs: vec![Some(1)],
+            release: vec![],
+            host_fallback: Default::default(),
+            subplans: vec![],
+        }
+    }
+
+    fn plan(steps: Vec<Step>) -> ExecutionPlan {
+        ExecutionPlan {
+            steps,
+            num_slots: 2,
+            constants: vec![],
+            inputs: vec![],
+            outputs: vec![],
+            captures: vec![],
+            device: candle_core::Device::Cpu,
+            peak_activation: Default::default(),
+        }
+    }
+
+    fn input() -> Value {
+        let t = candle_core::Tensor::new(&[1.0f32, 2.0], &candle_core::Device::Cpu).unwrap();
+        Value::Tensor(Tensor::from_candle(t).unwrap())
+    }
+
+    fn values(v: &[Value]) -> Vec<f32> {
+        match v {
+            [Value::Tensor(t)] => t.candle().to_vec1::<f32>().unwrap(),
+            other => panic!("expected one tensor, got {} values", other.len()),
+        }
+    }
+
+    #[test]
+    fn a_device_failure_reruns_the_node_on_the_host_and_pins_it() {
+        let calls = Arc::new(AtomicUsize::new(0));
+        let s = step(
+            "n0",
+            Flaky {
+                calls: calls.clone(),
+                device_failures: 1,
+                candle_error: true,
+            },
+        );
+        let options = RunOptions::default();
+        let cx = RunCx {
+            device: &candle_core::Device::Cpu,
+            options: &options,
+        };
+        let x = input();
+        let before = host_fallback_count();
+        assert_eq!(
+            values(&run_step_on(&s, &cx, &[Some(&x)], true).unwrap()),
+            vec![2.0, 4.0]
+        );
+        // Device attempt + host run.
+        assert_eq!(calls.load(Ordering::SeqCst), 2);
+        assert!(s.host_fallback.load(Ordering::SeqCst));
+        assert!(host_fallback_count() > before);
+        // Pinned: the next run goes straight to the host (one call).
+        assert_eq!(
+            values(&run_step_on(&s, &cx, &[Some(&x)], true).unwrap()),
+            vec![2.0, 4.0]
+        );
+        assert_eq!(calls.load(Ordering::SeqCst), 3);
+    }
+
+    #[test]
+    fn only_backend_errors_fall_back_and_a_failed_host_run_pins_nothing() {
+        let options = RunOptions::default();
+        let cx = RunCx {
+            device: &candle_core::Device::Cpu,
+            options: &options,
+        };
+        let x = input();
+        // A kernel's own error (bad input) is the answer: no host retry, no pin, node named.
+        let calls = Arc::new(AtomicUsize::new(0));
+        let s = step(
+            "n1",
+            Flaky {
+                calls: calls.clone(),
+                device_failures: 1,
+                candle_error: false,
+            },
+        );
+        let e = run_step_on(&s, &cx, &[Some(&x)], true).unwrap_err().to_string();
+        assert!(e.contains("n1") && e.contains("a shape error"), "{e}");
+        assert_eq!(calls.load(Ordering::SeqCst), 1);
+        assert!(!s.host_fallback.load(Ordering::SeqCst));
+        // A backend error whose host run fails too: the host's error, and still not pinned.
+        let s = step(
+            "n2",
+            Flaky {
+                calls: Arc::new(AtomicUsize::new(0)),
+                device_failures: 2,
+                candle_error: true,
+            },
+        );
+        assert!(run_step_on(&s, &cx, &[Some(&x)], true).is_err());
+        assert!(!s.host_fallback.load(Ordering::SeqCst));
+        // On the CPU a backend error is returned as is.
+        let s = step(
+            "n3",
+            Flaky {
+                calls: Arc::new(AtomicUsize::new(0)),
+                device_failures: 1,
+                candle_error: true,
+            },
+        );
+        assert!(run_step_on(&s, &cx, &[Some(&x)], false).is_err());
+        assert!(!s.host_fallback.load(Ordering::SeqCst));
+    }
+
+    #[test]
+    fn host_fallbacks_lists_pinned_nodes_in_subgraphs_too() {
+        let flaky = || Flaky {
+            calls: Arc::new(AtomicUsize::new(0)),
+            device_failures: 0,
+            candle_error: true,
+        };
+        let inner = plan(vec![step("body_a", flaky()), step("body_b", flaky())]);
+        let mut owner = step("the_loop", flaky());
+        owner.subplans.push(Arc::new(inner));
+        let outer = plan(vec![step("first", flaky()), owner, step("last", flaky())]);
+        assert!(outer.host_fallbacks().is_empty());
+        outer.steps[1].subplans[0].steps[1]
+            .host_fallback
+            .store(true, Ordering::SeqCst);
+        outer.steps[0].host_fallback.store(true, Ordering::SeqCst);
+        outer.steps[2].host_fallback.store(true, Ordering::SeqCst);
+        let got: Vec<(String, u32)> = outer.host_fallbacks().into_iter().map(|f| (f.node, f.depth)).collect();
+        assert_eq!(got, vec![("first".into(), 0), ("body_b".into(), 1), ("last".into(), 0)]);
     }
 }

@@ -22,7 +22,7 @@ pub use error::{Result, RuntimeError};
 pub use executor::{host_fallback_count, OpTime, RunOptions, RunStats};
 pub use fold::CpuConstEval;
 pub use ops::{supported_ops, Registry};
-pub use plan::{ExecutionPlan, PlanOptions};
+pub use plan::{ExecutionPlan, HostFallback, PlanOptions};
 pub use tensor::{storage_dtype, Tensor};
 pub use threads::{num_threads, set_num_threads};
 pub use value::Value;

@@ -34,6 +34,17 @@ pub(crate) struct Step {
     pub release: Vec<usize>,
     /// Set once the device lacked a kernel for this node: later runs go straight to the CPU.
     pub host_fallback: std::sync::atomic::AtomicBool,
+    /// Plans of the node's subgraphs (If/Loop/Scan/SequenceMap bodies), for reports.
+    pub subplans: Vec<std::sync::Arc<ExecutionPlan>>,
+}
+
+/// A node that ran on the CPU although its plan targets a device (see [`ExecutionPlan::host_fallbacks`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HostFallback {
+    pub node: String,
+    pub op: String,
+    /// 0 for the main graph's nodes, 1 inside a subgraph, and so on.
+    pub depth: u32,
 }
 
 /// A graph compiled for one device: ordered kernels over integer value slots.
@@ -98,8 +109,10 @@ impl ExecutionPlan {
                 graph,
                 opset,
                 options,
+                subplans: Default::default(),
             };
             let kernel = factory(&cx).map_err(|e| e.at_node(&node.name, &node.op_type))?;
+            let subplans = cx.subplans.into_inner();
             let mut release: Vec<usize> = node
                 .all_inputs()
                 .map(|v| v.index())
@@ -126,6 +139,7 @@ impl ExecutionPlan {
                 outputs: node.outputs.iter().map(|v| v.map(|v| v.index())).collect(),
                 release,
                 host_fallback: std::sync::atomic::AtomicBool::new(false),
+                subplans,
             });
         }
         let mut constants = Vec::new();
@@ -183,6 +197,30 @@ impl ExecutionPlan {
 
     pub fn device(&self) -> &candle_core::Device {
         &self.device
+    }
+
+    /// Nodes that have run on the CPU because the device backend lacked a kernel for them (an op
+    /// or dtype), in plan order, subgraph nodes after the node that owns them. A node is listed
+    /// once one of its runs fell back; empty for a CPU plan and before the first run.
+    pub fn host_fallbacks(&self) -> Vec<HostFallback> {
+        let mut out = Vec::new();
+        self.collect_host_fallbacks(0, &mut out);
+        out
+    }
+
+    fn collect_host_fallbacks(&self, depth: u32, out: &mut Vec<HostFallback>) {
+        for step in &self.steps {
+            if step.host_fallback.load(Ordering::Relaxed) {
+                out.push(HostFallback {
+                    node: step.node.clone(),
+                    op: step.op.clone(),
+                    depth,
+                });
+            }
+            for sub in &step.subplans {
+                sub.collect_host_fallbacks(depth + 1, out);
+            }
+        }
     }
 
     pub(crate) fn note_peak(&self, bytes: u64) {

@@ -22,7 +22,9 @@ mod session;
 pub use error::{Error, Result};
 pub use kiln_graph::passes::Report as OptimizationReport;
 pub use kiln_graph::{DType, Dim, Element, Shape, TensorData};
-pub use kiln_runtime::{num_threads, set_num_threads, Device, DeviceMemoryStats, OpTime, RunOptions, RunStats};
+pub use kiln_runtime::{
+    num_threads, set_num_threads, Device, DeviceMemoryStats, HostFallback, OpTime, RunOptions, RunStats,
+};
 pub use session::{optimize_model, IoInfo, Level, Precision, Session, SessionBuilder};
 // fp16 mode (docs/precision.md).
 pub use kiln_graph::passes::float16::Float16Report;

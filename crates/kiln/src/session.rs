@@ -239,6 +239,14 @@ impl Session {
         Ok(kiln_runtime::device_memory::pool_stats(self.plan.device())?)
     }
 
+    /// Nodes that have run on the CPU (inputs and outputs copied explicitly) because the device
+    /// backend lacked a kernel for their op or dtype, subgraph nodes included; a node is listed
+    /// from its first run that fell back. Always empty for a CPU session. `kiln inspect --device
+    /// cuda` runs a model once and prints this list.
+    pub fn host_fallbacks(&self) -> Vec<kiln_runtime::HostFallback> {
+        self.plan.host_fallbacks()
+    }
+
     /// What the graph optimizer did at build time (node counts before/after, rewrites per rule).
     pub fn optimization_report(&self) -> &OptimizationReport {
         &self.optimization

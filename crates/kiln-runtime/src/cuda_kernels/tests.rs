@@ -121,6 +121,7 @@ fn run_op(
         graph: &graph,
         opset,
         options: &options,
+        subplans: Default::default(),
     };
     let factory = Registry::global()
         .get(domain, op)

@@ -229,6 +229,7 @@ fn fused_conv(n: &NodeCtx) -> Result<Box<dyn OpKernel>> {
         graph: n.graph,
         opset: n.options.opsets.get("").copied().unwrap_or(11),
         options: n.options,
+        subplans: Default::default(),
     };
     let conv = factory(&cx)?;
     Ok(kernel(move |cx, ins| {

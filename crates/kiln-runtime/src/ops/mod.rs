@@ -85,6 +85,9 @@ pub struct NodeCtx<'a> {
     pub graph: &'a Graph,
     pub opset: i64,
     pub(crate) options: &'a PlanOptions,
+    /// Subgraph plans compiled for this node (kept on its plan step, so reports such as
+    /// [`ExecutionPlan::host_fallbacks`] can descend into If/Loop/Scan bodies).
+    pub(crate) subplans: std::cell::RefCell<Vec<Arc<ExecutionPlan>>>,
 }
 
 impl NodeCtx<'_> {
@@ -206,7 +209,9 @@ impl NodeCtx<'_> {
 
     /// Compiles a subgraph (a body of If/Loop/Scan) with this plan's options.
     pub fn compile_subgraph(&self, g: &Graph) -> Result<Arc<ExecutionPlan>> {
-        ExecutionPlan::compile_graph(g, self.options).map(Arc::new)
+        let plan = Arc::new(ExecutionPlan::compile_graph(g, self.options)?);
+        self.subplans.borrow_mut().push(Arc::clone(&plan));
+        Ok(plan)
     }
 
     /// Names of this node's implicit inputs, in the order the kernel receives them.
