@@ -358,6 +358,17 @@ def render_markdown(meta: dict, corr: list[dict], speed: dict) -> str:
             L.append(f"| {row['model']} | {_cell(row['run'])} | {row['precision']} | - | - | - | - | "
                      f"{_cell(RULES.get(row['precision'], '-'))} | {_cell(r)} |")
     L.append("")
+    if meta.get("placement"):
+        L.append(f"### Where the nodes ran (`kiln inspect --device ... --dim <batch>={CHECK_BATCH}`: one trial run; "
+                 "nodes without a device kernel for their op or dtype run on the CPU with explicit copies)")
+        L.append("")
+        for key, rep in meta["placement"].items():
+            L.append(f"- {key}:")
+            L.append("")
+            L.append("  ```")
+            L.extend("  " + ln for ln in str(rep).splitlines())
+            L.append("  ```")
+        L.append("")
     L.append("### Speed (same GPU, one run)")
     L.append("")
     L.append("Cells: samples/s (median latency of one batch). PyTorch: CUDA-event time of one forward under "
@@ -448,6 +459,27 @@ def kiln_speed(args, runner: Runner, model: str, onnx_path: Path, dim_name: str,
     except ValueError as e:
         return fails(e)
     return {"ms": b["p50_ms"], "batch": batch, "kiln": b}
+
+
+def kiln_placement(args, runner: Runner, model: str, onnx_path: Path, dim_name: str, device: str,
+                   precision: str, level: str) -> str:
+    """`kiln inspect --device`: one trial run; the report of where nodes ran (from its 'trial run on'
+    line: kernels, nodes that fell back to the CPU by op, device memory), or 'fails: ..'."""
+    argv = kiln_argv(args, device) + ["inspect", str(onnx_path), "--device", device, "--precision", precision,
+                                      "--level", level, "--dim", f"{dim_name}={CHECK_BATCH}"]
+    r = runner.run(argv, f"inspect-{model}-{device}-{precision}", args.kiln_timeout)
+    if not r["ok"]:
+        return r["error"] if r["error"].startswith("skipped") else fails(r["error"])
+    return placement_report(r["out"])
+
+
+def placement_report(text: str) -> str:
+    """The part of `kiln inspect --device` output from its 'trial run on' line on."""
+    lines = text.splitlines()
+    for i, line in enumerate(lines):
+        if line.startswith("trial run on"):
+            return "\n".join(lines[i:]).strip()
+    return fails("no 'trial run on' line in kiln inspect output")
 
 
 def onnx_batch_dim(path: Path) -> str | None:
@@ -844,6 +876,13 @@ def evidence(args) -> int:
             corr.append({"model": name, "run": f"Kiln {dev} (level {level})", "precision": prec, "result": res})
             print(f"correctness {name} kiln {dev} {prec} {level}: {res}", flush=True)
             save()
+        # Where each node ran (nodes without a CUDA kernel fall back to the CPU, listed by kiln inspect).
+        for prec in ("fp32", "fp16"):
+            rep = kiln_placement(args, runner, name, onnx_paths[name], dim_names[name], args.device, prec,
+                                 args.level)
+            meta.setdefault("placement", {})[f"{name}, {args.device}, {prec}, level {args.level}"] = rep
+            print(f"placement {name} {prec}:\n{rep}", flush=True)
+            save()
 
     # 3. Speed: PyTorch eager in this process, then Kiln, then torch.compile in a child process.
     for name in MODELS:
@@ -1029,6 +1068,10 @@ def self_test(args) -> int:
             i8 = res["int8-weight"]
             check(isinstance(i8, dict) and not i8["ok"] and "no weight was quantized" in i8.get("note", ""),
                   "int8 identical to fp32 (the tiny weights stay f32) is flagged")
+            pl = kiln_placement(args, runner, "tiny", path, "batch", "cpu", "fp32", args.level)
+            check(pl.startswith("trial run on cpu") and "every node runs on the CPU" in pl,
+                  f"kiln inspect --device cpu -> {pl!r}")
+            check(placement_report("model: x\nerror: y").startswith("fails:"), "placement_report without a trial line")
             sp = kiln_speed(args, runner, "tiny", path, "batch", 8, "cpu", "fp32", args.level)
             check(isinstance(sp, dict) and sp["ms"] > 0 and sp["batch"] == 8, f"kiln bench cpu -> {sp}")
             sp_bad = kiln_speed(args, runner, "tiny", path, "batch", 8, "cpu", "fp99", args.level)
@@ -1041,7 +1084,9 @@ def self_test(args) -> int:
                                       "compile_fp16": "skipped: torch.compile over its 120 s limit"},
                      ("encoder", 1): {"kiln_fp16": sp_bad}}
             md = render_markdown({"date": "today", "card": "test card", "commands": runner.commands,
-                                  "level": args.level, "notes": ["a note"]}, corr, speed)
+                                  "level": args.level, "notes": ["a note"],
+                                  "placement": {"tiny, cpu, fp32": pl}}, corr, speed)
+            check("### Where the nodes ran" in md and "  trial run on cpu" in md, "placement section rendered")
             (Path(td) / "md.md").write_text(md)
             lines = md.splitlines()
             rows = [ln for ln in lines if ln.startswith("| encoder") or ln.startswith("| cnn")]
