@@ -9,13 +9,55 @@
 # KILN_GPU_CHECK=evidence runs only scripts/cuda/gpu-evidence.py (correctness against onnxruntime and speed
 # against PyTorch on a BERT-base-shaped encoder and a CNN, about 8 min, writes gpu-evidence.md): it needs only
 # dist/kiln-gpu.tgz. The full run ends with it too.
+# KILN_GPU_CHECK=session is the one call for a session with little device time (15 minutes including the
+# machine's start): carry dist/kiln-gpu-session.tar.xz and dist/node-tests.tgz (scripts/cuda/build.sh), run with
+# timeout_s=600. In priority order, each step limited by what is left of KILN_GPU_BUDGET (default 540 s): fused
+# kernel tests, kernel microbenchmark, gpu-evidence.py (correctness vs onnxruntime, speed vs PyTorch), then the
+# node suite on cuda:0 with the time left. Writes 8 files to $OUT (the most a device call returns).
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/../.."
 OUT="${OUT:-/tmp/kiln-gpu-out}"
 mkdir -p "$OUT" /tmp/kiln-gpu
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$OUT/nvidia-smi.txt" 2>&1
-date -u > "$OUT/date.txt"
+{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv; date -u; } > "$OUT/nvidia-smi.txt" 2>&1
 RUN="bash scripts/cuda/gpu-run.sh"
+peaks() {
+  # Peaks for the "% of peak" column: HBM bandwidth and FP32 CUDA-core (non-tensor) TFLOP/s, the
+  # units these kernels run on (SXM parts; H100 PCIe: 2000 GB/s, 51 TFLOP/s).
+  case "$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null)" in
+    *H200*) export KILN_PEAK_GBPS=4800 KILN_PEAK_TFLOPS=67 ;;
+    *H100*PCIe*) export KILN_PEAK_GBPS=2000 KILN_PEAK_TFLOPS=51 ;;
+    *H100*) export KILN_PEAK_GBPS=3350 KILN_PEAK_TFLOPS=67 ;;
+  esac
+}
+if [[ "${KILN_GPU_CHECK:-all}" == session ]]; then
+  end=$(( SECONDS + ${KILN_GPU_BUDGET:-540} ))
+  left() { echo $(( end - SECONDS )); }
+  tar xJf dist/kiln-gpu-session.tar.xz -C /tmp/kiln-gpu || exit 1
+  timeout 100 $RUN /tmp/kiln-gpu/kiln-runtime-tests cuda_kernels:: device_memory:: --test-threads 1 --nocapture \
+    > "$OUT/fused-kernels.txt" 2>&1
+  echo "exit $?" >> "$OUT/fused-kernels.txt"
+  tail -n 3 "$OUT/fused-kernels.txt"
+  peaks
+  timeout 60 $RUN /tmp/kiln-gpu/fused-kernel-bench > "$OUT/fused-kernel-bench.txt" 2>&1
+  echo "exit $?" >> "$OUT/fused-kernel-bench.txt"
+  tail -n 3 "$OUT/fused-kernel-bench.txt"
+  # Evidence: what is left less ~100 s for the node suite; the script keeps to its budget.
+  budget=$(( $(left) - 100 ))
+  if (( budget > 120 )); then
+    timeout -k 10 $(( budget + 30 )) python3 scripts/cuda/gpu-evidence.py /tmp/kiln-gpu/kiln --out "$OUT" \
+      --budget "$budget" --compile-budget 90 > "$OUT/gpu-evidence.txt" 2>&1
+    echo "exit $?" >> "$OUT/gpu-evidence.txt"
+    tail -n 3 "$OUT/gpu-evidence.txt"
+  fi
+  if (( $(left) > 30 )) && tar xzf dist/node-tests.tgz -C /tmp/kiln-gpu; then
+    timeout $(( $(left) - 5 )) $RUN /tmp/kiln-gpu/kiln-conformance --data /tmp/kiln-gpu/node-tests-onnx-1.23.2 \
+      --device cuda:0 --timeout 30 > "$OUT/conformance-cuda.txt" 2>&1
+    echo "exit $?" >> "$OUT/conformance-cuda.txt"
+    tail -n 3 "$OUT/conformance-cuda.txt"
+  fi
+  ls -la "$OUT"
+  exit 0
+fi
 evidence() {
   # The script keeps to its own 480 s budget; the timeout is a backstop.
   timeout -k 10 560 python3 scripts/cuda/gpu-evidence.py /tmp/kiln-gpu/kiln --out "$OUT" > "$OUT/gpu-evidence.txt" 2>&1
@@ -36,13 +78,7 @@ if [[ -x /tmp/kiln-gpu/kiln-runtime-tests ]]; then
   tail -n 3 "$OUT/fused-kernels.txt"
 fi
 if [[ -x /tmp/kiln-gpu/fused-kernel-bench ]]; then
-  # Peaks for the "% of peak" column: HBM bandwidth and FP32 CUDA-core (non-tensor) TFLOP/s, the
-  # units these kernels run on (SXM parts; H100 PCIe: 2000 GB/s, 51 TFLOP/s).
-  case "$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null)" in
-    *H200*) export KILN_PEAK_GBPS=4800 KILN_PEAK_TFLOPS=67 ;;
-    *H100*PCIe*) export KILN_PEAK_GBPS=2000 KILN_PEAK_TFLOPS=51 ;;
-    *H100*) export KILN_PEAK_GBPS=3350 KILN_PEAK_TFLOPS=67 ;;
-  esac
+  peaks
   timeout 120 $RUN /tmp/kiln-gpu/fused-kernel-bench > "$OUT/fused-kernel-bench.txt" 2>&1
   echo "exit $?" >> "$OUT/fused-kernel-bench.txt"
 fi

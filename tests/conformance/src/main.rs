@@ -557,6 +557,13 @@ fn report(
         "\n**Kiln passes {both} of the {op_} tests ONNX Runtime passes ({:.1}%).**\n\n",
         pct(both, op_)
     ));
+    // The GPU figure cannot be regenerated here (no GPU); it is the last measured one, with its run.
+    s.push_str(
+        "On CUDA (fp32), last measured on an NVIDIA H200 (driver 580.159.04) on 2026-11-26 at commit 27125ea with the\n\
+         same runner and rule (`kiln-conformance --device cuda:0`, `scripts/cuda/gpu-check.sh`): **Kiln CUDA 1814 of\n\
+         1884 (96.3%)**, the same pass set as the CPU build on that machine, with 31 nodes (in 31 tests) run on the\n\
+         CPU fallback; details in [gpu.md](gpu.md). That run predates the fused CUDA kernels.\n\n",
+    );
     // Per-op table.
     let mut per: BTreeMap<&str, [usize; 5]> = BTreeMap::new();
     for c in cases {
