@@ -62,9 +62,9 @@ set +e
 "$kiln" inspect models/light/squeezenet.onnx --device cuda >"$out/stdout" 2>"$out/stderr"
 rc=$?
 set -e
-if [[ $rc -ne 1 ]] || [[ "$(wc -l <"$out/stderr")" -ne 1 ]] || ! grep -q '^error: building a session on cuda:0' "$out/stderr" ||
+if [[ $rc -ne 1 ]] || [[ "$(wc -l <"$out/stderr")" -ne 1 ]] || ! grep -q '^error: loading models/light/squeezenet.onnx on cuda:0' "$out/stderr" ||
   grep -q panicked "$out/stderr"; then
-  echo "cuda-check: expected exit 1 and one 'error: building a session on cuda:0' line without a GPU; got exit $rc:" >&2
+  echo "cuda-check: expected exit 1 and one 'error: loading ... on cuda:0' line without a GPU; got exit $rc:" >&2
   cat "$out/stderr" >&2
   exit 1
 fi

@@ -22,12 +22,7 @@ pub struct BenchConfig<'a> {
 }
 
 pub fn bench(path: &Path, cfg: &BenchConfig) -> Result<()> {
-    let session = Session::builder()
-        .device(cfg.device)
-        .optimization(cfg.level)
-        .precision(cfg.precision)
-        .build_from_file(path)
-        .with_context(|| format!("loading {}", path.display()))?;
+    let session = crate::open_session(path, cfg.device, cfg.level, cfg.precision)?;
     let feeds = feeds(&session, cfg.inputs, cfg.dims)?;
     for _ in 0..cfg.warmup {
         session.run(feeds.clone())?;

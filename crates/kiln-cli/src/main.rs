@@ -281,6 +281,16 @@ fn inspect(path: &Path) -> Result<()> {
     Ok(())
 }
 
+/// The session `run`, `bench` and `inspect --device` use; errors name the model and the device.
+pub(crate) fn open_session(path: &Path, device: Device, level: Level, precision: Precision) -> Result<Session> {
+    Session::builder()
+        .device(device)
+        .optimization(level)
+        .precision(precision)
+        .build_from_file(path)
+        .with_context(|| format!("loading {} on {device}", path.display()))
+}
+
 /// `kiln inspect --device`: builds a session there, runs it once and reports where nodes ran.
 fn trial_run(
     path: &Path,
@@ -291,12 +301,7 @@ fn trial_run(
     precision: Precision,
 ) -> Result<()> {
     let device: Device = device.parse()?;
-    let session = Session::builder()
-        .device(device)
-        .optimization(level)
-        .precision(precision)
-        .build_from_file(path)
-        .with_context(|| format!("building a session on {device}"))?;
+    let session = open_session(path, device, level, precision)?;
     let feeds = bench::feeds(&session, inputs, dims)?;
     let started = std::time::Instant::now();
     session.run(feeds).with_context(|| format!("trial run on {device}"))?;
@@ -381,12 +386,7 @@ fn file_stem(name: &str) -> String {
 
 fn run(path: &Path, inputs: &[String], device: &str, level: Level, precision: Precision, out_dir: &Path) -> Result<()> {
     let device: Device = device.parse()?;
-    let session = Session::builder()
-        .device(device)
-        .optimization(level)
-        .precision(precision)
-        .build_from_file(path)
-        .with_context(|| format!("loading {}", path.display()))?;
+    let session = open_session(path, device, level, precision)?;
     let mut feeds = Vec::new();
     for spec in inputs {
         let (name, file) = spec

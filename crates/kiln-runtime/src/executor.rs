@@ -335,6 +335,14 @@ mod tests {
         }
     }
 
+    fn flaky(calls: &Arc<AtomicUsize>, device_failures: usize, candle_error: bool) -> Flaky {
+        Flaky {
+            calls: Arc::clone(calls),
+            device_failures,
+            candle_error,
+        }
+    }
+
     fn step(node: &str, kernel: Flaky) -> Step {
         Step {
             kernel: Box::new(kernel),
@@ -376,14 +384,7 @@ mod tests {
     #[test]
     fn a_device_failure_reruns_the_node_on_the_host_and_pins_it() {
         let calls = Arc::new(AtomicUsize::new(0));
-        let s = step(
-            "n0",
-            Flaky {
-                calls: calls.clone(),
-                device_failures: 1,
-                candle_error: true,
-            },
-        );
+        let s = step("n0", flaky(&calls, 1, true));
         let options = RunOptions::default();
         let cx = RunCx {
             device: &candle_core::Device::Cpu,
@@ -417,53 +418,28 @@ mod tests {
         let x = input();
         // A kernel's own error (bad input) is the answer: no host retry, no pin, node named.
         let calls = Arc::new(AtomicUsize::new(0));
-        let s = step(
-            "n1",
-            Flaky {
-                calls: calls.clone(),
-                device_failures: 1,
-                candle_error: false,
-            },
-        );
+        let s = step("n1", flaky(&calls, 1, false));
         let e = run_step_on(&s, &cx, &[Some(&x)], true).unwrap_err().to_string();
         assert!(e.contains("n1") && e.contains("a shape error"), "{e}");
         assert_eq!(calls.load(Ordering::SeqCst), 1);
         assert!(!s.host_fallback.load(Ordering::SeqCst));
         // A backend error whose host run fails too: the host's error, and still not pinned.
-        let s = step(
-            "n2",
-            Flaky {
-                calls: Arc::new(AtomicUsize::new(0)),
-                device_failures: 2,
-                candle_error: true,
-            },
-        );
+        let s = step("n2", flaky(&Arc::default(), 2, true));
         assert!(run_step_on(&s, &cx, &[Some(&x)], true).is_err());
         assert!(!s.host_fallback.load(Ordering::SeqCst));
         // On the CPU a backend error is returned as is.
-        let s = step(
-            "n3",
-            Flaky {
-                calls: Arc::new(AtomicUsize::new(0)),
-                device_failures: 1,
-                candle_error: true,
-            },
-        );
+        let s = step("n3", flaky(&Arc::default(), 1, true));
         assert!(run_step_on(&s, &cx, &[Some(&x)], false).is_err());
         assert!(!s.host_fallback.load(Ordering::SeqCst));
     }
 
     #[test]
     fn host_fallbacks_lists_pinned_nodes_in_subgraphs_too() {
-        let flaky = || Flaky {
-            calls: Arc::new(AtomicUsize::new(0)),
-            device_failures: 0,
-            candle_error: true,
-        };
-        let inner = plan(vec![step("body_a", flaky()), step("body_b", flaky())]);
-        let mut owner = step("the_loop", flaky());
+        let k = || flaky(&Arc::default(), 0, true);
+        let inner = plan(vec![step("body_a", k()), step("body_b", k())]);
+        let mut owner = step("the_loop", k());
         owner.subplans.push(Arc::new(inner));
-        let outer = plan(vec![step("first", flaky()), owner, step("last", flaky())]);
+        let outer = plan(vec![step("first", k()), owner, step("last", k())]);
         assert!(outer.host_fallbacks().is_empty());
         outer.steps[1].subplans[0].steps[1]
             .host_fallback
