@@ -42,6 +42,10 @@ for level in disabled extended all; do
   cargo run -q -p kiln-conformance -- --data "$DATA" --check tests/conformance/expected_pass.txt --level "$level"
 done
 
+step "host placement of shape arithmetic (what device plans do), forced on the CPU: node suite + real-model golden tests"
+KILN_HOST_SHAPES=force cargo run -q -p kiln-conformance -- --data "$DATA" --check tests/conformance/expected_pass.txt --level all
+KILN_HOST_SHAPES=force cargo test -q -p kiln --test real_models --test light_models
+
 step "kiln optimize: onnx.checker accepts the output, onnxruntime matches the original"
 bash tests/optimize/run.sh
 

@@ -316,6 +316,12 @@ trial run on {device} (level {level:?}, precision {precision:?}): {} kernels in 
     } else {
         print_host_fallbacks(&session, device);
     }
+    if let Some(c) = session.plan().placement_counts() {
+        println!(
+            "  shape arithmetic on the host: {} node(s), {} constant(s) with a host copy; {} integer input(s) still read from device memory per run",
+            c.host_steps, c.host_constants, c.device_reads
+        );
+    }
     if let Some(m) = session.device_memory_stats()? {
         const MIB: f64 = (1 << 20) as f64;
         println!(

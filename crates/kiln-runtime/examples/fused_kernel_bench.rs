@@ -55,6 +55,7 @@ fn plan(dev: &CDevice, c: &Case) -> Res<ExecutionPlan> {
     let options = PlanOptions {
         device: dev.clone(),
         opsets: HashMap::from([(c.op.0.to_string(), c.op.2)]),
+        host_shapes: None,
     };
     Ok(ExecutionPlan::compile_graph(&g, &options)?)
 }

@@ -69,6 +69,19 @@ fn run_step_on(step: &crate::plan::Step, cx: &RunCx, ins: &[Option<&Value>], on_
     Ok(outs)
 }
 
+/// Runs a step placed on the host by [`crate::placement`] (shape arithmetic of a device plan): its
+/// inputs are host values, or for `Shape`/`Size` a tensor whose dims alone are read; its outputs
+/// stay on the host.
+fn run_on_host_placement(step: &crate::plan::Step, cx: &RunCx, ins: &[Option<&Value>]) -> Result<Vec<Value>> {
+    let host_cx = RunCx {
+        device: &candle_core::Device::Cpu,
+        options: cx.options,
+    };
+    step.kernel
+        .run(&host_cx, ins)
+        .map_err(|e| e.at_node(&step.node, &step.op))
+}
+
 /// Runs a step's kernel on the CPU: inputs copied to the host, outputs copied back to `cx.device`.
 fn run_step_on_host(step: &crate::plan::Step, cx: &RunCx, ins: &[Option<&Value>]) -> Result<Vec<Value>> {
     let cpu = candle_core::Device::Cpu;
@@ -243,8 +256,25 @@ impl ExecutionPlan {
             }
             let started = options.profile.then(std::time::Instant::now);
             let outs = {
-                let ins: Vec<Option<&Value>> = step.inputs.iter().map(|s| s.and_then(|s| env[s].as_ref())).collect();
-                run_step(step, &cx, &ins)?
+                let mut ins: Vec<Option<&Value>> =
+                    step.inputs.iter().map(|s| s.and_then(|s| env[s].as_ref())).collect();
+                if step.on_host {
+                    run_on_host_placement(step, &cx, &ins)?
+                } else if step.to_device.is_empty() {
+                    run_step(step, &cx, &ins)?
+                } else {
+                    // Host values (shape arithmetic) this device kernel reads as data.
+                    let moved: Vec<(usize, Value)> = step
+                        .to_device
+                        .iter()
+                        .filter_map(|&i| ins.get(i).copied().flatten().map(|v| (i, v)))
+                        .map(|(i, v)| Ok((i, move_value(v, cx.device)?)))
+                        .collect::<Result<_>>()?;
+                    for (i, v) in &moved {
+                        ins[*i] = Some(v);
+                    }
+                    run_step(step, &cx, &ins)?
+                }
             };
             if let (Some(t), Some(scope)) = (started, &scope) {
                 let time = OpTime {
@@ -353,6 +383,8 @@ mod tests {
             release: vec![],
             host_fallback: Default::default(),
             subplans: vec![],
+            on_host: false,
+            to_device: vec![],
         }
     }
 
@@ -366,6 +398,7 @@ mod tests {
             captures: vec![],
             device: candle_core::Device::Cpu,
             peak_activation: Default::default(),
+            placement_counts: None,
         }
     }
 

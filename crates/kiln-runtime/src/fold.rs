@@ -63,6 +63,8 @@ impl ConstEval for CpuConstEval {
         let options = PlanOptions {
             device: candle_core::Device::Cpu,
             opsets: HashMap::from([(node.domain.clone(), opset)]),
+            // Folding runs on the CPU; keep it independent of KILN_HOST_SHAPES.
+            host_shapes: Some(false),
         };
         let plan = ExecutionPlan::compile_graph(&g, &options).map_err(|e| e.to_string())?;
         let run = RunOptions {

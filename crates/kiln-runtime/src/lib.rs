@@ -9,6 +9,7 @@ mod executor;
 mod fastmath;
 mod fold;
 pub mod ops;
+pub mod placement;
 mod plan;
 pub mod sgemm;
 mod tensor;

@@ -12,6 +12,9 @@ pub struct PlanOptions {
     pub device: candle_core::Device,
     /// Opset versions by domain (`""` = ai.onnx).
     pub opsets: HashMap<String, i64>,
+    /// Keep shape arithmetic on the host (see [`crate::placement`]): `None` = on for device plans
+    /// unless `KILN_HOST_SHAPES=off`, off for CPU plans unless `KILN_HOST_SHAPES=force`.
+    pub host_shapes: Option<bool>,
 }
 
 impl PlanOptions {
@@ -19,6 +22,7 @@ impl PlanOptions {
         PlanOptions {
             device,
             opsets: model.opsets.iter().map(|(k, v)| (k.clone(), *v)).collect(),
+            host_shapes: None,
         }
     }
 }
@@ -36,6 +40,12 @@ pub(crate) struct Step {
     pub host_fallback: std::sync::atomic::AtomicBool,
     /// Plans of the node's subgraphs (If/Loop/Scan/SequenceMap bodies), for reports.
     pub subplans: Vec<std::sync::Arc<ExecutionPlan>>,
+    /// Runs on the host although the plan targets a device (shape arithmetic, see
+    /// [`crate::placement`]); its inputs are host values.
+    pub on_host: bool,
+    /// Input positions holding host values that this device kernel reads as data: copied to the
+    /// device before each call.
+    pub to_device: Vec<usize>,
 }
 
 /// A node that ran on the CPU although its plan targets a device (see [`ExecutionPlan::host_fallbacks`]).
@@ -61,6 +71,8 @@ pub struct ExecutionPlan {
     pub(crate) captures: Vec<(usize, String)>,
     pub(crate) device: candle_core::Device,
     pub(crate) peak_activation: AtomicU64,
+    /// What host placement did to this graph (None when it was off).
+    pub(crate) placement_counts: Option<crate::placement::PlacementCounts>,
 }
 
 impl ExecutionPlan {
@@ -95,6 +107,14 @@ impl ExecutionPlan {
         for v in graph.initializers.keys() {
             keep[v.index()] = true;
         }
+        let placement_on = crate::placement::enabled(options);
+        let mut device_reads = 0usize;
+        let placement = if placement_on {
+            crate::placement::analyze(graph, &order)
+        } else {
+            crate::placement::HostPlacement::default()
+        };
+        let twins = crate::placement::twin_slots(&placement, n);
         let mut steps = Vec::with_capacity(order.len());
         for (pos, &ni) in order.iter().enumerate() {
             let node = &graph.nodes[ni];
@@ -126,20 +146,48 @@ impl ExecutionPlan {
                     release.push(o.index());
                 }
             }
+            let on_host = placement.host_nodes.contains(&ni);
+            let host_reads = crate::placement::host_read_inputs(&node.domain, &node.op_type);
+            if placement_on && !on_host {
+                // Integer inputs this device kernel will read back from device memory.
+                device_reads += host_reads
+                    .iter()
+                    .filter_map(|&i| node.inputs.get(i).copied().flatten())
+                    .filter(|v| !twins.contains_key(v) && !placement.host_values.contains(v))
+                    .count();
+            }
+            let mut to_device = Vec::new();
+            let inputs = node
+                .inputs
+                .iter()
+                .enumerate()
+                .map(|(i, v)| {
+                    v.map(|v| {
+                        let host_side = on_host || host_reads.contains(&i);
+                        match twins.get(&v) {
+                            Some(&twin) if host_side => twin,
+                            _ => {
+                                if !host_side && placement.host_values.contains(&v) {
+                                    to_device.push(i);
+                                }
+                                v.index()
+                            }
+                        }
+                    })
+                })
+                .chain(node.implicit_inputs.iter().map(|v| Some(v.index())))
+                .collect();
             steps.push(Step {
                 kernel,
                 node: node.name.clone(),
                 op: node.op_type.clone(),
-                inputs: node
-                    .inputs
-                    .iter()
-                    .map(|v| v.map(|v| v.index()))
-                    .chain(node.implicit_inputs.iter().map(|v| Some(v.index())))
-                    .collect(),
+                inputs,
                 outputs: node.outputs.iter().map(|v| v.map(|v| v.index())).collect(),
                 release,
                 host_fallback: std::sync::atomic::AtomicBool::new(false),
                 subplans,
+                on_host,
+                to_device,
             });
         }
         let mut constants = Vec::new();
@@ -147,9 +195,20 @@ impl ExecutionPlan {
             let t = Tensor::from_data(data, &options.device)?;
             constants.push((id.index(), Value::Tensor(t)));
         }
+        for &v in &placement.host_constants {
+            if let (Some(data), Some(&slot)) = (graph.initializers.get(&v), twins.get(&v)) {
+                let t = Tensor::from_data(data, &candle_core::Device::Cpu)?;
+                constants.push((slot, Value::Tensor(t)));
+            }
+        }
         Ok(ExecutionPlan {
             steps,
-            num_slots: n,
+            num_slots: n + twins.len(),
+            placement_counts: placement_on.then_some(crate::placement::PlacementCounts {
+                host_steps: placement.host_nodes.len(),
+                host_constants: placement.host_constants.len(),
+                device_reads,
+            }),
             constants,
             inputs: graph
                 .inputs
@@ -221,6 +280,13 @@ impl ExecutionPlan {
                 sub.collect_host_fallbacks(depth + 1, out);
             }
         }
+    }
+
+    /// What [`crate::placement`] did to the main graph: nodes run on the host, constants given a
+    /// host copy, and the integer inputs device kernels still read from device memory (each such
+    /// read waits for the GPU). `None` when host placement is off (CPU plans).
+    pub fn placement_counts(&self) -> Option<crate::placement::PlacementCounts> {
+        self.placement_counts
     }
 
     pub(crate) fn note_peak(&self, bytes: u64) {

@@ -115,6 +115,7 @@ fn run_op(
     let options = PlanOptions {
         device: device.clone(),
         opsets: HashMap::from([(domain.to_string(), opset)]),
+        host_shapes: None,
     };
     let cx = NodeCtx {
         node: &node,
