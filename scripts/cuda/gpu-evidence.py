@@ -143,7 +143,8 @@ class Runner:
         log_dir.mkdir(parents=True, exist_ok=True)
 
     def run(self, argv: list[str], tag: str, cap_s: float, env: dict | None = None) -> dict:
-        """Returns {ok, rc, out, err, timed_out, seconds, error}; never raises for the command's sake."""
+        """Returns {ok, rc, out, err, timed_out, seconds, error}; never raises for the command's sake.
+        `env`: variables added to this process's environment for the command."""
         self.n += 1
         log = self.log_dir / f"{self.n:02d}-{re.sub(r'[^A-Za-z0-9_.-]', '_', tag)}.txt"
         limit = self.clock.limit(cap_s)
@@ -160,7 +161,7 @@ class Runner:
         with open(out_path, "wb") as out_f, open(err_path, "wb") as err_f:
             try:
                 p = subprocess.Popen(argv, stdout=out_f, stderr=err_f, stdin=subprocess.DEVNULL,
-                                     start_new_session=True, env=env)
+                                     start_new_session=True, env={**os.environ, **env} if env else None)
             except OSError as e:
                 spawn_error = f"cannot start {argv[0]}: {e}"
             else:
@@ -445,13 +446,14 @@ def kiln_correctness(args, runner: Runner, model: str, onnx_path: Path, inp: Pat
 
 
 def kiln_speed(args, runner: Runner, model: str, onnx_path: Path, dim_name: str, batch: int, device: str,
-               precision: str, level: str) -> object:
-    """One `kiln bench`: {'ms': p50, 'batch'} or 'fails: ..' / 'skipped: ..'."""
+               precision: str, level: str, env: dict | None = None) -> object:
+    """One `kiln bench`: {'ms': p50, 'batch'} or 'fails: ..' / 'skipped: ..'. `env`: extra variables."""
     iters = 20 if batch >= 64 else 30
     argv = kiln_argv(args, device) + ["bench", str(onnx_path), "--device", device, "--precision", precision,
                                       "--level", level, "--dim", f"{dim_name}={batch}", "-n", str(iters),
                                       "--warmup", "3"]
-    r = runner.run(argv, f"bench-{model}-{device}-{precision}-b{batch}", args.kiln_timeout)
+    tag = f"bench-{model}-{device}-{precision}-b{batch}" + "".join(f"-{k}={v}" for k, v in (env or {}).items())
+    r = runner.run(argv, tag, args.kiln_timeout, env=env)
     if not r["ok"]:
         return r["error"] if r["error"].startswith("skipped") else fails(r["error"])
     try:
@@ -932,6 +934,16 @@ def evidence(args) -> int:
         speed[(name, b)][f"kiln_{prec}"] = res
         print(f"speed {name} b{b} kiln {prec}: {speed_cell(res)}", flush=True)
         save()
+    # A/B of the acceptance cell: Kiln fp16 on the encoder at the largest batch without host placement of
+    # shape arithmetic (KILN_HOST_SHAPES=off: every Reshape shape / Unsqueeze axes read waits for the GPU).
+    if "encoder" in onnx_paths:
+        b = max(args.batches)
+        with_p = speed.get(("encoder", b), {}).get("kiln_fp16")
+        without = kiln_speed(args, runner, "encoder", onnx_paths["encoder"], dim_names["encoder"], b, args.device,
+                             "fp16", args.level, env={"KILN_HOST_SHAPES": "off"})
+        note(f"A/B: Kiln fp16, encoder, batch {b}: {speed_cell(with_p)} with shape arithmetic on the host (default), "
+             f"{speed_cell(without)} with KILN_HOST_SHAPES=off")
+        save()
     # torch.compile.
     if torch is None or (not have_cuda and args.device != "cpu") or args.compile_budget <= 0:
         meta["compile_note"] = "torch.compile: not run (no PyTorch CUDA or --compile-budget 0)."
@@ -1030,6 +1042,8 @@ def self_test(args) -> int:
         r = runner.run(["bash", "-c", "sleep 30 & sleep 30"], "sleep", 2)
         check(r["timed_out"] and not r["ok"] and time.monotonic() - t0 < 10,
               f"timeout kills the process group ({r['error']}, {time.monotonic() - t0:.1f} s)")
+        r = runner.run(["bash", "-c", 'echo "$KILN_X:${PATH:+path}"'], "env", 5, env={"KILN_X": "y"})
+        check(r["ok"] and r["out"].strip() == "y:path", f"env adds to the environment ({r['out'].strip()!r})")
         r = runner.run(["/nonexistent/kiln"], "missing", 5)
         check(not r["ok"] and "cannot start" in r["error"], f"missing binary -> {r['error']}")
         r = runner.run(["bash", "-c", "echo 'gpu-run: CUDA libs from /x' >&2; echo 'error: no device' >&2; exit 1"],
