@@ -315,6 +315,7 @@ SPEED_COLUMNS = [
     ("compile_fp16", "torch.compile fp16"),
     ("kiln_fp32", "Kiln fp32"),
     ("kiln_fp16", "Kiln fp16"),
+    ("kiln_fp16_dev", "Kiln fp16, device I/O"),
 ]
 
 
@@ -377,19 +378,26 @@ def render_markdown(meta: dict, corr: list[dict], speed: dict) -> str:
              "(TF32 off, as Kiln's fp32); the `with host copies` column times `model(x.cuda().half()).float().cpu()` "
              "from a pageable f32 host tensor, which is what `kiln bench` measures (its `session.run` takes host "
              "tensors and returns host tensors). Kiln: p50 of `kiln bench --device cuda` (f32 inputs and outputs; "
-             "fp16 converts weights once at load). Encoder attention in PyTorch eager/compile is "
+             "fp16 converts weights once at load); `device I/O` is `kiln bench --io device` (inputs copied to the "
+             "GPU once, outputs left there, each run synchronized: the same conditions as the PyTorch eager column). "
+             "Ratios: Kiln fp16 / eager fp16 throughput, device I/O against eager, host I/O against eager with host "
+             "copies. Encoder attention in PyTorch eager/compile is "
              "`F.scaled_dot_product_attention` (flash/memory-efficient kernels); the exported ONNX has the same "
              f"math as MatMul/Div/Softmax/MatMul. {meta.get('compile_note', '')}")
     L.append("")
-    head = "| model | batch | " + " | ".join(c for _, c in SPEED_COLUMNS) + " | Kiln fp16 / eager fp16 |"
+    head = ("| model | batch | " + " | ".join(c for _, c in SPEED_COLUMNS)
+            + " | Kiln fp16 / eager fp16 (device I/O) | Kiln fp16 / eager fp16 (host I/O) |")
     L.append(head)
-    L.append("|" + "---|" * (len(SPEED_COLUMNS) + 3))
+    L.append("|" + "---|" * (len(SPEED_COLUMNS) + 4))
+
+    def ratio(cols, kiln_key, torch_key):
+        a, b = throughput(cols.get(kiln_key)), throughput(cols.get(torch_key))
+        return f"{a / b:.2f}" if a and b else "-"
+
     for (model, batch) in sorted(speed, key=lambda k: (list(MODELS).index(k[0]) if k[0] in MODELS else 99, k[1])):
         cols = speed[(model, batch)]
-        a, b = throughput(cols.get("kiln_fp16")), throughput(cols.get("torch_fp16"))
-        ratio = f"{a / b:.2f}" if a and b else "-"
         L.append(f"| {model} | {batch} | " + " | ".join(speed_cell(cols.get(k)) for k, _ in SPEED_COLUMNS)
-                 + f" | {ratio} |")
+                 + f" | {ratio(cols, 'kiln_fp16_dev', 'torch_fp16')} | {ratio(cols, 'kiln_fp16', 'torch_fp16_host')} |")
     L.append("")
     if meta.get("notes"):
         L.append("Notes:")
@@ -446,13 +454,15 @@ def kiln_correctness(args, runner: Runner, model: str, onnx_path: Path, inp: Pat
 
 
 def kiln_speed(args, runner: Runner, model: str, onnx_path: Path, dim_name: str, batch: int, device: str,
-               precision: str, level: str, env: dict | None = None) -> object:
-    """One `kiln bench`: {'ms': p50, 'batch'} or 'fails: ..' / 'skipped: ..'. `env`: extra variables."""
+               precision: str, level: str, env: dict | None = None, io: str = "host") -> object:
+    """One `kiln bench`: {'ms': p50, 'batch'} or 'fails: ..' / 'skipped: ..'. `env`: extra variables;
+    `io`: host (inputs in and outputs out every run) or device (IO binding)."""
     iters = 20 if batch >= 64 else 30
     argv = kiln_argv(args, device) + ["bench", str(onnx_path), "--device", device, "--precision", precision,
                                       "--level", level, "--dim", f"{dim_name}={batch}", "-n", str(iters),
-                                      "--warmup", "3"]
-    tag = f"bench-{model}-{device}-{precision}-b{batch}" + "".join(f"-{k}={v}" for k, v in (env or {}).items())
+                                      "--warmup", "3", "--io", io]
+    tag = (f"bench-{model}-{device}-{precision}-b{batch}-io-{io}"
+           + "".join(f"-{k}={v}" for k, v in (env or {}).items()))
     r = runner.run(argv, tag, args.kiln_timeout, env=env)
     if not r["ok"]:
         return r["error"] if r["error"].startswith("skipped") else fails(r["error"])
@@ -925,24 +935,27 @@ def evidence(args) -> int:
         for k in speed:
             speed[k]["torch_fp32"] = speed[k]["torch_fp16"] = "skipped: no PyTorch CUDA"
     # Kiln: most important first (the acceptance row is the encoder at batch 64 in fp16).
-    kiln_order = [(n, b, p) for n in MODELS for b in sorted(args.batches, reverse=True) for p in ("fp16", "fp32")]
-    for name, b, prec in kiln_order:
+    kiln_order = [(n, b, p, io) for n in MODELS for b in sorted(args.batches, reverse=True)
+                  for p, io in (("fp16", "device"), ("fp16", "host"), ("fp32", "host"))]
+    for name, b, prec, io in kiln_order:
+        key = f"kiln_{prec}" + ("_dev" if io == "device" else "")
         if name not in onnx_paths:
-            speed[(name, b)][f"kiln_{prec}"] = meta["export"][name]
+            speed[(name, b)][key] = meta["export"][name]
             continue
-        res = kiln_speed(args, runner, name, onnx_paths[name], dim_names[name], b, args.device, prec, args.level)
-        speed[(name, b)][f"kiln_{prec}"] = res
-        print(f"speed {name} b{b} kiln {prec}: {speed_cell(res)}", flush=True)
+        res = kiln_speed(args, runner, name, onnx_paths[name], dim_names[name], b, args.device, prec, args.level,
+                         io=io)
+        speed[(name, b)][key] = res
+        print(f"speed {name} b{b} kiln {prec} io {io}: {speed_cell(res)}", flush=True)
         save()
     # A/B of the acceptance cell: Kiln fp16 on the encoder at the largest batch without host placement of
     # shape arithmetic (KILN_HOST_SHAPES=off: every Reshape shape / Unsqueeze axes read waits for the GPU).
     if "encoder" in onnx_paths:
         b = max(args.batches)
-        with_p = speed.get(("encoder", b), {}).get("kiln_fp16")
+        with_p = speed.get(("encoder", b), {}).get("kiln_fp16_dev")
         without = kiln_speed(args, runner, "encoder", onnx_paths["encoder"], dim_names["encoder"], b, args.device,
-                             "fp16", args.level, env={"KILN_HOST_SHAPES": "off"})
-        note(f"A/B: Kiln fp16, encoder, batch {b}: {speed_cell(with_p)} with shape arithmetic on the host (default), "
-             f"{speed_cell(without)} with KILN_HOST_SHAPES=off")
+                             "fp16", args.level, env={"KILN_HOST_SHAPES": "off"}, io="device")
+        note(f"A/B: Kiln fp16, encoder, batch {b}, device I/O: {speed_cell(with_p)} with shape arithmetic on the "
+             f"host (default), {speed_cell(without)} with KILN_HOST_SHAPES=off")
         save()
     # torch.compile.
     if torch is None or (not have_cuda and args.device != "cpu") or args.compile_budget <= 0:
@@ -1093,8 +1106,11 @@ def self_test(args) -> int:
             corr = [{"model": "encoder", "run": f"Kiln cpu (level {args.level})", "precision": p, "result": r}
                     for p, r in res.items()]
             corr.append({"model": "cnn", "run": "Kiln cuda", "precision": "fp16", "result": "fails: error: x | y"})
-            speed = {("encoder", 8): {"kiln_fp32": sp, "kiln_fp16": {"ms": sp["ms"] / 2, "batch": 8} if
+            sp_dev = kiln_speed(args, runner, "tiny", path, "batch", 8, "cpu", "fp32", args.level, io="device")
+            check(isinstance(sp_dev, dict) and sp_dev["ms"] > 0, f"kiln bench cpu --io device -> {sp_dev}")
+            speed = {("encoder", 8): {"kiln_fp32": sp, "kiln_fp16_dev": {"ms": sp["ms"] / 2, "batch": 8} if
                                       isinstance(sp, dict) else sp, "torch_fp16": {"ms": 1.0, "batch": 8},
+                                      "kiln_fp16": {"ms": 4.0, "batch": 8}, "torch_fp16_host": {"ms": 2.0, "batch": 8},
                                       "compile_fp16": "skipped: torch.compile over its 120 s limit"},
                      ("encoder", 1): {"kiln_fp16": sp_bad}}
             md = render_markdown({"date": "today", "card": "test card", "commands": runner.commands,
@@ -1110,7 +1126,8 @@ def self_test(args) -> int:
                   "correctness rows have the header's column count")
             check("fails: error: x \\| y" in md, "a '|' in a failure is escaped")
             exp = 8 * 1000 / (sp["ms"] / 2) / 8000 if isinstance(sp, dict) else None
-            check(exp is not None and f"| {exp:.2f} |" in md, "ratio column is Kiln fp16 / eager fp16 throughput")
+            check(exp is not None and f"| {exp:.2f} | 0.50 |" in md,
+                  "ratio columns: Kiln fp16 / eager fp16 throughput, device I/O then host I/O")
             check("kiln bench" in md and " bench " in "\n".join(runner.commands), "commands listed")
             print(md)
             summary = Path(td) / "kiln-logs" / "summary.txt"

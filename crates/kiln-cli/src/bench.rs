@@ -19,13 +19,34 @@ pub struct BenchConfig<'a> {
     pub iterations: usize,
     /// Print a per-operator time breakdown from extra profiled runs.
     pub profile: bool,
+    /// Inputs copied to the device once and outputs left there (IO binding), each run
+    /// synchronized; otherwise every run takes host inputs and returns host outputs.
+    pub io_device: bool,
 }
 
 pub fn bench(path: &Path, cfg: &BenchConfig) -> Result<()> {
     let session = crate::open_session(path, cfg.device, cfg.level, cfg.precision)?;
     let feeds = feeds(&session, cfg.inputs, cfg.dims)?;
+    let bound = if cfg.io_device {
+        Some(session.bind_inputs(feeds.clone())?)
+    } else {
+        None
+    };
+    let run_once = || -> Result<()> {
+        match &bound {
+            Some(values) => {
+                let outputs = session.run_values(values.clone())?;
+                session.synchronize()?;
+                drop(outputs);
+            }
+            None => {
+                session.run(feeds.clone())?;
+            }
+        }
+        Ok(())
+    };
     for _ in 0..cfg.warmup {
-        session.run(feeds.clone())?;
+        run_once()?;
     }
     let bar = ProgressBar::new(cfg.iterations as u64);
     bar.set_style(
@@ -36,7 +57,7 @@ pub fn bench(path: &Path, cfg: &BenchConfig) -> Result<()> {
     let started = Instant::now();
     for _ in 0..cfg.iterations {
         let t = Instant::now();
-        session.run(feeds.clone())?;
+        run_once()?;
         times.push(t.elapsed());
         bar.inc(1);
     }
@@ -56,7 +77,16 @@ pub fn bench(path: &Path, cfg: &BenchConfig) -> Result<()> {
         cfg.precision,
         kiln::num_threads()
     );
-    println!("runs:       {} (after {} warm-up)", times.len(), cfg.warmup);
+    println!(
+        "runs:       {} (after {} warm-up); io: {}",
+        times.len(),
+        cfg.warmup,
+        if cfg.io_device {
+            "device (inputs bound once, outputs left on the device, each run synchronized)"
+        } else {
+            "host (inputs copied in and outputs copied out every run)"
+        }
+    );
     println!(
         "latency ms: mean {mean:.3}  p50 {:.3}  p90 {:.3}  p99 {:.3}  min {:.3}  max {:.3}",
         pct(0.5),

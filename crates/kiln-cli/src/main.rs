@@ -92,6 +92,10 @@ enum Cmd {
         /// After timing, run again with per-node timing and print where the time goes.
         #[arg(long)]
         profile: bool,
+        /// host: every run copies inputs in and outputs out; device: inputs are copied to the
+        /// device once and outputs stay there (IO binding), each run synchronized.
+        #[arg(long, default_value = "host", value_parser = ["host", "device"])]
+        io: String,
         #[command(flatten)]
         precision: precision::PrecisionArg,
     },
@@ -155,6 +159,7 @@ fn main() -> ExitCode {
             iterations,
             threads,
             profile,
+            io,
             precision,
         } => (|| {
             if let Some(n) = threads {
@@ -169,6 +174,7 @@ fn main() -> ExitCode {
                 warmup,
                 iterations: iterations.max(1),
                 profile,
+                io_device: io == "device",
             };
             bench::bench(&model, &cfg)
         })(),

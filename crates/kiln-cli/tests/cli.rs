@@ -101,6 +101,20 @@ fn bench_reports_percentiles() {
         out.contains("p50") && out.contains("p99") && out.contains("runs/s"),
         "{out}"
     );
+    assert!(out.contains("io: host"), "{out}");
+    // IO binding: inputs bound once, outputs left on the device (on the CPU, the same memory).
+    let (ok, out, err) = kiln(&[
+        "bench",
+        "models/light/squeezenet.onnx",
+        "-n",
+        "2",
+        "--warmup",
+        "1",
+        "--io",
+        "device",
+    ]);
+    assert!(ok, "{err}");
+    assert!(out.contains("io: device") && out.contains("p50"), "{out}");
 }
 
 #[test]

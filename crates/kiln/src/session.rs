@@ -274,6 +274,24 @@ impl Session {
         inputs: Vec<(String, TensorData)>,
         options: &RunOptions,
     ) -> Result<(Vec<TensorData>, RunStats)> {
+        let feeds = self.bind_inputs(inputs)?;
+        let (values, stats) = self.plan.run(feeds, &HashMap::new(), options)?;
+        let mut out = Vec::with_capacity(values.len());
+        for (v, info) in values.into_iter().zip(&self.outputs) {
+            let t = v.into_tensor().map_err(|e| Error::Input {
+                name: info.name.clone(),
+                reason: format!("output is not a tensor: {e}"),
+            })?;
+            out.push(t.to_data(&info.name)?);
+        }
+        Ok((out, stats))
+    }
+
+    /// Checks named host tensors against the graph's inputs and copies them to the session's
+    /// device once, aligned for [`Session::run_values`] (`None` = initializer default). Reusing the
+    /// result runs the model with inputs already on the device (IO binding): no host copies per
+    /// run, as `kiln bench --io device` measures.
+    pub fn bind_inputs(&self, inputs: Vec<(String, TensorData)>) -> Result<Vec<Option<Value>>> {
         let device = self.plan.device().clone();
         let mut by_name: HashMap<String, TensorData> = HashMap::new();
         for (name, data) in inputs {
@@ -312,16 +330,17 @@ impl Session {
                 reason: format!("the model has no such input (inputs: {})", known.join(", ")),
             });
         }
-        let (values, stats) = self.plan.run(feeds, &HashMap::new(), options)?;
-        let mut out = Vec::with_capacity(values.len());
-        for (v, info) in values.into_iter().zip(&self.outputs) {
-            let t = v.into_tensor().map_err(|e| Error::Input {
-                name: info.name.clone(),
-                reason: format!("output is not a tensor: {e}"),
-            })?;
-            out.push(t.to_data(&info.name)?);
-        }
-        Ok((out, stats))
+        Ok(feeds)
+    }
+
+    /// Waits until the session's device has finished all queued work (a no-op on the CPU): device
+    /// kernels run asynchronously, so timing [`Session::run_values`] on a GPU needs this.
+    pub fn synchronize(&self) -> Result<()> {
+        Ok(self
+            .plan
+            .device()
+            .synchronize()
+            .map_err(kiln_runtime::RuntimeError::from)?)
     }
 
     /// The limits every run of this session applies.

@@ -227,3 +227,33 @@ fn attention_over_the_tensor_limit_is_refused_before_allocating_scores() {
         .expect("small attention runs");
     assert_eq!(y[0].dims, vec![1, 1, 4, 8]);
 }
+
+#[test]
+fn bound_inputs_run_like_host_inputs_and_are_checked_once() {
+    let s = build(&small_model()).unwrap();
+    let xs = [1.0f32, -2.0, 3.0, -4.0, 0.5, 0.25, -1.0, 8.0];
+    let x = TensorData::from_values("x", vec![2, 4], &xs).unwrap();
+    let bound = s.bind_inputs(vec![("x".into(), x.clone())]).unwrap();
+    for _ in 0..2 {
+        let outs = s.run_values(bound.clone()).unwrap();
+        s.synchronize().unwrap();
+        let y = outs[0].as_tensor().unwrap().to_data("y").unwrap();
+        assert_eq!(y.values::<f32>().unwrap(), small_model_ref(&xs));
+    }
+    assert_eq!(
+        s.run(vec![("x".into(), x)]).unwrap()[0].values::<f32>().unwrap(),
+        small_model_ref(&xs)
+    );
+    // The same checks as `run`: wrong dtype, unknown name, missing input.
+    let wrong = TensorData::from_values("x", vec![2, 4], &[1i64; 8]).unwrap();
+    assert!(s.bind_inputs(vec![("x".into(), wrong)]).is_err());
+    let e = s
+        .bind_inputs(vec![(
+            "nope".into(),
+            TensorData::from_values("nope", vec![1], &[1.0f32]).unwrap(),
+        )])
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("missing") || e.contains("no such input"), "{e}");
+    assert!(s.bind_inputs(vec![]).is_err());
+}
