@@ -53,6 +53,9 @@ pub fn host_read_inputs(domain: &str, op: &str) -> &'static [usize] {
         "Dropout" => &[1, 2],
         "NonMaxSuppression" => &[2, 3, 4],
         "MaxUnpool" => &[2],
+        // The condition and trip count decide control flow on the host.
+        "If" => &[0],
+        "Loop" => &[0, 1],
         _ => &[],
     }
 }
