@@ -947,16 +947,19 @@ def evidence(args) -> int:
         speed[(name, b)][key] = res
         print(f"speed {name} b{b} kiln {prec} io {io}: {speed_cell(res)}", flush=True)
         save()
-    # A/B of the acceptance cell: Kiln fp16 on the encoder at the largest batch without host placement of
-    # shape arithmetic (KILN_HOST_SHAPES=off: every Reshape shape / Unsqueeze axes read waits for the GPU).
+    # A/B of the acceptance cell (Kiln fp16, encoder, largest batch, device I/O) against two switches:
+    # KILN_HOST_SHAPES=off (shape arithmetic on the GPU: every Reshape shape / Unsqueeze axes read waits for
+    # it) and KILN_CUDA_ATTENTION=flash (the flash-style kernel instead of cuBLAS + fused softmax).
     if "encoder" in onnx_paths:
         b = max(args.batches)
-        with_p = speed.get(("encoder", b), {}).get("kiln_fp16_dev")
-        without = kiln_speed(args, runner, "encoder", onnx_paths["encoder"], dim_names["encoder"], b, args.device,
-                             "fp16", args.level, env={"KILN_HOST_SHAPES": "off"}, io="device")
-        note(f"A/B: Kiln fp16, encoder, batch {b}, device I/O: {speed_cell(with_p)} with shape arithmetic on the "
-             f"host (default), {speed_cell(without)} with KILN_HOST_SHAPES=off")
-        save()
+        base = speed.get(("encoder", b), {}).get("kiln_fp16_dev")
+        for env, what in (({"KILN_CUDA_ATTENTION": "flash"}, "attention through the flash-style kernel"),
+                          ({"KILN_HOST_SHAPES": "off"}, "shape arithmetic on the GPU")):
+            other = kiln_speed(args, runner, "encoder", onnx_paths["encoder"], dim_names["encoder"], b, args.device,
+                               "fp16", args.level, env=env, io="device")
+            note(f"A/B: Kiln fp16, encoder, batch {b}, device I/O: {speed_cell(base)} as shipped; "
+                 f"{speed_cell(other)} with {' '.join(f'{k}={v}' for k, v in env.items())} ({what})")
+            save()
     # torch.compile.
     if torch is None or (not have_cuda and args.device != "cpu") or args.compile_budget <= 0:
         meta["compile_note"] = "torch.compile: not run (no PyTorch CUDA or --compile-budget 0)."

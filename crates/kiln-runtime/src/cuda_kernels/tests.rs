@@ -375,6 +375,17 @@ fn masked_causal_softmax_matches_reference() {
 #[test]
 fn attention_matches_cpu() {
     let Some(dev) = gpu() else { return };
+    // Both CUDA routes: the flash-style kernel and cuBLAS products around the fused softmax (the
+    // GEMM route declines boolean and short masks and nonpad_kv_seqlen: those cases run flash).
+    use crate::ops::attention::{with_cuda_attention_route, CudaAttentionRoute};
+    for route in [CudaAttentionRoute::Flash, CudaAttentionRoute::Gemm] {
+        println!("route {route:?}");
+        with_cuda_attention_route(route, || attention_cases(&dev));
+    }
+}
+
+fn attention_cases(dev: &CDevice) {
+    let dev = dev.clone();
     let op = ("", "Attention", 23);
     // (B, Hq, Hk, S, T, D): odd lengths, S != T, every head-dim tile (32, 64, 128; 80 pads), GQA.
     let shapes = [

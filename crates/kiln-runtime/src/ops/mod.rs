@@ -8,7 +8,7 @@ use kiln_graph::{Attribute, DType, Graph, Node, TensorData};
 
 use crate::{ExecutionPlan, PlanOptions, Result, RuntimeError, Tensor, Value};
 
-mod attention;
+pub(crate) mod attention;
 mod binary_cpu;
 mod chain;
 pub mod common;
