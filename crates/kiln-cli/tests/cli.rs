@@ -94,43 +94,31 @@ fn run_writes_one_npy_per_output() {
 }
 
 #[test]
+/// `kiln bench` on the shipped SqueezeNet, two runs after one warm-up, plus `extra` flags.
+fn bench_squeezenet(extra: &[&str]) -> String {
+    let mut args = vec!["bench", "models/light/squeezenet.onnx", "-n", "2", "--warmup", "1"];
+    args.extend_from_slice(extra);
+    let (ok, out, err) = kiln(&args);
+    assert!(ok, "{args:?}: {err}");
+    out
+}
+
+#[test]
 fn bench_reports_percentiles() {
-    let (ok, out, err) = kiln(&["bench", "models/light/squeezenet.onnx", "-n", "2", "--warmup", "1"]);
-    assert!(ok, "{err}");
+    let out = bench_squeezenet(&[]);
     assert!(
         out.contains("p50") && out.contains("p99") && out.contains("runs/s"),
         "{out}"
     );
     assert!(out.contains("io: host"), "{out}");
     // IO binding: inputs bound once, outputs left on the device (on the CPU, the same memory).
-    let (ok, out, err) = kiln(&[
-        "bench",
-        "models/light/squeezenet.onnx",
-        "-n",
-        "2",
-        "--warmup",
-        "1",
-        "--io",
-        "device",
-    ]);
-    assert!(ok, "{err}");
+    let out = bench_squeezenet(&["--io", "device"]);
     assert!(out.contains("io: device") && out.contains("p50"), "{out}");
 }
 
 #[test]
 fn bench_profile_breaks_time_down_by_operator() {
-    let (ok, out, err) = kiln(&[
-        "bench",
-        "models/light/squeezenet.onnx",
-        "-n",
-        "2",
-        "--warmup",
-        "1",
-        "--threads",
-        "1",
-        "--profile",
-    ]);
-    assert!(ok, "{err}");
+    let out = bench_squeezenet(&["--threads", "1", "--profile"]);
     assert!(out.contains("threads: 1"), "{out}");
     let conv = out
         .lines()
