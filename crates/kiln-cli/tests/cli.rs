@@ -93,7 +93,6 @@ fn run_writes_one_npy_per_output() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-#[test]
 /// `kiln bench` on the shipped SqueezeNet, two runs after one warm-up, plus `extra` flags.
 fn bench_squeezenet(extra: &[&str]) -> String {
     let mut args = vec!["bench", "models/light/squeezenet.onnx", "-n", "2", "--warmup", "1"];
