@@ -33,4 +33,11 @@ tar cJf dist/kiln-gpu-session.tar.xz -C dist kiln kiln-conformance kiln-runtime-
 # The node tests for the conformance run there (generated here: the GPU machine has no network).
 data="$(bash scripts/gen-conformance-data.sh </dev/null | tail -n 1)"
 tar czf dist/node-tests.tgz -C "$(dirname "$data")" "$(basename "$data")"
-ls -la dist/kiln-gpu.tgz dist/kiln-gpu-kernels.tgz dist/kiln-gpu-session.tar.xz dist/node-tests.tgz
+# Real models that fit the carry limit beside the rest (PP-OCRv4 det/rec, Silero VAD, ~18 MB) with their
+# onnxruntime references, for gpu-evidence.py --real-models (the GPU machine cannot fetch them).
+venv="$(bash scripts/setup-python.sh </dev/null | tail -n 1)"
+models="$(PYTHON="$venv/bin/python" bash models/fetch.sh </dev/null | tail -n 1)"
+"$venv/bin/python" models/make_reference.py "$models" </dev/null >/dev/null
+real=(ch_PP-OCRv4_det_infer ch_PP-OCRv4_rec_infer silero_vad)
+tar czf dist/real-models.tgz -C "$models" $(for m in "${real[@]}"; do echo "$m.onnx" "$m.ref"; done)
+ls -la dist/kiln-gpu.tgz dist/kiln-gpu-kernels.tgz dist/kiln-gpu-session.tar.xz dist/node-tests.tgz dist/real-models.tgz

@@ -10,7 +10,8 @@
 # against PyTorch on a BERT-base-shaped encoder and a CNN, about 8 min, writes gpu-evidence.md): it needs only
 # dist/kiln-gpu.tgz. The full run ends with it too.
 # KILN_GPU_CHECK=session is the one call for a session with little device time (15 minutes including the
-# machine's start): carry dist/kiln-gpu-session.tar.xz and dist/node-tests.tgz (scripts/cuda/build.sh), run with
+# machine's start): carry dist/kiln-gpu-session.tar.xz, dist/node-tests.tgz and dist/real-models.tgz
+# (scripts/cuda/build.sh; about 58 MB with the working tree, under the 64 MiB limit), run with
 # timeout_s=600. In priority order, each step limited by what is left of KILN_GPU_BUDGET (default 540 s): fused
 # kernel tests, kernel microbenchmark, gpu-evidence.py (correctness vs onnxruntime, speed vs PyTorch), then the
 # node suite on cuda:0 with the time left. Writes 8 files to $OUT (the most a device call returns).
@@ -43,9 +44,14 @@ if [[ "${KILN_GPU_CHECK:-all}" == session ]]; then
   tail -n 3 "$OUT/fused-kernel-bench.txt"
   # Evidence: what is left less ~100 s for the node suite; the script keeps to its budget.
   budget=$(( $(left) - 100 ))
+  real=()
+  if [[ -f dist/real-models.tgz ]] && mkdir -p /tmp/kiln-gpu/real-models &&
+    tar xzf dist/real-models.tgz -C /tmp/kiln-gpu/real-models; then
+    real=(--real-models /tmp/kiln-gpu/real-models)
+  fi
   if (( budget > 120 )); then
     timeout -k 10 $(( budget + 30 )) python3 scripts/cuda/gpu-evidence.py /tmp/kiln-gpu/kiln --out "$OUT" \
-      --budget "$budget" --compile-budget 90 > "$OUT/gpu-evidence.txt" 2>&1
+      --budget "$budget" --compile-budget 90 "${real[@]}" > "$OUT/gpu-evidence.txt" 2>&1
     echo "exit $?" >> "$OUT/gpu-evidence.txt"
     tail -n 3 "$OUT/gpu-evidence.txt"
   fi

@@ -269,10 +269,13 @@ def compare(got: np.ndarray, ref: np.ndarray, rule: str) -> dict:
     scale = float(np.max(np.abs(f))) if f.size else 0.0
     d = float(np.max(np.abs(g - f))) if f.size else 0.0
     ng, nf = float(np.linalg.norm(g)), float(np.linalg.norm(f))
-    cos = float(np.dot(g, f) / (ng * nf)) if ng > 0 and nf > 0 else (1.0 if ng == nf else 0.0)
+    cos = float(np.dot(g, f) / (ng * nf)) if ng > 0 and nf > 0 else (1.0 if ng == nf else None)
     r.update(max_abs_diff=d, max_abs_ref=scale, rel=d / scale if scale > 0 else d, cosine=cos)
     if not finite:
         r.update(ok=False, note="non-finite values in the output")
+    elif scale == 0:
+        # An all-zero reference has no scale and no direction: the fp32 absolute bound for every rule.
+        r.update(ok=d <= 1e-4, note="all-zero reference: max|d| <= 1e-4")
     elif rule == "fp32":
         r["ok"] = d <= 1e-4 * max(1.0, scale)
     elif rule == "fp16":
@@ -352,7 +355,7 @@ def render_markdown(meta: dict, corr: list[dict], speed: dict) -> str:
     for row in corr:
         r = row["result"]
         if isinstance(r, dict):
-            res = "pass" if r.get("ok") else "FAIL" + (f" ({r['note']})" if r.get("note") else "")
+            res = ("pass" if r.get("ok") else "FAIL") + (f" ({r['note']})" if r.get("note") else "")
             L.append(f"| {row['model']} | {_cell(row['run'])} | {row['precision']} | {_g(r.get('max_abs_diff'))} | "
                      f"{_g(r.get('max_abs_ref'))} | {_g(r.get('rel'))} | {_g(r.get('cosine'), 6)} | "
                      f"{_cell(r['rule'])} | {res} |")
@@ -471,6 +474,54 @@ def kiln_speed(args, runner: Runner, model: str, onnx_path: Path, dim_name: str,
     except ValueError as e:
         return fails(e)
     return {"ms": b["p50_ms"], "batch": batch, "kiln": b}
+
+
+def real_model_rows(args, runner: Runner, models_dir: Path, work: Path) -> list[dict]:
+    """Real models shipped by pip packages (models/fetch.sh) with onnxruntime references
+    (models/make_reference.py: `<stem>.ref/<case>/{inputs,expected}/*.npy`): `kiln run` on the first
+    complete case of each at fp32, fp16 and int8-weight, every output compared under the precision's
+    rule; a row per model and precision with the worst output."""
+    rows = []
+    for ref in sorted(models_dir.glob("*.ref")):
+        model = ref.with_suffix(".onnx")
+        cases = [c for c in sorted(ref.iterdir()) if (c / ".complete").is_file()] if ref.is_dir() else []
+        if not model.is_file() or not cases:
+            continue
+        case = cases[0]
+        inputs = sorted((case / "inputs").glob("*.npy"))
+        expected = sorted((case / "expected").glob("*.npy"))
+        run_name = f"Kiln {args.device} (level {args.level}), case {case.name}, {len(expected)} output(s)"
+        outs: dict = {}
+        for prec in ("fp32", "fp16", "int8-weight"):
+            out_dir = work / f"real-{model.stem}-{case.name}-{prec}"
+            argv = kiln_argv(args, args.device) + ["run", str(model), "--device", args.device, "--precision", prec,
+                                                   "--level", args.level, "--output-dir", str(out_dir)]
+            for p in inputs:
+                argv += ["--input", f"{p.stem}={p}"]
+            r = runner.run(argv, f"real-{model.stem}-{prec}", args.kiln_timeout)
+            if not r["ok"]:
+                res = r["error"] if r["error"].startswith("skipped") else fails(r["error"])
+            else:
+                worst = None
+                try:
+                    got = {e.name: np.load(out_dir / e.name) for e in expected}
+                except (OSError, ValueError) as e:
+                    got, worst = None, fails(f"reading outputs: {e}")
+                if got is not None:
+                    outs[prec] = got
+                    for e in expected:
+                        c = compare(got[e.name], np.load(e), prec)
+                        c["output"] = e.stem
+                        if worst is None or (not c["ok"] and worst["ok"]) or (
+                                c["ok"] == worst["ok"] and c.get("rel", 0) > worst.get("rel", 0)):
+                            worst = c
+                    if prec == "int8-weight" and "fp32" in outs and all(
+                            np.array_equal(outs["fp32"][k], v) for k, v in got.items()):
+                        worst["note"] = "identical to fp32: no MatMul/Gemm weight large enough to quantize"
+                res = worst if worst is not None else fails("no expected outputs")
+            rows.append({"model": model.stem, "run": run_name, "precision": prec, "result": res})
+            print(f"real model {model.stem} {prec}: {res}", flush=True)
+    return rows
 
 
 def kiln_placement(args, runner: Runner, model: str, onnx_path: Path, dim_name: str, device: str,
@@ -896,6 +947,11 @@ def evidence(args) -> int:
             print(f"placement {name} {prec}:\n{rep}", flush=True)
             save()
 
+    # 2b. Real models with onnxruntime references, when carried (dist/real-models.tgz).
+    if args.real_models and Path(args.real_models).is_dir():
+        corr.extend(real_model_rows(args, runner, Path(args.real_models), work))
+        save()
+
     # 3. Speed: PyTorch eager in this process, then Kiln, then torch.compile in a child process.
     for name in MODELS:
         for b in args.batches:
@@ -1046,6 +1102,10 @@ def self_test(args) -> int:
     c = compare(noisy, ref, "int8-weight")
     check(not c["ok"], f"int8 fails with noise 0.3 (cosine {c['cosine']:.4f}, max|d| {c['max_abs_diff']:.3f})")
     check(not compare(ref[:5], ref, "fp32")["ok"], "shape mismatch fails")
+    zero = np.zeros_like(ref)
+    z = compare(zero + 1e-8, zero, "int8-weight")
+    check(z["ok"] and z["cosine"] is None and "all-zero" in z["note"], f"all-zero reference: absolute bound ({z})")
+    check(not compare(zero + 1e-3, zero, "fp16")["ok"], "all-zero reference: 1e-3 fails")
     bad = ref.copy()
     bad[0, 0] = np.nan
     check(not compare(bad, ref, "fp16")["ok"], "NaN fails")
@@ -1098,6 +1158,21 @@ def self_test(args) -> int:
             i8 = res["int8-weight"]
             check(isinstance(i8, dict) and not i8["ok"] and "no weight was quantized" in i8.get("note", ""),
                   "int8 identical to fp32 (the tiny weights stay f32) is flagged")
+            # A real-models folder: the tiny model with an onnxruntime reference case.
+            rm = Path(td) / "real"
+            (rm / "tiny.ref" / "c1" / "inputs").mkdir(parents=True)
+            (rm / "tiny.ref" / "c1" / "expected").mkdir(parents=True)
+            (rm / "tiny.ref" / "c1" / ".complete").touch()
+            onnx.save(model, str(rm / "tiny.onnx"))
+            np.save(rm / "tiny.ref" / "c1" / "inputs" / "x.npy", x)
+            np.save(rm / "tiny.ref" / "c1" / "expected" / f"{file_stem('out/y')}.npy", ref)
+            dev_saved, args.device = args.device, "cpu"
+            real = real_model_rows(args, runner, rm, Path(td))
+            args.device = dev_saved
+            check([r["precision"] for r in real] == ["fp32", "fp16", "int8-weight"], f"real-model rows {real}")
+            check(isinstance(real[0]["result"], dict) and real[0]["result"]["ok"], "real model fp32 passes")
+            check(isinstance(real[2]["result"], dict) and "identical to fp32" in real[2]["result"].get("note", ""),
+                  "real model int8 identical to fp32 is noted")
             pl = kiln_placement(args, runner, "tiny", path, "batch", "cpu", "fp32", args.level)
             check(pl.startswith("trial run on cpu") and "every node runs on the CPU" in pl,
                   f"kiln inspect --device cpu -> {pl!r}")
@@ -1176,6 +1251,8 @@ def main() -> int:
                     help="command prefix that runs the CUDA kiln binary (default: scripts/cuda/gpu-run.sh)")
     ap.add_argument("--device", default="cuda", help="Kiln's device (cpu: a rehearsal on a machine without a GPU)")
     ap.add_argument("--batches", default=",".join(map(str, BATCHES)), help="speed batch sizes (default 1,8,64)")
+    ap.add_argument("--real-models", default="",
+                    help="a folder of real models with onnxruntime references (<stem>.onnx + <stem>.ref/)")
     ap.add_argument("--self-test", action="store_true", help="check the parts that need no torch or GPU")
     ap.add_argument("--compile-worker", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
