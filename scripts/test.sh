@@ -61,3 +61,6 @@ SERVE_VENV="$(bash scripts/setup-python.sh serve </dev/null | tail -n 1)"
 # no-op that only makes sure of it, with the same feature set.
 cargo test -q --workspace --no-run
 "$SERVE_VENV/bin/python" crates/kiln-serve/tests/python/tritonclient_test.py "${CARGO_TARGET_DIR:-target}/debug/kiln"
+
+step "GPU evidence script self-test (output parsing, tolerance rules, timeouts, markdown, kiln on a tiny model on the CPU)"
+"$VENV/bin/python" scripts/cuda/gpu-evidence.py "${CARGO_TARGET_DIR:-target}/debug/kiln" --self-test </dev/null | tail -n 1
