@@ -28,6 +28,11 @@ pub enum RuntimeError {
     /// back to the pool and the session can run again (with a smaller batch, or a higher limit).
     #[error("node '{node}': device out of memory ({message})")]
     DeviceOutOfMemory { node: String, message: String },
+    /// A kernel (or code around it) panicked: a bug in Kiln, caught at the node so the run fails
+    /// with this error and the session, its threads and the process carry on. `node`/`op` are
+    /// empty when the panic came from outside any kernel.
+    #[error("internal error in node '{node}' ({op}): {message}")]
+    Internal { node: String, op: String, message: String },
     #[error("{}", candle_message(.0))]
     Candle(#[from] candle_core::Error),
     #[error(transparent)]
@@ -48,6 +53,7 @@ impl RuntimeError {
                 }
             }
             e @ (RuntimeError::Op { .. }
+            | RuntimeError::Internal { .. }
             | RuntimeError::TooLarge { .. }
             | RuntimeError::DeadlineExceeded { .. }
             | RuntimeError::DeviceOutOfMemory { .. }) => e,
@@ -56,6 +62,15 @@ impl RuntimeError {
                 op: op.to_string(),
                 reason: other.to_string(),
             },
+        }
+    }
+
+    /// The error for a panic caught while running `node` (see [`catch_panic`]).
+    pub fn from_panic(node: &str, op: &str, payload: &(dyn std::any::Any + Send)) -> Self {
+        RuntimeError::Internal {
+            node: node.to_string(),
+            op: op.to_string(),
+            message: panic_message(payload),
         }
     }
 
@@ -77,4 +92,28 @@ pub(crate) fn candle_message(e: &dyn std::fmt::Display) -> String {
 #[macro_export]
 macro_rules! bail {
     ($($arg:tt)*) => { return Err($crate::RuntimeError::Invalid(format!($($arg)*))) };
+}
+
+/// The text of a panic payload (`panic!("..")` carries a `&str` or a `String`).
+pub fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    if let Some(s) = payload.downcast_ref::<&str>() {
+        format!("panicked: {s}")
+    } else if let Some(s) = payload.downcast_ref::<String>() {
+        format!("panicked: {s}")
+    } else {
+        "panicked (no message)".to_string()
+    }
+}
+
+/// Runs `f`, turning a panic inside it (a kernel bug, or one rayon re-raised from a worker
+/// thread) into [`RuntimeError::Internal`] naming `node` and `op`. Kernels only read their inputs
+/// and build new values, so nothing they share is left half-updated when one unwinds.
+pub fn catch_panic<T>(node: &str, op: &str, f: impl FnOnce() -> Result<T>) -> Result<T> {
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)) {
+        Ok(r) => r,
+        Err(payload) => {
+            tracing::error!(node, op, "kernel panicked: {}", panic_message(payload.as_ref()));
+            Err(RuntimeError::from_panic(node, op, payload.as_ref()))
+        }
+    }
 }

@@ -255,13 +255,15 @@ impl ExecutionPlan {
                 });
             }
             let started = options.profile.then(std::time::Instant::now);
-            let outs = {
+            // A panic in the kernel (or in a rayon task it spawned, re-raised here) becomes an
+            // error naming the node; the plan, the session and the calling thread stay usable.
+            let outs = crate::error::catch_panic(&step.node, &step.op, || {
                 let mut ins: Vec<Option<&Value>> =
                     step.inputs.iter().map(|s| s.and_then(|s| env[s].as_ref())).collect();
                 if step.on_host {
-                    run_on_host_placement(step, &cx, &ins)?
+                    run_on_host_placement(step, &cx, &ins)
                 } else if step.to_device.is_empty() {
-                    run_step(step, &cx, &ins)?
+                    run_step(step, &cx, &ins)
                 } else {
                     // Host values (shape arithmetic) this device kernel reads as data.
                     let moved: Vec<(usize, Value)> = step
@@ -273,9 +275,9 @@ impl ExecutionPlan {
                     for (i, v) in &moved {
                         ins[*i] = Some(v);
                     }
-                    run_step(step, &cx, &ins)?
+                    run_step(step, &cx, &ins)
                 }
-            };
+            })?;
             if let (Some(t), Some(scope)) = (started, &scope) {
                 let time = OpTime {
                     node: step.node.clone(),
@@ -481,5 +483,88 @@ mod tests {
         outer.steps[2].host_fallback.store(true, Ordering::SeqCst);
         let got: Vec<(String, u32)> = outer.host_fallbacks().into_iter().map(|f| (f.node, f.depth)).collect();
         assert_eq!(got, vec![("first".into(), 0), ("body_b".into(), 1), ("last".into(), 0)]);
+    }
+}
+
+#[cfg(test)]
+mod panic_tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::ops::OpKernel;
+    use crate::plan::Step;
+    use crate::Tensor;
+
+    /// Panics on its first `panics` calls (inside a rayon task when `in_rayon`), then doubles
+    /// its input.
+    struct Panicky {
+        calls: Arc<AtomicUsize>,
+        panics: usize,
+        in_rayon: bool,
+    }
+
+    impl OpKernel for Panicky {
+        fn run(&self, _cx: &RunCx, ins: &[Option<&Value>]) -> Result<Vec<Value>> {
+            if self.calls.fetch_add(1, Ordering::SeqCst) < self.panics {
+                if self.in_rayon {
+                    rayon::scope(|s| s.spawn(|_| panic!("index out of range in a worker")));
+                }
+                panic!("index out of range");
+            }
+            let x = crate::ops::common::tin(ins, 0)?;
+            Ok(vec![Value::Tensor(Tensor::new((x.candle() * 2.0)?, x.dtype())?)])
+        }
+    }
+
+    fn plan_of(kernel: Panicky) -> ExecutionPlan {
+        let x = candle_core::Tensor::new(&[1.0f32, 2.0], &candle_core::Device::Cpu).unwrap();
+        ExecutionPlan {
+            steps: vec![Step {
+                kernel: Box::new(kernel),
+                node: "conv_7".into(),
+                op: "Conv".into(),
+                inputs: vec![Some(0)],
+                outputs: vec![Some(1)],
+                release: vec![],
+                host_fallback: Default::default(),
+                subplans: vec![],
+                on_host: false,
+                to_device: vec![],
+            }],
+            num_slots: 2,
+            constants: vec![(0, Value::Tensor(Tensor::from_candle(x).unwrap()))],
+            inputs: vec![],
+            outputs: vec![(1, "y".into())],
+            captures: vec![],
+            device: candle_core::Device::Cpu,
+            peak_activation: Default::default(),
+            placement_counts: None,
+        }
+    }
+
+    #[test]
+    fn a_kernel_panic_is_an_error_naming_the_node_and_the_plan_runs_again() {
+        for in_rayon in [false, true] {
+            let calls = Arc::new(AtomicUsize::new(0));
+            let plan = plan_of(Panicky {
+                calls: calls.clone(),
+                panics: 1,
+                in_rayon,
+            });
+            let options = RunOptions::default();
+            match plan.run(vec![], &HashMap::new(), &options) {
+                Err(RuntimeError::Internal { node, op, message }) => {
+                    assert_eq!((node.as_str(), op.as_str()), ("conv_7", "Conv"));
+                    assert!(message.contains("index out of range"), "{message}");
+                }
+                other => panic!("expected an internal error, got {:?}", other.map(|_| ())),
+            }
+            let (out, _) = plan.run(vec![], &HashMap::new(), &options).expect("second run");
+            match &out[..] {
+                [Value::Tensor(t)] => assert_eq!(t.candle().to_vec1::<f32>().unwrap(), vec![2.0, 4.0]),
+                _ => panic!("one tensor expected"),
+            }
+        }
     }
 }

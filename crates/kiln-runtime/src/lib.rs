@@ -19,7 +19,7 @@ mod value;
 pub use cuda_kernels::fused_kernel_launches;
 pub use device::Device;
 pub use device_memory::DeviceMemoryStats;
-pub use error::{Result, RuntimeError};
+pub use error::{catch_panic, panic_message, Result, RuntimeError};
 pub use executor::{host_fallback_count, OpTime, RunOptions, RunStats};
 pub use fold::CpuConstEval;
 pub use ops::{supported_ops, Registry};

@@ -5,12 +5,13 @@
 //! Model execution never runs on the async reactor.
 
 use std::collections::VecDeque;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use kiln::{DType, Session, TensorData};
 use tokio::sync::oneshot;
-use tracing::{debug, warn};
+use tracing::{debug, error, warn};
 
 use crate::error::{Result, ServeError};
 use crate::metrics::ModelMetrics;
@@ -73,6 +74,9 @@ struct QueueState {
     closed: bool,
 }
 
+/// Runs one (stacked) request on the session; [`execute`] outside tests.
+type ExecFn = fn(&Shared, Vec<TensorData>, Option<Instant>) -> Result<Vec<TensorData>>;
+
 struct Shared {
     state: Mutex<QueueState>,
     ready: Condvar,
@@ -81,6 +85,9 @@ struct Shared {
     metrics: ModelMetrics,
     model: String,
     version: u64,
+    /// Worker threads running now; the version is ready while it is above 0.
+    alive: AtomicUsize,
+    exec: ExecFn,
 }
 
 impl Shared {
@@ -104,6 +111,17 @@ impl DynamicBatcher {
         model: &str,
         version: u64,
     ) -> Result<DynamicBatcher> {
+        Self::start_with(session, config, metrics, model, version, execute)
+    }
+
+    fn start_with(
+        session: Session,
+        config: BatcherConfig,
+        metrics: ModelMetrics,
+        model: &str,
+        version: u64,
+        exec: ExecFn,
+    ) -> Result<DynamicBatcher> {
         let mut preferred = config.preferred_batch_sizes.clone();
         preferred.sort_unstable();
         preferred.dedup();
@@ -122,27 +140,32 @@ impl DynamicBatcher {
             metrics,
             model: model.to_string(),
             version,
+            alive: AtomicUsize::new(0),
+            exec,
         });
         let batcher = DynamicBatcher { shared };
         for i in 0..batcher.shared.config.instance_count {
-            let shared = batcher.shared.clone();
-            std::thread::Builder::new()
-                .name(format!("kiln-{model}-{version}-{i}"))
-                .spawn(move || worker(shared))
-                .map_err(|e| ServeError::Load {
-                    model: model.to_string(),
-                    version,
-                    reason: format!("starting worker thread: {e}"),
-                })?;
+            spawn_worker(&batcher.shared, i).map_err(|e| ServeError::Load {
+                model: model.to_string(),
+                version,
+                reason: format!("starting worker thread: {e}"),
+            })?;
         }
         Ok(batcher)
     }
 
-    /// Queues a job; refuses at once when the queue is full or closed.
+    /// Queues a job; refuses at once when the queue is full or closed, or no worker is alive
+    /// (a queued job would never run).
     pub(crate) fn submit(&self, job: Job) -> Result<()> {
         let mut st = self.shared.lock();
         if st.closed {
             return Err(ServeError::ShuttingDown);
+        }
+        if !self.is_ready() {
+            return Err(ServeError::NotReady {
+                model: self.shared.model.clone(),
+                reason: format!("version {}: no model worker is running", self.shared.version),
+            });
         }
         if st.jobs.len() >= self.shared.config.max_queue_size {
             return Err(ServeError::QueueFull {
@@ -166,6 +189,11 @@ impl DynamicBatcher {
     pub fn queued(&self) -> usize {
         self.shared.lock().jobs.len()
     }
+
+    /// Whether a worker thread is alive to run queued requests.
+    pub fn is_ready(&self) -> bool {
+        self.shared.alive.load(Ordering::SeqCst) > 0
+    }
 }
 
 impl Drop for DynamicBatcher {
@@ -176,9 +204,64 @@ impl Drop for DynamicBatcher {
     }
 }
 
-fn worker(shared: Arc<Shared>) {
-    while let Some(batch) = next_batch(&shared) {
-        run_batch(&shared, batch);
+/// Starts worker thread `index`; it counts itself in `alive` until it exits.
+fn spawn_worker(shared: &Arc<Shared>, index: usize) -> std::io::Result<()> {
+    shared.alive.fetch_add(1, Ordering::SeqCst);
+    shared.metrics.ready.set(1);
+    let guard = WorkerGuard {
+        shared: shared.clone(),
+        index,
+    };
+    let name = format!("kiln-{}-{}-{index}", shared.model, shared.version);
+    match std::thread::Builder::new().name(name).spawn(move || worker(guard)) {
+        Ok(_) => Ok(()),
+        // The guard went down with the closure: it already uncounted the worker.
+        Err(e) => Err(e),
+    }
+}
+
+/// Uncounts a worker thread when it ends. One that ends by a panic while the queue is open is
+/// replaced (the panic reached past every catch: the queue must keep being served); the version
+/// reads not ready while no worker is alive.
+struct WorkerGuard {
+    shared: Arc<Shared>,
+    index: usize,
+}
+
+impl Drop for WorkerGuard {
+    fn drop(&mut self) {
+        let shared = &self.shared;
+        let left = shared.alive.fetch_sub(1, Ordering::SeqCst).saturating_sub(1);
+        let closed = shared.lock().closed;
+        if left == 0 && !closed {
+            shared.metrics.ready.set(0);
+        }
+        if std::thread::panicking() && !closed {
+            shared.metrics.worker_restarts.inc();
+            error!(model = %shared.model, version = shared.version, worker = self.index,
+                   "model worker died; starting a new one");
+            if let Err(e) = spawn_worker(shared, self.index) {
+                error!(model = %shared.model, version = shared.version,
+                       "could not restart the model worker ({e}); the version is not ready");
+            }
+        }
+    }
+}
+
+fn worker(guard: WorkerGuard) {
+    let shared = &guard.shared;
+    while let Some(batch) = next_batch(shared) {
+        // A panic escaping a batch (kernel panics are already errors; this is for bugs in the
+        // batcher itself) drops the batch's reply senders, so each of its requests gets an
+        // error, and the worker goes on with the next batch.
+        let run = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run_batch(shared, batch)));
+        if let Err(payload) = run {
+            shared.metrics.panics.inc();
+            shared.metrics.worker_restarts.inc();
+            error!(model = %shared.model, version = shared.version,
+                   "model worker panicked ({}); its batch failed, the worker carries on",
+                   kiln::internals::runtime::panic_message(payload.as_ref()));
+        }
     }
     debug!(model = %shared.model, version = shared.version, "worker exited");
 }
@@ -268,7 +351,7 @@ fn run_batch(shared: &Shared, batch: Vec<Job>) {
         j.deadline.map(|d| Some(acc.map_or(d, |a: Instant| a.max(d))))
     });
     let result = stack_inputs(&batch, rows).and_then(|inputs| {
-        let outputs = execute(shared, inputs, deadline.flatten())?;
+        let outputs = (shared.exec)(shared, inputs, deadline.flatten())?;
         split_outputs(outputs, &batch, rows)
     });
     match result {
@@ -303,7 +386,7 @@ fn run_single(shared: &Shared, job: Job, start: Instant) {
         job.time_out();
         return;
     }
-    let result = execute(shared, job.inputs.clone(), job.deadline);
+    let result = (shared.exec)(shared, job.inputs.clone(), job.deadline);
     let compute = start.elapsed();
     record_exec(shared, job.rows.max(1), compute);
     let queue = start.saturating_duration_since(job.enqueued);
@@ -330,16 +413,24 @@ fn execute(shared: &Shared, inputs: Vec<TensorData>, deadline: Option<Instant>) 
         .session
         .run_with_options(feeds, &options)
         .map(|(outputs, _)| outputs);
+    use kiln::internals::runtime::RuntimeError;
     run.map_err(|e| match e {
-        kiln::Error::Runtime(kiln::internals::runtime::RuntimeError::DeadlineExceeded { .. }) => {
-            ServeError::Timeout(started.elapsed())
-        }
+        kiln::Error::Runtime(RuntimeError::DeadlineExceeded { .. }) => ServeError::Timeout(started.elapsed()),
         kiln::Error::Input { .. } => ServeError::InvalidInput(e.to_string()),
-        other => ServeError::Execution {
-            model: shared.model.clone(),
-            version: shared.version,
-            reason: other.to_string(),
-        },
+        other => {
+            if matches!(
+                other,
+                kiln::Error::Runtime(RuntimeError::Internal { .. }) | kiln::Error::Internal { .. }
+            ) {
+                // A caught panic: counted, and the session stays in service.
+                shared.metrics.panics.inc();
+            }
+            ServeError::Execution {
+                model: shared.model.clone(),
+                version: shared.version,
+                reason: other.to_string(),
+            }
+        }
     })
 }
 
@@ -413,6 +504,89 @@ fn split_outputs(outputs: Vec<TensorData>, batch: &[Job], rows: usize) -> Result
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn mlp_session() -> Session {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../models/repository/mlp/1/model.onnx");
+        Session::builder().build_from_file(path).expect("mlp model")
+    }
+
+    /// Panics on inputs whose first value is negative (a bug in the serving code, not caught by
+    /// the session); doubles the values otherwise.
+    fn panics_on_negative(_: &Shared, inputs: Vec<TensorData>, _: Option<Instant>) -> Result<Vec<TensorData>> {
+        let x = inputs[0].values::<f32>().expect("f32");
+        assert!(x[0] >= 0.0, "a negative value reached the batch code");
+        let y: Vec<f32> = x.iter().map(|v| v * 2.0).collect();
+        Ok(vec![
+            TensorData::from_values("y", inputs[0].dims.clone(), &y).expect("y")
+        ])
+    }
+
+    fn batcher(exec: ExecFn) -> (DynamicBatcher, ModelMetrics) {
+        let metrics = crate::metrics::Metrics::new().expect("metrics").model("m", 1);
+        let config = BatcherConfig {
+            max_batch_size: 0,
+            max_queue_delay: None,
+            preferred_batch_sizes: vec![],
+            max_queue_size: 8,
+            instance_count: 1,
+        };
+        let b = DynamicBatcher::start_with(mlp_session(), config, metrics.clone(), "m", 1, exec).expect("start");
+        (b, metrics)
+    }
+
+    fn submit(b: &DynamicBatcher, first: f32) -> oneshot::Receiver<Result<JobOutput>> {
+        let (j, rx) = job(vec![1, 2], &[first, 1.0]);
+        b.submit(j).expect("queued");
+        rx
+    }
+
+    #[test]
+    fn a_panic_in_a_batch_fails_that_request_and_the_worker_serves_the_next() {
+        let (b, metrics) = batcher(panics_on_negative);
+        let bad = submit(&b, -1.0);
+        let good = submit(&b, 3.0);
+        assert!(
+            bad.blocking_recv().is_err(),
+            "the panicking request gets an error, not silence"
+        );
+        let out = good.blocking_recv().expect("answered").expect("served");
+        assert_eq!(out.outputs[0].values::<f32>().unwrap(), vec![6.0, 2.0]);
+        assert!(b.is_ready());
+        assert_eq!(metrics.panics.get(), 1);
+        assert_eq!(submit(&b, 1.0).blocking_recv().unwrap().unwrap().outputs.len(), 1);
+    }
+
+    #[test]
+    fn a_worker_thread_that_dies_is_replaced_and_readiness_follows() {
+        let (b, metrics) = batcher(panics_on_negative);
+        assert_eq!(b.shared.alive.load(Ordering::SeqCst), 1);
+        // A thread counted as a worker dies by a panic: its guard starts a replacement.
+        b.shared.alive.fetch_add(1, Ordering::SeqCst);
+        let guard = WorkerGuard {
+            shared: b.shared.clone(),
+            index: 7,
+        };
+        let died = std::thread::spawn(move || {
+            let _guard = guard;
+            panic!("worker bug");
+        })
+        .join();
+        assert!(died.is_err());
+        assert_eq!(metrics.worker_restarts.get(), 1);
+        let end = Instant::now() + Duration::from_secs(5);
+        while b.shared.alive.load(Ordering::SeqCst) != 2 && Instant::now() < end {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        assert_eq!(b.shared.alive.load(Ordering::SeqCst), 2);
+        assert!(b.is_ready());
+        assert_eq!(submit(&b, 2.0).blocking_recv().unwrap().unwrap().outputs.len(), 1);
+        // With no worker left the version is not ready and refuses work instead of queueing it.
+        b.shared.alive.store(0, Ordering::SeqCst);
+        assert!(!b.is_ready());
+        let (j, _rx) = job(vec![1, 2], &[1.0, 1.0]);
+        assert!(matches!(b.submit(j), Err(ServeError::NotReady { .. })));
+        b.shared.alive.store(2, Ordering::SeqCst);
+    }
 
     fn job(dims: Vec<usize>, values: &[f32]) -> (Job, oneshot::Receiver<Result<JobOutput>>) {
         let (tx, rx) = oneshot::channel();

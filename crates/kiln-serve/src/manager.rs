@@ -74,6 +74,11 @@ impl ServedVersion {
         self.batcher.config()
     }
 
+    /// Whether a model worker is alive to run this version's requests.
+    pub fn is_ready(&self) -> bool {
+        self.batcher.is_ready()
+    }
+
     /// Runs one request: checks it, answers from the cache or queues it, and waits.
     async fn infer(&self, req: InferRequest) -> Result<InferResponse> {
         let started = Instant::now();
@@ -126,7 +131,11 @@ impl ServedVersion {
                 .map_err(|_| ServeError::Timeout(t))?,
             None => rx.await,
         };
-        let out = reply.map_err(|_| ServeError::Server("the model worker stopped".into()))??;
+        let out = reply.map_err(|_| ServeError::Execution {
+            model: self.model.clone(),
+            version: self.version,
+            reason: "internal error: the model worker failed while running this request (it carries on)".into(),
+        })??;
         self.metrics.queue_duration_us.inc_by(out.queue.as_micros() as u64);
         let outputs = Arc::new(out.outputs);
         if let (Some(cache), Some(key)) = (&self.cache, key) {
@@ -439,7 +448,9 @@ impl ModelManager {
                 model: FileSig::of(&file),
                 config: config_sig,
             };
-            if let Some(cur) = current.get(&v).filter(|c| c.signature == sig) {
+            // Unchanged and still running: keep it. A version whose workers are all gone (and
+            // could not be restarted) is loaded afresh.
+            if let Some(cur) = current.get(&v).filter(|c| c.signature == sig && c.is_ready()) {
                 next.insert(v, cur.clone());
                 failed.remove(&v);
                 continue;
@@ -553,9 +564,14 @@ impl ModelManager {
         })
     }
 
-    /// Whether the server is ready: startup loading finished and it is not shutting down.
+    /// Whether the server is ready: startup loading finished, it is not shutting down, and every
+    /// served version has a live model worker (Triton's strict readiness).
     pub fn is_ready(&self) -> bool {
         self.ready.load(Ordering::SeqCst)
+            && self
+                .read_models()
+                .values()
+                .all(|entry| entry.serving.values().all(|sv| sv.is_ready()))
     }
 
     /// Marks the server not ready (shutdown has begun).
@@ -643,12 +659,20 @@ fn entry_reason(entry: &ModelEntry) -> String {
 fn entry_index(name: &str, e: &ModelEntry) -> Vec<IndexEntry> {
     let mut out: Vec<IndexEntry> = e
         .serving
-        .keys()
-        .map(|v| IndexEntry {
+        .iter()
+        .map(|(v, sv)| IndexEntry {
             name: name.to_string(),
             version: Some(*v),
-            state: VersionState::Ready,
-            reason: String::new(),
+            state: if sv.is_ready() {
+                VersionState::Ready
+            } else {
+                VersionState::Unavailable
+            },
+            reason: if sv.is_ready() {
+                String::new()
+            } else {
+                "no model worker is running".into()
+            },
         })
         .collect();
     for (v, (_, reason)) in &e.failed {

@@ -49,6 +49,8 @@ pub struct Metrics {
     batch_size: HistogramVec,
     load_failures: IntCounterVec,
     version_ready: IntGaugeVec,
+    panics: IntCounterVec,
+    worker_restarts: IntCounterVec,
     process_cpu: Counter,
     process_cpu_seen: Mutex<f64>,
     process_rss: IntGauge,
@@ -113,6 +115,16 @@ impl Metrics {
             "Model versions that failed to load (the serving version, if any, stays in place)",
             MV,
         )?;
+        let panics = counter(
+            "kiln_model_panics_total",
+            "Requests whose run panicked (a bug in Kiln, caught: the request got a 500, the model kept serving)",
+            MV,
+        )?;
+        let worker_restarts = counter(
+            "kiln_model_worker_restarts_total",
+            "Model worker threads restarted after a panic escaped a batch run",
+            MV,
+        )?;
         let pending = IntGaugeVec::new(
             Opts::new("nv_inference_pending_request_count", "Requests waiting in the queue"),
             MV,
@@ -175,6 +187,8 @@ impl Metrics {
             batch_size,
             load_failures,
             version_ready,
+            panics,
+            worker_restarts,
             process_cpu,
             process_cpu_seen: Mutex::new(0.0),
             process_rss,
@@ -203,6 +217,9 @@ impl Metrics {
             latency: self.latency.with_label_values(&l),
             batch_size: self.batch_size.with_label_values(&l),
             failure: self.request_failure.clone(),
+            panics: self.panics.with_label_values(&l),
+            worker_restarts: self.worker_restarts.with_label_values(&l),
+            ready: self.version_ready.with_label_values(&l),
         }
     }
 
@@ -264,6 +281,10 @@ pub struct ModelMetrics {
     pub(crate) latency: prometheus::Histogram,
     pub(crate) batch_size: prometheus::Histogram,
     failure: IntCounterVec,
+    pub(crate) panics: IntCounter,
+    pub(crate) worker_restarts: IntCounter,
+    /// `kiln_model_version_ready` of this version (0 once its workers are gone).
+    pub(crate) ready: IntGauge,
 }
 
 impl ModelMetrics {

@@ -150,18 +150,24 @@ impl SessionBuilder {
 
     /// Loads an ONNX file (external data resolved next to it) and compiles it.
     pub fn build_from_file(self, path: impl AsRef<Path>) -> Result<Session> {
-        let model = kiln_onnx::load_model(path)?;
+        let path = path.as_ref();
+        let model = crate::error::catch_panic("loading the model", || Ok(kiln_onnx::load_model(path)?))?;
         self.build_from_model(model)
     }
 
     /// Loads an ONNX model from bytes and compiles it.
     pub fn build_from_bytes(self, bytes: &[u8]) -> Result<Session> {
-        let model = kiln_onnx::load_model_bytes(bytes)?;
+        let model = crate::error::catch_panic("loading the model", || Ok(kiln_onnx::load_model_bytes(bytes)?))?;
         self.build_from_model(model)
     }
 
-    /// Compiles an already imported model.
-    pub fn build_from_model(self, mut model: Model) -> Result<Session> {
+    /// Compiles an already imported model. A panic in a graph pass or while compiling is
+    /// returned as [`Error::Internal`].
+    pub fn build_from_model(self, model: Model) -> Result<Session> {
+        crate::error::catch_panic("building the session", move || self.build_inner(model))
+    }
+
+    fn build_inner(self, mut model: Model) -> Result<Session> {
         let optimization = optimize_for_precision(&mut model, self.level, self.precision)?;
         match self.precision {
             Precision::F32 => {}
@@ -270,6 +276,15 @@ impl Session {
     /// Like [`Session::run_with_stats`] with per-run options (a deadline, profiling) in place of
     /// the session's.
     pub fn run_with_options(
+        &self,
+        inputs: Vec<(String, TensorData)>,
+        options: &RunOptions,
+    ) -> Result<(Vec<TensorData>, RunStats)> {
+        // Kernel panics are caught per node by the executor (naming it); this catches the rest.
+        crate::error::catch_panic("running the model", || self.run_inner(inputs, options))
+    }
+
+    fn run_inner(
         &self,
         inputs: Vec<(String, TensorData)>,
         options: &RunOptions,

@@ -143,6 +143,9 @@ impl Conv2d {
                     let wt = wk[ky * kw + kx];
                     let off = (kx * dw) as isize - pl as isize;
                     let (lo, hi) = valid_range(off, sw, w, ow);
+                    if lo >= hi {
+                        continue; // this tap reads only padding for every output column
+                    }
                     if sw == 1 {
                         let start = (lo as isize + off) as usize;
                         let s = &irow[start..start + (hi - lo)];
@@ -332,7 +335,6 @@ impl Conv2d {
     }
 }
 
-/// The output columns `ox` whose input column `ox * stride + off` lies inside `0..width`.
 /// One image's (one group's) implicit im2col for the packed GEMM: row `(ci, ky, kx)`, column
 /// `oy * ow + ox`, zero where the window hangs over the padding.
 struct Im2col<'a> {
@@ -414,6 +416,8 @@ impl crate::sgemm::PanelSource for Im2col<'_> {
     }
 }
 
+/// The output columns `ox` whose input column `ox * stride + off` lies inside `0..width`
+/// (`lo == hi` when there are none).
 fn valid_range(off: isize, stride: usize, width: usize, ow: usize) -> (usize, usize) {
     let s = stride as isize;
     // ox * s + off >= 0  <=>  ox >= ceil(-off / s)
@@ -541,6 +545,23 @@ mod tests {
         case(1, 6, (11, 11), 6, (5, 5), 6, 2, 1, (2, 2, 2, 2));
         case(1, 4, (8, 8), 4, (3, 3), 4, 2, 2, (0, 1, 2, 0));
         case(1, 3, (4, 4), 3, (3, 3), 3, 1, 1, (0, 0, 0, 0));
+    }
+
+    /// Taps that read only padding for every output column (a 1x1 or width-1 input under a 3x3
+    /// kernel with pad 1, a kernel wider than the padded input row): the tap adds nothing. Such
+    /// taps once computed a negative start index and panicked.
+    #[test]
+    fn taps_wholly_in_the_padding_are_skipped() {
+        // Depthwise, 1x1 image (the mobile CNN case) and width 1 (the VAD case), stride 1 and 2.
+        case(1, 4, (1, 1), 4, (3, 3), 4, 1, 1, (1, 1, 1, 1));
+        case(2, 3, (5, 1), 3, (3, 3), 3, 1, 1, (1, 1, 1, 1));
+        case(1, 3, (1, 1), 3, (3, 3), 3, 2, 1, (1, 1, 1, 1));
+        case(1, 2, (1, 2), 2, (5, 5), 2, 2, 1, (2, 2, 2, 2));
+        case(1, 2, (3, 1), 2, (3, 3), 2, 1, 2, (2, 2, 2, 2));
+        // Dense and grouped convs over the same degenerate images.
+        case(1, 3, (1, 1), 4, (3, 3), 1, 1, 1, (1, 1, 1, 1));
+        case(1, 4, (1, 1), 4, (3, 3), 2, 2, 1, (1, 1, 1, 1));
+        case(1, 2, (2, 1), 3, (5, 5), 1, 1, 1, (2, 2, 2, 2));
     }
 
     #[test]

@@ -15,6 +15,7 @@ pub mod common;
 mod control;
 mod conv_cpu;
 mod elementwise;
+pub mod fault;
 mod fused;
 mod indexing;
 mod int8_matmul;
@@ -261,6 +262,7 @@ impl Registry {
             attention::register(&mut r);
             control::register(&mut r);
             elementwise::register(&mut r);
+            fault::register(&mut r);
             fused::register(&mut r);
             chain::register(&mut r);
             indexing::register(&mut r);
@@ -289,6 +291,7 @@ pub fn supported_ops() -> Vec<(String, String)> {
     let mut v: Vec<_> = Registry::global()
         .ops
         .keys()
+        .filter(|(d, _)| *d != fault::DOMAIN)
         .map(|(d, o)| (d.to_string(), o.to_string()))
         .collect();
     v.sort();

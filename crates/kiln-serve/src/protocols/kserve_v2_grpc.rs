@@ -182,7 +182,7 @@ impl GrpcInferenceService for KServeGrpc {
         let r = req.into_inner();
         let version = version_of(&r.version)?;
         let ready = match self.manager.served(&r.name, version) {
-            Ok(_) => true,
+            Ok(sv) => sv.is_ready(),
             Err(ServeError::ModelNotFound(m)) => return Err(status_of(ServeError::ModelNotFound(m))),
             Err(_) => false,
         };

@@ -231,7 +231,8 @@ async fn model_metadata_v(
 
 fn ready_for(st: &HttpState, model: &str, version: Option<u64>) -> HttpResult<StatusCode> {
     match st.manager.served(model, version) {
-        Ok(_) => Ok(StatusCode::OK),
+        Ok(sv) if sv.is_ready() => Ok(StatusCode::OK),
+        Ok(_) => Ok(StatusCode::SERVICE_UNAVAILABLE),
         Err(ServeError::NotReady { .. }) | Err(ServeError::VersionNotFound { .. }) if st.manager.is_ready() => {
             Ok(StatusCode::SERVICE_UNAVAILABLE)
         }

@@ -4,6 +4,7 @@
 mod batching;
 mod common;
 mod grpc;
+mod hostile;
 mod http;
 mod reload;
 mod tf_rest;
