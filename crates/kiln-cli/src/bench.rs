@@ -26,24 +26,31 @@ pub struct BenchConfig<'a> {
 
 pub fn bench(path: &Path, cfg: &BenchConfig) -> Result<()> {
     let session = crate::open_session(path, cfg.device, cfg.level, cfg.precision)?;
-    let feeds = feeds(&session, cfg.inputs, cfg.dims)?;
+    let Feeds { feeds, synthesized } = feeds(&session, cfg.inputs, cfg.dims)?;
     let bound = if cfg.io_device {
-        Some(session.bind_inputs(feeds.clone())?)
+        Some(
+            session
+                .bind_inputs(feeds.clone())
+                .map_err(|e| synthesized.explain(e.into()))?,
+        )
     } else {
         None
     };
     let run_once = || -> Result<()> {
-        match &bound {
-            Some(values) => {
-                let outputs = session.run_values(values.clone())?;
-                session.synchronize()?;
-                drop(outputs);
+        let run = || -> Result<()> {
+            match &bound {
+                Some(values) => {
+                    let outputs = session.run_values(values.clone())?;
+                    session.synchronize()?;
+                    drop(outputs);
+                }
+                None => {
+                    session.run(feeds.clone())?;
+                }
             }
-            None => {
-                session.run(feeds.clone())?;
-            }
-        }
-        Ok(())
+            Ok(())
+        };
+        run().map_err(|e| synthesized.explain(e))
     };
     for _ in 0..cfg.warmup {
         run_once()?;
@@ -69,15 +76,15 @@ pub fn bench(path: &Path, cfg: &BenchConfig) -> Result<()> {
         times.get(i).map_or(0.0, |d| d.as_secs_f64() * 1e3)
     };
     let mean = times.iter().map(Duration::as_secs_f64).sum::<f64>() / times.len().max(1) as f64 * 1e3;
-    println!("model:      {}", path.display());
-    println!(
+    outln!("model:      {}", path.display());
+    outln!(
         "device:     {}  level: {:?}  precision: {:?}  threads: {}",
         cfg.device,
         cfg.level,
         cfg.precision,
         kiln::num_threads()
     );
-    println!(
+    outln!(
         "runs:       {} (after {} warm-up); io: {}",
         times.len(),
         cfg.warmup,
@@ -87,7 +94,7 @@ pub fn bench(path: &Path, cfg: &BenchConfig) -> Result<()> {
             "host (inputs copied in and outputs copied out every run)"
         }
     );
-    println!(
+    outln!(
         "latency ms: mean {mean:.3}  p50 {:.3}  p90 {:.3}  p99 {:.3}  min {:.3}  max {:.3}",
         pct(0.5),
         pct(0.9),
@@ -95,7 +102,7 @@ pub fn bench(path: &Path, cfg: &BenchConfig) -> Result<()> {
         pct(0.0),
         pct(1.0)
     );
-    println!(
+    outln!(
         "throughput: {:.2} runs/s",
         times.len() as f64 / total.as_secs_f64().max(1e-9)
     );
@@ -104,7 +111,7 @@ pub fn bench(path: &Path, cfg: &BenchConfig) -> Result<()> {
         let mut ops: Vec<&str> = fallbacks.iter().map(|f| f.op.as_str()).collect();
         ops.sort_unstable();
         ops.dedup();
-        println!(
+        outln!(
             "on the CPU: {} node(s) without a {} kernel ({}); `kiln inspect --device {}` lists them",
             fallbacks.len(),
             cfg.device,
@@ -118,9 +125,68 @@ pub fn bench(path: &Path, cfg: &BenchConfig) -> Result<()> {
     Ok(())
 }
 
+/// Model inputs for `bench` and `inspect --device`, and how the synthesized ones were shaped.
+pub struct Feeds {
+    pub feeds: Vec<(String, TensorData)>,
+    pub synthesized: Synthesized,
+}
+
+/// The dims of synthesized inputs that were set to 1 because nothing gave their size.
+#[derive(Default)]
+pub struct Synthesized {
+    /// Symbolic dims no `--dim` named, each with the inputs that declare it.
+    symbols: Vec<(String, Vec<String>)>,
+    /// Inputs with a dim that has no name (only `--input NAME=file.npy` can size those).
+    unnamed: Vec<String>,
+}
+
+impl Synthesized {
+    fn note_symbol(&mut self, symbol: &str, input: &str) {
+        match self.symbols.iter_mut().find(|(s, _)| s == symbol) {
+            Some((_, inputs)) if inputs.iter().any(|i| i == input) => {}
+            Some((_, inputs)) => inputs.push(input.to_string()),
+            None => self.symbols.push((symbol.to_string(), vec![input.to_string()])),
+        }
+    }
+
+    /// `e` with what was guessed and how to set it appended, when anything was guessed: a model
+    /// that needs, say, a sequence length above 1 fails on the default inputs.
+    pub fn explain(&self, e: anyhow::Error) -> anyhow::Error {
+        let mut notes = Vec::new();
+        if !self.symbols.is_empty() {
+            let set: Vec<String> = self
+                .symbols
+                .iter()
+                .map(|(s, inputs)| format!("{s} (input {})", quoted(inputs)))
+                .collect();
+            let example: Vec<String> = self.symbols.iter().map(|(s, _)| format!("--dim {s}=VALUE")).collect();
+            notes.push(format!(
+                "the synthesized inputs set these symbolic dims to 1: {}; set them with --dim NAME=VALUE ({})",
+                set.join(", "),
+                example.join(" ")
+            ));
+        }
+        if !self.unnamed.is_empty() {
+            notes.push(format!(
+                "input {} has unnamed dims, set to 1; pass it with --input NAME=path.npy",
+                quoted(&self.unnamed)
+            ));
+        }
+        if notes.is_empty() {
+            e
+        } else {
+            anyhow::anyhow!("{e:#}. Note: {}", notes.join("; "))
+        }
+    }
+}
+
+fn quoted(names: &[String]) -> String {
+    names.iter().map(|n| format!("'{n}'")).collect::<Vec<_>>().join(", ")
+}
+
 /// Feeds for every model input: `NAME=path.npy` files where given, the rest synthesized from the
 /// declared shapes (symbolic dims from `SYMBOL=SIZE`, else 1). Shared by `bench` and `inspect`.
-pub fn feeds(session: &Session, inputs: &[String], dims: &[String]) -> Result<Vec<(String, TensorData)>> {
+pub fn feeds(session: &Session, inputs: &[String], dims: &[String]) -> Result<Feeds> {
     let mut symbols: HashMap<String, usize> = HashMap::new();
     for spec in dims {
         let (k, v) = spec
@@ -139,22 +205,30 @@ pub fn feeds(session: &Session, inputs: &[String], dims: &[String]) -> Result<Ve
         given.insert(name.to_string(), crate::npy::read(Path::new(file), name)?);
     }
     let mut feeds = Vec::new();
+    let mut synthesized = Synthesized::default();
     for info in session.inputs() {
+        let shape = info.shape.as_ref().map(|s| s.0.as_slice());
         let data = match given.remove(&info.name) {
             Some(d) => d,
-            None => synthetic(
-                &info.name,
-                info.dtype,
-                info.shape.as_ref().map(|s| s.0.as_slice()),
-                &symbols,
-            )?,
+            None => {
+                for d in shape.unwrap_or_default() {
+                    match d {
+                        Dim::Sym(s) if !symbols.contains_key(s) => synthesized.note_symbol(s, &info.name),
+                        Dim::Unknown if !synthesized.unnamed.contains(&info.name) => {
+                            synthesized.unnamed.push(info.name.clone())
+                        }
+                        _ => {}
+                    }
+                }
+                synthetic(&info.name, info.dtype, shape, &symbols)?
+            }
         };
         feeds.push((info.name.clone(), data));
     }
     if let Some(name) = given.keys().next() {
         bail!("the model has no input '{name}'");
     }
-    Ok(feeds)
+    Ok(Feeds { feeds, synthesized })
 }
 
 /// Runs `runs` more times with per-node timing; prints time by operator type and the slowest nodes.
@@ -185,13 +259,13 @@ fn profile(session: &Session, feeds: &[(String, TensorData)], runs: usize) -> Re
     let share = |d: Duration| 100.0 * d.as_secs_f64() / total.as_secs_f64().max(1e-12);
     let mut ops: Vec<_> = by_op.into_iter().collect();
     ops.sort_by_key(|o| std::cmp::Reverse(o.1 .0));
-    println!(
+    outln!(
         "\nprofile over {runs} runs: {:.3} ms per run inside kernels",
         per_run(total)
     );
-    println!("{:<28} {:>7} {:>11} {:>7}", "operator", "nodes", "ms/run", "share");
+    outln!("{:<28} {:>7} {:>11} {:>7}", "operator", "nodes", "ms/run", "share");
     for (op, (d, n)) in &ops {
-        println!(
+        outln!(
             "{op:<28} {:>7} {:>11.3} {:>6.1}%",
             (*n as f64 / runs).round(),
             per_run(*d),
@@ -200,9 +274,9 @@ fn profile(session: &Session, feeds: &[(String, TensorData)], runs: usize) -> Re
     }
     let mut nodes: Vec<_> = by_node.into_iter().collect();
     nodes.sort_by_key(|n| std::cmp::Reverse(n.1));
-    println!("\nslowest nodes:");
+    outln!("\nslowest nodes:");
     for ((op, node), d) in nodes.iter().take(10) {
-        println!("  {:>9.3} ms {:>6.1}%  {op} {node}", per_run(*d), share(*d));
+        outln!("  {:>9.3} ms {:>6.1}%  {op} {node}", per_run(*d), share(*d));
     }
     Ok(())
 }

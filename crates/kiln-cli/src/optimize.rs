@@ -44,22 +44,22 @@ pub fn optimize(input: &Path, output: &Path, cfg: &OptimizeConfig) -> Result<()>
     let bytes = onnx::export_model_bytes(&model).context("exporting the optimized model")?;
     std::fs::write(output, &bytes).with_context(|| format!("writing {}", output.display()))?;
 
-    println!("{:>8}  {:>8}  op", "before", "after");
+    outln!("{:>8}  {:>8}  op", "before", "after");
     let ops: BTreeSet<&String> = before.keys().chain(after.keys()).collect();
     for op in ops {
         let (b, a) = (
             before.get(op).copied().unwrap_or(0),
             after.get(op).copied().unwrap_or(0),
         );
-        println!("{b:>8}  {a:>8}  {op}{}", if a != b { "  *" } else { "" });
+        outln!("{b:>8}  {a:>8}  {op}{}", if a != b { "  *" } else { "" });
     }
-    println!("{:>8}  {:>8}  total", report.nodes_before, report.nodes_after);
+    outln!("{:>8}  {:>8}  total", report.nodes_before, report.nodes_after);
     for (rule, n) in &report.rewrites {
-        println!("rule {rule}: {n}");
+        outln!("rule {rule}: {n}");
     }
     if let Some(r) = fp16 {
-        println!("{r}");
+        outln!("{r}");
     }
-    println!("wrote {} ({} bytes)", output.display(), bytes.len());
+    outln!("wrote {} ({} bytes)", output.display(), bytes.len());
     Ok(())
 }

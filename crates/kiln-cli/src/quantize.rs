@@ -29,13 +29,13 @@ pub fn quantize(input: &Path, output: &Path, cfg: &QuantizeConfig) -> Result<()>
         } else {
             String::new()
         };
-        println!("int8  {:?} axis {}  {}{readers}", w.dims, w.axis, w.name);
+        outln!("int8  {:?} axis {}  {}{readers}", w.dims, w.axis, w.name);
     }
     for (name, why) in &report.skipped {
-        println!("f32   {name}: {why}");
+        outln!("f32   {name}: {why}");
     }
     let mib = |b: usize| b as f64 / (1 << 20) as f64;
-    println!(
+    outln!(
         "quantized {} weight(s): {:.2} MiB -> {:.2} MiB ({:.1}x smaller)",
         report.weights.len(),
         mib(report.bytes_before),
@@ -43,7 +43,7 @@ pub fn quantize(input: &Path, output: &Path, cfg: &QuantizeConfig) -> Result<()>
         report.bytes_before as f64 / report.bytes_after.max(1) as f64
     );
     let before = std::fs::metadata(input).map(|m| m.len()).unwrap_or(0);
-    println!(
+    outln!(
         "wrote {} ({} bytes; input {} bytes)",
         output.display(),
         bytes.len(),

@@ -93,7 +93,7 @@ pub fn serve(args: ServeArgs) -> Result<()> {
             .await
             .with_context(|| format!("starting the server on {}", args.model_repository.display()))?;
         // One line on stdout with the bound addresses, for scripts (ports may be 0 = any).
-        println!(
+        outln!(
             "kiln serve: http {} grpc {} metrics {}",
             server.http_addr,
             server.grpc_addr.map_or("-".to_string(), |a| a.to_string()),

@@ -1,7 +1,7 @@
 //! The `kiln` binary end to end on the shipped SqueezeNet.
 
 use std::path::PathBuf;
-use std::process::Command;
+use std::process::{Command, Stdio};
 
 fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
@@ -36,7 +36,7 @@ fn inspect_with_a_device_runs_once_and_says_where_nodes_ran() {
     assert!(ok, "{err}");
     assert!(out.contains("26  Conv"), "{out}");
     assert!(
-        out.contains("trial run on cpu (level Basic, precision F32)") && out.contains("every node runs on the CPU"),
+        out.contains("trial run on cpu (level All, precision F32)") && out.contains("every node runs on the CPU"),
         "{out}"
     );
     // A bad --dim is an error, not a guess.
@@ -121,9 +121,10 @@ fn bench_profile_breaks_time_down_by_operator() {
     assert!(out.contains("threads: 1"), "{out}");
     let conv = out
         .lines()
-        .find(|l| l.starts_with("Conv "))
-        .unwrap_or_else(|| panic!("no Conv row in the profile:\n{out}"));
-    // SqueezeNet 1.1 has 26 Conv nodes; the row reports nodes per run.
+        .find(|l| l.starts_with("FusedConv "))
+        .unwrap_or_else(|| panic!("no FusedConv row in the profile:\n{out}"));
+    // SqueezeNet 1.1 has 26 Conv nodes, each fused with its Relu at the default level (all); the
+    // row reports nodes per run.
     assert_eq!(conv.split_whitespace().nth(1), Some("26"), "{conv}");
     assert!(out.contains("slowest nodes:"), "{out}");
 }
@@ -196,4 +197,152 @@ fn precision_fp16_runs_benches_and_rejects_unknown_names() {
     let (ok, _, err) = kiln(&["bench", "models/light/squeezenet.onnx", "--precision", "fp8"]);
     assert!(!ok);
     assert!(err.contains("unknown precision 'fp8'"), "{err}");
+}
+
+/// The write end of a pipe whose read end is already closed: every write to it fails with EPIPE,
+/// as for `kiln ... | head` once head has exited.
+#[cfg(unix)]
+fn closed_pipe() -> Stdio {
+    let mut reader = Command::new("true").stdin(Stdio::piped()).spawn().expect("true runs");
+    let writer = reader.stdin.take().expect("pipe");
+    reader.wait().expect("true exits");
+    Stdio::from(writer)
+}
+
+#[cfg(unix)]
+#[test]
+fn closed_stdout_ends_every_subcommand_quietly() {
+    let dir = std::env::temp_dir().join(format!("kiln-cli-epipe-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let dir_s = dir.to_string_lossy().into_owned();
+    let optimized = dir.join("o.onnx").to_string_lossy().into_owned();
+    let quantized = dir.join("q.onnx").to_string_lossy().into_owned();
+    let m = "models/light/squeezenet.onnx";
+    let input = "data_0=models/light/input_1x3x224x224.npy";
+    for args in [
+        vec!["inspect", m],
+        vec!["inspect", m, "--device", "cpu"],
+        vec!["run", m, "--input", input, "--output-dir", &dir_s],
+        vec!["bench", m, "-n", "1", "--warmup", "0"],
+        vec!["optimize", m, &optimized],
+        vec!["quantize", m, &quantized],
+        vec!["--help"],
+        vec!["--version"],
+    ] {
+        let out = Command::new(env!("CARGO_BIN_EXE_kiln"))
+            .args(&args)
+            .current_dir(root())
+            .stdout(closed_pipe())
+            .stderr(Stdio::piped())
+            .output()
+            .expect("runs");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            out.status.success() && err.is_empty(),
+            "{args:?} with stdout closed: {:?}, stderr: {err}",
+            out.status
+        );
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn default_level_is_all_and_help_says_so() {
+    let out = bench_squeezenet(&[]);
+    assert!(out.contains("level: All"), "{out}");
+    for cmd in ["run", "bench", "inspect", "optimize"] {
+        let (ok, out, err) = kiln(&[cmd, "--help"]);
+        assert!(ok, "{err}");
+        assert!(out.contains("[default: all]"), "kiln {cmd} --help: {out}");
+    }
+    // `kiln optimize` leaves Kiln-only fusions out of the written model, so its default (all)
+    // writes the same model as --level extended.
+    let dir = std::env::temp_dir().join(format!("kiln-cli-level-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (all, ext) = (dir.join("all.onnx"), dir.join("extended.onnx"));
+    for (path, extra) in [(&all, vec![]), (&ext, vec!["--level", "extended"])] {
+        let mut args = vec!["optimize", "models/light/resnet50.onnx", path.to_str().unwrap()];
+        args.extend(extra);
+        let (ok, _, err) = kiln(&args);
+        assert!(ok, "{args:?}: {err}");
+    }
+    assert!(std::fs::read(&all).unwrap() == std::fs::read(&ext).unwrap());
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// y = Reshape(x, [-1, 4]) with x: [N, 6]: runs for even N, fails for N = 1 (6 elements are not
+/// a whole number of rows of 4), which is what `bench` synthesizes when no `--dim` is given.
+fn reshape_model(path: &std::path::Path) {
+    use kiln::internals::graph::{DType, Dim, Graph, Model, Node, Shape, ValueInfo, ValueKind};
+    let mut g = Graph {
+        name: "reshape".into(),
+        ..Default::default()
+    };
+    let x = g.add_value(ValueInfo {
+        name: "x".into(),
+        kind: ValueKind::Tensor,
+        dtype: Some(DType::F32),
+        shape: Some(Shape(vec![Dim::Sym("N".into()), Dim::Known(6)])),
+    });
+    let shape = g.add_value(ValueInfo {
+        name: "shape".into(),
+        kind: ValueKind::Tensor,
+        dtype: Some(DType::I64),
+        shape: Some(Shape::from_known(&[2])),
+    });
+    let y = g.add_value(ValueInfo {
+        name: "y".into(),
+        kind: ValueKind::Tensor,
+        dtype: Some(DType::F32),
+        shape: None,
+    });
+    g.initializers.insert(
+        shape,
+        kiln::TensorData::from_values("shape", vec![2], &[-1i64, 4]).unwrap(),
+    );
+    g.nodes.push(Node {
+        name: "reshape".into(),
+        op_type: "Reshape".into(),
+        domain: String::new(),
+        inputs: vec![Some(x), Some(shape)],
+        outputs: vec![Some(y)],
+        attributes: Default::default(),
+        implicit_inputs: vec![],
+    });
+    g.inputs.push(x);
+    g.outputs.push(y);
+    let model = Model {
+        graph: g,
+        opsets: [(String::new(), 17)].into_iter().collect(),
+        ir_version: 8,
+        producer: "kiln-cli test".into(),
+    };
+    std::fs::write(path, kiln::internals::onnx::export_model_bytes(&model).unwrap()).unwrap();
+}
+
+#[test]
+fn failures_on_synthesized_inputs_name_the_dims_set_to_one() {
+    let dir = std::env::temp_dir().join(format!("kiln-cli-dims-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let model = dir.join("reshape.onnx");
+    reshape_model(&model);
+    let m = model.to_str().unwrap();
+    for args in [
+        vec!["bench", m, "-n", "1", "--warmup", "0"],
+        vec!["bench", m, "-n", "1", "--warmup", "1", "--io", "device"],
+        vec!["inspect", m, "--device", "cpu"],
+    ] {
+        let (ok, _, err) = kiln(&args);
+        assert!(!ok, "{args:?} should fail with N = 1");
+        assert_eq!(err.trim_end().lines().count(), 1, "{args:?}: {err}");
+        assert!(
+            err.contains("symbolic dims to 1: N (input 'x')") && err.contains("--dim N=VALUE"),
+            "{args:?}: {err}"
+        );
+        let mut fixed = args.clone();
+        fixed.extend(["--dim", "N=2"]);
+        let (ok, _, err) = kiln(&fixed);
+        assert!(ok, "{fixed:?}: {err}");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
 }
