@@ -34,6 +34,29 @@ pub fn reference_dir(stem: &str) -> Result<(PathBuf, PathBuf), String> {
     Ok((model, refs))
 }
 
+/// A model file in `KILN_MODELS` (models/fetch.sh writes them there), or the reason a test skips it.
+pub fn model_file(file: &str) -> Result<PathBuf, String> {
+    let dir = std::env::var_os("KILN_MODELS").ok_or("KILN_MODELS is not set (scripts/test.sh sets it up)")?;
+    let path = PathBuf::from(dir).join(file);
+    if path.is_file() {
+        Ok(path)
+    } else {
+        Err(format!("{} is missing (run models/fetch.sh)", path.display()))
+    }
+}
+
+/// Whether a missing model fails the test: `KILN_MODELS_REQUIRED` is set (scripts/test.sh sets it).
+pub fn models_required() -> bool {
+    std::env::var_os("KILN_MODELS_REQUIRED").is_some()
+}
+
+/// Reports a test skipped for a missing model: panics when models are required, otherwise prints
+/// `SKIP <what>: <reason>` to stderr.
+pub fn skip_missing(what: &str, reason: &str) {
+    assert!(!models_required(), "{what}: {reason} (KILN_MODELS_REQUIRED is set)");
+    eprintln!("SKIP {what}: {reason}");
+}
+
 pub fn read_npy(path: &Path, name: &str) -> TensorData {
     let bytes = std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
     let npy = npyz::NpyFile::new(&bytes[..]).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
