@@ -63,6 +63,19 @@ struct Args {
     /// Print every non-passing test.
     #[arg(long, short)]
     verbose: bool,
+    /// Compare with meta.json's rtol/atol as written (no 1e-3 / 1e-5 floors); for generated data
+    /// with tolerances chosen per case (tests/fuzz/op_fuzz.py).
+    #[arg(long)]
+    exact_tol: bool,
+    /// TSV of tests the reference engine rejects (`name<TAB>kind<TAB>message`, written by
+    /// tests/fuzz/op_fuzz.py): they have no expected outputs and must end in a clean Kiln error
+    /// (no panic, no hang). Kind `invalid`: returning outputs is a failure too; kind
+    /// `ort-unsupported`: outputs are accepted (a valid model the reference does not implement).
+    #[arg(long)]
+    expect_errors: Option<PathBuf>,
+    /// Exit non-zero when any test does not pass (including --expect-errors tests).
+    #[arg(long)]
+    strict: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -71,6 +84,8 @@ pub enum Status {
     Fail(String),
     Error(String),
     Unsupported(String),
+    /// The run panicked (message and location) or did not finish within the timeout.
+    Panic(String),
 }
 
 impl Status {
@@ -80,12 +95,13 @@ impl Status {
             Status::Fail(_) => "fail",
             Status::Error(_) => "error",
             Status::Unsupported(_) => "unsupported",
+            Status::Panic(_) => "panic",
         }
     }
     fn detail(&self) -> &str {
         match self {
             Status::Pass => "",
-            Status::Fail(d) | Status::Error(d) | Status::Unsupported(d) => d,
+            Status::Fail(d) | Status::Error(d) | Status::Unsupported(d) | Status::Panic(d) => d,
         }
     }
 }
@@ -111,6 +127,25 @@ pub struct TestCase {
 }
 
 impl TestCase {
+    /// meta.json's rtol/atol as written.
+    pub fn exact_tol(&self) -> Tol {
+        Tol {
+            rtol: self.meta.rtol,
+            atol: self.meta.atol,
+        }
+    }
+
+    /// The inputs of the first data set (for tests without expected outputs).
+    pub fn first_inputs(&self) -> Result<Vec<DataValue>> {
+        let d = self.dir.join("test_data_set_0");
+        self.meta
+            .inputs
+            .iter()
+            .enumerate()
+            .map(|(i, m)| Ok(read_value_file(&d.join(format!("input_{i}.pb")), &m.kind)?))
+            .collect()
+    }
+
     pub fn tol(&self) -> Tol {
         Tol {
             rtol: self.meta.rtol.max(1e-3),
@@ -174,7 +209,15 @@ fn from_value(v: Value, name: &str) -> Result<DataValue> {
     })
 }
 
-fn run_kiln(case: &TestCase, level: Level, precision: Precision, device: Device) -> Status {
+/// A panic Kiln caught itself (reported as an internal error) counts as a panic.
+fn is_internal(e: &kiln::Error) -> bool {
+    matches!(
+        e,
+        kiln::Error::Internal { .. } | kiln::Error::Runtime(kiln::internals::runtime::RuntimeError::Internal { .. })
+    )
+}
+
+fn run_kiln(case: &TestCase, level: Level, precision: Precision, device: Device, exact_tol: bool) -> Status {
     let dev = match device.to_candle() {
         Ok(d) => d,
         Err(e) => return Status::Error(e.to_string()),
@@ -186,6 +229,7 @@ fn run_kiln(case: &TestCase, level: Level, precision: Precision, device: Device)
         .build_from_file(case.dir.join("model.onnx"))
     {
         Ok(s) => s,
+        Err(e) if is_internal(&e) => return Status::Panic(e.to_string()),
         Err(e) => {
             let msg = e.to_string();
             return if msg.contains("unsupported") || msg.contains("not supported") {
@@ -229,6 +273,7 @@ fn run_kiln(case: &TestCase, level: Level, precision: Precision, device: Device)
         }
         let outs = match session.run_values(feeds) {
             Ok(o) => o,
+            Err(e) if is_internal(&e) => return Status::Panic(e.to_string()),
             Err(e) => {
                 let msg = e.to_string();
                 return if msg.contains("not supported") {
@@ -247,7 +292,7 @@ fn run_kiln(case: &TestCase, level: Level, precision: Precision, device: Device)
                 Ok(g) => g,
                 Err(err) => return Status::Error(format!("output '{name}': {err}")),
             };
-            let mut tol = case.tol();
+            let mut tol = if exact_tol { case.exact_tol() } else { case.tol() };
             if precision == Precision::F16 {
                 tol.rtol = tol.rtol.max(1e-2);
                 tol.atol = tol.atol.max(1e-2);
@@ -258,6 +303,58 @@ fn run_kiln(case: &TestCase, level: Level, precision: Precision, device: Device)
         }
     }
     Status::Pass
+}
+
+/// Runs a test the reference engine rejects. `Error`/`Unsupported`: Kiln refused it cleanly;
+/// `Fail`: Kiln returned outputs (acceptable only for kind `ort-unsupported`, see `--expect-errors`);
+/// `Panic` from `guarded`.
+fn run_expect_error(case: &TestCase, level: Level, device: Device) -> Status {
+    let dev = match device.to_candle() {
+        Ok(d) => d,
+        Err(e) => return Status::Error(e.to_string()),
+    };
+    let session = match Session::builder()
+        .device(device)
+        .optimization(level)
+        .build_from_file(case.dir.join("model.onnx"))
+    {
+        Ok(s) => s,
+        Err(e) if is_internal(&e) => return Status::Panic(e.to_string()),
+        Err(e) => return Status::Error(format!("at load: {e}")),
+    };
+    let ins = match case.first_inputs() {
+        Ok(i) => i,
+        Err(e) => return Status::Unsupported(format!("test data: {e}")),
+    };
+    let model = match kiln::internals::onnx::load_model(case.dir.join("model.onnx")) {
+        Ok(m) => m,
+        Err(e) => return Status::Error(e.to_string()),
+    };
+    let mut feeds = Vec::new();
+    for v in &model.graph.inputs {
+        let n = model.graph.value_name(*v);
+        match case.meta.inputs.iter().position(|m| m.name == n) {
+            Some(i) => match to_value(&ins[i], &dev) {
+                Ok(v) => feeds.push(Some(v)),
+                Err(e) => return Status::Unsupported(format!("input '{n}': {e}")),
+            },
+            None => feeds.push(None),
+        }
+    }
+    match session.run_values(feeds) {
+        Ok(outs) => {
+            let shapes: Vec<String> = outs
+                .iter()
+                .map(|o| match o {
+                    Value::Tensor(t) => format!("{:?}", t.dims()),
+                    _ => "non-tensor".into(),
+                })
+                .collect();
+            Status::Fail(format!("returned outputs of shapes {}", shapes.join(" ")))
+        }
+        Err(e) if is_internal(&e) => Status::Panic(e.to_string()),
+        Err(e) => Status::Error(format!("at run: {e}")),
+    }
 }
 
 thread_local! {
@@ -290,9 +387,9 @@ fn guarded(timeout: Duration, f: impl FnOnce() -> Status + Send + 'static) -> St
                 .cloned()
                 .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
                 .unwrap_or_default();
-            Status::Error(format!("panic at {at}: {msg}"))
+            Status::Panic(format!("panic at {at}: {msg}"))
         }
-        Err(_) => Status::Error(format!("timed out after {}s", timeout.as_secs())),
+        Err(_) => Status::Panic(format!("timed out after {}s", timeout.as_secs())),
     }
 }
 
@@ -392,24 +489,60 @@ fn main() -> Result<()> {
         }
         return Ok(());
     }
+    let expect_errors: BTreeMap<String, String> = match &args.expect_errors {
+        Some(p) => {
+            let text = std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?;
+            text.lines()
+                .filter_map(|l| {
+                    let mut it = l.split('\t');
+                    Some((it.next()?.to_string(), it.next()?.to_string()))
+                })
+                .collect()
+        }
+        None => BTreeMap::new(),
+    };
+    // name -> (kind, Kiln's outcome, acceptable)
+    let mut error_results: BTreeMap<String, (String, Status, bool)> = BTreeMap::new();
     let mut kiln_results: BTreeMap<String, Status> = BTreeMap::new();
     let mut fallbacks: std::collections::BTreeSet<String> = std::collections::BTreeSet::new();
     for c in &cases {
-        let (name, dir, meta, level, precision) = (
+        if let Some(kind) = expect_errors.get(&c.name) {
+            let (name, dir, meta, level) = (c.name.clone(), c.dir.clone(), c.meta.clone(), args.level);
+            let st = guarded(timeout, move || {
+                run_expect_error(&TestCase { name, dir, meta }, level, device)
+            });
+            let ok = match &st {
+                Status::Error(_) | Status::Unsupported(_) => true,
+                Status::Fail(_) => kind == "ort-unsupported",
+                Status::Pass | Status::Panic(_) => false,
+            };
+            if (args.verbose || args.strict) && !ok {
+                println!(
+                    "{:<60} {:<11} expected an error ({kind}): {}",
+                    c.name,
+                    st.tag(),
+                    st.detail().chars().take(300).collect::<String>()
+                );
+            }
+            error_results.insert(c.name.clone(), (kind.clone(), st, ok));
+            continue;
+        }
+        let (name, dir, meta, level, precision, exact_tol) = (
             c.name.clone(),
             c.dir.clone(),
             c.meta.clone(),
             args.level,
             args.precision,
+            args.exact_tol,
         );
         let before = kiln::internals::runtime::host_fallback_count();
         let st = guarded(timeout, move || {
-            run_kiln(&TestCase { name, dir, meta }, level, precision, device)
+            run_kiln(&TestCase { name, dir, meta }, level, precision, device, exact_tol)
         });
         if kiln::internals::runtime::host_fallback_count() > before {
             fallbacks.insert(c.name.clone());
         }
-        if args.verbose && st != Status::Pass {
+        if (args.verbose || args.strict) && st != Status::Pass {
             println!(
                 "{:<60} {:<11} {}",
                 c.name,
@@ -431,9 +564,24 @@ fn main() -> Result<()> {
     }
     println!(
         "kiln ({device}): {passed} of {} node tests pass ({:.1}s)",
-        cases.len(),
+        kiln_results.len(),
         started.elapsed().as_secs_f64()
     );
+    if args.expect_errors.is_some() {
+        let count = |f: &dyn Fn(&Status) -> bool| error_results.values().filter(|(_, s, _)| f(s)).count();
+        let bad = error_results.values().filter(|(_, _, ok)| !ok).count();
+        println!(
+            "expected errors: {} tests: {} clean errors, {} outputs returned ({} of them where the model is invalid), {} panics or hangs; {bad} not acceptable",
+            error_results.len(),
+            count(&|s| matches!(s, Status::Error(_) | Status::Unsupported(_))),
+            count(&|s| matches!(s, Status::Fail(_))),
+            error_results
+                .values()
+                .filter(|(k, s, _)| matches!(s, Status::Fail(_)) && k != "ort-unsupported")
+                .count(),
+            count(&|s| matches!(s, Status::Panic(_))),
+        );
+    }
 
     let candle_results: Option<BTreeMap<String, Status>> = if args.candle {
         #[cfg(feature = "candle-baseline")]
@@ -462,6 +610,15 @@ fn main() -> Result<()> {
             s.push_str(&format!(
                 "{n}\t{}\t{}\n",
                 st.tag(),
+                st.detail().replace(['\t', '\n'], " ")
+            ));
+        }
+        // Expect-error tests: tag `expect-error:<outcome>`, `ok`/`bad`, then the detail.
+        for (n, (_, st, ok)) in &error_results {
+            s.push_str(&format!(
+                "{n}\texpect-error:{}\t{}\t{}\n",
+                st.tag(),
+                if *ok { "ok" } else { "bad" },
                 st.detail().replace(['\t', '\n'], " ")
             ));
         }
@@ -505,6 +662,13 @@ fn main() -> Result<()> {
             bail!("{} expected-pass tests regressed", regressions.len());
         }
         println!("conformance check: no regressions against {}", p.display());
+    }
+    if args.strict {
+        let failed = kiln_results.values().filter(|s| **s != Status::Pass).count();
+        let bad = error_results.values().filter(|(_, _, ok)| !ok).count();
+        if failed + bad > 0 {
+            bail!("{failed} tests did not pass, {bad} expected-error tests panicked, hung or returned outputs");
+        }
     }
     Ok(())
 }
@@ -572,7 +736,7 @@ fn report(
         match kiln.get(&c.name) {
             Some(Status::Pass) => e[0] += 1,
             Some(Status::Fail(_)) => e[1] += 1,
-            Some(Status::Error(_)) => e[2] += 1,
+            Some(Status::Error(_) | Status::Panic(_)) => e[2] += 1,
             _ => e[3] += 1,
         }
         if ort.get(&c.name).map(String::as_str) == Some("pass") {
