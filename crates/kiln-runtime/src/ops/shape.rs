@@ -352,32 +352,48 @@ fn slice(n: &NodeCtx) -> Result<Box<dyn OpKernel>> {
         if starts.len() != ends.len() || axes.len() != starts.len() || steps.len() != starts.len() {
             bail!("starts/ends/axes/steps lengths differ");
         }
-        let mut t = x.candle().contiguous()?;
+        // (axis, first index, length, step) per sliced axis, and the output shape.
+        let mut plan = Vec::with_capacity(axes.len());
+        let mut out_dims = x.dims().to_vec();
         for k in 0..axes.len() {
             let a = axes[k];
-            let d = t.dims()[a] as i64;
+            let d = x.dims()[a] as i64;
             let step = steps[k];
             if step == 0 {
                 bail!("slice step is 0");
             }
-            let clampv = |v: i64, lo: i64, hi: i64| v.clamp(lo, hi);
-            let norm = |v: i64| if v < 0 { v + d } else { v };
-            if step > 0 {
-                let s = clampv(norm(starts[k]), 0, d);
-                let e = clampv(norm(ends[k]), 0, d);
-                let len = if e > s { (e - s + step - 1) / step } else { 0 };
-                if step == 1 {
-                    t = t.narrow(a, s as usize, len as usize)?;
-                } else {
-                    let idx: Vec<u32> = (0..len).map(|i| (s + i * step) as u32).collect();
-                    t = t
-                        .contiguous()?
-                        .index_select(&CT::from_vec(idx, len as usize, t.device())?, a)?;
-                }
+            let norm = |v: i64| if v < 0 { v.saturating_add(d) } else { v };
+            let (s, len) = if step > 0 {
+                let s = norm(starts[k]).clamp(0, d);
+                let e = norm(ends[k]).clamp(0, d);
+                (s, if e > s { (e - s - 1) / step + 1 } else { 0 })
             } else {
-                let s = clampv(norm(starts[k]), -1, d - 1);
-                let e = clampv(norm(ends[k]), -1, d - 1);
-                let len = if s > e { (s - e + (-step) - 1) / (-step) } else { 0 };
+                let s = norm(starts[k]).clamp(-1, d - 1);
+                let e = norm(ends[k]).clamp(-1, d - 1);
+                (
+                    s,
+                    if s > e {
+                        ((s - e - 1) as u64 / step.unsigned_abs()) as i64 + 1
+                    } else {
+                        0
+                    },
+                )
+            };
+            out_dims[a] = len as usize;
+            plan.push((a, s, len, step));
+        }
+        if out_dims.contains(&0) {
+            // candle's narrow/index_select index into the storage even for empty results.
+            return out1(Tensor::new(
+                CT::zeros(out_dims, x.candle().dtype(), x.candle().device())?,
+                x.dtype(),
+            )?);
+        }
+        let mut t = x.candle().contiguous()?;
+        for (a, s, len, step) in plan {
+            if step == 1 {
+                t = t.narrow(a, s as usize, len as usize)?;
+            } else {
                 let idx: Vec<u32> = (0..len).map(|i| (s + i * step) as u32).collect();
                 t = t
                     .contiguous()?
@@ -402,6 +418,11 @@ fn split(n: &NodeCtx) -> Result<Box<dyn OpKernel>> {
             None => {
                 let k = num_outputs.map(|v| v.max(1) as usize).unwrap_or(outs.max(1));
                 let chunk = d.div_ceil(k);
+                // Every chunk but the last is full; a last chunk that would need a negative size
+                // means num_outputs does not fit the axis (ONNX Runtime refuses it too).
+                if num_outputs.is_some() && chunk * (k - 1) > d {
+                    bail!("Split: num_outputs {k} cannot split an axis of {d} into chunks of {chunk}");
+                }
                 (0..k).map(|i| chunk.min(d.saturating_sub(i * chunk))).collect()
             }
         };
