@@ -512,41 +512,68 @@ fn pad(n: &NodeCtx) -> Result<Box<dyn OpKernel>> {
             out_dims.push(o as usize);
         }
         cx.check_alloc(elems(&out_dims), x.dtype())?;
+        if out_dims.contains(&0) {
+            // An empty result; the non-constant modes still refuse to pad from an empty extent.
+            if mode != "constant" {
+                for (d, &(b, e)) in per_axis.iter().enumerate() {
+                    let n = x.dims()[d] as i64 - (-b).max(0) - (-e).max(0);
+                    if n <= 0 && out_dims[d] > 0 {
+                        bail!("Pad: cannot {mode}-pad axis {d}: no input elements left after the negative pads");
+                    }
+                }
+            }
+            return out1(Tensor::new(
+                CT::zeros(out_dims, x.candle().dtype(), x.candle().device())?,
+                x.dtype(),
+            )?);
+        }
         let value = value.as_tensor()?.candle().flatten_all()?.narrow(0, 0, 1)?;
         let mut t = x.candle().clone();
         for (d, &(b, e)) in per_axis.iter().enumerate() {
             if b == 0 && e == 0 {
                 continue;
             }
-            let len = t.dims()[d];
+            // Output index o reads input index o - b. Negative pads crop: constant mode fills
+            // everything outside the input, the other modes pad from the cropped input (the effective
+            // extent), as ONNX Runtime does.
+            let len = t.dims()[d] as i64;
+            let out_n = out_dims[d];
             if mode == "constant" {
-                let start = (-b).max(0) as usize;
-                let stop = len as i64 - (-e).max(0);
-                let keep = (stop - start as i64).max(0) as usize;
-                t = t.narrow(d, start.min(len), keep)?;
-                let fill = |k: usize, t: &CT| -> Result<CT> {
-                    let mut sd = t.dims().to_vec();
-                    sd[d] = k;
+                let lo = (-b).max(0).min(len);
+                let hi = len.min(out_n as i64 - b);
+                let keep = (hi - lo).max(0);
+                let left = b.clamp(0, out_n as i64);
+                let right = out_n as i64 - left - keep;
+                let kept = t.narrow(d, lo as usize, keep as usize)?;
+                let fill = |k: i64| -> Result<CT> {
+                    let mut sd = kept.dims().to_vec();
+                    sd[d] = k as usize;
                     Ok(value.reshape(vec![1; sd.len()])?.broadcast_as(sd)?.contiguous()?)
                 };
                 let mut parts = Vec::new();
-                if b > 0 {
-                    parts.push(fill(b as usize, &t)?);
+                if left > 0 {
+                    parts.push(fill(left)?);
                 }
-                parts.push(t.clone());
-                if e > 0 {
-                    parts.push(fill(e as usize, &t)?);
+                if keep > 0 {
+                    parts.push(kept.clone());
                 }
-                t = CT::cat(&parts, d)?;
+                if right > 0 {
+                    parts.push(fill(right)?);
+                }
+                t = if parts.is_empty() { kept } else { CT::cat(&parts, d)? };
             } else {
-                let out_n = out_dims[d];
-                if len == 0 {
+                let lo = (-b).max(0);
+                let n = len - lo - (-e).max(0);
+                if n <= 0 {
                     if out_n > 0 {
-                        bail!("Pad: cannot {mode}-pad an empty axis");
+                        bail!("Pad: cannot {mode}-pad axis {d}: no input elements left after the negative pads");
                     }
+                    let mut sd = t.dims().to_vec();
+                    sd[d] = 0;
+                    t = CT::zeros(sd, t.dtype(), t.device())?;
                     continue;
                 }
-                let n = len as i64;
+                let b = b.max(0);
                 let mut idx = Vec::with_capacity(out_n);
                 for o in 0..out_n as i64 {
                     let i = o - b;
@@ -567,7 +594,7 @@ fn pad(n: &NodeCtx) -> Result<Box<dyn OpKernel>> {
                             }
                         }
                     };
-                    idx.push(j);
+                    idx.push((j + lo) as u32);
                 }
                 let ids = CT::from_vec(idx, out_n, t.device())?;
                 t = t.contiguous()?.index_select(&ids, d)?;
