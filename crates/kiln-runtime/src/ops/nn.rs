@@ -512,19 +512,12 @@ fn conv_transpose_factory(n: &NodeCtx) -> Result<Box<dyn OpKernel>> {
         };
         for i in 0..sp {
             let full = (strides[i] * (xd[2 + i].saturating_sub(1)) + op[i] + (k[i] - 1) * dil[i] + 1) as i64;
-            let explicit_pb = match (&a.pads, a.auto) {
-                (Some(p), AutoPad::NotSet) if p.len() == 2 * sp => p[i],
-                _ => 0,
-            };
-            if let (Some(o), AutoPad::NotSet | AutoPad::Valid) = (&oshape, a.auto) {
-                // Output shape given without SAME padding: the explicit pads (or none) hold.
-                if o[i] < 0 {
-                    bail!("ConvTranspose: negative output size");
-                }
-                begin.push(explicit_pb);
-                out_sp.push(o[i] as usize);
-                continue;
-            }
+            // With output_shape (any auto_pad, pads ignored) or SAME_*: total padding
+            // full - target, split as the spec says (SAME_UPPER: the smaller half first; otherwise
+            // the larger half first). A negative total: for output_shape, the output extends past
+            // the full transposed convolution with zeros, by less than one stride (as ONNX Runtime;
+            // more is refused); for SAME_* it is clamped to 0, so the output is the full size (ONNX
+            // shape inference and ONNX Runtime agree on that).
             let target = match (&oshape, a.auto) {
                 (Some(o), _) => Some(o[i]),
                 (None, AutoPad::SameUpper | AutoPad::SameLower) => Some((xd[2 + i] * strides[i]) as i64),
@@ -535,7 +528,20 @@ fn conv_transpose_factory(n: &NodeCtx) -> Result<Box<dyn OpKernel>> {
                     if t < 0 {
                         bail!("ConvTranspose: negative output size");
                     }
-                    let total = full - t;
+                    let mut total = full - t;
+                    let mut t = t;
+                    if total < 0 {
+                        if oshape.is_none() {
+                            t = full;
+                        } else if -total >= strides[i] as i64 {
+                            bail!(
+                                "ConvTranspose: output_shape {t} on axis {i} is not reachable from input size {} (full size {full}, stride {})",
+                                xd[2 + i],
+                                strides[i]
+                            );
+                        }
+                        total = 0;
+                    }
                     let (pb, _pe) = if a.auto == AutoPad::SameUpper {
                         (total / 2, total - total / 2)
                     } else {
@@ -555,8 +561,9 @@ fn conv_transpose_factory(n: &NodeCtx) -> Result<Box<dyn OpKernel>> {
                         _ => (0, 0),
                     };
                     let o = full - pb - pe;
-                    if o < 0 {
-                        bail!("ConvTranspose: negative output size");
+                    if o <= 0 {
+                        // As ONNX Runtime: an output axis the pads remove entirely is an error.
+                        bail!("ConvTranspose: pads {pb}+{pe} leave no output on axis {i} (full size {full})");
                     }
                     begin.push(pb);
                     out_sp.push(o as usize);
