@@ -110,19 +110,26 @@ fn geometry(a: &PoolAttrs, input: &[usize]) -> Result<Geo> {
         let o = match a.auto {
             AutoPad::SameUpper | AutoPad::SameLower => input[i].div_ceil(s[i]),
             _ => {
-                if padded < span {
-                    bail!("pooling window larger than the padded input");
-                }
-                let num = padded - span;
-                if a.ceil {
-                    let mut o = num.div_ceil(s[i]) + 1;
-                    if (o - 1) * s[i] >= input[i] + pb[i] {
+                // ONNX Runtime's sizes, with num = padded - span: floor mode num / s + 1 with the
+                // division truncated toward zero, ceil mode ceil(num / s) + 1 minus a last window
+                // that would start in the end padding. Where the window fits these are the spec's
+                // floor/ceil; a window that does not fit gives 0 or 1 windows (over the padded
+                // input) while num > -s, and an error below that.
+                let (si, num) = (s[i] as i64, padded as i64 - span as i64);
+                let o = if !a.ceil {
+                    num / si + 1
+                } else {
+                    let c = if num >= 0 { (num + si - 1) / si } else { num / si };
+                    let mut o = c + 1;
+                    if o > 0 && (o - 1) * si >= (input[i] + pb[i]) as i64 {
                         o -= 1;
                     }
                     o
-                } else {
-                    num / s[i] + 1
+                };
+                if o < 0 {
+                    bail!("pooling window larger than the padded input");
                 }
+                o as usize
             }
         };
         out.push(o);
