@@ -31,6 +31,14 @@ pub enum OnnxError {
     Value { name: String, reason: String },
     #[error("unsupported: {0}")]
     Unsupported(String),
+    /// The model is over one of the [`crate::LoadLimits`].
+    #[error("the model exceeds a load limit: {what} is {value}, the limit is {limit} (LoadLimits::{field})")]
+    Limit {
+        what: String,
+        value: u128,
+        limit: u64,
+        field: &'static str,
+    },
     #[error(transparent)]
     Graph(#[from] kiln_graph::GraphError),
 }

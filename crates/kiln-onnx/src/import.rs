@@ -28,6 +28,7 @@ pub fn import_model(m: &proto::ModelProto, source: &ModelSource) -> Result<Model
         source,
         funcs: &funcs,
         depth: 0,
+        nodes: std::cell::Cell::new(0),
     };
     let (mut graph, captures) = cx.graph(gp, &[])?;
     if !captures.is_empty() {
@@ -69,9 +70,9 @@ struct ImportCx<'a> {
     source: &'a ModelSource,
     funcs: &'a Functions<'a>,
     depth: usize,
+    /// Nodes imported so far over all graphs (bounded by `LoadLimits::max_nodes`).
+    nodes: std::cell::Cell<u64>,
 }
-
-const MAX_NESTING: usize = 64;
 
 /// Name -> id map of one graph under construction.
 struct Scope {
@@ -124,11 +125,13 @@ impl Scope {
 
 impl ImportCx<'_> {
     fn graph(&mut self, gp: &proto::GraphProto, outer: &[String]) -> Result<(Graph, Vec<String>)> {
-        if self.depth > MAX_NESTING {
-            return Err(OnnxError::Unsupported(format!(
-                "subgraphs nested deeper than {MAX_NESTING}"
-            )));
-        }
+        let limits = &self.source.limits;
+        crate::LoadLimits::check(
+            "the subgraph nesting depth",
+            self.depth as u128,
+            limits.max_nesting,
+            "max_nesting",
+        )?;
         let mut sc = Scope {
             graph: Graph {
                 name: gp.name.clone().unwrap_or_default(),
@@ -159,6 +162,7 @@ impl ImportCx<'_> {
             sc.declare(value_info(vi)?);
         }
         let nodes = self.expand_functions(&gp.node, 0)?;
+        self.count_nodes(nodes.len())?;
         // Declare every node output first so that out-of-order nodes still resolve.
         for n in &nodes {
             for o in n.output.iter().filter(|o| !o.is_empty()) {
@@ -327,14 +331,37 @@ impl ImportCx<'_> {
         })
     }
 
-    /// Inlines calls to model-local functions (recursively, with a depth bound).
+    /// Adds `n` imported nodes to the count, failing past `LoadLimits::max_nodes`.
+    fn count_nodes(&self, n: usize) -> Result<()> {
+        let total = self.nodes.get().saturating_add(n as u64);
+        self.nodes.set(total);
+        crate::LoadLimits::check(
+            "the node count (all graphs, functions inlined)",
+            total.into(),
+            self.source.limits.max_nodes,
+            "max_nodes",
+        )
+    }
+
+    /// Inlines calls to model-local functions (recursively, with a depth bound; the node count
+    /// is checked as bodies expand, so functions calling functions cannot blow up).
     fn expand_functions(&self, nodes: &[proto::NodeProto], depth: usize) -> Result<Vec<proto::NodeProto>> {
         if self.funcs.by_key.is_empty() {
             return Ok(nodes.to_vec());
         }
-        if depth > MAX_NESTING {
-            return Err(OnnxError::Unsupported("model-local functions nested too deeply".into()));
-        }
+        crate::LoadLimits::check(
+            "the nesting depth of model-local function calls",
+            depth as u128,
+            self.source.limits.max_nesting,
+            "max_nesting",
+        )?;
+        // Counted as the expansion goes (what is kept is counted once more by the caller).
+        crate::LoadLimits::check(
+            "the node count (all graphs, functions inlined)",
+            (self.nodes.get() as u128).saturating_add(nodes.len() as u128),
+            self.source.limits.max_nodes,
+            "max_nodes",
+        )?;
         let mut out = Vec::new();
         for (k, n) in nodes.iter().enumerate() {
             let key = (
@@ -390,6 +417,12 @@ impl ImportCx<'_> {
                 body.push(c);
             }
             out.extend(self.expand_functions(&body, depth + 1)?);
+            crate::LoadLimits::check(
+                "the node count (all graphs, functions inlined)",
+                (self.nodes.get() as u128).saturating_add(out.len() as u128),
+                self.source.limits.max_nodes,
+                "max_nodes",
+            )?;
         }
         Ok(out)
     }

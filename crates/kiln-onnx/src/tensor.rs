@@ -23,6 +23,18 @@ pub fn tensor_from_proto(t: &proto::TensorProto, source: &ModelSource) -> Result
     if t.segment.is_some() {
         return Err(OnnxError::Unsupported(format!("tensor '{name}' is segmented")));
     }
+    // Its declared size, before anything is read or allocated for it.
+    let elems = dims
+        .iter()
+        .try_fold(1u128, |a, &d| a.checked_mul(d as u128))
+        .unwrap_or(u128::MAX);
+    let declared = elems.saturating_mul(dtype.size_in_bytes().max(1) as u128);
+    crate::LoadLimits::check(
+        format!("tensor '{name}' (dims {dims:?}, {dtype}) in bytes"),
+        declared,
+        source.limits.max_tensor_bytes,
+        "max_tensor_bytes",
+    )?;
     if dtype == DType::String {
         return Ok(TensorData::strings(name, dims, t.string_data.clone())?);
     }

@@ -33,6 +33,27 @@ pub struct ModelConfig {
     pub max_queue_size: Option<usize>,
     /// File name inside each version folder (default `model.onnx`).
     pub default_model_filename: Option<String>,
+    #[serde(default)]
+    pub limits: LimitsConfig,
+}
+
+/// Bounds on what loading and running this model may cost (unset fields keep Kiln's defaults:
+/// `kiln::LoadLimits::default()`, `kiln::RunOptions::default()`). A model over a load limit
+/// fails to load with an error naming the limit; a request that would make a tensor over
+/// `max_tensor_bytes` fails with a 500 naming the node, and the model keeps serving.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct LimitsConfig {
+    /// Largest model file in bytes (default 2 GiB).
+    pub max_model_bytes: Option<u64>,
+    /// Most nodes over all graphs (default 1,000,000).
+    pub max_nodes: Option<u64>,
+    /// Deepest subgraph nesting (default 32).
+    pub max_graph_nesting: Option<u64>,
+    /// Largest initializer by its declared dims (default 16 GiB).
+    pub max_initializer_bytes: Option<u64>,
+    /// Largest tensor a kernel may create while running a request (default 4 GiB).
+    pub max_tensor_bytes: Option<u64>,
 }
 
 /// Which versions of a model are served. At most one field may be set; none means `latest = 1`.
@@ -192,6 +213,8 @@ pub struct ResolvedConfig {
     pub queue_size: usize,
     pub request_timeout: Option<Duration>,
     pub model_filename: String,
+    pub load_limits: kiln::LoadLimits,
+    pub run_options: kiln::RunOptions,
 }
 
 impl ModelConfig {
@@ -281,7 +304,24 @@ impl ModelConfig {
                 "default_model_filename '{model_filename}' must be a plain file name"
             )));
         }
+        let l = &self.limits;
+        let d = kiln::LoadLimits::default();
+        let load_limits = kiln::LoadLimits {
+            max_file_bytes: l.max_model_bytes.unwrap_or(d.max_file_bytes),
+            max_nodes: l.max_nodes.unwrap_or(d.max_nodes),
+            max_nesting: l.max_graph_nesting.unwrap_or(d.max_nesting),
+            max_tensor_bytes: l.max_initializer_bytes.unwrap_or(d.max_tensor_bytes),
+        };
+        let mut run_options = kiln::RunOptions::default();
+        if let Some(b) = l.max_tensor_bytes {
+            if b == 0 {
+                return Err(bad("limits.max_tensor_bytes must be > 0".into()));
+            }
+            run_options.max_tensor_bytes = b;
+        }
         Ok(ResolvedConfig {
+            load_limits,
+            run_options,
             instance_count: self.instance_group.count,
             request_timeout: self.request_timeout_ms.map(Duration::from_millis),
             policy,
@@ -344,9 +384,32 @@ mod tests {
             "[instance_group]\ndevice = \"tpu\"",
             "[optimization]\nprecision = \"int4\"",
             "max_queue_size = 0",
+            "[limits]\nmax_tensor_bytes = 0",
+            "[limits]\nmax_nodez = 3",
         ] {
             assert!(parse(text).is_err(), "accepted: {text}");
         }
+    }
+
+    #[test]
+    fn limits_section() {
+        let c = parse("[limits]\nmax_model_bytes = 1000\nmax_nodes = 50\nmax_graph_nesting = 2\nmax_initializer_bytes = 64\nmax_tensor_bytes = 4096").unwrap();
+        assert_eq!(
+            c.load_limits,
+            kiln::LoadLimits {
+                max_file_bytes: 1000,
+                max_nodes: 50,
+                max_nesting: 2,
+                max_tensor_bytes: 64,
+            }
+        );
+        assert_eq!(c.run_options.max_tensor_bytes, 4096);
+        let d = parse("").unwrap();
+        assert_eq!(d.load_limits, kiln::LoadLimits::default());
+        assert_eq!(
+            d.run_options.max_tensor_bytes,
+            kiln::RunOptions::default().max_tensor_bytes
+        );
     }
 
     #[test]

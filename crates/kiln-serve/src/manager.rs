@@ -516,6 +516,8 @@ impl ModelManager {
             .device(config.device)
             .optimization(config.level)
             .precision(config.precision)
+            .load_limits(config.load_limits)
+            .run_options(config.run_options.clone())
             .build_from_file(file)
             .map_err(|e| load_err(e.to_string()))?;
         let inputs = session.inputs().to_vec();

@@ -22,6 +22,7 @@ mod session;
 pub use error::{Error, Result};
 pub use kiln_graph::passes::Report as OptimizationReport;
 pub use kiln_graph::{DType, Dim, Element, Shape, TensorData};
+pub use kiln_onnx::LoadLimits;
 pub use kiln_runtime::{
     num_threads, set_num_threads, Device, DeviceMemoryStats, HostFallback, OpTime, RunOptions, RunStats,
 };

@@ -112,6 +112,7 @@ pub struct SessionBuilder {
     precision: Precision,
     run_options: RunOptions,
     device_memory_limit: Option<u64>,
+    load_limits: kiln_onnx::LoadLimits,
 }
 
 impl SessionBuilder {
@@ -142,6 +143,13 @@ impl SessionBuilder {
         self
     }
 
+    /// Limits checked while loading (file size, node count, nesting, declared tensor bytes);
+    /// default [`kiln_onnx::LoadLimits::default`].
+    pub fn load_limits(mut self, limits: kiln_onnx::LoadLimits) -> Self {
+        self.load_limits = limits;
+        self
+    }
+
     /// Limits applied at run time (largest tensor, loop iterations).
     pub fn run_options(mut self, options: RunOptions) -> Self {
         self.run_options = options;
@@ -151,13 +159,17 @@ impl SessionBuilder {
     /// Loads an ONNX file (external data resolved next to it) and compiles it.
     pub fn build_from_file(self, path: impl AsRef<Path>) -> Result<Session> {
         let path = path.as_ref();
-        let model = crate::error::catch_panic("loading the model", || Ok(kiln_onnx::load_model(path)?))?;
+        let limits = self.load_limits;
+        let model = crate::error::catch_panic("loading the model", || Ok(kiln_onnx::load_model_with(path, &limits)?))?;
         self.build_from_model(model)
     }
 
     /// Loads an ONNX model from bytes and compiles it.
     pub fn build_from_bytes(self, bytes: &[u8]) -> Result<Session> {
-        let model = crate::error::catch_panic("loading the model", || Ok(kiln_onnx::load_model_bytes(bytes)?))?;
+        let limits = self.load_limits;
+        let model = crate::error::catch_panic("loading the model", || {
+            Ok(kiln_onnx::load_model_bytes_with(bytes, &limits)?)
+        })?;
         self.build_from_model(model)
     }
 

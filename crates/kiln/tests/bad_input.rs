@@ -87,7 +87,7 @@ fn huge_declared_initializer_dims() {
     let mut m = small_model();
     m.graph.as_mut().unwrap().initializer[0].dims = vec![1 << 40, 1 << 30];
     let e = err_of(&m);
-    assert!(e.contains("overflow") || e.contains("need"), "{e}");
+    assert!(e.contains("max_tensor_bytes") && e.contains("'b'"), "{e}");
 }
 
 #[test]
@@ -256,4 +256,164 @@ fn bound_inputs_run_like_host_inputs_and_are_checked_once() {
         .to_string();
     assert!(e.contains("missing") || e.contains("no such input"), "{e}");
     assert!(s.bind_inputs(vec![]).is_err());
+}
+
+fn limit_err(m: &proto::ModelProto, limits: kiln::LoadLimits) -> String {
+    match Session::builder().load_limits(limits).build_from_bytes(&bytes(m)) {
+        Ok(_) => panic!("the model should be over a limit"),
+        Err(e) => e.to_string(),
+    }
+}
+
+#[test]
+fn load_limits_are_checked_and_named() {
+    let d = kiln::LoadLimits::default();
+    let m = small_model();
+    // Under the defaults (and at exactly the limits) it loads.
+    let exact = kiln::LoadLimits {
+        max_file_bytes: bytes(&m).len() as u64,
+        max_nodes: 3,
+        max_nesting: 0,
+        max_tensor_bytes: 16,
+    };
+    Session::builder()
+        .load_limits(exact)
+        .build_from_bytes(&bytes(&m))
+        .expect("at the limits");
+    let e = limit_err(
+        &m,
+        kiln::LoadLimits {
+            max_file_bytes: 10,
+            ..d
+        },
+    );
+    assert!(e.contains("max_file_bytes") && e.contains("limit is 10"), "{e}");
+    let e = limit_err(&m, kiln::LoadLimits { max_nodes: 2, ..d });
+    assert!(e.contains("max_nodes") && e.contains("is 3"), "{e}");
+    let e = limit_err(
+        &m,
+        kiln::LoadLimits {
+            max_tensor_bytes: 8,
+            ..d
+        },
+    );
+    assert!(e.contains("max_tensor_bytes") && e.contains("'b'"), "{e}");
+    // The file-size limit is checked before the file is read.
+    let dir = std::env::temp_dir().join(format!("kiln-limits-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("m.onnx");
+    std::fs::write(&path, bytes(&m)).unwrap();
+    let e = Session::builder()
+        .load_limits(kiln::LoadLimits {
+            max_file_bytes: 10,
+            ..d
+        })
+        .build_from_file(&path)
+        .err()
+        .expect("over the limit")
+        .to_string();
+    assert!(e.contains("max_file_bytes"), "{e}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// An If whose then-branch holds an If whose then-branch holds an If ..., `depth` levels; every
+/// else-branch is one Identity.
+fn nested_ifs(depth: usize) -> proto::ModelProto {
+    fn branch(level: usize) -> proto::GraphProto {
+        let node = if level == 0 {
+            node("Identity", &format!("id{level}"), &["x"], &["y"])
+        } else {
+            let mut n = node("If", &format!("if{level}"), &["c"], &["y"]);
+            for (name, g) in [("then_branch", branch(level - 1)), ("else_branch", branch(0))] {
+                n.attribute.push(proto::AttributeProto {
+                    name: Some(name.into()),
+                    r#type: Some(proto::attribute_proto::AttributeType::Graph as i32),
+                    g: Some(g),
+                    ..Default::default()
+                });
+            }
+            n
+        };
+        proto::GraphProto {
+            name: Some(format!("b{level}")),
+            node: vec![node],
+            output: vec![value("y", 1, &[4])],
+            ..Default::default()
+        }
+    }
+    let g = branch(depth);
+    model(
+        g.node,
+        vec![value("c", 9, &[]), value("x", 1, &[4])],
+        vec![value("y", 1, &[4])],
+        vec![],
+    )
+}
+
+#[test]
+fn subgraph_nesting_and_node_count_limits() {
+    let d = kiln::LoadLimits::default();
+    let m = nested_ifs(4);
+    Session::builder().build_from_bytes(&bytes(&m)).expect("4 levels load");
+    let e = limit_err(&m, kiln::LoadLimits { max_nesting: 3, ..d });
+    assert!(e.contains("max_nesting") && e.contains("nesting depth is 4"), "{e}");
+    // Nodes in every branch count: 4 Ifs, 4 else-branch Identities and the innermost one.
+    let e = limit_err(&m, kiln::LoadLimits { max_nodes: 8, ..d });
+    assert!(e.contains("max_nodes"), "{e}");
+    Session::builder()
+        .load_limits(kiln::LoadLimits { max_nodes: 9, ..d })
+        .build_from_bytes(&bytes(&m))
+        .expect("9 nodes fit");
+    // Deeper than the default is refused with the limit named, not a stack overflow.
+    let e = err_of(&nested_ifs(40));
+    assert!(e.contains("max_nesting") || e.contains("recursion"), "{e}");
+}
+
+/// Model-local functions where each calls the next one twice: 2^levels nodes once inlined.
+#[test]
+fn function_inlining_blow_up_stops_at_the_node_limit() {
+    let levels = 40;
+    let mut m = model(
+        vec![{
+            let mut n = node("F0", "call", &["x"], &["y"]);
+            n.domain = Some("local".into());
+            n
+        }],
+        vec![value("x", 1, &[4])],
+        vec![value("y", 1, &[4])],
+        vec![],
+    );
+    m.opset_import.push(proto::OperatorSetIdProto {
+        domain: Some("local".into()),
+        version: Some(1),
+    });
+    for i in 0..levels {
+        let body = if i + 1 == levels {
+            vec![node("Relu", "r", &["a"], &["b"])]
+        } else {
+            let mut n1 = node(&format!("F{}", i + 1), "c1", &["a"], &["t"]);
+            n1.domain = Some("local".into());
+            let mut n2 = node(&format!("F{}", i + 1), "c2", &["t"], &["b"]);
+            n2.domain = Some("local".into());
+            vec![n1, n2]
+        };
+        m.functions.push(proto::FunctionProto {
+            name: Some(format!("F{i}")),
+            domain: Some("local".into()),
+            input: vec!["a".into()],
+            output: vec!["b".into()],
+            node: body,
+            opset_import: m.opset_import.clone(),
+            ..Default::default()
+        });
+    }
+    let e = limit_err(
+        &m,
+        kiln::LoadLimits {
+            max_nodes: 10_000,
+            max_nesting: 64,
+            ..kiln::LoadLimits::default()
+        },
+    );
+    assert!(e.contains("max_nodes"), "{e}");
 }

@@ -220,8 +220,45 @@ async fn hostile_requests_never_take_a_model_down() {
     let repo = temp_repo(&[]);
     write_model(&repo, "cnn", mobile_cnn(), CNN_CONFIG);
     write_model(&repo, "faulty", faulty(), FAULTY_CONFIG);
+    // The same CNN under tight limits: over the node limit it does not load; under a small
+    // run-time tensor limit, large images fail with an error and small ones are served.
+    write_model(
+        &repo,
+        "too_big",
+        mobile_cnn(),
+        &format!("{CNN_CONFIG}[limits]\nmax_nodes = 5\n"),
+    );
+    write_model(
+        &repo,
+        "tight",
+        mobile_cnn(),
+        &format!("{CNN_CONFIG}[limits]\nmax_tensor_bytes = 65536\n"),
+    );
     let server = start(&repo).await;
     let c = reqwest::Client::new();
+    let index: Value = c
+        .post(url(&server, "/v2/repository/index"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let too_big = index
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["name"] == "too_big")
+        .expect("listed");
+    assert_eq!(too_big["state"], "UNAVAILABLE", "{index}");
+    assert!(too_big["reason"].as_str().unwrap().contains("max_nodes"), "{index}");
+    let tight = url(&server, "/v2/models/tight/infer");
+    let large = infer_body("image", &[1, 3, 128, 128], image(&[1, 3, 128, 128], |i| (i % 5) as f32));
+    let (status, v) = post(&c, &tight, &large).await;
+    assert_eq!(status, StatusCode::INTERNAL_SERVER_ERROR, "{v}");
+    assert!(v["error"].as_str().unwrap().contains("65536"), "{v}");
+    let small = infer_body("image", &[1, 3, 8, 8], image(&[1, 3, 8, 8], |i| (i % 5) as f32));
+    assert_eq!(post(&c, &tight, &small).await.0, 200);
     let cnn = url(&server, "/v2/models/cnn/infer");
     let faulty_url = url(&server, "/v2/models/faulty/infer");
     let valid = infer_body(
