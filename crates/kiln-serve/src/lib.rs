@@ -8,6 +8,7 @@
 //! - [`protocols`] converts KServe v2 HTTP and gRPC and TF-Serving REST to and from the core.
 //! - [`Server`] binds the ports and shuts down gracefully.
 
+pub mod auth;
 pub mod batcher;
 pub mod cache;
 pub mod config;
@@ -20,6 +21,7 @@ pub mod protocols;
 pub mod repository;
 mod server;
 
+pub use auth::ControlToken;
 pub use config::ModelConfig;
 pub use error::{ErrorKind, Result, ServeError};
 pub use infer::{InferRequest, InferResponse};

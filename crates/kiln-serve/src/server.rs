@@ -11,6 +11,7 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tracing::{error, info, warn};
 
+use crate::auth::ControlToken;
 use crate::error::{Result, ServeError};
 use crate::manager::ModelManager;
 use crate::metrics::Metrics;
@@ -31,6 +32,8 @@ pub struct ServerConfig {
     pub max_body_bytes: usize,
     /// How often the repository is checked for new, changed or removed versions.
     pub poll_interval: Option<Duration>,
+    /// When set, repository load/unload (HTTP and gRPC) need `Authorization: Bearer <token>`.
+    pub control_token: Option<ControlToken>,
 }
 
 impl ServerConfig {
@@ -44,6 +47,7 @@ impl ServerConfig {
             metrics_addr: Some(SocketAddr::from(([0, 0, 0, 0], 8002))),
             max_body_bytes: 64 << 20,
             poll_interval: Some(Duration::from_secs(5)),
+            control_token: None,
         }
     }
 }
@@ -86,6 +90,7 @@ impl Server {
         let mut tasks = Vec::new();
         let state = HttpState {
             manager: manager.clone(),
+            control_token: config.control_token.clone(),
         };
 
         let http = bind(config.http_addr).await?;
@@ -107,9 +112,11 @@ impl Server {
             Some(addr) => {
                 let listener = bind(addr).await?;
                 let local = listener.local_addr().map_err(|e| ServeError::Server(e.to_string()))?;
-                let svc = GrpcInferenceServiceServer::new(KServeGrpc::new(manager.clone()))
-                    .max_decoding_message_size(config.max_body_bytes)
-                    .max_encoding_message_size(usize::MAX);
+                let svc = GrpcInferenceServiceServer::new(
+                    KServeGrpc::new(manager.clone()).with_control_token(config.control_token.clone()),
+                )
+                .max_decoding_message_size(config.max_body_bytes)
+                .max_encoding_message_size(usize::MAX);
                 let shutdown = stopped(stop_rx.clone());
                 let incoming = tonic::transport::server::TcpIncoming::from(listener);
                 tasks.push((

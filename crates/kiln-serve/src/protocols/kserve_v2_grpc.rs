@@ -24,11 +24,32 @@ pub use crate::proto::grpc_inference_service_server::GrpcInferenceServiceServer;
 /// The gRPC service over a [`ModelManager`].
 pub struct KServeGrpc {
     manager: Arc<ModelManager>,
+    control_token: Option<crate::auth::ControlToken>,
 }
 
 impl KServeGrpc {
     pub fn new(manager: Arc<ModelManager>) -> Self {
-        KServeGrpc { manager }
+        KServeGrpc {
+            manager,
+            control_token: None,
+        }
+    }
+
+    /// Repository load/unload then need `authorization: Bearer <token>` metadata.
+    pub fn with_control_token(mut self, token: Option<crate::auth::ControlToken>) -> Self {
+        self.control_token = token;
+        self
+    }
+
+    fn authorize<T>(&self, req: &Request<T>) -> Result<(), Status> {
+        let presented = req.metadata().get("authorization").and_then(|v| v.to_str().ok());
+        if crate::auth::allowed(self.control_token.as_ref(), presented) {
+            Ok(())
+        } else {
+            Err(Status::unauthenticated(
+                "repository control needs 'authorization: Bearer <token>' metadata (the server's --control-token)",
+            ))
+        }
     }
 }
 
@@ -285,6 +306,7 @@ impl GrpcInferenceService for KServeGrpc {
         &self,
         req: Request<RepositoryModelLoadRequest>,
     ) -> Result<Response<RepositoryModelLoadResponse>, Status> {
+        self.authorize(&req)?;
         let name = req.into_inner().model_name;
         let manager = self.manager.clone();
         tokio::task::spawn_blocking(move || manager.load_model(&name))
@@ -301,6 +323,7 @@ impl GrpcInferenceService for KServeGrpc {
         &self,
         req: Request<RepositoryModelUnloadRequest>,
     ) -> Result<Response<RepositoryModelUnloadResponse>, Status> {
+        self.authorize(&req)?;
         self.manager
             .unload_model(&req.into_inner().model_name)
             .map_err(status_of)?;

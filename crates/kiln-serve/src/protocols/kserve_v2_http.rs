@@ -28,6 +28,21 @@ pub const HEADER_CONTENT_LENGTH: &str = "inference-header-content-length";
 #[derive(Clone)]
 pub struct HttpState {
     pub manager: Arc<ModelManager>,
+    /// Required on repository load/unload when set.
+    pub control_token: Option<crate::auth::ControlToken>,
+}
+
+/// 401 unless the request may use the repository control endpoints.
+fn authorize(st: &HttpState, headers: &HeaderMap) -> HttpResult<()> {
+    let presented = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok());
+    if crate::auth::allowed(st.control_token.as_ref(), presented) {
+        Ok(())
+    } else {
+        Err(HttpError(
+            StatusCode::UNAUTHORIZED,
+            "repository control needs 'Authorization: Bearer <token>' (the server's --control-token)".into(),
+        ))
+    }
 }
 
 /// An error answered as `{"error": "..."}` with the status of its kind.
@@ -66,6 +81,14 @@ impl IntoResponse for HttpError {
             return (
                 self.0,
                 [(axum::http::header::CONNECTION, "close")],
+                Json(json!({ "error": self.1 })),
+            )
+                .into_response();
+        }
+        if self.0 == StatusCode::UNAUTHORIZED {
+            return (
+                self.0,
+                [(header::WWW_AUTHENTICATE, "Bearer")],
                 Json(json!({ "error": self.1 })),
             )
                 .into_response();
@@ -566,7 +589,12 @@ async fn repository_index(State(st): State<HttpState>, body: Result<Bytes, Bytes
     Ok(Json(Value::Array(rows)))
 }
 
-async fn repository_load(State(st): State<HttpState>, Path(model): Path<String>) -> HttpResult<Json<Value>> {
+async fn repository_load(
+    State(st): State<HttpState>,
+    headers: HeaderMap,
+    Path(model): Path<String>,
+) -> HttpResult<Json<Value>> {
+    authorize(&st, &headers)?;
     let manager = st.manager.clone();
     tokio::task::spawn_blocking(move || manager.load_model(&model))
         .await
@@ -579,7 +607,12 @@ async fn repository_load(State(st): State<HttpState>, Path(model): Path<String>)
     Ok(Json(json!({})))
 }
 
-async fn repository_unload(State(st): State<HttpState>, Path(model): Path<String>) -> HttpResult<Json<Value>> {
+async fn repository_unload(
+    State(st): State<HttpState>,
+    headers: HeaderMap,
+    Path(model): Path<String>,
+) -> HttpResult<Json<Value>> {
+    authorize(&st, &headers)?;
     st.manager.unload_model(&model)?;
     Ok(Json(json!({})))
 }

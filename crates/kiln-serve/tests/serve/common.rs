@@ -48,6 +48,7 @@ pub fn config(repo: &Path) -> ServerConfig {
         metrics_addr: Some(local),
         max_body_bytes: 1 << 20,
         poll_interval: None,
+        control_token: None,
     }
 }
 

@@ -7,4 +7,5 @@ mod grpc;
 mod hostile;
 mod http;
 mod reload;
+mod security;
 mod tf_rest;
