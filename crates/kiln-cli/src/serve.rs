@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use clap::{Args, ValueEnum};
-use kiln_serve::{Server, ServerConfig};
+use kiln_serve::{ControlToken, Server, ServerConfig};
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
 pub enum LogFormat {
@@ -42,6 +42,10 @@ pub struct ServeArgs {
     /// Seconds between repository checks for new, changed or removed versions (0: never).
     #[arg(long, env = "KILN_POLL_INTERVAL_SECS", default_value_t = 5)]
     poll_interval_secs: u64,
+    /// Require `Authorization: Bearer <token>` on repository load/unload (HTTP and gRPC). Prefer
+    /// the environment variable: a flag shows up in the process list.
+    #[arg(long, env = "KILN_CONTROL_TOKEN", hide_env_values = true)]
+    control_token: Option<String>,
 }
 
 fn init_logging(format: LogFormat) {
@@ -82,6 +86,10 @@ pub fn serve(args: ServeArgs) -> Result<()> {
         metrics_addr: Some(at(args.metrics_port)),
         max_body_bytes: args.max_body_bytes,
         poll_interval: (args.poll_interval_secs > 0).then(|| Duration::from_secs(args.poll_interval_secs)),
+        control_token: match args.control_token.as_deref() {
+            Some(t) => Some(ControlToken::new(t).context("--control-token must not be empty")?),
+            None => None,
+        },
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
