@@ -431,8 +431,7 @@ impl ModelManager {
                 return Err(e);
             }
         };
-        let available = repository::list_versions(&dir, &config.model_filename)?;
-        let wanted = config.policy.select(&available);
+        let mut available = repository::list_versions(&dir, &config.model_filename)?;
         let (current, mut failed) = {
             let models = self.read_models();
             models
@@ -440,6 +439,16 @@ impl ModelManager {
                 .map(|e| (e.serving.clone(), e.failed.clone()))
                 .unwrap_or_default()
         };
+        // A serving version whose folder is still there but whose file is gone (deleted or being
+        // replaced) stays selected: its reload fails and is reported, and the loaded copy serves
+        // on. Removing the version folder unloads it.
+        for v in current.keys() {
+            if !available.contains(v) && dir.join(v.to_string()).is_dir() {
+                available.push(*v);
+            }
+        }
+        available.sort_unstable();
+        let wanted = config.policy.select(&available);
         failed.retain(|v, _| wanted.contains(v));
         let mut next: BTreeMap<u64, Arc<ServedVersion>> = BTreeMap::new();
         for &v in &wanted {
@@ -670,10 +679,11 @@ fn entry_index(name: &str, e: &ModelEntry) -> Vec<IndexEntry> {
             } else {
                 VersionState::Unavailable
             },
-            reason: if sv.is_ready() {
-                String::new()
-            } else {
-                "no model worker is running".into()
+            reason: match e.failed.get(v) {
+                _ if !sv.is_ready() => "no model worker is running".into(),
+                // The file changed and did not load: the copy loaded earlier serves on.
+                Some((_, why)) => format!("serving the copy loaded earlier; reload failed: {why}"),
+                None => String::new(),
             },
         })
         .collect();

@@ -200,3 +200,90 @@ async fn version_policy_all_serves_every_version() {
     }
     server.shutdown().await.unwrap();
 }
+
+/// The serving version's file is corrupted in place, then deleted: the loaded copy keeps
+/// serving, the failed reload is reported (index reason, load-failure metric), and a good file
+/// put back loads again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serving_version_survives_its_file_corrupted_or_deleted() {
+    let repo = temp_repo(&["mlp"]);
+    let mut cfg = config(&repo);
+    cfg.poll_interval = Some(Duration::from_millis(50));
+    let server = kiln_serve::Server::start(cfg).await.unwrap();
+    let c = reqwest::Client::new();
+    let file = repo.join("mlp/1/model.onnx");
+    let good = std::fs::read(&file).unwrap();
+    let want = reference(&repo, "mlp", 1, vec![mlp_tensor(1, 5)])[0]
+        .values::<f32>()
+        .unwrap();
+    let body = json!({"inputs": [{"name": "input", "shape": [1, 4], "datatype": "FP32", "data": mlp_input(1, 5)}]});
+    let infer = || async {
+        let r = c
+            .post(url(&server, "/v2/models/mlp/infer"))
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        let v: Value = r.json().await.unwrap();
+        assert_eq!(f32s(&v["outputs"][0]["data"]), want);
+    };
+    let index_row = || async {
+        let idx: Value = c
+            .post(url(&server, "/v2/repository/index"))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        idx.as_array()
+            .unwrap()
+            .iter()
+            .find(|e| e["version"] == "1")
+            .cloned()
+            .unwrap()
+    };
+    infer().await;
+    // Corrupted in place (same size, garbage bytes), then truncated.
+    std::fs::write(&file, vec![0xffu8; good.len()]).unwrap();
+    assert!(
+        wait_until(30, || async {
+            index_row().await["reason"]
+                .as_str()
+                .is_some_and(|r| r.contains("reload failed"))
+        })
+        .await,
+        "the failed reload was never reported: {}",
+        index_row().await
+    );
+    let row = index_row().await;
+    assert_eq!(row["state"], "READY", "{row}");
+    infer().await;
+    std::fs::write(&file, &good[..good.len() / 2]).unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    infer().await;
+    // Deleted: the version folder has no model file any more.
+    std::fs::remove_file(&file).unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    infer().await;
+    assert_eq!(
+        c.get(url(&server, "/v2/health/ready")).send().await.unwrap().status(),
+        200
+    );
+    let text = metrics_text(&server).await;
+    assert!(
+        metric(&text, "kiln_model_load_failures_total{model=\"mlp\",version=\"1\"}").unwrap_or(0.0) >= 1.0,
+        "{text}"
+    );
+    // Put back: loads again and the failure note goes away.
+    std::fs::write(&file, &good).unwrap();
+    assert!(
+        wait_until(30, || async { index_row().await["reason"] == "" }).await,
+        "{}",
+        index_row().await
+    );
+    infer().await;
+    server.shutdown().await.unwrap();
+    let _ = std::fs::remove_dir_all(&repo);
+}
