@@ -363,12 +363,15 @@ fn slice(n: &NodeCtx) -> Result<Box<dyn OpKernel>> {
                 bail!("slice step is 0");
             }
             let norm = |v: i64| if v < 0 { v.saturating_add(d) } else { v };
-            let (s, len) = if step > 0 {
+            let (s, len) = if d == 0 {
+                (0, 0)
+            } else if step > 0 {
                 let s = norm(starts[k]).clamp(0, d);
                 let e = norm(ends[k]).clamp(0, d);
                 (s, if e > s { (e - s - 1) / step + 1 } else { 0 })
             } else {
-                let s = norm(starts[k]).clamp(-1, d - 1);
+                // Negative steps: starts clamp to [0, d-1], ends to [-1, d-1].
+                let s = norm(starts[k]).clamp(0, d - 1);
                 let e = norm(ends[k]).clamp(-1, d - 1);
                 (
                     s,
@@ -432,6 +435,14 @@ fn split(n: &NodeCtx) -> Result<Box<dyn OpKernel>> {
         let mut out = Vec::with_capacity(sizes.len());
         let mut off = 0;
         for s in sizes {
+            if x.elem_count() == 0 {
+                // candle's narrow indexes into the storage even for an empty tensor.
+                let mut dims = x.dims().to_vec();
+                dims[a] = s;
+                let z = CT::zeros(dims, x.candle().dtype(), x.candle().device())?;
+                out.push(Value::Tensor(Tensor::new(z, x.dtype())?));
+                continue;
+            }
             out.push(Value::Tensor(x.map(|t| t.narrow(a, off, s))?));
             off += s;
         }
