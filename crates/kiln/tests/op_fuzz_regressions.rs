@@ -87,6 +87,48 @@ fn slice_after_an_axis_sliced_to_nothing() {
 }
 
 #[test]
+fn slice_negative_step_start_before_the_axis_clamps_to_zero() {
+    // start -2 on a length-1 axis with step -2 clamps to 0 (not -1): one element.
+    let x = iota(20);
+    let (dims, v) = run1(
+        "Slice",
+        &["x", "s", "e", "a", "st"],
+        vec![],
+        (&[1, 5, 4], &x),
+        vec![
+            i64_tensor("s", &[2], &[-2, 1]),
+            i64_tensor("e", &[2], &[i64::MIN, 2]),
+            i64_tensor("a", &[2], &[0, 1]),
+            i64_tensor("st", &[2], &[-2, 1]),
+        ],
+    )
+    .unwrap();
+    assert_eq!((dims, v), (vec![1, 1, 4], vec![5., 6., 7., 8.]));
+}
+
+#[test]
+fn split_an_empty_tensor() {
+    let mut n = node("Split", "n", &["x", "sp"], &["a", "b"]);
+    n.attribute = vec![int_attr("axis", 1)];
+    let mut m = model(
+        vec![n],
+        vec![value("x", 1, &[0, 3])],
+        vec![value("a", 1, &[0, 2]), value("b", 1, &[0, 1])],
+        vec![i64_tensor("sp", &[2], &[2, 1])],
+    );
+    m.opset_import[0].version = Some(18);
+    let s = Session::builder().build_from_bytes(&bytes(&m)).unwrap();
+    let out = s
+        .run(vec![(
+            "x".into(),
+            TensorData::from_values::<f32>("x", vec![0, 3], &[]).unwrap(),
+        )])
+        .unwrap();
+    assert_eq!(out[0].dims, vec![0, 2]);
+    assert_eq!(out[1].dims, vec![0, 1]);
+}
+
+#[test]
 fn pad_negative_and_positive_pads_on_one_axis() {
     let x = [1.0f32, 2.0, 3.0, 4.0];
     let cases: &[(&str, [i64; 2], &[f32])] = &[
