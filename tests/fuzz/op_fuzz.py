@@ -111,6 +111,34 @@ def special(rng, shape):
     return a
 
 
+# Element types for data-movement ops, drawn from a second RNG stream per case (so adding it did not
+# change the shapes and values of the float cases).
+_DT_RNG = None
+DATA_TYPES = [np.float32, np.float32, np.float32, np.float32, np.float32, np.int64, np.int32, np.uint8,
+              np.bool_, np.float16]
+
+
+def data_dtype():
+    return DATA_TYPES[int(_DT_RNG.integers(len(DATA_TYPES)))]
+
+
+def as_dtype(a, dt):
+    """A float array (from fl/special) as element type dt."""
+    if dt == np.float32:
+        return a
+    if dt == np.bool_:
+        return np.asarray(a > 0)
+    with np.errstate(over="ignore", invalid="ignore"):
+        if dt == np.float16:
+            return np.asarray(a.astype(np.float16))
+        info = np.iinfo(dt)
+        return np.asarray(np.clip(np.nan_to_num(a.astype(np.float64) * 100), info.min, info.max).astype(dt))
+
+
+def tproto(dt):
+    return helper.np_dtype_to_tensor_dtype(np.dtype(dt))
+
+
 def acc_tol(k):
     return (1e-4, 1e-5 * max(1.0, math.sqrt(k)))
 
@@ -317,6 +345,9 @@ def gen_gather(rng, deg):
     rank = int(rng.integers(1, 5))
     shape = _shape(rng, rank, deg)
     data = fl(rng, shape) if not deg else special(rng, shape)
+    dt = data_dtype()
+    data = as_dtype(data, dt)
+    out_t = [tproto(dt)]
     oob = deg and rng.random() < 0.25  # an out-of-range index: ORT errors, Kiln must error
 
     def idx(dim, size):
@@ -334,7 +365,8 @@ def gen_gather(rng, deg):
         if shape[axis] == 0 and ind.size:
             ind = np.zeros([0], np.int64)
         itype = pick(rng, [np.int64, np.int32])
-        return Case(op, [("data", data), ("indices", ind.astype(itype))], {"axis": axis}, opset=18, tol=EXACT, deg=deg)
+        return Case(op, [("data", data), ("indices", ind.astype(itype))], {"axis": axis}, out_types=out_t, opset=18,
+                    tol=EXACT, deg=deg)
     if op == "GatherElements":
         axis = int(rng.integers(-rank, rank))
         ishape = [int(rng.integers(0 if deg else 1, s + 1)) if i != axis % rank else int(rng.integers(1, 5))
@@ -342,7 +374,8 @@ def gen_gather(rng, deg):
         if shape[axis] == 0:
             ishape[axis % rank] = 0
         ind = idx(shape[axis], ishape).reshape(ishape)
-        return Case(op, [("data", data), ("indices", ind)], {"axis": axis}, opset=18, tol=EXACT, deg=deg)
+        return Case(op, [("data", data), ("indices", ind)], {"axis": axis}, out_types=out_t, opset=18, tol=EXACT,
+                    deg=deg)
     if op == "GatherND":
         b = int(rng.integers(0, rank))
         b = min(b, rank - 1)
@@ -351,9 +384,12 @@ def gen_gather(rng, deg):
         ishape = shape[:b] + outer + [k]
         ind = np.stack([idx(shape[b + j], ishape[:-1]).reshape(ishape[:-1]) for j in range(k)], -1) \
             if int(np.prod(ishape[:-1])) else np.zeros(ishape, np.int64)
-        return Case(op, [("data", data), ("indices", ind.astype(np.int64))], {"batch_dims": b}, opset=18,
-                    tol=EXACT, deg=deg)
+        return Case(op, [("data", data), ("indices", ind.astype(np.int64))], {"batch_dims": b}, out_types=out_t,
+                    opset=18, tol=EXACT, deg=deg)
     red = pick(rng, ["none", "none", "add", "mul", "max", "min"])
+    if red != "none" and dt != np.float32:
+        # Reductions keep the float data (ORT has no bool/uint8 Scatter reductions).
+        data, dt, out_t = data.astype(np.float32), np.float32, [TensorProto.FLOAT]
     tol = EXACT if red in ("none", "max", "min") else ELEM
     if op == "ScatterElements":
         axis = int(rng.integers(-rank, rank))
@@ -371,9 +407,9 @@ def gen_gather(rng, deg):
                 ind.flat[0] = shape[axis] + 3
         else:
             ind = idx(shape[axis], ishape).reshape(ishape)
-        upd = fl(rng, ishape)
+        upd = as_dtype(fl(rng, ishape), dt)
         return Case(op, [("data", data), ("indices", ind), ("updates", upd)], {"axis": axis, "reduction": red},
-                    opset=18, tol=tol, deg=deg)
+                    out_types=out_t, opset=18, tol=tol, deg=deg)
     # ScatterND
     k = int(rng.integers(1, rank + 1))
     outer = _shape(rng, int(rng.integers(1, 3)), False, 4)
@@ -394,9 +430,9 @@ def gen_gather(rng, deg):
         ind = ind - np.array(lead, np.int64) * (rng.random(ind.shape) < 0.5)
     if oob and ind.size:
         ind.flat[0] = lead[0] + 2
-    upd = fl(rng, outer + shape[k:])
-    return Case(op, [("data", data), ("indices", ind), ("updates", upd)], {"reduction": red}, opset=18,
-                tol=tol, deg=deg)
+    upd = as_dtype(fl(rng, outer + shape[k:]), dt)
+    return Case(op, [("data", data), ("indices", ind), ("updates", upd)], {"reduction": red}, out_types=out_t,
+                opset=18, tol=tol, deg=deg)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -405,7 +441,8 @@ def gen_gather(rng, deg):
 def gen_slice(rng, deg):
     rank = int(rng.integers(1, 5))
     shape = _shape(rng, rank, deg, 7)
-    x = fl(rng, shape)
+    dt = data_dtype()
+    x = as_dtype(fl(rng, shape), dt)
     naxes = int(rng.integers(1, rank + 1))
     axes = rng.permutation(rank)[:naxes]
     axes = np.array([a - rank if rng.random() < 0.4 else a for a in axes], np.int64)
@@ -428,13 +465,14 @@ def gen_slice(rng, deg):
         # int32 indices (out-of-range values clipped to the int32 range first)
         i32 = np.iinfo(np.int32)
         inputs = [(n, np.clip(a, i32.min, i32.max).astype(np.int32) if n != "x" else a) for n, a in inputs]
-    return Case("Slice", inputs, {}, opset=18, tol=EXACT, deg=deg)
+    return Case("Slice", inputs, {}, out_types=[tproto(dt)], opset=18, tol=EXACT, deg=deg)
 
 
 def gen_pad(rng, deg):
     rank = int(rng.integers(1, 5))
     shape = _shape(rng, rank, deg, 5)
-    x = fl(rng, shape) if not deg else special(rng, shape)
+    dt = data_dtype()
+    x = as_dtype(fl(rng, shape) if not deg else special(rng, shape), dt)
     mode = pick(rng, ["constant", "constant", "reflect", "edge", "wrap"])
     use_axes = rng.random() < 0.3
     axes = rng.permutation(rank)[: int(rng.integers(1, rank + 1))] if use_axes else np.arange(rank)
@@ -446,12 +484,12 @@ def gen_pad(rng, deg):
         pads = [min(p, shape[axes[i % len(axes)]] - 1) if p > 0 else p for i, p in enumerate(pads)]
     inputs = [("x", x), ("pads", np.array(pads, np.int64))]
     if mode == "constant" and rng.random() < 0.7:
-        inputs.append(("value", np.array(pick(rng, [0.0, 1.5, -F32MAX]), np.float32)))
+        inputs.append(("value", as_dtype(np.array(pick(rng, [0.0, 1.5, -F32MAX]), np.float32), dt)))
     elif use_axes:
         inputs.append(("value", None))
     if use_axes:
         inputs.append(("axes", np.array(axes, np.int64)))
-    case = Case("Pad", inputs, {"mode": mode}, opset=19, tol=EXACT, deg=deg)
+    case = Case("Pad", inputs, {"mode": mode}, out_types=[tproto(dt)], opset=19, tol=EXACT, deg=deg)
     if mode != "constant":
         k = len(axes)
         for i, a in enumerate(axes):
@@ -471,7 +509,7 @@ REDUCE_OPS = ["ReduceSum", "ReduceMean", "ReduceMax", "ReduceMin", "ReduceProd",
 def gen_reduce(rng, deg):
     op = pick(rng, REDUCE_OPS)
     rank = int(rng.integers(0 if deg else 1, 5))
-    shape = _shape(rng, rank, deg and op not in ("ReduceMax", "ReduceMin", "ReduceLogSum"), 6)
+    shape = _shape(rng, rank, deg, 6)
     if op in ("ReduceLogSum",):
         x = fl(rng, shape, 0.1, 2.0)
     elif op == "ReduceProd":
@@ -668,10 +706,11 @@ def gen_shape_ops(rng, deg):
     op = pick(rng, ["Concat", "Split", "Transpose"])
     rank = int(rng.integers(1, 6 if op == "Transpose" else 5))
     shape = _shape(rng, rank, deg, 5)
+    dt = data_dtype()
     if op == "Transpose":
-        x = fl(rng, shape) if not deg else special(rng, shape)
+        x = as_dtype(fl(rng, shape) if not deg else special(rng, shape), dt)
         attrs = {"perm": ints(rng.permutation(rank))} if rng.random() < 0.8 else {}
-        return Case(op, [("x", x)], attrs, opset=18, tol=EXACT, deg=deg)
+        return Case(op, [("x", x)], attrs, out_types=[tproto(dt)], opset=18, tol=EXACT, deg=deg)
     axis = int(rng.integers(-rank, rank))
     if op == "Concat":
         n = int(rng.integers(1, 5))
@@ -679,19 +718,19 @@ def gen_shape_ops(rng, deg):
         for i in range(n):
             s = list(shape)
             s[axis] = int(rng.integers(0 if deg else 1, 4))
-            ins.append((f"x{i}", fl(rng, s)))
-        return Case(op, ins, {"axis": axis}, opset=18, tol=EXACT, deg=deg)
+            ins.append((f"x{i}", as_dtype(fl(rng, s), dt)))
+        return Case(op, ins, {"axis": axis}, out_types=[tproto(dt)], opset=18, tol=EXACT, deg=deg)
     d = shape[axis]
-    x = fl(rng, shape)
+    x = as_dtype(fl(rng, shape), dt)
     if rng.random() < 0.5:
         n = int(rng.integers(1, 4))
         parts = rng.multinomial(d, [1 / n] * n) if d else np.zeros(n, np.int64)
         if not deg and d >= n:
             parts = np.maximum(parts, 0)
-        return Case(op, [("x", x), ("split", parts.astype(np.int64))], {"axis": axis}, outputs=n, opset=18,
-                    tol=EXACT, deg=deg)
+        return Case(op, [("x", x), ("split", parts.astype(np.int64))], {"axis": axis}, outputs=n,
+                    out_types=[tproto(dt)] * n, opset=18, tol=EXACT, deg=deg)
     n = int(rng.integers(1, 5))
-    return Case(op, [("x", x)], {"axis": axis, "num_outputs": n}, outputs=min(n, d) if d >= n else n, opset=18,
+    return Case(op, [("x", x)], {"axis": axis, "num_outputs": n}, outputs=n, out_types=[tproto(dt)] * n, opset=18,
                 tol=EXACT, deg=deg)
 
 
@@ -791,6 +830,9 @@ ORT_UNSUPPORTED = [
     # ONNX reference's) reflect keeps reflecting, which is what Kiln does.
     "exceeds maximum allowed",
     "Pad reflect requires axis length >= 2",
+    # MaxPool/AveragePool SAME_* where the formula's total padding is negative (kernel smaller than
+    # the stride leaves input unread): ORT refuses; the output size ceil(in/stride) is well defined.
+    "padding values must be non-negative",
     # LayerNormalization over an empty normalized shape: the output is empty; ORT refuses the model.
     "Size of X.shape[axis:] must be at least 1, got 0",
 ]
@@ -812,10 +854,18 @@ def excluded_reason(family: str, case: Case) -> str | None:
             and any(d != 1 for d in at.get("dilations", [])):
         return ("pool SAME_* with dilations: ORT sizes the padding without the dilation (output smaller than "
                 "ceil(in/stride), even empty); the spec says ceil(in/stride)")
-    if case.op == "Resize" and ins.get("scales") is not None:
+    if case.op == "Resize":
         ctm = at.get("coordinate_transformation_mode", "half_pixel")
-        x, sc = ins["x"], ins["scales"]
-        frac = any(abs(d * float(f) - math.floor(d * float(f))) > 1e-6 for d, f in zip(x.shape, sc))
+        x = ins["x"]
+        if ins.get("scales") is not None:
+            sc = [float(f) for f in ins["scales"]]
+        elif at.get("keep_aspect_ratio_policy", "stretch") != "stretch":
+            ratios = [int(o) / d for o, d in zip(ins["sizes"], x.shape)]
+            one = min(ratios) if at["keep_aspect_ratio_policy"] == "not_larger" else max(ratios)
+            sc = [one] * x.ndim
+        else:
+            sc = [int(o) / d for o, d in zip(ins["sizes"], x.shape)]
+        frac = any(abs(d * f - round(d * f)) > 1e-6 for d, f in zip(x.shape, sc))
         if ctm in ("align_corners", "pytorch_half_pixel", "tf_crop_and_resize") and frac:
             return ("Resize align_corners/pytorch_half_pixel/tf_crop_and_resize with a fractional in*scale: ORT "
                     "uses the integer output length, the ONNX reference and node tests (e.g. "
@@ -839,12 +889,28 @@ def excluded_reason(family: str, case: Case) -> str | None:
         if any(int(o) == 1 and d != 1 for o, d in zip(outs, x.shape)):
             return ("Resize pytorch_half_pixel to length 1: the spec text maps it to 0, the ONNX reference to -0.5 "
                     "(Kiln follows the reference)")
+    if case.op in REDUCE_OPS and case.op == "ReduceMean":
+        x = ins["x"]
+        axes = ins.get("axes")
+        noop = at.get("noop_with_empty_axes", 0) and (axes is None or len(axes) == 0)
+        red = list(range(x.ndim)) if axes is None or len(axes) == 0 else [int(a) % x.ndim for a in axes]
+        if not noop and any(x.shape[a] == 0 for a in red) or (not noop and x.size == 0 and not red):
+            return "ReduceMean over an empty set: the spec says undefined (ORT gives 0, Kiln NaN)"
+    if case.op == "Attention" and at.get("is_causal") and ins.get("past_key") is not None:
+        q, k = ins["q"], ins["k"]
+        sq, skv = (q.shape[1], k.shape[1]) if q.ndim == 3 else (q.shape[2], k.shape[2])
+        if sq != skv:
+            return ("Attention is_causal with a past cache and new K/V longer or shorter than Q: ORT aligns the "
+                    "causal mask bottom-right (offset total_kv - q_len), the ONNX reference offsets it by the past "
+                    "length (Kiln follows the reference)")
     return None
 
 
 def draw(family: str, seed: int, i: int) -> Case:
+    global _DT_RNG
     fam_id = zlib.crc32(family.encode())
     rng = np.random.default_rng([seed, fam_id, i])
+    _DT_RNG = np.random.default_rng([seed, fam_id, i, 1])
     deg = i % 3 == 2
     return FAMILIES[family](rng, deg)
 
