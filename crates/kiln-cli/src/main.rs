@@ -13,6 +13,7 @@ macro_rules! outln {
 mod bench;
 mod npy;
 mod optimize;
+mod output;
 mod precision;
 mod quantize;
 mod serve;

@@ -1,6 +1,5 @@
 //! `.npy` files <-> Kiln host tensors, through `npyz`.
 
-use std::io::BufWriter;
 use std::path::Path;
 
 use anyhow::{bail, Context, Result};
@@ -43,7 +42,12 @@ pub fn read(path: &Path, name: &str) -> Result<TensorData> {
 
 /// Writes a tensor as `.npy`.
 pub fn write(path: &Path, t: &TensorData) -> Result<()> {
-    let file = std::fs::File::create(path).with_context(|| format!("creating {}", path.display()))?;
+    let mut buf = Vec::new();
+    write_to(&mut buf, t)?;
+    crate::output::write(path, &buf)
+}
+
+fn write_to(file: &mut Vec<u8>, t: &TensorData) -> Result<()> {
     let shape: Vec<u64> = t.dims.iter().map(|&d| d as u64).collect();
     macro_rules! save {
         ($t:ty) => {{
@@ -51,7 +55,7 @@ pub fn write(path: &Path, t: &TensorData) -> Result<()> {
             let mut w = npyz::WriteOptions::new()
                 .default_dtype()
                 .shape(&shape)
-                .writer(BufWriter::new(file))
+                .writer(&mut *file)
                 .begin_nd()?;
             w.extend(values)?;
             w.finish()?;
@@ -81,7 +85,7 @@ pub fn write(path: &Path, t: &TensorData) -> Result<()> {
             let mut w = npyz::WriteOptions::new()
                 .default_dtype()
                 .shape(&shape)
-                .writer(BufWriter::new(file))
+                .writer(&mut *file)
                 .begin_nd()?;
             w.extend(v)?;
             w.finish()?;
@@ -116,11 +120,11 @@ pub fn write(path: &Path, t: &TensorData) -> Result<()> {
     Ok(())
 }
 
-fn write_values<T: npyz::AutoSerialize>(file: std::fs::File, shape: &[u64], values: Vec<T>) -> Result<()> {
+fn write_values<T: npyz::AutoSerialize>(file: &mut Vec<u8>, shape: &[u64], values: Vec<T>) -> Result<()> {
     let mut w = npyz::WriteOptions::new()
         .default_dtype()
         .shape(shape)
-        .writer(BufWriter::new(file))
+        .writer(&mut *file)
         .begin_nd()?;
     w.extend(values)?;
     w.finish()?;

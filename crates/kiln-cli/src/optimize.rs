@@ -42,7 +42,7 @@ pub fn optimize(input: &Path, output: &Path, cfg: &OptimizeConfig) -> Result<()>
     };
     let after = onnx::op_counts(&model.graph);
     let bytes = onnx::export_model_bytes(&model).context("exporting the optimized model")?;
-    std::fs::write(output, &bytes).with_context(|| format!("writing {}", output.display()))?;
+    crate::output::write(output, &bytes)?;
 
     outln!("{:>8}  {:>8}  op", "before", "after");
     let ops: BTreeSet<&String> = before.keys().chain(after.keys()).collect();

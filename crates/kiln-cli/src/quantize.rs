@@ -21,7 +21,7 @@ pub fn quantize(input: &Path, output: &Path, cfg: &QuantizeConfig) -> Result<()>
     let report =
         kiln::quantize::quantize_model(&mut model, cfg.min_elements, true).context("quantizing the weights")?;
     let bytes = onnx::export_model_bytes(&model).context("exporting the quantized model")?;
-    std::fs::write(output, &bytes).with_context(|| format!("writing {}", output.display()))?;
+    crate::output::write(output, &bytes)?;
 
     for w in &report.weights {
         let readers = if w.readers > 1 {

@@ -346,3 +346,37 @@ fn failures_on_synthesized_inputs_name_the_dims_set_to_one() {
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// `kiln optimize` killed mid-write by the file-size limit (SIGXFSZ, as a full disk or a crash
+/// would stop it) leaves the previous output whole, not a truncated model.
+#[test]
+#[cfg(unix)]
+fn an_interrupted_write_never_leaves_a_truncated_output() {
+    let dir = std::env::temp_dir().join(format!("kiln-cli-atomic-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let out = dir.join("out.onnx");
+    std::fs::write(&out, b"the previous output").unwrap();
+    let model = root().join("models/light/squeezenet.onnx");
+    // 512-byte blocks: 8 KiB, less than the optimized SqueezeNet.
+    let script = format!(
+        "ulimit -f 16; exec \"$0\" optimize '{}' '{}'",
+        model.display(),
+        out.display()
+    );
+    let status = Command::new("sh")
+        .args(["-c", &script, env!("CARGO_BIN_EXE_kiln")])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .expect("runs");
+    assert!(!status.success(), "the write should have been stopped");
+    assert_eq!(std::fs::read(&out).unwrap(), b"the previous output");
+    // Without the limit the output is replaced by a whole model.
+    let (ok, _, err) = kiln(&["optimize", &model.display().to_string(), &out.display().to_string()]);
+    assert!(ok, "{err}");
+    let written = std::fs::read(&out).unwrap();
+    assert!(written.len() > 8192);
+    let (ok, text, err) = kiln(&["inspect", &out.display().to_string()]);
+    assert!(ok && text.contains("Conv"), "{err}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
