@@ -63,7 +63,11 @@ async fn repository_control_needs_the_token() {
     req.metadata_mut()
         .insert("authorization", "Bearer let-me-in".parse().unwrap());
     g.repository_model_unload(req).await.expect("unloaded with the token");
-    assert_eq!(c.post(&infer).json(&body).send().await.unwrap().status(), 503, "unloaded: not ready");
+    assert_eq!(
+        c.post(&infer).json(&body).send().await.unwrap().status(),
+        503,
+        "unloaded: not ready"
+    );
     // HTTP load with the token brings it back.
     let r = c
         .post(&load)
