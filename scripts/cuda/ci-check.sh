@@ -11,7 +11,8 @@
 #      launchers name is in the embedded PTX with the parameters they push) runs for real, the GPU tests
 #      must print `skipped: no CUDA device`,
 #   4. the built `kiln` with the stub: it runs a shipped model on the CPU (output checked against the
-#      expected file) and answers `--device cuda` with one clear error line, no panic.
+#      expected file, which must not be a uniform softmax) and answers `--device cuda` with one clear
+#      error line, no panic.
 # The test build uses the same package selection as the build (the workspace's default members), so
 # candle-kernels is compiled once: another selection resolves build-dependency features differently and
 # would compile it again.
@@ -53,9 +54,12 @@ import sys
 import numpy as np
 got, want = np.load(sys.argv[1]), np.load(sys.argv[2])
 assert got.shape == want.shape, (got.shape, want.shape)
+# A uniform expected softmax (std/mean 0) would only check the shape; the shipped one is at 5.1.
+cv = float(want.std() / want.mean())
+assert cv > 0.5, f"expected output too close to uniform (std/mean {cv:.3g}): regenerate with models/make_light.py"
 err = float(np.abs(got - want).max())
 assert np.allclose(got, want, rtol=1e-3, atol=1e-5), err
-print(f"cuda-check: the CUDA build runs SqueezeNet on the CPU, max abs error {err:.2e}")
+print(f"cuda-check: the CUDA build runs SqueezeNet on the CPU, max abs error {err:.2e} (expected output std/mean {cv:.2f})")
 EOF
 
 set +e

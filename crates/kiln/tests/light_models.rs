@@ -1,6 +1,7 @@
-//! The shipped models (ResNet-50 and SqueezeNet architectures from the onnx wheel, synthetic weights)
-//! match the outputs onnx ships for them (verified against onnxruntime by models/make_light.py),
-//! within rtol 1e-3 / atol 1e-5, at every optimization level.
+//! The shipped models (ResNet-50 and SqueezeNet architectures from the onnx wheel, synthetic weights
+//! from models/make_light.py) match onnxruntime's outputs for them, within rtol 1e-3 / atol 1e-5, at
+//! every optimization level. The expected outputs must be spread out (a uniform softmax would only
+//! check shapes): `expected_outputs_are_spread` fails on a uniform one.
 
 use std::path::PathBuf;
 
@@ -17,7 +18,37 @@ fn read_f32(name: &str) -> (Vec<usize>, Vec<f32>) {
     (dims, npy.into_vec::<f32>().expect("f32 data"))
 }
 
+/// Coefficient of variation (std / mean) of the expected softmax output: 0 for a uniform one. The
+/// shipped files are at 14 (ResNet-50) and 5.1 (SqueezeNet).
+fn spread(values: &[f32]) -> f64 {
+    let n = values.len() as f64;
+    let mean = values.iter().map(|&v| v as f64).sum::<f64>() / n;
+    let var = values.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / n;
+    var.sqrt() / mean
+}
+
+const MIN_SPREAD: f64 = 0.5;
+
+fn assert_spread(expected: &str) {
+    let (_, want) = read_f32(expected);
+    let cv = spread(&want);
+    assert!(
+        cv > MIN_SPREAD,
+        "{expected}: std/mean of the expected output is {cv:.3} (<= {MIN_SPREAD}): too close to uniform \
+         to check the values; regenerate with models/make_light.py"
+    );
+}
+
+#[test]
+fn expected_outputs_are_spread() {
+    assert_spread("resnet50_expected.npy");
+    assert_spread("squeezenet_expected.npy");
+    // The check itself rejects the uniform softmax the wheel's constant weights gave.
+    assert!(spread(&[0.001f32; 1000]) < 1e-6);
+}
+
 fn check(model: &str, input: &str, expected: &str) {
+    assert_spread(expected);
     let (dims, x) = read_f32("input_1x3x224x224.npy");
     let (edims, want) = read_f32(expected);
     for level in [Level::Disabled, Level::Basic, Level::Extended, Level::All] {
