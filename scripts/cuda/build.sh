@@ -27,8 +27,8 @@ strip -o dist/fused-kernel-bench "$CARGO_TARGET_DIR/release/examples/fused_kerne
 tar czf dist/kiln-gpu.tgz -C dist kiln kiln-conformance
 # The fused kernel checks in their own archive, so a GPU run of only those carries ~30 MB.
 tar czf dist/kiln-gpu-kernels.tgz -C dist kiln-runtime-tests fused-kernel-bench
-# Everything for one session call (xz: the four binaries in about 40 MB, under the 64 MiB a call carries
-# together with dist/node-tests.tgz and the working tree).
+# Everything for KILN_GPU_CHECK=session, all GPU checks in one command (xz: the four binaries in about
+# 40 MB, so that with dist/node-tests.tgz and the working tree it stays under 64 MiB to copy over).
 tar cJf dist/kiln-gpu-session.tar.xz -C dist kiln kiln-conformance kiln-runtime-tests fused-kernel-bench
 # The node tests for the conformance run there (generated here: the GPU machine has no network).
 data="$(bash scripts/gen-conformance-data.sh </dev/null | tail -n 1)"

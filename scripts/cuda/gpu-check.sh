@@ -9,12 +9,12 @@
 # KILN_GPU_CHECK=evidence runs only scripts/cuda/gpu-evidence.py (correctness against onnxruntime and speed
 # against PyTorch on a BERT-base-shaped encoder and a CNN, about 8 min, writes gpu-evidence.md): it needs only
 # dist/kiln-gpu.tgz. The full run ends with it too.
-# KILN_GPU_CHECK=session is the one call for a session with little device time (15 minutes including the
-# machine's start): carry dist/kiln-gpu-session.tar.xz, dist/node-tests.tgz and dist/real-models.tgz
-# (scripts/cuda/build.sh; about 58 MB with the working tree, under the 64 MiB limit), run with
-# timeout_s=600. In priority order, each step limited by what is left of KILN_GPU_BUDGET (default 540 s): fused
-# kernel tests, kernel microbenchmark, gpu-evidence.py (correctness vs onnxruntime, speed vs PyTorch), then the
-# node suite on cuda:0 with the time left. Writes 8 files to $OUT (the most a device call returns).
+# KILN_GPU_CHECK=session runs every GPU check in one command for a machine available for about 15 minutes
+# (its start included): it needs dist/kiln-gpu-session.tar.xz, dist/node-tests.tgz and dist/real-models.tgz
+# (scripts/cuda/build.sh; about 58 MB with the working tree, under 64 MiB), with a 600 s timeout. In
+# priority order, each step limited by what is left of KILN_GPU_BUDGET (default 540 s): fused kernel tests,
+# kernel microbenchmark, gpu-evidence.py (correctness vs onnxruntime, speed vs PyTorch), then the node suite
+# on cuda:0 with the time left. Writes 8 files to $OUT.
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/../.."
 OUT="${OUT:-/tmp/kiln-gpu-out}"

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""GPU evidence for issue 5: correctness and speed of Kiln on CUDA against onnxruntime and PyTorch.
+"""GPU evidence: correctness and speed of Kiln on CUDA against onnxruntime and PyTorch.
 
 Runs on the GPU machine (PyTorch with CUDA, numpy, onnx, onnxruntime; no cargo, no network), with the
 `kiln` binary unpacked from dist/kiln-gpu.tgz (scripts/cuda/build.sh):
@@ -10,7 +10,7 @@ Runs on the GPU machine (PyTorch with CUDA, numpy, onnx, onnxruntime; no cargo, 
    input [batch, 128, 768]) and a small CNN (Conv/BatchNorm/ReLU stages with residual blocks, global
    average pool, Linear; input [batch, 3, 224, 224]) with random weights (seed 0) and exports both to
    ONNX (opset 17, dynamic axis `batch`) into WORK/models (default /tmp/kiln-evidence; not under OUT,
-   since the lent GPU machine sends back at most 8 files of 16 MiB from OUT).
+   since only a few files of at most 16 MiB each in OUT are copied back from the GPU machine).
 2. Correctness at batch 2 against onnxruntime CPU: Kiln on cuda at fp32 / fp16 / int8-weight (plus
    Kiln cuda fp32 at level basic and Kiln cpu fp32, to tell a CUDA problem from a fusion problem) and
    PyTorch's own fp32 and fp16 outputs.

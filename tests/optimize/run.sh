@@ -40,9 +40,11 @@ check models/light/resnet50.onnx extended
 check_fp16 models/light/squeezenet.onnx
 check_fp16 models/light/resnet50.onnx
 
-# Real models fetched by scripts (optional: CI checks them only when cached).
+# Real models from models/fetch.sh in $KILN_MODELS (scripts/test.sh sets it; default: fetch.sh's
+# directory), checked when present.
 CACHE="${KILN_CACHE:-$HOME/.cache/kiln}"
-find_model() { find "$CACHE/models-shared" "$CACHE/models-v1" -name "$1" 2>/dev/null | head -n 1 || true; }
+MODELS="${KILN_MODELS:-$CACHE/models-v1}"
+find_model() { find "$MODELS" -name "$1" 2>/dev/null | head -n 1 || true; }
 m="$(find_model paraphrase-MiniLM-L3-v2.onnx)"
 if [[ -n "$m" ]]; then
   check "$m" extended --dim batch_size=2 --dim sequence_length=7
@@ -56,6 +58,6 @@ fi
 m="$(find_model ch_PP-OCRv4_rec_infer.onnx)"
 if [[ -n "$m" ]]; then check "$m" extended --shape x=1x3x48x160; fi
 # fp16 through If bodies (Silero VAD: the network lives in the branches), on its reference inputs.
-m="${KILN_MODELS:-$CACHE/models-v1}/silero_vad.onnx"
+m="$MODELS/silero_vad.onnx"
 if [[ -f "$m" && -d "${m%.onnx}.ref/sr16k_b1/inputs" ]]; then check_fp16 "$m" --inputs "${m%.onnx}.ref/sr16k_b1/inputs"; fi
 echo "optimize: all outputs valid and matching"

@@ -31,7 +31,7 @@ check "$OUT/gemm_matmul.onnx" 2 --dim batch=6
 
 CACHE="${KILN_CACHE:-$HOME/.cache/kiln}"
 MODELS="${KILN_MODELS:-$CACHE/models-v1}"
-find_model() { find "$MODELS" "$CACHE/models-shared" "$CACHE/models-v1" -name "$1" 2>/dev/null | head -n 1 || true; }
+find_model() { find "$MODELS" -name "$1" 2>/dev/null | head -n 1 || true; }
 m="$(find_model paraphrase-MiniLM-L3-v2.onnx)"
 if [[ -n "$m" ]]; then check "$m" 18 --dim batch_size=2 --dim sequence_length=7; fi
 m="$(find_model bert-tiny.onnx)"
