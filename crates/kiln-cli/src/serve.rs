@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use clap::{Args, ValueEnum};
-use kiln_serve::{ControlToken, Server, ServerConfig};
+use kiln_serve::{ControlToken, Server, ServerConfig, TlsConfig};
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
 pub enum LogFormat {
@@ -46,6 +46,13 @@ pub struct ServeArgs {
     /// the environment variable: a flag shows up in the process list.
     #[arg(long, env = "KILN_CONTROL_TOKEN", hide_env_values = true)]
     control_token: Option<String>,
+    /// Serve HTTP and gRPC over TLS with this certificate chain (PEM); needs --tls-key. The
+    /// metrics port stays plain HTTP.
+    #[arg(long, env = "KILN_TLS_CERT", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// The private key (PEM) of --tls-cert.
+    #[arg(long, env = "KILN_TLS_KEY", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
 }
 
 fn init_logging(format: LogFormat) {
@@ -89,6 +96,13 @@ pub fn serve(args: ServeArgs) -> Result<()> {
         control_token: match args.control_token.as_deref() {
             Some(t) => Some(ControlToken::new(t).context("--control-token must not be empty")?),
             None => None,
+        },
+        tls: match (&args.tls_cert, &args.tls_key) {
+            (Some(cert), Some(key)) => Some(TlsConfig {
+                cert: cert.clone(),
+                key: key.clone(),
+            }),
+            _ => None,
         },
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()

@@ -40,6 +40,7 @@ async fn run(config: &str, tag: &str, requests: usize, concurrency: usize) -> an
         max_body_bytes: 1 << 20,
         poll_interval: None,
         control_token: None,
+        tls: None,
     })
     .await?;
     let url = Arc::new(format!("http://{}/v2/models/mlp/infer", server.http_addr));

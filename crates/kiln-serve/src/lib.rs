@@ -20,6 +20,7 @@ pub mod metrics;
 pub mod protocols;
 pub mod repository;
 mod server;
+pub mod tls;
 
 pub use auth::ControlToken;
 pub use config::ModelConfig;
@@ -28,6 +29,7 @@ pub use infer::{InferRequest, InferResponse};
 pub use manager::ModelManager;
 pub use metrics::Metrics;
 pub use server::{Server, ServerConfig};
+pub use tls::TlsConfig;
 
 /// Types and client/server stubs generated from `proto/grpc_service.proto` (package `inference`).
 pub mod proto {

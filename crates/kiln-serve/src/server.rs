@@ -17,6 +17,7 @@ use crate::manager::ModelManager;
 use crate::metrics::Metrics;
 use crate::protocols::kserve_v2_grpc::{GrpcInferenceServiceServer, KServeGrpc};
 use crate::protocols::kserve_v2_http::{self, HttpState};
+use crate::tls::{TlsConfig, TlsListener};
 
 /// Where and how to serve.
 #[derive(Debug, Clone)]
@@ -34,6 +35,8 @@ pub struct ServerConfig {
     pub poll_interval: Option<Duration>,
     /// When set, repository load/unload (HTTP and gRPC) need `Authorization: Bearer <token>`.
     pub control_token: Option<ControlToken>,
+    /// When set, the HTTP and gRPC ports speak TLS only (the metrics port stays plain HTTP).
+    pub tls: Option<TlsConfig>,
 }
 
 impl ServerConfig {
@@ -48,6 +51,7 @@ impl ServerConfig {
             max_body_bytes: 64 << 20,
             poll_interval: Some(Duration::from_secs(5)),
             control_token: None,
+            tls: None,
         }
     }
 }
@@ -93,20 +97,35 @@ impl Server {
             control_token: config.control_token.clone(),
         };
 
+        // Bad certificate or key files fail the start before any port is bound.
+        let tls = config.tls.as_ref().map(TlsConfig::server_config).transpose()?;
+        let grpc_tls = config.tls.as_ref().map(TlsConfig::grpc_config).transpose()?;
         let http = bind(config.http_addr).await?;
         let http_addr = http.local_addr().map_err(|e| ServeError::Server(e.to_string()))?;
         let app = kserve_v2_http::router(state.clone(), config.max_body_bytes);
         let shutdown = stopped(stop_rx.clone());
+        let scheme = if tls.is_some() { "https" } else { "http" };
         tasks.push((
             "http",
-            tokio::spawn(async move {
-                axum::serve(http, app)
-                    .with_graceful_shutdown(shutdown)
-                    .await
-                    .map_err(|e| e.to_string())
-            }),
+            match tls {
+                Some(tls) => {
+                    let listener = TlsListener::new(http, tls).map_err(|e| ServeError::Server(e.to_string()))?;
+                    tokio::spawn(async move {
+                        axum::serve(listener, app)
+                            .with_graceful_shutdown(shutdown)
+                            .await
+                            .map_err(|e| e.to_string())
+                    })
+                }
+                None => tokio::spawn(async move {
+                    axum::serve(http, app)
+                        .with_graceful_shutdown(shutdown)
+                        .await
+                        .map_err(|e| e.to_string())
+                }),
+            },
         ));
-        info!(%http_addr, "KServe v2 HTTP and TF-Serving REST listening");
+        info!(%http_addr, scheme, "KServe v2 HTTP and TF-Serving REST listening");
 
         let grpc_addr = match config.grpc_addr {
             Some(addr) => {
@@ -119,10 +138,16 @@ impl Server {
                 .max_encoding_message_size(usize::MAX);
                 let shutdown = stopped(stop_rx.clone());
                 let incoming = tonic::transport::server::TcpIncoming::from(listener);
+                let mut builder = tonic::transport::Server::builder();
+                if let Some(t) = grpc_tls {
+                    builder = builder
+                        .tls_config(t)
+                        .map_err(|e| ServeError::Server(format!("gRPC TLS: {e}")))?;
+                }
                 tasks.push((
                     "grpc",
                     tokio::spawn(async move {
-                        tonic::transport::Server::builder()
+                        builder
                             .add_service(svc)
                             .serve_with_incoming_shutdown(incoming, shutdown)
                             .await

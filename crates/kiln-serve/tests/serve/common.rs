@@ -49,6 +49,7 @@ pub fn config(repo: &Path) -> ServerConfig {
         max_body_bytes: 1 << 20,
         poll_interval: None,
         control_token: None,
+        tls: None,
     }
 }
 

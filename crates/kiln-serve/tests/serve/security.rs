@@ -90,3 +90,81 @@ async fn repository_control_needs_the_token() {
     server.shutdown().await.unwrap();
     let _ = std::fs::remove_dir_all(&repo);
 }
+
+fn tls_dir() -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/tls")
+}
+
+/// `--tls-cert/--tls-key`: HTTPS and gRPC over TLS with a certificate from a test CA; plain
+/// HTTP to the TLS port gets no answer; a bad key file fails the start with a clear error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_on_http_and_grpc() {
+    let repo = temp_repo(&["mlp"]);
+    let mut cfg = config(&repo);
+    cfg.tls = Some(kiln_serve::TlsConfig {
+        cert: tls_dir().join("cert.pem"),
+        key: tls_dir().join("key.pem"),
+    });
+    let server = Server::start(cfg.clone()).await.unwrap();
+    let ca = std::fs::read(tls_dir().join("ca.pem")).unwrap();
+    let c = reqwest::Client::builder()
+        .add_root_certificate(reqwest::Certificate::from_pem(&ca).unwrap())
+        .build()
+        .unwrap();
+    let port = server.http_addr.port();
+    let https = |path: &str| format!("https://localhost:{port}{path}");
+    assert_eq!(c.get(https("/v2/health/ready")).send().await.unwrap().status(), 200);
+    let body =
+        json!({"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 4], "data": [1.0, 2.0, 3.0, 4.0]}]});
+    let v: serde_json::Value = c
+        .post(https("/v2/models/mlp/infer"))
+        .json(&body)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(v["model_name"], "mlp", "{v}");
+    // Plain HTTP to the TLS port: no HTTP answer.
+    let plain = reqwest::Client::new()
+        .get(format!("http://127.0.0.1:{port}/v2/health/ready"))
+        .timeout(std::time::Duration::from_secs(15))
+        .send()
+        .await;
+    assert!(plain.is_err(), "{plain:?}");
+    // A client that does not trust the test CA is refused.
+    assert!(reqwest::Client::new()
+        .get(https("/v2/health/live"))
+        .send()
+        .await
+        .is_err());
+    // gRPC over TLS.
+    let tls = tonic::transport::ClientTlsConfig::new()
+        .ca_certificate(tonic::transport::Certificate::from_pem(&ca))
+        .domain_name("localhost");
+    let channel =
+        tonic::transport::Channel::from_shared(format!("https://localhost:{}", server.grpc_addr.unwrap().port()))
+            .unwrap()
+            .tls_config(tls)
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+    let mut g = GrpcInferenceServiceClient::new(channel);
+    let ready = g
+        .server_ready(kiln_serve::proto::ServerReadyRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(ready.ready);
+    server.shutdown().await.unwrap();
+    // Swapped files: a clear configuration error naming the file, before any port is bound.
+    cfg.tls = Some(kiln_serve::TlsConfig {
+        cert: tls_dir().join("cert.pem"),
+        key: tls_dir().join("cert.pem"),
+    });
+    let e = Server::start(cfg).await.err().expect("bad key").to_string();
+    assert!(e.contains("cert.pem") && e.contains("private key"), "{e}");
+    let _ = std::fs::remove_dir_all(&repo);
+}
