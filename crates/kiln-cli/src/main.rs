@@ -73,7 +73,7 @@ enum Cmd {
         #[arg(long, default_value = "cpu")]
         device: String,
         /// Graph optimization level: disabled, basic, extended or all (ONNX Runtime's levels). The
-        /// default, all, is the fastest; every level gives the same results on the ONNX node tests.
+        /// default, all, is the fastest; every level passes the same ONNX node tests.
         #[arg(long, default_value = "all")]
         level: Level,
         /// Directory for `<output name>.npy` files.
