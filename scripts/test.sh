@@ -57,6 +57,9 @@ bash tests/quantize/run.sh
 step "robustness: every node-test model with malformed inputs (no panic, no hang)"
 cargo run -q -p kiln-conformance -- --data "$DATA" --mutate --timeout 60
 
+step "differential op fuzzing against onnxruntime (700 random single-node models; mismatches, panics, hangs fail)"
+bash tests/fuzz/run.sh
+
 step "kiln serve with the official Triton clients (tritonclient[http,grpc], pinned in setup-python.sh serve)"
 SERVE_VENV="$(bash scripts/setup-python.sh serve </dev/null | tail -n 1)"
 # `cargo test --workspace` above built target/debug/kiln (kiln-cli has integration tests); this is a
