@@ -208,16 +208,23 @@ impl Drop for DynamicBatcher {
 fn spawn_worker(shared: &Arc<Shared>, index: usize) -> std::io::Result<()> {
     shared.alive.fetch_add(1, Ordering::SeqCst);
     shared.metrics.ready.set(1);
-    let guard = WorkerGuard {
-        shared: shared.clone(),
-        index,
-    };
     let name = format!("kiln-{}-{}-{index}", shared.model, shared.version);
-    match std::thread::Builder::new().name(name).spawn(move || worker(guard)) {
-        Ok(_) => Ok(()),
-        // The guard went down with the closure: it already uncounted the worker.
-        Err(e) => Err(e),
+    let for_thread = shared.clone();
+    // The guard lives on the new thread only, so a failed spawn (here, maybe while unwinding a
+    // dead worker) cannot trigger another restart.
+    let spawned = std::thread::Builder::new().name(name).spawn(move || {
+        worker(WorkerGuard {
+            shared: for_thread,
+            index,
+        })
+    });
+    if let Err(e) = spawned {
+        if shared.alive.fetch_sub(1, Ordering::SeqCst) == 1 {
+            shared.metrics.ready.set(0);
+        }
+        return Err(e);
     }
+    Ok(())
 }
 
 /// Uncounts a worker thread when it ends. One that ends by a panic while the queue is open is
