@@ -123,7 +123,7 @@ fn tensor_from_contents(
         DType::F32 => c.fp32_contents.iter().for_each(|v| bytes.extend(v.to_le_bytes())),
         DType::F64 => c.fp64_contents.iter().for_each(|v| bytes.extend(v.to_le_bytes())),
         DType::String => {
-            let count: usize = dims.iter().product();
+            let count = super::element_count(name, &dims)?;
             if c.bytes_contents.len() != count {
                 return Err(ServeError::invalid(format!(
                     "input '{name}': shape {dims:?} needs {count} elements, the contents have {}",
@@ -328,5 +328,34 @@ impl GrpcInferenceService for KServeGrpc {
             .unload_model(&req.into_inner().model_name)
             .map_err(status_of)?;
         Ok(Response::new(RepositoryModelUnloadResponse {}))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::proto::model_infer_request::InferInputTensor;
+
+    /// BYTES with typed contents and a shape whose element count overflows `usize` (found by
+    /// `tests/fuzz_decoders.rs`; a multiply-overflow panic before).
+    #[test]
+    fn bytes_contents_with_overflowing_shape() {
+        let req = ModelInferRequest {
+            model_name: "simple".into(),
+            inputs: vec![InferInputTensor {
+                name: "s".into(),
+                datatype: "BYTES".into(),
+                shape: vec![1 << 32, 1 << 32],
+                contents: Some(InferTensorContents {
+                    bytes_contents: vec![b"a".to_vec()],
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        let e = to_infer_request(req).expect_err("refused");
+        assert_eq!(e.code(), tonic::Code::InvalidArgument);
+        assert!(e.message().contains("overflows"), "{}", e.message());
     }
 }
