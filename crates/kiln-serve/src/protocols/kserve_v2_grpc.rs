@@ -144,7 +144,10 @@ fn tensor_from_contents(
     tensor_from_raw(name, dtype, dims, &bytes)
 }
 
-fn to_infer_request(r: ModelInferRequest) -> Result<InferRequest, Status> {
+/// Converts a `ModelInferRequest` (typed `contents` or `raw_input_contents`) to the core request.
+/// Public for the decoder fuzz tests.
+#[doc(hidden)]
+pub fn to_infer_request(r: ModelInferRequest) -> Result<InferRequest, Status> {
     let version = version_of(&r.model_version)?;
     let raw = !r.raw_input_contents.is_empty();
     if raw && r.raw_input_contents.len() != r.inputs.len() {

@@ -470,6 +470,19 @@ async fn infer_inner(
         .into_response())
 }
 
+/// Decodes an infer request body (JSON, or JSON then binary tensors when the
+/// `Inference-Header-Content-Length` header is present) the way `POST .../infer` does.
+/// Public for the decoder fuzz tests.
+#[doc(hidden)]
+pub fn decode_infer_request(
+    model: &str,
+    version: Option<u64>,
+    headers: &HeaderMap,
+    body: &[u8],
+) -> Result<InferRequest, ServeError> {
+    parse_infer_body(model, version, headers, body).map(|(req, _)| req)
+}
+
 /// Which outputs go back as binary.
 struct BinaryOutputs {
     all: bool,

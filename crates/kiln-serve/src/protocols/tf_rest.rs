@@ -165,38 +165,7 @@ async fn post_model(
         .as_object()
         .ok_or_else(|| ServeError::invalid("the request body must be a JSON object"))?;
     let sv = st.manager.served(&t.model, t.version)?;
-    let dtype_of = |name: &str| -> DType {
-        sv.inputs
-            .iter()
-            .find(|i| i.name == name)
-            .and_then(|i| i.dtype)
-            .unwrap_or(DType::F32)
-    };
-    let single_input = match sv.inputs.as_slice() {
-        [only] => Some(only.name.clone()),
-        _ => None,
-    };
-    let (columns, row_format): (Vec<(String, Value)>, bool) = match (obj.get("instances"), obj.get("inputs")) {
-        (Some(_), Some(_)) => return Err(ServeError::invalid("give either 'instances' or 'inputs', not both").into()),
-        (Some(Value::Array(rows)), None) => (rows_to_columns(rows, single_input.as_deref())?, true),
-        (Some(_), None) => return Err(ServeError::invalid("'instances' must be a list").into()),
-        (None, Some(Value::Object(named)))
-            if single_input.is_none() || !named.is_empty() && is_named(named, &sv.inputs) =>
-        {
-            (named.iter().map(|(k, v)| (k.clone(), v.clone())).collect(), false)
-        }
-        (None, Some(v)) => {
-            let name = single_input
-                .ok_or_else(|| ServeError::invalid("the model has several inputs: 'inputs' must name them"))?;
-            (vec![(name, v.clone())], false)
-        }
-        (None, None) => return Err(ServeError::invalid("the request needs 'instances' or 'inputs'").into()),
-    };
-    let mut inputs = Vec::with_capacity(columns.len());
-    for (name, value) in &columns {
-        let dims = json_shape(name, value)?;
-        inputs.push(tensor_from_json(name, dtype_of(name), dims, value)?);
-    }
+    let (inputs, row_format) = predict_inputs(obj, &sv.inputs)?;
     let resp = st
         .manager
         .infer(InferRequest {
@@ -250,6 +219,56 @@ async fn post_model(
         };
         Ok(Json(json!({ "outputs": outputs })))
     }
+}
+
+/// Decodes a `:predict` body against the model's inputs: the tensors, and whether the request
+/// used the row format. Public for the decoder fuzz tests.
+#[doc(hidden)]
+pub fn decode_predict(body: &[u8], inputs_info: &[IoInfo]) -> Result<(Vec<TensorData>, bool), ServeError> {
+    let doc: Value =
+        serde_json::from_slice(body).map_err(|e| ServeError::invalid(format!("malformed request JSON: {e}")))?;
+    let obj = doc
+        .as_object()
+        .ok_or_else(|| ServeError::invalid("the request body must be a JSON object"))?;
+    predict_inputs(obj, inputs_info)
+}
+
+/// The input tensors of a `:predict` request object (row or columnar format) and whether it
+/// used the row format.
+fn predict_inputs(obj: &Map<String, Value>, inputs_info: &[IoInfo]) -> Result<(Vec<TensorData>, bool), ServeError> {
+    let dtype_of = |name: &str| -> DType {
+        inputs_info
+            .iter()
+            .find(|i| i.name == name)
+            .and_then(|i| i.dtype)
+            .unwrap_or(DType::F32)
+    };
+    let single_input = match inputs_info {
+        [only] => Some(only.name.clone()),
+        _ => None,
+    };
+    let (columns, row_format): (Vec<(String, Value)>, bool) = match (obj.get("instances"), obj.get("inputs")) {
+        (Some(_), Some(_)) => return Err(ServeError::invalid("give either 'instances' or 'inputs', not both")),
+        (Some(Value::Array(rows)), None) => (rows_to_columns(rows, single_input.as_deref())?, true),
+        (Some(_), None) => return Err(ServeError::invalid("'instances' must be a list")),
+        (None, Some(Value::Object(named)))
+            if single_input.is_none() || !named.is_empty() && is_named(named, inputs_info) =>
+        {
+            (named.iter().map(|(k, v)| (k.clone(), v.clone())).collect(), false)
+        }
+        (None, Some(v)) => {
+            let name = single_input
+                .ok_or_else(|| ServeError::invalid("the model has several inputs: 'inputs' must name them"))?;
+            (vec![(name, v.clone())], false)
+        }
+        (None, None) => return Err(ServeError::invalid("the request needs 'instances' or 'inputs'")),
+    };
+    let mut inputs = Vec::with_capacity(columns.len());
+    for (name, value) in &columns {
+        let dims = json_shape(name, value)?;
+        inputs.push(tensor_from_json(name, dtype_of(name), dims, value)?);
+    }
+    Ok((inputs, row_format))
 }
 
 fn is_named(obj: &Map<String, Value>, inputs: &[IoInfo]) -> bool {
