@@ -28,8 +28,8 @@ use kiln_serve::protocols::tf_rest::decode_predict;
 use prost::Message;
 use serde_json::{json, Map, Value};
 
-/// Decoder executions per protocol in a default run (each harness a few seconds in a debug build).
-const DEFAULT_ITERS: usize = 20_000;
+/// Decoder executions per protocol in a default run (2-4 s per harness in a debug build on 2 cores).
+const DEFAULT_ITERS: usize = 50_000;
 /// Requests per protocol through the live server in a default run.
 const DEFAULT_LIVE: usize = 400;
 /// Largest mutant (bytes).

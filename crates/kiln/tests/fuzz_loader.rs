@@ -869,3 +869,31 @@ fn replay_saved_input() {
         assert_eq!(check(&b), Ok(()), "{path}");
     }
 }
+
+/// The check reports a kernel panic (caught by the executor and returned as an internal error)
+/// as a crash: `ai.kiln.testing::Fault` panics when its input holds the trigger value, and 64
+/// synthesized values drawn from eight include it.
+#[test]
+fn check_flags_a_caught_kernel_panic() {
+    kiln::internals::runtime::ops::fault::enable_fault_injection();
+    let mut fault = node("Fault", "fault", &["x"], &["y"]);
+    fault.domain = Some("ai.kiln.testing".into());
+    fault.attribute.push(proto::AttributeProto {
+        name: Some("trigger".into()),
+        r#type: Some(proto::attribute_proto::AttributeType::Float as i32),
+        f: Some(0.0),
+        ..Default::default()
+    });
+    let mut m = model(
+        vec![fault],
+        vec![value("x", 1, &[64])],
+        vec![value("y", 1, &[64])],
+        vec![],
+    );
+    m.opset_import.push(proto::OperatorSetIdProto {
+        domain: Some("ai.kiln.testing".into()),
+        version: Some(1),
+    });
+    let e = check(&bytes(&m)).expect_err("the injected panic is a crash");
+    assert!(e.contains("injected fault"), "{e}");
+}
