@@ -313,6 +313,33 @@ async fn hostile_requests_never_take_a_model_down() {
         served >= 3,
         "the 1x1, width-1 and height-2 width-1 images are valid inputs"
     );
+    // JSON nested 100,000 deep (and a deep `data` list): refused by the parser's depth limit with
+    // a 400, no stack overflow.
+    for (body, says) in [
+        (
+            format!("{}{}", "[".repeat(100_000), "]".repeat(100_000)),
+            "invalid type",
+        ),
+        (
+            format!(
+                "{{\"inputs\": [{{\"name\": \"image\", \"datatype\": \"FP32\", \"shape\": [1], \"data\": {}1{}}}]}}",
+                "[".repeat(50_000),
+                "]".repeat(50_000)
+            ),
+            "recursion",
+        ),
+    ] {
+        let r = c
+            .post(&cnn)
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), StatusCode::BAD_REQUEST);
+        let v: Value = r.json().await.unwrap();
+        assert!(v["error"].as_str().is_some_and(|e| e.contains(says)), "{v}");
+    }
 
     // The injected panic: the request that triggers it gets a 500 naming the node; the requests
     // batched with it are rerun on their own and served.
