@@ -55,7 +55,29 @@ fn run_step_on(step: &crate::plan::Step, cx: &RunCx, ins: &[Option<&Value>], on_
     } else {
         match step.kernel.run(cx, ins) {
             Ok(o) => return Ok(o),
-            Err(e @ RuntimeError::Candle(_)) if on_device => Some(e),
+            Err(RuntimeError::Candle(e)) if on_device => {
+                let message = crate::error::candle_message(&e);
+                match classify_device_error(&message) {
+                    DeviceError::NoKernel => Some(RuntimeError::Candle(e)),
+                    // The device (or the pool's limit) is full: the caller's problem to size, not
+                    // a reason to move the node to the CPU for good.
+                    DeviceError::OutOfMemory => {
+                        return Err(RuntimeError::DeviceOutOfMemory {
+                            node: step.node.clone(),
+                            message,
+                        })
+                    }
+                    // A launch or execution failure: a CPU rerun would hide a broken kernel or
+                    // context.
+                    DeviceError::Failed => {
+                        return Err(RuntimeError::Op {
+                            node: step.node.clone(),
+                            op: step.op.clone(),
+                            reason: format!("the device kernel failed (not retried on the CPU): {message}"),
+                        })
+                    }
+                }
+            }
             Err(e) => return Err(e.at_node(&step.node, &step.op)),
         }
     };
@@ -67,6 +89,33 @@ fn run_step_on(step: &crate::plan::Step, cx: &RunCx, ins: &[Option<&Value>], on_
         }
     }
     Ok(outs)
+}
+
+/// What a candle error from a device kernel means.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum DeviceError {
+    /// The backend has no kernel for this op or dtype: run the node on the CPU.
+    NoKernel,
+    /// Device memory (or the pool's limit) ran out.
+    OutOfMemory,
+    /// The kernel was launched and failed (driver, cuBLAS or launch error).
+    Failed,
+}
+
+/// Sorts a device kernel's error message. Driver and cuBLAS errors name their status
+/// (`CUDA_ERROR_*`, `CUBLAS_STATUS_*`); of those only "not supported" means a missing kernel.
+/// Everything else candle reports on a device (unsupported dtype, missing kernel module,
+/// non-contiguous matmul, "not implemented") is a gap in the backend.
+fn classify_device_error(message: &str) -> DeviceError {
+    if crate::device_memory::is_out_of_memory(message) || message.contains("CUBLAS_STATUS_ALLOC_FAILED") {
+        return DeviceError::OutOfMemory;
+    }
+    let unsupported = ["CUDA_ERROR_NOT_SUPPORTED", "CUBLAS_STATUS_NOT_SUPPORTED"];
+    let driver = message.contains("CUDA_ERROR_") || message.contains("CUBLAS_STATUS_");
+    if driver && !unsupported.iter().any(|u| message.contains(u)) {
+        return DeviceError::Failed;
+    }
+    DeviceError::NoKernel
 }
 
 /// Runs a step placed on the host by [`crate::placement`] (shape arithmetic of a device plan): its
@@ -466,6 +515,79 @@ mod tests {
         let s = step("n3", flaky(&Arc::default(), 1, true));
         assert!(run_step_on(&s, &cx, &[Some(&x)], false).is_err());
         assert!(!s.host_fallback.load(Ordering::SeqCst));
+    }
+
+    /// Fails its first call with a candle error carrying `message` (as a device backend would),
+    /// then doubles its input.
+    struct DeviceFails {
+        calls: Arc<AtomicUsize>,
+        message: &'static str,
+    }
+
+    impl OpKernel for DeviceFails {
+        fn run(&self, _cx: &RunCx, ins: &[Option<&Value>]) -> Result<Vec<Value>> {
+            if self.calls.fetch_add(1, Ordering::SeqCst) == 0 {
+                let e: Box<dyn std::error::Error + Send + Sync> = self.message.into();
+                return Err(RuntimeError::Candle(candle_core::Error::Cuda(e)));
+            }
+            let x = crate::ops::common::tin(ins, 0)?;
+            Ok(vec![Value::Tensor(Tensor::new((x.candle() * 2.0)?, x.dtype())?)])
+        }
+    }
+
+    #[test]
+    fn only_missing_device_kernels_fall_back_to_the_cpu() {
+        let options = RunOptions::default();
+        let cx = RunCx {
+            device: &candle_core::Device::Cpu,
+            options: &options,
+        };
+        let x = input();
+        let run = |message: &'static str| {
+            let calls = Arc::new(AtomicUsize::new(0));
+            let mut s = step("n", flaky(&calls, 0, true));
+            s.kernel = Box::new(DeviceFails {
+                calls: calls.clone(),
+                message,
+            });
+            let r = run_step_on(&s, &cx, &[Some(&x)], true);
+            (r, calls.load(Ordering::SeqCst), s.host_fallback.load(Ordering::SeqCst))
+        };
+        for gap in [
+            "unsupported dtype BF16 for conv2d",
+            "missing kernel 'affine'",
+            "no cuda implementation for upsample_nearest1d",
+            "DriverError(CUDA_ERROR_NOT_SUPPORTED, \"operation not supported\")",
+        ] {
+            let (r, calls, pinned) = run(gap);
+            assert_eq!(values(&r.unwrap()), vec![2.0, 4.0], "{gap}");
+            assert_eq!((calls, pinned), (2, true), "{gap}: rerun on the host and pinned");
+        }
+        for oom in [
+            "DriverError(CUDA_ERROR_OUT_OF_MEMORY, \"out of memory\")",
+            "cuda:0: the device memory pool's limit of 1024 bytes is reached: out of memory",
+            "CUBLAS_STATUS_ALLOC_FAILED",
+        ] {
+            let (r, calls, pinned) = run(oom);
+            match r {
+                Err(RuntimeError::DeviceOutOfMemory { node, .. }) => assert_eq!(node, "n"),
+                other => panic!("{oom}: expected DeviceOutOfMemory, got {:?}", other.map(|_| ())),
+            }
+            assert_eq!((calls, pinned), (1, false), "{oom}: no CPU rerun, not pinned");
+        }
+        for failed in [
+            "DriverError(CUDA_ERROR_LAUNCH_FAILED, \"unspecified launch failure\")",
+            "DriverError(CUDA_ERROR_ILLEGAL_ADDRESS, \"an illegal memory access was encountered\")",
+            "CUBLAS_STATUS_EXECUTION_FAILED",
+        ] {
+            let (r, calls, pinned) = run(failed);
+            let e = r.unwrap_err().to_string();
+            assert!(
+                e.contains("'n'") && e.contains("not retried on the CPU") && e.contains(&failed[..15]),
+                "{e}"
+            );
+            assert_eq!((calls, pinned), (1, false), "{failed}: no CPU rerun, not pinned");
+        }
     }
 
     #[test]
