@@ -4,8 +4,9 @@
 //! on small synthesized inputs under a deadline and a small `max_tensor_bytes`. A panic, or an
 //! error made from a caught panic, is a crash (see `kiln-fuzz`).
 //!
-//! Seeds: small models built here, the shipped `models/repository/*/1/model.onnx`, and with
-//! `KILN_NODE_TESTS` every 40th node-test model. Budget: `KILN_FUZZ_ITERS` (`N` or `10x`);
+//! Seeds: small models built here, the shipped `models/repository/*/1/model.onnx`, with
+//! `KILN_MODELS` the real models under 3 MiB (Silero VAD), and with `KILN_NODE_TESTS` every 40th
+//! node-test model. Budget: `KILN_FUZZ_ITERS` (`N` or `10x`);
 //! `KILN_FUZZ_REPLAY=<file>` runs one saved input through the same check.
 
 mod common;
@@ -233,6 +234,25 @@ fn seeds() -> Vec<(String, Vec<u8>)> {
     for p in shipped {
         if let Ok(b) = std::fs::read(&p) {
             out.push((p.display().to_string(), b));
+        }
+    }
+    // Real models (models/fetch.sh): the small ones (Silero VAD's three exports: If, Loop-free and
+    // LSTM graphs, opsets 15-18), so mutants keep real-world structure.
+    if let Ok(dir) = std::env::var("KILN_MODELS") {
+        let mut real: Vec<_> = std::fs::read_dir(&dir)
+            .map(|d| {
+                d.filter_map(|e| e.ok())
+                    .map(|e| e.path())
+                    .filter(|p| p.extension().is_some_and(|x| x == "onnx"))
+                    .filter(|p| std::fs::metadata(p).is_ok_and(|m| m.len() < 3 << 20))
+                    .collect()
+            })
+            .unwrap_or_default();
+        real.sort();
+        for p in real {
+            if let Ok(b) = std::fs::read(&p) {
+                out.push((p.display().to_string(), b));
+            }
         }
     }
     if let Ok(dir) = std::env::var("KILN_NODE_TESTS") {
@@ -848,7 +868,13 @@ fn fuzz_onnx_loader_and_planner() {
     let mut fz = Fuzzer::new("onnx-loader", env!("CARGO_TARGET_TMPDIR"));
     let iters = iterations(DEFAULT_ITERS);
     for _ in 0..iters {
-        let base = fz.rng().pick(&corpus).clone();
+        // Real models take long to decode and build in a debug build: a pick that lands on one
+        // is kept one time in eight, so they get a share of the budget without taking it over.
+        let mut base = fz.rng().pick(&corpus);
+        while base.len() > 256 << 10 && !fz.rng().chance(1, 8) {
+            base = fz.rng().pick(&corpus);
+        }
+        let base = base.clone();
         let input = mutant(fz.rng(), &base, &corpus);
         fz.exec(&input, || check(&input));
     }
