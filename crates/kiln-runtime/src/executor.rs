@@ -16,6 +16,9 @@ pub struct RunOptions {
     /// Time every kernel, those of subgraph bodies included, and return the times in
     /// [`RunStats::op_times`] (costs two clock reads per node; off by default).
     pub profile: bool,
+    /// The paged KV cache and batch layout `ai.kiln::PagedAttention` nodes read and write (set by
+    /// an LLM engine for each model step; `None` otherwise).
+    pub paged_kv: Option<std::sync::Arc<crate::paged_kv::PagedStep>>,
 }
 
 impl Default for RunOptions {
@@ -25,6 +28,7 @@ impl Default for RunOptions {
             max_loop_iterations: 1 << 20,
             deadline: None,
             profile: false,
+            paged_kv: None,
         }
     }
 }

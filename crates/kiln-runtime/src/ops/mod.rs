@@ -23,6 +23,7 @@ mod matmul;
 mod ml;
 mod nn;
 mod norm;
+mod paged_attention;
 mod pool;
 mod quant;
 mod reduce;
@@ -260,6 +261,7 @@ impl Registry {
         REG.get_or_init(|| {
             let mut r = Registry::default();
             attention::register(&mut r);
+            paged_attention::register(&mut r);
             control::register(&mut r);
             elementwise::register(&mut r);
             fault::register(&mut r);

@@ -1,0 +1,554 @@
+//! Paged KV storage and the attention that reads through block tables (vLLM's PagedAttention).
+//!
+//! A [`PagedKvCache`] holds, per layer, K and V for `num_blocks` blocks of `block_size` token
+//! slots, laid out `[block][slot][kv_head][head_dim]` so one token's keys for every head are
+//! contiguous. Which blocks a sequence owns is decided outside (Kiln's LLM block manager); a model
+//! step hands the executor a [`PagedStep`] (through [`RunOptions::paged_kv`](crate::RunOptions)):
+//! the cache plus, for every sequence in the flat token batch, where its query tokens sit, how long
+//! its context is after the step, and its block table. Each `ai.kiln::PagedAttention` node (one per
+//! layer) first writes the step's new K/V into their slots, then attends causally: query token `i`
+//! of a sequence at position `p` sees that sequence's positions `0..=p` and nothing else, so
+//! prefill chunks and decode tokens of many sequences share one batch.
+
+use std::sync::Mutex;
+
+use half::f16;
+use rayon::prelude::*;
+
+/// Element type of the stored K and V.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KvDType {
+    F32,
+    F16,
+}
+
+impl KvDType {
+    pub fn size_in_bytes(self) -> usize {
+        match self {
+            KvDType::F32 => 4,
+            KvDType::F16 => 2,
+        }
+    }
+}
+
+/// Geometry of a paged KV cache.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PagedKvConfig {
+    pub num_layers: usize,
+    pub num_blocks: usize,
+    pub block_size: usize,
+    pub num_kv_heads: usize,
+    pub head_dim: usize,
+    pub dtype: KvDType,
+}
+
+impl PagedKvConfig {
+    /// Bytes of K and V for one block over all layers.
+    pub fn bytes_per_block(&self) -> usize {
+        2 * self.num_layers * self.block_size * self.num_kv_heads * self.head_dim * self.dtype.size_in_bytes()
+    }
+    /// Total bytes of the cache.
+    pub fn total_bytes(&self) -> usize {
+        self.bytes_per_block() * self.num_blocks
+    }
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum PagedKvError {
+    #[error("paged KV cache: {0}")]
+    Invalid(String),
+}
+
+fn invalid(s: impl Into<String>) -> PagedKvError {
+    PagedKvError::Invalid(s.into())
+}
+
+#[derive(Debug)]
+enum Store {
+    F32(Vec<f32>),
+    F16(Vec<f16>),
+}
+
+impl Store {
+    fn new(dtype: KvDType, len: usize) -> Self {
+        match dtype {
+            KvDType::F32 => Store::F32(vec![0.0; len]),
+            KvDType::F16 => Store::F16(vec![f16::ZERO; len]),
+        }
+    }
+    fn write(&mut self, at: usize, src: &[f32]) {
+        match self {
+            Store::F32(d) => d[at..at + src.len()].copy_from_slice(src),
+            Store::F16(d) => {
+                for (o, &x) in d[at..at + src.len()].iter_mut().zip(src) {
+                    *o = f16::from_f32(x);
+                }
+            }
+        }
+    }
+    fn read(&self, at: usize, dst: &mut [f32]) {
+        let n = dst.len();
+        match self {
+            Store::F32(d) => dst.copy_from_slice(&d[at..at + n]),
+            Store::F16(d) => {
+                for (o, &x) in dst.iter_mut().zip(&d[at..at + n]) {
+                    *o = x.to_f32();
+                }
+            }
+        }
+    }
+    fn copy_within(&mut self, src: std::ops::Range<usize>, dst: usize) {
+        match self {
+            Store::F32(d) => d.copy_within(src, dst),
+            Store::F16(d) => d.copy_within(src, dst),
+        }
+    }
+}
+
+#[derive(Debug)]
+struct LayerKv {
+    k: Store,
+    v: Store,
+}
+
+/// K and V of every layer in fixed-size blocks. See the module documentation.
+#[derive(Debug)]
+pub struct PagedKvCache {
+    cfg: PagedKvConfig,
+    layers: Vec<Mutex<LayerKv>>,
+}
+
+/// One sequence's part of a step's flat token batch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PagedSeq {
+    /// Index of its first query token in the batch.
+    pub query_start: usize,
+    /// Its query tokens in the batch (consecutive positions ending at `context_len - 1`).
+    pub num_query: usize,
+    /// Its tokens with KV after the step (earlier ones plus the query tokens).
+    pub context_len: usize,
+    /// Its blocks, in token order; must cover `context_len` slots.
+    pub block_table: Vec<u32>,
+}
+
+/// What a model step's PagedAttention nodes need: the cache and the batch layout.
+#[derive(Debug, Clone)]
+pub struct PagedStep {
+    pub cache: std::sync::Arc<PagedKvCache>,
+    pub seqs: Vec<PagedSeq>,
+}
+
+impl PagedStep {
+    /// Query tokens in the batch.
+    pub fn num_tokens(&self) -> usize {
+        self.seqs.iter().map(|s| s.num_query).sum()
+    }
+}
+
+impl PagedKvCache {
+    pub fn new(cfg: PagedKvConfig) -> Result<Self, PagedKvError> {
+        if cfg.block_size == 0 || cfg.num_kv_heads == 0 || cfg.head_dim == 0 || cfg.num_layers == 0 {
+            return Err(invalid(format!("every dimension must be positive: {cfg:?}")));
+        }
+        let per_layer = cfg
+            .num_blocks
+            .checked_mul(cfg.block_size * cfg.num_kv_heads * cfg.head_dim)
+            .ok_or_else(|| invalid("size overflows"))?;
+        let layers = (0..cfg.num_layers)
+            .map(|_| {
+                Mutex::new(LayerKv {
+                    k: Store::new(cfg.dtype, per_layer),
+                    v: Store::new(cfg.dtype, per_layer),
+                })
+            })
+            .collect();
+        Ok(PagedKvCache { cfg, layers })
+    }
+
+    pub fn config(&self) -> &PagedKvConfig {
+        &self.cfg
+    }
+
+    fn token_stride(&self) -> usize {
+        self.cfg.num_kv_heads * self.cfg.head_dim
+    }
+
+    /// Copy the first `num_tokens` slots of block `src` into block `dst` in every layer
+    /// (copy-on-write before a shared partial block is written).
+    pub fn copy_block(&self, src: u32, dst: u32, num_tokens: usize) -> Result<(), PagedKvError> {
+        let (src, dst) = (src as usize, dst as usize);
+        if src >= self.cfg.num_blocks || dst >= self.cfg.num_blocks || num_tokens > self.cfg.block_size {
+            return Err(invalid(format!(
+                "block copy {src} -> {dst} of {num_tokens} slots is out of range"
+            )));
+        }
+        let block = self.cfg.block_size * self.token_stride();
+        let n = num_tokens * self.token_stride();
+        for layer in &self.layers {
+            let mut l = layer.lock().unwrap_or_else(|e| e.into_inner());
+            l.k.copy_within(src * block..src * block + n, dst * block);
+            l.v.copy_within(src * block..src * block + n, dst * block);
+        }
+        Ok(())
+    }
+
+    fn slot(&self, table: &[u32], pos: usize) -> usize {
+        let b = table[pos / self.cfg.block_size] as usize;
+        (b * self.cfg.block_size + pos % self.cfg.block_size) * self.token_stride()
+    }
+
+    fn check_step(&self, layer: usize, seqs: &[PagedSeq], tokens: usize) -> Result<(), PagedKvError> {
+        if layer >= self.cfg.num_layers {
+            return Err(invalid(format!(
+                "layer {layer} of a cache with {} layers",
+                self.cfg.num_layers
+            )));
+        }
+        let mut next = 0;
+        for (i, s) in seqs.iter().enumerate() {
+            if s.query_start != next || s.num_query == 0 || s.num_query > s.context_len {
+                return Err(invalid(format!(
+                    "sequence {i}: query tokens {}..+{} with context {} do not tile the batch",
+                    s.query_start, s.num_query, s.context_len
+                )));
+            }
+            next += s.num_query;
+            if s.block_table.len() * self.cfg.block_size < s.context_len {
+                return Err(invalid(format!(
+                    "sequence {i}: {} blocks cannot hold {} tokens",
+                    s.block_table.len(),
+                    s.context_len
+                )));
+            }
+            if let Some(&b) = s.block_table.iter().find(|&&b| b as usize >= self.cfg.num_blocks) {
+                return Err(invalid(format!("sequence {i}: block {b} of {}", self.cfg.num_blocks)));
+            }
+        }
+        if next != tokens {
+            return Err(invalid(format!(
+                "the step lays out {next} tokens, the batch has {tokens}"
+            )));
+        }
+        Ok(())
+    }
+
+    /// Store the step's new K/V for `layer` and attend. `q` is `[num_heads, T, D]`, `k` and `v`
+    /// are `[num_kv_heads, T, D]` (T = the batch's tokens, row-major, f32); returns the output as
+    /// `[num_heads, T, D]`. `scale` multiplies the scores (usually `1/sqrt(D)`).
+    #[allow(clippy::too_many_arguments)]
+    pub fn attend(
+        &self,
+        layer: usize,
+        seqs: &[PagedSeq],
+        q: &[f32],
+        k: &[f32],
+        v: &[f32],
+        num_heads: usize,
+        scale: f32,
+    ) -> Result<Vec<f32>, PagedKvError> {
+        let (hkv, d) = (self.cfg.num_kv_heads, self.cfg.head_dim);
+        let t: usize = seqs.iter().map(|s| s.num_query).sum();
+        if num_heads == 0 || num_heads % hkv != 0 {
+            return Err(invalid(format!("{num_heads} query heads over {hkv} KV heads")));
+        }
+        if q.len() != num_heads * t * d || k.len() != hkv * t * d || v.len() != hkv * t * d {
+            return Err(invalid(format!(
+                "q/k/v hold {}/{}/{} values; the step expects {num_heads}x{t}x{d} and {hkv}x{t}x{d}",
+                q.len(),
+                k.len(),
+                v.len()
+            )));
+        }
+        self.check_step(layer, seqs, t)?;
+        let mut guard = self.layers[layer].lock().unwrap_or_else(|e| e.into_inner());
+        let kv = &mut *guard;
+        // 1. Write the new keys and values into their slots.
+        for s in seqs {
+            let first_pos = s.context_len - s.num_query;
+            for i in 0..s.num_query {
+                let at = self.slot(&s.block_table, first_pos + i);
+                for h in 0..hkv {
+                    let row = (h * t + s.query_start + i) * d;
+                    kv.k.write(at + h * d, &k[row..row + d]);
+                    kv.v.write(at + h * d, &v[row..row + d]);
+                }
+            }
+        }
+        // 2. Attend, one task per (sequence, KV head): gather that head's K and V once into
+        //    contiguous f32 rows, then serve every query head of the group and every query token.
+        let group = num_heads / hkv;
+        let kv = &*kv;
+        let tasks: Vec<(usize, usize)> = (0..seqs.len()).flat_map(|s| (0..hkv).map(move |h| (s, h))).collect();
+        let results: Vec<(usize, usize, Vec<f32>)> = tasks
+            .into_par_iter()
+            .map(|(si, g)| {
+                let s = &seqs[si];
+                let ctx = s.context_len;
+                let mut kk = vec![0.0f32; ctx * d];
+                let mut vv = vec![0.0f32; ctx * d];
+                for pos in 0..ctx {
+                    let at = self.slot(&s.block_table, pos) + g * d;
+                    kv.k.read(at, &mut kk[pos * d..(pos + 1) * d]);
+                    kv.v.read(at, &mut vv[pos * d..(pos + 1) * d]);
+                }
+                let mut out = vec![0.0f32; group * s.num_query * d];
+                let mut scores = vec![0.0f32; ctx];
+                for hg in 0..group {
+                    let h = g * group + hg;
+                    for i in 0..s.num_query {
+                        let pos = ctx - s.num_query + i;
+                        let qrow = &q[(h * t + s.query_start + i) * d..][..d];
+                        let n = pos + 1;
+                        let mut max = f32::NEG_INFINITY;
+                        for (j, sc) in scores[..n].iter_mut().enumerate() {
+                            *sc = dot(qrow, &kk[j * d..(j + 1) * d]) * scale;
+                            max = max.max(*sc);
+                        }
+                        let mut sum = 0.0f32;
+                        for sc in &mut scores[..n] {
+                            *sc = (*sc - max).exp();
+                            sum += *sc;
+                        }
+                        let inv = 1.0 / sum;
+                        let orow = &mut out[(hg * s.num_query + i) * d..][..d];
+                        for (j, &p) in scores[..n].iter().enumerate() {
+                            axpy(p * inv, &vv[j * d..(j + 1) * d], orow);
+                        }
+                    }
+                }
+                (si, g, out)
+            })
+            .collect();
+        let mut out = vec![0.0f32; num_heads * t * d];
+        for (si, g, o) in results {
+            let s = &seqs[si];
+            for hg in 0..group {
+                let h = g * group + hg;
+                for i in 0..s.num_query {
+                    let src = &o[(hg * s.num_query + i) * d..][..d];
+                    out[(h * t + s.query_start + i) * d..][..d].copy_from_slice(src);
+                }
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// Dot product with eight independent accumulators (lets the compiler vectorise it).
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0.0f32; 8];
+    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
+    let (ra, rb) = (ca.remainder(), cb.remainder());
+    for (x, y) in ca.zip(cb) {
+        for l in 0..8 {
+            acc[l] += x[l] * y[l];
+        }
+    }
+    let mut s: f32 = acc.iter().sum();
+    for (x, y) in ra.iter().zip(rb) {
+        s += x * y;
+    }
+    s
+}
+
+fn axpy(alpha: f32, x: &[f32], y: &mut [f32]) {
+    for (o, &v) in y.iter_mut().zip(x) {
+        *o += alpha * v;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Dense causal attention over one whole sequence in f64: q `[H, S, D]`, k/v `[Hkv, S, D]`.
+    #[allow(clippy::too_many_arguments)]
+    fn dense(q: &[f32], k: &[f32], v: &[f32], h: usize, hkv: usize, s: usize, d: usize, scale: f32) -> Vec<f32> {
+        let mut out = vec![0.0; h * s * d];
+        for hh in 0..h {
+            let g = hh / (h / hkv);
+            for i in 0..s {
+                let mut sc: Vec<f64> = (0..=i)
+                    .map(|j| {
+                        (0..d)
+                            .map(|x| (q[(hh * s + i) * d + x] * k[(g * s + j) * d + x]) as f64)
+                            .sum::<f64>()
+                            * scale as f64
+                    })
+                    .collect();
+                let m = sc.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+                let z: f64 = sc
+                    .iter_mut()
+                    .map(|x| {
+                        *x = (*x - m).exp();
+                        *x
+                    })
+                    .sum();
+                for x in 0..d {
+                    out[(hh * s + i) * d + x] =
+                        (0..=i).map(|j| sc[j] / z * v[(g * s + j) * d + x] as f64).sum::<f64>() as f32;
+                }
+            }
+        }
+        out
+    }
+
+    fn rand_vec(n: usize, seed: &mut u64) -> Vec<f32> {
+        (0..n)
+            .map(|_| {
+                *seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                ((*seed >> 33) as f32 / (1u64 << 31) as f32) * 2.0 - 1.0
+            })
+            .collect()
+    }
+
+    /// Slice `[H, S, D]` rows `a..b` of the sequence dim into `[H, b - a, D]`.
+    fn rows(x: &[f32], h: usize, s: usize, d: usize, a: usize, b: usize) -> Vec<f32> {
+        (0..h)
+            .flat_map(|hh| x[(hh * s + a) * d..(hh * s + b) * d].to_vec())
+            .collect()
+    }
+
+    /// Concatenate per-sequence `[H, n_i, D]` blocks into one `[H, sum n_i, D]` batch.
+    fn concat(parts: &[Vec<f32>], h: usize, d: usize) -> Vec<f32> {
+        let lens: Vec<usize> = parts.iter().map(|p| p.len() / (h * d)).collect();
+        let mut out = Vec::new();
+        for hh in 0..h {
+            for (p, &n) in parts.iter().zip(&lens) {
+                out.extend_from_slice(&p[hh * n * d..(hh + 1) * n * d]);
+            }
+        }
+        out
+    }
+
+    /// Two sequences (GQA 4/2 heads, D 8, blocks of 4) fed in mixed chunks: a prefill chunk of one
+    /// beside the other's decode tokens, through scattered block tables; every output row equals
+    /// dense causal attention over that sequence alone, for f32 and f16 storage.
+    #[test]
+    fn mixed_chunks_match_dense_causal_attention() {
+        let (h, hkv, d, bs) = (4, 2, 8, 4);
+        let scale = 1.0 / (d as f32).sqrt();
+        for dtype in [KvDType::F32, KvDType::F16] {
+            let cache = PagedKvCache::new(PagedKvConfig {
+                num_layers: 2,
+                num_blocks: 16,
+                block_size: bs,
+                num_kv_heads: hkv,
+                head_dim: d,
+                dtype,
+            })
+            .unwrap();
+            let mut seed = 7;
+            let lens = [11usize, 6];
+            let full: Vec<(Vec<f32>, Vec<f32>, Vec<f32>)> = lens
+                .iter()
+                .map(|&s| {
+                    (
+                        rand_vec(h * s * d, &mut seed),
+                        rand_vec(hkv * s * d, &mut seed),
+                        rand_vec(hkv * s * d, &mut seed),
+                    )
+                })
+                .collect();
+            let tables = [vec![9u32, 2, 14], vec![5u32, 0]];
+            // Steps: (seq0 0..7, seq1 0..3), (seq0 7..8, seq1 3..6), (seq0 8..11).
+            let steps: [&[(usize, usize, usize)]; 3] =
+                [&[(0, 0, 7), (1, 0, 3)], &[(0, 7, 8), (1, 3, 6)], &[(0, 8, 11)]];
+            let mut got: Vec<Vec<Vec<f32>>> = vec![vec![Vec::new(); h]; 2];
+            for step in steps {
+                let mut seqs = Vec::new();
+                let (mut qs, mut ks, mut vs) = (vec![], vec![], vec![]);
+                let mut start = 0;
+                for &(si, a, b) in step {
+                    let (q, k, v) = &full[si];
+                    qs.push(rows(q, h, lens[si], d, a, b));
+                    ks.push(rows(k, hkv, lens[si], d, a, b));
+                    vs.push(rows(v, hkv, lens[si], d, a, b));
+                    seqs.push(PagedSeq {
+                        query_start: start,
+                        num_query: b - a,
+                        context_len: b,
+                        block_table: tables[si].clone(),
+                    });
+                    start += b - a;
+                }
+                let out = cache
+                    .attend(
+                        1,
+                        &seqs,
+                        &concat(&qs, h, d),
+                        &concat(&ks, hkv, d),
+                        &concat(&vs, hkv, d),
+                        h,
+                        scale,
+                    )
+                    .unwrap();
+                for (&(si, a, b), s) in step.iter().zip(&seqs) {
+                    for (hh, acc) in got[si].iter_mut().enumerate() {
+                        acc.extend_from_slice(
+                            &out[(hh * start + s.query_start) * d..(hh * start + s.query_start + b - a) * d],
+                        );
+                    }
+                }
+            }
+            let tol = if dtype == KvDType::F32 { 1e-5 } else { 5e-3 };
+            for si in 0..2 {
+                let (q, k, v) = &full[si];
+                let want = dense(q, k, v, h, hkv, lens[si], d, scale);
+                let got: Vec<f32> = got[si].concat();
+                let err = want.iter().zip(&got).map(|(a, b)| (a - b).abs()).fold(0.0, f32::max);
+                assert!(err < tol, "{dtype:?} seq {si}: max error {err}");
+            }
+        }
+    }
+
+    #[test]
+    fn copy_block_and_bad_layouts() {
+        let cache = PagedKvCache::new(PagedKvConfig {
+            num_layers: 1,
+            num_blocks: 4,
+            block_size: 2,
+            num_kv_heads: 1,
+            head_dim: 2,
+            dtype: KvDType::F32,
+        })
+        .unwrap();
+        let seq = |t: Vec<u32>, n, c| PagedSeq {
+            query_start: 0,
+            num_query: n,
+            context_len: c,
+            block_table: t,
+        };
+        // Write 2 tokens into block 3, copy its first slot to block 1, read it back through a table [1].
+        cache
+            .attend(
+                0,
+                &[seq(vec![3], 2, 2)],
+                &[1.0; 4],
+                &[1.0, 2.0, 3.0, 4.0],
+                &[5.0, 6.0, 7.0, 8.0],
+                1,
+                1.0,
+            )
+            .unwrap();
+        cache.copy_block(3, 1, 1).unwrap();
+        let out = cache
+            .attend(0, &[seq(vec![1], 1, 2)], &[0.0; 2], &[3.0, 4.0], &[7.0, 8.0], 1, 1.0)
+            .unwrap();
+        // Zero query: uniform over the copied slot (5, 6) and the new one (7, 8).
+        assert_eq!(out, vec![6.0, 7.0]);
+        assert!(cache
+            .attend(1, &[seq(vec![1], 1, 1)], &[0.0; 2], &[0.0; 2], &[0.0; 2], 1, 1.0)
+            .is_err());
+        assert!(cache
+            .attend(0, &[seq(vec![1], 1, 3)], &[0.0; 2], &[0.0; 2], &[0.0; 2], 1, 1.0)
+            .is_err());
+        assert!(cache
+            .attend(0, &[seq(vec![7], 1, 1)], &[0.0; 2], &[0.0; 2], &[0.0; 2], 1, 1.0)
+            .is_err());
+        assert!(cache
+            .attend(0, &[seq(vec![1], 1, 1)], &[0.0; 3], &[0.0; 2], &[0.0; 2], 1, 1.0)
+            .is_err());
+        assert!(cache.copy_block(0, 9, 1).is_err());
+    }
+}
