@@ -1,11 +1,12 @@
 #!/usr/bin/env python3
 """Check a model directory written by make_smollm2.py with onnxruntime (the reference Kiln is compared with).
 
-    verify_smollm2.py DIR [--tokens 20] [--threads 2]
+    verify_smollm2.py DIR [--tokens 20] [--threads 2] [--ignore-eos]
 
 1. chat: applies tokenizer_config.json's chat_template (jinja2, add_generation_prompt) to
    "What is the capital of France?", encodes it with tokenizer.json (`tokenizers`), greedy-decodes
-   --tokens tokens through the past_key_values loop and prints the text with prefill / per-token times;
+   up to --tokens tokens (stopping at an eos id unless --ignore-eos) through the past_key_values loop and
+   prints the text with prefill / per-token times;
    on a model with all of the GGUF's layers the answer must contain "Paris".
 2. incremental: the prompt run at once vs token by token with past gives the same logits (max |diff| <= 1e-4).
 3. chunked: the prompt in two chunks (second chunk with past > 0, seq > 1) vs at once (<= 1e-4).
@@ -106,11 +107,12 @@ def main():
     ap.add_argument("model_dir")
     ap.add_argument("--tokens", type=int, default=20)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--ignore-eos", action="store_true", help="decode all --tokens tokens (for timing)")
     a = ap.parse_args()
     failures = []
     dec = Decoder(a.model_dir, a.threads)
     with open(os.path.join(a.model_dir, "generation_config.json")) as f:
-        stop = set(json.load(f)["eos_token_id"])
+        stop = set() if a.ignore_eos else set(json.load(f)["eos_token_id"])
     full = dec.L == dec.cfg["kiln"]["num_hidden_layers_in_source"]
     print(f"verify_smollm2: {a.model_dir}: {dec.L} layers, {dec.cfg['kiln']['weights']} weights, "
           f"session load {dec.load_s:.2f} s, {a.threads} threads")
