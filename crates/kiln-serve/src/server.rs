@@ -15,8 +15,9 @@ use crate::auth::ControlToken;
 use crate::error::{Result, ServeError};
 use crate::manager::ModelManager;
 use crate::metrics::Metrics;
+use crate::protocols::http::HttpState;
 use crate::protocols::kserve_v2_grpc::{GrpcInferenceServiceServer, KServeGrpc};
-use crate::protocols::kserve_v2_http::{self, HttpState};
+use crate::protocols::{http_router, metrics_router};
 use crate::tls::{TlsConfig, TlsListener};
 
 /// Where and how to serve.
@@ -102,7 +103,7 @@ impl Server {
         let grpc_tls = config.tls.as_ref().map(TlsConfig::grpc_config).transpose()?;
         let http = bind(config.http_addr).await?;
         let http_addr = http.local_addr().map_err(|e| ServeError::Server(e.to_string()))?;
-        let app = kserve_v2_http::router(state.clone(), config.max_body_bytes);
+        let app = http_router(state.clone(), config.max_body_bytes);
         let shutdown = stopped(stop_rx.clone());
         let scheme = if tls.is_some() { "https" } else { "http" };
         tasks.push((
@@ -164,7 +165,7 @@ impl Server {
             Some(addr) => {
                 let listener = bind(addr).await?;
                 let local = listener.local_addr().map_err(|e| ServeError::Server(e.to_string()))?;
-                let app = kserve_v2_http::metrics_router(state.clone());
+                let app = metrics_router(state.clone());
                 let shutdown = stopped(stop_rx.clone());
                 tasks.push((
                     "metrics",

@@ -69,7 +69,7 @@ fn version_of(v: &str) -> Result<Option<u64>, Status> {
     if v.is_empty() {
         return Ok(None);
     }
-    super::kserve_v2_http::parse_version(v).map(Some).map_err(status_of)
+    super::parse_version(v).map(Some).map_err(status_of)
 }
 
 fn bad(msg: String) -> Status {

@@ -1,11 +1,9 @@
 //! KServe v2 (Open Inference Protocol) over HTTP/REST, with Triton's binary tensor data and
-//! model repository extensions, plus `/metrics`.
-
-use std::sync::Arc;
+//! model repository extensions.
 
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
-use axum::extract::{DefaultBodyLimit, Path, State};
+use axum::extract::{Path, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -13,9 +11,10 @@ use axum::{Json, Router};
 use serde::Deserialize;
 use serde_json::{json, Map, Value};
 
+use super::http::{HttpError, HttpResult, HttpState};
 use super::{
-    datatype_name, dims_from_wire, metadata_shape, parse_datatype, tensor_from_json, tensor_from_raw, tensor_to_json,
-    tensor_to_raw, wire_name,
+    datatype_name, dims_from_wire, metadata_shape, parse_datatype, parse_version, tensor_from_json, tensor_from_raw,
+    tensor_to_json, tensor_to_raw, wire_name,
 };
 use crate::error::{ErrorKind, ServeError};
 use crate::infer::InferRequest;
@@ -23,14 +22,6 @@ use crate::manager::{IndexEntry, ModelManager, ServedVersion};
 
 /// Header naming the length of the JSON part of a body that carries binary tensors.
 pub const HEADER_CONTENT_LENGTH: &str = "inference-header-content-length";
-
-/// Shared state of the HTTP handlers.
-#[derive(Clone)]
-pub struct HttpState {
-    pub manager: Arc<ModelManager>,
-    /// Required on repository load/unload when set.
-    pub control_token: Option<crate::auth::ControlToken>,
-}
 
 /// 401 unless the request may use the repository control endpoints.
 fn authorize(st: &HttpState, headers: &HeaderMap) -> HttpResult<()> {
@@ -45,62 +36,8 @@ fn authorize(st: &HttpState, headers: &HeaderMap) -> HttpResult<()> {
     }
 }
 
-/// An error answered as `{"error": "..."}` with the status of its kind.
-pub struct HttpError(pub StatusCode, pub String);
-
-impl From<ServeError> for HttpError {
-    fn from(e: ServeError) -> Self {
-        let status = match e.kind() {
-            ErrorKind::InvalidInput => StatusCode::BAD_REQUEST,
-            ErrorKind::NotFound => StatusCode::NOT_FOUND,
-            ErrorKind::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
-            ErrorKind::Timeout => StatusCode::GATEWAY_TIMEOUT,
-            ErrorKind::Internal => StatusCode::INTERNAL_SERVER_ERROR,
-        };
-        HttpError(status, e.to_string())
-    }
-}
-
-impl From<BytesRejection> for HttpError {
-    fn from(r: BytesRejection) -> Self {
-        let status = r.status();
-        let msg = if status == StatusCode::PAYLOAD_TOO_LARGE {
-            "request body is larger than the server's limit (--max-body-bytes)".to_string()
-        } else {
-            format!("reading the request body: {}", r.body_text())
-        };
-        HttpError(status, msg)
-    }
-}
-
-impl IntoResponse for HttpError {
-    fn into_response(self) -> Response {
-        if self.0 == StatusCode::PAYLOAD_TOO_LARGE {
-            // The rest of the oversize body is never read, so the connection cannot carry another
-            // request: say so, or a keep-alive client reuses it and its next request fails.
-            return (
-                self.0,
-                [(axum::http::header::CONNECTION, "close")],
-                Json(json!({ "error": self.1 })),
-            )
-                .into_response();
-        }
-        if self.0 == StatusCode::UNAUTHORIZED {
-            return (
-                self.0,
-                [(header::WWW_AUTHENTICATE, "Bearer")],
-                Json(json!({ "error": self.1 })),
-            )
-                .into_response();
-        }
-        (self.0, Json(json!({ "error": self.1 }))).into_response()
-    }
-}
-
-type HttpResult<T> = Result<T, HttpError>;
-
-/// The KServe v2 routes, `/metrics`, and the TF-Serving REST routes, with a body limit.
-pub fn router(state: HttpState, max_body_bytes: usize) -> Router {
+/// The KServe v2 routes (everything under `/v2`), over the shared [`HttpState`].
+pub(crate) fn routes() -> Router<HttpState> {
     Router::new()
         .route("/v2/health/live", get(live))
         .route("/v2/health/ready", get(ready))
@@ -116,35 +53,6 @@ pub fn router(state: HttpState, max_body_bytes: usize) -> Router {
         .route("/v2/repository/index", post(repository_index))
         .route("/v2/repository/models/{model}/load", post(repository_load))
         .route("/v2/repository/models/{model}/unload", post(repository_unload))
-        .route("/metrics", get(metrics))
-        .merge(super::tf_rest::routes())
-        .fallback(not_found)
-        .layer(DefaultBodyLimit::max(max_body_bytes))
-        .with_state(state)
-}
-
-/// A router serving only `/metrics` (the separate metrics port).
-pub fn metrics_router(state: HttpState) -> Router {
-    Router::new()
-        .route("/metrics", get(metrics))
-        .fallback(not_found)
-        .with_state(state)
-}
-
-async fn not_found() -> HttpError {
-    HttpError(StatusCode::NOT_FOUND, "no such endpoint".into())
-}
-
-async fn metrics(State(st): State<HttpState>) -> Response {
-    let text = st.manager.metrics().render();
-    (
-        [(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("text/plain; version=0.0.4"),
-        )],
-        text,
-    )
-        .into_response()
 }
 
 async fn live() -> StatusCode {
@@ -168,13 +76,6 @@ async fn server_metadata() -> Json<Value> {
         "version": env!("CARGO_PKG_VERSION"),
         "extensions": EXTENSIONS,
     }))
-}
-
-pub(crate) fn parse_version(v: &str) -> Result<u64, ServeError> {
-    v.parse::<u64>()
-        .ok()
-        .filter(|v| *v > 0)
-        .ok_or_else(|| ServeError::invalid(format!("model version '{v}' is not a positive integer")))
 }
 
 fn index_json(e: &IndexEntry) -> Value {

@@ -1,15 +1,57 @@
 //! Wire formats. Each protocol converts its requests to [`crate::InferRequest`] and
-//! [`crate::InferResponse`] back; the tensor conversions they share live here.
+//! [`crate::InferResponse`] back; the tensor conversions they share live here, and so does the
+//! HTTP router ([`http_router`]) to which each HTTP protocol contributes its `routes()`.
 
+pub mod http;
 pub mod kserve_v2_grpc;
 pub mod kserve_v2_http;
 pub mod tf_rest;
 
+use axum::extract::DefaultBodyLimit;
+use axum::Router;
 use half::{bf16, f16};
 use kiln::{DType, IoInfo, TensorData};
 use serde_json::Value;
 
+use self::http::HttpState;
 use crate::error::{Result, ServeError};
+
+/// The HTTP port's router: each HTTP protocol adds its routes over the shared [`HttpState`] with
+/// one `merge` line, `/metrics` is served too, any other path gets a JSON 404, and request bodies
+/// are limited to `max_body_bytes`.
+///
+/// The protocols split the paths between them; axum panics when two claim the same route, so a
+/// new protocol must stay in its own part:
+/// - KServe v2 ([`kserve_v2_http`]): everything under `/v2`.
+/// - TF-Serving REST ([`tf_rest`]): `/v1/models/{name}[/versions/{v}][:predict|:classify|:regress|/metadata]`,
+///   that is every path that has at least one segment after `/v1/models/` (one catch-all route;
+///   `:classify` and `:regress` are not implemented and answer 404).
+/// - OpenAI-compatible (to come): `POST /v1/completions`, `POST /v1/chat/completions` and
+///   `GET /v1/models` with no further segment, which the TF-Serving catch-all does not match.
+///   OpenAI's `GET /v1/models/{model}` is TF-Serving's model status here and stays so.
+/// - `/metrics`.
+pub fn http_router(state: HttpState, max_body_bytes: usize) -> Router {
+    Router::new()
+        .merge(kserve_v2_http::routes())
+        .merge(tf_rest::routes())
+        .merge(http::metrics_routes())
+        .fallback(http::not_found)
+        .layer(DefaultBodyLimit::max(max_body_bytes))
+        .with_state(state)
+}
+
+/// A router serving only `/metrics` (the separate metrics port).
+pub fn metrics_router(state: HttpState) -> Router {
+    http::metrics_routes().fallback(http::not_found).with_state(state)
+}
+
+/// A model version from a path or request field: a positive integer.
+pub(crate) fn parse_version(v: &str) -> Result<u64> {
+    v.parse::<u64>()
+        .ok()
+        .filter(|v| *v > 0)
+        .ok_or_else(|| ServeError::invalid(format!("model version '{v}' is not a positive integer")))
+}
 
 /// KServe v2 / Triton datatype name of a dtype (`None` for types the protocol lacks).
 pub fn datatype_name(d: DType) -> Option<&'static str> {

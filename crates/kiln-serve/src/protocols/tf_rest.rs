@@ -10,12 +10,14 @@ use axum::{Json, Router};
 use kiln::{DType, IoInfo, TensorData};
 use serde_json::{json, Map, Value};
 
-use super::kserve_v2_http::{parse_version, HttpError, HttpState};
-use super::{json_shape, metadata_shape, nest, tensor_from_json, tensor_to_json};
+use super::http::{HttpError, HttpState};
+use super::{json_shape, metadata_shape, nest, parse_version, tensor_from_json, tensor_to_json};
 use crate::error::ServeError;
 use crate::infer::InferRequest;
 use crate::manager::VersionState;
 
+/// The TF-Serving REST routes: one catch-all under `/v1/models/` (a model name always follows),
+/// parsed by [`parse_target`]. `/v1/models` itself is not matched.
 pub(crate) fn routes() -> Router<HttpState> {
     Router::new().route("/v1/models/{*rest}", get(get_model).post(post_model))
 }

@@ -133,3 +133,30 @@ async fn tf_serving_rest() {
     }
     server.shutdown().await.unwrap();
 }
+
+/// TF-Serving REST owns `/v1/models/{name}...` only: `GET /v1/models` (no further segment) and the
+/// OpenAI paths never reach it, so an OpenAI-compatible protocol can take them (the rule is on
+/// `kiln_serve::protocols::http_router`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tf_rest_leaves_the_openai_paths_free() {
+    let repo = temp_repo(&["mlp"]);
+    let server = start(&repo).await;
+    let c = reqwest::Client::new();
+    for (method, path) in [
+        ("GET", "/v1/models"),
+        ("POST", "/v1/completions"),
+        ("POST", "/v1/chat/completions"),
+        ("GET", "/v1/models/"),
+    ] {
+        let r = match method {
+            "GET" => c.get(url(&server, path)),
+            _ => c.post(url(&server, path)).json(&json!({})),
+        };
+        let body: Value = r.send().await.unwrap().json().await.unwrap();
+        // What the TF-Serving handlers would answer: a model status, or an unrecognized path.
+        assert!(body.get("model_version_status").is_none(), "{method} {path}: {body}");
+        let error = body["error"].as_str().unwrap_or_default();
+        assert!(!error.contains("unrecognized path"), "{method} {path}: {body}");
+    }
+    server.shutdown().await.unwrap();
+}
