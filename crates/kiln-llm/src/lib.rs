@@ -1,13 +1,19 @@
-//! LLM serving for Kiln: the parts of a vLLM-style engine that do not depend on a model.
+//! LLM serving for Kiln: a vLLM-style engine for ONNX decoders.
 //!
 //! - [`block_manager`]: paged KV-cache blocks, per-sequence block tables, copy-on-write, prefix caching.
 //! - [`scheduler`]: iteration-level (continuous) batching with chunked prefill and preemption.
 //! - [`sampling`]: greedy and random sampling with OpenAI's and vLLM's parameters.
+//! - [`model`]: an ONNX decoder rewritten for paged attention, one step over a flat token batch.
+//! - [`engine`]: requests in, tokens out; continuous batching over the model.
 
 pub mod block_manager;
+pub mod engine;
+pub mod model;
 pub mod sampling;
 pub mod scheduler;
 
 pub use block_manager::{BlockError, BlockHash, BlockId, CopyOp, KvBlockManager, PrefixCacheStats, SeqId, TokenId};
+pub use engine::{Engine, EngineConfig, EngineError, EngineStats, Event, FinishReason, Request, RequestId};
+pub use model::{LlmModel, ModelError, ModelGeometry, StepSeq};
 pub use sampling::{InvalidParam, Sampled, SamplerRng, SamplingParams};
 pub use scheduler::{ScheduleError, ScheduledSeq, Scheduler, SchedulerConfig, Sequence, StepPlan};

@@ -248,7 +248,7 @@ impl PagedKvCache {
     ) -> Result<Vec<f32>, PagedKvError> {
         let (hkv, d) = (self.cfg.num_kv_heads, self.cfg.head_dim);
         let t: usize = seqs.iter().map(|s| s.num_query).sum();
-        if num_heads == 0 || num_heads % hkv != 0 {
+        if num_heads == 0 || !num_heads.is_multiple_of(hkv) {
             return Err(invalid(format!("{num_heads} query heads over {hkv} KV heads")));
         }
         if q.len() != num_heads * t * d || k.len() != hkv * t * d || v.len() != hkv * t * d {

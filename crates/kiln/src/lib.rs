@@ -31,6 +31,13 @@ pub use session::{optimize_model, IoInfo, Level, Precision, Session, SessionBuil
 pub use kiln_graph::passes::float16::Float16Report;
 pub use session::convert_model_to_float16;
 
+/// Paged KV-cache attention for LLM serving: the model rewrite ([`SessionBuilder::paged_attention`])
+/// and the cache a run reads and writes ([`RunOptions::paged_kv`]).
+pub mod paged {
+    pub use kiln_graph::passes::paged_attention::{PagedRewrite, PagedRewriteOptions, LOGITS_INDICES};
+    pub use kiln_runtime::{KvDType, PagedKvCache, PagedKvConfig, PagedKvError, PagedSeq, PagedStep};
+}
+
 /// Lower-level pieces for tools (CLI, server, conformance runner).
 pub mod internals {
     pub use kiln_graph as graph;

@@ -113,6 +113,7 @@ pub struct SessionBuilder {
     run_options: RunOptions,
     device_memory_limit: Option<u64>,
     load_limits: kiln_onnx::LoadLimits,
+    paged_attention: Option<crate::paged::PagedRewriteOptions>,
 }
 
 impl SessionBuilder {
@@ -164,6 +165,15 @@ impl SessionBuilder {
         self.build_from_model(model)
     }
 
+    /// Rewrites the model's KV-cache attention into `ai.kiln::PagedAttention` before optimizing
+    /// (see [`crate::paged`]): the session then runs flat token batches over a paged KV cache
+    /// handed to each run in [`RunOptions::paged_kv`]. Building fails when the model has no
+    /// recognisable KV-cache attention.
+    pub fn paged_attention(mut self, options: crate::paged::PagedRewriteOptions) -> Self {
+        self.paged_attention = Some(options);
+        self
+    }
+
     /// Loads an ONNX model from bytes and compiles it.
     pub fn build_from_bytes(self, bytes: &[u8]) -> Result<Session> {
         let limits = self.load_limits;
@@ -180,6 +190,12 @@ impl SessionBuilder {
     }
 
     fn build_inner(self, mut model: Model) -> Result<Session> {
+        let paged = match &self.paged_attention {
+            Some(opts) => Some(kiln_graph::passes::paged_attention::rewrite_for_paged_attention(
+                &mut model, opts,
+            )?),
+            None => None,
+        };
         let optimization = optimize_for_precision(&mut model, self.level, self.precision)?;
         match self.precision {
             Precision::F32 => {}
@@ -217,6 +233,7 @@ impl SessionBuilder {
             input_kinds,
             device: self.device,
             run_options: self.run_options,
+            paged,
         })
     }
 }
@@ -230,9 +247,16 @@ pub struct Session {
     input_kinds: Vec<ValueKind>,
     device: Device,
     run_options: RunOptions,
+    paged: Option<crate::paged::PagedRewrite>,
 }
 
 impl Session {
+    /// What the paged-attention rewrite did, when the session was built with
+    /// [`SessionBuilder::paged_attention`].
+    pub fn paged_rewrite(&self) -> Option<&crate::paged::PagedRewrite> {
+        self.paged.as_ref()
+    }
+
     /// Starts configuring a session.
     pub fn builder() -> SessionBuilder {
         SessionBuilder::default()

@@ -39,6 +39,7 @@ pub mod layer_norm;
 pub mod matmul_add;
 pub mod matmul_bias;
 pub mod noop;
+pub mod paged_attention;
 pub mod quantize;
 pub mod reshape_chain;
 pub mod shape_fold;

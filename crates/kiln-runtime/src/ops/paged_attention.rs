@@ -1,8 +1,8 @@
 //! `ai.kiln::PagedAttention(Q, K, V)`: causal attention of a flat token batch from many sequences
 //! over a paged KV cache (see [`crate::paged_kv`]). Q is `[1, num_heads, T, D]`, K and V are the
 //! step's new keys and values `[1, kv_num_heads, T, D]`; the output is `[1, num_heads, T, D]`.
-//! Attributes: `layer` (which layer's cache), `num_heads`, `kv_num_heads`, `scale` (0 or absent:
-//! `1/sqrt(D)`). Kiln's KV-cache rewrite puts one per decoder layer in place of the dense
+//! Attributes: `layer` (which layer's cache), `scale` (0 or absent: `1/sqrt(D)`), and optionally
+//! `num_heads`, `kv_num_heads` (checked against the inputs when given). Kiln's KV-cache rewrite puts one per decoder layer in place of the dense
 //! past/present attention; it runs only when the run carries a paged step
 //! ([`RunOptions::paged_kv`](crate::RunOptions)).
 
@@ -21,12 +21,12 @@ fn paged_attention(n: &NodeCtx) -> Result<Box<dyn OpKernel>> {
     let heads = n.attr_i("num_heads", 0)?;
     let kv_heads = n.attr_i("kv_num_heads", 0)?;
     let scale = n.attr_f("scale", 0.0)?;
-    if layer < 0 || heads <= 0 || kv_heads <= 0 || heads % kv_heads != 0 {
+    if layer < 0 || heads < 0 || kv_heads < 0 {
         return Err(n.err(format!(
-            "needs layer >= 0 and num_heads a positive multiple of kv_num_heads (layer {layer}, {heads}/{kv_heads} heads)"
+            "needs layer >= 0 and head counts >= 0 (layer {layer}, {heads}/{kv_heads} heads)"
         )));
     }
-    let (layer, heads, kv_heads) = (layer as usize, heads as usize, kv_heads as usize);
+    let layer = layer as usize;
     Ok(kernel(move |cx, ins| {
         let Some(step) = cx.options.paged_kv.as_deref() else {
             bail!("PagedAttention needs a paged KV step: run this model through Kiln's LLM engine");
@@ -34,26 +34,25 @@ fn paged_attention(n: &NodeCtx) -> Result<Box<dyn OpKernel>> {
         let (q, k, v) = (tin(ins, 0)?, tin(ins, 1)?, tin(ins, 2)?);
         let cfg = step.cache.config();
         let t = step.num_tokens();
-        let d = cfg.head_dim;
-        if q.dims() != [1, heads, t, d] || k.dims() != [1, kv_heads, t, d] || v.dims() != [1, kv_heads, t, d] {
+        let (hkv, d) = (cfg.num_kv_heads, cfg.head_dim);
+        let h = q.dims().get(1).copied().unwrap_or(0);
+        let bad_attr = (heads > 0 && heads as usize != h) || (kv_heads > 0 && kv_heads as usize != hkv);
+        if bad_attr || q.dims() != [1, h, t, d] || k.dims() != [1, hkv, t, d] || v.dims() != [1, hkv, t, d] {
             bail!(
-                "Q {:?}, K {:?}, V {:?} do not match the step ({t} tokens, {heads}/{kv_heads} heads of {d})",
+                "Q {:?}, K {:?}, V {:?} do not match the step ({t} tokens, KV cache of {hkv} heads of {d}; node heads {heads}/{kv_heads})",
                 q.dims(),
                 k.dims(),
                 v.dims()
             );
-        }
-        if kv_heads != cfg.num_kv_heads {
-            bail!("the node has {kv_heads} KV heads, the cache {}", cfg.num_kv_heads);
         }
         let flat = |x: &Tensor| -> Result<Vec<f32>> { Ok(x.candle().to_dtype(CDType::F32)?.flatten_all()?.to_vec1()?) };
         let (qf, kf, vf) = (flat(q)?, flat(k)?, flat(v)?);
         let scale = if scale == 0.0 { 1.0 / (d as f32).sqrt() } else { scale };
         let out = step
             .cache
-            .attend(layer, &step.seqs, &qf, &kf, &vf, heads, scale)
+            .attend(layer, &step.seqs, &qf, &kf, &vf, h, scale)
             .map_err(|e| RuntimeError::msg(e.to_string()))?;
-        let out = candle_core::Tensor::from_vec(out, (1, heads, t, d), cx.device)?
+        let out = candle_core::Tensor::from_vec(out, (1, h, t, d), cx.device)?
             .to_dtype(crate::tensor::storage_dtype(q.dtype())?)?;
         Ok(vec![Value::Tensor(Tensor::new(out, q.dtype())?)])
     }))
