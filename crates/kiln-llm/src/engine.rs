@@ -105,6 +105,16 @@ pub enum Event {
     },
     /// The request failed (a model step error); its sequences are gone.
     Failed { request: RequestId, message: String },
+    /// The request was cancelled (deadline passed); its sequences are gone.
+    Aborted { request: RequestId, reason: String },
+}
+
+impl Event {
+    pub fn request(&self) -> RequestId {
+        match self {
+            Event::Token { request, .. } | Event::Failed { request, .. } | Event::Aborted { request, .. } => *request,
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -5,15 +5,18 @@
 //! - [`sampling`]: greedy and random sampling with OpenAI's and vLLM's parameters.
 //! - [`model`]: an ONNX decoder rewritten for paged attention, one step over a flat token batch.
 //! - [`engine`]: requests in, tokens out; continuous batching over the model.
+//! - [`service`]: the engine on its own thread, with cancellation, deadlines and overload refusal.
 
 pub mod block_manager;
 pub mod engine;
 pub mod model;
 pub mod sampling;
 pub mod scheduler;
+pub mod service;
 
 pub use block_manager::{BlockError, BlockHash, BlockId, CopyOp, KvBlockManager, PrefixCacheStats, SeqId, TokenId};
 pub use engine::{Engine, EngineConfig, EngineError, EngineStats, Event, FinishReason, Request, RequestId};
 pub use model::{LlmModel, ModelError, ModelGeometry, StepSeq};
 pub use sampling::{InvalidParam, Sampled, SamplerRng, SamplingParams};
 pub use scheduler::{ScheduleError, ScheduledSeq, Scheduler, SchedulerConfig, Sequence, StepPlan};
+pub use service::{Generation, LlmService, ServiceStats, SubmitError};

@@ -166,7 +166,7 @@ fn paged_continuous_batch_matches_dense_past_decoding() {
                     got[request as usize].push(sampled.token);
                     got_logprobs[request as usize].push(sampled.top_logprobs);
                 }
-                Event::Failed { request, message } => panic!("request {request} failed: {message}"),
+                other => panic!("unexpected {other:?}"),
             }
         }
         steps += 1;
