@@ -1,7 +1,7 @@
 // Runs every kernel of kernels/*.cu under the CPU emulator (emu.cpp) on small odd-sized inputs and
 // compares with plain double-precision loops: f32 within 1e-4 and f16 within 1e-2 of the largest
 // reference value. The launch configurations are the ones crates/kiln-runtime/src/cuda_kernels/
-// launch.rs uses. Exit status 1 on any mismatch.
+// launch/*.rs use. Exit status 1 on any mismatch.
 #include <cmath>
 #include <cstdio>
 #include <cstdint>

@@ -24,7 +24,9 @@ use crate::Result;
 #[cfg(feature = "cuda")]
 mod launch;
 #[cfg(feature = "cuda")]
-pub(crate) use launch::{attention, bias_act, int8_gemm, layer_norm, softmax};
+pub(crate) use launch::{
+    attention::attention, bias_act::bias_act, int8_gemm::int8_gemm, layer_norm::layer_norm, softmax::softmax,
+};
 
 #[cfg(not(feature = "cuda"))]
 mod stand_in;
