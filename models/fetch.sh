@@ -154,5 +154,13 @@ if [ "$LLM" = 1 ]; then
   fi
   llm_build smollm2-135m
   llm_build smollm2-135m-4l-fp16 --layers 4 --fp16-weights
+  # The shipped LLM repository (models/repository-llm) serves the 30-layer model: link its
+  # files into version 1 (the links are not committed).
+  REPO_V1="$HERE/repository-llm/smollm2/1"
+  mkdir -p "$REPO_V1"
+  for f in model.onnx config.json generation_config.json tokenizer.json tokenizer_config.json; do
+    ln -sfn "$TARGET/llm/smollm2-135m/$f" "$REPO_V1/$f"
+  done
+  log "linked llm/smollm2-135m into models/repository-llm/smollm2/1"
 fi
 printf '%s\n' "$TARGET"

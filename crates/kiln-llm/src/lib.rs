@@ -6,6 +6,7 @@
 //! - [`model`]: an ONNX decoder rewritten for paged attention, one step over a flat token batch.
 //! - [`engine`]: requests in, tokens out; continuous batching over the model.
 //! - [`service`]: the engine on its own thread, with cancellation, deadlines and overload refusal.
+//! - [`text`]: text in, streamed text out (tokenizing, chat templates, stop strings).
 //! - [`tokenizer`]: text <-> ids from Hugging Face `tokenizer.json` and `tokenizer_config.json`.
 //! - [`chat`]: chat templates (Jinja), rendered as transformers renders them.
 //! - [`detokenize`]: streaming detokenization and stop strings.
@@ -18,6 +19,7 @@ pub mod model;
 pub mod sampling;
 pub mod scheduler;
 pub mod service;
+pub mod text;
 pub mod tokenizer;
 
 pub use block_manager::{BlockError, BlockHash, BlockId, CopyOp, KvBlockManager, PrefixCacheStats, SeqId, TokenId};

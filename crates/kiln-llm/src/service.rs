@@ -68,6 +68,14 @@ impl Generation {
     pub fn set_done(&mut self) {
         self.done = true;
     }
+
+    /// Cancel the request now (its KV blocks are freed before the next step).
+    pub fn abort(&mut self) {
+        if !self.done {
+            self.done = true;
+            let _ = self.cancel.send(Command::Abort(self.id));
+        }
+    }
 }
 
 impl Drop for Generation {

@@ -35,6 +35,108 @@ pub struct ModelConfig {
     pub default_model_filename: Option<String>,
     #[serde(default)]
     pub limits: LimitsConfig,
+    /// Serve the model as an LLM (OpenAI-compatible routes, KServe generate) with a paged KV
+    /// cache and continuous batching. Each version folder then holds the decoder (`model.onnx`
+    /// with `past_key_values` inputs), `config.json`, `tokenizer.json` and `tokenizer_config.json`.
+    pub llm: Option<LlmConfig>,
+}
+
+/// `[llm]`: LLM serving settings, named as vLLM's engine arguments.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct LlmConfig {
+    /// Tokens per KV block.
+    #[serde(default = "default_block_size")]
+    pub block_size: usize,
+    /// Bytes for the KV cache (all layers, K and V).
+    #[serde(default = "default_kv_cache_bytes")]
+    pub kv_cache_bytes: usize,
+    /// `f32` or `f16`.
+    #[serde(default = "default_kv_dtype")]
+    pub kv_cache_dtype: String,
+    #[serde(default = "default_max_num_seqs")]
+    pub max_num_seqs: usize,
+    #[serde(default = "default_max_num_batched_tokens")]
+    pub max_num_batched_tokens: usize,
+    /// Prompt plus output tokens of one sequence (capped by the model's context length).
+    #[serde(default = "default_max_model_len")]
+    pub max_model_len: usize,
+    #[serde(default = "yes")]
+    pub enable_chunked_prefill: bool,
+    #[serde(default = "yes")]
+    pub enable_prefix_caching: bool,
+    /// Requests in the engine (running and waiting) beyond which new ones get a 503.
+    #[serde(default = "default_max_pending")]
+    pub max_pending_requests: usize,
+    /// Replaces the tokenizer's chat template (Jinja, as in `tokenizer_config.json`).
+    pub chat_template: Option<String>,
+    /// `max_tokens` when a request gives none.
+    #[serde(default = "default_max_tokens")]
+    pub default_max_tokens: usize,
+}
+
+fn default_block_size() -> usize {
+    16
+}
+fn default_kv_cache_bytes() -> usize {
+    512 << 20
+}
+fn default_kv_dtype() -> String {
+    "f32".into()
+}
+fn default_max_num_seqs() -> usize {
+    64
+}
+fn default_max_num_batched_tokens() -> usize {
+    512
+}
+fn default_max_model_len() -> usize {
+    4096
+}
+fn yes() -> bool {
+    true
+}
+fn default_max_pending() -> usize {
+    256
+}
+fn default_max_tokens() -> usize {
+    256
+}
+
+impl LlmConfig {
+    /// The engine settings, checked.
+    pub fn engine_config(&self) -> std::result::Result<kiln_llm::EngineConfig, String> {
+        let kv_dtype = match self.kv_cache_dtype.to_ascii_lowercase().as_str() {
+            "f32" | "fp32" | "float32" => kiln::paged::KvDType::F32,
+            "f16" | "fp16" | "float16" => kiln::paged::KvDType::F16,
+            other => return Err(format!("llm.kv_cache_dtype '{other}': use f32 or f16")),
+        };
+        for (name, v) in [
+            ("block_size", self.block_size),
+            ("kv_cache_bytes", self.kv_cache_bytes),
+            ("max_num_seqs", self.max_num_seqs),
+            ("max_num_batched_tokens", self.max_num_batched_tokens),
+            ("max_model_len", self.max_model_len),
+            ("max_pending_requests", self.max_pending_requests),
+            ("default_max_tokens", self.default_max_tokens),
+        ] {
+            if v == 0 {
+                return Err(format!("llm.{name} must be positive"));
+            }
+        }
+        Ok(kiln_llm::EngineConfig {
+            scheduler: kiln_llm::SchedulerConfig {
+                max_num_seqs: self.max_num_seqs,
+                max_num_batched_tokens: self.max_num_batched_tokens,
+                max_model_len: self.max_model_len,
+                chunked_prefill: self.enable_chunked_prefill,
+            },
+            block_size: self.block_size,
+            kv_cache_bytes: self.kv_cache_bytes,
+            kv_dtype,
+            prefix_caching: self.enable_prefix_caching,
+        })
+    }
 }
 
 /// Bounds on what loading and running this model may cost (unset fields keep Kiln's defaults:
@@ -303,6 +405,14 @@ impl ModelConfig {
             return Err(bad(format!(
                 "default_model_filename '{model_filename}' must be a plain file name"
             )));
+        }
+        if let Some(llm) = &self.llm {
+            llm.engine_config().map_err(bad)?;
+            if self.max_batch_size > 0 || self.dynamic_batching.is_some() {
+                return Err(bad(
+                    "an [llm] model batches continuously: leave max_batch_size and dynamic_batching unset".into(),
+                ));
+            }
         }
         let l = &self.limits;
         let d = kiln::LoadLimits::default();

@@ -15,6 +15,7 @@ pub mod config;
 mod error;
 mod gpu_metrics;
 mod infer;
+pub mod llm;
 pub mod manager;
 pub mod metrics;
 pub mod protocols;

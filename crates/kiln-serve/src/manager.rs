@@ -53,7 +53,10 @@ pub struct ServedVersion {
     pub inputs: Vec<IoInfo>,
     pub outputs: Vec<IoInfo>,
     pub config: Arc<ResolvedConfig>,
-    batcher: DynamicBatcher,
+    /// Tensor models: the dynamic batcher over the model's workers (`None` for an LLM).
+    batcher: Option<DynamicBatcher>,
+    /// `[llm]` models: the generation engine.
+    pub llm: Option<Arc<crate::llm::ServedLlm>>,
     cache: Option<ResponseCache>,
     metrics: ModelMetrics,
     signature: VersionSig,
@@ -70,13 +73,16 @@ impl ServedVersion {
         self.config.raw.max_batch_size
     }
 
-    pub fn batcher_config(&self) -> &BatcherConfig {
-        self.batcher.config()
+    pub fn batcher_config(&self) -> Option<&BatcherConfig> {
+        self.batcher.as_ref().map(|b| b.config())
     }
 
     /// Whether a model worker is alive to run this version's requests.
     pub fn is_ready(&self) -> bool {
-        self.batcher.is_ready()
+        match &self.batcher {
+            Some(b) => b.is_ready(),
+            None => self.llm.is_some(),
+        }
     }
 
     /// Runs one request: checks it, answers from the cache or queues it, and waits.
@@ -100,6 +106,12 @@ impl ServedVersion {
     }
 
     async fn infer_inner(&self, req: InferRequest) -> Result<InferResponse> {
+        let Some(batcher) = &self.batcher else {
+            return Err(ServeError::invalid(format!(
+                "model '{}' is an LLM: use POST /v1/completions or /v1/chat/completions",
+                self.model
+            )));
+        };
         let (inputs, rows) = self.check_inputs(req.inputs)?;
         let selected = self.select_outputs(&req.outputs)?;
         let key = self
@@ -116,7 +128,7 @@ impl ServedVersion {
         let (tx, rx) = oneshot::channel();
         let now = Instant::now();
         let timeout = self.config.request_timeout;
-        self.batcher.submit(Job {
+        batcher.submit(Job {
             inputs,
             rows,
             enqueued: now,
@@ -521,6 +533,23 @@ impl ModelManager {
             version,
             reason,
         };
+        if config.raw.llm.is_some() {
+            let dir = file.parent().unwrap_or(file);
+            let llm = crate::llm::ServedLlm::load(dir, &config).map_err(load_err)?;
+            let session = llm.service.model().session();
+            return Ok(ServedVersion {
+                model: name.to_string(),
+                version,
+                inputs: session.inputs().to_vec(),
+                outputs: session.outputs().to_vec(),
+                config,
+                batcher: None,
+                llm: Some(Arc::new(llm)),
+                cache: None,
+                metrics: self.metrics.model(name, version),
+                signature,
+            });
+        }
         let session = Session::builder()
             .device(config.device)
             .optimization(config.level)
@@ -568,11 +597,34 @@ impl ModelManager {
             inputs,
             outputs,
             config,
-            batcher,
+            batcher: Some(batcher),
+            llm: None,
             cache,
             metrics,
             signature,
         })
+    }
+
+    /// The newest served version of every LLM model.
+    pub fn llms(&self) -> Vec<(String, u64, Arc<crate::llm::ServedLlm>)> {
+        self.read_models()
+            .iter()
+            .filter_map(|(name, e)| {
+                let (v, sv) = e.serving.iter().rev().find(|(_, sv)| sv.llm.is_some())?;
+                Some((name.clone(), *v, sv.llm.clone()?))
+            })
+            .collect()
+    }
+
+    /// The newest served version of LLM `model`.
+    pub fn llm(&self, model: &str) -> Result<(u64, Arc<crate::llm::ServedLlm>)> {
+        let sv = self.served(model, None)?;
+        match &sv.llm {
+            Some(l) => Ok((sv.version, l.clone())),
+            None => Err(ServeError::invalid(format!(
+                "model '{model}' is not an LLM (no [llm] section in its config.toml); use /v2/models/{model}/infer"
+            ))),
+        }
     }
 
     /// Whether the server is ready: startup loading finished, it is not shutting down, and every

@@ -87,7 +87,8 @@ pub(crate) async fn not_found() -> HttpError {
 }
 
 async fn metrics(State(st): State<HttpState>) -> Response {
-    let text = st.manager.metrics().render();
+    let mut text = st.manager.metrics().render();
+    text.push_str(&crate::llm::LlmMetrics::global().render(&st.manager.llms()));
     (
         [(
             header::CONTENT_TYPE,

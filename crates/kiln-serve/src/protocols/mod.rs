@@ -5,6 +5,7 @@
 pub mod http;
 pub mod kserve_v2_grpc;
 pub mod kserve_v2_http;
+pub mod openai;
 pub mod tf_rest;
 
 use axum::extract::DefaultBodyLimit;
@@ -26,7 +27,7 @@ use crate::error::{Result, ServeError};
 /// - TF-Serving REST ([`tf_rest`]): `/v1/models/{name}[/versions/{v}][:predict|:classify|:regress|/metadata]`,
 ///   that is every path that has at least one segment after `/v1/models/` (one catch-all route;
 ///   `:classify` and `:regress` are not implemented and answer 404).
-/// - OpenAI-compatible (to come): `POST /v1/completions`, `POST /v1/chat/completions` and
+/// - OpenAI-compatible ([`openai`], `[llm]` models only): `POST /v1/completions`, `POST /v1/chat/completions` and
 ///   `GET /v1/models` with no further segment, which the TF-Serving catch-all does not match.
 ///   OpenAI's `GET /v1/models/{model}` is TF-Serving's model status here and stays so.
 /// - `/metrics`.
@@ -34,6 +35,7 @@ pub fn http_router(state: HttpState, max_body_bytes: usize) -> Router {
     Router::new()
         .merge(kserve_v2_http::routes())
         .merge(tf_rest::routes())
+        .merge(openai::routes())
         .merge(http::metrics_routes())
         .fallback(http::not_found)
         .layer(DefaultBodyLimit::max(max_body_bytes))

@@ -6,6 +6,7 @@ mod common;
 mod grpc;
 mod hostile;
 mod http;
+mod llm;
 mod reload;
 mod security;
 mod tf_rest;

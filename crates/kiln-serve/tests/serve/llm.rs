@@ -1,0 +1,291 @@
+//! The OpenAI-compatible API on an `[llm]` model (the 4-layer SmolLM2 that `models/fetch.sh --llm`
+//! builds under `$KILN_MODELS/llm/`; SKIP without `KILN_MODELS`, failure with
+//! `KILN_MODELS_REQUIRED=1`): completions and chat, streamed and not, `n > 1`, bad requests
+//! (4xx JSON errors in OpenAI's shape), a flood past the queue (503 at once, the rest served), a
+//! client that disconnects mid-stream (its KV blocks come back), and the server staying ready.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde_json::{json, Value};
+
+use super::common::{metric, metrics_text, start, url, wait_until};
+
+fn llm_dir() -> Option<PathBuf> {
+    let reason = match std::env::var_os("KILN_MODELS") {
+        Some(m) => {
+            let dir = PathBuf::from(m).join("llm/smollm2-135m-4l-fp16");
+            if dir.join("model.onnx").exists() {
+                return Some(dir);
+            }
+            format!("{} is missing (run models/fetch.sh --llm)", dir.display())
+        }
+        None => "KILN_MODELS is not set".to_string(),
+    };
+    assert!(
+        std::env::var_os("KILN_MODELS_REQUIRED").is_none(),
+        "{reason} (KILN_MODELS_REQUIRED is set)"
+    );
+    eprintln!("SKIP: {reason}");
+    None
+}
+
+/// A repository with model `smollm2` (version 1 links to the built model's files).
+fn llm_repo(src: &Path, config: &str) -> PathBuf {
+    let repo = std::env::temp_dir().join(format!("kiln-serve-llm-{}-{}", std::process::id(), rand_suffix()));
+    let v1 = repo.join("smollm2/1");
+    std::fs::create_dir_all(&v1).unwrap();
+    for f in [
+        "model.onnx",
+        "config.json",
+        "generation_config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+    ] {
+        std::os::unix::fs::symlink(src.join(f), v1.join(f)).unwrap();
+    }
+    std::fs::write(repo.join("smollm2/config.toml"), config).unwrap();
+    repo
+}
+
+fn rand_suffix() -> u64 {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static N: AtomicU64 = AtomicU64::new(0);
+    N.fetch_add(1, Ordering::SeqCst)
+}
+
+const CONFIG: &str = r#"
+[llm]
+block_size = 16
+kv_cache_bytes = 8388608          # 8 MiB: 85 blocks of 16 tokens for this model
+max_num_seqs = 8
+max_num_batched_tokens = 128
+max_model_len = 512
+max_pending_requests = 6
+default_max_tokens = 16
+"#;
+
+async fn post(client: &reqwest::Client, u: &str, body: Value) -> (u16, Value) {
+    let r = client.post(u).json(&body).send().await.unwrap();
+    let status = r.status().as_u16();
+    let text = r.text().await.unwrap();
+    (status, serde_json::from_str(&text).unwrap_or(Value::String(text)))
+}
+
+/// `data:` payloads of a server-sent-event body, `[DONE]` included.
+fn sse_payloads(body: &str) -> Vec<String> {
+    body.split("\n\n")
+        .filter_map(|e| e.strip_prefix("data: "))
+        .map(str::to_string)
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn openai_api_on_an_llm_model() {
+    let Some(src) = llm_dir() else { return };
+    let repo = llm_repo(&src, CONFIG);
+    let server = start(&repo).await;
+    let c = reqwest::Client::new();
+
+    // The model list names the LLM.
+    let models: Value = c
+        .get(url(&server, "/v1/models"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(models["object"], "list");
+    assert_eq!(models["data"][0]["id"], "smollm2");
+
+    // Completions, greedy: the streamed text equals the whole answer.
+    let body = json!({"model": "smollm2", "prompt": "The capital of France is", "max_tokens": 8,
+                      "temperature": 0, "ignore_eos": true});
+    let (s, whole) = post(&c, &url(&server, "/v1/completions"), body.clone()).await;
+    assert_eq!(s, 200, "{whole}");
+    assert_eq!(whole["object"], "text_completion");
+    assert_eq!(whole["choices"][0]["finish_reason"], "length");
+    assert_eq!(whole["usage"]["completion_tokens"], 8);
+    assert!(whole["usage"]["prompt_tokens"].as_u64().unwrap() >= 5);
+    let text = whole["choices"][0]["text"].as_str().unwrap().to_string();
+    assert!(!text.is_empty());
+    let mut sbody = body.clone();
+    sbody["stream"] = json!(true);
+    sbody["stream_options"] = json!({"include_usage": true});
+    let r = c
+        .post(url(&server, "/v1/completions"))
+        .json(&sbody)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+    assert!(r.headers()["content-type"]
+        .to_str()
+        .unwrap()
+        .starts_with("text/event-stream"));
+    let events = sse_payloads(&r.text().await.unwrap());
+    assert_eq!(events.last().unwrap(), "[DONE]");
+    let chunks: Vec<Value> = events[..events.len() - 1]
+        .iter()
+        .map(|e| serde_json::from_str(e).unwrap())
+        .collect();
+    let streamed: String = chunks
+        .iter()
+        .filter_map(|c| c["choices"].get(0)?["text"].as_str())
+        .collect();
+    assert_eq!(streamed, text);
+    assert_eq!(chunks.last().unwrap()["usage"]["completion_tokens"], 8);
+
+    // Chat, streamed and not: same text; the first delta carries the role.
+    let chat = json!({"model": "smollm2", "messages": [{"role": "system", "content": "Be brief."},
+                      {"role": "user", "content": "What is the capital of France?"}],
+                      "max_tokens": 6, "temperature": 0, "logprobs": true, "top_logprobs": 2});
+    let (s, whole) = post(&c, &url(&server, "/v1/chat/completions"), chat.clone()).await;
+    assert_eq!(s, 200, "{whole}");
+    assert_eq!(whole["object"], "chat.completion");
+    assert_eq!(whole["choices"][0]["message"]["role"], "assistant");
+    let content = whole["choices"][0]["message"]["content"].as_str().unwrap().to_string();
+    let lps = whole["choices"][0]["logprobs"]["content"].as_array().unwrap();
+    assert_eq!(lps.len() as u64, whole["usage"]["completion_tokens"].as_u64().unwrap());
+    assert_eq!(lps[0]["top_logprobs"].as_array().unwrap().len(), 2);
+    let mut schat = chat.clone();
+    schat["stream"] = json!(true);
+    let events = sse_payloads(
+        &c.post(url(&server, "/v1/chat/completions"))
+            .json(&schat)
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap(),
+    );
+    let chunks: Vec<Value> = events[..events.len() - 1]
+        .iter()
+        .map(|e| serde_json::from_str(e).unwrap())
+        .collect();
+    assert_eq!(chunks[0]["object"], "chat.completion.chunk");
+    assert_eq!(chunks[0]["choices"][0]["delta"]["role"], "assistant");
+    let streamed: String = chunks
+        .iter()
+        .filter_map(|c| c["choices"][0]["delta"]["content"].as_str())
+        .collect();
+    assert_eq!(streamed, content);
+    assert!(chunks.last().unwrap()["choices"][0]["finish_reason"].is_string());
+
+    // n = 2 with a seed: two answers, reproducible.
+    let nreq = json!({"model": "smollm2", "prompt": "Once upon a time", "max_tokens": 5, "n": 2,
+                      "temperature": 0.9, "seed": 7, "ignore_eos": true});
+    let (s, a) = post(&c, &url(&server, "/v1/completions"), nreq.clone()).await;
+    assert_eq!(s, 200, "{a}");
+    assert_eq!(a["choices"].as_array().unwrap().len(), 2);
+    let (_, b) = post(&c, &url(&server, "/v1/completions"), nreq).await;
+    assert_eq!(a["choices"], b["choices"]);
+
+    // Bad requests: OpenAI-shaped 4xx errors.
+    let long: Vec<u32> = (0..600).map(|i| 100 + i).collect();
+    for (body, want) in [
+        (json!({"model": "smollm2", "prompt": long}), 400),
+        (json!({"model": "smollm2", "prompt": "hi", "max_tokens": 0}), 400),
+        (json!({"model": "smollm2", "prompt": "hi", "max_tokens": -5}), 400),
+        (json!({"model": "smollm2", "prompt": "hi", "temperature": -1}), 400),
+        (json!({"model": "smollm2", "prompt": [4000000000u64]}), 400),
+        (json!({"model": "nope", "prompt": "hi"}), 404),
+        (json!({"model": "smollm2"}), 400),
+        (json!({"model": "smollm2", "messages": []}), 400),
+    ] {
+        let path = if body.get("messages").is_some() {
+            "/v1/chat/completions"
+        } else {
+            "/v1/completions"
+        };
+        let (s, e) = post(&c, &url(&server, path), body.clone()).await;
+        assert_eq!(s, want, "{body} -> {e}");
+        assert!(e["error"]["message"].as_str().is_some_and(|m| !m.is_empty()), "{e}");
+    }
+    let r = c
+        .post(url(&server, "/v1/completions"))
+        .header("content-type", "application/json")
+        .body("{not json")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 400);
+    let r = c
+        .post(url(&server, "/v2/models/smollm2/infer"))
+        .json(&json!({"inputs": []}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 400);
+
+    // A client that goes away mid-stream: its blocks come back.
+    let long_req = json!({"model": "smollm2", "prompt": "Count:", "max_tokens": 400, "ignore_eos": true,
+                          "temperature": 0, "stream": true});
+    let mut r = c
+        .post(url(&server, "/v1/completions"))
+        .json(&long_req)
+        .send()
+        .await
+        .unwrap();
+    let first = r.chunk().await.unwrap().unwrap();
+    assert!(first.starts_with(b"data: "));
+    let used = |t: &str| {
+        metric(
+            t,
+            r#"kiln_llm:engine{model="smollm2",stat="kv_blocks_used",version="1"}"#,
+        )
+    };
+    assert!(used(&metrics_text(&server).await).unwrap() > 0.0);
+    drop(r);
+    let back = wait_until(20, || async { used(&metrics_text(&server).await) == Some(0.0) }).await;
+    assert!(back, "blocks not returned after the client left");
+    let aborted = metric(
+        &metrics_text(&server).await,
+        r#"kiln_llm:engine{model="smollm2",stat="aborted_requests_total",version="1"}"#,
+    );
+    assert!(aborted.unwrap() >= 1.0);
+
+    // A flood past max_pending_requests (6): the excess gets 503 at once, the rest are served.
+    let flood: Vec<_> = (0..16)
+        .map(|i| {
+            let c = c.clone();
+            let u = url(&server, "/v1/completions");
+            tokio::spawn(async move {
+                let body =
+                    json!({"model": "smollm2", "prompt": format!("Item {i}:"), "max_tokens": 24, "ignore_eos": true});
+                post(&c, &u, body).await
+            })
+        })
+        .collect();
+    let mut codes = Vec::new();
+    for f in flood {
+        let (s, v) = f.await.unwrap();
+        if s == 200 {
+            assert_eq!(v["usage"]["completion_tokens"], 24);
+        } else {
+            assert_eq!(s, 503, "{v}");
+        }
+        codes.push(s);
+    }
+    assert!(codes.contains(&200) && codes.contains(&503), "{codes:?}");
+
+    // Still serving and ready; TTFT and per-token histograms were recorded.
+    let (s, _) = post(&c, &url(&server, "/v1/completions"), body).await;
+    assert_eq!(s, 200);
+    let r = c.get(url(&server, "/v2/health/ready")).send().await.unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+    let text = metrics_text(&server).await;
+    let count = |name: &str| {
+        metric(
+            &text,
+            &format!(r#"kiln_llm:{name}_count{{model="smollm2",version="1"}}"#),
+        )
+        .unwrap_or(0.0)
+    };
+    assert!(count("time_to_first_token_seconds") >= 5.0, "{text}");
+    assert!(count("time_per_output_token_seconds") > 10.0);
+    let _ = Duration::from_secs(0);
+    let _ = std::fs::remove_dir_all(&repo);
+}
