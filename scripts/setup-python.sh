@@ -9,9 +9,10 @@
 # `setup-python.sh llm` makes venv-llm-v1: the default set + tokenizers and jinja2, for
 # models/llm/verify_smollm2.py and models/llm/check_tokenizer.py.
 #
-# `setup-python.sh serve` makes a second venv, venv-serve-v1, for the `kiln serve` client test
-# (tritonclient[http,grpc] + onnxruntime). It is separate because tritonclient needs older
-# protobuf / ml_dtypes than the conformance set pins.
+# `setup-python.sh serve` makes a second venv, venv-serve-v2, for the `kiln serve` client tests
+# (tritonclient[http,grpc] + onnxruntime for tritonclient_test.py, the official `openai` client for
+# openai_test.py). It is separate because tritonclient needs older protobuf / ml_dtypes than the
+# conformance set pins.
 #
 # Idempotent: a marker file inside the venv records the pinned requirement set;
 # when it matches, the script exits immediately. Progress goes to stderr, so
@@ -61,7 +62,7 @@ LLM_EXTRA_REQUIREMENTS=(
 )
 
 # Pinned set for `setup-python.sh serve` (what pip resolved for tritonclient[http,grpc] 2.73.0 +
-# onnxruntime 1.32.0).
+# onnxruntime 1.32.0 + openai 3.51.0).
 SERVE_REQUIREMENTS=(
   "tritonclient[http,grpc]==2.73.0"
   "onnxruntime==1.32.0"
@@ -90,6 +91,19 @@ SERVE_REQUIREMENTS=(
   "idna==3.20"
   "zope.event==6.2"
   "zope.interface==8.7"
+  # the official OpenAI client for crates/kiln-serve/tests/python/openai_test.py, and its deps
+  "openai==3.51.0"
+  "annotated-types==0.8.0"
+  "anyio==4.16.0"
+  "h11==0.16.0"
+  "httpcore2==2.16.2"
+  "httpx2==2.16.2"
+  "jiter==0.19.0"
+  "pydantic==2.14.4"
+  "pydantic_core==2.50.5"
+  "sniffio==1.3.1"
+  "truststore==0.10.5"
+  "typing-inspection==0.4.5"
 )
 
 CACHE="${KILN_CACHE:-$HOME/.cache/kiln}"
@@ -97,8 +111,8 @@ VENV="$CACHE/venv-v1"
 SMOKE='import numpy, onnx, onnxruntime; print("setup-python: numpy", numpy.__version__, "onnx", onnx.__version__, "onnxruntime", onnxruntime.__version__)'
 if [[ "${1:-}" == "serve" ]]; then
   REQUIREMENTS=("${SERVE_REQUIREMENTS[@]}")
-  VENV="$CACHE/venv-serve-v1"
-  SMOKE='import numpy, onnxruntime, tritonclient.http, tritonclient.grpc; print("setup-python: tritonclient + onnxruntime", onnxruntime.__version__)'
+  VENV="$CACHE/venv-serve-v2"
+  SMOKE='import numpy, onnxruntime, openai, tritonclient.http, tritonclient.grpc; print("setup-python: tritonclient + onnxruntime", onnxruntime.__version__, "+ openai", openai.__version__)'
 elif [[ "${1:-}" == "llm" ]]; then
   REQUIREMENTS+=("${LLM_EXTRA_REQUIREMENTS[@]}")
   VENV="$CACHE/venv-llm-v1"

