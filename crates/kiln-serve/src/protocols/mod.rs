@@ -3,6 +3,7 @@
 //! HTTP router ([`http_router`]) to which each HTTP protocol contributes its `routes()`.
 
 pub mod http;
+pub mod kserve_generate;
 pub mod kserve_v2_grpc;
 pub mod kserve_v2_http;
 pub mod openai;
@@ -34,6 +35,7 @@ use crate::error::{Result, ServeError};
 pub fn http_router(state: HttpState, max_body_bytes: usize) -> Router {
     Router::new()
         .merge(kserve_v2_http::routes())
+        .merge(kserve_generate::routes())
         .merge(tf_rest::routes())
         .merge(openai::routes())
         .merge(http::metrics_routes())

@@ -7,6 +7,7 @@ mod grpc;
 mod hostile;
 mod http;
 mod llm;
+mod llm_generate;
 mod reload;
 mod security;
 mod tf_rest;
