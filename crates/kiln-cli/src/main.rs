@@ -11,6 +11,7 @@ macro_rules! outln {
 }
 
 mod bench;
+mod generate;
 mod npy;
 mod optimize;
 mod output;
@@ -143,6 +144,9 @@ enum Cmd {
     },
     /// Serve a model repository over KServe v2 HTTP/gRPC and TF-Serving REST.
     Serve(serve::ServeArgs),
+    /// Generate text with an LLM directory (model.onnx, config.json, tokenizer files), streamed
+    /// to stdout; token counts and timings go to stderr.
+    Generate(generate::GenerateArgs),
 }
 
 fn main() -> ExitCode {
@@ -218,6 +222,7 @@ fn main() -> ExitCode {
             min_elements,
         } => quantize::quantize(&input, &output, &quantize::QuantizeConfig { mode, min_elements }),
         Cmd::Serve(args) => serve::serve(args),
+        Cmd::Generate(args) => generate::generate(args),
     };
     match r {
         Ok(()) => ExitCode::SUCCESS,
