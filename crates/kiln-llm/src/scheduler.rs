@@ -182,6 +182,10 @@ impl Scheduler {
     pub fn has_work(&self) -> bool {
         !self.waiting.is_empty() || !self.running.is_empty()
     }
+    /// Token slots allocated to the running sequences (tokens whose KV is held or being written).
+    pub fn allocated_tokens(&self) -> usize {
+        self.running.iter().filter_map(|&s| self.blocks.num_slots(s)).sum()
+    }
     pub fn sequence(&self, id: SeqId) -> Option<&Sequence> {
         self.seqs.get(&id)
     }

@@ -1,8 +1,8 @@
 //! Paged KV storage and the attention that reads through block tables (vLLM's PagedAttention).
 //!
 //! A [`PagedKvCache`] holds, per layer, K and V for `num_blocks` blocks of `block_size` token
-//! slots, laid out `[block][slot][kv_head][head_dim]` so one token's keys for every head are
-//! contiguous. Which blocks a sequence owns is decided outside (Kiln's LLM block manager); a model
+//! slots, laid out `[block][kv_head][slot][head_dim]`, so one head's keys in a block are one
+//! contiguous `block_size x head_dim` tile that attention reads in place (f32) or converts once (f16). Which blocks a sequence owns is decided outside (Kiln's LLM block manager); a model
 //! step hands the executor a [`PagedStep`] (through [`RunOptions::paged_kv`](crate::RunOptions)):
 //! the cache plus, for every sequence in the flat token batch, where its query tokens sit, how long
 //! its context is after the step, and its block table. Each `ai.kiln::PagedAttention` node (one per
@@ -86,17 +86,20 @@ impl Store {
             }
         }
     }
-    fn read(&self, at: usize, dst: &mut [f32]) {
-        let n = dst.len();
+    /// `len` values from `at` as f32: borrowed in place for f32 storage, converted into
+    /// `scratch` for f16.
+    fn tile<'a>(&'a self, at: usize, len: usize, scratch: &'a mut [f32]) -> &'a [f32] {
         match self {
-            Store::F32(d) => dst.copy_from_slice(&d[at..at + n]),
+            Store::F32(d) => &d[at..at + len],
             Store::F16(d) => {
-                for (o, &x) in dst.iter_mut().zip(&d[at..at + n]) {
+                for (o, &x) in scratch[..len].iter_mut().zip(&d[at..at + len]) {
                     *o = x.to_f32();
                 }
+                &scratch[..len]
             }
         }
     }
+
     fn copy_within(&mut self, src: std::ops::Range<usize>, dst: usize) {
         match self {
             Store::F32(d) => d.copy_within(src, dst),
@@ -169,10 +172,6 @@ impl PagedKvCache {
         &self.cfg
     }
 
-    fn token_stride(&self) -> usize {
-        self.cfg.num_kv_heads * self.cfg.head_dim
-    }
-
     /// Copy the first `num_tokens` slots of block `src` into block `dst` in every layer
     /// (copy-on-write before a shared partial block is written).
     pub fn copy_block(&self, src: u32, dst: u32, num_tokens: usize) -> Result<(), PagedKvError> {
@@ -182,19 +181,32 @@ impl PagedKvCache {
                 "block copy {src} -> {dst} of {num_tokens} slots is out of range"
             )));
         }
-        let block = self.cfg.block_size * self.token_stride();
-        let n = num_tokens * self.token_stride();
+        let tile = self.cfg.block_size * self.cfg.head_dim;
+        let n = num_tokens * self.cfg.head_dim;
         for layer in &self.layers {
             let mut l = layer.lock().unwrap_or_else(|e| e.into_inner());
-            l.k.copy_within(src * block..src * block + n, dst * block);
-            l.v.copy_within(src * block..src * block + n, dst * block);
+            for h in 0..self.cfg.num_kv_heads {
+                let (from, to) = (
+                    (src * self.cfg.num_kv_heads + h) * tile,
+                    (dst * self.cfg.num_kv_heads + h) * tile,
+                );
+                l.k.copy_within(from..from + n, to);
+                l.v.copy_within(from..from + n, to);
+            }
         }
         Ok(())
     }
 
-    fn slot(&self, table: &[u32], pos: usize) -> usize {
-        let b = table[pos / self.cfg.block_size] as usize;
-        (b * self.cfg.block_size + pos % self.cfg.block_size) * self.token_stride()
+    /// Offset of head `h`'s row for position `pos` of a sequence with block table `table`.
+    fn slot(&self, table: &[u32], pos: usize, h: usize) -> usize {
+        let bs = self.cfg.block_size;
+        let b = table[pos / bs] as usize;
+        ((b * self.cfg.num_kv_heads + h) * bs + pos % bs) * self.cfg.head_dim
+    }
+
+    /// Offset of head `h`'s tile in block `b`.
+    fn tile(&self, b: u32, h: usize) -> usize {
+        (b as usize * self.cfg.num_kv_heads + h) * self.cfg.block_size * self.cfg.head_dim
     }
 
     fn check_step(&self, layer: usize, seqs: &[PagedSeq], tokens: usize) -> Result<(), PagedKvError> {
@@ -266,11 +278,11 @@ impl PagedKvCache {
         for s in seqs {
             let first_pos = s.context_len - s.num_query;
             for i in 0..s.num_query {
-                let at = self.slot(&s.block_table, first_pos + i);
                 for h in 0..hkv {
+                    let at = self.slot(&s.block_table, first_pos + i, h);
                     let row = (h * t + s.query_start + i) * d;
-                    kv.k.write(at + h * d, &k[row..row + d]);
-                    kv.v.write(at + h * d, &v[row..row + d]);
+                    kv.k.write(at, &k[row..row + d]);
+                    kv.v.write(at, &v[row..row + d]);
                 }
             }
         }
@@ -283,36 +295,60 @@ impl PagedKvCache {
             .into_par_iter()
             .map(|(si, g)| {
                 let s = &seqs[si];
-                let ctx = s.context_len;
-                let mut kk = vec![0.0f32; ctx * d];
-                let mut vv = vec![0.0f32; ctx * d];
-                for pos in 0..ctx {
-                    let at = self.slot(&s.block_table, pos) + g * d;
-                    kv.k.read(at, &mut kk[pos * d..(pos + 1) * d]);
-                    kv.v.read(at, &mut vv[pos * d..(pos + 1) * d]);
+                let (ctx, nq, bs) = (s.context_len, s.num_query, self.cfg.block_size);
+                let first = ctx - nq;
+                let nblocks = ctx.div_ceil(bs);
+                // Scores of every (query head of the group, query token) row over the context,
+                // computed block by block so each K tile is read (or converted) once.
+                let rows = group * nq;
+                let mut scores = vec![f32::NEG_INFINITY; rows * ctx];
+                let mut tile = vec![0.0f32; bs * d];
+                for bi in 0..nblocks {
+                    let n = bs.min(ctx - bi * bs);
+                    let kt = kv.k.tile(self.tile(s.block_table[bi], g), n * d, &mut tile);
+                    for hg in 0..group {
+                        let h = g * group + hg;
+                        for i in 0..nq {
+                            let pos = first + i;
+                            if bi * bs > pos {
+                                continue;
+                            }
+                            let qrow = &q[(h * t + s.query_start + i) * d..][..d];
+                            let srow = &mut scores[(hg * nq + i) * ctx..][..ctx];
+                            let last = n.min(pos + 1 - bi * bs);
+                            for j in 0..last {
+                                srow[bi * bs + j] = dot(qrow, &kt[j * d..(j + 1) * d]) * scale;
+                            }
+                        }
+                    }
                 }
-                let mut out = vec![0.0f32; group * s.num_query * d];
-                let mut scores = vec![0.0f32; ctx];
-                for hg in 0..group {
-                    let h = g * group + hg;
-                    for i in 0..s.num_query {
-                        let pos = ctx - s.num_query + i;
-                        let qrow = &q[(h * t + s.query_start + i) * d..][..d];
-                        let n = pos + 1;
-                        let mut max = f32::NEG_INFINITY;
-                        for (j, sc) in scores[..n].iter_mut().enumerate() {
-                            *sc = dot(qrow, &kk[j * d..(j + 1) * d]) * scale;
-                            max = max.max(*sc);
+                for r in 0..rows {
+                    let srow = &mut scores[r * ctx..(r + 1) * ctx];
+                    let max = srow.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                    let mut sum = 0.0f32;
+                    for x in srow.iter_mut() {
+                        *x = (*x - max).exp();
+                        sum += *x;
+                    }
+                    let inv = 1.0 / sum;
+                    for x in srow.iter_mut() {
+                        *x *= inv;
+                    }
+                }
+                let mut out = vec![0.0f32; rows * d];
+                for bi in 0..nblocks {
+                    let n = bs.min(ctx - bi * bs);
+                    let vt = kv.v.tile(self.tile(s.block_table[bi], g), n * d, &mut tile);
+                    for r in 0..rows {
+                        let i = r % nq;
+                        let pos = first + i;
+                        if bi * bs > pos {
+                            continue;
                         }
-                        let mut sum = 0.0f32;
-                        for sc in &mut scores[..n] {
-                            *sc = (*sc - max).exp();
-                            sum += *sc;
-                        }
-                        let inv = 1.0 / sum;
-                        let orow = &mut out[(hg * s.num_query + i) * d..][..d];
-                        for (j, &p) in scores[..n].iter().enumerate() {
-                            axpy(p * inv, &vv[j * d..(j + 1) * d], orow);
+                        let last = n.min(pos + 1 - bi * bs);
+                        let orow = &mut out[r * d..(r + 1) * d];
+                        for j in 0..last {
+                            axpy(scores[r * ctx + bi * bs + j], &vt[j * d..(j + 1) * d], orow);
                         }
                     }
                 }

@@ -17,9 +17,16 @@ pub struct ServedLlm {
     pub service: LlmService,
     pub tokenizer: Arc<LlmTokenizer>,
     pub default_max_tokens: usize,
+    /// `request_timeout_ms` of the model's config: requests still running then are aborted.
+    pub request_timeout: Option<Duration>,
 }
 
 impl ServedLlm {
+    /// When a request arriving at `arrived` must be done.
+    pub fn deadline(&self, arrived: std::time::Instant) -> Option<std::time::Instant> {
+        self.request_timeout.map(|t| arrived + t)
+    }
+
     /// Load `dir` (model.onnx, config.json, tokenizer files) as configured.
     pub fn load(dir: &Path, config: &ResolvedConfig) -> Result<ServedLlm, String> {
         let llm = config.raw.llm.as_ref().ok_or("not an [llm] model")?;
@@ -47,7 +54,40 @@ impl ServedLlm {
             service,
             tokenizer: Arc::new(tokenizer),
             default_max_tokens: llm.default_max_tokens,
+            request_timeout: config.request_timeout,
         })
+    }
+}
+
+/// When one request's tokens came, for the metrics' histograms.
+pub(crate) struct RequestTiming {
+    first: Option<Duration>,
+    last: Option<std::time::Instant>,
+    gaps: Vec<Duration>,
+}
+
+impl RequestTiming {
+    pub(crate) fn new() -> Self {
+        RequestTiming {
+            first: None,
+            last: None,
+            gaps: Vec::new(),
+        }
+    }
+
+    /// A token of the request that arrived at `arrived` came now.
+    pub(crate) fn token(&mut self, arrived: std::time::Instant) {
+        let now = std::time::Instant::now();
+        match self.last {
+            None => self.first = Some(now - arrived),
+            Some(l) => self.gaps.push(now - l),
+        }
+        self.last = Some(now);
+    }
+
+    /// Record time to first token, the gaps between tokens and the whole request.
+    pub(crate) fn record(&self, model: &str, version: u64, arrived: std::time::Instant) {
+        LlmMetrics::global().observe(model, version, self.first, &self.gaps, arrived.elapsed());
     }
 }
 

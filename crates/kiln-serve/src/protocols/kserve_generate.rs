@@ -16,7 +16,7 @@
 //! Errors are KServe's `{"error": "..."}` with 400, 404 or 503.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use axum::body::{Body, Bytes};
 use axum::extract::rejection::BytesRejection;
@@ -32,7 +32,7 @@ use serde_json::{json, Map, Value};
 use super::http::{HttpError, HttpResult, HttpState};
 use super::parse_version;
 use crate::error::ServeError;
-use crate::llm::{LlmMetrics, ServedLlm};
+use crate::llm::{RequestTiming, ServedLlm};
 
 /// The generate routes. They sit beside the KServe v2 routes under `/v2/models/{model}`, with the
 /// same parameter names (`generate` and `generate_stream` are static segments like `infer`).
@@ -350,7 +350,7 @@ async fn handle(
         ignore_eos: b.ignore_eos,
         n: 1,
         skip_special_tokens: b.skip_special_tokens,
-        deadline: None,
+        deadline: llm.deadline(arrived),
     };
     let stream = text::start(&llm.service, &llm.tokenizer, req).map_err(text_error)?;
     let ctx = Ctx {
@@ -397,39 +397,11 @@ impl Ctx {
     }
 }
 
-/// Timing of one request for the `kiln_llm:*` histograms.
-struct Timing {
-    first: Option<Duration>,
-    last: Option<Instant>,
-    gaps: Vec<Duration>,
-}
-
-impl Timing {
-    fn new() -> Self {
-        Timing {
-            first: None,
-            last: None,
-            gaps: Vec::new(),
-        }
-    }
-    fn token(&mut self, arrived: Instant) {
-        let now = Instant::now();
-        match self.last {
-            None => self.first = Some(now - arrived),
-            Some(l) => self.gaps.push(now - l),
-        }
-        self.last = Some(now);
-    }
-    fn record(&self, ctx: &Ctx) {
-        LlmMetrics::global().observe(&ctx.model, ctx.version, self.first, &self.gaps, ctx.arrived.elapsed());
-    }
-}
-
 /// Run to the end: the whole text and why it ended.
 async fn collect(ctx: &Ctx, mut stream: TextStream) -> HttpResult<Value> {
     let mut text = ctx.prefix.clone();
     let mut finish = None;
-    let mut timing = Timing::new();
+    let mut timing = RequestTiming::new();
     while let Some(e) = stream.next().await {
         match e {
             TextEvent::Delta { text: t, .. } => {
@@ -440,7 +412,7 @@ async fn collect(ctx: &Ctx, mut stream: TextStream) -> HttpResult<Value> {
             TextEvent::Failed(m) => return Err(HttpError(StatusCode::INTERNAL_SERVER_ERROR, m)),
         }
     }
-    timing.record(ctx);
+    timing.record(&ctx.model, ctx.version, ctx.arrived);
     Ok(ctx.doc(&text, finish))
 }
 
@@ -460,7 +432,7 @@ fn event_stream(body: Body) -> Response {
 struct SseState {
     ctx: Ctx,
     stream: TextStream,
-    timing: Timing,
+    timing: RequestTiming,
     done: bool,
 }
 
@@ -472,7 +444,7 @@ fn sse(ctx: Ctx, stream: TextStream) -> Response {
     let state = SseState {
         ctx,
         stream,
-        timing: Timing::new(),
+        timing: RequestTiming::new(),
         done: false,
     };
     let events = futures_util::stream::unfold(state, |mut s| async move {
@@ -494,7 +466,7 @@ fn sse(ctx: Ctx, stream: TextStream) -> Response {
                     sse_event(&json!({ "error": m }))
                 }
                 None => {
-                    s.timing.record(&s.ctx);
+                    s.timing.record(&s.ctx.model, s.ctx.version, s.ctx.arrived);
                     return None;
                 }
             };

@@ -68,7 +68,7 @@ async fn ready(State(st): State<HttpState>) -> StatusCode {
 }
 
 /// Extensions Kiln implements, as Triton names them.
-pub const EXTENSIONS: &[&str] = &["binary_tensor_data", "model_repository"];
+pub const EXTENSIONS: &[&str] = &["binary_tensor_data", "model_repository", "generate"];
 
 async fn server_metadata() -> Json<Value> {
     Json(json!({

@@ -10,7 +10,7 @@
 //! which cancels the request and frees its KV blocks before the engine's next step.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use axum::body::{Body, Bytes};
 use axum::extract::State;
@@ -25,7 +25,7 @@ use serde_json::{json, Value};
 
 use super::http::HttpState;
 use crate::error::{ErrorKind, ServeError};
-use crate::llm::{LlmMetrics, ServedLlm};
+use crate::llm::{RequestTiming, ServedLlm};
 
 pub(crate) fn routes() -> Router<HttpState> {
     Router::new()
@@ -99,7 +99,7 @@ impl IntoResponse for ApiError {
             StatusCode::SERVICE_UNAVAILABLE => "service_unavailable",
             _ => "server_error",
         };
-        let body = json!({"error": {"message": self.message, "type": kind, "param": self.param, "code": self.status.as_u16()}});
+        let body = json!({"error": {"message": self.message, "type": kind, "param": self.param, "code": null}});
         (self.status, Json(body)).into_response()
     }
 }
@@ -290,7 +290,8 @@ async fn completions(State(st): State<HttpState>, body: Bytes) -> ApiResult<Resp
         }
     };
     let (version, llm) = served(&st, &b.common.model)?;
-    let req = to_request(&b.common, prompt, logprobs, llm.default_max_tokens)?;
+    let mut req = to_request(&b.common, prompt, logprobs, llm.default_max_tokens)?;
+    req.deadline = llm.deadline(arrived);
     let stream = text::start(&llm.service, &llm.tokenizer, req)?;
     let ctx = Ctx {
         id: format!("cmpl-{}", uuid_like()),
@@ -361,7 +362,8 @@ async fn chat_completions(State(st): State<HttpState>, body: Bytes) -> ApiResult
         }
     };
     let (version, llm) = served(&st, &b.common.model)?;
-    let req = to_request(&b.common, Prompt::Chat(messages), logprobs, llm.default_max_tokens)?;
+    let mut req = to_request(&b.common, Prompt::Chat(messages), logprobs, llm.default_max_tokens)?;
+    req.deadline = llm.deadline(arrived);
     let stream = text::start(&llm.service, &llm.tokenizer, req)?;
     let ctx = Ctx {
         id: format!("chatcmpl-{}", uuid_like()),
@@ -404,34 +406,6 @@ struct Ctx {
     logprobs: bool,
 }
 
-/// Timing of one request for the metrics.
-struct Timing {
-    first: Option<Duration>,
-    last: Option<Instant>,
-    gaps: Vec<Duration>,
-}
-
-impl Timing {
-    fn new() -> Self {
-        Timing {
-            first: None,
-            last: None,
-            gaps: Vec::new(),
-        }
-    }
-    fn token(&mut self, arrived: Instant) {
-        let now = Instant::now();
-        match self.last {
-            None => self.first = Some(now - arrived),
-            Some(l) => self.gaps.push(now - l),
-        }
-        self.last = Some(now);
-    }
-    fn record(&self, ctx: &Ctx) {
-        LlmMetrics::global().observe(&ctx.model, ctx.version, self.first, &self.gaps, ctx.arrived.elapsed());
-    }
-}
-
 fn logprob_entry(ctx: &Ctx, s: &kiln_llm::Sampled) -> Value {
     let tok = |id: u32| ctx.llm.tokenizer.id_to_token(id).unwrap_or_default();
     let top: Vec<Value> = s
@@ -453,7 +427,7 @@ async fn collect(ctx: Ctx, mut stream: TextStream) -> ApiResult<Value> {
     let mut texts = vec![String::new(); n];
     let mut finish: Vec<Option<FinishReason>> = vec![None; n];
     let mut lps: Vec<Vec<Value>> = vec![Vec::new(); n];
-    let mut timing = Timing::new();
+    let mut timing = RequestTiming::new();
     while let Some(e) = stream.next().await {
         match e {
             TextEvent::Delta { index, text, sampled } => {
@@ -475,7 +449,7 @@ async fn collect(ctx: Ctx, mut stream: TextStream) -> ApiResult<Value> {
             }
         }
     }
-    timing.record(&ctx);
+    timing.record(&ctx.model, ctx.version, ctx.arrived);
     let choices: Vec<Value> = (0..n)
         .map(|i| {
             let reason = finish[i].map(FinishReason::as_str);
@@ -502,7 +476,7 @@ struct SseState {
     stream: TextStream,
     include_usage: bool,
     started: Vec<bool>,
-    timing: Timing,
+    timing: RequestTiming,
     done: bool,
     created: u64,
 }
@@ -533,7 +507,7 @@ fn sse(ctx: Ctx, stream: TextStream, include_usage: bool) -> Response {
         stream,
         include_usage,
         started: vec![false; n],
-        timing: Timing::new(),
+        timing: RequestTiming::new(),
         done: false,
         created: now_secs(),
     };
@@ -573,13 +547,13 @@ fn sse(ctx: Ctx, stream: TextStream, include_usage: bool) -> Response {
                 out.extend_from_slice(&sse_line(&chunk(&s, vec![choice], None)));
             }
             Some(TextEvent::Failed(m)) => {
-                let err = json!({"error": {"message": m, "type": "server_error", "param": null, "code": 500}});
+                let err = json!({"error": {"message": m, "type": "server_error", "param": null, "code": null}});
                 out.extend_from_slice(&sse_line(&err));
                 out.extend_from_slice(b"data: [DONE]\n\n");
                 s.done = true;
             }
             None => {
-                s.timing.record(&s.ctx);
+                s.timing.record(&s.ctx.model, s.ctx.version, s.ctx.arrived);
                 if s.include_usage {
                     let u = usage(&s.stream);
                     out.extend_from_slice(&sse_line(&chunk(&s, vec![], Some(u))));
