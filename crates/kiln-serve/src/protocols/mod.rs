@@ -24,7 +24,9 @@ use crate::error::{Result, ServeError};
 ///
 /// The protocols split the paths between them; axum panics when two claim the same route, so a
 /// new protocol must stay in its own part:
-/// - KServe v2 ([`kserve_v2_http`]): everything under `/v2`.
+/// - KServe v2 ([`kserve_v2_http`]): everything under `/v2`, except
+///   `/v2/models/{model}[/versions/{v}]/generate[_stream]`, the generate extension for `[llm]`
+///   models ([`kserve_generate`]).
 /// - TF-Serving REST ([`tf_rest`]): `/v1/models/{name}[/versions/{v}][:predict|:classify|:regress|/metadata]`,
 ///   that is every path that has at least one segment after `/v1/models/` (one catch-all route;
 ///   `:classify` and `:regress` are not implemented and answer 404).
