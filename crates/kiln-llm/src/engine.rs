@@ -43,6 +43,37 @@ impl Default for EngineConfig {
     }
 }
 
+impl EngineConfig {
+    /// The KV cache geometry this configuration gives `model`, checked before anything is loaded:
+    /// fails when the cache cannot hold one sequence of `max_model_len` tokens.
+    pub fn kv_config(&self, g: &crate::model::ModelGeometry) -> Result<PagedKvConfig, EngineError> {
+        if self.block_size == 0 {
+            return Err(EngineError::Invalid("block_size must be positive".into()));
+        }
+        let mut kv = PagedKvConfig {
+            num_layers: g.num_layers,
+            num_blocks: 0,
+            block_size: self.block_size,
+            num_kv_heads: g.num_kv_heads,
+            head_dim: g.head_dim,
+            dtype: self.kv_dtype,
+        };
+        kv.num_blocks = self.kv_cache_bytes / kv.bytes_per_block();
+        let max_len = self.scheduler.max_model_len.min(g.max_position_embeddings);
+        if kv.num_blocks * kv.block_size < max_len {
+            return Err(EngineError::Invalid(format!(
+                "kv_cache_bytes {} gives {} blocks of {} tokens ({} bytes each for this model), fewer than one sequence of max_model_len {max_len} needs ({} bytes)",
+                self.kv_cache_bytes,
+                kv.num_blocks,
+                kv.block_size,
+                kv.bytes_per_block(),
+                max_len.div_ceil(kv.block_size) * kv.bytes_per_block()
+            )));
+        }
+        Ok(kv)
+    }
+}
+
 /// One generation request.
 #[derive(Debug, Clone)]
 pub struct Request {
@@ -165,18 +196,7 @@ pub struct Engine {
 impl Engine {
     pub fn new(model: Arc<LlmModel>, cfg: &EngineConfig) -> Result<Self, EngineError> {
         let g = model.geometry();
-        let mut kv = PagedKvConfig {
-            num_layers: g.num_layers,
-            num_blocks: 0,
-            block_size: cfg.block_size,
-            num_kv_heads: g.num_kv_heads,
-            head_dim: g.head_dim,
-            dtype: cfg.kv_dtype,
-        };
-        if cfg.block_size == 0 {
-            return Err(EngineError::Invalid("block_size must be positive".into()));
-        }
-        kv.num_blocks = cfg.kv_cache_bytes / kv.bytes_per_block();
+        let kv = cfg.kv_config(g)?;
         let mut sc = cfg.scheduler.clone();
         sc.max_model_len = sc.max_model_len.min(g.max_position_embeddings);
         let sched = Scheduler::new(

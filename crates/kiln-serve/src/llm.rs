@@ -34,6 +34,9 @@ impl ServedLlm {
             return Err("LLM serving runs on the CPU for now (instance_group.device = \"cpu\")".into());
         }
         let engine_cfg = llm.engine_config()?;
+        // Cheap checks first: a KV cache too small for max_model_len fails before the decoder loads.
+        let geometry = kiln_llm::ModelGeometry::from_dir(dir).map_err(|e| e.to_string())?;
+        engine_cfg.kv_config(&geometry).map_err(|e| format!("[llm] {e}"))?;
         let model = LlmModel::load(dir, config.level).map_err(|e| e.to_string())?;
         let mut tokenizer = LlmTokenizer::from_dir(dir).map_err(|e| e.to_string())?;
         if let Some(t) = &llm.chat_template {
