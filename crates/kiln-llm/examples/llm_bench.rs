@@ -16,6 +16,9 @@
 //!   dense max-length preallocation per running sequence would waste.
 //! - `--prefix`: 16 requests, one after another, sharing a 256-token system prompt plus 16 tokens of
 //!   their own, 16 output tokens: mean TTFT with the prefix cache on and off.
+//! - `--streams C`: C streams at once (prompts of 16..=64 tokens, 128 output tokens each, all
+//!   arriving together) against the same kind of request one at a time (2 of them): output tokens/s
+//!   of both and their ratio, the decode-dominated case.
 //! - `--decode`: single-stream greedy decode of 128 tokens after a 32-token prompt: ms/token.
 
 use std::sync::Arc;
@@ -37,6 +40,7 @@ struct Args {
     modes: Vec<String>,
     prefix: bool,
     decode: bool,
+    streams: Option<usize>,
 }
 
 fn parse() -> Args {
@@ -52,6 +56,7 @@ fn parse() -> Args {
         modes: vec![],
         prefix: false,
         decode: false,
+        streams: None,
     };
     while let Some(k) = a.next() {
         let mut v = || a.next().unwrap_or_else(|| panic!("{k} needs a value"));
@@ -65,6 +70,7 @@ fn parse() -> Args {
             "--modes" => args.modes = v().split(',').map(str::to_string).collect(),
             "--prefix" => args.prefix = true,
             "--decode" => args.decode = true,
+            "--streams" => args.streams = Some(v().parse().unwrap()),
             other => panic!("unknown option {other}"),
         }
     }
@@ -261,6 +267,28 @@ fn main() {
             };
             report(m, &o);
         }
+    }
+    if let Some(c) = args.streams {
+        let mut rng = ChaCha8Rng::seed_from_u64(args.seed);
+        let jobs: Vec<Job> = (0..c)
+            .map(|_| {
+                let plen = rng.random_range(16..=64);
+                Job {
+                    arrival: Duration::ZERO,
+                    prompt: (0..plen).map(|_| rng.random_range(100..49000)).collect(),
+                    output: 128,
+                }
+            })
+            .collect();
+        let many = run(&model, &jobs, c, false);
+        let one = run(&model, &jobs[..2], 1, false);
+        let rate =
+            |o: &Outcome| o.traces.iter().map(|t| t.tokens.len()).sum::<usize>() as f64 / o.makespan.as_secs_f64();
+        println!("| mode | requests | output tokens | makespan s | output tok/s | TTFT p50 / p99 ms | ITL p50 / p99 ms | KV waste |");
+        println!("|---|---|---|---|---|---|---|---|");
+        report(&format!("{c} streams at once"), &many);
+        report("one at a time", &one);
+        println!("ratio: {:.2}x", rate(&many) / rate(&one));
     }
     if args.prefix {
         let mut rng = ChaCha8Rng::seed_from_u64(args.seed);

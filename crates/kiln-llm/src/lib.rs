@@ -19,6 +19,7 @@ pub mod model;
 pub mod sampling;
 pub mod scheduler;
 pub mod service;
+pub mod testing;
 pub mod text;
 pub mod tokenizer;
 

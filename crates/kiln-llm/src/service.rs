@@ -289,6 +289,8 @@ fn run(mut engine: Engine, rx: std_mpsc::Receiver<Command>, stats: Arc<ServiceSt
             continue;
         }
         let events = engine.step();
+        // Gauges first, so a client that sees a token and then reads the metrics sees this step.
+        publish(&engine, &stats);
         for e in events {
             let id = e.request();
             let finished = match &e {

@@ -18,22 +18,7 @@ use kiln_llm::{ChatMessage, ChatTemplate, IncrementalDecoder, LlmTokenizer, Spec
 use serde_json::Value;
 
 fn model_dir() -> Option<PathBuf> {
-    let reason = match std::env::var_os("KILN_MODELS") {
-        Some(m) => {
-            let dir = PathBuf::from(m).join("llm/smollm2-135m-4l-fp16");
-            if dir.join("tokenizer.json").exists() {
-                return Some(dir);
-            }
-            format!("{} is missing (run models/fetch.sh --llm)", dir.display())
-        }
-        None => "KILN_MODELS is not set".to_string(),
-    };
-    assert!(
-        std::env::var_os("KILN_MODELS_REQUIRED").is_none(),
-        "{reason} (KILN_MODELS_REQUIRED is set)"
-    );
-    eprintln!("SKIP: {reason}");
-    None
+    kiln_llm::testing::model_dir(kiln_llm::testing::SMALL_MODEL)
 }
 
 fn tokenizer() -> Option<LlmTokenizer> {

@@ -25,16 +25,20 @@ pub struct HttpState {
 /// An error answered as `{"error": "..."}` with the status of its kind.
 pub struct HttpError(pub StatusCode, pub String);
 
+/// The HTTP status of an error kind (every HTTP protocol answers the same).
+pub(crate) fn status_of(kind: ErrorKind) -> StatusCode {
+    match kind {
+        ErrorKind::InvalidInput => StatusCode::BAD_REQUEST,
+        ErrorKind::NotFound => StatusCode::NOT_FOUND,
+        ErrorKind::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
+        ErrorKind::Timeout => StatusCode::GATEWAY_TIMEOUT,
+        ErrorKind::Internal => StatusCode::INTERNAL_SERVER_ERROR,
+    }
+}
+
 impl From<ServeError> for HttpError {
     fn from(e: ServeError) -> Self {
-        let status = match e.kind() {
-            ErrorKind::InvalidInput => StatusCode::BAD_REQUEST,
-            ErrorKind::NotFound => StatusCode::NOT_FOUND,
-            ErrorKind::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
-            ErrorKind::Timeout => StatusCode::GATEWAY_TIMEOUT,
-            ErrorKind::Internal => StatusCode::INTERNAL_SERVER_ERROR,
-        };
-        HttpError(status, e.to_string())
+        HttpError(status_of(e.kind()), e.to_string())
     }
 }
 

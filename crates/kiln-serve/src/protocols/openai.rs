@@ -24,7 +24,7 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 use super::http::HttpState;
-use crate::error::{ErrorKind, ServeError};
+use crate::error::ServeError;
 use crate::llm::{RequestTiming, ServedLlm};
 
 pub(crate) fn routes() -> Router<HttpState> {
@@ -60,15 +60,8 @@ impl ApiError {
 
 impl From<ServeError> for ApiError {
     fn from(e: ServeError) -> Self {
-        let status = match e.kind() {
-            ErrorKind::InvalidInput => StatusCode::BAD_REQUEST,
-            ErrorKind::NotFound => StatusCode::NOT_FOUND,
-            ErrorKind::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
-            ErrorKind::Timeout => StatusCode::GATEWAY_TIMEOUT,
-            ErrorKind::Internal => StatusCode::INTERNAL_SERVER_ERROR,
-        };
         ApiError {
-            status,
+            status: super::http::status_of(e.kind()),
             message: e.to_string(),
             param: None,
         }
@@ -302,15 +295,7 @@ async fn completions(State(st): State<HttpState>, body: Bytes) -> ApiResult<Resp
         chat: false,
         logprobs: logprobs.is_some(),
     };
-    if b.common.stream {
-        Ok(sse(
-            ctx,
-            stream,
-            b.common.stream_options.is_some_and(|o| o.include_usage),
-        ))
-    } else {
-        Ok(Json(collect(ctx, stream).await?).into_response())
-    }
+    respond(ctx, stream, &b.common).await
 }
 
 async fn chat_completions(State(st): State<HttpState>, body: Bytes) -> ApiResult<Response> {
@@ -374,11 +359,16 @@ async fn chat_completions(State(st): State<HttpState>, body: Bytes) -> ApiResult
         chat: true,
         logprobs: logprobs.is_some(),
     };
-    if b.common.stream {
+    respond(ctx, stream, &b.common).await
+}
+
+/// The answer: server-sent events with `stream: true`, else the whole response at the end.
+async fn respond(ctx: Ctx, stream: TextStream, common: &Common) -> ApiResult<Response> {
+    if common.stream {
         Ok(sse(
             ctx,
             stream,
-            b.common.stream_options.is_some_and(|o| o.include_usage),
+            common.stream_options.as_ref().is_some_and(|o| o.include_usage),
         ))
     } else {
         Ok(Json(collect(ctx, stream).await?).into_response())

@@ -122,3 +122,33 @@ pub fn f32s(v: &serde_json::Value) -> Vec<f32> {
 pub fn write_config(repo: &Path, model: &str, text: &str) {
     std::fs::write(repo.join(model).join("config.toml"), text).unwrap();
 }
+
+/// A temporary repository with copies of the named shipped models plus model `smollm2`, an `[llm]`
+/// model configured by `config` whose version 1 links to the files of the built model in `src`.
+pub fn llm_repo(shipped: &[&str], src: &Path, config: &str) -> PathBuf {
+    let repo = temp_repo(shipped);
+    let v1 = repo.join("smollm2/1");
+    std::fs::create_dir_all(&v1).unwrap();
+    for f in [
+        "model.onnx",
+        "config.json",
+        "generation_config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+    ] {
+        std::os::unix::fs::symlink(src.join(f), v1.join(f)).unwrap();
+    }
+    std::fs::write(repo.join("smollm2/config.toml"), config).unwrap();
+    repo
+}
+
+/// POST a JSON body; the status and the body as JSON (or as a JSON string when it is not JSON).
+pub async fn post_json(client: &reqwest::Client, u: &str, body: serde_json::Value) -> (u16, serde_json::Value) {
+    let r = client.post(u).json(&body).send().await.unwrap();
+    let status = r.status().as_u16();
+    let text = r.text().await.unwrap();
+    (
+        status,
+        serde_json::from_str(&text).unwrap_or(serde_json::Value::String(text)),
+    )
+}

@@ -4,54 +4,15 @@
 //! (4xx JSON errors in OpenAI's shape), a flood past the queue (503 at once, the rest served), a
 //! client that disconnects mid-stream (its KV blocks come back), and the server staying ready.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Duration;
 
 use serde_json::{json, Value};
 
-use super::common::{metric, metrics_text, start, url, wait_until};
+use super::common::{llm_repo, metric, metrics_text, post_json as post, start, url, wait_until};
 
 fn llm_dir() -> Option<PathBuf> {
-    let reason = match std::env::var_os("KILN_MODELS") {
-        Some(m) => {
-            let dir = PathBuf::from(m).join("llm/smollm2-135m-4l-fp16");
-            if dir.join("model.onnx").exists() {
-                return Some(dir);
-            }
-            format!("{} is missing (run models/fetch.sh --llm)", dir.display())
-        }
-        None => "KILN_MODELS is not set".to_string(),
-    };
-    assert!(
-        std::env::var_os("KILN_MODELS_REQUIRED").is_none(),
-        "{reason} (KILN_MODELS_REQUIRED is set)"
-    );
-    eprintln!("SKIP: {reason}");
-    None
-}
-
-/// A repository with model `smollm2` (version 1 links to the built model's files).
-fn llm_repo(src: &Path, config: &str) -> PathBuf {
-    let repo = std::env::temp_dir().join(format!("kiln-serve-llm-{}-{}", std::process::id(), rand_suffix()));
-    let v1 = repo.join("smollm2/1");
-    std::fs::create_dir_all(&v1).unwrap();
-    for f in [
-        "model.onnx",
-        "config.json",
-        "generation_config.json",
-        "tokenizer.json",
-        "tokenizer_config.json",
-    ] {
-        std::os::unix::fs::symlink(src.join(f), v1.join(f)).unwrap();
-    }
-    std::fs::write(repo.join("smollm2/config.toml"), config).unwrap();
-    repo
-}
-
-fn rand_suffix() -> u64 {
-    use std::sync::atomic::{AtomicU64, Ordering};
-    static N: AtomicU64 = AtomicU64::new(0);
-    N.fetch_add(1, Ordering::SeqCst)
+    kiln_llm::testing::model_dir(kiln_llm::testing::SMALL_MODEL)
 }
 
 const CONFIG: &str = r#"
@@ -65,13 +26,6 @@ max_pending_requests = 6
 default_max_tokens = 16
 "#;
 
-async fn post(client: &reqwest::Client, u: &str, body: Value) -> (u16, Value) {
-    let r = client.post(u).json(&body).send().await.unwrap();
-    let status = r.status().as_u16();
-    let text = r.text().await.unwrap();
-    (status, serde_json::from_str(&text).unwrap_or(Value::String(text)))
-}
-
 /// `data:` payloads of a server-sent-event body, `[DONE]` included.
 fn sse_payloads(body: &str) -> Vec<String> {
     body.split("\n\n")
@@ -83,7 +37,7 @@ fn sse_payloads(body: &str) -> Vec<String> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn openai_api_on_an_llm_model() {
     let Some(src) = llm_dir() else { return };
-    let repo = llm_repo(&src, CONFIG);
+    let repo = llm_repo(&[], &src, CONFIG);
     let server = start(&repo).await;
     let c = reqwest::Client::new();
 
@@ -237,7 +191,10 @@ async fn openai_api_on_an_llm_model() {
             r#"kiln_llm:engine{model="smollm2",stat="kv_blocks_used",version="1"}"#,
         )
     };
-    assert!(used(&metrics_text(&server).await).unwrap() > 0.0);
+    assert!(
+        used(&metrics_text(&server).await).unwrap() > 0.0,
+        "the running request holds blocks"
+    );
     drop(r);
     let back = wait_until(20, || async { used(&metrics_text(&server).await) == Some(0.0) }).await;
     assert!(back, "blocks not returned after the client left");

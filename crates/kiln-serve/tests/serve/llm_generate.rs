@@ -4,47 +4,14 @@
 //! requested token count, `generate_stream` deltas adding up to the same text, versioned paths,
 //! and the 4xx errors in KServe's `{"error": ...}` shape.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use serde_json::{json, Value};
 
-use super::common::{start, temp_repo, url};
+use super::common::{llm_repo, post_json as post, start, url};
 
 fn llm_dir() -> Option<PathBuf> {
-    let reason = match std::env::var_os("KILN_MODELS") {
-        Some(m) => {
-            let dir = PathBuf::from(m).join("llm/smollm2-135m-4l-fp16");
-            if dir.join("model.onnx").exists() {
-                return Some(dir);
-            }
-            format!("{} is missing (run models/fetch.sh --llm)", dir.display())
-        }
-        None => "KILN_MODELS is not set".to_string(),
-    };
-    assert!(
-        std::env::var_os("KILN_MODELS_REQUIRED").is_none(),
-        "{reason} (KILN_MODELS_REQUIRED is set)"
-    );
-    eprintln!("SKIP: {reason}");
-    None
-}
-
-/// The shipped `mlp` plus model `smollm2` (version 1 links to the built model's files).
-fn repo_with_llm(src: &Path) -> PathBuf {
-    let repo = temp_repo(&["mlp"]);
-    let v1 = repo.join("smollm2/1");
-    std::fs::create_dir_all(&v1).unwrap();
-    for f in [
-        "model.onnx",
-        "config.json",
-        "generation_config.json",
-        "tokenizer.json",
-        "tokenizer_config.json",
-    ] {
-        std::os::unix::fs::symlink(src.join(f), v1.join(f)).unwrap();
-    }
-    std::fs::write(repo.join("smollm2/config.toml"), CONFIG).unwrap();
-    repo
+    kiln_llm::testing::model_dir(kiln_llm::testing::SMALL_MODEL)
 }
 
 const CONFIG: &str = r#"
@@ -56,13 +23,6 @@ max_num_batched_tokens = 128
 max_model_len = 512
 default_max_tokens = 4
 "#;
-
-async fn post(client: &reqwest::Client, u: &str, body: Value) -> (u16, Value) {
-    let r = client.post(u).json(&body).send().await.unwrap();
-    let status = r.status().as_u16();
-    let text = r.text().await.unwrap();
-    (status, serde_json::from_str(&text).unwrap_or(Value::String(text)))
-}
 
 /// The JSON payloads of a server-sent-event body.
 fn sse_events(body: &str) -> Vec<Value> {
@@ -90,7 +50,7 @@ async fn stream(client: &reqwest::Client, u: &str, body: Value) -> Vec<Value> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn kserve_generate_on_an_llm_model() {
     let Some(src) = llm_dir() else { return };
-    let repo = repo_with_llm(&src);
+    let repo = llm_repo(&["mlp"], &src, CONFIG);
     let server = start(&repo).await;
     let c = reqwest::Client::new();
     let generate = url(&server, "/v2/models/smollm2/generate");
