@@ -5,15 +5,16 @@
 //! best dense logits differ by less than 1e-4 may legitimately diverge and is reported instead;
 //! the last-token logits of both paths must agree within 1e-3 at every step (fp32 activations).
 //!
-//! Model: the 4-layer SmolLM2 built by `models/fetch.sh --llm` under `$KILN_MODELS/llm/`. Without
-//! `KILN_MODELS` the test prints SKIP and passes (offline `cargo test`); with `KILN_MODELS_REQUIRED=1`
-//! (the README's test command) it fails instead.
+//! Models: the 4-layer SmolLM2 built by `models/fetch.sh --llm` under `$KILN_MODELS/llm/` (Llama:
+//! grouped KV heads, RoPE, RMSNorm; without `KILN_MODELS` that test prints SKIP and passes, with
+//! `KILN_MODELS_REQUIRED=1`, the README's test command, it fails instead), and the committed tiny
+//! GPT-2-style export `models/llm/gpt2-tiny` (multi-head attention, learned positions, LayerNorm).
 
 use std::path::PathBuf;
 use std::sync::Arc;
 
 use kiln::{Level, Session, TensorData};
-use kiln_llm::{Engine, EngineConfig, Event, LlmModel, Request, SchedulerConfig};
+use kiln_llm::{Engine, EngineConfig, Event, LlmModel, ModelGeometry, Request, SchedulerConfig};
 
 fn model_dir() -> Option<PathBuf> {
     kiln_llm::testing::model_dir(kiln_llm::testing::SMALL_MODEL)
@@ -21,11 +22,11 @@ fn model_dir() -> Option<PathBuf> {
 
 /// Greedy decoding with the dense graph: prefill, then one token per step with the presents fed
 /// back as pasts. Returns the tokens and the logits each token was chosen from.
-fn dense_greedy(s: &Session, layers: usize, prompt: &[u32], n: usize) -> (Vec<u32>, Vec<Vec<f32>>) {
-    let mut past: Vec<TensorData> = (0..2 * layers)
+fn dense_greedy(s: &Session, g: &ModelGeometry, prompt: &[u32], n: usize) -> (Vec<u32>, Vec<Vec<f32>>) {
+    let mut past: Vec<TensorData> = (0..2 * g.num_layers)
         .map(|i| {
             let name = format!("past_key_values.{}.{}", i / 2, if i % 2 == 0 { "key" } else { "value" });
-            TensorData::from_values(name, vec![1, 3, 0, 64], &[] as &[f32]).unwrap()
+            TensorData::from_values(name, vec![1, g.num_kv_heads, 0, g.head_dim], &[] as &[f32]).unwrap()
         })
         .collect();
     let mut tokens = prompt.to_vec();
@@ -90,25 +91,39 @@ fn margin(x: &[f32]) -> f32 {
 #[test]
 fn paged_continuous_batch_matches_dense_past_decoding() {
     let Some(dir) = model_dir() else { return };
+    check_paged_against_dense(&dir);
+}
+
+/// The GPT-2-style export (`models/llm/make_gpt2.py`: multi-head attention with no KV-head repeat,
+/// learned positions, LayerNorm, GELU, fused QKV, scores divided by sqrt(d)), committed in the
+/// repository, so this runs everywhere.
+#[test]
+fn gpt2_style_export_matches_too() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../models/llm/gpt2-tiny");
+    check_paged_against_dense(&dir);
+}
+
+fn check_paged_against_dense(dir: &std::path::Path) {
     const NEW_TOKENS: usize = 10;
     // Token ids from a fixed generator; lengths cover one token, block boundaries (16, 17) and
     // prompts longer than the step budget (chunked).
     let lengths = [1usize, 5, 16, 17, 23, 40, 3, 70];
     let mut seed = 12345u64;
+    let model = Arc::new(LlmModel::load(dir, Level::All).unwrap());
+    let vocab = model.geometry().vocab_size as u64;
     let prompts: Vec<Vec<u32>> = lengths
         .iter()
         .map(|&n| {
             (0..n)
                 .map(|_| {
                     seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-                    100 + ((seed >> 33) % 40000) as u32
+                    ((seed >> 33) % vocab) as u32
                 })
                 .collect()
         })
         .collect();
 
-    let model = Arc::new(LlmModel::load(&dir, Level::All).unwrap());
-    let layers = model.geometry().num_layers;
+    let g = model.geometry().clone();
     let cfg = EngineConfig {
         scheduler: SchedulerConfig {
             max_num_seqs: 8,
@@ -117,8 +132,8 @@ fn paged_continuous_batch_matches_dense_past_decoding() {
             chunked_prefill: true,
         },
         block_size: 16,
-        // 64 blocks of 16 tokens: K and V, every layer, 3 KV heads of 64, f32.
-        kv_cache_bytes: 64 * (2 * layers * 16 * 3 * 64 * 4),
+        // 64 blocks of 16 tokens: K and V, every layer and KV head, f32.
+        kv_cache_bytes: 64 * (2 * g.num_layers * 16 * g.num_kv_heads * g.head_dim * 4),
         ..Default::default()
     };
     let mut engine = Engine::new(model.clone(), &cfg).unwrap();
@@ -170,7 +185,7 @@ fn paged_continuous_batch_matches_dense_past_decoding() {
     let mut diverged = Vec::new();
     let mut worst = 0.0f32;
     for (i, p) in prompts.iter().enumerate() {
-        let (want, logits) = dense_greedy(&dense, layers, p, NEW_TOKENS);
+        let (want, logits) = dense_greedy(&dense, &g, p, NEW_TOKENS);
         assert_eq!(got[i].len(), NEW_TOKENS, "prompt {i}: token count");
         let first_diff = (0..NEW_TOKENS).find(|&k| got[i][k] != want[k]);
         if let Some(k) = first_diff {

@@ -11,7 +11,11 @@
 //! probs = Softmax(scores [+ mask], axis=-1)       out = MatMul(probs, repeat(present_v))
 //! ```
 //!
-//! and replaced by `out = PagedAttention(Q, K, V)` with the layer's index and the scale. The
+//! and ONNX's own `Attention` (opset 23) with `past_key`/`past_value` graph inputs (4-D `[B, H, S, D]`
+//! or 3-D `[B, S, H*D]` with `q_num_heads`/`kv_num_heads`; causal through `is_causal = 1` or a mask built
+//! from the token layout; no softcap, no extra outputs), and replaced by
+//! `out = PagedAttention(Q, K, V)` with the layer's index and the scale (3-D layouts keep their
+//! layout through the kernel's `q_num_heads`/`kv_num_heads`). The
 //! `past_*` inputs and `present_*` outputs leave the graph, and so does every input nothing reads
 //! any more (usually `attention_mask`). The mask must be a function of the token layout only (its
 //! ancestors are graph inputs other than the past K/V, and constants): PagedAttention's causal
@@ -83,6 +87,8 @@ struct Layer {
     scale: f64,
     mask: Option<ValueId>,
     name: String,
+    /// Head counts for 3-D inputs (`Attention` with `[B, S, H*D]` tensors).
+    heads_3d: Option<(i64, i64)>,
 }
 
 struct Matcher<'a> {
@@ -235,6 +241,57 @@ impl Matcher<'_> {
             scale,
             mask,
             name: sm.name.clone(),
+            heads_3d: None,
+        })
+    }
+
+    /// ONNX `Attention` (opset 23) reading past K/V graph inputs and writing present outputs.
+    fn attention_op(&self, i: usize) -> Option<Layer> {
+        let n = &self.g.nodes[i];
+        let (q, k, v) = (Self::input(n, 0)?, Self::input(n, 1)?, Self::input(n, 2)?);
+        let mask = Self::input(n, 3);
+        let (past_k, past_v) = (Self::input(n, 4)?, Self::input(n, 5)?);
+        if !self.inputs.contains(&past_k) || !self.inputs.contains(&past_v) {
+            return None;
+        }
+        let out = n.outputs.first().copied().flatten()?;
+        let present_k = n.outputs.get(1).copied().flatten()?;
+        let present_v = n.outputs.get(2).copied().flatten()?;
+        if n.outputs.get(3).copied().flatten().is_some() {
+            return None; // the qk_matmul_output would need the scores
+        }
+        let int = |name: &str| match n.attr(name) {
+            Some(Attribute::Int(x)) => Some(*x),
+            _ => None,
+        };
+        let softcap = match n.attr("softcap") {
+            Some(Attribute::Float(c)) => *c,
+            _ => 0.0,
+        };
+        let causal = int("is_causal").unwrap_or(0) != 0;
+        if softcap != 0.0 || (!causal && mask.is_none()) {
+            return None;
+        }
+        let scale = match n.attr("scale") {
+            Some(Attribute::Float(x)) => *x as f64,
+            _ => 0.0, // the kernel's default, 1/sqrt(head_dim)
+        };
+        let heads_3d = match (int("q_num_heads"), int("kv_num_heads")) {
+            (Some(hq), Some(hk)) => Some((hq, hk)),
+            _ => None,
+        };
+        Some(Layer {
+            q,
+            k_new: k,
+            v_new: v,
+            past: [past_k, past_v],
+            present: [present_k, present_v],
+            out,
+            out_node: i,
+            scale,
+            mask,
+            name: n.name.clone(),
+            heads_3d,
         })
     }
 
@@ -275,11 +332,15 @@ pub fn rewrite_for_paged_attention(model: &mut Model, opts: &PagedRewriteOptions
             if let Some(l) = m.layer_at(i) {
                 layers.push(l);
             }
+        } else if n.op_type == "Attention" && n.domain.is_empty() {
+            if let Some(l) = m.attention_op(i) {
+                layers.push(l);
+            }
         }
     }
     if layers.is_empty() {
         return Err(err(
-            "no KV-cache attention found (Concat(past, new, axis=2) -> MatMul -> Softmax -> MatMul per layer)",
+            "no KV-cache attention found (Concat(past, new, axis=2) -> MatMul -> Softmax -> MatMul per layer, or Attention with past_key/past_value inputs)",
         ));
     }
     let past: HashSet<ValueId> = layers.iter().flat_map(|l| l.past).collect();
@@ -303,6 +364,10 @@ pub fn rewrite_for_paged_attention(model: &mut Model, opts: &PagedRewriteOptions
         let mut attributes = BTreeMap::new();
         attributes.insert("layer".to_string(), Attribute::Int(li as i64));
         attributes.insert("scale".to_string(), Attribute::Float(l.scale as f32));
+        if let Some((hq, hk)) = l.heads_3d {
+            attributes.insert("num_heads".to_string(), Attribute::Int(hq));
+            attributes.insert("kv_num_heads".to_string(), Attribute::Int(hk));
+        }
         let node = Node {
             name: format!("{}/paged_attention", l.name),
             op_type: "PagedAttention".into(),
