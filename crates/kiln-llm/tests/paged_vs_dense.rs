@@ -103,6 +103,14 @@ fn gpt2_style_export_matches_too() {
     check_paged_against_dense(&dir);
 }
 
+/// The same decoder written with ONNX's own `Attention` (opset 23) taking `past_key`/`past_value`
+/// (`make_gpt2.py --attention-op`): the rewrite replaces the operator rather than a decomposed chain.
+#[test]
+fn onnx_attention_op_export_matches_too() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../models/llm/gpt2-tiny-attn23");
+    check_paged_against_dense(&dir);
+}
+
 fn check_paged_against_dense(dir: &std::path::Path) {
     const NEW_TOKENS: usize = 10;
     // Token ids from a fixed generator; lengths cover one token, block boundaries (16, 17) and
