@@ -191,10 +191,8 @@ async fn openai_api_on_an_llm_model() {
             r#"kiln_llm:engine{model="smollm2",stat="kv_blocks_used",version="1"}"#,
         )
     };
-    assert!(
-        used(&metrics_text(&server).await).unwrap() > 0.0,
-        "the running request holds blocks"
-    );
+    let holds = wait_until(10, || async { used(&metrics_text(&server).await).unwrap_or(0.0) > 0.0 }).await;
+    assert!(holds, "the running request holds blocks");
     drop(r);
     let back = wait_until(20, || async { used(&metrics_text(&server).await) == Some(0.0) }).await;
     assert!(back, "blocks not returned after the client left");
