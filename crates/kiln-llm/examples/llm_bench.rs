@@ -29,6 +29,10 @@ use kiln_llm::{Engine, EngineConfig, Event, LlmModel, Request, SamplingParams, S
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
+/// The allocator `kiln serve` runs with (the CLI's), so allocation costs match the server's.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 struct Args {
     dir: std::path::PathBuf,
     threads: usize,

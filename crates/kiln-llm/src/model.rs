@@ -250,6 +250,9 @@ impl LlmModel {
                 cache: cache.clone(),
                 seqs: paged,
             })),
+            // One step is hundreds of small parallel kernels (a decode step's matrix-vector
+            // products): run it inside the pool so they do not wake it from outside one by one.
+            on_thread_pool: true,
             ..self.session.run_options().clone()
         };
         let (outs, _) = self

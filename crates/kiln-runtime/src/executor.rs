@@ -19,6 +19,14 @@ pub struct RunOptions {
     /// The paged KV cache and batch layout `ai.kiln::PagedAttention` nodes read and write (set by
     /// an LLM engine for each model step; `None` otherwise).
     pub paged_kv: Option<std::sync::Arc<crate::paged_kv::PagedStep>>,
+    /// Run the whole plan on a worker of the CPU thread pool (rayon's global pool; the calling thread
+    /// waits for it). Parallel kernels then split their work from inside the pool, where the other
+    /// workers are still spinning from the previous kernel, instead of waking the pool from outside
+    /// and sleeping for every kernel: a run of many small parallel kernels (an LLM decode step: 200
+    /// matrix-vector products) loses a third of its time to those thread switches otherwise. Off by
+    /// default: a pool worker waiting in one run may pick up another caller's whole run.
+    /// Ignored when the pool has one thread or the caller already is a pool worker.
+    pub on_thread_pool: bool,
 }
 
 impl Default for RunOptions {
@@ -29,6 +37,7 @@ impl Default for RunOptions {
             deadline: None,
             profile: false,
             paged_kv: None,
+            on_thread_pool: false,
         }
     }
 }
@@ -247,6 +256,9 @@ impl ExecutionPlan {
         captures: &HashMap<&str, &Value>,
         options: &RunOptions,
     ) -> Result<(Vec<Value>, RunStats)> {
+        if options.on_thread_pool && rayon::current_thread_index().is_none() && rayon::current_num_threads() > 1 {
+            return rayon::scope(|_| self.run_on(feeds, captures, options, &self.device));
+        }
         self.run_on(feeds, captures, options, &self.device)
     }
 

@@ -381,8 +381,7 @@ fn check(model_bytes: &[u8]) -> Result<(), String> {
         max_tensor_bytes: 16 << 20,
         max_loop_iterations: 1000,
         deadline: Some(Instant::now() + Duration::from_secs(2)),
-        profile: false,
-        paged_kv: None,
+        ..RunOptions::default()
     };
     match session.run_with_options(feeds, &options) {
         Err(e) if is_internal(&e) => Err(format!("run at {level:?}: {e}")),

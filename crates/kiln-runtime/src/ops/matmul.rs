@@ -38,10 +38,6 @@ pub fn register(r: &mut Registry) {
     });
 }
 
-/// Rows of A below which the packed kernel (6-row tiles) is not used: a 1-2 row product is a
-/// matrix-vector product, which candle's gemm handles without padding rows.
-const PACKED_MIN_ROWS: usize = 3;
-
 /// Packs a constant f32 2-D weight (input `i`; `[K, N]`, or `[N, K]` when `trans`) for the CPU
 /// packed GEMM, when the plan runs on a CPU that has the kernels.
 fn pack_const_weight(n: &NodeCtx, i: usize, trans: bool) -> Result<Option<Arc<sgemm::PackedB>>> {
@@ -89,9 +85,6 @@ pub(crate) fn packed_matmul(
         .elem_count()
         .checked_div(k)
         .unwrap_or_else(|| dims[..dims.len() - 1].iter().product());
-    if m < PACKED_MIN_ROWS {
-        return Ok(None);
-    }
     let mut out_dims = dims[..dims.len() - 1].to_vec();
     out_dims.push(n);
     cx.check_alloc(elems(&out_dims), DType::F32)?;

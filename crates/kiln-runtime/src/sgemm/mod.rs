@@ -12,12 +12,16 @@
 //!   the kernel sweeps the 16 KiB B panels through L1;
 //! - the bias is the accumulators' initial value, so `MatMul + Add(bias)` costs no extra pass;
 //! - threads (rayon) take disjoint `MC`-row blocks of C, split further by column panels when there
-//!   are fewer row blocks than threads (one batch-1 sequence).
+//!   are fewer row blocks than threads (one batch-1 sequence);
+//! - fewer rows than the micro-tile (a decode step) take [`few_rows`]: each packed B panel streamed
+//!   once for all rows, the panels split over the threads.
 //!
 //! The kernels need x86-64 with AVX2 and FMA ([`available`]); elsewhere callers keep candle's path.
 //! Results differ from a naive triple loop only by summation order (FMA, k split in kc blocks).
 
 use rayon::prelude::*;
+
+mod few_rows;
 
 /// Rows of the micro-tile (A panel height).
 pub const MR: usize = 6;
@@ -491,6 +495,12 @@ fn run(
         }
         return Ok(());
     }
+    if let (Left::Raw(am), Right::Packed(pb)) = (&a, &b) {
+        if m < MR {
+            few_rows::run(*am, pb, bias, opts.act, out, opts.parallel);
+            return Ok(());
+        }
+    }
     let npan = n.div_ceil(NR);
     // Row blocks: a per-call A is packed MC rows at a time (kept in L2); a packed A is one block, so each
     // B panel, packed per call, serves every row of C while it is in L1.
@@ -862,6 +872,65 @@ mod tests {
         let pool = rayon::ThreadPoolBuilder::new().num_threads(4).build().unwrap();
         pool.install(|| gemm_packed_b(MatRef::row_major(&a, m, k), &pb, Bias::None, &mut four, n).unwrap());
         assert_eq!(one, four, "the split must not change the summation order");
+    }
+
+    #[test]
+    fn few_rows_match_naive_for_every_bias_stride_and_split() {
+        if !available() {
+            eprintln!("skipped: no AVX2+FMA on this CPU");
+            return;
+        }
+        let pools: Vec<_> = [1, 3]
+            .iter()
+            .map(|&t| rayon::ThreadPoolBuilder::new().num_threads(t).build().unwrap())
+            .collect();
+        for m in 1..MR {
+            for &(n, k) in &[(1, 1), (16, 7), (33, 384), (70, 385), (600, 1000), (1100, 64)] {
+                let a = rand(m * k, 21);
+                let b = rand(k * n, 22);
+                let (bn, bm, init) = (rand(n, 23), rand(m, 24), rand(m * n, 25));
+                let pb = PackedB::pack(MatRef::row_major(&b, k, n)).unwrap();
+                let plain = naive(m, n, k, &a, &b, Bias::None);
+                for bias in [Bias::None, Bias::PerCol(&bn), Bias::PerRow(&bm), Bias::Accumulate] {
+                    let mut want = naive(m, n, k, &a, &b, bias);
+                    if let Bias::Accumulate = bias {
+                        want.iter_mut().zip(&init).for_each(|(w, i)| *w += i);
+                    }
+                    let mut results = Vec::new();
+                    for pool in &pools {
+                        let mut c = if let Bias::Accumulate = bias {
+                            init.clone()
+                        } else {
+                            vec![f32::NAN; m * n]
+                        };
+                        pool.install(|| gemm_packed_b(MatRef::row_major(&a, m, k), &pb, bias, &mut c, n).unwrap());
+                        close(&c, &want, k);
+                        results.push(c);
+                    }
+                    assert_eq!(results[0], results[1], "m={m} n={n} k={k}: the split changed the sums");
+                }
+                // A stored transposed (k x m), C with a wider stride, Relu applied.
+                let at: Vec<f32> = (0..k * m).map(|i| a[(i % m) * k + i / m]).collect();
+                let view = MatRef {
+                    data: &at,
+                    rows: m,
+                    cols: k,
+                    rs: 1,
+                    cs: m,
+                };
+                let ldc = n + 5;
+                let mut c = vec![7f32; m * ldc];
+                gemm_packed_b_act(view, &pb, Bias::None, Activation::Relu, &mut c, ldc).unwrap();
+                for i in 0..m {
+                    let relu: Vec<f32> = plain[i * n..(i + 1) * n].iter().map(|&x| x.max(0.0)).collect();
+                    close(&c[i * ldc..i * ldc + n], &relu, k);
+                    assert!(
+                        c[i * ldc + n..(i + 1) * ldc].iter().all(|&x| x == 7.0),
+                        "padding columns were written"
+                    );
+                }
+            }
+        }
     }
 
     #[test]
