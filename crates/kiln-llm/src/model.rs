@@ -37,20 +37,15 @@ pub struct ModelGeometry {
 }
 
 impl ModelGeometry {
-    /// Read `config.json` (and `generation_config.json` if present) from a model directory.
+    /// Read `config.json` (and `generation_config.json` if present) from a model directory; without
+    /// a `config.json`, ONNX Runtime GenAI's `genai_config.json`.
     pub fn from_dir(dir: &Path) -> Result<Self, ModelError> {
         let path = dir.join("config.json");
-        let read = |p: &Path| -> Result<serde_json::Value, ModelError> {
-            let text = std::fs::read_to_string(p).map_err(|e| ModelError::Config {
-                path: p.into(),
-                reason: e.to_string(),
-            })?;
-            serde_json::from_str(&text).map_err(|e| ModelError::Config {
-                path: p.into(),
-                reason: e.to_string(),
-            })
-        };
-        let c = read(&path)?;
+        let genai = dir.join("genai_config.json");
+        if !path.exists() && genai.exists() {
+            return Self::from_genai_config(&genai);
+        }
+        let c = read_json(&path)?;
         let get = |k: &str| -> Result<usize, ModelError> {
             c.get(k)
                 .and_then(|v| v.as_u64())
@@ -71,23 +66,14 @@ impl ModelGeometry {
             .get("num_key_value_heads")
             .and_then(|v| v.as_u64())
             .map_or(num_heads, |v| v as usize);
-        let ids = |v: Option<&serde_json::Value>| -> Vec<TokenId> {
-            match v {
-                Some(serde_json::Value::Number(n)) => n.as_u64().map(|x| vec![x as TokenId]).unwrap_or_default(),
-                Some(serde_json::Value::Array(a)) => {
-                    a.iter().filter_map(|x| x.as_u64()).map(|x| x as TokenId).collect()
-                }
-                _ => Vec::new(),
-            }
-        };
         let gen_path = dir.join("generation_config.json");
         let mut eos = if gen_path.exists() {
-            ids(read(&gen_path)?.get("eos_token_id"))
+            token_ids(read_json(&gen_path)?.get("eos_token_id"))
         } else {
             Vec::new()
         };
         if eos.is_empty() {
-            eos = ids(c.get("eos_token_id"));
+            eos = token_ids(c.get("eos_token_id"));
         }
         let g = ModelGeometry {
             num_layers: get("num_hidden_layers")?,
@@ -98,6 +84,44 @@ impl ModelGeometry {
             max_position_embeddings: get("max_position_embeddings")?,
             eos_token_ids: eos,
         };
+        g.checked(path)
+    }
+
+    /// ONNX Runtime GenAI's `genai_config.json`: `model.decoder.{num_hidden_layers,
+    /// num_attention_heads, num_key_value_heads, head_size, hidden_size}`, `model.{vocab_size,
+    /// context_length, eos_token_id}`.
+    fn from_genai_config(path: &Path) -> Result<Self, ModelError> {
+        let c = read_json(path)?;
+        let model = c.get("model").cloned().unwrap_or_default();
+        let decoder = model.get("decoder").cloned().unwrap_or_default();
+        let get = |obj: &serde_json::Value, k: &str| -> Result<usize, ModelError> {
+            obj.get(k)
+                .and_then(|v| v.as_u64())
+                .map(|v| v as usize)
+                .ok_or_else(|| ModelError::Config {
+                    path: path.into(),
+                    reason: format!("'{k}' is missing or not a non-negative integer"),
+                })
+        };
+        let num_heads = get(&decoder, "num_attention_heads")?;
+        let head_dim = match decoder.get("head_size").and_then(|v| v.as_u64()) {
+            Some(d) => d as usize,
+            None => get(&decoder, "hidden_size")? / num_heads.max(1),
+        };
+        let g = ModelGeometry {
+            num_layers: get(&decoder, "num_hidden_layers")?,
+            num_heads,
+            num_kv_heads: get(&decoder, "num_key_value_heads").unwrap_or(num_heads),
+            head_dim,
+            vocab_size: get(&model, "vocab_size")?,
+            max_position_embeddings: get(&model, "context_length")?,
+            eos_token_ids: token_ids(model.get("eos_token_id")),
+        };
+        g.checked(path.into())
+    }
+
+    fn checked(self, path: PathBuf) -> Result<Self, ModelError> {
+        let g = self;
         if g.num_layers == 0 || g.num_heads == 0 || g.num_kv_heads == 0 || g.head_dim == 0 || g.vocab_size == 0 {
             return Err(ModelError::Config {
                 path,
@@ -105,6 +129,26 @@ impl ModelGeometry {
             });
         }
         Ok(g)
+    }
+}
+
+fn read_json(p: &Path) -> Result<serde_json::Value, ModelError> {
+    let text = std::fs::read_to_string(p).map_err(|e| ModelError::Config {
+        path: p.into(),
+        reason: e.to_string(),
+    })?;
+    serde_json::from_str(&text).map_err(|e| ModelError::Config {
+        path: p.into(),
+        reason: e.to_string(),
+    })
+}
+
+/// A token id or a list of them (`eos_token_id` comes in both forms).
+fn token_ids(v: Option<&serde_json::Value>) -> Vec<TokenId> {
+    match v {
+        Some(serde_json::Value::Number(n)) => n.as_u64().map(|x| vec![x as TokenId]).unwrap_or_default(),
+        Some(serde_json::Value::Array(a)) => a.iter().filter_map(|x| x.as_u64()).map(|x| x as TokenId).collect(),
+        _ => Vec::new(),
     }
 }
 

@@ -13,9 +13,12 @@
 //!
 //! and ONNX's own `Attention` (opset 23) with `past_key`/`past_value` graph inputs (4-D `[B, H, S, D]`
 //! or 3-D `[B, S, H*D]` with `q_num_heads`/`kv_num_heads`; causal through `is_causal = 1` or a mask built
-//! from the token layout; no softcap, no extra outputs), and replaced by
-//! `out = PagedAttention(Q, K, V)` with the layer's index and the scale (3-D layouts keep their
-//! layout through the kernel's `q_num_heads`/`kv_num_heads`). The
+//! from the token layout; no softcap, no extra outputs), and ONNX Runtime's
+//! `com.microsoft::GroupQueryAttention` (the ONNX Runtime GenAI export form: 3-D, Q/K/V often packed
+//! in one input, the rotary embedding inside with cos/sin caches, positions from the mask), and
+//! replaced by `out = PagedAttention(Q, K, V [, cos_cache, sin_cache])` with the layer's index and the
+//! scale (3-D layouts keep their layout through the kernel's `num_heads`/`kv_num_heads`; packed QKV
+//! leaves K and V empty; `do_rotary` and `rotary_interleaved` carry the rotary embedding). The
 //! `past_*` inputs and `present_*` outputs leave the graph, and so does every input nothing reads
 //! any more (usually `attention_mask`). The mask must be a function of the token layout only (its
 //! ancestors are graph inputs other than the past K/V, and constants): PagedAttention's causal
@@ -34,6 +37,7 @@ use super::dce::{drop_unused_initializers, eliminate_dead_nodes};
 use super::edit::{scalar_f64, Index};
 
 pub const KILN_DOMAIN: &str = "ai.kiln";
+const MS_DOMAIN: &str = "com.microsoft";
 /// Name of the input added by [`PagedRewriteOptions::select_logits`].
 pub const LOGITS_INDICES: &str = "logits_indices";
 
@@ -78,8 +82,9 @@ const REPEAT_OPS: &[&str] = &["Reshape", "Expand", "Unsqueeze", "Tile", "Identit
 
 struct Layer {
     q: ValueId,
-    k_new: ValueId,
-    v_new: ValueId,
+    /// The step's new keys and values; `None` when `q` packs Q, K and V (GroupQueryAttention).
+    k_new: Option<ValueId>,
+    v_new: Option<ValueId>,
     past: [ValueId; 2],
     present: [ValueId; 2],
     out: ValueId,
@@ -89,6 +94,9 @@ struct Layer {
     name: String,
     /// Head counts for 3-D inputs (`Attention` with `[B, S, H*D]` tensors).
     heads_3d: Option<(i64, i64)>,
+    /// Rotary embedding applied inside the attention (GroupQueryAttention's `do_rotary`): the cos
+    /// and sin caches `[max_position, rotary_dim / 2]` and whether pairs are interleaved.
+    rotary: Option<(ValueId, ValueId, bool)>,
 }
 
 struct Matcher<'a> {
@@ -232,8 +240,8 @@ impl Matcher<'_> {
         let (past_v, v_new, present_v) = self.kv_concat(self.through_repeat(Self::input(pv, 1)?))?;
         Some(Layer {
             q,
-            k_new,
-            v_new,
+            k_new: Some(k_new),
+            v_new: Some(v_new),
             past: [past_k, past_v],
             present: [present_k, present_v],
             out: pv.outputs.first().copied().flatten()?,
@@ -242,6 +250,7 @@ impl Matcher<'_> {
             mask,
             name: sm.name.clone(),
             heads_3d: None,
+            rotary: None,
         })
     }
 
@@ -282,8 +291,8 @@ impl Matcher<'_> {
         };
         Some(Layer {
             q,
-            k_new: k,
-            v_new: v,
+            k_new: Some(k),
+            v_new: Some(v),
             past: [past_k, past_v],
             present: [present_k, present_v],
             out,
@@ -292,6 +301,72 @@ impl Matcher<'_> {
             mask,
             name: n.name.clone(),
             heads_3d,
+            rotary: None,
+        })
+    }
+
+    /// ONNX Runtime's `com.microsoft::GroupQueryAttention` (the ONNX Runtime GenAI export form) with
+    /// past K/V graph inputs: 3-D `[B, S, H*D]` query (or Q, K and V packed in one `[B, S, (H + 2 *
+    /// KV) * D]` input), causal, rotary inside (`do_rotary`) or not. Its `seqlens_k` and
+    /// `total_sequence_length` inputs (computed from the attention mask) describe a padded dense batch
+    /// and go with it; explicit `position_ids`, an `attention_bias`, a `head_sink`, a sliding window
+    /// (`local_window_size`) or `softcap` are not carried over, so such layers are left alone.
+    fn group_query_attention(&self, i: usize) -> Option<Layer> {
+        let n = &self.g.nodes[i];
+        let q = Self::input(n, 0)?;
+        let (k, v) = (Self::input(n, 1), Self::input(n, 2));
+        if k.is_some() != v.is_some() {
+            return None;
+        }
+        let (past_k, past_v) = (Self::input(n, 3)?, Self::input(n, 4)?);
+        if !self.inputs.contains(&past_k) || !self.inputs.contains(&past_v) {
+            return None;
+        }
+        if (9..n.inputs.len()).any(|j| Self::input(n, j).is_some()) {
+            return None; // position_ids, attention_bias, head_sink
+        }
+        let int = |name: &str, default: i64| match n.attr(name) {
+            Some(Attribute::Int(x)) => Some(*x),
+            None => Some(default),
+            _ => None,
+        };
+        let float = |name: &str| match n.attr(name) {
+            Some(Attribute::Float(x)) => Some(*x as f64),
+            None => Some(0.0),
+            _ => None,
+        };
+        let (heads, kv_heads) = (int("num_heads", 0)?, int("kv_num_heads", 0)?);
+        if heads <= 0 || kv_heads <= 0 || heads % kv_heads != 0 {
+            return None;
+        }
+        if int("local_window_size", -1)? != -1 || float("softcap")? != 0.0 {
+            return None;
+        }
+        let rotary = if int("do_rotary", 0)? != 0 {
+            Some((
+                Self::input(n, 7)?,
+                Self::input(n, 8)?,
+                int("rotary_interleaved", 0)? != 0,
+            ))
+        } else {
+            None
+        };
+        Some(Layer {
+            q,
+            k_new: k,
+            v_new: v,
+            past: [past_k, past_v],
+            present: [
+                n.outputs.get(1).copied().flatten()?,
+                n.outputs.get(2).copied().flatten()?,
+            ],
+            out: n.outputs.first().copied().flatten()?,
+            out_node: i,
+            scale: float("scale")?,
+            mask: None,
+            name: n.name.clone(),
+            heads_3d: Some((heads, kv_heads)),
+            rotary,
         })
     }
 
@@ -336,6 +411,10 @@ pub fn rewrite_for_paged_attention(model: &mut Model, opts: &PagedRewriteOptions
             if let Some(l) = m.attention_op(i) {
                 layers.push(l);
             }
+        } else if n.op_type == "GroupQueryAttention" && n.domain == MS_DOMAIN {
+            if let Some(l) = m.group_query_attention(i) {
+                layers.push(l);
+            }
         }
     }
     if layers.is_empty() {
@@ -368,11 +447,17 @@ pub fn rewrite_for_paged_attention(model: &mut Model, opts: &PagedRewriteOptions
             attributes.insert("num_heads".to_string(), Attribute::Int(hq));
             attributes.insert("kv_num_heads".to_string(), Attribute::Int(hk));
         }
+        let mut inputs = vec![Some(l.q), l.k_new, l.v_new];
+        if let Some((cos, sin, interleaved)) = l.rotary {
+            attributes.insert("do_rotary".to_string(), Attribute::Int(1));
+            attributes.insert("rotary_interleaved".to_string(), Attribute::Int(interleaved as i64));
+            inputs.extend([Some(cos), Some(sin)]);
+        }
         let node = Node {
             name: format!("{}/paged_attention", l.name),
             op_type: "PagedAttention".into(),
             domain: KILN_DOMAIN.into(),
-            inputs: vec![Some(l.q), Some(l.k_new), Some(l.v_new)],
+            inputs,
             outputs: vec![Some(l.out)],
             attributes,
             implicit_inputs: vec![],

@@ -1,20 +1,91 @@
-//! `ai.kiln::PagedAttention(Q, K, V)`: causal attention of a flat token batch from many sequences
-//! over a paged KV cache (see [`crate::paged_kv`]). Q is `[1, num_heads, T, D]`, K and V are the
-//! step's new keys and values `[1, kv_num_heads, T, D]`; the output is `[1, num_heads, T, D]`.
-//! Attributes: `layer` (which layer's cache), `scale` (0 or absent: `1/sqrt(D)`), and optionally
-//! `num_heads`, `kv_num_heads` (checked against the inputs when given; required for the 3-D layout
-//! `[1, T, heads * D]` that ONNX `Attention` also accepts, kept in the output). Kiln's KV-cache rewrite puts one per decoder layer in place of the dense
-//! past/present attention; it runs only when the run carries a paged step
+//! `ai.kiln::PagedAttention(Q, K, V [, cos_cache, sin_cache])`: causal attention of a flat token
+//! batch from many sequences over a paged KV cache (see [`crate::paged_kv`]). Q is
+//! `[1, num_heads, T, D]`, K and V are the step's new keys and values `[1, kv_num_heads, T, D]`; the
+//! output is `[1, num_heads, T, D]`. Attributes: `layer` (which layer's cache), `scale` (0 or absent:
+//! `1/sqrt(D)`), and optionally `num_heads`, `kv_num_heads` (checked against the inputs when given;
+//! required for the 3-D layout `[1, T, heads * D]` that ONNX `Attention` and ONNX Runtime's
+//! `GroupQueryAttention` use, kept in the output). In the 3-D layout K and V may be absent: Q then
+//! packs all three, `[1, T, (num_heads + 2 * kv_num_heads) * D]` (GroupQueryAttention's packed QKV).
+//! With `do_rotary = 1` the rotary embedding is applied to Q and K first, at each token's position
+//! in its sequence, from `cos_cache`/`sin_cache` `[max_position, rotary_dim / 2]` (the first
+//! `rotary_dim` values of each head rotate; halves, or pairs with `rotary_interleaved = 1`), and the
+//! cache keeps the rotated keys. Kiln's KV-cache rewrite puts one per decoder layer in place of the
+//! dense past/present attention; it runs only when the run carries a paged step
 //! ([`RunOptions::paged_kv`](crate::RunOptions)).
 
 use candle_core::DType as CDType;
 
-use crate::ops::common::tin;
+use crate::ops::common::{tin, tin_opt};
 use crate::ops::{kernel, NodeCtx, OpKernel, Registry};
+use crate::paged_kv::PagedStep;
 use crate::{bail, Result, RuntimeError, Tensor, Value};
 
 pub(crate) fn register(r: &mut Registry) {
     r.add_domain("ai.kiln", "PagedAttention", paged_attention);
+}
+
+/// The rotary embedding of one node: caches as f32 rows of `half` values.
+struct Rotary {
+    cos: Vec<f32>,
+    sin: Vec<f32>,
+    half: usize,
+    positions: usize,
+    interleaved: bool,
+}
+
+impl Rotary {
+    fn from_inputs(cos: &Tensor, sin: &Tensor, interleaved: bool, d: usize) -> Result<Rotary> {
+        let (cd, sd) = (cos.dims(), sin.dims());
+        if cd.len() != 2 || cd != sd || cd[1] == 0 || 2 * cd[1] > d {
+            bail!(
+                "cos_cache {cd:?} and sin_cache {sd:?} must both be [max_position, rotary_dim / 2] with rotary_dim <= head size {d}"
+            );
+        }
+        let rows = |t: &Tensor| -> Result<Vec<f32>> { Ok(t.candle().to_dtype(CDType::F32)?.flatten_all()?.to_vec1()?) };
+        Ok(Rotary {
+            cos: rows(cos)?,
+            sin: rows(sin)?,
+            half: cd[1],
+            positions: cd[0],
+            interleaved,
+        })
+    }
+
+    /// Rotates `x` (`[T, heads, D]` rows) in place, token `i` at `pos[i]`.
+    fn apply(&self, x: &mut [f32], pos: &[usize], heads: usize, d: usize) -> Result<()> {
+        if let Some(&p) = pos.iter().find(|&&p| p >= self.positions) {
+            bail!("position {p} is past the rotary cache's {} positions", self.positions);
+        }
+        let h = self.half;
+        for (i, &p) in pos.iter().enumerate() {
+            let (cos, sin) = (&self.cos[p * h..][..h], &self.sin[p * h..][..h]);
+            for row in x[i * heads * d..][..heads * d].chunks_exact_mut(d) {
+                for j in 0..h {
+                    let (a, b) = if self.interleaved {
+                        (2 * j, 2 * j + 1)
+                    } else {
+                        (j, j + h)
+                    };
+                    let (x1, x2) = (row[a], row[b]);
+                    row[a] = x1 * cos[j] - x2 * sin[j];
+                    row[b] = x2 * cos[j] + x1 * sin[j];
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Each batch token's position in its sequence.
+fn positions(step: &PagedStep) -> Vec<usize> {
+    let mut pos = vec![0; step.num_tokens()];
+    for s in &step.seqs {
+        let first = s.context_len - s.num_query;
+        for (i, p) in pos[s.query_start..][..s.num_query].iter_mut().enumerate() {
+            *p = first + i;
+        }
+    }
+    pos
 }
 
 fn paged_attention(n: &NodeCtx) -> Result<Box<dyn OpKernel>> {
@@ -22,6 +93,8 @@ fn paged_attention(n: &NodeCtx) -> Result<Box<dyn OpKernel>> {
     let heads = n.attr_i("num_heads", 0)?;
     let kv_heads = n.attr_i("kv_num_heads", 0)?;
     let scale = n.attr_f("scale", 0.0)?;
+    let do_rotary = n.attr_i("do_rotary", 0)? != 0;
+    let interleaved = n.attr_i("rotary_interleaved", 0)? != 0;
     if layer < 0 || heads < 0 || kv_heads < 0 {
         return Err(n.err(format!(
             "needs layer >= 0 and head counts >= 0 (layer {layer}, {heads}/{kv_heads} heads)"
@@ -32,7 +105,8 @@ fn paged_attention(n: &NodeCtx) -> Result<Box<dyn OpKernel>> {
         let Some(step) = cx.options.paged_kv.as_deref() else {
             bail!("PagedAttention needs a paged KV step: run this model through Kiln's LLM engine");
         };
-        let (q, k, v) = (tin(ins, 0)?, tin(ins, 1)?, tin(ins, 2)?);
+        let q = tin(ins, 0)?;
+        let (k, v) = (tin_opt(ins, 1)?, tin_opt(ins, 2)?);
         let cfg = step.cache.config();
         let t = step.num_tokens();
         let (hkv, d) = (cfg.num_kv_heads, cfg.head_dim);
@@ -44,30 +118,69 @@ fn paged_attention(n: &NodeCtx) -> Result<Box<dyn OpKernel>> {
             q.dims().get(1).copied().unwrap_or(0)
         };
         let bad_attr = (heads > 0 && heads as usize != h) || (kv_heads > 0 && kv_heads as usize != hkv);
-        let fits = if three_d {
-            h > 0 && q.dims() == [1, t, h * d] && k.dims() == [1, t, hkv * d] && v.dims() == [1, t, hkv * d]
-        } else {
-            q.dims() == [1, h, t, d] && k.dims() == [1, hkv, t, d] && v.dims() == [1, hkv, t, d]
+        let fits = match (k, v) {
+            (Some(k), Some(v)) if three_d => {
+                h > 0 && q.dims() == [1, t, h * d] && k.dims() == [1, t, hkv * d] && v.dims() == [1, t, hkv * d]
+            }
+            (Some(k), Some(v)) => q.dims() == [1, h, t, d] && k.dims() == [1, hkv, t, d] && v.dims() == [1, hkv, t, d],
+            (None, None) => three_d && h > 0 && q.dims() == [1, t, (h + 2 * hkv) * d],
+            _ => false,
         };
         if bad_attr || !fits {
             bail!(
                 "Q {:?}, K {:?}, V {:?} do not match the step ({t} tokens, KV cache of {hkv} heads of {d}; node heads {heads}/{kv_heads})",
                 q.dims(),
-                k.dims(),
-                v.dims()
+                k.map(|k| k.dims().to_vec()),
+                v.map(|v| v.dims().to_vec())
             );
         }
-        // As [H, T, D] rows in f32.
-        let flat = |x: &Tensor, heads: usize| -> Result<Vec<f32>> {
-            let c = x.candle().to_dtype(CDType::F32)?;
-            let c = if three_d {
-                c.reshape((t, heads, d))?.transpose(0, 1)?.contiguous()?
-            } else {
-                c
-            };
-            Ok(c.flatten_all()?.to_vec1()?)
+        let f32_rows =
+            |x: &Tensor| -> Result<Vec<f32>> { Ok(x.candle().to_dtype(CDType::F32)?.flatten_all()?.to_vec1()?) };
+        // Q, K, V as [T, heads, D] rows (3-D layouts) or [heads, T, D] (4-D).
+        let (mut qf, mut kf, vf) = match (k, v) {
+            (Some(k), Some(v)) => (f32_rows(q)?, f32_rows(k)?, f32_rows(v)?),
+            _ => {
+                let all = f32_rows(q)?;
+                let w = (h + 2 * hkv) * d;
+                let (mut qf, mut kf, mut vf) = (
+                    Vec::with_capacity(t * h * d),
+                    Vec::with_capacity(t * hkv * d),
+                    Vec::with_capacity(t * hkv * d),
+                );
+                for row in all.chunks_exact(w) {
+                    qf.extend_from_slice(&row[..h * d]);
+                    kf.extend_from_slice(&row[h * d..(h + hkv) * d]);
+                    vf.extend_from_slice(&row[(h + hkv) * d..]);
+                }
+                (qf, kf, vf)
+            }
         };
-        let (qf, kf, vf) = (flat(q, h)?, flat(k, hkv)?, flat(v, hkv)?);
+        let to_heads_major = |x: Vec<f32>, heads: usize| -> Vec<f32> {
+            let mut y = vec![0f32; x.len()];
+            for (i, row) in x.chunks_exact(heads * d).enumerate() {
+                for (j, head) in row.chunks_exact(d).enumerate() {
+                    y[(j * t + i) * d..][..d].copy_from_slice(head);
+                }
+            }
+            y
+        };
+        if do_rotary {
+            if !three_d {
+                bail!("do_rotary needs the 3-D layout [1, T, heads * D]");
+            }
+            let (Some(cos), Some(sin)) = (tin_opt(ins, 3)?, tin_opt(ins, 4)?) else {
+                bail!("do_rotary needs cos_cache and sin_cache inputs");
+            };
+            let rot = Rotary::from_inputs(cos, sin, interleaved, d)?;
+            let pos = positions(step);
+            rot.apply(&mut qf, &pos, h, d)?;
+            rot.apply(&mut kf, &pos, hkv, d)?;
+        }
+        let (qf, kf, vf) = if three_d {
+            (to_heads_major(qf, h), to_heads_major(kf, hkv), to_heads_major(vf, hkv))
+        } else {
+            (qf, kf, vf)
+        };
         let scale = if scale == 0.0 { 1.0 / (d as f32).sqrt() } else { scale };
         let out = step
             .cache
@@ -82,4 +195,88 @@ fn paged_attention(n: &NodeCtx) -> Result<Box<dyn OpKernel>> {
         let out = out.to_dtype(crate::tensor::storage_dtype(q.dtype())?)?;
         Ok(vec![Value::Tensor(Tensor::new(out, q.dtype())?)])
     }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::paged_kv::{KvDType, PagedKvCache, PagedKvConfig, PagedSeq};
+    use std::sync::Arc;
+
+    fn rotary(half: usize, positions: usize, interleaved: bool) -> Rotary {
+        let theta = |p: usize, j: usize| p as f32 / 10000f32.powf(2.0 * j as f32 / (2 * half) as f32);
+        let grid =
+            |f: fn(f32) -> f32| -> Vec<f32> { (0..positions * half).map(|i| f(theta(i / half, i % half))).collect() };
+        Rotary {
+            cos: grid(f32::cos),
+            sin: grid(f32::sin),
+            half,
+            positions,
+            interleaved,
+        }
+    }
+
+    #[test]
+    fn rotary_rotates_halves_or_pairs_and_leaves_the_rest() {
+        // Two tokens at positions 3 and 0, two heads of 6 values, rotary over the first 4.
+        let (d, heads) = (6, 2);
+        let x: Vec<f32> = (0..2 * heads * d).map(|i| i as f32 * 0.1 + 1.0).collect();
+        for interleaved in [false, true] {
+            let r = rotary(2, 8, interleaved);
+            let mut y = x.clone();
+            r.apply(&mut y, &[3, 0], heads, d).unwrap();
+            for (i, p) in [3usize, 0].into_iter().enumerate() {
+                for h in 0..heads {
+                    let o = (i * heads + h) * d;
+                    for j in 0..2 {
+                        let (a, b) = if interleaved { (2 * j, 2 * j + 1) } else { (j, j + 2) };
+                        let (c, s) = (r.cos[p * 2 + j], r.sin[p * 2 + j]);
+                        let (x1, x2) = (x[o + a], x[o + b]);
+                        assert!((y[o + a] - (x1 * c - x2 * s)).abs() < 1e-6);
+                        assert!((y[o + b] - (x2 * c + x1 * s)).abs() < 1e-6);
+                    }
+                    assert_eq!(&y[o + 4..o + 6], &x[o + 4..o + 6], "past rotary_dim nothing moves");
+                    if p == 0 {
+                        assert_eq!(&y[o..o + d], &x[o..o + d], "position 0 is the identity");
+                    }
+                }
+            }
+        }
+        let mut y = x.clone();
+        let err = rotary(2, 3, false).apply(&mut y, &[3, 0], heads, d).unwrap_err();
+        assert!(err.to_string().contains("past the rotary cache"), "{err}");
+    }
+
+    #[test]
+    fn positions_follow_each_sequence_context() {
+        let cache = Arc::new(
+            PagedKvCache::new(PagedKvConfig {
+                num_layers: 1,
+                num_kv_heads: 1,
+                head_dim: 2,
+                block_size: 4,
+                num_blocks: 4,
+                dtype: KvDType::F32,
+            })
+            .unwrap(),
+        );
+        let step = PagedStep {
+            cache,
+            seqs: vec![
+                PagedSeq {
+                    query_start: 0,
+                    num_query: 3,
+                    context_len: 3,
+                    block_table: vec![0],
+                },
+                PagedSeq {
+                    query_start: 3,
+                    num_query: 1,
+                    context_len: 7,
+                    block_table: vec![1, 2],
+                },
+            ],
+        };
+        assert_eq!(positions(&step), vec![0, 1, 2, 6]);
+    }
 }
