@@ -282,6 +282,41 @@ pub(crate) fn layer_norm_row(x: &[f32], scale: &[f32], bias: Option<&[f32]>, eps
 }
 
 #[inline(always)]
+fn rms_norm_row_impl<const FMA: bool>(x: &[f32], scale: &[f32], eps: f32, y: &mut [f32]) -> f32 {
+    let n = x.len().max(1) as f32;
+    let mut acc = [0f32; 8];
+    let mut chunks = x.chunks_exact(8);
+    for c in &mut chunks {
+        for (a, &v) in acc.iter_mut().zip(c) {
+            *a = madd::<FMA>(v, v, *a);
+        }
+    }
+    let ss = acc.iter().sum::<f32>() + chunks.remainder().iter().map(|&v| v * v).sum::<f32>();
+    let inv = 1.0 / (ss / n + eps).sqrt();
+    y.iter_mut()
+        .zip(x.iter().zip(scale))
+        .for_each(|(o, (&v, &s))| *o = v * inv * s);
+    inv
+}
+
+#[cfg(any(target_arch = "x86", target_arch = "x86_64"))]
+#[target_feature(enable = "avx2,fma")]
+fn rms_norm_row_avx2(x: &[f32], scale: &[f32], eps: f32, y: &mut [f32]) -> f32 {
+    rms_norm_row_impl::<true>(x, scale, eps, y)
+}
+
+/// RMS normalization of one row: `x / sqrt(mean(x²) + eps) * scale`, f32 throughout; returns the
+/// row's `1 / sqrt(mean(x²) + eps)`. `scale` and `y` have the row's length.
+pub(crate) fn rms_norm_row(x: &[f32], scale: &[f32], eps: f32, y: &mut [f32]) -> f32 {
+    #[cfg(any(target_arch = "x86", target_arch = "x86_64"))]
+    if has_avx2_fma() {
+        // SAFETY: the CPU supports the features `rms_norm_row_avx2` is compiled for (checked above).
+        return unsafe { rms_norm_row_avx2(x, scale, eps, y) };
+    }
+    rms_norm_row_impl::<false>(x, scale, eps, y)
+}
+
+#[inline(always)]
 fn dot_impl(a: &[f32], b: &[f32]) -> f32 {
     // 16 independent lanes so LLVM keeps two vector accumulators without reassociating.
     let mut acc = [0f32; 16];
@@ -478,6 +513,29 @@ mod tests {
             1e-6,
             1.5e-6,
         );
+    }
+
+    #[test]
+    fn rms_norm_row_matches_reference() {
+        for len in [1usize, 7, 8, 13, 64, 577] {
+            let x: Vec<f32> = (0..len).map(|i| ((i * 37 % 101) as f32 - 50.0) * 0.07).collect();
+            let scale: Vec<f32> = (0..len).map(|i| 1.0 + (i % 5) as f32 * 0.1).collect();
+            let ms = x.iter().map(|&v| v as f64 * v as f64).sum::<f64>() / len as f64;
+            let inv = 1.0 / (ms + 1e-5).sqrt();
+            let mut y = vec![f32::NAN; len];
+            let got_inv = rms_norm_row(&x, &scale, 1e-5, &mut y);
+            assert!(
+                (got_inv as f64 - inv).abs() <= 1e-6 * inv,
+                "len {len}: inv {got_inv} vs {inv}"
+            );
+            for i in 0..len {
+                let want = x[i] as f64 * inv * scale[i] as f64;
+                assert!(
+                    (y[i] as f64 - want).abs() <= 1e-6 * (1.0 + want.abs()),
+                    "len {len} [{i}]"
+                );
+            }
+        }
     }
 
     #[test]
