@@ -10,6 +10,7 @@ use crate::{ExecutionPlan, PlanOptions, Result, RuntimeError, Tensor, Value};
 
 pub(crate) mod attention;
 mod binary_cpu;
+mod block_quant;
 mod chain;
 pub mod common;
 mod control;
@@ -262,6 +263,7 @@ impl Registry {
             let mut r = Registry::default();
             attention::register(&mut r);
             paged_attention::register(&mut r);
+            block_quant::register(&mut r);
             control::register(&mut r);
             elementwise::register(&mut r);
             fault::register(&mut r);
