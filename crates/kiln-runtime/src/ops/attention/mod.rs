@@ -1,9 +1,11 @@
-//! Operator family `attention`: Attention (opset 23+), RotaryEmbedding, Swish, SwiGLU, LinearAttention.
+//! Operator family `attention`: Attention (opset 23+), RotaryEmbedding, Swish, SwiGLU, LinearAttention,
+//! and ONNX Runtime's `com.microsoft::GroupQueryAttention`.
 //!
 //! Everything runs on whole candle tensors. Half-precision inputs are computed in f32 and cast back.
 //! One file per concern: the ONNX Attention op and its general path (`onnx_attention`), the route it
 //! takes on CUDA (`cuda_route`), the fused f32 CPU path (`fused_cpu`), RotaryEmbedding (`rotary`),
-//! LinearAttention (`linear`) and the Swish/SwiGLU activations (`swish`).
+//! LinearAttention (`linear`), the Swish/SwiGLU activations (`swish`) and GroupQueryAttention
+//! (`gqa`).
 
 use candle_core::{DType as CDType, Tensor as CT};
 use kiln_graph::DType;
@@ -13,6 +15,7 @@ use crate::{bail, Result, Tensor};
 
 mod cuda_route;
 mod fused_cpu;
+mod gqa;
 mod linear;
 mod onnx_attention;
 mod rotary;
@@ -28,6 +31,7 @@ pub fn register(r: &mut Registry) {
     r.add("LinearAttention", linear::linear_attention);
     r.add("Swish", swish::swish_op);
     r.add("SwiGLU", swish::swiglu_op);
+    r.add_domain("com.microsoft", "GroupQueryAttention", gqa::group_query_attention);
 }
 
 /// Converts a float tensor to the dtype used for computing (f32, or f64 for f64 inputs).
