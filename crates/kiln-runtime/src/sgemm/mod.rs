@@ -934,6 +934,44 @@ mod tests {
     }
 
     #[test]
+    fn a_row_gives_the_same_bits_alone_or_in_a_batch() {
+        if !available() {
+            eprintln!("skipped: no AVX2+FMA on this CPU");
+            return;
+        }
+        let (n, k, big) = (70, 1000, 13);
+        let a = rand(big * k, 31);
+        let b = rand(k * n, 32);
+        let bias = rand(n, 33);
+        let pb = PackedB::pack(MatRef::row_major(&b, k, n)).unwrap();
+        for act in [Activation::None, Activation::GeluErf] {
+            let mut all = vec![0f32; big * n];
+            gemm_packed_b_act(
+                MatRef::row_major(&a, big, k),
+                &pb,
+                Bias::PerCol(&bias),
+                act,
+                &mut all,
+                n,
+            )
+            .unwrap();
+            for m in 1..MR {
+                for r0 in [0, big - m] {
+                    let mut few = vec![0f32; m * n];
+                    let rows = MatRef::row_major(&a[r0 * k..(r0 + m) * k], m, k);
+                    gemm_packed_b_act(rows, &pb, Bias::PerCol(&bias), act, &mut few, n).unwrap();
+                    assert_eq!(
+                        few,
+                        all[r0 * n..(r0 + m) * n],
+                        "rows {r0}..{} of {big}, {act:?}",
+                        r0 + m
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
     fn bad_shapes_are_errors() {
         if !available() {
             return;
