@@ -8,7 +8,8 @@
 //! Models: the 4-layer SmolLM2 built by `models/fetch.sh --llm` under `$KILN_MODELS/llm/` (Llama:
 //! grouped KV heads, RoPE, RMSNorm; without `KILN_MODELS` that test prints SKIP and passes, with
 //! `KILN_MODELS_REQUIRED=1`, the README's test command, it fails instead), and the committed tiny
-//! GPT-2-style export `models/llm/gpt2-tiny` (multi-head attention, learned positions, LayerNorm).
+//! exports: GPT-2-style `models/llm/gpt2-tiny` (multi-head attention, learned positions, LayerNorm),
+//! the same with ONNX `Attention` (`gpt2-tiny-attn23`), and ONNX Runtime GenAI's form (`genai-tiny`).
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -50,17 +51,20 @@ fn dense_greedy(s: &Session, g: &ModelGeometry, prompt: &[u32], n: usize) -> (Ve
             ),
         ];
         feeds.extend(past.drain(..).map(|t| (t.name.clone(), t)));
+        // Only what the graph declares (ONNX Runtime GenAI's export has no position_ids).
+        feeds.retain(|(name, _)| s.inputs().iter().any(|i| &i.name == name));
         let outs = s.run(feeds).unwrap();
         let logits = outs[0].values::<f32>().unwrap();
         let v = logits.len() / new.len();
         let last = logits[(new.len() - 1) * v..].to_vec();
         let next = argmax(&last);
+        // present.N.key/value -> past_key_values.N.key/value, by name (exports order them differently).
         past = outs[1..]
             .iter()
-            .enumerate()
-            .map(|(i, t)| {
+            .zip(&s.outputs()[1..])
+            .map(|(t, o)| {
                 let mut t = t.clone();
-                t.name = format!("past_key_values.{}.{}", i / 2, if i % 2 == 0 { "key" } else { "value" });
+                t.name = o.name.replacen("present", "past_key_values", 1);
                 t
             })
             .collect();
@@ -100,6 +104,22 @@ fn paged_continuous_batch_matches_dense_past_decoding() {
 #[test]
 fn gpt2_style_export_matches_too() {
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../models/llm/gpt2-tiny");
+    check_paged_against_dense(&dir);
+}
+
+/// ONNX Runtime GenAI's export form (`models/llm/make_genai_tiny.py`, a tiny random Llama:
+/// `com.microsoft::GroupQueryAttention` with packed QKV and the rotary embedding inside, positions
+/// from the attention mask, SkipSimplifiedLayerNormalization), committed in the repository.
+#[test]
+fn onnxruntime_genai_export_matches_too() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../models/llm/genai-tiny");
+    check_paged_against_dense(&dir);
+}
+
+/// Its int4 build (`--int4`: MatMulNBits weights, a GatherBlockQuantized embedding).
+#[test]
+fn onnxruntime_genai_int4_export_matches_too() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../models/llm/genai-tiny-int4");
     check_paged_against_dense(&dir);
 }
 
