@@ -5,6 +5,7 @@
 #include <cmath>
 #include <cstdio>
 #include <cstdint>
+#include <cstring>
 #include <string>
 #include <vector>
 
@@ -39,6 +40,19 @@ ATTN_DECL(f32, float, 128)
 ATTN_DECL(f16, __half, 32)
 ATTN_DECL(f16, __half, 64)
 ATTN_DECL(f16, __half, 128)
+#define PAGED_DECL(S, T, D)                                                                                 \
+    void kiln_paged_attention_##S##_d##D(const T*, const T*, const T*, T*, const int*, const int*, const int*, \
+                                         int, int, int, float);
+PAGED_DECL(f32, float, 32)
+PAGED_DECL(f32, float, 64)
+PAGED_DECL(f32, float, 96)
+PAGED_DECL(f32, float, 128)
+PAGED_DECL(f16, __half, 32)
+PAGED_DECL(f16, __half, 64)
+PAGED_DECL(f16, __half, 96)
+PAGED_DECL(f16, __half, 128)
+void kiln_reshape_and_cache_f32(const float*, const float*, float*, float*, const int*, int, int, int);
+void kiln_reshape_and_cache_f16(const __half*, const __half*, __half*, __half*, const int*, int, int, int);
 void kiln_int8_gemm_f32_nn(const float*, const signed char*, const float*, float*, int, int, int);
 void kiln_int8_gemm_f32_nt(const float*, const signed char*, const float*, float*, int, int, int);
 void kiln_int8_gemm_f16_nn(const __half*, const signed char*, const float*, __half*, int, int, int);
@@ -273,6 +287,142 @@ static void attention(int B, int Hq, int Hk, int S, int Tk, int d, bool mask, bo
           back(out), want, Buf<T>::tol);
 }
 
+// ---- paged_attention.cu ----
+// One mixed step of several sequences over a paged cache with scattered block tables, as
+// launch/paged_attention.rs runs it: reshape_and_cache writes the step's new K/V (plus a padding
+// token with slot -1) into their slots, then paged attention attends causally. Every slot no
+// sequence has written holds NaN, so a read past a context or a missed write shows up. The cache
+// must match the expected one bit for bit; the attention output is compared with a double loop
+// over each sequence's logical (unpaged) K/V.
+template <typename T>
+static void paged_attention(int H, int KV, int D, int bs, const std::vector<std::pair<int, int>>& seqs,
+                            bool misalign) {
+    int lbs = 0;
+    while ((1 << lbs) < bs) ++lbs;
+    int used = 0, T_ = 0;
+    for (auto [ctx, nq] : seqs) {
+        used += (ctx + bs - 1) / bs;
+        T_ += nq;
+    }
+    // Block ids: a shuffled permutation of a cache with a few spare blocks.
+    const int NB = used + 5;
+    std::vector<int> perm(NB);
+    for (int i = 0; i < NB; ++i) perm[i] = i;
+    auto shuffle_key = values(NB, 1.f);
+    for (int i = NB - 1; i > 0; --i) std::swap(perm[i], perm[int((shuffle_key[i] + 1.f) / 2.f * float(i + 1)) % (i + 1)]);
+    // The caches with one guard block on each side (must stay NaN: no write lands outside).
+    const size_t row = size_t(KV) * D, blk_n = size_t(KV) * bs * D, cache_n = (size_t(NB) + 2) * blk_n;
+    const T nan = Buf<T>::to(NAN);
+    std::vector<T> kbuf(cache_n, nan), vbuf(cache_n, nan);
+    T* kc = kbuf.data() + blk_n;
+    T* vc = vbuf.data() + blk_n;
+    std::vector<int> tables, tstart, ctxs, slots;
+    std::vector<std::vector<double>> kl, vl;   // per sequence, logical [ctx][KV][D]
+    auto q = conv<T>(values(size_t(T_) * H * D, 3.f));
+    std::vector<T> knew_buf((size_t(T_) + 1) * row + 1), vnew_buf((size_t(T_) + 1) * row);
+    T* knew = knew_buf.data() + (misalign ? 1 : 0);
+    T* vnew = vnew_buf.data();
+    auto at = [&](int blk, int h, int s) { return ((size_t(blk) * KV + h) * bs + s) * D; };
+    int used_so_far = 0, t = 0;
+    for (auto [ctx, nq] : seqs) {
+        const int start = int(tables.size());
+        for (int b = 0; b < (ctx + bs - 1) / bs; ++b) tables.push_back(perm[used_so_far++]);
+        auto kv = conv<T>(values(size_t(ctx) * row, 1.f)), vv = conv<T>(values(size_t(ctx) * row, 1.f));
+        kl.push_back(back(kv));
+        vl.push_back(back(vv));
+        for (int j = 0; j < ctx; ++j) {
+            const int blk = tables[start + j / bs], s = j % bs;
+            if (j < ctx - nq) {   // earlier steps' keys: already in the cache
+                for (int h = 0; h < KV; ++h)
+                    for (int c = 0; c < D; ++c) {
+                        kc[at(blk, h, s) + c] = kv[size_t(j) * row + size_t(h) * D + c];
+                        vc[at(blk, h, s) + c] = vv[size_t(j) * row + size_t(h) * D + c];
+                    }
+            } else {   // this step's query token t: its new K/V go through reshape_and_cache
+                std::copy_n(&kv[size_t(j) * row], row, knew + size_t(t) * row);
+                std::copy_n(&vv[size_t(j) * row], row, vnew + size_t(t) * row);
+                tstart.push_back(start);
+                ctxs.push_back(j + 1);
+                slots.push_back(blk * bs + s);
+                ++t;
+            }
+        }
+    }
+    // A padding token: slot -1, its (finite) K/V must not land anywhere.
+    std::fill_n(knew + size_t(T_) * row, row, Buf<T>::to(7.f));
+    std::fill_n(vnew + size_t(T_) * row, row, Buf<T>::to(7.f));
+    slots.push_back(-1);
+    // The expected cache: every query token's K/V in its slot.
+    std::vector<T> kwant = kbuf, vwant = vbuf;
+    for (int i = 0; i < T_; ++i) {
+        const int blk = slots[i] / bs, s = slots[i] % bs;
+        for (int h = 0; h < KV; ++h)
+            for (int c = 0; c < D; ++c) {
+                kwant[blk_n + at(blk, h, s) + c] = knew[size_t(i) * row + size_t(h) * D + c];
+                vwant[blk_n + at(blk, h, s) + c] = vnew[size_t(i) * row + size_t(h) * D + c];
+            }
+    }
+    emu_launch({unsigned(T_ + 1)}, {128}, [&] {
+        if constexpr (std::is_same_v<T, float>) {
+            kiln_reshape_and_cache_f32(knew, vnew, kc, vc, slots.data(), KV, D, lbs);
+        } else {
+            kiln_reshape_and_cache_f16(knew, vnew, kc, vc, slots.data(), KV, D, lbs);
+        }
+    });
+    std::string ctx_list;
+    for (auto [ctx, nq] : seqs) ctx_list += (ctx_list.empty() ? "" : ",") + std::to_string(ctx) + "/" + std::to_string(nq);
+    const std::string what = std::string(Buf<T>::name) + " H" + std::to_string(H) + " KV" + std::to_string(KV) + " D" +
+                             std::to_string(D) + " bs" + std::to_string(bs) + " T" + std::to_string(T_);
+    const bool same = std::memcmp(kbuf.data(), kwant.data(), cache_n * sizeof(T)) == 0 &&
+                      std::memcmp(vbuf.data(), vwant.data(), cache_n * sizeof(T)) == 0;
+    std::printf("%s reshape_and_cache %s%s: %d slots + 1 padding token, cache %s\n", same ? "ok  " : "FAIL",
+                what.c_str(), misalign ? " misaligned" : "", T_, same ? "bit-exact" : "differs");
+    if (!same) ++failures;
+
+    std::vector<T> out(q.size());
+    const float scale = 1.f / std::sqrt(float(D));
+    emu_launch({unsigned(T_ * H)}, {128}, [&] {
+        auto f = [&](auto fn) {
+            fn(q.data(), kc, vc, out.data(), tables.data(), tstart.data(), ctxs.data(), H, KV, lbs, scale);
+        };
+        if constexpr (std::is_same_v<T, float>) {
+            f(D == 32 ? kiln_paged_attention_f32_d32 : D == 64 ? kiln_paged_attention_f32_d64
+                      : D == 96 ? kiln_paged_attention_f32_d96 : kiln_paged_attention_f32_d128);
+        } else {
+            f(D == 32 ? kiln_paged_attention_f16_d32 : D == 64 ? kiln_paged_attention_f16_d64
+                      : D == 96 ? kiln_paged_attention_f16_d96 : kiln_paged_attention_f16_d128);
+        }
+    });
+    auto qd = back(q);
+    std::vector<double> want(q.size(), 0.0);
+    t = 0;
+    for (size_t si = 0; si < seqs.size(); ++si) {
+        const auto [ctx, nq] = seqs[si];
+        for (int i = 0; i < nq; ++i, ++t) {
+            const int n = ctx - nq + i + 1;   // keys 0..position
+            for (int h = 0; h < H; ++h) {
+                const int kh = h / (H / KV);
+                const double* qr = &qd[(size_t(t) * H + h) * D];
+                std::vector<double> l(n);
+                double mx = -INFINITY, sum = 0;
+                for (int j = 0; j < n; ++j) {
+                    double dot = 0;
+                    for (int c = 0; c < D; ++c) dot += qr[c] * kl[si][size_t(j) * row + size_t(kh) * D + c];
+                    l[j] = dot * scale;
+                    mx = std::max(mx, l[j]);
+                }
+                for (int j = 0; j < n; ++j) sum += std::exp(l[j] - mx);
+                for (int c = 0; c < D; ++c) {
+                    double acc = 0;
+                    for (int j = 0; j < n; ++j) acc += std::exp(l[j] - mx) / sum * vl[si][size_t(j) * row + size_t(kh) * D + c];
+                    want[(size_t(t) * H + h) * D + c] = acc;
+                }
+            }
+        }
+    }
+    check("paged_attention " + what + " ctx/new " + ctx_list, back(out), want, Buf<T>::tol);
+}
+
 // ---- int8_gemm.cu ----
 template <typename T>
 static void int8_gemm(int M, int K, int N, bool trans) {
@@ -324,6 +474,15 @@ static void all() {
     attention<T>(2, 2, 2, 21, 21, 32, false, true, false);
     attention<T>(3, 2, 1, 5, 70, 80, false, true, true);
     attention<T>(1, 3, 3, 17, 33, 128, true, true, false);
+    // Context lengths 1, 15, 16, 17, 100, 300 (block edges at 16), decode tokens and prefill chunks.
+    const std::vector<std::pair<int, int>> mixed = {{1, 1}, {15, 1}, {16, 2}, {17, 3}, {100, 1}, {300, 2}};
+    paged_attention<T>(9, 3, 128, 16, mixed, false);
+    paged_attention<T>(9, 3, 64, 16, mixed, true);
+    paged_attention<T>(4, 4, 128, 16, mixed, false);
+    paged_attention<T>(4, 4, 64, 16, mixed, false);
+    // Other block sizes (smaller and larger than a warp step's 8 keys) and head dims 32, 96.
+    paged_attention<T>(4, 2, 32, 4, {{5, 5}, {37, 1}, {9, 2}}, false);
+    paged_attention<T>(6, 2, 96, 64, {{70, 1}, {130, 3}}, false);
     int8_gemm<T>(37, 70, 65, false);
     int8_gemm<T>(5, 33, 130, true);
 }

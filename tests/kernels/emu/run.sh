@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# Runs kernels/*.cu on the CPU under a small CUDA emulator (one OS thread per CUDA thread, barriers for
-# __syncthreads and warp shuffles) and compares every kernel with double-precision loops. Needs only
-# g++ >= 12 (C++20 <barrier>, _Float16); no GPU, no nvcc. It checks index math, reductions and masking,
-# not speed and not GPU memory-model details.
+# Runs kernels/*.cu on the CPU under a small CUDA emulator (one fiber per CUDA thread on one OS thread,
+# switched at the barriers of __syncthreads and warp shuffles) and compares every kernel with
+# double-precision loops. Needs only g++ >= 12 (C++20, _Float16) and <ucontext.h> (glibc); no GPU, no
+# nvcc. It checks index math, reductions and masking, not speed and not GPU memory-model details.
 #
 # Without a suitable compiler it fails (exit 1), so the check cannot silently drop out of the test
 # command; KILN_EMU_OPTIONAL=1 turns that into a skip (exit 0) with the reason on stdout.
@@ -22,9 +22,9 @@ if ! command -v "$CXX" >/dev/null 2>&1; then
 fi
 tmp="$(mktemp -d)"
 trap 'rm -rf "$tmp"' EXIT
-printf '#include <barrier>\nint main() { std::barrier<> b(1); b.arrive_and_wait(); _Float16 h = 1; return (int)h - 1; }\n' > "$tmp/probe.cpp"
-if ! "$CXX" -std=c++20 -pthread "$tmp/probe.cpp" -o "$tmp/probe" 2>/dev/null; then
-  missing "$CXX lacks C++20 <barrier> or _Float16 (needs g++ >= 12)"
+printf '#include <ucontext.h>\n#include <span>\nint main() { ucontext_t c; getcontext(&c); _Float16 h = 1; return (int)h - 1; }\n' > "$tmp/probe.cpp"
+if ! "$CXX" -std=c++20 "$tmp/probe.cpp" -o "$tmp/probe" 2>/dev/null; then
+  missing "$CXX lacks C++20, _Float16 or <ucontext.h> (needs g++ >= 12 on glibc)"
 fi
 objs=()
 for src in ../../../kernels/*.cu; do
@@ -32,5 +32,5 @@ for src in ../../../kernels/*.cu; do
   "$CXX" -std=c++20 -O2 -I. -include cuda_emu.h -x c++ -c "$src" -o "$o"
   objs+=("$o")
 done
-"$CXX" -std=c++20 -O2 -I. -pthread check.cpp emu.cpp "${objs[@]}" -o "$tmp/check"
+"$CXX" -std=c++20 -O2 -I. check.cpp emu.cpp "${objs[@]}" -o "$tmp/check"
 "$tmp/check"
