@@ -17,8 +17,9 @@ use kiln_llm::{ModelGeometry, SchedulerConfig};
 
 #[derive(Args, Debug)]
 pub struct GenerateArgs {
-    /// Model directory: model.onnx (a decoder with KV-cache inputs), config.json,
-    /// tokenizer.json and tokenizer_config.json (generation_config.json optional).
+    /// Model directory: model.onnx (a decoder with KV-cache inputs), config.json (or ONNX Runtime
+    /// GenAI's genai_config.json), tokenizer.json and tokenizer_config.json (generation_config.json
+    /// optional).
     model_dir: PathBuf,
     /// The prompt (with --chat, the user message).
     #[arg(long, short = 'p')]
@@ -228,10 +229,20 @@ fn check_dir(dir: &Path) -> Result<()> {
             dir.display()
         );
     }
-    let missing: Vec<&str> = ["model.onnx", "config.json", "tokenizer.json"]
-        .into_iter()
-        .filter(|f| !dir.join(f).exists())
-        .collect();
+    // The geometry comes from Hugging Face's config.json, or ONNX Runtime GenAI's genai_config.json.
+    let has = |f: &str| dir.join(f).exists();
+    let missing: Vec<&str> = [
+        ("model.onnx", has("model.onnx")),
+        (
+            "config.json (or genai_config.json)",
+            has("config.json") || has("genai_config.json"),
+        ),
+        ("tokenizer.json", has("tokenizer.json")),
+    ]
+    .into_iter()
+    .filter(|(_, present)| !present)
+    .map(|(f, _)| f)
+    .collect();
     if !missing.is_empty() {
         bail!("{}: missing {}", dir.display(), missing.join(", "));
     }

@@ -88,7 +88,7 @@ fn generate_errors_are_clear() {
     let empty = tempfile::tempdir().unwrap();
     let (ok, _, err) = kiln(&["generate", empty.path().to_str().unwrap(), "--prompt", "hi"]);
     assert!(
-        !ok && err.contains("missing model.onnx, config.json, tokenizer.json"),
+        !ok && err.contains("missing model.onnx, config.json (or genai_config.json), tokenizer.json"),
         "{err}"
     );
 
