@@ -244,3 +244,96 @@ async fn openai_api_on_an_llm_model() {
     let _ = Duration::from_secs(0);
     let _ = std::fs::remove_dir_all(&repo);
 }
+
+/// Hot reload of an `[llm]` model: a new version loads in the background and takes over while
+/// clients keep streaming; the streams running on the old version finish (drain), no request fails,
+/// and the old version's engine goes away.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn llm_hot_reload_drains_and_loses_nothing() {
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    use std::sync::Arc;
+
+    let Some(src) = llm_dir() else { return };
+    let repo = llm_repo(&[], &src, CONFIG);
+    let mut cfg = super::common::config(&repo);
+    cfg.poll_interval = Some(Duration::from_millis(100));
+    let server = kiln_serve::Server::start(cfg).await.unwrap();
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let (ok, failed) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let mut clients = Vec::new();
+    for i in 0..3 {
+        let (stop, ok, failed) = (stop.clone(), ok.clone(), failed.clone());
+        let u = url(&server, "/v1/completions");
+        clients.push(tokio::spawn(async move {
+            let c = reqwest::Client::new();
+            while !stop.load(Ordering::SeqCst) {
+                let stream = i % 2 == 0;
+                let body = json!({"model": "smollm2", "prompt": "Once upon a time", "max_tokens": 12,
+                                  "temperature": 0, "ignore_eos": true, "stream": stream});
+                let r = c.post(&u).json(&body).send().await;
+                let good = match r {
+                    Ok(r) if r.status() == 200 => {
+                        let text = r.text().await.unwrap_or_default();
+                        if stream {
+                            let events = sse_payloads(&text);
+                            events.last().map(String::as_str) == Some("[DONE]") && events.len() >= 13
+                        } else {
+                            serde_json::from_str::<Value>(&text).is_ok_and(|v| v["usage"]["completion_tokens"] == 12)
+                        }
+                    }
+                    _ => false,
+                };
+                if good {
+                    ok.fetch_add(1, Ordering::SeqCst);
+                } else {
+                    failed.fetch_add(1, Ordering::SeqCst);
+                }
+            }
+        }));
+    }
+    assert!(wait_until(60, || async { ok.load(Ordering::SeqCst) >= 6 }).await);
+
+    // Version 2 (the same files) appears: it loads beside version 1, then takes over.
+    let v2 = repo.join("smollm2/2");
+    std::fs::create_dir_all(&v2).unwrap();
+    for e in std::fs::read_dir(repo.join("smollm2/1")).unwrap() {
+        let e = e.unwrap();
+        std::os::unix::fs::symlink(std::fs::read_link(e.path()).unwrap(), v2.join(e.file_name())).unwrap();
+    }
+    let c = reqwest::Client::new();
+    let versions = || async {
+        let m: Value = c
+            .get(url(&server, "/v2/models/smollm2"))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        m["versions"].clone()
+    };
+    assert!(
+        wait_until(120, || async { versions().await == json!(["2"]) }).await,
+        "version 2 never took over: {}",
+        versions().await
+    );
+    let before = ok.load(Ordering::SeqCst);
+    assert!(wait_until(60, || async { ok.load(Ordering::SeqCst) >= before + 6 }).await);
+    stop.store(true, Ordering::SeqCst);
+    for h in clients {
+        h.await.unwrap();
+    }
+    assert_eq!(failed.load(Ordering::SeqCst), 0, "requests failed across the reload");
+    // Only version 2's engine is left, with nothing running.
+    let text = metrics_text(&server).await;
+    let running: Vec<&str> = text
+        .lines()
+        .filter(|l| l.starts_with("kiln_llm:engine{") && l.contains(r#"stat="num_requests_running""#))
+        .collect();
+    assert!(
+        running.len() == 1 && running[0].contains(r#"version="2""#) && running[0].ends_with(" 0"),
+        "{running:?}"
+    );
+    server.shutdown().await.unwrap();
+}
