@@ -14,15 +14,20 @@
 //! | [`softmax`] | `softmax.cu` | Softmax (last axis, or opset < 13 flattened) |
 //! | [`attention`] | `attention.cu` | Attention (4-D, from `attention_fusion`, or 3-D with heads) |
 //! | [`int8_gemm`] | `int8_gemm.cu` | ai.kiln MatMulInt8Weight |
+//! | [`paged_attention`], [`reshape_and_cache`] | `paged_attention.cu` | none yet (ai.kiln PagedAttention on a device-resident cache is the next step) |
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use candle_core::Tensor as CT;
+use candle_core::{Device as CDevice, Tensor as CT};
 
-use crate::Result;
+use crate::paged_kv::PagedSeq;
+use crate::{Result, RuntimeError};
 
 #[cfg(feature = "cuda")]
 mod launch;
+#[cfg(feature = "cuda")]
+#[allow(unused_imports)] // no caller until PagedAttention runs on CUDA (tests use them)
+pub(crate) use launch::paged_attention::{paged_attention, reshape_and_cache};
 #[cfg(feature = "cuda")]
 pub(crate) use launch::{
     attention::attention, bias_act::bias_act, int8_gemm::int8_gemm, layer_norm::layer_norm, softmax::softmax,
@@ -32,6 +37,9 @@ pub(crate) use launch::{
 mod stand_in;
 #[cfg(not(feature = "cuda"))]
 pub(crate) use stand_in::{attention, bias_act, int8_gemm, layer_norm, softmax};
+#[cfg(not(feature = "cuda"))]
+#[allow(unused_imports)] // no caller until PagedAttention runs on CUDA
+pub(crate) use stand_in::{paged_attention, reshape_and_cache};
 
 #[cfg(all(test, feature = "cuda"))]
 mod tests;
@@ -146,5 +154,115 @@ impl WeightCache {
         let s = CT::from_slice(scale, scale.len(), device)?;
         *slot = Some((device.clone(), c.clone(), s.clone()));
         Ok((c, s))
+    }
+}
+
+/// One layer's paged K/V cache in device memory for [`paged_attention`] and [`reshape_and_cache`]:
+/// K and V `[num_blocks, kv_heads, block_size, head_dim]` (f32 or f16, contiguous, block_size a
+/// power of two), the layout of [`crate::paged_kv`]. [`reshape_and_cache`] writes into these
+/// tensors' storage in place: they are the caller's mutable state, ordered with every other kernel
+/// on candle's stream.
+#[derive(Clone, Copy)]
+#[cfg_attr(not(all(test, feature = "cuda")), allow(dead_code))] // no caller until PagedAttention runs on CUDA
+pub(crate) struct PagedLayerKv<'a> {
+    pub k_cache: &'a CT,
+    pub v_cache: &'a CT,
+}
+
+/// A step's flat token batch as the paged kernels read it: int32 tensors on one device, built once
+/// per step and shared by every layer. [`PagedMeta::new`] checks every index the kernels follow
+/// (block ids below `num_blocks`, tables covering each context), so the kernels need no bounds
+/// checks; the fields stay private to keep that true.
+#[cfg_attr(not(all(test, feature = "cuda")), allow(dead_code))] // no caller until PagedAttention runs on CUDA
+pub(crate) struct PagedMeta {
+    /// Every sequence's block ids covering its context, concatenated.
+    block_tables: CT,
+    /// Per token: where its sequence's ids start in `block_tables`.
+    table_start: CT,
+    /// Per token: the keys it attends to (its position + 1: causal).
+    context_lens: CT,
+    /// Per token: `block * block_size + offset` of the slot its new K/V go to.
+    slot_mapping: CT,
+    num_tokens: usize,
+    block_size: usize,
+    num_blocks: usize,
+}
+
+/// The host side of [`PagedMeta`]: (block_tables, table_start, context_lens, slot_mapping).
+type PagedMetaHost = (Vec<i32>, Vec<i32>, Vec<i32>, Vec<i32>);
+
+#[cfg_attr(not(all(test, feature = "cuda")), allow(dead_code))] // no caller until PagedAttention runs on CUDA
+impl PagedMeta {
+    /// The layout of `seqs` (as in [`crate::paged_kv::PagedStep`]: query tokens tiling the batch in
+    /// order, each sequence's tokens the last `num_query` positions of its context) for a cache of
+    /// `num_blocks` blocks of `block_size` slots, uploaded to `device`.
+    pub fn new(seqs: &[PagedSeq], block_size: usize, num_blocks: usize, device: &CDevice) -> Result<PagedMeta> {
+        let (tables, start, ctx, slots) = Self::host(seqs, block_size, num_blocks)?;
+        let up = |v: &[i32]| CT::from_slice(v, v.len(), device);
+        Ok(PagedMeta {
+            block_tables: up(&tables)?,
+            table_start: up(&start)?,
+            context_lens: up(&ctx)?,
+            slot_mapping: up(&slots)?,
+            num_tokens: ctx.len(),
+            block_size,
+            num_blocks,
+        })
+    }
+
+    /// Query tokens in the step.
+    pub fn num_tokens(&self) -> usize {
+        self.num_tokens
+    }
+
+    fn host(seqs: &[PagedSeq], block_size: usize, num_blocks: usize) -> Result<PagedMetaHost> {
+        let bad = |m: String| RuntimeError::Invalid(format!("paged step: {m}"));
+        if !block_size.is_power_of_two() {
+            return Err(bad(format!("block size {block_size} is not a power of two")));
+        }
+        if num_blocks.checked_mul(block_size).is_none_or(|n| n > i32::MAX as usize) {
+            return Err(bad(format!(
+                "{num_blocks} blocks of {block_size} slots exceed the kernels' 32-bit slot index"
+            )));
+        }
+        let (mut tables, mut start, mut ctx, mut slots) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        for (i, s) in seqs.iter().enumerate() {
+            if s.query_start != ctx.len()
+                || s.num_query == 0
+                || s.num_query > s.context_len
+                || s.context_len > i32::MAX as usize
+            {
+                return Err(bad(format!(
+                    "sequence {i}: query tokens {}..+{} with context {} do not tile the batch",
+                    s.query_start, s.num_query, s.context_len
+                )));
+            }
+            let used = s.context_len.div_ceil(block_size);
+            let Some(table) = s.block_table.get(..used) else {
+                return Err(bad(format!(
+                    "sequence {i}: {} blocks cannot hold {} tokens",
+                    s.block_table.len(),
+                    s.context_len
+                )));
+            };
+            if let Some(&b) = table.iter().find(|&&b| b as usize >= num_blocks) {
+                return Err(bad(format!("sequence {i}: block {b} of a cache with {num_blocks}")));
+            }
+            let at = tables.len();
+            tables.extend(table.iter().map(|&b| b as i32));
+            let first = s.context_len - s.num_query;
+            for pos in first..s.context_len {
+                start.push(at as i32);
+                ctx.push(pos as i32 + 1);
+                slots.push((table[pos / block_size] as usize * block_size + pos % block_size) as i32);
+            }
+        }
+        if ctx.is_empty() {
+            return Err(bad("no query tokens".into()));
+        }
+        if tables.len() > i32::MAX as usize {
+            return Err(bad("block tables exceed the kernels' 32-bit index".into()));
+        }
+        Ok((tables, start, ctx, slots))
     }
 }

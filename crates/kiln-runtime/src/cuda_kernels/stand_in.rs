@@ -2,7 +2,7 @@
 
 use candle_core::Tensor as CT;
 
-use super::{Act, AttentionSpec, SoftmaxSpec, WeightArgs};
+use super::{Act, AttentionSpec, PagedLayerKv, PagedMeta, SoftmaxSpec, WeightArgs};
 use crate::Result;
 
 pub(crate) fn layer_norm(
@@ -29,5 +29,15 @@ pub(crate) fn attention(_spec: &AttentionSpec) -> Result<Option<CT>> {
 }
 
 pub(crate) fn int8_gemm(_a: &CT, _weight: &WeightArgs) -> Result<Option<CT>> {
+    Ok(None)
+}
+
+#[allow(dead_code)] // no caller until PagedAttention runs on CUDA
+pub(crate) fn paged_attention(_q: &CT, _kv: &PagedLayerKv, _meta: &PagedMeta, _scale: f32) -> Result<Option<CT>> {
+    Ok(None)
+}
+
+#[allow(dead_code)] // no caller until PagedAttention runs on CUDA
+pub(crate) fn reshape_and_cache(_k: &CT, _v: &CT, _kv: &PagedLayerKv, _meta: &PagedMeta) -> Result<Option<()>> {
     Ok(None)
 }

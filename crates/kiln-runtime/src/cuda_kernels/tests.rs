@@ -513,6 +513,363 @@ fn int8_matmul_matches_cpu() {
     }
 }
 
+/// `got` against `want` (flat, same order): max |got - want| <= tol * max |want|, every value
+/// finite. Returns the relative error for the log.
+fn check_values(what: &str, got: &[f64], want: &[f64], tol: f64) -> f64 {
+    assert_eq!(got.len(), want.len(), "{what}: length");
+    let scale = want.iter().fold(0f64, |m, v| m.max(v.abs())).max(1e-6);
+    let mut err = 0f64;
+    for (i, (a, b)) in got.iter().zip(want).enumerate() {
+        assert!(a.is_finite(), "{what}: element {i} is {a} (want {b})");
+        err = err.max((a - b).abs());
+    }
+    let rel = err / scale;
+    println!("{what}: max |d| {err:.3e}, max |ref| {scale:.3e}, relative {rel:.3e} (tolerance {tol:e})");
+    assert!(rel <= tol, "{what}: relative error {rel:e} over {tol:e}");
+    rel
+}
+
+/// `v` rounded to `dt` (what the kernel and the reference both see).
+fn rounded(v: Vec<f32>, dt: DType) -> Vec<f32> {
+    if dt == DType::F16 {
+        v.into_iter().map(|x| half::f16::from_f32(x).to_f32()).collect()
+    } else {
+        v
+    }
+}
+
+fn cdtype(dt: DType) -> CDType {
+    if dt == DType::F16 {
+        CDType::F16
+    } else {
+        CDType::F32
+    }
+}
+
+/// A `dt` tensor on `dev` from f32 values.
+fn on(dev: &CDevice, v: &[f32], dims: &[usize], dt: DType) -> CT {
+    CT::from_slice(v, dims, &CDevice::Cpu)
+        .unwrap()
+        .to_dtype(cdtype(dt))
+        .unwrap()
+        .to_device(dev)
+        .unwrap()
+}
+
+fn host_f64(t: &CT) -> Vec<f64> {
+    t.to_device(&CDevice::Cpu)
+        .unwrap()
+        .to_dtype(CDType::F64)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap()
+}
+
+/// `[a, b, d]` -> `[b, a, d]`.
+fn swap01(x: &[f32], a: usize, b: usize, d: usize) -> Vec<f32> {
+    let mut y = vec![0f32; x.len()];
+    for i in 0..a {
+        for j in 0..b {
+            y[(j * a + i) * d..][..d].copy_from_slice(&x[(i * b + j) * d..][..d]);
+        }
+    }
+    y
+}
+
+/// A NaN-filled paged cache on `dev` (a kernel reading a slot no step wrote gives NaN) and a
+/// scattered block table per sequence (`lens` tokens each) over its `num_blocks` blocks.
+fn paged_cache(
+    dev: &CDevice,
+    dt: DType,
+    (kvh, d, bs): (usize, usize, usize),
+    lens: &[usize],
+) -> (CT, CT, Vec<Vec<u32>>, usize) {
+    let need: usize = lens.iter().map(|l| l.div_ceil(bs)).sum();
+    let nb = need + 3;
+    // Block ids in a scrambled order: b -> (b * step + 3) mod nb, a permutation for step coprime to nb.
+    let gcd = |mut a: usize, mut b: usize| {
+        while b != 0 {
+            (a, b) = (b, a % b);
+        }
+        a
+    };
+    let step = (7..).find(|&s| gcd(s, nb) == 1).unwrap();
+    let mut ids = (0..nb).map(|b| ((b * step + 3) % nb) as u32);
+    let tables = lens
+        .iter()
+        .map(|l| ids.by_ref().take(l.div_ceil(bs)).collect())
+        .collect();
+    let nan = || {
+        CT::full(f32::NAN, (nb, kvh, bs, d), dev)
+            .unwrap()
+            .to_dtype(cdtype(dt))
+            .unwrap()
+    };
+    (nan(), nan(), tables, nb)
+}
+
+/// Paged attention and the cache write (kernels/paged_attention.cu) against the CPU paged KV
+/// cache (`PagedKvCache::attend`, the ai.kiln PagedAttention operator's kernel) over three mixed
+/// steps of six sequences: prefill chunks, decode tokens at block edges, a first token.
+#[test]
+fn paged_attention_matches_cpu() {
+    let Some(dev) = gpu() else { return };
+    use crate::cuda_kernels::{PagedLayerKv, PagedMeta};
+    use crate::paged_kv::{KvDType, PagedKvCache, PagedKvConfig, PagedSeq};
+    // Each step: (sequence, first position, end position) of its query tokens.
+    let lens = [300usize, 17, 1, 100, 16, 45];
+    let steps: [&[(usize, usize, usize)]; 3] = [
+        &[(0, 0, 200), (1, 0, 15), (2, 0, 1), (3, 0, 64), (4, 0, 16), (5, 0, 20)],
+        &[(0, 200, 201), (1, 15, 16), (3, 64, 99), (5, 20, 44)],
+        &[(0, 201, 300), (1, 16, 17), (3, 99, 100), (5, 44, 45)],
+    ];
+    for &dt in &FLOATS {
+        for &(h, kvh, d, bs) in &[
+            (9usize, 3usize, 128usize, 16usize),
+            (4, 4, 64, 16),
+            (8, 2, 96, 32),
+            (4, 1, 32, 8),
+        ] {
+            let (kc, vc, tables, nb) = paged_cache(&dev, dt, (kvh, d, bs), &lens);
+            let layer = PagedLayerKv {
+                k_cache: &kc,
+                v_cache: &vc,
+            };
+            let cpu = PagedKvCache::new(PagedKvConfig {
+                num_layers: 1,
+                num_blocks: nb,
+                block_size: bs,
+                num_kv_heads: kvh,
+                head_dim: d,
+                dtype: if dt == DType::F16 { KvDType::F16 } else { KvDType::F32 },
+            })
+            .unwrap();
+            let scale = 1.0 / (d as f32).sqrt();
+            for (si, step) in steps.iter().enumerate() {
+                let mut seqs = Vec::new();
+                for &(s, a, b) in step.iter() {
+                    let query_start = seqs.iter().map(|q: &PagedSeq| q.num_query).sum();
+                    seqs.push(PagedSeq {
+                        query_start,
+                        num_query: b - a,
+                        context_len: b,
+                        block_table: tables[s].clone(),
+                    });
+                }
+                let t: usize = seqs.iter().map(|s| s.num_query).sum();
+                let seed = 500 + 10 * si as u64 + d as u64;
+                let q = rounded(values(t * h * d, seed, 2.0), dt);
+                let k = rounded(values(t * kvh * d, seed + 1, 1.0), dt);
+                let v = rounded(values(t * kvh * d, seed + 2, 1.0), dt);
+                let want = cpu
+                    .attend(
+                        0,
+                        &seqs,
+                        &swap01(&q, t, h, d),
+                        &swap01(&k, t, kvh, d),
+                        &swap01(&v, t, kvh, d),
+                        h,
+                        scale,
+                    )
+                    .unwrap();
+                let want: Vec<f64> = swap01(&want, h, t, d).into_iter().map(f64::from).collect();
+                let meta = PagedMeta::new(&seqs, bs, nb, &dev).unwrap();
+                let before = fused_kernel_launches();
+                let (kg, vg) = (on(&dev, &k, &[t, kvh, d], dt), on(&dev, &v, &[t, kvh, d], dt));
+                super::reshape_and_cache(&kg, &vg, &layer, &meta)
+                    .unwrap()
+                    .expect("reshape_and_cache takes this case");
+                let got = super::paged_attention(&on(&dev, &q, &[t, h, d], dt), &layer, &meta, scale)
+                    .unwrap()
+                    .expect("paged_attention takes this case");
+                assert!(fused_kernel_launches() >= before + 2, "no fused kernel launched");
+                assert_eq!(got.dims(), &[t, h, d]);
+                check_values(
+                    &format!("PagedAttention {dt} H{h} KV{kvh} D{d} bs{bs} step {si} ({t} tokens)"),
+                    &host_f64(&got),
+                    &want,
+                    tol(dt),
+                );
+            }
+        }
+    }
+}
+
+/// Decode tokens with long contexts (up to 8192 keys) against an f64 loop over each sequence's
+/// logical K/V; the earlier positions go into the cache through one large reshape_and_cache step.
+#[test]
+fn paged_attention_long_contexts_match_reference() {
+    let Some(dev) = gpu() else { return };
+    use crate::cuda_kernels::{PagedLayerKv, PagedMeta};
+    use crate::paged_kv::PagedSeq;
+    let (h, kvh, d, bs) = (8usize, 2usize, 128usize, 16usize);
+    let lens = [8192usize, 4097, 1000, 17];
+    for &dt in &FLOATS {
+        let (kc, vc, tables, nb) = paged_cache(&dev, dt, (kvh, d, bs), &lens);
+        let layer = PagedLayerKv {
+            k_cache: &kc,
+            v_cache: &vc,
+        };
+        let row = kvh * d;
+        let kl: Vec<Vec<f32>> = (0..lens.len())
+            .map(|i| rounded(values(lens[i] * row, 600 + i as u64, 1.0), dt))
+            .collect();
+        let vl: Vec<Vec<f32>> = (0..lens.len())
+            .map(|i| rounded(values(lens[i] * row, 700 + i as u64, 1.0), dt))
+            .collect();
+        // Step 1 (write only): every position but the last; step 2: the last, attended.
+        for last in [false, true] {
+            let mut seqs = Vec::new();
+            let (mut k, mut v) = (Vec::new(), Vec::new());
+            let mut start = 0;
+            for (i, &len) in lens.iter().enumerate() {
+                let (a, b) = if last { (len - 1, len) } else { (0, len - 1) };
+                seqs.push(PagedSeq {
+                    query_start: start,
+                    num_query: b - a,
+                    context_len: b,
+                    block_table: tables[i].clone(),
+                });
+                start += b - a;
+                k.extend_from_slice(&kl[i][a * row..b * row]);
+                v.extend_from_slice(&vl[i][a * row..b * row]);
+            }
+            let meta = PagedMeta::new(&seqs, bs, nb, &dev).unwrap();
+            let t = meta.num_tokens();
+            super::reshape_and_cache(
+                &on(&dev, &k, &[t, kvh, d], dt),
+                &on(&dev, &v, &[t, kvh, d], dt),
+                &layer,
+                &meta,
+            )
+            .unwrap()
+            .expect("reshape_and_cache takes this case");
+            if !last {
+                continue;
+            }
+            let q = rounded(values(t * h * d, 800, 2.0), dt);
+            let scale = 1.0 / (d as f32).sqrt();
+            let got = super::paged_attention(&on(&dev, &q, &[t, h, d], dt), &layer, &meta, scale)
+                .unwrap()
+                .expect("paged_attention takes this case");
+            let mut want = vec![0f64; t * h * d];
+            for (ti, &len) in lens.iter().enumerate() {
+                for hh in 0..h {
+                    let g = hh / (h / kvh);
+                    let qr = &q[(ti * h + hh) * d..][..d];
+                    let logits: Vec<f64> = (0..len)
+                        .map(|j| {
+                            let kr = &kl[ti][j * row + g * d..][..d];
+                            qr.iter().zip(kr).map(|(&a, &b)| a as f64 * b as f64).sum::<f64>() * scale as f64
+                        })
+                        .collect();
+                    let mx = logits.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+                    let z: f64 = logits.iter().map(|l| (l - mx).exp()).sum();
+                    for c in 0..d {
+                        want[(ti * h + hh) * d + c] = (0..len)
+                            .map(|j| (logits[j] - mx).exp() / z * vl[ti][j * row + g * d + c] as f64)
+                            .sum();
+                    }
+                }
+            }
+            check_values(
+                &format!("PagedAttention {dt} H{h} KV{kvh} D{d} bs{bs} contexts {lens:?}"),
+                &host_f64(&got),
+                &want,
+                tol(dt),
+            );
+        }
+    }
+}
+
+/// Speed of one decode step (no assertion, a figure for docs/gpu.md): 64 sequences of 2048 keys,
+/// 32 query heads over 8 K/V heads, head dim 128, f16, blocks of 16. Prints the time per step and
+/// the K/V bytes the step must read (each K/V head once) per second.
+#[test]
+fn paged_attention_decode_speed() {
+    let Some(dev) = gpu() else { return };
+    use crate::cuda_kernels::{PagedLayerKv, PagedMeta};
+    use crate::paged_kv::PagedSeq;
+    let (seqs_n, ctx, h, kvh, d, bs) = (64usize, 2048usize, 32usize, 8usize, 128usize, 16usize);
+    let dt = DType::F16;
+    let per_seq = ctx.div_ceil(bs);
+    let nb = seqs_n * per_seq;
+    let cache = || {
+        CT::rand(-1f32, 1f32, (nb, kvh, bs, d), &dev)
+            .unwrap()
+            .to_dtype(cdtype(dt))
+            .unwrap()
+    };
+    let (kc, vc) = (cache(), cache());
+    let layer = PagedLayerKv {
+        k_cache: &kc,
+        v_cache: &vc,
+    };
+    // Sequence i owns blocks i, i + 64, i + 128, ... (interleaved, as a block manager's would be).
+    let seqs: Vec<PagedSeq> = (0..seqs_n)
+        .map(|i| PagedSeq {
+            query_start: i,
+            num_query: 1,
+            context_len: ctx,
+            block_table: (0..per_seq).map(|b| (b * seqs_n + i) as u32).collect(),
+        })
+        .collect();
+    let meta = PagedMeta::new(&seqs, bs, nb, &dev).unwrap();
+    let q = on(&dev, &values(seqs_n * h * d, 902, 1.0), &[seqs_n, h, d], dt);
+    let scale = 1.0 / (d as f32).sqrt();
+    let run = || {
+        super::paged_attention(&q, &layer, &meta, scale)
+            .unwrap()
+            .expect("paged_attention takes this case")
+    };
+    run();
+    dev.synchronize().unwrap();
+    let iters = 50;
+    let t0 = std::time::Instant::now();
+    for _ in 0..iters {
+        run();
+    }
+    dev.synchronize().unwrap();
+    let secs = t0.elapsed().as_secs_f64() / iters as f64;
+    let bytes = (2 * seqs_n * ctx * kvh * d * 2) as f64;
+    println!(
+        "paged attention decode f16: {seqs_n} seqs x {ctx} keys, H{h} KV{kvh} D{d} bs{bs}: {:.1} us per step, {:.0} GB/s of K/V",
+        secs * 1e6,
+        bytes / secs / 1e9
+    );
+}
+
+/// The host side of the paged step layout: per-token table offsets, contexts and slots, and the
+/// checks that keep the kernels in bounds. Needs no GPU.
+#[test]
+fn paged_meta_layout_and_checks() {
+    use crate::cuda_kernels::PagedMeta;
+    use crate::paged_kv::PagedSeq;
+    let seq = |query_start, num_query, context_len, block_table: &[u32]| PagedSeq {
+        query_start,
+        num_query,
+        context_len,
+        block_table: block_table.to_vec(),
+    };
+    // Sequence 0: a decode token at position 4 (blocks of 4: block 7, slot 0); sequence 1: a
+    // prefill chunk at positions 1..3 of blocks [2]; the unused tail of a table is not uploaded.
+    let (tables, start, ctx, slots) = PagedMeta::host(&[seq(0, 1, 5, &[3, 7, 9]), seq(1, 2, 3, &[2])], 4, 10).unwrap();
+    assert_eq!(tables, vec![3, 7, 2]);
+    assert_eq!(start, vec![0, 2, 2]);
+    assert_eq!(ctx, vec![5, 2, 3]);
+    assert_eq!(slots, vec![28, 9, 10]);
+    let bad = |seqs: &[PagedSeq], bs, nb| PagedMeta::host(seqs, bs, nb).is_err();
+    assert!(bad(&[seq(0, 1, 5, &[3, 7])], 3, 10), "block size not a power of two");
+    assert!(bad(&[seq(0, 1, 5, &[3])], 4, 10), "table too short");
+    assert!(bad(&[seq(0, 1, 5, &[3, 10])], 4, 10), "block id out of range");
+    assert!(bad(&[seq(1, 1, 5, &[3, 7])], 4, 10), "does not start at token 0");
+    assert!(bad(&[seq(0, 6, 5, &[3, 7])], 4, 10), "more query tokens than context");
+    assert!(bad(&[], 4, 10), "empty step");
+    assert!(bad(&[seq(0, 1, 5, &[3, 7])], 1 << 16, 1 << 16), "slots past i32");
+}
+
 /// The embedded PTX has every entry point the launchers name, with the parameter list they push
 /// (count and width, in order). Needs no GPU.
 #[test]
@@ -525,6 +882,8 @@ fn ptx_entry_points_match_the_launchers() {
     let soft = [p, p, p, p, i, i, i, f, p, p, p, p, i, i].join(" ");
     let attn = [p, p, p, p, p, p, p, p, p, p, i, i, i, i, i, f, i, i].join(" ");
     let gemm = [p, p, p, p, i, i, i].join(" ");
+    let paged = [p, p, p, p, p, p, p, i, i, i, f].join(" ");
+    let cache = [p, p, p, p, p, i, i, i].join(" ");
     let mut want: Vec<(&str, String, &str)> = Vec::new();
     for sfx in ["f32", "f16"] {
         for n in ["layer_norm", "rms_norm"] {
@@ -542,6 +901,10 @@ fn ptx_entry_points_match_the_launchers() {
         for t in ["nn", "nt"] {
             want.push((ptx::INT8_GEMM, format!("kiln_int8_gemm_{sfx}_{t}"), &gemm));
         }
+        for d in [32, 64, 96, 128] {
+            want.push((ptx::PAGED_ATTENTION, format!("kiln_paged_attention_{sfx}_d{d}"), &paged));
+        }
+        want.push((ptx::PAGED_ATTENTION, format!("kiln_reshape_and_cache_{sfx}"), &cache));
     }
     for (text, name, params) in want {
         let head = format!(".visible .entry {name}(");

@@ -18,6 +18,7 @@ pub(super) mod attention;
 pub(super) mod bias_act;
 pub(super) mod int8_gemm;
 pub(super) mod layer_norm;
+pub(super) mod paged_attention;
 pub(super) mod softmax;
 
 pub(super) mod ptx {
