@@ -24,42 +24,54 @@ pub(crate) fn register(r: &mut Registry) {
     r.add_domain("ai.kiln", "PagedAttention", paged_attention);
 }
 
-/// The rotary embedding of one node: caches as f32 rows of `half` values.
+/// The rotary embedding of one step: each batch token's cos and sin rows (`half` values each).
 struct Rotary {
     cos: Vec<f32>,
     sin: Vec<f32>,
     half: usize,
-    positions: usize,
     interleaved: bool,
 }
 
 impl Rotary {
-    fn from_inputs(cos: &Tensor, sin: &Tensor, interleaved: bool, d: usize) -> Result<Rotary> {
+    /// The rows of `cos_cache`/`sin_cache` (`[max_position, rotary_dim / 2]`) at `pos`: only those are
+    /// read (the caches are usually 8192 positions long, a step needs a few).
+    fn at_positions(cos: &Tensor, sin: &Tensor, interleaved: bool, d: usize, pos: &[usize]) -> Result<Rotary> {
         let (cd, sd) = (cos.dims(), sin.dims());
         if cd.len() != 2 || cd != sd || cd[1] == 0 || 2 * cd[1] > d {
             bail!(
                 "cos_cache {cd:?} and sin_cache {sd:?} must both be [max_position, rotary_dim / 2] with rotary_dim <= head size {d}"
             );
         }
-        let rows = |t: &Tensor| -> Result<Vec<f32>> { Ok(t.candle().to_dtype(CDType::F32)?.flatten_all()?.to_vec1()?) };
+        let (positions, half) = (cd[0], cd[1]);
+        if let Some(&p) = pos.iter().find(|&&p| p >= positions) {
+            bail!("position {p} is past the rotary cache's {positions} positions");
+        }
+        let rows = |t: &Tensor| -> Result<Vec<f32>> {
+            let pick = |all: &[f32]| {
+                pos.iter()
+                    .flat_map(|&p| all[p * half..][..half].iter().copied())
+                    .collect()
+            };
+            if let Some(v) = crate::fastmath::with_f32(t.candle(), pick) {
+                return Ok(v);
+            }
+            let all: Vec<f32> = t.candle().to_dtype(CDType::F32)?.flatten_all()?.to_vec1()?;
+            Ok(pick(&all))
+        };
         Ok(Rotary {
             cos: rows(cos)?,
             sin: rows(sin)?,
-            half: cd[1],
-            positions: cd[0],
+            half,
             interleaved,
         })
     }
 
-    /// Rotates `x` (`[T, heads, D]` rows) in place, token `i` at `pos[i]`.
-    fn apply(&self, x: &mut [f32], pos: &[usize], heads: usize, d: usize) -> Result<()> {
-        if let Some(&p) = pos.iter().find(|&&p| p >= self.positions) {
-            bail!("position {p} is past the rotary cache's {} positions", self.positions);
-        }
+    /// Rotates `x` (`[T, heads, D]` rows) in place, token `i` by its own rows.
+    fn apply(&self, x: &mut [f32], heads: usize, d: usize) {
         let h = self.half;
-        for (i, &p) in pos.iter().enumerate() {
-            let (cos, sin) = (&self.cos[p * h..][..h], &self.sin[p * h..][..h]);
-            for row in x[i * heads * d..][..heads * d].chunks_exact_mut(d) {
+        for (i, token) in x.chunks_exact_mut(heads * d).enumerate() {
+            let (cos, sin) = (&self.cos[i * h..][..h], &self.sin[i * h..][..h]);
+            for row in token.chunks_exact_mut(d) {
                 for j in 0..h {
                     let (a, b) = if self.interleaved {
                         (2 * j, 2 * j + 1)
@@ -72,7 +84,6 @@ impl Rotary {
                 }
             }
         }
-        Ok(())
     }
 }
 
@@ -171,10 +182,9 @@ fn paged_attention(n: &NodeCtx) -> Result<Box<dyn OpKernel>> {
             let (Some(cos), Some(sin)) = (tin_opt(ins, 3)?, tin_opt(ins, 4)?) else {
                 bail!("do_rotary needs cos_cache and sin_cache inputs");
             };
-            let rot = Rotary::from_inputs(cos, sin, interleaved, d)?;
-            let pos = positions(step);
-            rot.apply(&mut qf, &pos, h, d)?;
-            rot.apply(&mut kf, &pos, hkv, d)?;
+            let rot = Rotary::at_positions(cos, sin, interleaved, d, &positions(step))?;
+            rot.apply(&mut qf, h, d);
+            rot.apply(&mut kf, hkv, d);
         }
         let (qf, kf, vf) = if three_d {
             (to_heads_major(qf, h), to_heads_major(kf, hkv), to_heads_major(vf, hkv))
@@ -203,17 +213,15 @@ mod tests {
     use crate::paged_kv::{KvDType, PagedKvCache, PagedKvConfig, PagedSeq};
     use std::sync::Arc;
 
-    fn rotary(half: usize, positions: usize, interleaved: bool) -> Rotary {
+    /// Caches `[positions, half]` of a RoPE table, as candle tensors.
+    fn caches(half: usize, positions: usize) -> (Tensor, Tensor) {
         let theta = |p: usize, j: usize| p as f32 / 10000f32.powf(2.0 * j as f32 / (2 * half) as f32);
-        let grid =
-            |f: fn(f32) -> f32| -> Vec<f32> { (0..positions * half).map(|i| f(theta(i / half, i % half))).collect() };
-        Rotary {
-            cos: grid(f32::cos),
-            sin: grid(f32::sin),
-            half,
-            positions,
-            interleaved,
-        }
+        let grid = |f: fn(f32) -> f32| -> Tensor {
+            let v: Vec<f32> = (0..positions * half).map(|i| f(theta(i / half, i % half))).collect();
+            let t = candle_core::Tensor::from_vec(v, (positions, half), &candle_core::Device::Cpu).unwrap();
+            Tensor::new(t, kiln_graph::DType::F32).unwrap()
+        };
+        (grid(f32::cos), grid(f32::sin))
     }
 
     #[test]
@@ -221,16 +229,19 @@ mod tests {
         // Two tokens at positions 3 and 0, two heads of 6 values, rotary over the first 4.
         let (d, heads) = (6, 2);
         let x: Vec<f32> = (0..2 * heads * d).map(|i| i as f32 * 0.1 + 1.0).collect();
+        let (cos, sin) = caches(2, 8);
+        let table = |t: &Tensor| -> Vec<f32> { t.candle().flatten_all().unwrap().to_vec1().unwrap() };
+        let (ct, st) = (table(&cos), table(&sin));
         for interleaved in [false, true] {
-            let r = rotary(2, 8, interleaved);
+            let r = Rotary::at_positions(&cos, &sin, interleaved, d, &[3, 0]).unwrap();
             let mut y = x.clone();
-            r.apply(&mut y, &[3, 0], heads, d).unwrap();
+            r.apply(&mut y, heads, d);
             for (i, p) in [3usize, 0].into_iter().enumerate() {
                 for h in 0..heads {
                     let o = (i * heads + h) * d;
                     for j in 0..2 {
                         let (a, b) = if interleaved { (2 * j, 2 * j + 1) } else { (j, j + 2) };
-                        let (c, s) = (r.cos[p * 2 + j], r.sin[p * 2 + j]);
+                        let (c, s) = (ct[p * 2 + j], st[p * 2 + j]);
                         let (x1, x2) = (x[o + a], x[o + b]);
                         assert!((y[o + a] - (x1 * c - x2 * s)).abs() < 1e-6);
                         assert!((y[o + b] - (x2 * c + x1 * s)).abs() < 1e-6);
@@ -242,9 +253,11 @@ mod tests {
                 }
             }
         }
-        let mut y = x.clone();
-        let err = rotary(2, 3, false).apply(&mut y, &[3, 0], heads, d).unwrap_err();
+        let (cos, sin) = caches(2, 3);
+        let err = Rotary::at_positions(&cos, &sin, false, d, &[3, 0]).err().unwrap();
         assert!(err.to_string().contains("past the rotary cache"), "{err}");
+        let err = Rotary::at_positions(&cos, &sin, false, 2, &[0]).err().unwrap();
+        assert!(err.to_string().contains("rotary_dim <= head size"), "{err}");
     }
 
     #[test]
