@@ -24,7 +24,6 @@ mod matmul;
 mod ml;
 mod nn;
 mod norm;
-mod paged_attention;
 mod pool;
 mod quant;
 mod reduce;
@@ -262,7 +261,6 @@ impl Registry {
         REG.get_or_init(|| {
             let mut r = Registry::default();
             attention::register(&mut r);
-            paged_attention::register(&mut r);
             block_quant::register(&mut r);
             control::register(&mut r);
             elementwise::register(&mut r);

@@ -1,11 +1,11 @@
 //! Operator family `attention`: Attention (opset 23+), RotaryEmbedding, Swish, SwiGLU, LinearAttention,
-//! and ONNX Runtime's `com.microsoft::GroupQueryAttention`.
+//! ONNX Runtime's `com.microsoft::GroupQueryAttention` and Kiln's `ai.kiln::PagedAttention`.
 //!
 //! Everything runs on whole candle tensors. Half-precision inputs are computed in f32 and cast back.
 //! One file per concern: the ONNX Attention op and its general path (`onnx_attention`), the route it
 //! takes on CUDA (`cuda_route`), the fused f32 CPU path (`fused_cpu`), RotaryEmbedding (`rotary`),
-//! LinearAttention (`linear`), the Swish/SwiGLU activations (`swish`) and GroupQueryAttention
-//! (`gqa`).
+//! LinearAttention (`linear`), the Swish/SwiGLU activations (`swish`), GroupQueryAttention
+//! (`gqa`) and PagedAttention over the LLM engine's paged KV cache (`paged`).
 
 use candle_core::{DType as CDType, Tensor as CT};
 use kiln_graph::DType;
@@ -18,6 +18,7 @@ mod fused_cpu;
 mod gqa;
 mod linear;
 mod onnx_attention;
+mod paged;
 mod rotary;
 mod swish;
 
@@ -32,6 +33,7 @@ pub fn register(r: &mut Registry) {
     r.add("Swish", swish::swish_op);
     r.add("SwiGLU", swish::swiglu_op);
     r.add_domain("com.microsoft", "GroupQueryAttention", gqa::group_query_attention);
+    paged::register(r);
 }
 
 /// Converts a float tensor to the dtype used for computing (f32, or f64 for f64 inputs).
