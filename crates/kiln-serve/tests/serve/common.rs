@@ -142,6 +142,11 @@ pub fn llm_repo(shipped: &[&str], src: &Path, config: &str) -> PathBuf {
     repo
 }
 
+/// GET a JSON body.
+pub async fn get_json(client: &reqwest::Client, u: &str) -> serde_json::Value {
+    client.get(u).send().await.unwrap().json().await.unwrap()
+}
+
 /// POST a JSON body; the status and the body as JSON (or as a JSON string when it is not JSON).
 pub async fn post_json(client: &reqwest::Client, u: &str, body: serde_json::Value) -> (u16, serde_json::Value) {
     let r = client.post(u).json(&body).send().await.unwrap();

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use serde_json::{json, Value};
 
-use super::common::{llm_repo, metric, metrics_text, post_json as post, start, url, wait_until};
+use super::common::{get_json, llm_repo, metric, metrics_text, post_json as post, start, url, wait_until};
 
 fn llm_dir() -> Option<PathBuf> {
     kiln_llm::testing::model_dir(kiln_llm::testing::SMALL_MODEL)
@@ -302,17 +302,7 @@ async fn llm_hot_reload_drains_and_loses_nothing() {
         std::os::unix::fs::symlink(std::fs::read_link(e.path()).unwrap(), v2.join(e.file_name())).unwrap();
     }
     let c = reqwest::Client::new();
-    let versions = || async {
-        let m: Value = c
-            .get(url(&server, "/v2/models/smollm2"))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        m["versions"].clone()
-    };
+    let versions = || async { get_json(&c, &url(&server, "/v2/models/smollm2")).await["versions"].clone() };
     assert!(
         wait_until(120, || async { versions().await == json!(["2"]) }).await,
         "version 2 never took over: {}",
