@@ -331,3 +331,26 @@ impl LlmModel {
             .collect()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// ONNX Runtime GenAI's `genai_config.json` gives the same geometry as the Hugging Face
+    /// `config.json` of the same model (the committed tiny GenAI export has both).
+    #[test]
+    fn genai_config_gives_the_config_json_geometry() {
+        let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../models/llm/genai-tiny");
+        let from_hf = ModelGeometry::from_dir(&src).unwrap();
+        let dir = std::env::temp_dir().join(format!("kiln-genai-config-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::copy(src.join("genai_config.json"), dir.join("genai_config.json")).unwrap();
+        let from_genai = ModelGeometry::from_dir(&dir).unwrap();
+        assert_eq!(from_genai, from_hf);
+        // A broken one is a clear error naming the key.
+        std::fs::write(dir.join("genai_config.json"), r#"{"model": {"decoder": {}}}"#).unwrap();
+        let err = ModelGeometry::from_dir(&dir).unwrap_err().to_string();
+        assert!(err.contains("num_attention_heads"), "{err}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
