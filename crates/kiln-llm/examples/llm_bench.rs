@@ -3,7 +3,7 @@
 //! ```text
 //! cargo run --release -p kiln-llm --example llm_bench -- MODEL_DIR [--threads N] [--requests N]
 //!     [--rate R] [--concurrency C] [--seed S] [--modes continuous,static,serial] [--serial-requests N]
-//!     [--prefix] [--decode]
+//!     [--prefix] [--decode] [--streams C] [--kv-dtype f32|f16]
 //! ```
 //!
 //! - Modes over one workload (`--requests` requests, Poisson arrivals at `--rate` per second, prompt
@@ -47,6 +47,9 @@ struct Args {
     streams: Option<usize>,
 }
 
+/// The KV cache's element type (`--kv-dtype`), for every engine the benchmark builds.
+static KV_DTYPE: std::sync::OnceLock<kiln::paged::KvDType> = std::sync::OnceLock::new();
+
 fn parse() -> Args {
     let mut a = std::env::args().skip(1);
     let mut args = Args {
@@ -75,6 +78,14 @@ fn parse() -> Args {
             "--prefix" => args.prefix = true,
             "--decode" => args.decode = true,
             "--streams" => args.streams = Some(v().parse().unwrap()),
+            "--kv-dtype" => {
+                let dt = match v().as_str() {
+                    "f32" => kiln::paged::KvDType::F32,
+                    "f16" => kiln::paged::KvDType::F16,
+                    other => panic!("--kv-dtype is f32 or f16, not {other}"),
+                };
+                KV_DTYPE.set(dt).expect("--kv-dtype given twice");
+            }
             other => panic!("unknown option {other}"),
         }
     }
@@ -128,6 +139,7 @@ fn engine(model: &Arc<LlmModel>, max_num_seqs: usize, prefix: bool) -> Engine {
         block_size: 16,
         kv_cache_bytes: 1 << 30,
         prefix_caching: prefix,
+        kv_dtype: KV_DTYPE.get().copied().unwrap_or(kiln::paged::KvDType::F32),
         ..Default::default()
     };
     Engine::new(model.clone(), &cfg).expect("engine")
