@@ -140,7 +140,6 @@ fn engine(model: &Arc<LlmModel>, max_num_seqs: usize, prefix: bool) -> Engine {
         kv_cache_bytes: 1 << 30,
         prefix_caching: prefix,
         kv_dtype: KV_DTYPE.get().copied().unwrap_or(kiln::paged::KvDType::F32),
-        ..Default::default()
     };
     Engine::new(model.clone(), &cfg).expect("engine")
 }
