@@ -22,6 +22,8 @@ pub struct BenchConfig<'a> {
     /// Inputs copied to the device once and outputs left there (IO binding), each run
     /// synchronized; otherwise every run takes host inputs and returns host outputs.
     pub io_device: bool,
+    /// Run on a pool worker (`RunOptions::on_thread_pool`).
+    pub run_on_pool: bool,
 }
 
 pub fn bench(path: &Path, cfg: &BenchConfig) -> Result<()> {
@@ -36,16 +38,20 @@ pub fn bench(path: &Path, cfg: &BenchConfig) -> Result<()> {
     } else {
         None
     };
+    let options = kiln::RunOptions {
+        on_thread_pool: cfg.run_on_pool,
+        ..session.run_options().clone()
+    };
     let run_once = || -> Result<()> {
         let run = || -> Result<()> {
             match &bound {
                 Some(values) => {
-                    let outputs = session.run_values(values.clone())?;
+                    let outputs = session.run_values_with(values.clone(), &options)?;
                     session.synchronize()?;
                     drop(outputs);
                 }
                 None => {
-                    session.run(feeds.clone())?;
+                    session.run_with_options(feeds.clone(), &options)?;
                 }
             }
             Ok(())

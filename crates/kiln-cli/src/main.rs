@@ -112,6 +112,10 @@ enum Cmd {
         /// device once and outputs stay there (IO binding), each run synchronized.
         #[arg(long, default_value = "host", value_parser = ["host", "device"])]
         io: String,
+        /// Run each inference on a worker of the CPU thread pool (`RunOptions::on_thread_pool`):
+        /// parallel kernels then do not wake the pool from outside one by one.
+        #[arg(long)]
+        run_on_pool: bool,
         #[command(flatten)]
         precision: precision::PrecisionArg,
     },
@@ -182,6 +186,7 @@ fn main() -> ExitCode {
             threads,
             profile,
             io,
+            run_on_pool,
             precision,
         } => (|| {
             if let Some(n) = threads {
@@ -197,6 +202,7 @@ fn main() -> ExitCode {
                 iterations: iterations.max(1),
                 profile,
                 io_device: io == "device",
+                run_on_pool,
             };
             bench::bench(&model, &cfg)
         })(),
