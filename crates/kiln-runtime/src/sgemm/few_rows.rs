@@ -41,6 +41,9 @@ pub(super) fn run(a: MatRef, b: &PackedB, bias: Bias, act: Activation, out: OutP
     let task = |t: usize| {
         let out: OutPtr = out; // the whole (Sync) pointer, not its field
         let (jp0, jp1) = (t * chunk, ((t + 1) * chunk).min(npan));
+        if jp0 >= jp1 {
+            return; // more tasks than whole chunks (e.g. 5 panels over 4 threads)
+        }
         for jp in jp0..jp1 {
             let (j0, nr) = (jp * NR, NR.min(n - jp * NR));
             let mut r0 = 0;

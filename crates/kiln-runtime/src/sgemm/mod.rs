@@ -880,12 +880,21 @@ mod tests {
             eprintln!("skipped: no AVX2+FMA on this CPU");
             return;
         }
-        let pools: Vec<_> = [1, 3]
+        // 1 thread, 3 threads, and 4 threads over 5 panels (an empty last task).
+        let pools: Vec<_> = [1, 3, 4]
             .iter()
             .map(|&t| rayon::ThreadPoolBuilder::new().num_threads(t).build().unwrap())
             .collect();
         for m in 1..MR {
-            for &(n, k) in &[(1, 1), (16, 7), (33, 384), (70, 385), (600, 1000), (1100, 64)] {
+            for &(n, k) in &[
+                (1, 1),
+                (16, 7),
+                (33, 384),
+                (70, 385),
+                (70, 1000),
+                (600, 1000),
+                (1100, 64),
+            ] {
                 let a = rand(m * k, 21);
                 let b = rand(k * n, 22);
                 let (bn, bm, init) = (rand(n, 23), rand(m, 24), rand(m * n, 25));
@@ -907,7 +916,9 @@ mod tests {
                         close(&c, &want, k);
                         results.push(c);
                     }
-                    assert_eq!(results[0], results[1], "m={m} n={n} k={k}: the split changed the sums");
+                    for r in &results[1..] {
+                        assert_eq!(&results[0], r, "m={m} n={n} k={k}: the split changed the sums");
+                    }
                 }
                 // A stored transposed (k x m), C with a wider stride, Relu applied.
                 let at: Vec<f32> = (0..k * m).map(|i| a[(i % m) * k + i / m]).collect();
@@ -919,15 +930,17 @@ mod tests {
                     cs: m,
                 };
                 let ldc = n + 5;
-                let mut c = vec![7f32; m * ldc];
-                gemm_packed_b_act(view, &pb, Bias::None, Activation::Relu, &mut c, ldc).unwrap();
-                for i in 0..m {
-                    let relu: Vec<f32> = plain[i * n..(i + 1) * n].iter().map(|&x| x.max(0.0)).collect();
-                    close(&c[i * ldc..i * ldc + n], &relu, k);
-                    assert!(
-                        c[i * ldc + n..(i + 1) * ldc].iter().all(|&x| x == 7.0),
-                        "padding columns were written"
-                    );
+                for pool in &pools {
+                    let mut c = vec![7f32; m * ldc];
+                    pool.install(|| gemm_packed_b_act(view, &pb, Bias::None, Activation::Relu, &mut c, ldc).unwrap());
+                    for i in 0..m {
+                        let relu: Vec<f32> = plain[i * n..(i + 1) * n].iter().map(|&x| x.max(0.0)).collect();
+                        close(&c[i * ldc..i * ldc + n], &relu, k);
+                        assert!(
+                            c[i * ldc + n..(i + 1) * ldc].iter().all(|&x| x == 7.0),
+                            "padding columns were written"
+                        );
+                    }
                 }
             }
         }
