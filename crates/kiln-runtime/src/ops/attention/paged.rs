@@ -88,15 +88,26 @@ impl Rotary {
 }
 
 /// Each batch token's position in its sequence.
-fn positions(step: &PagedStep) -> Vec<usize> {
-    let mut pos = vec![0; step.num_tokens()];
+fn positions(step: &PagedStep) -> Result<Vec<usize>> {
+    let t = step.num_tokens();
+    let mut pos = vec![0; t];
     for s in &step.seqs {
-        let first = s.context_len - s.num_query;
+        let (Some(first), true) = (
+            s.context_len.checked_sub(s.num_query),
+            s.query_start.checked_add(s.num_query).is_some_and(|end| end <= t),
+        ) else {
+            bail!(
+                "bad step layout: {} query tokens from {} with a context of {} in a batch of {t}",
+                s.num_query,
+                s.query_start,
+                s.context_len
+            );
+        };
         for (i, p) in pos[s.query_start..][..s.num_query].iter_mut().enumerate() {
             *p = first + i;
         }
     }
-    pos
+    Ok(pos)
 }
 
 fn paged_attention(n: &NodeCtx) -> Result<Box<dyn OpKernel>> {
@@ -182,7 +193,7 @@ fn paged_attention(n: &NodeCtx) -> Result<Box<dyn OpKernel>> {
             let (Some(cos), Some(sin)) = (tin_opt(ins, 3)?, tin_opt(ins, 4)?) else {
                 bail!("do_rotary needs cos_cache and sin_cache inputs");
             };
-            let rot = Rotary::at_positions(cos, sin, interleaved, d, &positions(step))?;
+            let rot = Rotary::at_positions(cos, sin, interleaved, d, &positions(step)?)?;
             rot.apply(&mut qf, h, d);
             rot.apply(&mut kf, hkv, d);
         }
@@ -290,6 +301,13 @@ mod tests {
                 },
             ],
         };
-        assert_eq!(positions(&step), vec![0, 1, 2, 6]);
+        assert_eq!(positions(&step).unwrap(), vec![0, 1, 2, 6]);
+        // A layout that contradicts itself is an error, not a panic.
+        let mut bad = step.clone();
+        bad.seqs[1].context_len = 0;
+        assert!(positions(&bad).is_err());
+        let mut bad = step;
+        bad.seqs[1].query_start = 9;
+        assert!(positions(&bad).is_err());
     }
 }
