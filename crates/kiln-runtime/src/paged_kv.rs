@@ -13,6 +13,7 @@
 use std::sync::Mutex;
 
 use half::f16;
+use half::slice::HalfFloatSliceExt;
 use rayon::prelude::*;
 
 /// Element type of the stored K and V.
@@ -79,11 +80,7 @@ impl Store {
     fn write(&mut self, at: usize, src: &[f32]) {
         match self {
             Store::F32(d) => d[at..at + src.len()].copy_from_slice(src),
-            Store::F16(d) => {
-                for (o, &x) in d[at..at + src.len()].iter_mut().zip(src) {
-                    *o = f16::from_f32(x);
-                }
-            }
+            Store::F16(d) => d[at..at + src.len()].convert_from_f32_slice(src),
         }
     }
     /// `len` values from `at` as f32: borrowed in place for f32 storage, converted into
@@ -92,9 +89,7 @@ impl Store {
         match self {
             Store::F32(d) => &d[at..at + len],
             Store::F16(d) => {
-                for (o, &x) in scratch[..len].iter_mut().zip(&d[at..at + len]) {
-                    *o = x.to_f32();
-                }
+                d[at..at + len].convert_to_f32_slice(&mut scratch[..len]);
                 &scratch[..len]
             }
         }
@@ -291,68 +286,27 @@ impl PagedKvCache {
         let group = num_heads / hkv;
         let kv = &*kv;
         let tasks: Vec<(usize, usize)> = (0..seqs.len()).flat_map(|s| (0..hkv).map(move |h| (s, h))).collect();
+        let fast = crate::fastmath::has_avx2_fma();
         let results: Vec<(usize, usize, Vec<f32>)> = tasks
             .into_par_iter()
             .map(|(si, g)| {
-                let s = &seqs[si];
-                let (ctx, nq, bs) = (s.context_len, s.num_query, self.cfg.block_size);
-                let first = ctx - nq;
-                let nblocks = ctx.div_ceil(bs);
-                // Scores of every (query head of the group, query token) row over the context,
-                // computed block by block so each K tile is read (or converted) once.
-                let rows = group * nq;
-                let mut scores = vec![f32::NEG_INFINITY; rows * ctx];
-                let mut tile = vec![0.0f32; bs * d];
-                for bi in 0..nblocks {
-                    let n = bs.min(ctx - bi * bs);
-                    let kt = kv.k.tile(self.tile(s.block_table[bi], g), n * d, &mut tile);
-                    for hg in 0..group {
-                        let h = g * group + hg;
-                        for i in 0..nq {
-                            let pos = first + i;
-                            if bi * bs > pos {
-                                continue;
-                            }
-                            let qrow = &q[(h * t + s.query_start + i) * d..][..d];
-                            let srow = &mut scores[(hg * nq + i) * ctx..][..ctx];
-                            let last = n.min(pos + 1 - bi * bs);
-                            for j in 0..last {
-                                srow[bi * bs + j] = dot(qrow, &kt[j * d..(j + 1) * d]) * scale;
-                            }
-                        }
-                    }
+                let task = Task {
+                    cache: self,
+                    kv,
+                    seq: &seqs[si],
+                    g,
+                    group,
+                    q,
+                    t,
+                    scale,
+                };
+                #[cfg(any(target_arch = "x86", target_arch = "x86_64"))]
+                if fast {
+                    // SAFETY: the CPU supports the features `run_avx2` is compiled for (checked above).
+                    return (si, g, unsafe { task.run_avx2() });
                 }
-                for r in 0..rows {
-                    let srow = &mut scores[r * ctx..(r + 1) * ctx];
-                    let max = srow.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                    let mut sum = 0.0f32;
-                    for x in srow.iter_mut() {
-                        *x = (*x - max).exp();
-                        sum += *x;
-                    }
-                    let inv = 1.0 / sum;
-                    for x in srow.iter_mut() {
-                        *x *= inv;
-                    }
-                }
-                let mut out = vec![0.0f32; rows * d];
-                for bi in 0..nblocks {
-                    let n = bs.min(ctx - bi * bs);
-                    let vt = kv.v.tile(self.tile(s.block_table[bi], g), n * d, &mut tile);
-                    for r in 0..rows {
-                        let i = r % nq;
-                        let pos = first + i;
-                        if bi * bs > pos {
-                            continue;
-                        }
-                        let last = n.min(pos + 1 - bi * bs);
-                        let orow = &mut out[r * d..(r + 1) * d];
-                        for j in 0..last {
-                            axpy(scores[r * ctx + bi * bs + j], &vt[j * d..(j + 1) * d], orow);
-                        }
-                    }
-                }
-                (si, g, out)
+                let _ = fast;
+                (si, g, task.run())
             })
             .collect();
         let mut out = vec![0.0f32; num_heads * t * d];
@@ -370,7 +324,89 @@ impl PagedKvCache {
     }
 }
 
+/// Attention of one sequence's query heads of one KV group (one parallel task of
+/// [`PagedKvCache::attend`]).
+struct Task<'a> {
+    cache: &'a PagedKvCache,
+    kv: &'a LayerKv,
+    seq: &'a PagedSeq,
+    /// The KV head.
+    g: usize,
+    /// Query heads per KV head.
+    group: usize,
+    /// All query rows `[num_heads, t, D]`.
+    q: &'a [f32],
+    t: usize,
+    scale: f32,
+}
+
+impl Task<'_> {
+    /// Gathers head `g`'s K and V block by block (each tile read, or converted from f16, once) and
+    /// serves every query head of the group and every query token of the sequence; returns
+    /// `[group, num_query, D]`. The same arithmetic whatever else is in the batch.
+    #[inline(always)]
+    fn run(&self) -> Vec<f32> {
+        let (cfg, kv, s, g) = (&self.cache.cfg, self.kv, self.seq, self.g);
+        let (d, group, q, t, scale) = (cfg.head_dim, self.group, self.q, self.t, self.scale);
+        let (ctx, nq, bs) = (s.context_len, s.num_query, cfg.block_size);
+        let first = ctx - nq;
+        let nblocks = ctx.div_ceil(bs);
+        // Scores of every (query head of the group, query token) row over the context.
+        let rows = group * nq;
+        let mut scores = vec![f32::NEG_INFINITY; rows * ctx];
+        let mut tile = vec![0.0f32; bs * d];
+        for bi in 0..nblocks {
+            let n = bs.min(ctx - bi * bs);
+            let kt = kv.k.tile(self.cache.tile(s.block_table[bi], g), n * d, &mut tile);
+            for hg in 0..group {
+                let h = g * group + hg;
+                for i in 0..nq {
+                    let pos = first + i;
+                    if bi * bs > pos {
+                        continue;
+                    }
+                    let qrow = &q[(h * t + s.query_start + i) * d..][..d];
+                    let srow = &mut scores[(hg * nq + i) * ctx..][..ctx];
+                    let last = n.min(pos + 1 - bi * bs);
+                    for j in 0..last {
+                        srow[bi * bs + j] = dot(qrow, &kt[j * d..(j + 1) * d]) * scale;
+                    }
+                }
+            }
+        }
+        // Softmax over the positions each row sees (the rest stay unread).
+        for r in 0..rows {
+            let seen = first + r % nq + 1;
+            crate::fastmath::softmax_row(&mut scores[r * ctx..r * ctx + seen]);
+        }
+        let mut out = vec![0.0f32; rows * d];
+        for bi in 0..nblocks {
+            let n = bs.min(ctx - bi * bs);
+            let vt = kv.v.tile(self.cache.tile(s.block_table[bi], g), n * d, &mut tile);
+            for r in 0..rows {
+                let pos = first + r % nq;
+                if bi * bs > pos {
+                    continue;
+                }
+                let last = n.min(pos + 1 - bi * bs);
+                let orow = &mut out[r * d..(r + 1) * d];
+                for j in 0..last {
+                    axpy(scores[r * ctx + bi * bs + j], &vt[j * d..(j + 1) * d], orow);
+                }
+            }
+        }
+        out
+    }
+
+    #[cfg(any(target_arch = "x86", target_arch = "x86_64"))]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn run_avx2(&self) -> Vec<f32> {
+        self.run()
+    }
+}
+
 /// Dot product with eight independent accumulators (lets the compiler vectorise it).
+#[inline(always)]
 fn dot(a: &[f32], b: &[f32]) -> f32 {
     let mut acc = [0.0f32; 8];
     let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
@@ -387,6 +423,7 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
     s
 }
 
+#[inline(always)]
 fn axpy(alpha: f32, x: &[f32], y: &mut [f32]) {
     for (o, &v) in y.iter_mut().zip(x) {
         *o += alpha * v;
