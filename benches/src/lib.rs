@@ -138,6 +138,20 @@ pub fn models() -> Vec<ModelSpec> {
             make_inputs: text_inputs,
         },
         ModelSpec {
+            label: "MiniLM-L3 dynamic int8 (ORT quantize_dynamic)",
+            file: "paraphrase-MiniLM-L3-v2.dyn-int8.onnx",
+            batches: &[1, 8, 32],
+            sample: "64 tokens",
+            make_inputs: text_inputs,
+        },
+        ModelSpec {
+            label: "bert-base dynamic int8 (ORT quantize_dynamic)",
+            file: "bert-base.dyn-int8.onnx",
+            batches: &[1, 8],
+            sample: "64 tokens",
+            make_inputs: text_inputs,
+        },
+        ModelSpec {
             label: "PP-OCRv4 det",
             file: "ch_PP-OCRv4_det_infer.onnx",
             batches: &[1, 8],

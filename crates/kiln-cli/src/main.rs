@@ -135,11 +135,13 @@ enum Cmd {
         #[arg(long, default_value = "fp32")]
         precision: Precision,
     },
-    /// Quantize MatMul/Gemm weights to int8 (per output channel) and write the model as ONNX.
+    /// Quantize MatMul/Gemm weights to int8 (per output channel), optionally the activations at run time, and write the model as ONNX.
     Quantize {
         input: PathBuf,
         output: PathBuf,
-        /// What to quantize: int8-weight (weights only; activations stay float).
+        /// int8-weight (MatMul/Gemm weights in int8, activations and products stay float) or
+        /// dynamic-int8 (MatMul weights int8 per column, activations quantized to u8 at run time,
+        /// integer products: onnxruntime quantize_dynamic's form).
         #[arg(long, default_value = "int8-weight")]
         mode: String,
         /// Weights with fewer elements stay f32.

@@ -1,6 +1,9 @@
-//! `kiln quantize in.onnx out.onnx [--mode int8-weight] [--min-elements N]`: rewrites MatMul/Gemm
-//! weights to int8 with one scale per output channel (`DequantizeLinear` nodes, standard ONNX that
-//! onnxruntime runs) and prints what it quantized with the weight bytes before and after.
+//! `kiln quantize in.onnx out.onnx [--mode int8-weight|dynamic-int8] [--min-elements N]`: rewrites
+//! MatMul/Gemm weights to int8 with one scale per output channel and prints what it quantized with
+//! the weight bytes before and after. Both modes write standard ONNX that onnxruntime runs:
+//! `int8-weight` puts `DequantizeLinear` before the weights (activations and products stay float);
+//! `dynamic-int8` quantizes MatMul activations at run time (DynamicQuantizeLinear) and multiplies
+//! in integers (MatMulInteger), the form of onnxruntime's `quantize_dynamic`.
 
 use std::path::Path;
 
@@ -14,12 +17,18 @@ pub struct QuantizeConfig {
 }
 
 pub fn quantize(input: &Path, output: &Path, cfg: &QuantizeConfig) -> Result<()> {
-    if !matches!(cfg.mode.as_str(), "int8-weight" | "int8") {
-        bail!("unknown --mode '{}' (int8-weight)", cfg.mode);
-    }
+    let dynamic = match cfg.mode.as_str() {
+        "int8-weight" | "int8" => false,
+        "dynamic-int8" => true,
+        other => bail!("unknown --mode '{other}' (int8-weight, dynamic-int8)"),
+    };
     let mut model = onnx::load_model(input).with_context(|| format!("loading {}", input.display()))?;
-    let report =
-        kiln::quantize::quantize_model(&mut model, cfg.min_elements, true).context("quantizing the weights")?;
+    let report = if dynamic {
+        kiln::quantize::quantize_model_dynamic(&mut model, cfg.min_elements)
+    } else {
+        kiln::quantize::quantize_model(&mut model, cfg.min_elements, true)
+    }
+    .context("quantizing the weights")?;
     let bytes = onnx::export_model_bytes(&model).context("exporting the quantized model")?;
     crate::output::write(output, &bytes)?;
 

@@ -190,6 +190,99 @@ pub(crate) fn map_slice(f: Func, src: &[f32], dst: &mut [f32]) {
 }
 
 #[inline(always)]
+fn quantize_u8_impl(src: &[f32], scale: f32, zp: f32, dst: &mut [u8]) {
+    dst.iter_mut()
+        .zip(src)
+        // max/min (not clamp) turn a NaN into 0; through i32 the conversion vectorizes.
+        .for_each(|(q, &x)| {
+            #[allow(clippy::manual_clamp)]
+            let v = ((x / scale).round_ties_even() + zp).max(0.0).min(255.0);
+            *q = v as i32 as u8
+        });
+}
+
+/// 32 values per iteration: divide, round half to even, add the zero point, clamp (a NaN becomes
+/// 0: `max_ps` returns its second operand when the first is NaN), convert and pack to bytes.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+fn quantize_u8_avx2(src: &[f32], scale: f32, zp: f32, dst: &mut [u8]) {
+    use std::arch::x86_64::*;
+    let n = src.len().min(dst.len());
+    let whole = n / 32 * 32;
+    let (sv, zv) = (_mm256_set1_ps(scale), _mm256_set1_ps(zp));
+    let (lo, hi) = (_mm256_setzero_ps(), _mm256_set1_ps(255.0));
+    let order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+    let q = |p: *const f32| -> __m256i {
+        // SAFETY: callers pass pointers to 8 readable f32 inside `src`.
+        let x = unsafe { _mm256_loadu_ps(p) };
+        let r = _mm256_round_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(_mm256_div_ps(x, sv));
+        _mm256_cvtps_epi32(_mm256_min_ps(_mm256_max_ps(_mm256_add_ps(r, zv), lo), hi))
+    };
+    for i in (0..whole).step_by(32) {
+        let p = src[i..i + 32].as_ptr();
+        // SAFETY: `p` points at 32 f32 of `src` (the slice above).
+        let (a, b, c, d) = (
+            q(p),
+            q(unsafe { p.add(8) }),
+            q(unsafe { p.add(16) }),
+            q(unsafe { p.add(24) }),
+        );
+        let bytes = _mm256_packus_epi16(_mm256_packs_epi32(a, b), _mm256_packs_epi32(c, d));
+        let bytes = _mm256_permutevar8x32_epi32(bytes, order);
+        // SAFETY: `dst[i..i + 32]` is in bounds (i + 32 <= whole <= dst.len()).
+        unsafe { _mm256_storeu_si256(dst[i..i + 32].as_mut_ptr() as *mut __m256i, bytes) };
+    }
+    quantize_u8_impl(&src[whole..n], scale, zp, &mut dst[whole..n]);
+}
+
+/// `dst = saturate_u8(round_half_even(src / scale) + zp)` (ONNX QuantizeLinear to u8; a NaN gives 0).
+pub(crate) fn quantize_u8(src: &[f32], scale: f32, zp: f32, dst: &mut [u8]) {
+    #[cfg(target_arch = "x86_64")]
+    if has_avx2_fma() {
+        // SAFETY: the CPU supports the features `quantize_u8_avx2` is compiled for (checked above).
+        unsafe { quantize_u8_avx2(src, scale, zp, dst) };
+        return;
+    }
+    quantize_u8_impl(src, scale, zp, dst)
+}
+
+#[inline(always)]
+fn min_max_impl(v: &[f32]) -> (f32, f32) {
+    // Eight lanes so the reduction vectorizes; f32::min/max skip NaNs.
+    let (mut mn, mut mx) = ([f32::INFINITY; 8], [f32::NEG_INFINITY; 8]);
+    let mut chunks = v.chunks_exact(8);
+    for c in &mut chunks {
+        for l in 0..8 {
+            mn[l] = mn[l].min(c[l]);
+            mx[l] = mx[l].max(c[l]);
+        }
+    }
+    let fold = |init: f32, lanes: &[f32], f: fn(f32, f32) -> f32| {
+        lanes.iter().chain(chunks.remainder()).fold(init, |a, &x| f(a, x))
+    };
+    (
+        fold(f32::INFINITY, &mn, f32::min),
+        fold(f32::NEG_INFINITY, &mx, f32::max),
+    )
+}
+
+#[cfg(any(target_arch = "x86", target_arch = "x86_64"))]
+#[target_feature(enable = "avx2,fma")]
+fn min_max_avx2(v: &[f32]) -> (f32, f32) {
+    min_max_impl(v)
+}
+
+/// The smallest and largest non-NaN values (`(inf, -inf)` when there are none).
+pub(crate) fn min_max(v: &[f32]) -> (f32, f32) {
+    #[cfg(any(target_arch = "x86", target_arch = "x86_64"))]
+    if has_avx2_fma() {
+        // SAFETY: the CPU supports the features `min_max_avx2` is compiled for (checked above).
+        return unsafe { min_max_avx2(v) };
+    }
+    min_max_impl(v)
+}
+
+#[inline(always)]
 fn softmax_row_impl<const FMA: bool>(row: &mut [f32]) {
     // Eight independent lanes so the max and the sum vectorize.
     // (A NaN is skipped here but still poisons the sum below, so the row comes out NaN.)
@@ -425,6 +518,63 @@ pub(crate) fn map_tensor(f: Func, t: &CT) -> Option<candle_core::Result<CT>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn quantize_u8_rounds_half_to_even_saturates_and_zeroes_nan_on_every_path() {
+        // Halves (even and odd neighbours), both saturation ends, NaN, infinities; lengths that
+        // leave tails after the 32-wide vector loop.
+        let base = [
+            0.5f32,
+            1.5,
+            2.5,
+            -0.5,
+            -1.5,
+            127.5,
+            128.5,
+            300.0,
+            -300.0,
+            f32::NAN,
+            f32::INFINITY,
+            f32::NEG_INFINITY,
+            3.49,
+            3.51,
+        ];
+        for len in [0, 1, 13, 32, 33, 64, 95] {
+            let src: Vec<f32> = (0..len)
+                .map(|i| base[i % base.len()] * if i % 3 == 0 { 1.0 } else { 0.7 })
+                .collect();
+            for (scale, zp) in [(1.0f32, 0.0f32), (0.5, 128.0), (0.37, 3.0)] {
+                let want: Vec<u8> = src
+                    .iter()
+                    .map(|&x| {
+                        let v = (x as f64 / scale as f64) as f32;
+                        let r = v.round_ties_even() + zp;
+                        if r.is_nan() {
+                            0
+                        } else {
+                            r.clamp(0.0, 255.0) as u8
+                        }
+                    })
+                    .collect();
+                let mut got = vec![7u8; len];
+                quantize_u8(&src, scale, zp, &mut got);
+                assert_eq!(got, want, "len {len} scale {scale} zp {zp}");
+                let mut portable = vec![7u8; len];
+                quantize_u8_impl(&src, scale, zp, &mut portable);
+                assert_eq!(portable, want, "portable, len {len} scale {scale} zp {zp}");
+            }
+        }
+    }
+
+    #[test]
+    fn min_max_skips_nan_and_sees_the_tail() {
+        let mut v: Vec<f32> = (0..37).map(|i| i as f32 - 10.0).collect();
+        v[3] = f32::NAN;
+        v[36] = 99.0;
+        assert_eq!(min_max(&v), (-10.0, 99.0));
+        assert_eq!(min_max_impl(&v), (-10.0, 99.0));
+        assert_eq!(min_max(&[]), (f32::INFINITY, f32::NEG_INFINITY));
+    }
 
     #[test]
     fn gemv_matches_naive_sums() {

@@ -12,6 +12,7 @@ pub mod ops;
 pub mod paged_kv;
 pub mod placement;
 mod plan;
+pub mod qgemm;
 pub mod sgemm;
 mod tensor;
 mod threads;

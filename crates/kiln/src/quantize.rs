@@ -2,7 +2,7 @@
 //! and the fusion that lets the runtime keep the weights in int8.
 
 use kiln_graph::passes::int8_matmul::FuseInt8WeightMatMul;
-use kiln_graph::passes::quantize::{quantize_weights_int8, QuantizeOptions};
+use kiln_graph::passes::quantize::{quantize_dynamic_int8, quantize_weights_int8, QuantizeOptions};
 use kiln_graph::passes::{OptLevel, Options, Pass, PassCx};
 use kiln_graph::Model;
 use kiln_runtime::CpuConstEval;
@@ -19,6 +19,16 @@ pub fn quantize_model(model: &mut Model, min_elements: usize, strict_opsets: boo
     options.min_elements = min_elements;
     options.options.strict_opsets = strict_opsets;
     Ok(quantize_weights_int8(&mut model.graph, &options)?)
+}
+
+/// Dynamic int8 (onnxruntime `quantize_dynamic`'s QOperator form, per-column weight scales): every
+/// MatMul with a constant f32 weight of at least `min_elements` elements becomes
+/// DynamicQuantizeLinear (activation, at run time) + MatMulInteger (int8 weight) + Cast + Mul by
+/// the two scales; standard ONNX (opset >= 11) that ONNX Runtime runs too.
+pub fn quantize_model_dynamic(model: &mut Model, min_elements: usize) -> Result<QuantizeReport> {
+    let mut options = QuantizeOptions::for_model(model);
+    options.min_elements = min_elements;
+    Ok(quantize_dynamic_int8(&mut model.graph, &options)?)
 }
 
 /// Replaces `DequantizeLinear(int8 constant) -> MatMul/Gemm` by Kiln's int8 MatMul kernel, which

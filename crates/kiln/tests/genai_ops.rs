@@ -15,7 +15,9 @@
 //! prompt, position_ids, attention_bias, head_sink, smooth_softmax, f16; the norms with their extra
 //! outputs; MatMulNBits at 2/4/8 bits with default, packed and float zero points, K not a multiple
 //! of the block, bias, constant and run-time weights; GatherBlockQuantized on uint8/int4/uint4 data
-//! with out-of-range and negative indices). Malformed inputs and attributes give errors naming the
+//! with out-of-range and negative indices; the quantizer's MatMulIntegerToFloat and
+//! DynamicQuantizeMatMul with u8/s8 weights, per-tensor and per-column scales and zero points).
+//! Malformed inputs and attributes give errors naming the
 //! problem, never panics (also with every case's inputs perturbed one dim at a time).
 
 use std::collections::HashMap;
@@ -215,6 +217,7 @@ fn tensor_from_json(v: &Json) -> TensorData {
         "int32" => TensorData::from_values(name, dims, &ints().map(|x| x as i32).collect::<Vec<_>>()),
         "int64" => TensorData::from_values(name, dims, &ints().collect::<Vec<_>>()),
         "uint8" => TensorData::from_values(name, dims, &ints().map(|x| x as u8).collect::<Vec<_>>()),
+        "int8" => TensorData::from_values(name, dims, &ints().map(|x| x as i8).collect::<Vec<_>>()),
         other => panic!("dtype {other}"),
     }
     .unwrap()
@@ -635,6 +638,7 @@ fn genai_ops_never_panic_on_perturbed_shapes() {
                         TensorData::from_values("x", v, &c)
                     }
                     "uint8" => TensorData::from_values("x", v, &vec![0x5Au8; n]),
+                    "int8" => TensorData::from_values("x", v, &vec![-0x2Ai8; n]),
                     other => panic!("{other}"),
                 };
                 let mut t = t.unwrap();

@@ -1013,3 +1013,56 @@ fn an_overridable_matmul_weight_is_not_packed_as_a_constant() {
         assert!((g - w).abs() < 1e-5, "{got:?} vs {want:?}");
     }
 }
+
+#[test]
+fn dynamic_quantized_matmul_tail_becomes_matmul_integer_to_float_bit_for_bit() {
+    // What onnxruntime's quantize_dynamic writes: DynamicQuantizeLinear on the activation,
+    // MatMulInteger with an 8-bit weight, Cast to float, Mul by a_scale * w_scale, Add of the bias.
+    let (k, n) = (12, 20);
+    let mut b = B::new();
+    let x = b.input("x", &[2, 5, k]);
+    let (xq, xs, xz) = (
+        b.value("xq", None, None),
+        b.value("xs", None, None),
+        b.value("xz", None, None),
+    );
+    b.g.nodes.push(Node {
+        name: "dq".into(),
+        op_type: "DynamicQuantizeLinear".into(),
+        domain: String::new(),
+        inputs: vec![Some(x)],
+        outputs: vec![Some(xq), Some(xs), Some(xz)],
+        attributes: BTreeMap::new(),
+        implicit_inputs: vec![],
+    });
+    let w_i8: Vec<i8> = (0..k * n).map(|i| ((i * 53 % 255) as i32 - 127) as i8).collect();
+    let w1 = b.init(TensorData::from_values("w1", vec![k, n], &w_i8).unwrap());
+    let z1 = b.init(TensorData::from_values("z1", vec![], &[3i8]).unwrap());
+    let s1: Vec<f32> = (0..n).map(|j| 0.01 + j as f32 * 1e-3).collect();
+    let s1 = b.f32s("s1", &[n], &s1);
+    let bias: Vec<f32> = (0..n).map(|j| j as f32 * 0.1 - 1.0).collect();
+    let bias = b.f32s("bias", &[n], &bias);
+    let mm1 = b.node_in("", "MatMulInteger", &[xq, w1, xz, z1], vec![]);
+    let c1 = b.node("Cast", &[mm1], vec![("to", Attribute::Int(1))]);
+    let sc1 = b.op("Mul", &[xs, s1]);
+    let m1 = b.op("Mul", &[c1, sc1]);
+    let y1 = b.op("Add", &[m1, bias]);
+    // u8 weight, per-tensor scale, scale first in the Mul, no bias.
+    let w_u8: Vec<u8> = (0..k * n).map(|i| (i * 29 % 256) as u8).collect();
+    let w2 = b.init(TensorData::from_values("w2", vec![k, n], &w_u8).unwrap());
+    let z2 = b.init(TensorData::from_values("z2", vec![], &[128u8]).unwrap());
+    let s2 = b.scalar("s2", 0.02);
+    let mm2 = b.node_in("", "MatMulInteger", &[xq, w2, xz, z2], vec![]);
+    let c2 = b.node("Cast", &[mm2], vec![("to", Attribute::Int(1))]);
+    let sc2 = b.op("Mul", &[s2, xs]);
+    let y2 = b.op("Mul", &[sc2, c2]);
+    let (m, feeds) = b.model(&[y1, y2], 17);
+    // Tolerance 0: the fused kernel does the graph's Cast, Mul and Add in the same f32 order.
+    let (opt, report) = optimize_and_compare(&m, &feeds, &opts(&m, OptLevel::Extended), 0.0);
+    assert_eq!(report.count("matmul_integer_to_float_fusion"), 2, "{report}");
+    let ops = op_counts(&opt.graph);
+    assert_eq!(ops.get("com.microsoft::MatMulIntegerToFloat"), Some(&2), "{ops:?}");
+    for gone in ["MatMulInteger", "Cast", "Mul", "Add"] {
+        assert!(!ops.contains_key(gone), "{gone} left: {ops:?}");
+    }
+}

@@ -12,6 +12,12 @@
 //! `|kiln - ort| <= 1e-4` (absolute) **or** `|kiln - ort| <= 1e-4 * |ort|` (relative); NaN matches NaN.
 //! Shapes must be equal.
 //!
+//! Models quantized by ONNX Runtime's own quantizer (`models/make_quantized.py`: `<stem>.dyn-int8`, activations
+//! quantized at run time) take a looser rule for float outputs: cosine similarity >= 0.999 per output. Both
+//! engines compute the integer products exactly, but a float difference of one ulp upstream (a LayerNorm's
+//! summation order) can move an activation across a rounding boundary of DynamicQuantizeLinear, which then
+//! differs by one quantization step.
+//!
 //! `bert-base` (12 layers, 440 MB) runs only with `KILN_TEST_BERT_BASE=1` (about 40 s in a debug build;
 //! `scripts/test.sh`, hence CI, sets it); a bare `cargo test` covers the same graph shape through `bert-tiny`.
 
@@ -25,8 +31,17 @@ const ATOL: f64 = 1e-4;
 const RTOL: f64 = 1e-4;
 const LEVELS: [Level; 4] = [Level::Disabled, Level::Basic, Level::Extended, Level::All];
 
+/// How float outputs are compared.
+#[derive(Clone, Copy, PartialEq)]
+enum Rule {
+    /// Element-wise within `ATOL` or `RTOL`.
+    Close,
+    /// Cosine similarity at least this (dynamically quantized models).
+    Cosine(f64),
+}
+
 /// Compares one output; returns a description of the first mismatch and the largest error seen.
-fn compare(got: &TensorData, want: &TensorData) -> Result<f64, String> {
+fn compare(got: &TensorData, want: &TensorData, rule: Rule) -> Result<f64, String> {
     if got.dims != want.dims {
         return Err(format!("shape {:?}, expected {:?}", got.dims, want.dims));
     }
@@ -36,6 +51,21 @@ fn compare(got: &TensorData, want: &TensorData) -> Result<f64, String> {
     match want.dtype {
         DType::F32 => {
             let (g, w) = (got.values::<f32>().expect("f32"), want.values::<f32>().expect("f32"));
+            if let Rule::Cosine(min) = rule {
+                let dot: f64 = g.iter().zip(&w).map(|(&a, &b)| f64::from(a) * f64::from(b)).sum();
+                let norm = |v: &[f32]| v.iter().map(|&x| f64::from(x).powi(2)).sum::<f64>().sqrt();
+                let cos = dot / (norm(&g) * norm(&w));
+                let worst = g
+                    .iter()
+                    .zip(&w)
+                    .map(|(&a, &b)| (f64::from(a) - f64::from(b)).abs())
+                    .fold(0.0, f64::max);
+                return if cos >= min {
+                    Ok(worst)
+                } else {
+                    Err(format!("cosine {cos:.6} < {min} (max |diff| {worst:.3e})"))
+                };
+            }
             let mut worst = 0.0f64;
             for (i, (&g, &w)) in g.iter().zip(&w).enumerate() {
                 if g.is_nan() && w.is_nan() {
@@ -64,6 +94,10 @@ fn compare(got: &TensorData, want: &TensorData) -> Result<f64, String> {
 
 /// Runs every reference case of `stem` at every optimization level; panics listing all failures.
 fn check_model(stem: &str) {
+    check_model_with(stem, Rule::Close)
+}
+
+fn check_model_with(stem: &str, rule: Rule) {
     let (model, refs) = match reference_dir(stem) {
         Ok(p) => p,
         Err(reason) => {
@@ -97,7 +131,7 @@ fn check_model(stem: &str) {
             };
             for (info, got) in session.outputs().iter().zip(&outputs) {
                 let want = case.expected(&info.name);
-                match compare(got, &want) {
+                match compare(got, &want, rule) {
                     Ok(worst) => {
                         checked += 1;
                         eprintln!(
@@ -130,6 +164,16 @@ fn paraphrase_minilm_l3_matches_onnxruntime() {
 #[test]
 fn bert_tiny_matches_onnxruntime() {
     check_model("bert-tiny");
+}
+
+#[test]
+fn paraphrase_minilm_l3_dynamic_int8_matches_onnxruntime() {
+    check_model_with("paraphrase-MiniLM-L3-v2.dyn-int8", Rule::Cosine(0.999));
+}
+
+#[test]
+fn bert_tiny_dynamic_int8_matches_onnxruntime() {
+    check_model_with("bert-tiny.dyn-int8", Rule::Cosine(0.999));
 }
 
 #[test]

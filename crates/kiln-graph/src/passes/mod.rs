@@ -38,6 +38,7 @@ pub mod int8_matmul;
 pub mod layer_norm;
 pub mod matmul_add;
 pub mod matmul_bias;
+pub mod matmul_integer_to_float;
 pub mod noop;
 pub mod paged_attention;
 pub mod quantize;
@@ -175,6 +176,7 @@ pub fn passes_for(level: OptLevel) -> Vec<Box<dyn Pass>> {
         v.push(Box::new(layer_norm::FuseLayerNorm));
         v.push(Box::new(gelu::FuseGelu));
         v.push(Box::new(bias_gelu::FuseBiasGelu));
+        v.push(Box::new(matmul_integer_to_float::FuseMatMulIntegerToFloat));
         v.push(Box::new(attention::FuseAttention));
     }
     if level >= OptLevel::All {

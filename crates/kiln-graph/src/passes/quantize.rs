@@ -208,6 +208,163 @@ pub fn quantize_weights_int8(g: &mut Graph, q: &QuantizeOptions) -> Result<Quant
     Ok(report)
 }
 
+/// DynamicQuantizeLinear and MatMulInteger appeared in opset 10/11.
+pub const DYNAMIC_INT8_OPSET: i64 = 11;
+
+/// Dynamic int8: every MatMul with a constant f32 `[K, N]` weight becomes, in standard ONNX (the
+/// form onnxruntime's `quantize_dynamic` writes, so ONNX Runtime runs the file too),
+///
+/// ```text
+/// (A_q, a_scale, a_zp) = DynamicQuantizeLinear(A)            once per activation
+/// Y = Mul(Cast(MatMulInteger(A_q, W_q, a_zp), FLOAT), Mul(a_scale, w_scale))
+/// ```
+///
+/// with `W_q` int8 and symmetric per-column scales `w_scale[n] = max_k |W[k, n]| / 127` (zero
+/// point 0, so MatMulInteger's `b_zero_point` is omitted). Activations are quantized at run time,
+/// per tensor, asymmetric u8. Kiln's optimizer turns each tail into `MatMulIntegerToFloat`. The same
+/// skips as [`quantize_weights_int8`]; Gemm (and a weight also read by one) stays f32.
+pub fn quantize_dynamic_int8(g: &mut Graph, q: &QuantizeOptions) -> Result<QuantizeReport> {
+    let mut report = QuantizeReport::default();
+    if q.options.opset() < DYNAMIC_INT8_OPSET {
+        report.skipped.push((
+            "*".into(),
+            format!(
+                "DynamicQuantizeLinear needs opset {DYNAMIC_INT8_OPSET}, the model declares {}",
+                q.options.opset()
+            ),
+        ));
+        return Ok(report);
+    }
+    let mut idx = Index::new(g);
+    let mut reads: BTreeMap<ValueId, Vec<usize>> = BTreeMap::new();
+    for (i, n) in g.nodes.iter().enumerate() {
+        if let Some((b, _)) = weight_read(g, &q.options, n) {
+            reads.entry(b).or_default().push(i);
+        }
+    }
+    // weight -> (int8 codes, scales)
+    let mut quantized: BTreeMap<ValueId, (ValueId, ValueId)> = BTreeMap::new();
+    for (b, readers) in reads {
+        let name = g.value_name(b).to_string();
+        let skip = |report: &mut QuantizeReport, why: &str| report.skipped.push((name.clone(), why.to_string()));
+        let Some(t) = g.initializers.get(&b) else { continue };
+        if idx.pinned.contains(&b) {
+            skip(&mut report, "a graph input or output");
+            continue;
+        }
+        let all_matmul = readers.iter().all(|&r| g.nodes[r].op_type == "MatMul");
+        if idx.readers(b).len() != readers.len() || !all_matmul {
+            skip(
+                &mut report,
+                "also read by a Gemm or as something other than a MatMul weight",
+            );
+            continue;
+        }
+        if t.len() < q.min_elements {
+            skip(&mut report, &format!("{} elements < {}", t.len(), q.min_elements));
+            continue;
+        }
+        let Some((codes, scale)) = quantize_per_channel(t, 1) else {
+            skip(&mut report, "not finite");
+            continue;
+        };
+        let dims = t.dims.clone();
+        let before = t.bytes().len();
+        let qt = TensorData::from_values(format!("{name}_int8"), dims.clone(), &codes)?;
+        let st = TensorData::from_values(format!("{name}_scale"), vec![scale.len()], &scale)?;
+        report.bytes_before += before;
+        report.bytes_after += qt.bytes().len() + st.bytes().len();
+        let qv = idx.new_initializer(g, &format!("{name}_int8"), qt);
+        let sv = idx.new_initializer(g, &format!("{name}_scale"), st);
+        quantized.insert(b, (qv, sv));
+        g.initializers.remove(&b);
+        report.weights.push(QuantizedWeight {
+            name,
+            dims,
+            axis: 1,
+            readers: readers.len(),
+        });
+    }
+    if quantized.is_empty() {
+        return Ok(report);
+    }
+    // Rebuild the node list in order: each activation's DynamicQuantizeLinear right before its
+    // first quantized reader (after its producer), each MatMul replaced in place by its tail.
+    let mut dq_of: BTreeMap<ValueId, (ValueId, ValueId, ValueId)> = BTreeMap::new();
+    let old = std::mem::take(&mut g.nodes);
+    let mut nodes = Vec::with_capacity(old.len());
+    let scalar = || Some(Shape::from_known(&[]));
+    for node in old {
+        let target = (node.domain.is_empty() && node.op_type == "MatMul")
+            .then(|| Some((input(&node, 0)?, quantized.get(&input(&node, 1)?)?, out0(&node)?)))
+            .flatten();
+        let Some((a, &(qv, sv), out)) = target else {
+            nodes.push(node);
+            continue;
+        };
+        let base = node.name.clone();
+        let (aq, a_scale, a_zp) = match dq_of.get(&a) {
+            Some(&v) => v,
+            None => {
+                let an = g.value_name(a).to_string();
+                let aq = idx.new_value(g, &format!("{an}_quantized"), Some(DType::U8), None);
+                let sc = idx.new_value(g, &format!("{an}_scale"), Some(DType::F32), scalar());
+                let zp = idx.new_value(g, &format!("{an}_zero_point"), Some(DType::U8), scalar());
+                let dq_name = idx.fresh_name(g, &format!("{an}_DynamicQuantizeLinear"));
+                nodes.push(make_node(
+                    dq_name,
+                    "",
+                    "DynamicQuantizeLinear",
+                    vec![Some(a)],
+                    vec![Some(aq), Some(sc), Some(zp)],
+                    BTreeMap::new(),
+                ));
+                dq_of.insert(a, (aq, sc, zp));
+                (aq, sc, zp)
+            }
+        };
+        let y = idx.new_value(g, &format!("{base}_int32"), Some(DType::I32), None);
+        let c = idx.new_value(g, &format!("{base}_float"), Some(DType::F32), None);
+        let s = idx.new_value(g, &format!("{base}_scale"), Some(DType::F32), None);
+        let names = ["MatMulInteger", "Cast", "ScaleMul"].map(|op| idx.fresh_name(g, &format!("{base}_{op}")));
+        let [mm_name, cast_name, scale_name] = names;
+        nodes.push(make_node(
+            mm_name,
+            "",
+            "MatMulInteger",
+            vec![Some(aq), Some(qv), Some(a_zp)],
+            vec![Some(y)],
+            BTreeMap::new(),
+        ));
+        nodes.push(make_node(
+            cast_name,
+            "",
+            "Cast",
+            vec![Some(y)],
+            vec![Some(c)],
+            BTreeMap::from([("to".to_string(), Attribute::Int(1))]),
+        ));
+        nodes.push(make_node(
+            scale_name,
+            "",
+            "Mul",
+            vec![Some(a_scale), Some(sv)],
+            vec![Some(s)],
+            BTreeMap::new(),
+        ));
+        nodes.push(make_node(
+            base,
+            "",
+            "Mul",
+            vec![Some(c), Some(s)],
+            vec![Some(out)],
+            BTreeMap::new(),
+        ));
+    }
+    g.nodes = nodes;
+    Ok(report)
+}
+
 /// `true` for a DequantizeLinear of a constant int8/uint8 weight read only as the weight (input 1)
 /// of MatMul/Gemm nodes: constant folding keeps it, so the weight stays 1 byte per element and the
 /// runtime's int8 MatMul fusion can take it.
@@ -334,6 +491,68 @@ mod tests {
         assert_eq!(axis, 1);
         check_codes(&orig, &q, &s, 1);
         g.topological_order().unwrap();
+    }
+
+    #[test]
+    fn dynamic_int8_quantizes_each_activation_once_and_keeps_node_order() {
+        // y1 = a @ w (w also read by a second MatMul on b), y2 = b @ w, y3 = a @ w2,
+        // y4 = Gemm(a, w3): the Gemm's weight stays f32.
+        let mut g = Graph::default();
+        let a = value(&mut g, "a", Some(&[2, 8]));
+        let b = value(&mut g, "b", Some(&[3, 8]));
+        g.inputs.extend([a, b]);
+        let w = weight(&mut g, "w", &[8, 16]);
+        let w2 = weight(&mut g, "w2", &[8, 4]);
+        let w3 = weight(&mut g, "w3", &[8, 4]);
+        let orig = g.initializers[&w].clone();
+        let y1 = node(&mut g, "MatMul", &[a, w], vec![]);
+        let y2 = node(&mut g, "MatMul", &[b, w], vec![]);
+        let y3 = node(&mut g, "MatMul", &[a, w2], vec![]);
+        let y4 = node(&mut g, "Gemm", &[a, w3], vec![]);
+        g.outputs.extend([y1, y2, y3, y4]);
+        let r = quantize_dynamic_int8(&mut g, &opts(16)).unwrap();
+        assert_eq!(
+            r.weights.iter().map(|w| w.name.as_str()).collect::<Vec<_>>(),
+            ["w", "w2"]
+        );
+        assert_eq!(r.weights[0].readers, 2);
+        assert!(g.initializers.contains_key(&w3) && !g.initializers.contains_key(&w));
+        let count = |op: &str| g.nodes.iter().filter(|n| n.op_type == op).count();
+        assert_eq!(
+            [
+                "DynamicQuantizeLinear",
+                "MatMulInteger",
+                "Cast",
+                "Mul",
+                "MatMul",
+                "Gemm"
+            ]
+            .map(count),
+            [2, 3, 3, 6, 0, 1]
+        );
+        // The graph outputs are produced by the final Muls; the integer weight has the codes.
+        for y in [y1, y2, y3] {
+            let p = g.nodes.iter().find(|n| out0(n) == Some(y)).unwrap();
+            assert_eq!(p.op_type, "Mul");
+        }
+        let mm = g.nodes.iter().find(|n| n.op_type == "MatMulInteger").unwrap();
+        let q = g.initializers[&input(mm, 1).unwrap()].clone();
+        let scale_mul = g.nodes.iter().find(|n| n.op_type == "Mul").unwrap();
+        let sc = g.initializers[&input(scale_mul, 1).unwrap()].values::<f32>().unwrap();
+        check_codes(&orig, &q, &sc, 1);
+        assert_eq!(mm.inputs.len(), 3, "symmetric weights: no b_zero_point");
+        g.topological_order().unwrap();
+        // Below opset 11 nothing happens.
+        let mut old = opts(16);
+        old.options.opsets.insert(String::new(), 10);
+        let mut g2 = Graph::default();
+        let a = value(&mut g2, "a", Some(&[2, 8]));
+        g2.inputs.push(a);
+        let w = weight(&mut g2, "w", &[8, 16]);
+        let y = node(&mut g2, "MatMul", &[a, w], vec![]);
+        g2.outputs.push(y);
+        let r = quantize_dynamic_int8(&mut g2, &old).unwrap();
+        assert!(r.weights.is_empty() && r.skipped.len() == 1);
     }
 
     #[test]

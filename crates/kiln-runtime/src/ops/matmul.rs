@@ -9,7 +9,10 @@ use std::sync::Arc;
 use super::common::{broadcast_dims, elems, tin, tin_opt};
 use super::{kernel, out1, NodeCtx, OpKernel, Registry, RunCx};
 use crate::fastmath::with_f32;
-use crate::{bail, sgemm, Result, Tensor};
+use crate::Value;
+use crate::{bail, qgemm, sgemm, Result, Tensor};
+
+const MS: &str = "com.microsoft";
 
 pub fn register(r: &mut Registry) {
     r.add("MatMul", |n| {
@@ -27,15 +30,278 @@ pub fn register(r: &mut Registry) {
     r.add("Gemm", gemm);
     r.add_domain("ai.kiln", "MatMulBias", matmul_bias);
     r.add("Einsum", einsum_factory);
+    r.add_domain(MS, "MatMulIntegerToFloat", matmul_integer_to_float);
+    r.add_domain(MS, "DynamicQuantizeMatMul", dynamic_quantize_matmul);
     r.add("Det", |_| Ok(kernel(|_, ins| out1(det(tin(ins, 0)?)?))));
-    r.add("MatMulInteger", |_| {
-        Ok(kernel(|cx, ins| {
+    r.add("MatMulInteger", |n| {
+        let packed = pack_const_int8_weight(n, 3)?;
+        Ok(kernel(move |cx, ins| {
             let (a, b) = (tin(ins, 0)?, tin(ins, 1)?);
             let (azp, bzp) = (tin_opt(ins, 2)?, tin_opt(ins, 3)?);
+            if let Some(y) = int8_matmul(cx, a, azp, b, bzp, packed.as_deref())? {
+                return out1(y);
+            }
             let acc = matmul_integer(cx, a, azp, b, bzp)?;
             out1(acc.cast(DType::I32)?)
         }))
     });
+}
+
+/// An 8-bit tensor's bytes and signedness (i8 is stored widened; its bytes come back two's
+/// complement); `None` for other dtypes and devices.
+fn int8_bytes(t: &Tensor) -> Result<Option<(Vec<u8>, qgemm::Int8)>> {
+    if !t.device().is_cpu() {
+        return Ok(None);
+    }
+    let flat = t.candle().flatten_all()?;
+    Ok(match t.dtype() {
+        DType::U8 => Some((flat.to_vec1::<u8>()?, qgemm::Int8::U8)),
+        DType::I8 => Some((
+            flat.to_vec1::<i16>()?.into_iter().map(|v| v as i8 as u8).collect(),
+            qgemm::Int8::I8,
+        )),
+        _ => None,
+    })
+}
+
+/// A zero-point input as i32 values: absent, one value, or a 1-D list of `len`; `None` otherwise.
+fn int8_zero_points(zp: Option<&Tensor>, len: usize) -> Result<Option<Vec<i32>>> {
+    let Some(z) = zp else { return Ok(Some(vec![0])) };
+    if z.elem_count() != 1 && (z.rank() != 1 || z.elem_count() != len) {
+        return Ok(None);
+    }
+    Ok(Some(z.to_i64_vec()?.into_iter().map(|v| v as i32).collect()))
+}
+
+/// A constant `[K, N]` 8-bit weight (input 1) with its constant or absent zero point (input
+/// `zp_input`) packed for the integer GEMM at plan time (CPU plans).
+fn pack_const_int8_weight(n: &NodeCtx, zp_input: usize) -> Result<Option<Arc<qgemm::PackedQB>>> {
+    if !n.options.device.is_cpu() {
+        return Ok(None);
+    }
+    let Some(w) = n.const_input(1) else { return Ok(None) };
+    if w.dims.len() != 2 || w.dims.contains(&0) || !matches!(w.dtype, DType::U8 | DType::I8) {
+        return Ok(None);
+    }
+    let zp = match n.node.inputs.get(zp_input).copied().flatten() {
+        None => vec![0],
+        Some(_) => match n.const_input(zp_input).and_then(|z| z.to_i64_vec()) {
+            Some(z) if z.len() == 1 || z.len() == w.dims[1] => z.into_iter().map(|v| v as i32).collect(),
+            _ => return Ok(None),
+        },
+    };
+    let ty = if w.dtype == DType::U8 {
+        qgemm::Int8::U8
+    } else {
+        qgemm::Int8::I8
+    };
+    let packed = qgemm::PackedQB::pack(w.bytes(), ty, w.dims[0], w.dims[1], qgemm::ZeroPoint::PerIndex(&zp))
+        .map_err(|e| n.err(e.to_string()))?;
+    Ok(Some(Arc::new(packed)))
+}
+
+/// MatMulInteger's operands ready for the packed integer GEMM: A's bytes, signedness, row count
+/// and zero points, B packed (at plan time when constant, else here) and the output dims; `None`
+/// unless A is 8-bit of rank >= 2, B 2-D 8-bit on the CPU with matching K and the zero points
+/// scalar or per row / per column (the exact general path takes the rest and reports shape errors).
+struct Int8Operands<'p> {
+    a: Vec<u8>,
+    ty: qgemm::Int8,
+    m: usize,
+    za: Vec<i32>,
+    w: std::borrow::Cow<'p, qgemm::PackedQB>,
+    out_dims: Vec<usize>,
+}
+
+impl<'p> Int8Operands<'p> {
+    fn new(
+        a: &Tensor,
+        azp: Option<&Tensor>,
+        b: &Tensor,
+        bzp: Option<&Tensor>,
+        packed: Option<&'p qgemm::PackedQB>,
+    ) -> Result<Option<Self>> {
+        let dims = a.dims();
+        if dims.len() < 2 || b.rank() != 2 || !b.device().is_cpu() {
+            return Ok(None);
+        }
+        let (k, n) = (b.dims()[0], b.dims()[1]);
+        let rows_per_matrix = dims[dims.len() - 2];
+        if dims[dims.len() - 1] != k || k == 0 || n == 0 {
+            return Ok(None);
+        }
+        let Some(za) = int8_zero_points(azp, rows_per_matrix)? else {
+            return Ok(None);
+        };
+        let Some((abytes, ty)) = int8_bytes(a)? else {
+            return Ok(None);
+        };
+        let w = match packed {
+            Some(p) if p.k() == k && p.n() == n => std::borrow::Cow::Borrowed(p),
+            _ => {
+                let Some(zb) = int8_zero_points(bzp, n)? else {
+                    return Ok(None);
+                };
+                let Some((bbytes, bty)) = int8_bytes(b)? else {
+                    return Ok(None);
+                };
+                let p = qgemm::PackedQB::pack(&bbytes, bty, k, n, qgemm::ZeroPoint::PerIndex(&zb))
+                    .map_err(|e| crate::RuntimeError::msg(e.to_string()))?;
+                std::borrow::Cow::Owned(p)
+            }
+        };
+        let m = abytes.len() / k;
+        let mut out_dims = dims[..dims.len() - 1].to_vec();
+        out_dims.push(n);
+        Ok(Some(Int8Operands {
+            a: abytes,
+            ty,
+            m,
+            za,
+            w,
+            out_dims,
+        }))
+    }
+}
+
+/// MatMulInteger through the packed integer GEMM (see [`Int8Operands`]).
+fn int8_matmul(
+    cx: &RunCx,
+    a: &Tensor,
+    azp: Option<&Tensor>,
+    b: &Tensor,
+    bzp: Option<&Tensor>,
+    packed: Option<&qgemm::PackedQB>,
+) -> Result<Option<Tensor>> {
+    let Some(op) = Int8Operands::new(a, azp, b, bzp, packed)? else {
+        return Ok(None);
+    };
+    cx.check_alloc(elems(&op.out_dims), DType::I32)?;
+    let mut out = vec![0i32; op.m * op.w.n()];
+    qgemm::gemm(&op.a, op.ty, op.m, qgemm::ZeroPoint::PerIndex(&op.za), &op.w, &mut out)
+        .map_err(|e| crate::RuntimeError::msg(e.to_string()))?;
+    Ok(Some(Tensor::new(
+        CT::from_vec(out, op.out_dims, a.device())?,
+        DType::I32,
+    )?))
+}
+
+/// f32 values of a float tensor with one value or `n`; `None` otherwise.
+fn f32_params(t: &Tensor, n: usize) -> Result<Option<Vec<f32>>> {
+    if t.dtype() != DType::F32 || (t.elem_count() != 1 && (t.rank() != 1 || t.elem_count() != n)) {
+        return Ok(None);
+    }
+    Ok(Some(t.candle().flatten_all()?.to_vec1::<f32>()?))
+}
+
+/// `com.microsoft` `MatMulIntegerToFloat(A, B, a_scale, b_scale, a_zero_point?, b_zero_point?,
+/// bias?)`: `(A - a_zp)(B - b_zp) * (a_scale * b_scale) + bias`, the form ONNX Runtime fuses
+/// DynamicQuantizeLinear models into (Kiln's `matmul_integer_to_float_fusion` too). With an f32
+/// per-tensor `a_scale`, a per-tensor or per-column `b_scale` and bias, the integer GEMM writes the
+/// floats directly; anything else goes through the exact integer product and tensor arithmetic.
+fn matmul_integer_to_float(n: &NodeCtx) -> Result<Box<dyn OpKernel>> {
+    let packed = pack_const_int8_weight(n, 5)?;
+    Ok(kernel(move |cx, ins| {
+        let (a, b, a_s, b_s) = (tin(ins, 0)?, tin(ins, 1)?, tin(ins, 2)?, tin(ins, 3)?);
+        let (azp, bzp, bias) = (tin_opt(ins, 4)?, tin_opt(ins, 5)?, tin_opt(ins, 6)?);
+        integer_to_float(cx, a, b, a_s, b_s, azp, bzp, bias, packed.as_deref())
+    }))
+}
+
+/// `com.microsoft` `DynamicQuantizeMatMul(A, B, b_scale, b_zero_point?, bias?)`: A (f32) quantized
+/// to u8 as DynamicQuantizeLinear does, then [`matmul_integer_to_float`].
+fn dynamic_quantize_matmul(n: &NodeCtx) -> Result<Box<dyn OpKernel>> {
+    let packed = pack_const_int8_weight(n, 3)?;
+    Ok(kernel(move |cx, ins| {
+        let (a, b, b_s) = (tin(ins, 0)?, tin(ins, 1)?, tin(ins, 2)?);
+        let (bzp, bias) = (tin_opt(ins, 3)?, tin_opt(ins, 4)?);
+        if !a.dtype().is_float() {
+            bail!("DynamicQuantizeMatMul needs a float A, got {}", a.dtype());
+        }
+        let af = a.candle().to_dtype(CDType::F32)?.contiguous()?;
+        let Some((q, scale, zp)) = with_f32(&af, super::quant::dynamic_quantize_slice) else {
+            bail!("DynamicQuantizeMatMul runs on the CPU only");
+        };
+        let dev = a.device();
+        let aq = Tensor::new(CT::from_vec(q, a.dims(), dev)?, DType::U8)?;
+        let a_s = Tensor::new(CT::new(scale, dev)?, DType::F32)?;
+        let azp = Tensor::new(CT::new(zp as u8, dev)?, DType::U8)?;
+        integer_to_float(cx, &aq, b, &a_s, b_s, Some(&azp), bzp, bias, packed.as_deref())
+    }))
+}
+
+#[allow(clippy::too_many_arguments)]
+fn integer_to_float(
+    cx: &RunCx,
+    a: &Tensor,
+    b: &Tensor,
+    a_s: &Tensor,
+    b_s: &Tensor,
+    azp: Option<&Tensor>,
+    bzp: Option<&Tensor>,
+    bias: Option<&Tensor>,
+    packed: Option<&qgemm::PackedQB>,
+) -> Result<Vec<Value>> {
+    {
+        for s in [a_s, b_s] {
+            if !s.dtype().is_float() {
+                bail!("MatMulIntegerToFloat scales must be floating point, got {}", s.dtype());
+            }
+        }
+        let nn = b.dims().get(1).copied().unwrap_or(0);
+        let fast_params = match (
+            f32_params(a_s, 1)?,
+            f32_params(b_s, nn)?,
+            bias.map(|t| f32_params(t, nn)),
+        ) {
+            (Some(sa), Some(sb), None) => Some((sa, sb, None)),
+            (Some(sa), Some(sb), Some(Ok(Some(bv)))) if bv.len() == nn => Some((sa, sb, Some(bv))),
+            _ => None,
+        };
+        if let Some((sa, sb, bv)) = fast_params {
+            if let Some(op) = Int8Operands::new(a, azp, b, bzp, packed)? {
+                // a_scale * b_scale in f32 first, as the unfused graph's Mul computes it.
+                let scale: Vec<f32> = sb.iter().map(|&s| sa[0] * s).collect();
+                cx.check_alloc(elems(&op.out_dims), DType::F32)?;
+                let mut y = vec![0f32; op.m * op.w.n()];
+                qgemm::gemm_f32(
+                    &op.a,
+                    op.ty,
+                    op.m,
+                    qgemm::ZeroPoint::PerIndex(&op.za),
+                    &op.w,
+                    &scale,
+                    bv.as_deref(),
+                    &mut y,
+                )
+                .map_err(|e| crate::RuntimeError::msg(e.to_string()))?;
+                return out1(Tensor::new(CT::from_vec(y, op.out_dims, a.device())?, DType::F32)?);
+            }
+        }
+        let acc = matmul_integer(cx, a, azp, b, bzp)?;
+        let wide = a_s.candle().dtype();
+        let sa = a_s.candle().to_dtype(CDType::F32)?;
+        let sa = if sa.elem_count() == 1 {
+            sa.flatten_all()?.reshape(())?
+        } else {
+            sa
+        };
+        let sb = b_s.candle().to_dtype(CDType::F32)?;
+        let sb = if sb.elem_count() == 1 {
+            sb.flatten_all()?.reshape(())?
+        } else {
+            sb
+        };
+        let mut y = acc
+            .candle()
+            .to_dtype(CDType::F32)?
+            .broadcast_mul(&sa.broadcast_mul(&sb)?)?;
+        if let Some(bias) = bias {
+            y = y.broadcast_add(&bias.candle().to_dtype(CDType::F32)?)?;
+        }
+        let dt = if wide == CDType::F16 { DType::F16 } else { DType::F32 };
+        out1(Tensor::new(y.to_dtype(wide)?, dt)?)
+    }
 }
 
 /// Packs a constant f32 2-D weight (input `i`; `[K, N]`, or `[N, K]` when `trans`) for the CPU

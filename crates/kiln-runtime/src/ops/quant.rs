@@ -7,6 +7,7 @@ use kiln_graph::DType;
 use super::common::{elems, norm_axis, tin, tin_opt};
 use super::matmul::matmul_integer;
 use super::{kernel, out1, NodeCtx, OpKernel, Registry, RunCx};
+use crate::fastmath::{self, with_f32};
 use crate::{bail, Result, Tensor, Value};
 
 pub fn register(r: &mut Registry) {
@@ -233,9 +234,46 @@ fn dequantize_linear(n: &NodeCtx) -> Result<Box<dyn OpKernel>> {
     }))
 }
 
+/// DynamicQuantizeLinear's scale and zero point for a tensor whose range (widened to include 0)
+/// is `[mn, mx]`: `(max - min) / 255` (1/255 for a constant tensor) and the zero point rounded half
+/// to even and clamped to `[0, 255]`.
+fn dynamic_qparams(mn: f32, mx: f32) -> (f32, f32) {
+    let scale: f32 = (if mx == mn { 1.0 } else { mx - mn }) / 255.0;
+    let zp = (0.0f32 - mn / scale).clamp(0.0, 255.0).round_ties_even();
+    (scale, zp)
+}
+
+/// DynamicQuantizeLinear of f32 values: the u8 values, the scale and the zero point (as f32).
+pub(crate) fn dynamic_quantize_slice(v: &[f32]) -> (Vec<u8>, f32, f32) {
+    let (mn, mx) = fastmath::min_max(v);
+    let (scale, zp) = dynamic_qparams(mn.min(0.0), mx.max(0.0));
+    let mut q = vec![0u8; v.len()];
+    fastmath::quantize_u8(v, scale, zp, &mut q);
+    (q, scale, zp)
+}
+
+/// DynamicQuantizeLinear over a contiguous f32 CPU tensor in two passes over its slice (range,
+/// then `saturate(round_half_even(x / scale) + zp)`); `None` for anything else.
+fn dynamic_quantize_f32(x: &Tensor) -> Result<Option<Vec<Value>>> {
+    if x.dtype() != DType::F32 || !x.device().is_cpu() {
+        return Ok(None);
+    }
+    let xc = x.candle().contiguous()?;
+    let Some((q, scale, zp)) = with_f32(&xc, dynamic_quantize_slice) else {
+        return Ok(None);
+    };
+    let y = Tensor::new(CT::from_vec(q, x.dims(), x.device())?, DType::U8)?;
+    let s = Tensor::new(CT::new(scale, x.device())?, DType::F32)?;
+    let z = Tensor::new(CT::new(zp as u8, x.device())?, DType::U8)?;
+    Ok(Some(vec![Value::Tensor(y), Value::Tensor(s), Value::Tensor(z)]))
+}
+
 fn dynamic_quantize(x: &Tensor) -> Result<Vec<Value>> {
     if !x.dtype().is_float() {
         bail!("DynamicQuantizeLinear needs a float input, got {}", x.dtype());
+    }
+    if let Some(out) = dynamic_quantize_f32(x)? {
+        return Ok(out);
     }
     let xf = x.candle().to_dtype(CDType::F32)?;
     let (mx, mn) = if xf.elem_count() == 0 {
@@ -246,17 +284,7 @@ fn dynamic_quantize(x: &Tensor) -> Result<Vec<Value>> {
             xf.min_all()?.to_scalar::<f32>()?.min(0.0),
         )
     };
-    let scale: f32 = (if mx == mn { 1.0 } else { mx - mn }) / 255.0;
-    let izp = 0.0f32 - mn / scale;
-    let zp = izp.clamp(0.0, 255.0);
-    let zpi = {
-        let r = zp.round();
-        if (zp - zp.floor()) == 0.5 {
-            2.0 * (zp / 2.0).round()
-        } else {
-            r
-        }
-    };
+    let (scale, zpi) = dynamic_qparams(mn, mx);
     let st = CT::new(scale, x.device())?;
     let q = round_half_even(&xf.broadcast_div(&st)?)?;
     let q = (q + zpi as f64)?.clamp(0f64, 255f64)?.to_dtype(CDType::U8)?;

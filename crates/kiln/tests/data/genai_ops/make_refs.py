@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
-"""One-node models of ONNX Runtime's GenAI contrib ops and onnxruntime's outputs for them, for
-crates/kiln/tests/genai_ops.rs.
+"""One-node models of ONNX Runtime's contrib ops (the GenAI export's and the integer MatMuls with float
+output its quantizer and optimizer write) and onnxruntime's outputs for them, for crates/kiln/tests/genai_ops.rs.
 
     make_refs.py [OUT_DIR]          (default: this file's directory)
 
@@ -29,7 +29,7 @@ rng = np.random.default_rng(0)
 OUT = sys.argv[1] if len(sys.argv) > 1 else os.path.dirname(os.path.abspath(__file__))
 MS = "com.microsoft"
 NP2ONNX = {np.float32: TensorProto.FLOAT, np.float16: TensorProto.FLOAT16, np.int32: TensorProto.INT32,
-           np.int64: TensorProto.INT64, np.uint8: TensorProto.UINT8}
+           np.int64: TensorProto.INT64, np.uint8: TensorProto.UINT8, np.int8: TensorProto.INT8}
 cases = []
 
 
@@ -258,6 +258,38 @@ gbq("gbq_uint4_gather_axis1", None, np.array([5, 0, -2], np.int32), rnd(2, 6), z
     attrs=dict(block_size=16, gather_axis=1, quantize_axis=0),
     consts=[("data", helper.make_tensor("data", TensorProto.UINT4, [32, 6], u4.reshape(-1).tolist())),
             ("zero_points", helper.make_tensor("zero_points", TensorProto.UINT4, [2, 6], u4zp.reshape(-1).tolist()))])
+
+
+# ---------------------------------------------------------------- integer MatMul with float output
+def q8(*shape, signed=True):
+    return rng.integers(-128, 128, shape).astype(np.int8) if signed else rng.integers(0, 256, shape).astype(np.uint8)
+
+
+def mitf(name, K, N, lead=(2, 3), b_signed=True, zps=True, per_col=True, bias=True, runtime=False):
+    inputs = [("A", q8(*lead, K, signed=False)), ("B", q8(K, N, signed=b_signed)),
+              ("a_scale", np.array(0.0213, np.float32)),
+              ("b_scale", (rng.random(N if per_col else ()) * 0.05 + 0.001).astype(np.float32)),
+              ("a_zero_point", q8(signed=False) if zps else None),
+              ("b_zero_point", (q8(N, signed=b_signed) if per_col else q8(signed=b_signed)) if zps else None),
+              ("bias", rnd(N) if bias else None)]
+    consts = [] if runtime else ["B", "b_scale"] + (["b_zero_point"] if zps else []) + (["bias"] if bias else [])
+    add_case(name, "MatMulIntegerToFloat", MS, {}, inputs, ["Y"], consts=consts, tol=1e-5)
+
+
+def dqmm(name, K, N, lead=(2, 5), b_signed=True, zp=True, bias=True):
+    inputs = [("A", rnd(*lead, K)), ("B", q8(K, N, signed=b_signed)),
+              ("b_scale", (rng.random(N) * 0.05 + 0.001).astype(np.float32)),
+              ("b_zero_point", q8(N, signed=b_signed) if zp else None), ("bias", rnd(N) if bias else None)]
+    consts = ["B", "b_scale"] + (["b_zero_point"] if zp else []) + (["bias"] if bias else [])
+    add_case(name, "DynamicQuantizeMatMul", MS, {}, inputs, ["Y"], consts=consts, tol=1e-5)
+
+
+mitf("mitf_s8_per_column", 40, 37)
+mitf("mitf_u8_weight", 33, 20, b_signed=False)
+mitf("mitf_no_zero_points_no_bias", 64, 48, zps=False, bias=False, per_col=False)
+mitf("mitf_runtime_weight", 24, 40, lead=(7,), runtime=True)
+dqmm("dqmm_s8", 48, 40)
+dqmm("dqmm_u8_no_zp_no_bias", 20, 33, b_signed=False, zp=False, bias=False)
 
 with open(os.path.join(OUT, "refs.json"), "w") as f:
     json.dump({"onnxruntime": ort.__version__, "generator": "make_refs.py", "cases": cases}, f,
