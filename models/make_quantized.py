@@ -3,21 +3,82 @@ Kiln's golden tests (crates/kiln/tests/real_models.rs) and benchmarks:
 
     python models/make_quantized.py MODELS_DIR [--with-bert-base]
 
-For each source model present in MODELS_DIR (MiniLM-L3 and bert-tiny; bert-base too with --with-bert-base,
-for scripts/bench.sh: ~20 s) writes MODELS_DIR/<stem>.dyn-int8.onnx with
+For each source model present in MODELS_DIR (MiniLM-L3, bert-tiny, the If-less 16 kHz Silero VAD; bert-base
+too with --with-bert-base, for scripts/bench.sh: ~20 s) writes MODELS_DIR/<stem>.dyn-int8.onnx with
 `onnxruntime.quantization.quantize_dynamic` at its defaults (QOperator form: DynamicQuantizeLinear on the
-activations, MatMulInteger with int8 per-tensor weights, Cast and Mul back to float). Existing files are kept:
-the output is a pure function of the source model and the pinned onnxruntime (1.32.0).
+activations, MatMulInteger / ConvInteger with int8 per-tensor weights, Cast and Mul back to float).
+
+It also writes a generated BiLSTM tagger (`bilstm-tagger.onnx`: embedding Gather, a bidirectional LSTM with
+hidden 96, a MatMul + Add head; random weights from a fixed seed, built with onnx.helper) and its quantized
+forms `bilstm-tagger.dyn-int8.onnx` (per-direction weight scales) and `bilstm-tagger.dyn-int8-per-channel.onnx`
+(per gate column): the quantizer turns the LSTM into com.microsoft DynamicQuantizeLSTM, as it does in the
+BiLSTM text and OCR models users quantize.
+
+Existing files are kept: each output is a pure function of its source and the pinned onnxruntime (1.32.0).
 """
 import argparse
 import os
 import tempfile
 
+import numpy as np
+import onnx
 import onnxruntime as ort
+from onnx import TensorProto, helper, numpy_helper
 from onnxruntime.quantization import quantize_dynamic
 
 ORT_VERSION = "1.32.0"
-SOURCES = ["paraphrase-MiniLM-L3-v2", "bert-tiny"]
+SOURCES = ["paraphrase-MiniLM-L3-v2", "bert-tiny", "silero_vad_16k_op15"]
+
+
+def write_atomic(dst: str, write) -> None:
+    """Calls write(tmp) for a temp file beside dst and renames it: an interrupted run leaves no half file."""
+    fd, tmp = tempfile.mkstemp(suffix=".onnx", dir=os.path.dirname(dst) or ".")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, dst)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    print(f"make_quantized.py: {dst} ({os.path.getsize(dst) / 1e6:.1f} MB)")
+
+
+def bilstm_tagger() -> onnx.ModelProto:
+    """tokens [B, S] int64 -> logits [B, S, 20]: Gather(embedding 1000 x 64) -> [S, B, 64] -> bidirectional
+    LSTM (hidden 96) -> [B, S, 192] -> MatMul + Add."""
+    rng = np.random.default_rng(20261204)
+    vocab, emb, hidden, tags = 1000, 64, 96, 20
+
+    def init(name, *shape, fan_in):
+        return numpy_helper.from_array((rng.standard_normal(shape) / np.sqrt(fan_in)).astype(np.float32), name)
+
+    inits = [
+        init("embedding", vocab, emb, fan_in=1),
+        init("lstm_W", 2, 4 * hidden, emb, fan_in=emb),
+        init("lstm_R", 2, 4 * hidden, hidden, fan_in=hidden),
+        init("lstm_B", 2, 8 * hidden, fan_in=100),
+        init("head_W", 2 * hidden, tags, fan_in=2 * hidden),
+        init("head_B", tags, fan_in=100),
+        numpy_helper.from_array(np.array([0, 0, 2 * hidden], np.int64), "head_shape"),
+    ]
+    nodes = [
+        helper.make_node("Gather", ["embedding", "tokens"], ["embedded"]),
+        helper.make_node("Transpose", ["embedded"], ["time_major"], perm=[1, 0, 2]),
+        helper.make_node("LSTM", ["time_major", "lstm_W", "lstm_R", "lstm_B"], ["lstm_Y"], hidden_size=hidden,
+                         direction="bidirectional"),
+        helper.make_node("Transpose", ["lstm_Y"], ["batch_major"], perm=[2, 0, 1, 3]),
+        helper.make_node("Reshape", ["batch_major", "head_shape"], ["features"]),
+        helper.make_node("MatMul", ["features", "head_W"], ["head_mm"]),
+        helper.make_node("Add", ["head_mm", "head_B"], ["logits"]),
+    ]
+    graph = helper.make_graph(
+        nodes, "bilstm_tagger",
+        [helper.make_tensor_value_info("tokens", TensorProto.INT64, ["batch", "seq"])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", "seq", tags])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8,
+                              producer_name="make_quantized.py")
+    onnx.checker.check_model(model)
+    return model
 
 
 def main() -> None:
@@ -26,17 +87,17 @@ def main() -> None:
     ap.add_argument("--with-bert-base", action="store_true")
     args = ap.parse_args()
     assert ort.__version__ == ORT_VERSION, f"onnxruntime {ort.__version__}, want {ORT_VERSION}"
-    for stem in SOURCES + (["bert-base"] if args.with_bert_base else []):
+    tagger = os.path.join(args.models_dir, "bilstm-tagger.onnx")
+    if not os.path.exists(tagger):
+        write_atomic(tagger, lambda tmp: onnx.save(bilstm_tagger(), tmp))
+    jobs = [(stem, ".dyn-int8", {}) for stem in SOURCES + (["bert-base"] if args.with_bert_base else [])]
+    jobs += [("bilstm-tagger", ".dyn-int8", {}), ("bilstm-tagger", ".dyn-int8-per-channel", {"per_channel": True})]
+    for stem, suffix, kwargs in jobs:
         src = os.path.join(args.models_dir, f"{stem}.onnx")
-        dst = os.path.join(args.models_dir, f"{stem}.dyn-int8.onnx")
+        dst = os.path.join(args.models_dir, f"{stem}{suffix}.onnx")
         if not os.path.exists(src) or os.path.exists(dst):
             continue
-        # Written beside the target and renamed, so an interrupted run leaves no half file.
-        fd, tmp = tempfile.mkstemp(suffix=".onnx", dir=args.models_dir)
-        os.close(fd)
-        quantize_dynamic(src, tmp)
-        os.replace(tmp, dst)
-        print(f"make_quantized.py: {dst} ({os.path.getsize(dst) / 1e6:.1f} MB)")
+        write_atomic(dst, lambda tmp: quantize_dynamic(src, tmp, **kwargs))
 
 
 if __name__ == "__main__":

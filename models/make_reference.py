@@ -67,6 +67,10 @@ def audio(rng, batch: int, samples: int, sr: int):
     }
 
 
+def tokens(rng, batch: int, seq: int):
+    return {"tokens": rng.integers(0, 1000, (batch, seq)).astype(np.int64)}
+
+
 def cases(stem: str, rng):
     """(case name, feeds) per model; None when the stem is not a known model."""
     # models/make_quantized.py names its outputs <source stem>.dyn-int8: same inputs as the source.
@@ -75,6 +79,8 @@ def cases(stem: str, rng):
             ("b1_s11", token_batch(rng, 1, 11)),
             ("b3_s16_padded", token_batch(rng, 3, 16, pad_to=[16, 9, 4])),
         ]
+    if stem.startswith("bilstm-tagger"):
+        return [("b1_s7", tokens(rng, 1, 7)), ("b4_s33", tokens(rng, 4, 33))]
     if stem == "ch_PP-OCRv4_det_infer":
         return [("b1_96x128", text_image(rng, 1, 96, 128)), ("b2_64x96", text_image(rng, 2, 64, 96))]
     if stem == "ch_PP-OCRv4_rec_infer":

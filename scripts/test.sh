@@ -26,7 +26,7 @@ VENV="$(bash scripts/setup-python.sh </dev/null | tail -n 1)"
 # tests; built once per make_smollm2.py version (~30 s with an empty cache, ~2 s cached).
 MODELS="$(PYTHON="$VENV/bin/python" bash models/fetch.sh --llm </dev/null | tail -n 1)"
 "$VENV/bin/python" models/make_bert.py "$MODELS" --variant all </dev/null   # bert-tiny + bert-base (438 MB, ~10 s)
-"$VENV/bin/python" models/make_quantized.py "$MODELS" </dev/null   # ORT's quantize_dynamic of MiniLM-L3, bert-tiny (~3 s)
+"$VENV/bin/python" models/make_quantized.py "$MODELS" </dev/null   # ORT quantize_dynamic: MiniLM-L3, bert-tiny, Silero VAD, a BiLSTM tagger (~4 s)
 "$VENV/bin/python" models/make_reference.py "$MODELS" </dev/null
 export KILN_MODELS="$MODELS"
 export KILN_MODELS_REQUIRED=1   # crates/kiln/tests/real_models.rs fails instead of skipping

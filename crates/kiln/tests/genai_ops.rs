@@ -16,7 +16,11 @@
 //! outputs; MatMulNBits at 2/4/8 bits with default, packed and float zero points, K not a multiple
 //! of the block, bias, constant and run-time weights; GatherBlockQuantized on uint8/int4/uint4 data
 //! with out-of-range and negative indices; the quantizer's MatMulIntegerToFloat and
-//! DynamicQuantizeMatMul with u8/s8 weights, per-tensor and per-column scales and zero points).
+//! DynamicQuantizeMatMul with u8/s8 weights, per-tensor and per-column scales and zero points;
+//! DynamicQuantizeLSTM forward and bidirectional, per-direction and per-column scales, zero points,
+//! bias, sequence lengths, initial states, peepholes and run-time weights: onnxruntime quantizes X
+//! and each step's h to uint8 where Kiln multiplies the dequantized weights in f32, so those cases
+//! allow 2e-2 * (1 + |ref|)).
 //! Malformed inputs and attributes give errors naming the
 //! problem, never panics (also with every case's inputs perturbed one dim at a time).
 

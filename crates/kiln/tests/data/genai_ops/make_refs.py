@@ -291,6 +291,32 @@ mitf("mitf_runtime_weight", 24, 40, lead=(7,), runtime=True)
 dqmm("dqmm_s8", 48, 40)
 dqmm("dqmm_u8_no_zp_no_bias", 20, 33, b_signed=False, zp=False, bias=False)
 
+
+# ---------------------------------------------------------------- DynamicQuantizeLSTM
+def dqlstm(name, S, B, I, H, dirs=1, per_col=False, extras=False, runtime=False, zp=False):
+    """ONNX Runtime's quantizer writes W [dirs, I, 4H] and R [dirs, H, 4H] (transposed against LSTM) in
+    int8 with scales/zero points per direction or per gate column. onnxruntime also quantizes X and each
+    step's h to uint8, Kiln multiplies in f32 with the dequantized weights: the tolerance covers that."""
+    direction = {1: "forward", 2: "bidirectional"}[dirs]
+    shape = (dirs, 4 * H) if per_col else (dirs,)
+    scale = lambda: (rng.random(shape) * 0.004 + 0.002).astype(np.float32)  # noqa: E731
+    zero = lambda: (q8(*shape) // 16 if zp else np.zeros(shape, np.int8))  # noqa: E731
+    inputs = [("X", rnd(S, B, I)), ("W", q8(dirs, I, 4 * H)), ("R", q8(dirs, H, 4 * H)),
+              ("B", rnd(dirs, 8 * H, scale=0.3) if extras else None),
+              ("sequence_lens", rng.integers(1, S + 1, B).astype(np.int32) if extras else None),
+              ("initial_h", rnd(dirs, B, H, scale=0.5) if extras else None),
+              ("initial_c", rnd(dirs, B, H, scale=0.5) if extras else None),
+              ("P", rnd(dirs, 3 * H, scale=0.3) if extras else None),
+              ("W_scale", scale()), ("W_zero_point", zero()), ("R_scale", scale()), ("R_zero_point", zero())]
+    consts = [] if runtime else ["W", "R", "W_scale", "W_zero_point", "R_scale", "R_zero_point"]
+    add_case(name, "DynamicQuantizeLSTM", MS, {"hidden_size": H, "direction": direction}, inputs,
+             ["Y", "Y_h", "Y_c"], consts=consts, tol=2e-2)
+
+
+dqlstm("dqlstm_forward", 5, 2, 16, 12)
+dqlstm("dqlstm_bidirectional_per_column", 4, 3, 10, 8, dirs=2, per_col=True, extras=True)
+dqlstm("dqlstm_zero_points_runtime_weights", 3, 2, 12, 6, zp=True, runtime=True)
+
 with open(os.path.join(OUT, "refs.json"), "w") as f:
     json.dump({"onnxruntime": ort.__version__, "generator": "make_refs.py", "cases": cases}, f,
               separators=(",", ":"))
