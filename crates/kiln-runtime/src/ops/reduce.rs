@@ -224,6 +224,11 @@ fn reduce_float(x: &Tensor, op: Red, axes: &[usize], kept: &[usize], fin: &[usiz
         let r = host_reduce(&v, x.dims(), axes, 1.0f64, |a, b| a * b);
         return Tensor::from_f64s(r, fin, dt, x.device());
     }
+    if matches!(op, Red::Sum | Red::Mean) {
+        if let Some(r) = sum_f32_contiguous(x, axes, op == Red::Mean, fin)? {
+            return Ok(r);
+        }
+    }
     let c = to_compute(x.candle())?;
     let r = match op {
         Red::Sum => sum_axes(&c, axes)?,
@@ -251,6 +256,56 @@ fn reduce_float(x: &Tensor, op: Red, axes: &[usize], kept: &[usize], fin: &[usiz
     }
     let r = r.reshape(fin)?.to_dtype(x.candle().dtype())?;
     Tensor::new(r, dt)
+}
+
+/// ReduceSum / ReduceMean of a contiguous f32 CPU tensor over consecutive axes, in one pass: the
+/// tensor is `[outer, reduced, inner]` and each reduced row is added into its output row (a mean
+/// pooling's `[8, 64, 384]` sum over the tokens took 0.5 ms through candle's strided sum).
+/// `None` for anything else.
+fn sum_f32_contiguous(x: &Tensor, axes: &[usize], mean: bool, fin: &[usize]) -> Result<Option<Tensor>> {
+    if x.dtype() != DType::F32 || axes.is_empty() || axes.windows(2).any(|w| w[1] != w[0] + 1) {
+        return Ok(None);
+    }
+    let dims = x.dims();
+    let (first, last) = (axes[0], axes[axes.len() - 1]);
+    let outer: usize = dims[..first].iter().product();
+    let red: usize = dims[first..=last].iter().product();
+    let inner: usize = dims[last + 1..].iter().product();
+    if red == 0 || inner == 0 || outer == 0 {
+        return Ok(None);
+    }
+    let Some(out) = crate::fastmath::with_f32(x.candle(), |v| {
+        let mut out = vec![0f32; outer * inner];
+        for (o, dst) in out.chunks_exact_mut(inner).enumerate() {
+            let block = &v[o * red * inner..(o + 1) * red * inner];
+            if inner == 1 {
+                // Eight partial sums, so the loop vectorizes.
+                let mut acc = [0f32; 8];
+                let chunks = block.chunks_exact(8);
+                let tail: f32 = chunks.remainder().iter().sum();
+                for c in chunks {
+                    for (a, &b) in acc.iter_mut().zip(c) {
+                        *a += b;
+                    }
+                }
+                dst[0] = acc.iter().sum::<f32>() + tail;
+            } else {
+                for row in block.chunks_exact(inner) {
+                    for (d, &b) in dst.iter_mut().zip(row) {
+                        *d += b;
+                    }
+                }
+            }
+        }
+        if mean {
+            let n = red as f32;
+            out.iter_mut().for_each(|v| *v /= n);
+        }
+        out
+    }) else {
+        return Ok(None);
+    };
+    Ok(Some(Tensor::new(CT::from_vec(out, fin, x.device())?, DType::F32)?))
 }
 
 fn unreachable_float() -> Result<CT> {
