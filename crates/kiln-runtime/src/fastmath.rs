@@ -266,7 +266,40 @@ fn min_max_impl(v: &[f32]) -> (f32, f32) {
     )
 }
 
-#[cfg(any(target_arch = "x86", target_arch = "x86_64"))]
+/// [`min_max_impl`] with explicit `vminps`/`vmaxps` on four accumulator pairs: `f32::min`'s NaN
+/// rule kept the compiler from vectorizing the loop well (this pass took 5x the quantizing pass).
+/// `vminps(x, acc)` returns `acc` when `x` is NaN, so NaNs are skipped the same way.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+fn min_max_avx2(v: &[f32]) -> (f32, f32) {
+    use std::arch::x86_64::*;
+    let mut chunks = v.chunks_exact(32);
+    // SAFETY: every load reads 8 floats inside a 32-float chunk of `v`.
+    let (mn, mx) = unsafe {
+        let mut mn = [_mm256_set1_ps(f32::INFINITY); 4];
+        let mut mx = [_mm256_set1_ps(f32::NEG_INFINITY); 4];
+        for c in &mut chunks {
+            for l in 0..4 {
+                let x = _mm256_loadu_ps(c.as_ptr().add(8 * l));
+                mn[l] = _mm256_min_ps(x, mn[l]);
+                mx[l] = _mm256_max_ps(x, mx[l]);
+            }
+        }
+        let (mut a, mut b) = ([0f32; 32], [0f32; 32]);
+        for l in 0..4 {
+            _mm256_storeu_ps(a.as_mut_ptr().add(8 * l), mn[l]);
+            _mm256_storeu_ps(b.as_mut_ptr().add(8 * l), mx[l]);
+        }
+        (a, b)
+    };
+    let (tmn, tmx) = min_max_impl(chunks.remainder());
+    (
+        mn.iter().fold(tmn, |a, &x| a.min(x)),
+        mx.iter().fold(tmx, |a, &x| a.max(x)),
+    )
+}
+
+#[cfg(target_arch = "x86")]
 #[target_feature(enable = "avx2,fma")]
 fn min_max_avx2(v: &[f32]) -> (f32, f32) {
     min_max_impl(v)
@@ -574,6 +607,16 @@ mod tests {
         assert_eq!(min_max(&v), (-10.0, 99.0));
         assert_eq!(min_max_impl(&v), (-10.0, 99.0));
         assert_eq!(min_max(&[]), (f32::INFINITY, f32::NEG_INFINITY));
+        // Every length around the 32-wide blocks, extremes and NaNs in every position.
+        for len in 0..100usize {
+            for pos in 0..len {
+                let mut v: Vec<f32> = (0..len).map(|i| ((i * 37) % 11) as f32 - 5.0).collect();
+                v[pos] = if pos % 2 == 0 { -1e30 } else { 1e30 };
+                v[(pos * 7) % len] = f32::NAN;
+                assert_eq!(min_max(&v), min_max_impl(&v), "len {len} pos {pos}");
+            }
+        }
+        assert_eq!(min_max(&[f32::NAN; 40]), (f32::INFINITY, f32::NEG_INFINITY));
     }
 
     #[test]
