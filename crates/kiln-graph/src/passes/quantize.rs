@@ -121,6 +121,41 @@ pub fn quantize_per_channel(t: &TensorData, axis: usize) -> Option<(Vec<i8>, Vec
     Some((q, scale))
 }
 
+/// Quantizes the initializer `b` (named `name`) per channel along `axis` into `<name>_int8` and
+/// `<name>_scale` initializers and counts the bytes in `report`; `None`, with the reason recorded as
+/// a skip, when it has fewer than `min_elements` elements or a non-finite value.
+fn add_int8_initializers(
+    g: &mut Graph,
+    idx: &mut Index,
+    b: ValueId,
+    name: &str,
+    axis: usize,
+    min_elements: usize,
+    report: &mut QuantizeReport,
+) -> Result<Option<(ValueId, ValueId, Vec<usize>)>> {
+    let Some(t) = g.initializers.get(&b) else {
+        return Ok(None);
+    };
+    if t.len() < min_elements {
+        let why = format!("{} elements < {min_elements}", t.len());
+        report.skipped.push((name.to_string(), why));
+        return Ok(None);
+    }
+    let Some((codes, scale)) = quantize_per_channel(t, axis) else {
+        report.skipped.push((name.to_string(), "not finite".to_string()));
+        return Ok(None);
+    };
+    let dims = t.dims.clone();
+    let before = t.bytes().len();
+    let qt = TensorData::from_values(format!("{name}_int8"), dims.clone(), &codes)?;
+    let st = TensorData::from_values(format!("{name}_scale"), vec![scale.len()], &scale)?;
+    report.bytes_before += before;
+    report.bytes_after += qt.bytes().len() + st.bytes().len();
+    let qv = idx.new_initializer(g, &format!("{name}_int8"), qt);
+    let sv = idx.new_initializer(g, &format!("{name}_scale"), st);
+    Ok(Some((qv, sv, dims)))
+}
+
 /// Rewrites every quantizable MatMul/Gemm weight to `DequantizeLinear(int8, scale, axis)`.
 pub fn quantize_weights_int8(g: &mut Graph, q: &QuantizeOptions) -> Result<QuantizeReport> {
     let mut report = QuantizeReport::default();
@@ -146,7 +181,9 @@ pub fn quantize_weights_int8(g: &mut Graph, q: &QuantizeOptions) -> Result<Quant
     for (b, readers) in reads {
         let name = g.value_name(b).to_string();
         let skip = |report: &mut QuantizeReport, why: &str| report.skipped.push((name.clone(), why.to_string()));
-        let Some(t) = g.initializers.get(&b) else { continue };
+        if !g.initializers.contains_key(&b) {
+            continue;
+        }
         let axis = readers[0].1;
         if idx.pinned.contains(&b) {
             skip(&mut report, "a graph input or output");
@@ -159,22 +196,10 @@ pub fn quantize_weights_int8(g: &mut Graph, q: &QuantizeOptions) -> Result<Quant
             );
             continue;
         }
-        if t.len() < q.min_elements {
-            skip(&mut report, &format!("{} elements < {}", t.len(), q.min_elements));
-            continue;
-        }
-        let Some((codes, scale)) = quantize_per_channel(t, axis) else {
-            skip(&mut report, "not finite");
+        let Some((qv, sv, dims)) = add_int8_initializers(g, &mut idx, b, &name, axis, q.min_elements, &mut report)?
+        else {
             continue;
         };
-        let dims = t.dims.clone();
-        let before = t.bytes().len();
-        let qt = TensorData::from_values(format!("{name}_int8"), dims.clone(), &codes)?;
-        let st = TensorData::from_values(format!("{name}_scale"), vec![scale.len()], &scale)?;
-        report.bytes_before += before;
-        report.bytes_after += qt.bytes().len() + st.bytes().len();
-        let qv = idx.new_initializer(g, &format!("{name}_int8"), qt);
-        let sv = idx.new_initializer(g, &format!("{name}_scale"), st);
         let out = idx.new_value(
             g,
             &format!("{name}_dequantized"),
@@ -247,7 +272,9 @@ pub fn quantize_dynamic_int8(g: &mut Graph, q: &QuantizeOptions) -> Result<Quant
     for (b, readers) in reads {
         let name = g.value_name(b).to_string();
         let skip = |report: &mut QuantizeReport, why: &str| report.skipped.push((name.clone(), why.to_string()));
-        let Some(t) = g.initializers.get(&b) else { continue };
+        if !g.initializers.contains_key(&b) {
+            continue;
+        }
         if idx.pinned.contains(&b) {
             skip(&mut report, "a graph input or output");
             continue;
@@ -260,22 +287,9 @@ pub fn quantize_dynamic_int8(g: &mut Graph, q: &QuantizeOptions) -> Result<Quant
             );
             continue;
         }
-        if t.len() < q.min_elements {
-            skip(&mut report, &format!("{} elements < {}", t.len(), q.min_elements));
-            continue;
-        }
-        let Some((codes, scale)) = quantize_per_channel(t, 1) else {
-            skip(&mut report, "not finite");
+        let Some((qv, sv, dims)) = add_int8_initializers(g, &mut idx, b, &name, 1, q.min_elements, &mut report)? else {
             continue;
         };
-        let dims = t.dims.clone();
-        let before = t.bytes().len();
-        let qt = TensorData::from_values(format!("{name}_int8"), dims.clone(), &codes)?;
-        let st = TensorData::from_values(format!("{name}_scale"), vec![scale.len()], &scale)?;
-        report.bytes_before += before;
-        report.bytes_after += qt.bytes().len() + st.bytes().len();
-        let qv = idx.new_initializer(g, &format!("{name}_int8"), qt);
-        let sv = idx.new_initializer(g, &format!("{name}_scale"), st);
         quantized.insert(b, (qv, sv));
         g.initializers.remove(&b);
         report.weights.push(QuantizedWeight {

@@ -1043,6 +1043,27 @@ mod tests {
         Value::Tensor(Tensor::new(CT::from_vec(v, dims, &candle_core::Device::Cpu).unwrap(), DType::F32).unwrap())
     }
 
+    /// The plain-loop path, unpacked and with W/R packed, against the candle-op path: `outputs`
+    /// outputs each, within 1e-5.
+    fn agrees_with_op_path(mut cfg: Cfg, ins: &[Option<Value>], outputs: usize, what: &str) {
+        let refs: Vec<Option<&Value>> = ins.iter().map(Option::as_ref).collect();
+        let fast = run(&cfg, &refs).unwrap();
+        let packed = run_packed(&cfg, &refs, packs_for(&cfg, ins).as_deref()).unwrap();
+        cfg.fast = false;
+        let slow = run(&cfg, &refs).unwrap();
+        assert_eq!(
+            (fast.len(), packed.len(), slow.len()),
+            (outputs, outputs, outputs),
+            "{what}"
+        );
+        for (f, o) in fast.iter().chain(&packed).zip(slow.iter().cycle()) {
+            let (f, o) = (f.as_tensor().unwrap().candle(), o.as_tensor().unwrap().candle());
+            assert_eq!(f.dims(), o.dims(), "{what}");
+            let d = (f - o).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap();
+            assert!(d.to_scalar::<f32>().unwrap() < 1e-5, "{what}: {d}");
+        }
+    }
+
     /// W and R (inputs 1 and 2) packed as a plan would pack constants.
     fn packs_for(cfg: &Cfg, ins: &[Option<Value>]) -> Option<Vec<DirPack>> {
         let t = |i: usize| ins[i].as_ref().unwrap().as_tensor().unwrap().candle().clone();
@@ -1099,18 +1120,7 @@ mod tests {
                 Some(tensor(&[nd, b, hsz], 6, 1.0)),
                 peep.then(|| tensor(&[nd, 3 * hsz], 7, 1.0)),
             ];
-            let refs: Vec<Option<&Value>> = ins.iter().map(Option::as_ref).collect();
-            let mut cfg = lstm_cfg(dirs, clip);
-            let fast = run(&cfg, &refs).unwrap();
-            let packed = run_packed(&cfg, &refs, packs_for(&cfg, &ins).as_deref()).unwrap();
-            cfg.fast = false;
-            let slow = run(&cfg, &refs).unwrap();
-            for (f, o) in fast.iter().chain(&packed).zip(slow.iter().cycle()) {
-                let (f, o) = (f.as_tensor().unwrap().candle(), o.as_tensor().unwrap().candle());
-                assert_eq!(f.dims(), o.dims());
-                let d = (f - o).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap();
-                assert!(d.to_scalar::<f32>().unwrap() < 1e-5, "s {s} b {b}: {d}");
-            }
+            agrees_with_op_path(lstm_cfg(dirs, clip), &ins, 3, &format!("s {s} b {b}"));
         }
     }
 
@@ -1140,13 +1150,12 @@ mod tests {
                 }),
                 Some(tensor(&[nd, b, hsz], 15, 1.0)),
             ];
-            let refs: Vec<Option<&Value>> = ins.iter().map(Option::as_ref).collect();
             let act = |kind| Act {
                 kind,
                 alpha: 0.0,
                 beta: 0.0,
             };
-            let mut cfg = Cfg {
+            let cfg = Cfg {
                 kind: Kind::Gru,
                 acts: vec![vec![act(ActKind::Sigmoid), act(ActKind::Tanh)]; nd],
                 dirs,
@@ -1157,17 +1166,7 @@ mod tests {
                 input_forget: false,
                 fast: true,
             };
-            let fast = run(&cfg, &refs).unwrap();
-            let packed = run_packed(&cfg, &refs, packs_for(&cfg, &ins).as_deref()).unwrap();
-            cfg.fast = false;
-            let slow = run(&cfg, &refs).unwrap();
-            assert_eq!((fast.len(), packed.len()), (2, 2));
-            for (f, o) in fast.iter().chain(&packed).zip(slow.iter().cycle()) {
-                let (f, o) = (f.as_tensor().unwrap().candle(), o.as_tensor().unwrap().candle());
-                assert_eq!(f.dims(), o.dims());
-                let d = (f - o).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap();
-                assert!(d.to_scalar::<f32>().unwrap() < 1e-5, "s {s} b {b} lbr {lbr}: {d}");
-            }
+            agrees_with_op_path(cfg, &ins, 2, &format!("s {s} b {b} lbr {lbr}"));
         }
     }
 
