@@ -187,8 +187,8 @@ fn bert_tiny_dynamic_int8_matches_onnxruntime() {
     check_model_with("bert-tiny.dyn-int8", QUANTIZED);
 }
 
-/// ConvInteger in the STFT front end and the encoder (the LSTM's weights are outputs of the graph's
-/// If-free preprocessing, so the quantizer leaves it f32).
+/// ConvInteger in the STFT front end and the encoder (its LSTMs sit in If branches, which the
+/// quantizer leaves f32).
 #[test]
 fn silero_vad_dynamic_int8_matches_onnxruntime() {
     check_model_with("silero_vad_16k_op15.dyn-int8", QUANTIZED);
