@@ -19,6 +19,8 @@ pub struct BenchConfig<'a> {
     pub iterations: usize,
     /// Print a per-operator time breakdown from extra profiled runs.
     pub profile: bool,
+    /// How many of the slowest nodes the profile lists.
+    pub top: usize,
     /// Inputs copied to the device once and outputs left there (IO binding), each run
     /// synchronized; otherwise every run takes host inputs and returns host outputs.
     pub io_device: bool,
@@ -126,7 +128,7 @@ pub fn bench(path: &Path, cfg: &BenchConfig) -> Result<()> {
         );
     }
     if cfg.profile {
-        profile(&session, &feeds, cfg.iterations.min(20))?;
+        profile(&session, &feeds, cfg.iterations.min(20), cfg.top)?;
     }
     Ok(())
 }
@@ -238,7 +240,7 @@ pub fn feeds(session: &Session, inputs: &[String], dims: &[String]) -> Result<Fe
 }
 
 /// Runs `runs` more times with per-node timing; prints time by operator type and the slowest nodes.
-fn profile(session: &Session, feeds: &[(String, TensorData)], runs: usize) -> Result<()> {
+fn profile(session: &Session, feeds: &[(String, TensorData)], runs: usize, top: usize) -> Result<()> {
     let options = kiln::RunOptions {
         profile: true,
         ..session.run_options().clone()
@@ -281,7 +283,7 @@ fn profile(session: &Session, feeds: &[(String, TensorData)], runs: usize) -> Re
     let mut nodes: Vec<_> = by_node.into_iter().collect();
     nodes.sort_by_key(|n| std::cmp::Reverse(n.1));
     outln!("\nslowest nodes:");
-    for ((op, node), d) in nodes.iter().take(10) {
+    for ((op, node), d) in nodes.iter().take(top) {
         outln!("  {:>9.3} ms {:>6.1}%  {op} {node}", per_run(*d), share(*d));
     }
     Ok(())

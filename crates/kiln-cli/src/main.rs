@@ -108,6 +108,9 @@ enum Cmd {
         /// After timing, run again with per-node timing and print where the time goes.
         #[arg(long)]
         profile: bool,
+        /// How many of the slowest nodes `--profile` lists.
+        #[arg(long, default_value_t = 10)]
+        top: usize,
         /// host: every run copies inputs in and outputs out; device: inputs are copied to the
         /// device once and outputs stay there (IO binding), each run synchronized.
         #[arg(long, default_value = "host", value_parser = ["host", "device"])]
@@ -187,6 +190,7 @@ fn main() -> ExitCode {
             iterations,
             threads,
             profile,
+            top,
             io,
             run_on_pool,
             precision,
@@ -203,6 +207,7 @@ fn main() -> ExitCode {
                 warmup,
                 iterations: iterations.max(1),
                 profile,
+                top,
                 io_device: io == "device",
                 run_on_pool,
             };

@@ -59,15 +59,30 @@ fn logical_of(c: CDType) -> Result<DType> {
 
 macro_rules! decode_le {
     ($bytes:expr, $t:ty) => {
-        $bytes
-            .chunks_exact(std::mem::size_of::<$t>())
-            .map(|c| {
-                let mut a = [0u8; std::mem::size_of::<$t>()];
-                a.copy_from_slice(c);
-                <$t>::from_le_bytes(a)
-            })
-            .collect::<Vec<$t>>()
+        if cfg!(target_endian = "little") {
+            // One copy into an aligned vector (the bytes may sit at any alignment).
+            bytemuck::pod_collect_to_vec::<u8, $t>($bytes)
+        } else {
+            $bytes
+                .chunks_exact(std::mem::size_of::<$t>())
+                .map(|c| {
+                    let mut a = [0u8; std::mem::size_of::<$t>()];
+                    a.copy_from_slice(c);
+                    <$t>::from_le_bytes(a)
+                })
+                .collect::<Vec<$t>>()
+        }
     };
+}
+
+/// `values` as little-endian bytes: one copy on little-endian targets.
+fn le_bytes<T: bytemuck::Pod, const N: usize>(values: &[T], to_le: impl Fn(&T) -> [u8; N]) -> Vec<u8> {
+    if cfg!(target_endian = "little") {
+        return bytemuck::cast_slice::<T, u8>(values).to_vec();
+    }
+    let mut out = Vec::with_capacity(std::mem::size_of_val(values));
+    values.iter().for_each(|v| out.extend_from_slice(&to_le(v)));
+    out
 }
 
 impl Tensor {
@@ -195,53 +210,34 @@ impl Tensor {
                 false,
             )?);
         }
-        let mut out: Vec<u8> = Vec::with_capacity(self.size_in_bytes());
-        match self.dtype {
-            DType::F32 => t
-                .to_vec1::<f32>()?
-                .iter()
-                .for_each(|v| out.extend_from_slice(&v.to_le_bytes())),
-            DType::F64 => t
-                .to_vec1::<f64>()?
-                .iter()
-                .for_each(|v| out.extend_from_slice(&v.to_le_bytes())),
-            DType::F16 => t
-                .to_vec1::<f16>()?
-                .iter()
-                .for_each(|v| out.extend_from_slice(&v.to_le_bytes())),
-            DType::BF16 => t
-                .to_vec1::<bf16>()?
-                .iter()
-                .for_each(|v| out.extend_from_slice(&v.to_le_bytes())),
-            DType::U8 => out = t.to_vec1::<u8>()?,
-            DType::Bool => out = t.to_vec1::<u8>()?.into_iter().map(|v| (v != 0) as u8).collect(),
-            DType::I8 => out = t.to_vec1::<i16>()?.into_iter().map(|v| v as i8 as u8).collect(),
-            DType::I16 => t
-                .to_vec1::<i16>()?
-                .iter()
-                .for_each(|v| out.extend_from_slice(&v.to_le_bytes())),
-            DType::U16 => t
-                .to_vec1::<i32>()?
-                .iter()
-                .for_each(|&v| out.extend_from_slice(&(v as u16).to_le_bytes())),
-            DType::I32 => t
-                .to_vec1::<i32>()?
-                .iter()
-                .for_each(|v| out.extend_from_slice(&v.to_le_bytes())),
-            DType::U32 => t
-                .to_vec1::<u32>()?
-                .iter()
-                .for_each(|v| out.extend_from_slice(&v.to_le_bytes())),
-            DType::I64 => t
-                .to_vec1::<i64>()?
-                .iter()
-                .for_each(|v| out.extend_from_slice(&v.to_le_bytes())),
-            DType::U64 => t
-                .to_vec1::<i64>()?
-                .iter()
-                .for_each(|&v| out.extend_from_slice(&(v as u64).to_le_bytes())),
+        let out: Vec<u8> = match self.dtype {
+            DType::F32 => le_bytes(&t.to_vec1::<f32>()?, |v| v.to_le_bytes()),
+            DType::F64 => le_bytes(&t.to_vec1::<f64>()?, |v| v.to_le_bytes()),
+            DType::F16 => le_bytes(
+                &t.to_vec1::<f16>()?.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                |v| v.to_le_bytes(),
+            ),
+            DType::BF16 => le_bytes(
+                &t.to_vec1::<bf16>()?.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                |v| v.to_le_bytes(),
+            ),
+            DType::U8 => t.to_vec1::<u8>()?,
+            DType::Bool => t.to_vec1::<u8>()?.into_iter().map(|v| (v != 0) as u8).collect(),
+            DType::I8 => t.to_vec1::<i16>()?.into_iter().map(|v| v as i8 as u8).collect(),
+            DType::I16 => le_bytes(&t.to_vec1::<i16>()?, |v| v.to_le_bytes()),
+            DType::U16 => le_bytes(
+                &t.to_vec1::<i32>()?.iter().map(|&v| v as u16).collect::<Vec<_>>(),
+                |v| v.to_le_bytes(),
+            ),
+            DType::I32 => le_bytes(&t.to_vec1::<i32>()?, |v| v.to_le_bytes()),
+            DType::U32 => le_bytes(&t.to_vec1::<u32>()?, |v| v.to_le_bytes()),
+            DType::I64 => le_bytes(&t.to_vec1::<i64>()?, |v| v.to_le_bytes()),
+            DType::U64 => le_bytes(
+                &t.to_vec1::<i64>()?.iter().map(|&v| v as u64).collect::<Vec<_>>(),
+                |v| v.to_le_bytes(),
+            ),
             _ => return Err(RuntimeError::msg(format!("{} tensors are not supported", self.dtype))),
-        }
+        };
         Ok(TensorData::new(name, self.dtype, self.dims().to_vec(), out)?)
     }
 

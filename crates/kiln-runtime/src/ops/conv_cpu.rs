@@ -4,8 +4,7 @@
 //!   gemm per tile (`[M, C*KH*KW] x [C*KH*KW, tile]`), bias added while the tile is written out.
 //!   1x1 / stride 1 / no padding skips im2col: the input plane is the gemm operand as it is.
 //! - grouped (each group a dense conv on its channel slice) through the same tiles per group;
-//! - depthwise (one input channel per group, channel multiplier 1): a direct sliding-window loop
-//!   per plane (contiguous inner loop at stride 1), planes in parallel.
+//! - depthwise (one input channel per group, channel multiplier 1): `conv_dw.rs`.
 //!
 //! candle's own conv2d builds im2col tiles element by element with scattered writes and handles
 //! depthwise convs as a dense conv per group; on PP-OCR's detector that made Conv 12x slower
@@ -42,7 +41,7 @@ const TILE_COLS_BUDGET: usize = 1 << 19;
 impl Conv2d {
     /// Convolves `x` `[N, C, H, W]` with `w` `[M, C/g, KH, KW]` (+ bias `[M]`); `None` when an
     /// operand is not a contiguous f32 CPU tensor or the grouping is not one this file handles.
-    pub(crate) fn run(&self, x: &CT, w: &CT, bias: Option<&CT>) -> Option<Result<CT>> {
+    pub(crate) fn run(&self, x: &CT, w: &CT, bias: Option<&CT>, packed: Option<&PackedFilter>) -> Option<Result<CT>> {
         let g = self.group;
         let empty = [
             self.n, self.c, self.h, self.w, self.m, self.kh, self.kw, self.oh, self.ow,
@@ -67,9 +66,12 @@ impl Conv2d {
         }
         let out = if depthwise {
             let wv = with_f32(w, |s| s.to_vec())?;
-            with_f32(x, |xs| self.depthwise(xs, &wv, bias_v.as_deref()))?
+            with_f32(x, |xs| self.depthwise_conv(xs, &wv, bias_v.as_deref(), None))?
         } else {
-            let r = with_f32(x, |xs| self.dense(xs, w, bias_v.as_deref()))?;
+            let r = with_f32(x, |xs| match self.dense_rows(xs, w, bias_v.as_deref(), packed) {
+                Some(r) => r,
+                None => self.dense(xs, w, bias_v.as_deref()),
+            })?;
             match r {
                 Ok(v) => v,
                 Err(e) => return Some(Err(e)),
@@ -78,87 +80,157 @@ impl Conv2d {
         Some(CT::from_vec(out, (self.n, self.m, self.oh, self.ow), x.device()).map_err(Into::into))
     }
 
-    fn depthwise(&self, x: &[f32], wv: &[f32], bias: Option<&[f32]>) -> Vec<f32> {
-        let (h, w, oh, ow) = (self.h, self.w, self.oh, self.ow);
-        let (kh, kw) = (self.kh, self.kw);
-        let mut out = vec![0f32; self.n * self.m * oh * ow];
-        let avx2 = crate::fastmath::has_avx2_fma();
-        out.par_chunks_mut(oh * ow).enumerate().for_each(|(plane, dst)| {
-            let ch = plane % self.c;
-            let src = &x[plane * h * w..(plane + 1) * h * w];
-            let wk = &wv[ch * kh * kw..(ch + 1) * kh * kw];
-            let b = bias.map_or(0.0, |b| b[ch]);
-            #[cfg(any(target_arch = "x86", target_arch = "x86_64"))]
-            if avx2 {
-                // SAFETY: the CPU has AVX2 and FMA (checked by `has_avx2_fma`).
-                unsafe { self.depthwise_plane_avx2(src, wk, b, dst) };
-                return;
-            }
-            let _ = avx2;
-            self.depthwise_plane::<false>(src, wk, b, dst);
-        });
-        out
-    }
-
-    #[cfg(any(target_arch = "x86", target_arch = "x86_64"))]
-    #[target_feature(enable = "avx2,fma")]
-    fn depthwise_plane_avx2(&self, src: &[f32], wk: &[f32], b: f32, dst: &mut [f32]) {
-        self.depthwise_plane::<true>(src, wk, b, dst)
-    }
-
-    /// One output plane of a depthwise conv: rows accumulate `weight * input row` per tap.
-    #[inline(always)]
-    fn depthwise_plane<const FMA: bool>(&self, src: &[f32], wk: &[f32], b: f32, dst: &mut [f32]) {
-        let (h, w, oh, ow) = (self.h, self.w, self.oh, self.ow);
+    /// Dense and grouped convs through [`crate::sgemm::gemm_packed_a_rows`]: the input laid out
+    /// once as zero-padded, stride-phase-split planes (none for a pointwise conv), each im2col row
+    /// read straight from them, the filter packed at plan time (`packed`) or here. `None` when the
+    /// CPU lacks the kernel or the filter is not an f32 CPU tensor.
+    fn dense_rows(
+        &self,
+        x: &[f32],
+        w: &CT,
+        bias: Option<&[f32]>,
+        packed: Option<&PackedFilter>,
+    ) -> Option<Result<Vec<f32>>> {
+        use crate::sgemm::{gemm_packed_a_rows, rows_available, RowsB};
+        if !rows_available() {
+            return None;
+        }
+        let g = self.group;
+        let (cg, mg) = (self.c / g, self.m / g);
         let (kh, kw) = (self.kh, self.kw);
         let (sh, sw) = self.stride;
         let (dh, dw) = self.dil;
+        let k = cg * kh * kw;
+        let p = self.oh * self.ow;
+        let owned;
+        let packed: &[crate::sgemm::PackedA] = match packed.filter(|pf| pf.fits(g, mg, k)) {
+            Some(pf) => &pf.groups,
+            None => {
+                owned = with_f32(w, |wv| PackedFilter::pack_groups(wv, g, mg, k))?.ok()?;
+                &owned
+            }
+        };
+        let pointwise =
+            kh == 1 && kw == 1 && self.stride == (1, 1) && self.pad == (0, 0) && self.oh == self.h && self.ow == self.w;
+        // Phase plane (ci, ry, rx): padded rows ry, ry + sh, ... and columns rx, rx + sw, ... (hq x wq);
+        // output (oy, ox) of tap (ky, kx) reads plane (ci, ky*dh % sh, kx*dw % sw) at row
+        // oy + ky*dh / sh, column ox + kx*dw / sw. Outputs are computed over rows of wq columns (the
+        // columns past ow are discarded), so each im2col row is one contiguous run.
+        let hq = self.oh + (kh - 1) * dh / sh;
+        let wq = self.ow + (kw - 1) * dw / sw;
+        let plane = hq * wq;
+        let offs: Vec<usize> = if pointwise {
+            (0..cg).map(|ci| ci * self.h * self.w).collect()
+        } else {
+            let mut v = Vec::with_capacity(k);
+            for ci in 0..cg {
+                for ky in 0..kh {
+                    for kx in 0..kw {
+                        let (ry, rx) = (ky * dh % sh, kx * dw % sw);
+                        v.push(((ci * sh + ry) * sw + rx) * plane + ky * dh / sh * wq + kx * dw / sw);
+                    }
+                }
+            }
+            v
+        };
+        let nq = if pointwise { p } else { self.oh * wq };
+        let mut out = vec![0f32; self.n * self.m * p];
+        // The last plane's discarded columns read up to wq floats past it.
+        let mut phases = if pointwise {
+            Vec::new()
+        } else {
+            vec![0f32; cg * sh * sw * plane + wq]
+        };
+        let mut cbuf = if pointwise { Vec::new() } else { vec![0f32; mg * nq] };
+        let err = |e: crate::sgemm::GemmError| crate::RuntimeError::msg(e.to_string());
+        for b in 0..self.n {
+            for (gi, pa) in packed.iter().enumerate() {
+                let plane0 = (b * self.c + gi * cg) * self.h * self.w;
+                let xin = &x[plane0..plane0 + cg * self.h * self.w];
+                let bias_g = bias.map(|bs| &bs[gi * mg..(gi + 1) * mg]);
+                let dst = &mut out[(b * self.m + gi * mg) * p..(b * self.m + (gi + 1) * mg) * p];
+                let r = if pointwise {
+                    gemm_packed_a_rows(
+                        pa,
+                        RowsB {
+                            data: xin,
+                            offs: &offs,
+                            n: p,
+                        },
+                        bias_g,
+                        dst,
+                        p,
+                    )
+                } else {
+                    self.fill_phases(xin, cg, hq, wq, &mut phases);
+                    let r = gemm_packed_a_rows(
+                        pa,
+                        RowsB {
+                            data: &phases,
+                            offs: &offs,
+                            n: nq,
+                        },
+                        bias_g,
+                        &mut cbuf,
+                        nq,
+                    );
+                    for (drow, crow) in dst.chunks_exact_mut(self.ow).zip(cbuf.chunks_exact(wq)) {
+                        drow.copy_from_slice(&crow[..self.ow]);
+                    }
+                    r
+                };
+                if let Err(e) = r {
+                    return Some(Err(err(e)));
+                }
+            }
+        }
+        Some(Ok(out))
+    }
+
+    /// Writes the `cg` channels of `xin` as phase planes (see `dense_rows`) into `buf`.
+    fn fill_phases(&self, xin: &[f32], cg: usize, hq: usize, wq: usize, buf: &mut [f32]) {
+        let (h, w) = (self.h, self.w);
+        let (sh, sw) = self.stride;
         let (pt, pl) = self.pad;
-        let madd = |a: f32, x: f32, acc: f32| if FMA { a.mul_add(x, acc) } else { a * x + acc };
-        // Strided convs: the plane split once into `sw` column phases per row (phase r holds
-        // columns r, r+sw, ...), so every tap below reads a contiguous run instead of gathering.
-        let phases = (sw > 1).then(|| {
-            let pw = w.div_ceil(sw);
-            let mut ph = vec![0f32; h * sw * pw];
-            for (iy, row) in src.chunks_exact(w).enumerate() {
-                for r in 0..sw {
-                    let dst = &mut ph[(iy * sw + r) * pw..(iy * sw + r + 1) * pw];
-                    for (d, &v) in dst.iter_mut().zip(row.iter().skip(r).step_by(sw)) {
-                        *d = v;
+        let plane = hq * wq;
+        let fill = |(ci, dst): (usize, &mut [f32])| {
+            let src = &xin[ci * h * w..(ci + 1) * h * w];
+            for ry in 0..sh {
+                for rx in 0..sw {
+                    let ph = &mut dst[(ry * sw + rx) * plane..][..plane];
+                    for (yq, drow) in ph.chunks_exact_mut(wq).enumerate() {
+                        let iy = (yq * sh + ry) as isize - pt as isize;
+                        if iy < 0 || iy >= h as isize {
+                            drow.fill(0.0);
+                            continue;
+                        }
+                        let srow = &src[iy as usize * w..][..w];
+                        if sw == 1 {
+                            let lo = pl.min(wq);
+                            let n = w.min(wq - lo);
+                            drow[..lo].fill(0.0);
+                            drow[lo..lo + n].copy_from_slice(&srow[..n]);
+                            drow[lo + n..].fill(0.0);
+                        } else {
+                            // Columns xq whose input column xq * sw + rx - pl lies inside the row.
+                            let (lo, hi) = valid_range(rx as isize - pl as isize, sw, w, wq);
+                            drow[..lo].fill(0.0);
+                            drow[hi..].fill(0.0);
+                            let start = lo * sw + rx - pl;
+                            for (d, &v) in drow[lo..hi].iter_mut().zip(srow[start..].iter().step_by(sw)) {
+                                *d = v;
+                            }
+                        }
                     }
                 }
             }
-            (ph, pw)
-        });
-        dst.iter_mut().for_each(|v| *v = b);
-        for oy in 0..oh {
-            let row = &mut dst[oy * ow..(oy + 1) * ow];
-            for ky in 0..kh {
-                let iy = (oy * sh + ky * dh) as isize - pt as isize;
-                if iy < 0 || iy >= h as isize {
-                    continue;
-                }
-                let irow = &src[iy as usize * w..(iy as usize + 1) * w];
-                for kx in 0..kw {
-                    let wt = wk[ky * kw + kx];
-                    let off = (kx * dw) as isize - pl as isize;
-                    let (lo, hi) = valid_range(off, sw, w, ow);
-                    if lo >= hi {
-                        continue; // this tap reads only padding for every output column
-                    }
-                    if sw == 1 {
-                        let start = (lo as isize + off) as usize;
-                        let s = &irow[start..start + (hi - lo)];
-                        row[lo..hi].iter_mut().zip(s).for_each(|(d, &v)| *d = madd(wt, v, *d));
-                    } else if let Some((ph, pw)) = &phases {
-                        // Input column ox*sw + off = (ox + q)*sw + r.
-                        let (r, q) = (off.rem_euclid(sw as isize) as usize, off.div_euclid(sw as isize));
-                        let start = (iy as usize * sw + r) * pw + (lo as isize + q) as usize;
-                        let s = &ph[start..start + (hi - lo)];
-                        row[lo..hi].iter_mut().zip(s).for_each(|(d, &v)| *d = madd(wt, v, *d));
-                    }
-                }
-            }
+        };
+        let per = sh * sw * plane;
+        let body = &mut buf[..cg * per];
+        if cg * per >= 1 << 16 {
+            body.par_chunks_mut(per).enumerate().for_each(fill);
+        } else {
+            body.chunks_mut(per).enumerate().for_each(fill);
         }
     }
 
@@ -416,6 +488,44 @@ impl crate::sgemm::PanelSource for Im2col<'_> {
     }
 }
 
+/// A conv filter `[M, C/g, KH, KW]` packed once per group (`[M/g, C/g*KH*KW]` each) for
+/// [`crate::sgemm::gemm_packed_a_rows`]; built at plan time for a constant weight.
+pub(crate) struct PackedFilter {
+    groups: Vec<crate::sgemm::PackedA>,
+}
+
+impl PackedFilter {
+    /// Packs a constant weight for `group` groups; `None` when the CPU lacks the kernel or the
+    /// weight is depthwise (each group one row: `conv_dw.rs` runs those).
+    pub(crate) fn new(wv: &[f32], dims: &[usize], group: usize) -> Option<PackedFilter> {
+        let m = *dims.first()?;
+        if !crate::sgemm::rows_available() || group == 0 || !m.is_multiple_of(group) || m / group < 2 {
+            return None;
+        }
+        let k: usize = dims[1..].iter().product();
+        if wv.len() != m * k {
+            return None;
+        }
+        Self::pack_groups(wv, group, m / group, k)
+            .ok()
+            .map(|groups| PackedFilter { groups })
+    }
+
+    fn pack_groups(wv: &[f32], g: usize, mg: usize, k: usize) -> Result<Vec<crate::sgemm::PackedA>> {
+        use crate::sgemm::{MatRef, PackedA};
+        (0..g)
+            .map(|gi| {
+                let wg = wv.get(gi * mg * k..(gi + 1) * mg * k).unwrap_or(&[]);
+                PackedA::pack(MatRef::row_major(wg, mg, k)).map_err(|e| crate::RuntimeError::msg(e.to_string()))
+            })
+            .collect()
+    }
+
+    fn fits(&self, g: usize, mg: usize, k: usize) -> bool {
+        self.groups.len() == g && self.groups.iter().all(|pa| pa.m() == mg && pa.k() == k)
+    }
+}
+
 /// The output columns `ox` whose input column `ox * stride + off` lies inside `0..width`
 /// (`lo == hi` when there are none).
 fn valid_range(off: isize, stride: usize, width: usize, ow: usize) -> (usize, usize) {
@@ -507,7 +617,7 @@ mod tests {
         let x = CT::from_vec(xv.clone(), (n, c, h, w), &dev).expect("x");
         let wt = CT::from_vec(wv.clone(), (m, c / g, k.0, k.1), &dev).expect("w");
         let b = CT::from_vec(bv.clone(), m, &dev).expect("b");
-        let got = cv.run(&x, &wt, Some(&b)).expect("handled").expect("ok");
+        let got = cv.run(&x, &wt, Some(&b), None).expect("handled").expect("ok");
         assert_eq!(got.dims(), &[n, m, oh, ow]);
         let got: Vec<f32> = got.flatten_all().and_then(|t| t.to_vec1()).expect("vec");
         let want = reference(&cv, &xv, &wv, Some(&bv));

@@ -15,6 +15,7 @@ mod chain;
 pub mod common;
 mod control;
 mod conv_cpu;
+mod conv_dw;
 mod elementwise;
 pub mod fault;
 mod fused;

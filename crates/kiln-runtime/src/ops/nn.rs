@@ -238,6 +238,13 @@ fn conv_attrs(n: &NodeCtx) -> Result<ConvAttrs> {
 
 fn conv_factory(n: &NodeCtx) -> Result<Box<dyn OpKernel>> {
     let a = conv_attrs(n)?;
+    // A constant f32 filter is packed for the CPU GEMM once, here.
+    let packed = match n.const_input(1) {
+        Some(w) if n.options.device.is_cpu() && w.dtype == DType::F32 && a.group >= 1 => w
+            .values::<f32>()
+            .and_then(|wv| super::conv_cpu::PackedFilter::new(&wv, &w.dims, a.group as usize)),
+        _ => None,
+    };
     Ok(kernel(move |cx, ins| {
         let x = tin(ins, 0)?;
         let w = tin(ins, 1)?;
@@ -263,7 +270,18 @@ fn conv_factory(n: &NodeCtx) -> Result<Box<dyn OpKernel>> {
         let xc = float_work(x)?;
         let wc = w.candle().to_dtype(xc.dtype())?;
         let bc = b.map(|b| b.candle().to_dtype(xc.dtype())).transpose()?;
-        let y = conv_nd(cx, &xc, &wc, bc.as_ref(), a.group as usize, &strides, &dil, &pb, &pe)?;
+        let y = conv_nd(
+            cx,
+            &xc,
+            &wc,
+            bc.as_ref(),
+            a.group as usize,
+            &strides,
+            &dil,
+            &pb,
+            &pe,
+            packed.as_ref(),
+        )?;
         out1(float_back(y, x.dtype())?)
     }))
 }
@@ -282,6 +300,7 @@ pub(super) fn conv_nd(
     dil: &[usize],
     pb: &[usize],
     pe: &[usize],
+    packed: Option<&super::conv_cpu::PackedFilter>,
 ) -> Result<CT> {
     let xd = x.dims().to_vec();
     let wd = w.dims().to_vec();
@@ -333,6 +352,7 @@ pub(super) fn conv_nd(
             &x.contiguous()?,
             &w.contiguous()?,
             b.map(|b| b.contiguous()).transpose()?.as_ref(),
+            packed,
         ) {
             return if sp == 1 { Ok(y?.reshape(out_dims)?) } else { y };
         }
@@ -435,7 +455,7 @@ fn causal_conv_factory(n: &NodeCtx) -> Result<Box<dyn OpKernel>> {
         };
         let wc = w.candle().to_dtype(xc.dtype())?;
         let bc = tin_opt(ins, 2)?.map(|t| t.candle().to_dtype(xc.dtype())).transpose()?;
-        let mut y = conv_nd(cx, &padded, &wc, bc.as_ref(), c, &[1], &[1], &[0], &[0])?;
+        let mut y = conv_nd(cx, &padded, &wc, bc.as_ref(), c, &[1], &[1], &[0], &[0], None)?;
         let y_dt = x.dtype();
         if silu {
             // Round to the output dtype first, like the reference.
@@ -618,7 +638,7 @@ fn transpose_by_conv(cx: &RunCx, xc: &CT, wc: &CT, g: usize, dil: &[usize]) -> R
     let wf = wf.reshape([vec![m, c / g], k.clone()].concat())?;
     let pads: Vec<usize> = (0..sp).map(|i| (k[i] - 1) * dil[i]).collect();
     let ones = vec![1usize; sp];
-    conv_nd(cx, xc, &wf, None, g, &ones, dil, &pads, &pads)
+    conv_nd(cx, xc, &wf, None, g, &ones, dil, &pads, &pads, None)
 }
 
 /// Full (unpadded) transposed convolution as one GEMM plus a phase-split col2im:
@@ -978,7 +998,7 @@ mod tests {
             let x = CT::from_vec(val(n * c * l, 1), (n, c, l), &dev).unwrap();
             let w = CT::from_vec(val(m * (c / g) * k, 2), (m, c / g, k), &dev).unwrap();
             let b = CT::from_vec(val(m, 3), m, &dev).unwrap();
-            let got = conv_nd(&cx, &x, &w, Some(&b), g, &[s], &[d], &[p], &[p]).unwrap();
+            let got = conv_nd(&cx, &x, &w, Some(&b), g, &[s], &[d], &[p], &[p], None).unwrap();
             let want = x
                 .conv1d(&w, p, s, d, g)
                 .unwrap()

@@ -25,6 +25,9 @@
 use rayon::prelude::*;
 
 mod few_rows;
+mod rows;
+
+pub use rows::{gemm_packed_a_rows, rows_available, RowsB};
 
 /// Rows of the micro-tile (A panel height).
 pub const MR: usize = 6;
@@ -57,7 +60,7 @@ pub fn available() -> bool {
 /// Whether full tiles of two adjacent B panels (6 x 32) run on the AVX-512 kernel: x86-64 with
 /// AVX-512F, unless `KILN_DISABLE_AVX512` is set when the process first asks (for A/B measurements).
 /// On the 2-core dev machine (AMD EPYC) a 512-bit FMA loop runs 1.6x the flops of a 256-bit one.
-fn use_avx512() -> bool {
+pub(crate) fn use_avx512() -> bool {
     static USE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *USE.get_or_init(|| {
         #[cfg(target_arch = "x86_64")]
