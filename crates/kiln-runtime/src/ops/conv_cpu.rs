@@ -205,22 +205,7 @@ impl Conv2d {
                             continue;
                         }
                         let srow = &src[iy as usize * w..][..w];
-                        if sw == 1 {
-                            let lo = pl.min(wq);
-                            let n = w.min(wq - lo);
-                            drow[..lo].fill(0.0);
-                            drow[lo..lo + n].copy_from_slice(&srow[..n]);
-                            drow[lo + n..].fill(0.0);
-                        } else {
-                            // Columns xq whose input column xq * sw + rx - pl lies inside the row.
-                            let (lo, hi) = valid_range(rx as isize - pl as isize, sw, w, wq);
-                            drow[..lo].fill(0.0);
-                            drow[hi..].fill(0.0);
-                            let start = lo * sw + rx - pl;
-                            for (d, &v) in drow[lo..hi].iter_mut().zip(srow[start..].iter().step_by(sw)) {
-                                *d = v;
-                            }
-                        }
+                        phase_row(srow, drow, sw, rx, pl);
                     }
                 }
             }
@@ -524,6 +509,63 @@ impl PackedFilter {
     fn fits(&self, g: usize, mg: usize, k: usize) -> bool {
         self.groups.len() == g && self.groups.iter().all(|pa| pa.m() == mg && pa.k() == k)
     }
+}
+
+/// Phase `rx` of one padded input row: `drow[q] = srow[q * sw + rx - pl]`, zero where that column
+/// lies outside the row.
+pub(crate) fn phase_row(srow: &[f32], drow: &mut [f32], sw: usize, rx: usize, pl: usize) {
+    let (lo, hi) = valid_range(rx as isize - pl as isize, sw, srow.len(), drow.len());
+    drow[..lo].fill(0.0);
+    drow[hi..].fill(0.0);
+    if lo == hi {
+        return;
+    }
+    let start = lo * sw + rx - pl;
+    let dst = &mut drow[lo..hi];
+    if sw == 1 {
+        dst.copy_from_slice(&srow[start..start + dst.len()]);
+    } else if sw == 2 {
+        let src = &srow[start..];
+        let mut done = 0;
+        #[cfg(target_arch = "x86_64")]
+        if crate::sgemm::use_avx512() {
+            // SAFETY: `use_avx512` checked the CPU.
+            done = unsafe { evens_avx512(src, dst) };
+        }
+        // Pairs: the compiler turns this into vector shuffles (step_by stays scalar).
+        let pairs = dst.len().min(src.len() / 2);
+        for (d, s) in dst[done..pairs].iter_mut().zip(src[2 * done..].chunks_exact(2)) {
+            *d = s[0];
+        }
+        if pairs < dst.len() {
+            dst[pairs] = src[2 * pairs];
+        }
+    } else {
+        for (d, &v) in dst.iter_mut().zip(srow[start..].iter().step_by(sw)) {
+            *d = v;
+        }
+    }
+}
+
+/// `dst[i] = src[2 i]` for whole blocks of 16 while `src` holds 32 more floats; returns how many
+/// were written.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+fn evens_avx512(src: &[f32], dst: &mut [f32]) -> usize {
+    use std::arch::x86_64::*;
+    let idx = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+    let blocks = (dst.len() / 16).min(src.len() / 32);
+    for i in 0..blocks {
+        let s = &src[32 * i..32 * i + 32];
+        let d = &mut dst[16 * i..16 * i + 16];
+        // SAFETY: `s` holds 32 floats and `d` 16 (sliced above).
+        unsafe {
+            let lo = _mm512_loadu_ps(s.as_ptr());
+            let hi = _mm512_loadu_ps(s.as_ptr().add(16));
+            _mm512_storeu_ps(d.as_mut_ptr(), _mm512_permutex2var_ps(lo, idx, hi));
+        }
+    }
+    blocks * 16
 }
 
 /// The output columns `ox` whose input column `ox * stride + off` lies inside `0..width`

@@ -62,22 +62,7 @@ impl Phases {
                     continue;
                 }
                 let srow = &src[iy as usize * w..][..w];
-                if self.sw == 1 {
-                    let lo = pl.min(self.pw);
-                    let n = w.min(self.pw - lo);
-                    dst[..lo].fill(0.0);
-                    dst[lo..lo + n].copy_from_slice(&srow[..n]);
-                    dst[lo + n..].fill(0.0);
-                } else {
-                    for (q, d) in dst.iter_mut().enumerate() {
-                        let ix = (q * self.sw + r) as isize - pl as isize;
-                        *d = if ix >= 0 && (ix as usize) < w {
-                            srow[ix as usize]
-                        } else {
-                            0.0
-                        };
-                    }
-                }
+                super::conv_cpu::phase_row(srow, dst, self.sw, r, pl);
             }
         }
     }

@@ -16,6 +16,7 @@ pub mod common;
 mod control;
 mod conv_cpu;
 mod conv_dw;
+mod conv_transpose_cpu;
 mod elementwise;
 pub mod fault;
 mod fused;

@@ -478,6 +478,13 @@ fn conv_transpose_factory(n: &NodeCtx) -> Result<Box<dyn OpKernel>> {
     let a = conv_attrs(n)?;
     let output_padding = n.attr_ints("output_padding")?;
     let output_shape = n.attr_ints("output_shape")?;
+    // A constant 2-D f32 filter is transposed and packed for the CPU GEMM once, here.
+    let packed = match n.const_input(1) {
+        Some(w) if n.options.device.is_cpu() && w.dtype == DType::F32 && a.group >= 1 => w
+            .values::<f32>()
+            .and_then(|wv| super::conv_transpose_cpu::PackedTransposed::new(&wv, &w.dims, a.group as usize)),
+        _ => None,
+    };
     Ok(kernel(move |cx, ins| {
         let x = tin(ins, 0)?;
         let w = tin(ins, 1)?;
@@ -595,6 +602,27 @@ fn conv_transpose_factory(n: &NodeCtx) -> Result<Box<dyn OpKernel>> {
         cx.check_alloc(elems(&out_dims), x.dtype())?;
         let xc = float_work(x)?;
         let wc = w.candle().to_dtype(xc.dtype())?;
+        if sp == 2 && xc.dtype() == CDType::F32 && begin.iter().all(|&v| v >= 0) {
+            let cv = super::conv_transpose_cpu::ConvT2d {
+                n: nb,
+                c,
+                h: xd[2],
+                w: xd[3],
+                m,
+                kh: k[0],
+                kw: k[1],
+                group: g,
+                stride: (strides[0], strides[1]),
+                dil: (dil[0], dil[1]),
+                begin: (begin[0] as usize, begin[1] as usize),
+                oh: out_sp[0],
+                ow: out_sp[1],
+            };
+            let bc = b.map(|b| b.candle().to_dtype(CDType::F32)?.contiguous()).transpose()?;
+            if let Some(y) = cv.run(&xc.contiguous()?, &wc.contiguous()?, bc.as_ref(), packed.as_ref()) {
+                return out1(float_back(y?, x.dtype())?);
+            }
+        }
         let mut y = if strides.iter().any(|&s| s > 1) {
             conv_transpose_full(cx, &xc, &wc, g, &strides, &dil)?
         } else {
