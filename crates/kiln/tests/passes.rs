@@ -921,6 +921,37 @@ fn scalar_elementwise_chains_become_one_node_with_identical_results() {
 }
 
 #[test]
+fn conv_then_chain_becomes_one_node_with_identical_results() {
+    let mut b = B::new();
+    let x = b.input("x", &[1, 3, 9, 7]);
+    let w = conv_weight(&mut b, "w", 5, 3);
+    let cb = b.f32s("cb", &[5], &[0.1, -0.2, 0.3, 0.0, 0.5]);
+    let conv = b.node("Conv", &[x, w, cb], vec![("pads", ints(&[1, 1, 1, 1]))]);
+    // Scale and bias, then HardSwish written out (the PP-LCNet tail).
+    let (s, t) = (b.scalar("s", 1.3), b.scalar("t", -0.2));
+    let a = b.op("Mul", &[conv, s]);
+    let a = b.op("Add", &[a, t]);
+    let (three, zero, six) = (b.scalar("three", 3.0), b.scalar("zero", 0.0), b.scalar("six", 6.0));
+    let h = b.op("Add", &[a, three]);
+    let h = b.op("Clip", &[h, zero, six]);
+    let h = b.op("Mul", &[a, h]);
+    let y = b.op("Div", &[h, six]);
+    // A Conv whose output is also a graph output keeps its chain apart.
+    let w2 = conv_weight(&mut b, "w2", 4, 3);
+    let c2 = b.op("Conv", &[x, w2]);
+    let y2 = b.op("Mul", &[c2, s]);
+    let y2 = b.op("Add", &[y2, t]);
+    let (m, feeds) = b.model(&[y, y2, c2], 17);
+    let (opt, report) = optimize_and_compare(&m, &feeds, &opts(&m, OptLevel::All), 0.0);
+    let ops = op_counts(&opt.graph);
+    assert_eq!(report.count("conv_chain_fusion"), 1, "{report}");
+    assert_eq!(ops.get("ai.kiln::FusedConvChain"), Some(&1), "{ops:?}");
+    assert_eq!(ops.get("ai.kiln::ElementwiseChain"), Some(&1), "{ops:?}");
+    assert_eq!(ops.get("Conv"), Some(&1), "{ops:?}");
+    assert_eq!(ops.values().sum::<usize>(), 3, "{ops:?}");
+}
+
+#[test]
 fn elementwise_chain_keeps_broadcast_rank() {
     // A rank-0 input plus a [1, 1] constant is [1, 1], fused or not.
     let mut b = B::new();

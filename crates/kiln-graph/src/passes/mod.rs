@@ -12,7 +12,8 @@
 //!   Conv[+residual Add]+activation -> `com.microsoft` FusedConv, LayerNorm and GELU subgraphs, bias+GELU,
 //!   scaled-dot-product attention, Transpose pairs).
 //! - `All`: Extended plus fusions into Kiln's own `ai.kiln` nodes, which only Kiln runs (chains of
-//!   scalar element-wise ops -> `ElementwiseChain`). No layout (NCHWc) rewrites yet.
+//!   scalar element-wise ops -> `ElementwiseChain`, and such a chain after a Conv ->
+//!   `FusedConvChain`). No layout (NCHWc) rewrites yet.
 //!
 //! Rules never rename or remove graph outputs, never drop graph inputs, and never rewire a value a
 //! subgraph reads by name (an implicit input): those values are *pinned* (see [`edit`]).
@@ -28,6 +29,7 @@ pub mod const_fold;
 pub mod conv_activation;
 pub mod conv_add_activation;
 pub mod conv_bn;
+pub mod conv_chain;
 pub mod cse;
 pub mod dce;
 pub mod edit;
@@ -182,6 +184,7 @@ pub fn passes_for(level: OptLevel) -> Vec<Box<dyn Pass>> {
     if level >= OptLevel::All {
         v.push(Box::new(matmul_bias::FuseMatMulBias));
         v.push(Box::new(elementwise_chain::FuseElementwiseChains));
+        v.push(Box::new(conv_chain::FuseConvChain));
     }
     v.push(Box::new(dce::EliminateDeadNodes));
     v

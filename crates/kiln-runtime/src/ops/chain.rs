@@ -44,6 +44,12 @@ const BLOCK: usize = 4096;
 
 fn run_f32(steps: &[Step], src: &[f32]) -> Vec<f32> {
     let mut out = src.to_vec();
+    run_in_place(steps, &mut out);
+    out
+}
+
+/// Applies the chain to `data` in place, block by block (blocks in parallel when there are many).
+pub(crate) fn run_in_place(steps: &[Step], data: &mut [f32]) {
     let avx2 = crate::fastmath::has_avx2_fma();
     let block = |b: &mut [f32]| {
         #[cfg(any(target_arch = "x86", target_arch = "x86_64"))]
@@ -55,12 +61,34 @@ fn run_f32(steps: &[Step], src: &[f32]) -> Vec<f32> {
         let _ = avx2;
         apply(steps, b);
     };
-    if out.len() <= 4 * BLOCK {
-        out.chunks_mut(BLOCK).for_each(block);
+    if data.len() <= 4 * BLOCK {
+        data.chunks_mut(BLOCK).for_each(block);
     } else {
-        out.par_chunks_mut(BLOCK).for_each(block);
+        data.par_chunks_mut(BLOCK).for_each(block);
     }
-    out
+}
+
+/// The chain as a candle in-place op on a contiguous f32 CPU tensor (a kernel's fresh output).
+pub(crate) struct ChainInPlace<'a>(pub &'a [Step]);
+
+impl candle_core::InplaceOp1 for ChainInPlace<'_> {
+    fn name(&self) -> &'static str {
+        "elementwise-chain"
+    }
+
+    fn cpu_fwd(&self, storage: &mut candle_core::CpuStorage, layout: &candle_core::Layout) -> candle_core::Result<()> {
+        let candle_core::CpuStorage::F32(data) = storage else {
+            candle_core::bail!("elementwise chain: f32 storage expected")
+        };
+        let Some((start, end)) = layout.contiguous_offsets() else {
+            candle_core::bail!("elementwise chain: contiguous layout expected")
+        };
+        let Some(slice) = data.get_mut(start..end) else {
+            candle_core::bail!("elementwise chain: layout out of the storage")
+        };
+        run_in_place(self.0, slice);
+        Ok(())
+    }
 }
 
 /// `apply` compiled for AVX2. Rust never contracts a multiply and an add into an FMA, so the
@@ -111,7 +139,7 @@ fn apply_inner(steps: &[Step], x: &mut [f32]) {
     apply(steps, x)
 }
 
-fn run_candle(steps: &[Step], x: &CT) -> Result<CT> {
+pub(crate) fn run_candle(steps: &[Step], x: &CT) -> Result<CT> {
     let scalar = |c: f32| -> Result<CT> { Ok(CT::new(c, x.device())?.to_dtype(x.dtype())?) };
     let mut y = x.clone();
     for s in steps {

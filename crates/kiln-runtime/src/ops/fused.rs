@@ -10,7 +10,11 @@ use std::collections::BTreeMap;
 use candle_core::{CpuStorage, Layout, Tensor as CT};
 use kiln_graph::{Attribute, Node};
 
+use kiln_graph::passes::conv_chain::{CONV_CHAIN, KILN as CHAIN_DOMAIN};
+use kiln_graph::passes::elementwise_chain::decode;
+
 use super::binary_cpu::{binary_f32, BinOp};
+use super::chain::ChainInPlace;
 use super::common::tin;
 use super::{kernel, out1, NodeCtx, OpKernel, Registry};
 use crate::cuda_kernels::{self, Act as CudaAct};
@@ -44,6 +48,7 @@ fn fast_gelu_f32(x: &CT, bias: Option<&CT>, f: Func) -> Result<Option<Tensor>> {
 
 pub fn register(r: &mut Registry) {
     r.add_domain(MS, "FusedConv", fused_conv);
+    r.add_domain(CHAIN_DOMAIN, CONV_CHAIN, fused_conv_chain);
     r.add_domain(MS, "Gelu", |_| {
         Ok(kernel(|_, ins| {
             let x = tin(ins, 0)?;
@@ -203,15 +208,13 @@ fn parse_act(n: &NodeCtx) -> Result<Act> {
     })
 }
 
-/// `com.microsoft::FusedConv`: Conv (all of Conv's attributes), plus the optional fourth input
-/// `Z` (a residual, broadcast like Add), then `activation`.
-fn fused_conv(n: &NodeCtx) -> Result<Box<dyn OpKernel>> {
-    let act = parse_act(n)?;
+/// The plain `Conv` kernel for a fused conv node: its attributes less `extra` (the fusion's own).
+fn inner_conv(n: &NodeCtx, extra: &[&str]) -> Result<Box<dyn OpKernel>> {
     let attributes: BTreeMap<String, Attribute> = n
         .node
         .attributes
         .iter()
-        .filter(|(k, _)| k.as_str() != "activation" && k.as_str() != "activation_params")
+        .filter(|(k, _)| !extra.contains(&k.as_str()))
         .map(|(k, v)| (k.clone(), v.clone()))
         .collect();
     let mut conv_node = Node {
@@ -231,7 +234,37 @@ fn fused_conv(n: &NodeCtx) -> Result<Box<dyn OpKernel>> {
         options: n.options,
         subplans: Default::default(),
     };
-    let conv = factory(&cx)?;
+    factory(&cx)
+}
+
+/// `ai.kiln::FusedConvChain` (`kiln_graph::passes::conv_chain`): Conv (all of Conv's attributes),
+/// then the `ElementwiseChain` of `program` applied to its fresh output in place.
+fn fused_conv_chain(n: &NodeCtx) -> Result<Box<dyn OpKernel>> {
+    let program = n
+        .attr_floats("program")?
+        .ok_or_else(|| n.err("missing attribute 'program'"))?;
+    let steps = decode(&program).ok_or_else(|| n.err("malformed 'program' attribute"))?;
+    let conv = inner_conv(n, &["program"])?;
+    Ok(kernel(move |cx, ins| {
+        let mut outs = conv.run(cx, ins)?;
+        let Some(Value::Tensor(y)) = outs.pop() else {
+            bail!("FusedConvChain: Conv gave no tensor")
+        };
+        let t = y.candle();
+        if t.device().is_cpu() && t.dtype() == candle_core::DType::F32 && t.is_contiguous() {
+            t.inplace_op1(&ChainInPlace(&steps))?;
+            return out1(y);
+        }
+        let r = super::chain::run_candle(&steps, t)?;
+        out1(Tensor::new(r, y.dtype())?)
+    }))
+}
+
+/// `com.microsoft::FusedConv`: Conv (all of Conv's attributes), plus the optional fourth input
+/// `Z` (a residual, broadcast like Add), then `activation`.
+fn fused_conv(n: &NodeCtx) -> Result<Box<dyn OpKernel>> {
+    let act = parse_act(n)?;
+    let conv = inner_conv(n, &["activation", "activation_params"])?;
     Ok(kernel(move |cx, ins| {
         let mut outs = conv.run(cx, ins.get(..3).unwrap_or(ins))?;
         let Some(Value::Tensor(mut y)) = outs.pop() else {
