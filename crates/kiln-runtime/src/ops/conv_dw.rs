@@ -162,54 +162,91 @@ impl Conv2d {
     unsafe fn dw_plane_avx512(&self, ph: &Phases, offs: &[usize], buf: &[f32], wk: &[f32], b: f32, dst: &mut [f32]) {
         let ow = self.ow;
         let row_step = ph.at(self.stride.0, 0);
-        for oy in 0..self.oh {
-            let mut ox = 0;
-            while ox < ow {
-                let left = ow - ox;
-                // SAFETY: every read is `buf[oy * row_step + ox + lane + offset]` for an output column
-                // ox + lane < ow, which `Phases::new` sized the buffer for; the writes are row oy's
-                // columns ox.. ox + min(left, 64) of `dst` (oh * ow floats).
+        // Column blocks of up to 4 vectors; several output rows per block, so that at least 4 (up to 8)
+        // independent accumulator chains hide the FMA latency (each chain has kh*kw dependent FMAs).
+        let mut ox = 0;
+        while ox < ow {
+            let left = ow - ox;
+            let nv = left.div_ceil(16).min(4);
+            let rows = if nv <= 2 { 4 } else { 2 };
+            let mut oy = 0;
+            while oy < self.oh {
+                let r = if self.oh - oy >= rows { rows } else { 1 };
+                // SAFETY: every read is `buf[(oy + i) * row_step + ox + lane + offset]` for an output
+                // (oy + i, ox + lane) of the plane, which `Phases::new` sized the buffer for; the writes
+                // are those outputs in `dst` (oh * ow floats).
                 unsafe {
                     let src = buf.as_ptr().add(oy * row_step + ox);
                     let out = dst.as_mut_ptr().add(oy * ow + ox);
-                    match left.div_ceil(16) {
-                        1 => dw_block::<1>(offs, wk, b, src, out, left),
-                        2 => dw_block::<2>(offs, wk, b, src, out, left),
-                        3 => dw_block::<3>(offs, wk, b, src, out, left),
-                        _ => dw_block::<4>(offs, wk, b, src, out, left),
+                    let at = Block {
+                        src,
+                        row_step,
+                        out,
+                        ow,
+                        left,
+                    };
+                    match (nv, r) {
+                        (1, 4) => dw_block::<1, 4>(offs, wk, b, at),
+                        (1, _) => dw_block::<1, 1>(offs, wk, b, at),
+                        (2, 4) => dw_block::<2, 4>(offs, wk, b, at),
+                        (2, _) => dw_block::<2, 1>(offs, wk, b, at),
+                        (3, 2) => dw_block::<3, 2>(offs, wk, b, at),
+                        (3, _) => dw_block::<3, 1>(offs, wk, b, at),
+                        (_, 2) => dw_block::<4, 2>(offs, wk, b, at),
+                        _ => dw_block::<4, 1>(offs, wk, b, at),
                     }
                 }
-                ox += left.min(64);
+                oy += r;
             }
+            ox += left.min(64);
         }
     }
 }
 
-/// `min(left, 16 V)` outputs at `out`: `b + sum over taps t of wk[t] * src[offs[t] + i]`.
+/// Where one register block reads and writes.
+#[derive(Clone, Copy)]
+struct Block {
+    /// The first output's first read (tap offset 0) in the phase buffer.
+    src: *const f32,
+    /// Buffer floats between consecutive output rows' reads.
+    row_step: usize,
+    /// The first output.
+    out: *mut f32,
+    /// Output row stride.
+    ow: usize,
+    /// Output columns left in the row from here (the block takes at most 16 V).
+    left: usize,
+}
+
+/// Outputs `(i, j)` for rows `i < R` and columns `j < min(left, 16 V)`:
+/// `b + sum over taps t of wk[t] * src[i * row_step + offs[t] + j]`.
 ///
 /// # Safety
-/// The CPU has AVX-512F; `src + offset + i` is readable and `out + i` writable for every tap and
-/// every `i < min(left, 16 V)`.
+/// The CPU has AVX-512F; those reads are inside the buffer and those outputs writable.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-unsafe fn dw_block<const V: usize>(offs: &[usize], wk: &[f32], b: f32, src: *const f32, out: *mut f32, left: usize) {
+unsafe fn dw_block<const V: usize, const R: usize>(offs: &[usize], wk: &[f32], b: f32, at: Block) {
     use std::arch::x86_64::*;
     let masks: [__mmask16; V] = std::array::from_fn(|v| {
-        let n = left.saturating_sub(16 * v).min(16);
+        let n = at.left.saturating_sub(16 * v).min(16);
         ((1u32 << n) - 1) as __mmask16
     });
-    let mut acc = [_mm512_set1_ps(b); V];
+    let mut acc = [[_mm512_set1_ps(b); V]; R];
     for (&off, &w) in offs.iter().zip(wk) {
         let wt = _mm512_set1_ps(w);
-        for (v, a) in acc.iter_mut().enumerate() {
-            // SAFETY: see the function's contract; masked-off lanes are not read.
-            let x = unsafe { _mm512_maskz_loadu_ps(masks[v], src.add(off + 16 * v)) };
-            *a = _mm512_fmadd_ps(wt, x, *a);
+        for (i, row) in acc.iter_mut().enumerate() {
+            for (v, a) in row.iter_mut().enumerate() {
+                // SAFETY: see the function's contract; masked-off lanes are not read.
+                let x = unsafe { _mm512_maskz_loadu_ps(masks[v], at.src.add(i * at.row_step + off + 16 * v)) };
+                *a = _mm512_fmadd_ps(wt, x, *a);
+            }
         }
     }
-    for (v, a) in acc.iter().enumerate() {
-        // SAFETY: see the function's contract; masked-off lanes are not written.
-        unsafe { _mm512_mask_storeu_ps(out.add(16 * v), masks[v], *a) };
+    for (i, row) in acc.iter().enumerate() {
+        for (v, a) in row.iter().enumerate() {
+            // SAFETY: see the function's contract; masked-off lanes are not written.
+            unsafe { _mm512_mask_storeu_ps(at.out.add(i * at.ow + 16 * v), masks[v], *a) };
+        }
     }
 }
 
