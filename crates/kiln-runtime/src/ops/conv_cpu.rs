@@ -103,8 +103,12 @@ impl Conv2d {
         let k = cg * kh * kw;
         let p = self.oh * self.ow;
         let owned;
-        let packed: &[crate::sgemm::PackedA] = match packed.filter(|pf| pf.fits(g, mg, k)) {
+        let plan_filter = packed.filter(|pf| pf.fits(g, mg, k));
+        let packed: &[crate::sgemm::PackedA] = match plan_filter {
             Some(pf) => &pf.groups,
+            // A filter packed per call costs M*K, too much against M*K*P for a handful of output
+            // pixels (`dense` then takes candle's GEMM).
+            None if p < 64 => return None,
             None => {
                 owned = with_f32(w, |wv| PackedFilter::pack_groups(wv, g, mg, k))?.ok()?;
                 &owned
@@ -112,6 +116,11 @@ impl Conv2d {
         };
         let pointwise =
             kh == 1 && kw == 1 && self.stride == (1, 1) && self.pad == (0, 0) && self.oh == self.h && self.ow == self.w;
+        if let Some(pf) = plan_filter.filter(|_| p < FEW_PIXELS) {
+            if let Some(r) = self.dense_few_pixels(x, w, bias, pf, pointwise) {
+                return Some(r);
+            }
+        }
         // Phase plane (ci, ry, rx): padded rows ry, ry + sh, ... and columns rx, rx + sw, ... (hq x wq);
         // output (oy, ox) of tap (ky, kx) reads plane (ci, ky*dh % sh, kx*dw % sw) at row
         // oy + ky*dh / sh, column ox + kx*dw / sw. Outputs are computed over rows of wq columns (the
@@ -181,6 +190,106 @@ impl Conv2d {
                 };
                 if let Err(e) = r {
                     return Some(Err(err(e)));
+                }
+            }
+        }
+        Some(Ok(out))
+    }
+
+    /// `dense_rows` for a handful of output pixels: `C^T = im2col^T · W^T` through the packed-B GEMM
+    /// (its few-rows path streams each filter panel once), then transposed into the output. `None`
+    /// when `W^T` could not be packed.
+    fn dense_few_pixels(
+        &self,
+        x: &[f32],
+        w: &CT,
+        bias: Option<&[f32]>,
+        pf: &PackedFilter,
+        pointwise: bool,
+    ) -> Option<Result<Vec<f32>>> {
+        use crate::sgemm::{gemm_packed_b, Bias, MatRef, PackedB};
+        let g = self.group;
+        let (cg, mg) = (self.c / g, self.m / g);
+        let k = cg * self.kh * self.kw;
+        let p = self.oh * self.ow;
+        let tb = pf.transposed.get_or_init(|| {
+            with_f32(w, |wv| {
+                (0..g)
+                    .map(|gi| {
+                        let wg = &wv[gi * mg * k..(gi + 1) * mg * k];
+                        // Element (kk, oc) of W^T is wg[oc * k + kk].
+                        PackedB::pack(MatRef {
+                            data: wg,
+                            rows: k,
+                            cols: mg,
+                            rs: 1,
+                            cs: k,
+                        })
+                        .ok()
+                    })
+                    .collect::<Option<Vec<_>>>()
+            })
+            .flatten()
+            .unwrap_or_default()
+        });
+        if tb.len() != g {
+            return None;
+        }
+        let (hq, wq) = (
+            self.oh + (self.kh - 1) * self.dil.0 / self.stride.0,
+            self.ow + (self.kw - 1) * self.dil.1 / self.stride.1,
+        );
+        let (sh, sw) = self.stride;
+        let (dh, dw) = self.dil;
+        let plane = hq * wq;
+        let mut phases = if pointwise {
+            Vec::new()
+        } else {
+            vec![0f32; cg * sh * sw * plane]
+        };
+        let mut at = vec![0f32; p * k];
+        let mut ct = vec![0f32; p * mg];
+        let mut out = vec![0f32; self.n * self.m * p];
+        for b in 0..self.n {
+            for (gi, pb) in tb.iter().enumerate() {
+                let plane0 = (b * self.c + gi * cg) * self.h * self.w;
+                let xin = &x[plane0..plane0 + cg * self.h * self.w];
+                let a = if pointwise {
+                    // Element (pixel, ci) of im2col^T is xin[ci * p + pixel].
+                    MatRef {
+                        data: xin,
+                        rows: p,
+                        cols: k,
+                        rs: 1,
+                        cs: p,
+                    }
+                } else {
+                    self.fill_phases(xin, cg, hq, wq, &mut phases);
+                    for (pix, row) in at.chunks_exact_mut(k).enumerate() {
+                        let j = pix / self.ow * wq + pix % self.ow;
+                        let mut kk = 0;
+                        for ci in 0..cg {
+                            for ky in 0..self.kh {
+                                for kx in 0..self.kw {
+                                    let (ry, rx) = (ky * dh % sh, kx * dw % sw);
+                                    let off = ((ci * sh + ry) * sw + rx) * plane + ky * dh / sh * wq + kx * dw / sw;
+                                    row[kk] = phases[off + j];
+                                    kk += 1;
+                                }
+                            }
+                        }
+                    }
+                    MatRef::row_major(&at, p, k)
+                };
+                let bias_g = bias.map_or(Bias::None, |bs| Bias::PerCol(&bs[gi * mg..(gi + 1) * mg]));
+                if let Err(e) = gemm_packed_b(a, pb, bias_g, &mut ct, mg) {
+                    return Some(Err(crate::RuntimeError::msg(e.to_string())));
+                }
+                let dst = &mut out[(b * self.m + gi * mg) * p..(b * self.m + (gi + 1) * mg) * p];
+                for (oc, drow) in dst.chunks_exact_mut(p).enumerate() {
+                    for (pix, d) in drow.iter_mut().enumerate() {
+                        *d = ct[pix * mg + oc];
+                    }
                 }
             }
         }
@@ -477,7 +586,15 @@ impl crate::sgemm::PanelSource for Im2col<'_> {
 /// [`crate::sgemm::gemm_packed_a_rows`]; built at plan time for a constant weight.
 pub(crate) struct PackedFilter {
     groups: Vec<crate::sgemm::PackedA>,
+    /// Each group's `W^T` (`[C/g*KH*KW, M/g]`) as a packed right operand, made on the first call with
+    /// fewer than [`FEW_PIXELS`] output pixels (empty when packing failed).
+    transposed: std::sync::OnceLock<Vec<crate::sgemm::PackedB>>,
 }
+
+/// Output pixels below which a conv with a plan-time filter runs as `im2col^T · W^T` (pixels as the
+/// GEMM's rows, each filter panel streamed once for all of them) instead of `W · im2col`, whose
+/// 32-column tiles would be mostly empty (Silero VAD's 1-D convs have 2-4 output frames).
+const FEW_PIXELS: usize = 24;
 
 impl PackedFilter {
     /// Packs a constant weight for `group` groups; `None` when the CPU lacks the kernel or the
@@ -493,7 +610,10 @@ impl PackedFilter {
         }
         Self::pack_groups(wv, group, m / group, k)
             .ok()
-            .map(|groups| PackedFilter { groups })
+            .map(|groups| PackedFilter {
+                groups,
+                transposed: std::sync::OnceLock::new(),
+            })
     }
 
     fn pack_groups(wv: &[f32], g: usize, mg: usize, k: usize) -> Result<Vec<crate::sgemm::PackedA>> {
@@ -659,12 +779,24 @@ mod tests {
         let x = CT::from_vec(xv.clone(), (n, c, h, w), &dev).expect("x");
         let wt = CT::from_vec(wv.clone(), (m, c / g, k.0, k.1), &dev).expect("w");
         let b = CT::from_vec(bv.clone(), m, &dev).expect("b");
-        let got = cv.run(&x, &wt, Some(&b), None).expect("handled").expect("ok");
-        assert_eq!(got.dims(), &[n, m, oh, ow]);
-        let got: Vec<f32> = got.flatten_all().and_then(|t| t.to_vec1()).expect("vec");
         let want = reference(&cv, &xv, &wv, Some(&bv));
-        for (i, (a, b)) in got.iter().zip(&want).enumerate() {
-            assert!((a - b).abs() <= 1e-4 * (1.0 + b.abs()), "{cv:?} at {i}: {a} vs {b}");
+        // The filter packed per call, then at plan time (few output pixels take `W^T` then).
+        let plan = PackedFilter::new(&wv, &[m, c / g, k.0, k.1], g);
+        for packed in [None, plan.as_ref()] {
+            let got = cv.run(&x, &wt, Some(&b), packed).expect("handled").expect("ok");
+            assert_eq!(got.dims(), &[n, m, oh, ow]);
+            let got: Vec<f32> = got.flatten_all().and_then(|t| t.to_vec1()).expect("vec");
+            for (i, (a, b)) in got.iter().zip(&want).enumerate() {
+                let how = if packed.is_some() {
+                    "plan-time filter"
+                } else {
+                    "per call"
+                };
+                assert!(
+                    (a - b).abs() <= 1e-4 * (1.0 + b.abs()),
+                    "{cv:?} ({how}) at {i}: {a} vs {b}"
+                );
+            }
         }
     }
 
@@ -688,6 +820,12 @@ mod tests {
         case(2, 32, (33, 33), 40, (1, 1), 1, 1, 1, (0, 0, 0, 0));
         case(1, 8, (32, 35), 8, (3, 3), 2, 1, 2, (2, 2, 2, 2));
         case(1, 5, (30, 50), 7, (2, 5), 1, 3, 1, (0, 2, 1, 0));
+        // Few output pixels (the W^T path with a plan-time filter): 1-D-like rows, pointwise,
+        // strided, dilated, grouped, several images.
+        case(1, 9, (1, 8), 20, (1, 3), 1, 2, 1, (0, 1, 0, 1));
+        case(2, 12, (2, 3), 14, (1, 1), 1, 1, 1, (0, 0, 0, 0));
+        case(1, 6, (5, 5), 8, (3, 3), 2, 2, 1, (1, 1, 1, 1));
+        case(3, 4, (4, 6), 6, (2, 2), 1, 1, 2, (1, 0, 0, 1));
     }
 
     #[test]

@@ -197,12 +197,26 @@ impl NodeCtx<'_> {
 
     /// Input `i` when it is an initializer the caller cannot override at run time (an initializer
     /// that is also a graph input may be fed a different value, so it is not a constant).
+    ///
+    /// The output of a `Constant` node with a `value` tensor counts too: subgraph bodies (If/Loop/Scan)
+    /// are compiled as written, and exporters put their weights in such nodes (Silero VAD's whole
+    /// model is an If branch), so their filters are packed at plan time like top-level ones.
     pub fn const_input(&self, i: usize) -> Option<&TensorData> {
         let id = self.node.inputs.get(i).copied().flatten()?;
         if self.graph.inputs.contains(&id) {
             return None;
         }
-        self.graph.initializers.get(&id)
+        if let Some(t) = self.graph.initializers.get(&id) {
+            return Some(t);
+        }
+        let producer = self.graph.nodes.iter().find(|n| n.outputs.contains(&Some(id)))?;
+        if producer.op_type != "Constant" || !producer.domain.is_empty() {
+            return None;
+        }
+        match producer.attr("value") {
+            Some(kiln_graph::Attribute::Tensor(t)) => Some(t),
+            _ => None,
+        }
     }
 
     /// Statically known dtype of input `i`.
