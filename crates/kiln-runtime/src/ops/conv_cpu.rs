@@ -690,7 +690,7 @@ fn evens_avx512(src: &[f32], dst: &mut [f32]) -> usize {
 
 /// The output columns `ox` whose input column `ox * stride + off` lies inside `0..width`
 /// (`lo == hi` when there are none).
-fn valid_range(off: isize, stride: usize, width: usize, ow: usize) -> (usize, usize) {
+pub(crate) fn valid_range(off: isize, stride: usize, width: usize, ow: usize) -> (usize, usize) {
     let s = stride as isize;
     // ox * s + off >= 0  <=>  ox >= ceil(-off / s)
     let lo = if off >= 0 { 0 } else { ((-off) + s - 1) / s };

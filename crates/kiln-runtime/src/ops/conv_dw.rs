@@ -49,8 +49,8 @@ impl Phases {
     }
 
     /// Copies plane `src` (`h x w`) into `buf` (`len()` floats): padded column `q * sw + r` of
-    /// padded row `py` is input `(py - pad_top, q * sw + r - pad_left)`, zero outside the image.
-    fn fill(&self, cv: &Conv2d, src: &[f32], buf: &mut [f32]) {
+    /// padded row `py` is input `(py - pad_top, q * sw + r - pad_left)`, `pad` outside the image.
+    fn fill(&self, cv: &Conv2d, src: &[f32], buf: &mut [f32], pad: f32) {
         let (h, w) = (cv.h, cv.w);
         let (pt, pl) = cv.pad;
         for py in 0..self.hp {
@@ -58,11 +58,17 @@ impl Phases {
             for r in 0..self.sw {
                 let dst = &mut buf[self.at(py, r)..][..self.pw];
                 if iy < 0 || iy >= h as isize {
-                    dst.fill(0.0);
+                    dst.fill(pad);
                     continue;
                 }
                 let srow = &src[iy as usize * w..][..w];
                 super::conv_cpu::phase_row(srow, dst, self.sw, r, pl);
+                if pad != 0.0 {
+                    // phase_row zero-fills the columns outside the image.
+                    let (lo, hi) = super::conv_cpu::valid_range(r as isize - pl as isize, self.sw, w, self.pw);
+                    dst[..lo].fill(pad);
+                    dst[hi..].fill(pad);
+                }
             }
         }
     }
@@ -93,7 +99,7 @@ impl Conv2d {
             let wk = &wv[ch * kh * kw..(ch + 1) * kh * kw];
             let b = bias.map_or(0.0, |b| b[ch]);
             buf.resize(ph.len(), 0.0);
-            ph.fill(self, src, buf);
+            ph.fill(self, src, buf, 0.0);
             #[cfg(target_arch = "x86_64")]
             if wide {
                 // SAFETY: `use_avx512` checked the CPU; `buf` holds the filled phases, `dst` oh*ow floats.
@@ -116,6 +122,32 @@ impl Conv2d {
             .for_each_init(Vec::new, |buf, (t, chunk)| {
                 for (i, dst) in chunk.chunks_mut(oh * ow).enumerate() {
                     one(buf, (t * per_task + i, dst));
+                }
+            });
+        out
+    }
+
+    /// 2-D max pooling of `x` (`[N, C, H, W]`) with this geometry (`m == c`, no weights): the same
+    /// padded phase planes, filled with -inf outside the image, and a running maximum per output
+    /// row over the window's taps. A NaN in a window gives NaN where it is the newer operand of a
+    /// comparison (`v > acc` is false for NaN), as a plain loop of comparisons would.
+    pub(crate) fn max_pool(&self, x: &[f32]) -> Vec<f32> {
+        let (h, w, oh, ow) = (self.h, self.w, self.oh, self.ow);
+        let mut out = vec![0f32; self.n * self.c * oh * ow];
+        let ph = Phases::new(self);
+        let offs = self.dw_tap_offsets(&ph);
+        let row_step = ph.at(self.stride.0, 0);
+        let per_task = (4096 / (oh * ow).max(1)).max(1);
+        out.par_chunks_mut(oh * ow * per_task)
+            .enumerate()
+            .for_each_init(Vec::new, |buf: &mut Vec<f32>, (t, chunk)| {
+                for (i, dst) in chunk.chunks_mut(oh * ow).enumerate() {
+                    let plane = t * per_task + i;
+                    buf.resize(ph.len(), 0.0);
+                    ph.fill(self, &x[plane * h * w..(plane + 1) * h * w], buf, f32::NEG_INFINITY);
+                    for (oy, row) in dst.chunks_exact_mut(ow).enumerate() {
+                        max_row(&buf[oy * row_step..], &offs, row);
+                    }
                 }
             });
         out
@@ -200,6 +232,51 @@ impl Conv2d {
             }
             ox += left.min(64);
         }
+    }
+}
+
+/// `row[j] = max over taps of src[off + j]` (taps in order, each comparison as `_mm_max_ps(acc, v)`
+/// is in ONNX Runtime's pooling: a NaN input is taken, a later number replaces it).
+fn max_row(src: &[f32], offs: &[usize], row: &mut [f32]) {
+    let n = row.len();
+    assert!(
+        offs.iter().all(|&o| o + n <= src.len()),
+        "max_row: a tap reads past the buffer"
+    );
+    #[cfg(target_arch = "x86_64")]
+    if crate::sgemm::use_avx512() {
+        // SAFETY: `use_avx512` checked the CPU; the assert above bounds every read.
+        unsafe { max_row_avx512(src, offs, row) };
+        return;
+    }
+    row.fill(f32::NEG_INFINITY);
+    for &off in offs {
+        for (d, &v) in row.iter_mut().zip(&src[off..off + n]) {
+            *d = if *d > v { *d } else { v };
+        }
+    }
+}
+
+/// # Safety
+/// The CPU has AVX-512F and `src[off + j]` exists for every tap offset and `j < row.len()`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn max_row_avx512(src: &[f32], offs: &[usize], row: &mut [f32]) {
+    use std::arch::x86_64::*;
+    let n = row.len();
+    let mut j = 0;
+    while j < n {
+        let lanes = (n - j).min(16);
+        let mask = ((1u32 << lanes) - 1) as __mmask16;
+        let mut acc = _mm512_set1_ps(f32::NEG_INFINITY);
+        for &off in offs {
+            // SAFETY: lanes j..j+lanes of this tap are inside `src` (the caller's contract).
+            let v = unsafe { _mm512_maskz_loadu_ps(mask, src.as_ptr().add(off + j)) };
+            acc = _mm512_max_ps(acc, v);
+        }
+        // SAFETY: lanes j..j+lanes are inside `row`.
+        unsafe { _mm512_mask_storeu_ps(row.as_mut_ptr().add(j), mask, acc) };
+        j += lanes;
     }
 }
 
@@ -320,7 +397,7 @@ mod tests {
                     }
                 }
                 let mut buf = vec![0f32; ph.len()];
-                ph.fill(&cv, src, &mut buf);
+                ph.fill(&cv, src, &mut buf, 0.0);
                 let mut got = vec![f32::NAN; cv.oh * cv.ow];
                 cv.dw_plane(&ph, &buf, wk, 0.5, &mut got);
                 let close = |g: &[f32], what: &str| {
