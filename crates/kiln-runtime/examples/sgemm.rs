@@ -1,6 +1,8 @@
 //! Single-thread GFLOP/s of the packed GEMM against the `gemm` crate (candle's), alternating the
 //! engines and keeping each one's best round (the dev machine is shared and noisy).
-use kiln_runtime::sgemm::{gemm_packed_a, gemm_packed_b, Bias, MatRef, PackedA, PackedB};
+use kiln_runtime::sgemm::{
+    gemm_packed_a, gemm_packed_a_rows, gemm_packed_b, rows_available, Bias, MatRef, PackedA, PackedB, RowsB,
+};
 use std::time::Instant;
 
 fn main() {
@@ -14,6 +16,11 @@ fn main() {
         (64, 768, 768),
         (96, 864, 6400),
         (48, 96, 6400),
+        // Convs: PP-OCR det's 3x3 96 -> 24 at 80x80 (as a plain product: B here is 22 MB streamed from
+        // memory, where the conv's im2col rows overlap in a 2.6 MB input), SqueezeNet's last 1x1
+        // (512 -> 1000 at 13x13).
+        (24, 864, 6400),
+        (1000, 512, 169),
     ];
     for &(m, k, n) in &shapes {
         let a: Vec<f32> = (0..m * k).map(|i| ((i * 7 % 13) as f32 - 6.0) * 0.01).collect();
@@ -23,7 +30,9 @@ fn main() {
         let reps = ((0.3e9 / flops) as usize).max(2);
         let pb = PackedB::pack(MatRef::row_major(&b, k, n)).unwrap();
         let pa = PackedA::pack(MatRef::row_major(&a, m, k)).unwrap();
-        let mut best = [0f64; 3];
+        // The rows GEMM reads B in place: row p at p * n (a pointwise conv's input planes).
+        let offs: Vec<usize> = (0..k).map(|p| p * n).collect();
+        let mut best = [0f64; 4];
         for _round in 0..9 {
             for (e, slot) in best.iter_mut().enumerate() {
                 let t = Instant::now();
@@ -31,7 +40,20 @@ fn main() {
                     match e {
                         0 => gemm_packed_b(MatRef::row_major(&a, m, k), &pb, Bias::None, &mut c, n).unwrap(),
                         1 => gemm_packed_a(&pa, MatRef::row_major(&b, k, n), Bias::None, &mut c, n).unwrap(),
-                        _ => unsafe {
+                        3 if rows_available() => gemm_packed_a_rows(
+                            &pa,
+                            RowsB {
+                                data: &b,
+                                offs: &offs,
+                                n,
+                            },
+                            None,
+                            &mut c,
+                            n,
+                        )
+                        .unwrap(),
+                        3 => {}
+                        2 => unsafe {
                             gemm::gemm(
                                 m,
                                 n,
@@ -54,6 +76,7 @@ fn main() {
                                 gemm::Parallelism::None,
                             )
                         },
+                        _ => unreachable!(),
                     }
                 }
                 let g = flops * reps as f64 / t.elapsed().as_secs_f64() / 1e9;
@@ -61,8 +84,8 @@ fn main() {
             }
         }
         println!(
-            "m {m:4} k {k:4} n {n:5}: packedB {:6.1}  packedA {:6.1}  gemm-crate {:6.1} GFLOP/s (best of 9 rounds)",
-            best[0], best[1], best[2]
+            "m {m:4} k {k:4} n {n:5}: packedB {:6.1}  packedA {:6.1}  gemm-crate {:6.1}  packedA+rows {:6.1} GFLOP/s (best of 9 rounds)",
+            best[0], best[1], best[2], best[3]
         );
     }
 }
