@@ -207,7 +207,7 @@ impl Conv2d {
         pf: &PackedFilter,
         pointwise: bool,
     ) -> Option<Result<Vec<f32>>> {
-        use crate::sgemm::{gemm_packed_b, Bias, MatRef, PackedB};
+        use crate::sgemm::{gemm_packed_b, gemm_packed_b_seq, Bias, MatRef, PackedB};
         let g = self.group;
         let (cg, mg) = (self.c / g, self.m / g);
         let k = cg * self.kh * self.kw;
@@ -282,7 +282,13 @@ impl Conv2d {
                     MatRef::row_major(&at, p, k)
                 };
                 let bias_g = bias.map_or(Bias::None, |bs| Bias::PerCol(&bs[gi * mg..(gi + 1) * mg]));
-                if let Err(e) = gemm_packed_b(a, pb, bias_g, &mut ct, mg) {
+                // A handful of pixels is little work: waking the pool costs more than it saves.
+                let r = if p * k * mg < 1 << 22 {
+                    gemm_packed_b_seq(a, pb, bias_g, &mut ct, mg)
+                } else {
+                    gemm_packed_b(a, pb, bias_g, &mut ct, mg)
+                };
+                if let Err(e) = r {
                     return Some(Err(crate::RuntimeError::msg(e.to_string())));
                 }
                 let dst = &mut out[(b * self.m + gi * mg) * p..(b * self.m + (gi + 1) * mg) * p];
