@@ -48,15 +48,35 @@ impl Phases {
         (py * self.sw + r) * self.pw
     }
 
-    /// Copies plane `src` (`h x w`) into `buf` (`len()` floats): padded column `q * sw + r` of
-    /// padded row `py` is input `(py - pad_top, q * sw + r - pad_left)`, `pad` outside the image.
-    fn fill(&self, cv: &Conv2d, src: &[f32], buf: &mut [f32], pad: f32) {
+    /// Copies plane `src` (`h x w`) into `buf` (resized to `len()` floats): padded column `q * sw + r`
+    /// of padded row `py` is input `(py - pad_top, q * sw + r - pad_left)`, `pad` outside the image.
+    /// `buf` is meant to be reused for the planes of one call (same geometry and `pad`): at stride 1
+    /// the padding is written when the buffer is first sized and only the image rows after that.
+    fn fill(&self, cv: &Conv2d, src: &[f32], buf: &mut Vec<f32>, pad: f32) {
         let (h, w) = (cv.h, cv.w);
         let (pt, pl) = cv.pad;
+        if buf.len() != self.len() {
+            buf.clear();
+            buf.resize(self.len(), pad);
+        }
+        if self.sw == 1 {
+            let lo = pl.min(self.pw);
+            let n = w.min(self.pw - lo);
+            for iy in 0..h {
+                let py = iy + pt;
+                if py >= self.hp {
+                    break;
+                }
+                let at = self.at(py, 0) + lo;
+                copy_short(&mut buf[at..at + n], &src[iy * w..iy * w + n]);
+            }
+            return;
+        }
         for py in 0..self.hp {
             let iy = py as isize - pt as isize;
             for r in 0..self.sw {
-                let dst = &mut buf[self.at(py, r)..][..self.pw];
+                let at = self.at(py, r);
+                let dst = &mut buf[at..at + self.pw];
                 if iy < 0 || iy >= h as isize {
                     dst.fill(pad);
                     continue;
@@ -72,6 +92,29 @@ impl Phases {
             }
         }
     }
+}
+
+/// `dst.copy_from_slice(src)`, with rows of up to 16 floats as one masked vector move instead of
+/// a `memcpy` call (7x7 and 14x14 planes copy thousands of such rows per conv).
+fn copy_short(dst: &mut [f32], src: &[f32]) {
+    assert_eq!(dst.len(), src.len(), "copy_short: lengths differ");
+    #[cfg(target_arch = "x86_64")]
+    if dst.len() <= 16 && crate::sgemm::use_avx512() {
+        #[target_feature(enable = "avx512f")]
+        fn masked(dst: &mut [f32], src: &[f32]) {
+            use std::arch::x86_64::*;
+            let mask = ((1u32 << dst.len()) - 1) as __mmask16;
+            // SAFETY: both slices hold dst.len() <= 16 floats and only those lanes are enabled.
+            unsafe {
+                let v = _mm512_maskz_loadu_ps(mask, src.as_ptr());
+                _mm512_mask_storeu_ps(dst.as_mut_ptr(), mask, v);
+            }
+        }
+        // SAFETY: `use_avx512` checked the CPU.
+        unsafe { masked(dst, src) };
+        return;
+    }
+    dst.copy_from_slice(src);
 }
 
 /// Runs on each finished output plane: `(channel, plane)`.
@@ -93,17 +136,16 @@ impl Conv2d {
         let ph = Phases::new(self);
         let offs = self.dw_tap_offsets(&ph);
         let wide = crate::sgemm::use_avx512();
-        let one = |buf: &mut Vec<f32>, (plane, dst): (usize, &mut [f32])| {
+        let one = |(buf, flat): &mut (Vec<f32>, Vec<f32>), (plane, dst): (usize, &mut [f32])| {
             let ch = plane % self.c;
             let src = &x[plane * h * w..(plane + 1) * h * w];
             let wk = &wv[ch * kh * kw..(ch + 1) * kh * kw];
             let b = bias.map_or(0.0, |b| b[ch]);
-            buf.resize(ph.len(), 0.0);
             ph.fill(self, src, buf, 0.0);
             #[cfg(target_arch = "x86_64")]
             if wide {
                 // SAFETY: `use_avx512` checked the CPU; `buf` holds the filled phases, `dst` oh*ow floats.
-                unsafe { self.dw_plane_avx512(&ph, &offs, buf, wk, b, dst) };
+                unsafe { self.dw_plane_avx512(&ph, &offs, buf, wk, b, dst, flat) };
                 if let Some(post) = post {
                     post(ch, dst);
                 }
@@ -119,9 +161,9 @@ impl Conv2d {
         let per_task = (4096 / (oh * ow).max(1)).max(1);
         out.par_chunks_mut(oh * ow * per_task)
             .enumerate()
-            .for_each_init(Vec::new, |buf, (t, chunk)| {
+            .for_each_init(Default::default, |bufs, (t, chunk)| {
                 for (i, dst) in chunk.chunks_mut(oh * ow).enumerate() {
-                    one(buf, (t * per_task + i, dst));
+                    one(bufs, (t * per_task + i, dst));
                 }
             });
         out
@@ -143,7 +185,6 @@ impl Conv2d {
             .for_each_init(Vec::new, |buf: &mut Vec<f32>, (t, chunk)| {
                 for (i, dst) in chunk.chunks_mut(oh * ow).enumerate() {
                     let plane = t * per_task + i;
-                    buf.resize(ph.len(), 0.0);
                     ph.fill(self, &x[plane * h * w..(plane + 1) * h * w], buf, f32::NEG_INFINITY);
                     for (oy, row) in dst.chunks_exact_mut(ow).enumerate() {
                         max_row(&buf[oy * row_step..], &offs, row);
@@ -191,9 +232,58 @@ impl Conv2d {
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx512f")]
     #[allow(clippy::too_many_arguments)]
-    unsafe fn dw_plane_avx512(&self, ph: &Phases, offs: &[usize], buf: &[f32], wk: &[f32], b: f32, dst: &mut [f32]) {
+    unsafe fn dw_plane_avx512(
+        &self,
+        ph: &Phases,
+        offs: &[usize],
+        buf: &[f32],
+        wk: &[f32],
+        b: f32,
+        dst: &mut [f32],
+        scratch: &mut Vec<f32>,
+    ) {
         let ow = self.ow;
         let row_step = ph.at(self.stride.0, 0);
+        if self.stride.1 == 1 && ow < 32 && self.oh > 1 {
+            // Narrow planes at stride 1 (7x7, 14x14 maps): the output rows run on as one sequence over
+            // the padded row width (row_step), so the vectors are filled across row ends; the
+            // columns past ow are computed, then dropped while the rows are copied into place.
+            let len = (self.oh - 1) * row_step + ow;
+            let mut flat = std::mem::take(scratch);
+            flat.resize(len, 0.0);
+            {
+                let mut j = 0;
+                while j < len {
+                    let left = len - j;
+                    let at = Block {
+                        // SAFETY (for the block below): reads buf[j + lane + offset] for j + lane < len,
+                        // i.e. output (oy, ox) with ox < row_step, whose taps lie inside the padded plane
+                        // (`Phases::new` sized it for row oh - 1's last column; a junk column ox >= ow
+                        // of an earlier row reads the start of a later padded row).
+                        src: unsafe { buf.as_ptr().add(j) },
+                        row_step: 0,
+                        out: unsafe { flat.as_mut_ptr().add(j) },
+                        ow: 0,
+                        left,
+                    };
+                    // SAFETY: as above; the writes are flat[j .. j + min(left, 64)].
+                    unsafe {
+                        match left.div_ceil(16) {
+                            1 => dw_block::<1, 1>(offs, wk, b, at),
+                            2 => dw_block::<2, 1>(offs, wk, b, at),
+                            3 => dw_block::<3, 1>(offs, wk, b, at),
+                            _ => dw_block::<4, 1>(offs, wk, b, at),
+                        }
+                    }
+                    j += left.min(64);
+                }
+                for (oy, row) in dst.chunks_exact_mut(ow).enumerate() {
+                    copy_short(row, &flat[oy * row_step..oy * row_step + ow]);
+                }
+                *scratch = flat;
+                return;
+            }
+        }
         // Column blocks of up to 4 vectors; several output rows per block, so that at least 4 (up to 8)
         // independent accumulator chains hide the FMA latency (each chain has kh*kw dependent FMAs).
         let mut ox = 0;
@@ -367,6 +457,11 @@ mod tests {
             geometry(2, (20, 33), 3, (2, 1), 2, (2, 2)),
             geometry(1, (7, 130), 3, (1, 2), 1, (0, 1)),
             geometry(2, (1, 1), 3, (1, 1), 1, (1, 1)),
+            // Narrow planes at stride 1 (rows run on as one sequence): 7x7, 14x14 5x5, dilated, stride (2, 1).
+            geometry(3, (7, 7), 3, (1, 1), 1, (1, 1)),
+            geometry(2, (14, 14), 5, (1, 1), 1, (2, 2)),
+            geometry(2, (9, 11), 3, (1, 1), 2, (2, 1)),
+            geometry(2, (12, 10), 3, (2, 1), 1, (1, 1)),
         ];
         for cv in cases {
             let x: Vec<f32> = (0..cv.c * cv.h * cv.w)
@@ -414,7 +509,7 @@ mod tests {
                     let offs = cv.dw_tap_offsets(&ph);
                     let mut got = vec![f32::NAN; cv.oh * cv.ow];
                     // SAFETY: the CPU has AVX-512F; `buf` is the filled plane.
-                    unsafe { cv.dw_plane_avx512(&ph, &offs, &buf, wk, 0.5, &mut got) };
+                    unsafe { cv.dw_plane_avx512(&ph, &offs, &buf, wk, 0.5, &mut got, &mut Vec::new()) };
                     close(&got, "avx512");
                 }
             }
