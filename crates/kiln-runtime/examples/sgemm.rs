@@ -48,6 +48,7 @@ fn main() {
                                 n,
                             },
                             None,
+                            None,
                             &mut c,
                             n,
                         )

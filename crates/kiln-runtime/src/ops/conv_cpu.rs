@@ -39,9 +39,18 @@ pub(crate) struct Conv2d {
 const TILE_COLS_BUDGET: usize = 1 << 19;
 
 impl Conv2d {
-    /// Convolves `x` `[N, C, H, W]` with `w` `[M, C/g, KH, KW]` (+ bias `[M]`); `None` when an
-    /// operand is not a contiguous f32 CPU tensor or the grouping is not one this file handles.
-    pub(crate) fn run(&self, x: &CT, w: &CT, bias: Option<&CT>, packed: Option<&PackedFilter>) -> Option<Result<CT>> {
+    /// Convolves `x` `[N, C, H, W]` with `w` `[M, C/g, KH, KW]` (+ bias `[M]`), then clamps to
+    /// `clamp` `(lo, hi)` if given (a fused Relu or Clip: `min(max(v, lo), hi)`, in the GEMM's or the
+    /// depthwise kernel's epilogue where they run); `None` when an operand is not a contiguous f32
+    /// CPU tensor or the grouping is not one this file handles.
+    pub(crate) fn run(
+        &self,
+        x: &CT,
+        w: &CT,
+        bias: Option<&CT>,
+        packed: Option<&PackedFilter>,
+        clamp: Option<(f32, f32)>,
+    ) -> Option<Result<CT>> {
         let g = self.group;
         let empty = [
             self.n, self.c, self.h, self.w, self.m, self.kh, self.kw, self.oh, self.ow,
@@ -66,11 +75,21 @@ impl Conv2d {
         }
         let out = if depthwise {
             let wv = with_f32(w, |s| s.to_vec())?;
-            with_f32(x, |xs| self.depthwise_conv(xs, &wv, bias_v.as_deref(), None))?
+            let post = |_: usize, plane: &mut [f32]| {
+                if let Some(c) = clamp {
+                    clamp_slice(plane, c);
+                }
+            };
+            with_f32(x, |xs| self.depthwise_conv(xs, &wv, bias_v.as_deref(), Some(&post)))?
         } else {
-            let r = with_f32(x, |xs| match self.dense_rows(xs, w, bias_v.as_deref(), packed) {
+            let r = with_f32(x, |xs| match self.dense_rows(xs, w, bias_v.as_deref(), packed, clamp) {
                 Some(r) => r,
-                None => self.dense(xs, w, bias_v.as_deref()),
+                None => self.dense(xs, w, bias_v.as_deref()).map(|mut v| {
+                    if let Some(c) = clamp {
+                        clamp_slice(&mut v, c);
+                    }
+                    v
+                }),
             })?;
             match r {
                 Ok(v) => v,
@@ -90,6 +109,7 @@ impl Conv2d {
         w: &CT,
         bias: Option<&[f32]>,
         packed: Option<&PackedFilter>,
+        clamp: Option<(f32, f32)>,
     ) -> Option<Result<Vec<f32>>> {
         use crate::sgemm::{gemm_packed_a_rows, rows_available, RowsB};
         if !rows_available() {
@@ -118,7 +138,12 @@ impl Conv2d {
             kh == 1 && kw == 1 && self.stride == (1, 1) && self.pad == (0, 0) && self.oh == self.h && self.ow == self.w;
         if let Some(pf) = plan_filter.filter(|_| p < FEW_PIXELS) {
             if let Some(r) = self.dense_few_pixels(x, w, bias, pf, pointwise) {
-                return Some(r);
+                return Some(r.map(|mut v| {
+                    if let Some(c) = clamp {
+                        clamp_slice(&mut v, c);
+                    }
+                    v
+                }));
             }
         }
         // Phase plane (ci, ry, rx): padded rows ry, ry + sh, ... and columns rx, rx + sw, ... (hq x wq);
@@ -167,6 +192,7 @@ impl Conv2d {
                             n: p,
                         },
                         bias_g,
+                        clamp,
                         dst,
                         p,
                     )
@@ -180,6 +206,7 @@ impl Conv2d {
                             n: nq,
                         },
                         bias_g,
+                        clamp,
                         &mut cbuf,
                         nq,
                     );
@@ -637,6 +664,11 @@ impl PackedFilter {
     }
 }
 
+/// `v = min(max(v, lo), hi)` in place (NaN becomes `lo`, as `f32::max` gives).
+pub(crate) fn clamp_slice(v: &mut [f32], (lo, hi): (f32, f32)) {
+    v.iter_mut().for_each(|x| *x = x.max(lo).min(hi));
+}
+
 /// Phase `rx` of one padded input row: `drow[q] = srow[q * sw + rx - pl]`, zero where that column
 /// lies outside the row.
 pub(crate) fn phase_row(srow: &[f32], drow: &mut [f32], sw: usize, rx: usize, pl: usize) {
@@ -788,19 +820,27 @@ mod tests {
         let want = reference(&cv, &xv, &wv, Some(&bv));
         // The filter packed per call, then at plan time (few output pixels take `W^T` then).
         let plan = PackedFilter::new(&wv, &[m, c / g, k.0, k.1], g);
-        for packed in [None, plan.as_ref()] {
-            let got = cv.run(&x, &wt, Some(&b), packed).expect("handled").expect("ok");
+        // And with a fused clamp (Relu / Clip), in the kernels' epilogues.
+        let runs = [
+            (None, None),
+            (plan.as_ref(), None),
+            (plan.as_ref(), Some((-0.3f32, 0.8f32))),
+            (None, Some((0.0, f32::INFINITY))),
+        ];
+        for (packed, clamp) in runs {
+            let got = cv.run(&x, &wt, Some(&b), packed, clamp).expect("handled").expect("ok");
             assert_eq!(got.dims(), &[n, m, oh, ow]);
             let got: Vec<f32> = got.flatten_all().and_then(|t| t.to_vec1()).expect("vec");
+            let how = if packed.is_some() {
+                "plan-time filter"
+            } else {
+                "per call"
+            };
             for (i, (a, b)) in got.iter().zip(&want).enumerate() {
-                let how = if packed.is_some() {
-                    "plan-time filter"
-                } else {
-                    "per call"
-                };
+                let b = clamp.map_or(*b, |(lo, hi)| b.max(lo).min(hi));
                 assert!(
                     (a - b).abs() <= 1e-4 * (1.0 + b.abs()),
-                    "{cv:?} ({how}) at {i}: {a} vs {b}"
+                    "{cv:?} ({how}, clamp {clamp:?}) at {i}: {a} vs {b}"
                 );
             }
         }

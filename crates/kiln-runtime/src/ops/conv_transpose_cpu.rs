@@ -122,6 +122,7 @@ impl ConvT2d {
                         n: p,
                     },
                     None,
+                    None,
                     &mut cols,
                     p,
                 )

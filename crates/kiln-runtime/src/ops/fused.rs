@@ -208,8 +208,9 @@ fn parse_act(n: &NodeCtx) -> Result<Act> {
     })
 }
 
-/// The plain `Conv` kernel for a fused conv node: its attributes less `extra` (the fusion's own).
-fn inner_conv(n: &NodeCtx, extra: &[&str]) -> Result<Box<dyn OpKernel>> {
+/// The plain `Conv` kernel for a fused conv node: its attributes less `extra` (the fusion's own),
+/// its output clamped to `clamp` when given.
+fn inner_conv(n: &NodeCtx, extra: &[&str], clamp: Option<(f32, f32)>) -> Result<Box<dyn OpKernel>> {
     let attributes: BTreeMap<String, Attribute> = n
         .node
         .attributes
@@ -234,7 +235,10 @@ fn inner_conv(n: &NodeCtx, extra: &[&str]) -> Result<Box<dyn OpKernel>> {
         options: n.options,
         subplans: Default::default(),
     };
-    factory(&cx)
+    match clamp {
+        Some(c) => super::nn::conv_kernel(&cx, Some(c)),
+        None => factory(&cx),
+    }
 }
 
 /// `ai.kiln::FusedConvChain` (`kiln_graph::passes::conv_chain`): Conv (all of Conv's attributes),
@@ -244,7 +248,7 @@ fn fused_conv_chain(n: &NodeCtx) -> Result<Box<dyn OpKernel>> {
         .attr_floats("program")?
         .ok_or_else(|| n.err("missing attribute 'program'"))?;
     let steps = decode(&program).ok_or_else(|| n.err("malformed 'program' attribute"))?;
-    let conv = inner_conv(n, &["program"])?;
+    let conv = inner_conv(n, &["program"], None)?;
     Ok(kernel(move |cx, ins| {
         let mut outs = conv.run(cx, ins)?;
         let Some(Value::Tensor(y)) = outs.pop() else {
@@ -264,7 +268,18 @@ fn fused_conv_chain(n: &NodeCtx) -> Result<Box<dyn OpKernel>> {
 /// `Z` (a residual, broadcast like Add), then `activation`.
 fn fused_conv(n: &NodeCtx) -> Result<Box<dyn OpKernel>> {
     let act = parse_act(n)?;
-    let conv = inner_conv(n, &["activation", "activation_params"])?;
+    // Relu and Clip without a residual run inside the conv kernels (in the GEMM's stores on the CPU).
+    let residual = matches!(n.node.inputs.get(3), Some(Some(_)));
+    let clamp = match act {
+        Act::Relu => Some((0.0, f32::INFINITY)),
+        Act::Clip(lo, hi) => Some((lo, hi)),
+        _ => None,
+    }
+    .filter(|_| !residual);
+    let conv = inner_conv(n, &["activation", "activation_params"], clamp)?;
+    if clamp.is_some() {
+        return Ok(conv);
+    }
     Ok(kernel(move |cx, ins| {
         let mut outs = conv.run(cx, ins.get(..3).unwrap_or(ins))?;
         let Some(Value::Tensor(mut y)) = outs.pop() else {

@@ -237,6 +237,12 @@ fn conv_attrs(n: &NodeCtx) -> Result<ConvAttrs> {
 }
 
 fn conv_factory(n: &NodeCtx) -> Result<Box<dyn OpKernel>> {
+    conv_kernel(n, None)
+}
+
+/// The Conv kernel, its output clamped to `clamp` `(lo, hi)` when given (FusedConv's Relu or Clip,
+/// applied in the CPU kernels' epilogues where they run, else as a pass over the output).
+pub(super) fn conv_kernel(n: &NodeCtx, clamp: Option<(f32, f32)>) -> Result<Box<dyn OpKernel>> {
     let a = conv_attrs(n)?;
     // A constant f32 filter is packed for the CPU GEMM once, here.
     let packed = match n.const_input(1) {
@@ -281,6 +287,7 @@ fn conv_factory(n: &NodeCtx) -> Result<Box<dyn OpKernel>> {
             &pb,
             &pe,
             packed.as_ref(),
+            clamp,
         )?;
         out1(float_back(y, x.dtype())?)
     }))
@@ -301,6 +308,7 @@ pub(super) fn conv_nd(
     pb: &[usize],
     pe: &[usize],
     packed: Option<&super::conv_cpu::PackedFilter>,
+    clamp: Option<(f32, f32)>,
 ) -> Result<CT> {
     let xd = x.dims().to_vec();
     let wd = w.dims().to_vec();
@@ -353,6 +361,7 @@ pub(super) fn conv_nd(
             &w.contiguous()?,
             b.map(|b| b.contiguous()).transpose()?.as_ref(),
             packed,
+            clamp,
         ) {
             return if sp == 1 { Ok(y?.reshape(out_dims)?) } else { y };
         }
@@ -407,17 +416,21 @@ pub(super) fn conv_nd(
         let y = wm.broadcast_matmul(&cols)?; // [N, g, M/g, P]
         y.reshape(out_dims.as_slice())?
     };
-    match b {
+    let y = match b {
         Some(b) => {
             if b.elem_count() != m {
                 bail!("Conv: bias has {} values, expected {m}", b.elem_count());
             }
             let mut bs = vec![1usize; sp + 2];
             bs[1] = m;
-            Ok(y.broadcast_add(&b.reshape(bs)?)?)
+            y.broadcast_add(&b.reshape(bs)?)?
         }
-        None => Ok(y),
-    }
+        None => y,
+    };
+    Ok(match clamp {
+        Some((lo, hi)) => y.maximum(f64::from(lo))?.minimum(f64::from(hi))?,
+        None => y,
+    })
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -455,7 +468,7 @@ fn causal_conv_factory(n: &NodeCtx) -> Result<Box<dyn OpKernel>> {
         };
         let wc = w.candle().to_dtype(xc.dtype())?;
         let bc = tin_opt(ins, 2)?.map(|t| t.candle().to_dtype(xc.dtype())).transpose()?;
-        let mut y = conv_nd(cx, &padded, &wc, bc.as_ref(), c, &[1], &[1], &[0], &[0], None)?;
+        let mut y = conv_nd(cx, &padded, &wc, bc.as_ref(), c, &[1], &[1], &[0], &[0], None, None)?;
         let y_dt = x.dtype();
         if silu {
             // Round to the output dtype first, like the reference.
@@ -666,7 +679,7 @@ fn transpose_by_conv(cx: &RunCx, xc: &CT, wc: &CT, g: usize, dil: &[usize]) -> R
     let wf = wf.reshape([vec![m, c / g], k.clone()].concat())?;
     let pads: Vec<usize> = (0..sp).map(|i| (k[i] - 1) * dil[i]).collect();
     let ones = vec![1usize; sp];
-    conv_nd(cx, xc, &wf, None, g, &ones, dil, &pads, &pads, None)
+    conv_nd(cx, xc, &wf, None, g, &ones, dil, &pads, &pads, None, None)
 }
 
 /// Full (unpadded) transposed convolution as one GEMM plus a phase-split col2im:
@@ -1026,7 +1039,7 @@ mod tests {
             let x = CT::from_vec(val(n * c * l, 1), (n, c, l), &dev).unwrap();
             let w = CT::from_vec(val(m * (c / g) * k, 2), (m, c / g, k), &dev).unwrap();
             let b = CT::from_vec(val(m, 3), m, &dev).unwrap();
-            let got = conv_nd(&cx, &x, &w, Some(&b), g, &[s], &[d], &[p], &[p], None).unwrap();
+            let got = conv_nd(&cx, &x, &w, Some(&b), g, &[s], &[d], &[p], &[p], None, None).unwrap();
             let want = x
                 .conv1d(&w, p, s, d, g)
                 .unwrap()

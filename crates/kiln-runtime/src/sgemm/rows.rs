@@ -29,11 +29,14 @@ pub fn rows_available() -> bool {
     super::available() && super::use_avx512()
 }
 
-/// `C = A · B (+ bias per row)`; `c` is row-major `[m, n]` with row stride `ldc`.
+/// `C = clamp(A · B (+ bias per row))`; `c` is row-major `[m, n]` with row stride `ldc`. `clamp`
+/// `(lo, hi)` is applied to the finished tile in registers, as `min(max(x, lo), hi)` (a NaN becomes
+/// `lo`, as Rust's `f32::max` gives): a fused Relu or Clip costs no pass over C.
 pub fn gemm_packed_a_rows(
     a: &PackedA,
     b: RowsB,
     bias: Option<&[f32]>,
+    clamp: Option<(f32, f32)>,
     c: &mut [f32],
     ldc: usize,
 ) -> Result<(), GemmError> {
@@ -79,13 +82,14 @@ pub fn gemm_packed_a_rows(
     let per_task = tiles.div_ceil(threads * 4).max(1);
     let tasks = tiles.div_ceil(per_task);
     let kcb = kc_for(k);
+    let blocks = k.div_ceil(kcb);
     let task = |t: usize| {
         for tile in t * per_task..((t + 1) * per_task).min(tiles) {
             let j0 = tile * tw;
             let cols = (n - j0).min(tw);
             let mask = |lanes: usize| ((1u32 << lanes.min(NR)) - 1) as u16;
             let masks = (mask(cols), mask(cols.saturating_sub(NR)));
-            for pc in 0..k.div_ceil(kcb) {
+            for pc in 0..blocks {
                 let (k0, kc) = (pc * kcb, kcb.min(k - pc * kcb));
                 for ip in 0..mpan {
                     let r0 = ip * MR;
@@ -109,6 +113,7 @@ pub fn gemm_packed_a_rows(
                             ldc,
                             MR.min(m - r0),
                             init,
+                            if pc + 1 == blocks { clamp } else { None },
                         )
                     }
                 }
@@ -157,9 +162,10 @@ unsafe fn kernel_rows(
     ldc: usize,
     mr: usize,
     init: Init,
+    clamp: Option<(f32, f32)>,
 ) {
     // SAFETY: forwarded; `rows_available` checked AVX-512F.
-    unsafe { kernel_rows_avx512(kc, a, b, offs, masks, c, ldc, mr, init) }
+    unsafe { kernel_rows_avx512(kc, a, b, offs, masks, c, ldc, mr, init, clamp) }
 }
 
 #[cfg(not(target_arch = "x86_64"))]
@@ -174,6 +180,7 @@ unsafe fn kernel_rows(
     _ldc: usize,
     _mr: usize,
     _init: Init,
+    _clamp: Option<(f32, f32)>,
 ) {
     // `rows_available` is false off x86-64, so this is never reached.
 }
@@ -193,6 +200,7 @@ unsafe fn kernel_rows_avx512(
     ldc: usize,
     mr: usize,
     init: Init,
+    clamp: Option<(f32, f32)>,
 ) {
     use std::arch::x86_64::*;
     // SAFETY (whole body): the caller guarantees kc*MR floats at `a`, kc offsets at `offs`, the
@@ -229,6 +237,14 @@ unsafe fn kernel_rows_avx512(
                 r[1] = _mm512_fmadd_ps(av, v1, r[1]);
             }
             ap = ap.add(MR);
+        }
+        if let Some((lo, hi)) = clamp {
+            let (lo, hi) = (_mm512_set1_ps(lo), _mm512_set1_ps(hi));
+            for r in acc.iter_mut() {
+                for v in r.iter_mut() {
+                    *v = _mm512_min_ps(_mm512_max_ps(*v, lo), hi);
+                }
+            }
         }
         for (i, r) in acc.iter().enumerate() {
             if i < mr {
@@ -269,6 +285,7 @@ mod tests {
             let ldc = n + 5;
             let mut c = vec![f32::NAN; m * ldc];
             let pa = PackedA::pack(MatRef::row_major(&a, m, k)).unwrap();
+            let clamp = (m % 2 == 1).then_some((-0.5f32, 1.5f32));
             gemm_packed_a_rows(
                 &pa,
                 RowsB {
@@ -277,6 +294,7 @@ mod tests {
                     n,
                 },
                 Some(&bias),
+                clamp,
                 &mut c,
                 ldc,
             )
@@ -287,6 +305,8 @@ mod tests {
                         + (0..k)
                             .map(|p| a[i * k + p] as f64 * data[offs[p] + j] as f64)
                             .sum::<f64>();
+                    let want = clamp.map_or(want, |(lo, hi)| want.clamp(f64::from(lo), f64::from(hi)));
+                    let want = clamp.map_or(want, |(lo, hi)| want.clamp(f64::from(lo), f64::from(hi)));
                     let got = c[i * ldc + j] as f64;
                     assert!(
                         (got - want).abs() <= 1e-4 * (1.0 + want.abs()),
