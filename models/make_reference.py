@@ -1,5 +1,5 @@
-"""Writes deterministic inputs and ONNX Runtime's outputs for the real models in a directory (models/fetch.sh and
-models/make_bert.py put them there), for Kiln's golden tests (crates/kiln/tests/real_models.rs):
+"""Writes deterministic inputs and ONNX Runtime's outputs for the real models in a directory (models/fetch.sh,
+models/make_bert.py, models/make_quantized.py and models/make_zoo.py put them there), for Kiln's golden tests (crates/kiln/tests/real_models.rs):
 
     python models/make_reference.py MODELS_DIR [--force]
 
@@ -39,9 +39,9 @@ def token_batch(rng, batch: int, seq: int, pad_to=None):
     return {"input_ids": ids, "attention_mask": mask}
 
 
-def text_image(rng, batch: int, height: int, width: int):
+def text_image(rng, batch: int, height: int, width: int, channels: int = 3):
     """Light noisy background with dark bars of random size (text-line-like), normalized like PaddleOCR."""
-    img = np.full((batch, 3, height, width), 0.9, np.float32)
+    img = np.full((batch, channels, height, width), 0.9, np.float32)
     for b in range(batch):
         for _ in range(6):
             h = int(rng.integers(4, max(5, height // 3)))
@@ -51,6 +51,16 @@ def text_image(rng, batch: int, height: int, width: int):
             img[b, :, y : y + h, x : x + w] = rng.uniform(0.0, 0.3)
     img += rng.normal(0.0, 0.05, img.shape).astype(np.float32)
     return {"x": ((img - 0.5) / 0.5).astype(np.float32)}
+
+
+def photo(rng, batch: int, height: int, width: int):
+    """Random plane waves per channel plus pixel noise: about unit variance, like an ImageNet-normalized photo."""
+    yy, xx = np.mgrid[0:height, 0:width] / max(height, width)
+    freq = rng.uniform(0.5, 4.0, (batch, 3, 2, 1, 1))
+    phase = rng.uniform(0.0, 1.0, (batch, 3, 1, 1))
+    img = np.sin(2 * np.pi * (freq[:, :, 0] * xx + freq[:, :, 1] * yy + phase))
+    img += 0.3 * rng.standard_normal(img.shape)
+    return {"x": img.astype(np.float32)}
 
 
 def audio(rng, batch: int, samples: int, sr: int):
@@ -85,6 +95,15 @@ def cases(stem: str, rng):
         return [("b1_96x128", text_image(rng, 1, 96, 128)), ("b2_64x96", text_image(rng, 2, 64, 96))]
     if stem == "ch_PP-OCRv4_rec_infer":
         return [("b1_48x160", text_image(rng, 1, 48, 160)), ("b2_48x96", text_image(rng, 2, 48, 96))]
+    # models/make_zoo.py: image classifiers take any size (global pooling before the classifier); zoo-yolo-tiny
+    # needs multiples of 32 (its FPN concatenates upsampled maps); zoo-crnn takes text lines of height 32
+    if stem == "zoo-yolo-tiny":
+        return [("b1_96x128", photo(rng, 1, 96, 128)), ("b2_64x64", photo(rng, 2, 64, 64))]
+    if stem == "zoo-crnn":
+        return [("b1_32x64", text_image(rng, 1, 32, 64, channels=1)),
+                ("b3_32x100", text_image(rng, 3, 32, 100, channels=1))]
+    if stem.startswith("zoo-"):
+        return [("b1_96x96", photo(rng, 1, 96, 96)), ("b2_64x80", photo(rng, 2, 64, 80))]
     if stem.startswith("silero_vad"):
         # v5 takes 512 (16 kHz) / 256 (8 kHz) new samples plus 64 / 32 samples of context; `sr` picks the If branch
         out = [("sr16k_b1", audio(rng, 1, 576, 16000)), ("sr16k_b2", audio(rng, 2, 576, 16000))]

@@ -241,3 +241,48 @@ fn silero_vad_16k_op15_matches_onnxruntime() {
 fn silero_vad_op18_ifless_matches_onnxruntime() {
     check_model("silero_vad_op18_ifless");
 }
+
+/// MobileNetV2 (`models/make_zoo.py`, random weights): ReLU6 as Clip, inverted residuals with
+/// depthwise 3x3, GlobalAveragePool, Gemm.
+#[test]
+fn zoo_mobilenetv2_matches_onnxruntime() {
+    check_model("zoo-mobilenetv2");
+}
+
+/// MobileNetV3-Small: HardSwish, squeeze-excite with HardSigmoid, depthwise 3x3 / 5x5.
+#[test]
+fn zoo_mobilenetv3_small_matches_onnxruntime() {
+    check_model("zoo-mobilenetv3-small");
+}
+
+/// EfficientNet-B0: SiLU as Sigmoid + Mul, MBConv with squeeze-excite, residual Adds.
+#[test]
+fn zoo_efficientnet_b0_matches_onnxruntime() {
+    check_model("zoo-efficientnet-b0");
+}
+
+/// ShuffleNetV2 x1.0: Split, Concat, channel shuffle (Reshape from Shape arithmetic, 5-D
+/// Transpose), MaxPool stem, ReduceMean head.
+#[test]
+fn zoo_shufflenetv2_matches_onnxruntime() {
+    check_model("zoo-shufflenetv2");
+}
+
+/// ResNet-18: 7x7 stem, MaxPool, basic blocks, 1x1 stride-2 downsample.
+#[test]
+fn zoo_resnet18_matches_onnxruntime() {
+    check_model("zoo-resnet18");
+}
+
+/// A YOLOv8n-sized detector: C2f (Split / Concat), SPPF (MaxPool 5x5), nearest Resize x2 in the
+/// FPN, three raw head maps.
+#[test]
+fn zoo_yolo_tiny_matches_onnxruntime() {
+    check_model("zoo-yolo-tiny");
+}
+
+/// CRNN: conv stack with (2, 1) pools, bidirectional LSTM then bidirectional GRU, LogSoftmax.
+#[test]
+fn zoo_crnn_matches_onnxruntime() {
+    check_model("zoo-crnn");
+}
