@@ -1,6 +1,6 @@
 //! Kiln against ONNX Runtime (the `ort` crate, loading the library from the pinned onnxruntime wheel), tract-onnx
-//! and candle-onnx on the real models of `models/fetch.sh` / `models/make_bert.py`, with the same inputs and the
-//! same thread count for every engine.
+//! and candle-onnx on the real models of `models/fetch.sh` / `models/make_bert.py` / `models/make_zoo.py`, with the
+//! same inputs and the same thread count for every engine.
 //!
 //! Threads: [`set_threads`] must run first in the process. It sets `RAYON_NUM_THREADS` (candle's CPU matmul reads it
 //! on every call, for Kiln and candle-onnx alike), builds rayon's global pool with that many threads (Kiln's own
@@ -94,6 +94,18 @@ fn image_inputs(batch: usize, h: usize, w: usize) -> Vec<Input> {
     }]
 }
 
+/// A grayscale text line for `zoo-crnn`: [batch, 1, 32, 320].
+fn text_line_inputs(batch: usize) -> Vec<Input> {
+    let mut rng = Rng(0x5eed_0004);
+    let (h, w) = (32, 320);
+    let data = (0..batch * h * w).map(|_| rng.unit() * 2.0 - 1.0).collect();
+    vec![Input {
+        name: "x".into(),
+        dims: vec![batch, 1, h, w],
+        data: Data::F32(data),
+    }]
+}
+
 fn vad_inputs(batch: usize) -> Vec<Input> {
     let mut rng = Rng(0x5eed_0003);
     let samples = 576; // 512 new samples at 16 kHz plus 64 of context
@@ -119,8 +131,9 @@ fn vad_inputs(batch: usize) -> Vec<Input> {
     ]
 }
 
-/// The benchmarked models. BERT-base and the OCR models stop at batch 8 by default (one batch-32 run takes
-/// seconds per engine on a 2-core machine); `--batches` overrides.
+/// The benchmarked models (the `zoo-*` CNNs come from `models/make_zoo.py`). BERT-base, the OCR models and the
+/// CNNs stop at batch 8 by default (one batch-32 run takes seconds per engine on a 2-core machine); `--batches`
+/// overrides.
 pub fn models() -> Vec<ModelSpec> {
     vec![
         ModelSpec {
@@ -171,6 +184,55 @@ pub fn models() -> Vec<ModelSpec> {
             batches: &[1, 8, 32],
             sample: "576 samples at 16 kHz + state",
             make_inputs: vad_inputs,
+        },
+        ModelSpec {
+            label: "MobileNetV2 (zoo, random weights)",
+            file: "zoo-mobilenetv2.onnx",
+            batches: &[1, 8],
+            sample: "3x224x224 image",
+            make_inputs: |b| image_inputs(b, 224, 224),
+        },
+        ModelSpec {
+            label: "MobileNetV3-Small (zoo, random weights)",
+            file: "zoo-mobilenetv3-small.onnx",
+            batches: &[1, 8],
+            sample: "3x224x224 image",
+            make_inputs: |b| image_inputs(b, 224, 224),
+        },
+        ModelSpec {
+            label: "EfficientNet-B0 (zoo, random weights)",
+            file: "zoo-efficientnet-b0.onnx",
+            batches: &[1, 8],
+            sample: "3x224x224 image",
+            make_inputs: |b| image_inputs(b, 224, 224),
+        },
+        ModelSpec {
+            label: "ShuffleNetV2 x1.0 (zoo, random weights)",
+            file: "zoo-shufflenetv2.onnx",
+            batches: &[1, 8],
+            sample: "3x224x224 image",
+            make_inputs: |b| image_inputs(b, 224, 224),
+        },
+        ModelSpec {
+            label: "ResNet-18 (zoo, random weights)",
+            file: "zoo-resnet18.onnx",
+            batches: &[1, 8],
+            sample: "3x224x224 image",
+            make_inputs: |b| image_inputs(b, 224, 224),
+        },
+        ModelSpec {
+            label: "YOLO tiny, YOLOv8n-sized (zoo, random weights)",
+            file: "zoo-yolo-tiny.onnx",
+            batches: &[1, 8],
+            sample: "3x320x320 image",
+            make_inputs: |b| image_inputs(b, 320, 320),
+        },
+        ModelSpec {
+            label: "CRNN, BiLSTM + BiGRU (zoo, random weights)",
+            file: "zoo-crnn.onnx",
+            batches: &[1, 8],
+            sample: "1x32x320 text line",
+            make_inputs: text_line_inputs,
         },
     ]
 }
