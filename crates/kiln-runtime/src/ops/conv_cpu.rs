@@ -66,13 +66,7 @@ impl Conv2d {
             return None;
         }
         let depthwise = g > 1 && g == self.c && self.m == self.c;
-        let bias_v: Option<Vec<f32>> = match bias {
-            Some(b) => Some(with_f32(b, |s| s.to_vec())?),
-            None => None,
-        };
-        if bias_v.as_ref().is_some_and(|b| b.len() != self.m) {
-            return None;
-        }
+        let bias_v = bias_values(bias, self.m)?;
         let out = if depthwise {
             let wv = with_f32(w, |s| s.to_vec())?;
             let post = |_: usize, plane: &mut [f32]| {
@@ -661,6 +655,15 @@ impl PackedFilter {
 
     fn fits(&self, g: usize, mg: usize, k: usize) -> bool {
         self.groups.len() == g && self.groups.iter().all(|pa| pa.m() == mg && pa.k() == k)
+    }
+}
+
+/// A bias tensor's values: `Some(None)` without a bias, `None` when it is not a contiguous f32 CPU
+/// tensor of `m` values (the caller then takes its general path, which reports a bad length).
+pub(crate) fn bias_values(bias: Option<&CT>, m: usize) -> Option<Option<Vec<f32>>> {
+    match bias {
+        None => Some(None),
+        Some(b) => with_f32(b, |s| s.to_vec()).filter(|v| v.len() == m).map(Some),
     }
 }
 

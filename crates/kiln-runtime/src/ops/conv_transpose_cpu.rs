@@ -90,13 +90,7 @@ impl ConvT2d {
                     &owned
                 }
             };
-        let bias_v: Option<Vec<f32>> = match bias {
-            Some(b) => Some(with_f32(b, |s| s.to_vec())?),
-            None => None,
-        };
-        if bias_v.as_ref().is_some_and(|b| b.len() != self.m) {
-            return None;
-        }
+        let bias_v = super::conv_cpu::bias_values(bias, self.m)?;
         let r = with_f32(x, |xs| self.compute(xs, packed, bias_v.as_deref()))?;
         Some(r.and_then(|out| CT::from_vec(out, (self.n, self.m, self.oh, self.ow), x.device()).map_err(Into::into)))
     }

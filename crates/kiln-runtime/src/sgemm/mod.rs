@@ -361,24 +361,16 @@ pub fn gemm_packed_b(a: MatRef, b: &PackedB, bias: Bias, c: &mut [f32], ldc: usi
 
 /// [`gemm_packed_b`] on the calling thread: products too small to be worth waking the pool for.
 pub fn gemm_packed_b_seq(a: MatRef, b: &PackedB, bias: Bias, c: &mut [f32], ldc: usize) -> Result<(), GemmError> {
-    let (m, n) = (a.rows, b.n);
-    check(a.cols, b.k, m, n, bias, c, ldc)?;
-    if !a.in_bounds() {
-        return Err(GemmError::Shape("A view out of bounds".into()));
-    }
-    run(
-        m,
-        n,
-        b.k,
-        Left::Raw(a),
-        Right::Packed(b),
+    packed_b(
+        a,
+        b,
         bias,
-        c,
-        ldc,
         Opts {
             parallel: false,
             act: Activation::None,
         },
+        c,
+        ldc,
     )
 }
 
@@ -391,22 +383,16 @@ pub fn gemm_packed_b_act(
     c: &mut [f32],
     ldc: usize,
 ) -> Result<(), GemmError> {
+    packed_b(a, b, bias, Opts { parallel: true, act }, c, ldc)
+}
+
+fn packed_b(a: MatRef, b: &PackedB, bias: Bias, opts: Opts, c: &mut [f32], ldc: usize) -> Result<(), GemmError> {
     let (m, n) = (a.rows, b.n);
     check(a.cols, b.k, m, n, bias, c, ldc)?;
     if !a.in_bounds() {
         return Err(GemmError::Shape("A view out of bounds".into()));
     }
-    run(
-        m,
-        n,
-        b.k,
-        Left::Raw(a),
-        Right::Packed(b),
-        bias,
-        c,
-        ldc,
-        Opts { parallel: true, act },
-    )
+    run(m, n, b.k, Left::Raw(a), Right::Packed(b), bias, c, ldc, opts)
 }
 
 /// `C = A · B (+ bias)` with a packed constant `A` (a Conv filter) and a strided `B`.
