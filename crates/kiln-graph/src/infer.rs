@@ -66,6 +66,20 @@ const SAME_AS_INPUT: &[&str] = &[
     "Mish",
     "Sign",
 ];
+/// Ops whose (first) output has the first input's dtype; their shapes are not inferred here.
+const DTYPE_AS_INPUT: &[&str] = &[
+    "Conv",
+    "ConvTranspose",
+    "FusedConv",
+    "FusedConvChain",
+    "ElementwiseChain",
+    "MaxPool",
+    "AveragePool",
+    "GlobalAveragePool",
+    "GlobalMaxPool",
+    "MatMul",
+    "Gemm",
+];
 const BROADCAST: &[&str] = &["Add", "Sub", "Mul", "Div", "Pow", "Max", "Min", "Mod", "PRelu", "Where"];
 const COMPARE: &[&str] = &[
     "Equal",
@@ -113,6 +127,10 @@ pub fn infer_shapes(graph: &mut Graph) {
                 };
                 (dtype, shape)
             }
+            op if DTYPE_AS_INPUT.contains(&op) => match input(0) {
+                Some(v) => (v.dtype, None),
+                None => continue,
+            },
             "Cast" => match node.attr("to") {
                 Some(Attribute::Int(code)) => (DType::from_onnx(*code as i32), input(0).and_then(|v| v.shape)),
                 _ => continue,

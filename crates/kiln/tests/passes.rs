@@ -952,6 +952,31 @@ fn conv_then_chain_becomes_one_node_with_identical_results() {
 }
 
 #[test]
+fn silu_and_hardswish_after_convs_fuse_with_identical_results() {
+    let mut b = B::new();
+    let x = b.input("x", &[1, 3, 9, 7]);
+    // Conv -> SiLU written out (x * Sigmoid(x)), then Conv -> HardSwish, then a lone SiLU on a Relu.
+    let w = conv_weight(&mut b, "w", 5, 3);
+    let c1 = b.node("Conv", &[x, w], vec![("pads", ints(&[1, 1, 1, 1]))]);
+    let s1 = b.op("Sigmoid", &[c1]);
+    let y1 = b.op("Mul", &[c1, s1]);
+    let w2 = conv_weight(&mut b, "w2", 4, 5);
+    let c2 = b.node("Conv", &[y1, w2], vec![("pads", ints(&[1, 1, 1, 1]))]);
+    let y2 = b.op("HardSwish", &[c2]);
+    let r = b.op("Relu", &[y2]);
+    let s3 = b.op("Sigmoid", &[r]);
+    let y3 = b.op("Mul", &[s3, r]);
+    let (m, feeds) = b.model(&[y3], 17);
+    let (opt, report) = optimize_and_compare(&m, &feeds, &opts(&m, OptLevel::All), 0.0);
+    let ops = op_counts(&opt.graph);
+    assert_eq!(report.count("elementwise_chain_fusion"), 3, "{report}");
+    assert_eq!(report.count("conv_chain_fusion"), 2, "{report}");
+    assert_eq!(ops.get("ai.kiln::FusedConvChain"), Some(&2), "{ops:?}");
+    assert_eq!(ops.get("ai.kiln::ElementwiseChain"), Some(&1), "{ops:?}");
+    assert_eq!(ops.values().sum::<usize>(), 4, "{ops:?}");
+}
+
+#[test]
 fn elementwise_chain_keeps_broadcast_rank() {
     // A rank-0 input plus a [1, 1] constant is [1, 1], fused or not.
     let mut b = B::new();

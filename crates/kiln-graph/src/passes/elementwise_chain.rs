@@ -10,8 +10,10 @@
 //! Steps: `x*c`, `x+c`, `x-c`, `c-x`, `x/c`, `c/x` with a one-element f32 constant `c` (of any
 //! rank: attribute `min_rank` is the highest, and the result gets leading 1s up to it, as
 //! broadcasting would give),
-//! `Clip(x, lo, hi)` with constant bounds, and `x * f(x)` where `f` is itself a chain of steps
-//! reading `x` (how exporters write HardSwish and similar gates).
+//! `Clip(x, lo, hi)` with constant bounds, `Sigmoid` and `HardSwish` of an f32 value (the runtime's
+//! own f32 functions), and `x * f(x)` where `f` is itself a chain of steps reading `x` (how exporters
+//! write HardSwish, and SiLU as `x * Sigmoid(x)`; such a gate may also open a chain). A chain of one
+//! step is kept only for HardSwish or a gate (one pass instead of a kernel or two).
 
 use crate::{Attribute, DType, Graph, Node, Result, ValueId};
 
@@ -40,6 +42,16 @@ pub enum Step {
     Clip(f32, f32),
     /// `x * f(x)` with `f` the nested steps.
     MulSelf(Vec<Step>),
+    /// `1 / (1 + exp(-x))`, as the runtime's f32 Sigmoid kernel computes it (so `x * sigmoid(x)`, SiLU,
+    /// is `MulSelf([Sigmoid])`).
+    Sigmoid,
+    /// ONNX HardSwish, `x * clamp(x / 6 + 0.5, 0, 1)` in f32 ([`hard_swish`]).
+    HardSwish,
+}
+
+/// HardSwish in f32, shared by the chain step and the runtime's HardSwish kernel.
+pub fn hard_swish(x: f32) -> f32 {
+    x * (x / 6.0 + 0.5).clamp(0.0, 1.0)
 }
 
 /// Encodes steps as the node's `program` attribute: `[code, a, b]` per step; `MulSelf` is
@@ -59,6 +71,8 @@ pub fn encode(steps: &[Step]) -> Vec<f32> {
                 v.extend([7.0, inner.len() as f32, 0.0]);
                 v.extend(encode(inner));
             }
+            Step::Sigmoid => v.extend([8.0, 0.0, 0.0]),
+            Step::HardSwish => v.extend([9.0, 0.0, 0.0]),
         }
     }
     v
@@ -86,6 +100,8 @@ pub fn decode(program: &[f32]) -> Option<Vec<Step>> {
                     }
                     Step::MulSelf(steps(p, pos, Some(a as usize))?)
                 }
+                8 => Step::Sigmoid,
+                9 => Step::HardSwish,
                 _ => return None,
             });
         }
@@ -136,6 +152,16 @@ fn simple_step(g: &Graph, cx: &PassCx, node: &Node, x: ValueId) -> Option<Step> 
                 ("Sub", true) => Step::SubFrom(c),
                 ("Div", false) => Step::Div(c),
                 _ => Step::DivInto(c),
+            })
+        }
+        // No constant types `x` here: the value's inferred dtype must be f32.
+        "Sigmoid" | "HardSwish"
+            if node.inputs.first().copied().flatten() == Some(x) && g.value(x).dtype == Some(DType::F32) =>
+        {
+            Some(if node.op_type == "Sigmoid" {
+                Step::Sigmoid
+            } else {
+                Step::HardSwish
             })
         }
         "Clip" if node.inputs.first().copied().flatten() == Some(x) && node.attributes.is_empty() => {
@@ -263,14 +289,30 @@ impl Pass for FuseElementwiseChains {
             else {
                 continue;
             };
-            let Some(first) = simple_step(g, cx, &g.nodes[head], x) else {
-                continue;
+            // A chain that opens with `x * f(x)` (SiLU: `x * Sigmoid(x)`) starts at x's first reader.
+            let opens_with_gate = idx.readers(x).len() == 2 && idx.readers(x).iter().min() == Some(&head);
+            let gated = opens_with_gate
+                .then(|| Self::grow(g, cx, &idx, x, 0))
+                .filter(|c| matches!(c.steps.first(), Some(Step::MulSelf(_))) && c.nodes.contains(&head));
+            let rest = match gated {
+                Some(c) => c,
+                None => {
+                    let Some(first) = simple_step(g, cx, &g.nodes[head], x) else {
+                        continue;
+                    };
+                    let Some(o) = out0(&g.nodes[head]) else { continue };
+                    let mut rest = Self::grow(g, cx, &idx, o, 0);
+                    rest.steps.insert(0, first);
+                    rest.nodes.insert(0, head);
+                    rest
+                }
             };
-            let Some(o) = out0(&g.nodes[head]) else { continue };
-            let mut rest = Self::grow(g, cx, &idx, o, 0);
-            rest.steps.insert(0, first);
-            rest.nodes.insert(0, head);
-            if rest.steps.len() < 2 {
+            // One cheap step is no gain; a HardSwish or a gate alone is (one vectorized f32 pass
+            // instead of one or two kernels and their allocations).
+            if rest.steps.len() < 2 && !matches!(rest.steps.as_slice(), [Step::HardSwish] | [Step::MulSelf(_)]) {
+                continue;
+            }
+            if rest.nodes.first() != Some(&head) {
                 continue;
             }
             let min_rank = rest
@@ -312,9 +354,11 @@ mod tests {
             Step::SubFrom(2.0),
             Step::DivInto(1.0),
             Step::Sub(0.25),
+            Step::MulSelf(vec![Step::Sigmoid]),
+            Step::HardSwish,
         ];
         assert_eq!(decode(&encode(&steps)), Some(steps));
-        assert_eq!(decode(&[9.0, 0.0, 0.0]), None);
+        assert_eq!(decode(&[10.0, 0.0, 0.0]), None);
         assert_eq!(decode(&[7.0, 2.0, 0.0, 0.0, 1.0, 0.0]), None);
         assert_eq!(decode(&[0.0, 1.0]), None);
     }

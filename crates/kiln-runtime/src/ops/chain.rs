@@ -4,7 +4,7 @@
 //! (bit-identical results); elsewhere the steps run as candle ops.
 
 use candle_core::Tensor as CT;
-use kiln_graph::passes::elementwise_chain::{decode, Step, KILN, OP};
+use kiln_graph::passes::elementwise_chain::{decode, hard_swish, Step, KILN, OP};
 use rayon::prelude::*;
 
 use super::common::tin;
@@ -114,6 +114,16 @@ fn apply(steps: &[Step], x: &mut [f32]) {
                 let t = if *v < *lo { *lo } else { *v };
                 *v = if t > *hi { *hi } else { t };
             }),
+            Step::Sigmoid => {
+                // The Sigmoid kernel's own f32 function (bit-identical), through a stack copy per block.
+                let mut buf = [0f32; BLOCK];
+                for xc in x.chunks_mut(BLOCK) {
+                    let t = &mut buf[..xc.len()];
+                    t.copy_from_slice(xc);
+                    crate::fastmath::map_slice(crate::fastmath::Func::Sigmoid, t, xc);
+                }
+            }
+            Step::HardSwish => x.iter_mut().for_each(|v| *v = hard_swish(*v)),
             Step::MulSelf(inner) => {
                 // Blocks are at most BLOCK long: the gate fits on the stack.
                 let mut buf = [0f32; BLOCK];
@@ -161,6 +171,15 @@ pub(crate) fn run_candle(steps: &[Step], x: &CT) -> Result<CT> {
                 t
             }
             Step::MulSelf(inner) => y.mul(&run_candle(inner, &y)?)?,
+            Step::Sigmoid => {
+                let dt = y.dtype();
+                let f = y.to_dtype(candle_core::DType::F32)?;
+                (f.neg()?.exp()? + 1.0)?.recip()?.to_dtype(dt)?
+            }
+            Step::HardSwish => {
+                let gate = y.affine(1.0 / 6.0, 0.5)?.clamp(0.0, 1.0)?;
+                y.mul(&gate)?
+            }
         };
     }
     Ok(y)

@@ -505,7 +505,26 @@ fn register_unary(r: &mut Registry) {
     r.add("Mish", |_| {
         Ok(unary_host(|v| v * (if v > 30.0 { v } else { v.exp().ln_1p() }).tanh()))
     });
-    r.add("HardSwish", |_| Ok(unary_host(|v| v * (v / 6.0 + 0.5).clamp(0.0, 1.0))));
+    r.add("HardSwish", |_| {
+        Ok(kernel(|cx, ins| {
+            let x = tin(ins, 0)?;
+            // f32: the f32 formula the fused element-wise chain uses (bit-identical when fused).
+            if x.dtype() == DType::F32 {
+                if let Some(v) = crate::fastmath::with_f32(x.candle(), |s| {
+                    s.iter()
+                        .map(|&v| kiln_graph::passes::elementwise_chain::hard_swish(v))
+                        .collect::<Vec<f32>>()
+                }) {
+                    return out1(Tensor::new(
+                        CT::from_vec(v, x.dims(), x.candle().device())?,
+                        DType::F32,
+                    )?);
+                }
+            }
+            let _ = cx;
+            out1(host_unary(x, x.dtype(), |v| v * (v / 6.0 + 0.5).clamp(0.0, 1.0))?)
+        }))
+    });
     r.add("IsNaN", |_| {
         Ok(kernel(|_, ins| {
             let x = tin(ins, 0)?;
