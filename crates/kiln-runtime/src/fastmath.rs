@@ -51,7 +51,11 @@ fn exp1<const FMA: bool>(x: f32) -> f32 {
     y = madd::<FMA>(y, r, 0.5);
     y = madd::<FMA>(y, r * r, r + 1.0);
     // 2^fx through the exponent bits, in two halves so fx = 128 (x near HI) stays in range.
-    let n = (fx as i32).clamp(-126, 128);
+    // A saturating `as i32` does not vectorize (LLVM emits it lane by lane); fx is finite and within
+    // [-126, 128] here (xc is clamped), except for a NaN input, whose result is replaced below.
+    let fx_finite = if fx.is_nan() { 0.0 } else { fx };
+    // SAFETY: fx_finite is a finite whole number in [-126, 128], which an i32 holds.
+    let n = unsafe { fx_finite.to_int_unchecked::<i32>() }.clamp(-126, 128);
     let n1 = n >> 1;
     let scaled = y * f32::from_bits(((n1 + 127) as u32) << 23) * f32::from_bits(((n - n1 + 127) as u32) << 23);
     // Above HI the clamp would give a finite value; below LO the true result underflows.
@@ -178,8 +182,30 @@ pub(crate) fn has_avx2_fma() -> bool {
     }
 }
 
+/// A zeroed f32 buffer from `malloc` and a `memset`, not `calloc`: for large sizes the allocator's
+/// calloc hands out fresh zero pages from the OS, which fault on first write every run (the kernel
+/// zeroing them again), where a plain allocation reuses the pages the previous run freed.
+pub(crate) fn zeroed(n: usize) -> Vec<f32> {
+    let mut v = Vec::with_capacity(n);
+    v.resize(n, 0.0);
+    v
+}
+
+/// [`apply_avx2`]'s loop on 16-lane vectors: the same per-lane operations (identical results).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2,fma")]
+fn apply_avx512(f: Func, src: &[f32], dst: &mut [f32]) {
+    apply::<true>(f, src, dst)
+}
+
 /// Applies `f` to `src` into `dst` (single thread; equal lengths).
 pub(crate) fn map_slice(f: Func, src: &[f32], dst: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if has_avx2_fma() && crate::sgemm::use_avx512() {
+        // SAFETY: the CPU supports AVX-512F, AVX2 and FMA (checked above).
+        unsafe { apply_avx512(f, src, dst) };
+        return;
+    }
     #[cfg(any(target_arch = "x86", target_arch = "x86_64"))]
     if has_avx2_fma() {
         // SAFETY: the CPU supports the features `apply_avx2` is compiled for (checked above).
@@ -535,7 +561,7 @@ const CHUNK: usize = 16 * 1024;
 /// (other dtype, device or layout), so the caller uses its generic path.
 pub(crate) fn map_tensor(f: Func, t: &CT) -> Option<candle_core::Result<CT>> {
     let out = with_f32(t, |src| {
-        let mut out = vec![0f32; src.len()];
+        let mut out = crate::fastmath::zeroed(src.len());
         if src.len() <= CHUNK {
             map_slice(f, src, &mut out);
         } else {
