@@ -50,6 +50,7 @@ pub enum Step {
 }
 
 /// HardSwish in f32, shared by the chain step and the runtime's HardSwish kernel.
+#[inline]
 pub fn hard_swish(x: f32) -> f32 {
     x * (x / 6.0 + 0.5).clamp(0.0, 1.0)
 }
