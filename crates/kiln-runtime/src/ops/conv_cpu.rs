@@ -130,16 +130,6 @@ impl Conv2d {
         };
         let pointwise =
             kh == 1 && kw == 1 && self.stride == (1, 1) && self.pad == (0, 0) && self.oh == self.h && self.ow == self.w;
-        if let Some(pf) = plan_filter.filter(|_| p < FEW_PIXELS) {
-            if let Some(r) = self.dense_few_pixels(x, w, bias, pf, pointwise) {
-                return Some(r.map(|mut v| {
-                    if let Some(c) = clamp {
-                        clamp_slice(&mut v, c);
-                    }
-                    v
-                }));
-            }
-        }
         // Phase plane (ci, ry, rx): padded rows ry, ry + sh, ... and columns rx, rx + sw, ... (hq x wq);
         // output (oy, ox) of tap (ky, kx) reads plane (ci, ky*dh % sh, kx*dw % sw) at row
         // oy + ky*dh / sh, column ox + kx*dw / sw. Outputs are computed over rows of wq columns (the
@@ -161,6 +151,16 @@ impl Conv2d {
             }
             v
         };
+        if let Some(pf) = plan_filter.filter(|_| p < FEW_PIXELS) {
+            if let Some(r) = self.dense_few_pixels(x, w, bias, pf, (!pointwise).then_some((hq, wq, offs.as_slice()))) {
+                return Some(r.map(|mut v| {
+                    if let Some(c) = clamp {
+                        clamp_slice(&mut v, c);
+                    }
+                    v
+                }));
+            }
+        }
         let nq = if pointwise { p } else { self.oh * wq };
         let mut out = vec![0f32; self.n * self.m * p];
         // The last plane's discarded columns read up to wq floats past it.
@@ -218,15 +218,16 @@ impl Conv2d {
     }
 
     /// `dense_rows` for a handful of output pixels: `C^T = im2col^T · W^T` through the packed-B GEMM
-    /// (its few-rows path streams each filter panel once), then transposed into the output. `None`
-    /// when `W^T` could not be packed.
+    /// (its few-rows path streams each filter panel once), then transposed into the output. `phased`:
+    /// `dense_rows`'s phase-plane geometry and im2col row offsets (`None` for a pointwise conv, whose
+    /// input planes are read as they are). `None` when `W^T` could not be packed.
     fn dense_few_pixels(
         &self,
         x: &[f32],
         w: &CT,
         bias: Option<&[f32]>,
         pf: &PackedFilter,
-        pointwise: bool,
+        phased: Option<(usize, usize, &[usize])>,
     ) -> Option<Result<Vec<f32>>> {
         use crate::sgemm::{gemm_packed_b, gemm_packed_b_seq, Bias, MatRef, PackedB};
         let g = self.group;
@@ -256,17 +257,10 @@ impl Conv2d {
         if tb.len() != g {
             return None;
         }
-        let (hq, wq) = (
-            self.oh + (self.kh - 1) * self.dil.0 / self.stride.0,
-            self.ow + (self.kw - 1) * self.dil.1 / self.stride.1,
-        );
         let (sh, sw) = self.stride;
-        let (dh, dw) = self.dil;
-        let plane = hq * wq;
-        let mut phases = if pointwise {
-            Vec::new()
-        } else {
-            vec![0f32; cg * sh * sw * plane]
+        let mut phases = match phased {
+            Some((hq, wq, _)) => vec![0f32; cg * sh * sw * hq * wq + wq],
+            None => Vec::new(),
         };
         let mut at = vec![0f32; p * k];
         let mut ct = vec![0f32; p * mg];
@@ -275,32 +269,26 @@ impl Conv2d {
             for (gi, pb) in tb.iter().enumerate() {
                 let plane0 = (b * self.c + gi * cg) * self.h * self.w;
                 let xin = &x[plane0..plane0 + cg * self.h * self.w];
-                let a = if pointwise {
+                let a = match phased {
                     // Element (pixel, ci) of im2col^T is xin[ci * p + pixel].
-                    MatRef {
+                    None => MatRef {
                         data: xin,
                         rows: p,
                         cols: k,
                         rs: 1,
                         cs: p,
-                    }
-                } else {
-                    self.fill_phases(xin, cg, hq, wq, &mut phases);
-                    for (pix, row) in at.chunks_exact_mut(k).enumerate() {
-                        let j = pix / self.ow * wq + pix % self.ow;
-                        let mut kk = 0;
-                        for ci in 0..cg {
-                            for ky in 0..self.kh {
-                                for kx in 0..self.kw {
-                                    let (ry, rx) = (ky * dh % sh, kx * dw % sw);
-                                    let off = ((ci * sh + ry) * sw + rx) * plane + ky * dh / sh * wq + kx * dw / sw;
-                                    row[kk] = phases[off + j];
-                                    kk += 1;
-                                }
+                    },
+                    Some((hq, wq, offs)) => {
+                        self.fill_phases(xin, cg, hq, wq, &mut phases);
+                        // Row `pix` of im2col^T: each tap's value at the pixel's place in its plane.
+                        for (pix, row) in at.chunks_exact_mut(k).enumerate() {
+                            let j = pix / self.ow * wq + pix % self.ow;
+                            for (v, &off) in row.iter_mut().zip(offs) {
+                                *v = phases[off + j];
                             }
                         }
+                        MatRef::row_major(&at, p, k)
                     }
-                    MatRef::row_major(&at, p, k)
                 };
                 let bias_g = bias.map_or(Bias::None, |bs| Bias::PerCol(&bs[gi * mg..(gi + 1) * mg]));
                 // A handful of pixels is little work: waking the pool costs more than it saves.
