@@ -1,7 +1,8 @@
 // Bias + activation over a contiguous tensor: y[i] = act(x[i] + bias[i % n]), f32 or f16 in and
 // out, computed in f32. bias is f32 `[n]` (the launcher widens f16 biases once) or null (no bias;
 // n is then ignored). Activations: GELU with erf (ONNX Gelu, com.microsoft Gelu/BiasGelu), GELU
-// with the tanh approximation (com.microsoft FastGelu, ONNX Gelu approximate="tanh"), ReLU.
+// with the tanh approximation (com.microsoft FastGelu, ONNX Gelu approximate="tanh"), ReLU, and none
+// (the bias alone: `ai.kiln::MatMulBias` without an activation).
 //
 // Launch: 1-D grid-stride loop, blockDim.x = 256, gridDim.x = min(ceil(total / (256 * V)),
 // 32 * SMs) where V is the vector width. When x and y are 16-byte aligned and n is a multiple of
@@ -15,7 +16,7 @@ namespace {
 using kiln::to_f32;
 using kiln::from_f32;
 
-enum Act { GELU_ERF, GELU_TANH, RELU };
+enum Act { GELU_ERF, GELU_TANH, RELU, NONE };
 
 template <Act A>
 __device__ __forceinline__ float act(float v) {
@@ -24,8 +25,10 @@ __device__ __forceinline__ float act(float v) {
     } else if (A == GELU_TANH) {
         const float k = 0.79788456080286536f;  // sqrt(2 / pi)
         return 0.5f * v * (1.f + tanhf(k * (v + 0.044715f * v * v * v)));
-    } else {
+    } else if (A == RELU) {
         return fmaxf(v, 0.f);
+    } else {
+        return v;
     }
 }
 
@@ -94,3 +97,4 @@ __device__ __forceinline__ void bias_act(const T* __restrict__ x, const float* _
 KILN_BIAS_ACT(gelu_erf, GELU_ERF)
 KILN_BIAS_ACT(gelu_tanh, GELU_TANH)
 KILN_BIAS_ACT(relu, RELU)
+KILN_BIAS_ACT(none, NONE)

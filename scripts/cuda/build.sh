@@ -39,5 +39,5 @@ venv="$(bash scripts/setup-python.sh </dev/null | tail -n 1)"
 models="$(PYTHON="$venv/bin/python" bash models/fetch.sh </dev/null | tail -n 1)"
 "$venv/bin/python" models/make_reference.py "$models" </dev/null >/dev/null
 real=(ch_PP-OCRv4_det_infer ch_PP-OCRv4_rec_infer silero_vad)
-tar czf dist/real-models.tgz -C "$models" $(for m in "${real[@]}"; do echo "$m.onnx" "$m.ref"; done)
+tar czhf dist/real-models.tgz -C "$models" $(for m in "${real[@]}"; do echo "$m.onnx" "$m.ref"; done)
 ls -la dist/kiln-gpu.tgz dist/kiln-gpu-kernels.tgz dist/kiln-gpu-session.tar.xz dist/node-tests.tgz dist/real-models.tgz

@@ -1,11 +1,14 @@
 //! Microbenchmark of the fused CUDA kernels (`kernels/*.cu`), each through a one-node
 //! `ExecutionPlan` on `cuda:0` (so the numbers include Kiln's per-node executor overhead, a few
-//! microseconds): achieved GB/s for the memory-bound kernels (LayerNorm, Softmax, BiasGelu: one
-//! read and one write of the tensor) and TFLOP/s for attention (4 B H S T D) and the int8 GEMM
-//! (2 M N K). Shapes are BERT-base at batch 64, sequence 128.
+//! microseconds): achieved GB/s for the memory-bound kernels (LayerNorm, Softmax, BiasGelu,
+//! Transpose: one read and one write of the tensor; Add: two reads and a write) and TFLOP/s for
+//! attention (4 B H S T D), the int8 GEMM and the cuBLAS products under MatMul/MatMulBias (2 M N K).
+//! Shapes are BERT-base at batch 64, sequence 128. Add and MatMul run candle's kernels (cuBLAS for
+//! the products), for comparison with the fused ones.
 //!
 //!   cargo build --release --features cuda -p kiln-runtime --example fused_kernel_bench
-//!   fused_kernel_bench [--iters N]      (KILN_PEAK_GBPS / KILN_PEAK_TFLOPS add "% of peak")
+//!   fused_kernel_bench [--iters N]      (KILN_PEAK_GBPS / KILN_PEAK_TFLOPS / KILN_PEAK_TC_TFLOPS
+//!                                         add "% of peak"; the last for f16 products on tensor cores)
 //!
 //! Each case checks that a fused kernel launched (else it says the generic path ran).
 
@@ -26,6 +29,8 @@ struct Case {
     /// Bytes moved (memory-bound kernels) or flops (attention, GEMM) per run.
     work: f64,
     flops: bool,
+    /// An f16 product cuBLAS runs on tensor cores (its peak is `KILN_PEAK_TC_TFLOPS`).
+    tensor_cores: bool,
 }
 
 fn plan(dev: &CDevice, c: &Case) -> Res<ExecutionPlan> {
@@ -80,6 +85,7 @@ fn cases(dev: &CDevice) -> Res<Vec<Case>> {
             inputs: vec![x.clone(), rand(&[h], dt, dev)?, rand(&[h], dt, dev)?],
             work: 2.0 * n * sz,
             flops: false,
+            tensor_cores: false,
         });
         let scores = rand(&[b, heads, s, s], dt, dev)?;
         v.push(Case {
@@ -89,6 +95,7 @@ fn cases(dev: &CDevice) -> Res<Vec<Case>> {
             inputs: vec![scores],
             work: 2.0 * (b * heads * s * s) as f64 * sz,
             flops: false,
+            tensor_cores: false,
         });
         v.push(Case {
             name: format!("BiasGelu {dt} [{b},{s},{ff}]"),
@@ -97,6 +104,7 @@ fn cases(dev: &CDevice) -> Res<Vec<Case>> {
             inputs: vec![rand(&[b, s, ff], dt, dev)?, rand(&[ff], dt, dev)?],
             work: 2.0 * (b * s * ff) as f64 * sz,
             flops: false,
+            tensor_cores: false,
         });
         let qkv = || rand(&[b, heads, s, d], dt, dev);
         v.push(Case {
@@ -106,6 +114,7 @@ fn cases(dev: &CDevice) -> Res<Vec<Case>> {
             inputs: vec![qkv()?, qkv()?, qkv()?],
             work: 4.0 * (b * heads * s * s * d) as f64,
             flops: true,
+            tensor_cores: false,
         });
         let codes: Vec<i8> = (0..h * ff).map(|i| ((i * 37) % 255) as i32 as i8).collect();
         v.push(Case {
@@ -124,6 +133,49 @@ fn cases(dev: &CDevice) -> Res<Vec<Case>> {
             inputs: vec![rand(&[b, s, h], dt, dev)?],
             work: 2.0 * (b * s * h * ff) as f64,
             flops: true,
+            tensor_cores: false,
+        });
+        v.push(Case {
+            name: format!("Transpose {dt} [{b},{s},{heads},{d}] perm 0213"),
+            op: ("", "Transpose", 13),
+            attrs: vec![("perm", Attribute::Ints(vec![0, 2, 1, 3]))],
+            inputs: vec![rand(&[b, s, heads, d], dt, dev)?],
+            work: 2.0 * n * sz,
+            flops: false,
+            tensor_cores: false,
+        });
+        v.push(Case {
+            name: format!("Add {dt} [{b},{s},{h}] (candle)"),
+            op: ("", "Add", 14),
+            attrs: vec![],
+            inputs: vec![x.clone(), rand(&[b, s, h], dt, dev)?],
+            work: 3.0 * n * sz,
+            flops: false,
+            tensor_cores: false,
+        });
+        for (k, nn) in [(h, h), (h, ff), (ff, h)] {
+            v.push(Case {
+                name: format!("MatMul {dt} [{},{k}]x[{k},{nn}] (cuBLAS)", b * s),
+                op: ("", "MatMul", 13),
+                attrs: vec![],
+                inputs: vec![rand(&[b * s, k], dt, dev)?, rand(&[k, nn], dt, dev)?],
+                work: 2.0 * (b * s * k * nn) as f64,
+                flops: true,
+                tensor_cores: dt == DType::F16,
+            });
+        }
+        v.push(Case {
+            name: format!("MatMulBias {dt} [{},{h}]x[{h},{h}] + bias", b * s),
+            op: ("ai.kiln", "MatMulBias", 1),
+            attrs: vec![],
+            inputs: vec![
+                rand(&[b, s, h], dt, dev)?,
+                rand(&[h, h], dt, dev)?,
+                rand(&[h], dt, dev)?,
+            ],
+            work: 2.0 * (b * s * h * h) as f64,
+            flops: true,
+            tensor_cores: dt == DType::F16,
         });
     }
     Ok(v)
@@ -160,7 +212,12 @@ fn main() -> Res<()> {
         let secs = t0.elapsed().as_secs_f64() / iters as f64;
         let fused = fused_kernel_launches() > launches;
         let (value, unit, pk) = if c.flops {
-            (c.work / secs / 1e12, "TFLOP/s", peak("KILN_PEAK_TFLOPS"))
+            let var = if c.tensor_cores {
+                "KILN_PEAK_TC_TFLOPS"
+            } else {
+                "KILN_PEAK_TFLOPS"
+            };
+            (c.work / secs / 1e12, "TFLOP/s", peak(var))
         } else {
             (c.work / secs / 1e9, "GB/s", peak("KILN_PEAK_GBPS"))
         };

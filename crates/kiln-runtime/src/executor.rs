@@ -14,7 +14,8 @@ pub struct RunOptions {
     /// including those inside loop bodies. A server sets it from the request timeout.
     pub deadline: Option<std::time::Instant>,
     /// Time every kernel, those of subgraph bodies included, and return the times in
-    /// [`RunStats::op_times`] (costs two clock reads per node; off by default).
+    /// [`RunStats::op_times`] (costs two clock reads per node, and on a GPU a wait for each node's
+    /// kernels so the times are their own; off by default).
     pub profile: bool,
     /// The paged KV cache and batch layout `ai.kiln::PagedAttention` nodes read and write (set by
     /// an LLM engine for each model step; `None` otherwise).
@@ -116,14 +117,22 @@ enum DeviceError {
 }
 
 /// Sorts a device kernel's error message. Driver and cuBLAS errors name their status
-/// (`CUDA_ERROR_*`, `CUBLAS_STATUS_*`); of those only "not supported" means a missing kernel.
+/// (`CUDA_ERROR_*`, `CUBLAS_STATUS_*`); of those, a missing kernel is: "not supported", "not
+/// found" (candle looks a kernel up by name, `bmaximum_i16` say, in its PTX module when it runs it,
+/// and dtypes it has no kernel for end there) and "invalid value" (a launch the driver refused
+/// before running it, as candle's launches over zero-element tensors are).
 /// Everything else candle reports on a device (unsupported dtype, missing kernel module,
 /// non-contiguous matmul, "not implemented") is a gap in the backend.
 fn classify_device_error(message: &str) -> DeviceError {
     if crate::device_memory::is_out_of_memory(message) || message.contains("CUBLAS_STATUS_ALLOC_FAILED") {
         return DeviceError::OutOfMemory;
     }
-    let unsupported = ["CUDA_ERROR_NOT_SUPPORTED", "CUBLAS_STATUS_NOT_SUPPORTED"];
+    let unsupported = [
+        "CUDA_ERROR_NOT_SUPPORTED",
+        "CUDA_ERROR_NOT_FOUND",
+        "CUDA_ERROR_INVALID_VALUE",
+        "CUBLAS_STATUS_NOT_SUPPORTED",
+    ];
     let driver = message.contains("CUDA_ERROR_") || message.contains("CUBLAS_STATUS_");
     if driver && !unsupported.iter().any(|u| message.contains(u)) {
         return DeviceError::Failed;
@@ -344,6 +353,10 @@ impl ExecutionPlan {
                 }
             })?;
             if let (Some(t), Some(scope)) = (started, &scope) {
+                // Device kernels run asynchronously: wait for this node's, so its time is its own.
+                if !self.device.is_cpu() {
+                    self.device.synchronize()?;
+                }
                 let time = OpTime {
                     node: step.node.clone(),
                     op: step.op.clone(),
@@ -574,6 +587,8 @@ mod tests {
             "missing kernel 'affine'",
             "no cuda implementation for upsample_nearest1d",
             "DriverError(CUDA_ERROR_NOT_SUPPORTED, \"operation not supported\")",
+            "DriverError(CUDA_ERROR_NOT_FOUND, \"named symbol not found\")",
+            "DriverError(CUDA_ERROR_INVALID_VALUE, \"invalid argument\")",
         ] {
             let (r, calls, pinned) = run(gap);
             assert_eq!(values(&r.unwrap()), vec![2.0, 4.0], "{gap}");

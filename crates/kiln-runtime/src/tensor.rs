@@ -146,6 +146,13 @@ impl Tensor {
     pub fn from_data(d: &TensorData, device: &CDevice) -> Result<Self> {
         let b = d.bytes();
         let dims = d.dims.as_slice();
+        // A device upload reads aligned little-endian f32 bytes in place (one copy, straight to the
+        // device) instead of collecting them into a host vector first.
+        if d.dtype == DType::F32 && cfg!(target_endian = "little") && !device.is_cpu() {
+            if let Ok(v) = bytemuck::try_cast_slice::<u8, f32>(b) {
+                return Tensor::new(candle_core::Tensor::from_slice(v, dims, device)?, d.dtype);
+            }
+        }
         let t = match d.dtype {
             DType::F32 => candle_core::Tensor::from_vec(decode_le!(b, f32), dims, device)?,
             DType::F64 => candle_core::Tensor::from_vec(decode_le!(b, f64), dims, device)?,

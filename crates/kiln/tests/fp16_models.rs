@@ -57,6 +57,12 @@ fn compare(got: &TensorData, want: &TensorData) -> Result<(f64, f64), String> {
 }
 
 fn check_model(stem: &str) {
+    check_model_at(stem, Level::Extended);
+}
+
+/// At `Level::All` the fused `ai.kiln` ops (MatMulBias, FusedConvChain, ElementwiseChain) run in
+/// f16 too.
+fn check_model_at(stem: &str, level: Level) {
     let (model, refs) = match reference_dir(stem) {
         Ok(p) => p,
         Err(reason) => {
@@ -69,7 +75,7 @@ fn check_model(stem: &str) {
         }
     };
     let session = Session::builder()
-        .optimization(Level::Extended)
+        .optimization(level)
         .precision(Precision::F16)
         .build_from_file(&model)
         .unwrap_or_else(|e| panic!("{stem}: does not compile in fp16: {e}"));
@@ -123,6 +129,21 @@ fn paraphrase_minilm_l3_fp16() {
 #[test]
 fn bert_tiny_fp16() {
     check_model("bert-tiny");
+}
+
+#[test]
+fn paraphrase_minilm_l3_fp16_level_all() {
+    check_model_at("paraphrase-MiniLM-L3-v2", Level::All);
+}
+
+#[test]
+fn bert_tiny_fp16_level_all() {
+    check_model_at("bert-tiny", Level::All);
+}
+
+#[test]
+fn ppocr_v4_det_fp16_level_all() {
+    check_model_at("ch_PP-OCRv4_det_infer", Level::All);
 }
 
 #[test]

@@ -25,6 +25,7 @@ void kiln_rms_norm_f16(const __half*, const float*, const float*, __half*, int, 
 BIAS_DECL(gelu_erf)
 BIAS_DECL(gelu_tanh)
 BIAS_DECL(relu)
+BIAS_DECL(none)
 #define SOFTMAX_DECL(K, S, T) \
     void kiln_softmax_##K##_##S(const T*, T*, const float*, ll, int, int, int, float, ll, ll, ll, ll, int, int);
 SOFTMAX_DECL(warp, f32, float)
@@ -53,6 +54,18 @@ PAGED_DECL(f16, __half, 96)
 PAGED_DECL(f16, __half, 128)
 void kiln_reshape_and_cache_f32(const float*, const float*, float*, float*, const int*, int, int, int);
 void kiln_reshape_and_cache_f16(const __half*, const __half*, __half*, __half*, const int*, int, int, int);
+struct KilnPermuteParams {
+    unsigned dims[6];
+    unsigned strides[6];
+};
+void kiln_permute_b2(const uint16_t*, uint16_t*, unsigned, int, KilnPermuteParams);
+void kiln_permute_b4(const uint32_t*, uint32_t*, unsigned, int, KilnPermuteParams);
+void kiln_permute_b16(const uint4*, uint4*, unsigned, int, KilnPermuteParams);
+struct KilnIm2colParams {
+    int c, h, w, kh, kw, oh, ow, sh, sw, dh, dw, pt, pl, ones;
+};
+void kiln_im2col_f32(const float*, float*, KilnIm2colParams);
+void kiln_im2col_f16(const __half*, __half*, KilnIm2colParams);
 void kiln_int8_gemm_f32_nn(const float*, const signed char*, const float*, float*, int, int, int);
 void kiln_int8_gemm_f32_nt(const float*, const signed char*, const float*, float*, int, int, int);
 void kiln_int8_gemm_f16_nn(const __half*, const signed char*, const float*, __half*, int, int, int);
@@ -165,9 +178,15 @@ static void bias_act(int act, size_t rows, int n, bool with_bias, int misalign) 
     const float* bp = with_bias ? bias.data() : nullptr;
     emu_launch({blocks}, {256}, [&] {
         if constexpr (std::is_same_v<T, float>) {
-            (act == 0 ? kiln_bias_gelu_erf_f32 : act == 1 ? kiln_bias_gelu_tanh_f32 : kiln_bias_relu_f32)(x, bp, y, total, n);
+            (act == 0   ? kiln_bias_gelu_erf_f32
+             : act == 1 ? kiln_bias_gelu_tanh_f32
+             : act == 2 ? kiln_bias_relu_f32
+                        : kiln_bias_none_f32)(x, bp, y, total, n);
         } else {
-            (act == 0 ? kiln_bias_gelu_erf_f16 : act == 1 ? kiln_bias_gelu_tanh_f16 : kiln_bias_relu_f16)(x, bp, y, total, n);
+            (act == 0   ? kiln_bias_gelu_erf_f16
+             : act == 1 ? kiln_bias_gelu_tanh_f16
+             : act == 2 ? kiln_bias_relu_f16
+                        : kiln_bias_none_f16)(x, bp, y, total, n);
         }
     });
     std::vector<double> want(total), got(total);
@@ -175,11 +194,11 @@ static void bias_act(int act, size_t rows, int n, bool with_bias, int misalign) 
         double v = Buf<T>::from(x[i]) + (bp ? bp[i % n] : 0.0);
         if (act == 0) v = 0.5 * v * (1 + std::erf(v / std::sqrt(2.0)));
         else if (act == 1) v = 0.5 * v * (1 + std::tanh(std::sqrt(2 / M_PI) * (v + 0.044715 * v * v * v)));
-        else v = std::max(v, 0.0);
+        else if (act == 2) v = std::max(v, 0.0);
         want[i] = v;
         got[i] = Buf<T>::from(y[i]);
     }
-    const char* names[] = {"gelu_erf", "gelu_tanh", "relu"};
+    const char* names[] = {"gelu_erf", "gelu_tanh", "relu", "none"};
     check(std::string("bias_") + names[act] + " " + Buf<T>::name + " " + std::to_string(rows) + "x" + std::to_string(n) +
               (with_bias ? "" : " no bias") + (misalign ? " misaligned" : ""),
           got, want, Buf<T>::tol);
@@ -453,6 +472,97 @@ static void int8_gemm(int M, int K, int N, bool trans) {
           back(out), want, Buf<T>::tol);
 }
 
+// ---- permute.cu ----
+// Units carry their own input index (in .x for the 16-byte units), so the output must equal the
+// reference offsets exactly. `in_dims` row-major, output axis k = input axis perm[k]; `extra`
+// pads the input's innermost stride (a strided, non-contiguous source).
+template <typename U>
+static void permute(const std::vector<unsigned>& in_dims, const std::vector<int>& perm, unsigned extra) {
+    const int rank = int(in_dims.size());
+    // Row-major strides, the innermost axis spread by 1 + extra.
+    std::vector<unsigned> in_strides(rank);
+    unsigned acc = 1 + extra;
+    for (int k = rank - 1; k >= 0; --k) {
+        in_strides[k] = k == rank - 1 ? 1 + extra : acc;
+        acc *= in_dims[k];
+    }
+    const size_t in_len = size_t(in_strides[0]) * in_dims[0];
+    std::vector<U> x(in_len);
+    for (size_t i = 0; i < in_len; ++i) {
+        if constexpr (std::is_same_v<U, uint4>) x[i] = uint4{unsigned(i), 7u, 8u, 9u};
+        else x[i] = U(i);
+    }
+    KilnPermuteParams p{};
+    unsigned total = 1;
+    for (int k = 0; k < rank; ++k) {
+        p.dims[k] = in_dims[perm[k]];
+        p.strides[k] = in_strides[perm[k]];
+        total *= p.dims[k];
+    }
+    std::vector<U> y(total);
+    const unsigned blocks = std::clamp((total + 255) / 256, 1u, 32768u);
+    emu_launch({blocks}, {256}, [&] {
+        if constexpr (std::is_same_v<U, uint16_t>) kiln_permute_b2(x.data(), y.data(), total, rank, p);
+        else if constexpr (std::is_same_v<U, uint32_t>) kiln_permute_b4(x.data(), y.data(), total, rank, p);
+        else kiln_permute_b16(x.data(), y.data(), total, rank, p);
+    });
+    std::vector<double> want(total), got(total);
+    for (unsigned i = 0; i < total; ++i) {
+        unsigned rem = i, off = 0;
+        for (int k = rank - 1; k >= 0; --k) {
+            off += (rem % p.dims[k]) * p.strides[k];
+            rem /= p.dims[k];
+        }
+        want[i] = off;
+        if constexpr (std::is_same_v<U, uint4>) got[i] = y[i].x + (y[i].y != 7u ? 1e9 : 0.0);
+        else got[i] = y[i];
+    }
+    std::string shape, order;
+    for (int k = 0; k < rank; ++k) {
+        shape += (k ? "x" : "") + std::to_string(in_dims[k]);
+        order += std::to_string(perm[k]);
+    }
+    check("permute b" + std::to_string(sizeof(U)) + " " + shape + " perm " + order + (extra ? " strided" : ""), got,
+          want, 0.0);
+}
+
+// ---- im2col.cu ----
+// (n, c, h, w), kernel (kh, kw), stride, dilation, pads top/left/bottom/right, ones row.
+template <typename T>
+static void im2col(int n, int c, int h, int w, int kh, int kw, int sh, int sw, int dh, int dw, int pt, int pl, int pb,
+                   int pr, int ones) {
+    const int oh = (h + pt + pb - ((kh - 1) * dh + 1)) / sh + 1;
+    const int ow = (w + pl + pr - ((kw - 1) * dw + 1)) / sw + 1;
+    auto x = conv<T>(values(size_t(n) * c * h * w, 3.f));
+    const int taps = c * kh * kw, rows = taps + ones, p = oh * ow;
+    std::vector<T> col(size_t(n) * rows * p, Buf<T>::to(77.f));
+    KilnIm2colParams g{c, h, w, kh, kw, oh, ow, sh, sw, dh, dw, pt, pl, ones};
+    emu_launch({unsigned((p + 255) / 256), unsigned(rows), unsigned(n)}, {256}, [&] {
+        if constexpr (std::is_same_v<T, float>) kiln_im2col_f32(x.data(), col.data(), g);
+        else kiln_im2col_f16(x.data(), col.data(), g);
+    });
+    std::vector<double> want(col.size()), got(col.size());
+    for (int b = 0; b < n; ++b)
+        for (int k = 0; k < rows; ++k)
+            for (int q = 0; q < p; ++q) {
+                const size_t i = (size_t(b) * rows + k) * p + q;
+                double v = 1.0;
+                if (k < taps) {
+                    const int ci = k / (kh * kw), ky = k / kw % kh, kx = k % kw;
+                    const int iy = q / ow * sh - pt + ky * dh, ix = q % ow * sw - pl + kx * dw;
+                    v = iy >= 0 && iy < h && ix >= 0 && ix < w ? Buf<T>::from(x[((size_t(b) * c + ci) * h + iy) * w + ix])
+                                                               : 0.0;
+                }
+                want[i] = v;
+                got[i] = Buf<T>::from(col[i]);
+            }
+    check("im2col " + std::string(Buf<T>::name) + " " + std::to_string(n) + "x" + std::to_string(c) + "x" +
+              std::to_string(h) + "x" + std::to_string(w) + " k" + std::to_string(kh) + "x" + std::to_string(kw) +
+              " s" + std::to_string(sh) + std::to_string(sw) + " d" + std::to_string(dh) + std::to_string(dw) +
+              (ones ? " ones" : ""),
+          got, want, 0.0);
+}
+
 template <typename T>
 static void all() {
     for (bool rms : {false, true}) {
@@ -461,7 +571,7 @@ static void all() {
         layer_norm<T>(2, 40, rms, false);
         layer_norm<T>(4, 1, rms, true);
     }
-    for (int act = 0; act < 3; ++act) {
+    for (int act = 0; act < 4; ++act) {
         bias_act<T>(act, 14, 64, true, 0);
         bias_act<T>(act, 3, 37, true, 0);
         bias_act<T>(act, 5, 64, false, 1);
@@ -483,11 +593,25 @@ static void all() {
     // Other block sizes (smaller and larger than a warp step's 8 keys) and head dims 32, 96.
     paged_attention<T>(4, 2, 32, 4, {{5, 5}, {37, 1}, {9, 2}}, false);
     paged_attention<T>(6, 2, 96, 64, {{70, 1}, {130, 3}}, false);
+    // 3x3 pad 1 (ones row), stride 2 with uneven pads, dilation 2, a 1-D conv (h = 1), 1x1, > 256 pixels.
+    im2col<T>(2, 3, 7, 9, 3, 3, 1, 1, 1, 1, 1, 1, 1, 1, 1);
+    im2col<T>(1, 2, 8, 7, 3, 3, 2, 2, 1, 1, 0, 1, 1, 0, 0);
+    im2col<T>(1, 2, 9, 9, 3, 3, 1, 1, 2, 2, 2, 2, 2, 2, 1);
+    im2col<T>(2, 4, 1, 19, 1, 5, 1, 2, 1, 1, 0, 2, 0, 2, 0);
+    im2col<T>(1, 5, 4, 6, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 1);
+    im2col<T>(1, 2, 20, 17, 3, 3, 1, 1, 1, 1, 1, 1, 1, 1, 0);
     int8_gemm<T>(37, 70, 65, false);
     int8_gemm<T>(5, 33, 130, true);
 }
 
 int main() {
+    // Attention-head transposes (B, S, H, D) -> (B, H, S, D), a full reversal, rank 6, a strided source.
+    permute<uint16_t>({2, 5, 3, 16}, {0, 2, 1, 3}, 0);
+    permute<uint32_t>({3, 7, 5}, {2, 1, 0}, 0);
+    permute<uint16_t>({2, 3, 2, 3, 2, 5}, {5, 0, 4, 1, 3, 2}, 0);
+    permute<uint32_t>({4, 9}, {1, 0}, 2);
+    permute<uint4>({2, 9, 3, 2}, {0, 2, 1, 3}, 0);
+    permute<uint4>({5, 3}, {1, 0}, 0);
     all<float>();
     all<__half>();
     std::printf("%s\n", failures ? "FAILED" : "all kernels match the reference");

@@ -22,7 +22,8 @@
 //!   rounding), recurrences (`RNN`/`LSTM`/`GRU`), signal processing, random ops, quantization ops
 //!   whose scale dtype is tied to float32, and `BatchNormalization` (its statistics may have a
 //!   dtype of their own);
-//! - ops outside the default domain other than the `com.microsoft` kernels Kiln fuses to;
+//! - ops outside the default domain other than the `com.microsoft` kernels Kiln fuses to and Kiln's
+//!   own fused `ai.kiln` ops (`MatMulBias`, `FusedConvChain`, `ElementwiseChain`);
 //! - nodes with subgraphs (If/Loop/Scan) and sequence/optional ops. The bodies themselves are
 //!   converted, each like a graph of its own: their inputs, outputs and captured outer values stay
 //!   f32 with Casts inside the body, so the owning node reads and writes f32 as before;
@@ -112,6 +113,22 @@ pub const KEEP_FP32: &[&str] = &[
 
 /// `com.microsoft` ops converted like their default-domain counterparts (Kiln's fused kernels).
 const MS_CONVERTIBLE: &[&str] = &["FusedConv", "Gelu", "FastGelu", "BiasGelu"];
+
+/// Kiln's own fused ops (`ai.kiln`, made by the optimization levels) converted like the nodes they
+/// replace: `MatMulBias` is MatMul + Add + an activation, `FusedConvChain` a Conv and an element-wise
+/// chain, `ElementwiseChain` affine/clip/Sigmoid/HardSwish steps (none of them overflow-prone the
+/// way `Exp` or a sum is). Kept in fp32 these would run every product of a fused model in f32.
+const KILN_CONVERTIBLE: &[&str] = &["MatMulBias", "FusedConvChain", "ElementwiseChain"];
+
+/// Whether a node outside the default domain is one of the fused ops converted to f16.
+fn fused_convertible(node: &Node) -> bool {
+    let op = node.op_type.as_str();
+    match node.domain.as_str() {
+        "com.microsoft" => MS_CONVERTIBLE.contains(&op),
+        "ai.kiln" => KILN_CONVERTIBLE.contains(&op),
+        _ => false,
+    }
+}
 
 /// Options for [`convert_to_float16`].
 #[derive(Debug, Clone, Default)]
@@ -214,9 +231,7 @@ fn subgraph_output(node: &Node, attr: &str, k: usize) -> Option<DType> {
 fn output_dtype(node: &Node, k: usize, ins: &[Option<DType>]) -> Option<DType> {
     let in_ = |i: usize| ins.get(i).copied().flatten();
     if !node.domain.is_empty() && node.domain != "ai.onnx" {
-        return (node.domain == "com.microsoft" && MS_CONVERTIBLE.contains(&node.op_type.as_str()))
-            .then(|| in_(0))
-            .flatten();
+        return fused_convertible(node).then(|| in_(0)).flatten();
     }
     match node.op_type.as_str() {
         "Cast" => attr_dtype(node, "to").flatten(),
@@ -280,8 +295,7 @@ fn keep_reason(
 ) -> Option<&'static str> {
     let op = node.op_type.as_str();
     let default_domain = node.domain.is_empty() || node.domain == "ai.onnx";
-    let ms_fused = node.domain == "com.microsoft" && MS_CONVERTIBLE.contains(&op);
-    if !(default_domain || ms_fused) {
+    if !(default_domain || fused_convertible(node)) {
         return Some("other domain");
     }
     if default_domain && (KEEP_FP32.contains(&op) || options.keep_fp32.iter().any(|k| k == op)) {

@@ -14,6 +14,8 @@
 //! | [`softmax`] | `softmax.cu` | Softmax (last axis, or opset < 13 flattened) |
 //! | [`attention`] | `attention.cu` | Attention (4-D, from `attention_fusion`, or 3-D with heads) |
 //! | [`int8_gemm`] | `int8_gemm.cu` | ai.kiln MatMulInt8Weight |
+//! | [`conv2d`] | `im2col.cu` (+ one cuBLAS batched product) | Conv, FusedConv, FusedConvChain (2-D and 1-D, one group) |
+//! | [`permute`] | `permute.cu` | Transpose, attention's head merge (any 2- or 4-byte strided copy) |
 //! | [`paged_attention`], [`reshape_and_cache`] | `paged_attention.cu` | none yet (ai.kiln PagedAttention on a device-resident cache is the next step) |
 
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -25,24 +27,38 @@ use crate::{Result, RuntimeError};
 
 #[cfg(feature = "cuda")]
 mod launch;
+mod permute_plan;
 #[cfg(feature = "cuda")]
 #[allow(unused_imports)] // no caller until PagedAttention runs on CUDA (tests use them)
 pub(crate) use launch::paged_attention::{paged_attention, reshape_and_cache};
 #[cfg(feature = "cuda")]
 pub(crate) use launch::{
-    attention::attention, bias_act::bias_act, int8_gemm::int8_gemm, layer_norm::layer_norm, softmax::softmax,
+    attention::attention, bias_act::bias_act, im2col::conv2d, int8_gemm::int8_gemm, layer_norm::layer_norm,
+    permute::permute, softmax::softmax,
 };
 
 #[cfg(not(feature = "cuda"))]
 mod stand_in;
 #[cfg(not(feature = "cuda"))]
-pub(crate) use stand_in::{attention, bias_act, int8_gemm, layer_norm, softmax};
+pub(crate) use stand_in::{attention, bias_act, conv2d, int8_gemm, layer_norm, permute, softmax};
 #[cfg(not(feature = "cuda"))]
 #[allow(unused_imports)] // no caller until PagedAttention runs on CUDA
 pub(crate) use stand_in::{paged_attention, reshape_and_cache};
 
 #[cfg(all(test, feature = "cuda"))]
 mod tests;
+
+/// `t` made contiguous: on CUDA through [`permute`]'s kernel (dims and strides passed by value),
+/// elsewhere (or for a case it declines) through candle.
+pub(crate) fn contiguous(t: &CT) -> Result<CT> {
+    if t.is_contiguous() {
+        return Ok(t.clone());
+    }
+    match permute(t, &[])? {
+        Some(y) => Ok(y),
+        None => Ok(t.contiguous()?),
+    }
+}
 
 static LAUNCHES: AtomicU64 = AtomicU64::new(0);
 
@@ -64,9 +80,11 @@ pub(crate) enum Act {
     GeluErf,
     /// `0.5 x (1 + tanh(sqrt(2 / pi) (x + 0.044715 x^3)))`.
     GeluTanh,
-    /// `max(x, 0)`: no fused node maps to it yet (Conv + Relu has its own fusion); tested directly.
-    #[cfg_attr(not(all(test, feature = "cuda")), allow(dead_code))]
+    /// `max(x, 0)` (`ai.kiln::MatMulBias` with activation "relu").
     Relu,
+    /// The bias alone (`ai.kiln::MatMulBias` without an activation): one pass instead of candle's
+    /// broadcast add, which indexes through uploaded strides.
+    None,
 }
 
 /// Options of [`softmax`]: `x` is `[rows, cols]` (its last axis, or its trailing axes flattened)
@@ -265,4 +283,16 @@ impl PagedMeta {
         }
         Ok((tables, start, ctx, slots))
     }
+}
+
+/// A 2-D convolution's geometry for [`conv2d`] (a 1-D conv is one with `h = 1`, `kh = 1`).
+#[derive(Clone, Copy, Debug)]
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+pub(crate) struct Conv2dGeometry {
+    /// Output height and width.
+    pub out: [usize; 2],
+    pub stride: [usize; 2],
+    pub dilation: [usize; 2],
+    /// Top and left pads (the bottom/right ones follow from `out`).
+    pub pad: [usize; 2],
 }

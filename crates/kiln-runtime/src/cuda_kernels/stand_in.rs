@@ -2,7 +2,7 @@
 
 use candle_core::Tensor as CT;
 
-use super::{Act, AttentionSpec, PagedLayerKv, PagedMeta, SoftmaxSpec, WeightArgs};
+use super::{Act, AttentionSpec, Conv2dGeometry, PagedLayerKv, PagedMeta, SoftmaxSpec, WeightArgs};
 use crate::Result;
 
 pub(crate) fn layer_norm(
@@ -17,6 +17,14 @@ pub(crate) fn layer_norm(
 }
 
 pub(crate) fn bias_act(_x: &CT, _bias: Option<&CT>, _act: Act) -> Result<Option<CT>> {
+    Ok(None)
+}
+
+pub(crate) fn conv2d(_x: &CT, _w: &CT, _bias: Option<&CT>, _g: &Conv2dGeometry) -> Result<Option<CT>> {
+    Ok(None)
+}
+
+pub(crate) fn permute(_x: &CT, _perm: &[usize]) -> Result<Option<CT>> {
     Ok(None)
 }
 

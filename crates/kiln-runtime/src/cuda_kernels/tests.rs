@@ -262,29 +262,30 @@ fn bias_gelu_matches_cpu() {
 }
 
 #[test]
-fn bias_relu_matches_cpu() {
+fn bias_relu_and_bias_alone_match_cpu() {
     let Some(dev) = gpu() else { return };
     for &dt in &FLOATS {
         for dims in [&[4usize, 256][..], &[3, 37]] {
-            let x = rand(dims, 60, 2.0, dt);
-            let b = rand(&[dims[1]], 61, 1.0, dt);
-            let want = x.candle().to_dtype(CDType::F32).unwrap();
-            let want = want
-                .broadcast_add(&b.candle().to_dtype(CDType::F32).unwrap())
-                .unwrap()
-                .relu()
-                .unwrap();
-            let want = Tensor::new(want.to_dtype(x.candle().dtype()).unwrap(), dt).unwrap();
-            let xg = x.candle().to_device(&dev).unwrap();
-            let bg = b.candle().to_device(&dev).unwrap();
-            let got = super::bias_act(&xg, Some(&bg), Act::Relu)
-                .unwrap()
-                .expect("the kernel takes f32/f16 on CUDA");
-            check(
-                &format!("bias+ReLU {dt} {dims:?}"),
-                &Tensor::new(got, dt).unwrap(),
-                &want,
-            );
+            for act in [Act::Relu, Act::None] {
+                let x = rand(dims, 60, 2.0, dt);
+                let b = rand(&[dims[1]], 61, 1.0, dt);
+                let want = x.candle().to_dtype(CDType::F32).unwrap();
+                let mut want = want.broadcast_add(&b.candle().to_dtype(CDType::F32).unwrap()).unwrap();
+                if act == Act::Relu {
+                    want = want.relu().unwrap();
+                }
+                let want = Tensor::new(want.to_dtype(x.candle().dtype()).unwrap(), dt).unwrap();
+                let xg = x.candle().to_device(&dev).unwrap();
+                let bg = b.candle().to_device(&dev).unwrap();
+                let got = super::bias_act(&xg, Some(&bg), act)
+                    .unwrap()
+                    .expect("the kernel takes f32/f16 on CUDA");
+                check(
+                    &format!("bias {act:?} {dt} {dims:?}"),
+                    &Tensor::new(got, dt).unwrap(),
+                    &want,
+                );
+            }
         }
     }
 }
@@ -870,6 +871,103 @@ fn paged_meta_layout_and_checks() {
     assert!(bad(&[seq(0, 1, 5, &[3, 7])], 1 << 16, 1 << 16), "slots past i32");
 }
 
+#[test]
+fn conv2d_matches_cpu() {
+    let Some(dev) = gpu() else { return };
+    // (n, c, h, w, m, k, stride, dilation, pad, bias): 3x3 same, stride 2, dilated, 1x1, 7x7 stem.
+    type Case = (usize, usize, usize, usize, usize, usize, usize, usize, usize, bool);
+    let cases: &[Case] = &[
+        (2, 3, 17, 19, 8, 3, 1, 1, 1, true),
+        (3, 16, 20, 20, 32, 3, 2, 1, 1, false),
+        (1, 8, 15, 13, 4, 3, 1, 2, 2, true),
+        (2, 32, 7, 7, 48, 1, 1, 1, 0, true),
+        (1, 3, 40, 40, 16, 7, 2, 1, 3, true),
+    ];
+    for &dt in &FLOATS {
+        for &(n, c, h, w, m, k, stride, dil, pad, with_bias) in cases {
+            let x = rand(&[n, c, h, w], 80, 1.0, dt);
+            let wt = rand(&[m, c, k, k], 81, 0.3, dt);
+            let b = rand(&[m], 82, 1.0, dt);
+            let f32_ = |t: &Tensor| t.candle().to_dtype(CDType::F32).unwrap();
+            let mut want = f32_(&x).conv2d(&f32_(&wt), pad, stride, dil, 1).unwrap();
+            if with_bias {
+                want = want.broadcast_add(&f32_(&b).reshape((1, m, 1, 1)).unwrap()).unwrap();
+            }
+            let (oh, ow) = (want.dim(2).unwrap(), want.dim(3).unwrap());
+            let want = Tensor::new(want.to_dtype(x.candle().dtype()).unwrap(), dt).unwrap();
+            let geometry = super::Conv2dGeometry {
+                out: [oh, ow],
+                stride: [stride; 2],
+                dilation: [dil; 2],
+                pad: [pad; 2],
+            };
+            let on = |t: &Tensor| t.candle().to_device(&dev).unwrap();
+            let before = super::fused_kernel_launches();
+            let got = super::conv2d(&on(&x), &on(&wt), with_bias.then(|| on(&b)).as_ref(), &geometry)
+                .unwrap()
+                .expect("f32/f16 one-group convs take the kernel");
+            assert!(super::fused_kernel_launches() > before, "the im2col kernel launched");
+            check(
+                &format!("conv2d {dt} x[{n},{c},{h},{w}] w[{m},{c},{k},{k}] s{stride} d{dil} p{pad} bias {with_bias}"),
+                &Tensor::new(got, dt).unwrap(),
+                &want,
+            );
+        }
+    }
+}
+
+#[test]
+fn permute_matches_cpu() {
+    let Some(dev) = gpu() else { return };
+    // (shape, perm, narrow the last axis to make a strided source): attention-head transposes (the
+    // 16-byte path for both dtypes), a full reversal and rank 6 (element path), a strided source.
+    let cases: &[(&[usize], &[usize], bool)] = &[
+        (&[2, 5, 3, 16], &[0, 2, 1, 3], false),
+        (&[64, 12, 9, 64], &[0, 2, 1, 3], false),
+        (&[3, 7, 5], &[2, 1, 0], false),
+        (&[2, 3, 2, 3, 2, 5], &[5, 0, 4, 1, 3, 2], false),
+        (&[4, 9, 6], &[1, 0, 2], true),
+    ];
+    for &dt in &FLOATS {
+        for &(dims, perm, narrow) in cases {
+            let x = rand(dims, 70, 3.0, dt).candle().clone();
+            let x = if narrow {
+                let last = dims.len() - 1;
+                x.narrow(last, 1, dims[last] - 2).unwrap()
+            } else {
+                x
+            };
+            let want = x.permute(perm).unwrap().contiguous().unwrap();
+            let before = super::fused_kernel_launches();
+            let got = super::permute(&x.to_device(&dev).unwrap(), perm)
+                .unwrap()
+                .expect("2- and 4-byte dtypes take the kernel");
+            assert!(
+                super::fused_kernel_launches() > before,
+                "{dims:?} {perm:?}: the kernel launched"
+            );
+            let got = got.to_device(&CDevice::Cpu).unwrap();
+            assert_eq!(got.dims(), want.dims());
+            let (g, w) = (
+                got.to_dtype(CDType::F64)
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1::<f64>()
+                    .unwrap(),
+                want.to_dtype(CDType::F64)
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1::<f64>()
+                    .unwrap(),
+            );
+            assert_eq!(g, w, "permute {dt} {dims:?} {perm:?} narrow {narrow}: bit for bit");
+            println!("permute {dt} {dims:?} {perm:?} narrow {narrow}: identical to the CPU copy");
+        }
+    }
+}
+
 /// The embedded PTX has every entry point the launchers name, with the parameter list they push
 /// (count and width, in order). Needs no GPU.
 #[test]
@@ -884,12 +982,21 @@ fn ptx_entry_points_match_the_launchers() {
     let gemm = [p, p, p, p, i, i, i].join(" ");
     let paged = [p, p, p, p, p, p, p, i, i, i, f].join(" ");
     let cache = [p, p, p, p, p, i, i, i].join(" ");
+    // x, y, total, rank, then the 48-byte params struct by value (".param .align 4 .b8 ...[48]").
+    let permute = [p, p, i, i, "align"].join(" ");
+    let im2col = [p, p, "align"].join(" ");
     let mut want: Vec<(&str, String, &str)> = Vec::new();
+    for sfx in ["f32", "f16"] {
+        want.push((ptx::IM2COL, format!("kiln_im2col_{sfx}"), &im2col));
+    }
+    for b in ["b2", "b4", "b16"] {
+        want.push((ptx::PERMUTE, format!("kiln_permute_{b}"), &permute));
+    }
     for sfx in ["f32", "f16"] {
         for n in ["layer_norm", "rms_norm"] {
             want.push((ptx::LAYER_NORM, format!("kiln_{n}_{sfx}"), &norm));
         }
-        for a in ["gelu_erf", "gelu_tanh", "relu"] {
+        for a in ["gelu_erf", "gelu_tanh", "relu", "none"] {
             want.push((ptx::BIAS_ACT, format!("kiln_bias_{a}_{sfx}"), &bias));
         }
         for k in ["warp", "block"] {

@@ -408,15 +408,13 @@ fn matmul_bias(n: &NodeCtx) -> Result<Box<dyn OpKernel>> {
         }
         // On CUDA the bias and activation are one fused kernel (`kernels/bias_act.cu`).
         let cuda_act = match act {
-            sgemm::Activation::None => None,
-            sgemm::Activation::Relu => Some(crate::cuda_kernels::Act::Relu),
-            sgemm::Activation::GeluErf => Some(crate::cuda_kernels::Act::GeluErf),
-            sgemm::Activation::GeluTanh => Some(crate::cuda_kernels::Act::GeluTanh),
+            sgemm::Activation::None => crate::cuda_kernels::Act::None,
+            sgemm::Activation::Relu => crate::cuda_kernels::Act::Relu,
+            sgemm::Activation::GeluErf => crate::cuda_kernels::Act::GeluErf,
+            sgemm::Activation::GeluTanh => crate::cuda_kernels::Act::GeluTanh,
         };
-        if let Some(ca) = cuda_act {
-            if let Some(r) = crate::cuda_kernels::bias_act(y.candle(), Some(bias.candle()), ca)? {
-                return out1(Tensor::new(r, y.dtype())?);
-            }
+        if let Some(r) = crate::cuda_kernels::bias_act(y.candle(), Some(bias.candle()), cuda_act)? {
+            return out1(Tensor::new(r, y.dtype())?);
         }
         let s = y.candle().broadcast_add(bias.candle())?;
         let s = match act {

@@ -273,7 +273,10 @@ pub(super) fn conv_kernel(n: &NodeCtx, clamp: Option<(f32, f32)>) -> Result<Box<
         if a.group < 1 {
             bail!("Conv: group must be positive");
         }
-        let xc = float_work(x)?;
+        // f16 on CUDA stays f16 for the im2col + GEMM path (f32 accumulation in cuBLAS); elsewhere
+        // the arithmetic is f32.
+        let keep_f16 = x.dtype() == DType::F16 && x.device().is_cuda() && a.group == 1 && sp <= 2;
+        let xc = if keep_f16 { x.candle().clone() } else { float_work(x)? };
         let wc = w.candle().to_dtype(xc.dtype())?;
         let bc = b.map(|b| b.candle().to_dtype(xc.dtype())).transpose()?;
         let y = conv_nd(
@@ -364,6 +367,34 @@ pub(super) fn conv_nd(
             clamp,
         ) {
             return if sp == 1 { Ok(y?.reshape(out_dims)?) } else { y };
+        }
+    }
+    if (sp == 1 || sp == 2) && g == 1 && x.device().is_cuda() {
+        // im2col + one batched GEMM straight into NCHW, the bias inside the GEMM (`kernels/im2col.cu`).
+        let at = |v: &[usize], i: usize, one: usize| if sp == 1 { [one, v[i]] } else { [v[i], v[i + 1]] };
+        let geometry = crate::cuda_kernels::Conv2dGeometry {
+            out: at(&out_sp, 0, 1),
+            stride: at(strides, 0, 1),
+            dilation: at(dil, 0, 1),
+            pad: at(pb, 0, 0),
+        };
+        let (x4, w4) = if sp == 1 {
+            (x.unsqueeze(2)?, w.unsqueeze(2)?)
+        } else {
+            (x.clone(), w.clone())
+        };
+        if let Some(y) = crate::cuda_kernels::conv2d(&x4, &w4, b, &geometry)? {
+            let y = y.reshape(out_dims.as_slice())?;
+            return Ok(match clamp {
+                Some((lo, hi)) if lo == 0.0 && hi == f32::INFINITY => {
+                    match crate::cuda_kernels::bias_act(&y, None, crate::cuda_kernels::Act::Relu)? {
+                        Some(r) => r,
+                        None => y.relu()?,
+                    }
+                }
+                Some((lo, hi)) => y.maximum(f64::from(lo))?.minimum(f64::from(hi))?,
+                None => y,
+            });
         }
     }
     // Pad explicitly (asymmetric pads allowed).

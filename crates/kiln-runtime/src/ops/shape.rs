@@ -36,6 +36,10 @@ pub fn register(r: &mut Registry) {
             if p.len() != rank {
                 bail!("perm {p:?} does not match rank {rank}");
             }
+            // On CUDA one kernel with the layout in its parameters (candle's copy uploads it).
+            if let Some(y) = crate::cuda_kernels::permute(x.candle(), &p)? {
+                return out1(Tensor::new(y, x.dtype())?);
+            }
             out1(x.map(|t| t.permute(p.as_slice())?.contiguous())?)
         }))
     });

@@ -45,13 +45,23 @@ impl B {
         self
     }
     fn node(&mut self, op: &str, ins: &[&str], outs: &[&str], attrs: &[(&str, Attribute)]) -> &mut Self {
+        self.node_in("", op, ins, outs, attrs)
+    }
+    fn node_in(
+        &mut self,
+        domain: &str,
+        op: &str,
+        ins: &[&str],
+        outs: &[&str],
+        attrs: &[(&str, Attribute)],
+    ) -> &mut Self {
         let inputs = ins.iter().map(|n| Some(self.v(n))).collect();
         let outputs = outs.iter().map(|n| Some(self.v(n))).collect();
         let attributes: BTreeMap<String, Attribute> = attrs.iter().map(|(k, a)| (k.to_string(), a.clone())).collect();
         let name = format!("{op}_{}", self.g.nodes.len());
-        self.g
-            .nodes
-            .push(super::super::edit::make_node(name, "", op, inputs, outputs, attributes));
+        self.g.nodes.push(super::super::edit::make_node(
+            name, domain, op, inputs, outputs, attributes,
+        ));
         self
     }
     fn convert(&mut self) -> Float16Report {
@@ -119,6 +129,34 @@ fn converts_weights_and_keeps_io_dtypes() {
     assert_eq!(w, vec![1.0, 2.0, 3.0, -65504.0]);
     // Every converted value is declared f16 in the graph.
     assert_eq!(g.value(b.ids["m"]).dtype, Some(DType::F16));
+    g.topological_order().unwrap();
+}
+
+#[test]
+fn kiln_fused_ops_convert_like_the_nodes_they_replace() {
+    let mut b = B::default();
+    let program = Attribute::Floats(crate::passes::elementwise_chain::encode(&[
+        crate::passes::elementwise_chain::Step::Sigmoid,
+    ]));
+    b.input("x", DType::F32)
+        .init("w", &[2, 2], &[1.0, 2.0, 3.0, 4.0])
+        .init("bias", &[2], &[0.5, 1.0])
+        .init("scale", &[2], &[0.1, 0.2])
+        .node_in("ai.kiln", "MatMulBias", &["x", "w", "bias"], &["m"], &[])
+        .node_in("ai.kiln", "ElementwiseChain", &["m"], &["c"], &[("program", program)])
+        .node_in("ai.kiln", "SomethingNew", &["c", "scale"], &["y"], &[])
+        .output("y", DType::F32);
+    let r = b.convert();
+    let g = &b.g;
+    assert_eq!(r.converted_nodes, 2);
+    for op in ["MatMulBias", "ElementwiseChain"] {
+        let n = node(g, op)[0];
+        assert!(input_dtypes(g, n).iter().all(|d| *d == Some(DType::F16)), "{op}");
+    }
+    // An ai.kiln op the conversion does not know keeps its f32 contract behind a Cast.
+    let other = node(g, "SomethingNew")[0];
+    assert!(input_dtypes(g, other).iter().all(|d| *d == Some(DType::F32)));
+    assert_eq!(dtype(g, b.ids["c"]), Some(DType::F16));
     g.topological_order().unwrap();
 }
 

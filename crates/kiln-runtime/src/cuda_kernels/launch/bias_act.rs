@@ -1,4 +1,4 @@
-//! Launcher for `kernels/bias_act.cu` (bias + activation (GELU erf/tanh, ReLU)).
+//! Launcher for `kernels/bias_act.cu` (bias + activation (GELU erf/tanh, ReLU, none)).
 
 use candle_core::cuda_backend::cudarc::driver::{DeviceRepr, LaunchConfig, PushKernelArg};
 use candle_core::cuda_backend::{CudaDType, CudaDevice, WrapErr};
@@ -29,6 +29,7 @@ pub(crate) fn bias_act(x: &CT, bias: Option<&CT>, act: Act) -> Result<Option<CT>
             Act::GeluErf => "gelu_erf",
             Act::GeluTanh => "gelu_tanh",
             Act::Relu => "relu",
+            Act::None => "none",
         },
         kd.suffix()
     );

@@ -16,9 +16,11 @@ use crate::{Result, RuntimeError};
 
 pub(super) mod attention;
 pub(super) mod bias_act;
+pub(super) mod im2col;
 pub(super) mod int8_gemm;
 pub(super) mod layer_norm;
 pub(super) mod paged_attention;
+pub(super) mod permute;
 pub(super) mod softmax;
 
 pub(super) mod ptx {
