@@ -20,26 +20,7 @@ impl TensorData {
     /// 4-bit and 2-bit types use the packed ONNX layout ([`DType::pack`]).
     pub fn new(name: impl Into<String>, dtype: DType, dims: Vec<usize>, bytes: Vec<u8>) -> Result<Self> {
         let name = name.into();
-        if dtype == DType::String {
-            return Err(GraphError::BadTensor {
-                name,
-                reason: "string tensors must be built with TensorData::strings".into(),
-            });
-        }
-        let count = element_count(&name, &dims)?;
-        let want = dtype.packed_size(count).ok_or_else(|| GraphError::BadTensor {
-            name: name.clone(),
-            reason: format!("dims {dims:?} overflow"),
-        })?;
-        if want != bytes.len() {
-            return Err(GraphError::BadTensor {
-                name,
-                reason: format!(
-                    "dims {dims:?} of {dtype} need {want} bytes, the data has {}",
-                    bytes.len()
-                ),
-            });
-        }
+        Self::check_bytes(&name, dtype, &dims, bytes.len())?;
         Ok(TensorData {
             name,
             dtype,
@@ -47,6 +28,52 @@ impl TensorData {
             bytes: bytes.into(),
             strings: None,
         })
+    }
+
+    /// [`TensorData::new`] from borrowed little-endian bytes: one copy, straight into the tensor's
+    /// shared buffer (`new` takes a `Vec` and copies it once more into that buffer).
+    pub fn from_le_slice(name: impl Into<String>, dtype: DType, dims: Vec<usize>, bytes: &[u8]) -> Result<Self> {
+        let name = name.into();
+        Self::check_bytes(&name, dtype, &dims, bytes.len())?;
+        Ok(TensorData {
+            name,
+            dtype,
+            dims,
+            bytes: Arc::from(bytes),
+            strings: None,
+        })
+    }
+
+    /// The values of an f32 tensor borrowed in place (little-endian hosts; `None` for another
+    /// dtype or a misaligned buffer: then [`TensorData::values`] copies them).
+    pub fn f32_slice(&self) -> Option<&[f32]> {
+        if self.dtype != DType::F32 || cfg!(target_endian = "big") {
+            return None;
+        }
+        bytemuck::try_cast_slice(&self.bytes).ok()
+    }
+
+    /// Whether `len` bytes hold a numeric tensor of `dtype` and `dims`.
+    fn check_bytes(name: &str, dtype: DType, dims: &[usize], len: usize) -> Result<()> {
+        let name = name.to_string();
+        if dtype == DType::String {
+            return Err(GraphError::BadTensor {
+                name,
+                reason: "string tensors must be built with TensorData::strings".into(),
+            });
+        }
+        let count = element_count(&name, dims)?;
+        let want = dtype.packed_size(count).ok_or_else(|| GraphError::BadTensor {
+            name: name.clone(),
+            reason: format!("dims {dims:?} overflow"),
+        })?;
+        if want != len {
+            return Err(GraphError::BadTensor {
+                name,
+                reason: format!("dims {dims:?} of {dtype} need {want} bytes, the data has {len}"),
+            });
+        }
+        Ok(())
     }
 
     /// Builds a string tensor.
@@ -217,6 +244,19 @@ impl Element for bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn borrowed_bytes_build_the_same_tensor_and_read_back_in_place() {
+        let v = [1.5f32, -2.0, 3.25];
+        let bytes: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
+        let a = TensorData::from_le_slice("a", DType::F32, vec![3], &bytes).unwrap();
+        let b = TensorData::new("a", DType::F32, vec![3], bytes.clone()).unwrap();
+        assert_eq!(a, b);
+        assert_eq!(a.f32_slice(), Some(&v[..]));
+        assert!(TensorData::from_le_slice("a", DType::F32, vec![2], &bytes).is_err());
+        let i = TensorData::from_values("i", vec![1], &[7i64]).unwrap();
+        assert_eq!(i.f32_slice(), None, "not f32");
+    }
 
     #[test]
     fn size_mismatch_is_an_error() {

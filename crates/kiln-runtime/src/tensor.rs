@@ -85,6 +85,26 @@ fn le_bytes<T: bytemuck::Pod, const N: usize>(values: &[T], to_le: impl Fn(&T) -
     out
 }
 
+/// `t` (flat, storage dtype `T`) as host data of `dtype`: one copy from a contiguous CPU tensor's
+/// storage into the data's buffer; a device tensor is downloaded first.
+fn pod_data<T: candle_core::WithDType + bytemuck::Pod>(
+    t: &candle_core::Tensor,
+    name: &str,
+    dtype: DType,
+    dims: Vec<usize>,
+) -> Result<TensorData> {
+    if t.device().is_cpu() {
+        let (storage, layout) = t.storage_and_layout();
+        if let (candle_core::Storage::Cpu(cpu), Some((start, end))) = (&*storage, layout.contiguous_offsets()) {
+            if let Some(v) = cpu.as_slice::<T>().ok().and_then(|v| v.get(start..end)) {
+                return Ok(TensorData::from_le_slice(name, dtype, dims, bytemuck::cast_slice(v))?);
+            }
+        }
+    }
+    let v = t.to_vec1::<T>()?;
+    Ok(TensorData::from_le_slice(name, dtype, dims, bytemuck::cast_slice(&v))?)
+}
+
 impl Tensor {
     /// Wraps a candle tensor whose storage dtype is `storage_dtype(dtype)`.
     pub fn new(t: candle_core::Tensor, dtype: DType) -> Result<Self> {
@@ -216,6 +236,23 @@ impl Tensor {
                 &v,
                 false,
             )?);
+        }
+        // Plain little-endian dtypes: one copy into the result's buffer, read in place from a CPU
+        // tensor's storage (else downloaded first).
+        if cfg!(target_endian = "little") {
+            let dims = self.dims().to_vec();
+            let direct = match self.dtype {
+                DType::F32 => Some(pod_data::<f32>(&t, name, self.dtype, dims)?),
+                DType::F64 => Some(pod_data::<f64>(&t, name, self.dtype, dims)?),
+                DType::I64 => Some(pod_data::<i64>(&t, name, self.dtype, dims)?),
+                DType::I32 => Some(pod_data::<i32>(&t, name, self.dtype, dims)?),
+                DType::U32 => Some(pod_data::<u32>(&t, name, self.dtype, dims)?),
+                DType::I16 => Some(pod_data::<i16>(&t, name, self.dtype, dims)?),
+                _ => None,
+            };
+            if let Some(d) = direct {
+                return Ok(d);
+            }
         }
         let out: Vec<u8> = match self.dtype {
             DType::F32 => le_bytes(&t.to_vec1::<f32>()?, |v| v.to_le_bytes()),
