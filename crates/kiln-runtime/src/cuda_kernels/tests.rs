@@ -968,52 +968,97 @@ fn permute_matches_cpu() {
     }
 }
 
-/// The embedded PTX has every entry point the launchers name, with the parameter list they push
-/// (count and width, in order). Needs no GPU.
+/// The embedded PTX has every entry point the launchers name, each launcher's argument list (the
+/// parameter names its `kernel_args!` pushes follow, in order: a push out of order does not build)
+/// equals the parameter names of the `.cu` signature, and the PTX parameter widths are those of the
+/// signature's C types. So swapping two arguments of the same width in a launcher, or two parameters
+/// in a `.cu` file, fails here, without a GPU.
 #[test]
 fn ptx_entry_points_match_the_launchers() {
-    use super::launch::ptx;
-    // 8-byte pointers / i64 / size_t are "u64", i32 "u32", f32 "f32".
-    let (p, i, f) = ("u64", "u32", "f32");
-    let norm = [p, p, p, p, i, f].join(" ");
-    let bias = [p, p, p, p, i].join(" ");
-    let soft = [p, p, p, p, i, i, i, f, p, p, p, p, i, i].join(" ");
-    let attn = [p, p, p, p, p, p, p, p, p, p, i, i, i, i, i, f, i, i].join(" ");
-    let gemm = [p, p, p, p, i, i, i].join(" ");
-    let paged = [p, p, p, p, p, p, p, i, i, i, f].join(" ");
-    let cache = [p, p, p, p, p, i, i, i].join(" ");
-    // x, y, total, rank, then the 48-byte params struct by value (".param .align 4 .b8 ...[48]").
-    let permute = [p, p, i, i, "align"].join(" ");
-    let im2col = [p, p, "align"].join(" ");
-    let mut want: Vec<(&str, String, &str)> = Vec::new();
-    for sfx in ["f32", "f16"] {
-        want.push((ptx::IM2COL, format!("kiln_im2col_{sfx}"), &im2col));
-    }
-    for b in ["b2", "b4", "b16"] {
-        want.push((ptx::PERMUTE, format!("kiln_permute_{b}"), &permute));
-    }
+    use super::launch::{
+        attention, bias_act, im2col, int8_gemm, layer_norm, paged_attention, permute, ptx, signatures, softmax,
+    };
+    // (entry-name prefix, the PTX module it lives in, the launcher's parameter list)
+    let launchers: &[(&str, &str, &[&str])] = &[
+        ("kiln_layer_norm_", ptx::LAYER_NORM, layer_norm::PARAMS),
+        ("kiln_rms_norm_", ptx::LAYER_NORM, layer_norm::PARAMS),
+        ("kiln_bias_", ptx::BIAS_ACT, bias_act::PARAMS),
+        ("kiln_softmax_", ptx::SOFTMAX, softmax::PARAMS),
+        ("kiln_attention_", ptx::ATTENTION, attention::PARAMS),
+        ("kiln_int8_gemm_", ptx::INT8_GEMM, int8_gemm::PARAMS),
+        ("kiln_paged_attention_", ptx::PAGED_ATTENTION, paged_attention::PARAMS),
+        (
+            "kiln_reshape_and_cache_",
+            ptx::PAGED_ATTENTION,
+            paged_attention::CACHE_PARAMS,
+        ),
+        ("kiln_permute_", ptx::PERMUTE, permute::PARAMS),
+        ("kiln_im2col_", ptx::IM2COL, im2col::PARAMS),
+    ];
+    // The PTX parameter type of a C parameter type (8-byte pointers and integers "u64", 32-bit
+    // integers "u32", float "f32", a struct by value ".align N .b8 [..]").
+    let ptx_type = |c: &str| -> &str {
+        if c.contains('*') {
+            "u64"
+        } else {
+            match c {
+                "long long" | "unsigned long long" | "size_t" | "long" | "unsigned long" => "u64",
+                "int" | "unsigned" | "unsigned int" => "u32",
+                "float" => "f32",
+                _ => "align",
+            }
+        }
+    };
+    // The names the launchers form (`format!` in each launch/*.rs).
+    let mut named: Vec<String> = Vec::new();
     for sfx in ["f32", "f16"] {
         for n in ["layer_norm", "rms_norm"] {
-            want.push((ptx::LAYER_NORM, format!("kiln_{n}_{sfx}"), &norm));
+            named.push(format!("kiln_{n}_{sfx}"));
         }
         for a in ["gelu_erf", "gelu_tanh", "relu", "none"] {
-            want.push((ptx::BIAS_ACT, format!("kiln_bias_{a}_{sfx}"), &bias));
+            named.push(format!("kiln_bias_{a}_{sfx}"));
         }
         for k in ["warp", "block"] {
-            want.push((ptx::SOFTMAX, format!("kiln_softmax_{k}_{sfx}"), &soft));
+            named.push(format!("kiln_softmax_{k}_{sfx}"));
         }
         for d in [32, 64, 128] {
-            want.push((ptx::ATTENTION, format!("kiln_attention_{sfx}_d{d}"), &attn));
+            named.push(format!("kiln_attention_{sfx}_d{d}"));
         }
         for t in ["nn", "nt"] {
-            want.push((ptx::INT8_GEMM, format!("kiln_int8_gemm_{sfx}_{t}"), &gemm));
+            named.push(format!("kiln_int8_gemm_{sfx}_{t}"));
         }
         for d in [32, 64, 96, 128] {
-            want.push((ptx::PAGED_ATTENTION, format!("kiln_paged_attention_{sfx}_d{d}"), &paged));
+            named.push(format!("kiln_paged_attention_{sfx}_d{d}"));
         }
-        want.push((ptx::PAGED_ATTENTION, format!("kiln_reshape_and_cache_{sfx}"), &cache));
+        named.push(format!("kiln_reshape_and_cache_{sfx}"));
+        named.push(format!("kiln_im2col_{sfx}"));
     }
-    for (text, name, params) in want {
+    for b in ["b2", "b4", "b16"] {
+        named.push(format!("kiln_permute_{b}"));
+    }
+    let sigs = signatures::SIGNATURES;
+    for name in &named {
+        assert!(
+            sigs.iter().any(|(n, _)| n == name),
+            "{name}: no such entry point in kernels/*.cu"
+        );
+    }
+    assert!(
+        sigs.len() >= named.len(),
+        "{} signatures for {} launcher names",
+        sigs.len(),
+        named.len()
+    );
+    for (name, params) in sigs {
+        let matching: Vec<_> = launchers.iter().filter(|(p, _, _)| name.starts_with(p)).collect();
+        let [(_, text, launcher)] = matching[..] else {
+            panic!("{name}: {} launchers claim this entry point", matching.len());
+        };
+        let cu_names: Vec<&str> = params.iter().map(|(n, _)| *n).collect();
+        assert_eq!(
+            &cu_names, launcher,
+            "{name}: the launcher's arguments against the .cu parameters"
+        );
         let head = format!(".visible .entry {name}(");
         let at = text.find(&head).unwrap_or_else(|| panic!("{name}: no such PTX entry"));
         let rest = &text[at + head.len()..];
@@ -1023,7 +1068,8 @@ fn ptx_entry_points_match_the_launchers() {
             .skip(1)
             .map(|p| p.split_whitespace().next().unwrap_or(""))
             .collect();
-        assert_eq!(got.join(" "), params, "{name}: parameter list");
+        let want: Vec<&str> = params.iter().map(|(_, t)| ptx_type(t)).collect();
+        assert_eq!(got, want, "{name}: PTX parameter widths against the C types {params:?}");
     }
 }
 

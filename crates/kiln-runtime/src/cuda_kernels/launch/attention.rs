@@ -5,9 +5,31 @@ use candle_core::cuda_backend::{CudaDType, CudaDevice, WrapErr};
 use candle_core::{DType as CDType, Tensor as CT};
 use half::f16;
 
-use super::{alloc, cuda_dev, i32_of, input, internal, ptx, strided, wrap, Kd, MAX_GRID_X, MAX_GRID_YZ, NULL};
+use super::{alloc, cuda_dev, i32_of, input, internal, ptx, strided, wrap, Kd, MAX_GRID_X, MAX_GRID_YZ};
 use crate::cuda_kernels::{count_launch, AttentionSpec};
 use crate::Result;
+
+/// The parameters of `kiln_attention_*` in `kernels/attention.cu`, in order.
+pub(crate) const PARAMS: &[&str] = &[
+    "q",
+    "k",
+    "v",
+    "out",
+    "mask",
+    "mask_sb",
+    "mask_sh",
+    "mask_ss",
+    "mask_sj",
+    "kv_len",
+    "hq",
+    "hk",
+    "S",
+    "Tk",
+    "d",
+    "scale",
+    "causal",
+    "causal_offset",
+];
 
 /// Flash-style attention; `None` for shapes and options the kernel does not cover.
 pub(crate) fn attention(spec: &AttentionSpec) -> Result<Option<CT>> {
@@ -164,30 +186,26 @@ fn attention_launch<T: CudaDType + DeviceRepr>(
     let mut out = alloc::<T>(dev, qi.len)?;
     {
         let mut l = f.builder();
-        l.arg(&qv);
-        l.arg(&kv);
-        l.arg(&vv);
-        l.arg(&mut out);
-        match &mv {
-            Some(v) => l.arg(v),
-            None => l.arg(&NULL),
-        };
-        l.arg(&ms[0]);
-        l.arg(&ms[1]);
-        l.arg(&ms[2]);
-        l.arg(&ms[3]);
-        match &lv {
-            Some(v) => l.arg(v),
-            None => l.arg(&NULL),
-        };
-        l.arg(&hq);
-        l.arg(&hk);
-        l.arg(&s);
-        l.arg(&t);
-        l.arg(&d);
-        l.arg(&a.scale);
-        l.arg(&causal);
-        l.arg(&offset);
+        kernel_args!(l, PARAMS;
+            q = &qv,
+            k = &kv,
+            v = &vv,
+            out = &mut out,
+            mask ?= &mv,
+            mask_sb = &ms[0],
+            mask_sh = &ms[1],
+            mask_ss = &ms[2],
+            mask_sj = &ms[3],
+            kv_len ?= &lv,
+            hq = &hq,
+            hk = &hk,
+            S = &s,
+            Tk = &t,
+            d = &d,
+            scale = &a.scale,
+            causal = &causal,
+            causal_offset = &offset,
+        );
         // SAFETY: matches KILN_ATTENTION(q, k, v, out, mask, 4 mask strides, kv_len, hq, hk, S, T, d,
         // scale, causal, causal_offset) in kernels/attention.cu; q/out hold B*hq*S*d elements, k/v
         // B*hk*T*d, kv_len B values, the mask view every element its strides reach for [B,hq,S,T].

@@ -5,9 +5,12 @@ use candle_core::cuda_backend::{CudaDType, CudaDevice, WrapErr};
 use candle_core::Tensor as CT;
 use half::f16;
 
-use super::{alloc, column_param, cuda_dev, i32_of, input, ptx, wrap, Kd, NULL};
+use super::{alloc, column_param, cuda_dev, i32_of, input, ptx, wrap, Kd};
 use crate::cuda_kernels::{count_launch, Act};
 use crate::Result;
+
+/// The parameters of `kiln_bias_*` in `kernels/bias_act.cu`, in order.
+pub(crate) const PARAMS: &[&str] = &["x", "bias", "y", "total", "n"];
 
 /// `act(x + bias)` with `bias` broadcast along `x`'s last axis (or no bias).
 pub(crate) fn bias_act(x: &CT, bias: Option<&CT>, act: Act) -> Result<Option<CT>> {
@@ -62,14 +65,7 @@ fn bias_act_launch<T: CudaDType + DeviceRepr>(
     let mut out = alloc::<T>(dev, xi.len)?;
     {
         let mut l = f.builder();
-        l.arg(&xv);
-        match &bv {
-            Some(v) => l.arg(v),
-            None => l.arg(&NULL),
-        };
-        l.arg(&mut out);
-        l.arg(&total);
-        l.arg(&n);
+        kernel_args!(l, PARAMS; x = &xv, bias ?= &bv, y = &mut out, total = &total, n = &n);
         // SAFETY: matches kiln_bias_*(x, bias, y, size_t total, int n) in kernels/bias_act.cu; x and
         // y hold `total` elements, bias `n` f32 values.
         unsafe { l.launch(cfg) }.w()?;

@@ -10,6 +10,9 @@ use super::{alloc, cuda_dev, input, ptx, wrap, Kd};
 use crate::cuda_kernels::{count_launch, Conv2dGeometry};
 use crate::Result;
 
+/// The parameters of `kiln_im2col_*` in `kernels/im2col.cu`, in order.
+pub(crate) const PARAMS: &[&str] = &["x", "col", "g"];
+
 /// `KilnIm2colParams` in `kernels/im2col.cu`.
 #[repr(C)]
 #[derive(Clone, Copy)]
@@ -137,9 +140,7 @@ fn launch<T: CudaDType + DeviceRepr>(
     let mut out = alloc::<T>(dev, dims.iter().product())?;
     {
         let mut l = f.builder();
-        l.arg(&xv);
-        l.arg(&mut out);
-        l.arg(&params);
+        kernel_args!(l, PARAMS; x = &xv, col = &mut out, g = &params);
         // SAFETY: matches kiln_im2col_{f32,f16}(x, col, KilnIm2colParams) in kernels/im2col.cu; x
         // holds N*C*H*W elements (contiguous), col N*(taps+ones)*P, and the grid is (P/256, rows, N).
         unsafe { l.launch(cfg) }.w()?;

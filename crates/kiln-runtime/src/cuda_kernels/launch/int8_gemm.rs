@@ -9,6 +9,9 @@ use super::{alloc, cuda_dev, i32_of, input, ptx, wrap, Kd, MAX_GRID_YZ};
 use crate::cuda_kernels::{count_launch, WeightArgs};
 use crate::Result;
 
+/// The parameters of `kiln_int8_gemm_*` in `kernels/int8_gemm.cu`, in order.
+pub(crate) const PARAMS: &[&str] = &["a", "w", "scale", "out", "M", "N", "K"];
+
 /// `a [.., K] @ dequant(W)` -> `[.., N]`, with W's int8 codes and per-channel scales uploaded
 /// once (`w.cache`).
 pub(crate) fn int8_gemm(a: &CT, w: &WeightArgs) -> Result<Option<CT>> {
@@ -59,13 +62,7 @@ fn int8_launch<T: CudaDType + DeviceRepr>(
     let mut out = alloc::<T>(dev, m as usize * n as usize)?;
     {
         let mut l = f.builder();
-        l.arg(&av);
-        l.arg(&cv);
-        l.arg(&sv);
-        l.arg(&mut out);
-        l.arg(&m);
-        l.arg(&n);
-        l.arg(&k);
+        kernel_args!(l, PARAMS; a = &av, w = &cv, scale = &sv, out = &mut out, M = &m, N = &n, K = &k);
         // SAFETY: matches kiln_int8_gemm_*(a, w, scale, out, M, N, K) in kernels/int8_gemm.cu; a
         // holds M*K elements, w K*N bytes (read as signed char), scale N f32, out M*N elements.
         unsafe { l.launch(cfg) }.w()?;

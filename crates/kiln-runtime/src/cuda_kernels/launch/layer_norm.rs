@@ -5,9 +5,12 @@ use candle_core::cuda_backend::{CudaDType, CudaDevice, WrapErr};
 use candle_core::Tensor as CT;
 use half::f16;
 
-use super::{alloc, column_param, cuda_dev, i32_of, input, ptx, wrap, Kd, MAX_GRID_X, NULL};
+use super::{alloc, column_param, cuda_dev, i32_of, input, ptx, wrap, Kd, MAX_GRID_X};
 use crate::cuda_kernels::count_launch;
 use crate::Result;
+
+/// The parameters of `kiln_{layer,rms}_norm_*` in `kernels/layer_norm.cu`, in order.
+pub(crate) const PARAMS: &[&str] = &["x", "gamma", "beta", "y", "cols", "eps"];
 
 /// LayerNorm (or RMSNorm with `rms`) of `x` over its axes `axis..`, with optional `gamma` and
 /// `beta` of those axes' shape (RMSNorm: no beta).
@@ -71,18 +74,7 @@ fn ln_launch<T: CudaDType + DeviceRepr>(
     let mut out = alloc::<T>(dev, xi.len)?;
     {
         let mut l = f.builder();
-        l.arg(&xv);
-        match &gv {
-            Some(v) => l.arg(v),
-            None => l.arg(&NULL),
-        };
-        match &bv {
-            Some(v) => l.arg(v),
-            None => l.arg(&NULL),
-        };
-        l.arg(&mut out);
-        l.arg(&cols);
-        l.arg(&eps);
+        kernel_args!(l, PARAMS; x = &xv, gamma ?= &gv, beta ?= &bv, y = &mut out, cols = &cols, eps = &eps);
         // SAFETY: the argument list matches kiln_{layer,rms}_norm_*(x, gamma, beta, y, cols, eps)
         // in kernels/layer_norm.cu; every pointer covers rows * cols (x, y) or cols (gamma, beta)
         // elements of the kernel's element type.

@@ -14,6 +14,68 @@ use candle_core::{DType as CDType, Device as CDevice, Storage, StorageRef, Tenso
 
 use crate::{Result, RuntimeError};
 
+/// Pushes a kernel's arguments onto a cudarc launch builder `$l` in order, each named after the
+/// kernel parameter it fills: `name = value`, or `name ?= option` for an optional pointer (null when
+/// `None`). The names must equal `$params`, the launcher's parameter list, at compile time, so a
+/// push out of order does not build; `cuda_kernels::tests::ptx_entry_points_match_the_launchers`
+/// checks each list against the parameter names of the `.cu` signature and the PTX parameter widths
+/// against its C types.
+macro_rules! kernel_args {
+    (@names [$($n:expr),*]) => { [$($n),*] };
+    (@names [$($n:expr),*] $name:ident ?= $val:expr $(, $($rest:tt)*)?) => {
+        kernel_args!(@names [$($n,)* stringify!($name)] $($($rest)*)?)
+    };
+    (@names [$($n:expr),*] $name:ident = $val:expr $(, $($rest:tt)*)?) => {
+        kernel_args!(@names [$($n,)* stringify!($name)] $($($rest)*)?)
+    };
+    (@push $l:ident;) => {};
+    (@push $l:ident; $name:ident ?= $val:expr $(, $($rest:tt)*)?) => {
+        match $val {
+            Some(v) => {
+                $l.arg(v);
+            }
+            None => {
+                $l.arg(&$crate::cuda_kernels::launch::NULL);
+            }
+        }
+        kernel_args!(@push $l; $($($rest)*)?);
+    };
+    (@push $l:ident; $name:ident = $val:expr $(, $($rest:tt)*)?) => {
+        $l.arg($val);
+        kernel_args!(@push $l; $($($rest)*)?);
+    };
+    ($l:ident, $params:expr; $($body:tt)*) => {{
+        const _: () = assert!(
+            $crate::cuda_kernels::launch::same_names($params, &kernel_args!(@names [] $($body)*)),
+            "kernel arguments do not follow the launcher's parameter list"
+        );
+        kernel_args!(@push $l; $($body)*);
+    }};
+}
+
+/// Whether two name lists are equal (usable in constants).
+pub(super) const fn same_names(a: &[&str], b: &[&str]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    let mut i = 0;
+    while i < a.len() {
+        let (x, y) = (a[i].as_bytes(), b[i].as_bytes());
+        if x.len() != y.len() {
+            return false;
+        }
+        let mut j = 0;
+        while j < x.len() {
+            if x[j] != y[j] {
+                return false;
+            }
+            j += 1;
+        }
+        i += 1;
+    }
+    true
+}
+
 pub(super) mod attention;
 pub(super) mod bias_act;
 pub(super) mod im2col;
@@ -25,6 +87,12 @@ pub(super) mod softmax;
 
 pub(super) mod ptx {
     include!(concat!(env!("OUT_DIR"), "/kiln_kernels.rs"));
+}
+
+/// Every entry point's C signature, from the preprocessed `.cu` sources (build.rs).
+#[cfg(test)]
+pub(super) mod signatures {
+    include!(concat!(env!("OUT_DIR"), "/kiln_kernel_signatures.rs"));
 }
 
 /// A null device pointer argument (the kernels take `const float* = nullptr` for absent inputs).

@@ -10,6 +10,23 @@ use super::{alloc, cuda_dev, i32_of, input, ptx, wrap, Kd, MAX_GRID_X};
 use crate::cuda_kernels::{count_launch, PagedLayerKv, PagedMeta};
 use crate::Result;
 
+/// The parameters of `kiln_paged_attention_*` in `kernels/paged_attention.cu`, in order.
+pub(crate) const PARAMS: &[&str] = &[
+    "q",
+    "k_cache",
+    "v_cache",
+    "out",
+    "block_tables",
+    "table_start",
+    "context_lens",
+    "H",
+    "KV",
+    "log2_bs",
+    "scale",
+];
+/// The parameters of `kiln_reshape_and_cache_*` in `kernels/paged_attention.cu`, in order.
+pub(crate) const CACHE_PARAMS: &[&str] = &["k", "v", "k_cache", "v_cache", "slot_mapping", "KV", "D", "log2_bs"];
+
 /// Head dims with a paged attention kernel.
 const HEAD_DIMS: [usize; 4] = [32, 64, 96, 128];
 
@@ -159,17 +176,19 @@ fn attention_launch<T: CudaDType + DeviceRepr>(
     let mut out = alloc::<T>(dev, qi.len)?;
     {
         let mut l = f.builder();
-        l.arg(&qv);
-        l.arg(&kcv);
-        l.arg(&vcv);
-        l.arg(&mut out);
-        l.arg(&tv);
-        l.arg(&sv);
-        l.arg(&cv);
-        l.arg(&heads);
-        l.arg(&kv_heads);
-        l.arg(&log2_bs);
-        l.arg(&scale);
+        kernel_args!(l, PARAMS;
+            q = &qv,
+            k_cache = &kcv,
+            v_cache = &vcv,
+            out = &mut out,
+            block_tables = &tv,
+            table_start = &sv,
+            context_lens = &cv,
+            H = &heads,
+            KV = &kv_heads,
+            log2_bs = &log2_bs,
+            scale = &scale,
+        );
         // SAFETY: matches KILN_PAGED_ATTENTION(q, k_cache, v_cache, out, block_tables, table_start,
         // context_lens, H, KV, log2_bs, scale) in kernels/paged_attention.cu. q/out hold T*H*D
         // elements (16-byte aligned, checked), the caches [num_blocks, KV, 2^log2_bs, D] with
@@ -206,14 +225,16 @@ fn cache_launch<T: CudaDType + DeviceRepr>(
     let sv = si.view::<i32>()?;
     {
         let mut l = f.builder();
-        l.arg(&kv_);
-        l.arg(&vv);
-        l.arg(&kcv);
-        l.arg(&vcv);
-        l.arg(&sv);
-        l.arg(&kv_heads);
-        l.arg(&head_dim);
-        l.arg(&log2_bs);
+        kernel_args!(l, CACHE_PARAMS;
+            k = &kv_,
+            v = &vv,
+            k_cache = &kcv,
+            v_cache = &vcv,
+            slot_mapping = &sv,
+            KV = &kv_heads,
+            D = &head_dim,
+            log2_bs = &log2_bs,
+        );
         // SAFETY: matches KILN_RESHAPE_AND_CACHE(k, v, k_cache, v_cache, slot_mapping, KV, D,
         // log2_bs) in kernels/paged_attention.cu. k/v hold T*KV*D elements, slot_mapping T values,
         // each negative or (PagedMeta::new checked) below num_blocks * block_size of a cache that

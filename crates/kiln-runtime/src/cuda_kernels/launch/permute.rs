@@ -10,6 +10,9 @@ use crate::cuda_kernels::count_launch;
 use crate::cuda_kernels::permute_plan::{plan_permute, MAX_RANK};
 use crate::Result;
 
+/// The parameters of `kiln_permute_*` in `kernels/permute.cu`, in order.
+pub(crate) const PARAMS: &[&str] = &["x", "y", "total", "rank", "p"];
+
 /// `KilnPermuteParams` in `kernels/permute.cu`: output dims and input strides in units.
 #[repr(C)]
 #[derive(Clone, Copy, Default)]
@@ -89,11 +92,7 @@ fn launch<T: CudaDType + DeviceRepr>(
     let mut out = alloc::<T>(dev, total)?;
     {
         let mut l = f.builder();
-        l.arg(&xv);
-        l.arg(&mut out);
-        l.arg(&units);
-        l.arg(&rank);
-        l.arg(&p);
+        kernel_args!(l, PARAMS; x = &xv, y = &mut out, total = &units, rank = &rank, p = &p);
         // SAFETY: matches kiln_permute_b{2,4,16}(x, y, unsigned total, int rank, KilnPermuteParams p)
         // in kernels/permute.cu: the unit is the element (2 or 4 bytes, as T) or 16 bytes, which the
         // caller chose only when every offset is a multiple of it; y holds `total` elements, and

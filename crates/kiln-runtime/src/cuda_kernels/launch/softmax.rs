@@ -5,9 +5,27 @@ use candle_core::cuda_backend::{CudaDType, CudaDevice, WrapErr};
 use candle_core::{DType as CDType, Tensor as CT};
 use half::f16;
 
-use super::{alloc, cuda_dev, i32_of, input, internal, ptx, strided, wrap, Kd, MAX_GRID_X, NULL};
+use super::{alloc, cuda_dev, i32_of, input, internal, ptx, strided, wrap, Kd, MAX_GRID_X};
 use crate::cuda_kernels::{count_launch, SoftmaxSpec};
 use crate::Result;
+
+/// The parameters of `kiln_softmax_*` in `kernels/softmax.cu`, in order.
+pub(crate) const PARAMS: &[&str] = &[
+    "x",
+    "y",
+    "mask",
+    "rows",
+    "cols",
+    "heads",
+    "seq",
+    "scale",
+    "mask_sb",
+    "mask_sh",
+    "mask_ss",
+    "mask_sj",
+    "causal",
+    "causal_offset",
+];
 
 /// Scaled, masked softmax over groups of `spec.cols` trailing elements of `x`.
 pub(crate) fn softmax(x: &CT, spec: &SoftmaxSpec) -> Result<Option<CT>> {
@@ -96,23 +114,22 @@ fn softmax_launch<T: CudaDType + DeviceRepr>(
     let mut out = alloc::<T>(dev, xi.len)?;
     {
         let mut l = f.builder();
-        l.arg(&xv);
-        l.arg(&mut out);
-        match &mv {
-            Some(v) => l.arg(v),
-            None => l.arg(&NULL),
-        };
-        l.arg(&rows64);
-        l.arg(&cols);
-        l.arg(&heads);
-        l.arg(&seq);
-        l.arg(&spec.scale);
-        l.arg(&ms[0]);
-        l.arg(&ms[1]);
-        l.arg(&ms[2]);
-        l.arg(&ms[3]);
-        l.arg(&causal);
-        l.arg(&offset);
+        kernel_args!(l, PARAMS;
+            x = &xv,
+            y = &mut out,
+            mask ?= &mv,
+            rows = &rows64,
+            cols = &cols,
+            heads = &heads,
+            seq = &seq,
+            scale = &spec.scale,
+            mask_sb = &ms[0],
+            mask_sh = &ms[1],
+            mask_ss = &ms[2],
+            mask_sj = &ms[3],
+            causal = &causal,
+            causal_offset = &offset,
+        );
         // SAFETY: matches KILN_SOFTMAX_ARGS in kernels/softmax.cu; x and y hold rows * cols
         // elements, the mask view covers every element its strides reach for [B, H, S, cols].
         unsafe { l.launch(cfg) }.w()?;
