@@ -17,7 +17,7 @@
 # on cuda:0 (with every test that did not pass and its message), then per-node profiles of the batch-64
 # encoder/CNN cells (kiln-profile.txt) with the time left. Writes 8 files to $OUT (the card's
 # nvidia-smi lines head fused-kernels.txt).
-# KILN_GPU_CHECK=profile (same archives, ~6 min): the node suite on cuda:0, gpu-evidence.py, then
+# KILN_GPU_CHECK=profile (same archives, 168 s on an H200): the node suite on cuda:0, gpu-evidence.py, then
 # `kiln bench --profile` of the batch-64 encoder/CNN cells into kiln-profile.txt.
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/../.."
