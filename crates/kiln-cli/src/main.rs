@@ -138,13 +138,14 @@ enum Cmd {
         #[arg(long, default_value = "fp32")]
         precision: Precision,
     },
-    /// Quantize MatMul/Gemm weights to int8 (per output channel), optionally the activations at run time, and write the model as ONNX.
+    /// Quantize MatMul/Gemm weights to int8 (per output channel), optionally the activations at run time, or convert to fp16, and write the model as ONNX.
     Quantize {
         input: PathBuf,
         output: PathBuf,
-        /// int8-weight (MatMul/Gemm weights in int8, activations and products stay float) or
+        /// int8-weight (MatMul/Gemm weights in int8, activations and products stay float),
         /// dynamic-int8 (MatMul weights int8 per column, activations quantized to u8 at run time,
-        /// integer products: onnxruntime quantize_dynamic's form).
+        /// integer products: onnxruntime quantize_dynamic's form) or fp16 (f16 weights and compute,
+        /// graph inputs/outputs and overflow-prone ops kept f32 behind Casts).
         #[arg(long, default_value = "int8-weight")]
         mode: String,
         /// Weights with fewer elements stay f32.

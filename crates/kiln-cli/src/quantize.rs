@@ -1,9 +1,12 @@
-//! `kiln quantize in.onnx out.onnx [--mode int8-weight|dynamic-int8] [--min-elements N]`: rewrites
-//! MatMul/Gemm weights to int8 with one scale per output channel and prints what it quantized with
-//! the weight bytes before and after. Both modes write standard ONNX that onnxruntime runs:
-//! `int8-weight` puts `DequantizeLinear` before the weights (activations and products stay float);
-//! `dynamic-int8` quantizes MatMul activations at run time (DynamicQuantizeLinear) and multiplies
-//! in integers (MatMulInteger), the form of onnxruntime's `quantize_dynamic`.
+//! `kiln quantize in.onnx out.onnx [--mode int8-weight|dynamic-int8|fp16] [--min-elements N]`:
+//! rewrites MatMul/Gemm weights to int8 with one scale per output channel and prints what it
+//! quantized with the weight bytes before and after. Every mode writes standard ONNX that
+//! onnxruntime runs: `int8-weight` puts `DequantizeLinear` before the weights (activations and
+//! products stay float); `dynamic-int8` quantizes MatMul activations at run time
+//! (DynamicQuantizeLinear) and multiplies in integers (MatMulInteger), the form of onnxruntime's
+//! `quantize_dynamic`; `fp16` converts the graph to f16 weights and compute with the model's inputs
+//! and outputs and the overflow-prone ops kept f32 behind Casts (the conversion `kiln optimize
+//! --precision fp16` and fp16 sessions use, without optimizing the graph; docs/precision.md).
 
 use std::path::Path;
 
@@ -20,7 +23,8 @@ pub fn quantize(input: &Path, output: &Path, cfg: &QuantizeConfig) -> Result<()>
     let dynamic = match cfg.mode.as_str() {
         "int8-weight" | "int8" => false,
         "dynamic-int8" => true,
-        other => bail!("unknown --mode '{other}' (int8-weight, dynamic-int8)"),
+        "fp16" | "float16" => return to_fp16(input, output),
+        other => bail!("unknown --mode '{other}' (int8-weight, dynamic-int8, fp16)"),
     };
     let mut model = onnx::load_model(input).with_context(|| format!("loading {}", input.display()))?;
     let report = if dynamic {
@@ -51,6 +55,23 @@ pub fn quantize(input: &Path, output: &Path, cfg: &QuantizeConfig) -> Result<()>
         mib(report.bytes_after),
         report.bytes_before as f64 / report.bytes_after.max(1) as f64
     );
+    let before = std::fs::metadata(input).map(|m| m.len()).unwrap_or(0);
+    outln!(
+        "wrote {} ({} bytes; input {} bytes)",
+        output.display(),
+        bytes.len(),
+        before
+    );
+    Ok(())
+}
+
+/// `--mode fp16`: the fp16 conversion alone, with its report and the file sizes.
+fn to_fp16(input: &Path, output: &Path) -> Result<()> {
+    let mut model = onnx::load_model(input).with_context(|| format!("loading {}", input.display()))?;
+    let report = kiln::convert_model_to_float16(&mut model).context("converting to fp16")?;
+    let bytes = onnx::export_model_bytes(&model).context("exporting the fp16 model")?;
+    crate::output::write(output, &bytes)?;
+    outln!("{report}");
     let before = std::fs::metadata(input).map(|m| m.len()).unwrap_or(0);
     outln!(
         "wrote {} ({} bytes; input {} bytes)",

@@ -95,3 +95,39 @@ fn quantize_writes_int8_weights() {
     let _ = std::fs::remove_file(src);
     let _ = std::fs::remove_file(dst);
 }
+
+#[test]
+fn quantize_fp16_halves_the_weights_and_keeps_f32_io() {
+    let (src, dst) = (tmp("fp16-in.onnx"), tmp("fp16-out.onnx"));
+    write_model(&src);
+    let out = Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .arg("quantize")
+        .args([&src, &dst])
+        .args(["--mode", "fp16"])
+        .output()
+        .expect("runs");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.contains("wrote"), "{stdout}");
+    let m = onnx::load_model(&dst).expect("re-imports");
+    let w = m.graph.initializers.values().next().expect("the weight");
+    assert_eq!((w.dtype, w.dims.as_slice()), (DType::F16, &[64usize, 96][..]));
+    let io = |id| m.graph.value(id).dtype;
+    assert_eq!(io(m.graph.inputs[0]), Some(DType::F32));
+    assert_eq!(io(m.graph.outputs[0]), Some(DType::F32));
+    // Same outputs as the f32 model within the fp16 rule (1e-2 of the largest value).
+    let x: Vec<f32> = (0..128).map(|i| ((i * 7 % 13) as f32 - 6.0) / 4.0).collect();
+    let x = TensorData::from_values("x", vec![2, 64], &x).unwrap();
+    let run = |path: &Path| {
+        let s = kiln::Session::builder().build_from_file(path).expect("builds");
+        s.run(vec![("x".into(), x.clone())]).expect("runs")[0]
+            .values::<f32>()
+            .expect("f32 output")
+    };
+    let (want, got) = (run(&src), run(&dst));
+    let scale = want.iter().fold(0f32, |m, v| m.max(v.abs()));
+    let err = want.iter().zip(&got).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+    assert!(err > 0.0 && err <= 1e-2 * scale, "max |d| {err} of max |ref| {scale}");
+    let _ = std::fs::remove_file(src);
+    let _ = std::fs::remove_file(dst);
+}
