@@ -55,14 +55,7 @@ pub fn quantize(input: &Path, output: &Path, cfg: &QuantizeConfig) -> Result<()>
         mib(report.bytes_after),
         report.bytes_before as f64 / report.bytes_after.max(1) as f64
     );
-    let before = std::fs::metadata(input).map(|m| m.len()).unwrap_or(0);
-    outln!(
-        "wrote {} ({} bytes; input {} bytes)",
-        output.display(),
-        bytes.len(),
-        before
-    );
-    Ok(())
+    wrote(input, output, bytes.len())
 }
 
 /// `--mode fp16`: the fp16 conversion alone, with its report and the file sizes.
@@ -72,12 +65,12 @@ fn to_fp16(input: &Path, output: &Path) -> Result<()> {
     let bytes = onnx::export_model_bytes(&model).context("exporting the fp16 model")?;
     crate::output::write(output, &bytes)?;
     outln!("{report}");
+    wrote(input, output, bytes.len())
+}
+
+/// The closing line: the written file's size beside the input's.
+fn wrote(input: &Path, output: &Path, len: usize) -> Result<()> {
     let before = std::fs::metadata(input).map(|m| m.len()).unwrap_or(0);
-    outln!(
-        "wrote {} ({} bytes; input {} bytes)",
-        output.display(),
-        bytes.len(),
-        before
-    );
+    outln!("wrote {} ({len} bytes; input {before} bytes)", output.display());
     Ok(())
 }

@@ -19,19 +19,11 @@ impl TensorData {
     ///
     /// 4-bit and 2-bit types use the packed ONNX layout ([`DType::pack`]).
     pub fn new(name: impl Into<String>, dtype: DType, dims: Vec<usize>, bytes: Vec<u8>) -> Result<Self> {
-        let name = name.into();
-        Self::check_bytes(&name, dtype, &dims, bytes.len())?;
-        Ok(TensorData {
-            name,
-            dtype,
-            dims,
-            bytes: bytes.into(),
-            strings: None,
-        })
+        Self::from_le_slice(name, dtype, dims, &bytes)
     }
 
     /// [`TensorData::new`] from borrowed little-endian bytes: one copy, straight into the tensor's
-    /// shared buffer (`new` takes a `Vec` and copies it once more into that buffer).
+    /// shared buffer (a caller holding a slice needs no `Vec` of its own first).
     pub fn from_le_slice(name: impl Into<String>, dtype: DType, dims: Vec<usize>, bytes: &[u8]) -> Result<Self> {
         let name = name.into();
         Self::check_bytes(&name, dtype, &dims, bytes.len())?;
