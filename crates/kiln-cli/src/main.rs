@@ -16,6 +16,7 @@ mod npy;
 mod optimize;
 mod output;
 mod precision;
+mod prune;
 mod quantize;
 mod serve;
 
@@ -152,6 +153,20 @@ enum Cmd {
         #[arg(long, default_value_t = kiln::quantize::DEFAULT_MIN_ELEMENTS)]
         min_elements: usize,
     },
+    /// Magnitude-prune MatMul/Gemm/Conv weights (a fraction of each, or N of every M along the reduction axis) and write the model as ONNX.
+    Prune {
+        input: PathBuf,
+        output: PathBuf,
+        /// Zero this fraction (0 <= F < 1) of each weight's values, smallest magnitudes first.
+        #[arg(long, conflicts_with = "structured")]
+        amount: Option<f64>,
+        /// Keep the N largest of every M consecutive values along the reduction axis (e.g. 2:4).
+        #[arg(long)]
+        structured: Option<String>,
+        /// Leave the weights of nodes of this op type or name alone (repeatable).
+        #[arg(long)]
+        exclude: Vec<String>,
+    },
     /// Serve a model repository over KServe v2 HTTP/gRPC and TF-Serving REST.
     Serve(serve::ServeArgs),
     /// Generate text with an LLM directory (model.onnx, config.json, tokenizer files), streamed
@@ -235,6 +250,21 @@ fn main() -> ExitCode {
             mode,
             min_elements,
         } => quantize::quantize(&input, &output, &quantize::QuantizeConfig { mode, min_elements }),
+        Cmd::Prune {
+            input,
+            output,
+            amount,
+            structured,
+            exclude,
+        } => prune::prune(
+            &input,
+            &output,
+            &prune::PruneConfig {
+                amount,
+                structured,
+                exclude,
+            },
+        ),
         Cmd::Serve(args) => serve::serve(args),
         Cmd::Generate(args) => generate::generate(args),
     };

@@ -1,5 +1,7 @@
-//! `kiln quantize` end to end on a small generated model: the written model re-imports with an int8
-//! DequantizeLinear weight, runs, and the report names the weight; a bad `--mode` is an error.
+//! `kiln quantize` and `kiln prune` end to end on a small generated model: the quantized model
+//! re-imports with an int8 DequantizeLinear weight, runs, and the report names the weight; `--mode
+//! fp16` keeps f32 IO; unstructured pruning reaches the asked fraction and 2:4 leaves two of every four
+//! values along the reduction axis; bad arguments are errors.
 //! (`tests/quantize/run.sh` checks the output with onnx.checker and ONNX Runtime on real models.)
 
 use std::path::{Path, PathBuf};
@@ -128,6 +130,75 @@ fn quantize_fp16_halves_the_weights_and_keeps_f32_io() {
     let scale = want.iter().fold(0f32, |m, v| m.max(v.abs()));
     let err = want.iter().zip(&got).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
     assert!(err > 0.0 && err <= 1e-2 * scale, "max |d| {err} of max |ref| {scale}");
+    let _ = std::fs::remove_file(src);
+    let _ = std::fs::remove_file(dst);
+}
+
+fn prune(args: &[&str], src: &Path, dst: &Path) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .arg("prune")
+        .args([src, dst])
+        .args(args)
+        .output()
+        .expect("runs")
+}
+
+fn pruned_weight(dst: &Path) -> (Model, Vec<f32>) {
+    let m = onnx::load_model(dst).expect("re-imports");
+    let w = m
+        .graph
+        .initializers
+        .values()
+        .next()
+        .expect("the weight")
+        .values::<f32>()
+        .unwrap();
+    (m, w)
+}
+
+#[test]
+fn prune_unstructured_and_two_of_four() {
+    let (src, dst) = (tmp("prune-in.onnx"), tmp("prune-out.onnx"));
+    write_model(&src);
+
+    let out = prune(&["--amount", "0.75"], &src, &dst);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    // The generated weight holds 61 zeros already; they are among the smallest.
+    assert!(
+        stdout.contains("pruned [64, 96]  zeros 61 -> 4608 (75.0%)  w"),
+        "{stdout}"
+    );
+    let (m, w) = pruned_weight(&dst);
+    assert_eq!(w.iter().filter(|v| **v == 0.0).count(), 4608);
+    assert_eq!(m.graph.nodes.len(), 1, "same ops");
+    let s = kiln::Session::builder().build_from_model(m).expect("builds");
+    let x = TensorData::from_values("x", vec![2, 64], &[0.5f32; 128]).unwrap();
+    assert_eq!(s.run(vec![("x".into(), x)]).expect("runs")[0].dims, [2, 96]);
+
+    let out = prune(&["--structured", "2:4"], &src, &dst);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let (_, w) = pruned_weight(&dst);
+    for n in 0..96 {
+        for k0 in (0..64).step_by(4) {
+            let kept = (k0..k0 + 4).filter(|k| w[k * 96 + n] != 0.0).count();
+            assert_eq!(kept, 2, "column {n}, rows {k0}..{}", k0 + 4);
+        }
+    }
+
+    let out = prune(&["--structured", "2:4", "--exclude", "MatMul"], &src, &dst);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("kept   w: read by excluded node 'mm'"), "{stdout}");
+
+    for bad in [
+        &["--amount", "1.5"][..],
+        &["--structured", "4:4"],
+        &["--structured", "two"],
+        &[],
+    ] {
+        let out = prune(bad, &src, &dst);
+        assert!(!out.status.success(), "{bad:?} should fail");
+    }
     let _ = std::fs::remove_file(src);
     let _ = std::fs::remove_file(dst);
 }

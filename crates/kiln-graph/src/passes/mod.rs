@@ -43,6 +43,7 @@ pub mod matmul_bias;
 pub mod matmul_integer_to_float;
 pub mod noop;
 pub mod paged_attention;
+pub mod prune;
 pub mod quantize;
 pub mod reshape_chain;
 pub mod shape_fold;
