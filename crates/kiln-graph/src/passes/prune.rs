@@ -329,6 +329,38 @@ mod tests {
     }
 
     #[test]
+    fn conv_weights_group_per_output_channel() {
+        let mut g = Graph::default();
+        let x = value(&mut g, "x", &[1, 2, 3, 3]);
+        let w = value(&mut g, "cw", &[3, 2, 2, 2]);
+        let y = value(&mut g, "cy", &[1, 3, 2, 2]);
+        let vals: Vec<f32> = (0..24).map(|i| ((i * 7 % 24) as f32 - 11.5) / 4.0).collect();
+        g.initializers
+            .insert(w, TensorData::from_values("cw", vec![3, 2, 2, 2], &vals).unwrap());
+        g.nodes.push(make_node(
+            "conv".into(),
+            "",
+            "Conv",
+            vec![Some(x), Some(w)],
+            vec![Some(y)],
+            Default::default(),
+        ));
+        g.inputs.push(x);
+        g.outputs.push(y);
+        let r = prune_weights(&mut g, &PruneMode::NOfM { n: 1, m: 4 }, &[]).unwrap();
+        assert_eq!(r.weights.len(), 1);
+        // Each output channel's 8 values (C x kh x kw, contiguous) in two groups of 4: one kept each,
+        // the largest magnitude of its group.
+        let v = g.initializers[&w].values::<f32>().unwrap();
+        for (chunk, orig) in v.chunks(4).zip(vals.chunks(4)) {
+            let kept: Vec<usize> = (0..4).filter(|&i| chunk[i] != 0.0).collect();
+            assert_eq!(kept.len(), 1, "{chunk:?}");
+            let max = orig.iter().fold(0f32, |m, x| m.max(x.abs()));
+            assert_eq!(chunk[kept[0]].abs(), max);
+        }
+    }
+
+    #[test]
     fn two_of_four_along_the_reduction_axis() {
         let (mut g, w, wt, _) = graph();
         let r = prune_weights(&mut g, &PruneMode::NOfM { n: 2, m: 4 }, &["Gemm".to_string()]).unwrap();
