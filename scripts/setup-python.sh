@@ -11,7 +11,7 @@
 #
 # `setup-python.sh serve` makes a second venv, venv-serve-v2, for the `kiln serve` client tests
 # (tritonclient[http,grpc] + onnxruntime for tritonclient_test.py, the official `openai` client for
-# openai_test.py). It is separate because tritonclient needs older protobuf / ml_dtypes than the
+# openai_test.py, tensorflow-serving-api + grpcio-tools for tfserving_grpc_test.py). It is separate because tritonclient needs older protobuf / ml_dtypes than the
 # conformance set pins.
 #
 # Idempotent: a marker file inside the venv records the pinned requirement set;
@@ -104,15 +104,26 @@ SERVE_REQUIREMENTS=(
   "sniffio==1.3.1"
   "truststore==0.10.5"
   "typing-inspection==0.4.5"
+  # grpc_tools.protoc compiles the `tensorflow/` protos that tensorflow-serving-api imports
+  # (crates/kiln-serve/tests/python/tfserving_grpc_test.py); 1.81 is the newest on protobuf 6
+  "grpcio-tools==1.81.1"
+  "setuptools==84.2.1"
+)
+# Installed with --no-deps after the set above: TF Serving's official Python API (its
+# `tensorflow_serving.apis` modules), whose TensorFlow dependency the client test does without.
+SERVE_NODEPS_REQUIREMENTS=(
+  "tensorflow-serving-api==2.21.0"
 )
 
 CACHE="${KILN_CACHE:-$HOME/.cache/kiln}"
+NODEPS=()
 VENV="$CACHE/venv-v1"
 SMOKE='import numpy, onnx, onnxruntime; print("setup-python: numpy", numpy.__version__, "onnx", onnx.__version__, "onnxruntime", onnxruntime.__version__)'
 if [[ "${1:-}" == "serve" ]]; then
   REQUIREMENTS=("${SERVE_REQUIREMENTS[@]}")
   VENV="$CACHE/venv-serve-v2"
-  SMOKE='import numpy, onnxruntime, openai, tritonclient.http, tritonclient.grpc; print("setup-python: tritonclient + onnxruntime", onnxruntime.__version__, "+ openai", openai.__version__)'
+  NODEPS=("${SERVE_NODEPS_REQUIREMENTS[@]}")
+  SMOKE='import numpy, onnxruntime, openai, tritonclient.http, tritonclient.grpc, grpc_tools.protoc; import tensorflow_serving.apis; print("setup-python: tritonclient + onnxruntime", onnxruntime.__version__, "+ openai", openai.__version__, "+ tensorflow-serving-api")'
 elif [[ "${1:-}" == "llm" ]]; then
   REQUIREMENTS+=("${LLM_EXTRA_REQUIREMENTS[@]}")
   VENV="$CACHE/venv-llm-v1"
@@ -120,7 +131,7 @@ elif [[ "${1:-}" == "llm" ]]; then
 fi
 MARKER="$VENV/.kiln-setup-complete"
 PYTHON="${KILN_PYTHON:-python3}"
-WANT="$(printf '%s\n' "${REQUIREMENTS[@]}")"
+WANT="$(printf '%s\n' "${REQUIREMENTS[@]}" ${NODEPS[@]+"${NODEPS[@]}"})"
 
 log() { printf 'setup-python: %s\n' "$*" >&2; }
 
@@ -150,6 +161,11 @@ rm -f "$MARKER"
 log "installing ${REQUIREMENTS[*]}"
 PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_INPUT=1 \
   "$VENV/bin/python" -m pip install --quiet "${REQUIREMENTS[@]}" </dev/null >&2
+if [[ ${#NODEPS[@]} -gt 0 ]]; then
+  log "installing without dependencies: ${NODEPS[*]}"
+  PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_INPUT=1 \
+    "$VENV/bin/python" -m pip install --quiet --no-deps "${NODEPS[@]}" </dev/null >&2
+fi
 
 # Smoke test before declaring success.
 "$VENV/bin/python" -c "$SMOKE" </dev/null >&2

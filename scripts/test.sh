@@ -73,6 +73,9 @@ SERVE_VENV="$(bash scripts/setup-python.sh serve </dev/null | tail -n 1)"
 cargo test -q --workspace --no-run
 "$SERVE_VENV/bin/python" crates/kiln-serve/tests/python/tritonclient_test.py "${CARGO_TARGET_DIR:-target}/debug/kiln"
 
+step "kiln serve's TF-Serving gRPC API with TF Serving's official Python API package (tensorflow-serving-api, pinned in setup-python.sh serve)"
+"$SERVE_VENV/bin/python" crates/kiln-serve/tests/python/tfserving_grpc_test.py "${CARGO_TARGET_DIR:-target}/debug/kiln" </dev/null
+
 step "kiln serve's OpenAI-compatible API with the official openai client (pinned in setup-python.sh serve) on the 30-layer SmolLM2: Paris, streamed and not; disconnect frees KV blocks"
 "$SERVE_VENV/bin/python" crates/kiln-serve/tests/python/openai_test.py "${CARGO_TARGET_DIR:-target}/debug/kiln" "$MODELS" </dev/null
 

@@ -5,7 +5,7 @@
 //!   protocol-independent inference entry point ([`InferRequest`] -> [`InferResponse`]).
 //! - [`batcher::DynamicBatcher`] queues requests per version (bounded) and runs them, batched
 //!   along dim 0, on dedicated OS threads, one per model instance.
-//! - [`protocols`] converts KServe v2 HTTP and gRPC and TF-Serving REST to and from the core.
+//! - [`protocols`] converts KServe v2 HTTP and gRPC and TF-Serving REST and gRPC to and from the core.
 //! - [`Server`] binds the ports and shuts down gracefully.
 
 pub mod auth;
@@ -36,4 +36,22 @@ pub use tls::TlsConfig;
 pub mod proto {
     #![allow(clippy::all, missing_docs)]
     tonic::include_proto!("inference");
+}
+
+/// Types and client/server stubs generated from `proto/tensorflow_serving/apis/` (TensorFlow
+/// Serving's `PredictionService` and `ModelService`) and the `tensorflow` messages they carry.
+pub mod tf_proto {
+    #![allow(clippy::all, missing_docs)]
+    /// Package `tensorflow`: `TensorProto`, `TensorShapeProto`, `DataType`, `SignatureDef`.
+    pub mod tensorflow {
+        tonic::include_proto!("tensorflow");
+        /// Package `tensorflow.error`: canonical error codes.
+        pub mod error {
+            tonic::include_proto!("tensorflow.error");
+        }
+        /// Package `tensorflow.serving`: the services and their messages.
+        pub mod serving {
+            tonic::include_proto!("tensorflow.serving");
+        }
+    }
 }

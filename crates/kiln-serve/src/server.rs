@@ -17,6 +17,7 @@ use crate::manager::ModelManager;
 use crate::metrics::Metrics;
 use crate::protocols::http::HttpState;
 use crate::protocols::kserve_v2_grpc::{GrpcInferenceServiceServer, KServeGrpc};
+use crate::protocols::tf_grpc::{ModelServiceServer, PredictionServiceServer, TfServingGrpc};
 use crate::protocols::{http_router, metrics_router};
 use crate::tls::{TlsConfig, TlsListener};
 
@@ -137,6 +138,12 @@ impl Server {
                 )
                 .max_decoding_message_size(config.max_body_bytes)
                 .max_encoding_message_size(usize::MAX);
+                // TF Serving's PredictionService and ModelService on the same port.
+                let tf = TfServingGrpc::new(manager.clone(), config.max_body_bytes);
+                let tf_predict = PredictionServiceServer::new(tf.clone())
+                    .max_decoding_message_size(config.max_body_bytes)
+                    .max_encoding_message_size(usize::MAX);
+                let tf_models = ModelServiceServer::new(tf);
                 let shutdown = stopped(stop_rx.clone());
                 let incoming = tonic::transport::server::TcpIncoming::from(listener);
                 let mut builder = tonic::transport::Server::builder();
@@ -150,12 +157,14 @@ impl Server {
                     tokio::spawn(async move {
                         builder
                             .add_service(svc)
+                            .add_service(tf_predict)
+                            .add_service(tf_models)
                             .serve_with_incoming_shutdown(incoming, shutdown)
                             .await
                             .map_err(|e| e.to_string())
                     }),
                 ));
-                info!(grpc_addr = %local, "KServe v2 gRPC listening");
+                info!(grpc_addr = %local, "KServe v2 and TF-Serving gRPC listening");
                 Some(local)
             }
             None => None,

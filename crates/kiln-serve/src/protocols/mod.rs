@@ -7,6 +7,7 @@ pub mod kserve_generate;
 pub mod kserve_v2_grpc;
 pub mod kserve_v2_http;
 pub mod openai;
+pub mod tf_grpc;
 pub mod tf_rest;
 
 use axum::extract::DefaultBodyLimit;

@@ -58,23 +58,7 @@ fn parse_target(rest: &str) -> Result<Target, ServeError> {
 }
 
 fn tf_dtype(d: Option<DType>) -> &'static str {
-    match d {
-        Some(DType::F32) => "DT_FLOAT",
-        Some(DType::F64) => "DT_DOUBLE",
-        Some(DType::F16) => "DT_HALF",
-        Some(DType::BF16) => "DT_BFLOAT16",
-        Some(DType::I8) => "DT_INT8",
-        Some(DType::I16) => "DT_INT16",
-        Some(DType::I32) => "DT_INT32",
-        Some(DType::I64) => "DT_INT64",
-        Some(DType::U8) => "DT_UINT8",
-        Some(DType::U16) => "DT_UINT16",
-        Some(DType::U32) => "DT_UINT32",
-        Some(DType::U64) => "DT_UINT64",
-        Some(DType::Bool) => "DT_BOOL",
-        Some(DType::String) => "DT_STRING",
-        _ => "DT_INVALID",
-    }
+    super::tf_grpc::data_type(d).as_str_name()
 }
 
 async fn get_model(State(st): State<HttpState>, Path(rest): Path<String>) -> Result<Json<Value>, HttpError> {

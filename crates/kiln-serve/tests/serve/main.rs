@@ -10,4 +10,5 @@ mod llm;
 mod llm_generate;
 mod reload;
 mod security;
+mod tf_grpc;
 mod tf_rest;
