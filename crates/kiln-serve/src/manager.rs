@@ -295,6 +295,15 @@ impl ModelManager {
                 reason: "the model repository is not a folder".into(),
             });
         }
+        if let Some(why) = repository::looks_like_model_folder(&repository) {
+            return Err(ServeError::Config {
+                path: repository,
+                reason: format!(
+                    "this is one model's folder, not a repository ({why}): point the server at the folder \
+                     that holds the model folders (<repository>/<model>/<version>/model.onnx)"
+                ),
+            });
+        }
         Ok(ModelManager {
             repository,
             models: RwLock::new(BTreeMap::new()),

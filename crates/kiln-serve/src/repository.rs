@@ -31,7 +31,13 @@ pub struct VersionSig {
     pub config: Option<FileSig>,
 }
 
-/// Model names in the repository: folders not starting with '.', sorted.
+/// Whether a directory entry is a folder, following symlinks (a model folder may be a link, as
+/// Kubernetes volume and ConfigMap mounts make them).
+fn is_dir(e: &std::fs::DirEntry) -> bool {
+    e.path().is_dir()
+}
+
+/// Model names in the repository: folders (or links to folders) not starting with '.', sorted.
 pub fn list_models(repo: &Path) -> Result<Vec<String>> {
     let rd = std::fs::read_dir(repo).map_err(|source| ServeError::Io {
         path: repo.to_path_buf(),
@@ -39,7 +45,7 @@ pub fn list_models(repo: &Path) -> Result<Vec<String>> {
     })?;
     let mut names: Vec<String> = rd
         .filter_map(|e| e.ok())
-        .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+        .filter(is_dir)
         .filter_map(|e| e.file_name().to_str().map(str::to_string))
         .filter(|n| !n.starts_with('.'))
         .collect();
@@ -55,12 +61,24 @@ pub fn list_versions(model_dir: &Path, filename: &str) -> Result<Vec<u64>> {
     })?;
     let mut versions: Vec<u64> = rd
         .filter_map(|e| e.ok())
-        .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+        .filter(is_dir)
         .filter_map(|e| e.file_name().to_str().and_then(|n| n.parse::<u64>().ok()))
         .filter(|v| *v > 0 && model_dir.join(v.to_string()).join(filename).is_file())
         .collect();
     versions.sort_unstable();
     Ok(versions)
+}
+
+/// Why `dir` looks like one model's folder rather than a repository of model folders (it holds
+/// `config.toml` or a numbered version folder with a `model.onnx`), so pointing a server at it
+/// would serve nothing: `None` when it does not.
+pub fn looks_like_model_folder(dir: &Path) -> Option<String> {
+    if dir.join("config.toml").is_file() {
+        return Some("it holds config.toml".into());
+    }
+    let versions = list_versions(dir, "model.onnx").ok()?;
+    let v = versions.first()?;
+    Some(format!("it holds {v}/model.onnx"))
 }
 
 /// A model name as it may appear in a URL or request: no path separators or dot-dot.
@@ -91,6 +109,25 @@ mod tests {
         // 7 has no model file, x is not a number, 0 is not a version.
         assert_eq!(list_versions(&dir.join("a"), "model.onnx").unwrap(), vec![1, 3]);
         assert!(list_versions(&dir.join("b"), "model.onnx").unwrap().is_empty());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn linked_folders_count_and_model_folders_are_recognised() {
+        let dir = std::env::temp_dir().join(format!("kiln-repo-links-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let store = dir.join("store/m");
+        std::fs::create_dir_all(store.join("2")).unwrap();
+        std::fs::write(store.join("2/model.onnx"), b"x").unwrap();
+        std::fs::create_dir_all(dir.join("repo")).unwrap();
+        std::os::unix::fs::symlink(&store, dir.join("repo/m")).unwrap();
+        assert_eq!(list_models(&dir.join("repo")).unwrap(), vec!["m"]);
+        assert_eq!(list_versions(&dir.join("repo/m"), "model.onnx").unwrap(), vec![2]);
+        assert_eq!(looks_like_model_folder(&dir.join("repo")), None);
+        assert!(looks_like_model_folder(&store).unwrap().contains("2/model.onnx"));
+        std::fs::write(store.join("config.toml"), b"").unwrap();
+        assert!(looks_like_model_folder(&store).unwrap().contains("config.toml"));
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
