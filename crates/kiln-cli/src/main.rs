@@ -12,6 +12,7 @@ macro_rules! outln {
 
 mod bench;
 mod generate;
+mod health;
 mod npy;
 mod optimize;
 mod output;
@@ -172,6 +173,9 @@ enum Cmd {
     /// Generate text with an LLM directory (model.onnx, config.json, tokenizer files), streamed
     /// to stdout; token counts and timings go to stderr.
     Generate(generate::GenerateArgs),
+    /// Check that a running server is ready: GET its /v2/health/ready, exit 0 on HTTP 200 (the
+    /// container image's HEALTHCHECK).
+    Health(health::HealthArgs),
 }
 
 fn main() -> ExitCode {
@@ -267,6 +271,7 @@ fn main() -> ExitCode {
         ),
         Cmd::Serve(args) => serve::serve(args),
         Cmd::Generate(args) => generate::generate(args),
+        Cmd::Health(args) => health::health(args),
     };
     match r {
         Ok(()) => ExitCode::SUCCESS,

@@ -5,10 +5,23 @@ bit-identical).
 
     python crates/kiln-serve/tests/python/tritonclient_test.py path/to/kiln
 
-Needs the venv from `scripts/setup-python.sh serve`. Prints 'N passed, M failed'; exits non-zero on failure.
+starts `path/to/kiln serve` on models/repository itself and also checks SIGTERM and SIGKILL on that
+process. Against a server that is already running on models/repository (a container, say):
+
+    python crates/kiln-serve/tests/python/tritonclient_test.py --http HOST:PORT --grpc HOST:PORT \
+        [--metrics HOST:PORT] [--stop-command 'docker stop -t 10 NAME']
+
+runs the same client tests; the ones that restart the process are skipped, the metrics test needs
+--metrics, and with --stop-command the last test runs that command while clients keep sending (every
+request the server accepted must be answered in full and correctly, or refused with 503).
+
+Needs the venv from `scripts/setup-python.sh serve`. Prints 'N passed, M failed' (and 'K skipped' when
+some were); exits non-zero on failure.
 """
+import argparse
 import json
 import os
+import shlex
 import subprocess
 import sys
 import traceback
@@ -68,13 +81,12 @@ def post_infer(http_addr, x, timeout=30):
         conn.close()
 
 
-def sigterm_under_load(kiln, want):
-    """Clients keep sending while the server gets SIGTERM: every request the server accepted is
-    answered in full and correctly (or refused with 503 while draining); the rest are refused at
-    the socket; the process exits 0."""
+def stop_under_load(http_addr, want, stop_server, label):
+    """Clients keep sending while `stop_server()` stops the server: every request the server
+    accepted is answered in full and correctly (or refused with 503 while draining); the rest are
+    refused at the socket. Returns what `stop_server()` returned."""
     import threading
     import time
-    proc, http_addr, _, _ = start(kiln)
     x = (np.arange(12, dtype=np.float32).reshape(3, 4) / 5.0 - 1.0).astype(np.float32)
     outcomes, stop = [], threading.Event()
     lock = threading.Lock()
@@ -92,8 +104,7 @@ def sigterm_under_load(kiln, want):
         t.start()
     time.sleep(1.0)
     before = len(outcomes)
-    proc.terminate()
-    code = proc.wait(timeout=60)
+    stopped = stop_server()
     stop.set()
     for t in threads:
         t.join(timeout=60)
@@ -103,9 +114,39 @@ def sigterm_under_load(kiln, want):
         np.testing.assert_allclose(v, want["logits"], rtol=1e-5, atol=1e-6)
     assert before > 10 and len(ok) >= before, (before, len(ok))
     assert all(s == 503 for s in statuses), statuses
-    assert code == 0, f"exit code {code}"
     kinds = {k: sum(1 for o in outcomes if o[0] == k) for k in ("ok", "status", "refused", "reset")}
-    print(f"        SIGTERM under load: {kinds}")
+    print(f"        {label}: {kinds}")
+    return stopped
+
+
+def sigterm_under_load(kiln, want):
+    """Clients keep sending while the server gets SIGTERM: every request the server accepted is
+    answered in full and correctly (or refused with 503 while draining); the rest are refused at
+    the socket; the process exits 0."""
+    proc, http_addr, _, _ = start(kiln)
+
+    def terminate():
+        proc.terminate()
+        return proc.wait(timeout=60)
+
+    code = stop_under_load(http_addr, want, terminate, "SIGTERM under load")
+    assert code == 0, f"exit code {code}"
+
+
+def stop_command_under_load(http_addr, want, command):
+    """`command` (e.g. `docker stop -t 10 NAME`) stops the external server while clients keep
+    sending; it must succeed, and every accepted request must be answered (see stop_under_load)."""
+    import time
+
+    def run():
+        t0 = time.monotonic()
+        r = subprocess.run(shlex.split(command), capture_output=True, text=True, timeout=120)
+        took = time.monotonic() - t0
+        assert r.returncode == 0, f"{command!r} exited {r.returncode}: {r.stderr.strip()}"
+        print(f"        {command!r} took {took:.1f}s")
+        return took
+
+    stop_under_load(http_addr, want, run, f"{command!r} under load")
 
 
 def sigkill_then_restart(kiln, want):
@@ -127,9 +168,32 @@ def sigkill_then_restart(kiln, want):
         assert proc.wait(timeout=60) == 0
 
 
+def parse_args():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("kiln", nargs="?", help="the kiln binary to start (default mode)")
+    p.add_argument("--http", metavar="HOST:PORT", help="test a running server's HTTP port instead")
+    p.add_argument("--grpc", metavar="HOST:PORT", help="the running server's gRPC port (with --http)")
+    p.add_argument("--metrics", metavar="HOST:PORT", help="the running server's metrics port (with --http)")
+    p.add_argument("--stop-command", metavar="CMD",
+                   help="with --http: a command that stops the server gracefully, run last under load")
+    a = p.parse_args()
+    external = a.http or a.grpc or a.metrics or a.stop_command
+    if a.kiln and external:
+        p.error("give either the kiln binary or --http/--grpc, not both")
+    if external and not (a.http and a.grpc):
+        p.error("--http and --grpc go together")
+    if not a.kiln and not external:
+        p.error("give the kiln binary to start, or --http HOST:PORT --grpc HOST:PORT")
+    return a
+
+
 def main():
-    kiln = sys.argv[1]
-    proc, http_addr, grpc_addr, metrics_addr = start(kiln)
+    args = parse_args()
+    kiln = args.kiln
+    if kiln:
+        proc, http_addr, grpc_addr, metrics_addr = start(kiln)
+    else:
+        proc, http_addr, grpc_addr, metrics_addr = None, args.http, args.grpc, args.metrics
     results = []
 
     def check(name, fn):
@@ -140,6 +204,12 @@ def main():
         except Exception:  # noqa: BLE001 - report every failure, keep going
             results.append((name, traceback.format_exc()))
             print(f"FAILED  {name}\n{traceback.format_exc()}")
+
+    skipped = []
+
+    def skip(name, why):
+        skipped.append(name)
+        print(f"skipped {name} ({why})")
 
     http = httpclient.InferenceServerClient(url=http_addr)
     grpc = grpcclient.InferenceServerClient(url=grpc_addr)
@@ -245,21 +315,33 @@ def main():
         check("infer INT32 (HTTP, gRPC)", infer_int32)
         check("errors", errors)
         check("TF-Serving REST predict (row, columnar)", tf_rest)
-        check("metrics", metrics)
+        if metrics_addr:
+            check("metrics", metrics)
+        else:
+            skip("metrics", "no --metrics")
     finally:
         http.close()
         grpc.close()
-        proc.terminate()  # SIGTERM: graceful shutdown
-        code = proc.wait(timeout=60)
+        if proc is not None:
+            proc.terminate()  # SIGTERM: graceful shutdown
+            code = proc.wait(timeout=60)
 
-        def graceful_exit():
-            assert code == 0, f"exit code {code}"
+            def graceful_exit():
+                assert code == 0, f"exit code {code}"
 
-        check("graceful exit on SIGTERM", graceful_exit)
-    check("SIGTERM under load: every accepted request answered, exit 0", lambda: sigterm_under_load(kiln, want))
-    check("SIGKILL, then a restart on the same repository serves again", lambda: sigkill_then_restart(kiln, want))
+            check("graceful exit on SIGTERM", graceful_exit)
+    if kiln:
+        check("SIGTERM under load: every accepted request answered, exit 0", lambda: sigterm_under_load(kiln, want))
+        check("SIGKILL, then a restart on the same repository serves again", lambda: sigkill_then_restart(kiln, want))
+    else:
+        for name in ["graceful exit on SIGTERM", "SIGTERM under load: every accepted request answered, exit 0",
+                     "SIGKILL, then a restart on the same repository serves again"]:
+            skip(name, "the server is not this test's process")
+        if args.stop_command:
+            check(f"stop under load ({args.stop_command}): every accepted request answered",
+                  lambda: stop_command_under_load(http_addr, want, args.stop_command))
     failed = sum(1 for _, e in results if e)
-    print(f"{len(results) - failed} passed, {failed} failed")
+    print(f"{len(results) - failed} passed, {failed} failed" + (f", {len(skipped)} skipped" if skipped else ""))
     sys.exit(1 if failed else 0)
 
 
