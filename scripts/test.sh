@@ -79,5 +79,8 @@ step "kiln serve's TF-Serving gRPC API with TF Serving's official Python API pac
 step "kiln serve's OpenAI-compatible API with the official openai client (pinned in setup-python.sh serve) on the 30-layer SmolLM2: Paris, streamed and not; disconnect frees KV blocks"
 "$SERVE_VENV/bin/python" crates/kiln-serve/tests/python/openai_test.py "${CARGO_TARGET_DIR:-target}/debug/kiln" "$MODELS" </dev/null
 
+step "deployment files under deploy/ validated offline (kubernetes-validate, KServe schema, docker-compose config, PromQL, hadolint; venv-deploy-v1)"
+bash tests/deploy/validate.sh </dev/null
+
 step "GPU evidence script self-test (output parsing, tolerance rules, timeouts, markdown, kiln on a tiny model on the CPU)"
 "$VENV/bin/python" scripts/cuda/gpu-evidence.py "${CARGO_TARGET_DIR:-target}/debug/kiln" --self-test </dev/null | tail -n 1
