@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# `kiln quantize` end to end, both modes (int8-weight, dynamic-int8): quantizes a generated
+# `kiln quantize` end to end (int8-weight, dynamic-int8, int4-weight): quantizes a generated
 # Gemm/MatMul model and the cached real models, then tests/quantize/check_quantized.py checks each
 # output with onnx.checker, runs it in ONNX Runtime against the fp32 original (cosine >= 0.99,
 # max|diff| <= 0.1 * max|fp32|) and runs `kiln run` on it against ONNX Runtime on the same file.
@@ -34,11 +34,22 @@ check_dynamic() { # model min-matmulinteger extra-args-for-check...
     2> >(grep -v -e Warning -e 'W:onnxruntime' >&2)
 }
 
+check_int4() { # model min-matmulnbits extra-args-for-check...
+  local model="$1" min="$2"; shift 2
+  local out="$OUT/$(basename "$model" .onnx)-int4.onnx"
+  echo "== kiln quantize --mode int4-weight $(basename "$model")"
+  "$KILN" quantize "$model" "$out" --mode int4-weight --min-elements 1024 | grep -E '^quantized|^wrote'
+  "$PY" tests/quantize/check_quantized.py "$model" "$out" --kiln "$KILN" --min-int8 "$min" --int4 "$@" \
+    2> >(grep -v -e Warning -e 'W:onnxruntime' >&2)
+}
+
 "$PY" tests/quantize/make_gemm.py "$OUT/gemm_matmul.onnx"
 # Gemm (transB) and a weight shared by two MatMuls: one DequantizeLinear each.
 check "$OUT/gemm_matmul.onnx" 2 --dim batch=6
 # dynamic-int8 leaves the Gemm in f32; the shared MatMul weight is quantized once, read twice.
 check_dynamic "$OUT/gemm_matmul.onnx" 2 --dim batch=6
+# int4-weight: the shared MatMul weight becomes one set of 4-bit codes read by two MatMulNBits.
+check_int4 "$OUT/gemm_matmul.onnx" 2 --dim batch=6
 
 CACHE="${KILN_CACHE:-$HOME/.cache/kiln}"
 MODELS="${KILN_MODELS:-$CACHE/models-v1}"
@@ -47,10 +58,12 @@ m="$(find_model paraphrase-MiniLM-L3-v2.onnx)"
 if [[ -n "$m" ]]; then
   check "$m" 18 --dim batch_size=2 --dim sequence_length=7
   check_dynamic "$m" 18 --dim batch_size=2 --dim sequence_length=7
+  check_int4 "$m" 18 --dim batch_size=2 --dim sequence_length=7
 fi
 m="$(find_model bert-tiny.onnx)"
 if [[ -n "$m" ]]; then
   check "$m" 13 --dim batch=2 --dim sequence=9
   check_dynamic "$m" 12 --dim batch=2 --dim sequence=9
+  check_int4 "$m" 12 --dim batch=2 --dim sequence=9
 fi
 echo "quantize: all outputs valid and within tolerance"

@@ -140,19 +140,24 @@ enum Cmd {
         #[arg(long, default_value = "fp32")]
         precision: Precision,
     },
-    /// Quantize MatMul/Gemm weights to int8 (per output channel), optionally the activations at run time, or convert to fp16, and write the model as ONNX.
+    /// Quantize MatMul/Gemm weights to int8 (per output channel), optionally the activations at run time, MatMul weights to 4 bits per block, or convert to fp16, and write the model as ONNX.
     Quantize {
         input: PathBuf,
         output: PathBuf,
         /// int8-weight (MatMul/Gemm weights in int8, activations and products stay float),
         /// dynamic-int8 (MatMul weights int8 per column, activations quantized to u8 at run time,
         /// integer products: onnxruntime quantize_dynamic's form) or fp16 (f16 weights and compute,
-        /// graph inputs/outputs and overflow-prone ops kept f32 behind Casts).
+        /// graph inputs/outputs and overflow-prone ops kept f32 behind Casts) or int4-weight
+        /// (MatMul weights as 4-bit codes with a scale and zero point per block along K:
+        /// com.microsoft MatMulNBits, which ONNX Runtime runs).
         #[arg(long, default_value = "int8-weight")]
         mode: String,
         /// Weights with fewer elements stay f32.
         #[arg(long, default_value_t = kiln::quantize::DEFAULT_MIN_ELEMENTS)]
         min_elements: usize,
+        /// int4-weight: values per block along K (a power of two >= 16).
+        #[arg(long, default_value_t = 32)]
+        block_size: usize,
     },
     /// Magnitude-prune MatMul/Gemm/Conv weights (a fraction of each, or N of every M along the reduction axis) and write the model as ONNX.
     Prune {
@@ -253,7 +258,16 @@ fn main() -> ExitCode {
             output,
             mode,
             min_elements,
-        } => quantize::quantize(&input, &output, &quantize::QuantizeConfig { mode, min_elements }),
+            block_size,
+        } => quantize::quantize(
+            &input,
+            &output,
+            &quantize::QuantizeConfig {
+                mode,
+                min_elements,
+                block_size,
+            },
+        ),
         Cmd::Prune {
             input,
             output,

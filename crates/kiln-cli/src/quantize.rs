@@ -1,10 +1,12 @@
-//! `kiln quantize in.onnx out.onnx [--mode int8-weight|dynamic-int8|fp16] [--min-elements N]`:
+//! `kiln quantize in.onnx out.onnx [--mode int8-weight|dynamic-int8|int4-weight|fp16] [--min-elements N]`:
 //! rewrites MatMul/Gemm weights to int8 with one scale per output channel and prints what it
 //! quantized with the weight bytes before and after. Every mode writes standard ONNX that
 //! onnxruntime runs: `int8-weight` puts `DequantizeLinear` before the weights (activations and
 //! products stay float); `dynamic-int8` quantizes MatMul activations at run time
 //! (DynamicQuantizeLinear) and multiplies in integers (MatMulInteger), the form of onnxruntime's
-//! `quantize_dynamic`; `fp16` converts the graph to f16 weights and compute with the model's inputs
+//! `quantize_dynamic`; `int4-weight` stores MatMul weights as 4-bit codes with a scale and zero
+//! point per `--block-size` values along K (`com.microsoft::MatMulNBits`, the form of onnxruntime's
+//! `MatMul4BitsQuantizer` and its int4 LLM builds); `fp16` converts the graph to f16 weights and compute with the model's inputs
 //! and outputs and the overflow-prone ops kept f32 behind Casts (the conversion `kiln optimize
 //! --precision fp16` and fp16 sessions use, without optimizing the graph; docs/precision.md).
 
@@ -17,22 +19,25 @@ use kiln::internals::onnx;
 pub struct QuantizeConfig {
     pub mode: String,
     pub min_elements: usize,
+    /// `int4-weight`: values per block along K.
+    pub block_size: usize,
 }
 
 pub fn quantize(input: &Path, output: &Path, cfg: &QuantizeConfig) -> Result<()> {
-    let dynamic = match cfg.mode.as_str() {
-        "int8-weight" | "int8" => false,
-        "dynamic-int8" => true,
+    let mode = cfg.mode.as_str();
+    match mode {
+        "int8-weight" | "int8" | "dynamic-int8" | "int4-weight" | "int4" => {}
         "fp16" | "float16" => return to_fp16(input, output),
-        other => bail!("unknown --mode '{other}' (int8-weight, dynamic-int8, fp16)"),
-    };
+        other => bail!("unknown --mode '{other}' (int8-weight, dynamic-int8, int4-weight, fp16)"),
+    }
     let mut model = onnx::load_model(input).with_context(|| format!("loading {}", input.display()))?;
-    let report = if dynamic {
-        kiln::quantize::quantize_model_dynamic(&mut model, cfg.min_elements)
-    } else {
-        kiln::quantize::quantize_model(&mut model, cfg.min_elements, true)
+    let report = match mode {
+        "dynamic-int8" => kiln::quantize::quantize_model_dynamic(&mut model, cfg.min_elements),
+        "int4-weight" | "int4" => kiln::quantize::quantize_model_int4(&mut model, cfg.min_elements, cfg.block_size),
+        _ => kiln::quantize::quantize_model(&mut model, cfg.min_elements, true),
     }
     .context("quantizing the weights")?;
+    let kind = if mode.starts_with("int4") { "int4" } else { "int8" };
     let bytes = onnx::export_model_bytes(&model).context("exporting the quantized model")?;
     crate::output::write(output, &bytes)?;
 
@@ -42,7 +47,7 @@ pub fn quantize(input: &Path, output: &Path, cfg: &QuantizeConfig) -> Result<()>
         } else {
             String::new()
         };
-        outln!("int8  {:?} axis {}  {}{readers}", w.dims, w.axis, w.name);
+        outln!("{kind}  {:?} axis {}  {}{readers}", w.dims, w.axis, w.name);
     }
     for (name, why) in &report.skipped {
         outln!("f32   {name}: {why}");

@@ -1,6 +1,6 @@
 //! `kiln quantize` and `kiln prune` end to end on a small generated model: the quantized model
 //! re-imports with an int8 DequantizeLinear weight, runs, and the report names the weight; `--mode
-//! fp16` keeps f32 IO; unstructured pruning reaches the asked fraction and 2:4 leaves two of every four
+//! fp16` keeps f32 IO; `--mode int4-weight` writes MatMulNBits within a block's half step; unstructured pruning reaches the asked fraction and 2:4 leaves two of every four
 //! values along the reduction axis; bad arguments are errors.
 //! (`tests/quantize/run.sh` checks the output with onnx.checker and ONNX Runtime on real models.)
 
@@ -89,11 +89,60 @@ fn quantize_writes_int8_weights() {
     let bad = Command::new(env!("CARGO_BIN_EXE_kiln"))
         .arg("quantize")
         .args([&src, &dst])
-        .args(["--mode", "int4"])
+        .args(["--mode", "int3"])
         .output()
         .expect("runs");
     assert!(!bad.status.success());
-    assert!(String::from_utf8_lossy(&bad.stderr).contains("unknown --mode 'int4'"));
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("unknown --mode 'int3'"));
+    let _ = std::fs::remove_file(src);
+    let _ = std::fs::remove_file(dst);
+}
+
+#[test]
+fn quantize_int4_writes_matmulnbits() {
+    let (src, dst) = (tmp("int4-in.onnx"), tmp("int4-out.onnx"));
+    write_model(&src);
+    let out = Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .arg("quantize")
+        .args([&src, &dst])
+        .args(["--mode", "int4-weight", "--min-elements", "1024", "--block-size", "32"])
+        .output()
+        .expect("runs");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.contains("int4  [64, 96] axis 1  w"), "{stdout}");
+    let m = onnx::load_model(&dst).expect("re-imports");
+    assert_eq!(m.opset("com.microsoft"), Some(1));
+    let node = &m.graph.nodes[0];
+    assert_eq!(
+        (node.domain.as_str(), node.op_type.as_str()),
+        ("com.microsoft", "MatMulNBits")
+    );
+    let codes = &m.graph.initializers[&node.inputs[1].unwrap()];
+    // [N, K / block_size, block_size / 2]
+    assert_eq!((codes.dtype, codes.dims.as_slice()), (DType::U8, &[96usize, 2, 16][..]));
+    // Each weight is within half a quantization step of its block: the product within the sum of
+    // |x| * step / 2 over K, bounded here by 5% of the largest output.
+    let x: Vec<f32> = (0..128).map(|i| ((i * 7 % 13) as f32 - 6.0) / 4.0).collect();
+    let x = TensorData::from_values("x", vec![2, 64], &x).unwrap();
+    let run = |path: &Path| {
+        let s = kiln::Session::builder().build_from_file(path).expect("builds");
+        s.run(vec![("x".into(), x.clone())]).expect("runs")[0]
+            .values::<f32>()
+            .expect("f32 output")
+    };
+    let (want, got) = (run(&src), run(&dst));
+    let scale = want.iter().fold(0f32, |m, v| m.max(v.abs()));
+    let err = want.iter().zip(&got).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+    assert!(err > 0.0 && err <= 5e-2 * scale, "max |d| {err} of max |ref| {scale}");
+    let bad = Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .arg("quantize")
+        .args([&src, &dst])
+        .args(["--mode", "int4-weight", "--block-size", "24"])
+        .output()
+        .expect("runs");
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("power of two"));
     let _ = std::fs::remove_file(src);
     let _ = std::fs::remove_file(dst);
 }

@@ -1,8 +1,9 @@
-//! Weight-only int8: the graph transform (`kiln quantize`, [`crate::Precision::Int8WeightOnly`])
-//! and the fusion that lets the runtime keep the weights in int8.
+//! Weight quantization (int8, dynamic int8, block-wise int4): the graph transforms (`kiln quantize`,
+//! [`crate::Precision::Int8WeightOnly`]) and the fusion that lets the runtime keep int8 weights in int8.
 
 use kiln_graph::passes::int8_matmul::FuseInt8WeightMatMul;
 use kiln_graph::passes::quantize::{quantize_dynamic_int8, quantize_weights_int8, QuantizeOptions};
+use kiln_graph::passes::quantize_int4::{quantize_weights_int4, MS_DOMAIN};
 use kiln_graph::passes::{OptLevel, Options, Pass, PassCx};
 use kiln_graph::Model;
 use kiln_runtime::CpuConstEval;
@@ -29,6 +30,20 @@ pub fn quantize_model_dynamic(model: &mut Model, min_elements: usize) -> Result<
     let mut options = QuantizeOptions::for_model(model);
     options.min_elements = min_elements;
     Ok(quantize_dynamic_int8(&mut model.graph, &options)?)
+}
+
+/// Block-wise 4-bit weights: every MatMul with a constant f32 weight of at least `min_elements`
+/// elements becomes `com.microsoft::MatMulNBits` (4 bits, `block_size` values per block along K,
+/// a scale and a zero point per block), the form ONNX Runtime's `MatMul4BitsQuantizer` writes; the
+/// model then declares the `com.microsoft` opset.
+pub fn quantize_model_int4(model: &mut Model, min_elements: usize, block_size: usize) -> Result<QuantizeReport> {
+    let mut options = QuantizeOptions::for_model(model);
+    options.min_elements = min_elements;
+    let report = quantize_weights_int4(&mut model.graph, &options, block_size)?;
+    if !report.weights.is_empty() {
+        model.opsets.entry(MS_DOMAIN.to_string()).or_insert(1);
+    }
+    Ok(report)
 }
 
 /// Replaces `DequantizeLinear(int8 constant) -> MatMul/Gemm` by Kiln's int8 MatMul kernel, which

@@ -45,6 +45,7 @@ pub mod noop;
 pub mod paged_attention;
 pub mod prune;
 pub mod quantize;
+pub mod quantize_int4;
 pub mod reshape_chain;
 pub mod shape_fold;
 pub mod transpose;
