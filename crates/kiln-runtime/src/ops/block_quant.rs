@@ -4,10 +4,12 @@
 //! `block_size` values along K) and `com.microsoft::GatherBlockQuantized` (a Gather from such a table:
 //! the int4 embedding).
 //!
-//! MatMulNBits dequantizes a constant weight once, when the plan is built, into the f32 panels of
-//! Kiln's packed GEMM (or into a dense `[K, N]` tensor on other devices), so each run is an f32
-//! GEMM: the weight takes 4 bytes per value in memory, not 0.5 (a kernel reading the 4-bit codes
-//! directly is later work). A weight fed at run time is dequantized per call. `accuracy_level` is
+//! MatMulNBits with a constant 4-bit weight on the CPU keeps the codes ([`super::q4`]: half a byte
+//! per value plus a scale and offset per block): products of up to [`Q4_MAX_ROWS`] rows (decode
+//! steps) read the codes directly; larger ones expand the weight to f32 per call and run the packed
+//! GEMM. Other bit widths (and other devices) are dequantized once, when the plan is built, into
+//! the f32 panels of Kiln's packed GEMM (or a dense `[K, N]` tensor). A weight fed at run time is
+//! dequantized per call. `accuracy_level` is
 //! read and ignored: A is never quantized (ONNX Runtime's level 4 quantizes A to int8 per block,
 //! which is why its results differ from an f32 product by ~1e-3 relative).
 
@@ -19,6 +21,7 @@ use std::sync::Arc;
 
 use super::common::{elems, tin, tin_opt};
 use super::matmul::{matmul, packed_matmul};
+use super::q4::{Q4Weight, Q4_MAX_ROWS};
 use super::{kernel, out1, NodeCtx, OpKernel, Registry, RunCx};
 use crate::{bail, sgemm, Result, Tensor};
 
@@ -162,6 +165,8 @@ impl NBits {
 
 /// The weight of a MatMulNBits node in the form its product runs on.
 enum Weight {
+    /// 4-bit codes, read directly by few-row products (CPU).
+    Q4(Arc<Q4Weight>),
     /// Packed panels for the CPU f32 GEMM.
     Packed(Arc<sgemm::PackedB>),
     /// Dense `[K, N]` f32 on the plan's device.
@@ -183,6 +188,48 @@ fn weight_from(cfg: &NBits, b: &Tensor, scales: &Tensor, zp: Option<&Tensor>) ->
         None => cfg.dequantize(bytes, &sv, ZeroPoints::Default),
         Some(z) if z.dtype() == DType::U8 => with_u8(z, |zb| cfg.dequantize(bytes, &sv, ZeroPoints::Packed(zb)))?,
         Some(z) if z.dtype().is_float() => cfg.dequantize(bytes, &sv, ZeroPoints::Float(&to_f32s(z)?)),
+        Some(z) => bail!("zero_points must be uint8 or float, found {}", z.dtype()),
+    })??;
+    Ok(Some(w))
+}
+
+/// A constant 4-bit weight kept as codes (`None` for an omitted projection).
+fn q4_from(cfg: &NBits, b: &Tensor, scales: &Tensor, zp: Option<&Tensor>) -> Result<Option<Q4Weight>> {
+    if !scales.dtype().is_float() {
+        bail!("scales must be a float tensor, found {}", scales.dtype());
+    }
+    if !cfg.check(b.dims(), scales.elem_count())? {
+        return Ok(None);
+    }
+    let sv = to_f32s(scales)?;
+    let kb = cfg.k_blocks;
+    let build = |codes: &[u8], zero: &dyn Fn(usize, usize) -> f32| {
+        Q4Weight::new(cfg.k, cfg.n, cfg.block, codes, &sv, zero)
+            .ok_or_else(|| crate::RuntimeError::msg("internal: 4-bit weight layout"))
+    };
+    let w = with_u8(b, |bytes| match zp {
+        None => build(bytes, &|_, _| 8.0),
+        Some(z) if z.dtype() == DType::U8 => with_u8(z, |zb| {
+            if zb.len() != cfg.n * cfg.zp_row() {
+                bail!(
+                    "uint8 zero_points has {} bytes, expected N * ceil(k_blocks * bits / 8) = {}",
+                    zb.len(),
+                    cfg.n * cfg.zp_row()
+                );
+            }
+            build(bytes, &|col, blk| code(&zb[col * cfg.zp_row()..], blk, 4) as f32)
+        })?,
+        Some(z) if z.dtype().is_float() => {
+            let zv = to_f32s(z)?;
+            if zv.len() != cfg.n * kb {
+                bail!(
+                    "float zero_points has {} values, expected N * ceil(K / block_size) = {}",
+                    zv.len(),
+                    cfg.n * kb
+                );
+            }
+            build(bytes, &|col, blk| zv[col * kb + blk])
+        }
         Some(z) => bail!("zero_points must be uint8 or float, found {}", z.dtype()),
     })??;
     Ok(Some(w))
@@ -252,8 +299,13 @@ fn matmul_nbits(n: &NodeCtx) -> Result<Box<dyn OpKernel>> {
                 b.map_err(|e| n.err(e.to_string()))?,
                 s.map_err(|e| n.err(e.to_string()))?,
             );
-            let w = weight_from(&cfg, &b, &s, zp.as_ref()).map_err(|e| n.err(e.to_string()))?;
-            Some(prepare(n, &cfg, w)?)
+            if cfg.bits == 4 && n.options.device.is_cpu() && sgemm::available() {
+                let q = q4_from(&cfg, &b, &s, zp.as_ref()).map_err(|e| n.err(e.to_string()))?;
+                Some(q.map_or(Weight::Zero, |q| Weight::Q4(Arc::new(q))))
+            } else {
+                let w = weight_from(&cfg, &b, &s, zp.as_ref()).map_err(|e| n.err(e.to_string()))?;
+                Some(prepare(n, &cfg, w)?)
+            }
         }
         _ => None,
     };
@@ -303,8 +355,33 @@ fn run_nbits(cx: &RunCx, cfg: &NBits, a: &Tensor, w: &Weight, bias: Option<&Tens
     let bias_f32 = bias.map(to_f32s).transpose()?;
     // Products run on [M, K] f32 rows.
     let a2 = Tensor::new(a.candle().to_dtype(CDType::F32)?.reshape((m, cfg.k))?, DType::F32)?;
+    let expanded;
+    let w = match w {
+        // Many rows: the packed f32 GEMM on the weight expanded for this call.
+        Weight::Q4(q) if m > Q4_MAX_ROWS => {
+            let nk = q.to_f32_nk();
+            let view = sgemm::MatRef {
+                data: &nk,
+                rows: cfg.k,
+                cols: cfg.n,
+                rs: 1,
+                cs: cfg.k,
+            };
+            expanded = Weight::Packed(Arc::new(
+                sgemm::PackedB::pack(view).map_err(|e| crate::RuntimeError::msg(e.to_string()))?,
+            ));
+            &expanded
+        }
+        w => w,
+    };
     let (y, biased) = match w {
         Weight::Zero => (CT::zeros((m, cfg.n), CDType::F32, a.device())?, false),
+        Weight::Q4(q) => {
+            let av = a2.candle().flatten_all()?.to_vec1::<f32>()?;
+            let mut out = vec![0f32; m * cfg.n];
+            q.matmul_rows(&av, m, bias_f32.as_deref(), &mut out);
+            (CT::from_vec(out, (m, cfg.n), a.device())?, true)
+        }
         Weight::Packed(p) => match packed_matmul(cx, &a2, p, bias_f32.as_deref(), sgemm::Activation::None)? {
             Some(y) => (y.into_candle(), true),
             None => bail!(

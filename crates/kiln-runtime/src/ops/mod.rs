@@ -27,6 +27,7 @@ mod ml;
 mod nn;
 mod norm;
 mod pool;
+mod q4;
 mod quant;
 mod reduce;
 mod resize;
