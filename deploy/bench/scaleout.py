@@ -235,7 +235,7 @@ def main():
             if is_failover:
                 after = [t for t, _ in load.failed if t >= killed["at"]]
                 row["reroute_ms"] = (max(after) - killed["at"]) * 1000 if after else 0.0
-                row["errors"] = sorted({e.split("(")[0] for _, e in load.failed})
+                row["errors"] = sorted({e.split("\n")[0][:90] for _, e in load.failed})
                 failover = row
             else:
                 rows.append(row)

@@ -4,8 +4,8 @@
 //!
 //! Layout (MatMulNBits'): column `n`, block `b` holds `block / 2` bytes of codes, the lower K index
 //! in the low nibble. Each block's weight is `code * scale + offset` with `offset = -zero_point *
-//! scale`. A product row walks each column's blocks: it expands the block's codes to f32 once and
-//! multiplies them into every row of A, so the expansion is paid once per `block` values whatever
+//! scale`. A product walks each column's blocks: it widens the block's codes to f32 once and
+//! multiplies them into every row of A, so the widening is paid once per `block` values whatever
 //! the row count.
 
 use rayon::prelude::*;
@@ -41,7 +41,7 @@ impl Q4Weight {
         zero: impl Fn(usize, usize) -> f32,
     ) -> Option<Q4Weight> {
         let kb = k.div_ceil(block);
-        if block < 2 || !block.is_multiple_of(2) || codes.len() != n * kb * block / 2 || scales.len() != n * kb {
+        if block < 16 || !block.is_power_of_two() || codes.len() != n * kb * block / 2 || scales.len() != n * kb {
             return None;
         }
         let offset = (0..n * kb).map(|i| -zero(i / kb, i % kb) * scales[i]).collect();
@@ -87,15 +87,34 @@ impl Q4Weight {
     }
 
     /// `out = a @ W (+ bias)` for `m` rows of `a` (`[m, K]` row-major) into `out` (`[m, N]`).
+    ///
+    /// Per row and block, A is laid out once per call as the block's even-K values then its odd-K
+    /// values (zero-padded past K), the order of a block's low and high nibbles; with `w = code *
+    /// scale + offset`, a block contributes `scale * dot(code, a) + offset * sum(a)`, so the codes
+    /// are widened and scaled without interleaving and the lane sums are reduced once per column.
     pub fn matmul_rows(&self, a: &[f32], m: usize, bias: Option<&[f32]>, out: &mut [f32]) {
-        let (k, n) = (self.k, self.n);
+        let (k, n, block) = (self.k, self.n, self.block);
         debug_assert!(a.len() >= m * k && out.len() >= m * n);
+        let kb = self.k_blocks();
+        let half = block / 2;
+        let mut split = vec![0f32; m * kb * block];
+        let mut sums = vec![0f32; m * kb];
+        for r in 0..m {
+            for b in 0..kb {
+                let dst = &mut split[(r * kb + b) * block..][..block];
+                let src = &a[r * k + b * block..r * k + (b * block + block).min(k)];
+                for (i, &v) in src.iter().enumerate() {
+                    dst[(i % 2) * half + i / 2] = v;
+                }
+                sums[r * kb + b] = src.iter().sum();
+            }
+        }
         let tasks: Vec<(usize, Vec<f32>)> = (0..n.div_ceil(COLS_PER_TASK))
             .into_par_iter()
             .map(|t| {
                 let cols = t * COLS_PER_TASK..((t + 1) * COLS_PER_TASK).min(n);
                 let mut local = vec![0f32; m * cols.len()];
-                self.columns(a, m, cols.clone(), &mut local);
+                self.columns(&split, &sums, m, cols.clone(), &mut local);
                 (cols.start, local)
             })
             .collect();
@@ -112,64 +131,127 @@ impl Q4Weight {
         }
     }
 
-    /// Columns `cols` of the product into `local` (`[m, cols.len()]`).
-    fn columns(&self, a: &[f32], m: usize, cols: std::ops::Range<usize>, local: &mut [f32]) {
+    /// Columns `cols` of the product into `local` (`[m, cols.len()]`), from A split per block
+    /// (`split`, see [`Q4Weight::matmul_rows`]) and A's block sums.
+    fn columns(&self, split: &[f32], sums: &[f32], m: usize, cols: std::ops::Range<usize>, local: &mut [f32]) {
         #[cfg(any(target_arch = "x86", target_arch = "x86_64"))]
         if crate::fastmath::has_avx2_fma() {
             // SAFETY: the CPU has AVX2 and FMA (checked by `has_avx2_fma`).
-            unsafe { self.columns_avx2(a, m, cols, local) };
+            unsafe { self.columns_avx2(split, sums, m, cols, local) };
             return;
         }
-        self.columns_impl::<false>(a, m, cols, local)
+        self.columns_impl::<false>(split, sums, m, cols, local)
     }
 
     #[cfg(any(target_arch = "x86", target_arch = "x86_64"))]
     #[target_feature(enable = "avx2,fma")]
-    fn columns_avx2(&self, a: &[f32], m: usize, cols: std::ops::Range<usize>, local: &mut [f32]) {
-        self.columns_impl::<true>(a, m, cols, local)
+    fn columns_avx2(&self, split: &[f32], sums: &[f32], m: usize, cols: std::ops::Range<usize>, local: &mut [f32]) {
+        if !self.block.is_multiple_of(32) {
+            return self.columns_impl::<true>(split, sums, m, cols, local);
+        }
+        #[cfg(target_arch = "x86")]
+        use std::arch::x86::*;
+        #[cfg(target_arch = "x86_64")]
+        use std::arch::x86_64::*;
+        let (block, kb) = (self.block, self.k_blocks());
+        let half = block / 2;
+        let width = cols.len();
+        let mask = _mm_set1_epi8(0x0F);
+        for (j, col) in cols.enumerate() {
+            for r in 0..m {
+                let mut lanes = _mm256_setzero_ps();
+                let mut off = 0f32;
+                for b in 0..kb {
+                    let (s, o) = (self.scale[col * kb + b], self.offset[col * kb + b]);
+                    let codes = &self.codes[(col * kb + b) * half..][..half];
+                    let a = &split[(r * kb + b) * block..][..block];
+                    let (ae, ao) = a.split_at(half);
+                    let mut acc = _mm256_setzero_ps();
+                    // 16 code bytes: low nibbles pair with 16 even-K values of A, high with 16 odd.
+                    for ((bytes, xe), xo) in codes.chunks_exact(16).zip(ae.chunks_exact(16)).zip(ao.chunks_exact(16)) {
+                        // SAFETY: `bytes` has 16 bytes and `xe`, `xo` 16 floats each (chunks_exact).
+                        unsafe {
+                            let v = _mm_loadu_si128(bytes.as_ptr().cast());
+                            let lo = _mm_and_si128(v, mask);
+                            let hi = _mm_and_si128(_mm_srli_epi16::<4>(v), mask);
+                            let wide = |x: __m128i| _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(x));
+                            acc = _mm256_fmadd_ps(wide(lo), _mm256_loadu_ps(xe.as_ptr()), acc);
+                            acc = _mm256_fmadd_ps(
+                                wide(_mm_srli_si128::<8>(lo)),
+                                _mm256_loadu_ps(xe.as_ptr().add(8)),
+                                acc,
+                            );
+                            acc = _mm256_fmadd_ps(wide(hi), _mm256_loadu_ps(xo.as_ptr()), acc);
+                            acc = _mm256_fmadd_ps(
+                                wide(_mm_srli_si128::<8>(hi)),
+                                _mm256_loadu_ps(xo.as_ptr().add(8)),
+                                acc,
+                            );
+                        }
+                    }
+                    lanes = _mm256_fmadd_ps(_mm256_set1_ps(s), acc, lanes);
+                    off += o * sums[r * kb + b];
+                }
+                let mut out = [0f32; 8];
+                // SAFETY: `out` holds 8 floats.
+                unsafe { _mm256_storeu_ps(out.as_mut_ptr(), lanes) };
+                local[r * width + j] = out.iter().sum::<f32>() + off;
+            }
+        }
     }
 
     #[inline(always)]
-    fn columns_impl<const FMA: bool>(&self, a: &[f32], m: usize, cols: std::ops::Range<usize>, local: &mut [f32]) {
+    fn columns_impl<const FMA: bool>(
+        &self,
+        split: &[f32],
+        sums: &[f32],
+        m: usize,
+        cols: std::ops::Range<usize>,
+        local: &mut [f32],
+    ) {
+        const L: usize = 8;
+        let (block, kb) = (self.block, self.k_blocks());
+        let half = block / 2;
         let width = cols.len();
-        let mut buf = vec![0f32; self.block];
-        let mut acc = vec![0f32; m];
+        let (mut lo, mut hi) = (vec![0f32; half], vec![0f32; half]);
+        let mut lanes = vec![[0f32; L]; m];
+        let mut offs = vec![0f32; m];
         for (j, col) in cols.enumerate() {
-            acc.iter_mut().for_each(|v| *v = 0.0);
-            for b in 0..self.k_blocks() {
-                let len = self.expand(col, b, &mut buf);
-                let w = &buf[..len];
-                for (r, acc) in acc.iter_mut().enumerate() {
-                    *acc += dot::<FMA>(&a[r * self.k + b * self.block..][..len], w);
+            lanes.iter_mut().for_each(|l| *l = [0.0; L]);
+            offs.iter_mut().for_each(|o| *o = 0.0);
+            for b in 0..kb {
+                let (s, o) = (self.scale[col * kb + b], self.offset[col * kb + b]);
+                let codes = &self.codes[(col * kb + b) * half..][..half];
+                for ((l, h), &byte) in lo.iter_mut().zip(hi.iter_mut()).zip(codes) {
+                    *l = f32::from(byte & 0xF) * s;
+                    *h = f32::from(byte >> 4) * s;
+                }
+                for (r, lane) in lanes.iter_mut().enumerate() {
+                    let a = &split[(r * kb + b) * block..][..block];
+                    let (ae, ao) = a.split_at(half);
+                    // In registers: half is a multiple of 8 (block is a power of two >= 16).
+                    let mut acc = *lane;
+                    let weights = lo.chunks_exact(L).zip(hi.chunks_exact(L));
+                    for ((wl, wh), (xe, xo)) in weights.zip(ae.chunks_exact(L).zip(ao.chunks_exact(L))) {
+                        let (wl, wh): (&[f32; L], &[f32; L]) = (wl.try_into().unwrap(), wh.try_into().unwrap());
+                        let (xe, xo): (&[f32; L], &[f32; L]) = (xe.try_into().unwrap(), xo.try_into().unwrap());
+                        for l in 0..L {
+                            acc[l] = if FMA {
+                                wh[l].mul_add(xo[l], wl[l].mul_add(xe[l], acc[l]))
+                            } else {
+                                acc[l] + wl[l] * xe[l] + wh[l] * xo[l]
+                            };
+                        }
+                    }
+                    *lane = acc;
+                    offs[r] += o * sums[r * kb + b];
                 }
             }
-            for (r, &v) in acc.iter().enumerate() {
-                local[r * width + j] = v;
+            for r in 0..m {
+                local[r * width + j] = lanes[r].iter().sum::<f32>() + offs[r];
             }
         }
     }
-}
-
-/// `sum(x * y)` with 16 independent lanes (vectorised where the caller's target features allow).
-#[inline(always)]
-fn dot<const FMA: bool>(x: &[f32], y: &[f32]) -> f32 {
-    let mut lanes = [0f32; 16];
-    let (xc, yc) = (x.chunks_exact(16), y.chunks_exact(16));
-    let (xr, yr) = (xc.remainder(), yc.remainder());
-    for (xs, ys) in xc.zip(yc) {
-        for l in 0..16 {
-            lanes[l] = if FMA {
-                xs[l].mul_add(ys[l], lanes[l])
-            } else {
-                lanes[l] + xs[l] * ys[l]
-            };
-        }
-    }
-    let mut tail = 0f32;
-    for (a, b) in xr.iter().zip(yr) {
-        tail += a * b;
-    }
-    lanes.iter().sum::<f32>() + tail
 }
 
 #[cfg(test)]
@@ -232,5 +314,6 @@ mod tests {
             }
         }
         assert!(Q4Weight::new(16, 2, 16, &[0; 15], &[1.0; 2], |_, _| 8.0).is_none());
+        assert!(Q4Weight::new(16, 2, 8, &[0; 8], &[1.0; 4], |_, _| 8.0).is_none());
     }
 }
