@@ -16,54 +16,42 @@ KILN="$TARGET/debug/kiln"
 OUT="$(mktemp -d)"
 trap 'rm -rf "$OUT"' EXIT
 
-check() { # model min-int8 extra-args-for-check...
-  local model="$1" min="$2"; shift 2
-  local out="$OUT/$(basename "$model" .onnx)-int8.onnx"
-  echo "== kiln quantize $(basename "$model")"
-  "$KILN" quantize "$model" "$out" --min-elements 1024 | grep -E '^quantized|^wrote'
-  "$PY" tests/quantize/check_quantized.py "$model" "$out" --kiln "$KILN" --min-int8 "$min" "$@" \
-    2> >(grep -v -e Warning -e 'W:onnxruntime' >&2)
-}
-
-check_dynamic() { # model min-matmulinteger extra-args-for-check...
-  local model="$1" min="$2"; shift 2
-  local out="$OUT/$(basename "$model" .onnx)-dyn-int8.onnx"
-  echo "== kiln quantize --mode dynamic-int8 $(basename "$model")"
-  "$KILN" quantize "$model" "$out" --mode dynamic-int8 --min-elements 1024 | grep -E '^quantized|^wrote'
-  "$PY" tests/quantize/check_quantized.py "$model" "$out" --kiln "$KILN" --min-int8 "$min" --dynamic "$@" \
-    2> >(grep -v -e Warning -e 'W:onnxruntime' >&2)
-}
-
-check_int4() { # model min-matmulnbits extra-args-for-check...
-  local model="$1" min="$2"; shift 2
-  local out="$OUT/$(basename "$model" .onnx)-int4.onnx"
-  echo "== kiln quantize --mode int4-weight $(basename "$model")"
-  "$KILN" quantize "$model" "$out" --mode int4-weight --min-elements 1024 | grep -E '^quantized|^wrote'
-  "$PY" tests/quantize/check_quantized.py "$model" "$out" --kiln "$KILN" --min-int8 "$min" --int4 "$@" \
+check() { # mode (int8-weight | dynamic-int8 | int4-weight) model min-quantized extra-args-for-check...
+  local mode="$1" model="$2" min="$3"; shift 3
+  local -a flag=()
+  case "$mode" in
+    int8-weight) flag=() ;;
+    dynamic-int8) flag=(--dynamic) ;;
+    int4-weight) flag=(--int4) ;;
+  esac
+  local out="$OUT/$(basename "$model" .onnx)-$mode.onnx"
+  echo "== kiln quantize --mode $mode $(basename "$model")"
+  "$KILN" quantize "$model" "$out" --mode "$mode" --min-elements 1024 | grep -E '^quantized|^wrote'
+  "$PY" tests/quantize/check_quantized.py "$model" "$out" --kiln "$KILN" --min-int8 "$min" ${flag[@]+"${flag[@]}"} "$@" \
     2> >(grep -v -e Warning -e 'W:onnxruntime' >&2)
 }
 
 "$PY" tests/quantize/make_gemm.py "$OUT/gemm_matmul.onnx"
 # Gemm (transB) and a weight shared by two MatMuls: one DequantizeLinear each.
-check "$OUT/gemm_matmul.onnx" 2 --dim batch=6
+check int8-weight "$OUT/gemm_matmul.onnx" 2 --dim batch=6
 # dynamic-int8 leaves the Gemm in f32; the shared MatMul weight is quantized once, read twice.
-check_dynamic "$OUT/gemm_matmul.onnx" 2 --dim batch=6
+check dynamic-int8 "$OUT/gemm_matmul.onnx" 2 --dim batch=6
 # int4-weight: the shared MatMul weight becomes one set of 4-bit codes read by two MatMulNBits.
-check_int4 "$OUT/gemm_matmul.onnx" 2 --dim batch=6
+check int4-weight "$OUT/gemm_matmul.onnx" 2 --dim batch=6
 
 CACHE="${KILN_CACHE:-$HOME/.cache/kiln}"
 MODELS="${KILN_MODELS:-$CACHE/models-v1}"
 find_model() { find "$MODELS" -name "$1" 2>/dev/null | head -n 1 || true; }
 m="$(find_model paraphrase-MiniLM-L3-v2.onnx)"
 if [[ -n "$m" ]]; then
-  check "$m" 18 --dim batch_size=2 --dim sequence_length=7
-  check_dynamic "$m" 18 --dim batch_size=2 --dim sequence_length=7
-  check_int4 "$m" 18 --dim batch_size=2 --dim sequence_length=7
+  check int8-weight "$m" 18 --dim batch_size=2 --dim sequence_length=7
+  check dynamic-int8 "$m" 18 --dim batch_size=2 --dim sequence_length=7
+  check int4-weight "$m" 18 --dim batch_size=2 --dim sequence_length=7
 fi
 m="$(find_model bert-tiny.onnx)"
 if [[ -n "$m" ]]; then
-  check "$m" 13 --dim batch=2 --dim sequence=9
-  check_dynamic "$m" 12 --dim batch=2 --dim sequence=9
-  check_int4 "$m" 12 --dim batch=2 --dim sequence=9
+  check int8-weight "$m" 13 --dim batch=2 --dim sequence=9
+  check dynamic-int8 "$m" 12 --dim batch=2 --dim sequence=9
+  check int4-weight "$m" 12 --dim batch=2 --dim sequence=9
 fi
 echo "quantize: all outputs valid and within tolerance"

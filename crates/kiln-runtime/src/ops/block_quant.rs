@@ -125,22 +125,27 @@ impl NBits {
         Ok(true)
     }
 
-    /// The dequantized weight as `[N, K]` row-major: `w[n, k] = (code - zero_point) * scale`.
-    fn dequantize(&self, b: &[u8], scales: &[f32], zp: ZeroPoints) -> Result<Vec<f32>> {
-        let (k, kb, blob) = (self.k, self.k_blocks, self.blob());
+    /// Checks the zero points' length against the weight's blocks.
+    fn check_zero_points(&self, zp: &ZeroPoints) -> Result<()> {
         match zp {
             ZeroPoints::Packed(z) if z.len() != self.n * self.zp_row() => bail!(
                 "uint8 zero_points has {} bytes, expected N * ceil(k_blocks * bits / 8) = {}",
                 z.len(),
                 self.n * self.zp_row()
             ),
-            ZeroPoints::Float(z) if z.len() != self.n * kb => bail!(
+            ZeroPoints::Float(z) if z.len() != self.n * self.k_blocks => bail!(
                 "float zero_points has {} values, expected N * ceil(K / block_size) = {}",
                 z.len(),
-                self.n * kb
+                self.n * self.k_blocks
             ),
-            _ => {}
+            _ => Ok(()),
         }
+    }
+
+    /// The dequantized weight as `[N, K]` row-major: `w[n, k] = (code - zero_point) * scale`.
+    fn dequantize(&self, b: &[u8], scales: &[f32], zp: ZeroPoints) -> Result<Vec<f32>> {
+        let (k, kb, blob) = (self.k, self.k_blocks, self.blob());
+        self.check_zero_points(&zp)?;
         let default_zp = (1i32 << (self.bits - 1)) as f32;
         let mut w = vec![0f32; self.n * k];
         w.par_chunks_mut(k.max(1)).enumerate().for_each(|(col, row)| {
@@ -210,24 +215,12 @@ fn q4_from(cfg: &NBits, b: &Tensor, scales: &Tensor, zp: Option<&Tensor>) -> Res
     let w = with_u8(b, |bytes| match zp {
         None => build(bytes, &|_, _| 8.0),
         Some(z) if z.dtype() == DType::U8 => with_u8(z, |zb| {
-            if zb.len() != cfg.n * cfg.zp_row() {
-                bail!(
-                    "uint8 zero_points has {} bytes, expected N * ceil(k_blocks * bits / 8) = {}",
-                    zb.len(),
-                    cfg.n * cfg.zp_row()
-                );
-            }
+            cfg.check_zero_points(&ZeroPoints::Packed(zb))?;
             build(bytes, &|col, blk| code(&zb[col * cfg.zp_row()..], blk, 4) as f32)
         })?,
         Some(z) if z.dtype().is_float() => {
             let zv = to_f32s(z)?;
-            if zv.len() != cfg.n * kb {
-                bail!(
-                    "float zero_points has {} values, expected N * ceil(K / block_size) = {}",
-                    zv.len(),
-                    cfg.n * kb
-                );
-            }
+            cfg.check_zero_points(&ZeroPoints::Float(&zv))?;
             build(bytes, &|col, blk| zv[col * kb + blk])
         }
         Some(z) => bail!("zero_points must be uint8 or float, found {}", z.dtype()),
