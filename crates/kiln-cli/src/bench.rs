@@ -114,6 +114,7 @@ pub fn bench(path: &Path, cfg: &BenchConfig) -> Result<()> {
         "throughput: {:.2} runs/s",
         times.len() as f64 / total.as_secs_f64().max(1e-9)
     );
+    outln!("{}", crate::memory_line(&session));
     let fallbacks = session.host_fallbacks();
     if !fallbacks.is_empty() {
         let mut ops: Vec<&str> = fallbacks.iter().map(|f| f.op.as_str()).collect();

@@ -558,10 +558,31 @@ fn run(path: &Path, inputs: &[String], device: &str, level: Level, precision: Pr
         stats.peak_activation_bytes as f64 / (1 << 20) as f64,
         stats.total_intermediate_bytes as f64 / (1 << 20) as f64
     );
+    outln!("{}", memory_line(&session));
     if device != Device::Cpu {
         print_host_fallbacks(&session, device)?;
     }
     Ok(())
+}
+
+/// The session's weight memory (constants on its device, kernels' packed forms) and the process's
+/// resident peak so far (`VmHWM`, Linux).
+pub(crate) fn memory_line(session: &Session) -> String {
+    let m = session.plan().memory();
+    let mib = |b: u64| b as f64 / (1u64 << 20) as f64;
+    let peak = std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmHWM:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        })
+        .map_or_else(|| "unknown".to_string(), |kb| format!("{:.1} MiB", kb as f64 / 1024.0));
+    format!(
+        "memory:     weights {:.1} MiB as constants + {:.1} MiB packed in kernels; process resident peak {peak}",
+        mib(m.constant_bytes),
+        mib(m.kernel_bytes)
+    )
 }
 
 #[cfg(test)]

@@ -13,5 +13,8 @@ pub use data::{read_value_file, DataValue};
 pub use error::{OnnxError, Result};
 pub use export::{export_model, export_model_bytes, graph_to_proto, op_counts};
 pub use import::import_model;
-pub use load::{load_model, load_model_bytes, load_model_bytes_with, load_model_with, LoadLimits, ModelSource};
+pub use load::{
+    decode_model, decode_model_bytes, load_model, load_model_bytes, load_model_bytes_with, load_model_with, LoadLimits,
+    ModelSource,
+};
 pub use tensor::{tensor_from_proto, tensor_to_proto};

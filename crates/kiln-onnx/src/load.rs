@@ -1,4 +1,5 @@
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use prost::Message;
 
@@ -10,7 +11,74 @@ pub struct ModelSource {
     pub base_dir: Option<PathBuf>,
     /// Bounds checked while loading.
     pub limits: LoadLimits,
+    /// The mapped file the model is being decoded from, when it is (see [`MappedModel`]).
+    pub(crate) mapping: Option<Arc<MappedModel>>,
 }
+
+impl ModelSource {
+    /// Called by the importer once it has copied `part` (a tensor payload it read from the
+    /// model's buffer) into a buffer of its own.
+    pub(crate) fn copied(&self, part: &[u8]) {
+        if let Some(m) = &self.mapping {
+            m.release(part);
+        }
+    }
+}
+
+/// Files at least this large are mapped while they load instead of read into memory.
+const MAP_MIN_BYTES: u64 = 16 << 20;
+
+/// A model file mapped read-only while it is decoded and imported.
+///
+/// Reading a file into memory, decoding it and copying every tensor out would hold two copies of
+/// the weights at the peak (the file's bytes and the imported tensors). Mapped, the protobuf
+/// decodes with each tensor's `raw_data` a slice of the mapping (no copy), the importer copies
+/// each tensor once into its own buffer and then hands the pages it came from back to the kernel
+/// (`MADV_DONTNEED`), so the load holds about one copy plus the tensor in flight. The mapping is
+/// gone when the load returns.
+///
+/// A file truncated by another process while it is mapped makes the loader's next read of the
+/// lost pages fault (SIGBUS), as with every loader that maps files (ONNX Runtime maps external
+/// data the same way): replace model files by renaming a new file into place, not by rewriting
+/// them where they are. Files under 16 MiB are read, not mapped.
+#[derive(Debug)]
+pub(crate) struct MappedModel {
+    map: memmap2::Mmap,
+}
+
+impl MappedModel {
+    /// Gives the kernel the whole pages inside `part` back (when `part` lies in the mapping).
+    fn release(&self, part: &[u8]) {
+        const PAGE: usize = 4096;
+        let base = self.map.as_ptr() as usize;
+        let start = part.as_ptr() as usize;
+        if part.len() < 4 * PAGE || start < base || start + part.len() > base + self.map.len() {
+            return;
+        }
+        let off = start - base;
+        let first = off.div_ceil(PAGE) * PAGE;
+        let end = (off + part.len()) / PAGE * PAGE;
+        if end > first {
+            // SAFETY: the mapping is private and read-only, so nothing was written to these pages;
+            // dropped pages of a private file mapping read back from the file on the next access,
+            // so every slice into them keeps its contents. (memmap2 widens the start to the real
+            // page size where that is larger than 4 KiB; those pages read back the same way.)
+            let _ = unsafe {
+                self.map
+                    .unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, first, end - first)
+            };
+        }
+    }
+}
+
+impl AsRef<[u8]> for MappedShare {
+    fn as_ref(&self) -> &[u8] {
+        &self.0.map
+    }
+}
+
+/// The mapping as the owner of the `Bytes` the protobuf decodes from.
+struct MappedShare(Arc<MappedModel>);
 
 /// Bounds on what loading a model may cost, checked before the work they bound (a file's size
 /// before reading it, a tensor's declared size before allocating it). The defaults admit any
@@ -76,15 +144,26 @@ pub fn load_model_with(path: impl AsRef<Path>, limits: &LoadLimits) -> Result<ki
         limits.max_file_bytes,
         "max_file_bytes",
     )?;
-    let bytes = std::fs::read(path).map_err(io)?;
     let base_dir = path
         .parent()
         .map(|p| if p.as_os_str().is_empty() { Path::new(".") } else { p });
-    let source = ModelSource {
+    let mut source = ModelSource {
         base_dir: base_dir.map(Path::to_path_buf),
         limits: *limits,
+        mapping: None,
     };
-    let model = decode_model(&bytes)?;
+    let bytes = if size >= MAP_MIN_BYTES {
+        let file = std::fs::File::open(path).map_err(io)?;
+        // SAFETY: the mapping is read-only and private; see `MappedModel` for what a concurrent
+        // truncation of the file does.
+        let map = unsafe { memmap2::Mmap::map(&file) }.map_err(io)?;
+        let mapped = Arc::new(MappedModel { map });
+        source.mapping = Some(Arc::clone(&mapped));
+        bytes::Bytes::from_owner(MappedShare(mapped))
+    } else {
+        bytes::Bytes::from(std::fs::read(path).map_err(io)?)
+    };
+    let model = decode_model_bytes(bytes)?;
     import_model(&model, &source)
 }
 
@@ -105,13 +184,23 @@ pub fn load_model_bytes_with(bytes: &[u8], limits: &LoadLimits) -> Result<kiln_g
     let source = ModelSource {
         base_dir: None,
         limits: *limits,
+        mapping: None,
     };
     import_model(&model, &source)
 }
 
 /// Decodes a `ModelProto`, with a clear error for garbage and truncated files.
 pub fn decode_model(bytes: &[u8]) -> Result<proto::ModelProto> {
-    if bytes.is_empty() {
+    decode_model_from(bytes)
+}
+
+/// [`decode_model`] from a shared buffer: tensors' `raw_data` become slices of `bytes`, not copies.
+pub fn decode_model_bytes(bytes: bytes::Bytes) -> Result<proto::ModelProto> {
+    decode_model_from(bytes)
+}
+
+fn decode_model_from(bytes: impl bytes::Buf) -> Result<proto::ModelProto> {
+    if !bytes.has_remaining() {
         return Err(OnnxError::Unsupported("the model file is empty".into()));
     }
     proto::ModelProto::decode(bytes).map_err(|cause| OnnxError::Decode {

@@ -39,14 +39,17 @@ pub fn tensor_from_proto(t: &proto::TensorProto, source: &ModelSource) -> Result
         return Ok(TensorData::strings(name, dims, t.string_data.clone())?);
     }
     let external = t.data_location == Some(proto::tensor_proto::DataLocation::External as i32);
-    let bytes = if external {
-        read_external(t, &name, &dims, dtype, source)?
-    } else if let Some(raw) = &t.raw_data {
-        raw.clone()
-    } else {
-        typed_fields_to_bytes(t, dtype)
-    };
-    Ok(TensorData::new(name, dtype, dims, bytes)?)
+    if external {
+        let bytes = read_external(t, &name, &dims, dtype, source)?;
+        return Ok(TensorData::new(name, dtype, dims, bytes)?);
+    }
+    if let Some(raw) = &t.raw_data {
+        // One copy, from the model's buffer into the tensor's own.
+        let data = TensorData::from_le_slice(name, dtype, dims, raw)?;
+        source.copied(raw);
+        return Ok(data);
+    }
+    Ok(TensorData::new(name, dtype, dims, typed_fields_to_bytes(t, dtype))?)
 }
 
 fn typed_fields_to_bytes(t: &proto::TensorProto, dtype: DType) -> Vec<u8> {
@@ -184,7 +187,7 @@ pub fn tensor_to_proto(t: &TensorData) -> proto::TensorProto {
     };
     match t.string_data() {
         Some(s) => p.string_data = s.to_vec(),
-        None => p.raw_data = Some(t.bytes().to_vec()),
+        None => p.raw_data = Some(bytes::Bytes::copy_from_slice(t.bytes())),
     }
     p
 }

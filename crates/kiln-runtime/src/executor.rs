@@ -465,6 +465,7 @@ mod tests {
             subplans: vec![],
             on_host: false,
             to_device: vec![],
+            held_bytes: 0,
         }
     }
 
@@ -684,6 +685,7 @@ mod panic_tests {
                 subplans: vec![],
                 on_host: false,
                 to_device: vec![],
+                held_bytes: 0,
             }],
             num_slots: 2,
             constants: vec![(0, Value::Tensor(Tensor::from_candle(x).unwrap()))],

@@ -26,7 +26,7 @@ pub use executor::{host_fallback_count, OpTime, RunOptions, RunStats};
 pub use fold::CpuConstEval;
 pub use ops::{supported_ops, Registry};
 pub use paged_kv::{KvDType, PagedKvCache, PagedKvConfig, PagedKvError, PagedSeq, PagedStep};
-pub use plan::{ExecutionPlan, HostFallback, PlanOptions};
+pub use plan::{ExecutionPlan, HostFallback, PlanMemory, PlanOptions};
 pub use tensor::{storage_dtype, Tensor};
 pub use threads::{num_threads, set_num_threads};
 pub use value::Value;

@@ -46,6 +46,19 @@ pub(crate) struct Step {
     /// Input positions holding host values that this device kernel reads as data: copied to the
     /// device before each call.
     pub to_device: Vec<usize>,
+    /// Bytes of weights the kernel holds in a form of its own (packed at plan time).
+    pub held_bytes: u64,
+}
+
+/// What a compiled plan holds for its weights (subgraph plans included).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PlanMemory {
+    /// Constant tensors the kernels read at run time (initializers not folded into a kernel), on
+    /// the plan's device.
+    pub constant_bytes: u64,
+    /// Weights held by kernels in the form they read (packed GEMM panels, 4-bit codes), in host
+    /// memory: each such weight's original is not kept.
+    pub kernel_bytes: u64,
 }
 
 /// A node that ran on the CPU although its plan targets a device (see [`ExecutionPlan::host_fallbacks`]).
@@ -78,7 +91,14 @@ pub struct ExecutionPlan {
 impl ExecutionPlan {
     /// Compiles the main graph of a model.
     pub fn compile(model: &Model, device: candle_core::Device) -> Result<Self> {
-        let options = PlanOptions::for_model(model, device);
+        Self::compile_owned(model.clone(), device)
+    }
+
+    /// [`ExecutionPlan::compile`] taking the model: each initializer is dropped as soon as the last
+    /// kernel that reads it is built (after packing it, or after the plan made its constant), so
+    /// compiling holds the weights about once rather than in every form at the same time.
+    pub fn compile_owned(mut model: Model, device: candle_core::Device) -> Result<Self> {
+        let options = PlanOptions::for_model(&model, device);
         let mut missing = Vec::new();
         collect_unsupported(&model.graph, &options, &mut missing);
         if !missing.is_empty() {
@@ -86,18 +106,31 @@ impl ExecutionPlan {
                 list: group_missing(missing),
             });
         }
-        Self::compile_graph(&model.graph, &options)
+        Self::compile_graph_owned(&mut model.graph, &options)
     }
 
     /// Compiles one graph (also used for subgraph bodies).
     pub fn compile_graph(graph: &Graph, options: &PlanOptions) -> Result<Self> {
+        Self::compile_graph_owned(&mut graph.clone(), options)
+    }
+
+    /// [`ExecutionPlan::compile_graph`], removing the initializers from `graph` as they are used up.
+    fn compile_graph_owned(graph: &mut Graph, options: &PlanOptions) -> Result<Self> {
         let order = graph.topological_order()?;
         let registry = Registry::global();
         let n = graph.values.len();
         let mut last_use: Vec<Option<usize>> = vec![None; n];
+        // Initializers: kernels still to be built that read each one.
+        let mut pending_readers: Vec<u32> = vec![0; n];
         for (pos, &ni) in order.iter().enumerate() {
             for v in graph.nodes[ni].all_inputs() {
                 last_use[v.index()] = Some(pos);
+            }
+            let mut seen: Vec<usize> = graph.nodes[ni].all_inputs().map(|v| v.index()).collect();
+            seen.sort_unstable();
+            seen.dedup();
+            for s in seen {
+                pending_readers[s] += 1;
             }
         }
         let mut keep = vec![false; n];
@@ -107,6 +140,17 @@ impl ExecutionPlan {
         for v in graph.initializers.keys() {
             keep[v.index()] = true;
         }
+        // Initializers the plan keeps as constants whatever the kernels do: graph outputs, and
+        // graph inputs (a caller may feed them, the initializer is the default).
+        let has_default: Vec<bool> = graph
+            .inputs
+            .iter()
+            .map(|v| graph.initializers.contains_key(v))
+            .collect();
+        let mut const_needed = vec![false; n];
+        for v in graph.outputs.iter().chain(&graph.inputs) {
+            const_needed[v.index()] = true;
+        }
         let placement_on = crate::placement::enabled(options);
         let mut device_reads = 0usize;
         let placement = if placement_on {
@@ -115,6 +159,7 @@ impl ExecutionPlan {
             crate::placement::HostPlacement::default()
         };
         let twins = crate::placement::twin_slots(&placement, n);
+        let mut constants = Vec::new();
         let mut steps = Vec::with_capacity(order.len());
         for (pos, &ni) in order.iter().enumerate() {
             let node = &graph.nodes[ni];
@@ -130,9 +175,13 @@ impl ExecutionPlan {
                 opset,
                 options,
                 subplans: Default::default(),
+                consumed: Default::default(),
+                held: Default::default(),
             };
             let kernel = factory(&cx).map_err(|e| e.at_node(&node.name, &node.op_type))?;
             let subplans = cx.subplans.into_inner();
+            let consumed = cx.consumed.into_inner();
+            let held_bytes = cx.held.get();
             let mut release: Vec<usize> = node
                 .all_inputs()
                 .map(|v| v.index())
@@ -157,11 +206,14 @@ impl ExecutionPlan {
                     .count();
             }
             let mut to_device = Vec::new();
-            let inputs = node
+            let inputs: Vec<Option<usize>> = node
                 .inputs
                 .iter()
                 .enumerate()
                 .map(|(i, v)| {
+                    if consumed.contains(&i) {
+                        return None;
+                    }
                     v.map(|v| {
                         let host_side = on_host || host_reads.contains(&i);
                         match twins.get(&v) {
@@ -177,6 +229,20 @@ impl ExecutionPlan {
                 })
                 .chain(node.implicit_inputs.iter().map(|v| Some(v.index())))
                 .collect();
+            // Which of the node's values the kernel still reads at run time.
+            let mut read_now: Vec<usize> = node
+                .inputs
+                .iter()
+                .enumerate()
+                .filter(|(i, _)| !consumed.contains(i))
+                .filter_map(|(_, v)| v.map(|v| v.index()))
+                .chain(node.implicit_inputs.iter().map(|v| v.index()))
+                .collect();
+            let mut all_read: Vec<usize> = node.all_inputs().map(|v| v.index()).collect();
+            read_now.sort_unstable();
+            read_now.dedup();
+            all_read.sort_unstable();
+            all_read.dedup();
             steps.push(Step {
                 kernel,
                 node: node.name.clone(),
@@ -188,18 +254,26 @@ impl ExecutionPlan {
                 subplans,
                 on_host,
                 to_device,
+                held_bytes,
             });
-        }
-        let mut constants = Vec::new();
-        for (id, data) in &graph.initializers {
-            let t = Tensor::from_data(data, &options.device)?;
-            constants.push((id.index(), Value::Tensor(t)));
-        }
-        for &v in &placement.host_constants {
-            if let (Some(data), Some(&slot)) = (graph.initializers.get(&v), twins.get(&v)) {
-                let t = Tensor::from_data(data, &candle_core::Device::Cpu)?;
-                constants.push((slot, Value::Tensor(t)));
+            for &s in &read_now {
+                const_needed[s] = true;
             }
+            // Initializers whose last reader was just built: made a constant of the plan if some
+            // kernel reads them at run time, then dropped from the graph either way.
+            for s in all_read {
+                pending_readers[s] -= 1;
+                if pending_readers[s] == 0 {
+                    let id = kiln_graph::ValueId(s as u32);
+                    Self::take_initializer(graph, id, const_needed[s], &placement, &twins, options, &mut constants)?;
+                }
+            }
+        }
+        // Initializers no kernel reads (graph outputs and inputs, or unused).
+        let left: Vec<kiln_graph::ValueId> = graph.initializers.keys().copied().collect();
+        for id in left {
+            let needed = const_needed[id.index()];
+            Self::take_initializer(graph, id, needed, &placement, &twins, options, &mut constants)?;
         }
         Ok(ExecutionPlan {
             steps,
@@ -213,7 +287,8 @@ impl ExecutionPlan {
             inputs: graph
                 .inputs
                 .iter()
-                .map(|v| (v.index(), graph.value(*v).clone(), graph.initializers.contains_key(v)))
+                .zip(has_default)
+                .map(|(v, d)| (v.index(), graph.value(*v).clone(), d))
                 .collect(),
             outputs: graph
                 .outputs
@@ -228,6 +303,33 @@ impl ExecutionPlan {
             device: options.device.clone(),
             peak_activation: AtomicU64::new(0),
         })
+    }
+
+    /// Removes initializer `id` (if it is one) from `graph`, first making it a constant of the plan
+    /// (and its host copy, for host placement) when `needed`.
+    fn take_initializer(
+        graph: &mut Graph,
+        id: kiln_graph::ValueId,
+        needed: bool,
+        placement: &crate::placement::HostPlacement,
+        twins: &HashMap<kiln_graph::ValueId, usize>,
+        options: &PlanOptions,
+        constants: &mut Vec<(usize, Value)>,
+    ) -> Result<()> {
+        let Some(data) = graph.initializers.remove(&id) else {
+            return Ok(());
+        };
+        if !needed {
+            return Ok(());
+        }
+        constants.push((id.index(), Value::Tensor(Tensor::from_data(&data, &options.device)?)));
+        if placement.host_constants.contains(&id) {
+            if let Some(&slot) = twins.get(&id) {
+                let t = Tensor::from_data(&data, &candle_core::Device::Cpu)?;
+                constants.push((slot, Value::Tensor(t)));
+            }
+        }
+        Ok(())
     }
 
     /// Inputs the caller must (or may) feed: `(info, has_default)`.
@@ -247,6 +349,30 @@ impl ExecutionPlan {
 
     pub fn is_empty(&self) -> bool {
         self.steps.is_empty()
+    }
+
+    /// Bytes held for weights: constants and kernels' own forms (see [`PlanMemory`]).
+    pub fn memory(&self) -> PlanMemory {
+        let mut m = PlanMemory {
+            constant_bytes: self
+                .constants
+                .iter()
+                .map(|(_, v)| match v {
+                    Value::Tensor(t) => (t.candle().elem_count() * t.candle().dtype().size_in_bytes()) as u64,
+                    _ => 0,
+                })
+                .sum(),
+            kernel_bytes: 0,
+        };
+        for step in &self.steps {
+            m.kernel_bytes += step.held_bytes;
+            for sub in &step.subplans {
+                let s = sub.memory();
+                m.constant_bytes += s.constant_bytes;
+                m.kernel_bytes += s.kernel_bytes;
+            }
+        }
+        m
     }
 
     /// Largest activation footprint (bytes of live intermediate tensors) seen by any run so far.
@@ -332,4 +458,130 @@ pub fn collect_unsupported(graph: &Graph, options: &PlanOptions, out: &mut Vec<S
             }
         }
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::{BTreeMap, HashMap};
+
+    use kiln_graph::{Attribute, DType, Graph, Node, TensorData, ValueId, ValueInfo};
+
+    use super::{ExecutionPlan, PlanOptions};
+    use crate::{RunOptions, Tensor, Value};
+
+    fn value(g: &mut Graph, name: &str) -> ValueId {
+        g.add_value(ValueInfo {
+            name: name.into(),
+            dtype: Some(DType::F32),
+            ..Default::default()
+        })
+    }
+
+    fn node(name: &str, op: &str, inputs: &[ValueId], outputs: &[ValueId]) -> Node {
+        Node {
+            name: name.into(),
+            op_type: op.into(),
+            domain: String::new(),
+            inputs: inputs.iter().map(|&v| Some(v)).collect(),
+            outputs: outputs.iter().map(|&v| Some(v)).collect(),
+            attributes: BTreeMap::new(),
+            implicit_inputs: vec![],
+        }
+    }
+
+    fn values(len: usize, seed: f32) -> Vec<f32> {
+        (0..len)
+            .map(|i| ((i as f32 * 0.37 + seed).sin() * 2.0).round() / 4.0)
+            .collect()
+    }
+
+    /// `a @ b` for row-major `[m, k] x [k, n]`.
+    fn product(a: &[f32], b: &[f32], m: usize, k: usize, n: usize) -> Vec<f32> {
+        let mut c = vec![0f32; m * n];
+        for i in 0..m {
+            for j in 0..n {
+                c[i * n + j] = (0..k).map(|p| a[i * k + p] * b[p * n + j]).sum();
+            }
+        }
+        c
+    }
+
+    /// Weights packed at plan time are held once: the plan keeps no constant for a weight only
+    /// packing kernels read (MatMul, Gemm with transB), keeps one that another kernel also reads,
+    /// and a call the packed kernel does not take (MatMul with a 1-D A) gets the weight rebuilt
+    /// from the packed copy with the same result.
+    #[test]
+    fn packed_weights_are_held_once() {
+        let (m, k, n) = (5, 7, 19);
+        let mut g = Graph::default();
+        let [a, v, w, wt, wv, ws, y1, y2, y3, y4, y5] =
+            ["a", "v", "w", "wt", "wv", "ws", "y1", "y2", "y3", "y4", "y5"].map(|s| value(&mut g, s));
+        let (wd, wtd, wvd, wsd) = (
+            values(k * n, 1.0),
+            values(n * k, 2.0),
+            values(k * n, 3.0),
+            values(k * n, 4.0),
+        );
+        for (id, name, dims, data) in [
+            (w, "w", vec![k, n], &wd),
+            (wt, "wt", vec![n, k], &wtd),
+            (wv, "wv", vec![k, n], &wvd),
+            (ws, "ws", vec![k, n], &wsd),
+        ] {
+            g.initializers
+                .insert(id, TensorData::from_values(name, dims, data.as_slice()).unwrap());
+        }
+        let mut gemm = node("gemm", "Gemm", &[a, wt], &[y2]);
+        gemm.attributes.insert("transB".into(), Attribute::Int(1));
+        g.nodes = vec![
+            node("mm", "MatMul", &[a, w], &[y1]),
+            gemm,
+            node("mm_vec", "MatMul", &[v, wv], &[y3]),
+            node("mm_shared", "MatMul", &[a, ws], &[y4]),
+            node("id_shared", "Identity", &[ws], &[y5]),
+        ];
+        g.inputs = vec![a, v];
+        g.outputs = vec![y1, y2, y3, y4, y5];
+        let options = PlanOptions {
+            device: candle_core::Device::Cpu,
+            opsets: HashMap::from([(String::new(), 17)]),
+            host_shapes: None,
+        };
+        let plan = ExecutionPlan::compile_graph(&g, &options).unwrap();
+        let kept: Vec<&str> = plan.constants.iter().map(|(s, _)| g.values[*s].name.as_str()).collect();
+        if crate::sgemm::available() {
+            assert_eq!(kept, vec!["ws"], "only the weight Identity also reads stays a constant");
+        } else {
+            assert_eq!(kept, vec!["w", "wt", "wv", "ws"]);
+        }
+
+        let ad = values(m * k, 5.0);
+        let vd = values(k, 6.0);
+        let t = |d: &[f32], dims: &[usize]| {
+            let c = candle_core::Tensor::from_vec(d.to_vec(), dims, &candle_core::Device::Cpu).unwrap();
+            Some(Value::Tensor(Tensor::from_candle(c).unwrap()))
+        };
+        for _ in 0..2 {
+            let (outs, _) = plan
+                .run(
+                    vec![t(&ad, &[m, k]), t(&vd, &[k])],
+                    &HashMap::new(),
+                    &RunOptions::default(),
+                )
+                .unwrap();
+            let got = |i: usize| outs[i].as_tensor().unwrap().to_f64_vec().unwrap();
+            let close = |got: Vec<f64>, want: Vec<f32>| {
+                assert_eq!(got.len(), want.len());
+                for (g, w) in got.iter().zip(&want) {
+                    assert!((g - *w as f64).abs() < 1e-4, "{g} vs {w}");
+                }
+            };
+            close(got(0), product(&ad, &wd, m, k, n));
+            let wt_kn: Vec<f32> = (0..k * n).map(|i| wtd[(i % n) * k + i / n]).collect();
+            close(got(1), product(&ad, &wt_kn, m, k, n));
+            close(got(2), product(&vd, &wvd, 1, k, n));
+            close(got(3), product(&ad, &wsd, m, k, n));
+            close(got(4), wsd.clone());
+        }
+    }
 }

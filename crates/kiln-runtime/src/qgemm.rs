@@ -79,6 +79,11 @@ pub struct PackedQB {
 }
 
 impl PackedQB {
+    /// Bytes of the packed values, column sums and zero points.
+    pub fn bytes(&self) -> usize {
+        self.data.len() + 4 * (self.col_sum.len() + self.zp.len())
+    }
+
     /// Packs row-major `b` (`k x n` bytes of type `ty`) with its zero point (scalar or per
     /// column).
     pub fn pack(b: &[u8], ty: Int8, k: usize, n: usize, zp: ZeroPoint) -> Result<PackedQB, QGemmError> {

@@ -212,7 +212,6 @@ impl SessionBuilder {
         let device = self.device.to_candle()?;
         // Every CUDA allocation comes from Kiln's caching pool (kiln_runtime::device_memory).
         kiln_runtime::device_memory::configure_pool(&device, self.device_memory_limit)?;
-        let plan = ExecutionPlan::compile(&model, device)?;
         let g = &model.graph;
         let io = |id: kiln_graph::ValueId| {
             let v = g.value(id);
@@ -225,6 +224,8 @@ impl SessionBuilder {
         let inputs = g.runtime_inputs().into_iter().map(io).collect();
         let outputs = g.outputs.iter().copied().map(io).collect();
         let input_kinds = g.inputs.iter().map(|v| g.value(*v).kind).collect();
+        // The plan takes the model, dropping each weight once its kernel has its own form of it.
+        let plan = ExecutionPlan::compile_owned(model, device)?;
         Ok(Session {
             optimization,
             plan,

@@ -717,7 +717,7 @@ fn edit_graph(g: &mut proto::GraphProto, u: &mut Unstructured) -> AResult<()> {
                 }
                 3 => {
                     let n = u.int_in_range(0..=40)?;
-                    t.raw_data = Some(u.bytes(n)?.to_vec());
+                    t.raw_data = Some(u.bytes(n)?.to_vec().into());
                 }
                 4 => {
                     if let Some(v) = t.int64_data.first_mut() {

@@ -5,6 +5,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let fds = protox::compile(["onnx/onnx-ml.proto", "onnx/onnx-data.proto"], [&proto_dir])?;
     let mut cfg = prost_build::Config::new();
     cfg.out_dir(format!("{root}/src/proto"));
+    // Tensor payloads decode as slices of the model's buffer instead of copies (see load.rs).
+    cfg.bytes([".onnx.TensorProto.raw_data"]);
     cfg.compile_fds(fds)?;
     println!("wrote {root}/src/proto/onnx.rs");
     Ok(())

@@ -123,6 +123,8 @@ fn run_op(
         opset,
         options: &options,
         subplans: Default::default(),
+        consumed: Default::default(),
+        held: Default::default(),
     };
     let factory = Registry::global()
         .get(domain, op)

@@ -180,6 +180,18 @@ enum Weight {
     Zero,
 }
 
+impl Weight {
+    /// Bytes this form of the weight holds.
+    fn held_bytes(&self) -> usize {
+        match self {
+            Weight::Q4(q) => q.bytes(),
+            Weight::Packed(p) => p.bytes(),
+            Weight::Dense(t) => t.elem_count() * t.dtype().size_in_bytes(),
+            Weight::Zero => 0,
+        }
+    }
+}
+
 /// Dequantizes B (with the node's scales and zero points) from tensors: `None` for a zero weight.
 fn weight_from(cfg: &NBits, b: &Tensor, scales: &Tensor, zp: Option<&Tensor>) -> Result<Option<Vec<f32>>> {
     if !scales.dtype().is_float() {
@@ -302,6 +314,13 @@ fn matmul_nbits(n: &NodeCtx) -> Result<Box<dyn OpKernel>> {
         }
         _ => None,
     };
+    if let Some(w) = &constant {
+        // The kernel holds B, the scales and the zero points in its own form from here on.
+        for i in 1..4 {
+            n.consume_input(i);
+        }
+        n.note_held_bytes(w.held_bytes());
+    }
     Ok(kernel(move |cx, ins| {
         let a = tin(ins, 0)?;
         let bias = tin_opt(ins, 5)?;

@@ -631,6 +631,11 @@ impl PackedFilter {
             })
     }
 
+    /// Bytes of the packed groups (the transposed copy made for few-pixel calls not counted).
+    pub(crate) fn bytes(&self) -> usize {
+        self.groups.iter().map(crate::sgemm::PackedA::bytes).sum()
+    }
+
     fn pack_groups(wv: &[f32], g: usize, mg: usize, k: usize) -> Result<Vec<crate::sgemm::PackedA>> {
         use crate::sgemm::{MatRef, PackedA};
         (0..g)

@@ -20,6 +20,11 @@ pub(crate) struct PackedTransposed {
 }
 
 impl PackedTransposed {
+    /// Bytes of the packed groups.
+    pub(crate) fn bytes(&self) -> usize {
+        self.groups.iter().map(PackedA::bytes).sum()
+    }
+
     /// `None` when the CPU lacks the kernel or the dims do not fit `group`.
     pub(crate) fn new(wv: &[f32], dims: &[usize], group: usize) -> Option<PackedTransposed> {
         if !rows_available() || dims.len() != 4 || group == 0 || !dims[0].is_multiple_of(group) {

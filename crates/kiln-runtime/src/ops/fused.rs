@@ -234,11 +234,17 @@ fn inner_conv(n: &NodeCtx, extra: &[&str], clamp: Option<(f32, f32)>) -> Result<
         opset: n.options.opsets.get("").copied().unwrap_or(11),
         options: n.options,
         subplans: Default::default(),
+        consumed: Default::default(),
+        held: Default::default(),
     };
-    match clamp {
+    let k = match clamp {
         Some(c) => super::nn::conv_kernel(&cx, Some(c)),
         None => factory(&cx),
-    }
+    }?;
+    // The Conv node keeps the fused node's input positions 0-2.
+    n.consumed.borrow_mut().extend(cx.consumed.take());
+    n.note_held_bytes(cx.held.get() as usize);
+    Ok(k)
 }
 
 /// `ai.kiln::FusedConvChain` (`kiln_graph::passes::conv_chain`): Conv (all of Conv's attributes),

@@ -18,13 +18,14 @@ pub fn register(r: &mut Registry) {
     r.add("MatMul", |n| {
         let packed = pack_const_weight(n, 1, false)?;
         Ok(kernel(move |cx, ins| {
-            let (a, b) = (tin(ins, 0)?, tin(ins, 1)?);
+            let a = tin(ins, 0)?;
             if let Some(p) = &packed {
                 if let Some(y) = packed_matmul(cx, a, p, None, sgemm::Activation::None)? {
                     return out1(y);
                 }
+                return out1(matmul(cx, a, p.weight(ins)?)?);
             }
-            out1(matmul(cx, a, b)?)
+            out1(matmul(cx, a, tin(ins, 1)?)?)
         }))
     });
     r.add("Gemm", gemm);
@@ -97,6 +98,7 @@ fn pack_const_int8_weight(n: &NodeCtx, zp_input: usize) -> Result<Option<Arc<qge
     };
     let packed = qgemm::PackedQB::pack(w.bytes(), ty, w.dims[0], w.dims[1], qgemm::ZeroPoint::PerIndex(&zp))
         .map_err(|e| n.err(e.to_string()))?;
+    n.note_held_bytes(packed.bytes());
     Ok(Some(Arc::new(packed)))
 }
 
@@ -304,9 +306,60 @@ fn integer_to_float(
     }
 }
 
+/// A constant f32 weight packed for the CPU GEMM at plan time, in place of the input: the plan
+/// keeps no other copy (see [`NodeCtx::consume_input`]). The rare call the packed kernel does not
+/// take (an operand of another dtype or shape, which the general path reports) gets the weight
+/// rebuilt from the packed copy.
+pub(crate) struct PackedWeight {
+    pub packed: Arc<sgemm::PackedB>,
+    /// Input position and dims of the weight as the graph stores it.
+    input: usize,
+    dims: [usize; 2],
+    /// Stored as `[N, K]` (Gemm's transB).
+    trans: bool,
+    original: std::sync::OnceLock<Tensor>,
+}
+
+impl std::ops::Deref for PackedWeight {
+    type Target = sgemm::PackedB;
+    fn deref(&self) -> &sgemm::PackedB {
+        &self.packed
+    }
+}
+
+impl PackedWeight {
+    /// The weight input as the graph stores it: the run's value when one was passed, else rebuilt.
+    pub(crate) fn weight<'a>(&'a self, ins: &[Option<&'a Value>]) -> Result<&'a Tensor> {
+        if let Some(Some(v)) = ins.get(self.input) {
+            return v
+                .as_tensor()
+                .map_err(|e| crate::RuntimeError::msg(format!("input {}: {e}", self.input)));
+        }
+        if let Some(t) = self.original.get() {
+            return Ok(t);
+        }
+        let kn = self.packed.unpack();
+        let (k, n) = (self.packed.k(), self.packed.n());
+        let values = if self.trans {
+            (0..n)
+                .flat_map(|j| (0..k).map(move |p| (j, p)))
+                .map(|(j, p)| kn[p * n + j])
+                .collect()
+        } else {
+            kn
+        };
+        let t = Tensor::new(
+            CT::from_vec(values, self.dims.to_vec(), &candle_core::Device::Cpu)?,
+            DType::F32,
+        )?;
+        Ok(self.original.get_or_init(|| t))
+    }
+}
+
 /// Packs a constant f32 2-D weight (input `i`; `[K, N]`, or `[N, K]` when `trans`) for the CPU
-/// packed GEMM, when the plan runs on a CPU that has the kernels.
-fn pack_const_weight(n: &NodeCtx, i: usize, trans: bool) -> Result<Option<Arc<sgemm::PackedB>>> {
+/// packed GEMM, when the plan runs on a CPU that has the kernels; the kernel then holds the only
+/// copy.
+fn pack_const_weight(n: &NodeCtx, i: usize, trans: bool) -> Result<Option<PackedWeight>> {
     if !n.options.device.is_cpu() || !sgemm::available() {
         return Ok(None);
     }
@@ -314,22 +367,37 @@ fn pack_const_weight(n: &NodeCtx, i: usize, trans: bool) -> Result<Option<Arc<sg
     if w.dtype != DType::F32 || w.dims.len() != 2 {
         return Ok(None);
     }
-    let Some(vals) = w.values::<f32>() else { return Ok(None) };
+    let copied;
+    let vals = match w.f32_slice() {
+        Some(v) => v,
+        None => {
+            copied = w.values::<f32>().unwrap_or_default();
+            copied.as_slice()
+        }
+    };
     let (r, c) = (w.dims[0], w.dims[1]);
     let view = if trans {
         // stored [N, K]: element (p, j) of the [K, N] operand is at j * K + p
         sgemm::MatRef {
-            data: &vals,
+            data: vals,
             rows: c,
             cols: r,
             rs: 1,
             cs: c,
         }
     } else {
-        sgemm::MatRef::row_major(&vals, r, c)
+        sgemm::MatRef::row_major(vals, r, c)
     };
     let packed = sgemm::PackedB::pack(view).map_err(|e| n.err(e.to_string()))?;
-    Ok(Some(Arc::new(packed)))
+    n.consume_input(i);
+    n.note_held_bytes(packed.bytes());
+    Ok(Some(PackedWeight {
+        packed: Arc::new(packed),
+        input: i,
+        dims: [r, c],
+        trans,
+        original: std::sync::OnceLock::new(),
+    }))
 }
 
 /// `act(A @ W (+ bias))` with a packed constant `W` for an f32 CPU `A` of rank >= 2 whose last dim
@@ -385,7 +453,7 @@ fn matmul_bias(n: &NodeCtx) -> Result<Box<dyn OpKernel>> {
         .filter(|t| t.dtype == DType::F32)
         .and_then(|t| t.values::<f32>());
     Ok(kernel(move |cx, ins| {
-        let (a, w, bias) = (tin(ins, 0)?, tin(ins, 1)?, tin(ins, 2)?);
+        let (a, bias) = (tin(ins, 0)?, tin(ins, 2)?);
         if let Some(p) = &packed {
             let fits = bias.dtype() == DType::F32 && bias.elem_count() == p.n() && bias.rank() <= a.rank();
             if fits {
@@ -402,6 +470,10 @@ fn matmul_bias(n: &NodeCtx) -> Result<Box<dyn OpKernel>> {
                 }
             }
         }
+        let w = match &packed {
+            Some(p) => p.weight(ins)?,
+            None => tin(ins, 1)?,
+        };
         let y = matmul(cx, a, w)?;
         if bias.dtype() != y.dtype() {
             bail!("MatMulBias bias has dtype {}, the product {}", bias.dtype(), y.dtype());
@@ -610,13 +682,21 @@ fn gemm(n: &NodeCtx) -> Result<Box<dyn OpKernel>> {
         pack_const_weight(n, 1, tb)?
     };
     Ok(kernel(move |cx, ins| {
-        let (a, b) = (tin(ins, 0)?, tin(ins, 1)?);
+        let a = tin(ins, 0)?;
+        // A packed weight is rebuilt only if the general path below needs it.
+        let (b_dtype, b_dims) = match &packed {
+            Some(p) => (DType::F32, p.dims.to_vec()),
+            None => {
+                let b = tin(ins, 1)?;
+                (b.dtype(), b.dims().to_vec())
+            }
+        };
         let c = tin_opt(ins, 2)?;
-        if a.dtype() != b.dtype() {
-            bail!("Gemm inputs have different dtypes: {} and {}", a.dtype(), b.dtype());
+        if a.dtype() != b_dtype {
+            bail!("Gemm inputs have different dtypes: {} and {}", a.dtype(), b_dtype);
         }
-        if a.rank() != 2 || b.rank() != 2 {
-            bail!("Gemm needs 2-D inputs, got shapes {:?} and {:?}", a.dims(), b.dims());
+        if a.rank() != 2 || b_dims.len() != 2 {
+            bail!("Gemm needs 2-D inputs, got shapes {:?} and {:?}", a.dims(), b_dims);
         }
         let dt = a.dtype();
         // Packed weight (f32 CPU, alpha 1, no transA): a [N] / [1, N] C with beta 1 is the kernel's
@@ -637,6 +717,10 @@ fn gemm(n: &NodeCtx) -> Result<Box<dyn OpKernel>> {
         let mut y = match packed_y {
             Some(y) => y.into_candle(),
             None => {
+                let b = match &packed {
+                    Some(p) => p.weight(ins)?,
+                    None => tin(ins, 1)?,
+                };
                 let mut at = a.candle().clone();
                 let mut bt = b.candle().clone();
                 if ta {

@@ -93,6 +93,10 @@ pub struct NodeCtx<'a> {
     /// Subgraph plans compiled for this node (kept on its plan step, so reports such as
     /// [`ExecutionPlan::host_fallbacks`] can descend into If/Loop/Scan bodies).
     pub(crate) subplans: std::cell::RefCell<Vec<Arc<ExecutionPlan>>>,
+    /// Input positions the kernel holds a plan-time form of (see [`NodeCtx::consume_input`]).
+    pub(crate) consumed: std::cell::RefCell<Vec<usize>>,
+    /// Bytes of weights the kernel holds in a form of its own (see [`NodeCtx::note_held_bytes`]).
+    pub(crate) held: std::cell::Cell<u64>,
 }
 
 impl NodeCtx<'_> {
@@ -218,6 +222,22 @@ impl NodeCtx<'_> {
             Some(kiln_graph::Attribute::Tensor(t)) => Some(t),
             _ => None,
         }
+    }
+
+    /// Declares that the kernel keeps its own form of the constant input `i` (a packed weight) and
+    /// never reads the input at run time: the plan then passes it no value there, and an
+    /// initializer no other kernel reads is not kept in the plan at all, so the weight is held
+    /// once, in the form its kernel reads.
+    pub fn consume_input(&self, i: usize) {
+        if self.const_input(i).is_some() {
+            self.consumed.borrow_mut().push(i);
+        }
+    }
+
+    /// Records `bytes` of weight data the kernel keeps in a form of its own (packed panels, 4-bit
+    /// codes), for [`ExecutionPlan::memory`].
+    pub fn note_held_bytes(&self, bytes: usize) {
+        self.held.set(self.held.get() + bytes as u64);
     }
 
     /// Statically known dtype of input `i`.

@@ -251,6 +251,9 @@ pub(super) fn conv_kernel(n: &NodeCtx, clamp: Option<(f32, f32)>) -> Result<Box<
             .and_then(|wv| super::conv_cpu::PackedFilter::new(&wv, &w.dims, a.group as usize)),
         _ => None,
     };
+    if let Some(p) = &packed {
+        n.note_held_bytes(p.bytes());
+    }
     Ok(kernel(move |cx, ins| {
         let x = tin(ins, 0)?;
         let w = tin(ins, 1)?;
@@ -529,6 +532,9 @@ fn conv_transpose_factory(n: &NodeCtx) -> Result<Box<dyn OpKernel>> {
             .and_then(|wv| super::conv_transpose_cpu::PackedTransposed::new(&wv, &w.dims, a.group as usize)),
         _ => None,
     };
+    if let Some(p) = &packed {
+        n.note_held_bytes(p.bytes());
+    }
     Ok(kernel(move |cx, ins| {
         let x = tin(ins, 0)?;
         let w = tin(ins, 1)?;

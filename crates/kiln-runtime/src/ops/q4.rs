@@ -31,6 +31,11 @@ pub(crate) struct Q4Weight {
 }
 
 impl Q4Weight {
+    /// Bytes of the codes, scales and offsets.
+    pub fn bytes(&self) -> usize {
+        self.codes.len() + 4 * (self.scale.len() + self.offset.len())
+    }
+
     /// From MatMulNBits' codes, scales and one zero point per block (`zero(col, block)`).
     pub fn new(
         k: usize,

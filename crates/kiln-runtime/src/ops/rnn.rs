@@ -157,6 +157,8 @@ fn build(n: &NodeCtx, kind: Kind) -> Result<Box<dyn OpKernel>> {
         },
         _ => None,
     };
+    let held: usize = packs.iter().flatten().map(DirPack::bytes).sum();
+    n.note_held_bytes(held);
     Ok(kernel(move |_, ins| run_packed(&cfg, ins, packs.as_deref())))
 }
 
@@ -167,6 +169,12 @@ struct DirPack {
     w: sgemm::PackedB,
     r: sgemm::PackedB,
     rh: Option<sgemm::PackedB>,
+}
+
+impl DirPack {
+    fn bytes(&self) -> usize {
+        self.w.bytes() + self.r.bytes() + self.rh.as_ref().map_or(0, sgemm::PackedB::bytes)
+    }
 }
 
 /// Packs `W` (`[dirs, gates*H, input]`) and `R` (`[dirs, gates*H, H]`) per direction for the

@@ -184,6 +184,27 @@ impl PackedB {
         self.n
     }
 
+    /// Bytes of the packed panels.
+    pub fn bytes(&self) -> usize {
+        self.data.len * 4
+    }
+
+    /// The weight back as a row-major `k x n` matrix (for callers that dropped the original).
+    pub fn unpack(&self) -> Vec<f32> {
+        let (k, n) = (self.k, self.n);
+        let mut out = vec![0f32; k * n];
+        let kcb = kc_for(k);
+        for p in 0..k {
+            let (pc, kk) = (p / kcb, p % kcb);
+            for jp in 0..n.div_ceil(NR) {
+                let nr = NR.min(n - jp * NR);
+                let src = &self.panel(pc, jp)[kk * NR..][..nr];
+                out[p * n + jp * NR..][..nr].copy_from_slice(src);
+            }
+        }
+        out
+    }
+
     fn panel(&self, pc: usize, jp: usize) -> &[f32] {
         let kcb = kc_for(self.k);
         let kc = kcb.min(self.k - pc * kcb);
@@ -219,6 +240,11 @@ impl PackedA {
 
     pub fn m(&self) -> usize {
         self.m
+    }
+
+    /// Bytes of the packed panels.
+    pub fn bytes(&self) -> usize {
+        self.data.len * 4
     }
     pub fn k(&self) -> usize {
         self.k
@@ -896,6 +922,29 @@ mod tests {
         let tol = 1e-5 * (k as f32).sqrt().max(1.0);
         for (i, (g, w)) in got.iter().zip(want).enumerate() {
             assert!((g - w).abs() <= tol * (1.0 + w.abs()), "element {i}: {g} vs {w}");
+        }
+    }
+
+    #[test]
+    fn packed_b_unpacks_to_the_original() {
+        // Shapes across the kc blocking and partial column panels, a transposed view, and empty.
+        for &(k, n) in &[(1, 1), (3, 17), (257, 33), (600, 40), (1100, 5), (0, 7), (4, 0)] {
+            let b = rand(k * n, 9);
+            let pb = PackedB::pack(MatRef::row_major(&b, k, n)).unwrap();
+            assert_eq!(pb.unpack(), b, "{k}x{n}");
+            // stored [n, k] (a Gemm with transB): the packed operand is its transpose
+            let t = MatRef {
+                data: &b,
+                rows: n,
+                cols: k,
+                rs: 1,
+                cs: n,
+            };
+            let want: Vec<f32> = (0..n)
+                .flat_map(|p| (0..k).map(move |j| (p, j)))
+                .map(|(p, j)| b[j * n + p])
+                .collect();
+            assert_eq!(PackedB::pack(t).unwrap().unpack(), want, "{k}x{n} transposed");
         }
     }
 
