@@ -201,10 +201,11 @@ pub fn twin_slots(placement: &HostPlacement, first_slot: usize) -> HashMap<Value
 
 #[cfg(test)]
 mod tests {
-    use std::collections::{BTreeMap, HashMap};
+    use std::collections::HashMap;
 
-    use kiln_graph::{DType, Graph, Node, TensorData, ValueInfo};
+    use kiln_graph::{DType, Graph, TensorData, ValueInfo};
 
+    use crate::plan::tests::node;
     use crate::plan::{ExecutionPlan, PlanOptions};
     use crate::{RunOptions, Tensor, Value};
 
@@ -214,18 +215,6 @@ mod tests {
             dtype: Some(dtype),
             ..Default::default()
         })
-    }
-
-    fn node(name: &str, op: &str, inputs: &[kiln_graph::ValueId], outputs: &[kiln_graph::ValueId]) -> Node {
-        Node {
-            name: name.into(),
-            op_type: op.into(),
-            domain: String::new(),
-            inputs: inputs.iter().map(|&v| Some(v)).collect(),
-            outputs: outputs.iter().map(|&v| Some(v)).collect(),
-            attributes: BTreeMap::new(),
-            implicit_inputs: vec![],
-        }
     }
 
     /// `y = Reshape(x, Concat(Unsqueeze(Gather(Shape(x), 0), [0]), [-1])) * Cast(Gather(Shape(x), 0)) + w`:

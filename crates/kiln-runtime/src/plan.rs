@@ -461,7 +461,7 @@ pub fn collect_unsupported(graph: &Graph, options: &PlanOptions, out: &mut Vec<S
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use std::collections::{BTreeMap, HashMap};
 
     use kiln_graph::{Attribute, DType, Graph, Node, TensorData, ValueId, ValueInfo};
@@ -477,7 +477,8 @@ mod tests {
         })
     }
 
-    fn node(name: &str, op: &str, inputs: &[ValueId], outputs: &[ValueId]) -> Node {
+    /// A default-domain node reading and writing the given values (also for other modules' tests).
+    pub(crate) fn node(name: &str, op: &str, inputs: &[ValueId], outputs: &[ValueId]) -> Node {
         Node {
             name: name.into(),
             op_type: op.into(),
