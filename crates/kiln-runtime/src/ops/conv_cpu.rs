@@ -680,15 +680,15 @@ pub(crate) fn phase_row(srow: &[f32], drow: &mut [f32], sw: usize, rx: usize, pl
         dst.copy_from_slice(&srow[start..start + dst.len()]);
     } else if sw == 2 {
         let src = &srow[start..];
-        let mut done = 0;
         #[cfg(target_arch = "x86_64")]
         if crate::sgemm::use_avx512() {
             // SAFETY: `use_avx512` checked the CPU.
-            done = unsafe { evens_avx512(src, dst) };
+            unsafe { evens_masked(src, dst) };
+            return;
         }
         // Pairs: the compiler turns this into vector shuffles (step_by stays scalar).
         let pairs = dst.len().min(src.len() / 2);
-        for (d, s) in dst[done..pairs].iter_mut().zip(src[2 * done..].chunks_exact(2)) {
+        for (d, s) in dst[..pairs].iter_mut().zip(src.chunks_exact(2)) {
             *d = s[0];
         }
         if pairs < dst.len() {
@@ -701,25 +701,36 @@ pub(crate) fn phase_row(srow: &[f32], drow: &mut [f32], sw: usize, rx: usize, pl
     }
 }
 
-/// `dst[i] = src[2 i]` for whole blocks of 16 while `src` holds 32 more floats; returns how many
-/// were written.
+/// `dst[i] = src[2 * i]` for every `i < dst.len()` (`src` holds at least `2 * dst.len() - 1` floats):
+/// 16 outputs per step from two (masked) loads and one permutation, the row's end masked.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-fn evens_avx512(src: &[f32], dst: &mut [f32]) -> usize {
+pub(crate) fn evens_masked(src: &[f32], dst: &mut [f32]) {
     use std::arch::x86_64::*;
+    let n = dst.len();
+    assert!(n == 0 || src.len() > 2 * (n - 1), "evens_masked: src too short");
     let idx = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
-    let blocks = (dst.len() / 16).min(src.len() / 32);
-    for i in 0..blocks {
-        let s = &src[32 * i..32 * i + 32];
-        let d = &mut dst[16 * i..16 * i + 16];
-        // SAFETY: `s` holds 32 floats and `d` 16 (sliced above).
-        unsafe {
-            let lo = _mm512_loadu_ps(s.as_ptr());
-            let hi = _mm512_loadu_ps(s.as_ptr().add(16));
-            _mm512_storeu_ps(d.as_mut_ptr(), _mm512_permutex2var_ps(lo, idx, hi));
+    let mask = |k: usize| {
+        if k >= 16 {
+            0xffff
+        } else {
+            ((1u32 << k) - 1) as __mmask16
         }
+    };
+    let mut i = 0;
+    while i < n {
+        let m = (n - i).min(16);
+        let take = (src.len() - 2 * i).min(32);
+        // SAFETY: the loads read src[2i .. 2i + take] (lanes past `take` are masked off, and a
+        // masked-off lane is never accessed), the store writes dst[i .. i + m].
+        unsafe {
+            let base = src.as_ptr().add(2 * i);
+            let lo = _mm512_maskz_loadu_ps(mask(take.min(16)), base);
+            let hi = _mm512_maskz_loadu_ps(mask(take.saturating_sub(16)), base.wrapping_add(16));
+            _mm512_mask_storeu_ps(dst.as_mut_ptr().add(i), mask(m), _mm512_permutex2var_ps(lo, idx, hi));
+        }
+        i += m;
     }
-    blocks * 16
 }
 
 /// The output columns `ox` whose input column `ox * stride + off` lies inside `0..width`
@@ -877,6 +888,12 @@ mod tests {
         case(1, 6, (11, 11), 6, (5, 5), 6, 2, 1, (2, 2, 2, 2));
         case(1, 4, (8, 8), 4, (3, 3), 4, 2, 2, (0, 1, 2, 0));
         case(1, 3, (4, 4), 3, (3, 3), 3, 1, 1, (0, 0, 0, 0));
+        // Stride 2 over rows of several 16-lane blocks and a partial one, odd and even widths,
+        // each side's padding 0-2, two images (the phase buffers are reused across planes).
+        case(2, 5, (30, 67), 5, (3, 3), 5, 2, 1, (1, 1, 1, 1));
+        case(1, 4, (21, 64), 4, (5, 5), 4, 2, 1, (2, 2, 2, 2));
+        case(1, 3, (17, 45), 3, (3, 3), 3, 2, 1, (0, 2, 1, 0));
+        case(2, 2, (9, 33), 2, (3, 3), 2, 2, 1, (1, 0, 0, 1));
     }
 
     /// Taps that read only padding for every output column (a 1x1 or width-1 input under a 3x3
@@ -894,6 +911,34 @@ mod tests {
         case(1, 3, (1, 1), 4, (3, 3), 1, 1, 1, (1, 1, 1, 1));
         case(1, 4, (1, 1), 4, (3, 3), 2, 2, 1, (1, 1, 1, 1));
         case(1, 2, (2, 1), 3, (5, 5), 1, 1, 1, (2, 2, 2, 2));
+    }
+
+    /// The stride-2 column split, every length around the 16-lane blocks, from sources as short as
+    /// allowed (`2n - 1`) and one longer.
+    #[test]
+    fn phase_row_at_stride_two_takes_every_other_column() {
+        for n in 0..40usize {
+            for extra in [0, 1, 2] {
+                let len = (2 * n).saturating_sub(1) + extra;
+                let src: Vec<f32> = (0..len).map(|i| i as f32).collect();
+                let mut dst = vec![f32::NAN; n + 3];
+                // The odd phase (column 2 * ox + 1); columns past the row's end are zero.
+                let width = len.min(2 * n + 1);
+                phase_row(&src[..width], &mut dst, 2, 1, 0);
+                let want: Vec<f32> = (0..n + 3)
+                    .map(|ox| if 2 * ox + 1 < width { (2 * ox + 1) as f32 } else { 0.0 })
+                    .collect();
+                assert_eq!(dst, want, "n {n} extra {extra}");
+                #[cfg(target_arch = "x86_64")]
+                if crate::sgemm::use_avx512() && len + 1 >= 2 * n {
+                    let mut got = vec![f32::NAN; n];
+                    // SAFETY: use_avx512 checked the CPU.
+                    unsafe { evens_masked(&src, &mut got) };
+                    let want: Vec<f32> = (0..n).map(|i| (2 * i) as f32).collect();
+                    assert_eq!(got, want, "evens_masked n {n} extra {extra}");
+                }
+            }
+        }
     }
 
     #[test]

@@ -59,6 +59,30 @@ impl Phases {
             buf.clear();
             buf.resize(self.len(), pad);
         }
+        #[cfg(target_arch = "x86_64")]
+        if self.sw == 2 && crate::sgemm::use_avx512() {
+            // As at stride 1, the padding stays from the first fill: only the image's values are
+            // written, each row split into its two phases in registers.
+            let ranges = [0, 1].map(|r| {
+                let (lo, hi) = super::conv_cpu::valid_range(r as isize - pl as isize, 2, w, self.pw);
+                (r, lo, hi, (lo * 2 + r).wrapping_sub(pl))
+            });
+            for iy in 0..h {
+                let py = iy + pt;
+                if py >= self.hp {
+                    break;
+                }
+                let srow = &src[iy * w..(iy + 1) * w];
+                for &(r, lo, hi, start) in &ranges {
+                    if lo < hi {
+                        let at = self.at(py, r);
+                        // SAFETY: `use_avx512` checked the CPU.
+                        unsafe { super::conv_cpu::evens_masked(&srow[start..], &mut buf[at + lo..at + hi]) };
+                    }
+                }
+            }
+            return;
+        }
         if self.sw == 1 {
             let lo = pl.min(self.pw);
             let n = w.min(self.pw - lo);
