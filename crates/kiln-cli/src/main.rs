@@ -117,10 +117,12 @@ enum Cmd {
         /// device once and outputs stay there (IO binding), each run synchronized.
         #[arg(long, default_value = "host", value_parser = ["host", "device"])]
         io: String,
-        /// Run each inference on a worker of the CPU thread pool (`RunOptions::on_thread_pool`):
-        /// parallel kernels then do not wake the pool from outside one by one.
+        /// Walk the plan on the calling thread, each parallel kernel handing its work to the
+        /// thread pool and waiting (the library's default, which `kiln serve` uses). Without it
+        /// each inference runs on a worker of the pool (`RunOptions::on_thread_pool`), so parallel
+        /// kernels do not wake the pool from outside one by one.
         #[arg(long)]
-        run_on_pool: bool,
+        run_on_caller: bool,
         #[command(flatten)]
         precision: precision::PrecisionArg,
     },
@@ -217,7 +219,7 @@ fn main() -> ExitCode {
             profile,
             top,
             io,
-            run_on_pool,
+            run_on_caller,
             precision,
         } => (|| {
             if let Some(n) = threads {
@@ -234,7 +236,7 @@ fn main() -> ExitCode {
                 profile,
                 top,
                 io_device: io == "device",
-                run_on_pool,
+                run_on_pool: !run_on_caller,
             };
             bench::bench(&model, &cfg)
         })(),

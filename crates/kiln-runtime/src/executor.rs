@@ -25,8 +25,9 @@ pub struct RunOptions {
     /// workers are still spinning from the previous kernel, instead of waking the pool from outside
     /// and sleeping for every kernel: a run of many small parallel kernels (an LLM decode step: 200
     /// matrix-vector products) loses a third of its time to those thread switches otherwise. Off by
-    /// default: a pool worker waiting in one run may pick up another caller's whole run.
-    /// Ignored when the pool has one thread or the caller already is a pool worker.
+    /// default: a pool worker waiting in one run may pick up another caller's whole run (`kiln
+    /// bench` turns it on). With one thread it saves the same switches (the single worker runs the
+    /// plan and every kernel inline). Ignored when the caller already is a pool worker.
     pub on_thread_pool: bool,
 }
 
@@ -265,7 +266,7 @@ impl ExecutionPlan {
         captures: &HashMap<&str, &Value>,
         options: &RunOptions,
     ) -> Result<(Vec<Value>, RunStats)> {
-        if options.on_thread_pool && rayon::current_thread_index().is_none() && rayon::current_num_threads() > 1 {
+        if options.on_thread_pool && rayon::current_thread_index().is_none() {
             return rayon::scope(|_| self.run_on(feeds, captures, options, &self.device));
         }
         self.run_on(feeds, captures, options, &self.device)
