@@ -79,7 +79,34 @@ const DTYPE_AS_INPUT: &[&str] = &[
     "GlobalMaxPool",
     "MatMul",
     "Gemm",
+    // Data movement: the output is (a rearrangement of) the data input's values.
+    "Concat",
+    "Resize",
+    "Upsample",
+    "Reshape",
+    "Transpose",
+    "Flatten",
+    "Squeeze",
+    "Unsqueeze",
+    "Slice",
+    "Expand",
+    "Tile",
+    "Pad",
+    "Gather",
+    "GatherElements",
+    "GatherND",
+    "DepthToSpace",
+    "SpaceToDepth",
+    "ReduceMean",
+    "ReduceSum",
+    "ReduceMax",
+    "ReduceMin",
+    "ReduceProd",
+    "ReduceL2",
+    "TopK",
 ];
+/// Ops all of whose outputs have the first input's dtype (shapes not inferred).
+const DTYPE_AS_INPUT_ALL_OUTPUTS: &[&str] = &["Split"];
 const BROADCAST: &[&str] = &["Add", "Sub", "Mul", "Div", "Pow", "Max", "Min", "Mod", "PRelu", "Where"];
 const COMPARE: &[&str] = &[
     "Equal",
@@ -139,6 +166,19 @@ pub fn infer_shapes(graph: &mut Graph) {
                 Some(DType::I64),
                 input(0).and_then(|v| v.shape).map(|s| Shape::from_known(&[s.rank()])),
             ),
+            op if DTYPE_AS_INPUT_ALL_OUTPUTS.contains(&op) => {
+                let Some(dtype) = input(0).and_then(|v| v.dtype) else {
+                    continue;
+                };
+                let outs: Vec<_> = graph.nodes[i].outputs.iter().flatten().copied().collect();
+                for o in outs {
+                    let info = &mut graph.values[o.index()];
+                    if info.dtype.is_none() {
+                        info.dtype = Some(dtype);
+                    }
+                }
+                continue;
+            }
             _ => continue,
         };
         let out = graph.nodes[i].outputs.first().copied().flatten();
@@ -248,5 +288,52 @@ mod graph_tests {
         };
         infer_shapes(&mut g);
         assert_eq!(g.values[3].dtype, Some(DType::F32));
+    }
+
+    /// Data movement keeps the data's dtype: every output of a Split, a Concat of them, a Resize
+    /// (YOLO-style necks), so the convs after them are known to be f32.
+    #[test]
+    fn split_concat_and_resize_keep_the_data_dtype() {
+        let v = |name: &str, dtype: Option<DType>| ValueInfo {
+            name: name.into(),
+            kind: ValueKind::Tensor,
+            dtype,
+            shape: None,
+        };
+        let node = |op: &str, ins: &[u32], outs: &[u32]| Node {
+            name: op.into(),
+            op_type: op.into(),
+            domain: String::new(),
+            inputs: ins.iter().map(|&i| Some(ValueId(i))).collect(),
+            outputs: outs.iter().map(|&o| Some(ValueId(o))).collect(),
+            attributes: BTreeMap::new(),
+            implicit_inputs: vec![],
+        };
+        let mut g = Graph {
+            name: "g".into(),
+            values: vec![
+                v("x", Some(DType::F32)),
+                v("a", None),
+                v("b", None),
+                v("c", None),
+                v("scales", Some(DType::F32)),
+                v("r", None),
+                v("idx", Some(DType::I64)),
+                v("gathered", None),
+            ],
+            nodes: vec![
+                node("Split", &[0], &[1, 2]),
+                node("Concat", &[2, 1], &[3]),
+                node("Resize", &[3, 4], &[5]),
+                node("Gather", &[5, 6], &[7]),
+            ],
+            inputs: vec![ValueId(0), ValueId(4), ValueId(6)],
+            outputs: vec![ValueId(7)],
+            ..Default::default()
+        };
+        infer_shapes(&mut g);
+        for i in [1, 2, 3, 5, 7] {
+            assert_eq!(g.values[i].dtype, Some(DType::F32), "{}", g.values[i].name);
+        }
     }
 }
