@@ -1,0 +1,78 @@
+"""Kiln beside ONNX Runtime on the models of benches/memory.py, same inputs, runs interleaved.
+
+    python benches/latency.py KILN_BINARY MODELS_DIR [--only NAME[,NAME...]] [--rounds N]
+
+Per model and thread count (1, 2), each round runs `kiln bench --run-on-caller` (the library's
+default: the calling thread walks the plan), `kiln bench` (each inference on a pool worker) and
+onnxruntime's median of 100 runs in this process, one after the other, so load from other processes
+falls on all three alike. Prints a markdown table of p50 milliseconds and Kiln (pool) / ORT.
+"""
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+import onnxruntime as ort
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import memory  # noqa: E402
+
+
+def ort_p50(path, d, threads, n=100):
+    o = ort.SessionOptions()
+    o.intra_op_num_threads = threads
+    o.inter_op_num_threads = 1
+    s = ort.InferenceSession(path, o, providers=["CPUExecutionProvider"])
+    feeds = {i.name: np.load(f"{d}/{i.name}.npy") for i in s.get_inputs()}
+    for _ in range(10):
+        s.run(None, feeds)
+    ts = []
+    for _ in range(n):
+        a = time.perf_counter()
+        s.run(None, feeds)
+        ts.append(time.perf_counter() - a)
+    return float(np.median(ts)) * 1e3
+
+
+def kiln_p50(kiln, path, d, threads, extra, n=100):
+    cmd = [kiln, "bench", path, "--threads", str(threads), "-n", str(n)] + extra
+    for f in sorted(os.listdir(d)):
+        if f.endswith(".npy"):
+            cmd += ["-i", f"{f[:-4]}={d}/{f}"]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+    line = next(l for l in out.splitlines() if l.startswith("latency"))
+    return float(line.split()[5])
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("kiln")
+    ap.add_argument("models")
+    ap.add_argument("--only", default="")
+    ap.add_argument("--rounds", type=int, default=2)
+    args = ap.parse_args()
+    only = [o for o in args.only.split(",") if o]
+    print("| model | threads | Kiln, caller walks the plan | Kiln, run on the pool | ORT | Kiln (pool) / ORT |")
+    print("|---|---|---|---|---|---|")
+    for file, label, _, _ in memory.MODELS:
+        path = os.path.join(args.models, file)
+        if (only and not any(o in file for o in only)) or not os.path.exists(path):
+            continue
+        with tempfile.TemporaryDirectory() as d:
+            memory.make_inputs(path, label, d)
+            for t in (1, 2):
+                rows = []
+                for _ in range(args.rounds):
+                    c = kiln_p50(args.kiln, path, d, t, ["--run-on-caller"])
+                    p = kiln_p50(args.kiln, path, d, t, [])
+                    rows.append((c, p, ort_p50(path, d, t)))
+                col = lambda i: " / ".join(f"{r[i]:.2f}" for r in rows)  # noqa: E731
+                ratio = " / ".join(f"{p / o:.2f}" for _, p, o in rows)
+                print(f"| {label} | {t} | {col(0)} | {col(1)} | {col(2)} | {ratio} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
