@@ -585,4 +585,65 @@ pub(crate) mod tests {
             close(got(4), wsd.clone());
         }
     }
+
+    /// A Conv whose filter is packed at plan time holds it once too, and computes what candle's
+    /// conv2d does with the original filter.
+    #[test]
+    fn packed_conv_filters_are_held_once() {
+        let (c, m, hw) = (3usize, 8usize, 9usize);
+        let mut g = Graph::default();
+        let [x, w, b, y] = ["x", "w", "b", "y"].map(|s| value(&mut g, s));
+        let (wd, bd) = (values(m * c * 9, 7.0), values(m, 8.0));
+        g.initializers.insert(
+            w,
+            TensorData::from_values("w", vec![m, c, 3, 3], wd.as_slice()).unwrap(),
+        );
+        g.initializers
+            .insert(b, TensorData::from_values("b", vec![m], bd.as_slice()).unwrap());
+        let mut conv = node("conv", "Conv", &[x, w, b], &[y]);
+        conv.attributes.insert("pads".into(), Attribute::Ints(vec![1, 1, 1, 1]));
+        conv.attributes.insert("strides".into(), Attribute::Ints(vec![2, 1]));
+        g.nodes = vec![conv];
+        g.inputs = vec![x];
+        g.outputs = vec![y];
+        let options = PlanOptions {
+            device: candle_core::Device::Cpu,
+            opsets: HashMap::from([(String::new(), 17)]),
+            host_shapes: None,
+        };
+        let plan = ExecutionPlan::compile_graph(&g, &options).unwrap();
+        let kept: Vec<&str> = plan.constants.iter().map(|(s, _)| g.values[*s].name.as_str()).collect();
+        if crate::sgemm::rows_available() {
+            assert_eq!(kept, vec!["b"], "the filter lives only in its packed form");
+            assert!(plan.memory().kernel_bytes >= (m * c * 9 * 4) as u64);
+        }
+        let dev = candle_core::Device::Cpu;
+        let xd = values(2 * c * hw * hw, 9.0);
+        let xt = candle_core::Tensor::from_vec(xd, (2, c, hw, hw), &dev).unwrap();
+        let wt = candle_core::Tensor::from_vec(wd, (m, c, 3, 3), &dev).unwrap();
+        let bt = candle_core::Tensor::from_vec(bd, (1, m, 1, 1), &dev).unwrap();
+        // candle's conv2d takes one stride: stride (2, 1) as stride 1, then every other row.
+        let full = xt.conv2d(&wt, 1, 1, 1, 1).unwrap().broadcast_add(&bt).unwrap();
+        let rows: Vec<u32> = (0..hw as u32).step_by(2).collect();
+        let idx = candle_core::Tensor::new(rows.as_slice(), &dev).unwrap();
+        let want: Vec<f32> = full
+            .index_select(&idx, 2)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        let (outs, _) = plan
+            .run(
+                vec![Some(Value::Tensor(Tensor::from_candle(xt).unwrap()))],
+                &HashMap::new(),
+                &RunOptions::default(),
+            )
+            .unwrap();
+        let got = outs[0].as_tensor().unwrap().to_f64_vec().unwrap();
+        assert_eq!(got.len(), want.len());
+        for (g, w) in got.iter().zip(&want) {
+            assert!((g - *w as f64).abs() < 1e-4, "{g} vs {w}");
+        }
+    }
 }

@@ -43,10 +43,12 @@ impl Conv2d {
     /// `clamp` `(lo, hi)` if given (a fused Relu or Clip: `min(max(v, lo), hi)`, in the GEMM's or the
     /// depthwise kernel's epilogue where they run); `None` when an operand is not a contiguous f32
     /// CPU tensor or the grouping is not one this file handles.
+    /// `w` may be absent when `packed` holds the filter (the plan consumed the weight input); the
+    /// paths that need the tensor then return `None` and the caller rebuilds it.
     pub(crate) fn run(
         &self,
         x: &CT,
-        w: &CT,
+        w: Option<&CT>,
         bias: Option<&CT>,
         packed: Option<&PackedFilter>,
         clamp: Option<(f32, f32)>,
@@ -68,7 +70,7 @@ impl Conv2d {
         let depthwise = g > 1 && g == self.c && self.m == self.c;
         let bias_v = bias_values(bias, self.m)?;
         let out = if depthwise {
-            let wv = with_f32(w, |s| s.to_vec())?;
+            let wv = with_f32(w?, |s| s.to_vec())?;
             let post = |_: usize, plane: &mut [f32]| {
                 if let Some(c) = clamp {
                     clamp_slice(plane, c);
@@ -77,14 +79,14 @@ impl Conv2d {
             with_f32(x, |xs| self.depthwise_conv(xs, &wv, bias_v.as_deref(), Some(&post)))?
         } else {
             let r = with_f32(x, |xs| match self.dense_rows(xs, w, bias_v.as_deref(), packed, clamp) {
-                Some(r) => r,
-                None => self.dense(xs, w, bias_v.as_deref()).map(|mut v| {
+                Some(r) => Some(r),
+                None => Some(self.dense(xs, w?, bias_v.as_deref()).map(|mut v| {
                     if let Some(c) = clamp {
                         clamp_slice(&mut v, c);
                     }
                     v
-                }),
-            })?;
+                })),
+            })??;
             match r {
                 Ok(v) => v,
                 Err(e) => return Some(Err(e)),
@@ -100,7 +102,7 @@ impl Conv2d {
     fn dense_rows(
         &self,
         x: &[f32],
-        w: &CT,
+        w: Option<&CT>,
         bias: Option<&[f32]>,
         packed: Option<&PackedFilter>,
         clamp: Option<(f32, f32)>,
@@ -124,7 +126,7 @@ impl Conv2d {
             // pixels (`dense` then takes candle's GEMM).
             None if p < 64 => return None,
             None => {
-                owned = with_f32(w, |wv| PackedFilter::pack_groups(wv, g, mg, k))?.ok()?;
+                owned = with_f32(w?, |wv| PackedFilter::pack_groups(wv, g, mg, k))?.ok()?;
                 &owned
             }
         };
@@ -152,7 +154,7 @@ impl Conv2d {
             v
         };
         if let Some(pf) = plan_filter.filter(|_| p < FEW_PIXELS) {
-            if let Some(r) = self.dense_few_pixels(x, w, bias, pf, (!pointwise).then_some((hq, wq, offs.as_slice()))) {
+            if let Some(r) = self.dense_few_pixels(x, bias, pf, (!pointwise).then_some((hq, wq, offs.as_slice()))) {
                 return Some(r.map(|mut v| {
                     if let Some(c) = clamp {
                         clamp_slice(&mut v, c);
@@ -224,7 +226,6 @@ impl Conv2d {
     fn dense_few_pixels(
         &self,
         x: &[f32],
-        w: &CT,
         bias: Option<&[f32]>,
         pf: &PackedFilter,
         phased: Option<(usize, usize, &[usize])>,
@@ -235,24 +236,23 @@ impl Conv2d {
         let k = cg * self.kh * self.kw;
         let p = self.oh * self.ow;
         let tb = pf.transposed.get_or_init(|| {
-            with_f32(w, |wv| {
-                (0..g)
-                    .map(|gi| {
-                        let wg = &wv[gi * mg * k..(gi + 1) * mg * k];
-                        // Element (kk, oc) of W^T is wg[oc * k + kk].
-                        PackedB::pack(MatRef {
-                            data: wg,
-                            rows: k,
-                            cols: mg,
-                            rs: 1,
-                            cs: k,
-                        })
-                        .ok()
+            // From the packed filter itself: the plan may hold no other copy of the weight.
+            let wv = pf.weight_values();
+            (0..g)
+                .map(|gi| {
+                    let wg = &wv[gi * mg * k..(gi + 1) * mg * k];
+                    // Element (kk, oc) of W^T is wg[oc * k + kk].
+                    PackedB::pack(MatRef {
+                        data: wg,
+                        rows: k,
+                        cols: mg,
+                        rs: 1,
+                        cs: k,
                     })
-                    .collect::<Option<Vec<_>>>()
-            })
-            .flatten()
-            .unwrap_or_default()
+                    .ok()
+                })
+                .collect::<Option<Vec<_>>>()
+                .unwrap_or_default()
         });
         if tb.len() != g {
             return None;
@@ -631,6 +631,11 @@ impl PackedFilter {
             })
     }
 
+    /// The filter back as its `[M, C/g * KH * KW]` values (groups in order), from the packed copy.
+    pub(crate) fn weight_values(&self) -> Vec<f32> {
+        self.groups.iter().flat_map(crate::sgemm::PackedA::unpack).collect()
+    }
+
     /// Bytes of the packed groups (the transposed copy made for few-pixel calls not counted).
     pub(crate) fn bytes(&self) -> usize {
         self.groups.iter().map(crate::sgemm::PackedA::bytes).sum()
@@ -835,7 +840,12 @@ mod tests {
             (None, Some((0.0, f32::INFINITY))),
         ];
         for (packed, clamp) in runs {
-            let got = cv.run(&x, &wt, Some(&b), packed, clamp).expect("handled").expect("ok");
+            // With the plan-time filter, also without the weight tensor (the plan consumed it).
+            let got = match packed {
+                Some(_) if cv.group != cv.c => cv.run(&x, None, Some(&b), packed, clamp),
+                _ => cv.run(&x, Some(&wt), Some(&b), packed, clamp),
+            };
+            let got = got.expect("handled").expect("ok");
             assert_eq!(got.dims(), &[n, m, oh, ow]);
             let got: Vec<f32> = got.flatten_all().and_then(|t| t.to_vec1()).expect("vec");
             let how = if packed.is_some() {

@@ -251,15 +251,23 @@ pub(super) fn conv_kernel(n: &NodeCtx, clamp: Option<(f32, f32)>) -> Result<Box<
             .and_then(|wv| super::conv_cpu::PackedFilter::new(&wv, &w.dims, a.group as usize)),
         _ => None,
     };
+    // The packed filter replaces the weight input (`NodeCtx::consume_input`): the plan keeps no
+    // other copy; the paths that need the tensor rebuild it from the packed one.
+    let mut packed_dims = Vec::new();
     if let Some(p) = &packed {
         n.note_held_bytes(p.bytes());
+        packed_dims = n.const_input(1).map(|w| w.dims.clone()).unwrap_or_default();
+        n.consume_input(1);
     }
     Ok(kernel(move |cx, ins| {
         let x = tin(ins, 0)?;
-        let w = tin(ins, 1)?;
+        let w = match (&packed, ins.get(1).copied().flatten()) {
+            (Some(_), None) => None,
+            _ => Some(tin(ins, 1)?),
+        };
         let b = tin_opt(ins, 2)?;
         let xd = x.dims().to_vec();
-        let wd = w.dims().to_vec();
+        let wd = w.map_or_else(|| packed_dims.clone(), |w| w.dims().to_vec());
         if xd.len() < 3 || wd.len() != xd.len() {
             bail!("Conv: input rank {} and weight rank {} do not fit", xd.len(), wd.len());
         }
@@ -280,19 +288,23 @@ pub(super) fn conv_kernel(n: &NodeCtx, clamp: Option<(f32, f32)>) -> Result<Box<
         // the arithmetic is f32.
         let keep_f16 = x.dtype() == DType::F16 && x.device().is_cuda() && a.group == 1 && sp <= 2;
         let xc = if keep_f16 { x.candle().clone() } else { float_work(x)? };
-        let wc = w.candle().to_dtype(xc.dtype())?;
+        let wc = w.map(|w| w.candle().to_dtype(xc.dtype())).transpose()?;
         let bc = b.map(|b| b.candle().to_dtype(xc.dtype())).transpose()?;
-        let y = conv_nd(
+        let weight = ConvWeight {
+            tensor: wc.as_ref(),
+            dims: &wd,
+            packed: packed.as_ref(),
+        };
+        let y = conv_nd_with(
             cx,
             &xc,
-            &wc,
+            weight,
             bc.as_ref(),
             a.group as usize,
             &strides,
             &dil,
             &pb,
             &pe,
-            packed.as_ref(),
             clamp,
         )?;
         out1(float_back(y, x.dtype())?)
@@ -316,8 +328,50 @@ pub(super) fn conv_nd(
     packed: Option<&super::conv_cpu::PackedFilter>,
     clamp: Option<(f32, f32)>,
 ) -> Result<CT> {
-    let xd = x.dims().to_vec();
     let wd = w.dims().to_vec();
+    let weight = ConvWeight {
+        tensor: Some(w),
+        dims: &wd,
+        packed,
+    };
+    conv_nd_with(cx, x, weight, b, g, strides, dil, pb, pe, clamp)
+}
+
+/// A Conv filter for [`conv_nd_with`]: the tensor, or only its packed copy when the plan consumed
+/// the weight input (then paths other than the packed CPU kernels rebuild the tensor from it).
+pub(super) struct ConvWeight<'a> {
+    pub tensor: Option<&'a CT>,
+    pub dims: &'a [usize],
+    pub packed: Option<&'a super::conv_cpu::PackedFilter>,
+}
+
+impl ConvWeight<'_> {
+    fn tensor(&self, device: &candle_core::Device) -> Result<CT> {
+        match (self.tensor, self.packed) {
+            (Some(w), _) => Ok(w.clone()),
+            (None, Some(p)) => Ok(CT::from_vec(p.weight_values(), self.dims, device)?),
+            (None, None) => bail!("Conv: the weight is missing"),
+        }
+    }
+}
+
+/// [`conv_nd`] with the filter as a [`ConvWeight`].
+#[allow(clippy::too_many_arguments)]
+pub(super) fn conv_nd_with(
+    cx: &RunCx,
+    x: &CT,
+    weight: ConvWeight,
+    b: Option<&CT>,
+    g: usize,
+    strides: &[usize],
+    dil: &[usize],
+    pb: &[usize],
+    pe: &[usize],
+    clamp: Option<(f32, f32)>,
+) -> Result<CT> {
+    let packed = weight.packed;
+    let xd = x.dims().to_vec();
+    let wd = weight.dims.to_vec();
     let sp = xd.len() - 2;
     let (nb, c) = (xd[0], xd[1]);
     let m = wd[0];
@@ -362,9 +416,10 @@ pub(super) fn conv_nd(
             oh: at(&out_sp, 0, 1)[0],
             ow: at(&out_sp, 0, 1)[1],
         };
+        let wc = weight.tensor.map(|w| w.contiguous()).transpose()?;
         if let Some(y) = cv.run(
             &x.contiguous()?,
-            &w.contiguous()?,
+            wc.as_ref(),
             b.map(|b| b.contiguous()).transpose()?.as_ref(),
             packed,
             clamp,
@@ -372,6 +427,8 @@ pub(super) fn conv_nd(
             return if sp == 1 { Ok(y?.reshape(out_dims)?) } else { y };
         }
     }
+    // The paths below read the filter as a tensor.
+    let w = &weight.tensor(x.device())?;
     if (sp == 1 || sp == 2) && g == 1 && x.device().is_cuda() {
         // im2col + one batched GEMM straight into NCHW, the bias inside the GEMM (`kernels/im2col.cu`).
         let at = |v: &[usize], i: usize, one: usize| if sp == 1 { [one, v[i]] } else { [v[i], v[i + 1]] };

@@ -246,8 +246,23 @@ impl PackedA {
     pub fn bytes(&self) -> usize {
         self.data.len * 4
     }
+
     pub fn k(&self) -> usize {
         self.k
+    }
+
+    /// The operand back as a row-major `m x k` matrix (for callers that dropped the original).
+    pub fn unpack(&self) -> Vec<f32> {
+        let (m, k) = (self.m, self.k);
+        let mut out = vec![0f32; m * k];
+        let kcb = kc_for(k);
+        for i in 0..m {
+            let (ip, ii) = (i / MR, i % MR);
+            for p in 0..k {
+                out[i * k + p] = self.panel(p / kcb, ip)[(p % kcb) * MR + ii];
+            }
+        }
+        out
     }
 
     fn panel(&self, pc: usize, ip: usize) -> &[f32] {
@@ -922,6 +937,18 @@ mod tests {
         let tol = 1e-5 * (k as f32).sqrt().max(1.0);
         for (i, (g, w)) in got.iter().zip(want).enumerate() {
             assert!((g - w).abs() <= tol * (1.0 + w.abs()), "element {i}: {g} vs {w}");
+        }
+    }
+
+    #[test]
+    fn packed_a_unpacks_to_the_original() {
+        for &(m, k) in &[(1, 1), (7, 3), (13, 500), (6, 1100), (0, 4), (5, 0)] {
+            let a = rand(m * k, 11);
+            assert_eq!(
+                PackedA::pack(MatRef::row_major(&a, m, k)).unwrap().unpack(),
+                a,
+                "{m}x{k}"
+            );
         }
     }
 
