@@ -161,6 +161,7 @@ impl ExecutionPlan {
         let twins = crate::placement::twin_slots(&placement, n);
         let mut constants = Vec::new();
         let mut steps = Vec::with_capacity(order.len());
+        let packs = crate::ops::SharedPacks::default();
         for (pos, &ni) in order.iter().enumerate() {
             let node = &graph.nodes[ni];
             let factory = registry
@@ -177,6 +178,7 @@ impl ExecutionPlan {
                 subplans: Default::default(),
                 consumed: Default::default(),
                 held: Default::default(),
+                packs: packs.clone(),
             };
             let kernel = factory(&cx).map_err(|e| e.at_node(&node.name, &node.op_type))?;
             let subplans = cx.subplans.into_inner();
@@ -584,6 +586,63 @@ pub(crate) mod tests {
             close(got(3), product(&ad, &wsd, m, k, n));
             close(got(4), wsd.clone());
         }
+    }
+
+    /// A table read by a Gather and, transposed, by a tied output projection (`MatMulBias` with
+    /// `trans_b`) is held once: one packed copy shared by both kernels, no constant; rows and
+    /// products as from the table itself; an index out of range is an error, not a panic.
+    #[test]
+    fn tied_table_is_packed_once_for_gather_and_projection() {
+        let (v, h, t) = (37usize, 6usize, 4usize);
+        let mut g = Graph::default();
+        let [e, ids, x, rows, logits] = ["e", "ids", "x", "rows", "logits"].map(|s| value(&mut g, s));
+        g.values[ids.index()].dtype = Some(DType::I64);
+        let ed = values(v * h, 10.0);
+        g.initializers
+            .insert(e, TensorData::from_values("e", vec![v, h], ed.as_slice()).unwrap());
+        let mut head = node("lm_head", "MatMulBias", &[x, e], &[logits]);
+        head.domain = "ai.kiln".into();
+        head.attributes.insert("trans_b".into(), Attribute::Int(1));
+        g.nodes = vec![node("embed", "Gather", &[e, ids], &[rows]), head];
+        g.inputs = vec![ids, x];
+        g.outputs = vec![rows, logits];
+        let options = PlanOptions {
+            device: candle_core::Device::Cpu,
+            opsets: HashMap::from([(String::new(), 17)]),
+            host_shapes: None,
+        };
+        let plan = ExecutionPlan::compile_graph(&g, &options).unwrap();
+        if crate::sgemm::available() {
+            assert!(plan.constants.is_empty(), "the table is not a constant");
+            let packed = (h * v.div_ceil(16) * 16 * 4) as u64;
+            assert_eq!(plan.memory().kernel_bytes, packed, "one packed copy, counted once");
+        }
+        let dev = candle_core::Device::Cpu;
+        let xd = values(2 * t * h, 11.0);
+        let feed = |index: i64| {
+            let idx = candle_core::Tensor::new(&[[3i64, index], [0, 36]], &dev).unwrap();
+            let xt = candle_core::Tensor::from_vec(xd.clone(), (2, t, h), &dev).unwrap();
+            vec![
+                Some(Value::Tensor(Tensor::from_candle(idx).unwrap())),
+                Some(Value::Tensor(Tensor::from_candle(xt).unwrap())),
+            ]
+        };
+        let (outs, _) = plan.run(feed(-1), &HashMap::new(), &RunOptions::default()).unwrap();
+        let got_rows = outs[0].as_tensor().unwrap().to_f64_vec().unwrap();
+        assert_eq!(outs[0].as_tensor().unwrap().dims(), &[2, 2, h]);
+        for (k, &r) in [3usize, 36, 0, 36].iter().enumerate() {
+            for j in 0..h {
+                assert_eq!(got_rows[k * h + j], ed[r * h + j] as f64);
+            }
+        }
+        let et: Vec<f32> = (0..h * v).map(|i| ed[(i % v) * h + i / v]).collect();
+        let want = product(&xd, &et, 2 * t, h, v);
+        let got = outs[1].as_tensor().unwrap().to_f64_vec().unwrap();
+        for (g, w) in got.iter().zip(&want) {
+            assert!((g - *w as f64).abs() < 1e-4, "{g} vs {w}");
+        }
+        let err = plan.run(feed(37), &HashMap::new(), &RunOptions::default()).unwrap_err();
+        assert!(err.to_string().contains("out of bounds"), "{err}");
     }
 
     /// A Conv whose filter is packed at plan time holds it once too, and computes what candle's

@@ -51,14 +51,22 @@ impl From<Level> for OptLevel {
 /// Runs the graph optimizer of `level` over a model's main graph, folding constants with the
 /// runtime's CPU kernels. Fusions may use Kiln's kernels whatever opset the model declares.
 pub fn optimize_model(model: &mut Model, level: Level) -> Result<OptimizationReport> {
-    optimize_for_precision(model, level, Precision::F32)
+    optimize_for_precision(model, level, Precision::F32, false)
 }
 
 /// [`optimize_model`] for a session of the given precision: int8 weight-only quantization runs after
 /// the optimizer and rewrites MatMul/Gemm weights, so the MatMul + bias fusion (Level All) stays off.
-fn optimize_for_precision(model: &mut Model, level: Level, precision: Precision) -> Result<OptimizationReport> {
+/// `cpu_f32`: a CPU session computing in f32, whose kernels can share one packed form of a weight
+/// read both as stored and transposed (tied embeddings; `Options::share_transposed_weights`).
+fn optimize_for_precision(
+    model: &mut Model,
+    level: Level,
+    precision: Precision,
+    cpu_f32: bool,
+) -> Result<OptimizationReport> {
     let mut options = Options::for_model(model, level.into());
     options.fuse_matmul_bias = precision != Precision::Int8WeightOnly;
+    options.share_transposed_weights = cpu_f32 && precision == Precision::F32;
     Ok(optimize(&mut model.graph, &options, &CpuConstEval)?)
 }
 
@@ -196,7 +204,8 @@ impl SessionBuilder {
             )?),
             None => None,
         };
-        let optimization = optimize_for_precision(&mut model, self.level, self.precision)?;
+        let cpu = self.device == Device::Cpu;
+        let optimization = optimize_for_precision(&mut model, self.level, self.precision, cpu)?;
         match self.precision {
             Precision::F32 => {}
             Precision::Int8WeightOnly => {

@@ -48,6 +48,7 @@ pub mod quantize;
 pub mod quantize_int4;
 pub mod reshape_chain;
 pub mod shape_fold;
+pub mod tied_weight;
 pub mod transpose;
 
 /// How much rewriting to do (the ONNX Runtime levels).
@@ -104,6 +105,10 @@ pub struct Options {
     /// Level All's `matmul_bias_fusion` (MatMul + bias (+ GELU) -> `ai.kiln::MatMulBias`). Off when the
     /// int8 weight-only quantization runs after the optimizer: it rewrites MatMul/Gemm weights only.
     pub fuse_matmul_bias: bool,
+    /// Level All's `transposed_weight_matmul`: `MatMul(X, Transpose(W))` with a constant `W` reads
+    /// `W` as stored (`ai.kiln::MatMulBias` with `trans_b`), so tied embeddings stay one tensor.
+    /// For CPU sessions, whose kernels pack such a weight once for every reader.
+    pub share_transposed_weights: bool,
 }
 
 impl Default for Options {
@@ -116,6 +121,7 @@ impl Default for Options {
             overridable_initializers: true,
             strict_opsets: false,
             fuse_matmul_bias: true,
+            share_transposed_weights: false,
         }
     }
 }
@@ -165,6 +171,10 @@ pub fn passes_for(level: OptLevel) -> Vec<Box<dyn Pass>> {
     let mut v: Vec<Box<dyn Pass>> = Vec::new();
     if level == OptLevel::Disabled {
         return v;
+    }
+    if level >= OptLevel::All {
+        // Before constant folding, which would copy the transposed weight.
+        v.push(Box::new(tied_weight::MatMulTransposedWeight));
     }
     v.push(Box::new(noop::EliminateNoOps));
     v.push(Box::new(shape_fold::FoldStaticShapes));

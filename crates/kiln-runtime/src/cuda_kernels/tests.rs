@@ -125,6 +125,7 @@ fn run_op(
         subplans: Default::default(),
         consumed: Default::default(),
         held: Default::default(),
+        packs: Default::default(),
     };
     let factory = Registry::global()
         .get(domain, op)

@@ -236,6 +236,7 @@ fn inner_conv(n: &NodeCtx, extra: &[&str], clamp: Option<(f32, f32)>) -> Result<
         subplans: Default::default(),
         consumed: Default::default(),
         held: Default::default(),
+        packs: n.packs.clone(),
     };
     let k = match clamp {
         Some(c) => super::nn::conv_kernel(&cx, Some(c)),

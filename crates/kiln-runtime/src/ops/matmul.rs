@@ -360,12 +360,38 @@ impl PackedWeight {
 /// packed GEMM, when the plan runs on a CPU that has the kernels; the kernel then holds the only
 /// copy.
 fn pack_const_weight(n: &NodeCtx, i: usize, trans: bool) -> Result<Option<PackedWeight>> {
+    let Some((packed, dims)) = shared_packed(n, i, trans)? else {
+        return Ok(None);
+    };
+    n.consume_input(i);
+    Ok(Some(PackedWeight {
+        packed,
+        input: i,
+        dims,
+        trans,
+        original: std::sync::OnceLock::new(),
+    }))
+}
+
+/// The constant f32 2-D input `i` (`[K, N]`, or `[N, K]` when `trans`) packed as the GEMM's right
+/// operand, with its stored dims: packed once per plan for all kernels that read the same
+/// initializer the same way ([`NodeCtx::packs`]; its bytes are counted by the first). `None` off
+/// the CPU, without the kernels, or for another dtype or rank.
+pub(crate) fn shared_packed(n: &NodeCtx, i: usize, trans: bool) -> Result<Option<(Arc<sgemm::PackedB>, [usize; 2])>> {
     if !n.options.device.is_cpu() || !sgemm::available() {
         return Ok(None);
     }
     let Some(w) = n.const_input(i) else { return Ok(None) };
     if w.dtype != DType::F32 || w.dims.len() != 2 {
         return Ok(None);
+    }
+    let (r, c) = (w.dims[0], w.dims[1]);
+    // Only initializers are shared (a Constant node's value belongs to that node).
+    let key = n.node.inputs[i]
+        .filter(|id| n.graph.initializers.contains_key(id))
+        .map(|id| (id, trans));
+    if let Some(p) = key.and_then(|k| n.packs.borrow().get(&k).cloned()) {
+        return Ok(Some((p, [r, c])));
     }
     let copied;
     let vals = match w.f32_slice() {
@@ -375,7 +401,6 @@ fn pack_const_weight(n: &NodeCtx, i: usize, trans: bool) -> Result<Option<Packed
             copied.as_slice()
         }
     };
-    let (r, c) = (w.dims[0], w.dims[1]);
     let view = if trans {
         // stored [N, K]: element (p, j) of the [K, N] operand is at j * K + p
         sgemm::MatRef {
@@ -388,16 +413,12 @@ fn pack_const_weight(n: &NodeCtx, i: usize, trans: bool) -> Result<Option<Packed
     } else {
         sgemm::MatRef::row_major(vals, r, c)
     };
-    let packed = sgemm::PackedB::pack(view).map_err(|e| n.err(e.to_string()))?;
-    n.consume_input(i);
+    let packed = Arc::new(sgemm::PackedB::pack(view).map_err(|e| n.err(e.to_string()))?);
     n.note_held_bytes(packed.bytes());
-    Ok(Some(PackedWeight {
-        packed: Arc::new(packed),
-        input: i,
-        dims: [r, c],
-        trans,
-        original: std::sync::OnceLock::new(),
-    }))
+    if let Some(k) = key {
+        n.packs.borrow_mut().insert(k, Arc::clone(&packed));
+    }
+    Ok(Some((packed, [r, c])))
 }
 
 /// `act(A @ W (+ bias))` with a packed constant `W` for an f32 CPU `A` of rank >= 2 whose last dim
@@ -447,25 +468,28 @@ fn matmul_bias(n: &NodeCtx) -> Result<Box<dyn OpKernel>> {
         "gelu_tanh" => sgemm::Activation::GeluTanh,
         other => return Err(n.err(format!("unknown activation '{other}'"))),
     };
-    let packed = pack_const_weight(n, 1, false)?;
+    // `trans_b` (`kiln_graph::passes::tied_weight`): W is stored `[N, K]`.
+    let trans_b = n.attr_i("trans_b", 0)? != 0;
+    let packed = pack_const_weight(n, 1, trans_b)?;
     let const_bias = n
         .const_input(2)
         .filter(|t| t.dtype == DType::F32)
         .and_then(|t| t.values::<f32>());
     Ok(kernel(move |cx, ins| {
-        let (a, bias) = (tin(ins, 0)?, tin(ins, 2)?);
+        let (a, bias) = (tin(ins, 0)?, tin_opt(ins, 2)?);
         if let Some(p) = &packed {
-            let fits = bias.dtype() == DType::F32 && bias.elem_count() == p.n() && bias.rank() <= a.rank();
+            let fits = bias.is_none_or(|b| b.dtype() == DType::F32 && b.elem_count() == p.n() && b.rank() <= a.rank());
             if fits {
                 let runtime_bias;
-                let bv = match &const_bias {
-                    Some(v) => v.as_slice(),
-                    None => {
-                        runtime_bias = bias.candle().flatten_all()?.to_vec1::<f32>()?;
-                        runtime_bias.as_slice()
+                let bv = match (&const_bias, bias) {
+                    (Some(v), _) => Some(v.as_slice()),
+                    (None, Some(b)) => {
+                        runtime_bias = b.candle().flatten_all()?.to_vec1::<f32>()?;
+                        Some(runtime_bias.as_slice())
                     }
+                    (None, None) => None,
                 };
-                if let Some(y) = packed_matmul(cx, a, p, Some(bv), act)? {
+                if let Some(y) = packed_matmul(cx, a, p, bv, act)? {
                     return out1(y);
                 }
             }
@@ -474,9 +498,19 @@ fn matmul_bias(n: &NodeCtx) -> Result<Box<dyn OpKernel>> {
             Some(p) => p.weight(ins)?,
             None => tin(ins, 1)?,
         };
+        let transposed;
+        let w = if trans_b {
+            // A transposed view: candle's GEMM reads it in place.
+            transposed = Tensor::new(w.candle().t()?, w.dtype())?;
+            &transposed
+        } else {
+            w
+        };
         let y = matmul(cx, a, w)?;
-        if bias.dtype() != y.dtype() {
-            bail!("MatMulBias bias has dtype {}, the product {}", bias.dtype(), y.dtype());
+        if let Some(b) = bias {
+            if b.dtype() != y.dtype() {
+                bail!("MatMulBias bias has dtype {}, the product {}", b.dtype(), y.dtype());
+            }
         }
         // On CUDA the bias and activation are one fused kernel (`kernels/bias_act.cu`).
         let cuda_act = match act {
@@ -485,10 +519,16 @@ fn matmul_bias(n: &NodeCtx) -> Result<Box<dyn OpKernel>> {
             sgemm::Activation::GeluErf => crate::cuda_kernels::Act::GeluErf,
             sgemm::Activation::GeluTanh => crate::cuda_kernels::Act::GeluTanh,
         };
-        if let Some(r) = crate::cuda_kernels::bias_act(y.candle(), Some(bias.candle()), cuda_act)? {
+        if bias.is_none() && act == sgemm::Activation::None {
+            return out1(y);
+        }
+        if let Some(r) = crate::cuda_kernels::bias_act(y.candle(), bias.map(|b| b.candle()), cuda_act)? {
             return out1(Tensor::new(r, y.dtype())?);
         }
-        let s = y.candle().broadcast_add(bias.candle())?;
+        let s = match bias {
+            Some(b) => y.candle().broadcast_add(b.candle())?,
+            None => y.candle().clone(),
+        };
         let s = match act {
             sgemm::Activation::None => s,
             sgemm::Activation::Relu => s.relu()?,

@@ -97,7 +97,14 @@ pub struct NodeCtx<'a> {
     pub(crate) consumed: std::cell::RefCell<Vec<usize>>,
     /// Bytes of weights the kernel holds in a form of its own (see [`NodeCtx::note_held_bytes`]).
     pub(crate) held: std::cell::Cell<u64>,
+    /// Weights packed for the GEMM so far in this plan, by (initializer, stored transposed): kernels
+    /// reading the same initializer the same way share one packed copy.
+    pub(crate) packs: SharedPacks,
 }
+
+/// See [`NodeCtx::packs`].
+pub(crate) type SharedPacks =
+    std::rc::Rc<std::cell::RefCell<HashMap<(kiln_graph::ValueId, bool), Arc<crate::sgemm::PackedB>>>>;
 
 impl NodeCtx<'_> {
     pub fn err(&self, reason: impl Into<String>) -> RuntimeError {

@@ -1,6 +1,8 @@
 //! Shape and data-movement operators: Reshape, Transpose, Concat, Slice, Gather, Split,
 //! Squeeze/Unsqueeze, Flatten, Expand, Tile, Shape, Size, Constant, ConstantOfShape, Range.
 
+use std::sync::Arc;
+
 use candle_core::Tensor as CT;
 use kiln_graph::{Attribute, TensorData};
 
@@ -148,9 +150,13 @@ pub fn register(r: &mut Registry) {
     });
     r.add("Gather", |n| {
         let axis = n.attr_i("axis", 0)?;
-        Ok(kernel(move |_, ins| {
-            let (x, idx) = (tin(ins, 0)?, tin(ins, 1)?);
-            out1(gather(x, idx, axis)?)
+        let tied = tied_table(n, axis)?;
+        Ok(kernel(move |cx, ins| {
+            let idx = tin(ins, 1)?;
+            if let (Some(table), None) = (&tied, ins.first().copied().flatten()) {
+                return out1(gather_packed_rows(cx, table, idx)?);
+            }
+            out1(gather(tin(ins, 0)?, idx, axis)?)
         }))
     });
     r.add("Slice", slice);
@@ -310,6 +316,56 @@ pub fn gather(x: &Tensor, idx: &Tensor, axis: i64) -> Result<Tensor> {
     dims.extend_from_slice(idx.dims());
     dims.extend_from_slice(&x.dims()[a + 1..]);
     Tensor::new(picked.reshape(dims.as_slice())?, x.dtype())
+}
+
+/// A constant `[V, H]` f32 table gathered along axis 0 that a tied output projection also reads
+/// (`ai.kiln::MatMulBias` with `trans_b`, from `kiln_graph::passes::tied_weight`): the Gather reads
+/// its rows from the projection's packed copy, shared through the plan, and consumes the input, so
+/// the table is held once. `None` otherwise (the Gather reads its input as usual).
+fn tied_table(n: &NodeCtx, axis: i64) -> Result<Option<(Arc<crate::sgemm::PackedB>, [usize; 2])>> {
+    let Some(table) = n.node.inputs.first().copied().flatten() else {
+        return Ok(None);
+    };
+    if !matches!(axis, 0 | -2) {
+        return Ok(None);
+    }
+    let tied = n.graph.nodes.iter().any(|m| {
+        m.domain == "ai.kiln"
+            && m.op_type == "MatMulBias"
+            && m.inputs.get(1).copied().flatten() == Some(table)
+            && matches!(m.attr("trans_b"), Some(Attribute::Int(1)))
+    });
+    if !tied {
+        return Ok(None);
+    }
+    let Some(shared) = super::matmul::shared_packed(n, 0, true)? else {
+        return Ok(None);
+    };
+    n.consume_input(0);
+    Ok(Some(shared))
+}
+
+/// `Gather(table, idx)` along axis 0 with the table held as the packed `[H, V]` operand of its tied
+/// projection: each index's row is that operand's column.
+fn gather_packed_rows(
+    cx: &super::RunCx,
+    (table, [v, h]): &(Arc<crate::sgemm::PackedB>, [usize; 2]),
+    idx: &Tensor,
+) -> Result<Tensor> {
+    let (v, h) = (*v, *h);
+    let ids = idx.to_i64_vec()?;
+    let mut dims = idx.dims().to_vec();
+    dims.push(h);
+    cx.check_alloc(elems(&dims), kiln_graph::DType::F32)?;
+    let mut out = vec![0f32; ids.len() * h];
+    for (t, &i) in ids.iter().enumerate() {
+        let j = if i < 0 { i + v as i64 } else { i };
+        if j < 0 || j >= v as i64 {
+            bail!("index {i} is out of bounds for axis 0 of size {v}");
+        }
+        table.column(j as usize, &mut out[t * h..(t + 1) * h]);
+    }
+    Tensor::new(CT::from_vec(out, dims, cx.device)?, kiln_graph::DType::F32)
 }
 
 fn constant(n: &NodeCtx) -> Result<Box<dyn OpKernel>> {

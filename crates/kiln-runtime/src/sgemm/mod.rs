@@ -189,6 +189,16 @@ impl PackedB {
         self.data.len * 4
     }
 
+    /// Column `j` of the packed `k x n` operand into `out` (`k` floats): a stored `[N, K]` weight's
+    /// row `j` (an embedding row, when the table is also the tied output projection).
+    pub fn column(&self, j: usize, out: &mut [f32]) {
+        let kcb = kc_for(self.k);
+        let (jp, jj) = (j / NR, j % NR);
+        for (p, o) in out.iter_mut().enumerate().take(self.k) {
+            *o = self.panel(p / kcb, jp)[(p % kcb) * NR + jj];
+        }
+    }
+
     /// The weight back as a row-major `k x n` matrix (for callers that dropped the original).
     pub fn unpack(&self) -> Vec<f32> {
         let (k, n) = (self.k, self.n);
@@ -971,7 +981,14 @@ mod tests {
                 .flat_map(|p| (0..k).map(move |j| (p, j)))
                 .map(|(p, j)| b[j * n + p])
                 .collect();
-            assert_eq!(PackedB::pack(t).unwrap().unpack(), want, "{k}x{n} transposed");
+            let packed_t = PackedB::pack(t).unwrap();
+            assert_eq!(packed_t.unpack(), want, "{k}x{n} transposed");
+            // Column j of the transposed operand is row j of the stored [n', k'] = [k, n] matrix.
+            for j in 0..k {
+                let mut col = vec![f32::NAN; n];
+                packed_t.column(j, &mut col);
+                assert_eq!(col, b[j * n..(j + 1) * n], "{k}x{n} column {j}");
+            }
         }
     }
 
