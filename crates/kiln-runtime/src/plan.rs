@@ -492,6 +492,18 @@ pub(crate) mod tests {
         }
     }
 
+    /// Compiles `g` for the CPU; also the names of the constants the plan kept.
+    fn compile_cpu(g: &Graph) -> (ExecutionPlan, Vec<String>) {
+        let options = PlanOptions {
+            device: candle_core::Device::Cpu,
+            opsets: HashMap::from([(String::new(), 17)]),
+            host_shapes: None,
+        };
+        let plan = ExecutionPlan::compile_graph(g, &options).unwrap();
+        let kept = plan.constants.iter().map(|(s, _)| g.values[*s].name.clone()).collect();
+        (plan, kept)
+    }
+
     fn values(len: usize, seed: f32) -> Vec<f32> {
         (0..len)
             .map(|i| ((i as f32 * 0.37 + seed).sin() * 2.0).round() / 4.0)
@@ -545,13 +557,7 @@ pub(crate) mod tests {
         ];
         g.inputs = vec![a, v];
         g.outputs = vec![y1, y2, y3, y4, y5];
-        let options = PlanOptions {
-            device: candle_core::Device::Cpu,
-            opsets: HashMap::from([(String::new(), 17)]),
-            host_shapes: None,
-        };
-        let plan = ExecutionPlan::compile_graph(&g, &options).unwrap();
-        let kept: Vec<&str> = plan.constants.iter().map(|(s, _)| g.values[*s].name.as_str()).collect();
+        let (plan, kept) = compile_cpu(&g);
         if crate::sgemm::available() {
             assert_eq!(kept, vec!["ws"], "only the weight Identity also reads stays a constant");
         } else {
@@ -606,12 +612,7 @@ pub(crate) mod tests {
         g.nodes = vec![node("embed", "Gather", &[e, ids], &[rows]), head];
         g.inputs = vec![ids, x];
         g.outputs = vec![rows, logits];
-        let options = PlanOptions {
-            device: candle_core::Device::Cpu,
-            opsets: HashMap::from([(String::new(), 17)]),
-            host_shapes: None,
-        };
-        let plan = ExecutionPlan::compile_graph(&g, &options).unwrap();
+        let (plan, _) = compile_cpu(&g);
         if crate::sgemm::available() {
             assert!(plan.constants.is_empty(), "the table is not a constant");
             let packed = (h * v.div_ceil(16) * 16 * 4) as u64;
@@ -665,13 +666,7 @@ pub(crate) mod tests {
         g.nodes = vec![conv];
         g.inputs = vec![x];
         g.outputs = vec![y];
-        let options = PlanOptions {
-            device: candle_core::Device::Cpu,
-            opsets: HashMap::from([(String::new(), 17)]),
-            host_shapes: None,
-        };
-        let plan = ExecutionPlan::compile_graph(&g, &options).unwrap();
-        let kept: Vec<&str> = plan.constants.iter().map(|(s, _)| g.values[*s].name.as_str()).collect();
+        let (plan, kept) = compile_cpu(&g);
         if crate::sgemm::rows_available() {
             assert_eq!(kept, vec!["b"], "the filter lives only in its packed form");
             assert!(plan.memory().kernel_bytes >= (m * c * 9 * 4) as u64);
