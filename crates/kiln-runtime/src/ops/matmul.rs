@@ -725,10 +725,10 @@ fn gemm(n: &NodeCtx) -> Result<Box<dyn OpKernel>> {
         let a = tin(ins, 0)?;
         // A packed weight is rebuilt only if the general path below needs it.
         let (b_dtype, b_dims) = match &packed {
-            Some(p) => (DType::F32, p.dims.to_vec()),
+            Some(p) => (DType::F32, &p.dims[..]),
             None => {
                 let b = tin(ins, 1)?;
-                (b.dtype(), b.dims().to_vec())
+                (b.dtype(), b.dims())
             }
         };
         let c = tin_opt(ins, 2)?;

@@ -244,9 +244,10 @@ fn conv_factory(n: &NodeCtx) -> Result<Box<dyn OpKernel>> {
 /// applied in the CPU kernels' epilogues where they run, else as a pass over the output).
 pub(super) fn conv_kernel(n: &NodeCtx, clamp: Option<(f32, f32)>) -> Result<Box<dyn OpKernel>> {
     let a = conv_attrs(n)?;
-    // A constant f32 filter is packed for the CPU GEMM once, here.
+    // A constant f32 filter is packed for the CPU GEMM once, here; only 1-D and 2-D convs run on
+    // that kernel (a 3-D one would rebuild the consumed filter on every call).
     let packed = match n.const_input(1) {
-        Some(w) if n.options.device.is_cpu() && w.dtype == DType::F32 && a.group >= 1 => w
+        Some(w) if n.options.device.is_cpu() && w.dtype == DType::F32 && a.group >= 1 && w.dims.len() <= 4 => w
             .values::<f32>()
             .and_then(|wv| super::conv_cpu::PackedFilter::new(&wv, &w.dims, a.group as usize)),
         _ => None,
