@@ -111,7 +111,9 @@ impl SamplingParams {
 #[derive(Debug, Clone, PartialEq)]
 pub struct Sampled {
     pub token: TokenId,
-    pub logprob: f32,
+    /// The token's log-probability under the model's distribution, when the request asked for
+    /// log-probabilities (`SamplingParams::logprobs`): a softmax over the whole vocabulary per token.
+    pub logprob: Option<f32>,
     /// `(token, logprob)`, most likely first.
     pub top_logprobs: Vec<(TokenId, f32)>,
 }
@@ -165,8 +167,15 @@ fn log_softmax_at(logits: &[f32], max: f32, log_sum: f32, t: usize) -> f32 {
 
 fn max_and_log_sum(logits: &[f32]) -> (f32, f32) {
     let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let sum: f64 = logits.iter().map(|&l| ((l - max) as f64).exp()).sum();
+    let sum: f64 = exp_shifted(logits, max).iter().map(|&e| e as f64).sum();
     (max, sum.ln() as f32)
+}
+
+/// `exp(l - max)` for every logit, vectorized (a vocabulary is tens of thousands of values per token).
+fn exp_shifted(logits: &[f32], max: f32) -> Vec<f32> {
+    let mut e: Vec<f32> = logits.iter().map(|&l| l - max).collect();
+    kiln::paged::exp_in_place(&mut e);
+    e
 }
 
 fn argmax(logits: &[f32]) -> usize {
@@ -201,12 +210,13 @@ pub fn sample(
     output: &[TokenId],
     rng: &mut SamplerRng,
 ) -> Sampled {
-    let (raw_max, raw_log_sum) = max_and_log_sum(logits);
-    let raw_logprob = |t: usize| log_softmax_at(logits, raw_max, raw_log_sum, t);
+    // The model's log-probabilities cost a softmax over the vocabulary: only when asked for.
+    let raw = p.logprobs.map(|_| max_and_log_sum(logits));
+    let raw_logprob = |t: usize| raw.map(|(max, log_sum)| log_softmax_at(logits, max, log_sum, t));
     let top_logprobs = match p.logprobs {
         Some(n) if n > 0 => top_indices(logits, n)
             .into_iter()
-            .map(|t| (t as TokenId, raw_logprob(t)))
+            .filter_map(|t| Some((t as TokenId, raw_logprob(t)?)))
             .collect(),
         _ => Vec::new(),
     };
@@ -237,12 +247,12 @@ fn draw(l: &mut [f32], p: &SamplingParams, rng: &mut SamplerRng) -> usize {
     let truncated = p.top_k > 0 || p.top_p < 1.0 || p.min_p > 0.0;
     if !truncated {
         // Plain softmax draw over the whole vocabulary, no sort.
-        let probs: Vec<f64> = l.iter().map(|&x| ((x - max) as f64).exp()).collect();
+        let probs: Vec<f64> = exp_shifted(l, max).iter().map(|&e| e as f64).collect();
         return pick(&probs, rng).unwrap_or_else(|| argmax(l));
     }
     // Candidates most likely first. With top-p alone, look at the best 256 first and fall back to
     // the whole vocabulary only if they do not reach top_p.
-    let total: f64 = l.iter().map(|&x| ((x - max) as f64).exp()).sum();
+    let total: f64 = exp_shifted(l, max).iter().map(|&e| e as f64).sum();
     let mut k = if p.top_k > 0 {
         p.top_k.min(l.len())
     } else {
@@ -315,7 +325,19 @@ mod tests {
         let s = sample(&logits(), &p, &[], &[], &mut SamplerRng::new(Some(0), 0));
         assert_eq!(s.token, 1);
         let (max, ls) = max_and_log_sum(&logits());
-        assert!((s.logprob - (3.0 - max - ls)).abs() < 1e-6);
+        assert!((s.logprob.unwrap() - (3.0 - max - ls)).abs() < 1e-6);
+        let plain = sample(
+            &logits(),
+            &SamplingParams::greedy(),
+            &[],
+            &[],
+            &mut SamplerRng::new(Some(0), 0),
+        );
+        assert_eq!(
+            (plain.token, plain.logprob),
+            (1, None),
+            "no softmax when no log-probabilities are asked"
+        );
         assert_eq!(s.top_logprobs.iter().map(|x| x.0).collect::<Vec<_>>(), vec![1, 3]);
         let total: f32 = logits().iter().map(|&l| (l - max - ls).exp()).sum();
         assert!((total - 1.0).abs() < 1e-5);

@@ -7,7 +7,7 @@ use std::time::Instant;
 
 fn main() {
     rayon::ThreadPoolBuilder::new().num_threads(1).build_global().unwrap();
-    let shapes = [
+    let all = [
         (512, 384, 1536),
         (512, 1536, 384),
         (512, 384, 384),
@@ -21,7 +21,22 @@ fn main() {
         // (512 -> 1000 at 13x13).
         (24, 864, 6400),
         (1000, 512, 169),
+        // A 32-sequence decode step of SmolLM2-135M (hidden 576, MLP 1536, 3 KV heads of 64, vocabulary 49152).
+        (32, 576, 1536),
+        (32, 1536, 576),
+        (32, 576, 576),
+        (32, 576, 192),
+        (32, 576, 49152),
     ];
+    // `sgemm M,K,N ...` runs only the given shapes.
+    let picked: Vec<(usize, usize, usize)> = std::env::args()
+        .skip(1)
+        .map(|s| {
+            let v: Vec<usize> = s.split(',').map(|x| x.parse().expect("M,K,N")).collect();
+            (v[0], v[1], v[2])
+        })
+        .collect();
+    let shapes = if picked.is_empty() { all.to_vec() } else { picked };
     for &(m, k, n) in &shapes {
         let a: Vec<f32> = (0..m * k).map(|i| ((i * 7 % 13) as f32 - 6.0) * 0.01).collect();
         let b: Vec<f32> = (0..k * n).map(|i| ((i * 5 % 11) as f32 - 5.0) * 0.01).collect();

@@ -23,6 +23,7 @@ pub use device::Device;
 pub use device_memory::DeviceMemoryStats;
 pub use error::{catch_panic, panic_message, Result, RuntimeError};
 pub use executor::{host_fallback_count, OpTime, RunOptions, RunStats};
+pub use fastmath::exp_in_place;
 pub use fold::CpuConstEval;
 pub use ops::{supported_ops, Registry};
 pub use paged_kv::{KvDType, PagedKvCache, PagedKvConfig, PagedKvError, PagedSeq, PagedStep};

@@ -35,6 +35,8 @@ pub use session::convert_model_to_float16;
 /// and the cache a run reads and writes ([`RunOptions::paged_kv`]).
 pub mod paged {
     pub use kiln_graph::passes::paged_attention::{PagedRewrite, PagedRewriteOptions, LOGITS_INDICES};
+    /// Vectorized `exp` over a slice (softmax over a vocabulary when sampling).
+    pub use kiln_runtime::exp_in_place;
     pub use kiln_runtime::{KvDType, PagedKvCache, PagedKvConfig, PagedKvError, PagedSeq, PagedStep};
 }
 

@@ -608,6 +608,13 @@ fn run(
         chunk = chunk.min(npan.div_ceil(want).max(1));
     }
     let nchunks = npan.div_ceil(chunk);
+    if let Left::Raw(am) = a {
+        if nchunks > 1 {
+            // Every column chunk would pack the same rows of A again: pack them once for all.
+            let pa = PackedA::pack(am)?;
+            return run(m, n, k, Left::Packed(&pa), b, bias, c, ldc, opts);
+        }
+    }
     let tasks = mblocks * nchunks;
     let task = |t: usize| {
         let (ib, jc) = (t / nchunks, t % nchunks);
@@ -621,7 +628,7 @@ fn run(
         // A per-call B is packed one panel at a time, right before the micro-kernels that use it, so the
         // panel is still in L1 (packing a whole block first would send it through L2 and back).
         let mut bbuf = match b {
-            Right::Source(_) => Aligned::zeroed(2 * kc_for(k) * NR),
+            Right::Source(_) => Aligned::zeroed(3 * kc_for(k) * NR),
             Right::Packed(_) => Aligned::zeroed(0),
         };
         let wide = use_avx512();
@@ -634,9 +641,18 @@ fn run(
             let mut jp = jp0;
             while jp < jp1 {
                 let j0 = jp * NR;
-                // Two whole panels side by side make a 6 x 32 tile for the AVX-512 kernel.
-                let pair = wide && jp + 1 < jp1 && j0 + 2 * NR <= n;
-                let panels = if pair { 2 } else { 1 };
+                // Three (or two) whole panels side by side make a 6 x 48 (6 x 32) tile for the AVX-512
+                // kernel.
+                let whole = |q: usize| jp + q <= jp1 && j0 + q * NR <= n;
+                let panels = if !wide {
+                    1
+                } else if whole(3) {
+                    3
+                } else if whole(2) {
+                    2
+                } else {
+                    1
+                };
                 if let Right::Source(src) = b {
                     for q in 0..panels {
                         let jq = j0 + q * NR;
@@ -648,8 +664,7 @@ fn run(
                     Right::Packed(pb) => pb.panel(pc, jp + q),
                     Right::Source(_) => &bbuf.as_slice()[q * kc * NR..(q + 1) * kc * NR],
                 };
-                let bp = panel(0);
-                let bp2 = if pair { Some(panel(1)) } else { None };
+                let bps: [&[f32]; 3] = std::array::from_fn(|q| if q < panels { panel(q) } else { &[] });
                 let nr = NR.min(n - j0);
                 jp += panels;
                 for ip in 0..mc.div_ceil(MR) {
@@ -669,23 +684,15 @@ fn run(
                             Bias::PerRow(bv) => Init::Col(bv[r0..].as_ptr()),
                         }
                     };
-                    // SAFETY: the tile (r0..r0+mr, j0..j0+nr, or 2*NR columns for a pair) is inside C
-                    // (checked by `check`), no other task writes it, and the panels hold kc*MR / kc*NR
-                    // floats.
+                    // SAFETY: the tile (r0..r0+mr, j0..j0+nr, or panels*NR columns for a wide tile) is
+                    // inside C (checked by `check`), no other task writes it, and the panels hold kc*MR /
+                    // kc*NR floats.
                     unsafe {
-                        match bp2 {
-                            Some(bp2) if mr == MR => {
-                                kernel_pair(kc, ap.as_ptr(), bp.as_ptr(), bp2.as_ptr(), out, r0, j0, init)
-                            }
-                            Some(bp2) => {
-                                let init2 = match init {
-                                    Init::Row(b) => Init::Row(b.add(NR)),
-                                    other => other,
-                                };
-                                tile(kc, ap, bp, out, r0, j0, mr, NR, init);
-                                tile(kc, ap, bp2, out, r0, j0 + NR, mr, NR, init2);
-                            }
-                            None => tile(kc, ap, bp, out, r0, j0, mr, nr, init),
+                        let (a0, b0, b1) = (ap.as_ptr(), bps[0].as_ptr(), bps[1].as_ptr());
+                        match panels {
+                            3 => kernel_wide(kc, a0, [b0, b1, bps[2].as_ptr()], out, r0, j0, mr, init),
+                            2 => kernel_wide(kc, a0, [b0, b1], out, r0, j0, mr, init),
+                            _ => tile(kc, ap, bps[0], out, r0, j0, mr, nr, init),
                         }
                     }
                 }
@@ -773,86 +780,112 @@ unsafe fn kernel(kc: usize, a: *const f32, b: *const f32, c: *mut f32, ldc: usiz
     unsafe { kernel_avx2(kc, a, b, c, ldc, init) }
 }
 
-/// A full 6 x 32 tile of C at `(r0, j0)` from one A panel and two adjacent B panels.
+/// A tile of `R` rows (1..=MR) and `P * NR` columns of C at `(r0, j0)` from one A panel (its first `R`
+/// rows) and `P` adjacent B panels (`P` = 2 or 3), on the AVX-512 kernel.
 #[cfg(target_arch = "x86_64")]
 #[allow(clippy::too_many_arguments)]
 #[inline]
-unsafe fn kernel_pair(
+unsafe fn kernel_wide<const P: usize>(
     kc: usize,
     a: *const f32,
-    b0: *const f32,
-    b1: *const f32,
+    b: [*const f32; P],
     out: OutPtr,
     r0: usize,
     j0: usize,
+    rows: usize,
     init: Init,
 ) {
     // SAFETY: as for `kernel_avx512`; `use_avx512` made sure the CPU has AVX-512F.
-    unsafe { kernel_avx512(kc, a, b0, b1, out.ptr.add(r0 * out.ldc + j0), out.ldc, init) }
+    unsafe {
+        let c = out.ptr.add(r0 * out.ldc + j0);
+        match rows {
+            1 => kernel_avx512::<1, P>(kc, a, b, c, out.ldc, init),
+            2 => kernel_avx512::<2, P>(kc, a, b, c, out.ldc, init),
+            3 => kernel_avx512::<3, P>(kc, a, b, c, out.ldc, init),
+            4 => kernel_avx512::<4, P>(kc, a, b, c, out.ldc, init),
+            5 => kernel_avx512::<5, P>(kc, a, b, c, out.ldc, init),
+            _ => kernel_avx512::<MR, P>(kc, a, b, c, out.ldc, init),
+        }
+    }
 }
 
 #[cfg(not(target_arch = "x86_64"))]
 #[allow(clippy::too_many_arguments)]
-unsafe fn kernel_pair(
+unsafe fn kernel_wide<const P: usize>(
     _kc: usize,
     _a: *const f32,
-    _b0: *const f32,
-    _b1: *const f32,
+    _b: [*const f32; P],
     _out: OutPtr,
     _r0: usize,
     _j0: usize,
+    _rows: usize,
     _init: Init,
 ) {
     // `use_avx512` is false off x86-64, so this is never reached.
 }
 
-/// The 6x32 AVX-512 micro-kernel: [`kernel_avx2`]'s loop with one 16-lane vector per B panel, so the
-/// same instruction count does twice the multiply-adds (12 of the 32 zmm registers accumulate).
+/// The AVX-512 micro-kernel: [`kernel_avx2`]'s loop over `R` rows of an A panel (R <= MR; the panel
+/// is still `kc x MR`) and `P` B panels, one 16-lane vector per panel. `R x P` of the 32 zmm registers
+/// accumulate: a full 6 x 48 tile (P = 3) issues 9 loads per 18 multiply-adds where 6 x 32 issues 8 per
+/// 12, and a short tile at the bottom of C (m not a multiple of 6) does only its own rows' work.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-unsafe fn kernel_avx512(kc: usize, a: *const f32, b0: *const f32, b1: *const f32, c: *mut f32, ldc: usize, init: Init) {
+unsafe fn kernel_avx512<const R: usize, const P: usize>(
+    kc: usize,
+    a: *const f32,
+    b: [*const f32; P],
+    c: *mut f32,
+    ldc: usize,
+    init: Init,
+) {
     use std::arch::x86_64::*;
     // SAFETY (whole body): the caller guarantees kc*MR floats at `a`, kc*NR 64-byte aligned floats at
-    // `b0` and `b1`, and an MR x 2*NR tile at `c` with row stride `ldc`; `Row` points at 2*NR floats,
-    // `Col` at MR.
+    // each `b[q]`, and an R x P*NR tile at `c` with row stride `ldc`; `Row` points at P*NR floats, `Col`
+    // at R.
     unsafe {
-        let mut acc = [[_mm512_setzero_ps(); 2]; MR];
+        let mut acc = [[_mm512_setzero_ps(); P]; R];
         match init {
             Init::Zero => {}
             Init::Row(bias) => {
-                let (v0, v1) = (_mm512_loadu_ps(bias), _mm512_loadu_ps(bias.add(NR)));
                 for r in acc.iter_mut() {
-                    *r = [v0, v1];
+                    for (q, v) in r.iter_mut().enumerate() {
+                        *v = _mm512_loadu_ps(bias.add(q * NR));
+                    }
                 }
             }
             Init::Col(bias) => {
                 for (i, r) in acc.iter_mut().enumerate() {
-                    let v = _mm512_set1_ps(*bias.add(i));
-                    *r = [v, v];
+                    *r = [_mm512_set1_ps(*bias.add(i)); P];
                 }
             }
             Init::Load => {
                 for (i, r) in acc.iter_mut().enumerate() {
-                    *r = [_mm512_loadu_ps(c.add(i * ldc)), _mm512_loadu_ps(c.add(i * ldc + NR))];
+                    for (q, v) in r.iter_mut().enumerate() {
+                        *v = _mm512_loadu_ps(c.add(i * ldc + q * NR));
+                    }
                 }
             }
         }
-        let (mut ap, mut p0, mut p1) = (a, b0, b1);
+        let mut ap = a;
+        let mut bp = b;
         for _ in 0..kc {
-            let v0 = _mm512_load_ps(p0);
-            let v1 = _mm512_load_ps(p1);
+            let mut bv = [_mm512_setzero_ps(); P];
+            for q in 0..P {
+                bv[q] = _mm512_load_ps(bp[q]);
+                bp[q] = bp[q].add(NR);
+            }
             for (i, r) in acc.iter_mut().enumerate() {
                 let av = _mm512_set1_ps(*ap.add(i));
-                r[0] = _mm512_fmadd_ps(av, v0, r[0]);
-                r[1] = _mm512_fmadd_ps(av, v1, r[1]);
+                for q in 0..P {
+                    r[q] = _mm512_fmadd_ps(av, bv[q], r[q]);
+                }
             }
             ap = ap.add(MR);
-            p0 = p0.add(NR);
-            p1 = p1.add(NR);
         }
         for (i, r) in acc.iter().enumerate() {
-            _mm512_storeu_ps(c.add(i * ldc), r[0]);
-            _mm512_storeu_ps(c.add(i * ldc + NR), r[1]);
+            for (q, v) in r.iter().enumerate() {
+                _mm512_storeu_ps(c.add(i * ldc + q * NR), *v);
+            }
         }
     }
 }
@@ -1016,6 +1049,44 @@ mod tests {
                 let mut c = vec![f32::NAN; m * n];
                 gemm_packed_b(MatRef::row_major(&a, m, k), &pb, bs, &mut c, n).unwrap();
                 close(&c, &naive(m, n, k, &a, &b, bs), k);
+            }
+        }
+    }
+
+    #[test]
+    fn every_row_count_and_tile_width_matches_naive() {
+        // Bottom tiles of 1..=5 rows and right edges of 1, 2 and 3 whole panels plus a ragged one, with
+        // every bias kind, k split into two blocks (the second block loads C), packed B and packed A.
+        if !available() {
+            eprintln!("skipped: no AVX2+FMA on this CPU");
+            return;
+        }
+        for m in 1..=13 {
+            for &n in &[16, 32, 47, 48, 64, 80, 101] {
+                for &k in &[3, 400] {
+                    let a = rand(m * k, 21 + m as u64);
+                    let b = rand(k * n, 22 + n as u64);
+                    let (bias_n, bias_m, init) = (rand(n, 23), rand(m, 24), rand(m * n, 25));
+                    let pb = PackedB::pack(MatRef::row_major(&b, k, n)).unwrap();
+                    let pa = PackedA::pack(MatRef::row_major(&a, m, k)).unwrap();
+                    for bias in [
+                        Bias::None,
+                        Bias::PerCol(&bias_n),
+                        Bias::PerRow(&bias_m),
+                        Bias::Accumulate,
+                    ] {
+                        let mut want = naive(m, n, k, &a, &b, bias);
+                        if let Bias::Accumulate = bias {
+                            want.iter_mut().zip(&init).for_each(|(w, i)| *w += i);
+                        }
+                        let mut c = init.clone();
+                        gemm_packed_b(MatRef::row_major(&a, m, k), &pb, bias, &mut c, n).unwrap();
+                        close(&c, &want, k);
+                        let mut c = init.clone();
+                        gemm_packed_a(&pa, MatRef::row_major(&b, k, n), bias, &mut c, n).unwrap();
+                        close(&c, &want, k);
+                    }
+                }
             }
         }
     }
