@@ -16,6 +16,8 @@ use half::f16;
 use half::slice::HalfFloatSliceExt;
 use rayon::prelude::*;
 
+use crate::fastmath::madd;
+
 /// Element type of the stored K and V.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum KvDType {
@@ -300,13 +302,18 @@ impl PagedKvCache {
                     t,
                     scale,
                 };
+                #[cfg(target_arch = "x86_64")]
+                if fast && crate::sgemm::use_avx512() {
+                    // SAFETY: the CPU supports the features `run_avx512` is compiled for (checked above).
+                    return (si, g, unsafe { task.run_avx512() });
+                }
                 #[cfg(any(target_arch = "x86", target_arch = "x86_64"))]
                 if fast {
                     // SAFETY: the CPU supports the features `run_avx2` is compiled for (checked above).
                     return (si, g, unsafe { task.run_avx2() });
                 }
                 let _ = fast;
-                (si, g, task.run())
+                (si, g, task.run::<false>())
             })
             .collect();
         let mut out = vec![0.0f32; num_heads * t * d];
@@ -345,7 +352,7 @@ impl Task<'_> {
     /// serves every query head of the group and every query token of the sequence; returns
     /// `[group, num_query, D]`. The same arithmetic whatever else is in the batch.
     #[inline(always)]
-    fn run(&self) -> Vec<f32> {
+    fn run<const FMA: bool>(&self) -> Vec<f32> {
         let (cfg, kv, s, g) = (&self.cache.cfg, self.kv, self.seq, self.g);
         let (d, group, q, t, scale) = (cfg.head_dim, self.group, self.q, self.t, self.scale);
         let (ctx, nq, bs) = (s.context_len, s.num_query, cfg.block_size);
@@ -368,9 +375,7 @@ impl Task<'_> {
                     let qrow = &q[(h * t + s.query_start + i) * d..][..d];
                     let srow = &mut scores[(hg * nq + i) * ctx..][..ctx];
                     let last = n.min(pos + 1 - bi * bs);
-                    for j in 0..last {
-                        srow[bi * bs + j] = dot(qrow, &kt[j * d..(j + 1) * d]) * scale;
-                    }
+                    dots::<FMA>(qrow, &kt[..last * d], scale, &mut srow[bi * bs..bi * bs + last]);
                 }
             }
         }
@@ -389,10 +394,8 @@ impl Task<'_> {
                     continue;
                 }
                 let last = n.min(pos + 1 - bi * bs);
-                let orow = &mut out[r * d..(r + 1) * d];
-                for j in 0..last {
-                    axpy(scores[r * ctx + bi * bs + j], &vt[j * d..(j + 1) * d], orow);
-                }
+                let w = &scores[r * ctx + bi * bs..][..last];
+                weighted_sum::<FMA>(w, &vt[..last * d], &mut out[r * d..(r + 1) * d]);
             }
         }
         out
@@ -401,32 +404,121 @@ impl Task<'_> {
     #[cfg(any(target_arch = "x86", target_arch = "x86_64"))]
     #[target_feature(enable = "avx2,fma")]
     unsafe fn run_avx2(&self) -> Vec<f32> {
-        self.run()
+        self.run::<true>()
+    }
+
+    /// [`Task::run`] with 16-lane vectors (the same arithmetic, so the same bits as `run_avx2`).
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f,avx2,fma")]
+    unsafe fn run_avx512(&self) -> Vec<f32> {
+        self.run::<true>()
     }
 }
 
-/// Dot product with eight independent accumulators (lets the compiler vectorise it).
+/// Lanes of the partial sums in [`dot`]: one 512-bit or two 256-bit vectors.
+const LANES: usize = 16;
+
+/// `q · k` as `LANES` interleaved partial sums added in a fixed tree, then the tail: a key's score has
+/// the same bits whatever else the batch, the block or the query holds.
 #[inline(always)]
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let mut acc = [0.0f32; 8];
-    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
-    let (ra, rb) = (ca.remainder(), cb.remainder());
-    for (x, y) in ca.zip(cb) {
-        for l in 0..8 {
-            acc[l] += x[l] * y[l];
+fn dot<const FMA: bool>(q: &[f32], k: &[f32]) -> f32 {
+    let mut acc = [0.0f32; LANES];
+    let (cq, ck) = (q.chunks_exact(LANES), k.chunks_exact(LANES));
+    let (rq, rk) = (cq.remainder(), ck.remainder());
+    for (x, y) in cq.zip(ck) {
+        for l in 0..LANES {
+            acc[l] = madd::<FMA>(x[l], y[l], acc[l]);
         }
     }
-    let mut s: f32 = acc.iter().sum();
-    for (x, y) in ra.iter().zip(rb) {
-        s += x * y;
+    let mut s = reduce(acc);
+    for (x, y) in rq.iter().zip(rk) {
+        s = madd::<FMA>(*x, *y, s);
     }
     s
 }
 
 #[inline(always)]
-fn axpy(alpha: f32, x: &[f32], y: &mut [f32]) {
-    for (o, &v) in y.iter_mut().zip(x) {
-        *o += alpha * v;
+fn reduce(acc: [f32; LANES]) -> f32 {
+    let mut h = [0.0f32; 8];
+    for l in 0..8 {
+        h[l] = acc[l] + acc[l + 8];
+    }
+    let q = [h[0] + h[4], h[1] + h[5], h[2] + h[6], h[3] + h[7]];
+    (q[0] + q[2]) + (q[1] + q[3])
+}
+
+/// `out[j] = scale * (q · keys[j])` for the `out.len()` rows of `keys` (`q.len()` floats each), four
+/// keys per pass so four independent sums are in flight (each computed exactly as [`dot`]).
+#[inline(always)]
+fn dots<const FMA: bool>(q: &[f32], keys: &[f32], scale: f32, out: &mut [f32]) {
+    let d = q.len();
+    let mut quads = out.chunks_exact_mut(4);
+    let mut j = 0;
+    for o in &mut quads {
+        let k = &keys[j * d..(j + 4) * d];
+        let mut acc = [[0.0f32; LANES]; 4];
+        let whole = d / LANES * LANES;
+        for x in (0..whole).step_by(LANES) {
+            let qv = &q[x..x + LANES];
+            for (kk, a) in acc.iter_mut().enumerate() {
+                let kv = &k[kk * d + x..kk * d + x + LANES];
+                for l in 0..LANES {
+                    a[l] = madd::<FMA>(qv[l], kv[l], a[l]);
+                }
+            }
+        }
+        for (kk, a) in acc.into_iter().enumerate() {
+            let mut s = reduce(a);
+            for x in whole..d {
+                s = madd::<FMA>(q[x], k[kk * d + x], s);
+            }
+            o[kk] = s * scale;
+        }
+        j += 4;
+    }
+    for o in quads.into_remainder() {
+        *o = dot::<FMA>(q, &keys[j * d..(j + 1) * d]) * scale;
+        j += 1;
+    }
+}
+
+/// `out += sum_j w[j] * vals[j]` over the `w.len()` rows of `vals` (`out.len()` floats each): per
+/// `LANES` columns, four chains over the keys (j mod 4) kept in registers and added at the end.
+#[inline(always)]
+fn weighted_sum<const FMA: bool>(w: &[f32], vals: &[f32], out: &mut [f32]) {
+    let d = out.len();
+    let n = w.len();
+    let whole = d / LANES * LANES;
+    for x in (0..whole).step_by(LANES) {
+        let mut acc = [[0.0f32; LANES]; 4];
+        let mut quads = w.chunks_exact(4);
+        let mut j = 0;
+        for wq in &mut quads {
+            for (kk, a) in acc.iter_mut().enumerate() {
+                let v = &vals[(j + kk) * d + x..][..LANES];
+                for l in 0..LANES {
+                    a[l] = madd::<FMA>(wq[kk], v[l], a[l]);
+                }
+            }
+            j += 4;
+        }
+        for (kk, &wj) in quads.remainder().iter().enumerate() {
+            let v = &vals[(j + kk) * d + x..][..LANES];
+            for l in 0..LANES {
+                acc[kk][l] = madd::<FMA>(wj, v[l], acc[kk][l]);
+            }
+        }
+        let o = &mut out[x..x + LANES];
+        for l in 0..LANES {
+            o[l] += (acc[0][l] + acc[1][l]) + (acc[2][l] + acc[3][l]);
+        }
+    }
+    for x in whole..d {
+        let mut s = 0.0f32;
+        for j in 0..n {
+            s = madd::<FMA>(w[j], vals[j * d + x], s);
+        }
+        out[x] += s;
     }
 }
 
@@ -499,12 +591,24 @@ mod tests {
     /// dense causal attention over that sequence alone, for f32 and f16 storage.
     #[test]
     fn mixed_chunks_match_dense_causal_attention() {
-        let (h, hkv, d, bs) = (4, 2, 8, 4);
+        // (query heads, KV heads, head size, block size, the two sequences' lengths): head sizes under,
+        // at and between the kernels' 16-lane chunks, blocks with partial key quads.
+        for (h, hkv, d, bs, lens) in [
+            (4, 2, 8, 4, [11usize, 6]),
+            (9, 3, 64, 16, [45, 23]),
+            (3, 3, 40, 16, [35, 18]),
+            (2, 1, 17, 5, [19, 9]),
+        ] {
+            mixed_chunks_case(h, hkv, d, bs, lens);
+        }
+    }
+
+    fn mixed_chunks_case(h: usize, hkv: usize, d: usize, bs: usize, lens: [usize; 2]) {
         let scale = 1.0 / (d as f32).sqrt();
         for dtype in [KvDType::F32, KvDType::F16] {
             let cache = PagedKvCache::new(PagedKvConfig {
                 num_layers: 2,
-                num_blocks: 16,
+                num_blocks: 20,
                 block_size: bs,
                 num_kv_heads: hkv,
                 head_dim: d,
@@ -512,7 +616,6 @@ mod tests {
             })
             .unwrap();
             let mut seed = 7;
-            let lens = [11usize, 6];
             let full: Vec<(Vec<f32>, Vec<f32>, Vec<f32>)> = lens
                 .iter()
                 .map(|&s| {
@@ -523,10 +626,17 @@ mod tests {
                     )
                 })
                 .collect();
-            let tables = [vec![9u32, 2, 14], vec![5u32, 0]];
-            // Steps: (seq0 0..7, seq1 0..3), (seq0 7..8, seq1 3..6), (seq0 8..11).
-            let steps: [&[(usize, usize, usize)]; 3] =
-                [&[(0, 0, 7), (1, 0, 3)], &[(0, 7, 8), (1, 3, 6)], &[(0, 8, 11)]];
+            // Scattered blocks: sequence 0 takes 19, 17, 15, ..., sequence 1 18, 16, ...
+            let table =
+                |si: usize| -> Vec<u32> { (0..lens[si].div_ceil(bs)).map(|b| (19 - si - 2 * b) as u32).collect() };
+            let tables = [table(0), table(1)];
+            // Steps: (seq0 prefill chunk, seq1 prefill chunk), (seq0 one token, seq1 the rest), (seq0 the rest).
+            let (a0, a1) = (lens[0] * 2 / 3, lens[1] / 2);
+            let steps: [&[(usize, usize, usize)]; 3] = [
+                &[(0, 0, a0), (1, 0, a1)],
+                &[(0, a0, a0 + 1), (1, a1, lens[1])],
+                &[(0, a0 + 1, lens[0])],
+            ];
             let mut got: Vec<Vec<Vec<f32>>> = vec![vec![Vec::new(); h]; 2];
             for step in steps {
                 let mut seqs = Vec::new();
@@ -570,7 +680,7 @@ mod tests {
                 let want = dense(q, k, v, h, hkv, lens[si], d, scale);
                 let got: Vec<f32> = got[si].concat();
                 let err = want.iter().zip(&got).map(|(a, b)| (a - b).abs()).fold(0.0, f32::max);
-                assert!(err < tol, "{dtype:?} seq {si}: max error {err}");
+                assert!(err < tol, "{dtype:?} h {h} d {d} bs {bs} seq {si}: max error {err}");
             }
         }
     }
