@@ -1,8 +1,10 @@
 //! Paged KV storage and the attention that reads through block tables (vLLM's PagedAttention).
 //!
 //! A [`PagedKvCache`] holds, per layer, K and V for `num_blocks` blocks of `block_size` token
-//! slots, laid out `[block][kv_head][slot][head_dim]`, so one head's keys in a block are one
-//! contiguous `block_size x head_dim` tile that attention reads in place (f32) or converts once (f16). Which blocks a sequence owns is decided outside (Kiln's LLM block manager); a model
+//! slots: V laid out `[block][kv_head][slot][head_dim]`, K transposed within each tile,
+//! `[block][kv_head][head_dim][slot]`, so one head's keys (values) in a block are one contiguous
+//! tile that attention reads in place (f32) or converts once (f16), and the scores of a query row
+//! over a block's keys are one vector of multiply-adds per dimension (no horizontal sums). Which blocks a sequence owns is decided outside (Kiln's LLM block manager); a model
 //! step hands the executor a [`PagedStep`] (through [`RunOptions::paged_kv`](crate::RunOptions)):
 //! the cache plus, for every sequence in the flat token batch, where its query tokens sit, how long
 //! its context is after the step, and its block table. Each `ai.kiln::PagedAttention` node (one per
@@ -83,6 +85,16 @@ impl Store {
         match self {
             Store::F32(d) => d[at..at + src.len()].copy_from_slice(src),
             Store::F16(d) => d[at..at + src.len()].convert_from_f32_slice(src),
+        }
+    }
+    /// `src[x]` to `at + x * stride` (a key into its column of a transposed tile).
+    fn write_strided(&mut self, at: usize, stride: usize, src: &[f32]) {
+        match self {
+            Store::F32(d) => src.iter().enumerate().for_each(|(x, &v)| d[at + x * stride] = v),
+            Store::F16(d) => src
+                .iter()
+                .enumerate()
+                .for_each(|(x, &v)| d[at + x * stride] = f16::from_f32(v)),
         }
     }
     /// `len` values from `at` as f32: borrowed in place for f32 storage, converted into
@@ -178,8 +190,8 @@ impl PagedKvCache {
                 "block copy {src} -> {dst} of {num_tokens} slots is out of range"
             )));
         }
-        let tile = self.cfg.block_size * self.cfg.head_dim;
-        let n = num_tokens * self.cfg.head_dim;
+        let (bs, d) = (self.cfg.block_size, self.cfg.head_dim);
+        let tile = bs * d;
         for layer in &self.layers {
             let mut l = layer.lock().unwrap_or_else(|e| e.into_inner());
             for h in 0..self.cfg.num_kv_heads {
@@ -187,18 +199,22 @@ impl PagedKvCache {
                     (src * self.cfg.num_kv_heads + h) * tile,
                     (dst * self.cfg.num_kv_heads + h) * tile,
                 );
-                l.k.copy_within(from..from + n, to);
-                l.v.copy_within(from..from + n, to);
+                // K tiles are transposed: the first slots of every dimension's row.
+                for x in 0..d {
+                    l.k.copy_within(from + x * bs..from + x * bs + num_tokens, to + x * bs);
+                }
+                l.v.copy_within(from..from + num_tokens * d, to);
             }
         }
         Ok(())
     }
 
-    /// Offset of head `h`'s row for position `pos` of a sequence with block table `table`.
-    fn slot(&self, table: &[u32], pos: usize, h: usize) -> usize {
+    /// Offsets of head `h`'s value row and key column for position `pos` of a sequence with block
+    /// table `table` (the key's dimension `x` is at `key + x * block_size`).
+    fn slot(&self, table: &[u32], pos: usize, h: usize) -> (usize, usize) {
         let bs = self.cfg.block_size;
-        let b = table[pos / bs] as usize;
-        ((b * self.cfg.num_kv_heads + h) * bs + pos % bs) * self.cfg.head_dim
+        let tile = self.tile(table[pos / bs], h);
+        (tile + (pos % bs) * self.cfg.head_dim, tile + pos % bs)
     }
 
     /// Offset of head `h`'s tile in block `b`.
@@ -276,10 +292,10 @@ impl PagedKvCache {
             let first_pos = s.context_len - s.num_query;
             for i in 0..s.num_query {
                 for h in 0..hkv {
-                    let at = self.slot(&s.block_table, first_pos + i, h);
+                    let (v_at, k_at) = self.slot(&s.block_table, first_pos + i, h);
                     let row = (h * t + s.query_start + i) * d;
-                    kv.k.write(at, &k[row..row + d]);
-                    kv.v.write(at, &v[row..row + d]);
+                    kv.k.write_strided(k_at, self.cfg.block_size, &k[row..row + d]);
+                    kv.v.write(v_at, &v[row..row + d]);
                 }
             }
         }
@@ -313,7 +329,7 @@ impl PagedKvCache {
                     return (si, g, unsafe { task.run_avx2() });
                 }
                 let _ = fast;
-                (si, g, task.run::<false>())
+                (si, g, task.run::<false, SIMD_NONE>())
             })
             .collect();
         let mut out = vec![0.0f32; num_heads * t * d];
@@ -352,50 +368,68 @@ impl Task<'_> {
     /// serves every query head of the group and every query token of the sequence; returns
     /// `[group, num_query, D]`. The same arithmetic whatever else is in the batch.
     #[inline(always)]
-    fn run<const FMA: bool>(&self) -> Vec<f32> {
+    fn run<const FMA: bool, const SIMD: u8>(&self) -> Vec<f32> {
         let (cfg, kv, s, g) = (&self.cache.cfg, self.kv, self.seq, self.g);
         let (d, group, q, t, scale) = (cfg.head_dim, self.group, self.q, self.t, self.scale);
         let (ctx, nq, bs) = (s.context_len, s.num_query, cfg.block_size);
         let first = ctx - nq;
-        let nblocks = ctx.div_ceil(bs);
-        // Scores of every (query head of the group, query token) row over the context.
+        // Rows: (query head of the group, query token), token-minor, so a group of consecutive rows
+        // is one head's consecutive positions. Row r sits at position first + r % nq.
         let rows = group * nq;
-        let mut scores = vec![f32::NEG_INFINITY; rows * ctx];
-        let mut tile = vec![0.0f32; bs * d];
-        for bi in 0..nblocks {
-            let n = bs.min(ctx - bi * bs);
-            let kt = kv.k.tile(self.cache.tile(s.block_table[bi], g), n * d, &mut tile);
-            for hg in 0..group {
-                let h = g * group + hg;
-                for i in 0..nq {
-                    let pos = first + i;
-                    if bi * bs > pos {
-                        continue;
-                    }
-                    let qrow = &q[(h * t + s.query_start + i) * d..][..d];
-                    let srow = &mut scores[(hg * nq + i) * ctx..][..ctx];
-                    let last = n.min(pos + 1 - bi * bs);
-                    dots::<FMA>(qrow, &kt[..last * d], scale, &mut srow[bi * bs..bi * bs + last]);
+        let qrow = |r: usize| {
+            let h = g * group + r / nq;
+            &q[(h * t + s.query_start + r % nq) * d..][..d]
+        };
+        // ROWS rows at a time, block by block: their scores over the blocks they see (a small buffer
+        // that stays in cache), softmax, then the values; the key and value tiles are re-read per
+        // row group (from cache: one head's context is `2 x ctx x d` floats).
+        let mut sc = vec![0.0f32; ROWS * ctx];
+        // f16 tiles are converted once per task (every row group reads them), f32 ones read in place.
+        let nblocks = ctx.div_ceil(bs);
+        let convert = |store: &Store| -> Vec<f32> {
+            let mut buf = Vec::new();
+            if let Store::F16(_) = store {
+                buf = vec![0.0f32; nblocks * bs * d];
+                for (bi, dst) in buf.chunks_exact_mut(bs * d).enumerate() {
+                    let at = self.cache.tile(s.block_table[bi], g);
+                    store.tile(at, bs * d, dst);
                 }
             }
-        }
-        // Softmax over the positions each row sees (the rest stay unread).
-        for r in 0..rows {
-            let seen = first + r % nq + 1;
-            crate::fastmath::softmax_row(&mut scores[r * ctx..r * ctx + seen]);
+            buf
+        };
+        let (kbuf, vbuf) = (convert(&kv.k), convert(&kv.v));
+        fn tile_at<'a>(store: &'a Store, buf: &'a [f32], at: usize, bi: usize, len: usize) -> &'a [f32] {
+            match store {
+                Store::F32(data) => &data[at..at + len],
+                Store::F16(_) => &buf[bi * len..(bi + 1) * len],
+            }
         }
         let mut out = vec![0.0f32; rows * d];
-        for bi in 0..nblocks {
-            let n = bs.min(ctx - bi * bs);
-            let vt = kv.v.tile(self.cache.tile(s.block_table[bi], g), n * d, &mut tile);
-            for r in 0..rows {
-                let pos = first + r % nq;
-                if bi * bs > pos {
-                    continue;
-                }
-                let last = n.min(pos + 1 - bi * bs);
-                let w = &scores[r * ctx + bi * bs..][..last];
-                weighted_sum::<FMA>(w, &vt[..last * d], &mut out[r * d..(r + 1) * d]);
+        for r0 in (0..rows).step_by(ROWS) {
+            let r1 = (r0 + ROWS).min(rows);
+            let nr = r1 - r0;
+            let last_pos = (r0..r1).map(|r| first + r % nq).max().unwrap_or(first);
+            let blocks = last_pos / bs + 1;
+            let span = ctx.min(blocks * bs);
+            let qs: [&[f32]; ROWS] = std::array::from_fn(|j| qrow(r0 + j.min(nr - 1)));
+            let offs: [usize; ROWS] = std::array::from_fn(|j| j.min(nr - 1) * ctx);
+            for bi in 0..blocks {
+                let n = bs.min(ctx - bi * bs);
+                let kt = tile_at(&kv.k, &kbuf, self.cache.tile(s.block_table[bi], g), bi, bs * d);
+                let offs = offs.map(|o| o + bi * bs);
+                block_scores::<FMA, SIMD>(nr, &qs, kt, bs, n, scale, &mut sc, &offs);
+            }
+            // Softmax over the positions each row sees; the rest of its span becomes weight 0.
+            for j in 0..nr {
+                let seen = first + (r0 + j) % nq + 1;
+                let row = &mut sc[j * ctx..j * ctx + span];
+                crate::fastmath::softmax_row(&mut row[..seen]);
+                row[seen..].fill(0.0);
+            }
+            for bi in 0..blocks {
+                let n = bs.min(ctx - bi * bs);
+                let vt = &tile_at(&kv.v, &vbuf, self.cache.tile(s.block_table[bi], g), bi, bs * d)[..n * d];
+                block_values::<FMA, SIMD>(nr, &sc[bi * bs..], ctx, vt, n, &mut out[r0 * d..r1 * d]);
             }
         }
         out
@@ -404,121 +438,276 @@ impl Task<'_> {
     #[cfg(any(target_arch = "x86", target_arch = "x86_64"))]
     #[target_feature(enable = "avx2,fma")]
     unsafe fn run_avx2(&self) -> Vec<f32> {
-        self.run::<true>()
+        self.run::<true, SIMD_AVX2>()
     }
 
     /// [`Task::run`] with 16-lane vectors (the same arithmetic, so the same bits as `run_avx2`).
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx512f,avx2,fma")]
     unsafe fn run_avx512(&self) -> Vec<f32> {
-        self.run::<true>()
+        self.run::<true, SIMD_AVX512>()
     }
 }
 
-/// Lanes of the partial sums in [`dot`]: one 512-bit or two 256-bit vectors.
+/// Which explicit vector kernels [`Task::run`] may use (it is compiled once per instruction set).
+const SIMD_NONE: u8 = 0;
+const SIMD_AVX2: u8 = 1;
+const SIMD_AVX512: u8 = 2;
+
+/// Query rows one kernel pass serves: each key column (values row) loaded once feeds this many
+/// independent multiply-add chains.
+const ROWS: usize = 8;
+/// Keys (or value columns) per vector: one 512-bit or two 256-bit registers.
 const LANES: usize = 16;
 
-/// `q · k` as `LANES` interleaved partial sums added in a fixed tree, then the tail: a key's score has
-/// the same bits whatever else the batch, the block or the query holds.
-#[inline(always)]
-fn dot<const FMA: bool>(q: &[f32], k: &[f32]) -> f32 {
-    let mut acc = [0.0f32; LANES];
-    let (cq, ck) = (q.chunks_exact(LANES), k.chunks_exact(LANES));
-    let (rq, rk) = (cq.remainder(), ck.remainder());
-    for (x, y) in cq.zip(ck) {
-        for l in 0..LANES {
-            acc[l] = madd::<FMA>(x[l], y[l], acc[l]);
+macro_rules! by_rows {
+    ($nr:expr, $f:ident::<$($p:tt),*>($($arg:expr),*)) => {
+        match $nr {
+            1 => $f::<$($p,)* 1>($($arg),*),
+            2 => $f::<$($p,)* 2>($($arg),*),
+            3 => $f::<$($p,)* 3>($($arg),*),
+            4 => $f::<$($p,)* 4>($($arg),*),
+            5 => $f::<$($p,)* 5>($($arg),*),
+            6 => $f::<$($p,)* 6>($($arg),*),
+            7 => $f::<$($p,)* 7>($($arg),*),
+            _ => $f::<$($p,)* ROWS>($($arg),*),
         }
-    }
-    let mut s = reduce(acc);
-    for (x, y) in rq.iter().zip(rk) {
-        s = madd::<FMA>(*x, *y, s);
-    }
-    s
+    };
+}
+
+/// Scores of `nr` query rows (`qs[..nr]`, `d` floats each) over the `n` keys of one transposed key
+/// tile `kt` (`d` rows of `bs` slots): `scores[out[r] + j] = scale * sum_x qs[r][x] * kt[x][j]`, each a
+/// fused multiply-add chain over `x` in order, so a score has the same bits whatever rows share the
+/// pass and whichever kernel computes it.
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+fn block_scores<const FMA: bool, const SIMD: u8>(
+    nr: usize,
+    qs: &[&[f32]; ROWS],
+    kt: &[f32],
+    bs: usize,
+    n: usize,
+    scale: f32,
+    scores: &mut [f32],
+    out: &[usize; ROWS],
+) {
+    by_rows!(nr, scores_n::<FMA, SIMD>(qs, kt, bs, n, scale, scores, out))
 }
 
 #[inline(always)]
-fn reduce(acc: [f32; LANES]) -> f32 {
-    let mut h = [0.0f32; 8];
-    for l in 0..8 {
-        h[l] = acc[l] + acc[l + 8];
-    }
-    let q = [h[0] + h[4], h[1] + h[5], h[2] + h[6], h[3] + h[7]];
-    (q[0] + q[2]) + (q[1] + q[3])
-}
-
-/// `out[j] = scale * (q · keys[j])` for the `out.len()` rows of `keys` (`q.len()` floats each), four
-/// keys per pass so four independent sums are in flight (each computed exactly as [`dot`]).
-#[inline(always)]
-fn dots<const FMA: bool>(q: &[f32], keys: &[f32], scale: f32, out: &mut [f32]) {
-    let d = q.len();
-    let mut quads = out.chunks_exact_mut(4);
-    let mut j = 0;
-    for o in &mut quads {
-        let k = &keys[j * d..(j + 4) * d];
-        let mut acc = [[0.0f32; LANES]; 4];
-        let whole = d / LANES * LANES;
-        for x in (0..whole).step_by(LANES) {
-            let qv = &q[x..x + LANES];
-            for (kk, a) in acc.iter_mut().enumerate() {
-                let kv = &k[kk * d + x..kk * d + x + LANES];
-                for l in 0..LANES {
-                    a[l] = madd::<FMA>(qv[l], kv[l], a[l]);
+fn scores_n<const FMA: bool, const SIMD: u8, const R: usize>(
+    qs: &[&[f32]; ROWS],
+    kt: &[f32],
+    bs: usize,
+    n: usize,
+    scale: f32,
+    scores: &mut [f32],
+    out: &[usize; ROWS],
+) {
+    let d = qs[0].len();
+    assert!(kt.len() >= d * bs && qs[..R].iter().all(|q| q.len() == d));
+    let mut j0 = 0;
+    while j0 < n {
+        let m = LANES.min(n - j0);
+        let mut acc = [[0.0f32; LANES]; R];
+        if SIMD != SIMD_NONE && cfg!(target_arch = "x86_64") && j0 + LANES <= bs {
+            let qp: [*const f32; R] = std::array::from_fn(|r| qs[r].as_ptr());
+            // SAFETY: every q row holds d floats and kt holds d rows of bs >= j0 + LANES slots (asserted
+            // above); the SIMD level was checked by the caller of `Task::run`.
+            unsafe {
+                #[cfg(target_arch = "x86_64")]
+                if SIMD == SIMD_AVX512 {
+                    vec::scores_avx512::<R>(qp, kt.as_ptr().add(j0), bs, d, &mut acc);
+                } else {
+                    vec::scores_avx2::<R>(qp, kt.as_ptr().add(j0), bs, d, &mut acc);
+                }
+            }
+        } else {
+            // Portable path (and the last slots of a block size that is not a multiple of LANES):
+            // the same chains.
+            for (r, a) in acc.iter_mut().enumerate() {
+                for (l, al) in a.iter_mut().enumerate().take(m) {
+                    for x in 0..d {
+                        *al = madd::<FMA>(qs[r][x], kt[x * bs + j0 + l], *al);
+                    }
                 }
             }
         }
-        for (kk, a) in acc.into_iter().enumerate() {
-            let mut s = reduce(a);
-            for x in whole..d {
-                s = madd::<FMA>(q[x], k[kk * d + x], s);
+        for (r, a) in acc.iter().enumerate() {
+            for l in 0..m {
+                scores[out[r] + j0 + l] = a[l] * scale;
             }
-            o[kk] = s * scale;
         }
-        j += 4;
-    }
-    for o in quads.into_remainder() {
-        *o = dot::<FMA>(q, &keys[j * d..(j + 1) * d]) * scale;
-        j += 1;
+        j0 += LANES;
     }
 }
 
-/// `out += sum_j w[j] * vals[j]` over the `w.len()` rows of `vals` (`out.len()` floats each): per
-/// `LANES` columns, four chains over the keys (j mod 4) kept in registers and added at the end.
+/// `out[r] += sum_j w[r * stride + j] * vals[j]` for `nr` rows over the `n` value rows of one tile
+/// (`vals` is `n x d`, `out` is `nr x d`): per 16 columns, one fused chain per row over the keys in
+/// order, the value vector loaded once for all rows. A row's result does not depend on the other rows.
 #[inline(always)]
-fn weighted_sum<const FMA: bool>(w: &[f32], vals: &[f32], out: &mut [f32]) {
-    let d = out.len();
-    let n = w.len();
-    let whole = d / LANES * LANES;
-    for x in (0..whole).step_by(LANES) {
-        let mut acc = [[0.0f32; LANES]; 4];
-        let mut quads = w.chunks_exact(4);
-        let mut j = 0;
-        for wq in &mut quads {
-            for (kk, a) in acc.iter_mut().enumerate() {
-                let v = &vals[(j + kk) * d + x..][..LANES];
-                for l in 0..LANES {
-                    a[l] = madd::<FMA>(wq[kk], v[l], a[l]);
+fn block_values<const FMA: bool, const SIMD: u8>(
+    nr: usize,
+    w: &[f32],
+    stride: usize,
+    vals: &[f32],
+    n: usize,
+    out: &mut [f32],
+) {
+    by_rows!(nr, values_n::<FMA, SIMD>(w, stride, vals, n, out))
+}
+
+#[inline(always)]
+fn values_n<const FMA: bool, const SIMD: u8, const R: usize>(
+    w: &[f32],
+    stride: usize,
+    vals: &[f32],
+    n: usize,
+    out: &mut [f32],
+) {
+    let d = out.len() / R;
+    assert!(vals.len() >= n * d && w.len() >= (R - 1) * stride + n);
+    let mut x0 = 0;
+    if SIMD != SIMD_NONE && cfg!(target_arch = "x86_64") {
+        let wp: [*const f32; R] = std::array::from_fn(|r| w[r * stride..].as_ptr());
+        while x0 + LANES <= d {
+            let op: [*mut f32; R] = std::array::from_fn(|r| out[r * d + x0..].as_mut_ptr());
+            // SAFETY: each weight row holds n floats, vals holds n rows of d >= x0 + LANES floats and
+            // each out row LANES floats from x0 (asserted above); the SIMD level was checked by the
+            // caller of `Task::run`.
+            unsafe {
+                #[cfg(target_arch = "x86_64")]
+                if SIMD == SIMD_AVX512 {
+                    vec::values_avx512::<R>(wp, vals.as_ptr().add(x0), d, n, op);
+                } else {
+                    vec::values_avx2::<R>(wp, vals.as_ptr().add(x0), d, n, op);
                 }
             }
-            j += 4;
-        }
-        for (kk, &wj) in quads.remainder().iter().enumerate() {
-            let v = &vals[(j + kk) * d + x..][..LANES];
-            for l in 0..LANES {
-                acc[kk][l] = madd::<FMA>(wj, v[l], acc[kk][l]);
-            }
-        }
-        let o = &mut out[x..x + LANES];
-        for l in 0..LANES {
-            o[l] += (acc[0][l] + acc[1][l]) + (acc[2][l] + acc[3][l]);
+            x0 += LANES;
         }
     }
-    for x in whole..d {
-        let mut s = 0.0f32;
-        for j in 0..n {
-            s = madd::<FMA>(w[j], vals[j * d + x], s);
+    // Portable path, and columns past the last whole vector: the same chains.
+    for x in x0..d {
+        for r in 0..R {
+            let mut a = out[r * d + x];
+            for j in 0..n {
+                a = madd::<FMA>(w[r * stride + j], vals[j * d + x], a);
+            }
+            out[r * d + x] = a;
         }
-        out[x] += s;
+    }
+}
+
+/// The attention kernels' inner loops on 16 lanes: one 512-bit register or two 256-bit ones.
+#[cfg(target_arch = "x86_64")]
+mod vec {
+    use super::LANES;
+    use std::arch::x86_64::*;
+
+    /// `acc[r][l] = sum_x q[r][x] * kt[x * bs + l]` (a fused chain over x from 0).
+    /// Safety: `q[r]` points at `d` floats, `kt` at `d` rows of `bs` with `LANES` readable from each.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn scores_avx512<const R: usize>(
+        q: [*const f32; R],
+        kt: *const f32,
+        bs: usize,
+        d: usize,
+        acc: &mut [[f32; LANES]; R],
+    ) {
+        // SAFETY: see the function's contract.
+        unsafe {
+            let mut a = [_mm512_setzero_ps(); R];
+            for x in 0..d {
+                let k = _mm512_loadu_ps(kt.add(x * bs));
+                for r in 0..R {
+                    a[r] = _mm512_fmadd_ps(_mm512_set1_ps(*q[r].add(x)), k, a[r]);
+                }
+            }
+            for r in 0..R {
+                _mm512_storeu_ps(acc[r].as_mut_ptr(), a[r]);
+            }
+        }
+    }
+
+    /// [`scores_avx512`] on two 256-bit halves.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn scores_avx2<const R: usize>(
+        q: [*const f32; R],
+        kt: *const f32,
+        bs: usize,
+        d: usize,
+        acc: &mut [[f32; LANES]; R],
+    ) {
+        // SAFETY: see the function's contract.
+        unsafe {
+            let mut a = [[_mm256_setzero_ps(); 2]; R];
+            for x in 0..d {
+                let (k0, k1) = (_mm256_loadu_ps(kt.add(x * bs)), _mm256_loadu_ps(kt.add(x * bs + 8)));
+                for r in 0..R {
+                    let qx = _mm256_set1_ps(*q[r].add(x));
+                    a[r][0] = _mm256_fmadd_ps(qx, k0, a[r][0]);
+                    a[r][1] = _mm256_fmadd_ps(qx, k1, a[r][1]);
+                }
+            }
+            for r in 0..R {
+                _mm256_storeu_ps(acc[r].as_mut_ptr(), a[r][0]);
+                _mm256_storeu_ps(acc[r].as_mut_ptr().add(8), a[r][1]);
+            }
+        }
+    }
+
+    /// `out[r][l] += sum_j w[r][j] * vals[j * d + l]` for `l < LANES` (a fused chain over j).
+    /// Safety: `w[r]` points at `n` floats, `vals` at `n` rows of stride `d` with `LANES` readable
+    /// from each, `out[r]` at `LANES` writable floats.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn values_avx512<const R: usize>(
+        w: [*const f32; R],
+        vals: *const f32,
+        d: usize,
+        n: usize,
+        out: [*mut f32; R],
+    ) {
+        // SAFETY: see the function's contract.
+        unsafe {
+            let mut a: [__m512; R] = std::array::from_fn(|r| _mm512_loadu_ps(out[r]));
+            for j in 0..n {
+                let v = _mm512_loadu_ps(vals.add(j * d));
+                for r in 0..R {
+                    a[r] = _mm512_fmadd_ps(_mm512_set1_ps(*w[r].add(j)), v, a[r]);
+                }
+            }
+            for r in 0..R {
+                _mm512_storeu_ps(out[r], a[r]);
+            }
+        }
+    }
+
+    /// [`values_avx512`] on two 256-bit halves.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn values_avx2<const R: usize>(
+        w: [*const f32; R],
+        vals: *const f32,
+        d: usize,
+        n: usize,
+        out: [*mut f32; R],
+    ) {
+        // SAFETY: see the function's contract.
+        unsafe {
+            let mut a: [[__m256; 2]; R] =
+                std::array::from_fn(|r| [_mm256_loadu_ps(out[r]), _mm256_loadu_ps(out[r].add(8))]);
+            for j in 0..n {
+                let (v0, v1) = (_mm256_loadu_ps(vals.add(j * d)), _mm256_loadu_ps(vals.add(j * d + 8)));
+                for r in 0..R {
+                    let wj = _mm256_set1_ps(*w[r].add(j));
+                    a[r][0] = _mm256_fmadd_ps(wj, v0, a[r][0]);
+                    a[r][1] = _mm256_fmadd_ps(wj, v1, a[r][1]);
+                }
+            }
+            for r in 0..R {
+                _mm256_storeu_ps(out[r], a[r][0]);
+                _mm256_storeu_ps(out[r].add(8), a[r][1]);
+            }
+        }
     }
 }
 
@@ -681,6 +870,71 @@ mod tests {
                 let got: Vec<f32> = got[si].concat();
                 let err = want.iter().zip(&got).map(|(a, b)| (a - b).abs()).fold(0.0, f32::max);
                 assert!(err < tol, "{dtype:?} h {h} d {d} bs {bs} seq {si}: max error {err}");
+            }
+        }
+    }
+
+    /// A sequence's attention output has the same bits alone and beside others in the batch (one of
+    /// them a long prefill chunk), for f32 and f16 storage.
+    #[test]
+    fn a_sequence_gives_the_same_bits_alone_or_in_a_batch() {
+        let (h, hkv, d, bs) = (6, 2, 48, 16);
+        for dtype in [KvDType::F32, KvDType::F16] {
+            let cache = PagedKvCache::new(PagedKvConfig {
+                num_layers: 2,
+                num_blocks: 12,
+                block_size: bs,
+                num_kv_heads: hkv,
+                head_dim: d,
+                dtype,
+            })
+            .unwrap();
+            let mut seed = 3;
+            let (la, lb) = (21usize, 70usize);
+            let (qa, ka, va) = (
+                rand_vec(h * la * d, &mut seed),
+                rand_vec(hkv * la * d, &mut seed),
+                rand_vec(hkv * la * d, &mut seed),
+            );
+            let (qb, kb, vb) = (
+                rand_vec(h * lb * d, &mut seed),
+                rand_vec(hkv * lb * d, &mut seed),
+                rand_vec(hkv * lb * d, &mut seed),
+            );
+            let seq_a = |start| PagedSeq {
+                query_start: start,
+                num_query: la,
+                context_len: la,
+                block_table: vec![7, 2],
+            };
+            let alone = cache.attend(0, &[seq_a(0)], &qa, &ka, &va, h, 0.2).unwrap();
+            let seqs = [
+                PagedSeq {
+                    query_start: 0,
+                    num_query: lb,
+                    context_len: lb,
+                    block_table: vec![0, 9, 4, 11, 5],
+                },
+                seq_a(lb),
+            ];
+            let both = cache
+                .attend(
+                    1,
+                    &seqs,
+                    &concat(&[qb, qa], h, d),
+                    &concat(&[kb, ka], hkv, d),
+                    &concat(&[vb, va], hkv, d),
+                    h,
+                    0.2,
+                )
+                .unwrap();
+            for hh in 0..h {
+                let a = &alone[hh * la * d..(hh + 1) * la * d];
+                let b = &both[(hh * (la + lb) + lb) * d..(hh * (la + lb) + lb + la) * d];
+                assert!(
+                    a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits()),
+                    "{dtype:?} head {hh}"
+                );
             }
         }
     }

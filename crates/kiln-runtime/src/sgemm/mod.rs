@@ -59,8 +59,9 @@ pub fn available() -> bool {
 
 /// Whether full tiles of two adjacent B panels (6 x 32) run on the AVX-512 kernel: x86-64 with
 /// AVX-512F, unless `KILN_DISABLE_AVX512` is set when the process first asks (for A/B measurements).
-/// On the 2-core dev machine (AMD EPYC) a loop of independent 512-bit FMAs runs 2x the flops of a
-/// 256-bit one (262.8 against 132.6 GFLOP/s on one core).
+/// On the 2-core dev machine (AMD EPYC, Zen 4) 512-bit and 256-bit FMAs reach the same peak (116-117
+/// GFLOP/s on one core; a 512-bit FMA runs as two halves): the wide kernel wins by issuing half the
+/// loads, broadcasts and loop instructions per multiply-add.
 pub(crate) fn use_avx512() -> bool {
     static USE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *USE.get_or_init(|| {
