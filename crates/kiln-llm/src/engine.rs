@@ -351,7 +351,7 @@ impl Engine {
             }
         };
         self.sched.complete(&plan);
-        let mut rows = logits.into_iter();
+        let mut next_row = 0..logits.len();
         for x in &plan.seqs {
             let s = self.sched.sequence(x.seq).expect("scheduled sequences exist");
             let prompt_part = (x.start + x.num_tokens).min(s.prompt_len).saturating_sub(x.start);
@@ -359,7 +359,7 @@ impl Engine {
             if !x.sample {
                 continue;
             }
-            let row = rows.next().expect("one logits row per sampled sequence");
+            let row = logits.row(next_row.next().expect("one logits row per sampled sequence"));
             // Fork the other answers of an n > 1 request off the prefilled prompt.
             let forks = self
                 .seqs
@@ -391,7 +391,7 @@ impl Engine {
                 }
             }
             for seq in targets {
-                events.push(self.sample_one(seq, &row));
+                events.push(self.sample_one(seq, row));
             }
         }
         events

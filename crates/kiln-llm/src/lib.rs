@@ -27,7 +27,7 @@ pub use block_manager::{BlockError, BlockHash, BlockId, CopyOp, KvBlockManager, 
 pub use chat::{ChatMessage, ChatTemplate, SpecialTokens};
 pub use detokenize::{IncrementalDecoder, StopMatcher, StopOutcome};
 pub use engine::{Engine, EngineConfig, EngineError, EngineStats, Event, FinishReason, Request, RequestId};
-pub use model::{LlmModel, ModelError, ModelGeometry, StepSeq};
+pub use model::{LlmModel, Logits, ModelError, ModelGeometry, StepSeq};
 pub use sampling::{InvalidParam, Sampled, SamplerRng, SamplingParams};
 pub use scheduler::{ScheduleError, ScheduledSeq, Scheduler, SchedulerConfig, Sequence, StepPlan};
 pub use service::{Generation, LlmService, ServiceStats, SubmitError};

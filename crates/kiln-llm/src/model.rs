@@ -253,7 +253,7 @@ impl LlmModel {
 
     /// Run one step: write the KV of every sequence's tokens into `cache` and return the
     /// last-token logits of the sequences with `sample`, in order.
-    pub fn step(&self, cache: &Arc<PagedKvCache>, seqs: &[StepSeq]) -> Result<Vec<Vec<f32>>, ModelError> {
+    pub fn step(&self, cache: &Arc<PagedKvCache>, seqs: &[StepSeq]) -> Result<Logits, ModelError> {
         let t: usize = seqs.iter().map(|s| s.tokens.len()).sum();
         let mut ids = Vec::with_capacity(t);
         let mut pos = Vec::with_capacity(t);
@@ -308,35 +308,70 @@ impl LlmModel {
             .next()
             .ok_or_else(|| ModelError::Output("no outputs".into()))?;
         let v = self.geometry.vocab_size;
-        // Read in place (the logits of 32 sequences are 6 MB a step); copy only when misaligned.
-        let copied;
-        let values: &[f32] = match logits.f32_slice() {
-            Some(s) => s,
-            None => {
-                copied = logits
-                    .values::<f32>()
-                    .ok_or_else(|| ModelError::Output(format!("logits are {}, not f32", logits.dtype)))?;
-                &copied
-            }
-        };
         let picks: Vec<usize> = if self.selects_logits {
             (0..rows.len()).collect()
         } else {
             rows.iter().map(|&r| r as usize).collect()
         };
-        let have = values.len() / v.max(1);
-        picks
-            .into_iter()
-            .map(|r| {
-                if r >= have || values.len() % v != 0 {
-                    return Err(ModelError::Output(format!(
-                        "logits {:?} do not hold row {r} of {v}",
-                        logits.dims
-                    )));
-                }
-                Ok(values[r * v..(r + 1) * v].to_vec())
-            })
-            .collect()
+        // Read in place (the logits of 32 sequences are 6 MB a step); copy only when misaligned.
+        let values = match logits.f32_slice() {
+            Some(_) => None,
+            None => Some(
+                logits
+                    .values::<f32>()
+                    .ok_or_else(|| ModelError::Output(format!("logits are {}, not f32", logits.dtype)))?,
+            ),
+        };
+        let out = Logits {
+            data: logits,
+            values,
+            rows: picks,
+            vocab: v,
+        };
+        let have = out.all().len() / v.max(1);
+        if let Some(&r) = out.rows.iter().find(|&&r| r >= have || out.all().len() % v != 0) {
+            return Err(ModelError::Output(format!(
+                "logits {:?} do not hold row {r} of {v}",
+                out.data.dims
+            )));
+        }
+        Ok(out)
+    }
+}
+
+/// The logits a step returns: one vocabulary row per sampled sequence, read in place from the
+/// model's output.
+#[derive(Debug)]
+pub struct Logits {
+    data: TensorData,
+    /// The values when the output could not be read in place.
+    values: Option<Vec<f32>>,
+    /// Output row of each sampled sequence, in step order.
+    rows: Vec<usize>,
+    vocab: usize,
+}
+
+impl Logits {
+    fn all(&self) -> &[f32] {
+        match &self.values {
+            Some(v) => v,
+            None => self.data.f32_slice().unwrap_or_default(),
+        }
+    }
+
+    /// Sampled sequences in this step.
+    pub fn len(&self) -> usize {
+        self.rows.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.rows.is_empty()
+    }
+
+    /// The `i`-th sampled sequence's logits (`vocab_size` values).
+    pub fn row(&self, i: usize) -> &[f32] {
+        let r = self.rows[i];
+        &self.all()[r * self.vocab..(r + 1) * self.vocab]
     }
 }
 

@@ -220,12 +220,18 @@ pub fn sample(
             .collect(),
         _ => Vec::new(),
     };
-    let mut l = logits.to_vec();
-    apply_penalties(&mut l, p, prompt, output);
-    let token = if p.is_greedy() {
-        argmax(&l)
+    let penalised = p.repetition_penalty != 1.0 || p.frequency_penalty != 0.0 || p.presence_penalty != 0.0;
+    let token = if p.is_greedy() && !penalised {
+        // The common case reads the logits in place (a vocabulary row is 200 KB).
+        argmax(logits)
     } else {
-        draw(&mut l, p, rng)
+        let mut l = logits.to_vec();
+        apply_penalties(&mut l, p, prompt, output);
+        if p.is_greedy() {
+            argmax(&l)
+        } else {
+            draw(&mut l, p, rng)
+        }
     };
     Sampled {
         token: token as TokenId,

@@ -291,7 +291,15 @@ fn pack_a_block(a: MatRef, i0: usize, mc: usize, k0: usize, kc: usize, dst: &mut
         let panel = &mut dst[ip * kc * MR..][..kc * MR];
         let r0 = i0 + ip * MR;
         let mr = MR.min(i0 + mc - r0);
-        if a.cs == 1 {
+        if a.cs == 1 && mr == MR {
+            // A whole panel: six row slices read in step, each panel row written once.
+            let rows: [&[f32]; MR] = std::array::from_fn(|i| &a.data[(r0 + i) * a.rs + k0..][..kc]);
+            for (p, out) in panel.chunks_exact_mut(MR).enumerate() {
+                for i in 0..MR {
+                    out[i] = rows[i][p];
+                }
+            }
+        } else if a.cs == 1 {
             for i in 0..MR {
                 if i < mr {
                     let row = &a.data[(r0 + i) * a.rs + k0..][..kc];
