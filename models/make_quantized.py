@@ -14,6 +14,13 @@ forms `bilstm-tagger.dyn-int8.onnx` (per-direction weight scales) and `bilstm-ta
 (per gate column): the quantizer turns the LSTM into com.microsoft DynamicQuantizeLSTM, as it does in the
 BiLSTM text and OCR models users quantize.
 
+Static int8 (`quantize_static`, uint8 activations and int8 weights, per tensor, min-max calibration on 8
+random image batches of 1 x 3 x 96 x 96 from a fixed seed) of three zoo CNNs (ResNet-18, MobileNetV2,
+EfficientNet-B0, when models/make_zoo.py has written them) in both of the quantizer's forms:
+`<stem>.static-int8-qop.onnx` (QOperator: QLinearConv, QLinearAdd, QLinearMul, QLinearSigmoid,
+QLinearGlobalAveragePool, QGemm) and `<stem>.static-int8-qdq.onnx` (QuantizeLinear/DequantizeLinear pairs
+around the float ops).
+
 Existing files are kept: each output is a pure function of its source and the pinned onnxruntime (1.32.0).
 """
 import argparse
@@ -24,10 +31,28 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
-from onnxruntime.quantization import quantize_dynamic
+from onnxruntime.quantization import CalibrationDataReader, QuantFormat, quantize_dynamic, quantize_static
 
 ORT_VERSION = "1.32.0"
 SOURCES = ["paraphrase-MiniLM-L3-v2", "bert-tiny", "silero_vad_16k_op15"]
+STATIC_SOURCES = ["zoo-resnet18", "zoo-mobilenetv2", "zoo-efficientnet-b0"]
+
+
+class ImageBatches(CalibrationDataReader):
+    """8 batches of 1 x 3 x 96 x 96 (plane waves plus noise, about unit variance) for input `x`."""
+
+    def __init__(self):
+        rng = np.random.default_rng(20261205)
+        yy, xx = np.mgrid[0:96, 0:96] / 96
+        batches = []
+        for _ in range(8):
+            freq = rng.uniform(0.5, 4.0, (1, 3, 2, 1, 1))
+            img = np.sin(2 * np.pi * (freq[:, :, 0] * xx + freq[:, :, 1] * yy + rng.uniform(0, 1, (1, 3, 1, 1))))
+            batches.append({"x": (img + 0.3 * rng.standard_normal(img.shape)).astype(np.float32)})
+        self.it = iter(batches)
+
+    def get_next(self):
+        return next(self.it, None)
 
 
 def write_atomic(dst: str, write) -> None:
@@ -98,6 +123,13 @@ def main() -> None:
         if not os.path.exists(src) or os.path.exists(dst):
             continue
         write_atomic(dst, lambda tmp: quantize_dynamic(src, tmp, **kwargs))
+    for stem in STATIC_SOURCES:
+        for suffix, fmt in [(".static-int8-qop", QuantFormat.QOperator), (".static-int8-qdq", QuantFormat.QDQ)]:
+            src = os.path.join(args.models_dir, f"{stem}.onnx")
+            dst = os.path.join(args.models_dir, f"{stem}{suffix}.onnx")
+            if not os.path.exists(src) or os.path.exists(dst):
+                continue
+            write_atomic(dst, lambda tmp: quantize_static(src, tmp, ImageBatches(), quant_format=fmt))
 
 
 if __name__ == "__main__":

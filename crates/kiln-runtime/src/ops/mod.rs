@@ -28,6 +28,7 @@ mod nn;
 mod norm;
 mod pool;
 mod q4;
+mod qlinear;
 mod quant;
 mod reduce;
 mod resize;
@@ -318,6 +319,7 @@ impl Registry {
             nn::register(&mut r);
             norm::register(&mut r);
             pool::register(&mut r);
+            qlinear::register(&mut r);
             quant::register(&mut r);
             reduce::register(&mut r);
             resize::register(&mut r);

@@ -1,0 +1,288 @@
+//! Operator family `qlinear`: the 8-bit operators ONNX Runtime's quantizer writes in its QOperator
+//! format besides QLinearConv and QLinearMatMul (`com.microsoft` `QLinearAdd`, `QLinearMul`,
+//! `QLinearSigmoid`, `QLinearLeakyRelu`, `QLinearGlobalAveragePool`, `QLinearAveragePool`,
+//! `QLinearConcat`, and `QGemm`, below).
+//!
+//! Each one dequantizes its u8/i8 inputs with their per-tensor scale and zero point
+//! (`(q - zero_point) * scale`), runs Kiln's float kernel of the same op on them (built from the same
+//! node, so the attributes are read as that op reads them: `alpha`, `axis`, `kernel_shape`, `pads`,
+//! `strides`, `ceil_mode`, `count_include_pad`, `auto_pad`), and quantizes the result with the
+//! output's scale and zero point (`saturate(round_half_even(y / scale) + zero_point)`). That is the
+//! formula of the operators' definitions and of ONNX Runtime's scalar paths; its vectorized
+//! fixed-point paths may round an element one step differently.
+
+use candle_core::DType as CDType;
+use kiln_graph::DType;
+
+use super::common::{tin, tin_opt};
+use super::{kernel, NodeCtx, OpKernel, Registry};
+use crate::{bail, Result, Tensor, Value};
+
+const MS: &str = "com.microsoft";
+
+pub fn register(r: &mut Registry) {
+    // [A, A_scale, A_zero_point, B, B_scale, B_zero_point, C_scale, C_zero_point]
+    r.add_domain(MS, "QLinearAdd", |n| {
+        wrap(n, "Add", Layout::Fixed(&[(0, 1, 2), (3, 4, 5)], (6, 7)))
+    });
+    r.add_domain(MS, "QLinearMul", |n| {
+        wrap(n, "Mul", Layout::Fixed(&[(0, 1, 2), (3, 4, 5)], (6, 7)))
+    });
+    // [X, X_scale, X_zero_point, Y_scale, Y_zero_point]
+    r.add_domain(MS, "QLinearSigmoid", |n| {
+        wrap(n, "Sigmoid", Layout::Fixed(&[(0, 1, 2)], (3, 4)))
+    });
+    r.add_domain(MS, "QLinearLeakyRelu", |n| {
+        wrap(n, "LeakyRelu", Layout::Fixed(&[(0, 1, 2)], (3, 4)))
+    });
+    r.add_domain(MS, "QLinearGlobalAveragePool", |n| {
+        wrap(n, "GlobalAveragePool", Layout::Fixed(&[(0, 1, 2)], (3, 4)))
+    });
+    r.add_domain(MS, "QLinearAveragePool", |n| {
+        wrap(n, "AveragePool", Layout::Fixed(&[(0, 1, 2)], (3, 4)))
+    });
+    // [Y_scale, Y_zero_point, (X, X_scale, X_zero_point)...]
+    r.add_domain(MS, "QLinearConcat", |n| wrap(n, "Concat", Layout::Concat));
+    r.add_domain(MS, "QGemm", qgemm);
+}
+
+/// `com.microsoft::QGemm(A, a_scale, a_zero_point, B, b_scale, b_zero_point, C?, y_scale?,
+/// y_zero_point?)`, attributes `alpha`, `transA`, `transB`: `Y = alpha * (A' B' + C')` (as onnxruntime
+/// computes it; its schema text reads `alpha * A' B' + C'`) with `A'`, `B'`
+/// the dequantized operands (`b_scale`/`b_zero_point` per tensor or one per output column), `C'` the
+/// int32 bias times `a_scale * b_scale`; quantized with `y_scale`/`y_zero_point` when given, f32
+/// otherwise. The product runs in f32 on the dequantized values (exact integers times the scales).
+fn qgemm(n: &NodeCtx) -> Result<Box<dyn OpKernel>> {
+    let alpha = n.attr_f("alpha", 1.0)?;
+    let (ta, tb) = (n.attr_i("transA", 0)? != 0, n.attr_i("transB", 0)? != 0);
+    Ok(kernel(move |_, ins| {
+        let (a, b) = (tin(ins, 0)?, tin(ins, 3)?);
+        for (i, t) in [(0, a), (3, b)] {
+            if !matches!(t.dtype(), DType::U8 | DType::I8) || t.rank() != 2 {
+                bail!(
+                    "QGemm input {i} must be a 2-D uint8 or int8 matrix, got {} {:?}",
+                    t.dtype(),
+                    t.dims()
+                );
+            }
+        }
+        let (sa, za) = params(ins, 1, 2, a.dtype())?;
+        let af = dequantize(a, sa, za)?;
+        let af = if ta { af.t()? } else { af };
+        // B's scale and zero point: one value, or one per output column (B's axis 1, or 0 when transposed).
+        let n_cols = if tb { b.dims()[0] } else { b.dims()[1] };
+        let sb = tin(ins, 4)?.to_f64_vec()?;
+        let zb = match tin_opt(ins, 5)? {
+            Some(z) if z.dtype() != b.dtype() => bail!("b_zero_point is {}, B is {}", z.dtype(), b.dtype()),
+            Some(z) => z.to_f64_vec()?,
+            None => vec![0.0],
+        };
+        let per_col = |v: &[f64], what: &str| -> Result<Vec<f32>> {
+            match v.len() {
+                1 => Ok(vec![v[0] as f32; n_cols]),
+                l if l == n_cols => Ok(v.iter().map(|&x| x as f32).collect()),
+                l => bail!("{what} has {l} values for {n_cols} output columns"),
+            }
+        };
+        let (sb, zb) = (per_col(&sb, "b_scale")?, per_col(&zb, "b_zero_point")?);
+        if sb.iter().any(|s| !(s.is_finite() && *s > 0.0)) {
+            bail!("b_scale must be positive and finite");
+        }
+        let dev = b.candle().device().clone();
+        let bq = b.candle().to_dtype(CDType::F32)?;
+        let bq = if tb { bq.t()?.contiguous()? } else { bq };
+        let zbv = candle_core::Tensor::from_vec(zb, (1, n_cols), &dev)?;
+        let sbv = candle_core::Tensor::from_vec(sb.clone(), (1, n_cols), &dev)?;
+        let bf = bq.broadcast_sub(&zbv)?.broadcast_mul(&sbv)?;
+        if af.dims()[1] != bf.dims()[0] {
+            bail!("QGemm shapes {:?} and {:?} do not multiply", af.dims(), bf.dims());
+        }
+        let mut y = af.contiguous()?.matmul(&bf)?;
+        if let Some(c) = tin_opt(ins, 6)? {
+            if c.dtype() != DType::I32 {
+                bail!("QGemm bias C must be int32, got {}", c.dtype());
+            }
+            let scale: Vec<f32> = sb.iter().map(|s| sa * s).collect();
+            let cf = c.candle().to_dtype(CDType::F32)?;
+            let cf = cf.broadcast_mul(&candle_core::Tensor::from_vec(scale, n_cols, &dev)?)?;
+            y = y.broadcast_add(&cf)?;
+        }
+        // alpha scales the bias too (onnxruntime's QGemm: `alpha * (A' B' + C')`).
+        if alpha != 1.0 {
+            y = y.affine(alpha as f64, 0.0)?;
+        }
+        match tin_opt(ins, 7)? {
+            None => out1_q(Tensor::new(y, DType::F32)?),
+            Some(_) => {
+                let qdt = match tin_opt(ins, 8)? {
+                    Some(z) => z.dtype(),
+                    None => DType::U8,
+                };
+                let (sy, zy) = params(ins, 7, 8, qdt)?;
+                out1_q(quantize(&y, sy, zy, qdt)?)
+            }
+        }
+    }))
+}
+
+/// `(q - zp) * scale` as f32.
+fn dequantize(x: &Tensor, scale: f32, zp: i32) -> Result<candle_core::Tensor> {
+    let mut f = x.candle().to_dtype(CDType::F32)?;
+    if zp != 0 {
+        f = f.affine(1.0, -(zp as f64))?;
+    }
+    Ok(f.affine(scale as f64, 0.0)?)
+}
+
+/// Where a node's quantized inputs and output parameters are.
+#[derive(Clone, Copy)]
+enum Layout {
+    /// `(data, scale, zero point)` input positions of each quantized operand, then the output's
+    /// `(scale, zero point)` positions.
+    Fixed(&'static [(usize, usize, usize)], (usize, usize)),
+    /// `Y_scale, Y_zero_point`, then one `(X, X_scale, X_zero_point)` triple per input.
+    Concat,
+}
+
+impl Layout {
+    fn operands(self, num_inputs: usize) -> Vec<(usize, usize, usize)> {
+        match self {
+            Layout::Fixed(ops, _) => ops.to_vec(),
+            Layout::Concat => (2..num_inputs).step_by(3).map(|i| (i, i + 1, i + 2)).collect(),
+        }
+    }
+    fn output(self) -> (usize, usize) {
+        match self {
+            Layout::Fixed(_, out) => out,
+            Layout::Concat => (0, 1),
+        }
+    }
+}
+
+fn wrap(n: &NodeCtx, float_op: &'static str, layout: Layout) -> Result<Box<dyn OpKernel>> {
+    let factory = super::Registry::global()
+        .get("", float_op)
+        .ok_or_else(|| n.err(format!("no {float_op} kernel")))?;
+    let inner = factory(n)?;
+    // The pools of ONNX Runtime's NHWC transformer: the channel axis last.
+    let channels_last = n.attr_i("channels_last", 0)? != 0;
+    if channels_last && !float_op.ends_with("Pool") {
+        return Err(n.err("channels_last applies to the pools only"));
+    }
+    let num_inputs = n.num_inputs();
+    if let Layout::Concat = layout {
+        if num_inputs < 5 || !(num_inputs - 2).is_multiple_of(3) {
+            return Err(n.err(format!(
+                "QLinearConcat takes Y_scale, Y_zero_point and (X, X_scale, X_zero_point) triples, got {num_inputs} inputs"
+            )));
+        }
+    }
+    let operands = layout.operands(num_inputs);
+    let (ys, yz) = layout.output();
+    Ok(kernel(move |cx, ins| {
+        let mut qdt = None;
+        let mut deq = Vec::with_capacity(operands.len());
+        for &(d, s, z) in &operands {
+            let x = tin(ins, d)?;
+            if !matches!(x.dtype(), DType::U8 | DType::I8) {
+                bail!("input {d} is {}; the QLinear operators take uint8 or int8", x.dtype());
+            }
+            if qdt.is_some_and(|t| t != x.dtype()) {
+                bail!(
+                    "input {d} is {}, input {} is {}",
+                    x.dtype(),
+                    operands[0].0,
+                    qdt.unwrap_or(x.dtype())
+                );
+            }
+            qdt = Some(x.dtype());
+            let (scale, zp) = params(ins, s, z, x.dtype())?;
+            let mut f = dequantize(x, scale, zp)?;
+            if channels_last && f.rank() >= 3 {
+                f = to_channels_first(&f)?;
+            }
+            deq.push(Value::Tensor(Tensor::new(f, DType::F32)?));
+        }
+        let qdt = qdt.unwrap_or(DType::U8);
+        let refs: Vec<Option<&Value>> = deq.iter().map(Some).collect();
+        let out = inner.run(cx, &refs)?;
+        let y = match out.into_iter().next() {
+            Some(Value::Tensor(t)) => t,
+            _ => bail!("the {float_op} kernel gave no tensor"),
+        };
+        let (scale, zp) = params(ins, ys, yz, qdt)?;
+        let mut y = y.candle().to_dtype(CDType::F32)?;
+        if channels_last && y.rank() >= 3 {
+            y = to_channels_last(&y)?;
+        }
+        out1_q(quantize(&y, scale, zp, qdt)?)
+    }))
+}
+
+fn out1_q(t: Tensor) -> Result<Vec<Value>> {
+    Ok(vec![Value::Tensor(t)])
+}
+
+/// A per-tensor scale (one positive finite value) and zero point (one value of `qdt`, default 0).
+fn params(ins: &[Option<&Value>], s: usize, z: usize, qdt: DType) -> Result<(f32, i32)> {
+    let sv = tin(ins, s)?.to_f64_vec()?;
+    let [scale] = sv.as_slice() else {
+        bail!("scale (input {s}) must be one value, got {}", sv.len());
+    };
+    let scale = *scale as f32;
+    if !(scale.is_finite() && scale > 0.0) {
+        bail!("scale (input {s}) must be positive and finite, got {scale}");
+    }
+    let zp = match tin_opt(ins, z)? {
+        None => 0,
+        Some(t) => {
+            if t.dtype() != qdt {
+                bail!("zero point (input {z}) is {}, the data {qdt}", t.dtype());
+            }
+            let zv = t.to_f64_vec()?;
+            let [zp] = zv.as_slice() else {
+                bail!("zero point (input {z}) must be one value, got {}", zv.len());
+            };
+            *zp as i32
+        }
+    };
+    Ok((scale, zp))
+}
+
+/// `saturate(round_half_even(y / scale) + zp)` as `qdt` (a NaN becomes the zero point's neighbour
+/// 0 before the shift, as ONNX Runtime's clamp-then-convert does).
+fn quantize(y: &candle_core::Tensor, scale: f32, zp: i32, qdt: DType) -> Result<Tensor> {
+    let (lo, hi) = if qdt == DType::U8 { (0i32, 255i32) } else { (-128, 127) };
+    let dims = y.dims().to_vec();
+    let v = y.flatten_all()?.to_vec1::<f32>()?;
+    let q: Vec<i32> = v
+        .iter()
+        .map(|&x| {
+            let r = (x / scale).round_ties_even();
+            let r = if r.is_nan() { 0.0 } else { r };
+            (r.clamp(i32::MIN as f32, i32::MAX as f32) as i64 + zp as i64).clamp(lo as i64, hi as i64) as i32
+        })
+        .collect();
+    let t = match qdt {
+        DType::U8 => candle_core::Tensor::from_vec(q.iter().map(|&x| x as u8).collect::<Vec<u8>>(), dims, y.device())?,
+        _ => candle_core::Tensor::from_vec(q.iter().map(|&x| x as i16).collect::<Vec<i16>>(), dims, y.device())?,
+    };
+    Tensor::new(t.to_dtype(crate::tensor::storage_dtype(qdt)?)?, qdt)
+}
+
+/// `[N, ..., C]` to `[N, C, ...]`.
+fn to_channels_first(t: &candle_core::Tensor) -> Result<candle_core::Tensor> {
+    let r = t.rank();
+    let mut perm: Vec<usize> = vec![0, r - 1];
+    perm.extend(1..r - 1);
+    Ok(t.permute(perm)?.contiguous()?)
+}
+
+/// `[N, C, ...]` to `[N, ..., C]`.
+fn to_channels_last(t: &candle_core::Tensor) -> Result<candle_core::Tensor> {
+    let r = t.rank();
+    let mut perm: Vec<usize> = vec![0];
+    perm.extend(2..r);
+    perm.push(1);
+    Ok(t.permute(perm)?.contiguous()?)
+}
