@@ -291,8 +291,10 @@ fn zoo_crnn_matches_onnxruntime() {
 
 /// Zoo CNNs through ONNX Runtime's static quantizer (`models/make_quantized.py`: uint8 activations,
 /// int8 weights, min-max calibration). QOperator form: QLinearConv, com.microsoft QLinearAdd,
-/// QLinearMul, QLinearSigmoid, QLinearGlobalAveragePool, QGemm, MaxPool on uint8 (measured
-/// 2026-12-04: Kiln's logits equal onnxruntime's exactly on every case and level).
+/// QLinearMul, QLinearSigmoid, QLinearGlobalAveragePool, QGemm, MaxPool on 8-bit tensors (measured
+/// 2026-12-04: MobileNetV2's and EfficientNet-B0's logits equal onnxruntime's on every case and
+/// level; ResNet-18's within 0.082, cosine >= 0.9997: one element of its first residual QLinearAdd
+/// rounds one step differently in onnxruntime's fixed-point kernel and the later layers carry it).
 #[test]
 fn zoo_static_int8_qoperator_matches_onnxruntime() {
     for stem in ["zoo-resnet18", "zoo-mobilenetv2", "zoo-efficientnet-b0"] {

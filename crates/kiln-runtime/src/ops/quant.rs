@@ -27,7 +27,15 @@ pub fn register(r: &mut Registry) {
     });
     r.add("QLinearConv", |n| {
         let p = ConvParams::from_node(n)?;
-        Ok(kernel(move |cx, ins| qlinear_conv(cx, &p, ins)))
+        let packed = PackedQConv::from_node(n, &p)?;
+        Ok(kernel(move |cx, ins| {
+            if let Some(pk) = &packed {
+                if let Some(y) = pk.run(cx, &p, ins)? {
+                    return out1(y);
+                }
+            }
+            qlinear_conv(cx, &p, ins)
+        }))
     });
 }
 
@@ -466,17 +474,22 @@ fn conv_integer(
     conv_f64(cx, p, &xs, &ws)
 }
 
-fn conv_f64(cx: &RunCx, p: &ConvParams, x: &CT, w: &CT) -> Result<CT> {
-    let xr = x.rank();
-    if xr < 3 || w.rank() != xr {
-        bail!(
-            "convolution needs X and W of equal rank >= 3, got {:?} and {:?}",
-            x.dims(),
-            w.dims()
-        );
+/// A convolution's resolved geometry: strides, dilations, pads (begins then ends), group and the
+/// output shape `[N, M, spatial...]`.
+struct ConvGeometry {
+    strides: Vec<usize>,
+    dil: Vec<usize>,
+    pads: Vec<usize>,
+    group: usize,
+    out_dims: Vec<usize>,
+}
+
+fn conv_geometry(p: &ConvParams, xd: &[usize], wd: &[usize]) -> Result<ConvGeometry> {
+    let xr = xd.len();
+    if xr < 3 || wd.len() != xr {
+        bail!("convolution needs X and W of equal rank >= 3, got {xd:?} and {wd:?}");
     }
     let sp = xr - 2;
-    let (xd, wd) = (x.dims().to_vec(), w.dims().to_vec());
     let kshape: Vec<usize> = match &p.kernel_shape {
         Some(k) => k.iter().map(|&v| v.max(0) as usize).collect(),
         None => wd[2..].to_vec(),
@@ -514,7 +527,7 @@ fn conv_f64(cx: &RunCx, p: &ConvParams, x: &CT, w: &CT) -> Result<CT> {
         pads = vec![0; 2 * sp];
     }
     let group = p.group;
-    if group <= 0 || xd[1] % group as usize != 0 || wd[0] % group as usize != 0 {
+    if group <= 0 || !xd[1].is_multiple_of(group as usize) || !wd[0].is_multiple_of(group as usize) {
         bail!("bad group {group} for shapes {xd:?}, {wd:?}");
     }
     let group = group as usize;
@@ -534,6 +547,24 @@ fn conv_f64(cx: &RunCx, p: &ConvParams, x: &CT, w: &CT) -> Result<CT> {
         }
         out_dims.push((padded - eff) / strides[i] + 1);
     }
+    Ok(ConvGeometry {
+        strides,
+        dil,
+        pads,
+        group,
+        out_dims,
+    })
+}
+
+fn conv_f64(cx: &RunCx, p: &ConvParams, x: &CT, w: &CT) -> Result<CT> {
+    let ConvGeometry {
+        strides,
+        dil,
+        pads,
+        group,
+        out_dims,
+    } = conv_geometry(p, x.dims(), w.dims())?;
+    let sp = x.rank() - 2;
     cx.check_alloc(elems(&out_dims), DType::F64)?;
     // Pad explicitly (asymmetric pads allowed).
     let mut xp = x.clone();
@@ -601,6 +632,232 @@ fn host_conv(x: &CT, w: &CT, strides: &[usize], dil: &[usize], group: usize, out
         }
     }
     Ok(CT::from_vec(out, out_dims, x.device())?)
+}
+
+/// QLinearConv with a constant 4-D filter. One group runs on the exact integer GEMM
+/// (`crate::qgemm`: VNNI when the CPU has it): the filter is packed once as `B = W^T`
+/// (`[C*kh*kw, M]`), each image's patches are gathered as the rows of `A` (`[out pixels, C*kh*kw]`,
+/// padding filled with the input's zero point so it contributes nothing). Grouped and depthwise
+/// filters are summed directly in i32 per output. The i32 sums are requantized exactly as
+/// [`qlinear_conv`] does: `(acc + bias) * (x_scale * w_scale / y_scale) +
+/// y_zero_point` in f64, clamped, rounded half to even.
+struct PackedQConv {
+    kind: QConvKind,
+    /// W's shape `[M, C / group, kh, kw]` and element type.
+    wd: Vec<usize>,
+    wdt: DType,
+}
+
+enum QConvKind {
+    /// One group: the filter packed as the GEMM's B operand.
+    Gemm(crate::qgemm::PackedQB),
+    /// Grouped (depthwise) convolutions: the filter minus its zero point, `[M, C / group, kh, kw]`,
+    /// summed directly in i32 over each output's window.
+    Direct(Vec<i32>),
+}
+
+impl PackedQConv {
+    fn from_node(n: &NodeCtx, p: &ConvParams) -> Result<Option<PackedQConv>> {
+        use crate::qgemm::{Int8, PackedQB, ZeroPoint};
+        let Some(w) = n.const_input(3) else { return Ok(None) };
+        if w.dims.len() != 4 || p.group < 1 || !matches!(w.dtype, DType::U8 | DType::I8) {
+            return Ok(None);
+        }
+        let zp: Vec<i32> = match n.const_input(5) {
+            Some(z) if z.dtype == w.dtype => match z.dtype {
+                DType::U8 => z.values::<u8>().map(|v| v.into_iter().map(i32::from).collect()),
+                _ => z.values::<i8>().map(|v| v.into_iter().map(i32::from).collect()),
+            }
+            .unwrap_or_default(),
+            Some(_) => return Ok(None),
+            None if n.num_inputs() > 5 && n.node.inputs[5].is_some() => return Ok(None),
+            None => vec![0],
+        };
+        let (m, k) = (w.dims[0], w.dims[1] * w.dims[2] * w.dims[3]);
+        if m == 0 || k == 0 || (zp.len() != 1 && zp.len() != m) {
+            return Ok(None);
+        }
+        let bytes: Vec<u8> = match w.dtype {
+            DType::U8 => w.values::<u8>(),
+            _ => w.values::<i8>().map(|v| v.into_iter().map(|x| x as u8).collect()),
+        }
+        .ok_or_else(|| n.err("QLinearConv filter data"))?;
+        if bytes.len() != m * k {
+            return Ok(None);
+        }
+        if p.group != 1 {
+            let val = |x: u8| if w.dtype == DType::U8 { x as i32 } else { x as i8 as i32 };
+            let direct = (0..m * k).map(|i| val(bytes[i]) - zp[(i / k) % zp.len()]).collect();
+            return Ok(Some(PackedQConv {
+                kind: QConvKind::Direct(direct),
+                wd: w.dims.clone(),
+                wdt: w.dtype,
+            }));
+        }
+        // B[kk, oc] = W[oc, kk].
+        let mut bt = vec![0u8; k * m];
+        for oc in 0..m {
+            for kk in 0..k {
+                bt[kk * m + oc] = bytes[oc * k + kk];
+            }
+        }
+        let ty = if w.dtype == DType::U8 { Int8::U8 } else { Int8::I8 };
+        let zpv = if zp.len() == 1 {
+            ZeroPoint::Scalar(zp[0])
+        } else {
+            ZeroPoint::PerIndex(&zp)
+        };
+        let b = PackedQB::pack(&bt, ty, k, m, zpv).map_err(|e| n.err(e.to_string()))?;
+        Ok(Some(PackedQConv {
+            kind: QConvKind::Gemm(b),
+            wd: w.dims.clone(),
+            wdt: w.dtype,
+        }))
+    }
+
+    /// The output, or `None` when this call's inputs need the reference path (other shapes, types,
+    /// per-channel input parameters, a filter fed at run time).
+    fn run(&self, cx: &RunCx, p: &ConvParams, ins: &[Option<&Value>]) -> Result<Option<Tensor>> {
+        use crate::qgemm::{gemm, Int8, ZeroPoint};
+        let (x, x_s, x_zp) = (tin(ins, 0)?, tin(ins, 1)?, tin_opt(ins, 2)?);
+        let (w, w_s, y_s, y_zp) = (tin(ins, 3)?, tin(ins, 4)?, tin(ins, 6)?, tin_opt(ins, 7)?);
+        let bias = tin_opt(ins, 8)?;
+        let scalar = |t: Option<&Tensor>| t.is_none_or(|t| t.elem_count() == 1);
+        if x.rank() != 4
+            || !matches!(x.dtype(), DType::U8 | DType::I8)
+            || w.dtype() != self.wdt
+            || w.dims() != self.wd.as_slice()
+            || x_zp.is_some_and(|z| z.dtype() != x.dtype())
+            || !scalar(x_zp)
+            || !scalar(Some(x_s))
+            || !scalar(Some(y_s))
+        {
+            return Ok(None);
+        }
+        let g = conv_geometry(p, x.dims(), w.dims())?;
+        let (nb, c, h, wi) = (x.dims()[0], x.dims()[1], x.dims()[2], x.dims()[3]);
+        let (m, kh, kw) = (self.wd[0], self.wd[2], self.wd[3]);
+        let (oh, ow) = (g.out_dims[2], g.out_dims[3]);
+        let (pix, k) = (oh * ow, self.wd[1] * kh * kw);
+        cx.check_alloc(elems(&g.out_dims), DType::F32)?;
+        cx.check_alloc((pix as u128) * (k as u128 + 4 * m as u128), DType::U8)?;
+        // Requantization parameters, computed as `qlinear_conv` computes them.
+        let out = y_zp.map_or(x.dtype(), |z| z.dtype());
+        let (lo, hi) = qrange(out)?;
+        let f32s = |t: &Tensor| -> Result<Vec<f32>> { Ok(t.to_f64_vec()?.into_iter().map(|v| v as f32).collect()) };
+        let (xs, ys, ws) = (f32s(x_s)?[0], f32s(y_s)?[0], f32s(w_s)?);
+        if ws.len() != 1 && ws.len() != m {
+            return Ok(None);
+        }
+        let mult: Vec<f64> = (0..m).map(|oc| ((xs * ws[oc % ws.len()]) / ys) as f64).collect();
+        let yzp = match y_zp {
+            Some(z) => z.to_f64_vec()?.first().copied().unwrap_or(0.0),
+            None => 0.0,
+        };
+        let bias: Vec<f64> = match bias {
+            Some(b) if b.elem_count() == m => b.to_f64_vec()?,
+            Some(b) => bail!("QLinearConv bias has {} values for {m} output channels", b.elem_count()),
+            None => vec![0.0; m],
+        };
+        let zx = match x_zp {
+            Some(z) => z.to_f64_vec()?[0] as i32,
+            None => 0,
+        };
+        let flat = x.candle().flatten_all()?;
+        let xb: Vec<u8> = match x.dtype() {
+            DType::U8 => flat.to_vec1::<u8>()?,
+            // i8 is stored widened to i16.
+            _ => flat.to_vec1::<i16>()?.into_iter().map(|v| v as i8 as u8).collect(),
+        };
+        let ty = if x.dtype() == DType::U8 { Int8::U8 } else { Int8::I8 };
+        let pad_byte = zx as u8;
+        let (sh, sw, dh, dw) = (g.strides[0], g.strides[1], g.dil[0], g.dil[1]);
+        let (pt, pl) = (g.pads[0], g.pads[1]);
+        let mut y = vec![0f64; nb * m * pix];
+        if let QConvKind::Direct(wv) = &self.kind {
+            // Each output channel reads its group's input channels; padding contributes nothing.
+            let (cg, mg) = (self.wd[1], m / g.group);
+            let val = |x: u8| if ty == Int8::U8 { x as i32 } else { x as i8 as i32 } - zx;
+            for b in 0..nb {
+                let img = &xb[b * c * h * wi..(b + 1) * c * h * wi];
+                for oc in 0..m {
+                    let c0 = (oc / mg) * cg;
+                    let wo = &wv[oc * k..(oc + 1) * k];
+                    let yo = &mut y[(b * m + oc) * pix..(b * m + oc + 1) * pix];
+                    for oy in 0..oh {
+                        for ox in 0..ow {
+                            let mut acc = 0i32;
+                            for ci in 0..cg {
+                                let plane = &img[(c0 + ci) * h * wi..(c0 + ci + 1) * h * wi];
+                                for i in 0..kh {
+                                    let iy = (oy * sh + i * dh) as isize - pt as isize;
+                                    if iy < 0 || iy as usize >= h {
+                                        continue;
+                                    }
+                                    for j in 0..kw {
+                                        let ix = (ox * sw + j * dw) as isize - pl as isize;
+                                        if ix >= 0 && (ix as usize) < wi {
+                                            let xv = val(plane[iy as usize * wi + ix as usize]);
+                                            acc = acc.wrapping_add(xv * wo[(ci * kh + i) * kw + j]);
+                                        }
+                                    }
+                                }
+                            }
+                            let r = (acc as f64 + bias[oc]) * mult[oc] + yzp;
+                            yo[oy * ow + ox] = r.clamp(lo, hi).round_ties_even();
+                        }
+                    }
+                }
+            }
+            return Ok(Some(quantized_tensor(&y, g.out_dims, out, x.device())?));
+        }
+        let QConvKind::Gemm(packed) = &self.kind else {
+            return Ok(None);
+        };
+        let mut a = vec![pad_byte; pix * k];
+        let mut acc = vec![0i32; pix * m];
+        for b in 0..nb {
+            let img = &xb[b * c * h * wi..(b + 1) * c * h * wi];
+            for oy in 0..oh {
+                for ox in 0..ow {
+                    let row = &mut a[(oy * ow + ox) * k..][..k];
+                    for ci in 0..c {
+                        for i in 0..kh {
+                            let iy = (oy * sh + i * dh) as isize - pt as isize;
+                            for j in 0..kw {
+                                let ix = (ox * sw + j * dw) as isize - pl as isize;
+                                row[(ci * kh + i) * kw + j] =
+                                    if iy >= 0 && (iy as usize) < h && ix >= 0 && (ix as usize) < wi {
+                                        img[(ci * h + iy as usize) * wi + ix as usize]
+                                    } else {
+                                        pad_byte
+                                    };
+                            }
+                        }
+                    }
+                }
+            }
+            gemm(&a, ty, pix, ZeroPoint::Scalar(zx), packed, &mut acc)
+                .map_err(|e| crate::RuntimeError::msg(e.to_string()))?;
+            let yb = &mut y[b * m * pix..(b + 1) * m * pix];
+            for (px, accs) in acc.chunks_exact(m).enumerate() {
+                for oc in 0..m {
+                    let r = (accs[oc] as f64 + bias[oc]) * mult[oc] + yzp;
+                    yb[oc * pix + px] = r.clamp(lo, hi).round_ties_even();
+                }
+            }
+        }
+        Ok(Some(quantized_tensor(&y, g.out_dims, out, x.device())?))
+    }
+}
+
+/// Whole numbers already in `out`'s range as a tensor of `out` (u8 or i8, stored as candle stores them).
+fn quantized_tensor(y: &[f64], dims: Vec<usize>, out: DType, dev: &candle_core::Device) -> Result<Tensor> {
+    let t = match out {
+        DType::U8 => CT::from_vec(y.iter().map(|&v| v as u8).collect::<Vec<u8>>(), dims, dev)?,
+        _ => CT::from_vec(y.iter().map(|&v| v as i16).collect::<Vec<i16>>(), dims, dev)?,
+    };
+    Tensor::new(t.to_dtype(cdt(out)?)?, out)
 }
 
 fn qlinear_conv(cx: &RunCx, p: &ConvParams, ins: &[Option<&Value>]) -> Result<Vec<Value>> {

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """One-node models of ONNX Runtime's QOperator 8-bit operators (com.microsoft QLinearAdd, QLinearMul,
-QLinearSigmoid, QLinearLeakyRelu, QLinearGlobalAveragePool, QLinearAveragePool, QLinearConcat, QGemm) and
-onnxruntime's outputs for them, for crates/kiln/tests/qlinear_ops.rs.
+QLinearSigmoid, QLinearLeakyRelu, QLinearGlobalAveragePool, QLinearAveragePool, QLinearConcat, QGemm), ONNX
+QLinearConv with constant filters, and onnxruntime's outputs for them, for crates/kiln/tests/qlinear_ops.rs.
 
     make_refs.py [OUT_DIR]          (default: this file's directory)
 
@@ -39,7 +39,7 @@ def zp(dt, v):
     return np.array(v, dtype=dt)
 
 
-def add_case(name, op, attrs, inputs, consts, out_dtype):
+def add_case(name, op, attrs, inputs, consts, out_dtype, domain=MS):
     """inputs: ordered (name, array or None); names in consts become initializers."""
     node_inputs, graph_inputs, inits, feeds = [], [], [], {}
     for nm, arr in inputs:
@@ -52,7 +52,7 @@ def add_case(name, op, attrs, inputs, consts, out_dtype):
         else:
             graph_inputs.append(helper.make_tensor_value_info(nm, NP2ONNX[arr.dtype.type], list(arr.shape)))
             feeds[nm] = arr
-    node = helper.make_node(op, node_inputs, ["y"], name=f"{name}_node", domain=MS, **attrs)
+    node = helper.make_node(op, node_inputs, ["y"], name=f"{name}_node", domain=domain, **attrs)
     out = helper.make_tensor_value_info("y", NP2ONNX[out_dtype], None)
     graph = helper.make_graph([node], name, graph_inputs, [out], inits)
     opsets = [helper.make_opsetid("", 17), helper.make_opsetid(MS, 1)]
@@ -123,6 +123,31 @@ for name, per_col, quant_out, alpha, ta in [("qgemm_u8s8_q", False, True, 1.0, 0
         ins += [("y_s", scale(0.15)), ("y_z", zp(np.uint8, 118))]
     add_case(name, "QGemm", {"transB": 1, "transA": ta, "alpha": alpha}, ins,
              {"a_s", "a_z", "b", "b_s", "b_z", "c", "y_s", "y_z"}, np.uint8 if quant_out else np.float32)
+
+# QLinearConv with a constant filter (Kiln's packed integer path; group > 1 takes the reference path): uint8
+# and int8 inputs, per-tensor and per-channel filter scales, pads, strides, dilations, bias.
+for name, xdt, per_ch, attrs, group, xshape, kshape in [
+    ("qconv_u8_3x3_pad", np.uint8, False, {"pads": [1, 1, 1, 1]}, 1, (1, 5, 9, 8), (7, 5, 3, 3)),
+    ("qconv_u8_percol_stride2", np.uint8, True, {"pads": [1, 0, 2, 1], "strides": [2, 2]}, 1, (2, 4, 11, 10), (6, 4, 3, 3)),
+    ("qconv_u8_1x1", np.uint8, True, {}, 1, (1, 16, 6, 6), (24, 16, 1, 1)),
+    ("qconv_s8_dilated", np.int8, False, {"pads": [2, 2, 2, 2], "dilations": [2, 2]}, 1, (1, 3, 8, 9), (4, 3, 3, 3)),
+    ("qconv_u8_depthwise", np.uint8, True, {"pads": [1, 1, 1, 1]}, 6, (1, 6, 7, 7), (6, 1, 3, 3)),
+    ("qconv_u8_7x7_stride2", np.uint8, False, {"pads": [3, 3, 3, 3], "strides": [2, 2]}, 1, (1, 3, 20, 20), (16, 3, 7, 7)),
+    ("qconv_u8_deep", np.uint8, False, {"pads": [1, 1, 1, 1]}, 1, (1, 256, 5, 5), (8, 256, 3, 3)),
+    ("qconv_u8_large", np.uint8, False, {"pads": [1, 1, 1, 1]}, 1, (1, 32, 24, 24), (40, 32, 3, 3)),
+]:
+    m = kshape[0]
+    x = qrand(xshape, xdt)
+    w = qrand(kshape, np.int8)
+    w_s = (rng.uniform(0.002, 0.01, size=m) if per_ch else np.array(0.005)).astype(np.float32)
+    w_z = np.zeros(m if per_ch else (), np.int8)
+    bias = rng.integers(-3000, 3000, size=m).astype(np.int32)
+    xz = zp(xdt, 125 if xdt == np.uint8 else -3)
+    yz = zp(xdt, 120 if xdt == np.uint8 else 2)
+    ins = [("x", x), ("x_s", scale(0.02)), ("x_z", xz), ("w", w), ("w_s", w_s), ("w_z", w_z), ("y_s", scale(0.09)),
+           ("y_z", yz), ("bias", bias)]
+    add_case(name, "QLinearConv", dict(attrs, group=group), ins,
+             {"x_s", "x_z", "w", "w_s", "w_z", "y_s", "y_z", "bias"}, xdt, domain="")
 
 with open(os.path.join(OUT, "refs.json"), "w") as f:
     json.dump({"onnxruntime": ort.__version__, "cases": cases}, f, separators=(",", ":"))
