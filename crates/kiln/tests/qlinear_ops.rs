@@ -47,6 +47,16 @@ fn tensor(v: &Json) -> TensorData {
     .unwrap()
 }
 
+/// A case's inputs by name.
+fn feeds(case: &Json) -> Vec<(String, TensorData)> {
+    case["inputs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| (i["name"].as_str().unwrap().to_string(), tensor(i)))
+        .collect()
+}
+
 fn values(t: &TensorData) -> Vec<i64> {
     match t.dtype {
         kiln::DType::U8 => t.values::<u8>().unwrap().into_iter().map(i64::from).collect(),
@@ -71,12 +81,7 @@ fn qlinear_ops_match_onnxruntime() {
     let mut failures = Vec::new();
     for case in cases {
         let name = case["name"].as_str().unwrap();
-        let feeds: Vec<(String, TensorData)> = case["inputs"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|i| (i["name"].as_str().unwrap().to_string(), tensor(i)))
-            .collect();
+        let feeds = feeds(case);
         let want = &case["outputs"][0];
         for level in [Level::Disabled, Level::All] {
             let s = session(case["model"].as_str().unwrap(), level);
@@ -146,12 +151,7 @@ fn malformed_parameters_are_errors() {
         .find(|c| c["name"] == "add_u8_2x3x4x5")
         .unwrap();
     let s = session(case["model"].as_str().unwrap(), Level::Disabled);
-    let feeds: Vec<(String, TensorData)> = case["inputs"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|i| (i["name"].as_str().unwrap().to_string(), tensor(i)))
-        .collect();
+    let feeds = feeds(case);
     // int8 data where the zero points are uint8.
     let mut bad = feeds.clone();
     bad[0].1 = TensorData::from_values("a", vec![2, 3, 4, 5], &[1i8; 120]).unwrap();
