@@ -55,6 +55,10 @@ pub fn register(r: &mut Registry) {
 fn qgemm(n: &NodeCtx) -> Result<Box<dyn OpKernel>> {
     let alpha = n.attr_f("alpha", 1.0)?;
     let (ta, tb) = (n.attr_i("transA", 0)? != 0, n.attr_i("transB", 0)? != 0);
+    let given = |i: usize| n.node.inputs.get(i).copied().flatten().is_some();
+    let cacheable =
+        n.const_input(3).is_some() && n.const_input(4).is_some() && (!given(5) || n.const_input(5).is_some());
+    let cached: std::sync::OnceLock<(Vec<f32>, candle_core::Tensor)> = std::sync::OnceLock::new();
     Ok(kernel(move |_, ins| {
         let (a, b) = (tin(ins, 0)?, tin(ins, 3)?);
         for (i, t) in [(0, a), (3, b)] {
@@ -70,30 +74,18 @@ fn qgemm(n: &NodeCtx) -> Result<Box<dyn OpKernel>> {
         let af = dequantize(a, sa, za)?;
         let af = if ta { af.t()? } else { af };
         // B's scale and zero point: one value, or one per output column (B's axis 1, or 0 when transposed).
-        let n_cols = if tb { b.dims()[0] } else { b.dims()[1] };
-        let sb = tin(ins, 4)?.to_f64_vec()?;
-        let zb = match tin_opt(ins, 5)? {
-            Some(z) if z.dtype() != b.dtype() => bail!("b_zero_point is {}, B is {}", z.dtype(), b.dtype()),
-            Some(z) => z.to_f64_vec()?,
-            None => vec![0.0],
-        };
-        let per_col = |v: &[f64], what: &str| -> Result<Vec<f32>> {
-            match v.len() {
-                1 => Ok(vec![v[0] as f32; n_cols]),
-                l if l == n_cols => Ok(v.iter().map(|&x| x as f32).collect()),
-                l => bail!("{what} has {l} values for {n_cols} output columns"),
+        // A constant B (with constant scale and zero point) is dequantized on the first call only.
+        let (sb, bf) = match cached.get() {
+            Some(v) => v.clone(),
+            None => {
+                let v = dequantize_b(ins, b, tb)?;
+                if cacheable {
+                    let _ = cached.set(v.clone());
+                }
+                v
             }
         };
-        let (sb, zb) = (per_col(&sb, "b_scale")?, per_col(&zb, "b_zero_point")?);
-        if sb.iter().any(|s| !(s.is_finite() && *s > 0.0)) {
-            bail!("b_scale must be positive and finite");
-        }
-        let dev = b.candle().device().clone();
-        let bq = b.candle().to_dtype(CDType::F32)?;
-        let bq = if tb { bq.t()?.contiguous()? } else { bq };
-        let zbv = candle_core::Tensor::from_vec(zb, (1, n_cols), &dev)?;
-        let sbv = candle_core::Tensor::from_vec(sb.clone(), (1, n_cols), &dev)?;
-        let bf = bq.broadcast_sub(&zbv)?.broadcast_mul(&sbv)?;
+        let (n_cols, dev) = (sb.len(), b.candle().device().clone());
         if af.dims()[1] != bf.dims()[0] {
             bail!("QGemm shapes {:?} and {:?} do not multiply", af.dims(), bf.dims());
         }
@@ -123,6 +115,35 @@ fn qgemm(n: &NodeCtx) -> Result<Box<dyn OpKernel>> {
             }
         }
     }))
+}
+
+/// QGemm's B as f32 `[K, N]` (transposed when `transB`), `(B - b_zero_point) * b_scale` per column,
+/// with the per-column scales.
+fn dequantize_b(ins: &[Option<&Value>], b: &Tensor, tb: bool) -> Result<(Vec<f32>, candle_core::Tensor)> {
+    let n_cols = if tb { b.dims()[0] } else { b.dims()[1] };
+    let sb = tin(ins, 4)?.to_f64_vec()?;
+    let zb = match tin_opt(ins, 5)? {
+        Some(z) if z.dtype() != b.dtype() => bail!("b_zero_point is {}, B is {}", z.dtype(), b.dtype()),
+        Some(z) => z.to_f64_vec()?,
+        None => vec![0.0],
+    };
+    let per_col = |v: &[f64], what: &str| -> Result<Vec<f32>> {
+        match v.len() {
+            1 => Ok(vec![v[0] as f32; n_cols]),
+            l if l == n_cols => Ok(v.iter().map(|&x| x as f32).collect()),
+            l => bail!("{what} has {l} values for {n_cols} output columns"),
+        }
+    };
+    let (sb, zb) = (per_col(&sb, "b_scale")?, per_col(&zb, "b_zero_point")?);
+    if sb.iter().any(|s| !(s.is_finite() && *s > 0.0)) {
+        bail!("b_scale must be positive and finite");
+    }
+    let dev = b.candle().device().clone();
+    let bq = b.candle().to_dtype(CDType::F32)?;
+    let bq = if tb { bq.t()?.contiguous()? } else { bq };
+    let zbv = candle_core::Tensor::from_vec(zb, (1, n_cols), &dev)?;
+    let sbv = candle_core::Tensor::from_vec(sb.clone(), (1, n_cols), &dev)?;
+    Ok((sb, bq.broadcast_sub(&zbv)?.broadcast_mul(&sbv)?))
 }
 
 /// `(q - zp) * scale` as f32.
