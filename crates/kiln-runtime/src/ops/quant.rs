@@ -804,7 +804,7 @@ impl PackedQConv {
                                 }
                             }
                             let r = (acc as f64 + bias[oc]) * mult[oc] + yzp;
-                            yo[oy * ow + ox] = r.clamp(lo, hi).round_ties_even();
+                            yo[oy * ow + ox] = requant_round(r, lo, hi);
                         }
                     }
                 }
@@ -843,12 +843,28 @@ impl PackedQConv {
             for (px, accs) in acc.chunks_exact(m).enumerate() {
                 for oc in 0..m {
                     let r = (accs[oc] as f64 + bias[oc]) * mult[oc] + yzp;
-                    yb[oc * pix + px] = r.clamp(lo, hi).round_ties_even();
+                    yb[oc * pix + px] = requant_round(r, lo, hi);
                 }
             }
         }
         Ok(Some(quantized_tensor(&y, g.out_dims, out, x.device())?))
     }
+}
+
+/// `r` clamped to `[lo, hi]` (NaN stays NaN, as `f64::clamp` leaves it) and rounded half to even.
+/// The range is within +-2^31, so adding and subtracting 1.5 * 2^52 rounds in the FPU's default
+/// nearest-even mode: the same result as `round_ties_even` without a libm call per element.
+#[inline(always)]
+fn requant_round(r: f64, lo: f64, hi: f64) -> f64 {
+    const MAGIC: f64 = 6_755_399_441_055_744.0;
+    let r = if r < lo {
+        lo
+    } else if r > hi {
+        hi
+    } else {
+        r
+    };
+    (r + MAGIC) - MAGIC
 }
 
 /// Whole numbers already in `out`'s range as a tensor of `out` (u8 or i8, stored as candle stores them).
@@ -896,4 +912,37 @@ fn qlinear_conv(cx: &RunCx, p: &ConvParams, ins: &[Option<&Value>]) -> Result<Ve
     }
     let q = round_half_even(&r.clamp(lo, hi)?)?;
     out1(Tensor::new(q.to_dtype(cdt(out)?)?, out)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::requant_round;
+
+    /// The add-and-subtract rounding equals clamp + round_ties_even on ties, near-ties, negatives,
+    /// the range's edges, values outside it and NaN (a zero's sign aside).
+    #[test]
+    fn requant_round_matches_round_ties_even() {
+        let mut xs: Vec<f64> = (-3000..=3000).map(|i| i as f64 * 0.125).collect();
+        xs.extend([
+            -128.5,
+            -127.5,
+            254.5,
+            255.5,
+            0.5,
+            -0.5,
+            1.5,
+            2.5,
+            1e9,
+            -1e9,
+            0.49999999999999994,
+        ]);
+        for &(lo, hi) in &[(0.0, 255.0), (-128.0, 127.0), (i32::MIN as f64, i32::MAX as f64)] {
+            for &x in &xs {
+                let want = x.clamp(lo, hi).round_ties_even();
+                // Equal as numbers (-0.5 gives +0 here and -0 there: the same integer).
+                assert_eq!(requant_round(x, lo, hi), want, "{x} in [{lo}, {hi}]");
+            }
+            assert!(requant_round(f64::NAN, lo, hi).is_nan());
+        }
+    }
 }
