@@ -15,7 +15,8 @@ use candle_core::DType as CDType;
 use kiln_graph::DType;
 
 use super::common::{tin, tin_opt};
-use super::{kernel, NodeCtx, OpKernel, Registry};
+use super::quant::{dequantize_8bit_f32, quantized_tensor};
+use super::{kernel, out1, NodeCtx, OpKernel, Registry};
 use crate::{bail, Result, Tensor, Value};
 
 const MS: &str = "com.microsoft";
@@ -71,7 +72,7 @@ fn qgemm(n: &NodeCtx) -> Result<Box<dyn OpKernel>> {
             }
         }
         let (sa, za) = params(ins, 1, 2, a.dtype())?;
-        let af = dequantize(a, sa, za)?;
+        let af = dequantize(ins, (0, 1, 2), sa, za)?;
         let af = if ta { af.t()? } else { af };
         // B's scale and zero point: one value, or one per output column (B's axis 1, or 0 when transposed).
         // A constant B (with constant scale and zero point) is dequantized on the first call only.
@@ -104,14 +105,14 @@ fn qgemm(n: &NodeCtx) -> Result<Box<dyn OpKernel>> {
             y = y.affine(alpha as f64, 0.0)?;
         }
         match tin_opt(ins, 7)? {
-            None => out1_q(Tensor::new(y, DType::F32)?),
+            None => out1(Tensor::new(y, DType::F32)?),
             Some(_) => {
                 let qdt = match tin_opt(ins, 8)? {
                     Some(z) => z.dtype(),
                     None => DType::U8,
                 };
                 let (sy, zy) = params(ins, 7, 8, qdt)?;
-                out1_q(quantize(&y, sy, zy, qdt)?)
+                out1(quantize(&y, sy, zy, qdt)?)
             }
         }
     }))
@@ -146,8 +147,19 @@ fn dequantize_b(ins: &[Option<&Value>], b: &Tensor, tb: bool) -> Result<(Vec<f32
     Ok((sb, bq.broadcast_sub(&zbv)?.broadcast_mul(&sbv)?))
 }
 
-/// `(q - zp) * scale` as f32.
-fn dequantize(x: &Tensor, scale: f32, zp: i32) -> Result<candle_core::Tensor> {
+/// `(q - zp) * scale` as f32 for the operand at input `d` with its scale and zero point at `s`
+/// and `z` (already checked by [`params`], which gave `scale` and `zp`): DequantizeLinear's one-pass
+/// kernel on the CPU, the same arithmetic through candle elsewhere.
+fn dequantize(
+    ins: &[Option<&Value>],
+    (d, s, z): (usize, usize, usize),
+    scale: f32,
+    zp: i32,
+) -> Result<candle_core::Tensor> {
+    let x = tin(ins, d)?;
+    if let Some(t) = dequantize_8bit_f32(x, tin(ins, s)?, tin_opt(ins, z)?, 1)? {
+        return Ok(t.candle().clone());
+    }
     let mut f = x.candle().to_dtype(CDType::F32)?;
     if zp != 0 {
         f = f.affine(1.0, -(zp as f64))?;
@@ -218,7 +230,7 @@ fn wrap(n: &NodeCtx, float_op: &'static str, layout: Layout) -> Result<Box<dyn O
             }
             qdt = Some(x.dtype());
             let (scale, zp) = params(ins, s, z, x.dtype())?;
-            let mut f = dequantize(x, scale, zp)?;
+            let mut f = dequantize(ins, (d, s, z), scale, zp)?;
             if channels_last && f.rank() >= 3 {
                 f = to_channels_first(&f)?;
             }
@@ -236,12 +248,8 @@ fn wrap(n: &NodeCtx, float_op: &'static str, layout: Layout) -> Result<Box<dyn O
         if channels_last && y.rank() >= 3 {
             y = to_channels_last(&y)?;
         }
-        out1_q(quantize(&y, scale, zp, qdt)?)
+        out1(quantize(&y, scale, zp, qdt)?)
     }))
-}
-
-fn out1_q(t: Tensor) -> Result<Vec<Value>> {
-    Ok(vec![Value::Tensor(t)])
 }
 
 /// A per-tensor scale (one positive finite value) and zero point (one value of `qdt`, default 0).
@@ -270,25 +278,23 @@ fn params(ins: &[Option<&Value>], s: usize, z: usize, qdt: DType) -> Result<(f32
     Ok((scale, zp))
 }
 
-/// `saturate(round_half_even(y / scale) + zp)` as `qdt` (a NaN becomes the zero point's neighbour
-/// 0 before the shift, as ONNX Runtime's clamp-then-convert does).
+/// `saturate(round_half_even(y / scale) + zp)` as `qdt`, QuantizeLinear's formula (a NaN gives the
+/// range's low end, as ONNX Runtime's max-then-min clamp does): uint8 through QuantizeLinear's kernel.
 fn quantize(y: &candle_core::Tensor, scale: f32, zp: i32, qdt: DType) -> Result<Tensor> {
-    let (lo, hi) = if qdt == DType::U8 { (0i32, 255i32) } else { (-128, 127) };
-    let dims = y.dims().to_vec();
     let v = y.flatten_all()?.to_vec1::<f32>()?;
-    let q: Vec<i32> = v
+    let dims = y.dims().to_vec();
+    if qdt == DType::U8 {
+        let mut q = vec![0u8; v.len()];
+        crate::fastmath::quantize_u8(&v, scale, zp as f32, &mut q);
+        return Tensor::new(candle_core::Tensor::from_vec(q, dims, y.device())?, DType::U8);
+    }
+    // `max` then `min` (not `clamp`): a NaN becomes -128.
+    #[allow(clippy::manual_clamp)]
+    let q: Vec<f64> = v
         .iter()
-        .map(|&x| {
-            let r = (x / scale).round_ties_even();
-            let r = if r.is_nan() { 0.0 } else { r };
-            (r.clamp(i32::MIN as f32, i32::MAX as f32) as i64 + zp as i64).clamp(lo as i64, hi as i64) as i32
-        })
+        .map(|&x| ((x / scale).round_ties_even() + zp as f32).max(-128.0).min(127.0) as f64)
         .collect();
-    let t = match qdt {
-        DType::U8 => candle_core::Tensor::from_vec(q.iter().map(|&x| x as u8).collect::<Vec<u8>>(), dims, y.device())?,
-        _ => candle_core::Tensor::from_vec(q.iter().map(|&x| x as i16).collect::<Vec<i16>>(), dims, y.device())?,
-    };
-    Tensor::new(t.to_dtype(crate::tensor::storage_dtype(qdt)?)?, qdt)
+    quantized_tensor(&q, dims, qdt, y.device())
 }
 
 /// `[N, ..., C]` to `[N, C, ...]`.

@@ -251,7 +251,7 @@ fn dequantize_linear(n: &NodeCtx) -> Result<Box<dyn OpKernel>> {
 /// into f32 in one pass: `(f32(x) - f32(zp)) * scale`, the general path's f32 arithmetic (so the
 /// same bits), without its broadcast tensors (an embedding's [8, 64, 384] output took 3.2 ms that
 /// way). `None` when the operands do not fit; the general path then handles or rejects them.
-fn dequantize_8bit_f32(x: &Tensor, s: &Tensor, zp: Option<&Tensor>, axis: i64) -> Result<Option<Tensor>> {
+pub(super) fn dequantize_8bit_f32(x: &Tensor, s: &Tensor, zp: Option<&Tensor>, axis: i64) -> Result<Option<Tensor>> {
     if !x.device().is_cpu()
         || x.elem_count() == 0
         || s.dtype() != DType::F32
@@ -868,7 +868,7 @@ fn requant_round(r: f64, lo: f64, hi: f64) -> f64 {
 }
 
 /// Whole numbers already in `out`'s range as a tensor of `out` (u8 or i8, stored as candle stores them).
-fn quantized_tensor(y: &[f64], dims: Vec<usize>, out: DType, dev: &candle_core::Device) -> Result<Tensor> {
+pub(super) fn quantized_tensor(y: &[f64], dims: Vec<usize>, out: DType, dev: &candle_core::Device) -> Result<Tensor> {
     let t = match out {
         DType::U8 => CT::from_vec(y.iter().map(|&v| v as u8).collect::<Vec<u8>>(), dims, dev)?,
         _ => CT::from_vec(y.iter().map(|&v| v as i16).collect::<Vec<i16>>(), dims, dev)?,
