@@ -2,7 +2,7 @@
 //!
 //! ```text
 //! cargo run --release -p kiln-llm --example llm_bench -- MODEL_DIR [--threads N] [--requests N]
-//!     [--rate R] [--concurrency C] [--seed S] [--modes continuous,static,serial] [--serial-requests N]
+//!     [--rate R] [--concurrency C] [--seed S] [--modes continuous,static,static-padded,serial] [--serial-requests N]
 //!     [--prefix] [--decode] [--streams C] [--kv-dtype f32|f16]
 //! ```
 //!
@@ -10,7 +10,9 @@
 //!   lengths uniform in 16..=512, outputs uniform in 16..=256 tokens, random token ids, end of
 //!   sequence ignored): `continuous` (iteration-level batching, up to `--concurrency` sequences),
 //!   `static` (batches of up to `--concurrency` requests run to completion before the next batch
-//!   starts), `serial` (one request at a time; `--serial-requests` of them, since its rate is what
+//!   starts; a finished request leaves the step), `static-padded` (the same batches run as
+//!   request-level batchers such as Hugging Face `generate` run them: prompts padded to the batch's
+//!   longest, every sequence stepped until the batch's longest output is done), `serial` (one request at a time; `--serial-requests` of them, since its rate is what
 //!   counts). Reported: output tokens/s over the makespan, TTFT and inter-token latency p50/p99,
 //!   and for `continuous` the KV-cache waste (allocated slots not holding a token) beside what a
 //!   dense max-length preallocation per running sequence would waste.
@@ -151,9 +153,26 @@ fn request(job: &Job) -> Request {
     r
 }
 
-/// Drive the engine in real time: requests join when they arrive (`batch_limit` None) or in
-/// closed batches of up to `batch_limit` (static batching).
-fn run(model: &Arc<LlmModel>, jobs: &[Job], max_num_seqs: usize, static_batches: bool) -> Outcome {
+/// How requests are grouped into steps.
+#[derive(Clone, Copy, PartialEq)]
+enum Batching {
+    /// Requests join the running batch when they arrive and leave when they finish.
+    Continuous,
+    /// Closed batches: the requests that have arrived when the engine is idle (up to the limit) run
+    /// together, the next batch starts when all of them have finished; a finished request leaves the
+    /// step (no compute spent on it).
+    Static,
+    /// Closed batches as request-level batchers run them (Hugging Face `generate`, FasterTransformer):
+    /// every prompt of the batch padded to the batch's longest and every sequence stepped until the
+    /// batch's longest output is done. Padding tokens are random (as costly as real ones, no prefix
+    /// cache hits); a request's own output is its first `output` tokens.
+    StaticPadded,
+}
+
+/// Drive the engine in real time over `jobs` (arrival times from the start).
+fn run(model: &Arc<LlmModel>, jobs: &[Job], max_num_seqs: usize, batching: Batching) -> Outcome {
+    let static_batches = batching != Batching::Continuous;
+    let mut pad_rng = ChaCha8Rng::seed_from_u64(7);
     let mut e = engine(model, max_num_seqs, true);
     let start = Instant::now();
     let mut traces = vec![Trace::default(); jobs.len()];
@@ -165,13 +184,31 @@ fn run(model: &Arc<LlmModel>, jobs: &[Job], max_num_seqs: usize, static_batches:
         let now = start.elapsed();
         let may_admit = !static_batches || in_batch == 0;
         if may_admit {
-            let mut admitted = 0;
-            while next < jobs.len() && jobs[next].arrival <= now && (!static_batches || admitted < max_num_seqs) {
-                e.add_request(next as u64, request(&jobs[next])).expect("valid request");
+            let first = next;
+            while next < jobs.len() && jobs[next].arrival <= now && (!static_batches || next - first < max_num_seqs) {
                 traces[next].arrival = Some(start + jobs[next].arrival);
                 next += 1;
-                admitted += 1;
             }
+            let batch = &jobs[first..next];
+            let longest_prompt = batch.iter().map(|j| j.prompt.len()).max().unwrap_or(0);
+            let longest_output = batch.iter().map(|j| j.output).max().unwrap_or(0);
+            for (i, job) in (first..).zip(batch) {
+                let r = if batching == Batching::StaticPadded {
+                    let mut prompt: Vec<u32> = (job.prompt.len()..longest_prompt)
+                        .map(|_| pad_rng.random_range(100..49000))
+                        .collect();
+                    prompt.extend_from_slice(&job.prompt);
+                    request(&Job {
+                        arrival: job.arrival,
+                        prompt,
+                        output: longest_output,
+                    })
+                } else {
+                    request(job)
+                };
+                e.add_request(i as u64, r).expect("valid request");
+            }
+            let admitted = batch.len();
             if static_batches {
                 in_batch = admitted;
             }
@@ -186,7 +223,10 @@ fn run(model: &Arc<LlmModel>, jobs: &[Job], max_num_seqs: usize, static_batches:
         }
         for ev in e.step() {
             if let Event::Token { request, finish, .. } = ev {
-                traces[request as usize].tokens.push(Instant::now());
+                let r = request as usize;
+                if traces[r].tokens.len() < jobs[r].output {
+                    traces[r].tokens.push(Instant::now());
+                }
                 if finish.is_some() && static_batches {
                     in_batch -= 1;
                 }
@@ -265,8 +305,9 @@ fn main() {
         println!("|---|---|---|---|---|---|---|---|");
         for m in &args.modes {
             let o = match m.as_str() {
-                "continuous" => run(&model, &jobs, args.concurrency, false),
-                "static" => run(&model, &jobs, args.concurrency, true),
+                "continuous" => run(&model, &jobs, args.concurrency, Batching::Continuous),
+                "static" => run(&model, &jobs, args.concurrency, Batching::Static),
+                "static-padded" => run(&model, &jobs, args.concurrency, Batching::StaticPadded),
                 "serial" => {
                     let n = args.serial_requests.min(jobs.len());
                     let serial: Vec<Job> = jobs[..n]
@@ -276,7 +317,7 @@ fn main() {
                             ..j.clone()
                         })
                         .collect();
-                    run(&model, &serial, 1, false)
+                    run(&model, &serial, 1, Batching::Continuous)
                 }
                 other => panic!("unknown mode {other}"),
             };
@@ -295,8 +336,8 @@ fn main() {
                 }
             })
             .collect();
-        let many = run(&model, &jobs, c, false);
-        let one = run(&model, &jobs[..2], 1, false);
+        let many = run(&model, &jobs, c, Batching::Continuous);
+        let one = run(&model, &jobs[..2], 1, Batching::Continuous);
         let rate =
             |o: &Outcome| o.traces.iter().map(|t| t.tokens.len()).sum::<usize>() as f64 / o.makespan.as_secs_f64();
         println!("| mode | requests | output tokens | makespan s | output tok/s | TTFT p50 / p99 ms | ITL p50 / p99 ms | KV waste |");

@@ -10,7 +10,7 @@
 //!   same-type Cast, identity Reshape/Transpose, inference Dropout) and Reshape chains.
 //! - `Extended`: operator fusions into ops the runtime implements (MatMul+Add -> Gemm, Conv+BN,
 //!   Conv[+residual Add]+activation -> `com.microsoft` FusedConv, LayerNorm and GELU subgraphs, bias+GELU,
-//!   scaled-dot-product attention, Transpose pairs).
+//!   scaled-dot-product attention, Transpose pairs, QDQ convolutions -> QLinearConv).
 //! - `All`: Extended plus fusions into Kiln's own `ai.kiln` nodes, which only Kiln runs (chains of
 //!   scalar element-wise ops -> `ElementwiseChain`, and such a chain after a Conv ->
 //!   `FusedConvChain`). No layout (NCHWc) rewrites yet.
@@ -44,6 +44,7 @@ pub mod matmul_integer_to_float;
 pub mod noop;
 pub mod paged_attention;
 pub mod prune;
+pub mod qdq_conv;
 pub mod quantize;
 pub mod quantize_int4;
 pub mod reshape_chain;
@@ -178,6 +179,10 @@ pub fn passes_for(level: OptLevel) -> Vec<Box<dyn Pass>> {
     }
     v.push(Box::new(noop::EliminateNoOps));
     v.push(Box::new(shape_fold::FoldStaticShapes));
+    if level >= OptLevel::Extended {
+        // Before constant folding, which would turn the filter's DequantizeLinear into floats.
+        v.push(Box::new(qdq_conv::FuseQdqConv));
+    }
     v.push(Box::new(const_fold::FoldConstants));
     v.push(Box::new(reshape_chain::MergeReshapes));
     v.push(Box::new(cse::EliminateCommonSubexpressions));

@@ -8,6 +8,7 @@ use super::common::{elems, norm_axis, tin, tin_opt};
 use super::matmul::matmul_integer;
 use super::{kernel, out1, NodeCtx, OpKernel, Registry, RunCx};
 use crate::fastmath::{self, with_f32};
+use crate::qgemm::Int8;
 use crate::{bail, Result, Tensor, Value};
 
 pub fn register(r: &mut Registry) {
@@ -658,7 +659,7 @@ enum QConvKind {
 
 impl PackedQConv {
     fn from_node(n: &NodeCtx, p: &ConvParams) -> Result<Option<PackedQConv>> {
-        use crate::qgemm::{Int8, PackedQB, ZeroPoint};
+        use crate::qgemm::{PackedQB, ZeroPoint};
         let Some(w) = n.const_input(3) else { return Ok(None) };
         if w.dims.len() != 4 || p.group < 1 || !matches!(w.dtype, DType::U8 | DType::I8) {
             return Ok(None);
@@ -718,7 +719,6 @@ impl PackedQConv {
     /// The output, or `None` when this call's inputs need the reference path (other shapes, types,
     /// per-channel input parameters, a filter fed at run time).
     fn run(&self, cx: &RunCx, p: &ConvParams, ins: &[Option<&Value>]) -> Result<Option<Tensor>> {
-        use crate::qgemm::{gemm, Int8, ZeroPoint};
         let (x, x_s, x_zp) = (tin(ins, 0)?, tin(ins, 1)?, tin_opt(ins, 2)?);
         let (w, w_s, y_s, y_zp) = (tin(ins, 3)?, tin(ins, 4)?, tin(ins, 6)?, tin_opt(ins, 7)?);
         let bias = tin_opt(ins, 8)?;
@@ -770,84 +770,255 @@ impl PackedQConv {
             _ => flat.to_vec1::<i16>()?.into_iter().map(|v| v as i8 as u8).collect(),
         };
         let ty = if x.dtype() == DType::U8 { Int8::U8 } else { Int8::I8 };
-        let pad_byte = zx as u8;
-        let (sh, sw, dh, dw) = (g.strides[0], g.strides[1], g.dil[0], g.dil[1]);
-        let (pt, pl) = (g.pads[0], g.pads[1]);
-        let mut y = vec![0f64; nb * m * pix];
-        if let QConvKind::Direct(wv) = &self.kind {
-            // Each output channel reads its group's input channels; padding contributes nothing.
-            let (cg, mg) = (self.wd[1], m / g.group);
-            let val = |x: u8| if ty == Int8::U8 { x as i32 } else { x as i8 as i32 } - zx;
-            for b in 0..nb {
-                let img = &xb[b * c * h * wi..(b + 1) * c * h * wi];
-                for oc in 0..m {
-                    let c0 = (oc / mg) * cg;
-                    let wo = &wv[oc * k..(oc + 1) * k];
-                    let yo = &mut y[(b * m + oc) * pix..(b * m + oc + 1) * pix];
-                    for oy in 0..oh {
-                        for ox in 0..ow {
-                            let mut acc = 0i32;
-                            for ci in 0..cg {
-                                let plane = &img[(c0 + ci) * h * wi..(c0 + ci + 1) * h * wi];
-                                for i in 0..kh {
-                                    let iy = (oy * sh + i * dh) as isize - pt as isize;
-                                    if iy < 0 || iy as usize >= h {
-                                        continue;
-                                    }
-                                    for j in 0..kw {
-                                        let ix = (ox * sw + j * dw) as isize - pl as isize;
-                                        if ix >= 0 && (ix as usize) < wi {
-                                            let xv = val(plane[iy as usize * wi + ix as usize]);
-                                            acc = acc.wrapping_add(xv * wo[(ci * kh + i) * kw + j]);
-                                        }
-                                    }
-                                }
-                            }
-                            let r = (acc as f64 + bias[oc]) * mult[oc] + yzp;
-                            yo[oy * ow + ox] = requant_round(r, lo, hi);
-                        }
-                    }
-                }
-            }
-            return Ok(Some(quantized_tensor(&y, g.out_dims, out, x.device())?));
-        }
-        let QConvKind::Gemm(packed) = &self.kind else {
-            return Ok(None);
+        let geo = QConvShape {
+            nb,
+            c,
+            h,
+            w: wi,
+            m,
+            kh,
+            kw,
+            oh,
+            ow,
+            stride: [g.strides[0], g.strides[1]],
+            dil: [g.dil[0], g.dil[1]],
+            pad: [g.pads[0], g.pads[1]],
+            group: g.group,
         };
-        let mut a = vec![pad_byte; pix * k];
-        let mut acc = vec![0i32; pix * m];
-        for b in 0..nb {
-            let img = &xb[b * c * h * wi..(b + 1) * c * h * wi];
-            for oy in 0..oh {
-                for ox in 0..ow {
-                    let row = &mut a[(oy * ow + ox) * k..][..k];
-                    for ci in 0..c {
-                        for i in 0..kh {
-                            let iy = (oy * sh + i * dh) as isize - pt as isize;
-                            for j in 0..kw {
-                                let ix = (ox * sw + j * dw) as isize - pl as isize;
-                                row[(ci * kh + i) * kw + j] =
-                                    if iy >= 0 && (iy as usize) < h && ix >= 0 && (ix as usize) < wi {
-                                        img[(ci * h + iy as usize) * wi + ix as usize]
-                                    } else {
-                                        pad_byte
-                                    };
+        let rq = Requant {
+            bias,
+            mult,
+            yzp,
+            lo,
+            hi,
+        };
+        let ct = match out {
+            DType::U8 => CT::from_vec(self.compute::<u8>(&geo, &xb, ty, zx, &rq)?, g.out_dims, x.device())?,
+            _ => CT::from_vec(self.compute::<i16>(&geo, &xb, ty, zx, &rq)?, g.out_dims, x.device())?,
+        };
+        Ok(Some(Tensor::new(ct.to_dtype(cdt(out)?)?, out)?))
+    }
+
+    /// The quantized output `[N, M, OH, OW]` of `xb` (`[N, C, H, W]` bytes of type `ty`, zero point
+    /// `zx`).
+    fn compute<T: QStore>(&self, s: &QConvShape, xb: &[u8], ty: Int8, zx: i32, rq: &Requant) -> Result<Vec<T>> {
+        use crate::qgemm::{gemm, ZeroPoint};
+        use rayon::prelude::*;
+        let (pix, hw) = (s.oh * s.ow, s.h * s.w);
+        let mut y = vec![T::default(); s.nb * s.m * pix];
+        let k = self.wd[1] * s.kh * s.kw;
+        let parallel = s.nb * s.m * pix * k >= 1 << 18 && rayon::current_num_threads() > 1;
+        match &self.kind {
+            QConvKind::Direct(wv) => {
+                let (cg, mg) = (self.wd[1], s.m / s.group);
+                let plane = |(i, yo): (usize, &mut [T])| {
+                    let (b, oc) = (i / s.m, i % s.m);
+                    let c0 = (oc / mg) * cg;
+                    let img = &xb[(b * s.c + c0) * hw..(b * s.c + c0 + cg) * hw];
+                    let acc = s.direct(img, cg, &wv[oc * k..(oc + 1) * k], ty, zx);
+                    rq.channel(oc, &acc, yo);
+                };
+                if parallel {
+                    y.par_chunks_mut(pix).enumerate().for_each(plane);
+                } else {
+                    y.chunks_mut(pix).enumerate().for_each(plane);
+                }
+            }
+            QConvKind::Gemm(packed) => {
+                let mut a = vec![0u8; pix * k];
+                let mut acc = vec![0i32; pix * s.m];
+                for b in 0..s.nb {
+                    let img = &xb[b * s.c * hw..(b + 1) * s.c * hw];
+                    s.im2col(img, zx as u8, &mut a, parallel);
+                    gemm(&a, ty, pix, ZeroPoint::Scalar(zx), packed, &mut acc)
+                        .map_err(|e| crate::RuntimeError::msg(e.to_string()))?;
+                    // Requantize `[pix, M]` into M planes, 16 channels per task (one cache line of
+                    // each pixel's sums).
+                    let yb = &mut y[b * s.m * pix..(b + 1) * s.m * pix];
+                    let block = |(bi, ys): (usize, &mut [T])| {
+                        let oc0 = bi * 16;
+                        for (j, plane) in ys.chunks_mut(pix).enumerate() {
+                            let oc = oc0 + j;
+                            for (px, o) in plane.iter_mut().enumerate() {
+                                *o = T::from_q(rq.one(oc, acc[px * s.m + oc]));
                             }
+                        }
+                    };
+                    if parallel {
+                        yb.par_chunks_mut(16 * pix).enumerate().for_each(block);
+                    } else {
+                        yb.chunks_mut(16 * pix).enumerate().for_each(block);
+                    }
+                }
+            }
+        }
+        Ok(y)
+    }
+}
+
+/// The geometry of one 2-D integer convolution call.
+struct QConvShape {
+    nb: usize,
+    c: usize,
+    h: usize,
+    w: usize,
+    m: usize,
+    kh: usize,
+    kw: usize,
+    oh: usize,
+    ow: usize,
+    stride: [usize; 2],
+    dil: [usize; 2],
+    /// Top and left padding.
+    pad: [usize; 2],
+    group: usize,
+}
+
+impl QConvShape {
+    /// Image patches as the GEMM's A operand, `[OH * OW, C * kh * kw]`, padding as `pad` (the
+    /// input's zero point, so it adds nothing). One task per output row.
+    fn im2col(&self, img: &[u8], pad: u8, a: &mut [u8], parallel: bool) {
+        use rayon::prelude::*;
+        let (c, h, w, kh, kw, ow) = (self.c, self.h, self.w, self.kh, self.kw, self.ow);
+        let k = c * kh * kw;
+        let ([sh, sw], [dh, dw], [pt, pl]) = (self.stride, self.dil, self.pad);
+        let row = |(oy, rows): (usize, &mut [u8])| {
+            if kh == 1 && kw == 1 && sw == 1 && pl == 0 && ow <= w {
+                let iy = (oy * sh) as isize - pt as isize;
+                if iy < 0 || iy as usize >= h {
+                    rows.fill(pad);
+                    return;
+                }
+                // A transposition of `[C, OW]` into `[OW, C]`.
+                for ci in 0..c {
+                    let src = &img[(ci * h + iy as usize) * w..][..ow];
+                    for (ox, &v) in src.iter().enumerate() {
+                        rows[ox * k + ci] = v;
+                    }
+                }
+                return;
+            }
+            for ci in 0..c {
+                for i in 0..kh {
+                    let iy = (oy * sh + i * dh) as isize - pt as isize;
+                    let inside = iy >= 0 && (iy as usize) < h;
+                    let src = if inside {
+                        &img[(ci * h + iy as usize) * w..][..w]
+                    } else {
+                        &img[..0]
+                    };
+                    for j in 0..kw {
+                        let col = (ci * kh + i) * kw + j;
+                        for ox in 0..ow {
+                            let ix = (ox * sw + j * dw) as isize - pl as isize;
+                            rows[ox * k + col] = if inside && ix >= 0 && (ix as usize) < w {
+                                src[ix as usize]
+                            } else {
+                                pad
+                            };
                         }
                     }
                 }
             }
-            gemm(&a, ty, pix, ZeroPoint::Scalar(zx), packed, &mut acc)
-                .map_err(|e| crate::RuntimeError::msg(e.to_string()))?;
-            let yb = &mut y[b * m * pix..(b + 1) * m * pix];
-            for (px, accs) in acc.chunks_exact(m).enumerate() {
-                for oc in 0..m {
-                    let r = (accs[oc] as f64 + bias[oc]) * mult[oc] + yzp;
-                    yb[oc * pix + px] = requant_round(r, lo, hi);
+        };
+        if parallel {
+            a.par_chunks_mut(ow * k).enumerate().for_each(row);
+        } else {
+            a.chunks_mut(ow * k).enumerate().for_each(row);
+        }
+    }
+
+    /// i32 sums of one output channel that reads `cg` input planes (`img`, `[cg, H, W]` bytes of
+    /// type `ty`) through filter `wv` (`[cg, kh, kw]`, zero point already subtracted). Each plane
+    /// is shifted by `zx` into i16 and zero-padded once, split into `stride` column phases, so every
+    /// filter tap adds one contiguous row segment to the sums (a loop the compiler vectorizes).
+    fn direct(&self, img: &[u8], cg: usize, wv: &[i32], ty: Int8, zx: i32) -> Vec<i32> {
+        let (h, w, kh, kw, oh, ow) = (self.h, self.w, self.kh, self.kw, self.oh, self.ow);
+        let ([sh, sw], [dh, dw], [pt, pl]) = (self.stride, self.dil, self.pad);
+        // The padded window the outputs read: rows 0..ph, columns 0..pw, in `sw` phases of qw columns.
+        let ph = (oh - 1) * sh + (kh - 1) * dh + 1;
+        let pw = (ow - 1) * sw + (kw - 1) * dw + 1;
+        let qw = pw.div_ceil(sw);
+        let mut phases = vec![0i16; sw * ph * qw];
+        let mut acc = vec![0i32; oh * ow];
+        for ci in 0..cg {
+            let src = &img[ci * h * w..(ci + 1) * h * w];
+            phases.fill(0);
+            for py in 0..ph {
+                let iy = py as isize - pt as isize;
+                if iy < 0 || iy as usize >= h {
+                    continue;
+                }
+                let line = &src[iy as usize * w..][..w];
+                for px in pl.min(pw)..(pl + w).min(pw) {
+                    let v = line[px - pl];
+                    let v = if ty == Int8::U8 { v as i32 } else { v as i8 as i32 } - zx;
+                    phases[((px % sw) * ph + py) * qw + px / sw] = v as i16;
+                }
+            }
+            for i in 0..kh {
+                for j in 0..kw {
+                    let wt = wv[(ci * kh + i) * kw + j];
+                    let jj = j * dw;
+                    let base = (jj % sw) * ph;
+                    for oy in 0..oh {
+                        let src = &phases[(base + oy * sh + i * dh) * qw + jj / sw..][..ow];
+                        for (d, &v) in acc[oy * ow..(oy + 1) * ow].iter_mut().zip(src) {
+                            *d = d.wrapping_add(wt.wrapping_mul(v as i32));
+                        }
+                    }
                 }
             }
         }
-        Ok(Some(quantized_tensor(&y, g.out_dims, out, x.device())?))
+        acc
+    }
+}
+
+/// Requantization parameters of one QLinearConv call: `(acc + bias) * mult + y_zero_point` in f64,
+/// clamped to `[lo, hi]`, rounded half to even.
+struct Requant {
+    bias: Vec<f64>,
+    mult: Vec<f64>,
+    yzp: f64,
+    lo: f64,
+    hi: f64,
+}
+
+impl Requant {
+    #[inline(always)]
+    fn one(&self, oc: usize, acc: i32) -> f64 {
+        requant_round(
+            (acc as f64 + self.bias[oc]) * self.mult[oc] + self.yzp,
+            self.lo,
+            self.hi,
+        )
+    }
+
+    fn channel<T: QStore>(&self, oc: usize, acc: &[i32], out: &mut [T]) {
+        let (b, m) = (self.bias[oc], self.mult[oc]);
+        for (o, &a) in out.iter_mut().zip(acc) {
+            *o = T::from_q(requant_round((a as f64 + b) * m + self.yzp, self.lo, self.hi));
+        }
+    }
+}
+
+/// How an 8-bit result is stored (u8 as u8, i8 widened to i16 as Kiln stores it).
+trait QStore: Copy + Default + Send + Sync {
+    /// `v` is a whole number in the type's range.
+    fn from_q(v: f64) -> Self;
+}
+
+impl QStore for u8 {
+    #[inline(always)]
+    fn from_q(v: f64) -> Self {
+        v as u8
+    }
+}
+
+impl QStore for i16 {
+    #[inline(always)]
+    fn from_q(v: f64) -> Self {
+        v as i16
     }
 }
 
@@ -916,7 +1087,146 @@ fn qlinear_conv(cx: &RunCx, p: &ConvParams, ins: &[Option<&Value>]) -> Result<Ve
 
 #[cfg(test)]
 mod tests {
-    use super::requant_round;
+    use super::{requant_round, Int8, QConvShape};
+
+    /// A small deterministic generator (xorshift).
+    struct Rng(u64);
+    impl Rng {
+        fn next(&mut self) -> u64 {
+            self.0 ^= self.0 << 13;
+            self.0 ^= self.0 >> 7;
+            self.0 ^= self.0 << 17;
+            self.0
+        }
+        fn below(&mut self, n: usize) -> usize {
+            (self.next() % n as u64) as usize
+        }
+    }
+
+    /// The patch GEMM (one group) and the direct sums (grouped, depthwise) give the plain
+    /// definition's i32 sums over random geometries: strides 1-3, dilations 1-2, asymmetric
+    /// padding, 1x1 filters, windows that lie partly or wholly in the padding, u8 and i8 inputs.
+    #[test]
+    fn integer_conv_paths_match_the_plain_sum() {
+        let mut r = Rng(0x9e37_79b9_7f4a_7c15);
+        for case in 0..400 {
+            let group = [1, 1, 2, 3, 4][r.below(5)];
+            let depthwise = case % 4 == 1;
+            let cg = if depthwise { 1 } else { 1 + r.below(4) };
+            let c = cg * if depthwise { 1 + r.below(6) } else { group };
+            let group = if depthwise { c } else { group };
+            let m = group * (1 + r.below(3));
+            let (h, w) = (1 + r.below(11), 1 + r.below(11));
+            let (kh, kw) = if case % 5 == 0 {
+                (1, 1)
+            } else {
+                (1 + r.below(4), 1 + r.below(4))
+            };
+            let (sh, sw) = (1 + r.below(3), 1 + r.below(3));
+            let (dh, dw) = (1 + r.below(2), 1 + r.below(2));
+            let pads = [r.below(3), r.below(3), r.below(3), r.below(3)];
+            let (eh, ew) = ((kh - 1) * dh + 1, (kw - 1) * dw + 1);
+            if h + pads[0] + pads[2] < eh || w + pads[1] + pads[3] < ew {
+                continue;
+            }
+            let oh = (h + pads[0] + pads[2] - eh) / sh + 1;
+            let ow = (w + pads[1] + pads[3] - ew) / sw + 1;
+            let ty = if case % 2 == 0 { Int8::U8 } else { Int8::I8 };
+            let zx = r.below(256) as i32 - if ty == Int8::I8 { 128 } else { 0 };
+            let img: Vec<u8> = (0..c * h * w).map(|_| r.below(256) as u8).collect();
+            let k = cg * kh * kw;
+            let wv: Vec<i32> = (0..m * k).map(|_| r.below(511) as i32 - 255).collect();
+            let s = QConvShape {
+                nb: 1,
+                c,
+                h,
+                w,
+                m,
+                kh,
+                kw,
+                oh,
+                ow,
+                stride: [sh, sw],
+                dil: [dh, dw],
+                pad: [pads[0], pads[1]],
+                group,
+            };
+            let xval = |v: u8| if ty == Int8::U8 { v as i32 } else { v as i8 as i32 } - zx;
+            let mut want = vec![0i32; m * oh * ow];
+            for oc in 0..m {
+                let c0 = (oc / (m / group)) * cg;
+                for oy in 0..oh {
+                    for ox in 0..ow {
+                        let mut acc = 0i32;
+                        for ci in 0..cg {
+                            for i in 0..kh {
+                                for j in 0..kw {
+                                    let iy = (oy * sh + i * dh) as isize - pads[0] as isize;
+                                    let ix = (ox * sw + j * dw) as isize - pads[1] as isize;
+                                    if iy >= 0 && (iy as usize) < h && ix >= 0 && (ix as usize) < w {
+                                        let x = xval(img[((c0 + ci) * h + iy as usize) * w + ix as usize]);
+                                        acc += x * wv[oc * k + (ci * kh + i) * kw + j];
+                                    }
+                                }
+                            }
+                        }
+                        want[(oc * oh + oy) * ow + ox] = acc;
+                    }
+                }
+            }
+            let label = format!(
+                "case {case}: c {c} m {m} group {group} {h}x{w} k {kh}x{kw} s {sh},{sw} d {dh},{dw} pads {pads:?}"
+            );
+            if group == 1 {
+                // W' = W + w_zp with a per-channel zero point, packed as B = W^T.
+                let wzp: Vec<i32> = (0..m).map(|oc| (oc as i32 * 37) % 100 - 50).collect();
+                let bt: Vec<u8> = (0..k * m)
+                    .map(|i| {
+                        let (kk, oc) = (i / m, i % m);
+                        let v = (wv[oc * k + kk] / 2).clamp(-128 - wzp[oc], 127 - wzp[oc]) + wzp[oc];
+                        v as i8 as u8
+                    })
+                    .collect();
+                let packed =
+                    crate::qgemm::PackedQB::pack(&bt, Int8::I8, k, m, crate::qgemm::ZeroPoint::PerIndex(&wzp)).unwrap();
+                for parallel in [false, true] {
+                    let mut a = vec![0u8; oh * ow * k];
+                    s.im2col(&img, zx as u8, &mut a, parallel);
+                    let mut acc = vec![0i32; oh * ow * m];
+                    crate::qgemm::gemm(&a, ty, oh * ow, crate::qgemm::ZeroPoint::Scalar(zx), &packed, &mut acc)
+                        .unwrap();
+                    for oc in 0..m {
+                        for px in 0..oh * ow {
+                            let mut sum = 0i32;
+                            let (oy, ox) = (px / ow, px % ow);
+                            for kk in 0..k {
+                                let (ci, i, j) = (kk / (kh * kw), (kk / kw) % kh, kk % kw);
+                                let iy = (oy * sh + i * dh) as isize - pads[0] as isize;
+                                let ix = (ox * sw + j * dw) as isize - pads[1] as isize;
+                                if iy >= 0 && (iy as usize) < h && ix >= 0 && (ix as usize) < w {
+                                    let x = xval(img[(ci * h + iy as usize) * w + ix as usize]);
+                                    sum += x * ((bt[kk * m + oc] as i8 as i32) - wzp[oc]);
+                                }
+                            }
+                            assert_eq!(acc[px * m + oc], sum, "{label} oc {oc} px {px}");
+                        }
+                    }
+                }
+            } else {
+                for oc in 0..m {
+                    let c0 = (oc / (m / group)) * cg;
+                    let got = s.direct(
+                        &img[c0 * h * w..(c0 + cg) * h * w],
+                        cg,
+                        &wv[oc * k..(oc + 1) * k],
+                        ty,
+                        zx,
+                    );
+                    assert_eq!(got, want[oc * oh * ow..(oc + 1) * oh * ow], "{label} oc {oc}");
+                }
+            }
+        }
+    }
 
     /// The add-and-subtract rounding equals clamp + round_ties_even on ties, near-ties, negatives,
     /// the range's edges, values outside it and NaN (a zero's sign aside).
