@@ -750,6 +750,10 @@ impl PackedQConv {
             return Ok(None);
         }
         let mult: Vec<f64> = (0..m).map(|oc| ((xs * ws[oc % ws.len()]) / ys) as f64).collect();
+        if mult.iter().any(|v| !v.is_finite()) {
+            // Zero or non-finite scales: the reference path gives their NaN/saturated results.
+            return Ok(None);
+        }
         let yzp = match y_zp {
             Some(z) => z.to_f64_vec()?.first().copied().unwrap_or(0.0),
             None => 0.0,
@@ -816,7 +820,7 @@ impl PackedQConv {
                     let c0 = (oc / mg) * cg;
                     let img = &xb[(b * s.c + c0) * hw..(b * s.c + c0 + cg) * hw];
                     let acc = s.direct(img, cg, &wv[oc * k..(oc + 1) * k], ty, zx);
-                    rq.channel(oc, &acc, yo);
+                    T::requant_plane(rq, oc, &acc, yo);
                 };
                 if parallel {
                     y.par_chunks_mut(pix).enumerate().for_each(plane);
@@ -835,15 +839,7 @@ impl PackedQConv {
                     // Requantize `[pix, M]` into M planes, 16 channels per task (one cache line of
                     // each pixel's sums).
                     let yb = &mut y[b * s.m * pix..(b + 1) * s.m * pix];
-                    let block = |(bi, ys): (usize, &mut [T])| {
-                        let oc0 = bi * 16;
-                        for (j, plane) in ys.chunks_mut(pix).enumerate() {
-                            let oc = oc0 + j;
-                            for (px, o) in plane.iter_mut().enumerate() {
-                                *o = T::from_q(rq.one(oc, acc[px * s.m + oc]));
-                            }
-                        }
-                    };
+                    let block = |(bi, ys): (usize, &mut [T])| T::requant_block(rq, &acc, s.m, bi * 16, ys, pix);
                     if parallel {
                         yb.par_chunks_mut(16 * pix).enumerate().for_each(block);
                     } else {
@@ -931,46 +927,102 @@ impl QConvShape {
     /// i32 sums of one output channel that reads `cg` input planes (`img`, `[cg, H, W]` bytes of
     /// type `ty`) through filter `wv` (`[cg, kh, kw]`, zero point already subtracted). Each plane
     /// is shifted by `zx` into i16 and zero-padded once, split into `stride` column phases, so every
-    /// filter tap adds one contiguous row segment to the sums (a loop the compiler vectorizes).
+    /// filter tap adds one contiguous row segment to the sums (a loop the compiler vectorizes; built
+    /// for AVX-512 and AVX2 as well, chosen at run time).
     fn direct(&self, img: &[u8], cg: usize, wv: &[i32], ty: Int8, zx: i32) -> Vec<i32> {
+        #[cfg(target_arch = "x86_64")]
+        {
+            if crate::fastmath::has_avx2_fma() {
+                // SAFETY: the CPU has the features each build is compiled for (checked here).
+                unsafe {
+                    return if crate::sgemm::use_avx512() {
+                        self.direct_avx512(img, cg, wv, ty, zx)
+                    } else {
+                        self.direct_avx2(img, cg, wv, ty, zx)
+                    };
+                }
+            }
+        }
+        self.direct_body(img, cg, wv, ty, zx)
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f,avx512bw,avx2,fma")]
+    unsafe fn direct_avx512(&self, img: &[u8], cg: usize, wv: &[i32], ty: Int8, zx: i32) -> Vec<i32> {
+        self.direct_body(img, cg, wv, ty, zx)
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn direct_avx2(&self, img: &[u8], cg: usize, wv: &[i32], ty: Int8, zx: i32) -> Vec<i32> {
+        self.direct_body(img, cg, wv, ty, zx)
+    }
+
+    #[inline(always)]
+    fn direct_body(&self, img: &[u8], cg: usize, wv: &[i32], ty: Int8, zx: i32) -> Vec<i32> {
         let (h, w, kh, kw, oh, ow) = (self.h, self.w, self.kh, self.kw, self.oh, self.ow);
         let ([sh, sw], [dh, dw], [pt, pl]) = (self.stride, self.dil, self.pad);
-        // The padded window the outputs read: rows 0..ph, columns 0..pw, in `sw` phases of qw columns.
+        // The padded window the outputs read, rows 0..ph and columns 0..pw, split into sh x sw
+        // phases of qh x qw (phase (rh, rw) holds window row qy * sh + rh, column qx * sw + rw). A
+        // tap (i, j) then reads, for every output, phase ((i dh) % sh, (j dw) % sw) at
+        // (oy + (i dh) / sh, ox + (j dw) / sw): with the sums kept at the phases' row pitch qw,
+        // one contiguous run covers the whole output plane.
         let ph = (oh - 1) * sh + (kh - 1) * dh + 1;
         let pw = (ow - 1) * sw + (kw - 1) * dw + 1;
-        let qw = pw.div_ceil(sw);
-        let mut phases = vec![0i16; sw * ph * qw];
-        let mut acc = vec![0i32; oh * ow];
+        let (qh, qw) = (ph.div_ceil(sh), pw.div_ceil(sw));
+        let mut phases = vec![0i16; sh * sw * qh * qw];
+        let run = (oh - 1) * qw + ow;
+        let mut acc = vec![0i32; run];
+        // Input columns inside the window: px = ix + pl in pl..min(pl + w, pw).
+        let (px0, px1) = (pl.min(pw), (pl + w).min(pw));
+        let val = |v: u8| (if ty == Int8::U8 { v as i32 } else { v as i8 as i32 } - zx) as i16;
         for ci in 0..cg {
+            // Every channel writes the same positions, so the padding stays zero.
             let src = &img[ci * h * w..(ci + 1) * h * w];
-            phases.fill(0);
             for py in 0..ph {
                 let iy = py as isize - pt as isize;
                 if iy < 0 || iy as usize >= h {
                     continue;
                 }
                 let line = &src[iy as usize * w..][..w];
-                for px in pl.min(pw)..(pl + w).min(pw) {
-                    let v = line[px - pl];
-                    let v = if ty == Int8::U8 { v as i32 } else { v as i8 as i32 } - zx;
-                    phases[((px % sw) * ph + py) * qw + px / sw] = v as i16;
+                let (rh, qy) = (py % sh, py / sh);
+                if sw == 1 {
+                    let dst = &mut phases[(rh * qh + qy) * qw..][..qw];
+                    for (d, &v) in dst[px0..px1].iter_mut().zip(&line[px0 - pl..]) {
+                        *d = val(v);
+                    }
+                    continue;
+                }
+                for rw in 0..sw {
+                    // Columns px = q * sw + rw of this phase.
+                    let q0 = (px0 + sw - 1 - rw) / sw;
+                    let q1 = (px1 + sw - 1 - rw) / sw;
+                    let dst = &mut phases[((rh * sw + rw) * qh + qy) * qw..][..qw];
+                    for q in q0..q1 {
+                        dst[q] = val(line[q * sw + rw - pl]);
+                    }
                 }
             }
             for i in 0..kh {
+                let (rh, di) = ((i * dh) % sh, (i * dh) / sh);
                 for j in 0..kw {
+                    let (rw, dj) = ((j * dw) % sw, (j * dw) / sw);
                     let wt = wv[(ci * kh + i) * kw + j];
-                    let jj = j * dw;
-                    let base = (jj % sw) * ph;
-                    for oy in 0..oh {
-                        let src = &phases[(base + oy * sh + i * dh) * qw + jj / sw..][..ow];
-                        for (d, &v) in acc[oy * ow..(oy + 1) * ow].iter_mut().zip(src) {
-                            *d = d.wrapping_add(wt.wrapping_mul(v as i32));
-                        }
+                    let src = &phases[((rh * sw + rw) * qh + di) * qw + dj..][..run];
+                    for (d, &v) in acc.iter_mut().zip(src) {
+                        *d = d.wrapping_add(wt.wrapping_mul(v as i32));
                     }
                 }
             }
         }
-        acc
+        if qw == ow {
+            return acc;
+        }
+        let mut out = vec![0i32; oh * ow];
+        for (oy, row) in out.chunks_exact_mut(ow).enumerate() {
+            row.copy_from_slice(&acc[oy * qw..oy * qw + ow]);
+        }
+        out
     }
 }
 
@@ -984,58 +1036,145 @@ struct Requant {
     hi: f64,
 }
 
-impl Requant {
-    #[inline(always)]
-    fn one(&self, oc: usize, acc: i32) -> f64 {
-        requant_round(
-            (acc as f64 + self.bias[oc]) * self.mult[oc] + self.yzp,
-            self.lo,
-            self.hi,
-        )
+/// Which build of the requantization loops runs: AVX-512, AVX2 or portable.
+fn simd_level() -> u8 {
+    #[cfg(target_arch = "x86_64")]
+    if crate::fastmath::has_avx2_fma() {
+        return if crate::sgemm::use_avx512() { 2 } else { 1 };
+    }
+    0
+}
+
+/// How an 8-bit result is stored (u8 as u8, i8 widened to i16 as Kiln stores it), and the
+/// requantization loops that write it.
+trait QStore: Copy + Default + Send + Sync {
+    /// `v` is in the type's range.
+    fn from_i32(v: i32) -> Self;
+
+    /// Plane `out` of output channel `oc` from its sums `acc`.
+    fn requant_plane(rq: &Requant, oc: usize, acc: &[i32], out: &mut [Self]) {
+        match simd_level() {
+            // SAFETY: the CPU has the features each build is compiled for (`simd_level`).
+            #[cfg(target_arch = "x86_64")]
+            2 => unsafe { simd::plane_avx512(rq, oc, acc, out) },
+            #[cfg(target_arch = "x86_64")]
+            1 => unsafe { simd::plane_avx2(rq, oc, acc, out) },
+            _ => requant_plane_body(rq, oc, acc, out),
+        }
     }
 
-    fn channel<T: QStore>(&self, oc: usize, acc: &[i32], out: &mut [T]) {
-        let (b, m) = (self.bias[oc], self.mult[oc]);
-        for (o, &a) in out.iter_mut().zip(acc) {
-            *o = T::from_q(requant_round((a as f64 + b) * m + self.yzp, self.lo, self.hi));
+    /// Planes `oc0..` (`out` holds up to 16 planes of `pix`) from the `[pix, m]` sums `acc`.
+    fn requant_block(rq: &Requant, acc: &[i32], m: usize, oc0: usize, out: &mut [Self], pix: usize) {
+        match simd_level() {
+            // SAFETY: as above.
+            #[cfg(target_arch = "x86_64")]
+            2 => unsafe { simd::block_avx512(rq, acc, m, oc0, out, pix) },
+            #[cfg(target_arch = "x86_64")]
+            1 => unsafe { simd::block_avx2(rq, acc, m, oc0, out, pix) },
+            _ => requant_block_body(rq, acc, m, oc0, out, pix),
         }
     }
 }
 
-/// How an 8-bit result is stored (u8 as u8, i8 widened to i16 as Kiln stores it).
-trait QStore: Copy + Default + Send + Sync {
-    /// `v` is a whole number in the type's range.
-    fn from_q(v: f64) -> Self;
+/// The requantization loops built for AVX-512 and AVX2 (the same arithmetic, so the same results).
+#[cfg(target_arch = "x86_64")]
+mod simd {
+    use super::{requant_block_body, requant_plane_body, QStore, Requant};
+
+    #[target_feature(enable = "avx512f,avx512bw,avx2,fma")]
+    pub(super) unsafe fn plane_avx512<T: QStore>(rq: &Requant, oc: usize, acc: &[i32], out: &mut [T]) {
+        requant_plane_body(rq, oc, acc, out)
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn plane_avx2<T: QStore>(rq: &Requant, oc: usize, acc: &[i32], out: &mut [T]) {
+        requant_plane_body(rq, oc, acc, out)
+    }
+
+    #[target_feature(enable = "avx512f,avx512bw,avx2,fma")]
+    pub(super) unsafe fn block_avx512<T: QStore>(
+        rq: &Requant,
+        acc: &[i32],
+        m: usize,
+        oc0: usize,
+        out: &mut [T],
+        pix: usize,
+    ) {
+        requant_block_body(rq, acc, m, oc0, out, pix)
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn block_avx2<T: QStore>(
+        rq: &Requant,
+        acc: &[i32],
+        m: usize,
+        oc0: usize,
+        out: &mut [T],
+        pix: usize,
+    ) {
+        requant_block_body(rq, acc, m, oc0, out, pix)
+    }
 }
 
 impl QStore for u8 {
     #[inline(always)]
-    fn from_q(v: f64) -> Self {
+    fn from_i32(v: i32) -> Self {
         v as u8
     }
 }
 
 impl QStore for i16 {
     #[inline(always)]
-    fn from_q(v: f64) -> Self {
+    fn from_i32(v: i32) -> Self {
         v as i16
     }
 }
 
-/// `r` clamped to `[lo, hi]` (NaN stays NaN, as `f64::clamp` leaves it) and rounded half to even.
-/// The range is within +-2^31, so adding and subtracting 1.5 * 2^52 rounds in the FPU's default
-/// nearest-even mode: the same result as `round_ties_even` without a libm call per element.
 #[inline(always)]
-fn requant_round(r: f64, lo: f64, hi: f64) -> f64 {
+fn requant_plane_body<T: QStore>(rq: &Requant, oc: usize, acc: &[i32], out: &mut [T]) {
+    let (b, m, z, lo, hi) = (rq.bias[oc], rq.mult[oc], rq.yzp, rq.lo, rq.hi);
+    for (o, &a) in out.iter_mut().zip(acc) {
+        *o = T::from_i32(requant_int((a as f64 + b) * m + z, lo, hi));
+    }
+}
+
+#[inline(always)]
+fn requant_block_body<T: QStore>(rq: &Requant, acc: &[i32], m: usize, oc0: usize, out: &mut [T], pix: usize) {
+    let n = out.len() / pix;
+    let (z, lo, hi) = (rq.yzp, rq.lo, rq.hi);
+    if n == 16 {
+        // The common case with a fixed width, so the channel loop is vectorized.
+        let (b, mu): (&[f64; 16], &[f64; 16]) = (
+            rq.bias[oc0..oc0 + 16].try_into().expect("16 channels"),
+            rq.mult[oc0..oc0 + 16].try_into().expect("16 channels"),
+        );
+        for px in 0..pix {
+            let row: &[i32; 16] = acc[px * m + oc0..px * m + oc0 + 16].try_into().expect("16 sums");
+            let mut q = [T::default(); 16];
+            for j in 0..16 {
+                q[j] = T::from_i32(requant_int((row[j] as f64 + b[j]) * mu[j] + z, lo, hi));
+            }
+            for (j, &v) in q.iter().enumerate() {
+                out[j * pix + px] = v;
+            }
+        }
+        return;
+    }
+    for j in 0..n {
+        let (b, mu) = (rq.bias[oc0 + j], rq.mult[oc0 + j]);
+        for px in 0..pix {
+            out[j * pix + px] = T::from_i32(requant_int((acc[px * m + oc0 + j] as f64 + b) * mu + z, lo, hi));
+        }
+    }
+}
+
+/// A finite `r` clamped to `[lo, hi]` (within +-2^31) and rounded half to even, as an integer: adding
+/// 1.5 * 2^52 rounds in the FPU's default nearest-even mode and leaves the integer in the low bits
+/// (no libm call and no float-to-integer conversion, so the loops around it stay vectorized).
+#[inline(always)]
+fn requant_int(r: f64, lo: f64, hi: f64) -> i32 {
     const MAGIC: f64 = 6_755_399_441_055_744.0;
-    let r = if r < lo {
-        lo
-    } else if r > hi {
-        hi
-    } else {
-        r
-    };
-    (r + MAGIC) - MAGIC
+    (r.max(lo).min(hi) + MAGIC).to_bits() as u32 as i32
 }
 
 /// Whole numbers already in `out`'s range as a tensor of `out` (u8 or i8, stored as candle stores them).
@@ -1087,7 +1226,7 @@ fn qlinear_conv(cx: &RunCx, p: &ConvParams, ins: &[Option<&Value>]) -> Result<Ve
 
 #[cfg(test)]
 mod tests {
-    use super::{requant_round, Int8, QConvShape};
+    use super::{requant_int, Int8, QConvShape};
 
     /// A small deterministic generator (xorshift).
     struct Rng(u64);
@@ -1229,9 +1368,9 @@ mod tests {
     }
 
     /// The add-and-subtract rounding equals clamp + round_ties_even on ties, near-ties, negatives,
-    /// the range's edges, values outside it and NaN (a zero's sign aside).
+    /// the range's edges and values outside it.
     #[test]
-    fn requant_round_matches_round_ties_even() {
+    fn requant_int_matches_round_ties_even() {
         let mut xs: Vec<f64> = (-3000..=3000).map(|i| i as f64 * 0.125).collect();
         xs.extend([
             -128.5,
@@ -1250,9 +1389,8 @@ mod tests {
             for &x in &xs {
                 let want = x.clamp(lo, hi).round_ties_even();
                 // Equal as numbers (-0.5 gives +0 here and -0 there: the same integer).
-                assert_eq!(requant_round(x, lo, hi), want, "{x} in [{lo}, {hi}]");
+                assert_eq!(requant_int(x, lo, hi) as f64, want, "{x} in [{lo}, {hi}]");
             }
-            assert!(requant_round(f64::NAN, lo, hi).is_nan());
         }
     }
 }
