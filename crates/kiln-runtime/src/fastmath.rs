@@ -284,6 +284,34 @@ pub(crate) fn quantize_u8(src: &[f32], scale: f32, zp: f32, dst: &mut [u8]) {
 }
 
 #[inline(always)]
+fn quantize_i8_impl(src: &[f32], scale: f32, zp: f32, dst: &mut [i16]) {
+    dst.iter_mut().zip(src).for_each(|(q, &x)| {
+        // A NaN becomes -128 (max returns its other operand), the range's low end as for u8.
+        #[allow(clippy::manual_clamp)]
+        let v = ((x / scale).round_ties_even() + zp).max(-128.0).min(127.0);
+        *q = v as i32 as i16
+    });
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+fn quantize_i8_avx2(src: &[f32], scale: f32, zp: f32, dst: &mut [i16]) {
+    quantize_i8_impl(src, scale, zp, dst)
+}
+
+/// QuantizeLinear to int8 (`saturate(round_half_even(x / scale) + zp)`, NaN to -128), written
+/// widened to i16 as Kiln stores int8.
+pub(crate) fn quantize_i8(src: &[f32], scale: f32, zp: f32, dst: &mut [i16]) {
+    #[cfg(target_arch = "x86_64")]
+    if has_avx2_fma() {
+        // SAFETY: the CPU supports the features `quantize_i8_avx2` is compiled for (checked above).
+        unsafe { quantize_i8_avx2(src, scale, zp, dst) };
+        return;
+    }
+    quantize_i8_impl(src, scale, zp, dst)
+}
+
+#[inline(always)]
 fn min_max_impl(v: &[f32]) -> (f32, f32) {
     // Eight lanes so the reduction vectorizes; f32::min/max skip NaNs.
     let (mut mn, mut mx) = ([f32::INFINITY; 8], [f32::NEG_INFINITY; 8]);
@@ -632,6 +660,25 @@ mod tests {
                 let mut portable = vec![7u8; len];
                 quantize_u8_impl(&src, scale, zp, &mut portable);
                 assert_eq!(portable, want, "portable, len {len} scale {scale} zp {zp}");
+                // int8 (zero point shifted into its range), NaN to -128.
+                let zp = zp - 128.0;
+                let want: Vec<i16> = src
+                    .iter()
+                    .map(|&x| {
+                        let r = ((x as f64 / scale as f64) as f32).round_ties_even() + zp;
+                        if r.is_nan() {
+                            -128
+                        } else {
+                            r.clamp(-128.0, 127.0) as i16
+                        }
+                    })
+                    .collect();
+                let mut got = vec![7i16; len];
+                quantize_i8(&src, scale, zp, &mut got);
+                assert_eq!(got, want, "i8: len {len} scale {scale} zp {zp}");
+                let mut portable = vec![7i16; len];
+                quantize_i8_impl(&src, scale, zp, &mut portable);
+                assert_eq!(portable, want, "i8 portable: len {len} scale {scale} zp {zp}");
             }
         }
     }

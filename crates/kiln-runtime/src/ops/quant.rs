@@ -168,6 +168,9 @@ fn quantize_linear(n: &NodeCtx) -> Result<Box<dyn OpKernel>> {
         {
             bail!("QuantizeLinear to {out} is not supported");
         }
+        if let Some(y) = quantize_f32_per_tensor(x, s, zp, out, prec, block)? {
+            return out1(y);
+        }
         // Division in the requested precision (or the input's float type).
         let div_dt = match prec {
             Some(p) => p,
@@ -198,6 +201,66 @@ fn quantize_linear(n: &NodeCtx) -> Result<Box<dyn OpKernel>> {
         let q = q.clamp(lo, hi)?;
         out1(Tensor::new(q.to_dtype(cdt(out)?)?, out)?)
     }))
+}
+
+/// QuantizeLinear of a contiguous f32 CPU tensor with one f32 scale and zero point to u8 or i8, in
+/// one vectorized pass (parallel chunks for large tensors); `None` for anything else.
+fn quantize_f32_per_tensor(
+    x: &Tensor,
+    s: &Tensor,
+    zp: Option<&Tensor>,
+    out: DType,
+    prec: Option<DType>,
+    block: i64,
+) -> Result<Option<Tensor>> {
+    use rayon::prelude::*;
+    let simple = x.dtype() == DType::F32
+        && x.device().is_cpu()
+        && s.dtype() == DType::F32
+        && s.elem_count() == 1
+        && zp.is_none_or(|z| z.elem_count() == 1)
+        && matches!(out, DType::U8 | DType::I8)
+        && prec.is_none_or(|p| p == DType::F32)
+        && block == 0;
+    if !simple {
+        return Ok(None);
+    }
+    let scale = s.to_f64_vec()?[0] as f32;
+    let z = match zp {
+        Some(z) => z.to_f64_vec()?[0] as f32,
+        None => 0.0,
+    };
+    let xc = x.candle().contiguous()?;
+    let chunk = DQL_CHUNK;
+    let parallel = x.elem_count() >= 2 * chunk && rayon::current_num_threads() > 1;
+    let ct = match out {
+        DType::U8 => with_f32(&xc, |v| {
+            let mut q = vec![0u8; v.len()];
+            if parallel {
+                q.par_chunks_mut(chunk)
+                    .zip(v.par_chunks(chunk))
+                    .for_each(|(qc, vc)| fastmath::quantize_u8(vc, scale, z, qc));
+            } else {
+                fastmath::quantize_u8(v, scale, z, &mut q);
+            }
+            CT::from_vec(q, x.dims(), x.device())
+        }),
+        _ => with_f32(&xc, |v| {
+            let mut q = vec![0i16; v.len()];
+            if parallel {
+                q.par_chunks_mut(chunk)
+                    .zip(v.par_chunks(chunk))
+                    .for_each(|(qc, vc)| fastmath::quantize_i8(vc, scale, z, qc));
+            } else {
+                fastmath::quantize_i8(v, scale, z, &mut q);
+            }
+            CT::from_vec(q, x.dims(), x.device())
+        }),
+    };
+    match ct {
+        Some(ct) => Ok(Some(Tensor::new(ct?.to_dtype(cdt(out)?)?, out)?)),
+        None => Ok(None),
+    }
 }
 
 fn dequantize_linear(n: &NodeCtx) -> Result<Box<dyn OpKernel>> {
