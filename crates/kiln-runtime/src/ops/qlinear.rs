@@ -212,7 +212,15 @@ fn wrap(n: &NodeCtx, float_op: &'static str, layout: Layout) -> Result<Box<dyn O
     }
     let operands = layout.operands(num_inputs);
     let (ys, yz) = layout.output();
-    Ok(kernel(move |cx, ins| {
+    // Element-wise unary ops map each of the 256 input codes to one output code: a table, computed
+    // by the general path below on the 256 codes, for the scales and zero points of the call.
+    let lut = matches!(float_op, "Sigmoid" | "LeakyRelu");
+    let pair = match operands.as_slice() {
+        [a, b] => Some((*a, *b)),
+        _ => None,
+    };
+    let table: std::sync::Mutex<Option<(LutKey, Vec<i32>)>> = std::sync::Mutex::new(None);
+    let general = move |cx: &super::RunCx, ins: &[Option<&Value>]| -> Result<Tensor> {
         let mut qdt = None;
         let mut deq = Vec::with_capacity(operands.len());
         for &(d, s, z) in &operands {
@@ -248,8 +256,153 @@ fn wrap(n: &NodeCtx, float_op: &'static str, layout: Layout) -> Result<Box<dyn O
         if channels_last && y.rank() >= 3 {
             y = to_channels_last(&y)?;
         }
-        out1(quantize(&y, scale, zp, qdt)?)
+        quantize(&y, scale, zp, qdt)
+    };
+    Ok(kernel(move |cx, ins| {
+        if lut {
+            let x = tin(ins, 0)?;
+            if matches!(x.dtype(), DType::U8 | DType::I8) && x.device().is_cpu() {
+                let (xs, xz) = params(ins, 1, 2, x.dtype())?;
+                let (ys_, yz_) = params(ins, ys, yz, x.dtype())?;
+                let key = (x.dtype() == DType::U8, xs.to_bits(), xz, ys_.to_bits(), yz_);
+                let mut guard = table.lock().unwrap_or_else(|e| e.into_inner());
+                if guard.as_ref().is_none_or(|(k, _)| *k != key) {
+                    let codes = code_tensor(x.dtype(), x.device())?;
+                    let code_value = Value::Tensor(codes);
+                    let mut code_ins = ins.to_vec();
+                    code_ins[0] = Some(&code_value);
+                    let t = general(cx, &code_ins)?
+                        .to_i64_vec()?
+                        .into_iter()
+                        .map(|v| v as i32)
+                        .collect();
+                    *guard = Some((key, t));
+                }
+                let t = &guard.as_ref().expect("table built above").1;
+                return out1(lookup(x, t)?);
+            }
+        }
+        if let Some((a, b)) = pair {
+            if let Some(y) = binary(float_op, ins, a, b, (ys, yz))? {
+                return out1(y);
+            }
+        }
+        out1(general(cx, ins)?)
     }))
+}
+
+/// What a unary table depends on: signedness, the input's and output's scale bits and zero points.
+type LutKey = (bool, u32, i32, u32, i32);
+
+/// The 256 codes of an 8-bit type in storage order (u8 0..=255; i8 -128..=127, index `code + 128`).
+fn code_tensor(dt: DType, dev: &candle_core::Device) -> Result<Tensor> {
+    let t = match dt {
+        DType::U8 => candle_core::Tensor::from_vec((0..=255u8).collect::<Vec<_>>(), 256, dev)?,
+        _ => candle_core::Tensor::from_vec((-128..=127i16).collect::<Vec<_>>(), 256, dev)?,
+    };
+    Tensor::new(t.to_dtype(crate::tensor::storage_dtype(dt)?)?, dt)
+}
+
+/// `table[code]` for every element of `x` (the table indexed as [`code_tensor`] orders the codes).
+fn lookup(x: &Tensor, table: &[i32]) -> Result<Tensor> {
+    let flat = x.candle().flatten_all()?;
+    let dims = x.dims().to_vec();
+    let t = match x.dtype() {
+        DType::U8 => {
+            let v: Vec<u8> = flat
+                .to_vec1::<u8>()?
+                .into_iter()
+                .map(|c| table[c as usize] as u8)
+                .collect();
+            candle_core::Tensor::from_vec(v, dims, x.device())?
+        }
+        _ => {
+            let v: Vec<i16> = flat
+                .to_vec1::<i16>()?
+                .into_iter()
+                .map(|c| table[(c as i32 + 128).clamp(0, 255) as usize] as i16)
+                .collect();
+            candle_core::Tensor::from_vec(v, dims, x.device())?
+        }
+    };
+    Tensor::new(t.to_dtype(crate::tensor::storage_dtype(x.dtype())?)?, x.dtype())
+}
+
+/// QLinearAdd / QLinearMul in one pass on the CPU when both operands have one type and the smaller
+/// one's shape is the larger one's leading dims followed by ones (equal shapes, a scalar, a
+/// `[N, C, 1, 1]` scale over `[N, C, H, W]`): the general path's arithmetic per element
+/// (`(q - zp) * scale` in f32, the f32 op, the output quantized); `None` for anything else.
+fn binary(
+    op: &str,
+    ins: &[Option<&Value>],
+    (da, sa, za): (usize, usize, usize),
+    (db, sb, zb): (usize, usize, usize),
+    (ys, yz): (usize, usize),
+) -> Result<Option<Tensor>> {
+    let mul = match op {
+        "Mul" => true,
+        "Add" => false,
+        _ => return Ok(None),
+    };
+    let (a, b) = (tin(ins, da)?, tin(ins, db)?);
+    let qdt = a.dtype();
+    if !matches!(qdt, DType::U8 | DType::I8) || b.dtype() != qdt || !a.device().is_cpu() || !b.device().is_cpu() {
+        return Ok(None);
+    }
+    // The larger operand and how many of its elements each element of the smaller one covers.
+    let (big, small, big_ops, small_ops) = if a.elem_count() >= b.elem_count() {
+        (a, b, (sa, za), (sb, zb))
+    } else {
+        (b, a, (sb, zb), (sa, za))
+    };
+    let (bd, sd) = (big.dims(), small.dims());
+    let inner = if small.elem_count() == 1 && sd.len() <= bd.len() {
+        big.elem_count()
+    } else if sd.len() == bd.len() {
+        let p = sd.iter().rposition(|&d| d != 1).map_or(0, |i| i + 1);
+        if sd[..p] != bd[..p] {
+            return Ok(None);
+        }
+        bd[p..].iter().product()
+    } else {
+        return Ok(None);
+    };
+    if inner == 0 {
+        return Ok(None);
+    }
+    let ((s1, z1), (s2, z2)) = (
+        params(ins, big_ops.0, big_ops.1, qdt)?,
+        params(ins, small_ops.0, small_ops.1, qdt)?,
+    );
+    let (sy, zy) = params(ins, ys, yz, qdt)?;
+    let k = BinaryRows {
+        mul,
+        inner,
+        big: (s1, z1 as f32),
+        small: (s2, z2 as f32),
+        out: (sy, zy as f32),
+        range: if qdt == DType::U8 {
+            (0.0, 255.0)
+        } else {
+            (-128.0, 127.0)
+        },
+    };
+    let dims = bd.to_vec();
+    // The codes as f32 (converted in one pass each: faster here than converting in the loop).
+    let codes = |t: &Tensor| -> Result<Vec<f32>> {
+        let flat = t.candle().flatten_all()?;
+        Ok(match qdt {
+            DType::U8 => flat.to_vec1::<u8>()?.into_iter().map(f32::from).collect(),
+            // i8 is stored widened to i16.
+            _ => flat.to_vec1::<i16>()?.into_iter().map(f32::from).collect(),
+        })
+    };
+    let (x, w) = (codes(big)?, codes(small)?);
+    let t = match qdt {
+        DType::U8 => candle_core::Tensor::from_vec(k.run::<u8>(&x, &w), dims, big.device())?,
+        _ => candle_core::Tensor::from_vec(k.run::<i16>(&x, &w), dims, big.device())?,
+    };
+    Ok(Some(Tensor::new(t.to_dtype(crate::tensor::storage_dtype(qdt)?)?, qdt)?))
 }
 
 /// A per-tensor scale (one positive finite value) and zero point (one value of `qdt`, default 0).
@@ -312,4 +465,70 @@ fn to_channels_last(t: &candle_core::Tensor) -> Result<candle_core::Tensor> {
     perm.extend(2..r);
     perm.push(1);
     Ok(t.permute(perm)?.contiguous()?)
+}
+
+/// One pass of [`binary`]: each element of the smaller operand `w` covers `inner` consecutive
+/// elements of the larger `x` (both as f32 codes).
+struct BinaryRows {
+    mul: bool,
+    inner: usize,
+    /// Scale and zero point of the larger operand, the smaller one and the output.
+    big: (f32, f32),
+    small: (f32, f32),
+    out: (f32, f32),
+    /// The output type's range.
+    range: (f32, f32),
+}
+
+/// An 8-bit output code in Kiln's storage type (u8, or i8 widened to i16).
+trait Code: Copy + Default {
+    fn from_f32(v: f32) -> Self;
+}
+impl Code for u8 {
+    #[inline(always)]
+    fn from_f32(v: f32) -> Self {
+        v as i32 as u8
+    }
+}
+impl Code for i16 {
+    #[inline(always)]
+    fn from_f32(v: f32) -> Self {
+        v as i32 as i16
+    }
+}
+
+impl BinaryRows {
+    fn run<T: Code>(&self, x: &[f32], w: &[f32]) -> Vec<T> {
+        let mut y = vec![T::default(); x.len()];
+        #[cfg(target_arch = "x86_64")]
+        if crate::fastmath::has_avx2_fma() {
+            // SAFETY: the CPU has the features `run_avx2` is compiled for (checked here).
+            unsafe { self.run_avx2(x, w, &mut y) };
+            return y;
+        }
+        self.body(x, w, &mut y);
+        y
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn run_avx2<T: Code>(&self, x: &[f32], w: &[f32], y: &mut [T]) {
+        self.body(x, w, y)
+    }
+
+    #[inline(always)]
+    fn body<T: Code>(&self, x: &[f32], w: &[f32], y: &mut [T]) {
+        let ((s1, z1), (s2, z2), (sy, zy), (lo, hi)) = (self.big, self.small, self.out, self.range);
+        for (ys, (xs, &wv)) in y.chunks_mut(self.inner).zip(x.chunks(self.inner).zip(w)) {
+            let s = (wv - z2) * s2;
+            for (o, &v) in ys.iter_mut().zip(xs) {
+                let d = (v - z1) * s1;
+                let r = if self.mul { d * s } else { d + s };
+                // `max` then `min`: a NaN becomes the range's low end, as `quantize` gives.
+                #[allow(clippy::manual_clamp)]
+                let q = ((r / sy).round_ties_even() + zy).max(lo).min(hi);
+                *o = T::from_f32(q);
+            }
+        }
+    }
 }

@@ -1237,7 +1237,10 @@ fn requant_block_body<T: QStore>(rq: &Requant, acc: &[i32], m: usize, oc0: usize
 #[inline(always)]
 fn requant_int(r: f64, lo: f64, hi: f64) -> i32 {
     const MAGIC: f64 = 6_755_399_441_055_744.0;
-    (r.max(lo).min(hi) + MAGIC).to_bits() as u32 as i32
+    // Compare-and-select (not f64::max/min, whose NaN rule keeps the loops scalar).
+    let r = if r < lo { lo } else { r };
+    let r = if r > hi { hi } else { r };
+    (r + MAGIC).to_bits() as u32 as i32
 }
 
 /// Whole numbers already in `out`'s range as a tensor of `out` (u8 or i8, stored as candle stores them).
