@@ -27,6 +27,13 @@ const KILN: &str = "ai.kiln";
 const TILE_BYTES: usize = 1024 * 1024;
 /// Fewer weight rows per block would make the output's read-modify-write dominate.
 const MIN_BLOCK_K: usize = 128;
+/// Up to this many rows of A (decode steps, batch-1 classifiers) the weight is streamed once and
+/// dequantized in registers: a product this thin is bound by reading the weight, which int8 makes a
+/// quarter of f32's bytes, while the blocked path writes and rereads a dequantized f32 copy.
+const GEMV_ROWS: usize = 4;
+/// Output columns (`[N, K]` weights) or weight rows (`[K, N]`) per parallel task of the thin path.
+const GEMV_COLS: usize = 256;
+const GEMV_ROWS_K: usize = 128;
 
 pub fn register(r: &mut Registry) {
     r.add_domain(KILN, "MatMulInt8Weight", factory);
@@ -181,6 +188,10 @@ impl Int8Weight {
         if k == 0 {
             return Ok(out);
         }
+        if rows <= GEMV_ROWS {
+            self.gemv_f32(x, rows, &mut out);
+            return Ok(out);
+        }
         // Blocks of whole weight rows (K): each block's A columns and the output are read in
         // place, so splitting adds only a read-modify-write of the output per block.
         let kc = (TILE_BYTES / (4 * n)).max(MIN_BLOCK_K).min(k);
@@ -260,6 +271,114 @@ impl Int8Weight {
     }
 }
 
+impl Int8Weight {
+    /// `out [rows, N] = x [rows, K] @ (W * scale)` for a few rows, each weight element converted and
+    /// scaled as it is read (the blocked path's `q * scale` in f32, then multiply-added). The weight
+    /// is read in storage order, split over the threads: `[K, N]` by ranges of K (each task sums
+    /// whole rows into partial outputs, added at the end), `[N, K]` by ranges of N.
+    fn gemv_f32(&self, x: &[f32], rows: usize, out: &mut [f32]) {
+        let (k, n) = (self.k, self.n);
+        let (len, step) = if self.trans_b { (n, GEMV_COLS) } else { (k, GEMV_ROWS_K) };
+        let parts = len.div_ceil(step);
+        let parallel = crate::num_threads() > 1 && k * n >= 1 << 16 && parts > 1;
+        let part = |p: usize| -> Vec<f32> {
+            let (a, b) = (p * step, ((p + 1) * step).min(len));
+            let mut acc = vec![0f32; if self.trans_b { rows * (b - a) } else { rows * n }];
+            #[cfg(target_arch = "x86_64")]
+            if crate::fastmath::has_avx2_fma() {
+                // SAFETY: the CPU has the features each build is compiled for (checked here).
+                unsafe {
+                    if crate::sgemm::use_avx512() {
+                        self.gemv_part_avx512(x, rows, a, b, &mut acc)
+                    } else {
+                        self.gemv_part_avx2(x, rows, a, b, &mut acc)
+                    }
+                }
+                return acc;
+            }
+            self.gemv_part(x, rows, a, b, &mut acc);
+            acc
+        };
+        let results: Vec<Vec<f32>> = if parallel {
+            (0..parts).into_par_iter().map(part).collect()
+        } else {
+            (0..parts).map(part).collect()
+        };
+        if self.trans_b {
+            for (p, acc) in results.iter().enumerate() {
+                let (j0, nb) = (p * step, acc.len() / rows);
+                for r in 0..rows {
+                    out[r * n + j0..r * n + j0 + nb].copy_from_slice(&acc[r * nb..(r + 1) * nb]);
+                }
+            }
+        } else {
+            for acc in &results {
+                for (o, &v) in out.iter_mut().zip(acc) {
+                    *o += v;
+                }
+            }
+        }
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f,avx512bw,avx2,fma")]
+    unsafe fn gemv_part_avx512(&self, x: &[f32], rows: usize, a: usize, b: usize, acc: &mut [f32]) {
+        self.gemv_part(x, rows, a, b, acc)
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn gemv_part_avx2(&self, x: &[f32], rows: usize, a: usize, b: usize, acc: &mut [f32]) {
+        self.gemv_part(x, rows, a, b, acc)
+    }
+
+    /// One part of the thin product: columns `a..b` into `acc` (`[rows, b - a]`) for `[N, K]`,
+    /// weight rows `a..b` into the partial sums `acc` (`[rows, N]`) for `[K, N]`.
+    #[inline(always)]
+    fn gemv_part(&self, x: &[f32], rows: usize, a: usize, b: usize, acc: &mut [f32]) {
+        let (k, n) = (self.k, self.n);
+        let codes = self.codes.bytes();
+        if self.trans_b {
+            // W is [N, K]: a dot product per column, summed in 16 lanes (then across them).
+            let nb = b - a;
+            for (jj, j) in (a..b).enumerate() {
+                let (q, s) = (&codes[j * k..(j + 1) * k], self.scale[j]);
+                for r in 0..rows {
+                    let xr = &x[r * k..(r + 1) * k];
+                    let mut lanes = [0f32; 16];
+                    let (qc, xc) = (q.chunks_exact(16), xr.chunks_exact(16));
+                    let (qt, xt) = (qc.remainder(), xc.remainder());
+                    for (qv, xv) in qc.zip(xc) {
+                        for l in 0..16 {
+                            lanes[l] += xv[l] * (qv[l] as i8 as f32 * s);
+                        }
+                    }
+                    let mut sum: f32 = lanes.iter().sum();
+                    for (&qv, &xv) in qt.iter().zip(xt) {
+                        sum += xv * (qv as i8 as f32 * s);
+                    }
+                    acc[r * nb + jj] = sum;
+                }
+            }
+            return;
+        }
+        // W is [K, N]: each weight row scaled once and added to every row's sums.
+        let mut w = vec![0f32; n];
+        for kk in a..b {
+            let q = &codes[kk * n..(kk + 1) * n];
+            for ((d, &qv), &sv) in w.iter_mut().zip(q).zip(&self.scale) {
+                *d = qv as i8 as f32 * sv;
+            }
+            for r in 0..rows {
+                let xv = x[r * k + kk];
+                for (o, &wv) in acc[r * n..(r + 1) * n].iter_mut().zip(&w) {
+                    *o += xv * wv;
+                }
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -275,6 +394,11 @@ mod tests {
             (4, 4, 1, true),
             (2, 3000, 200, true),
             (3, 700, 2000, false),
+            // The thin path with several column blocks, both layouts, K not a multiple of 16.
+            (1, 1280, 1000, true),
+            (2, 577, 1000, false),
+            (4, 33, 600, true),
+            (6, 64, 300, true),
         ] {
             let codes: Vec<i8> = (0..k * n).map(|i| ((i * 31 % 255) as i32 - 127) as i8).collect();
             let scale: Vec<f32> = (0..n).map(|j| 0.01 + j as f32 * 1e-3).collect();
