@@ -758,11 +758,15 @@ impl PackedQConv {
                 wdt: w.dtype,
             }));
         }
-        // B[kk, oc] = W[oc, kk].
+        // B[kk, oc] = W[oc, ci, i, j] with kk = (i * kw + j) * C + ci: the order of the
+        // channels-last patches `QConvShape::im2col` gathers.
+        let (c, kh, kw) = (w.dims[1], w.dims[2], w.dims[3]);
         let mut bt = vec![0u8; k * m];
         for oc in 0..m {
-            for kk in 0..k {
-                bt[kk * m + oc] = bytes[oc * k + kk];
+            for ci in 0..c {
+                for t in 0..kh * kw {
+                    bt[(t * c + ci) * m + oc] = bytes[oc * k + ci * kh * kw + t];
+                }
             }
         }
         let ty = if w.dtype == DType::U8 { Int8::U8 } else { Int8::I8 };
@@ -893,11 +897,19 @@ impl PackedQConv {
             }
             QConvKind::Gemm(packed) => {
                 let mut a = vec![0u8; pix * k];
+                let mut hwc = vec![0u8; hw * s.c];
                 let mut acc = vec![0i32; pix * s.m];
                 for b in 0..s.nb {
                     let img = &xb[b * s.c * hw..(b + 1) * s.c * hw];
-                    s.im2col(img, zx as u8, &mut a, parallel);
-                    gemm(&a, ty, pix, ZeroPoint::Scalar(zx), packed, &mut acc)
+                    to_channels_last(img, s.c, hw, &mut hwc);
+                    // A 1x1 filter at stride 1 without padding reads the channels-last image as is.
+                    let a: &[u8] = if k == s.c && pix == hw && s.pad == [0, 0] && s.stride == [1, 1] {
+                        &hwc
+                    } else {
+                        s.im2col(&hwc, zx as u8, &mut a, parallel);
+                        &a
+                    };
+                    gemm(a, ty, pix, ZeroPoint::Scalar(zx), packed, &mut acc)
                         .map_err(|e| crate::RuntimeError::msg(e.to_string()))?;
                     // Requantize `[pix, M]` into M planes, 16 channels per task (one cache line of
                     // each pixel's sums).
@@ -912,6 +924,19 @@ impl PackedQConv {
             }
         }
         Ok(y)
+    }
+}
+
+/// `[C, HW]` bytes into `[HW, C]`, 64 pixels at a time (their destination rows stay in cache).
+fn to_channels_last(img: &[u8], c: usize, hw: usize, out: &mut [u8]) {
+    for p0 in (0..hw).step_by(64) {
+        let p1 = (p0 + 64).min(hw);
+        for ci in 0..c {
+            let src = &img[ci * hw + p0..ci * hw + p1];
+            for (p, &v) in (p0..p1).zip(src) {
+                out[p * c + ci] = v;
+            }
+        }
     }
 }
 
@@ -934,47 +959,27 @@ struct QConvShape {
 }
 
 impl QConvShape {
-    /// Image patches as the GEMM's A operand, `[OH * OW, C * kh * kw]`, padding as `pad` (the
-    /// input's zero point, so it adds nothing). One task per output row.
-    fn im2col(&self, img: &[u8], pad: u8, a: &mut [u8], parallel: bool) {
+    /// Image patches as the GEMM's A operand, `[OH * OW, kh * kw * C]` from the channels-last image
+    /// `hwc` (`[H, W, C]`): each filter tap of an output pixel is one run of C bytes (the packed
+    /// filter is ordered to match), `pad` (the input's zero point, so it adds nothing) where the tap
+    /// falls outside. One task per output row.
+    fn im2col(&self, hwc: &[u8], pad: u8, a: &mut [u8], parallel: bool) {
         use rayon::prelude::*;
         let (c, h, w, kh, kw, ow) = (self.c, self.h, self.w, self.kh, self.kw, self.ow);
         let k = c * kh * kw;
         let ([sh, sw], [dh, dw], [pt, pl]) = (self.stride, self.dil, self.pad);
         let row = |(oy, rows): (usize, &mut [u8])| {
-            if kh == 1 && kw == 1 && sw == 1 && pl == 0 && ow <= w {
-                let iy = (oy * sh) as isize - pt as isize;
-                if iy < 0 || iy as usize >= h {
-                    rows.fill(pad);
-                    return;
-                }
-                // A transposition of `[C, OW]` into `[OW, C]`.
-                for ci in 0..c {
-                    let src = &img[(ci * h + iy as usize) * w..][..ow];
-                    for (ox, &v) in src.iter().enumerate() {
-                        rows[ox * k + ci] = v;
-                    }
-                }
-                return;
-            }
-            for ci in 0..c {
+            for (ox, patch) in rows.chunks_exact_mut(k).enumerate() {
                 for i in 0..kh {
                     let iy = (oy * sh + i * dh) as isize - pt as isize;
-                    let inside = iy >= 0 && (iy as usize) < h;
-                    let src = if inside {
-                        &img[(ci * h + iy as usize) * w..][..w]
-                    } else {
-                        &img[..0]
-                    };
+                    let row_inside = iy >= 0 && (iy as usize) < h;
                     for j in 0..kw {
-                        let col = (ci * kh + i) * kw + j;
-                        for ox in 0..ow {
-                            let ix = (ox * sw + j * dw) as isize - pl as isize;
-                            rows[ox * k + col] = if inside && ix >= 0 && (ix as usize) < w {
-                                src[ix as usize]
-                            } else {
-                                pad
-                            };
+                        let ix = (ox * sw + j * dw) as isize - pl as isize;
+                        let dst = &mut patch[(i * kw + j) * c..][..c];
+                        if row_inside && ix >= 0 && (ix as usize) < w {
+                            dst.copy_from_slice(&hwc[(iy as usize * w + ix as usize) * c..][..c]);
+                        } else {
+                            dst.fill(pad);
                         }
                     }
                 }
@@ -1385,18 +1390,22 @@ mod tests {
             if group == 1 {
                 // W' = W + w_zp with a per-channel zero point, packed as B = W^T.
                 let wzp: Vec<i32> = (0..m).map(|oc| (oc as i32 * 37) % 100 - 50).collect();
+                // Row kk of B in the patches' channels-last order: kk = (i * kw + j) * C + ci.
                 let bt: Vec<u8> = (0..k * m)
-                    .map(|i| {
-                        let (kk, oc) = (i / m, i % m);
-                        let v = (wv[oc * k + kk] / 2).clamp(-128 - wzp[oc], 127 - wzp[oc]) + wzp[oc];
+                    .map(|idx| {
+                        let (kk, oc) = (idx / m, idx % m);
+                        let (t, ci) = (kk / c, kk % c);
+                        let v = (wv[oc * k + ci * kh * kw + t] / 2).clamp(-128 - wzp[oc], 127 - wzp[oc]) + wzp[oc];
                         v as i8 as u8
                     })
                     .collect();
+                let mut hwc = vec![0u8; h * w * c];
+                super::to_channels_last(&img, c, h * w, &mut hwc);
                 let packed =
                     crate::qgemm::PackedQB::pack(&bt, Int8::I8, k, m, crate::qgemm::ZeroPoint::PerIndex(&wzp)).unwrap();
                 for parallel in [false, true] {
                     let mut a = vec![0u8; oh * ow * k];
-                    s.im2col(&img, zx as u8, &mut a, parallel);
+                    s.im2col(&hwc, zx as u8, &mut a, parallel);
                     let mut acc = vec![0i32; oh * ow * m];
                     crate::qgemm::gemm(&a, ty, oh * ow, crate::qgemm::ZeroPoint::Scalar(zx), &packed, &mut acc)
                         .unwrap();
@@ -1405,7 +1414,7 @@ mod tests {
                             let mut sum = 0i32;
                             let (oy, ox) = (px / ow, px % ow);
                             for kk in 0..k {
-                                let (ci, i, j) = (kk / (kh * kw), (kk / kw) % kh, kk % kw);
+                                let (ci, i, j) = (kk % c, (kk / c) / kw, (kk / c) % kw);
                                 let iy = (oy * sh + i * dh) as isize - pads[0] as isize;
                                 let ix = (ox * sw + j * dw) as isize - pads[1] as isize;
                                 if iy >= 0 && (iy as usize) < h && ix >= 0 && (ix as usize) < w {
