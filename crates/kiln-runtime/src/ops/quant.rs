@@ -880,6 +880,30 @@ impl PackedQConv {
         let k = self.wd[1] * s.kh * s.kw;
         let parallel = s.nb * s.m * pix * k >= 1 << 18 && rayon::current_num_threads() > 1;
         match &self.kind {
+            QConvKind::Direct(wv) if self.wd[1] == 1 && s.m == s.c && s.c >= 8 => {
+                // Depthwise: channels-last sums, C lanes per tap and pixel.
+                let (m, taps) = (s.m, s.kh * s.kw);
+                let mut wt = vec![0i32; taps * m];
+                for oc in 0..m {
+                    for t in 0..taps {
+                        wt[t * m + oc] = wv[oc * taps + t];
+                    }
+                }
+                let mut xs = vec![0i16; hw * s.c];
+                let mut acc = vec![0i32; pix * m];
+                for b in 0..s.nb {
+                    let img = &xb[b * s.c * hw..(b + 1) * s.c * hw];
+                    shifted_channels_last(img, s.c, hw, ty, zx, &mut xs);
+                    s.depthwise_channels_last(&xs, &wt, &mut acc, parallel);
+                    let yb = &mut y[b * m * pix..(b + 1) * m * pix];
+                    let block = |(bi, ys): (usize, &mut [T])| T::requant_block(rq, &acc, m, bi * 16, ys, pix);
+                    if parallel {
+                        yb.par_chunks_mut(16 * pix).enumerate().for_each(block);
+                    } else {
+                        yb.chunks_mut(16 * pix).enumerate().for_each(block);
+                    }
+                }
+            }
             QConvKind::Direct(wv) => {
                 let (cg, mg) = (self.wd[1], s.m / s.group);
                 let plane = |(i, yo): (usize, &mut [T])| {
@@ -940,6 +964,19 @@ fn to_channels_last(img: &[u8], c: usize, hw: usize, out: &mut [u8]) {
     }
 }
 
+/// `[C, HW]` codes of type `ty` minus the zero point `zx`, as i16 `[HW, C]`.
+fn shifted_channels_last(img: &[u8], c: usize, hw: usize, ty: Int8, zx: i32, out: &mut [i16]) {
+    for p0 in (0..hw).step_by(64) {
+        let p1 = (p0 + 64).min(hw);
+        for ci in 0..c {
+            let src = &img[ci * hw + p0..ci * hw + p1];
+            for (p, &v) in (p0..p1).zip(src) {
+                out[p * c + ci] = (if ty == Int8::U8 { v as i32 } else { v as i8 as i32 } - zx) as i16;
+            }
+        }
+    }
+}
+
 /// The geometry of one 2-D integer convolution call.
 struct QConvShape {
     nb: usize,
@@ -989,6 +1026,72 @@ impl QConvShape {
             a.par_chunks_mut(ow * k).enumerate().for_each(row);
         } else {
             a.chunks_mut(ow * k).enumerate().for_each(row);
+        }
+    }
+
+    /// Depthwise sums `acc` (`[OH * OW, C]`) of the shifted channels-last image `xs` (`[H, W, C]`)
+    /// through `wt` (`[kh * kw, C]`, zero point subtracted): every tap inside the image adds a
+    /// C-wide multiply-add to its pixel's sums (taps in the padding add zero). One task per output
+    /// row; built for AVX-512 and AVX2 as well.
+    fn depthwise_channels_last(&self, xs: &[i16], wt: &[i32], acc: &mut [i32], parallel: bool) {
+        use rayon::prelude::*;
+        let row = |(oy, out): (usize, &mut [i32])| {
+            #[cfg(target_arch = "x86_64")]
+            if crate::fastmath::has_avx2_fma() {
+                // SAFETY: the CPU has the features each build is compiled for (checked here).
+                unsafe {
+                    if crate::sgemm::use_avx512() {
+                        self.dw_row_avx512(xs, wt, oy, out)
+                    } else {
+                        self.dw_row_avx2(xs, wt, oy, out)
+                    }
+                }
+                return;
+            }
+            self.dw_row(xs, wt, oy, out)
+        };
+        if parallel {
+            acc.par_chunks_mut(self.ow * self.c).enumerate().for_each(row);
+        } else {
+            acc.chunks_mut(self.ow * self.c).enumerate().for_each(row);
+        }
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f,avx512bw,avx2,fma")]
+    unsafe fn dw_row_avx512(&self, xs: &[i16], wt: &[i32], oy: usize, out: &mut [i32]) {
+        self.dw_row(xs, wt, oy, out)
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn dw_row_avx2(&self, xs: &[i16], wt: &[i32], oy: usize, out: &mut [i32]) {
+        self.dw_row(xs, wt, oy, out)
+    }
+
+    #[inline(always)]
+    fn dw_row(&self, xs: &[i16], wt: &[i32], oy: usize, out: &mut [i32]) {
+        let (c, h, w, kh, kw) = (self.c, self.h, self.w, self.kh, self.kw);
+        let ([sh, sw], [dh, dw], [pt, pl]) = (self.stride, self.dil, self.pad);
+        for (ox, a) in out.chunks_exact_mut(c).enumerate() {
+            a.fill(0);
+            for i in 0..kh {
+                let iy = (oy * sh + i * dh) as isize - pt as isize;
+                if iy < 0 || iy as usize >= h {
+                    continue;
+                }
+                for j in 0..kw {
+                    let ix = (ox * sw + j * dw) as isize - pl as isize;
+                    if ix < 0 || ix as usize >= w {
+                        continue;
+                    }
+                    let x = &xs[(iy as usize * w + ix as usize) * c..][..c];
+                    let wr = &wt[(i * kw + j) * c..][..c];
+                    for ((d, &wv), &xv) in a.iter_mut().zip(wr).zip(x) {
+                        *d = d.wrapping_add(wv.wrapping_mul(xv as i32));
+                    }
+                }
+            }
         }
     }
 
@@ -1437,6 +1540,25 @@ mod tests {
                         zx,
                     );
                     assert_eq!(got, want[oc * oh * ow..(oc + 1) * oh * ow], "{label} oc {oc}");
+                }
+                if cg == 1 && m == c {
+                    // The channels-last depthwise path: sums [pixel, channel].
+                    let mut xs = vec![0i16; h * w * c];
+                    super::shifted_channels_last(&img, c, h * w, ty, zx, &mut xs);
+                    let wt: Vec<i32> = (0..k * m).map(|i| wv[(i % m) * k + i / m]).collect();
+                    for parallel in [false, true] {
+                        let mut acc = vec![7i32; oh * ow * m];
+                        s.depthwise_channels_last(&xs, &wt, &mut acc, parallel);
+                        for oc in 0..m {
+                            for px in 0..oh * ow {
+                                assert_eq!(
+                                    acc[px * m + oc],
+                                    want[oc * oh * ow + px],
+                                    "{label} channels-last oc {oc} px {px}"
+                                );
+                            }
+                        }
+                    }
                 }
             }
         }
