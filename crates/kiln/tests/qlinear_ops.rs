@@ -1,9 +1,10 @@
 //! ONNX Runtime's QOperator 8-bit operators (`com.microsoft` QLinearAdd, QLinearMul, QLinearSigmoid,
-//! QLinearLeakyRelu, QLinearGlobalAveragePool, QLinearAveragePool, QLinearConcat, QGemm) against
-//! onnxruntime 1.32 on one-node models (`tests/data/qlinear_ops/make_refs.py`: uint8 and int8,
-//! broadcasting, NHWC pools, padding and ceil mode, inputs requantized by Concat; QGemm with per-tensor
-//! and per-column weight scales, int32 bias, alpha, transA, quantized and f32 outputs; ONNX QLinearConv
-//! with constant filters, on Kiln's packed integer path and the depthwise direct path).
+//! QLinearSoftmax, QLinearLeakyRelu, QLinearGlobalAveragePool, QLinearAveragePool, QLinearConcat, QGemm)
+//! against onnxruntime 1.32 on one-node models (`tests/data/qlinear_ops/make_refs.py`: uint8 and int8,
+//! broadcasting, NHWC pools, padding and ceil mode, inputs requantized by Concat, Softmax with opset 13
+//! and opset 12 semantics; QGemm with per-tensor and per-column weight scales, int32 bias, alpha, transA,
+//! quantized and f32 outputs; ONNX QLinearConv with constant filters, on Kiln's packed integer path, the
+//! channels-last depthwise path (16 channels) and the plane path (6 channels)).
 //!
 //! Kiln computes the operators' defining formula in f32 (dequantize, the float op, quantize with
 //! round half to even); onnxruntime's vectorized kernels use fixed-point or lookup-table forms of it.
@@ -76,7 +77,7 @@ fn session(model: &str, level: Level) -> Session {
 fn qlinear_ops_match_onnxruntime() {
     let refs = refs();
     let cases = refs["cases"].as_array().unwrap();
-    assert_eq!(cases.len(), 38, "refs.json cases");
+    assert_eq!(cases.len(), 43, "refs.json cases");
     let (mut total, mut stepped) = (0usize, 0usize);
     let mut failures = Vec::new();
     for case in cases {

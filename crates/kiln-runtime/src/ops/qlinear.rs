@@ -1,6 +1,6 @@
 //! Operator family `qlinear`: the 8-bit operators ONNX Runtime's quantizer writes in its QOperator
 //! format besides QLinearConv and QLinearMatMul (`com.microsoft` `QLinearAdd`, `QLinearMul`,
-//! `QLinearSigmoid`, `QLinearLeakyRelu`, `QLinearGlobalAveragePool`, `QLinearAveragePool`,
+//! `QLinearSigmoid`, `QLinearSoftmax`, `QLinearLeakyRelu`, `QLinearGlobalAveragePool`, `QLinearAveragePool`,
 //! `QLinearConcat`, and `QGemm`, below).
 //!
 //! Each one dequantizes its u8/i8 inputs with their per-tensor scale and zero point
@@ -32,6 +32,11 @@ pub fn register(r: &mut Registry) {
     // [X, X_scale, X_zero_point, Y_scale, Y_zero_point]
     r.add_domain(MS, "QLinearSigmoid", |n| {
         wrap(n, "Sigmoid", Layout::Fixed(&[(0, 1, 2)], (3, 4)))
+    });
+    // [X, X_scale, X_zero_point, Y_scale, Y_zero_point]; attributes `axis` and `opset` (the opset
+    // of the Softmax it replaced: before 13 the axes from `axis` on are flattened into one).
+    r.add_domain(MS, "QLinearSoftmax", |n| {
+        wrap(n, "Softmax", Layout::Fixed(&[(0, 1, 2)], (3, 4)))
     });
     r.add_domain(MS, "QLinearLeakyRelu", |n| {
         wrap(n, "LeakyRelu", Layout::Fixed(&[(0, 1, 2)], (3, 4)))
@@ -196,7 +201,22 @@ fn wrap(n: &NodeCtx, float_op: &'static str, layout: Layout) -> Result<Box<dyn O
     let factory = super::Registry::global()
         .get("", float_op)
         .ok_or_else(|| n.err(format!("no {float_op} kernel")))?;
-    let inner = factory(n)?;
+    let inner = if float_op == "Softmax" {
+        // The float Softmax of the opset the quantized node records.
+        let opset = n.attr_i("opset", 13)?;
+        factory(&NodeCtx {
+            node: n.node,
+            graph: n.graph,
+            opset,
+            options: n.options,
+            subplans: Default::default(),
+            consumed: Default::default(),
+            held: Default::default(),
+            packs: n.packs.clone(),
+        })?
+    } else {
+        factory(n)?
+    };
     // The pools of ONNX Runtime's NHWC transformer: the channel axis last.
     let channels_last = n.attr_i("channels_last", 0)? != 0;
     if channels_last && !float_op.ends_with("Pool") {

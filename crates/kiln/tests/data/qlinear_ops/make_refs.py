@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
 """One-node models of ONNX Runtime's QOperator 8-bit operators (com.microsoft QLinearAdd, QLinearMul,
-QLinearSigmoid, QLinearLeakyRelu, QLinearGlobalAveragePool, QLinearAveragePool, QLinearConcat, QGemm), ONNX
+QLinearSigmoid, QLinearSoftmax, QLinearLeakyRelu, QLinearGlobalAveragePool, QLinearAveragePool, QLinearConcat,
+QGemm), ONNX
 QLinearConv with constant filters, and onnxruntime's outputs for them, for crates/kiln/tests/qlinear_ops.rs.
 
     make_refs.py [OUT_DIR]          (default: this file's directory)
@@ -148,6 +149,26 @@ for name, xdt, per_ch, attrs, group, xshape, kshape in [
            ("y_z", yz), ("bias", bias)]
     add_case(name, "QLinearConv", dict(attrs, group=group), ins,
              {"x_s", "x_z", "w", "w_s", "w_z", "y_s", "y_z", "bias"}, xdt, domain="")
+
+# Later additions draw from their own generator, so the cases above keep their inputs.
+rng = np.random.default_rng(1)
+# QLinearConv depthwise with 16 channels (Kiln's channels-last depthwise path) at stride 2.
+m = 16
+x, w = qrand((1, m, 9, 9), np.uint8), qrand((m, 1, 3, 3), np.int8)
+ins = [("x", x), ("x_s", scale(0.02)), ("x_z", zp(np.uint8, 125)), ("w", w),
+       ("w_s", rng.uniform(0.002, 0.01, size=m).astype(np.float32)), ("w_z", np.zeros(m, np.int8)),
+       ("y_s", scale(0.03)), ("y_z", zp(np.uint8, 120)), ("bias", rng.integers(-3000, 3000, size=m).astype(np.int32))]
+add_case("qconv_u8_depthwise16_stride2", "QLinearConv", {"pads": [1, 1, 1, 1], "strides": [2, 2], "group": m}, ins,
+         {"x_s", "x_z", "w", "w_s", "w_z", "y_s", "y_z", "bias"}, np.uint8, domain="")
+# QLinearSoftmax as the quantizer writes it for attention scores (opset 13 semantics: the last axis) and
+# with opset 12's flattening of the axes from `axis` on; output scale 1/256 as onnxruntime requires.
+for dt, tag in [(np.uint8, "u8"), (np.int8, "s8")]:
+    yz = zp(dt, 0 if dt == np.uint8 else -128)
+    for name, attrs, shape in [(f"softmax_{tag}", {"axis": -1, "opset": 13}, (2, 3, 5, 16)),
+                               (f"softmax_opset12_{tag}", {"axis": 1, "opset": 12}, (2, 3, 8))]:
+        add_case(name, "QLinearSoftmax", attrs,
+                 [("x", qrand(shape, dt)), ("x_s", scale(0.08)), ("x_z", zp(dt, 131 if dt == np.uint8 else 3)),
+                  ("y_s", scale(1 / 256)), ("y_z", yz)], {"x_s", "x_z", "y_s", "y_z"}, dt)
 
 with open(os.path.join(OUT, "refs.json"), "w") as f:
     json.dump({"onnxruntime": ort.__version__, "cases": cases}, f, separators=(",", ":"))
