@@ -231,30 +231,33 @@ fn quantize_f32_per_tensor(
         None => 0.0,
     };
     let xc = x.candle().contiguous()?;
-    let chunk = DQL_CHUNK;
-    let parallel = x.elem_count() >= 2 * chunk && rayon::current_num_threads() > 1;
+    let parallel = x.elem_count() >= 2 * DQL_CHUNK && rayon::current_num_threads() > 1;
+    // One kernel over the whole slice, or over parallel chunks of it.
+    fn codes<T: Copy + Default + Send>(v: &[f32], parallel: bool, f: impl Fn(&[f32], &mut [T]) + Sync) -> Vec<T> {
+        let mut q = vec![T::default(); v.len()];
+        if parallel {
+            q.par_chunks_mut(DQL_CHUNK)
+                .zip(v.par_chunks(DQL_CHUNK))
+                .for_each(|(qc, vc)| f(vc, qc));
+        } else {
+            f(v, &mut q);
+        }
+        q
+    }
     let ct = match out {
         DType::U8 => with_f32(&xc, |v| {
-            let mut q = vec![0u8; v.len()];
-            if parallel {
-                q.par_chunks_mut(chunk)
-                    .zip(v.par_chunks(chunk))
-                    .for_each(|(qc, vc)| fastmath::quantize_u8(vc, scale, z, qc));
-            } else {
-                fastmath::quantize_u8(v, scale, z, &mut q);
-            }
-            CT::from_vec(q, x.dims(), x.device())
+            CT::from_vec(
+                codes(v, parallel, |v, q| fastmath::quantize_u8(v, scale, z, q)),
+                x.dims(),
+                x.device(),
+            )
         }),
         _ => with_f32(&xc, |v| {
-            let mut q = vec![0i16; v.len()];
-            if parallel {
-                q.par_chunks_mut(chunk)
-                    .zip(v.par_chunks(chunk))
-                    .for_each(|(qc, vc)| fastmath::quantize_i8(vc, scale, z, qc));
-            } else {
-                fastmath::quantize_i8(v, scale, z, &mut q);
-            }
-            CT::from_vec(q, x.dims(), x.device())
+            CT::from_vec(
+                codes(v, parallel, |v, q| fastmath::quantize_i8(v, scale, z, q)),
+                x.dims(),
+                x.device(),
+            )
         }),
     };
     match ct {
