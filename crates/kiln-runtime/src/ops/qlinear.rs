@@ -522,12 +522,24 @@ impl BinaryRows {
         let mut y = vec![T::default(); x.len()];
         #[cfg(target_arch = "x86_64")]
         if crate::fastmath::has_avx2_fma() {
-            // SAFETY: the CPU has the features `run_avx2` is compiled for (checked here).
-            unsafe { self.run_avx2(x, w, &mut y) };
+            // SAFETY: the CPU has the features each build is compiled for (checked here).
+            unsafe {
+                if crate::sgemm::use_avx512() {
+                    self.run_avx512(x, w, &mut y)
+                } else {
+                    self.run_avx2(x, w, &mut y)
+                }
+            };
             return y;
         }
         self.body(x, w, &mut y);
         y
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f,avx512bw,avx2,fma")]
+    unsafe fn run_avx512<T: Code>(&self, x: &[f32], w: &[f32], y: &mut [T]) {
+        self.body(x, w, y)
     }
 
     #[cfg(target_arch = "x86_64")]
@@ -539,15 +551,25 @@ impl BinaryRows {
     #[inline(always)]
     fn body<T: Code>(&self, x: &[f32], w: &[f32], y: &mut [T]) {
         let ((s1, z1), (s2, z2), (sy, zy), (lo, hi)) = (self.big, self.small, self.out, self.range);
+        let mul = self.mul;
+        let one = |v: f32, wv: f32| -> T {
+            let (d, s) = ((v - z1) * s1, (wv - z2) * s2);
+            let r = if mul { d * s } else { d + s };
+            // `max` then `min`: a NaN becomes the range's low end, as `quantize` gives.
+            #[allow(clippy::manual_clamp)]
+            let q = ((r / sy).round_ties_even() + zy).max(lo).min(hi);
+            T::from_f32(q)
+        };
+        if self.inner == 1 {
+            // Equal shapes: element by element (a loop the compiler vectorizes).
+            for (o, (&v, &wv)) in y.iter_mut().zip(x.iter().zip(w)) {
+                *o = one(v, wv);
+            }
+            return;
+        }
         for (ys, (xs, &wv)) in y.chunks_mut(self.inner).zip(x.chunks(self.inner).zip(w)) {
-            let s = (wv - z2) * s2;
             for (o, &v) in ys.iter_mut().zip(xs) {
-                let d = (v - z1) * s1;
-                let r = if self.mul { d * s } else { d + s };
-                // `max` then `min`: a NaN becomes the range's low end, as `quantize` gives.
-                #[allow(clippy::manual_clamp)]
-                let q = ((r / sy).round_ties_even() + zy).max(lo).min(hi);
-                *o = T::from_f32(q);
+                *o = one(v, wv);
             }
         }
     }
