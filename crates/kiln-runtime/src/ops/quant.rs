@@ -881,7 +881,7 @@ impl PackedQConv {
         let (pix, hw) = (s.oh * s.ow, s.h * s.w);
         let mut y = vec![T::default(); s.nb * s.m * pix];
         let k = self.wd[1] * s.kh * s.kw;
-        let parallel = s.nb * s.m * pix * k >= 1 << 18 && rayon::current_num_threads() > 1;
+        let parallel = s.nb * s.m * pix * k >= PARALLEL_MIN_MACS && rayon::current_num_threads() > 1;
         match &self.kind {
             QConvKind::Direct(wv) if self.wd[1] == 1 && s.m == s.c && s.c >= 8 => {
                 // Depthwise: channels-last sums, C lanes per tap and pixel.
@@ -892,8 +892,8 @@ impl PackedQConv {
                         wt[t * m + oc] = wv[oc * taps + t];
                     }
                 }
-                let mut xs = vec![0i16; hw * s.c];
-                let mut acc = vec![0i32; pix * m];
+                let mut xs = Scratch::take(&SHIFTED, hw * s.c);
+                let mut acc = Scratch::take(&SUMS, pix * m);
                 for b in 0..s.nb {
                     let img = &xb[b * s.c * hw..(b + 1) * s.c * hw];
                     shifted_channels_last(img, s.c, hw, ty, zx, &mut xs);
@@ -923,9 +923,9 @@ impl PackedQConv {
                 }
             }
             QConvKind::Gemm(packed) => {
-                let mut a = vec![0u8; pix * k];
-                let mut hwc = vec![0u8; hw * s.c];
-                let mut acc = vec![0i32; pix * s.m];
+                let mut a = Scratch::take(&PATCHES, pix * k);
+                let mut hwc = Scratch::take(&CHANNELS_LAST, hw * s.c);
+                let mut acc = Scratch::take(&SUMS, pix * s.m);
                 for b in 0..s.nb {
                     let img = &xb[b * s.c * hw..(b + 1) * s.c * hw];
                     to_channels_last(img, s.c, hw, &mut hwc);
@@ -954,6 +954,59 @@ impl PackedQConv {
     }
 }
 
+std::thread_local! {
+    static PATCHES: std::cell::Cell<Vec<u8>> = const { std::cell::Cell::new(Vec::new()) };
+    static CHANNELS_LAST: std::cell::Cell<Vec<u8>> = const { std::cell::Cell::new(Vec::new()) };
+    static SHIFTED: std::cell::Cell<Vec<i16>> = const { std::cell::Cell::new(Vec::new()) };
+    static SUMS: std::cell::Cell<Vec<i32>> = const { std::cell::Cell::new(Vec::new()) };
+}
+
+/// Buffers larger than this are freed after the call instead of kept for the next one.
+const SCRATCH_KEEP_BYTES: usize = 32 << 20;
+
+/// A QLinearConv work buffer reused across calls on one thread (fresh zeroed pages for every call
+/// cost a fifth of a 224x224 MobileNetV2): taken out of the thread's slot while in use, so a call
+/// nested on the same thread gets one of its own, and put back when dropped. The contents are left
+/// from earlier calls; every user writes each element before reading it.
+struct Scratch<T: 'static> {
+    v: Vec<T>,
+    len: usize,
+    slot: &'static std::thread::LocalKey<std::cell::Cell<Vec<T>>>,
+}
+
+impl<T: Copy + Default> Scratch<T> {
+    fn take(slot: &'static std::thread::LocalKey<std::cell::Cell<Vec<T>>>, len: usize) -> Self {
+        let mut v = slot.with(|c| c.take());
+        if v.len() < len {
+            v.resize(len, T::default());
+        }
+        Scratch { v, len, slot }
+    }
+}
+
+impl<T> std::ops::Deref for Scratch<T> {
+    type Target = [T];
+    fn deref(&self) -> &[T] {
+        &self.v[..self.len]
+    }
+}
+
+impl<T> std::ops::DerefMut for Scratch<T> {
+    fn deref_mut(&mut self) -> &mut [T] {
+        &mut self.v[..self.len]
+    }
+}
+
+impl<T> Drop for Scratch<T> {
+    fn drop(&mut self) {
+        if self.v.len() * std::mem::size_of::<T>() <= SCRATCH_KEEP_BYTES {
+            let v = std::mem::take(&mut self.v);
+            // During thread teardown the slot may be gone; the buffer is then simply freed.
+            let _ = self.slot.try_with(|c| c.set(v));
+        }
+    }
+}
+
 /// `[C, HW]` bytes into `[HW, C]`, 64 pixels at a time (their destination rows stay in cache).
 fn to_channels_last(img: &[u8], c: usize, hw: usize, out: &mut [u8]) {
     for p0 in (0..hw).step_by(64) {
@@ -979,6 +1032,11 @@ fn shifted_channels_last(img: &[u8], c: usize, hw: usize, ty: Int8, zx: i32, out
         }
     }
 }
+
+/// Multiply-adds of one QLinearConv call below which its patch gathering, depthwise sums and
+/// requantization stay on the calling thread (below this, waking the pool for each of those passes
+/// cost more than it saved: MobileNetV2's 96x96 layers at 2 threads).
+const PARALLEL_MIN_MACS: usize = 1 << 22;
 
 /// The geometry of one 2-D integer convolution call.
 struct QConvShape {
