@@ -1,11 +1,15 @@
 """Kiln beside ONNX Runtime on the models of benches/memory.py, same inputs, runs interleaved.
 
-    python benches/latency.py KILN_BINARY MODELS_DIR [--only NAME[,NAME...]] [--rounds N]
+    python benches/latency.py KILN_BINARY MODELS_DIR [--only NAME[,NAME...]] [--rounds N] [--threads 1,2]
+                              [--baseline-env VAR=VALUE]
 
 Per model and thread count (1, 2), each round runs `kiln bench --run-on-caller` (the library's
 default: the calling thread walks the plan), `kiln bench` (each inference on a pool worker) and
 onnxruntime's median of 100 runs in this process, one after the other, so load from other processes
 falls on all three alike. Prints a markdown table of p50 milliseconds and Kiln (pool) / ORT.
+
+`--baseline-env VAR=VALUE` replaces the first column by `kiln bench` with that environment variable set
+(an A/B of one switch, e.g. `KILN_DISABLE_NHWC=1`), still interleaved with the other two.
 """
 import argparse
 import os
@@ -37,12 +41,13 @@ def ort_p50(path, d, threads, n=100):
     return float(np.median(ts)) * 1e3
 
 
-def kiln_p50(kiln, path, d, threads, extra, n=100):
+def kiln_p50(kiln, path, d, threads, extra, n=100, env=None):
     cmd = [kiln, "bench", path, "--threads", str(threads), "-n", str(n)] + extra
     for f in sorted(os.listdir(d)):
         if f.endswith(".npy"):
             cmd += ["-i", f"{f[:-4]}={d}/{f}"]
-    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+    full_env = dict(os.environ, **(env or {}))
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True, env=full_env).stdout
     line = next(l for l in out.splitlines() if l.startswith("latency"))
     return float(line.split()[5])
 
@@ -53,9 +58,14 @@ def main():
     ap.add_argument("models")
     ap.add_argument("--only", default="")
     ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--threads", default="1,2")
+    ap.add_argument("--baseline-env", default="")
     args = ap.parse_args()
     only = [o for o in args.only.split(",") if o]
-    print("| model | threads | Kiln, caller walks the plan | Kiln, run on the pool | ORT | Kiln (pool) / ORT |")
+    threads = [int(t) for t in args.threads.split(",") if t]
+    base_env = dict([args.baseline_env.split("=", 1)]) if args.baseline_env else None
+    first = f"Kiln, {args.baseline_env}" if base_env else "Kiln, caller walks the plan"
+    print(f"| model | threads | {first} | Kiln, run on the pool | ORT | Kiln (pool) / ORT |")
     print("|---|---|---|---|---|---|")
     for file, label, _, _ in memory.MODELS:
         path = os.path.join(args.models, file)
@@ -63,10 +73,13 @@ def main():
             continue
         with tempfile.TemporaryDirectory() as d:
             memory.make_inputs(path, label, d)
-            for t in (1, 2):
+            for t in threads:
                 rows = []
                 for _ in range(args.rounds):
-                    c = kiln_p50(args.kiln, path, d, t, ["--run-on-caller"])
+                    if base_env:
+                        c = kiln_p50(args.kiln, path, d, t, [], env=base_env)
+                    else:
+                        c = kiln_p50(args.kiln, path, d, t, ["--run-on-caller"])
                     p = kiln_p50(args.kiln, path, d, t, [])
                     rows.append((c, p, ort_p50(path, d, t)))
                 col = lambda i: " / ".join(f"{r[i]:.2f}" for r in rows)  # noqa: E731

@@ -28,6 +28,8 @@ MODELS = [
     ("silero_vad.onnx", "Silero VAD v5, 576 samples", {}, {"input": (1, 576), "state": (2, 1, 128), "sr": ()}),
     ("zoo-resnet18.onnx", "zoo-resnet18, 224x224", {"H": 224, "W": 224}, {}),
     ("zoo-mobilenetv2.onnx", "zoo-mobilenetv2, 224x224", {"H": 224, "W": 224}, {}),
+    ("zoo-mobilenetv3-small.onnx", "zoo-mobilenetv3-small, 224x224", {"H": 224, "W": 224}, {}),
+    ("zoo-shufflenetv2.onnx", "zoo-shufflenetv2, 224x224", {"H": 224, "W": 224}, {}),
     ("zoo-efficientnet-b0.onnx", "zoo-efficientnet-b0, 224x224", {"H": 224, "W": 224}, {}),
     ("zoo-yolo-tiny.onnx", "zoo-yolo-tiny, 320x320", {"H": 320, "W": 320}, {}),
     ("zoo-crnn.onnx", "zoo-crnn, 1x32x320", {"H": 32, "W": 320}, {}),

@@ -67,6 +67,8 @@ fn optimize_for_precision(
     let mut options = Options::for_model(model, level.into());
     options.fuse_matmul_bias = precision != Precision::Int8WeightOnly;
     options.share_transposed_weights = cpu_f32 && precision == Precision::F32;
+    // `KILN_DISABLE_NHWC=1` keeps every conv in NCHW (A/B measurements).
+    options.nhwc_convs = cpu_f32 && precision == Precision::F32 && std::env::var_os("KILN_DISABLE_NHWC").is_none();
     Ok(optimize(&mut model.graph, &options, &CpuConstEval)?)
 }
 

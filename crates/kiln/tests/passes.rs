@@ -1122,3 +1122,133 @@ fn dynamic_quantized_matmul_tail_becomes_matmul_integer_to_float_bit_for_bit() {
         assert!(!ops.contains_key(gone), "{gone} left: {ops:?}");
     }
 }
+
+/// A filter `[m, c, k, k]` with distinct values.
+fn filter(b: &mut B, name: &str, m: usize, c: usize, k: usize) -> ValueId {
+    let vals: Vec<f32> = (0..m * c * k * k)
+        .map(|i| ((i * 7 + m * 3) % 17) as f32 / 17.0 - 0.45)
+        .collect();
+    b.f32s(name, &[m, c, k, k], &vals)
+}
+
+/// Channels-last regions (`nhwc_layout`, CPU f32 sessions at Level All): a network of dense, strided,
+/// pointwise and depthwise convs with residuals, squeeze-excite, pools, Concat and Split computes what
+/// the NCHW graph computes, with transposes only where values enter or leave the region.
+#[test]
+fn nhwc_regions_compute_what_nchw_computes() {
+    let mut b = B::new();
+    let x = b.input("x", &[2, 3, 37, 30]);
+    let w0 = filter(&mut b, "w0", 16, 3, 3);
+    let b0 = b.f32s("b0", &[16], &(0..16).map(|i| i as f32 / 20.0 - 0.3).collect::<Vec<_>>());
+    let c0 = b.node(
+        "Conv",
+        &[x, w0, b0],
+        vec![("pads", ints(&[1, 1, 1, 1])), ("strides", ints(&[2, 2]))],
+    );
+    let lo = b.scalar("lo", 0.0);
+    let hi = b.scalar("hi", 6.0);
+    let a0 = b.op("Clip", &[c0, lo, hi]);
+    // Depthwise 3x3 + Relu, then a pointwise projection added to the block's input.
+    let wd = filter(&mut b, "wd", 16, 1, 3);
+    let d = b.node(
+        "Conv",
+        &[a0, wd],
+        vec![("pads", ints(&[1, 1, 1, 1])), ("group", Attribute::Int(16))],
+    );
+    let d = b.op("Relu", &[d]);
+    let wp = filter(&mut b, "wp", 16, 16, 1);
+    let p = b.op("Conv", &[d, wp]);
+    let r = b.op("Add", &[p, a0]);
+    // Squeeze-excite: GlobalAveragePool -> 1x1 -> Relu -> 1x1 -> HardSigmoid -> Mul.
+    let s = b.op("GlobalAveragePool", &[r]);
+    let ws1 = filter(&mut b, "ws1", 4, 16, 1);
+    let s = b.op("Conv", &[s, ws1]);
+    let s = b.op("Relu", &[s]);
+    let ws2 = filter(&mut b, "ws2", 16, 4, 1);
+    let s = b.op("Conv", &[s, ws2]);
+    let s = b.op("HardSigmoid", &[s]);
+    let e = b.op("Mul", &[r, s]);
+    // A per-channel constant ([C, 1, 1]) and a 5x5 dense conv with a dilation.
+    let scale = b.f32s(
+        "scale",
+        &[16, 1, 1],
+        &(0..16).map(|i| 1.0 + i as f32 / 10.0).collect::<Vec<_>>(),
+    );
+    let e = b.op("Mul", &[e, scale]);
+    let w5 = filter(&mut b, "w5", 8, 16, 5);
+    let c5 = b.node(
+        "Conv",
+        &[e, w5],
+        vec![("pads", ints(&[4, 3, 4, 2])), ("dilations", ints(&[2, 1]))],
+    );
+    // Enough convs for the region to pay for its five boundary transposes.
+    let mut c5 = c5;
+    for i in 0..14 {
+        let wi = filter(&mut b, &format!("wl{i}"), 8, 8, 1);
+        let ci = b.op("Conv", &[c5, wi]);
+        c5 = b.op("Relu", &[ci]);
+    }
+    let m = b.node(
+        "MaxPool",
+        &[e],
+        vec![
+            ("kernel_shape", ints(&[3, 3])),
+            ("strides", ints(&[2, 2])),
+            ("pads", ints(&[1, 1, 1, 1])),
+        ],
+    );
+    let m = b.op("Sigmoid", &[m]);
+    let up = b.node(
+        "MaxPool",
+        &[c5],
+        vec![
+            ("kernel_shape", ints(&[3, 3])),
+            ("strides", ints(&[2, 2])),
+            ("pads", ints(&[1, 1, 1, 1])),
+        ],
+    );
+    let cat = b.node("Concat", &[m, up], vec![("axis", Attribute::Int(1))]);
+    let split = b.node(
+        "Split",
+        &[cat],
+        vec![("axis", Attribute::Int(-3)), ("num_outputs", Attribute::Int(2))],
+    );
+    let split2 = b.value("split_second", None, None);
+    b.g.nodes.last_mut().unwrap().outputs.push(Some(split2));
+    let avg = b.node(
+        "AveragePool",
+        &[split],
+        vec![
+            ("kernel_shape", ints(&[3, 2])),
+            ("strides", ints(&[2, 2])),
+            ("pads", ints(&[1, 0, 1, 1])),
+            ("ceil_mode", Attribute::Int(1)),
+            ("count_include_pad", Attribute::Int(1)),
+        ],
+    );
+    let g = b.op("GlobalAveragePool", &[avg]);
+    let flat = b.op("Flatten", &[g]);
+    // `d` is also a graph output (transposed back under its own name).
+    let (model, feeds) = b.model(&[flat, d, cat, split2], 18);
+    let mut o = opts(&model, OptLevel::All);
+    o.nhwc_convs = true;
+    let (opt, report) = optimize_and_compare(&model, &feeds, &o, 1e-4);
+    let ops = op_counts(&opt.graph);
+    assert_eq!(ops.get("ai.kiln::ConvNhwc"), Some(&20), "{ops:?}");
+    assert_eq!(ops.get("ai.kiln::MaxPoolNhwc"), Some(&2), "{ops:?}");
+    assert_eq!(ops.get("ai.kiln::AveragePoolNhwc"), Some(&1), "{ops:?}");
+    assert_eq!(ops.get("ai.kiln::GlobalAveragePoolNhwc"), Some(&2), "{ops:?}");
+    // In: x. Out: the Flatten's input and the graph outputs `d`, `cat`, `split_second`.
+    assert_eq!(ops.get("Transpose"), Some(&5), "{ops:?}");
+    assert!(report.count("nhwc_layout") > 30, "{report}");
+    // Off by default, and a graph with one conv stays NCHW.
+    let (opt, _) = optimize_and_compare(&model, &feeds, &opts(&model, OptLevel::All), 1e-4);
+    assert_eq!(op_counts(&opt.graph).get("ai.kiln::ConvNhwc"), None);
+    let mut one = B::new();
+    let x = one.input("x", &[1, 3, 8, 8]);
+    let w = filter(&mut one, "w", 4, 3, 3);
+    let y = one.op("Conv", &[x, w]);
+    let (model, feeds) = one.model(&[y], 18);
+    let (opt, _) = optimize_and_compare(&model, &feeds, &o, 1e-4);
+    assert_eq!(op_counts(&opt.graph).get("ai.kiln::ConvNhwc"), None);
+}

@@ -13,7 +13,7 @@
 //!   scaled-dot-product attention, Transpose pairs, QDQ convolutions -> QLinearConv).
 //! - `All`: Extended plus fusions into Kiln's own `ai.kiln` nodes, which only Kiln runs (chains of
 //!   scalar element-wise ops -> `ElementwiseChain`, and such a chain after a Conv ->
-//!   `FusedConvChain`). No layout (NCHWc) rewrites yet.
+//!   `FusedConvChain`), and for CPU f32 sessions channels-last conv regions (`nhwc`, after the fixed point).
 //!
 //! Rules never rename or remove graph outputs, never drop graph inputs, and never rewire a value a
 //! subgraph reads by name (an implicit input): those values are *pinned* (see [`edit`]).
@@ -41,6 +41,7 @@ pub mod layer_norm;
 pub mod matmul_add;
 pub mod matmul_bias;
 pub mod matmul_integer_to_float;
+pub mod nhwc;
 pub mod noop;
 pub mod paged_attention;
 pub mod prune;
@@ -110,6 +111,9 @@ pub struct Options {
     /// `W` as stored (`ai.kiln::MatMulBias` with `trans_b`), so tied embeddings stay one tensor.
     /// For CPU sessions, whose kernels pack such a weight once for every reader.
     pub share_transposed_weights: bool,
+    /// Level All's channels-last regions (`nhwc_layout`): 2-D convs and the ops between them on
+    /// `[N, H, W, C]` tensors, run once after the fixed point. For CPU f32 sessions.
+    pub nhwc_convs: bool,
 }
 
 impl Default for Options {
@@ -123,6 +127,7 @@ impl Default for Options {
             strict_opsets: false,
             fuse_matmul_bias: true,
             share_transposed_weights: false,
+            nhwc_convs: false,
         }
     }
 }
@@ -262,6 +267,13 @@ pub fn optimize(graph: &mut Graph, options: &Options, eval: &dyn ConstEval) -> R
             }
             if changed == 0 {
                 break;
+            }
+        }
+        if options.level >= OptLevel::All && options.nhwc_convs {
+            crate::infer::infer_shapes(graph);
+            let n = nhwc::run(graph, &cx)?;
+            if n > 0 {
+                report.rewrites.insert(nhwc::RULE, n);
             }
         }
         graph.topological_order().map_err(|e| crate::GraphError::Pass {

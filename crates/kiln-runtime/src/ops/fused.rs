@@ -105,7 +105,7 @@ fn float_only(x: &crate::Tensor, op: &str) -> Result<()> {
 
 /// The activation of a FusedConv.
 #[derive(Debug, Clone, Copy)]
-enum Act {
+pub(super) enum Act {
     Relu,
     Sigmoid,
     Tanh,
@@ -115,7 +115,7 @@ enum Act {
 }
 
 impl Act {
-    fn apply(self, v: f32) -> f32 {
+    pub(super) fn apply(self, v: f32) -> f32 {
         match self {
             Act::Relu => v.max(0.0),
             Act::Sigmoid => 1.0 / (1.0 + (-v).exp()),
@@ -193,7 +193,7 @@ impl candle_core::InplaceOp2 for AddThen {
     }
 }
 
-fn parse_act(n: &NodeCtx) -> Result<Act> {
+pub(super) fn parse_act(n: &NodeCtx) -> Result<Act> {
     let name = n.attr_s("activation", "")?;
     let p = n.attr_floats("activation_params")?.unwrap_or_default();
     let get = |k: usize, default: f32| p.get(k).copied().unwrap_or(default);

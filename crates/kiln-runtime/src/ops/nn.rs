@@ -216,16 +216,16 @@ pub(super) fn float_back(t: CT, dt: DType) -> Result<Tensor> {
 // Conv
 
 #[derive(Clone, Debug)]
-struct ConvAttrs {
-    auto: AutoPad,
-    kernel_shape: Option<Vec<i64>>,
-    strides: Option<Vec<i64>>,
-    dilations: Option<Vec<i64>>,
-    pads: Option<Vec<i64>>,
-    group: i64,
+pub(super) struct ConvAttrs {
+    pub auto: AutoPad,
+    pub kernel_shape: Option<Vec<i64>>,
+    pub strides: Option<Vec<i64>>,
+    pub dilations: Option<Vec<i64>>,
+    pub pads: Option<Vec<i64>>,
+    pub group: i64,
 }
 
-fn conv_attrs(n: &NodeCtx) -> Result<ConvAttrs> {
+pub(super) fn conv_attrs(n: &NodeCtx) -> Result<ConvAttrs> {
     Ok(ConvAttrs {
         auto: parse_auto_pad(n)?,
         kernel_shape: n.attr_ints("kernel_shape")?,

@@ -16,6 +16,8 @@ use super::nn::{
 use super::{kernel, out1, NodeCtx, OpKernel, Registry, RunCx};
 use crate::fastmath::with_f32;
 use crate::{bail, Result, Tensor, Value};
+use kiln_graph::passes::elementwise_chain::KILN;
+use kiln_graph::passes::nhwc::{AVERAGE_POOL_NHWC, GLOBAL_AVERAGE_POOL_NHWC, MAX_POOL_NHWC};
 
 pub fn register(r: &mut Registry) {
     r.add("MaxPool", |n| pool_factory(n, Kind::Max));
@@ -33,6 +35,9 @@ pub fn register(r: &mut Registry) {
     r.add("MaxUnpool", max_unpool);
     r.add("RoiAlign", roi_align);
     r.add("MaxRoiPool", max_roi_pool);
+    r.add_domain(KILN, MAX_POOL_NHWC, |n| nhwc_pool(n, Kind::Max));
+    r.add_domain(KILN, AVERAGE_POOL_NHWC, |n| nhwc_pool(n, Kind::Avg));
+    r.add_domain(KILN, GLOBAL_AVERAGE_POOL_NHWC, |_| Ok(kernel(global_avg_nhwc)));
 }
 
 #[derive(Clone, Copy, PartialEq, Debug)]
@@ -58,6 +63,14 @@ struct PoolAttrs {
 }
 
 fn pool_factory(n: &NodeCtx, kind: Kind) -> Result<Box<dyn OpKernel>> {
+    let a = pool_attrs(n, kind)?;
+    Ok(kernel(move |cx, ins| {
+        let x = tin(ins, 0)?;
+        pool_run(cx, x, &a)
+    }))
+}
+
+fn pool_attrs(n: &NodeCtx, kind: Kind) -> Result<PoolAttrs> {
     let a = PoolAttrs {
         kind,
         auto: parse_auto_pad(n)?,
@@ -79,10 +92,90 @@ fn pool_factory(n: &NodeCtx, kind: Kind) -> Result<Box<dyn OpKernel>> {
     if a.kernel.iter().any(|&k| !(1..=super::nn::LIMIT).contains(&k)) {
         return Err(n.err(format!("kernel_shape must be positive: {:?}", a.kernel)));
     }
+    Ok(a)
+}
+
+/// `ai.kiln::MaxPoolNhwc` / `AveragePoolNhwc` (`kiln_graph::passes::nhwc`): the 2-D pool over
+/// `[N, H, W, C]`, vectorized across channels for contiguous f32 CPU tensors; other inputs go
+/// through the NCHW kernel between two transposes.
+fn nhwc_pool(n: &NodeCtx, kind: Kind) -> Result<Box<dyn OpKernel>> {
+    let mut a = pool_attrs(n, kind)?;
+    a.want_indices = false;
+    if a.kernel.len() != 2 {
+        return Err(n.err(format!("kernel_shape {:?} is not 2-D", a.kernel)));
+    }
     Ok(kernel(move |cx, ins| {
         let x = tin(ins, 0)?;
-        pool_run(cx, x, &a)
+        let d = x.dims().to_vec();
+        let [nb, h, w, c] = d[..] else {
+            bail!("NHWC pooling needs a [N, H, W, C] input, got {d:?}");
+        };
+        let g = geometry(&a, &[h, w])?;
+        let (oh, ow) = (g.out[0], g.out[1]);
+        cx.check_alloc(elems(&[nb, oh, ow, c]), x.dtype())?;
+        let win = super::nhwc::Window {
+            n: nb,
+            h,
+            w,
+            c,
+            kh: g.k[0],
+            kw: g.k[1],
+            stride: (g.s[0], g.s[1]),
+            dil: (g.d[0], g.d[1]),
+            pad: (g.pb[0], g.pb[1]),
+            oh,
+            ow,
+        };
+        let empty = [nb, h, w, c, oh, ow].contains(&0);
+        if x.dtype() == DType::F32 && !empty {
+            let xc = x.candle().contiguous()?;
+            let fast = with_f32(&xc, |xs| {
+                let mut out = crate::fastmath::zeroed(nb * oh * ow * c);
+                match kind {
+                    Kind::Max => super::nhwc::max_pool(&win, xs, &mut out),
+                    _ => super::nhwc::avg_pool(&win, (g.pe[0], g.pe[1]), a.count_include_pad, xs, &mut out),
+                }
+                out
+            });
+            if let Some(out) = fast {
+                return out1(Tensor::new(
+                    CT::from_vec(out, (nb, oh, ow, c), xc.device())?,
+                    DType::F32,
+                )?);
+            }
+        }
+        let nchw = Tensor::new(x.candle().permute((0, 3, 1, 2))?.contiguous()?, x.dtype())?;
+        let mut outs = pool_run(cx, &nchw, &a)?;
+        let Some(Value::Tensor(y)) = outs.drain(..).next() else {
+            bail!("NHWC pooling: the pool gave no tensor");
+        };
+        out1(Tensor::new(y.candle().permute((0, 2, 3, 1))?.contiguous()?, y.dtype())?)
     }))
+}
+
+/// `ai.kiln::GlobalAveragePoolNhwc`: `[N, H, W, C]` -> `[N, 1, 1, C]`.
+fn global_avg_nhwc(_: &RunCx, ins: &[Option<&Value>]) -> Result<Vec<Value>> {
+    let x = tin(ins, 0)?;
+    let d = x.dims().to_vec();
+    let [nb, h, w, c] = d[..] else {
+        bail!("GlobalAveragePoolNhwc needs a [N, H, W, C] input, got {d:?}");
+    };
+    if x.dtype() == DType::F32 && h * w > 0 {
+        let xc = x.candle().contiguous()?;
+        let fast = with_f32(&xc, |xs| {
+            let mut out = crate::fastmath::zeroed(nb * c);
+            super::nhwc::global_avg(nb, h * w, c, xs, &mut out);
+            out
+        });
+        if let Some(out) = fast {
+            return out1(Tensor::new(CT::from_vec(out, (nb, 1, 1, c), xc.device())?, DType::F32)?);
+        }
+    }
+    let y = float_work(x)?
+        .reshape((nb, h * w, c))?
+        .mean_keepdim(1)?
+        .reshape((nb, 1, 1, c))?;
+    out1(float_back(y, x.dtype())?)
 }
 
 /// Geometry of one pooling call.

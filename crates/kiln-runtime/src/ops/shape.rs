@@ -42,6 +42,9 @@ pub fn register(r: &mut Registry) {
             if let Some(y) = crate::cuda_kernels::permute(x.candle(), &p)? {
                 return out1(Tensor::new(y, x.dtype())?);
             }
+            if let Some(y) = transpose_f32(x.candle(), &p) {
+                return out1(Tensor::new(y?, x.dtype())?);
+            }
             out1(x.map(|t| t.permute(p.as_slice())?.contiguous())?)
         }))
     });
@@ -467,6 +470,90 @@ fn slice(n: &NodeCtx) -> Result<Box<dyn OpKernel>> {
     }))
 }
 
+/// A permutation of `dims` as a batched 2-D transpose `[b, r, c] -> [b, c, r]` (size-1 axes dropped,
+/// axes that stay adjacent merged), or `None` when it is something else.
+fn as_batched_transpose(dims: &[usize], perm: &[usize]) -> Option<(usize, usize, usize)> {
+    let kept: Vec<usize> = perm.iter().copied().filter(|&a| dims[a] != 1).collect();
+    // Runs of input axes that stay adjacent and in order in the output.
+    let mut runs: Vec<(usize, usize)> = Vec::new(); // (first input axis, product of sizes)
+    let mut last: Option<usize> = None;
+    let mut order: Vec<usize> = Vec::new(); // the first input axis of each run, in output order
+    for &a in &kept {
+        match (last, runs.last_mut()) {
+            (Some(l), Some(run)) if next_kept(dims, l) == Some(a) => run.1 *= dims[a],
+            _ => {
+                runs.push((a, dims[a]));
+                order.push(a);
+            }
+        }
+        last = Some(a);
+    }
+    // Runs in input order give the source layout; output order must be (batch?, second, first).
+    let mut by_input = runs.clone();
+    by_input.sort_unstable();
+    match (by_input.as_slice(), order.as_slice()) {
+        ([(a0, r), (_, c)], [o0, _]) if *o0 != *a0 => Some((1, *r, *c)),
+        ([(a0, b), (a1, r), (_, c)], [o0, o1, _]) if o0 == a0 && o1 != a1 => Some((*b, *r, *c)),
+        _ => None,
+    }
+}
+
+/// The next input axis after `a` whose size is not 1.
+fn next_kept(dims: &[usize], a: usize) -> Option<usize> {
+    (a + 1..dims.len()).find(|&i| dims[i] != 1)
+}
+
+/// Transpose of a contiguous f32 CPU tensor that is a batched 2-D transpose (NCHW <-> NHWC and the
+/// like) in cache-sized tiles; `None` for anything else (candle's strided copy then does it).
+fn transpose_f32(t: &CT, perm: &[usize]) -> Option<Result<CT>> {
+    let dims = t.dims().to_vec();
+    let (b, r, c) = as_batched_transpose(&dims, perm)?;
+    let out_dims: Vec<usize> = perm.iter().map(|&a| dims[a]).collect();
+    crate::fastmath::with_f32(t, |src| {
+        let mut out = crate::fastmath::zeroed(src.len());
+        batched_transpose(src, b, r, c, &mut out);
+        CT::from_vec(out, out_dims, t.device()).map_err(Into::into)
+    })
+}
+
+/// `dst[b][j][i] = src[b][i][j]` for `src` `[batches, r, c]`, in 16x16 tiles; parallel over tile rows
+/// when there is enough to move.
+pub(crate) fn batched_transpose(src: &[f32], batches: usize, r: usize, c: usize, dst: &mut [f32]) {
+    const T: usize = 16;
+    use rayon::prelude::*;
+    debug_assert!(src.len() == batches * r * c && dst.len() == src.len());
+    if r * c == 0 {
+        return;
+    }
+    // One task: output rows j0..j0+T of one batch (`dst` chunk of T * r floats).
+    let task = |bi: usize, j0: usize, out: &mut [f32]| {
+        let s = &src[bi * r * c..(bi + 1) * r * c];
+        let jn = out.len() / r;
+        for i0 in (0..r).step_by(T) {
+            let i1 = (i0 + T).min(r);
+            for jj in 0..jn {
+                let j = j0 + jj;
+                let row = &mut out[jj * r + i0..jj * r + i1];
+                for (k, v) in row.iter_mut().enumerate() {
+                    *v = s[(i0 + k) * c + j];
+                }
+            }
+        }
+    };
+    let per_batch = |(bi, ob): (usize, &mut [f32])| {
+        ob.chunks_mut(T * r).enumerate().for_each(|(t, o)| task(bi, t * T, o));
+    };
+    if src.len() < 1 << 16 {
+        dst.chunks_mut(r * c).enumerate().for_each(per_batch);
+    } else {
+        dst.par_chunks_mut(r * c).enumerate().for_each(|(bi, ob)| {
+            ob.par_chunks_mut(T * r)
+                .enumerate()
+                .for_each(|(t, o)| task(bi, t * T, o));
+        });
+    }
+}
+
 fn split(n: &NodeCtx) -> Result<Box<dyn OpKernel>> {
     let axis = n.attr_i("axis", 0)?;
     let attr_split = n.attr_ints("split")?;
@@ -508,4 +595,80 @@ fn split(n: &NodeCtx) -> Result<Box<dyn OpKernel>> {
         }
         Ok(out)
     }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every permutation of small shapes (size-1 axes included): the tiled path, where it applies,
+    /// gives exactly candle's strided copy; NCHW <-> NHWC always takes it.
+    #[test]
+    fn batched_transposes_match_the_strided_copy() {
+        let shapes: [&[usize]; 6] = [
+            &[2, 3, 5, 7],
+            &[1, 17, 4, 33],
+            &[3, 1, 20, 2],
+            &[40, 70],
+            &[2, 1, 1, 9],
+            &[2, 33, 1, 65],
+        ];
+        let mut fast = 0;
+        for dims in shapes {
+            let n: usize = dims.iter().product();
+            let t = CT::from_vec(
+                (0..n).map(|i| i as f32).collect::<Vec<_>>(),
+                dims,
+                &candle_core::Device::Cpu,
+            )
+            .unwrap();
+            let rank = dims.len();
+            let mut perm: Vec<usize> = (0..rank).collect();
+            // Heap's algorithm over all permutations.
+            let mut c = vec![0usize; rank];
+            let mut check = |p: &[usize]| {
+                let want = t
+                    .permute(p)
+                    .unwrap()
+                    .contiguous()
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1::<f32>()
+                    .unwrap();
+                if let Some(y) = transpose_f32(&t, p) {
+                    let y = y.unwrap();
+                    let out_dims: Vec<usize> = p.iter().map(|&a| dims[a]).collect();
+                    assert_eq!(y.dims(), out_dims.as_slice(), "{dims:?} {p:?}");
+                    assert_eq!(
+                        y.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+                        want,
+                        "{dims:?} {p:?}"
+                    );
+                    fast += 1;
+                }
+            };
+            check(&perm);
+            let mut i = 0;
+            while i < rank {
+                if c[i] < i {
+                    if i % 2 == 0 {
+                        perm.swap(0, i);
+                    } else {
+                        perm.swap(c[i], i);
+                    }
+                    check(&perm);
+                    c[i] += 1;
+                    i = 0;
+                } else {
+                    c[i] = 0;
+                    i += 1;
+                }
+            }
+        }
+        assert!(fast > 20, "{fast}");
+        assert_eq!(as_batched_transpose(&[2, 16, 9, 9], &[0, 2, 3, 1]), Some((2, 16, 81)));
+        assert_eq!(as_batched_transpose(&[1, 9, 9, 16], &[0, 3, 1, 2]), Some((1, 81, 16)));
+        assert_eq!(as_batched_transpose(&[2, 4, 8, 16], &[0, 2, 1, 3]), None);
+    }
 }

@@ -1,0 +1,314 @@
+//! `ai.kiln::ConvNhwc` (`kiln_graph::passes::nhwc`): 2-D f32 convolution over `[N, H, W, C]`
+//! tensors, with FusedConv's residual and activation or FusedConvChain's chain in its epilogue.
+//!
+//! - dense (group 1): `[pixels, KH*KW*C] x [KH*KW*C, M]` on the packed GEMM, the filter packed once
+//!   at plan time as the right-hand operand; the left operand is the input itself for a pointwise
+//!   conv (1x1, stride 1, no padding) and otherwise channels-last im2col rows built per block of
+//!   output pixels in a per-thread buffer (each tap a contiguous run of `C` floats);
+//! - depthwise (channel multiplier 1): `nhwc::depthwise`, vectorized across channels.
+//!
+//! Each block of output rows gets its residual, activation and chain while it is still in cache.
+
+use std::cell::RefCell;
+
+use candle_core::Tensor as CT;
+use kiln_graph::passes::elementwise_chain::{decode, Step, KILN};
+use kiln_graph::passes::nhwc::CONV_NHWC;
+use kiln_graph::DType;
+use rayon::prelude::*;
+
+use super::common::{tin, tin_opt};
+use super::conv_cpu::clamp_slice;
+use super::fused::{parse_act, Act};
+use super::nhwc::{self, Window};
+use super::nn::{conv_attrs, spatial_attr, window_pads};
+use super::{kernel, out1, NodeCtx, OpKernel, Registry};
+use crate::fastmath::with_f32;
+use crate::sgemm::{self, Bias, MatRef, PackedB};
+use crate::{bail, Result, Tensor};
+
+pub fn register(r: &mut Registry) {
+    r.add_domain(KILN, CONV_NHWC, conv_nhwc);
+}
+
+/// The filter in the form its kernel reads.
+enum Filter {
+    /// `[KH*KW*C, M]`, row `(ky*KW + kx)*C + ci`.
+    Dense(PackedB),
+    /// `[KH*KW][C]`.
+    Depthwise(Vec<f32>),
+}
+
+/// Residual add, activation and chain, applied to finished output rows.
+struct Epilogue {
+    act: Option<Act>,
+    steps: Option<Vec<Step>>,
+}
+
+impl Epilogue {
+    fn is_empty(&self) -> bool {
+        self.act.is_none() && self.steps.is_none()
+    }
+
+    fn apply(&self, rows: &mut [f32], z: Option<&[f32]>) {
+        if let Some(z) = z {
+            rows.iter_mut().zip(z).for_each(|(v, z)| *v += z);
+        }
+        match self.act {
+            Some(Act::Relu) => clamp_slice(rows, (0.0, f32::INFINITY)),
+            Some(Act::Clip(lo, hi)) => clamp_slice(rows, (lo, hi)),
+            Some(a) => rows.iter_mut().for_each(|v| *v = a.apply(*v)),
+            None => {}
+        }
+        if let Some(s) = &self.steps {
+            super::chain::run_in_place(s, rows);
+        }
+    }
+}
+
+/// Multiply-adds below which a conv runs on the calling thread.
+const PARALLEL_MIN_MACS: usize = 1 << 20;
+/// Floats of im2col rows per block (256 KiB: the block and its filter panel stay in L2).
+const PATCH_BUDGET: usize = 1 << 16;
+
+thread_local! {
+    static PATCHES: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+}
+
+fn conv_nhwc(n: &NodeCtx) -> Result<Box<dyn OpKernel>> {
+    let a = conv_attrs(n)?;
+    let w = n
+        .const_input(1)
+        .ok_or_else(|| n.err("ConvNhwc needs a constant filter"))?;
+    if w.dtype != DType::F32 || w.dims.len() != 4 || w.dims.contains(&0) {
+        return Err(n.err(format!("ConvNhwc needs a 4-D f32 filter, got {} {:?}", w.dtype, w.dims)));
+    }
+    let (m, cg, kh, kw) = (w.dims[0], w.dims[1], w.dims[2], w.dims[3]);
+    if let Some(ks) = &a.kernel_shape {
+        if ks.len() != 2 || ks[0] as usize != kh || ks[1] as usize != kw {
+            return Err(n.err(format!("kernel_shape {ks:?} does not match the filter {:?}", w.dims)));
+        }
+    }
+    let group = usize::try_from(a.group)
+        .ok()
+        .filter(|&g| g >= 1)
+        .ok_or_else(|| n.err("group must be positive"))?;
+    let depthwise = group > 1;
+    if depthwise && (cg != 1 || m != group) {
+        return Err(n.err("ConvNhwc: grouped convs other than depthwise are not supported"));
+    }
+    let wv = w.values::<f32>().ok_or_else(|| n.err("ConvNhwc: unreadable filter"))?;
+    let taps = kh * kw;
+    let filter = if depthwise {
+        let mut wt = vec![0f32; taps * m];
+        for ch in 0..m {
+            for t in 0..taps {
+                wt[t * m + ch] = wv[ch * taps + t];
+            }
+        }
+        Filter::Depthwise(wt)
+    } else {
+        let k = taps * cg;
+        let mut bt = vec![0f32; k * m];
+        for mi in 0..m {
+            for ci in 0..cg {
+                for t in 0..taps {
+                    bt[(t * cg + ci) * m + mi] = wv[(mi * cg + ci) * taps + t];
+                }
+            }
+        }
+        Filter::Dense(PackedB::pack(MatRef::row_major(&bt, k, m)).map_err(|e| n.err(e.to_string()))?)
+    };
+    n.note_held_bytes(match &filter {
+        Filter::Dense(p) => p.bytes(),
+        Filter::Depthwise(v) => v.len() * 4,
+    });
+    n.consume_input(1);
+    let epi = Epilogue {
+        act: n.node.attr("activation").map(|_| parse_act(n)).transpose()?,
+        steps: match n.attr_floats("program")? {
+            Some(p) => Some(decode(&p).ok_or_else(|| n.err("malformed 'program' attribute"))?),
+            None => None,
+        },
+    };
+    let strides = spatial_attr(&a.strides, 2, 1, "strides")?;
+    let dil = spatial_attr(&a.dilations, 2, 1, "dilations")?;
+    Ok(kernel(move |cx, ins| {
+        let x = tin(ins, 0)?;
+        let xd = x.dims().to_vec();
+        let [nb, h, wd, c] = xd[..] else {
+            bail!("ConvNhwc: input must be [N, H, W, C], got {xd:?}");
+        };
+        if c != cg * group {
+            bail!("ConvNhwc: input has {c} channels, the filter expects {}", cg * group);
+        }
+        if x.dtype() != DType::F32 {
+            bail!("ConvNhwc: f32 input expected, got {}", x.dtype());
+        }
+        let (pb, pe) = window_pads(a.auto, &a.pads, &[h, wd], &[kh, kw], &strides, &dil)?;
+        let out_len = |i: usize, size: usize, k: usize| -> Result<usize> {
+            let span = (k - 1) * dil[i] + 1;
+            let padded = size + pb[i] + pe[i];
+            if padded < span {
+                bail!("ConvNhwc: the kernel ({span}) is larger than the padded input ({padded})");
+            }
+            Ok((padded - span) / strides[i] + 1)
+        };
+        let (oh, ow) = (out_len(0, h, kh)?, out_len(1, wd, kw)?);
+        let total = nb as u128 * oh as u128 * ow as u128 * m as u128;
+        cx.check_alloc(total, DType::F32)?;
+        let bias = match tin_opt(ins, 2)? {
+            Some(b) => {
+                let v = b
+                    .candle()
+                    .to_dtype(candle_core::DType::F32)?
+                    .flatten_all()?
+                    .to_vec1::<f32>()?;
+                if v.len() != m {
+                    bail!("ConvNhwc: bias has {} values for {m} output channels", v.len());
+                }
+                Some(v)
+            }
+            None => None,
+        };
+        let z = tin_opt(ins, 3)?;
+        let zt = match z {
+            Some(z) if z.dims() == [nb, oh, ow, m] => Some(z.candle().to_dtype(candle_core::DType::F32)?.contiguous()?),
+            _ => None,
+        };
+        let broadcast_z = z.is_some() && zt.is_none();
+        let g = Window {
+            n: nb,
+            h,
+            w: wd,
+            c,
+            kh,
+            kw,
+            stride: (strides[0], strides[1]),
+            dil: (dil[0], dil[1]),
+            pad: (pb[0], pb[1]),
+            oh,
+            ow,
+        };
+        let xc = x.candle().contiguous()?;
+        let no_epi = Epilogue { act: None, steps: None };
+        let run_epi = if broadcast_z { &no_epi } else { &epi };
+        let compute = |xs: &[f32], zs: Option<&[f32]>| -> Result<Vec<f32>> {
+            match &filter {
+                Filter::Depthwise(wt) => {
+                    let mut out = crate::fastmath::zeroed(total as usize);
+                    let row = ow * m;
+                    let post = |r: usize, rows: &mut [f32]| {
+                        run_epi.apply(rows, zs.map(|z| &z[r * row..(r + 1) * row]));
+                    };
+                    nhwc::depthwise(&g, xs, wt, bias.as_deref(), &mut out, &post);
+                    Ok(out)
+                }
+                Filter::Dense(pw) => dense(&g, xs, pw, m, bias.as_deref(), run_epi, zs, (&pb, &pe)),
+            }
+        };
+        let out = with_f32(&xc, |xs| match &zt {
+            Some(z) => with_f32(z, |zs| compute(xs, Some(zs))),
+            None => Some(compute(xs, None)),
+        })
+        .flatten()
+        .ok_or_else(|| crate::RuntimeError::msg("ConvNhwc runs on CPU tensors"))??;
+        let mut y = CT::from_vec(out, (nb, oh, ow, m), xc.device())?;
+        if let (true, Some(z)) = (broadcast_z, z) {
+            // A residual of another shape broadcasts as the fused Add did, then the activation.
+            y = y
+                .broadcast_add(&z.candle().to_dtype(candle_core::DType::F32)?)?
+                .contiguous()?;
+            let mut v = y.flatten_all()?.to_vec1::<f32>()?;
+            epi.apply(&mut v, None);
+            y = CT::from_vec(v, (nb, oh, ow, m), xc.device())?;
+        }
+        out1(Tensor::new(y, DType::F32)?)
+    }))
+}
+
+/// Dense conv: blocks of output pixels, each one GEMM against the packed filter then the epilogue.
+#[allow(clippy::too_many_arguments)]
+fn dense(
+    g: &Window,
+    xs: &[f32],
+    pw: &PackedB,
+    m: usize,
+    bias: Option<&[f32]>,
+    epi: &Epilogue,
+    z: Option<&[f32]>,
+    (pb, pe): (&[usize], &[usize]),
+) -> Result<Vec<f32>> {
+    let k = pw.k();
+    let pixels = g.oh * g.ow;
+    let mut out = crate::fastmath::zeroed(g.n * pixels * m);
+    let bias = bias.map_or(Bias::None, Bias::PerCol);
+    let pointwise = g.kh == 1 && g.kw == 1 && g.stride == (1, 1) && pb.iter().chain(pe).all(|&p| p == 0);
+    let macs = g.n * pixels * k * m;
+    // Rows per block: a multiple of the GEMM's 6-row tile.
+    let block = (PATCH_BUDGET / k.max(1)).clamp(12, 512) / 6 * 6;
+    let threads = rayon::current_num_threads();
+    let tasks = g.n * pixels.div_ceil(block);
+    let err = std::sync::Mutex::new(None);
+    let fail = |e: sgemm::GemmError| {
+        if let Ok(mut slot) = err.lock() {
+            slot.get_or_insert(e);
+        }
+    };
+    // One block: output rows `row0..row0 + ob.len() / m` of image `img` (pixel p0 onwards).
+    let one = |img: usize, p0: usize, ob: &mut [f32], parallel_gemm: bool| {
+        let rows = ob.len() / m;
+        let gemm = |a: MatRef, ob: &mut [f32]| {
+            let r = if parallel_gemm {
+                sgemm::gemm_packed_b(a, pw, bias, ob, m)
+            } else {
+                sgemm::gemm_packed_b_seq(a, pw, bias, ob, m)
+            };
+            if let Err(e) = r {
+                fail(e);
+            }
+        };
+        if pointwise {
+            let r0 = img * pixels + p0;
+            gemm(MatRef::row_major(&xs[r0 * k..(r0 + rows) * k], rows, k), ob);
+        } else {
+            PATCHES.with(|buf| {
+                let mut buf = buf.borrow_mut();
+                if buf.len() < rows * k {
+                    buf.resize(rows * k, 0.0);
+                }
+                let patches = &mut buf[..rows * k];
+                nhwc::im2col(g, xs, img, p0, p0 + rows, patches);
+                gemm(MatRef::row_major(patches, rows, k), ob);
+            });
+        }
+        if !epi.is_empty() || z.is_some() {
+            let at = (img * pixels + p0) * m;
+            epi.apply(ob, z.map(|z| &z[at..at + ob.len()]));
+        }
+    };
+    let by_image = |img: usize, oi: &mut [f32], parallel_gemm: bool| {
+        oi.chunks_mut(block * m)
+            .enumerate()
+            .for_each(|(bi, ob)| one(img, bi * block, ob, parallel_gemm));
+    };
+    if macs < PARALLEL_MIN_MACS || threads == 1 {
+        out.chunks_mut(pixels * m)
+            .enumerate()
+            .for_each(|(img, oi)| by_image(img, oi, false));
+    } else if tasks >= 2 * threads {
+        out.par_chunks_mut(pixels * m).enumerate().for_each(|(img, oi)| {
+            oi.par_chunks_mut(block * m)
+                .enumerate()
+                .for_each(|(bi, ob)| one(img, bi * block, ob, false));
+        });
+    } else {
+        out.chunks_mut(pixels * m)
+            .enumerate()
+            .for_each(|(img, oi)| by_image(img, oi, true));
+    }
+    if let Some(e) = err.into_inner().ok().flatten() {
+        bail!("ConvNhwc: {e}");
+    }
+    Ok(out)
+}
