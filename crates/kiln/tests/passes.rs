@@ -1181,9 +1181,9 @@ fn nhwc_regions_compute_what_nchw_computes() {
         &[e, w5],
         vec![("pads", ints(&[4, 3, 4, 2])), ("dilations", ints(&[2, 1]))],
     );
-    // Enough convs for the region to pay for its five boundary transposes.
+    // Enough convs for the region to pay for its six boundary transposes.
     let mut c5 = c5;
-    for i in 0..14 {
+    for i in 0..18 {
         let wi = filter(&mut b, &format!("wl{i}"), 8, 8, 1);
         let ci = b.op("Conv", &[c5, wi]);
         c5 = b.op("Relu", &[ci]);
@@ -1228,18 +1228,29 @@ fn nhwc_regions_compute_what_nchw_computes() {
     );
     let g = b.op("GlobalAveragePool", &[avg]);
     let flat = b.op("Flatten", &[g]);
+    // Nearest upsampling by per-axis scales, then a conv.
+    let roi = b.f32s("roi", &[0], &[]);
+    let sc = b.f32s("sc", &[4], &[1.0, 1.0, 2.0, 1.5]);
+    let rz = b.node(
+        "Resize",
+        &[r, roi, sc],
+        vec![("mode", Attribute::String(b"nearest".to_vec()))],
+    );
+    let wr = filter(&mut b, "wr", 4, 16, 3);
+    let cr = b.op("Conv", &[rz, wr]);
+    let gr = b.op("GlobalAveragePool", &[cr]);
     // `d` is also a graph output (transposed back under its own name).
-    let (model, feeds) = b.model(&[flat, d, cat, split2], 18);
+    let (model, feeds) = b.model(&[flat, d, cat, split2, gr], 18);
     let mut o = opts(&model, OptLevel::All);
     o.nhwc_convs = true;
     let (opt, report) = optimize_and_compare(&model, &feeds, &o, 1e-4);
     let ops = op_counts(&opt.graph);
-    assert_eq!(ops.get("ai.kiln::ConvNhwc"), Some(&20), "{ops:?}");
+    assert_eq!(ops.get("ai.kiln::ConvNhwc"), Some(&25), "{ops:?}");
     assert_eq!(ops.get("ai.kiln::MaxPoolNhwc"), Some(&2), "{ops:?}");
     assert_eq!(ops.get("ai.kiln::AveragePoolNhwc"), Some(&1), "{ops:?}");
-    assert_eq!(ops.get("ai.kiln::GlobalAveragePoolNhwc"), Some(&2), "{ops:?}");
-    // In: x. Out: the Flatten's input and the graph outputs `d`, `cat`, `split_second`.
-    assert_eq!(ops.get("Transpose"), Some(&5), "{ops:?}");
+    assert_eq!(ops.get("ai.kiln::GlobalAveragePoolNhwc"), Some(&3), "{ops:?}");
+    // In: x. Out: the Flatten's input and the graph outputs `d`, `cat`, `split_second`, `gr`.
+    assert_eq!(ops.get("Transpose"), Some(&6), "{ops:?}");
     assert!(report.count("nhwc_layout") > 30, "{report}");
     // Off by default, and a graph with one conv stays NCHW.
     let (opt, _) = optimize_and_compare(&model, &feeds, &opts(&model, OptLevel::All), 1e-4);

@@ -16,7 +16,8 @@
 //!   two-input element-wise binary ops whose other input is from the region, a constant (its data
 //!   permuted once, here), a value broadcast-neutral in every layout (rank <= 1 or all dims 1), or a
 //!   rank-4 value of known shape (transposed in); `Concat` and `Split` (axis remapped);
-//!   2-D `MaxPool` (one output) and `AveragePool`, `GlobalAveragePool` (as `ai.kiln` NHWC kernels).
+//!   2-D `MaxPool` (one output) and `AveragePool`, `GlobalAveragePool` (as `ai.kiln` NHWC kernels);
+//!   nearest `Resize` with constant per-axis scales or sizes (reordered).
 //!
 //! A region value read outside the region (or a graph output, or read by a subgraph) is transposed
 //! back under its original name, so nothing outside changes. Nothing is rewritten when fewer than two
@@ -92,6 +93,8 @@ enum In {
     Keep,
     /// A constant whose data is permuted to NHWC (broadcast operand of rank <= 4).
     Permute,
+    /// A constant 1-D vector of one value per axis (Resize's scales or sizes), reordered to NHWC.
+    PerAxis,
 }
 
 /// What a joining node becomes.
@@ -300,6 +303,39 @@ fn plan(g: &Graph, cx: &PassCx, i: usize, region: &[bool]) -> Option<Join> {
             };
             join(vec![In::Layout], Kind::Pool(target))
         }
+        "Resize" if cx.options.opset() >= 11 => {
+            let attr = |name: &str, default: &str| match n.attr(name) {
+                None => Some(default.to_string()),
+                Some(Attribute::String(b)) => Some(String::from_utf8_lossy(b).into_owned()),
+                _ => None,
+            };
+            // Nearest (a gather, exact in any layout) over all axes, one scale or size per axis.
+            let nearest = attr("mode", "nearest")? == "nearest"
+                && attr("coordinate_transformation_mode", "half_pixel")? != "tf_crop_and_resize"
+                && attr("keep_aspect_ratio_policy", "stretch")? == "stretch"
+                && n.attr("axes").is_none();
+            if !nearest || !from_region(0) || n.outputs.len() != 1 || n.inputs.len() > 4 {
+                return None;
+            }
+            let mut ins = vec![In::Layout];
+            for (k, v) in n.inputs.iter().enumerate().skip(1) {
+                ins.push(match v {
+                    None => In::Keep,
+                    Some(v) => {
+                        let t = constant(g, cx.options, *v)?;
+                        if t.is_empty() || k == 1 {
+                            // An empty placeholder, or the roi (read only by tf_crop_and_resize).
+                            In::Keep
+                        } else if t.dims == [4] {
+                            In::PerAxis
+                        } else {
+                            return None;
+                        }
+                    }
+                });
+            }
+            join(ins, Kind::Same)
+        }
         "GlobalAveragePool" => (from_region(0) && n.inputs.len() == 1 && n.outputs.len() == 1).then(|| Join {
             node: i,
             inputs: vec![In::Layout],
@@ -333,6 +369,21 @@ fn permute_constant(t: &TensorData, name: String) -> Option<TensorData> {
         }
     }
     TensorData::new(name, t.dtype, vec![d0, d2, d3, d1], out).ok()
+}
+
+/// A 4-value per-axis vector `[n, c, h, w]` as `[n, h, w, c]`.
+fn reorder_per_axis(t: &TensorData, name: String) -> Option<TensorData> {
+    let es = t.dtype.size_in_bytes();
+    let src = t.bytes();
+    if t.dims != [4] || es == 0 || src.len() != 4 * es {
+        return None;
+    }
+    let mut out = Vec::with_capacity(src.len());
+    for &a in &TO_NHWC {
+        let a = a as usize;
+        out.extend_from_slice(&src[a * es..(a + 1) * es]);
+    }
+    TensorData::new(name, t.dtype, vec![4], out).ok()
 }
 
 fn perm_attr(p: [i64; 4]) -> BTreeMap<String, Attribute> {
@@ -437,6 +488,14 @@ pub fn run(g: &mut Graph, cx: &PassCx) -> Result<usize> {
                         }
                     },
                 },
+                In::PerAxis => {
+                    let Some(c) = constant(g, cx.options, v) else { continue };
+                    let name = idx.fresh_name(g, &format!("{}__nhwc", g.value_name(v)));
+                    let Some(data) = reorder_per_axis(c, name.clone()) else {
+                        continue;
+                    };
+                    idx.new_initializer(g, &name, data)
+                }
                 In::Permute => {
                     let Some(c) = constant(g, cx.options, v) else { continue };
                     let name = idx.fresh_name(g, &format!("{}__nhwc", g.value_name(v)));

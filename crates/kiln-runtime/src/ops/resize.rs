@@ -277,6 +277,9 @@ fn resize_run(
         if let Some(y) = nearest_last2_fast(x, &axes, &dims, &out_dims, &scale_f, cfg, roi_full.as_deref())? {
             return Tensor::new(y, dt);
         }
+        if let Some(y) = nearest_channels_last_fast(x, &axes, &dims, &out_dims, &scale_f, cfg, roi_full.as_deref())? {
+            return Tensor::new(y, dt);
+        }
     }
     let mut cur = dims.clone();
     for &ax in &axes {
@@ -359,6 +362,73 @@ fn nearest_last2_fast(
                 let srow = &plane[iy[oy] * w..(iy[oy] + 1) * w];
                 let drow = &mut dst[oy * ow..(oy + 1) * ow];
                 drow.iter_mut().zip(&ix).for_each(|(d, &i)| *d = srow[i]);
+            }
+        });
+        out
+    });
+    match out {
+        Some(v) => Ok(Some(CT::from_vec(v, out_dims, x.device())?)),
+        None => Ok(None),
+    }
+}
+
+/// Nearest-neighbour resize of the two axes before the last of a contiguous f32 CPU tensor, the last
+/// axis unchanged (`[N, H, W, C]`, the channels-last upsampling): each output pixel copies the `C`
+/// floats of its source pixel, repeated rows are copied whole. `None` when the case does not apply.
+#[allow(clippy::too_many_arguments)]
+fn nearest_channels_last_fast(
+    x: &Tensor,
+    axes: &[usize],
+    dims: &[usize],
+    out_dims: &[usize],
+    scale_f: &[f64],
+    cfg: &ResizeCfg,
+    roi_full: Option<&[f64]>,
+) -> Result<Option<CT>> {
+    let r = dims.len();
+    if x.dtype() != DType::F32 || !x.device().is_cpu() || r < 3 {
+        return Ok(None);
+    }
+    let mut index: [Option<Vec<usize>>; 2] = [None, None];
+    for &ax in axes {
+        let axis_roi = roi_full.map(|v| (v[ax], v[ax + r]));
+        let identity = (scale_f[ax] - 1.0).abs() < 1e-9
+            && out_dims[ax] == dims[ax]
+            && axis_roi.is_none_or(|(a, b)| a.abs() < 1e-9 && (b - 1.0).abs() < 1e-9);
+        if identity {
+            continue;
+        }
+        if ax + 3 < r || ax + 1 == r {
+            return Ok(None);
+        }
+        let taps = axis_taps(dims[ax], scale_f[ax], out_dims[ax], cfg, axis_roi)?;
+        index[ax + 3 - r] = Some(taps.iter().map(nearest_source).collect());
+    }
+    let (h, w, c) = (dims[r - 3], dims[r - 2], dims[r - 1]);
+    let (oh, ow) = (out_dims[r - 3], out_dims[r - 2]);
+    let iy = index[0].take().unwrap_or_else(|| (0..h).collect());
+    let ix = index[1].take().unwrap_or_else(|| (0..w).collect());
+    if iy.iter().any(|&i| i >= h) || ix.iter().any(|&i| i >= w) || oh * ow * c == 0 || h * w == 0 {
+        return Ok(None);
+    }
+    let images: usize = dims[..r - 3].iter().product();
+    let xc = x.candle().contiguous()?;
+    let out = crate::fastmath::with_f32(&xc, |src| {
+        let mut out = vec![0f32; images * oh * ow * c];
+        out.par_chunks_mut(oh * ow * c).enumerate().for_each(|(p, dst)| {
+            let image = &src[p * h * w * c..(p + 1) * h * w * c];
+            let row = ow * c;
+            for oy in 0..oh {
+                if oy > 0 && iy[oy] == iy[oy - 1] {
+                    let (done, rest) = dst.split_at_mut(oy * row);
+                    rest[..row].copy_from_slice(&done[(oy - 1) * row..]);
+                    continue;
+                }
+                let srow = &image[iy[oy] * w * c..(iy[oy] + 1) * w * c];
+                let drow = &mut dst[oy * row..(oy + 1) * row];
+                drow.chunks_exact_mut(c)
+                    .zip(&ix)
+                    .for_each(|(d, &i)| d.copy_from_slice(&srow[i * c..(i + 1) * c]));
             }
         });
         out

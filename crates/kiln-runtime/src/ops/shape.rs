@@ -525,31 +525,33 @@ pub(crate) fn batched_transpose(src: &[f32], batches: usize, r: usize, c: usize,
     if r * c == 0 {
         return;
     }
-    // One task: output rows j0..j0+T of one batch (`dst` chunk of T * r floats).
+    // One task: output rows j0.. of one batch (`out` holds whole rows of r floats), in T x T tiles.
     let task = |bi: usize, j0: usize, out: &mut [f32]| {
         let s = &src[bi * r * c..(bi + 1) * r * c];
         let jn = out.len() / r;
-        for i0 in (0..r).step_by(T) {
-            let i1 = (i0 + T).min(r);
-            for jj in 0..jn {
-                let j = j0 + jj;
-                let row = &mut out[jj * r + i0..jj * r + i1];
-                for (k, v) in row.iter_mut().enumerate() {
-                    *v = s[(i0 + k) * c + j];
+        for jt in (0..jn).step_by(T) {
+            let jt1 = (jt + T).min(jn);
+            for i0 in (0..r).step_by(T) {
+                let i1 = (i0 + T).min(r);
+                for jj in jt..jt1 {
+                    let j = j0 + jj;
+                    let row = &mut out[jj * r + i0..jj * r + i1];
+                    for (k, v) in row.iter_mut().enumerate() {
+                        *v = s[(i0 + k) * c + j];
+                    }
                 }
             }
         }
     };
-    let per_batch = |(bi, ob): (usize, &mut [f32])| {
-        ob.chunks_mut(T * r).enumerate().for_each(|(t, o)| task(bi, t * T, o));
-    };
+    // Output rows per parallel task: about 16K floats, a multiple of the tile.
+    let rows = ((1usize << 14) / r).max(1).next_multiple_of(T);
     if src.len() < 1 << 16 {
-        dst.chunks_mut(r * c).enumerate().for_each(per_batch);
+        dst.chunks_mut(r * c).enumerate().for_each(|(bi, ob)| task(bi, 0, ob));
     } else {
         dst.par_chunks_mut(r * c).enumerate().for_each(|(bi, ob)| {
-            ob.par_chunks_mut(T * r)
+            ob.par_chunks_mut(rows * r)
                 .enumerate()
-                .for_each(|(t, o)| task(bi, t * T, o));
+                .for_each(|(t, o)| task(bi, t * rows, o));
         });
     }
 }
@@ -602,7 +604,8 @@ mod tests {
     use super::*;
 
     /// Every permutation of small shapes (size-1 axes included): the tiled path, where it applies,
-    /// gives exactly candle's strided copy; NCHW <-> NHWC always takes it.
+    /// gives exactly candle's strided copy; NCHW <-> NHWC always takes it (the first shape is large
+    /// enough for the parallel tasks).
     #[test]
     fn batched_transposes_match_the_strided_copy() {
         let shapes: [&[usize]; 6] = [
