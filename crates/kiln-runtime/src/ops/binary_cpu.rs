@@ -146,6 +146,15 @@ pub(crate) fn binary_f32(op: BinOp, a: &CT, b: &CT) -> Option<Result<CT>> {
     let inner = *sizes.last()?;
     let (ia, ib) = (*ra.last()?, *rb.last()?);
     let outer_sizes = &sizes[..sizes.len() - 1];
+    // `[R, C] op [C]` with a short C (channels-last per-channel scales: squeeze-excite, biases): the
+    // row vector repeated to a few hundred floats, so one call covers many rows.
+    if let ([rows], [oa], [ob], 1, 1) = (outer_sizes, &ra[..1], &rb[..1], ia, ib) {
+        let a_rows = *oa == inner && *ob == 0;
+        let b_rows = *ob == inner && *oa == 0;
+        if inner < REPEAT_BELOW && (a_rows || b_rows) {
+            return rows_by_vector(op, a, b, a_rows, *rows, inner, out);
+        }
+    }
     let r = with_f32(a, |av| {
         with_f32(b, |bv| {
             let mut dst = vec![0f32; total];
@@ -185,6 +194,50 @@ pub(crate) fn binary_f32(op: BinOp, a: &CT, b: &CT) -> Option<Result<CT>> {
     Some(CT::from_vec(r, out, a.device()).map_err(Into::into))
 }
 
+/// Row length below which a broadcast row vector is repeated (see [`rows_by_vector`]).
+const REPEAT_BELOW: usize = 256;
+
+/// `a op b` where one operand is `[rows, inner]` and the other one `[inner]` row (`a_rows`: `a` is
+/// the matrix), over chunks of whole rows against the vector repeated to the chunk's length.
+fn rows_by_vector(
+    op: BinOp,
+    a: &CT,
+    b: &CT,
+    a_rows: bool,
+    rows: usize,
+    inner: usize,
+    out: Vec<usize>,
+) -> Option<Result<CT>> {
+    let r = with_f32(a, |av| {
+        with_f32(b, |bv| {
+            let (m, v) = if a_rows { (av, bv) } else { (bv, av) };
+            let per = (REPEAT_BELOW / inner).max(1);
+            let rep: Vec<f32> = v[..inner].iter().copied().cycle().take(per * inner).collect();
+            let mut dst = vec![0f32; rows * inner];
+            let work = |(ci, d): (usize, &mut [f32])| {
+                let at = ci * per * inner;
+                let x = &m[at..at + d.len()];
+                let y = &rep[..d.len()];
+                if a_rows {
+                    row(op, x, None, y, None, d);
+                } else {
+                    row(op, y, None, x, None, d);
+                }
+            };
+            if rows * inner >= 1 << 15 {
+                dst.par_chunks_mut(per * inner)
+                    .enumerate()
+                    .with_min_len(((1 << 14) / (per * inner)).max(1))
+                    .for_each(work);
+            } else {
+                dst.chunks_mut(per * inner).enumerate().for_each(work);
+            }
+            dst
+        })
+    })??;
+    Some(CT::from_vec(r, out, a.device()).map_err(Into::into))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -214,6 +267,11 @@ mod tests {
             (&[5, 1], &[1, 7]),
             (&[3, 200, 300], &[3, 1, 300]),
             (&[1, 1, 1], &[1]),
+            // Channels-last per-channel vectors (the repeated-row path, serial and parallel).
+            (&[1, 7, 9, 16], &[1, 1, 1, 16]),
+            (&[1, 1, 17], &[1, 40, 50, 17]),
+            (&[1, 64, 64, 24], &[24]),
+            (&[3, 300], &[300]),
         ];
         for &(x, y) in shapes {
             let (a, b) = (t(x, 1), t(y, 2));
