@@ -296,7 +296,7 @@ fn dense(
         out.chunks_mut(pixels * m)
             .enumerate()
             .for_each(|(img, oi)| by_image(img, oi, false));
-    } else if tasks >= 2 * threads {
+    } else if tasks >= 4 * threads {
         out.par_chunks_mut(pixels * m).enumerate().for_each(|(img, oi)| {
             oi.par_chunks_mut(block * m)
                 .enumerate()
