@@ -9,7 +9,7 @@ onnxruntime's median of 100 runs in this process, one after the other, so load f
 falls on all three alike. Prints a markdown table of p50 milliseconds and Kiln (pool) / ORT.
 
 `--baseline-env VAR=VALUE` replaces the first column by `kiln bench` with that environment variable set
-(an A/B of one switch, e.g. `KILN_DISABLE_NHWC=1`), still interleaved with the other two.
+(an A/B of one switch, e.g. `KILN_NHWC=1`), still interleaved with the other two.
 """
 import argparse
 import os

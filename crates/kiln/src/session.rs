@@ -67,8 +67,9 @@ fn optimize_for_precision(
     let mut options = Options::for_model(model, level.into());
     options.fuse_matmul_bias = precision != Precision::Int8WeightOnly;
     options.share_transposed_weights = cpu_f32 && precision == Precision::F32;
-    // `KILN_DISABLE_NHWC=1` keeps every conv in NCHW (A/B measurements).
-    options.nhwc_convs = cpu_f32 && precision == Precision::F32 && std::env::var_os("KILN_DISABLE_NHWC").is_none();
+    // Channels-last conv regions are opt-in (`KILN_NHWC=1`) until they are measured faster on the
+    // model zoo; see docs/benchmarks.md.
+    options.nhwc_convs = cpu_f32 && precision == Precision::F32 && std::env::var_os("KILN_NHWC").is_some();
     Ok(optimize(&mut model.graph, &options, &CpuConstEval)?)
 }
 

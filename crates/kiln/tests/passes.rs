@@ -1188,6 +1188,12 @@ fn nhwc_regions_compute_what_nchw_computes() {
         let ci = b.op("Conv", &[c5, wi]);
         c5 = b.op("Relu", &[ci]);
     }
+    // 64 output channels take the `[pixels, K] x [K, M]` GEMM (the others, fewer or not a multiple of
+    // 32, the `[M, K] x [K, pixels]` one); the 3x3 back to 8 channels goes through im2col.
+    let w64 = filter(&mut b, "w64", 64, 8, 1);
+    let c64 = b.op("Conv", &[c5, w64]);
+    let wb = filter(&mut b, "wb", 8, 64, 3);
+    let c5 = b.node("Conv", &[c64, wb], vec![("pads", ints(&[1, 1, 1, 1]))]);
     let m = b.node(
         "MaxPool",
         &[e],
@@ -1245,7 +1251,7 @@ fn nhwc_regions_compute_what_nchw_computes() {
     o.nhwc_convs = true;
     let (opt, report) = optimize_and_compare(&model, &feeds, &o, 1e-4);
     let ops = op_counts(&opt.graph);
-    assert_eq!(ops.get("ai.kiln::ConvNhwc"), Some(&25), "{ops:?}");
+    assert_eq!(ops.get("ai.kiln::ConvNhwc"), Some(&27), "{ops:?}");
     assert_eq!(ops.get("ai.kiln::MaxPoolNhwc"), Some(&2), "{ops:?}");
     assert_eq!(ops.get("ai.kiln::AveragePoolNhwc"), Some(&1), "{ops:?}");
     assert_eq!(ops.get("ai.kiln::GlobalAveragePoolNhwc"), Some(&3), "{ops:?}");

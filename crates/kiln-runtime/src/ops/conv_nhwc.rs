@@ -18,7 +18,7 @@ use kiln_graph::DType;
 use rayon::prelude::*;
 
 use super::common::{tin, tin_opt};
-use super::conv_cpu::clamp_slice;
+use super::conv_cpu::{clamp_slice, Conv2d, PackedFilter};
 use super::fused::{parse_act, Act};
 use super::nhwc::{self, Window};
 use super::nn::{conv_attrs, spatial_attr, window_pads};
@@ -35,6 +35,9 @@ pub fn register(r: &mut Registry) {
 enum Filter {
     /// `[KH*KW*C, M]`, row `(ky*KW + kx)*C + ci`.
     Dense(PackedB),
+    /// Few output channels (see [`few_channels`]): the NCHW kernel's packed filter; the input is
+    /// transposed to NCHW, convolved there and the (narrow) output transposed back.
+    Nchw(PackedFilter),
     /// `[KH*KW][C]`.
     Depthwise(Vec<f32>),
 }
@@ -107,6 +110,8 @@ fn conv_nhwc(n: &NodeCtx) -> Result<Box<dyn OpKernel>> {
             }
         }
         Filter::Depthwise(wt)
+    } else if let Some(p) = few_channels(m).then(|| PackedFilter::new(&wv, &w.dims, 1)).flatten() {
+        Filter::Nchw(p)
     } else {
         let k = taps * cg;
         let mut bt = vec![0f32; k * m];
@@ -121,6 +126,7 @@ fn conv_nhwc(n: &NodeCtx) -> Result<Box<dyn OpKernel>> {
     };
     n.note_held_bytes(match &filter {
         Filter::Dense(p) => p.bytes(),
+        Filter::Nchw(p) => p.bytes(),
         Filter::Depthwise(v) => v.len() * 4,
     });
     n.consume_input(1);
@@ -205,6 +211,33 @@ fn conv_nhwc(n: &NodeCtx) -> Result<Box<dyn OpKernel>> {
                     Ok(out)
                 }
                 Filter::Dense(pw) => dense(&g, xs, pw, m, bias.as_deref(), run_epi, zs, (&pb, &pe)),
+                Filter::Nchw(pf) => {
+                    let cv = Conv2d {
+                        n: nb,
+                        c,
+                        h,
+                        w: wd,
+                        m,
+                        kh,
+                        kw,
+                        group: 1,
+                        stride: g.stride,
+                        dil: g.dil,
+                        pad: g.pad,
+                        oh,
+                        ow,
+                    };
+                    let mut out = by_nchw(&cv, xs, pf, bias.as_deref())?;
+                    let rows = (PATCH_BUDGET / m).max(1) * m;
+                    let finish =
+                        |(i, o): (usize, &mut [f32])| run_epi.apply(o, zs.map(|z| &z[i * rows..i * rows + o.len()]));
+                    if out.len() > rows {
+                        out.par_chunks_mut(rows).enumerate().for_each(finish);
+                    } else {
+                        out.chunks_mut(rows).enumerate().for_each(finish);
+                    }
+                    Ok(out)
+                }
             }
         };
         let out = with_f32(&xc, |xs| match &zt {
@@ -225,6 +258,39 @@ fn conv_nhwc(n: &NodeCtx) -> Result<Box<dyn OpKernel>> {
         }
         out1(Tensor::new(y, DType::F32)?)
     }))
+}
+
+/// Output channel counts the `[pixels, K] x [K, M]` GEMM fills poorly: its tiles are 32 columns wide,
+/// so 24 channels fill one three-quarters and 16 leave half the accumulators idle. For these the NCHW
+/// kernel (`M` rows of 6-row tiles over pixels) runs between two transposes, which move `C + M`
+/// floats per pixel against `K * M` multiply-adds.
+fn few_channels(m: usize) -> bool {
+    m < 128 && !m.is_multiple_of(32)
+}
+
+/// A dense conv through the NCHW kernel: `xs` `[N, H, W, C]` transposed to NCHW, convolved, and the
+/// result transposed back to `[N, OH, OW, M]`.
+fn by_nchw(cv: &Conv2d, xs: &[f32], pf: &PackedFilter, bias: Option<&[f32]>) -> Result<Vec<f32>> {
+    let cpu = candle_core::Device::Cpu;
+    let mut xt = crate::fastmath::zeroed(xs.len());
+    super::shape::batched_transpose(xs, cv.n, cv.h * cv.w, cv.c, &mut xt);
+    let x = CT::from_vec(xt, (cv.n, cv.c, cv.h, cv.w), &cpu)?;
+    let b = bias.map(|b| CT::from_slice(b, b.len(), &cpu)).transpose()?;
+    // Without the packed-rows kernel (no AVX-512) the NCHW kernel needs the filter as a tensor.
+    let y = match cv.run(&x, None, b.as_ref(), Some(pf), None) {
+        Some(y) => y?,
+        None => {
+            let w = CT::from_vec(pf.weight_values(), (cv.m, cv.c, cv.kh, cv.kw), &cpu)?;
+            cv.run(&x, Some(&w), b.as_ref(), Some(pf), None)
+                .ok_or_else(|| crate::RuntimeError::msg("ConvNhwc: the NCHW kernel declined the conv"))??
+        }
+    };
+    let mut out = crate::fastmath::zeroed(cv.n * cv.m * cv.oh * cv.ow);
+    let done = with_f32(&y, |ys| {
+        super::shape::batched_transpose(ys, cv.n, cv.m, cv.oh * cv.ow, &mut out)
+    });
+    done.ok_or_else(|| crate::RuntimeError::msg("ConvNhwc: the NCHW kernel gave no f32 tensor"))?;
+    Ok(out)
 }
 
 /// Dense conv: blocks of output pixels, each one GEMM against the packed filter then the epilogue.
