@@ -25,7 +25,8 @@
 //! more than they save).
 //!
 //! Runs once after the optimizer's fixed point, only when [`super::Options::nhwc_convs`] is set
-//! (CPU f32 sessions at Level All) and the runtime has the kernels.
+//! (CPU f32 sessions at Level All that opt in with `KILN_NHWC=1`: not yet faster than NCHW across the
+//! model zoo, docs/benchmarks.md) and the runtime has the kernels.
 
 use std::collections::{BTreeMap, HashMap};
 
