@@ -250,7 +250,7 @@ fn plan(g: &Graph, cx: &PassCx, i: usize, region: &[bool]) -> Option<Join> {
             } else if layout_neutral(g, cx, v) {
                 In::Keep
             } else if let Some(t) = constant(g, cx.options, v) {
-                if t.dims.len() > 4 || t.dtype.is_packed() || t.dtype == DType::String {
+                if t.dims.len() > 4 || !fixed_size(t) {
                     return None;
                 }
                 In::Permute
@@ -327,7 +327,7 @@ fn plan(g: &Graph, cx: &PassCx, i: usize, region: &[bool]) -> Option<Join> {
                         if t.is_empty() || k == 1 {
                             // An empty placeholder, or the roi (read only by tf_crop_and_resize).
                             In::Keep
-                        } else if t.dims == [4] {
+                        } else if t.dims == [4] && fixed_size(t) {
                             In::PerAxis
                         } else {
                             return None;
@@ -346,16 +346,20 @@ fn plan(g: &Graph, cx: &PassCx, i: usize, region: &[bool]) -> Option<Join> {
     }
 }
 
-/// `t` (rank <= 4, fixed-size elements) with leading 1s up to rank 4, permuted to NHWC.
+/// A tensor of whole fixed-size elements (not strings, not sub-byte packed): its bytes can be moved
+/// element by element.
+fn fixed_size(t: &TensorData) -> bool {
+    let es = t.dtype.size_in_bytes();
+    !t.dtype.is_packed() && t.dtype != DType::String && es > 0 && t.bytes().len() == t.len() * es
+}
+
+/// `t` (rank <= 4, [`fixed_size`]) with leading 1s up to rank 4, permuted to NHWC.
 fn permute_constant(t: &TensorData, name: String) -> Option<TensorData> {
     let mut dims = t.dims.clone();
     while dims.len() < 4 {
         dims.insert(0, 1);
     }
     let es = t.dtype.size_in_bytes();
-    if es == 0 || t.bytes().len() != t.len() * es {
-        return None;
-    }
     let (d0, d1, d2, d3) = (dims[0], dims[1], dims[2], dims[3]);
     let src = t.bytes();
     let mut out = Vec::with_capacity(src.len());
@@ -376,7 +380,7 @@ fn permute_constant(t: &TensorData, name: String) -> Option<TensorData> {
 fn reorder_per_axis(t: &TensorData, name: String) -> Option<TensorData> {
     let es = t.dtype.size_in_bytes();
     let src = t.bytes();
-    if t.dims != [4] || es == 0 || src.len() != 4 * es {
+    if t.dims != [4] || !fixed_size(t) {
         return None;
     }
     let mut out = Vec::with_capacity(src.len());
@@ -385,6 +389,18 @@ fn reorder_per_axis(t: &TensorData, name: String) -> Option<TensorData> {
         out.extend_from_slice(&src[a * es..(a + 1) * es]);
     }
     TensorData::new(name, t.dtype, vec![4], out).ok()
+}
+
+/// Whether region value `v` is read outside the region (or pinned: a graph output, read by a subgraph).
+fn leaves(idx: &Index, member: &[bool], v: ValueId) -> bool {
+    idx.pinned.contains(&v) || idx.readers(v).iter().any(|&r| !member[r])
+}
+
+/// A new value for the NHWC form of `v` (its dtype, its shape permuted when known).
+fn nhwc_value(idx: &mut Index, g: &mut Graph, v: ValueId) -> ValueId {
+    let info = g.value(v).clone();
+    let shape = info.shape.as_ref().and_then(permute_shape);
+    idx.new_value(g, &format!("{}__nhwc", info.name), info.dtype, shape)
 }
 
 fn perm_attr(p: [i64; 4]) -> BTreeMap<String, Attribute> {
@@ -434,7 +450,7 @@ pub fn run(g: &mut Graph, cx: &PassCx) -> Result<usize> {
             }
         }
         for &o in n.outputs.iter().flatten() {
-            if idx.pinned.contains(&o) || idx.readers(o).iter().any(|&r| !member[r]) {
+            if leaves(&idx, &member, o) {
                 crossing.push(o);
             }
         }
@@ -449,9 +465,7 @@ pub fn run(g: &mut Graph, cx: &PassCx) -> Result<usize> {
     let mut order_of_twins = Vec::new();
     for j in &joins {
         for o in g.nodes[j.node].outputs.clone().into_iter().flatten() {
-            let info = g.value(o).clone();
-            let shape = info.shape.as_ref().and_then(permute_shape);
-            let t = idx.new_value(g, &format!("{}__nhwc", info.name), info.dtype, shape);
+            let t = nhwc_value(&mut idx, g, o);
             twin.insert(o, t);
             order_of_twins.push((o, t));
         }
@@ -472,10 +486,8 @@ pub fn run(g: &mut Graph, cx: &PassCx) -> Result<usize> {
                     None => match entries.get(&v) {
                         Some(&t) => t,
                         None => {
-                            let info = g.value(v).clone();
-                            let shape = info.shape.as_ref().and_then(permute_shape);
-                            let t = idx.new_value(g, &format!("{}__nhwc", info.name), info.dtype, shape);
-                            let name = format!("{}__to_nhwc", info.name);
+                            let t = nhwc_value(&mut idx, g, v);
+                            let name = format!("{}__to_nhwc", g.value_name(v));
                             new_nodes.push(make_node(
                                 name,
                                 "",
@@ -489,20 +501,20 @@ pub fn run(g: &mut Graph, cx: &PassCx) -> Result<usize> {
                         }
                     },
                 },
-                In::PerAxis => {
-                    let Some(c) = constant(g, cx.options, v) else { continue };
+                In::PerAxis | In::Permute => {
                     let name = idx.fresh_name(g, &format!("{}__nhwc", g.value_name(v)));
-                    let Some(data) = reorder_per_axis(c, name.clone()) else {
-                        continue;
+                    let reorder = if *how == In::PerAxis {
+                        reorder_per_axis
+                    } else {
+                        permute_constant
                     };
-                    idx.new_initializer(g, &name, data)
-                }
-                In::Permute => {
-                    let Some(c) = constant(g, cx.options, v) else { continue };
-                    let name = idx.fresh_name(g, &format!("{}__nhwc", g.value_name(v)));
-                    let Some(data) = permute_constant(c, name.clone()) else {
-                        continue;
-                    };
+                    // `plan` checked the constant is there and movable element by element.
+                    let data = constant(g, cx.options, v)
+                        .and_then(|c| reorder(c, name.clone()))
+                        .ok_or_else(|| crate::GraphError::Pass {
+                            pass: RULE.into(),
+                            reason: format!("constant '{}' cannot be laid out channels-last", g.value_name(v)),
+                        })?;
                     idx.new_initializer(g, &name, data)
                 }
             });
@@ -533,8 +545,7 @@ pub fn run(g: &mut Graph, cx: &PassCx) -> Result<usize> {
     }
     // Region values read outside it come back to NCHW under their own names.
     for (v, t) in order_of_twins {
-        let outside = idx.pinned.contains(&v) || idx.readers(v).iter().any(|&r| !member[r]);
-        if outside {
+        if leaves(&idx, &member, v) {
             let name = format!("{}__to_nchw", g.value_name(v));
             new_nodes.push(make_node(
                 name,
