@@ -42,6 +42,11 @@ use kiln::{Device, Level, Precision, Session};
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
+    /// Keep subnormal floats (IEEE) in CPU kernels instead of reading and writing them as zero
+    /// (the default; subnormals cost a microcode assist per instruction).
+    #[arg(long, global = true, env = "KILN_KEEP_DENORMALS",
+          value_parser = clap::builder::FalseyValueParser::new())]
+    keep_denormals: bool,
 }
 
 #[derive(Subcommand)]
@@ -187,6 +192,7 @@ enum Cmd {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    kiln::set_flush_denormals(!cli.keep_denormals);
     let r = match cli.cmd {
         Cmd::Inspect {
             model,

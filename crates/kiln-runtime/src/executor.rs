@@ -266,6 +266,9 @@ impl ExecutionPlan {
         captures: &HashMap<&str, &Value>,
         options: &RunOptions,
     ) -> Result<(Vec<Value>, RunStats)> {
+        // Subnormal floats read as zero while the plan runs (see `denormals`); the caller's own
+        // mode comes back when this returns.
+        let _denormals = crate::denormals::RunMode::enter();
         if options.on_thread_pool && rayon::current_thread_index().is_none() {
             return rayon::scope(|_| self.run_on(feeds, captures, options, &self.device));
         }

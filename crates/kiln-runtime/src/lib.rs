@@ -2,6 +2,7 @@
 //! kernel per node, value slots freed at their last use) and runs it on a candle device.
 
 mod cuda_kernels;
+mod denormals;
 mod device;
 pub mod device_memory;
 mod error;
@@ -19,6 +20,7 @@ mod threads;
 mod value;
 
 pub use cuda_kernels::fused_kernel_launches;
+pub use denormals::{flush_denormals, set_flush_denormals};
 pub use device::Device;
 pub use device_memory::DeviceMemoryStats;
 pub use error::{catch_panic, panic_message, Result, RuntimeError};

@@ -24,7 +24,8 @@ pub use kiln_graph::passes::Report as OptimizationReport;
 pub use kiln_graph::{DType, Dim, Element, Shape, TensorData};
 pub use kiln_onnx::LoadLimits;
 pub use kiln_runtime::{
-    num_threads, set_num_threads, Device, DeviceMemoryStats, HostFallback, OpTime, RunOptions, RunStats,
+    flush_denormals, num_threads, set_flush_denormals, set_num_threads, Device, DeviceMemoryStats, HostFallback,
+    OpTime, RunOptions, RunStats,
 };
 pub use session::{optimize_model, IoInfo, Level, Precision, Session, SessionBuilder};
 // fp16 mode (docs/precision.md).
