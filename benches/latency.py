@@ -1,7 +1,7 @@
 """Kiln beside ONNX Runtime on the models of benches/memory.py, same inputs, runs interleaved.
 
     python benches/latency.py KILN_BINARY MODELS_DIR [--only NAME[,NAME...]] [--rounds N] [--threads 1,2]
-                              [--baseline-env VAR=VALUE]
+                              [--baseline-env VAR=VALUE] [--baseline-kiln OTHER_KILN_BINARY]
 
 Per model and thread count (1, 2), each round runs `kiln bench --run-on-caller` (the library's
 default: the calling thread walks the plan), `kiln bench` (each inference on a pool worker) and
@@ -9,7 +9,8 @@ onnxruntime's median of 100 runs in this process, one after the other, so load f
 falls on all three alike. Prints a markdown table of p50 milliseconds and Kiln (pool) / ORT.
 
 `--baseline-env VAR=VALUE` replaces the first column by `kiln bench` with that environment variable set
-(an A/B of one switch, e.g. `KILN_NHWC=1`), still interleaved with the other two.
+(an A/B of one switch, e.g. `KILN_NHWC=1`), still interleaved with the other two; `--baseline-kiln PATH`
+by `kiln bench` of another build (an A/B of two commits).
 """
 import argparse
 import os
@@ -60,11 +61,14 @@ def main():
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--threads", default="1,2")
     ap.add_argument("--baseline-env", default="")
+    ap.add_argument("--baseline-kiln", default="")
     args = ap.parse_args()
     only = [o for o in args.only.split(",") if o]
     threads = [int(t) for t in args.threads.split(",") if t]
     base_env = dict([args.baseline_env.split("=", 1)]) if args.baseline_env else None
     first = f"Kiln, {args.baseline_env}" if base_env else "Kiln, caller walks the plan"
+    if args.baseline_kiln:
+        first = f"Kiln, {args.baseline_kiln}"
     print(f"| model | threads | {first} | Kiln, run on the pool | ORT | Kiln (pool) / ORT |")
     print("|---|---|---|---|---|---|")
     for file, label, _, _ in memory.MODELS:
@@ -76,7 +80,9 @@ def main():
             for t in threads:
                 rows = []
                 for _ in range(args.rounds):
-                    if base_env:
+                    if args.baseline_kiln:
+                        c = kiln_p50(args.baseline_kiln, path, d, t, [], env=base_env)
+                    elif base_env:
                         c = kiln_p50(args.kiln, path, d, t, [], env=base_env)
                     else:
                         c = kiln_p50(args.kiln, path, d, t, ["--run-on-caller"])

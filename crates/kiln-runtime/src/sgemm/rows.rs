@@ -8,8 +8,9 @@
 //! straight from the image (one table lookup per k) instead of packing `K x N` floats per call,
 //! which for convs with few output channels cost as much as the multiply-adds.
 //!
-//! The kernel is [`super::kernel_avx512`]'s 6 x 32 tile with masked loads and stores at the right
-//! edge and at most `mr` rows stored at the bottom, so every tile of any `M x N` runs on it.
+//! The kernel runs 6 x 64 tiles (12 x 32 when N < 64) with masked loads and stores at the right
+//! edge and at most `mr` rows stored at the bottom, so every tile of any `M x N` runs on it. Tasks
+//! are column tiles, and row blocks as well when a small feature map gives too few tiles.
 //! AVX-512F only; callers keep the packing path elsewhere.
 
 use rayon::prelude::*;
@@ -71,51 +72,80 @@ pub fn gemm_packed_a_rows(
         v
     });
     let out = OutPtr(c.as_mut_ptr());
-    let tw = 2 * NR;
+    // Wide products run 6 x 64 tiles (each A value loaded feeds 4 vectors), narrow ones (a 7x7 or
+    // 14x14 feature map) 12 x 32 tiles (each B vector feeds 12 rows) so the right edge wastes less.
+    let wide = n >= 4 * NR;
+    let (tw, unit) = if wide { (4 * NR, 1) } else { (2 * NR, 2) };
     let tiles = n.div_ceil(tw);
     let threads = if m.saturating_mul(n).saturating_mul(k) >= PARALLEL_MIN_MACS {
         rayon::current_num_threads().max(1)
     } else {
         1
     };
-    // A few tasks per thread so a slow core does not hold the others up.
-    let per_task = tiles.div_ceil(threads * 4).max(1);
-    let tasks = tiles.div_ceil(per_task);
+    // A few tasks per thread so a slow core does not hold the others up: column tiles first, and
+    // when there are too few of them (a small feature map) row blocks as well.
+    let want = threads * 4;
+    let units = mpan.div_ceil(unit);
+    let row_splits = if threads == 1 {
+        1
+    } else {
+        want.div_ceil(tiles).min(units)
+    };
+    let panels_per_split = units.div_ceil(row_splits) * unit;
+    let row_splits = mpan.div_ceil(panels_per_split);
+    let per_task = tiles.div_ceil(want.div_ceil(row_splits)).max(1);
+    let tasks = tiles.div_ceil(per_task) * row_splits;
     let kcb = kc_for(k);
     let blocks = k.div_ceil(kcb);
     let task = |t: usize| {
-        for tile in t * per_task..((t + 1) * per_task).min(tiles) {
+        let (tile_group, split) = (t / row_splits, t % row_splits);
+        let panels = split * panels_per_split..((split + 1) * panels_per_split).min(mpan);
+        for tile in tile_group * per_task..((tile_group + 1) * per_task).min(tiles) {
             let j0 = tile * tw;
             let cols = (n - j0).min(tw);
             let mask = |lanes: usize| ((1u32 << lanes.min(NR)) - 1) as u16;
-            let masks = (mask(cols), mask(cols.saturating_sub(NR)));
+            let masks = [
+                mask(cols),
+                mask(cols.saturating_sub(NR)),
+                mask(cols.saturating_sub(2 * NR)),
+                mask(cols.saturating_sub(3 * NR)),
+            ];
             for pc in 0..blocks {
                 let (k0, kc) = (pc * kcb, kcb.min(k - pc * kcb));
-                for ip in 0..mpan {
+                let mut ip = panels.start;
+                while ip < panels.end {
+                    let pair = !wide && ip + 1 < panels.end;
                     let r0 = ip * MR;
                     let init = match (&bias_pad, pc) {
                         (_, 1..) => Init::Load,
                         (Some(bv), 0) => Init::Col(bv[r0..].as_ptr()),
                         (None, 0) => Init::Zero,
                     };
-                    // SAFETY: the panel holds kc*MR floats; every unmasked load reads data[offs[p] + j]
-                    // with j < n (checked above against data's length); the tile's unmasked stores are
-                    // rows r0..r0+mr, columns j0..j0+cols of C, inside it (checked above) and written
-                    // by no other task; `init` points at MR bias values.
+                    let args = RowsArgs {
+                        kc,
+                        a: a.panel(pc, ip).as_ptr(),
+                        b: b.data.as_ptr().wrapping_add(j0),
+                        offs: b.offs[k0..k0 + kc].as_ptr(),
+                        masks,
+                        c: out.get().wrapping_add(r0 * ldc + j0),
+                        ldc,
+                        mr: (if pair { 2 * MR } else { MR }).min(m - r0),
+                        init,
+                        clamp: if pc + 1 == blocks { clamp } else { None },
+                    };
+                    // SAFETY: panel ip (and ip + 1 when `pair`, stored right after it) holds kc*MR
+                    // floats; every unmasked load reads data[offs[p] + j] with j < n (checked above
+                    // against data's length); the tile's unmasked stores are rows r0..r0+mr, columns
+                    // j0..j0+cols of C, inside it (checked above) and written by no other task;
+                    // `init` points at MR (2 MR when `pair`) bias values (padded above).
                     unsafe {
-                        kernel_rows(
-                            kc,
-                            a.panel(pc, ip).as_ptr(),
-                            b.data.as_ptr().add(j0),
-                            b.offs[k0..k0 + kc].as_ptr(),
-                            masks,
-                            out.get().add(r0 * ldc + j0),
-                            ldc,
-                            MR.min(m - r0),
-                            init,
-                            if pc + 1 == blocks { clamp } else { None },
-                        )
+                        match (wide, pair) {
+                            (true, _) => kernel_rows::<MR, 4>(&args),
+                            (false, true) => kernel_rows::<{ 2 * MR }, 2>(&args),
+                            (false, false) => kernel_rows::<MR, 2>(&args),
+                        }
                     }
+                    ip += if pair { 2 } else { 1 };
                 }
             }
         }
@@ -130,7 +160,7 @@ pub fn gemm_packed_a_rows(
 
 #[derive(Clone, Copy)]
 struct OutPtr(*mut f32);
-// SAFETY: tasks write disjoint column tiles of one buffer that outlives the parallel loop.
+// SAFETY: tasks write disjoint tiles (column tiles x row blocks) of one buffer that outlives the parallel loop.
 unsafe impl Send for OutPtr {}
 unsafe impl Sync for OutPtr {}
 
@@ -144,101 +174,89 @@ impl OutPtr {
 #[derive(Clone, Copy)]
 enum Init {
     Zero,
-    /// `MR` floats, one per row.
+    /// One float per row of the tile.
     Col(*const f32),
     /// The tile's current contents (a later kc block).
     Load,
 }
 
-#[cfg(target_arch = "x86_64")]
-#[allow(clippy::too_many_arguments)]
-unsafe fn kernel_rows(
+/// One tile's operands: `kc` steps of the A panel(s) at `a` (`ROWS / MR` consecutive `kc x MR`
+/// panels), B rows `b + offs[p]`, the `16 V` columns at `c` (row stride `ldc`) of which `masks` are
+/// live, `mr` rows stored.
+struct RowsArgs {
     kc: usize,
     a: *const f32,
     b: *const f32,
     offs: *const usize,
-    masks: (u16, u16),
+    masks: [u16; 4],
     c: *mut f32,
     ldc: usize,
     mr: usize,
     init: Init,
     clamp: Option<(f32, f32)>,
-) {
+}
+
+#[cfg(target_arch = "x86_64")]
+unsafe fn kernel_rows<const ROWS: usize, const V: usize>(t: &RowsArgs) {
     // SAFETY: forwarded; `rows_available` checked AVX-512F.
-    unsafe { kernel_rows_avx512(kc, a, b, offs, masks, c, ldc, mr, init, clamp) }
+    unsafe { kernel_rows_avx512::<ROWS, V>(t) }
 }
 
 #[cfg(not(target_arch = "x86_64"))]
-#[allow(clippy::too_many_arguments)]
-unsafe fn kernel_rows(
-    _kc: usize,
-    _a: *const f32,
-    _b: *const f32,
-    _offs: *const usize,
-    _masks: (u16, u16),
-    _c: *mut f32,
-    _ldc: usize,
-    _mr: usize,
-    _init: Init,
-    _clamp: Option<(f32, f32)>,
-) {
+unsafe fn kernel_rows<const ROWS: usize, const V: usize>(_t: &RowsArgs) {
     // `rows_available` is false off x86-64, so this is never reached.
 }
 
-/// One 6 x 32 tile: `acc[i] += a[p*MR + i] * b[offs[p] .. + 32]` over `kc` steps; rows `>= mr` and
-/// masked-off columns are neither loaded nor stored.
+/// One `ROWS x 16 V` tile (6 x 64 or 12 x 32): `acc[i] += A[i][p] * b[offs[p] .. + 16 V]` over `kc` steps,
+/// row `i` of A at `a[(i / MR) * kc * MR + p * MR + i % MR]`; rows `>= mr` and masked-off columns
+/// are neither loaded nor stored.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-#[allow(clippy::too_many_arguments)]
-unsafe fn kernel_rows_avx512(
-    kc: usize,
-    a: *const f32,
-    b: *const f32,
-    offs: *const usize,
-    masks: (u16, u16),
-    c: *mut f32,
-    ldc: usize,
-    mr: usize,
-    init: Init,
-    clamp: Option<(f32, f32)>,
-) {
+unsafe fn kernel_rows_avx512<const ROWS: usize, const V: usize>(t: &RowsArgs) {
     use std::arch::x86_64::*;
-    // SAFETY (whole body): the caller guarantees kc*MR floats at `a`, kc offsets at `offs`, the
-    // unmasked lanes of `b + offs[p]` (+ 16) readable, and the unmasked lanes of rows < mr of the tile
-    // at `c` writable; `Col` points at MR floats.
+    let masks = t.masks;
+    let (kc, c, ldc, mr) = (t.kc, t.c, t.ldc, t.mr);
+    // SAFETY (whole body): the caller guarantees ROWS / MR panels of kc*MR floats at `a`, kc
+    // offsets at `offs`, the unmasked lanes of `b + offs[p]` (+ 16 j) readable, and the unmasked lanes
+    // of rows < mr of the tile at `c` writable; `Col` points at ROWS floats.
     unsafe {
-        let (m0, m1) = masks;
-        let mut acc = [[_mm512_setzero_ps(); 2]; MR];
-        match init {
+        let mut acc = [[_mm512_setzero_ps(); V]; ROWS];
+        match t.init {
             Init::Zero => {}
             Init::Col(bias) => {
                 for (i, r) in acc.iter_mut().enumerate() {
                     let v = _mm512_set1_ps(*bias.add(i));
-                    *r = [v, v];
+                    *r = [v; V];
                 }
             }
             Init::Load => {
                 for (i, r) in acc.iter_mut().enumerate() {
                     if i < mr {
                         let row = c.add(i * ldc);
-                        *r = [_mm512_maskz_loadu_ps(m0, row), _mm512_maskz_loadu_ps(m1, row.add(NR))];
+                        for (j, x) in r.iter_mut().enumerate() {
+                            *x = _mm512_maskz_loadu_ps(masks[j], row.add(j * NR));
+                        }
                     }
                 }
             }
         }
-        let mut ap = a;
+        let second = kc * MR;
+        let mut ap = t.a;
         for p in 0..kc {
-            let row = b.add(*offs.add(p));
-            let v0 = _mm512_maskz_loadu_ps(m0, row);
-            let v1 = _mm512_maskz_loadu_ps(m1, row.add(NR));
+            let row = t.b.add(*t.offs.add(p));
+            let mut bv = [_mm512_setzero_ps(); V];
+            for (j, x) in bv.iter_mut().enumerate() {
+                *x = _mm512_maskz_loadu_ps(masks[j], row.add(j * NR));
+            }
             for (i, r) in acc.iter_mut().enumerate() {
-                let av = _mm512_set1_ps(*ap.add(i));
-                r[0] = _mm512_fmadd_ps(av, v0, r[0]);
-                r[1] = _mm512_fmadd_ps(av, v1, r[1]);
+                let av = _mm512_set1_ps(*ap.add((i / MR) * second + i % MR));
+                for (x, b) in r.iter_mut().zip(bv) {
+                    *x = _mm512_fmadd_ps(av, b, *x);
+                }
             }
             ap = ap.add(MR);
         }
-        if let Some((lo, hi)) = clamp {
+        if let Some((lo, hi)) = t.clamp {
             let (lo, hi) = (_mm512_set1_ps(lo), _mm512_set1_ps(hi));
             for r in acc.iter_mut() {
                 for v in r.iter_mut() {
@@ -249,8 +267,9 @@ unsafe fn kernel_rows_avx512(
         for (i, r) in acc.iter().enumerate() {
             if i < mr {
                 let row = c.add(i * ldc);
-                _mm512_mask_storeu_ps(row, m0, r[0]);
-                _mm512_mask_storeu_ps(row.add(NR), m1, r[1]);
+                for (j, x) in r.iter().enumerate() {
+                    _mm512_mask_storeu_ps(row.add(j * NR), masks[j], *x);
+                }
             }
         }
     }
@@ -275,6 +294,12 @@ mod tests {
             (7, 20, 45, 3),
             (24, 864, 100, 7),
             (13, 5, 17, 40),
+            (12, 30, 33, 2),
+            (25, 700, 70, 5),
+            // Large enough to run in parallel: few column tiles, so row blocks are split as well
+            // (narrow 12 x 32 tiles, then wide 6 x 64 ones).
+            (130, 800, 49, 3),
+            (70, 500, 130, 1),
         ] {
             let a: Vec<f32> = (0..m * k).map(|i| ((i * 7 % 13) as f32 - 6.0) * 0.1).collect();
             let data: Vec<f32> = (0..k * shift + n + 3)
@@ -286,18 +311,21 @@ mod tests {
             let mut c = vec![f32::NAN; m * ldc];
             let pa = PackedA::pack(MatRef::row_major(&a, m, k)).unwrap();
             let clamp = (m % 2 == 1).then_some((-0.5f32, 1.5f32));
-            gemm_packed_a_rows(
-                &pa,
-                RowsB {
-                    data: &data,
-                    offs: &offs,
-                    n,
-                },
-                Some(&bias),
-                clamp,
-                &mut c,
-                ldc,
-            )
+            let pool = rayon::ThreadPoolBuilder::new().num_threads(3).build().unwrap();
+            pool.install(|| {
+                gemm_packed_a_rows(
+                    &pa,
+                    RowsB {
+                        data: &data,
+                        offs: &offs,
+                        n,
+                    },
+                    Some(&bias),
+                    clamp,
+                    &mut c,
+                    ldc,
+                )
+            })
             .unwrap();
             for i in 0..m {
                 for j in 0..n {
@@ -305,7 +333,6 @@ mod tests {
                         + (0..k)
                             .map(|p| a[i * k + p] as f64 * data[offs[p] + j] as f64)
                             .sum::<f64>();
-                    let want = clamp.map_or(want, |(lo, hi)| want.clamp(f64::from(lo), f64::from(hi)));
                     let want = clamp.map_or(want, |(lo, hi)| want.clamp(f64::from(lo), f64::from(hi)));
                     let got = c[i * ldc + j] as f64;
                     assert!(
