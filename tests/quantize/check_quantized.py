@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
-"""Checks `kiln quantize` output (`--mode int8-weight`, `--mode dynamic-int8` with --dynamic, or
-`--mode int4-weight` with --int4).
+"""Checks `kiln quantize` output (`--mode int8-weight`, `--mode dynamic-int8` with --dynamic,
+`--mode int4-weight` with --int4, or `--mode static-int8` with --static).
 
 1. onnx.checker accepts it and it has int8 weights (at least --min-int8 of them): DequantizeLinear
    of an int8 constant, with --dynamic MatMulInteger of one, with --int4 com.microsoft MatMulNBits
@@ -16,8 +16,10 @@
    With --dynamic: cosine >= 0.999 instead. Both engines multiply the integers exactly, but a float
    difference of one ulp before a DynamicQuantizeLinear can move an activation across a rounding
    boundary, which then differs by one quantization step.
+   With --static: the same cosine >= 0.999 (every QuantizeLinear is such a boundary), and the file
+   must also quantize activations (QuantizeLinear nodes).
 
-usage: check_quantized.py ORIGINAL.onnx QUANTIZED.onnx [--kiln BIN] [--min-int8 N] [--dynamic | --int4]
+usage: check_quantized.py ORIGINAL.onnx QUANTIZED.onnx [--kiln BIN] [--min-int8 N] [--dynamic | --int4 | --static]
                           [--dim NAME=SIZE ...] [--shape INPUT=AxB ...]
 """
 import argparse
@@ -52,6 +54,7 @@ def main():
     ap.add_argument("--atol", type=float, default=1e-4)
     ap.add_argument("--dynamic", action="store_true", help="dynamic-int8 output (MatMulInteger)")
     ap.add_argument("--int4", action="store_true", help="int4-weight output (MatMulNBits)")
+    ap.add_argument("--static", action="store_true", help="static-int8 output (QDQ activations)")
     ap.add_argument("--dim", action="append", default=[])
     ap.add_argument("--shape", action="append", default=[], help="INPUT=1x3x48x320")
     a = ap.parse_args()
@@ -68,6 +71,12 @@ def main():
         if n.op_type == op and n.input[slot] in inits and inits[n.input[slot]].data_type == code_type
     )
     print(f"{n_int8} {kind} {op} weights")
+    if a.static:
+        n_q = sum(1 for n in q.graph.node if n.op_type == "QuantizeLinear")
+        print(f"{n_q} QuantizeLinear activations")
+        if n_q == 0:
+            print("no quantized activation")
+            return 1
     min_cosine, max_abs_fraction = (INT4_MIN_COSINE, INT4_MAX_ABS_FRACTION) if a.int4 else (MIN_COSINE, MAX_ABS_FRACTION)
     ok = n_int8 >= a.min_int8
     dims = {k: int(v) for k, v in (d.split("=") for d in a.dim)}
@@ -101,7 +110,7 @@ def main():
                 k64, g64 = k.astype(np.float64).ravel(), g.astype(np.float64).ravel()
                 diff = float(np.max(np.abs(k64 - g64))) if g.size else 0.0
                 scale = max(1.0, float(np.max(np.abs(g)))) if g.size else 1.0
-                if a.dynamic:
+                if a.dynamic or a.static:
                     denom = np.linalg.norm(k64) * np.linalg.norm(g64)
                     cos = float(k64 @ g64 / denom) if denom > 0 else 1.0
                     good = k.shape == g.shape and cos >= 0.999

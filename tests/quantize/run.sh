@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# `kiln quantize` end to end (int8-weight, dynamic-int8, int4-weight): quantizes a generated
+# `kiln quantize` end to end (int8-weight, dynamic-int8, int4-weight, static-int8): quantizes a generated
 # Gemm/MatMul model and the cached real models, then tests/quantize/check_quantized.py checks each
 # output with onnx.checker, runs it in ONNX Runtime against the fp32 original (cosine >= 0.99,
 # max|diff| <= 0.1 * max|fp32|) and runs `kiln run` on it against ONNX Runtime on the same file.
@@ -16,17 +16,22 @@ KILN="$TARGET/debug/kiln"
 OUT="$(mktemp -d)"
 trap 'rm -rf "$OUT"' EXIT
 
-check() { # mode (int8-weight | dynamic-int8 | int4-weight) model min-quantized extra-args-for-check...
+check() { # mode (int8-weight | dynamic-int8 | int4-weight | static-int8) model min-quantized extra-args-for-check...
   local mode="$1" model="$2" min="$3"; shift 3
-  local -a flag=()
+  local -a flag=() qflag=()
   case "$mode" in
     int8-weight) flag=() ;;
     dynamic-int8) flag=(--dynamic) ;;
     int4-weight) flag=(--int4) ;;
+    static-int8) flag=(--static); qflag=(--calibration "$CAL") ;;
   esac
+  # The comparison with the original (accuracy, latency) runs for static-int8 only: the debug
+  # build's timing runs cost seconds per model.
+  [[ "$mode" == static-int8 ]] || qflag=(--no-report)
   local out="$OUT/$(basename "$model" .onnx)-$mode.onnx"
   echo "== kiln quantize --mode $mode $(basename "$model")"
-  "$KILN" quantize "$model" "$out" --mode "$mode" --min-elements 1024 | grep -E '^quantized|^wrote'
+  "$KILN" quantize "$model" "$out" --mode "$mode" --min-elements 1024 ${qflag[@]+"${qflag[@]}"} \
+    | grep -E '^quantized|^wrote|^accuracy|^  |^Kiln latency'
   "$PY" tests/quantize/check_quantized.py "$model" "$out" --kiln "$KILN" --min-int8 "$min" ${flag[@]+"${flag[@]}"} "$@" \
     2> >(grep -v -e Warning -e 'W:onnxruntime' >&2)
 }
@@ -53,5 +58,18 @@ if [[ -n "$m" ]]; then
   check int8-weight "$m" 13 --dim batch=2 --dim sequence=9
   check dynamic-int8 "$m" 12 --dim batch=2 --dim sequence=9
   check int4-weight "$m" 12 --dim batch=2 --dim sequence=9
+fi
+# static-int8 on a CNN: calibrated on 4 N(0, 1) images, checked on another.
+m="$(find_model zoo-resnet18.onnx)"
+if [[ -n "$m" ]]; then
+  CAL="$OUT/calibration"
+  "$PY" -c "
+import numpy as np, os, sys
+rng = np.random.default_rng(1)
+for i in range(4):
+    os.makedirs(f'$CAL/{i}', exist_ok=True)
+    np.save(f'$CAL/{i}/x.npy', rng.standard_normal((1, 3, 64, 64)).astype(np.float32))
+"
+  check static-int8 "$m" 21 --dim H=64 --dim W=64
 fi
 echo "quantize: all outputs valid and within tolerance"

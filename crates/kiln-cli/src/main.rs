@@ -152,7 +152,8 @@ enum Cmd {
         input: PathBuf,
         output: PathBuf,
         /// int8-weight (MatMul/Gemm weights in int8, activations and products stay float),
-        /// dynamic-int8 (MatMul weights int8 per column, activations quantized to u8 at run time,
+        /// static-int8 (Conv/MatMul/Gemm inputs and outputs u8 from calibrated ranges, weights int8
+        /// per channel, QDQ: onnxruntime quantize_static's form; needs --calibration), dynamic-int8 (MatMul weights int8 per column, activations quantized to u8 at run time,
         /// integer products: onnxruntime quantize_dynamic's form) or fp16 (f16 weights and compute,
         /// graph inputs/outputs and overflow-prone ops kept f32 behind Casts) or int4-weight
         /// (MatMul weights as 4-bit codes with a scale and zero point per block along K:
@@ -165,6 +166,20 @@ enum Cmd {
         /// int4-weight: values per block along K (a power of two >= 16).
         #[arg(long, default_value_t = 32)]
         block_size: usize,
+        /// static-int8: calibration samples, a folder of NAME.npy files (one sample) or of sample
+        /// folders; also the inputs of the accuracy report (else synthesized).
+        #[arg(long)]
+        calibration: Option<PathBuf>,
+        /// static-int8: how activation ranges are chosen: minmax, percentile (99.999),
+        /// percentile=P or entropy.
+        #[arg(long, default_value = "minmax")]
+        calibration_method: String,
+        /// static-int8: leave nodes of this op type or name in f32 (repeatable).
+        #[arg(long)]
+        exclude: Vec<String>,
+        /// Skip the comparison with the original (accuracy and latency).
+        #[arg(long)]
+        no_report: bool,
     },
     /// Magnitude-prune MatMul/Gemm/Conv weights (a fraction of each, or N of every M along the reduction axis) and write the model as ONNX.
     Prune {
@@ -267,6 +282,10 @@ fn main() -> ExitCode {
             mode,
             min_elements,
             block_size,
+            calibration,
+            calibration_method,
+            exclude,
+            no_report,
         } => quantize::quantize(
             &input,
             &output,
@@ -274,6 +293,10 @@ fn main() -> ExitCode {
                 mode,
                 min_elements,
                 block_size,
+                calibration,
+                method: calibration_method,
+                exclude,
+                no_report,
             },
         ),
         Cmd::Prune {

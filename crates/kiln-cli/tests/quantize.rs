@@ -1,6 +1,8 @@
 //! `kiln quantize` and `kiln prune` end to end on a small generated model: the quantized model
 //! re-imports with an int8 DequantizeLinear weight, runs, and the report names the weight; `--mode
-//! fp16` keeps f32 IO; `--mode int4-weight` writes MatMulNBits within a block's half step; unstructured pruning reaches the asked fraction and 2:4 leaves two of every four
+//! fp16` keeps f32 IO; `--mode int4-weight` writes MatMulNBits within a block's half step; `--mode
+//! static-int8` writes QDQ that Kiln fuses into QLinearConv and that stays close to the original;
+//! unstructured pruning reaches the asked fraction and 2:4 leaves two of every four
 //! values along the reduction axis; bad arguments are errors.
 //! (`tests/quantize/run.sh` checks the output with onnx.checker and ONNX Runtime on real models.)
 
@@ -250,4 +252,162 @@ fn prune_unstructured_and_two_of_four() {
     }
     let _ = std::fs::remove_file(src);
     let _ = std::fs::remove_file(dst);
+}
+
+/// `y = Conv(Relu(Conv(x [1, 4, 10, 10], w1 [8, 4, 3, 3], b1, pads 1)), w2 [6, 8, 1, 1], b2)`.
+fn write_conv_model(path: &Path) {
+    let mut g = Graph::default();
+    let value = |g: &mut Graph, name: &str, dims: &[usize]| {
+        g.add_value(ValueInfo {
+            name: name.into(),
+            kind: ValueKind::Tensor,
+            dtype: Some(DType::F32),
+            shape: Some(Shape::from_known(dims)),
+        })
+    };
+    let init = |g: &mut Graph, name: &str, dims: &[usize], seed: usize| {
+        let v = value(g, name, dims);
+        let n: usize = dims.iter().product();
+        let data: Vec<f32> = (0..n).map(|i| (((i + seed) * 37 % 97) as f32 - 48.0) / 60.0).collect();
+        g.initializers
+            .insert(v, TensorData::from_values(name, dims.to_vec(), &data).unwrap());
+        v
+    };
+    let x = value(&mut g, "x", &[1, 4, 10, 10]);
+    let (w1, b1) = (init(&mut g, "w1", &[8, 4, 3, 3], 1), init(&mut g, "b1", &[8], 2));
+    let (w2, b2) = (init(&mut g, "w2", &[6, 8, 1, 1], 3), init(&mut g, "b2", &[6], 4));
+    let (h, r, y) = (
+        value(&mut g, "h", &[1, 8, 10, 10]),
+        value(&mut g, "r", &[1, 8, 10, 10]),
+        value(&mut g, "y", &[1, 6, 10, 10]),
+    );
+    let node = |name: &str, op: &str, inputs: Vec<Option<kiln::internals::graph::ValueId>>, out| Node {
+        name: name.into(),
+        op_type: op.into(),
+        domain: String::new(),
+        inputs,
+        outputs: vec![Some(out)],
+        attributes: if op == "Conv" && name == "c1" {
+            [(
+                "pads".to_string(),
+                kiln::internals::graph::Attribute::Ints(vec![1, 1, 1, 1]),
+            )]
+            .into_iter()
+            .collect()
+        } else {
+            Default::default()
+        },
+        implicit_inputs: Vec::new(),
+    };
+    g.nodes.push(node("c1", "Conv", vec![Some(x), Some(w1), Some(b1)], h));
+    g.nodes.push(node("relu", "Relu", vec![Some(h)], r));
+    g.nodes.push(node("c2", "Conv", vec![Some(r), Some(w2), Some(b2)], y));
+    g.inputs.push(x);
+    g.outputs.push(y);
+    let m = Model {
+        ir_version: 8,
+        opsets: [(String::new(), 17)].into_iter().collect(),
+        graph: g,
+        ..Default::default()
+    };
+    std::fs::write(path, onnx::export_model_bytes(&m).unwrap()).unwrap();
+}
+
+/// A little-endian f32 `.npy` file.
+fn write_npy(path: &Path, dims: &[usize], data: &[f32]) {
+    let shape: Vec<String> = dims.iter().map(|d| d.to_string()).collect();
+    let mut header = format!(
+        "{{'descr': '<f4', 'fortran_order': False, 'shape': ({},), }}",
+        shape.join(", ")
+    );
+    while (10 + header.len() + 1) % 64 != 0 {
+        header.push(' ');
+    }
+    header.push('\n');
+    let mut bytes = b"\x93NUMPY\x01\x00".to_vec();
+    bytes.extend_from_slice(&(header.len() as u16).to_le_bytes());
+    bytes.extend_from_slice(header.as_bytes());
+    for v in data {
+        bytes.extend_from_slice(&v.to_le_bytes());
+    }
+    std::fs::write(path, bytes).unwrap();
+}
+
+#[test]
+fn quantize_static_int8_writes_qdq_that_fuses_and_stays_close() {
+    let (src, dst, cal) = (tmp("static-in.onnx"), tmp("static-out.onnx"), tmp("static-cal"));
+    write_conv_model(&src);
+    for s in 0..3 {
+        let dir = cal.join(format!("{s}"));
+        std::fs::create_dir_all(&dir).unwrap();
+        let x: Vec<f32> = (0..400)
+            .map(|i| (((i * 13 + s * 7) % 41) as f32 - 20.0) / 10.0)
+            .collect();
+        write_npy(&dir.join("x.npy"), &[1, 4, 10, 10], &x);
+    }
+    let quantize = |extra: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_kiln"))
+            .arg("quantize")
+            .args([&src, &dst])
+            .args(["--mode", "static-int8"])
+            .args(extra)
+            .output()
+            .expect("runs")
+    };
+    let cal_arg = cal.to_string_lossy().into_owned();
+    for method in ["minmax", "percentile", "entropy"] {
+        let out = quantize(&["--calibration", &cal_arg, "--calibration-method", method]);
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert!(stdout.contains("quantized 2 weight(s)"), "{stdout}");
+        assert!(
+            stdout.contains("accuracy against the original (3 calibration samples)"),
+            "{stdout}"
+        );
+        let cosine: f64 = stdout
+            .split("cosine ")
+            .nth(1)
+            .and_then(|s| s.split([',', '\n']).next())
+            .and_then(|s| s.trim().parse().ok())
+            .expect("a cosine in the report");
+        // Entropy calibration clips the tails of each range by design (here the Relu output's,
+        // from 2,400 values): less close than min-max on these synthetic weights.
+        let floor = if method == "entropy" { 0.9 } else { 0.99 };
+        assert!(cosine >= floor, "{method}: cosine {cosine}\n{stdout}");
+    }
+    // The written graph: int8 per-channel filters with int32 biases, u8 activations, the Relu
+    // folded into the first conv's output quantization; Kiln fuses that conv into QLinearConv.
+    let m = onnx::load_model(&dst).expect("re-imports");
+    let count = |op: &str| m.graph.nodes.iter().filter(|n| n.op_type == op).count();
+    assert_eq!((count("Relu"), count("QuantizeLinear"), count("Conv")), (0, 2, 2));
+    let dtypes: Vec<DType> = m
+        .graph
+        .nodes
+        .iter()
+        .filter(|n| n.op_type == "DequantizeLinear")
+        .filter_map(|n| m.graph.initializers.get(&n.inputs[0]?).map(|t| t.dtype))
+        .collect();
+    assert_eq!(dtypes.iter().filter(|d| **d == DType::I8).count(), 2, "{dtypes:?}");
+    assert_eq!(dtypes.iter().filter(|d| **d == DType::I32).count(), 2, "{dtypes:?}");
+    let mut fused = m.clone();
+    let report = kiln::optimize_model(&mut fused, kiln::Level::Extended).expect("optimizes");
+    assert!(format!("{report}").contains("qdq_conv_fusion: 1"), "{report}");
+    assert_eq!(
+        fused.graph.nodes.iter().filter(|n| n.op_type == "QLinearConv").count(),
+        1
+    );
+
+    // Excluding Conv leaves nothing to quantize; no --calibration and a bad method are errors.
+    let out = quantize(&["--calibration", &cal_arg, "--exclude", "Conv"]);
+    assert!(out.status.success());
+    assert!(String::from_utf8_lossy(&out.stdout).contains("quantized 0 weight(s)"));
+    let out = quantize(&[]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("needs --calibration"));
+    let out = quantize(&["--calibration", &cal_arg, "--calibration-method", "kl"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("unknown calibration 'kl'"));
+    let _ = std::fs::remove_file(src);
+    let _ = std::fs::remove_file(dst);
+    let _ = std::fs::remove_dir_all(cal);
 }

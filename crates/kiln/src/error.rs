@@ -13,6 +13,9 @@ pub enum Error {
     Input { name: String, reason: String },
     #[error("unsupported: {0}")]
     Unsupported(String),
+    /// Static quantization could not measure activation ranges (no samples, unknown tensor).
+    #[error("calibration: {0}")]
+    Calibration(String),
     /// A panic (a bug in Kiln) outside any kernel, while building a session (a graph pass) or
     /// around a run; caught so the caller's thread carries on. Panics inside a kernel are
     /// [`kiln_runtime::RuntimeError::Internal`], naming the node.

@@ -15,6 +15,7 @@
 //!
 //! A [`Session`] is `Send + Sync`; `run(&self, ..)` may be called from many threads at once.
 
+mod calibrate;
 mod error;
 pub mod quantize;
 mod session;

@@ -8,7 +8,9 @@ use kiln_graph::passes::{OptLevel, Options, Pass, PassCx};
 use kiln_graph::Model;
 use kiln_runtime::CpuConstEval;
 
+pub use crate::calibrate::{calibrate, Calibration};
 pub use kiln_graph::passes::quantize::{QuantizeReport, QuantizedWeight, DEFAULT_MIN_ELEMENTS};
+pub use kiln_graph::passes::quantize_static::StaticQuantizeOptions;
 
 use crate::Result;
 
@@ -44,6 +46,37 @@ pub fn quantize_model_int4(model: &mut Model, min_elements: usize, block_size: u
         model.opsets.entry(MS_DOMAIN.to_string()).or_insert(1);
     }
     Ok(report)
+}
+
+/// Static int8 in QDQ form (ONNX Runtime `quantize_static`'s default form): calibrates the input
+/// and output ranges of every Conv/MatMul/Gemm with a constant weight on `samples` with `method`,
+/// then rewrites the model (int8 per-channel weights, u8 activations, int32 Conv biases). Nodes
+/// whose op type or name is in `exclude` stay f32. `progress` sees the number of calibration runs.
+pub fn quantize_model_static(
+    model: &mut Model,
+    samples: &[Vec<(String, kiln_graph::TensorData)>],
+    method: Calibration,
+    exclude: &[String],
+    progress: &mut dyn FnMut(usize),
+) -> Result<QuantizeReport> {
+    let mut options = StaticQuantizeOptions::for_model(model);
+    options.exclude = exclude.to_vec();
+    // Which activations are f32 comes from inference on a copy; only the element types are kept
+    // (the written file declares no shapes it did not have).
+    let mut inferred = model.graph.clone();
+    kiln_graph::infer::infer_shapes(&mut inferred);
+    for (v, i) in model.graph.values.iter_mut().zip(&inferred.values) {
+        if v.dtype.is_none() {
+            v.dtype = i.dtype;
+        }
+    }
+    let tensors = kiln_graph::passes::quantize_static::calibration_tensors(&model.graph, &options);
+    let ranges = calibrate(model, &tensors, samples, method, progress)?;
+    Ok(kiln_graph::passes::quantize_static::quantize_static_int8(
+        &mut model.graph,
+        &options,
+        &ranges,
+    )?)
 }
 
 /// Replaces `DequantizeLinear(int8 constant) -> MatMul/Gemm` by Kiln's int8 MatMul kernel, which

@@ -49,6 +49,7 @@ pub mod prune;
 pub mod qdq_conv;
 pub mod quantize;
 pub mod quantize_int4;
+pub mod quantize_static;
 pub mod reshape_chain;
 pub mod shape_fold;
 pub mod tied_weight;
