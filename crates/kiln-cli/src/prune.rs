@@ -31,6 +31,8 @@ pub fn prune(input: &Path, output: &Path, cfg: &PruneConfig) -> Result<()> {
         _ => bail!("give exactly one of --amount F (0 <= F < 1) and --structured N:M"),
     };
     let mut model = onnx::load_model(input).with_context(|| format!("loading {}", input.display()))?;
+    // Filters an exporter wrote as Constant nodes are weights too.
+    graph::passes::edit::constants_to_initializers(&mut model.graph);
     let report = prune_weights(&mut model.graph, &mode, &cfg.exclude).context("pruning the weights")?;
     let bytes = onnx::export_model_bytes(&model).context("exporting the pruned model")?;
     crate::output::write(output, &bytes)?;

@@ -18,6 +18,7 @@ use crate::Result;
 /// per-output-channel scales, as standard `DequantizeLinear` nodes. `strict_opsets`: the model will
 /// be exported, so nothing is quantized when its opset lacks per-axis DequantizeLinear (< 13).
 pub fn quantize_model(model: &mut Model, min_elements: usize, strict_opsets: bool) -> Result<QuantizeReport> {
+    kiln_graph::passes::edit::constants_to_initializers(&mut model.graph);
     let mut options = QuantizeOptions::for_model(model);
     options.min_elements = min_elements;
     options.options.strict_opsets = strict_opsets;
@@ -29,6 +30,7 @@ pub fn quantize_model(model: &mut Model, min_elements: usize, strict_opsets: boo
 /// DynamicQuantizeLinear (activation, at run time) + MatMulInteger (int8 weight) + Cast + Mul by
 /// the two scales; standard ONNX (opset >= 11) that ONNX Runtime runs too.
 pub fn quantize_model_dynamic(model: &mut Model, min_elements: usize) -> Result<QuantizeReport> {
+    kiln_graph::passes::edit::constants_to_initializers(&mut model.graph);
     let mut options = QuantizeOptions::for_model(model);
     options.min_elements = min_elements;
     Ok(quantize_dynamic_int8(&mut model.graph, &options)?)
@@ -39,6 +41,7 @@ pub fn quantize_model_dynamic(model: &mut Model, min_elements: usize) -> Result<
 /// a scale and a zero point per block), the form ONNX Runtime's `MatMul4BitsQuantizer` writes; the
 /// model then declares the `com.microsoft` opset.
 pub fn quantize_model_int4(model: &mut Model, min_elements: usize, block_size: usize) -> Result<QuantizeReport> {
+    kiln_graph::passes::edit::constants_to_initializers(&mut model.graph);
     let mut options = QuantizeOptions::for_model(model);
     options.min_elements = min_elements;
     let report = quantize_weights_int4(&mut model.graph, &options, block_size)?;
@@ -59,6 +62,7 @@ pub fn quantize_model_static(
     exclude: &[String],
     progress: &mut dyn FnMut(usize),
 ) -> Result<QuantizeReport> {
+    kiln_graph::passes::edit::constants_to_initializers(&mut model.graph);
     let mut options = StaticQuantizeOptions::for_model(model);
     options.exclude = exclude.to_vec();
     // Which activations are f32 comes from inference on a copy; only the element types are kept

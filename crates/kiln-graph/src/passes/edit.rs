@@ -278,3 +278,83 @@ pub fn attr_i(node: &Node, name: &str, default: i64) -> Option<i64> {
         Some(_) => None,
     }
 }
+
+/// Turns every top-level `Constant` node holding a tensor (`value`) into an initializer of the same
+/// value, so the weight rewrites (quantization, pruning) see filters that an exporter wrote as
+/// Constant nodes (Paddle2ONNX does). Constants that are graph outputs stay nodes. Returns how many
+/// moved.
+pub fn constants_to_initializers(g: &mut Graph) -> usize {
+    let mut moved = 0;
+    let outputs: HashSet<ValueId> = g.outputs.iter().copied().collect();
+    let nodes = std::mem::take(&mut g.nodes);
+    for n in nodes {
+        let lift = (n.domain.is_empty() && n.op_type == "Constant" && n.attributes.len() == 1)
+            .then(|| match (n.attributes.get("value"), n.outputs.as_slice()) {
+                (Some(Attribute::Tensor(t)), [Some(out)]) if !outputs.contains(out) => Some((*out, t.clone())),
+                _ => None,
+            })
+            .flatten();
+        match lift {
+            Some((out, mut t)) => {
+                t.name = g.value_name(out).to_string();
+                let info = &mut g.values[out.index()];
+                info.dtype = Some(t.dtype);
+                info.shape = Some(Shape::from_known(&t.dims));
+                g.initializers.insert(out, t);
+                moved += 1;
+            }
+            None => g.nodes.push(n),
+        }
+    }
+    moved
+}
+
+#[cfg(test)]
+mod constant_tests {
+    use super::*;
+
+    #[test]
+    fn constant_tensors_become_initializers_except_graph_outputs() {
+        let mut g = Graph::default();
+        let mut value = |name: &str| {
+            g.add_value(ValueInfo {
+                name: name.into(),
+                kind: ValueKind::Tensor,
+                dtype: None,
+                shape: None,
+            })
+        };
+        let (x, w, y, c) = (value("x"), value("w"), value("y"), value("c"));
+        let t = TensorData::from_values("", vec![2, 2], &[1f32, 2.0, 3.0, 4.0]).unwrap();
+        let constant = |out: ValueId| {
+            make_node(
+                "k".into(),
+                "",
+                "Constant",
+                vec![],
+                vec![Some(out)],
+                BTreeMap::from([("value".to_string(), Attribute::Tensor(t.clone()))]),
+            )
+        };
+        g.nodes = vec![
+            constant(w),
+            make_node(
+                "mm".into(),
+                "",
+                "MatMul",
+                vec![Some(x), Some(w)],
+                vec![Some(y)],
+                BTreeMap::new(),
+            ),
+            constant(c),
+        ];
+        g.inputs = vec![x];
+        g.outputs = vec![y, c];
+        assert_eq!(constants_to_initializers(&mut g), 1);
+        let ops: Vec<&str> = g.nodes.iter().map(|n| n.op_type.as_str()).collect();
+        assert_eq!(ops, ["MatMul", "Constant"]);
+        let lifted = &g.initializers[&w];
+        assert_eq!((lifted.name.as_str(), lifted.dims.as_slice()), ("w", &[2usize, 2][..]));
+        assert_eq!(g.value(w).dtype, Some(DType::F32));
+    }
+}
