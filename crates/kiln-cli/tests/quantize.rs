@@ -255,7 +255,7 @@ fn prune_unstructured_and_two_of_four() {
 }
 
 /// `y = Conv(Relu(Conv(x [1, 4, 10, 10], w1 [8, 4, 3, 3], b1, pads 1)), w2 [6, 8, 1, 1], b2)`.
-fn write_conv_model(path: &Path) {
+fn write_conv_model(path: &Path, opset: i64) {
     let mut g = Graph::default();
     let value = |g: &mut Graph, name: &str, dims: &[usize]| {
         g.add_value(ValueInfo {
@@ -306,7 +306,7 @@ fn write_conv_model(path: &Path) {
     g.outputs.push(y);
     let m = Model {
         ir_version: 8,
-        opsets: [(String::new(), 17)].into_iter().collect(),
+        opsets: [(String::new(), opset)].into_iter().collect(),
         graph: g,
         ..Default::default()
     };
@@ -336,7 +336,7 @@ fn write_npy(path: &Path, dims: &[usize], data: &[f32]) {
 #[test]
 fn quantize_static_int8_writes_qdq_that_fuses_and_stays_close() {
     let (src, dst, cal) = (tmp("static-in.onnx"), tmp("static-out.onnx"), tmp("static-cal"));
-    write_conv_model(&src);
+    write_conv_model(&src, 17);
     for s in 0..3 {
         let dir = cal.join(format!("{s}"));
         std::fs::create_dir_all(&dir).unwrap();
@@ -407,6 +407,22 @@ fn quantize_static_int8_writes_qdq_that_fuses_and_stays_close() {
     let out = quantize(&["--calibration", &cal_arg, "--calibration-method", "kl"]);
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("unknown calibration 'kl'"));
+
+    // Opset 12 has no per-axis DequantizeLinear: one scalar scale per filter, still fused.
+    write_conv_model(&src, 12);
+    let out = quantize(&["--calibration", &cal_arg]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.contains("quantized 2 weight(s)"), "{stdout}");
+    let m = onnx::load_model(&dst).expect("re-imports");
+    for n in m.graph.nodes.iter().filter(|n| n.op_type == "DequantizeLinear") {
+        assert!(n.attributes.get("axis").is_none(), "{}", n.name);
+        let scale = &m.graph.initializers[&n.inputs[1].unwrap()];
+        assert!(scale.dims.is_empty(), "{}: scale {:?}", n.name, scale.dims);
+    }
+    let mut fused = m.clone();
+    let report = kiln::optimize_model(&mut fused, kiln::Level::Extended).expect("optimizes");
+    assert!(format!("{report}").contains("qdq_conv_fusion: 1"), "{report}");
     let _ = std::fs::remove_file(src);
     let _ = std::fs::remove_file(dst);
     let _ = std::fs::remove_dir_all(cal);

@@ -13,10 +13,11 @@
 //! ```
 //!
 //! Activations are u8, asymmetric, one scale and zero point per tensor from the calibrated range
-//! `[lo, hi]` (widened to include 0): `scale = (hi - lo) / 255`, `zp = round(-lo / scale)`. A tensor
+//! `[lo, hi]` (widened to include 0): `scale = (hi - lo) / 255`, `zp = round(-lo / scale)`. Below
+//! opset 13 (no per-axis DequantizeLinear) each weight gets one scale instead of one per channel. A tensor
 //! is quantized once and every reader reads its DequantizeLinear. Graph outputs stay f32. Kiln's
 //! optimizer turns `DQ -> Conv(DQ W, DQ B) -> Q` into `QLinearConv`; ONNX Runtime runs the file as
-//! written (per-axis DequantizeLinear needs opset 13).
+//! written (opset 10 and up).
 
 use std::collections::{BTreeMap, HashMap};
 
@@ -24,6 +25,9 @@ use crate::{Attribute, DType, Graph, Result, Shape, TensorData, ValueId};
 
 use super::edit::{attr_i, constant, input, make_node, out0, Index};
 use super::quantize::{QuantizeOptions, QuantizeReport, QuantizedWeight, PER_AXIS_DQ_OPSET};
+
+/// QuantizeLinear and DequantizeLinear appeared in opset 10.
+pub const QDQ_OPSET: i64 = 10;
 
 /// What [`quantize_static_int8`] may do.
 #[derive(Debug, Clone)]
@@ -189,16 +193,27 @@ pub fn quantize_static_int8(
     ranges: &HashMap<String, (f32, f32)>,
 ) -> Result<QuantizeReport> {
     let mut report = QuantizeReport::default();
-    if q.base.options.opset() < PER_AXIS_DQ_OPSET {
+    if q.base.options.opset() < QDQ_OPSET {
         report.skipped.push((
             "*".into(),
             format!(
-                "per-channel DequantizeLinear needs opset {PER_AXIS_DQ_OPSET}, the model declares {}",
+                "QuantizeLinear needs opset {QDQ_OPSET}, the model declares {}",
                 q.base.options.opset()
             ),
         ));
         return Ok(report);
     }
+    // Below opset 13 DequantizeLinear has no axis: one scale per weight instead of per channel.
+    let per_channel = q.base.options.opset() >= PER_AXIS_DQ_OPSET;
+    // The shape of a scale or zero point: one value per channel, or a scalar.
+    let param_dims = |n: usize| if per_channel { vec![n] } else { vec![] };
+    let axis_attr = |axis: usize| {
+        if per_channel {
+            BTreeMap::from([("axis".to_string(), Attribute::Int(axis as i64))])
+        } else {
+            BTreeMap::new()
+        }
+    };
     let mut idx = Index::new(g);
     let range_of = |g: &Graph, v: ValueId| {
         ranges
@@ -262,16 +277,25 @@ pub fn quantize_static_int8(
         }
         let wname = g.value_name(t.w).to_string();
         let wt = &g.initializers[&t.w];
-        let Some((codes, scale)) = quantize_along(wt, t.axis) else {
+        let mut whole = wt.clone();
+        let axis = if per_channel {
+            t.axis
+        } else {
+            // One channel holding every value.
+            whole.dims = vec![1, wt.len()];
+            0
+        };
+        let source = &whole;
+        let Some((codes, scale)) = quantize_along(source, axis) else {
             report.skipped.push((wname, "not finite".into()));
             continue;
         };
         let dims = wt.dims.clone();
         report.bytes_before += wt.bytes().len();
         let qt = TensorData::from_values(format!("{wname}_quantized"), dims.clone(), &codes)?;
-        let st = TensorData::from_values(format!("{wname}_scale"), vec![scale.len()], &scale)?;
+        let st = TensorData::from_values(format!("{wname}_scale"), param_dims(scale.len()), &scale)?;
         report.bytes_after += qt.bytes().len() + st.bytes().len();
-        let zt = TensorData::from_values("", vec![scale.len()], &vec![0i8; scale.len()])?;
+        let zt = TensorData::from_values("", param_dims(scale.len()), &vec![0i8; scale.len()])?;
         let qv = idx.new_initializer(g, &format!("{wname}_quantized"), qt);
         let sv = idx.new_initializer(g, &format!("{wname}_scale"), st);
         let zv = idx.new_initializer(g, &format!("{wname}_zero_point"), zt);
@@ -288,7 +312,7 @@ pub fn quantize_static_int8(
             "DequantizeLinear",
             vec![Some(qv), Some(sv), Some(zv)],
             vec![Some(out)],
-            BTreeMap::from([("axis".to_string(), Attribute::Int(t.axis as i64))]),
+            axis_attr(t.axis),
         ));
         report.weights.push(QuantizedWeight {
             name: wname,
@@ -327,13 +351,13 @@ pub fn quantize_static_int8(
             continue;
         };
         let bt = &g.initializers[&b];
-        let (Some(bv), true) = (bt.values::<f32>(), bt.len() == wscale.len()) else {
+        let (Some(bv), true) = (bt.values::<f32>(), bt.len() == wscale.len() || !per_channel) else {
             continue;
         };
         let bscale: Vec<f32> = wscale.iter().map(|s| x_scale * s).collect();
         let codes: Vec<i32> = bv
             .iter()
-            .zip(&bscale)
+            .zip(bscale.iter().cycle())
             .map(|(b, s)| {
                 (f64::from(*b) / f64::from(*s))
                     .round()
@@ -350,7 +374,7 @@ pub fn quantize_static_int8(
         let sb = idx.new_initializer(
             g,
             &format!("{bname}_quantized_scale"),
-            TensorData::from_values("", vec![n], &bscale)?,
+            TensorData::from_values("", param_dims(bscale.len()), &bscale)?,
         );
         let out = idx.new_value(
             g,
@@ -365,7 +389,7 @@ pub fn quantize_static_int8(
             "DequantizeLinear",
             vec![Some(qb), Some(sb), None],
             vec![Some(out)],
-            BTreeMap::from([("axis".to_string(), Attribute::Int(0))]),
+            axis_attr(0),
         ));
         g.nodes[t.node].inputs[2] = Some(out);
     }
