@@ -94,31 +94,33 @@ fn weight_read(g: &Graph, options: &Options, node: &crate::Node) -> Option<(Valu
 /// Symmetric per-channel int8 quantization of a 2-D f32 tensor along `axis` (0 or 1).
 /// Returns the int8 codes (same layout) and one scale per channel; `None` on non-finite data.
 pub fn quantize_per_channel(t: &TensorData, axis: usize) -> Option<(Vec<i8>, Vec<f32>)> {
-    let w = t.values::<f32>()?;
-    let (rows, cols) = match t.dims.as_slice() {
-        [r, c] => (*r, *c),
-        _ => return None,
-    };
-    if axis > 1 || w.len() != rows * cols || w.iter().any(|x| !x.is_finite()) {
+    if t.dims.len() != 2 || axis > 1 {
         return None;
     }
-    let channels = if axis == 1 { cols } else { rows };
+    quantize_along(t, axis)
+}
+
+/// Symmetric int8 per channel along `axis` of an f32 tensor of any rank: the codes (same layout)
+/// and one scale per channel (`max |w| / 127`; 1 for an all-zero channel). `None` when not finite.
+pub fn quantize_along(t: &TensorData, axis: usize) -> Option<(Vec<i8>, Vec<f32>)> {
+    let w = t.values::<f32>()?;
+    let channels = *t.dims.get(axis)?;
+    let inner: usize = t.dims[axis + 1..].iter().product();
+    if w.iter().any(|x| !x.is_finite()) {
+        return None;
+    }
+    let ch = |i: usize| (i / inner.max(1)) % channels;
     let mut max = vec![0f32; channels];
     for (i, x) in w.iter().enumerate() {
-        let c = if axis == 1 { i % cols } else { i / cols };
-        max[c] = max[c].max(x.abs());
+        max[ch(i)] = max[ch(i)].max(x.abs());
     }
-    // An all-zero channel gets scale 1 (any scale represents it exactly).
     let scale: Vec<f32> = max.iter().map(|&m| if m > 0.0 { m / 127.0 } else { 1.0 }).collect();
-    let q = w
+    let codes = w
         .iter()
         .enumerate()
-        .map(|(i, x)| {
-            let c = if axis == 1 { i % cols } else { i / cols };
-            (x / scale[c]).round().clamp(-127.0, 127.0) as i8
-        })
+        .map(|(i, x)| (x / scale[ch(i)]).round().clamp(-127.0, 127.0) as i8)
         .collect();
-    Some((q, scale))
+    Some((codes, scale))
 }
 
 /// Quantizes the initializer `b` (named `name`) per channel along `axis` into `<name>_int8` and

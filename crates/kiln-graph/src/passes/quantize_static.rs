@@ -24,7 +24,7 @@ use std::collections::{BTreeMap, HashMap};
 use crate::{Attribute, DType, Graph, Result, Shape, TensorData, ValueId};
 
 use super::edit::{attr_i, constant, input, make_node, out0, Index};
-use super::quantize::{QuantizeOptions, QuantizeReport, QuantizedWeight, PER_AXIS_DQ_OPSET};
+use super::quantize::{quantize_along, QuantizeOptions, QuantizeReport, QuantizedWeight, PER_AXIS_DQ_OPSET};
 
 /// QuantizeLinear and DequantizeLinear appeared in opset 10.
 pub const QDQ_OPSET: i64 = 10;
@@ -160,29 +160,6 @@ pub fn u8_params(lo: f32, hi: f32) -> (f32, u8) {
     }
     let zp = (-lo / scale).round().clamp(0.0, 255.0) as u8;
     (scale, zp)
-}
-
-/// Symmetric int8 per channel along `axis` of an f32 tensor of any rank: the codes (same layout)
-/// and one scale per channel (`max |w| / 127`; 1 for an all-zero channel). `None` when not finite.
-pub fn quantize_along(t: &TensorData, axis: usize) -> Option<(Vec<i8>, Vec<f32>)> {
-    let w = t.values::<f32>()?;
-    let channels = *t.dims.get(axis)?;
-    let inner: usize = t.dims[axis + 1..].iter().product();
-    if channels == 0 || w.iter().any(|x| !x.is_finite()) {
-        return None;
-    }
-    let ch = |i: usize| (i / inner.max(1)) % channels;
-    let mut max = vec![0f32; channels];
-    for (i, x) in w.iter().enumerate() {
-        max[ch(i)] = max[ch(i)].max(x.abs());
-    }
-    let scale: Vec<f32> = max.iter().map(|&m| if m > 0.0 { m / 127.0 } else { 1.0 }).collect();
-    let codes = w
-        .iter()
-        .enumerate()
-        .map(|(i, x)| (x / scale[ch(i)]).round().clamp(-127.0, 127.0) as i8)
-        .collect();
-    Some((codes, scale))
 }
 
 /// Rewrites the graph to static int8 QDQ with the calibrated `ranges` (tensor name -> `(lo, hi)`).
