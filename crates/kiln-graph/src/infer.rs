@@ -3,7 +3,7 @@
 //! Inference fills `ValueInfo::dtype`/`shape` where the importer left them unknown. It is
 //! best-effort: an operator it does not know leaves its outputs unknown, never guesses.
 
-use crate::{Attribute, DType, Dim, Graph, Shape};
+use crate::{Attribute, DType, Dim, Graph, Shape, ValueId};
 
 /// Broadcasts two shapes with numpy rules; `None` when they are incompatible.
 pub fn broadcast_shapes(a: &Shape, b: &Shape) -> Option<Shape> {
@@ -179,6 +179,31 @@ pub fn infer_shapes(graph: &mut Graph) {
                     let info = &mut graph.values[o.index()];
                     if info.dtype.is_none() {
                         info.dtype = Some(dtype);
+                    }
+                }
+                continue;
+            }
+            "If" => {
+                // Output k has a dtype when both branches declare the same one for their output k.
+                let (Some(Attribute::Graph(t)), Some(Attribute::Graph(e))) =
+                    (node.attr("then_branch"), node.attr("else_branch"))
+                else {
+                    continue;
+                };
+                let branch = |b: &Graph, k: usize| b.outputs.get(k).and_then(|v| b.value(*v).dtype);
+                let facts: Vec<(ValueId, DType)> = node
+                    .outputs
+                    .iter()
+                    .enumerate()
+                    .filter_map(|(k, o)| match (o, branch(t, k), branch(e, k)) {
+                        (Some(o), Some(a), Some(b)) if a == b => Some((*o, a)),
+                        _ => None,
+                    })
+                    .collect();
+                for (o, d) in facts {
+                    let info = &mut graph.values[o.index()];
+                    if info.dtype.is_none() {
+                        info.dtype = Some(d);
                     }
                 }
                 continue;

@@ -28,7 +28,7 @@ pub use kiln_runtime::{
     flush_denormals, num_threads, set_flush_denormals, set_num_threads, Device, DeviceMemoryStats, HostFallback,
     OpTime, RunOptions, RunStats,
 };
-pub use session::{optimize_model, IoInfo, Level, Precision, Session, SessionBuilder};
+pub use session::{optimize_model, IoInfo, Level, Precision, Session, SessionBuilder, WIDEN_F16_RULE};
 // fp16 mode (docs/precision.md).
 pub use kiln_graph::passes::float16::Float16Report;
 pub use session::convert_model_to_float16;

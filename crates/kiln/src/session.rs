@@ -80,11 +80,18 @@ pub fn convert_model_to_float16(model: &mut Model) -> Result<Float16Report> {
     Ok(convert_to_float16(&mut model.graph, &options)?)
 }
 
+/// The [`OptimizationReport`] entry counting what widening float16 to float32 changed (values,
+/// initializers and attributes) in a CPU session of an f16 model.
+pub const WIDEN_F16_RULE: &str = "widen_f16_to_f32";
+
 /// Numeric precision a session computes in. Inputs and outputs keep the model's dtypes whatever
 /// the precision.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Precision {
-    /// The model as written.
+    /// Computes in f32. On the CPU a model's float16 arithmetic is widened to f32 at load (f16
+    /// weights converted once, f16 inputs and outputs kept, with one Cast at each), as ONNX
+    /// Runtime's CPU provider does: x86 cores have no f16 arithmetic, so an f16 kernel would
+    /// convert every operand anyway. On CUDA the model runs as written.
     #[default]
     F32,
     /// Float weights converted to fp16 once at load; reductions, softmax and normalization
@@ -208,7 +215,21 @@ impl SessionBuilder {
             None => None,
         };
         let cpu = self.device == Device::Cpu;
-        let optimization = optimize_for_precision(&mut model, self.level, self.precision, cpu)?;
+        // The CPU has no f16 arithmetic: an f16 model computes in f32 (see `Precision::F32`).
+        let widened = if cpu && self.precision != Precision::F16 {
+            Some(kiln_graph::passes::float16::widen_to_float32(
+                &mut model.graph,
+                model.ir_version >= 4,
+            )?)
+        } else {
+            None
+        };
+        let mut optimization = optimize_for_precision(&mut model, self.level, self.precision, cpu)?;
+        if let Some(w) = widened.filter(|w| w.changed()) {
+            optimization
+                .rewrites
+                .insert(WIDEN_F16_RULE, w.values + w.initializers + w.attributes);
+        }
         match self.precision {
             Precision::F32 => {}
             Precision::Int8WeightOnly => {

@@ -63,25 +63,35 @@ fn check_model(stem: &str) {
 /// At `Level::All` the fused `ai.kiln` ops (MatMulBias, FusedConvChain, ElementwiseChain) run in
 /// f16 too.
 fn check_model_at(stem: &str, level: Level) {
-    let (model, refs) = match reference_dir(stem) {
-        Ok(p) => p,
+    let Some((model, refs)) = located(stem) else { return };
+    let session = Session::builder()
+        .optimization(level)
+        .precision(Precision::F16)
+        .build_from_file(&model)
+        .unwrap_or_else(|e| panic!("{stem}: does not compile in fp16: {e}"));
+    check_session(stem, &session, &refs);
+}
+
+/// The model and reference paths, or `None` (after saying why) when the test skips.
+fn located(stem: &str) -> Option<(std::path::PathBuf, std::path::PathBuf)> {
+    match reference_dir(stem) {
+        Ok(p) => Some(p),
         Err(reason) => {
             assert!(
                 std::env::var_os("KILN_MODELS_REQUIRED").is_none(),
                 "{stem}: {reason} (KILN_MODELS_REQUIRED is set)"
             );
             eprintln!("SKIP {stem}: {reason}");
-            return;
+            None
         }
-    };
-    let session = Session::builder()
-        .optimization(level)
-        .precision(Precision::F16)
-        .build_from_file(&model)
-        .unwrap_or_else(|e| panic!("{stem}: does not compile in fp16: {e}"));
+    }
+}
+
+/// Runs every reference case through `session` and checks each output by the rule above.
+fn check_session(stem: &str, session: &Session, refs: &std::path::Path) {
     let mut failures = Vec::new();
     let mut checked = 0;
-    for case in cases(&refs) {
+    for case in cases(refs) {
         let case_name = &case.name;
         let feeds = case.feeds();
         let outputs = match session.run(feeds) {
@@ -119,6 +129,49 @@ fn check_model_at(stem: &str, level: Level) {
         failures.join("\n")
     );
     assert!(checked > 0, "{stem}: no reference case found under {}", refs.display());
+}
+
+/// An fp16 file (what `kiln quantize --mode fp16` writes: f16 weights and compute, f32 graph
+/// inputs and outputs) in a default CPU session: its f16 arithmetic is widened to f32 at load,
+/// so it compiles to the same kernels as the fp32 model (the f16 weights converted once, every
+/// Cast between f16 and f32 gone) and its outputs stay within the fp16 tolerance of the
+/// references (the weights keep their f16 rounding).
+fn check_fp16_file_widened(stem: &str) {
+    let Some((path, refs)) = located(stem) else { return };
+    let bytes = std::fs::read(&path).unwrap();
+    let fp32 = kiln::internals::onnx::load_model_bytes(&bytes).unwrap();
+    let mut fp16 = fp32.clone();
+    kiln::convert_model_to_float16(&mut fp16).unwrap();
+    let has_f16 = |m: &kiln::internals::graph::Model| kiln::internals::graph::passes::float16::has_float16(&m.graph);
+    assert!(has_f16(&fp16), "{stem}: the fp16 conversion left no f16 tensor");
+    let session = Session::builder().build_from_model(fp16).unwrap();
+    let reference = Session::builder().build_from_model(fp32).unwrap();
+    assert!(
+        session.optimization_report().count(kiln::WIDEN_F16_RULE) > 0,
+        "{stem}: not widened: {}",
+        session.optimization_report()
+    );
+    assert_eq!(
+        session.plan().len(),
+        reference.plan().len(),
+        "{stem}: the widened fp16 model should compile to the fp32 model's kernels"
+    );
+    check_session(stem, &session, &refs);
+}
+
+#[test]
+fn paraphrase_minilm_l3_fp16_file_runs_widened() {
+    check_fp16_file_widened("paraphrase-MiniLM-L3-v2");
+}
+
+#[test]
+fn ppocr_v4_det_fp16_file_runs_widened() {
+    check_fp16_file_widened("ch_PP-OCRv4_det_infer");
+}
+
+#[test]
+fn silero_vad_fp16_file_runs_widened() {
+    check_fp16_file_widened("silero_vad");
 }
 
 #[test]
@@ -175,4 +228,83 @@ fn silero_vad_16k_op15_fp16() {
 #[test]
 fn silero_vad_op18_ifless_fp16() {
     check_model("silero_vad_op18_ifless");
+}
+
+/// A model whose inputs, outputs and weights are float16 (`y = Softmax(Relu(x * s))`, last axis):
+/// on the CPU it runs widened (f16 in and out, f32 in between; the answer is the f32 result
+/// rounded once), and `Precision::F16` still runs it in f16 storage.
+#[test]
+fn f16_io_model_computes_in_f32_between_its_f16_interface() {
+    use common::{model, node, value};
+    use half::f16;
+    use prost::Message;
+    let s: Vec<f16> = [0.5f32, -2.0, 3.0].iter().map(|&v| f16::from_f32(v)).collect();
+    let s_bytes: Vec<u8> = s.iter().flat_map(|v| v.to_le_bytes()).collect();
+    let scale = kiln::internals::onnx::proto::TensorProto {
+        name: Some("s".into()),
+        data_type: Some(10),
+        dims: vec![3],
+        raw_data: Some(s_bytes.into()),
+        ..Default::default()
+    };
+    let mut softmax = node("Softmax", "softmax", &["r"], &["y"]);
+    softmax.attribute.push(kiln::internals::onnx::proto::AttributeProto {
+        name: Some("axis".into()),
+        r#type: Some(2),
+        i: Some(-1),
+        ..Default::default()
+    });
+    let m = model(
+        vec![
+            node("Mul", "mul", &["x", "s"], &["p"]),
+            node("Relu", "relu", &["p"], &["r"]),
+            softmax,
+        ],
+        vec![value("x", 10, &[2, 3])],
+        vec![value("y", 10, &[2, 3])],
+        vec![scale],
+    );
+    let bytes = m.encode_to_vec();
+    let xs: Vec<f16> = [1.0f32, 2.5, 0.75, -1.0, -0.5, 4.0]
+        .iter()
+        .map(|&v| f16::from_f32(v))
+        .collect();
+    let x = TensorData::from_values("x", vec![2, 3], &xs).unwrap();
+    let mut want = Vec::new();
+    for row in xs.chunks(3) {
+        let r: Vec<f32> = row
+            .iter()
+            .zip(&s)
+            .map(|(a, b)| (a.to_f32() * b.to_f32()).max(0.0))
+            .collect();
+        let max = r.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let e: Vec<f32> = r.iter().map(|v| (v - max).exp()).collect();
+        let sum: f32 = e.iter().sum();
+        want.extend(e.iter().map(|v| v / sum));
+    }
+    for precision in [Precision::F32, Precision::F16] {
+        let session = Session::builder()
+            .precision(precision)
+            .build_from_bytes(&bytes)
+            .unwrap();
+        assert_eq!(session.inputs()[0].dtype, Some(DType::F16));
+        assert_eq!(session.outputs()[0].dtype, Some(DType::F16));
+        let widened = session.optimization_report().count(kiln::WIDEN_F16_RULE) > 0;
+        assert_eq!(widened, precision == Precision::F32, "{precision:?}");
+        let out = session.run(vec![("x".into(), x.clone())]).unwrap();
+        assert_eq!(out[0].dtype, DType::F16);
+        let got: Vec<f16> = out[0].values().unwrap();
+        for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+            if precision == Precision::F32 {
+                // one rounding of the f32 result (an ulp of f16 for a last-bit difference in exp)
+                let (g, w) = (g.to_f32(), f16::from_f32(*w).to_f32());
+                assert!((g - w).abs() <= w.abs() * 1e-3, "element {i}: {g} != {w}");
+            } else {
+                assert!(
+                    (g.to_f32() - w).abs() <= 1e-2 * w.abs().max(1e-2),
+                    "element {i} (f16): {g} vs {w}"
+                );
+            }
+        }
+    }
 }

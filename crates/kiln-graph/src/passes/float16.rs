@@ -44,6 +44,9 @@ use crate::{Attribute, DType, Graph, GraphError, Node, Result, Shape, TensorData
 
 use super::dce::{drop_unused_initializers, eliminate_dead_nodes};
 
+mod widen;
+pub use widen::{has_float16, widen_to_float32, WidenReport};
+
 /// Default-domain ops kept in fp32 (see the module doc for the reasons).
 pub const KEEP_FP32: &[&str] = &[
     // results that overflow f16 or accumulate in the output dtype

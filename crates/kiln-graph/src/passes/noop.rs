@@ -3,7 +3,8 @@
 //! Matches `Identity`; `Dropout` in inference (no `training_mode`, or a constant false one, and an
 //! unread mask); `Cast` to the input's own dtype; `Reshape` to the input's own static shape;
 //! `Transpose` with the identity permutation. Readers of the output read the input instead; when
-//! the output is a graph output, the input's producer writes the output directly instead.
+//! the output is a graph output, the input's producer writes the output directly instead (and the
+//! input's other readers read the output).
 
 use crate::{Attribute, DType, Graph, Result, ValueId};
 
@@ -117,14 +118,24 @@ pub fn bypass(g: &mut Graph, idx: &mut Index, i: usize, src: ValueId, dst: Value
         return true;
     }
     // dst is a graph output: let src's producer write dst when src has no other use.
+    // Other readers of src read dst instead (the same values); not those reading it by name in a
+    // subgraph, which would need the body renamed.
     let Some(p) = src_producer else { return false };
-    if idx.pinned.contains(&src) || idx.readers(src) != [i] || idx.is_touched(p) {
+    let others: Vec<usize> = idx.readers(src).iter().copied().filter(|&r| r != i).collect();
+    if idx.pinned.contains(&src)
+        || idx.is_touched(p)
+        || others
+            .iter()
+            .any(|&r| idx.is_touched(r) || g.nodes[r].implicit_inputs.contains(&src))
+    {
         return false;
     }
     let Some(slot) = g.nodes[p].outputs.iter_mut().flatten().find(|o| **o == src) else {
         return false;
     };
     *slot = dst;
+    replace_uses(g, src, dst);
+    idx.touch(&others);
     let info = g.value(src).clone();
     let d = &mut g.values[dst.index()];
     if d.dtype.is_none() {

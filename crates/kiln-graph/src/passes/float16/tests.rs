@@ -472,3 +472,164 @@ fn loop_bodies_convert_behind_an_f32_interface() {
         }
     });
 }
+
+impl B {
+    fn init_f16(&mut self, name: &str, dims: &[usize], vals: &[f32]) -> &mut Self {
+        let id = self.v(name);
+        let h: Vec<half::f16> = vals.iter().map(|&v| half::f16::from_f32(v)).collect();
+        let t = TensorData::from_values(name, dims.to_vec(), &h).unwrap();
+        self.g.values[id.index()].dtype = Some(DType::F16);
+        self.g.initializers.insert(id, t);
+        self
+    }
+}
+
+fn f16_tensor(vals: &[f32]) -> TensorData {
+    let h: Vec<half::f16> = vals.iter().map(|&v| half::f16::from_f32(v)).collect();
+    TensorData::from_values("k", vec![vals.len()], &h).unwrap()
+}
+
+/// The node writing `v`.
+fn writer(g: &Graph, v: ValueId) -> &Node {
+    g.nodes.iter().find(|n| n.outputs.contains(&Some(v))).unwrap()
+}
+
+#[test]
+fn widening_keeps_f16_io_and_computes_in_f32() {
+    let mut b = B::default();
+    b.input("x", DType::F16)
+        .init_f16("w", &[2, 2], &[1.0, 2.0, 3.0, 0.5])
+        .node("MatMul", &["x", "w"], &["m"], &[])
+        .node("Cast", &["m"], &["c"], &[("to", Attribute::Int(10))])
+        .node(
+            "Constant",
+            &[],
+            &["k"],
+            &[("value", Attribute::Tensor(f16_tensor(&[0.25, -1.5])))],
+        )
+        .node("EyeLike", &["m"], &["e"], &[("dtype", Attribute::Int(10))])
+        .node("Add", &["c", "k"], &["a"], &[])
+        .node("Add", &["a", "e"], &["y"], &[])
+        .output("y", DType::F16);
+    let (x, y) = (b.ids["x"], b.ids["y"]);
+    b.g.values[b.ids["m"].index()].dtype = Some(DType::F16);
+    let r = widen_to_float32(&mut b.g, true).unwrap();
+    let g = &b.g;
+    assert_eq!(r.initializers, 1);
+    assert_eq!(r.attributes, 3, "Cast to, Constant value, EyeLike dtype");
+    assert_eq!(r.boundary_casts, 2);
+    assert!(r.values >= 2, "w and m were declared f16: {r:?}");
+    // The interface is unchanged: same ids, names and f16 dtype.
+    assert_eq!((g.inputs.clone(), g.outputs.clone()), (vec![x], vec![y]));
+    assert_eq!(g.value(x).dtype, Some(DType::F16));
+    assert_eq!(g.value(y).dtype, Some(DType::F16));
+    // x is widened once, first; y is narrowed once, last.
+    let first = &g.nodes[0];
+    assert_eq!((first.op_type.as_str(), first.inputs[0]), ("Cast", Some(x)));
+    assert_eq!(first.attr("to"), Some(&Attribute::Int(1)));
+    let last = g.nodes.last().unwrap();
+    assert_eq!((last.op_type.as_str(), last.outputs[0]), ("Cast", Some(y)));
+    assert_eq!(last.attr("to"), Some(&Attribute::Int(10)));
+    assert_eq!(writer(g, y).name, last.name);
+    // Everything between computes in f32.
+    for op in ["MatMul", "Add"] {
+        for n in node(g, op) {
+            assert!(input_dtypes(g, n).iter().all(|d| *d == Some(DType::F32)), "{op}");
+        }
+    }
+    assert_eq!(node(g, "MatMul")[0].inputs[0], first.outputs[0]);
+    let w = &g.initializers[&b.ids["w"]];
+    assert_eq!(w.values::<f32>().unwrap(), vec![1.0, 2.0, 3.0, 0.5]);
+    assert_eq!(g.value(b.ids["w"]).dtype, Some(DType::F32));
+    let cast = writer(g, b.ids["c"]);
+    assert_eq!(cast.attr("to"), Some(&Attribute::Int(1)));
+    let Some(Attribute::Tensor(k)) = writer(g, b.ids["k"]).attr("value") else {
+        panic!("Constant value")
+    };
+    assert_eq!(k.values::<f32>().unwrap(), vec![0.25, -1.5]);
+    assert_eq!(writer(g, b.ids["e"]).attr("dtype"), Some(&Attribute::Int(1)));
+    g.topological_order().unwrap();
+}
+
+#[test]
+fn widening_leaves_graphs_without_f16_alone() {
+    let mut b = B::default();
+    b.input("x", DType::F32)
+        .init("w", &[2, 2], &[1.0, 2.0, 3.0, 4.0])
+        .node("MatMul", &["x", "w"], &["y"], &[])
+        .node("Cast", &["y"], &["z"], &[("to", Attribute::Int(16))])
+        .output("z", DType::BF16);
+    let before = b.g.clone();
+    let r = widen_to_float32(&mut b.g, true).unwrap();
+    assert!(!r.changed());
+    assert_eq!(b.g, before);
+}
+
+#[test]
+fn widening_follows_captured_inputs_into_subgraphs() {
+    // The f16 input `x` is read by name inside both If branches.
+    let branch = |name: &str| {
+        let mut b = B::default();
+        let x = b.v("x");
+        b.g.values[x.index()].dtype = Some(DType::F16);
+        b.g.captures.push(x);
+        b.node("Neg", &["x"], &[name], &[]).output(name, DType::F16);
+        b.g.name = name.into();
+        Arc::new(b.g)
+    };
+    let mut b = B::default();
+    b.input("x", DType::F16)
+        .input("c", DType::Bool)
+        .node(
+            "If",
+            &["c"],
+            &["z"],
+            &[
+                ("then_branch", Attribute::Graph(branch("t"))),
+                ("else_branch", Attribute::Graph(branch("e"))),
+            ],
+        )
+        .output("z", DType::F16);
+    let x = b.ids["x"];
+    b.g.nodes[0].implicit_inputs.push(x);
+    widen_to_float32(&mut b.g, true).unwrap();
+    let g = &b.g;
+    let if_node = node(g, "If")[0];
+    let wide = if_node.implicit_inputs[0];
+    assert_ne!(wide, x);
+    assert_eq!(writer(g, wide).inputs[0], Some(x));
+    assert_eq!(g.value(wide).dtype, Some(DType::F32));
+    for attr in ["then_branch", "else_branch"] {
+        let Some(Attribute::Graph(body)) = if_node.attr(attr) else {
+            panic!("{attr}")
+        };
+        // The body binds the widened outer value by its new name and computes in f32.
+        assert_eq!(body.value_name(body.captures[0]), g.value_name(wide));
+        assert!(body.values.iter().all(|v| v.dtype != Some(DType::F16)));
+    }
+    // The If's own output is narrowed back for the caller.
+    assert_eq!(writer(g, b.ids["z"]).op_type, "Cast");
+    g.topological_order().unwrap();
+}
+
+#[test]
+fn widening_casts_a_feedable_f16_initializer_instead_of_converting_it() {
+    let mut b = B::default();
+    b.input("x", DType::F32)
+        .init_f16("s", &[1], &[2.0])
+        .node("Cast", &["x"], &["xh"], &[("to", Attribute::Int(10))])
+        .node("Mul", &["xh", "s"], &["y"], &[])
+        .output("y", DType::F16);
+    let s = b.ids["s"];
+    b.g.inputs.push(s);
+    let mut fixed = b.g.clone();
+    widen_to_float32(&mut b.g, true).unwrap();
+    // IR >= 4: the caller may feed `s`, so it stays f16 and a Cast widens it.
+    assert_eq!(b.g.initializers[&s].dtype, DType::F16);
+    let mul = node(&b.g, "Mul")[0];
+    assert_eq!(writer(&b.g, mul.inputs[1].unwrap()).op_type, "Cast");
+    // IR 3: initializers listed as inputs are constants and convert in place.
+    widen_to_float32(&mut fixed, false).unwrap();
+    assert_eq!(fixed.initializers[&s].dtype, DType::F32);
+    assert_eq!(node(&fixed, "Mul")[0].inputs[1], Some(s));
+}
