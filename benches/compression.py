@@ -76,8 +76,10 @@ def main():
     ap.add_argument("models")
     ap.add_argument("--only", default="")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--variants", default="", help="comma-separated variant names to run (default: all)")
     args = ap.parse_args()
     only = [o for o in args.only.split(",") if o]
+    variants = [v for v in args.variants.split(",") if v]
     for file, label, kind in MODELS:
         path = os.path.join(args.models, file)
         if (only and not any(o in file for o in only)) or not os.path.exists(path):
@@ -96,6 +98,8 @@ def main():
             print("| variant | file MB | Kiln ms | ORT ms | Kiln / ORT | min cosine vs fp32 | max abs diff |")
             print("|---|---|---|---|---|---|---|")
             for name, cmd in VARIANTS:
+                if variants and name not in variants:
+                    continue
                 target = path
                 if cmd:
                     target = os.path.join(d, clean(name) + ".onnx")
