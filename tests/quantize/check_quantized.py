@@ -18,6 +18,8 @@
    boundary, which then differs by one quantization step.
    With --static: the same cosine >= 0.999 (every QuantizeLinear is such a boundary), and the file
    must also quantize activations (QuantizeLinear nodes).
+--min-cosine / --max-abs-fraction replace the bounds of 2. for a model whose quantized file is known
+to be further from fp32 (min-max static int8 of a transformer), so 3. still checks Kiln against ORT.
 
 usage: check_quantized.py ORIGINAL.onnx QUANTIZED.onnx [--kiln BIN] [--min-int8 N] [--dynamic | --int4 | --static]
                           [--dim NAME=SIZE ...] [--shape INPUT=AxB ...]
@@ -55,6 +57,8 @@ def main():
     ap.add_argument("--dynamic", action="store_true", help="dynamic-int8 output (MatMulInteger)")
     ap.add_argument("--int4", action="store_true", help="int4-weight output (MatMulNBits)")
     ap.add_argument("--static", action="store_true", help="static-int8 output (QDQ activations)")
+    ap.add_argument("--min-cosine", type=float, help="ORT on the file vs fp32: cosine bound (default per mode)")
+    ap.add_argument("--max-abs-fraction", type=float, help="ORT on the file vs fp32: max|diff| / max|fp32| bound")
     ap.add_argument("--dim", action="append", default=[])
     ap.add_argument("--shape", action="append", default=[], help="INPUT=1x3x48x320")
     a = ap.parse_args()
@@ -78,6 +82,10 @@ def main():
             print("no quantized activation")
             return 1
     min_cosine, max_abs_fraction = (INT4_MIN_COSINE, INT4_MAX_ABS_FRACTION) if a.int4 else (MIN_COSINE, MAX_ABS_FRACTION)
+    if a.min_cosine is not None:
+        min_cosine = a.min_cosine
+    if a.max_abs_fraction is not None:
+        max_abs_fraction = a.max_abs_fraction
     ok = n_int8 >= a.min_int8
     dims = {k: int(v) for k, v in (d.split("=") for d in a.dim)}
     shapes = {k: [int(n) for n in v.split("x")] for k, v in (d.split("=") for d in a.shape)}

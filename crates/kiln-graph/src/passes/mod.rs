@@ -47,6 +47,7 @@ pub mod noop;
 pub mod paged_attention;
 pub mod prune;
 pub mod qdq_conv;
+pub mod qdq_matmul;
 pub mod quantize;
 pub mod quantize_int4;
 pub mod quantize_static;
@@ -189,6 +190,7 @@ pub fn passes_for(level: OptLevel) -> Vec<Box<dyn Pass>> {
     if level >= OptLevel::Extended {
         // Before constant folding, which would turn the filter's DequantizeLinear into floats.
         v.push(Box::new(qdq_conv::FuseQdqConv));
+        v.push(Box::new(qdq_matmul::FuseQdqMatMul));
     }
     v.push(Box::new(const_fold::FoldConstants));
     v.push(Box::new(reshape_chain::MergeReshapes));

@@ -152,13 +152,14 @@ impl Pass for FuseQdqConv {
     }
 }
 
+/// Test helpers shared with the other QDQ fusions' tests.
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::passes::{optimize, ConstEval, OptLevel, Options};
     use crate::{Node, Shape, TensorData, ValueInfo, ValueKind};
 
-    struct Kernels;
+    pub(crate) struct Kernels;
     impl ConstEval for Kernels {
         fn eval(
             &self,
@@ -175,7 +176,7 @@ mod tests {
         }
     }
 
-    fn value(g: &mut Graph, name: &str, dtype: DType) -> ValueId {
+    pub(crate) fn value(g: &mut Graph, name: &str, dtype: DType) -> ValueId {
         g.add_value(ValueInfo {
             name: name.into(),
             kind: ValueKind::Tensor,
@@ -184,7 +185,7 @@ mod tests {
         })
     }
 
-    fn init(g: &mut Graph, name: &str, dtype: DType, dims: Vec<usize>, bytes: Vec<u8>) -> ValueId {
+    pub(crate) fn init(g: &mut Graph, name: &str, dtype: DType, dims: Vec<usize>, bytes: Vec<u8>) -> ValueId {
         let v = g.add_value(ValueInfo {
             name: name.into(),
             kind: ValueKind::Tensor,
@@ -196,11 +197,11 @@ mod tests {
         v
     }
 
-    fn f32s(v: &[f32]) -> Vec<u8> {
+    pub(crate) fn f32s(v: &[f32]) -> Vec<u8> {
         v.iter().flat_map(|x| x.to_le_bytes()).collect()
     }
 
-    fn node(op: &str, inputs: Vec<ValueId>, out: ValueId, attrs: Vec<(&str, Attribute)>) -> Node {
+    pub(crate) fn node(op: &str, inputs: Vec<ValueId>, out: ValueId, attrs: Vec<(&str, Attribute)>) -> Node {
         make_node(
             format!("{op}_{}", out.0),
             "",
