@@ -97,14 +97,7 @@ impl Index {
         let names = self
             .names
             .get_or_insert_with(|| g.values.iter().map(|v| v.name.clone()).collect());
-        let mut name = base.to_string();
-        let mut k = 0;
-        while names.contains(&name) {
-            k += 1;
-            name = format!("{base}_{k}");
-        }
-        names.insert(name.clone());
-        name
+        unique_name(names, base)
     }
 
     /// Adds a tensor value with a fresh name.
@@ -164,6 +157,18 @@ pub fn replace_uses(g: &mut Graph, old: ValueId, new: ValueId) {
             }
         }
     }
+}
+
+/// `base`, or `base_K` for the first K that is not in `names`; recorded in `names`.
+pub fn unique_name(names: &mut HashSet<String>, base: &str) -> String {
+    let mut name = base.to_string();
+    let mut k = 0;
+    while names.contains(&name) {
+        k += 1;
+        name = format!("{base}_{k}");
+    }
+    names.insert(name.clone());
+    name
 }
 
 /// The value of a one-element float tensor.

@@ -256,7 +256,8 @@ pub(crate) mod tests {
         g
     }
 
-    fn run(g: &mut Graph) -> crate::passes::Report {
+    /// The optimizer at level extended with every kernel available.
+    pub(crate) fn run(g: &mut Graph) -> crate::passes::Report {
         let options = Options {
             level: OptLevel::Extended,
             ..Default::default()

@@ -120,8 +120,7 @@ impl Pass for FuseQdqMatMul {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::passes::qdq_conv::tests::{f32s, init, node, value, Kernels};
-    use crate::passes::{optimize, OptLevel, Options};
+    use crate::passes::qdq_conv::tests::{f32s, init, node, run, value};
     use crate::Attribute;
 
     /// `DQ(a_q) x DQ(W_q) -> MatMul -> Q`, W [3, 2] int8 with per-column scales on `w_axis`.
@@ -155,14 +154,6 @@ mod tests {
             node("QuantizeLinear", vec![m, ys, yz], y, vec![]),
         ];
         g
-    }
-
-    fn run(g: &mut Graph) -> crate::passes::Report {
-        let options = Options {
-            level: OptLevel::Extended,
-            ..Default::default()
-        };
-        optimize(g, &options, &Kernels).unwrap()
     }
 
     #[test]

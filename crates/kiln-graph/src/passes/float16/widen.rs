@@ -146,15 +146,22 @@ fn all_names(g: &Graph) -> HashSet<String> {
     names
 }
 
-fn fresh(names: &mut HashSet<String>, base: &str) -> String {
-    let mut name = base.to_string();
-    let mut k = 0;
-    while names.contains(&name) {
-        k += 1;
-        name = format!("{base}_{k}");
-    }
-    names.insert(name.clone());
-    name
+use super::super::edit::unique_name as fresh;
+
+/// Adds an f32 twin of `v` (a fresh name, `v`'s shape), makes every node read it instead of `v`
+/// (subgraphs by name included) and returns it.
+fn f32_twin(graph: &mut Graph, names: &mut HashSet<String>, v: ValueId) -> ValueId {
+    let info = graph.value(v).clone();
+    let wide_name = fresh(names, &format!("{}_f32", info.name));
+    let wide = graph.add_value(ValueInfo {
+        name: wide_name.clone(),
+        kind: ValueKind::Tensor,
+        dtype: Some(DType::F32),
+        shape: info.shape,
+    });
+    replace_reads(graph, v, wide);
+    rename_captures(graph, &info.name, &wide_name);
+    wide
 }
 
 fn cast(name: String, from: ValueId, to: ValueId, dtype: DType) -> Node {
@@ -195,17 +202,8 @@ pub fn widen_to_float32(graph: &mut Graph, overridable_initializers: bool) -> Re
         if !fed || !is_f16(graph, v) {
             continue;
         }
-        let info = graph.value(v).clone();
-        let wide_name = fresh(&mut names, &format!("{}_f32", info.name));
-        let wide = graph.add_value(ValueInfo {
-            name: wide_name.clone(),
-            kind: ValueKind::Tensor,
-            dtype: Some(DType::F32),
-            shape: info.shape.clone(),
-        });
-        replace_reads(graph, v, wide);
-        rename_captures(graph, &info.name, &wide_name);
-        let cast_name = fresh(&mut names, &format!("{}_widen", info.name));
+        let wide = f32_twin(graph, &mut names, v);
+        let cast_name = fresh(&mut names, &format!("{}_widen", graph.value_name(v)));
         in_casts.push(cast(cast_name, v, wide, DType::F32));
         pinned.insert(v);
     }
@@ -217,40 +215,22 @@ pub fn widen_to_float32(graph: &mut Graph, overridable_initializers: bool) -> Re
         let Some(&p) = producers.get(&v) else {
             // an initializer returned as an output: it stays f16, readers get an f32 copy
             if let Some(t) = graph.initializers.get(&v).cloned() {
-                let info = graph.value(v).clone();
-                let wide_name = fresh(&mut names, &format!("{}_f32", info.name));
+                let wide = f32_twin(graph, &mut names, v);
                 let mut data = widen_tensor(&t)?;
-                data.name = wide_name.clone();
-                let wide = graph.add_value(ValueInfo {
-                    name: wide_name.clone(),
-                    kind: ValueKind::Tensor,
-                    dtype: Some(DType::F32),
-                    shape: info.shape.clone(),
-                });
+                data.name = graph.value_name(wide).to_string();
                 graph.initializers.insert(wide, data);
-                replace_reads(graph, v, wide);
-                rename_captures(graph, &info.name, &wide_name);
                 report.initializers += 1;
                 pinned.insert(v);
             }
             continue;
         };
-        let info = graph.value(v).clone();
-        let wide_name = fresh(&mut names, &format!("{}_f32", info.name));
-        let wide = graph.add_value(ValueInfo {
-            name: wide_name.clone(),
-            kind: ValueKind::Tensor,
-            dtype: Some(DType::F32),
-            shape: info.shape.clone(),
-        });
+        let wide = f32_twin(graph, &mut names, v);
         for o in graph.nodes[p].outputs.iter_mut().flatten() {
             if *o == v {
                 *o = wide;
             }
         }
-        replace_reads(graph, v, wide);
-        rename_captures(graph, &info.name, &wide_name);
-        let cast_name = fresh(&mut names, &format!("{}_narrow", info.name));
+        let cast_name = fresh(&mut names, &format!("{}_narrow", graph.value_name(v)));
         out_casts.push(cast(cast_name, wide, v, DType::F16));
         pinned.insert(v);
     }
