@@ -1396,11 +1396,10 @@ fn requant_block_body<T: QStore>(rq: &Requant, acc: &[i32], m: usize, oc0: usize
         let mut tr = [[0i32; RUN]; 16];
         for px0 in (0..pix).step_by(RUN) {
             let len = RUN.min(pix - px0);
-            for r in 0..len {
-                let px = px0 + r;
-                let row: &[i32; 16] = acc[px * m + oc0..px * m + oc0 + 16].try_into().expect("16 sums");
-                for j in 0..16 {
-                    tr[j][r] = row[j];
+            for (r, sums) in acc[px0 * m..].chunks(m).take(len).enumerate() {
+                let row: &[i32; 16] = sums[oc0..oc0 + 16].try_into().expect("16 sums");
+                for (t, &v) in tr.iter_mut().zip(row) {
+                    t[r] = v;
                 }
             }
             for j in 0..16 {
