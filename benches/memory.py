@@ -33,6 +33,10 @@ MODELS = [
     ("zoo-efficientnet-b0.onnx", "zoo-efficientnet-b0, 224x224", {"H": 224, "W": 224}, {}),
     ("zoo-yolo-tiny.onnx", "zoo-yolo-tiny, 320x320", {"H": 320, "W": 320}, {}),
     ("zoo-crnn.onnx", "zoo-crnn, 1x32x320", {"H": 32, "W": 320}, {}),
+    ("zoo-resnet50.onnx", "zoo-resnet50, 224x224", {"H": 224, "W": 224}, {}),
+    ("zoo-vit-tiny.onnx", "zoo-vit-tiny, 96x96", {}, {}),
+    ("zoo-wav2vec2-frontend.onnx", "zoo-wav2vec2-frontend, 1 s of 16 kHz audio", {"samples": 16000}, {}),
+    ("zoo-gru-seq2seq.onnx", "zoo-gru-seq2seq, 32 + 32 tokens", {"S": 32, "T": 32}, {}),
 ]
 
 ORT_RUN = r"""

@@ -99,6 +99,17 @@ def cases(stem: str, rng):
     # needs multiples of 32 (its FPN concatenates upsampled maps); zoo-crnn takes text lines of height 32
     if stem == "zoo-yolo-tiny":
         return [("b1_96x128", photo(rng, 1, 96, 128)), ("b2_64x64", photo(rng, 2, 64, 64))]
+    if stem == "zoo-resnet50":
+        # small images: the golden test runs at four levels in a debug build
+        return [("b1_32x32", photo(rng, 1, 32, 32)), ("b2_32x40", photo(rng, 2, 32, 40))]
+    if stem == "zoo-vit-tiny":  # learned position embeddings for 36 patches: 96x96 only
+        return [("b1_96x96", photo(rng, 1, 96, 96)), ("b2_96x96", photo(rng, 2, 96, 96))]
+    if stem == "zoo-wav2vec2-frontend":
+        return [("b1_3200", {"x": audio(rng, 1, 3200, 16000)["input"]}),
+                ("b2_1600", {"x": audio(rng, 2, 1600, 16000)["input"]})]
+    if stem == "zoo-gru-seq2seq":
+        return [("b1_s9_t5", {"src": tokens(rng, 1, 9)["tokens"], "tgt": tokens(rng, 1, 5)["tokens"]}),
+                ("b3_s13_t11", {"src": tokens(rng, 3, 13)["tokens"], "tgt": tokens(rng, 3, 11)["tokens"]})]
     if stem == "zoo-crnn":
         return [("b1_32x64", text_image(rng, 1, 32, 64, channels=1)),
                 ("b3_32x100", text_image(rng, 3, 32, 100, channels=1))]

@@ -21,9 +21,20 @@ writes MODELS_DIR/<stem>.onnx for
                             states from ConstantOfShape), Transpose / Reshape between them, MatMul + Add to
                             37 classes, LogSoftmax (26 MB)
 
+    zoo-resnet50            ResNet-50 (v1.5): bottleneck blocks of 1x1 / 3x3 (strided) / 1x1 convs (102 MB)
+    zoo-vit-tiny            a ViT-Tiny/16 for 96x96 images: patch Conv, class token (Shape / Expand / Concat),
+                            position embeddings, 12 pre-norm blocks (LayerNormalization, qkv MatMul, Reshape /
+                            Transpose to 3 heads, Softmax attention, GELU as Erf), Gemm head (23 MB)
+    zoo-wav2vec2-frontend   wav2vec 2.0 base's conv feature encoder (seven Conv1d of 512 channels, GroupNorm as
+                            InstanceNormalization, GELU) and feature projection (LayerNorm, Linear to 768) (19 MB)
+    zoo-gru-seq2seq         a GRU encoder-decoder: embeddings of `src` / `tgt` tokens, the encoder GRU's last state
+                            starts the decoder GRU (hidden 256), Linear to 1000 logits per target step (3 MB)
+
 Inputs: `x` float32 [N, 3, H, W] for the image models (H and W dynamic; multiples of 32 for zoo-yolo-tiny, whose
-FPN concatenates upsampled maps), `x` [N, 1, 32, W] for zoo-crnn. Outputs: `logits` [N, 1000]; zoo-yolo-tiny
-`p3` / `p4` / `p5` [N, 255, H/s, W/s]; zoo-crnn `log_probs` [W/4 + 1, N, 37].
+FPN concatenates upsampled maps; 96x96 for zoo-vit-tiny), `x` [N, 1, 32, W] for zoo-crnn, `x` [N, samples] (16 kHz
+audio) for zoo-wav2vec2-frontend, int64 `src` [N, S] and `tgt` [N, T] for zoo-gru-seq2seq. Outputs: `logits`
+[N, 1000]; zoo-yolo-tiny `p3` / `p4` / `p5` [N, 255, H/s, W/s]; zoo-crnn `log_probs` [W/4 + 1, N, 37];
+zoo-wav2vec2-frontend `features` [N, frames, 768]; zoo-gru-seq2seq `logits` [N, T, 1000].
 
 Weights: each Conv's weights are He-normal, then a BatchNorm is folded into them from the statistics of the conv's
 output on 8 calibration images (float64 numpy, evaluated while the graph is built; see `Builder.folded`), so every
@@ -539,28 +550,202 @@ def crnn() -> onnx.ModelProto:
     return b.model("crnn", [image_input(1)], [out])
 
 
-# stem -> (builder, input shape for the build-time check, axis of the batch in the outputs)
+def resnet50() -> onnx.ModelProto:
+    """torchvision ResNet-50 (v1.5: the stride on the 3x3 conv of each bottleneck)."""
+    b = Builder(20261217, (3, 96, 96))
+    x = b.relu(b.conv("x", "conv1", 3, 64, 7, 2), "relu")
+    x = b.maxpool(x, "maxpool", 3, 2, 1)
+    cin = 64
+    for li, (width, blocks) in enumerate([(64, 3), (128, 4), (256, 6), (512, 3)], start=1):
+        cout = 4 * width
+        for i in range(blocks):
+            p = f"layer{li}.{i}"
+            stride = 2 if li > 1 and i == 0 else 1
+            h = b.relu(b.conv(x, f"{p}.conv1", cin, width, 1), f"{p}/relu")
+            h = b.relu(b.conv(h, f"{p}.conv2", width, width, 3, stride), f"{p}/relu_1")
+            h = b.conv(h, f"{p}.conv3", width, cout, 1, gain=RESIDUAL_GAIN)
+            identity = b.conv(x, f"{p}.downsample.0", cin, cout, 1, stride) if stride != 1 or cin != cout else x
+            x = b.relu(b.add(h, identity, p), f"{p}/relu_2")
+            cin = cout
+    logits = b.classifier_head(x, 2048, scope="fc")
+    return b.model("resnet50", [image_input()], logits_output(b, logits))
+
+
+def gelu(b: Builder, x: str, scope: str) -> str:
+    """nn.GELU() as torch.onnx writes it at opset 17: x * 0.5 * (1 + erf(x / sqrt(2)))."""
+    e = b.op("Erf", [b.op("Div", [x, b.scalar(float(np.float32(np.sqrt(2.0))))], scope)], scope)
+    return b.op("Mul", [b.op("Mul", [x, b.op("Add", [e, b.scalar(1.0)], scope)], scope), b.scalar(0.5)], scope)
+
+
+def linear(b: Builder, x: str, scope: str, cin: int, cout: int, std: float = None) -> str:
+    """nn.Linear on a 3-D input: MatMul with the transposed weight + Add of the bias (torch.onnx's form);
+    weights N(0, 1/cin) unless `std` is given."""
+    w = b.const(f"{scope}.weight_T", b.normal((cin, cout), 1.0 / np.sqrt(cin) if std is None else std))
+    y = b.op("MatMul", [x, w], scope)
+    return b.op("Add", [b.const(f"{scope}.bias", b.normal((cout,), 0.02)), y], scope)
+
+
+def layer_norm(b: Builder, x: str, scope: str, dim: int) -> str:
+    gamma = b.const(f"{scope}.weight", (1.0 + 0.1 * b.rng.standard_normal(dim)).astype(np.float32))
+    beta = b.const(f"{scope}.bias", b.normal((dim,), 0.02))
+    return b.op("LayerNormalization", [x, gamma, beta], scope, axis=-1, epsilon=1e-6)
+
+
+def vit_tiny() -> onnx.ModelProto:
+    """A timm-style ViT-Tiny/16 (dim 192, 12 blocks, 3 heads, MLP 768) for 96x96 images (36 patches + a class
+    token, learned position embeddings): patch Conv, Concat with the expanded class token, pre-norm blocks with
+    LayerNormalization, fused qkv MatMul, Reshape / Transpose to heads, scaled scores, Softmax, GELU (Erf) MLP;
+    the class token's final LayerNorm feeds a Gemm to 1000 classes."""
+    b = Builder(20261218, (3, 96, 96))
+    dim, heads, depth, mlp, tokens = 192, 3, 12, 768, 37
+    hd = dim // heads
+    w = b.const("patch_embed.proj.weight", b.normal((dim, 3, 16, 16), 1.0 / np.sqrt(3 * 16 * 16)))
+    x = b.op("Conv", ["x", w, b.const("patch_embed.proj.bias", b.normal((dim,), 0.02))], "patch_embed/proj",
+             dilations=[1, 1], group=1, kernel_shape=[16, 16], pads=[0, 0, 0, 0], strides=[16, 16])
+    x = b.op("Reshape", [x, b.ints(0, dim, -1)], "patch_embed")
+    x = b.op("Transpose", [x], "patch_embed", perm=[0, 2, 1])  # [N, 36, dim]
+    batch = b.op("Unsqueeze", [b.op("Gather", [b.op("Shape", [x], "cls"), b.index(0)], "cls", axis=0), b.ints(0)],
+                 "cls")
+    cls_shape = b.op("Concat", [batch, b.ints(1, 1)], "cls", axis=0)
+    cls = b.op("Expand", [b.const("cls_token", b.normal((1, 1, dim), 1.0)), cls_shape], "cls")
+    x = b.op("Concat", [cls, x], "Concat", axis=1)
+    x = b.op("Add", [x, b.const("pos_embed", b.normal((1, tokens, dim), 0.5))], "pos")
+    for i in range(depth):
+        p = f"blocks.{i}"
+        h = layer_norm(b, x, f"{p}.norm1", dim)
+        qkv = linear(b, h, f"{p}.attn.qkv", dim, 3 * dim)
+        qkv = b.op("Reshape", [qkv, b.ints(0, tokens, 3, heads, hd)], f"{p}/attn")
+        qkv = b.op("Transpose", [qkv], f"{p}/attn", perm=[2, 0, 3, 1, 4])  # [3, N, heads, tokens, hd]
+        q, k, v = (b.op("Gather", [qkv, b.index(j)], f"{p}/attn", axis=0) for j in range(3))
+        kt = b.op("Transpose", [k], f"{p}/attn", perm=[0, 1, 3, 2])
+        s = b.op("Mul", [b.op("MatMul", [q, kt], f"{p}/attn"), b.scalar(float(np.float32(hd ** -0.5)))],
+                 f"{p}/attn")
+        a = b.op("MatMul", [b.op("Softmax", [s], f"{p}/attn", axis=-1), v], f"{p}/attn")
+        a = b.op("Reshape", [b.op("Transpose", [a], f"{p}/attn", perm=[0, 2, 1, 3]), b.ints(0, tokens, dim)],
+                 f"{p}/attn")
+        x = b.op("Add", [x, linear(b, a, f"{p}.attn.proj", dim, dim, std=0.5 / np.sqrt(dim))], p)
+        h = layer_norm(b, x, f"{p}.norm2", dim)
+        h = gelu(b, linear(b, h, f"{p}.mlp.fc1", dim, mlp), f"{p}/mlp/act")
+        x = b.op("Add", [x, linear(b, h, f"{p}.mlp.fc2", mlp, dim, std=0.5 / np.sqrt(mlp))], p)
+    x = layer_norm(b, x, "norm", dim)
+    x = b.op("Gather", [x, b.index(0)], "Gather", axis=1)  # the class token: [N, dim]
+    w = b.const("head.weight", b.normal((1000, dim), LOGIT_STD / np.sqrt(dim)))
+    x = b.op("Gemm", [x, w, b.const("head.bias", b.normal((1000,), 0.02))], "head", alpha=1.0, beta=1.0, transB=1)
+    return b.model("vit_tiny", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 96, 96])],
+                   logits_output(b, x))
+
+
+def wav2vec2_frontend() -> onnx.ModelProto:
+    """wav2vec 2.0 base's feature encoder and projection (what speech models put in front of their transformer):
+    raw 16 kHz audio [N, samples] -> Unsqueeze -> seven Conv1d layers of 512 channels without bias (kernels 10, 3,
+    3, 3, 3, 2, 2; strides 5, 2, 2, 2, 2, 2, 2), GroupNorm(512 groups) after the first (exported as Reshape ->
+    InstanceNormalization -> Reshape -> Mul -> Add), GELU (Erf) after each -> Transpose -> LayerNorm -> Linear(512,
+    768) -> features [N, frames, 768], one frame per 320 samples."""
+    b = Builder(20261219, (1, 1, 1))
+    dim = 512
+    x = b.op("Unsqueeze", ["x", b.ints(1)], "Unsqueeze")
+    cin = 1
+    for i, (k, s) in enumerate([(10, 5), (3, 2), (3, 2), (3, 2), (3, 2), (2, 2), (2, 2)]):
+        p = f"feature_extractor.conv_layers.{i}"
+        w = b.const(f"{p}.conv.weight", b.normal((dim, cin, k), np.sqrt(2.0 / (cin * k))))
+        x = b.op("Conv", [x, w], f"{p}/conv", dilations=[1], group=1, kernel_shape=[k], pads=[0, 0], strides=[s])
+        if i == 0:
+            shape = b.op("Shape", [x], f"{p}/layer_norm")
+            g = b.op("Reshape", [x, b.ints(0, dim, -1)], f"{p}/layer_norm")
+            g = b.op("InstanceNormalization", [g, b.const(f"{p}.norm.ones", np.ones(dim, np.float32)),
+                                               b.const(f"{p}.norm.zeros", np.zeros(dim, np.float32))],
+                     f"{p}/layer_norm", epsilon=1e-5)
+            g = b.op("Reshape", [g, shape], f"{p}/layer_norm")
+            g = b.op("Mul", [g, b.const(f"{p}.layer_norm.weight", (1.0 + 0.1 * b.normal((dim, 1), 1.0)))],
+                     f"{p}/layer_norm")
+            x = b.op("Add", [g, b.const(f"{p}.layer_norm.bias", b.normal((dim, 1), 0.1))], f"{p}/layer_norm")
+        x = gelu(b, x, f"{p}/activation")
+        cin = dim
+    x = b.op("Transpose", [x], "Transpose", perm=[0, 2, 1])
+    x = layer_norm(b, x, "feature_projection.layer_norm", dim)
+    x = linear(b, x, "feature_projection.projection", dim, 768)
+    out = helper.make_tensor_value_info(b.rename(x, "features"), TensorProto.FLOAT, ["N", "frames", 768])
+    return b.model("wav2vec2_frontend", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", "samples"])],
+                   [out])
+
+
+def gru_seq2seq() -> onnx.ModelProto:
+    """A GRU encoder-decoder (teacher forcing): token embeddings (vocabulary 1000, 128 wide) for `src` [N, S] and
+    `tgt` [N, T] -> Transpose to time-major -> encoder GRU (hidden 256) whose last state starts the decoder GRU ->
+    Squeeze / Transpose -> Linear(256, 1000) -> logits [N, T, 1000]. torch.nn.GRU's init and
+    linear_before_reset=1, as torch.onnx writes it."""
+    b = Builder(20261220, (1, 1, 1))
+    vocab, emb, hidden = 1000, 128, 256
+    k = 1.0 / np.sqrt(hidden)
+
+    def uniform(shape):
+        return b.rng.uniform(-k, k, shape).astype(np.float32)
+
+    def embed(tokens, scope):
+        table = b.const(f"{scope}.weight", b.normal((vocab, emb), 1.0))
+        x = b.op("Gather", [table, tokens], scope, axis=0)
+        return b.op("Transpose", [x], scope, perm=[1, 0, 2])  # [S, N, emb]
+
+    def gru(x, scope, h0):
+        w, r = b.const(f"{scope}.W", uniform((1, 3 * hidden, emb))), b.const(f"{scope}.R", uniform((1, 3 * hidden, hidden)))
+        bias = b.const(f"{scope}.B", uniform((1, 6 * hidden)))
+        return b.op("GRU", [x, w, r, bias, "", h0], scope, outputs=2, hidden_size=hidden, linear_before_reset=1)
+
+    src = embed("src", "encoder.embedding")
+    batch = b.op("Unsqueeze", [b.op("Gather", [b.op("Shape", ["src"], "encoder"), b.index(0)], "encoder", axis=0),
+                               b.ints(0)], "encoder")
+    h0 = b.op("ConstantOfShape", [b.op("Concat", [b.ints(1), batch, b.ints(hidden)], "encoder", axis=0)], "encoder",
+              value=numpy_helper.from_array(np.zeros(1, np.float32)))
+    _, state = gru(src, "encoder.gru", h0)
+    y, _ = gru(embed("tgt", "decoder.embedding"), "decoder.gru", state)
+    y = b.op("Transpose", [b.op("Squeeze", [y, b.ints(1)], "decoder")], "decoder", perm=[1, 0, 2])  # [N, T, hidden]
+    y = linear(b, y, "decoder.out", hidden, vocab, std=3.0 / np.sqrt(hidden))
+    ins = [helper.make_tensor_value_info("src", TensorProto.INT64, ["N", "S"]),
+           helper.make_tensor_value_info("tgt", TensorProto.INT64, ["N", "T"])]
+    out = helper.make_tensor_value_info(b.rename(y, "logits"), TensorProto.FLOAT, ["N", "T", vocab])
+    return b.model("gru_seq2seq", ins, [out])
+
+
+def check_audio(rng) -> dict:
+    t = np.arange(4000) / 16000
+    rows = [0.5 * np.sin(2 * np.pi * (200 + 300 * i + 800 * t) * t) + 0.05 * rng.standard_normal(t.size) for i in range(2)]
+    return {"x": np.stack(rows).astype(np.float32)}
+
+
+def check_tokens(rng) -> dict:
+    return {"src": rng.integers(0, 1000, (2, 9)).astype(np.int64), "tgt": rng.integers(0, 1000, (2, 7)).astype(np.int64)}
+
+
+def images(*shape):
+    return lambda rng: {"x": smooth_images(rng, shape).astype(np.float32)}
+
+
+# stem -> (builder, the build-time check's inputs (two samples) from a generator, axis of the batch in the outputs)
 MODELS = {
-    "zoo-mobilenetv2": (mobilenetv2, (2, 3, 96, 96), 0),
-    "zoo-mobilenetv3-small": (mobilenetv3_small, (2, 3, 96, 96), 0),
-    "zoo-efficientnet-b0": (efficientnet_b0, (2, 3, 96, 96), 0),
-    "zoo-shufflenetv2": (shufflenetv2, (2, 3, 96, 96), 0),
-    "zoo-resnet18": (resnet18, (2, 3, 96, 96), 0),
-    "zoo-yolo-tiny": (yolo_tiny, (2, 3, 64, 96), 0),
-    "zoo-crnn": (crnn, (2, 1, 32, 100), 1),
+    "zoo-mobilenetv2": (mobilenetv2, images(2, 3, 96, 96), 0),
+    "zoo-mobilenetv3-small": (mobilenetv3_small, images(2, 3, 96, 96), 0),
+    "zoo-efficientnet-b0": (efficientnet_b0, images(2, 3, 96, 96), 0),
+    "zoo-shufflenetv2": (shufflenetv2, images(2, 3, 96, 96), 0),
+    "zoo-resnet18": (resnet18, images(2, 3, 96, 96), 0),
+    "zoo-yolo-tiny": (yolo_tiny, images(2, 3, 64, 96), 0),
+    "zoo-crnn": (crnn, images(2, 1, 32, 100), 1),
+    "zoo-resnet50": (resnet50, images(2, 3, 96, 96), 0),
+    "zoo-vit-tiny": (vit_tiny, images(2, 3, 96, 96), 0),
+    "zoo-wav2vec2-frontend": (wav2vec2_frontend, check_audio, 0),
+    "zoo-gru-seq2seq": (gru_seq2seq, check_tokens, 0),
 }
 
 
-def sanity_check(path: str, shape, batch_axis: int) -> str:
-    """Runs the model once in onnxruntime on two smooth random images; every output must be finite, have a std
-    in [0.1, 100], and differ between the two images. Returns a summary."""
-    img = smooth_images(np.random.default_rng(7), shape).astype(np.float32)
+def sanity_check(path: str, make_feeds, batch_axis: int) -> str:
+    """Runs the model once in onnxruntime on two random samples (smooth images, chirps or token ids); every output
+    must be finite, have a std in [0.1, 100], and differ between the two samples. Returns a summary."""
+    feeds = make_feeds(np.random.default_rng(7))
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = 1
     sess = ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
     names = [o.name for o in sess.get_outputs()]
     summary = []
-    for name, out in zip(names, sess.run(names, {"x": img})):
+    for name, out in zip(names, sess.run(names, feeds)):
         std = float(out.std())
         a, b = np.take(out, 0, axis=batch_axis), np.take(out, 1, axis=batch_axis)
         assert np.isfinite(out).all(), f"{path}: {name} is not finite"
@@ -577,7 +762,7 @@ def main() -> None:
     args = ap.parse_args()
     assert ort.__version__ == ORT_VERSION, f"onnxruntime {ort.__version__}, want {ORT_VERSION}"
     os.makedirs(args.models_dir, exist_ok=True)
-    for stem, (build, shape, batch_axis) in MODELS.items():
+    for stem, (build, make_feeds, batch_axis) in MODELS.items():
         path = os.path.join(args.models_dir, f"{stem}.onnx")
         if os.path.exists(path) and not args.force:
             continue
@@ -588,7 +773,7 @@ def main() -> None:
         try:
             onnx.save(model, tmp)
             os.chmod(tmp, 0o644)
-            summary = sanity_check(tmp, shape, batch_axis)
+            summary = sanity_check(tmp, make_feeds, batch_axis)
             os.replace(tmp, path)
         finally:
             if os.path.exists(tmp):

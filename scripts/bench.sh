@@ -15,7 +15,7 @@ log() { printf 'bench.sh: %s\n' "$*" >&2; }
 VENV="$(bash scripts/setup-python.sh </dev/null | tail -n 1)"
 MODELS="$(PYTHON="$VENV/bin/python" bash models/fetch.sh </dev/null | tail -n 1)"
 "$VENV/bin/python" models/make_bert.py "$MODELS" --variant all </dev/null >&2
-# the CNN zoo with random weights (~7 s once, ~0.3 s cached)
+# the model zoo with random weights (~13 s once, ~0.3 s cached)
 "$VENV/bin/python" models/make_zoo.py "$MODELS" </dev/null >&2
 # ONNX Runtime's quantize_dynamic of MiniLM-L3 and bert-base (the int8 rows), quantize_static of three zoo CNNs
 "$VENV/bin/python" models/make_quantized.py "$MODELS" --with-bert-base </dev/null >&2

@@ -26,8 +26,9 @@ VENV="$(bash scripts/setup-python.sh </dev/null | tail -n 1)"
 # tests; built once per make_smollm2.py version (~30 s with an empty cache, ~2 s cached).
 MODELS="$(PYTHON="$VENV/bin/python" bash models/fetch.sh --llm </dev/null | tail -n 1)"
 "$VENV/bin/python" models/make_bert.py "$MODELS" --variant all </dev/null   # bert-tiny + bert-base (438 MB, ~10 s)
-# seven CNN architectures with random weights (MobileNetV2/V3, EfficientNet-B0, ShuffleNetV2, ResNet-18, a small
-# YOLO, a CRNN; 135 MB): ~7 s with an empty cache, ~0.3 s cached
+# eleven architectures with random weights (MobileNetV2/V3, EfficientNet-B0, ShuffleNetV2, ResNet-18/50, a ViT,
+# a wav2vec 2.0 conv front end, a GRU encoder-decoder, a small YOLO, a CRNN; 282 MB): ~13 s with an empty cache,
+# ~0.3 s cached
 "$VENV/bin/python" models/make_zoo.py "$MODELS" </dev/null
 # ORT quantize_dynamic: MiniLM-L3, bert-tiny, Silero VAD, a BiLSTM tagger; quantize_static (QOperator and QDQ) of
 # three zoo CNNs (~15 s with an empty cache, ~0.3 s cached)

@@ -131,6 +131,39 @@ fn vad_inputs(batch: usize) -> Vec<Input> {
     ]
 }
 
+/// 16 kHz audio for `zoo-wav2vec2-frontend`: one second per sample, [batch, 16000].
+fn speech_inputs(batch: usize) -> Vec<Input> {
+    let mut rng = Rng(0x5eed_0005);
+    let samples = 16000;
+    let audio = (0..batch * samples)
+        .map(|i| 0.5 * ((i % samples) as f32 * 0.05).sin() + 0.05 * (rng.unit() - 0.5))
+        .collect();
+    vec![Input {
+        name: "x".into(),
+        dims: vec![batch, samples],
+        data: Data::F32(audio),
+    }]
+}
+
+/// 32 source and 32 target token ids (vocabulary 1000) for `zoo-gru-seq2seq`.
+fn seq2seq_inputs(batch: usize) -> Vec<Input> {
+    let mut rng = Rng(0x5eed_0006);
+    let len = 32;
+    let mut ids = || (0..batch * len).map(|_| (rng.next_u64() % 1000) as i64).collect();
+    vec![
+        Input {
+            name: "src".into(),
+            dims: vec![batch, len],
+            data: Data::I64(ids()),
+        },
+        Input {
+            name: "tgt".into(),
+            dims: vec![batch, len],
+            data: Data::I64(ids()),
+        },
+    ]
+}
+
 /// The benchmarked models (the `zoo-*` CNNs come from `models/make_zoo.py`). BERT-base, the OCR models and the
 /// CNNs stop at batch 8 by default (one batch-32 run takes seconds per engine on a 2-core machine); `--batches`
 /// overrides.
@@ -233,6 +266,34 @@ pub fn models() -> Vec<ModelSpec> {
             batches: &[1, 8],
             sample: "1x32x320 text line",
             make_inputs: text_line_inputs,
+        },
+        ModelSpec {
+            label: "ResNet-50 (zoo, random weights)",
+            file: "zoo-resnet50.onnx",
+            batches: &[1, 8],
+            sample: "3x224x224 image",
+            make_inputs: |b| image_inputs(b, 224, 224),
+        },
+        ModelSpec {
+            label: "ViT-Tiny/16 (zoo, random weights)",
+            file: "zoo-vit-tiny.onnx",
+            batches: &[1, 8],
+            sample: "3x96x96 image",
+            make_inputs: |b| image_inputs(b, 96, 96),
+        },
+        ModelSpec {
+            label: "wav2vec 2.0 conv front end (zoo, random weights)",
+            file: "zoo-wav2vec2-frontend.onnx",
+            batches: &[1, 8],
+            sample: "1 s of 16 kHz audio",
+            make_inputs: speech_inputs,
+        },
+        ModelSpec {
+            label: "GRU encoder-decoder (zoo, random weights)",
+            file: "zoo-gru-seq2seq.onnx",
+            batches: &[1, 8],
+            sample: "32 source + 32 target tokens",
+            make_inputs: seq2seq_inputs,
         },
     ]
 }

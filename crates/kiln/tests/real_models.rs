@@ -289,6 +289,34 @@ fn zoo_crnn_matches_onnxruntime() {
     check_model("zoo-crnn");
 }
 
+/// ResNet-50 (v1.5): bottlenecks of 1x1 / strided 3x3 / 1x1 convs, 2048-wide head.
+#[test]
+fn zoo_resnet50_matches_onnxruntime() {
+    check_model("zoo-resnet50");
+}
+
+/// ViT-Tiny/16: patch Conv, class token (Shape / Expand / Concat), 12 pre-norm blocks
+/// (LayerNormalization, qkv MatMul, 3-head Softmax attention through Reshape / Transpose / Gather,
+/// GELU as Erf), Gemm head.
+#[test]
+fn zoo_vit_tiny_matches_onnxruntime() {
+    check_model("zoo-vit-tiny");
+}
+
+/// wav2vec 2.0's conv feature encoder: seven Conv1d of 512 channels, GroupNorm exported as
+/// InstanceNormalization between Reshapes, GELU; LayerNorm and a Linear projection.
+#[test]
+fn zoo_wav2vec2_frontend_matches_onnxruntime() {
+    check_model("zoo-wav2vec2-frontend");
+}
+
+/// A GRU encoder-decoder: two token embeddings, the encoder GRU's last state starting the
+/// decoder GRU, a Linear to 1000 logits per step.
+#[test]
+fn zoo_gru_seq2seq_matches_onnxruntime() {
+    check_model("zoo-gru-seq2seq");
+}
+
 /// Zoo CNNs through ONNX Runtime's static quantizer (`models/make_quantized.py`: uint8 activations,
 /// int8 weights, min-max calibration). QOperator form: QLinearConv, com.microsoft QLinearAdd,
 /// QLinearMul, QLinearSigmoid, QLinearGlobalAveragePool, QGemm, MaxPool on 8-bit tensors (measured
