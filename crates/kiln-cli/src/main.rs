@@ -123,8 +123,8 @@ enum Cmd {
         #[arg(long, default_value = "host", value_parser = ["host", "device"])]
         io: String,
         /// Walk the plan on the calling thread, each parallel kernel handing its work to the
-        /// thread pool and waiting (the library's default, which `kiln serve` uses). Without it
-        /// each inference runs on a worker of the pool (`RunOptions::on_thread_pool`), so parallel
+        /// thread pool and waiting (what `kiln serve` does). Without it each inference runs on a
+        /// worker of the pool (`RunOptions::on_thread_pool`, the library's default), so parallel
         /// kernels do not wake the pool from outside one by one.
         #[arg(long)]
         run_on_caller: bool,

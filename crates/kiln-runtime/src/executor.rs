@@ -24,10 +24,12 @@ pub struct RunOptions {
     /// waits for it). Parallel kernels then split their work from inside the pool, where the other
     /// workers are still spinning from the previous kernel, instead of waking the pool from outside
     /// and sleeping for every kernel: a run of many small parallel kernels (an LLM decode step: 200
-    /// matrix-vector products) loses a third of its time to those thread switches otherwise. Off by
-    /// default: a pool worker waiting in one run may pick up another caller's whole run (`kiln
-    /// bench` turns it on). With one thread it saves the same switches (the single worker runs the
-    /// plan and every kernel inline). Ignored when the caller already is a pool worker.
+    /// matrix-vector products) loses a third of its time to those thread switches otherwise. With
+    /// one thread it saves the same switches (the single worker runs the plan and every kernel
+    /// inline). On by default. The cost: a pool worker waiting inside one run may pick up another
+    /// caller's whole run, which delays the first by the second's duration, so `kiln serve` (many
+    /// concurrent requests) turns it off. Ignored when the caller already is a pool worker and for
+    /// plans on a GPU (whose kernels run on the caller's thread, where its context is current).
     pub on_thread_pool: bool,
 }
 
@@ -39,7 +41,7 @@ impl Default for RunOptions {
             deadline: None,
             profile: false,
             paged_kv: None,
-            on_thread_pool: false,
+            on_thread_pool: true,
         }
     }
 }
@@ -235,6 +237,30 @@ thread_local! {
     static NESTED_TIMES: std::cell::RefCell<Vec<OpTime>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
+/// A top-level run starting on a thread that may already be inside another run (a pool worker that
+/// picked up this run's job while waiting): the profiling depth and pending subgraph times of the
+/// suspended run are set aside until this one ends.
+struct TopLevelRun {
+    depth: u32,
+    nested: Vec<OpTime>,
+}
+
+impl TopLevelRun {
+    fn enter() -> Self {
+        TopLevelRun {
+            depth: PROFILE_DEPTH.with(|d| d.replace(0)),
+            nested: NESTED_TIMES.with(|n| std::mem::take(&mut *n.borrow_mut())),
+        }
+    }
+}
+
+impl Drop for TopLevelRun {
+    fn drop(&mut self) {
+        PROFILE_DEPTH.with(|d| d.set(self.depth));
+        NESTED_TIMES.with(|n| *n.borrow_mut() = std::mem::take(&mut self.nested));
+    }
+}
+
 /// Marks this thread as inside a profiled plan run for its lifetime; yields the depth.
 struct ProfileScope(u32);
 
@@ -269,8 +295,13 @@ impl ExecutionPlan {
         // Subnormal floats read as zero while the plan runs (see `denormals`); the caller's own
         // mode comes back when this returns.
         let _denormals = crate::denormals::RunMode::enter();
-        if options.on_thread_pool && rayon::current_thread_index().is_none() {
-            return rayon::scope(|_| self.run_on(feeds, captures, options, &self.device));
+        if options.on_thread_pool && self.device.is_cpu() && rayon::current_thread_index().is_none() {
+            return rayon::scope(|_| {
+                // The worker may be waiting inside another caller's run (it stole this job from
+                // a join there): this run is not nested in that one.
+                let _own = TopLevelRun::enter();
+                self.run_on(feeds, captures, options, &self.device)
+            });
         }
         self.run_on(feeds, captures, options, &self.device)
     }

@@ -69,6 +69,8 @@ impl ConstEval for CpuConstEval {
         let plan = ExecutionPlan::compile_graph(&g, &options).map_err(|e| e.to_string())?;
         let run = RunOptions {
             max_tensor_bytes: max_output_bytes as u64,
+            // one small node per fold: handing each to a pool worker would cost more than it runs
+            on_thread_pool: false,
             ..Default::default()
         };
         let (values, _) = plan.run(Vec::new(), &HashMap::new(), &run).map_err(|e| e.to_string())?;

@@ -422,7 +422,13 @@ impl ModelConfig {
             max_nesting: l.max_graph_nesting.unwrap_or(d.max_nesting),
             max_tensor_bytes: l.max_initializer_bytes.unwrap_or(d.max_tensor_bytes),
         };
-        let mut run_options = kiln::RunOptions::default();
+        // Concurrent requests: each run walks its plan on the batcher's thread and hands every
+        // parallel kernel to the pool, so a pool worker never runs another request's whole plan
+        // while one of its own kernels waits (`RunOptions::on_thread_pool`).
+        let mut run_options = kiln::RunOptions {
+            on_thread_pool: false,
+            ..Default::default()
+        };
         if let Some(b) = l.max_tensor_bytes {
             if b == 0 {
                 return Err(bad("limits.max_tensor_bytes must be > 0".into()));

@@ -105,3 +105,44 @@ fn self_times_of_nested_entries() {
         .collect();
     assert_eq!(own, vec![2, 1, 3, 1, 3, 4]);
 }
+
+/// Profiled runs from several threads at once, each on a pool worker (the default): a worker that
+/// waits inside one run's parallel GEMM may pick up another caller's whole run, and that run must
+/// still report its own nodes at depth 0 (not as nested in the first) and nothing of the other's.
+#[test]
+fn concurrent_profiled_runs_keep_their_own_times() {
+    let k = 256;
+    let w: Vec<f32> = (0..k * k).map(|i| ((i * 7 % 13) as f32 - 6.0) / 64.0).collect();
+    let m = model(
+        vec![
+            node("MatMul", "mm", &["x", "w"], &["h"]),
+            node("Relu", "relu", &["h"], &["y"]),
+        ],
+        vec![value("x", 1, &[-1, k as i64])],
+        vec![value("y", 1, &[-1, k as i64])],
+        vec![f32_tensor("w", &[k as i64, k as i64], &w)],
+    );
+    let session = Session::builder()
+        .optimization(Level::Disabled)
+        .build_from_bytes(&bytes(&m))
+        .unwrap();
+    assert!(session.run_options().on_thread_pool, "the library default");
+    let options = RunOptions {
+        profile: true,
+        ..session.run_options().clone()
+    };
+    std::thread::scope(|s| {
+        for t in 0..4 {
+            let (session, options) = (&session, &options);
+            s.spawn(move || {
+                for i in 0..25 {
+                    let rows = 64 + 32 * ((t + i) % 4);
+                    let x = TensorData::from_values("x", vec![rows, k], &vec![0.5f32; rows * k]).unwrap();
+                    let (_, stats) = session.run_with_options(vec![("x".into(), x)], options).unwrap();
+                    let seen: Vec<(&str, u32)> = stats.op_times.iter().map(|t| (t.node.as_str(), t.depth)).collect();
+                    assert_eq!(seen, vec![("mm", 0), ("relu", 0)], "thread {t} run {i}");
+                }
+            });
+        }
+    });
+}
