@@ -117,9 +117,8 @@ pub fn bypass(g: &mut Graph, idx: &mut Index, i: usize, src: ValueId, dst: Value
         }
         return true;
     }
-    // dst is a graph output: let src's producer write dst when src has no other use.
-    // Other readers of src read dst instead (the same values); not those reading it by name in a
-    // subgraph, which would need the body renamed.
+    // dst is a graph output: let src's producer write dst, and src's other readers read dst (the
+    // same values); not when one reads src by name in a subgraph, which would need the body renamed.
     let Some(p) = src_producer else { return false };
     let others: Vec<usize> = idx.readers(src).iter().copied().filter(|&r| r != i).collect();
     if idx.pinned.contains(&src)
