@@ -4,8 +4,8 @@
 #
 #   bash scripts/bench.sh [extra kiln-benches args, e.g. --only MiniLM --seconds 1]
 #
-# Needs what scripts/test.sh needs (python venv, network for the pinned wheels) plus protoc (candle-onnx's build:
-# apt-get install protobuf-compiler). Takes about 15 minutes on a 2-core machine. Writes the table to
+# Needs what scripts/test.sh needs (python venv, network for the pinned wheels); candle-onnx's build needs protoc,
+# a system one or grpcio-tools' (scripts/protoc.sh). Takes about 15 minutes on a 2-core machine. Writes the table to
 # docs/benchmarks.md between the BEGIN/END markers (the prose around them is kept).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -20,6 +20,8 @@ MODELS="$(PYTHON="$VENV/bin/python" bash models/fetch.sh </dev/null | tail -n 1)
 # ONNX Runtime's quantize_dynamic of MiniLM-L3 and bert-base (the int8 rows), quantize_static of three zoo CNNs
 "$VENV/bin/python" models/make_quantized.py "$MODELS" --with-bert-base </dev/null >&2
 export KILN_MODELS="$MODELS"
+PROTOC="$(bash scripts/protoc.sh | tail -n 1)"
+export PROTOC
 ORT_DYLIB_PATH="$(ls "$VENV"/lib/python3*/site-packages/onnxruntime/capi/libonnxruntime.so.1.32.0)"
 export ORT_DYLIB_PATH
 
