@@ -118,15 +118,10 @@ pub fn bypass(g: &mut Graph, idx: &mut Index, i: usize, src: ValueId, dst: Value
         return true;
     }
     // dst is a graph output: let src's producer write dst, and src's other readers read dst (the
-    // same values); not when one reads src by name in a subgraph, which would need the body renamed.
+    // same values). A src read by name in a subgraph is pinned (it would need the body renamed).
     let Some(p) = src_producer else { return false };
     let others: Vec<usize> = idx.readers(src).iter().copied().filter(|&r| r != i).collect();
-    if idx.pinned.contains(&src)
-        || idx.is_touched(p)
-        || others
-            .iter()
-            .any(|&r| idx.is_touched(r) || g.nodes[r].implicit_inputs.contains(&src))
-    {
+    if idx.pinned.contains(&src) || idx.is_touched(p) || others.iter().any(|&r| idx.is_touched(r)) {
         return false;
     }
     let Some(slot) = g.nodes[p].outputs.iter_mut().flatten().find(|o| **o == src) else {

@@ -117,23 +117,29 @@ fn widen_node_attrs(n: &mut Node) -> Result<usize> {
 /// are bound by name, so a body must follow when its owner's implicit input is replaced).
 fn rename_captures(g: &mut Graph, old: &str, new: &str) {
     for n in &mut g.nodes {
-        for a in n.attributes.values_mut() {
-            let bodies: Vec<&mut std::sync::Arc<Graph>> = match a {
-                Attribute::Graph(b) => vec![b],
-                Attribute::Graphs(bs) => bs.iter_mut().collect(),
-                _ => continue,
-            };
-            for body in bodies {
-                let body = std::sync::Arc::make_mut(body);
-                for c in body.captures.clone() {
-                    if body.values[c.index()].name == old {
-                        body.values[c.index()].name = new.to_string();
-                    }
+        for body in bodies_mut(n) {
+            let body = std::sync::Arc::make_mut(body);
+            for c in body.captures.clone() {
+                if body.values[c.index()].name == old {
+                    body.values[c.index()].name = new.to_string();
                 }
-                rename_captures(body, old, new);
             }
+            rename_captures(body, old, new);
         }
     }
+}
+
+/// The subgraph bodies a node owns (If branches, Loop/Scan bodies).
+fn bodies_mut(n: &mut Node) -> Vec<&mut std::sync::Arc<Graph>> {
+    let mut out = Vec::new();
+    for a in n.attributes.values_mut() {
+        match a {
+            Attribute::Graph(b) => out.push(b),
+            Attribute::Graphs(bs) => out.extend(bs.iter_mut()),
+            _ => {}
+        }
+    }
+    out
 }
 
 /// Every name used anywhere in the model (values of all graphs, node names).
@@ -260,16 +266,9 @@ fn widen_graph(g: &mut Graph, pinned: &HashSet<ValueId>, report: &mut WidenRepor
     let none = HashSet::new();
     for n in &mut g.nodes {
         report.attributes += widen_node_attrs(n)?;
-        for a in n.attributes.values_mut() {
-            let bodies: Vec<&mut std::sync::Arc<Graph>> = match a {
-                Attribute::Graph(b) => vec![b],
-                Attribute::Graphs(bs) => bs.iter_mut().collect(),
-                _ => continue,
-            };
-            for body in bodies {
-                if has_float16(body) {
-                    widen_graph(std::sync::Arc::make_mut(body), &none, report)?;
-                }
+        for body in bodies_mut(n) {
+            if has_float16(body) {
+                widen_graph(std::sync::Arc::make_mut(body), &none, report)?;
             }
         }
     }
