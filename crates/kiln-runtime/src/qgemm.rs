@@ -18,6 +18,8 @@
 
 use rayon::prelude::*;
 
+mod amx;
+
 /// Rows of A per micro-tile.
 pub const MR: usize = 8;
 /// Columns of B per packed panel (two 16-lane i32 vectors).
@@ -69,7 +71,7 @@ impl ZeroPoint<'_> {
 pub struct PackedQB {
     k: usize,
     n: usize,
-    /// K rounded up to a multiple of 4.
+    /// K rounded up to a multiple of 4, or of 64 where the AMX kernel runs.
     kq: usize,
     data: Vec<i8>,
     /// Σ_k B'[k, n] of the signed (shifted) values.
@@ -105,7 +107,9 @@ impl PackedQB {
                 Int8::I8 => x as i8,
             }
         };
-        let kq = k.div_ceil(4) * 4;
+        // The AMX kernel steps through K 64 bytes at a time; the others 4.
+        let step = if amx::available() { amx::K_STEP } else { 4 };
+        let kq = k.div_ceil(step) * step;
         let panels = n.div_ceil(NR);
         let mut data = vec![0i8; panels * kq * NR];
         let mut col_sum = vec![0i32; n];
@@ -160,10 +164,51 @@ pub fn has_vnni() -> bool {
     }
 }
 
+/// The inner kernels of the integer GEMM, fastest last.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Kernel {
+    /// Plain Rust over the packed operands (any CPU).
+    Portable,
+    /// AVX-512 VNNI `vpdpbusd`, 8 x 32 micro-tiles.
+    Vnni,
+    /// AMX `tdpbusd`, 32 x 32 blocks of 16 x 16 tiles (B packed with K padded to 64).
+    Amx,
+}
+
+impl Kernel {
+    /// The fastest kernel this CPU runs (`KILN_NO_AMX` set in the environment skips AMX).
+    pub fn best() -> Kernel {
+        if amx::available() {
+            Kernel::Amx
+        } else if has_vnni() {
+            Kernel::Vnni
+        } else {
+            Kernel::Portable
+        }
+    }
+
+    /// Every kernel this CPU runs, slowest first.
+    pub fn available() -> Vec<Kernel> {
+        let best = Kernel::best();
+        [Kernel::Portable, Kernel::Vnni, Kernel::Amx]
+            .into_iter()
+            .filter(|&k| k <= best)
+            .collect()
+    }
+
+    /// Rows of A each call of the kernel covers.
+    fn block_rows(self) -> usize {
+        match self {
+            Kernel::Amx => amx::MA,
+            _ => MR,
+        }
+    }
+}
+
 /// `C = (A - a_zp) · (B - b_zp)` for row-major `a` (`m x k` bytes of type `ty`; zero point
 /// scalar or per row, a per-row list repeating every `len` rows) into row-major `c` (`m x n`).
 pub fn gemm(a: &[u8], ty: Int8, m: usize, a_zp: ZeroPoint, b: &PackedQB, c: &mut [i32]) -> Result<(), QGemmError> {
-    gemm_with(a, ty, m, a_zp, b, Output::I32(c), has_vnni())
+    gemm_with(a, ty, m, a_zp, b, Output::I32(c), Kernel::best())
 }
 
 /// [`gemm`] with a float result: `Y = f32(C) * scale[n] (+ bias[n])`, `scale` one value or one
@@ -190,7 +235,7 @@ pub fn gemm_f32(
             return Err(QGemmError::Shape(format!("{} bias values for {n} columns", bias.len())));
         }
     }
-    gemm_with(a, ty, m, a_zp, b, Output::F32 { y, scale, bias }, has_vnni())
+    gemm_with(a, ty, m, a_zp, b, Output::F32 { y, scale, bias }, Kernel::best())
 }
 
 /// Where [`gemm_with`] writes.
@@ -210,7 +255,7 @@ fn gemm_with(
     a_zp: ZeroPoint,
     b: &PackedQB,
     out: Output,
-    vnni: bool,
+    kernel: Kernel,
 ) -> Result<(), QGemmError> {
     let (k, n) = (b.k, b.n);
     let out_len = match &out {
@@ -227,69 +272,48 @@ fn gemm_with(
     if m == 0 {
         return Ok(());
     }
+    // A B operand packed on a CPU without AMX (K padded to 4 only) runs on VNNI.
+    let kernel = if kernel == Kernel::Amx && !b.kq.is_multiple_of(amx::K_STEP) {
+        Kernel::Vnni
+    } else {
+        kernel
+    };
     let shift = match ty {
         Int8::U8 => 0,
         Int8::I8 => 128,
     };
-    let tiles = m.div_ceil(MR);
+    let mb = kernel.block_rows();
+    let blocks = m.div_ceil(mb);
     let panels = n.div_ceil(NR);
-    // A tile's packed rows; reused from tile to tile (rows past a short last tile keep stale
-    // values, whose products are never stored).
-    let new_packed = || vec![0i32; b.kq / 4 * MR];
-    let run_tile = |t: usize, packed: &mut [i32], c_rows: &mut [i32]| {
-        let rows = MR.min(m - t * MR);
-        let mut row_sum = [0i32; MR];
-        pack_a(
-            &a[t * MR * k..(t * MR + rows) * k],
-            k,
-            rows,
-            shift,
-            packed,
-            &mut row_sum,
-        );
-        // C[r, j] = acc[r, j] + u[r] * zb[j] - v[r] * col_sum[j] with v = za and u = K * za - row_sum.
-        let (mut u, mut v) = ([0i32; MR], [0i32; MR]);
-        for r in 0..rows {
-            v[r] = a_zp.at(t * MR + r) + shift;
-            u[r] = (k as i32).wrapping_mul(v[r]).wrapping_sub(row_sum[r]);
-        }
-        let tile = Tile {
-            a: packed,
-            quads: b.kq / 4,
-            rows,
-            u,
-            v,
-        };
-        for p in 0..panels {
-            let cols = NR.min(n - p * NR);
-            let edge = Edge {
-                zb: &b.zp[p * NR..(p + 1) * NR],
-                col_sum: &b.col_sum[p * NR..(p + 1) * NR],
-                cols,
-            };
-            tile.run(b.panel(p), &edge, &mut c_rows[p * NR..], n, vnni);
-        }
+    let block = Block {
+        a,
+        k,
+        m,
+        a_zp,
+        shift,
+        b,
+        panels,
+        kernel,
     };
-    let parallel = m * k * n >= PARALLEL_MIN_MACS && rayon::current_num_threads() > 1 && tiles > 1;
+    let parallel = m * k * n >= PARALLEL_MIN_MACS && rayon::current_num_threads() > 1 && blocks > 1;
     match out {
         Output::I32(c) => {
             if parallel {
-                c.par_chunks_mut(MR * n)
+                c.par_chunks_mut(mb * n)
                     .enumerate()
-                    .for_each_init(new_packed, |packed, (t, rows)| run_tile(t, packed, rows));
+                    .for_each_init(Scratch::default, |s, (t, rows)| block.run(t, s, rows));
             } else {
-                let mut packed = new_packed();
-                c.chunks_mut(MR * n)
+                let mut s = Scratch::default();
+                c.chunks_mut(mb * n)
                     .enumerate()
-                    .for_each(|(t, rows)| run_tile(t, &mut packed, rows));
+                    .for_each(|(t, rows)| block.run(t, &mut s, rows));
             }
         }
         Output::F32 { y, scale, bias } => {
-            // Each tile's i32 block goes through a scratch block (in cache) into the floats.
-            let new_scratch = || (new_packed(), vec![0i32; MR * n]);
-            let to_float = |(packed, c): &mut (Vec<i32>, Vec<i32>), t: usize, rows: &mut [f32]| {
-                let c = &mut c[..rows.len()];
-                run_tile(t, packed, c);
+            // Each block's i32 result goes through a scratch block (in cache) into the floats.
+            let to_float = |(s, c): &mut (Scratch, Vec<i32>), t: usize, rows: &mut [f32]| {
+                c.resize(rows.len(), 0);
+                block.run(t, s, c);
                 for (yr, cr) in rows.chunks_mut(n).zip(c.chunks(n)) {
                     match (scale, bias) {
                         ([s], None) => yr.iter_mut().zip(cr).for_each(|(o, &v)| *o = v as f32 * s),
@@ -309,18 +333,205 @@ fn gemm_with(
                 }
             };
             if parallel {
-                y.par_chunks_mut(MR * n)
+                y.par_chunks_mut(mb * n)
                     .enumerate()
-                    .for_each_init(new_scratch, |s, (t, rows)| to_float(s, t, rows));
+                    .for_each_init(Default::default, |s, (t, rows)| to_float(s, t, rows));
             } else {
-                let mut s = new_scratch();
-                y.chunks_mut(MR * n)
+                let mut s = Default::default();
+                y.chunks_mut(mb * n)
                     .enumerate()
                     .for_each(|(t, rows)| to_float(&mut s, t, rows));
             }
         }
     }
     Ok(())
+}
+
+/// One thread's packing buffers, reused from block to block (rows past a short last block keep
+/// stale values, whose products are never stored).
+#[derive(Default)]
+struct Scratch {
+    /// A tile for the VNNI and portable kernels: `[K/4][MR]` groups of four bytes.
+    groups: Vec<i32>,
+    /// A block for the AMX kernel: [`amx::MA`] rows of `kq` bytes.
+    rows: Vec<u8>,
+    /// The AMX kernel's 32 x 32 product of one panel.
+    acc: Vec<i32>,
+}
+
+/// The operands of one product, cut into blocks of the kernel's rows.
+struct Block<'a> {
+    a: &'a [u8],
+    k: usize,
+    m: usize,
+    a_zp: ZeroPoint<'a>,
+    shift: i32,
+    b: &'a PackedQB,
+    panels: usize,
+    kernel: Kernel,
+}
+
+impl Block<'_> {
+    /// Writes rows `t * block_rows..` of C into `c_rows` (those rows, row stride n).
+    fn run(&self, t: usize, s: &mut Scratch, c_rows: &mut [i32]) {
+        let (k, n, b) = (self.k, self.b.n, self.b);
+        let mb = self.kernel.block_rows();
+        let rows = mb.min(self.m - t * mb);
+        let a = &self.a[t * mb * k..(t * mb + rows) * k];
+        // C[r, j] = acc[r, j] + u[r] * zb[j] - v[r] * col_sum[j] with v = za and u = K * za - row_sum.
+        let corrections = |row_sum: &[i32], u: &mut [i32], v: &mut [i32]| {
+            for r in 0..rows {
+                v[r] = self.a_zp.at(t * mb + r) + self.shift;
+                u[r] = (k as i32).wrapping_mul(v[r]).wrapping_sub(row_sum[r]);
+            }
+        };
+        #[cfg(target_arch = "x86_64")]
+        if self.kernel == Kernel::Amx {
+            s.rows.resize(amx::MA * b.kq, 0);
+            s.acc.resize(amx::MA * NR, 0);
+            let mut row_sum = [0i32; amx::MA];
+            pack_a_rows(a, k, rows, self.shift, b.kq, &mut s.rows, &mut row_sum);
+            let (mut u, mut v) = ([0i32; amx::MA], [0i32; amx::MA]);
+            corrections(&row_sum, &mut u, &mut v);
+            let acc: &mut [i32; amx::MA * NR] = (&mut s.acc[..]).try_into().expect("sized above");
+            // SAFETY: `Kernel::Amx` is only chosen when `amx::available()` (AMX-INT8 with the tile
+            // state granted, and AVX-512 VNNI for the epilogue).
+            let tiles = unsafe { amx::Tiles::configure() };
+            for p in 0..self.panels {
+                tiles.panel_product(&s.rows, b.kq, rows, b.panel(p), acc);
+                let edge = Edge {
+                    zb: &b.zp[p * NR..(p + 1) * NR],
+                    col_sum: &b.col_sum[p * NR..(p + 1) * NR],
+                    cols: NR.min(n - p * NR),
+                };
+                // SAFETY: AVX-512 is present (as above); `acc` holds MA x NR values, and C's
+                // rows (< rows <= MA, stride n) and columns (< cols) are inside `c_rows`.
+                unsafe { correct_avx512(acc, NR, rows, &u, &v, &edge, &mut c_rows[p * NR..], n) };
+            }
+            return;
+        }
+        s.groups.resize(b.kq / 4 * MR, 0);
+        let mut row_sum = [0i32; MR];
+        pack_a(a, k, rows, self.shift, &mut s.groups, &mut row_sum);
+        let (mut u, mut v) = ([0i32; MR], [0i32; MR]);
+        corrections(&row_sum, &mut u, &mut v);
+        let tile = Tile {
+            a: &s.groups,
+            quads: b.kq / 4,
+            rows,
+            u,
+            v,
+        };
+        for p in 0..self.panels {
+            let edge = Edge {
+                zb: &b.zp[p * NR..(p + 1) * NR],
+                col_sum: &b.col_sum[p * NR..(p + 1) * NR],
+                cols: NR.min(n - p * NR),
+            };
+            tile.run(
+                b.panel(p),
+                &edge,
+                &mut c_rows[p * NR..],
+                n,
+                self.kernel != Kernel::Portable,
+            );
+        }
+    }
+}
+
+/// `C[r, j] = acc[r, j] + u[r] * zb[j] - v[r] * col_sum[j]` for `rows` rows of one panel's
+/// product (`acc` row stride `lda`), stored with a column mask at the right edge.
+///
+/// # Safety
+/// AVX-512F must be present; `acc` holds `rows` rows of 32 at stride `lda`, `u`/`v` `rows`
+/// values, and `c` the `rows x cols` block at stride `ldc`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn correct_avx512(
+    acc: &[i32],
+    lda: usize,
+    rows: usize,
+    u: &[i32],
+    v: &[i32],
+    e: &Edge,
+    c: &mut [i32],
+    ldc: usize,
+) {
+    use std::arch::x86_64::*;
+    assert!(acc.len() >= (rows - 1) * lda + NR && u.len() >= rows && v.len() >= rows);
+    assert!(e.zb.len() == NR && e.col_sum.len() == NR && e.cols <= NR && c.len() >= (rows - 1) * ldc + e.cols);
+    // SAFETY: every load reads 16 i32 inside the slices asserted above; the stores are masked to
+    // the `cols` columns of each row, inside `c`.
+    unsafe {
+        let zb = [
+            _mm512_loadu_si512(e.zb.as_ptr() as *const _),
+            _mm512_loadu_si512(e.zb.as_ptr().add(16) as *const _),
+        ];
+        let cs = [
+            _mm512_loadu_si512(e.col_sum.as_ptr() as *const _),
+            _mm512_loadu_si512(e.col_sum.as_ptr().add(16) as *const _),
+        ];
+        let lo = e.cols.min(16);
+        let masks = [((1u32 << lo) - 1) as u16, ((1u32 << (e.cols - lo)) - 1) as u16];
+        for r in 0..rows {
+            let (uu, vv) = (_mm512_set1_epi32(u[r]), _mm512_set1_epi32(v[r]));
+            for h in 0..2 {
+                let x = _mm512_loadu_si512(acc.as_ptr().add(r * lda + h * 16) as *const _);
+                let y = _mm512_sub_epi32(
+                    _mm512_add_epi32(x, _mm512_mullo_epi32(uu, zb[h])),
+                    _mm512_mullo_epi32(vv, cs[h]),
+                );
+                _mm512_mask_storeu_epi32(c.as_mut_ptr().add(r * ldc + h * 16), masks[h], y);
+            }
+        }
+    }
+}
+
+/// Copies `rows` rows of A (`k` bytes each) into rows of `kq` bytes (zero padded), each byte
+/// shifted to u8 (`shift` 128 flips the sign bit of an i8), with the row sums of the shifted
+/// values.
+fn pack_a_rows(a: &[u8], k: usize, rows: usize, shift: i32, kq: usize, out: &mut [u8], row_sum: &mut [i32]) {
+    #[cfg(target_arch = "x86_64")]
+    if crate::fastmath::has_avx2_fma() {
+        // SAFETY: the CPU has AVX2 (checked here); the body is safe code.
+        unsafe { pack_a_rows_avx2(a, k, rows, shift, kq, out, row_sum) };
+        return;
+    }
+    pack_a_rows_body(a, k, rows, shift, kq, out, row_sum)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn pack_a_rows_avx2(
+    a: &[u8],
+    k: usize,
+    rows: usize,
+    shift: i32,
+    kq: usize,
+    out: &mut [u8],
+    row_sum: &mut [i32],
+) {
+    pack_a_rows_body(a, k, rows, shift, kq, out, row_sum)
+}
+
+#[inline(always)]
+fn pack_a_rows_body(a: &[u8], k: usize, rows: usize, shift: i32, kq: usize, out: &mut [u8], row_sum: &mut [i32]) {
+    let flip = if shift == 0 { 0u8 } else { 0x80 };
+    for ((src, dst), sum) in a
+        .chunks_exact(k)
+        .zip(out.chunks_exact_mut(kq))
+        .zip(row_sum.iter_mut())
+        .take(rows)
+    {
+        let mut s = 0i32;
+        for (d, &x) in dst.iter_mut().zip(src) {
+            *d = x ^ flip;
+            s += (x ^ flip) as i32;
+        }
+        dst[k..].fill(0);
+        *sum = s;
+    }
 }
 
 /// Packs `rows` (<= MR) rows of A into `[K/4][MR]` groups of four bytes (as little-endian i32),
@@ -533,6 +744,8 @@ mod tests {
             (9, 13, 33),
             (17, 64, 70),
             (40, 130, 65),
+            (33, 200, 97),
+            (64, 384, 64),
         ] {
             for ta in tys {
                 for tb in tys {
@@ -554,17 +767,19 @@ mod tests {
                         };
                         let want = reference(&a, ta, m, &za, &b, tb, k, n, &zb);
                         let pb = PackedQB::pack(&b, tb, k, n, ZeroPoint::PerIndex(&zb)).unwrap();
-                        for vnni in [false, has_vnni()] {
+                        for kernel in Kernel::available() {
                             let mut c = vec![0i32; m * n];
-                            gemm_with(&a, ta, m, ZeroPoint::PerIndex(&za), &pb, Output::I32(&mut c), vnni).unwrap();
-                            assert_eq!(c, want, "{m}x{k}x{n} {ta:?}x{tb:?} zp kind {zp_kind} vnni {vnni}");
+                            gemm_with(&a, ta, m, ZeroPoint::PerIndex(&za), &pb, Output::I32(&mut c), kernel).unwrap();
+                            assert_eq!(c, want, "{m}x{k}x{n} {ta:?}x{tb:?} zp kind {zp_kind} {kernel:?}");
                         }
                         cases += 1;
                     }
                 }
             }
         }
-        assert_eq!(cases, 72);
+        assert_eq!(cases, 96);
+        // This CPU's fastest kernel was among those checked.
+        assert!(Kernel::available().contains(&Kernel::best()));
     }
 
     #[test]
