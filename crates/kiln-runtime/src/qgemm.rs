@@ -16,6 +16,8 @@
 //! (zero products; the corrections use the true K). Without VNNI the same packed operands go
 //! through a portable loop (exact, slower).
 
+use std::mem::MaybeUninit;
+
 use rayon::prelude::*;
 
 mod amx;
@@ -226,6 +228,25 @@ pub fn gemm_f32(
     bias: Option<&[f32]>,
     y: &mut [f32],
 ) -> Result<(), QGemmError> {
+    // SAFETY: `MaybeUninit<f32>` has f32's layout, and the product only writes initialized f32
+    // values through the slice (never uninit ones), so `y` stays initialized.
+    let y = unsafe { &mut *(y as *mut [f32] as *mut [MaybeUninit<f32>]) };
+    gemm_f32_uninit(a, ty, m, a_zp, b, scale, bias, y)
+}
+
+/// [`gemm_f32`] into memory that need not be initialized: on success every element of `y` has
+/// been written (so a `Vec`'s spare capacity can be filled and its length set).
+#[allow(clippy::too_many_arguments)]
+pub fn gemm_f32_uninit(
+    a: &[u8],
+    ty: Int8,
+    m: usize,
+    a_zp: ZeroPoint,
+    b: &PackedQB,
+    scale: &[f32],
+    bias: Option<&[f32]>,
+    y: &mut [MaybeUninit<f32>],
+) -> Result<(), QGemmError> {
     let n = b.n;
     if scale.len() != 1 && scale.len() != n {
         return Err(QGemmError::Shape(format!("{} scales for {n} columns", scale.len())));
@@ -238,14 +259,31 @@ pub fn gemm_f32(
     gemm_with(a, ty, m, a_zp, b, Output::F32 { y, scale, bias }, Kernel::best())
 }
 
-/// Where [`gemm_with`] writes.
+/// Where [`gemm_with`] writes: all of C, or one block's rows of it.
 enum Output<'a> {
     I32(&'a mut [i32]),
     F32 {
-        y: &'a mut [f32],
+        y: &'a mut [MaybeUninit<f32>],
         scale: &'a [f32],
         bias: Option<&'a [f32]>,
     },
+}
+
+impl<'a> Output<'a> {
+    fn len(&self) -> usize {
+        match self {
+            Output::I32(c) => c.len(),
+            Output::F32 { y, .. } => y.len(),
+        }
+    }
+
+    /// The output cut into blocks of `rows` (of `n` values each), in order.
+    fn blocks(self, len: usize) -> Vec<Output<'a>> {
+        match self {
+            Output::I32(c) => c.chunks_mut(len).map(Output::I32).collect(),
+            Output::F32 { y, scale, bias } => y.chunks_mut(len).map(|y| Output::F32 { y, scale, bias }).collect(),
+        }
+    }
 }
 
 fn gemm_with(
@@ -258,10 +296,7 @@ fn gemm_with(
     kernel: Kernel,
 ) -> Result<(), QGemmError> {
     let (k, n) = (b.k, b.n);
-    let out_len = match &out {
-        Output::I32(c) => c.len(),
-        Output::F32 { y, .. } => y.len(),
-    };
+    let out_len = out.len();
     if m.checked_mul(k) != Some(a.len()) || m.checked_mul(n) != Some(out_len) {
         return Err(QGemmError::Shape(format!(
             "A holds {} values and C {out_len}; B is {k} x {n}, so A must be {m} x {k}",
@@ -284,7 +319,6 @@ fn gemm_with(
     };
     let mb = kernel.block_rows();
     let blocks = m.div_ceil(mb);
-    let panels = n.div_ceil(NR);
     let block = Block {
         a,
         k,
@@ -292,59 +326,24 @@ fn gemm_with(
         a_zp,
         shift,
         b,
-        panels,
+        panels: n.div_ceil(NR),
         kernel,
     };
     let parallel = m * k * n >= PARALLEL_MIN_MACS && rayon::current_num_threads() > 1 && blocks > 1;
-    match out {
-        Output::I32(c) => {
-            if parallel {
-                c.par_chunks_mut(mb * n)
-                    .enumerate()
-                    .for_each_init(Scratch::default, |s, (t, rows)| block.run(t, s, rows));
-            } else {
-                let mut s = Scratch::default();
-                c.chunks_mut(mb * n)
-                    .enumerate()
-                    .for_each(|(t, rows)| block.run(t, &mut s, rows));
-            }
-        }
-        Output::F32 { y, scale, bias } => {
-            // Each block's i32 result goes through a scratch block (in cache) into the floats.
-            let to_float = |(s, c): &mut (Scratch, Vec<i32>), t: usize, rows: &mut [f32]| {
-                c.resize(rows.len(), 0);
-                block.run(t, s, c);
-                for (yr, cr) in rows.chunks_mut(n).zip(c.chunks(n)) {
-                    match (scale, bias) {
-                        ([s], None) => yr.iter_mut().zip(cr).for_each(|(o, &v)| *o = v as f32 * s),
-                        ([s], Some(b)) => yr
-                            .iter_mut()
-                            .zip(cr.iter().zip(b))
-                            .for_each(|(o, (&v, &b))| *o = v as f32 * s + b),
-                        (s, None) => yr
-                            .iter_mut()
-                            .zip(cr.iter().zip(s))
-                            .for_each(|(o, (&v, &s))| *o = v as f32 * s),
-                        (s, Some(b)) => yr
-                            .iter_mut()
-                            .zip(cr.iter().zip(s.iter().zip(b)))
-                            .for_each(|(o, (&v, (&s, &b)))| *o = v as f32 * s + b),
-                    }
-                }
-            };
-            if parallel {
-                y.par_chunks_mut(mb * n)
-                    .enumerate()
-                    .for_each_init(Default::default, |s, (t, rows)| to_float(s, t, rows));
-            } else {
-                let mut s = Default::default();
-                y.chunks_mut(mb * n)
-                    .enumerate()
-                    .for_each(|(t, rows)| to_float(&mut s, t, rows));
-            }
-        }
+    let outs = out.blocks(mb * n);
+    if parallel {
+        outs.into_par_iter()
+            .enumerate()
+            .for_each(|(t, rows)| SCRATCH.with_borrow_mut(|s| block.run(t, s, rows)));
+    } else {
+        SCRATCH.with_borrow_mut(|s| outs.into_iter().enumerate().for_each(|(t, rows)| block.run(t, s, rows)));
     }
     Ok(())
+}
+
+thread_local! {
+    /// Each thread's packing buffers, kept from product to product.
+    static SCRATCH: std::cell::RefCell<Scratch> = std::cell::RefCell::default();
 }
 
 /// One thread's packing buffers, reused from block to block (rows past a short last block keep
@@ -357,6 +356,8 @@ struct Scratch {
     rows: Vec<u8>,
     /// The AMX kernel's 32 x 32 product of one panel.
     acc: Vec<i32>,
+    /// An MR-row block of C for the float output of the VNNI and portable kernels.
+    c: Vec<i32>,
 }
 
 /// The operands of one product, cut into blocks of the kernel's rows.
@@ -372,8 +373,8 @@ struct Block<'a> {
 }
 
 impl Block<'_> {
-    /// Writes rows `t * block_rows..` of C into `c_rows` (those rows, row stride n).
-    fn run(&self, t: usize, s: &mut Scratch, c_rows: &mut [i32]) {
+    /// Writes rows `t * block_rows..` of C into `out` (those rows, row stride n).
+    fn run(&self, t: usize, s: &mut Scratch, out: Output) {
         let (k, n, b) = (self.k, self.b.n, self.b);
         let mb = self.kernel.block_rows();
         let rows = mb.min(self.m - t * mb);
@@ -385,6 +386,11 @@ impl Block<'_> {
                 u[r] = (k as i32).wrapping_mul(v[r]).wrapping_sub(row_sum[r]);
             }
         };
+        let edge = |p: usize| Edge {
+            zb: &b.zp[p * NR..(p + 1) * NR],
+            col_sum: &b.col_sum[p * NR..(p + 1) * NR],
+            cols: NR.min(n - p * NR),
+        };
         #[cfg(target_arch = "x86_64")]
         if self.kernel == Kernel::Amx {
             s.rows.resize(amx::MA * b.kq, 0);
@@ -394,19 +400,17 @@ impl Block<'_> {
             let (mut u, mut v) = ([0i32; amx::MA], [0i32; amx::MA]);
             corrections(&row_sum, &mut u, &mut v);
             let acc: &mut [i32; amx::MA * NR] = (&mut s.acc[..]).try_into().expect("sized above");
+            let mut out = out;
             // SAFETY: `Kernel::Amx` is only chosen when `amx::available()` (AMX-INT8 with the tile
             // state granted, and AVX-512 VNNI for the epilogue).
             let tiles = unsafe { amx::Tiles::configure() };
             for p in 0..self.panels {
                 tiles.panel_product(&s.rows, b.kq, rows, b.panel(p), acc);
-                let edge = Edge {
-                    zb: &b.zp[p * NR..(p + 1) * NR],
-                    col_sum: &b.col_sum[p * NR..(p + 1) * NR],
-                    cols: NR.min(n - p * NR),
-                };
-                // SAFETY: AVX-512 is present (as above); `acc` holds MA x NR values, and C's
-                // rows (< rows <= MA, stride n) and columns (< cols) are inside `c_rows`.
-                unsafe { correct_avx512(acc, NR, rows, &u, &v, &edge, &mut c_rows[p * NR..], n) };
+                let e = edge(p);
+                // SAFETY: AVX-512 is present (as above); `acc` holds MA x NR values, `u`/`v`
+                // MA; the output block holds `rows` rows of n (the caller cut it so), and
+                // `finish_avx512` checks its bounds.
+                unsafe { finish_avx512(acc, rows, &u, &v, &e, p * NR, &mut out, n) };
             }
             return;
         }
@@ -422,47 +426,77 @@ impl Block<'_> {
             u,
             v,
         };
-        for p in 0..self.panels {
-            let edge = Edge {
-                zb: &b.zp[p * NR..(p + 1) * NR],
-                col_sum: &b.col_sum[p * NR..(p + 1) * NR],
-                cols: NR.min(n - p * NR),
-            };
-            tile.run(
-                b.panel(p),
-                &edge,
-                &mut c_rows[p * NR..],
-                n,
-                self.kernel != Kernel::Portable,
-            );
+        let vnni = self.kernel != Kernel::Portable;
+        match out {
+            Output::I32(c) => {
+                for p in 0..self.panels {
+                    tile.run(b.panel(p), &edge(p), &mut c[p * NR..], n, vnni);
+                }
+            }
+            Output::F32 { y, scale, bias } => {
+                s.c.resize(rows * n, 0);
+                for p in 0..self.panels {
+                    tile.run(b.panel(p), &edge(p), &mut s.c[p * NR..], n, vnni);
+                }
+                for (yr, cr) in y.chunks_mut(n).zip(s.c.chunks(n)) {
+                    to_float(cr, scale, bias, yr);
+                }
+            }
         }
     }
 }
 
-/// `C[r, j] = acc[r, j] + u[r] * zb[j] - v[r] * col_sum[j]` for `rows` rows of one panel's
-/// product (`acc` row stride `lda`), stored with a column mask at the right edge.
+/// `y[j] = c[j] as f32 * scale[j] (+ bias[j])` (a scale of one value applies to all).
+fn to_float(c: &[i32], scale: &[f32], bias: Option<&[f32]>, y: &mut [MaybeUninit<f32>]) {
+    match (scale, bias) {
+        ([s], None) => y.iter_mut().zip(c).for_each(|(o, &v)| {
+            o.write(v as f32 * s);
+        }),
+        ([s], Some(b)) => y.iter_mut().zip(c.iter().zip(b)).for_each(|(o, (&v, &b))| {
+            o.write(v as f32 * s + b);
+        }),
+        (s, None) => y.iter_mut().zip(c.iter().zip(s)).for_each(|(o, (&v, &s))| {
+            o.write(v as f32 * s);
+        }),
+        (s, Some(b)) => y
+            .iter_mut()
+            .zip(c.iter().zip(s.iter().zip(b)))
+            .for_each(|(o, (&v, (&s, &b)))| {
+                o.write(v as f32 * s + b);
+            }),
+    }
+}
+
+/// Finishes one panel of an AMX block: `C[r, j] = acc[r, j] + u[r] * zb[j] - v[r] * col_sum[j]`
+/// for `rows` rows and the panel's columns (`col0..col0 + cols` of the output's `n`), stored as
+/// i32 or converted as [`to_float`] does (a Cast, a Mul and an Add in f32, bit for bit), with a
+/// column mask at the right edge.
 ///
 /// # Safety
-/// AVX-512F must be present; `acc` holds `rows` rows of 32 at stride `lda`, `u`/`v` `rows`
-/// values, and `c` the `rows x cols` block at stride `ldc`.
+/// AVX-512F must be present.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
 #[allow(clippy::too_many_arguments)]
-unsafe fn correct_avx512(
-    acc: &[i32],
-    lda: usize,
+unsafe fn finish_avx512(
+    acc: &[i32; amx::MA * NR],
     rows: usize,
-    u: &[i32],
-    v: &[i32],
+    u: &[i32; amx::MA],
+    v: &[i32; amx::MA],
     e: &Edge,
-    c: &mut [i32],
-    ldc: usize,
+    col0: usize,
+    out: &mut Output,
+    n: usize,
 ) {
     use std::arch::x86_64::*;
-    assert!(acc.len() >= (rows - 1) * lda + NR && u.len() >= rows && v.len() >= rows);
-    assert!(e.zb.len() == NR && e.col_sum.len() == NR && e.cols <= NR && c.len() >= (rows - 1) * ldc + e.cols);
-    // SAFETY: every load reads 16 i32 inside the slices asserted above; the stores are masked to
-    // the `cols` columns of each row, inside `c`.
+    assert!(rows > 0 && rows <= amx::MA && e.cols > 0 && e.cols <= NR && col0 + e.cols <= n);
+    assert!(e.zb.len() == NR && e.col_sum.len() == NR);
+    assert!(out.len() >= (rows - 1) * n + col0 + e.cols);
+    if let Output::F32 { scale, bias, .. } = out {
+        assert!((scale.len() == 1 || scale.len() == n) && bias.is_none_or(|b| b.len() == n));
+    }
+    // SAFETY: the loads of zb, col_sum and acc read 16 i32 inside the arrays asserted above; the
+    // scale, bias and output accesses are masked to columns col0 + h*16 + lane < col0 + cols <= n
+    // of rows < `rows`, inside the slices asserted above.
     unsafe {
         let zb = [
             _mm512_loadu_si512(e.zb.as_ptr() as *const _),
@@ -474,15 +508,42 @@ unsafe fn correct_avx512(
         ];
         let lo = e.cols.min(16);
         let masks = [((1u32 << lo) - 1) as u16, ((1u32 << (e.cols - lo)) - 1) as u16];
-        for r in 0..rows {
+        let halves = if e.cols > 16 { 2 } else { 1 };
+        let int = |r: usize, h: usize| {
+            let x = _mm512_loadu_si512(acc.as_ptr().add(r * NR + h * 16) as *const _);
             let (uu, vv) = (_mm512_set1_epi32(u[r]), _mm512_set1_epi32(v[r]));
-            for h in 0..2 {
-                let x = _mm512_loadu_si512(acc.as_ptr().add(r * lda + h * 16) as *const _);
-                let y = _mm512_sub_epi32(
-                    _mm512_add_epi32(x, _mm512_mullo_epi32(uu, zb[h])),
-                    _mm512_mullo_epi32(vv, cs[h]),
-                );
-                _mm512_mask_storeu_epi32(c.as_mut_ptr().add(r * ldc + h * 16), masks[h], y);
+            _mm512_sub_epi32(
+                _mm512_add_epi32(x, _mm512_mullo_epi32(uu, zb[h])),
+                _mm512_mullo_epi32(vv, cs[h]),
+            )
+        };
+        match out {
+            Output::I32(c) => {
+                for r in 0..rows {
+                    for (h, &mask) in masks.iter().enumerate().take(halves) {
+                        let at = c.as_mut_ptr().add(r * n + col0 + h * 16);
+                        _mm512_mask_storeu_epi32(at, mask, int(r, h));
+                    }
+                }
+            }
+            Output::F32 { y, scale, bias } => {
+                let scale: &[f32] = scale;
+                let sc: [__m512; 2] = std::array::from_fn(|h| match scale {
+                    [s] => _mm512_set1_ps(*s),
+                    s => _mm512_maskz_loadu_ps(masks[h], s.as_ptr().add(col0 + h * 16)),
+                });
+                let bi: Option<[__m512; 2]> = bias
+                    .map(|b| std::array::from_fn(|h| _mm512_maskz_loadu_ps(masks[h], b.as_ptr().add(col0 + h * 16))));
+                for r in 0..rows {
+                    for (h, &mask) in masks.iter().enumerate().take(halves) {
+                        let mut f = _mm512_mul_ps(_mm512_cvtepi32_ps(int(r, h)), sc[h]);
+                        if let Some(bi) = &bi {
+                            f = _mm512_add_ps(f, bi[h]);
+                        }
+                        let at = y.as_mut_ptr().add(r * n + col0 + h * 16) as *mut f32;
+                        _mm512_mask_storeu_ps(at, mask, f);
+                    }
+                }
             }
         }
     }
@@ -785,7 +846,7 @@ mod tests {
     #[test]
     fn float_output_is_the_cast_mul_add_of_the_integer_result() {
         let mut rng = Bytes(11);
-        let (m, k, n) = (19, 37, 45);
+        let (m, k, n) = (35, 37, 45);
         let (a, b) = (rng.vec(m * k), rng.vec(k * n));
         let pb = PackedQB::pack(&b, Int8::I8, k, n, ZeroPoint::Scalar(3)).unwrap();
         let mut c = vec![0i32; m * n];
@@ -794,16 +855,34 @@ mod tests {
         let bias: Vec<f32> = (0..n).map(|j| j as f32 * 0.25 - 3.0).collect();
         for (scale, bias) in [
             (&[0.0123f32][..], None),
+            (&per_col[..], None),
             (&per_col[..], Some(&bias[..])),
             (&[0.5][..], Some(&bias[..])),
         ] {
+            let want: Vec<f32> = c
+                .iter()
+                .enumerate()
+                .map(|(i, &acc)| {
+                    let j = i % n;
+                    let y = acc as f32 * scale[j % scale.len()];
+                    bias.map_or(y, |b| y + b[j])
+                })
+                .collect();
             let mut y = vec![f32::NAN; m * n];
             gemm_f32(&a, Int8::U8, m, ZeroPoint::Scalar(120), &pb, scale, bias, &mut y).unwrap();
-            for (i, (&got, &acc)) in y.iter().zip(&c).enumerate() {
-                let j = i % n;
-                let s = scale[j % scale.len()];
-                let want = acc as f32 * s + bias.map_or(0.0, |b| b[j]);
-                assert_eq!(got.to_bits(), want.to_bits(), "element {i}");
+            assert!(
+                y.iter().zip(&want).all(|(g, w)| g.to_bits() == w.to_bits()),
+                "best kernel"
+            );
+            for kernel in Kernel::available() {
+                let mut y = vec![MaybeUninit::new(f32::NAN); m * n];
+                let out = Output::F32 { y: &mut y, scale, bias };
+                gemm_with(&a, Int8::U8, m, ZeroPoint::Scalar(120), &pb, out, kernel).unwrap();
+                for (i, (got, w)) in y.iter().zip(&want).enumerate() {
+                    // SAFETY: initialized above.
+                    let got = unsafe { got.assume_init() };
+                    assert_eq!(got.to_bits(), w.to_bits(), "element {i}, {kernel:?}");
+                }
             }
         }
         let mut y = vec![0f32; m * n];

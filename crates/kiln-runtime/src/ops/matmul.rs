@@ -265,8 +265,9 @@ fn integer_to_float(
                 // a_scale * b_scale in f32 first, as the unfused graph's Mul computes it.
                 let scale: Vec<f32> = sb.iter().map(|&s| sa[0] * s).collect();
                 cx.check_alloc(elems(&op.out_dims), DType::F32)?;
-                let mut y = vec![0f32; op.m * op.w.n()];
-                qgemm::gemm_f32(
+                let len = op.m * op.w.n();
+                let mut y = Vec::with_capacity(len);
+                qgemm::gemm_f32_uninit(
                     &op.a,
                     op.ty,
                     op.m,
@@ -274,9 +275,11 @@ fn integer_to_float(
                     &op.w,
                     &scale,
                     bv.as_deref(),
-                    &mut y,
+                    &mut y.spare_capacity_mut()[..len],
                 )
                 .map_err(|e| crate::RuntimeError::msg(e.to_string()))?;
+                // SAFETY: the product succeeded, so it wrote all `len` values.
+                unsafe { y.set_len(len) };
                 return out1(Tensor::new(CT::from_vec(y, op.out_dims, a.device())?, DType::F32)?);
             }
         }
