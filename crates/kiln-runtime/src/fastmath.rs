@@ -414,8 +414,22 @@ fn softmax_row_avx2(row: &mut [f32]) {
     softmax_row_impl::<true>(row)
 }
 
+/// [`softmax_row_avx2`] built for AVX-512: the exponentials run 16 lanes wide; the max and the
+/// sum keep their eight explicit lanes, so every result is bit for bit the AVX2 build's.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2,fma")]
+fn softmax_row_avx512(row: &mut [f32]) {
+    softmax_row_impl::<true>(row)
+}
+
 /// Softmax of one row in place: max, exp(x - max), scale by 1/sum. A NaN anywhere gives NaN.
 pub(crate) fn softmax_row(row: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if has_avx2_fma() && crate::sgemm::use_avx512() {
+        // SAFETY: the CPU supports AVX-512F, AVX2 and FMA (checked above).
+        unsafe { softmax_row_avx512(row) };
+        return;
+    }
     #[cfg(any(target_arch = "x86", target_arch = "x86_64"))]
     if has_avx2_fma() {
         // SAFETY: the CPU supports the features `softmax_row_avx2` is compiled for (checked above).
@@ -838,6 +852,42 @@ mod tests {
         let mut nan = vec![1.0, f32::NAN, 2.0];
         softmax_row(&mut nan);
         assert!(nan.iter().all(|x| x.is_nan()));
+    }
+
+    #[test]
+    #[cfg(target_arch = "x86_64")]
+    fn softmax_row_is_the_same_bits_on_every_build_this_cpu_runs() {
+        let mut builds: Vec<(&str, fn(&mut [f32]))> = vec![("portable", softmax_row_impl::<false>)];
+        if has_avx2_fma() {
+            // SAFETY (both): the CPU has the features (checked).
+            builds.push(("avx2", |r| unsafe { softmax_row_avx2(r) }));
+            if crate::sgemm::use_avx512() {
+                builds.push(("avx512", |r| unsafe { softmax_row_avx512(r) }));
+            }
+        }
+        for len in [1usize, 5, 16, 17, 64, 77, 1000] {
+            let row: Vec<f32> = (0..len).map(|i| ((i * 53 % 97) as f32 - 40.0) * 0.37).collect();
+            let mut want = row.clone();
+            softmax_row(&mut want);
+            for (name, f) in &builds[1..] {
+                let mut got = row.clone();
+                f(&mut got);
+                assert!(
+                    got.iter().zip(&want).all(|(g, w)| g.to_bits() == w.to_bits()),
+                    "{name}, len {len}"
+                );
+            }
+            // The portable build rounds each multiply-add twice: close, not identical.
+            let mut plain = row.clone();
+            (builds[0].1)(&mut plain);
+            assert!(
+                plain
+                    .iter()
+                    .zip(&want)
+                    .all(|(g, w)| (g - w).abs() <= 1e-6 * w.abs() + 1e-12),
+                "len {len}"
+            );
+        }
     }
 
     #[test]
