@@ -857,7 +857,8 @@ mod tests {
     #[test]
     #[cfg(target_arch = "x86_64")]
     fn softmax_row_is_the_same_bits_on_every_build_this_cpu_runs() {
-        let mut builds: Vec<(&str, fn(&mut [f32]))> = vec![("portable", softmax_row_impl::<false>)];
+        type Build = (&'static str, fn(&mut [f32]));
+        let mut builds: Vec<Build> = vec![("portable", softmax_row_impl::<false>)];
         if has_avx2_fma() {
             // SAFETY (both): the CPU has the features (checked).
             builds.push(("avx2", |r| unsafe { softmax_row_avx2(r) }));
