@@ -627,6 +627,45 @@ pub(crate) fn map_tensor(f: Func, t: &CT) -> Option<candle_core::Result<CT>> {
     Some(CT::from_vec(out, t.dims(), t.device()))
 }
 
+/// `f(x + bias)` for a contiguous f32 CPU tensor `x` and a bias of its last dimension's length
+/// (a bias add broadcast over the rows, then `f`), in one pass: each row's sum goes through a
+/// stack buffer into `f`. The arithmetic is the Add's and then `f`'s, so the result is bit for
+/// bit the two-step one. `None` when the operands are not of that form.
+pub(crate) fn bias_map_tensor(f: Func, x: &CT, bias: &CT) -> Option<candle_core::Result<CT>> {
+    const ROW: usize = 4096;
+    let n = *x.dims().last()?;
+    if n == 0 || n > ROW || bias.elem_count() != n || bias.dims().iter().filter(|&&d| d != 1).count() > 1 {
+        return None;
+    }
+    if bias.dims().last() != Some(&n) {
+        return None;
+    }
+    let bview = f32_view(bias)?;
+    let b = bview.slice();
+    let out = with_f32(x, |src| {
+        let mut out = zeroed(src.len());
+        let rows_per_task = (CHUNK / n).max(1);
+        let run = |src: &[f32], dst: &mut [f32]| {
+            let mut tmp = [0f32; ROW];
+            for (s, d) in src.chunks_exact(n).zip(dst.chunks_exact_mut(n)) {
+                for ((t, &v), &bb) in tmp.iter_mut().zip(s).zip(b) {
+                    *t = v + bb;
+                }
+                map_slice(f, &tmp[..n], d);
+            }
+        };
+        if src.len() <= CHUNK {
+            run(src, &mut out);
+        } else {
+            out.par_chunks_mut(rows_per_task * n)
+                .zip(src.par_chunks(rows_per_task * n))
+                .for_each(|(d, s)| run(s, d));
+        }
+        out
+    })?;
+    Some(CT::from_vec(out, x.dims(), x.device()))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -852,6 +891,52 @@ mod tests {
         let mut nan = vec![1.0, f32::NAN, 2.0];
         softmax_row(&mut nan);
         assert!(nan.iter().all(|x| x.is_nan()));
+    }
+
+    #[test]
+    fn bias_map_is_the_add_then_the_function_bit_for_bit() {
+        let dev = candle_core::Device::Cpu;
+        for (rows, n, bias_dims) in [
+            (1usize, 1usize, vec![1usize]),
+            (3, 5, vec![5]),
+            (40, 1536, vec![1, 1536]),
+            (7, 4096, vec![4096]),
+        ] {
+            let x: Vec<f32> = (0..rows * n).map(|i| ((i * 31 % 97) as f32 - 48.0) * 0.07).collect();
+            let b: Vec<f32> = (0..n).map(|j| (j % 13) as f32 * 0.11 - 0.6).collect();
+            let xt = CT::from_vec(x.clone(), (rows, n), &dev).unwrap();
+            let bt = CT::from_vec(b.clone(), bias_dims.as_slice(), &dev).unwrap();
+            for f in [Func::GeluErf, Func::GeluTanh, Func::Sigmoid] {
+                let got: Vec<f32> = bias_map_tensor(f, &xt, &bt)
+                    .unwrap()
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1()
+                    .unwrap();
+                let sum: Vec<f32> = x.iter().enumerate().map(|(i, &v)| v + b[i % n]).collect();
+                let mut want = vec![0f32; sum.len()];
+                map_slice(f, &sum, &mut want);
+                assert!(
+                    got.iter().zip(&want).all(|(g, w)| g.to_bits() == w.to_bits()),
+                    "{rows}x{n} {f:?}"
+                );
+            }
+        }
+        // Not a per-column bias: left to the two-step path.
+        let xt = CT::zeros((2, 3), candle_core::DType::F32, &dev).unwrap();
+        assert!(bias_map_tensor(
+            Func::GeluErf,
+            &xt,
+            &CT::zeros((2, 1), candle_core::DType::F32, &dev).unwrap()
+        )
+        .is_none());
+        assert!(bias_map_tensor(
+            Func::GeluErf,
+            &CT::zeros((2, 5000), candle_core::DType::F32, &dev).unwrap(),
+            &CT::zeros(5000, candle_core::DType::F32, &dev).unwrap()
+        )
+        .is_none());
     }
 
     #[test]

@@ -29,6 +29,11 @@ fn fast_gelu_f32(x: &CT, bias: Option<&CT>, f: Func) -> Result<Option<Tensor>> {
     if x.dtype() != candle_core::DType::F32 || bias.is_some_and(|b| b.dtype() != candle_core::DType::F32) {
         return Ok(None);
     }
+    if let Some(b) = bias {
+        if let Some(y) = crate::fastmath::bias_map_tensor(f, x, b) {
+            return Ok(Some(Tensor::new(y?, kiln_graph::DType::F32)?));
+        }
+    }
     let summed;
     let input = match bias {
         Some(b) => match binary_f32(BinOp::Add, x, b) {

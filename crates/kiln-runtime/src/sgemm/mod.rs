@@ -26,6 +26,7 @@ use rayon::prelude::*;
 
 mod few_rows;
 mod rows;
+pub(crate) mod small;
 
 pub use rows::{gemm_packed_a_rows, rows_available, RowsB};
 

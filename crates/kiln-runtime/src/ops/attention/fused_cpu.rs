@@ -27,9 +27,21 @@ fn bias_strides(bias: &CT, target: [usize; 4]) -> Result<(Vec<f32>, [usize; 4])>
     Ok((values, strides))
 }
 
+/// Softmax of each row of `t` scores; a row with no attendable key (all -inf) gives zeros.
+fn softmax_rows(scores: &mut [f32], t: usize) {
+    for row in scores.chunks_mut(t) {
+        if row.iter().all(|&x| x == f32::NEG_INFINITY) {
+            row.fill(0.0);
+        } else {
+            crate::fastmath::softmax_row(row);
+        }
+    }
+}
+
 /// Scaled dot-product attention on the CPU in f32, one task per (batch, head): `Q·Kᵀ` with the bias
 /// as the product's initial value, a softmax per row (rows with no attendable key give zeros) and
-/// `P·V`, through the packed GEMM's micro-kernels, without materializing the (B, H, S, T) scores.
+/// `P·V`, through the small in-place kernel where the CPU has AVX-512 (`sgemm::small`), else the
+/// packed GEMM's micro-kernels, without materializing the (B, H, S, T) scores.
 /// Inputs are (B, H, S, D) / (B, Hk, T, D); returns (B, H, S, Dv). `None` when a tensor is not an
 /// f32 CPU tensor.
 pub(super) fn fused_cpu_attention(
@@ -84,6 +96,25 @@ pub(super) fn fused_cpu_attention(
                     }
                 }
             };
+            if crate::sgemm::small::available() && d > 0 && t > 0 {
+                use crate::sgemm::small::{gemm_small, Init};
+                // Both products read their operands in place; Kᵀ is built once for the head.
+                let mut kt = vec![0f32; d * t];
+                for (j, krow) in kh.chunks_exact(d).enumerate() {
+                    for (p, &x) in krow.iter().enumerate() {
+                        kt[p * t + j] = x;
+                    }
+                }
+                let init = match init {
+                    Bias::PerCol(row) => Init::PerCol(row),
+                    Bias::Accumulate => Init::Accumulate,
+                    _ => Init::Zero,
+                };
+                gemm_small(&qsc, d, &kt, t, s, d, t, init, &mut scores, t);
+                softmax_rows(&mut scores, t);
+                gemm_small(&scores, t, vh, dv, s, t, dv, Init::Zero, out, dv);
+                return Ok(());
+            }
             // Kᵀ as a (D, T) view of K's (T, D) rows.
             let kt = MatRef {
                 data: kh,
@@ -94,13 +125,7 @@ pub(super) fn fused_cpu_attention(
             };
             let err = |e: crate::sgemm::GemmError| crate::RuntimeError::msg(e.to_string());
             gemm_seq(MatRef::row_major(&qsc, s, d), kt, init, &mut scores, t).map_err(err)?;
-            for row in scores.chunks_mut(t) {
-                if row.iter().all(|&x| x == f32::NEG_INFINITY) {
-                    row.fill(0.0);
-                } else {
-                    crate::fastmath::softmax_row(row);
-                }
-            }
+            softmax_rows(&mut scores, t);
             gemm_seq(
                 MatRef::row_major(&scores, s, t),
                 MatRef::row_major(vh, t, dv),
