@@ -32,6 +32,8 @@ pub fn broadcast_shapes(a: &Shape, b: &Shape) -> Option<Shape> {
 }
 
 const SAME_AS_INPUT: &[&str] = &[
+    // ai.kiln: a QuantizeLinear read back by its DequantizeLinear (f32 in, f32 out).
+    "QuantizeDequantize",
     "Relu",
     "Sigmoid",
     "Tanh",
@@ -166,6 +168,16 @@ pub fn infer_shapes(graph: &mut Graph) {
                 Some(Attribute::Int(code)) => (DType::from_onnx(*code as i32), input(0).and_then(|v| v.shape)),
                 _ => continue,
             },
+            // The scale's type (or `output_dtype`), the input's shape.
+            "DequantizeLinear" => {
+                let dtype = match node.attr("output_dtype") {
+                    Some(Attribute::Int(code)) if *code != 0 => DType::from_onnx(*code as i32),
+                    _ => input(1).and_then(|v| v.dtype),
+                };
+                (dtype, input(0).and_then(|v| v.shape))
+            }
+            // com.microsoft: the float type of the activation scale.
+            "MatMulIntegerToFloat" => (input(2).and_then(|v| v.dtype), None),
             "Shape" => (
                 Some(DType::I64),
                 input(0).and_then(|v| v.shape).map(|s| Shape::from_known(&[s.rank()])),

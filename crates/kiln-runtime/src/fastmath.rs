@@ -284,6 +284,47 @@ pub(crate) fn quantize_u8(src: &[f32], scale: f32, zp: f32, dst: &mut [u8]) {
 }
 
 #[inline(always)]
+fn quantize_dequantize_impl(src: &[f32], scale: f32, zp: f32, lo: f32, hi: f32, dst: &mut [f32]) {
+    dst.iter_mut().zip(src).for_each(|(y, &x)| {
+        // max/min (not clamp): a NaN becomes `lo`, as QuantizeLinear's code does.
+        #[allow(clippy::manual_clamp)]
+        let q = ((x / scale).round_ties_even() + zp).max(lo).min(hi);
+        *y = (q - zp) * scale
+    });
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2,fma")]
+fn quantize_dequantize_avx512(src: &[f32], scale: f32, zp: f32, lo: f32, hi: f32, dst: &mut [f32]) {
+    quantize_dequantize_impl(src, scale, zp, lo, hi, dst)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+fn quantize_dequantize_avx2(src: &[f32], scale: f32, zp: f32, lo: f32, hi: f32, dst: &mut [f32]) {
+    quantize_dequantize_impl(src, scale, zp, lo, hi, dst)
+}
+
+/// A QuantizeLinear to the integer range `[lo, hi]` read back by its DequantizeLinear:
+/// `y = (clamp(round_half_even(x / scale) + zp, lo, hi) - zp) * scale` (a NaN gives the code `lo`).
+/// The same per-element operations on every build (no FMA contraction), so every build gives the
+/// same bits.
+pub(crate) fn quantize_dequantize(src: &[f32], scale: f32, zp: f32, lo: f32, hi: f32, dst: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if has_avx2_fma() {
+        if crate::sgemm::use_avx512() {
+            // SAFETY: the CPU supports AVX-512F, AVX2 and FMA (checked above).
+            unsafe { quantize_dequantize_avx512(src, scale, zp, lo, hi, dst) };
+        } else {
+            // SAFETY: the CPU supports AVX2 and FMA (checked above).
+            unsafe { quantize_dequantize_avx2(src, scale, zp, lo, hi, dst) };
+        }
+        return;
+    }
+    quantize_dequantize_impl(src, scale, zp, lo, hi, dst)
+}
+
+#[inline(always)]
 fn quantize_i8_impl(src: &[f32], scale: f32, zp: f32, dst: &mut [i16]) {
     dst.iter_mut().zip(src).for_each(|(q, &x)| {
         // A NaN becomes -128 (max returns its other operand), the range's low end as for u8.
@@ -891,6 +932,49 @@ mod tests {
         let mut nan = vec![1.0, f32::NAN, 2.0];
         softmax_row(&mut nan);
         assert!(nan.iter().all(|x| x.is_nan()));
+    }
+
+    #[test]
+    fn quantize_dequantize_is_the_quantize_then_the_dequantize_bit_for_bit() {
+        let xs: Vec<f32> = (0..1000)
+            .map(|i| ((i * 37 % 1001) as f32 - 500.0) * 0.0173)
+            .chain([
+                f32::NAN,
+                f32::INFINITY,
+                f32::NEG_INFINITY,
+                0.025,
+                -0.025,
+                0.075,
+                1e30,
+                -0.0,
+            ])
+            .collect();
+        for (scale, zp, lo, hi) in [
+            (0.05f32, 128f32, 0f32, 255f32),
+            (0.013, -3.0, -128.0, 127.0),
+            (0.7, 0.0, -128.0, 127.0),
+        ] {
+            let mut got = vec![0f32; xs.len()];
+            quantize_dequantize(&xs, scale, zp, lo, hi, &mut got);
+            for (i, (&x, &g)) in xs.iter().zip(&got).enumerate() {
+                // QuantizeLinear's code (NaN to the low end), then DequantizeLinear's f32 arithmetic.
+                let code = if x.is_nan() {
+                    lo
+                } else {
+                    ((x / scale).round_ties_even() + zp).clamp(lo, hi)
+                };
+                let want = (code - zp) * scale;
+                assert_eq!(g.to_bits(), want.to_bits(), "x[{i}] = {x}, scale {scale}");
+            }
+        }
+        // Against the u8 QuantizeLinear kernel's own codes.
+        let mut q = vec![0u8; xs.len()];
+        quantize_u8(&xs, 0.05, 128.0, &mut q);
+        let mut got = vec![0f32; xs.len()];
+        quantize_dequantize(&xs, 0.05, 128.0, 0.0, 255.0, &mut got);
+        for (&c, &g) in q.iter().zip(&got) {
+            assert_eq!(g.to_bits(), ((c as f32 - 128.0) * 0.05).to_bits());
+        }
     }
 
     #[test]

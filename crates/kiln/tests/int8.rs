@@ -327,3 +327,63 @@ fn bert_tiny_int8_close_to_fp32() {
 fn ppocr_v4_rec_int8_close_to_fp32() {
     check_int8("ch_PP-OCRv4_rec_infer");
 }
+
+/// A static-QDQ activation read back by a float operator: `x -> QuantizeLinear -> DequantizeLinear`
+/// runs as one `QuantizeDequantize` node at level all (the codes stay for their other reader, here a
+/// graph output) and gives the same bits as the pair at level basic, NaN and the range's ends
+/// included.
+#[test]
+fn a_quantize_dequantize_pair_runs_fused_with_the_same_bits() {
+    let mut g = Graph::default();
+    let x = value(&mut g, "x", &[3, 400]);
+    let scalar = |g: &mut Graph, name: &str, t: TensorData| {
+        let v = g.add_value(ValueInfo {
+            name: name.into(),
+            kind: ValueKind::Tensor,
+            dtype: Some(t.dtype),
+            shape: Some(Shape::from_known(&[])),
+        });
+        g.initializers.insert(v, t);
+        v
+    };
+    let s = scalar(&mut g, "s", TensorData::from_values("s", vec![], &[0.0375f32]).unwrap());
+    let z = scalar(&mut g, "z", TensorData::from_values("z", vec![], &[121u8]).unwrap());
+    let s2 = scalar(
+        &mut g,
+        "s2",
+        TensorData::from_values("s2", vec![], &[0.0375f32]).unwrap(),
+    );
+    let z2 = scalar(&mut g, "z2", TensorData::from_values("z2", vec![], &[121u8]).unwrap());
+    let q = g.add_value(ValueInfo {
+        name: "q".into(),
+        kind: ValueKind::Tensor,
+        dtype: Some(DType::U8),
+        shape: Some(Shape::from_known(&[3, 400])),
+    });
+    let y = value(&mut g, "y", &[3, 400]);
+    node(&mut g, "QuantizeLinear", &[x, s, z], q, vec![]);
+    node(&mut g, "DequantizeLinear", &[q, s2, z2], y, vec![]);
+    g.inputs.push(x);
+    g.outputs.extend([y, q]);
+    let mut xs: Vec<f32> = (0..1200).map(|i| ((i * 7919 % 1201) as f32 - 600.0) * 0.0131).collect();
+    xs[..4].copy_from_slice(&[f32::NAN, 1e9, -1e9, 0.01875]);
+    let feeds = vec![(
+        "x".to_string(),
+        TensorData::from_values("x", vec![3, 400], &xs).unwrap(),
+    )];
+    let run = |level| {
+        let s = Session::builder()
+            .optimization(level)
+            .build_from_model(model(g.clone()))
+            .unwrap();
+        let fused = s.optimization_report().count("quantize_dequantize_fusion");
+        (s.run(feeds.clone()).unwrap(), fused)
+    };
+    let ((pair, 0), (fused, 1)) = (run(kiln::Level::Basic), run(kiln::Level::All)) else {
+        panic!("the rule should fire at level all only");
+    };
+    assert_eq!(pair[1].values::<u8>().unwrap(), fused[1].values::<u8>().unwrap());
+    let (a, b) = (pair[0].values::<f32>().unwrap(), fused[0].values::<f32>().unwrap());
+    assert!(a.iter().zip(&b).all(|(a, b)| a.to_bits() == b.to_bits()));
+    assert_eq!(b[0], (0.0 - 121.0) * 0.0375, "NaN takes the low code");
+}

@@ -48,6 +48,7 @@ pub mod paged_attention;
 pub mod prune;
 pub mod qdq_conv;
 pub mod qdq_matmul;
+pub mod qdq_pair;
 pub mod quantize;
 pub mod quantize_int4;
 pub mod quantize_static;
@@ -209,6 +210,7 @@ pub fn passes_for(level: OptLevel) -> Vec<Box<dyn Pass>> {
     }
     if level >= OptLevel::All {
         v.push(Box::new(matmul_bias::FuseMatMulBias));
+        v.push(Box::new(qdq_pair::FuseQuantizeDequantize));
         v.push(Box::new(elementwise_chain::FuseElementwiseChains));
         v.push(Box::new(conv_chain::FuseConvChain));
     }

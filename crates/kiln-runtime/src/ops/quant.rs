@@ -14,6 +14,9 @@ use crate::{bail, Result, Tensor, Value};
 pub fn register(r: &mut Registry) {
     r.add("QuantizeLinear", quantize_linear);
     r.add("DequantizeLinear", dequantize_linear);
+    r.add_domain("ai.kiln", "QuantizeDequantize", |_| {
+        Ok(kernel(|_, ins| quantize_dequantize(ins)))
+    });
     r.add("DynamicQuantizeLinear", |_| {
         Ok(kernel(|_, ins| dynamic_quantize(tin(ins, 0)?)))
     });
@@ -38,6 +41,55 @@ pub fn register(r: &mut Registry) {
             qlinear_conv(cx, &p, ins)
         }))
     });
+}
+
+/// `ai.kiln QuantizeDequantize(x, scale, zero_point)`: `DequantizeLinear(QuantizeLinear(x, s, z), s,
+/// z)` with one f32 scale and one u8/i8 zero point (the optimizer's `quantize_dequantize_fusion`),
+/// `(clamp(round_half_even(x / s) + z) - z) * s` in f32 without the 8-bit codes in between. The
+/// pair's arithmetic, so the result is bit for bit the pair's.
+fn quantize_dequantize(ins: &[Option<&Value>]) -> Result<Vec<Value>> {
+    use rayon::prelude::*;
+    let (x, s, z) = (tin(ins, 0)?, tin(ins, 1)?, tin(ins, 2)?);
+    if x.dtype() != DType::F32 || s.dtype() != DType::F32 || s.elem_count() != 1 || z.elem_count() != 1 {
+        bail!(
+            "QuantizeDequantize takes an f32 input with one f32 scale and one zero point, got {} / {} x {} / {} x {}",
+            x.dtype(),
+            s.dtype(),
+            s.elem_count(),
+            z.dtype(),
+            z.elem_count()
+        );
+    }
+    let (lo, hi) = match z.dtype() {
+        DType::U8 | DType::I8 => qrange(z.dtype())?,
+        other => bail!("QuantizeDequantize zero point must be u8 or i8, got {other}"),
+    };
+    let scale = s.to_f64_vec()?[0] as f32;
+    let zp = z.to_f64_vec()?[0] as f32;
+    let (lo, hi) = (lo as f32, hi as f32);
+    if x.device().is_cpu() {
+        let xc = x.candle().contiguous()?;
+        let fast = with_f32(&xc, |v| {
+            let mut y = fastmath::zeroed(v.len());
+            if v.len() >= 2 * DQL_CHUNK && rayon::current_num_threads() > 1 {
+                y.par_chunks_mut(DQL_CHUNK)
+                    .zip(v.par_chunks(DQL_CHUNK))
+                    .for_each(|(yc, vc)| fastmath::quantize_dequantize(vc, scale, zp, lo, hi, yc));
+            } else {
+                fastmath::quantize_dequantize(v, scale, zp, lo, hi, &mut y);
+            }
+            CT::from_vec(y, x.dims(), x.device())
+        });
+        if let Some(y) = fast {
+            return out1(Tensor::new(y?, DType::F32)?);
+        }
+    }
+    let dev = x.device();
+    let (sv, zv) = (CT::new(scale, dev)?, CT::new(zp, dev)?);
+    let q = round_half_even(&x.candle().broadcast_div(&sv)?)?
+        .broadcast_add(&zv)?
+        .clamp(lo, hi)?;
+    out1(Tensor::new(q.broadcast_sub(&zv)?.broadcast_mul(&sv)?, DType::F32)?)
 }
 
 /// Integer range of a quantized dtype.
