@@ -19,7 +19,8 @@ random image batches of 1 x 3 x 96 x 96 from a fixed seed) of three zoo CNNs (Re
 EfficientNet-B0, when models/make_zoo.py has written them) in both of the quantizer's forms:
 `<stem>.static-int8-qop.onnx` (QOperator: QLinearConv, QLinearAdd, QLinearMul, QLinearSigmoid,
 QLinearGlobalAveragePool, QGemm) and `<stem>.static-int8-qdq.onnx` (QuantizeLinear/DequantizeLinear pairs
-around the float ops).
+around the float ops). The same two forms of MiniLM-L3 (a transformer: QLinearMatMul / QDQ MatMuls), calibrated
+on 8 batches of 1 x 16 random token ids below 1000 from a fixed seed.
 
 Existing files are kept: each output is a pure function of its source and the pinned onnxruntime (1.32.0).
 """
@@ -36,6 +37,7 @@ from onnxruntime.quantization import CalibrationDataReader, QuantFormat, quantiz
 ORT_VERSION = "1.32.0"
 SOURCES = ["paraphrase-MiniLM-L3-v2", "bert-tiny", "silero_vad_16k_op15"]
 STATIC_SOURCES = ["zoo-resnet18", "zoo-mobilenetv2", "zoo-efficientnet-b0"]
+STATIC_TEXT_SOURCES = ["paraphrase-MiniLM-L3-v2"]
 
 
 class ImageBatches(CalibrationDataReader):
@@ -50,6 +52,25 @@ class ImageBatches(CalibrationDataReader):
             img = np.sin(2 * np.pi * (freq[:, :, 0] * xx + freq[:, :, 1] * yy + rng.uniform(0, 1, (1, 3, 1, 1))))
             batches.append({"x": (img + 0.3 * rng.standard_normal(img.shape)).astype(np.float32)})
         self.it = iter(batches)
+
+    def get_next(self):
+        return next(self.it, None)
+
+
+class TokenBatches(CalibrationDataReader):
+    """8 batches of 1 x 16 token ids below 1000 (masks all ones) for input_ids / attention_mask."""
+
+    def __init__(self):
+        rng = np.random.default_rng(20261206)
+        self.it = iter(
+            [
+                {
+                    "input_ids": rng.integers(0, 1000, (1, 16)).astype(np.int64),
+                    "attention_mask": np.ones((1, 16), np.int64),
+                }
+                for _ in range(8)
+            ]
+        )
 
     def get_next(self):
         return next(self.it, None)
@@ -123,13 +144,14 @@ def main() -> None:
         if not os.path.exists(src) or os.path.exists(dst):
             continue
         write_atomic(dst, lambda tmp: quantize_dynamic(src, tmp, **kwargs))
-    for stem in STATIC_SOURCES:
+    static = [(stem, ImageBatches) for stem in STATIC_SOURCES] + [(stem, TokenBatches) for stem in STATIC_TEXT_SOURCES]
+    for stem, reader in static:
         for suffix, fmt in [(".static-int8-qop", QuantFormat.QOperator), (".static-int8-qdq", QuantFormat.QDQ)]:
             src = os.path.join(args.models_dir, f"{stem}.onnx")
             dst = os.path.join(args.models_dir, f"{stem}{suffix}.onnx")
             if not os.path.exists(src) or os.path.exists(dst):
                 continue
-            write_atomic(dst, lambda tmp: quantize_static(src, tmp, ImageBatches(), quant_format=fmt))
+            write_atomic(dst, lambda tmp: quantize_static(src, tmp, reader(), quant_format=fmt))
 
 
 if __name__ == "__main__":

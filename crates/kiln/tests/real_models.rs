@@ -319,10 +319,11 @@ fn zoo_gru_seq2seq_matches_onnxruntime() {
 
 /// Zoo CNNs through ONNX Runtime's static quantizer (`models/make_quantized.py`: uint8 activations,
 /// int8 weights, min-max calibration). QOperator form: QLinearConv, com.microsoft QLinearAdd,
-/// QLinearMul, QLinearSigmoid, QLinearGlobalAveragePool, QGemm, MaxPool on 8-bit tensors (measured
-/// 2026-12-04: MobileNetV2's and EfficientNet-B0's logits equal onnxruntime's on every case and
-/// level; ResNet-18's within 0.082, cosine >= 0.9997: one element of its first residual QLinearAdd
-/// rounds one step differently in onnxruntime's fixed-point kernel and the later layers carry it).
+/// QLinearMul, QLinearSigmoid, QLinearGlobalAveragePool, QGemm, MaxPool on 8-bit tensors. Since
+/// QLinearAdd computes with onnxruntime's arithmetic (scale ratios and fused multiply-adds), all three
+/// models' logits equal onnxruntime's on every case and level (2026-12-05; before, one element of
+/// ResNet-18's first residual QLinearAdd fell on a rounding tie that the two formulas broke apart,
+/// and the later layers carried it to 0.082 in the logits).
 #[test]
 fn zoo_static_int8_qoperator_matches_onnxruntime() {
     for stem in ["zoo-resnet18", "zoo-mobilenetv2", "zoo-efficientnet-b0"] {
@@ -344,6 +345,23 @@ fn zoo_static_int8_qoperator_matches_onnxruntime() {
 /// convolution groups into QLinearConv as onnxruntime does (2026-12-05): EfficientNet-B0 then equals
 /// the reference on both cases (3.3 largest |diff| at disabled and basic), MobileNetV2 as before, and
 /// ResNet-18 differs by 0.082 and 0.041.
+/// MiniLM-L3 through `quantize_static` (`models/make_quantized.py`, min-max ranges from 8 batches of
+/// random token ids): a transformer in both forms, QOperator (QLinearMatMul, QLinearAdd, QLinearMul,
+/// QLinearSoftmax, QLinearConcat) and QDQ (whose weight MatMuls Kiln runs as MatMulIntegerToFloat and
+/// whose Quantize/Dequantize pairs as one QuantizeDequantize at level all). Measured 2026-12-05: the
+/// QDQ file's outputs equal onnxruntime's at every level, the QOperator file's within 4.8e-7 (before
+/// QLinearAdd took onnxruntime's arithmetic: cosine 0.978, the GELU's `erf + 1` puts every sum on a
+/// rounding tie).
+#[test]
+fn paraphrase_minilm_l3_static_int8_qop_matches_onnxruntime() {
+    check_model_with("paraphrase-MiniLM-L3-v2.static-int8-qop", QUANTIZED);
+}
+
+#[test]
+fn paraphrase_minilm_l3_static_int8_qdq_matches_onnxruntime() {
+    check_model_with("paraphrase-MiniLM-L3-v2.static-int8-qdq", QUANTIZED);
+}
+
 #[test]
 fn zoo_resnet18_static_int8_qdq_matches_onnxruntime() {
     check_model_with("zoo-resnet18.static-int8-qdq", QUANTIZED_QDQ);

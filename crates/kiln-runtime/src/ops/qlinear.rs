@@ -350,8 +350,9 @@ fn lookup(x: &Tensor, table: &[i32]) -> Result<Tensor> {
 
 /// QLinearAdd / QLinearMul in one pass on the CPU when both operands have one type and the smaller
 /// one's shape is the larger one's leading dims followed by ones (equal shapes, a scalar, a
-/// `[N, C, 1, 1]` scale over `[N, C, H, W]`): the general path's arithmetic per element
-/// (`(q - zp) * scale` in f32, the f32 op, the output quantized); `None` for anything else.
+/// `[N, C, 1, 1]` scale over `[N, C, H, W]`); `None` for anything else. Mul: the general path's
+/// arithmetic per element (`(q - zp) * scale` in f32, the f32 op, the output quantized); Add: ONNX
+/// Runtime's (scale ratios and fused multiply-adds, see `BinaryRows::body`).
 fn binary(
     op: &str,
     ins: &[Option<&Value>],
@@ -369,24 +370,27 @@ fn binary(
     if !matches!(qdt, DType::U8 | DType::I8) || b.dtype() != qdt || !a.device().is_cpu() || !b.device().is_cpu() {
         return Ok(None);
     }
-    // The larger operand and how many of its elements each element of the smaller one covers.
-    let (big, small, big_ops, small_ops) = if a.elem_count() >= b.elem_count() {
+    // The larger operand, and how many of its elements (a span) each value of the smaller one,
+    // broadcast over the larger one's leading dims, covers.
+    let big_first = a.elem_count() >= b.elem_count();
+    let (big, small, big_ops, small_ops) = if big_first {
         (a, b, (sa, za), (sb, zb))
     } else {
         (b, a, (sb, zb), (sa, za))
     };
-    let (bd, sd) = (big.dims(), small.dims());
-    let inner = if small.elem_count() == 1 && sd.len() <= bd.len() {
-        big.elem_count()
-    } else if sd.len() == bd.len() {
-        let p = sd.iter().rposition(|&d| d != 1).map_or(0, |i| i + 1);
-        if sd[..p] != bd[..p] {
-            return Ok(None);
-        }
-        bd[p..].iter().product()
-    } else {
+    let bd = big.dims();
+    if small.rank() > bd.len() {
         return Ok(None);
-    };
+    }
+    // The smaller shape left-padded with ones to the larger one's rank.
+    let sd: Vec<usize> = std::iter::repeat_n(1, bd.len() - small.rank())
+        .chain(small.dims().iter().copied())
+        .collect();
+    let p = sd.iter().rposition(|&d| d != 1).map_or(0, |i| i + 1);
+    if sd[..p].iter().zip(&bd[..p]).any(|(&s, &b)| s != b && s != 1) {
+        return Ok(None);
+    }
+    let inner: usize = bd[p..].iter().product();
     if inner == 0 {
         return Ok(None);
     }
@@ -397,6 +401,7 @@ fn binary(
     let (sy, zy) = params(ins, ys, yz, qdt)?;
     let k = BinaryRows {
         mul,
+        big_first,
         inner,
         big: (s1, z1 as f32),
         small: (s2, z2 as f32),
@@ -417,7 +422,14 @@ fn binary(
             _ => flat.to_vec1::<i16>()?.into_iter().map(f32::from).collect(),
         })
     };
-    let (x, w) = (codes(big)?, codes(small)?);
+    // One value of the smaller operand per span (repeated where it broadcasts over leading dims).
+    let small_spans = if sd[..p] == bd[..p] {
+        small.clone()
+    } else {
+        let t = small.candle().reshape(&sd[..p])?.broadcast_as(&bd[..p])?.contiguous()?;
+        Tensor::new(t, qdt)?
+    };
+    let (x, w) = (codes(big)?, codes(&small_spans)?);
     let t = match qdt {
         DType::U8 => candle_core::Tensor::from_vec(k.run::<u8>(&x, &w), dims, big.device())?,
         _ => candle_core::Tensor::from_vec(k.run::<i16>(&x, &w), dims, big.device())?,
@@ -491,6 +503,8 @@ fn to_channels_last(t: &candle_core::Tensor) -> Result<candle_core::Tensor> {
 /// elements of the larger `x` (both as f32 codes).
 struct BinaryRows {
     mul: bool,
+    /// Whether the larger operand is the node's first input (ONNX Runtime's operand order).
+    big_first: bool,
     inner: usize,
     /// Scale and zero point of the larger operand, the smaller one and the output.
     big: (f32, f32),
@@ -551,6 +565,35 @@ impl BinaryRows {
     #[inline(always)]
     fn body<T: Code>(&self, x: &[f32], w: &[f32], y: &mut [T]) {
         let ((s1, z1), (s2, z2), (sy, zy), (lo, hi)) = (self.big, self.small, self.out, self.range);
+        if !self.mul {
+            // ONNX Runtime's QLinearAdd arithmetic (MLAS `qladd`), so the codes agree where the sum
+            // falls on a rounding tie (a constant operand often puts it exactly on one):
+            // `y = a * (sa / sy) + (b * (sb / sy) + (zy - (sa / sy * za + sb / sy * zb)))` with fused
+            // multiply-adds, rounded half to even and saturated. A per-span scalar B is folded into
+            // the constant first (a multiply and an add), as MLAS does.
+            let (ra, rb) = (s1 / sy, s2 / sy);
+            let fixed = zy - (ra * z1 + rb * z2);
+            #[allow(clippy::manual_clamp)]
+            let code = |v: f32| T::from_f32(v.round_ties_even().max(lo).min(hi));
+            if self.inner == 1 {
+                // Two vectors: the first input's term is added last.
+                for (o, (&v, &wv)) in y.iter_mut().zip(x.iter().zip(w)) {
+                    *o = code(if self.big_first {
+                        v.mul_add(ra, wv.mul_add(rb, fixed))
+                    } else {
+                        wv.mul_add(rb, v.mul_add(ra, fixed))
+                    });
+                }
+            } else {
+                for (ys, (xs, &wv)) in y.chunks_mut(self.inner).zip(x.chunks(self.inner).zip(w)) {
+                    let f = fixed + wv * rb;
+                    for (o, &v) in ys.iter_mut().zip(xs) {
+                        *o = code(v.mul_add(ra, f));
+                    }
+                }
+            }
+            return;
+        }
         let mul = self.mul;
         let one = |v: f32, wv: f32| -> T {
             let (d, s) = ((v - z1) * s1, (wv - z2) * s2);
