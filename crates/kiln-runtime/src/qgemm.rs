@@ -2,8 +2,9 @@
 //! `C[m, n] = Σ_k (A[m, k] - a_zp[m]) · (B[k, n] - b_zp[n])` with A and B u8 or i8 (ONNX
 //! `MatMulInteger`; the integer core of ONNX Runtime's dynamically quantized models).
 //!
-//! The kernel multiplies unsigned A by signed B: AVX-512 VNNI's `vpdpbusd` adds four u8 x s8
-//! products into each i32 lane without saturating. Other signedness is shifted into that form
+//! The kernels multiply unsigned A by signed B: AVX-512 VNNI's `vpdpbusd` adds four u8 x s8
+//! products into each i32 lane without saturating, AMX's `tdpbusd` does the same for a 16 x 64 by
+//! 64 x 16 tile product (`amx.rs`, where the CPU and the OS allow it: see [`Kernel`]). Other signedness is shifted into that form
 //! exactly: an i8 operand plus 128 is a u8 (A) and a u8 operand minus 128 is an i8 (B), with the
 //! zero points shifted alike. The zero points leave the inner loop through the expansion
 //! `Σ (a - za)(b - zb) = Σ a·b - za·Σ_k b - zb·Σ_k a + K·za·zb`: B's column sums are computed when
@@ -12,9 +13,10 @@
 //!
 //! Layout: B in panels of [`NR`] columns, each `[K/4][NR][4]` bytes (one 64-byte vector holds four
 //! k of sixteen columns); A in tiles of [`MR`] rows, `[K/4][MR]` little groups of four bytes, so
-//! the kernel broadcasts one group per row. K is padded to a multiple of 4 and the edges with zeros
-//! (zero products; the corrections use the true K). Without VNNI the same packed operands go
-//! through a portable loop (exact, slower).
+//! the kernel broadcasts one group per row (the AMX kernel copies blocks of 32 rows of A instead,
+//! and reads each B panel as two 64-byte-wide tiles). K is padded to a multiple of 4 (64 where AMX
+//! runs) and the edges with zeros (zero products; the corrections use the true K). Without VNNI the
+//! same packed operands go through a portable loop (exact, slower).
 
 use std::mem::MaybeUninit;
 
