@@ -10,8 +10,8 @@
 //! round half to even), QLinearAdd with onnxruntime's own arithmetic (scale ratios, fused
 //! multiply-adds); onnxruntime's vectorized kernels use fixed-point or lookup-table forms of the
 //! others. The outputs must agree exactly or within one quantization step, and at most 2% of a case's
-//! elements may take that step (2026-12-05: 2 of 38,434 elements do, both in the int8 QLinearAdd
-//! broadcast over batch and channels). Malformed parameters give errors, not panics.
+//! elements may take that step (2026-12-05: none of the 38,434 elements does). Malformed parameters
+//! give errors, not panics.
 
 use std::path::PathBuf;
 

@@ -372,7 +372,8 @@ fn binary(
     }
     // The larger operand, and how many of its elements (a span) each value of the smaller one,
     // broadcast over the larger one's leading dims, covers.
-    let big_first = a.elem_count() >= b.elem_count();
+    // onnxruntime swaps a scalar first input to the second place (Add and Mul commute).
+    let big_first = a.elem_count() >= b.elem_count() && !(a.elem_count() == 1 && b.elem_count() == 1);
     let (big, small, big_ops, small_ops) = if big_first {
         (a, b, (sa, za), (sb, zb))
     } else {
@@ -402,6 +403,7 @@ fn binary(
     let k = BinaryRows {
         mul,
         big_first,
+        scalar_small: small.elem_count() == 1,
         inner,
         big: (s1, z1 as f32),
         small: (s2, z2 as f32),
@@ -505,6 +507,8 @@ struct BinaryRows {
     mul: bool,
     /// Whether the larger operand is the node's first input (ONNX Runtime's operand order).
     big_first: bool,
+    /// Whether the smaller operand is one value (onnxruntime's scalar kernel) rather than broadcast.
+    scalar_small: bool,
     inner: usize,
     /// Scale and zero point of the larger operand, the smaller one and the output.
     big: (f32, f32),
@@ -569,26 +573,33 @@ impl BinaryRows {
             // ONNX Runtime's QLinearAdd arithmetic (MLAS `qladd`), so the codes agree where the sum
             // falls on a rounding tie (a constant operand often puts it exactly on one):
             // `y = a * (sa / sy) + (b * (sb / sy) + (zy - (sa / sy * za + sb / sy * zb)))` with fused
-            // multiply-adds, rounded half to even and saturated. A per-span scalar B is folded into
-            // the constant first (a multiply and an add), as MLAS does.
+            // multiply-adds (the first input's term added last), rounded half to even and
+            // saturated. A scalar operand is folded into the constant first (a multiply and an
+            // add), as MLAS's scalar kernel does; a broadcast one goes through the two-vector form.
             let (ra, rb) = (s1 / sy, s2 / sy);
             let fixed = zy - (ra * z1 + rb * z2);
             #[allow(clippy::manual_clamp)]
             let code = |v: f32| T::from_f32(v.round_ties_even().max(lo).min(hi));
-            if self.inner == 1 {
-                // Two vectors: the first input's term is added last.
+            let both = |v: f32, wv: f32| {
+                code(if self.big_first {
+                    v.mul_add(ra, wv.mul_add(rb, fixed))
+                } else {
+                    wv.mul_add(rb, v.mul_add(ra, fixed))
+                })
+            };
+            if self.scalar_small {
+                let f = fixed + w[0] * rb;
+                for (o, &v) in y.iter_mut().zip(x) {
+                    *o = code(v.mul_add(ra, f));
+                }
+            } else if self.inner == 1 {
                 for (o, (&v, &wv)) in y.iter_mut().zip(x.iter().zip(w)) {
-                    *o = code(if self.big_first {
-                        v.mul_add(ra, wv.mul_add(rb, fixed))
-                    } else {
-                        wv.mul_add(rb, v.mul_add(ra, fixed))
-                    });
+                    *o = both(v, wv);
                 }
             } else {
                 for (ys, (xs, &wv)) in y.chunks_mut(self.inner).zip(x.chunks(self.inner).zip(w)) {
-                    let f = fixed + wv * rb;
                     for (o, &v) in ys.iter_mut().zip(xs) {
-                        *o = code(v.mul_add(ra, f));
+                        *o = both(v, wv);
                     }
                 }
             }
