@@ -1134,6 +1134,59 @@ fn filter(b: &mut B, name: &str, m: usize, c: usize, k: usize) -> ValueId {
 /// Channels-last regions (`nhwc_layout`, CPU f32 sessions at Level All): a network of dense, strided,
 /// pointwise and depthwise convs with residuals, squeeze-excite, pools, Concat and Split computes what
 /// the NCHW graph computes, with transposes only where values enter or leave the region.
+/// Channels-last dense convs with 32 or more output channels run the direct kernel (windows read in
+/// place from the zero-padded input): strides, dilations, asymmetric pads, 1x1 with a stride, 5x5,
+/// channel counts that leave short column tiles, a residual Add with Relu, and a batch of two.
+#[test]
+fn nhwc_direct_convs_compute_what_nchw_computes() {
+    // Filters scaled by 1/sqrt(fan-in), so eight convs in a row keep values near 1 (the comparison
+    // measures the kernels, not the cancellation in a product of large sums).
+    let unit_filter = |b: &mut B, name: &str, m: usize, c: usize, k: usize| {
+        let s = 1.0 / ((c * k * k) as f32).sqrt();
+        let vals: Vec<f32> = (0..m * c * k * k)
+            .map(|i| (((i * 7 + m * 3) % 17) as f32 / 17.0 - 0.45) * s)
+            .collect();
+        b.f32s(name, &[m, c, k, k], &vals)
+    };
+    let mut b = B::new();
+    let x = b.input("x", &[2, 8, 19, 23]);
+    let w1 = unit_filter(&mut b, "w1", 32, 8, 3);
+    let b1 = b.f32s("b1", &[32], &(0..32).map(|i| i as f32 / 40.0 - 0.4).collect::<Vec<_>>());
+    let c1 = b.node(
+        "Conv",
+        &[x, w1, b1],
+        vec![("pads", ints(&[1, 1, 1, 1])), ("strides", ints(&[2, 2]))],
+    );
+    let c1 = b.op("Relu", &[c1]);
+    let w2 = unit_filter(&mut b, "w2", 64, 32, 3);
+    let c2 = b.node(
+        "Conv",
+        &[c1, w2],
+        vec![("pads", ints(&[0, 2, 1, 1])), ("dilations", ints(&[2, 1]))],
+    );
+    let w3 = unit_filter(&mut b, "w3", 32, 64, 1);
+    let c3 = b.node("Conv", &[c2, w3], vec![("strides", ints(&[2, 1]))]);
+    let w4 = unit_filter(&mut b, "w4", 160, 32, 5);
+    let c4 = b.node("Conv", &[c3, w4], vec![("pads", ints(&[2, 2, 2, 2]))]);
+    let w5 = unit_filter(&mut b, "w5", 96, 160, 1);
+    let c5 = b.op("Conv", &[c4, w5]);
+    let w6 = unit_filter(&mut b, "w6", 96, 96, 3);
+    let c6 = b.node("Conv", &[c5, w6], vec![("pads", ints(&[1, 1, 1, 1]))]);
+    let r = b.op("Add", &[c6, c5]);
+    let r = b.op("Relu", &[r]);
+    // Enough convs for the region to pay for its two boundary transposes.
+    let w7 = unit_filter(&mut b, "w7", 32, 96, 1);
+    let c7 = b.op("Conv", &[r, w7]);
+    let w8 = unit_filter(&mut b, "w8", 64, 32, 3);
+    let c8 = b.node("Conv", &[c7, w8], vec![("strides", ints(&[2, 2]))]);
+    let (model, feeds) = b.model(&[c8], 18);
+    let mut o = opts(&model, OptLevel::All);
+    o.nhwc_convs = true;
+    let (opt, _) = optimize_and_compare(&model, &feeds, &o, 1e-4);
+    let ops = op_counts(&opt.graph);
+    assert_eq!(ops.get("ai.kiln::ConvNhwc"), Some(&8), "{ops:?}");
+}
+
 #[test]
 fn nhwc_regions_compute_what_nchw_computes() {
     let mut b = B::new();

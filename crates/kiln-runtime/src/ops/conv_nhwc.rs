@@ -110,7 +110,10 @@ fn conv_nhwc(n: &NodeCtx) -> Result<Box<dyn OpKernel>> {
             }
         }
         Filter::Depthwise(wt)
-    } else if let Some(p) = few_channels(m).then(|| PackedFilter::new(&wv, &w.dims, 1)).flatten() {
+    } else if let Some(p) = (few_channels(m) && !sgemm::indexed_available())
+        .then(|| PackedFilter::new(&wv, &w.dims, 1))
+        .flatten()
+    {
         Filter::Nchw(p)
     } else {
         let k = taps * cg;
@@ -305,6 +308,9 @@ fn dense(
     z: Option<&[f32]>,
     (pb, pe): (&[usize], &[usize]),
 ) -> Result<Vec<f32>> {
+    if sgemm::indexed_available() {
+        return dense_direct(g, xs, pw, m, bias, epi, z, (pb, pe));
+    }
     let k = pw.k();
     let pixels = g.oh * g.ow;
     let mut out = crate::fastmath::zeroed(g.n * pixels * m);
@@ -377,4 +383,114 @@ fn dense(
         bail!("ConvNhwc: {e}");
     }
     Ok(out)
+}
+
+/// Output pixels per task of [`dense_direct`] (16 tiles of 6: each run of filter steps, loaded into
+/// L1 once, serves them all).
+const DIRECT_BLOCK: usize = 96;
+
+/// Dense conv without im2col: the input zero-padded once (when the conv pads), then each block of
+/// output pixels one [`sgemm::gemm_indexed_a`] whose A rows are the pixels' windows read in place.
+#[allow(clippy::too_many_arguments)]
+fn dense_direct(
+    g: &Window,
+    xs: &[f32],
+    pw: &PackedB,
+    m: usize,
+    bias: Option<&[f32]>,
+    epi: &Epilogue,
+    z: Option<&[f32]>,
+    (pb, pe): (&[usize], &[usize]),
+) -> Result<Vec<f32>> {
+    let (c, k) = (g.c, pw.k());
+    let (hp, wp) = (g.h + pb[0] + pe[0], g.w + pb[1] + pe[1]);
+    let padded;
+    let src: &[f32] = if pb.iter().chain(pe).all(|&p| p == 0) {
+        xs
+    } else {
+        padded = pad_nhwc(g, xs, hp, wp);
+        &padded
+    };
+    let offs: Vec<usize> = (0..g.kh)
+        .flat_map(|ky| (0..g.kw).map(move |kx| (ky * g.dil.0 * wp + kx * g.dil.1) * c))
+        .flat_map(|tap| (0..c).map(move |ci| tap + ci))
+        .collect();
+    if offs.len() != k {
+        bail!("ConvNhwc: the packed filter has k = {k}, the window {}", offs.len());
+    }
+    // A lone Relu or Clip runs on the finished tiles in registers.
+    let clamp = match (z, &epi.steps, epi.act) {
+        (None, None, Some(Act::Relu)) => Some((0.0, f32::INFINITY)),
+        (None, None, Some(Act::Clip(lo, hi))) => Some((lo, hi)),
+        _ => None,
+    };
+    let in_kernel = clamp.is_some();
+    let pixels = g.oh * g.ow;
+    let mut out = crate::fastmath::zeroed(g.n * pixels * m);
+    let threads = rayon::current_num_threads();
+    let tasks = g.n * pixels.div_ceil(DIRECT_BLOCK);
+    let macs = g.n * pixels * k * m;
+    let err = std::sync::Mutex::new(None);
+    // Output pixels `p0 .. p0 + ob.len() / m` of image `img`.
+    let one = |img: usize, p0: usize, ob: &mut [f32], parallel: bool| {
+        let rows: Vec<usize> = (p0..p0 + ob.len() / m)
+            .map(|p| ((img * hp + p / g.ow * g.stride.0) * wp + p % g.ow * g.stride.1) * c)
+            .collect();
+        let a = sgemm::IndexedA {
+            data: src,
+            rows: &rows,
+            offs: &offs,
+        };
+        if let Err(e) = sgemm::gemm_indexed_a(a, pw, bias, clamp, ob, m, parallel) {
+            if let Ok(mut slot) = err.lock() {
+                slot.get_or_insert(e);
+            }
+        }
+        if !in_kernel && (!epi.is_empty() || z.is_some()) {
+            let at = (img * pixels + p0) * m;
+            epi.apply(ob, z.map(|z| &z[at..at + ob.len()]));
+        }
+    };
+    let blocks_of = |img: usize, oi: &mut [f32], parallel: bool| {
+        oi.chunks_mut(DIRECT_BLOCK * m)
+            .enumerate()
+            .for_each(|(bi, ob)| one(img, bi * DIRECT_BLOCK, ob, parallel));
+    };
+    if macs < PARALLEL_MIN_MACS || threads == 1 {
+        out.chunks_mut(pixels * m)
+            .enumerate()
+            .for_each(|(img, oi)| blocks_of(img, oi, false));
+    } else if tasks >= 2 * threads {
+        out.par_chunks_mut(pixels * m).enumerate().for_each(|(img, oi)| {
+            oi.par_chunks_mut(DIRECT_BLOCK * m)
+                .enumerate()
+                .for_each(|(bi, ob)| one(img, bi * DIRECT_BLOCK, ob, false));
+        });
+    } else {
+        out.chunks_mut(pixels * m)
+            .enumerate()
+            .for_each(|(img, oi)| blocks_of(img, oi, true));
+    }
+    if let Some(e) = err.into_inner().ok().flatten() {
+        bail!("ConvNhwc: {e}");
+    }
+    Ok(out)
+}
+
+/// `xs` `[N, H, W, C]` into a zeroed `[N, hp, wp, C]` at the window's top-left padding.
+fn pad_nhwc(g: &Window, xs: &[f32], hp: usize, wp: usize) -> Vec<f32> {
+    let (row, prow) = (g.w * g.c, wp * g.c);
+    let mut dst = crate::fastmath::zeroed(g.n * hp * prow);
+    let fill = |(img, d): (usize, &mut [f32])| {
+        for y in 0..g.h {
+            let s = &xs[(img * g.h + y) * row..][..row];
+            d[(y + g.pad.0) * prow + g.pad.1 * g.c..][..row].copy_from_slice(s);
+        }
+    };
+    if g.n > 1 && xs.len() >= 1 << 16 {
+        dst.par_chunks_mut(hp * prow).enumerate().for_each(fill);
+    } else {
+        dst.chunks_mut(hp * prow).enumerate().for_each(fill);
+    }
+    dst
 }

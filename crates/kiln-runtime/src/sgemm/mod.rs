@@ -25,9 +25,11 @@
 use rayon::prelude::*;
 
 mod few_rows;
+mod indexed;
 mod rows;
 pub(crate) mod small;
 
+pub use indexed::{gemm_indexed_a, indexed_available, IndexedA};
 pub use rows::{gemm_packed_a_rows, rows_available, RowsB};
 
 /// Rows of the micro-tile (A panel height).
