@@ -67,10 +67,19 @@ fn optimize_for_precision(
     let mut options = Options::for_model(model, level.into());
     options.fuse_matmul_bias = precision != Precision::Int8WeightOnly;
     options.share_transposed_weights = cpu_f32 && precision == Precision::F32;
-    // Channels-last conv regions are opt-in (`KILN_NHWC=1`) until they are measured faster on the
-    // model zoo; see docs/benchmarks.md.
-    options.nhwc_convs = cpu_f32 && precision == Precision::F32 && std::env::var_os("KILN_NHWC").is_some();
+    options.nhwc_convs = cpu_f32 && precision == Precision::F32 && nhwc_convs_wanted();
     Ok(optimize(&mut model.graph, &options, &CpuConstEval)?)
+}
+
+/// Whether CPU f32 sessions compute their 2-D convs in channels-last regions: by default where the
+/// direct channels-last conv kernel runs (AVX-512F; measured faster than NCHW on the model zoo,
+/// docs/benchmarks.md), elsewhere only when asked for. `KILN_NHWC=0` turns the regions off,
+/// `KILN_NHWC=1` on (read when a session is built).
+fn nhwc_convs_wanted() -> bool {
+    match std::env::var("KILN_NHWC") {
+        Ok(v) => v != "0",
+        Err(_) => kiln_runtime::sgemm::indexed_available(),
+    }
 }
 
 /// Rewrites a model's main graph to compute in fp16 (f16 weights, f32 inputs and outputs, the

@@ -13,7 +13,7 @@
 //!   scaled-dot-product attention, Transpose pairs, QDQ convolutions -> QLinearConv).
 //! - `All`: Extended plus fusions into Kiln's own `ai.kiln` nodes, which only Kiln runs (chains of
 //!   scalar element-wise ops -> `ElementwiseChain`, and such a chain after a Conv ->
-//!   `FusedConvChain`), and, when asked for (`Options::nhwc_convs`: CPU f32 sessions with `KILN_NHWC=1`),
+//!   `FusedConvChain`), and, when asked for (`Options::nhwc_convs`: CPU f32 sessions on AVX-512F CPUs by default, `KILN_NHWC=0|1`),
 //!   channels-last conv regions (`nhwc`, once after the fixed point).
 //!
 //! Rules never rename or remove graph outputs, never drop graph inputs, and never rewire a value a

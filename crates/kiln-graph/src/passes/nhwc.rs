@@ -25,8 +25,8 @@
 //! more than they save).
 //!
 //! Runs once after the optimizer's fixed point, only when [`super::Options::nhwc_convs`] is set
-//! (CPU f32 sessions at Level All that opt in with `KILN_NHWC=1`: not yet faster than NCHW across the
-//! model zoo, docs/benchmarks.md) and the runtime has the kernels.
+//! (CPU f32 sessions at Level All where the runtime's direct channels-last conv kernel runs, AVX-512F,
+//! unless `KILN_NHWC=0`; elsewhere with `KILN_NHWC=1`; docs/benchmarks.md) and the runtime has the kernels.
 
 use std::collections::{BTreeMap, HashMap};
 
