@@ -319,7 +319,6 @@ fn dense(
     let macs = g.n * pixels * k * m;
     // Rows per block: a multiple of the GEMM's 6-row tile.
     let block = (PATCH_BUDGET / k.max(1)).clamp(12, 512) / 6 * 6;
-    let threads = rayon::current_num_threads();
     let tasks = g.n * pixels.div_ceil(block);
     let err = std::sync::Mutex::new(None);
     let fail = |e: sgemm::GemmError| {
@@ -359,30 +358,66 @@ fn dense(
             epi.apply(ob, z.map(|z| &z[at..at + ob.len()]));
         }
     };
-    let by_image = |img: usize, oi: &mut [f32], parallel_gemm: bool| {
-        oi.chunks_mut(block * m)
-            .enumerate()
-            .for_each(|(bi, ob)| one(img, bi * block, ob, parallel_gemm));
-    };
-    if macs < PARALLEL_MIN_MACS || threads == 1 {
-        out.chunks_mut(pixels * m)
-            .enumerate()
-            .for_each(|(img, oi)| by_image(img, oi, false));
-    } else if tasks >= 4 * threads {
-        out.par_chunks_mut(pixels * m).enumerate().for_each(|(img, oi)| {
-            oi.par_chunks_mut(block * m)
-                .enumerate()
-                .for_each(|(bi, ob)| one(img, bi * block, ob, false));
-        });
-    } else {
-        out.chunks_mut(pixels * m)
-            .enumerate()
-            .for_each(|(img, oi)| by_image(img, oi, true));
-    }
+    let split = Split::choose(macs, tasks, 4);
+    over_blocks(&mut out, pixels * m, block * m, split, |img, bi, ob, inside| {
+        one(img, bi * block, ob, inside)
+    });
     if let Some(e) = err.into_inner().ok().flatten() {
         bail!("ConvNhwc: {e}");
     }
     Ok(out)
+}
+
+/// How a dense conv's blocks of output pixels share the threads.
+#[derive(Clone, Copy)]
+enum Split {
+    /// All on the calling thread (a small conv, or one thread).
+    None,
+    /// One task per block (enough blocks for every thread).
+    Blocks,
+    /// Blocks one after the other, each GEMM split over the threads (a small feature map).
+    InsideBlocks,
+}
+
+impl Split {
+    /// `tasks` blocks of `macs` multiply-adds in all: one task per block when there are at least
+    /// `per_thread` per thread.
+    fn choose(macs: usize, tasks: usize, per_thread: usize) -> Split {
+        let threads = rayon::current_num_threads();
+        if macs < PARALLEL_MIN_MACS || threads == 1 {
+            Split::None
+        } else if tasks >= per_thread * threads {
+            Split::Blocks
+        } else {
+            Split::InsideBlocks
+        }
+    }
+}
+
+/// Runs `one(image, block index, block, split inside)` over `out` (images of `image` floats, each in
+/// blocks of `block` floats) as `split` says.
+fn over_blocks(
+    out: &mut [f32],
+    image: usize,
+    block: usize,
+    split: Split,
+    one: impl Fn(usize, usize, &mut [f32], bool) + Sync,
+) {
+    match split {
+        Split::Blocks => out.par_chunks_mut(image).enumerate().for_each(|(img, oi)| {
+            oi.par_chunks_mut(block)
+                .enumerate()
+                .for_each(|(bi, ob)| one(img, bi, ob, false));
+        }),
+        Split::None | Split::InsideBlocks => {
+            let inside = matches!(split, Split::InsideBlocks);
+            for (img, oi) in out.chunks_mut(image).enumerate() {
+                for (bi, ob) in oi.chunks_mut(block).enumerate() {
+                    one(img, bi, ob, inside);
+                }
+            }
+        }
+    }
 }
 
 /// Output pixels per task of [`dense_direct`] (16 tiles of 6: each run of filter steps, loaded into
@@ -427,7 +462,6 @@ fn dense_direct(
     let in_kernel = clamp.is_some();
     let pixels = g.oh * g.ow;
     let mut out = crate::fastmath::zeroed(g.n * pixels * m);
-    let threads = rayon::current_num_threads();
     let tasks = g.n * pixels.div_ceil(DIRECT_BLOCK);
     let macs = g.n * pixels * k * m;
     let err = std::sync::Mutex::new(None);
@@ -451,26 +485,10 @@ fn dense_direct(
             epi.apply(ob, z.map(|z| &z[at..at + ob.len()]));
         }
     };
-    let blocks_of = |img: usize, oi: &mut [f32], parallel: bool| {
-        oi.chunks_mut(DIRECT_BLOCK * m)
-            .enumerate()
-            .for_each(|(bi, ob)| one(img, bi * DIRECT_BLOCK, ob, parallel));
-    };
-    if macs < PARALLEL_MIN_MACS || threads == 1 {
-        out.chunks_mut(pixels * m)
-            .enumerate()
-            .for_each(|(img, oi)| blocks_of(img, oi, false));
-    } else if tasks >= 2 * threads {
-        out.par_chunks_mut(pixels * m).enumerate().for_each(|(img, oi)| {
-            oi.par_chunks_mut(DIRECT_BLOCK * m)
-                .enumerate()
-                .for_each(|(bi, ob)| one(img, bi * DIRECT_BLOCK, ob, false));
-        });
-    } else {
-        out.chunks_mut(pixels * m)
-            .enumerate()
-            .for_each(|(img, oi)| blocks_of(img, oi, true));
-    }
+    let split = Split::choose(macs, tasks, 2);
+    over_blocks(&mut out, pixels * m, DIRECT_BLOCK * m, split, |img, bi, ob, inside| {
+        one(img, bi * DIRECT_BLOCK, ob, inside)
+    });
     if let Some(e) = err.into_inner().ok().flatten() {
         bail!("ConvNhwc: {e}");
     }

@@ -15,6 +15,7 @@
 
 use rayon::prelude::*;
 
+use super::rows::OutPtr;
 use super::{kc_for, GemmError, PackedB, NR};
 
 /// Pixel rows per tile.
@@ -149,19 +150,6 @@ pub fn gemm_indexed_a(
         (0..col_tiles).for_each(tile);
     }
     Ok(())
-}
-
-#[derive(Clone, Copy)]
-struct OutPtr(*mut f32);
-// SAFETY: tasks write disjoint column tiles of one buffer that outlives the parallel loop.
-unsafe impl Send for OutPtr {}
-unsafe impl Sync for OutPtr {}
-
-impl OutPtr {
-    /// The pointer (a method, so closures capture the `Sync` wrapper and not the raw field).
-    fn get(self) -> *mut f32 {
-        self.0
-    }
 }
 
 #[derive(Clone, Copy)]

@@ -172,15 +172,16 @@ pub fn gemm_packed_a_rows(
     Ok(())
 }
 
+/// The output of a GEMM whose tasks write disjoint tiles (also used by `indexed.rs`).
 #[derive(Clone, Copy)]
-struct OutPtr(*mut f32);
-// SAFETY: tasks write disjoint tiles (column tiles x row blocks) of one buffer that outlives the parallel loop.
+pub(super) struct OutPtr(pub(super) *mut f32);
+// SAFETY: tasks write disjoint tiles of one buffer that outlives the parallel loop.
 unsafe impl Send for OutPtr {}
 unsafe impl Sync for OutPtr {}
 
 impl OutPtr {
     /// The pointer (a method, so closures capture the `Sync` wrapper and not the raw field).
-    fn get(self) -> *mut f32 {
+    pub(super) fn get(self) -> *mut f32 {
         self.0
     }
 }
