@@ -58,8 +58,11 @@ pub fn gemm_indexed_a(
     if a.offs.len() != k {
         return Err(GemmError::Shape(format!("A has {} steps, B has k = {k}", a.offs.len())));
     }
+    if k == 0 {
+        return Err(GemmError::Shape("empty reduction (k = 0)".into()));
+    }
     let far = |v: &[usize]| v.iter().max().copied().unwrap_or(0);
-    if m > 0 && k > 0 && far(a.rows).checked_add(far(a.offs)).is_none_or(|r| r >= a.data.len()) {
+    if m > 0 && far(a.rows).checked_add(far(a.offs)).is_none_or(|r| r >= a.data.len()) {
         return Err(GemmError::Shape("an A element lies past its data".into()));
     }
     if ldc < n || (m > 0 && c.len() < (m - 1) * ldc + n) {
