@@ -35,8 +35,9 @@ pub fn register(r: &mut Registry) {
 enum Filter {
     /// `[KH*KW*C, M]`, row `(ky*KW + kx)*C + ci`.
     Dense(PackedB),
-    /// Few output channels (see [`few_channels`]): the NCHW kernel's packed filter; the input is
-    /// transposed to NCHW, convolved there and the (narrow) output transposed back.
+    /// Few output channels (see [`few_channels`]) on a CPU without the direct kernel
+    /// ([`sgemm::indexed_available`]): the NCHW kernel's packed filter; the input is transposed to
+    /// NCHW, convolved there and the (narrow) output transposed back.
     Nchw(PackedFilter),
     /// `[KH*KW][C]`.
     Depthwise(Vec<f32>),
@@ -266,7 +267,8 @@ fn conv_nhwc(n: &NodeCtx) -> Result<Box<dyn OpKernel>> {
 /// Output channel counts the `[pixels, K] x [K, M]` GEMM fills poorly: its tiles are 32 columns wide,
 /// so 24 channels fill one three-quarters and 16 leave half the accumulators idle. For these the NCHW
 /// kernel (`M` rows of 6-row tiles over pixels) runs between two transposes, which move `C + M`
-/// floats per pixel against `K * M` multiply-adds.
+/// floats per pixel against `K * M` multiply-adds. The direct kernel (`dense_direct`) runs these
+/// channel counts itself: measured faster than the transposes (docs/benchmarks.md).
 fn few_channels(m: usize) -> bool {
     m < 128 && !m.is_multiple_of(32)
 }
