@@ -176,6 +176,23 @@ pub fn infer_shapes(graph: &mut Graph) {
                 };
                 (dtype, input(0).and_then(|v| v.shape))
             }
+            // `output_dtype`, else the zero point's type (u8 without one); the input's shape.
+            "QuantizeLinear" => {
+                let dtype = match node.attr("output_dtype") {
+                    Some(Attribute::Int(code)) if *code != 0 => DType::from_onnx(*code as i32),
+                    _ if node.inputs.get(2).copied().flatten().is_some() => input(2).and_then(|v| v.dtype),
+                    _ => Some(DType::U8),
+                };
+                (dtype, input(0).and_then(|v| v.shape))
+            }
+            // The output zero point's type, else X's (its shape is a conv's, not inferred here).
+            "QLinearConv" | "QLinearConvNhwc" => {
+                let dtype = match node.inputs.get(7).copied().flatten() {
+                    Some(_) => input(7).and_then(|v| v.dtype),
+                    None => input(0).and_then(|v| v.dtype),
+                };
+                (dtype, None)
+            }
             // com.microsoft: the float type of the activation scale.
             "MatMulIntegerToFloat" => (input(2).and_then(|v| v.dtype), None),
             "Shape" => (
@@ -376,5 +393,63 @@ mod graph_tests {
         for i in [1, 2, 3, 5, 7] {
             assert_eq!(g.values[i].dtype, Some(DType::F32), "{}", g.values[i].name);
         }
+    }
+
+    /// QuantizeLinear gives its zero point's type (u8 without one), QLinearConv its output zero
+    /// point's (X's without one), so a channels-last region knows its quantized inputs are 8-bit.
+    #[test]
+    fn quantizers_and_quantized_convs_give_their_zero_points_type() {
+        let v = |name: &str, dtype: Option<DType>| ValueInfo {
+            name: name.into(),
+            kind: ValueKind::Tensor,
+            dtype,
+            shape: None,
+        };
+        let node = |op: &str, ins: &[Option<u32>], out: u32| Node {
+            name: format!("{op}{out}"),
+            op_type: op.into(),
+            domain: String::new(),
+            inputs: ins.iter().map(|i| i.map(ValueId)).collect(),
+            outputs: vec![Some(ValueId(out))],
+            attributes: BTreeMap::new(),
+            implicit_inputs: vec![],
+        };
+        let mut g = Graph {
+            name: "g".into(),
+            values: vec![
+                v("x", Some(DType::F32)),
+                v("s", Some(DType::F32)),
+                v("z_i8", Some(DType::I8)),
+                v("q_i8", None),
+                v("q_u8", None),
+                v("w", Some(DType::I8)),
+                v("y_zp_u8", Some(DType::U8)),
+                v("conv_u8", None),
+                v("conv_as_x", None),
+            ],
+            nodes: vec![
+                node("QuantizeLinear", &[Some(0), Some(1), Some(2)], 3),
+                node("QuantizeLinear", &[Some(0), Some(1)], 4),
+                node(
+                    "QLinearConv",
+                    &[Some(3), Some(1), Some(2), Some(5), Some(1), Some(2), Some(1), Some(6)],
+                    7,
+                ),
+                node(
+                    "QLinearConv",
+                    &[Some(3), Some(1), Some(2), Some(5), Some(1), Some(2), Some(1)],
+                    8,
+                ),
+            ],
+            inputs: [0, 1, 2, 5, 6].map(ValueId).to_vec(),
+            outputs: vec![ValueId(7), ValueId(8)],
+            ..Default::default()
+        };
+        infer_shapes(&mut g);
+        let dt = |i: usize| g.values[i].dtype;
+        assert_eq!(
+            (dt(3), dt(4), dt(7), dt(8)),
+            (Some(DType::I8), Some(DType::U8), Some(DType::U8), Some(DType::I8))
+        );
     }
 }

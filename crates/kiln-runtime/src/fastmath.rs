@@ -330,7 +330,9 @@ fn quantize_i8_impl(src: &[f32], scale: f32, zp: f32, dst: &mut [i16]) {
         // A NaN becomes -128 (max returns its other operand), the range's low end as for u8.
         #[allow(clippy::manual_clamp)]
         let v = ((x / scale).round_ties_even() + zp).max(-128.0).min(127.0);
-        *q = v as i32 as i16
+        // SAFETY: `v` is a whole number in [-128, 127] (max/min above never give a NaN), so it
+        // fits i32; the unchecked conversion vectorizes where `as` (saturating, NaN to 0) does not.
+        *q = unsafe { v.to_int_unchecked::<i32>() } as i16
     });
 }
 
@@ -646,6 +648,19 @@ pub(crate) fn f32_view(t: &CT) -> Option<F32View<impl std::ops::Deref<Target = S
 /// Runs `f` on the contiguous f32 data of a CPU tensor; `None` when it is not one.
 pub(crate) fn with_f32<R>(t: &CT, f: impl FnOnce(&[f32]) -> R) -> Option<R> {
     f32_view(t).map(|v| f(v.slice()))
+}
+
+/// Runs `f` on the contiguous u8 data of a CPU tensor; `None` when it is not one.
+pub(crate) fn with_u8<R>(t: &CT, f: impl FnOnce(&[u8]) -> R) -> Option<R> {
+    if !t.device().is_cpu() || t.dtype() != candle_core::DType::U8 {
+        return None;
+    }
+    let (storage, layout) = t.storage_and_layout();
+    let (start, end) = layout.contiguous_offsets()?;
+    match &*storage {
+        Storage::Cpu(CpuStorage::U8(v)) => v.get(start..end).map(f),
+        _ => None,
+    }
 }
 
 /// Elements per parallel task: large enough to amortize scheduling, small enough to balance.

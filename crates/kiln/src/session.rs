@@ -68,6 +68,10 @@ fn optimize_for_precision(
     options.fuse_matmul_bias = precision != Precision::Int8WeightOnly;
     options.share_transposed_weights = cpu_f32 && precision == Precision::F32;
     options.nhwc_convs = cpu_f32 && precision == Precision::F32 && nhwc_convs_wanted();
+    // Quantized convs go channels-last on every CPU (their NCHW kernel transposes its input and
+    // output around the same integer GEMM); `KILN_NHWC=0` keeps them NCHW too.
+    options.nhwc_qconvs =
+        cpu_f32 && precision == Precision::F32 && std::env::var("KILN_NHWC").map_or(true, |v| v != "0");
     Ok(optimize(&mut model.graph, &options, &CpuConstEval)?)
 }
 

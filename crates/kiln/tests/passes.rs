@@ -1187,6 +1187,112 @@ fn nhwc_direct_convs_compute_what_nchw_computes() {
     assert_eq!(ops.get("ai.kiln::ConvNhwc"), Some(&8), "{ops:?}");
 }
 
+/// Quantized convs in a channels-last region (`QLinearConvNhwc`, with the per-tensor
+/// Quantize/DequantizeLinear and the float ops between them) give exactly the codes and floats of
+/// the NCHW graph: dense 3x3 with a stride, pointwise (read in place), depthwise, 5x5 with a
+/// dilation and asymmetric pads, u8 and i8 filters and activations, per-channel filter scales and
+/// zero points, biases, a residual Add + Relu, a batch of two. A grouped conv that is not depthwise
+/// stays NCHW between transposes; a conv whose output scale is zero takes the reference path
+/// (its saturated codes must match too).
+#[test]
+fn nhwc_quantized_convs_compute_what_nchw_computes() {
+    let mut b = B::new();
+    let x = b.input("x", &[2, 8, 13, 11]);
+    let mut n = 0;
+    let mut scalar = |b: &mut B, v: f32| {
+        n += 1;
+        b.scalar(&format!("s{n}"), v)
+    };
+    let u8z = |b: &mut B, name: &str, v: u8| b.init(TensorData::from_values(name, vec![], &[v]).unwrap());
+    let i8z = |b: &mut B, name: &str, v: i8| b.init(TensorData::from_values(name, vec![], &[v]).unwrap());
+    let bias = |b: &mut B, name: &str, m: usize| {
+        let v: Vec<i32> = (0..m as i32).map(|i| (i * 37) % 200 - 100).collect();
+        b.init(TensorData::from_values(name, vec![m], &v).unwrap())
+    };
+    // i8 filter [m, cg, k, k] with one scale and zero point per output channel.
+    let i8_filter = |b: &mut B, name: &str, m: usize, cg: usize, k: usize| {
+        let v: Vec<i8> = (0..m * cg * k * k).map(|i| ((i * 29 + m) % 61) as i8 - 30).collect();
+        let w = b.init(TensorData::from_values(name, vec![m, cg, k, k], &v).unwrap());
+        let scales: Vec<f32> = (0..m).map(|i| 0.004 + i as f32 * 0.0003).collect();
+        let ws = b.f32s(&format!("{name}_s"), &[m], &scales);
+        let zps: Vec<i8> = (0..m).map(|i| (i % 5) as i8 - 2).collect();
+        let wz = b.init(TensorData::from_values(format!("{name}_z"), vec![m], &zps).unwrap());
+        (w, ws, wz)
+    };
+    let xs = scalar(&mut b, 0.02);
+    let xz = u8z(&mut b, "xz", 128);
+    let q = b.op("QuantizeLinear", &[x, xs, xz]);
+    // 3x3, stride 2, pads 1: 8 -> 32 channels, u8 output.
+    let (w1, w1s, w1z) = i8_filter(&mut b, "w1", 32, 8, 3);
+    let (y1s, y1z, b1) = (scalar(&mut b, 0.05), u8z(&mut b, "y1z", 20), bias(&mut b, "b1", 32));
+    let c1 = b.node(
+        "QLinearConv",
+        &[q, xs, xz, w1, w1s, w1z, y1s, y1z, b1],
+        vec![("pads", ints(&[1, 1, 1, 1])), ("strides", ints(&[2, 2]))],
+    );
+    // Depthwise 3x3 (u8 filter, one zero point), no bias.
+    let wd: Vec<u8> = (0..32 * 9).map(|i| ((i * 13) % 251) as u8).collect();
+    let wd = b.init(TensorData::from_values("wd", vec![32, 1, 3, 3], &wd).unwrap());
+    let (wds, wdz) = (scalar(&mut b, 0.003), u8z(&mut b, "wdz", 120));
+    let (y2s, y2z) = (scalar(&mut b, 0.04), u8z(&mut b, "y2z", 100));
+    let c2 = b.node(
+        "QLinearConv",
+        &[c1, y1s, y1z, wd, wds, wdz, y2s, y2z],
+        vec![("pads", ints(&[1, 1, 1, 1])), ("group", Attribute::Int(32))],
+    );
+    // Pointwise 32 -> 48 (the input read as the GEMM's rows), then back to floats.
+    let (w3, w3s, w3z) = i8_filter(&mut b, "w3", 48, 32, 1);
+    let (y3s, y3z, b3) = (scalar(&mut b, 0.05), u8z(&mut b, "y3z", 128), bias(&mut b, "b3", 48));
+    let c3 = b.node_in("", "QLinearConv", &[c2, y2s, y2z, w3, w3s, w3z, y3s, y3z, b3], vec![]);
+    let d3 = b.op("DequantizeLinear", &[c3, y3s, y3z]);
+    // A residual branch: pointwise 32 -> 48 from the first conv.
+    let (w4, w4s, w4z) = i8_filter(&mut b, "w4", 48, 32, 1);
+    let (y4s, y4z) = (scalar(&mut b, 0.06), u8z(&mut b, "y4z", 128));
+    let c4 = b.node_in("", "QLinearConv", &[c1, y1s, y1z, w4, w4s, w4z, y4s, y4z], vec![]);
+    let d4 = b.op("DequantizeLinear", &[c4, y4s, y4z]);
+    let r = b.op("Add", &[d3, d4]);
+    let r = b.op("Relu", &[r]);
+    // i8 activations: 5x5, dilation (2, 1), asymmetric pads.
+    let (rs, rz) = (scalar(&mut b, 0.03), i8z(&mut b, "rz", -3));
+    let rq = b.op("QuantizeLinear", &[r, rs, rz]);
+    let (w5, w5s, w5z) = i8_filter(&mut b, "w5", 16, 48, 5);
+    let (y5s, y5z, b5) = (scalar(&mut b, 0.08), i8z(&mut b, "y5z", 5), bias(&mut b, "b5", 16));
+    let c5 = b.node(
+        "QLinearConv",
+        &[rq, rs, rz, w5, w5s, w5z, y5s, y5z, b5],
+        vec![("pads", ints(&[4, 2, 3, 1])), ("dilations", ints(&[2, 1]))],
+    );
+    // Enough convs for the region to pay for its three boundary transposes.
+    let (mut c5, mut ys, mut yz) = (c5, y5s, y5z);
+    for i in 0..6 {
+        let (w, ws, wz) = i8_filter(&mut b, &format!("wl{i}"), 16, 16, 1);
+        let (s, z) = (scalar(&mut b, 0.07), i8z(&mut b, &format!("yl{i}z"), i as i8));
+        c5 = b.node_in("", "QLinearConv", &[c5, ys, yz, w, ws, wz, s, z], vec![]);
+        (ys, yz) = (s, z);
+    }
+    let (y5s, y5z) = (ys, yz);
+    // Grouped (4 groups of 4 channels): not depthwise, so outside the region.
+    let (w6, w6s, w6z) = i8_filter(&mut b, "w6", 8, 4, 3);
+    let (y6s, y6z) = (scalar(&mut b, 0.05), i8z(&mut b, "y6z", 0));
+    let c6 = b.node(
+        "QLinearConv",
+        &[c5, y5s, y5z, w6, w6s, w6z, y6s, y6z],
+        vec![("pads", ints(&[1, 1, 1, 1])), ("group", Attribute::Int(4))],
+    );
+    let out6 = b.op("DequantizeLinear", &[c6, y6s, y6z]);
+    // A zero output scale: the reference path's saturated codes.
+    let (w7, w7s, w7z) = i8_filter(&mut b, "w7", 8, 48, 1);
+    let (y7s, y7z) = (scalar(&mut b, 0.0), u8z(&mut b, "y7z", 9));
+    let c7 = b.node_in("", "QLinearConv", &[c3, y3s, y3z, w7, w7s, w7z, y7s, y7z], vec![]);
+    let (model, feeds) = b.model(&[c5, out6, c7], 13);
+    let mut o = opts(&model, OptLevel::All);
+    o.nhwc_qconvs = true;
+    let (opt, _) = optimize_and_compare(&model, &feeds, &o, 0.0);
+    let ops = op_counts(&opt.graph);
+    assert_eq!(ops.get("ai.kiln::QLinearConvNhwc"), Some(&12), "{ops:?}");
+    assert_eq!(ops.get("QLinearConv"), Some(&1), "{ops:?}");
+}
+
 #[test]
 fn nhwc_regions_compute_what_nchw_computes() {
     let mut b = B::new();

@@ -118,6 +118,9 @@ pub struct Options {
     /// Level All's channels-last regions (`nhwc_layout`): 2-D convs and the ops between them on
     /// `[N, H, W, C]` tensors, run once after the fixed point. For CPU f32 sessions.
     pub nhwc_convs: bool,
+    /// QLinearConv joins those regions (`ai.kiln::QLinearConvNhwc`), with the per-tensor
+    /// Quantize/DequantizeLinear around it. For CPU sessions.
+    pub nhwc_qconvs: bool,
 }
 
 impl Default for Options {
@@ -132,6 +135,7 @@ impl Default for Options {
             fuse_matmul_bias: true,
             share_transposed_weights: false,
             nhwc_convs: false,
+            nhwc_qconvs: false,
         }
     }
 }
@@ -275,7 +279,7 @@ pub fn optimize(graph: &mut Graph, options: &Options, eval: &dyn ConstEval) -> R
                 break;
             }
         }
-        if options.level >= OptLevel::All && options.nhwc_convs {
+        if options.level >= OptLevel::All && (options.nhwc_convs || options.nhwc_qconvs) {
             crate::infer::infer_shapes(graph);
             let n = nhwc::run(graph, &cx)?;
             if n > 0 {

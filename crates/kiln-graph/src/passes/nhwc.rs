@@ -11,7 +11,11 @@
 //! - 2-D `Conv`, `com.microsoft::FusedConv` and `ai.kiln::FusedConvChain` with a constant f32 4-D
 //!   filter, group 1 or depthwise (one input channel per group, channel multiplier 1), become
 //!   `ai.kiln::ConvNhwc` (the conv's attributes, and the fused activation or chain). A conv may start
-//!   a region from an NCHW input (one `Transpose` in).
+//!   a region from an NCHW input (one `Transpose` in). With [`super::Options::nhwc_qconvs`], 2-D
+//!   `QLinearConv` with a constant 8-bit filter (group 1 or depthwise) and per-tensor input and
+//!   output parameters becomes `ai.kiln::QLinearConvNhwc`, and per-tensor `QuantizeLinear`,
+//!   `DequantizeLinear` and `ai.kiln::QuantizeDequantize` join as element-wise ops (a static QDQ
+//!   CNN then runs channels-last from its first conv to its pooling head).
 //! - with at least one input from the region: element-wise unary ops, `ai.kiln::ElementwiseChain`,
 //!   two-input element-wise binary ops whose other input is from the region, a constant (its data
 //!   permuted once, here), a value broadcast-neutral in every layout (rank <= 1 or all dims 1), or a
@@ -26,7 +30,10 @@
 //!
 //! Runs once after the optimizer's fixed point, only when [`super::Options::nhwc_convs`] is set
 //! (CPU f32 sessions at Level All where the runtime's direct channels-last conv kernel runs, AVX-512F,
-//! unless `KILN_NHWC=0`; elsewhere with `KILN_NHWC=1`; docs/benchmarks.md) and the runtime has the kernels.
+//! unless `KILN_NHWC=0`; elsewhere with `KILN_NHWC=1`; docs/benchmarks.md) or
+//! [`super::Options::nhwc_qconvs`] (CPU f32-precision sessions on every CPU unless `KILN_NHWC=0`:
+//! the channels-last integer conv does less work than the NCHW one, which transposes its input and
+//! output around the same GEMM; docs/compression.md), and the runtime has the kernels.
 
 use std::collections::{BTreeMap, HashMap};
 
@@ -44,6 +51,8 @@ pub const RULE: &str = "nhwc_layout";
 /// `Z` an NHWC residual added before the activation), Conv's attributes plus FusedConv's
 /// `activation`/`activation_params` or FusedConvChain's `program`.
 pub const CONV_NHWC: &str = "ConvNhwc";
+/// `ai.kiln` QLinearConv over `[N, H, W, C]` u8/i8 tensors: QLinearConv's inputs and attributes.
+pub const QLINEAR_CONV_NHWC: &str = "QLinearConvNhwc";
 /// `ai.kiln` MaxPool over `[N, H, W, C]` (MaxPool's attributes, one output).
 pub const MAX_POOL_NHWC: &str = "MaxPoolNhwc";
 /// `ai.kiln` AveragePool over `[N, H, W, C]` (AveragePool's attributes).
@@ -98,10 +107,20 @@ enum In {
     PerAxis,
 }
 
+/// Which convs may join a region.
+#[derive(Debug, Clone, Copy)]
+struct Allow {
+    /// f32 `Conv`/`FusedConv`/`FusedConvChain` (as `ConvNhwc`).
+    float: bool,
+    /// `QLinearConv` (as `QLinearConvNhwc`).
+    quantized: bool,
+}
+
 /// What a joining node becomes.
 #[derive(Debug, Clone)]
 enum Kind {
     Conv,
+    QConv,
     Same,
     /// Concat or Split on this NCHW axis (normalized), remapped to NHWC.
     Axis(i64),
@@ -196,15 +215,84 @@ fn conv_joins(g: &Graph, cx: &PassCx, n: &Node, region: &[bool]) -> Option<Vec<I
     Some(ins)
 }
 
-fn plan(g: &Graph, cx: &PassCx, i: usize, region: &[bool]) -> Option<Join> {
+/// A 2-D `QLinearConv` that can run as `QLinearConvNhwc`: a constant 8-bit 4-D filter, group 1 or
+/// depthwise, per-tensor input and output parameters (the per-channel filter scale, zero point and
+/// the bias are per output channel in either layout).
+fn qconv_joins(g: &Graph, cx: &PassCx, n: &Node, region: &[bool]) -> Option<Vec<In>> {
+    if !(n.domain.is_empty() && n.op_type == "QLinearConv" && (8..=9).contains(&n.inputs.len())) {
+        return None;
+    }
+    let x = n.inputs[0]?;
+    let w = constant(g, cx.options, n.inputs[3]?)?;
+    if !matches!(w.dtype, DType::U8 | DType::I8) || w.dims.len() != 4 || w.dims.contains(&0) {
+        return None;
+    }
+    if !region[x.index()] && !matches!(g.value(x).dtype, Some(DType::U8 | DType::I8)) {
+        return None;
+    }
+    let group = int_attr(n, "group", 1)?;
+    let depthwise = group > 1 && w.dims[1] == 1 && w.dims[0] == group as usize;
+    if group != 1 && !depthwise {
+        return None;
+    }
+    if let Some(Attribute::Ints(k)) = n.attr("kernel_shape") {
+        if k.len() != 2 {
+            return None;
+        }
+    }
+    // x_scale, x_zero_point, y_scale, y_zero_point.
+    for k in [1, 2, 6, 7] {
+        if let Some(v) = n.inputs.get(k).copied().flatten() {
+            if !layout_neutral(g, cx, v) {
+                return None;
+            }
+        }
+    }
+    let mut ins = vec![In::Layout];
+    ins.extend(std::iter::repeat_n(In::Keep, n.inputs.len() - 1));
+    Some(ins)
+}
+
+/// A per-tensor QuantizeLinear, DequantizeLinear or `ai.kiln::QuantizeDequantize`: element-wise
+/// when its scale and zero point are single values.
+fn per_tensor_quantizer(g: &Graph, cx: &PassCx, n: &Node) -> bool {
+    let op = n.op_type.as_str();
+    let known = (n.domain.is_empty() && matches!(op, "QuantizeLinear" | "DequantizeLinear"))
+        || (n.domain == KILN && op == super::qdq_pair::OP);
+    let plain_attr = |name: &str| matches!(n.attr(name), None | Some(Attribute::Int(0)));
+    known
+        && (2..=3).contains(&n.inputs.len())
+        && n.outputs.len() == 1
+        && plain_attr("block_size")
+        && plain_attr("output_dtype")
+        && n.inputs[1..].iter().all(|v| v.is_none_or(|v| layout_neutral(g, cx, v)))
+}
+
+fn plan(g: &Graph, cx: &PassCx, allow: Allow, i: usize, region: &[bool]) -> Option<Join> {
     let n = &g.nodes[i];
     let from_region = |k: usize| n.inputs.get(k).copied().flatten().is_some_and(|v| region[v.index()]);
     let join = |inputs: Vec<In>, kind: Kind| Some(Join { node: i, inputs, kind });
     if !n.implicit_inputs.is_empty() || n.outputs.is_empty() {
         return None;
     }
-    if let Some(ins) = conv_joins(g, cx, n, region) {
-        return join(ins, Kind::Conv);
+    if allow.float {
+        if let Some(ins) = conv_joins(g, cx, n, region) {
+            return join(ins, Kind::Conv);
+        }
+    }
+    if allow.quantized {
+        if let Some(ins) = qconv_joins(g, cx, n, region) {
+            return join(ins, Kind::QConv);
+        }
+        if per_tensor_quantizer(g, cx, n) {
+            return from_region(0).then(|| Join {
+                node: i,
+                inputs: (0..n.inputs.len())
+                    .map(|k| if k == 0 { In::Layout } else { In::Keep })
+                    .collect(),
+                kind: Kind::Same,
+            });
+        }
     }
     if n.domain == KILN && n.op_type == CHAIN {
         let narrow = matches!(n.attr("min_rank"), None | Some(Attribute::Int(0..=4)));
@@ -409,7 +497,11 @@ fn perm_attr(p: [i64; 4]) -> BTreeMap<String, Attribute> {
 
 /// Rewrites the channels-last regions of `g`; returns how many nodes now compute channels-last.
 pub fn run(g: &mut Graph, cx: &PassCx) -> Result<usize> {
-    if !cx.options.nhwc_convs || cx.options.strict_opsets || !cx.can_emit(KILN, CONV_NHWC, 1) {
+    let allow = Allow {
+        float: cx.options.nhwc_convs && cx.can_emit(KILN, CONV_NHWC, 1),
+        quantized: cx.options.nhwc_qconvs && cx.can_emit(KILN, QLINEAR_CONV_NHWC, 1),
+    };
+    if !(allow.float || allow.quantized) || cx.options.strict_opsets {
         return Ok(0);
     }
     for op in [MAX_POOL_NHWC, AVERAGE_POOL_NHWC, GLOBAL_AVERAGE_POOL_NHWC] {
@@ -424,7 +516,7 @@ pub fn run(g: &mut Graph, cx: &PassCx) -> Result<usize> {
     let mut joins = Vec::new();
     let mut member = vec![false; g.nodes.len()];
     for i in order {
-        if let Some(j) = plan(g, cx, i, &region) {
+        if let Some(j) = plan(g, cx, allow, i, &region) {
             for o in g.nodes[i].outputs.iter().flatten() {
                 region[o.index()] = true;
             }
@@ -432,7 +524,10 @@ pub fn run(g: &mut Graph, cx: &PassCx) -> Result<usize> {
             joins.push(j);
         }
     }
-    let convs = joins.iter().filter(|j| matches!(j.kind, Kind::Conv)).count();
+    let convs = joins
+        .iter()
+        .filter(|j| matches!(j.kind, Kind::Conv | Kind::QConv))
+        .count();
     if convs < 2 {
         return Ok(0);
     }
@@ -527,6 +622,7 @@ pub fn run(g: &mut Graph, cx: &PassCx) -> Result<usize> {
         let mut attributes = node.attributes.clone();
         let (domain, op) = match &j.kind {
             Kind::Conv => (KILN.to_string(), CONV_NHWC.to_string()),
+            Kind::QConv => (KILN.to_string(), QLINEAR_CONV_NHWC.to_string()),
             Kind::Same => (node.domain.clone(), node.op_type.clone()),
             Kind::Axis(a) => {
                 attributes.insert("axis".into(), Attribute::Int(nhwc_axis(*a)));

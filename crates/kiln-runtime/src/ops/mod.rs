@@ -30,6 +30,7 @@ mod nn;
 mod norm;
 mod pool;
 mod q4;
+mod qconv;
 mod qlinear;
 mod quant;
 mod reduce;
@@ -324,6 +325,7 @@ impl Registry {
             pool::register(&mut r);
             qlinear::register(&mut r);
             quant::register(&mut r);
+            qconv::register(&mut r);
             reduce::register(&mut r);
             resize::register(&mut r);
             rnn::register(&mut r);

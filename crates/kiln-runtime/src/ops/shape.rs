@@ -42,7 +42,7 @@ pub fn register(r: &mut Registry) {
             if let Some(y) = crate::cuda_kernels::permute(x.candle(), &p)? {
                 return out1(Tensor::new(y, x.dtype())?);
             }
-            if let Some(y) = transpose_f32(x.candle(), &p) {
+            if let Some(y) = transpose_tiled(x.candle(), &p) {
                 return out1(Tensor::new(y?, x.dtype())?);
             }
             out1(x.map(|t| t.permute(p.as_slice())?.contiguous())?)
@@ -503,12 +503,19 @@ fn next_kept(dims: &[usize], a: usize) -> Option<usize> {
     (a + 1..dims.len()).find(|&i| dims[i] != 1)
 }
 
-/// Transpose of a contiguous f32 CPU tensor that is a batched 2-D transpose (NCHW <-> NHWC and the
-/// like) in cache-sized tiles; `None` for anything else (candle's strided copy then does it).
-fn transpose_f32(t: &CT, perm: &[usize]) -> Option<Result<CT>> {
+/// Transpose of a contiguous f32 or u8 CPU tensor that is a batched 2-D transpose (NCHW <-> NHWC and
+/// the like) in cache-sized tiles; `None` for anything else (candle's strided copy then does it).
+fn transpose_tiled(t: &CT, perm: &[usize]) -> Option<Result<CT>> {
     let dims = t.dims().to_vec();
     let (b, r, c) = as_batched_transpose(&dims, perm)?;
     let out_dims: Vec<usize> = perm.iter().map(|&a| dims[a]).collect();
+    if t.dtype() == candle_core::DType::U8 {
+        return crate::fastmath::with_u8(t, |src| {
+            let mut out = vec![0u8; src.len()];
+            batched_transpose(src, b, r, c, &mut out);
+            CT::from_vec(out, out_dims.clone(), t.device()).map_err(Into::into)
+        });
+    }
     crate::fastmath::with_f32(t, |src| {
         let mut out = crate::fastmath::zeroed(src.len());
         batched_transpose(src, b, r, c, &mut out);
@@ -518,7 +525,7 @@ fn transpose_f32(t: &CT, perm: &[usize]) -> Option<Result<CT>> {
 
 /// `dst[b][j][i] = src[b][i][j]` for `src` `[batches, r, c]`, in 16x16 tiles; parallel over tile rows
 /// when there is enough to move.
-pub(crate) fn batched_transpose(src: &[f32], batches: usize, r: usize, c: usize, dst: &mut [f32]) {
+pub(crate) fn batched_transpose<T: Copy + Send + Sync>(src: &[T], batches: usize, r: usize, c: usize, dst: &mut [T]) {
     const T: usize = 16;
     use rayon::prelude::*;
     debug_assert!(src.len() == batches * r * c && dst.len() == src.len());
@@ -526,7 +533,7 @@ pub(crate) fn batched_transpose(src: &[f32], batches: usize, r: usize, c: usize,
         return;
     }
     // One task: output rows j0.. of one batch (`out` holds whole rows of r floats), in T x T tiles.
-    let task = |bi: usize, j0: usize, out: &mut [f32]| {
+    let task = |bi: usize, j0: usize, out: &mut [T]| {
         let s = &src[bi * r * c..(bi + 1) * r * c];
         let jn = out.len() / r;
         for jt in (0..jn).step_by(T) {
@@ -639,7 +646,7 @@ mod tests {
                     .unwrap()
                     .to_vec1::<f32>()
                     .unwrap();
-                if let Some(y) = transpose_f32(&t, p) {
+                if let Some(y) = transpose_tiled(&t, p) {
                     let y = y.unwrap();
                     let out_dims: Vec<usize> = p.iter().map(|&a| dims[a]).collect();
                     assert_eq!(y.dims(), out_dims.as_slice(), "{dims:?} {p:?}");
