@@ -663,6 +663,20 @@ pub(crate) fn with_u8<R>(t: &CT, f: impl FnOnce(&[u8]) -> R) -> Option<R> {
     }
 }
 
+/// Runs `f` on the contiguous i16 data of a CPU tensor (Kiln's storage of int8 and int16); `None`
+/// when it is not one.
+pub(crate) fn with_i16<R>(t: &CT, f: impl FnOnce(&[i16]) -> R) -> Option<R> {
+    if !t.device().is_cpu() || t.dtype() != candle_core::DType::I16 {
+        return None;
+    }
+    let (storage, layout) = t.storage_and_layout();
+    let (start, end) = layout.contiguous_offsets()?;
+    match &*storage {
+        Storage::Cpu(CpuStorage::I16(v)) => v.get(start..end).map(f),
+        _ => None,
+    }
+}
+
 /// Elements per parallel task: large enough to amortize scheduling, small enough to balance.
 const CHUNK: usize = 16 * 1024;
 

@@ -503,15 +503,23 @@ fn next_kept(dims: &[usize], a: usize) -> Option<usize> {
     (a + 1..dims.len()).find(|&i| dims[i] != 1)
 }
 
-/// Transpose of a contiguous f32 or u8 CPU tensor that is a batched 2-D transpose (NCHW <-> NHWC and
+/// Transpose of a contiguous f32, u8 or i16 CPU tensor that is a batched 2-D transpose (NCHW <-> NHWC and
 /// the like) in cache-sized tiles; `None` for anything else (candle's strided copy then does it).
 fn transpose_tiled(t: &CT, perm: &[usize]) -> Option<Result<CT>> {
     let dims = t.dims().to_vec();
     let (b, r, c) = as_batched_transpose(&dims, perm)?;
     let out_dims: Vec<usize> = perm.iter().map(|&a| dims[a]).collect();
+    // 8-bit codes: u8, and i8 stored widened to i16.
     if t.dtype() == candle_core::DType::U8 {
         return crate::fastmath::with_u8(t, |src| {
             let mut out = vec![0u8; src.len()];
+            batched_transpose(src, b, r, c, &mut out);
+            CT::from_vec(out, out_dims.clone(), t.device()).map_err(Into::into)
+        });
+    }
+    if t.dtype() == candle_core::DType::I16 {
+        return crate::fastmath::with_i16(t, |src| {
+            let mut out = vec![0i16; src.len()];
             batched_transpose(src, b, r, c, &mut out);
             CT::from_vec(out, out_dims.clone(), t.device()).map_err(Into::into)
         });
@@ -624,13 +632,17 @@ mod tests {
             &[2, 33, 1, 65],
         ];
         let mut fast = 0;
-        for dims in shapes {
+        // f32, and 8-bit codes as stored (u8; i8 widened to i16).
+        let dtypes = [candle_core::DType::F32, candle_core::DType::U8, candle_core::DType::I16];
+        for (dims, dt) in shapes.iter().flat_map(|d| dtypes.map(|t| (*d, t))) {
             let n: usize = dims.iter().product();
             let t = CT::from_vec(
-                (0..n).map(|i| i as f32).collect::<Vec<_>>(),
+                (0..n).map(|i| (i % 251) as f32).collect::<Vec<_>>(),
                 dims,
                 &candle_core::Device::Cpu,
             )
+            .unwrap()
+            .to_dtype(dt)
             .unwrap();
             let rank = dims.len();
             let mut perm: Vec<usize> = (0..rank).collect();
@@ -644,14 +656,22 @@ mod tests {
                     .unwrap()
                     .flatten_all()
                     .unwrap()
+                    .to_dtype(candle_core::DType::F32)
+                    .unwrap()
                     .to_vec1::<f32>()
                     .unwrap();
                 if let Some(y) = transpose_tiled(&t, p) {
                     let y = y.unwrap();
                     let out_dims: Vec<usize> = p.iter().map(|&a| dims[a]).collect();
                     assert_eq!(y.dims(), out_dims.as_slice(), "{dims:?} {p:?}");
+                    assert_eq!(y.dtype(), dt);
                     assert_eq!(
-                        y.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+                        y.flatten_all()
+                            .unwrap()
+                            .to_dtype(candle_core::DType::F32)
+                            .unwrap()
+                            .to_vec1::<f32>()
+                            .unwrap(),
                         want,
                         "{dims:?} {p:?}"
                     );
