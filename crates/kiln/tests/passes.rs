@@ -1187,6 +1187,31 @@ fn nhwc_direct_convs_compute_what_nchw_computes() {
     assert_eq!(ops.get("ai.kiln::ConvNhwc"), Some(&8), "{ops:?}");
 }
 
+/// Each connected region is kept or left NCHW on its own: a backbone of eight convs between two
+/// boundary transposes goes channels-last although the conv after an op no region takes (a
+/// Transpose of the spatial axes) stands alone and stays NCHW.
+#[test]
+fn nhwc_regions_are_decided_one_by_one() {
+    let mut b = B::new();
+    let x = b.input("x", &[1, 8, 10, 12]);
+    let mut y = x;
+    for i in 0..8 {
+        let w = filter(&mut b, &format!("w{i}"), 8, 8, 1);
+        let c = b.op("Conv", &[y, w]);
+        y = b.op("Relu", &[c]);
+    }
+    let t = b.node("Transpose", &[y], vec![("perm", ints(&[0, 1, 3, 2]))]);
+    let w = filter(&mut b, "w_head", 4, 8, 3);
+    let head = b.op("Conv", &[t, w]);
+    let (model, feeds) = b.model(&[head], 13);
+    let mut o = opts(&model, OptLevel::All);
+    o.nhwc_convs = true;
+    let (opt, _) = optimize_and_compare(&model, &feeds, &o, 1e-5);
+    let ops = op_counts(&opt.graph);
+    assert_eq!(ops.get("ai.kiln::ConvNhwc"), Some(&8), "{ops:?}");
+    assert_eq!(ops.get("Conv"), Some(&1), "{ops:?}");
+}
+
 /// Quantized convs in a channels-last region (`QLinearConvNhwc`, with the per-tensor
 /// Quantize/DequantizeLinear and the float ops between them) give exactly the codes and floats of
 /// the NCHW graph: dense 3x3 with a stride, pointwise (read in place), depthwise, 5x5 with a

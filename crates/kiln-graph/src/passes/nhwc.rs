@@ -24,8 +24,9 @@
 //!   nearest `Resize` with constant per-axis scales or sizes (reordered).
 //!
 //! A region value read outside the region (or a graph output, or read by a subgraph) is transposed
-//! back under its original name, so nothing outside changes. Nothing is rewritten when fewer than two
-//! convs would join, or fewer than four per transpose the boundaries need (the transposes would cost
+//! back under its original name, so nothing outside changes. Each region (joining nodes connected
+//! through the values they pass each other) is decided on its own: it stays NCHW when it has fewer
+//! than two convs, or fewer than four per transpose its boundaries need (the transposes would cost
 //! more than they save).
 //!
 //! Runs once after the optimizer's fixed point, only when [`super::Options::nhwc_convs`] is set
@@ -524,37 +525,77 @@ pub fn run(g: &mut Graph, cx: &PassCx) -> Result<usize> {
             joins.push(j);
         }
     }
-    let convs = joins
-        .iter()
-        .filter(|j| matches!(j.kind, Kind::Conv | Kind::QConv))
-        .count();
-    if convs < 2 {
-        return Ok(0);
+    let idx = Index::new(g);
+    // Regions are the groups of joining nodes connected through the values they pass each other;
+    // each is kept or left NCHW on its own. A boundary costs a transpose of a whole activation: a
+    // region cut up by ops it cannot take (ShuffleNet's channel shuffle is a Reshape/Transpose/Reshape
+    // in every block) stays NCHW, while a backbone stays channels-last when the head after it cannot.
+    let mut producer: HashMap<ValueId, usize> = HashMap::new();
+    for (ji, j) in joins.iter().enumerate() {
+        for &o in g.nodes[j.node].outputs.iter().flatten() {
+            producer.insert(o, ji);
+        }
     }
-    let mut idx = Index::new(g);
-    // Each boundary costs a transpose of a whole activation: a region cut up by ops it cannot take
-    // (ShuffleNet's channel shuffle is a Reshape/Transpose/Reshape in every block) stays NCHW.
-    let mut crossing: Vec<ValueId> = Vec::new();
-    for j in &joins {
+    let mut parent: Vec<usize> = (0..joins.len()).collect();
+    fn root(parent: &mut [usize], mut i: usize) -> usize {
+        while parent[i] != i {
+            parent[i] = parent[parent[i]];
+            i = parent[i];
+        }
+        i
+    }
+    for (ji, j) in joins.iter().enumerate() {
+        for v in g.nodes[j.node].inputs.iter().flatten() {
+            if let Some(&pj) = producer.get(v) {
+                let (a, b) = (root(&mut parent, ji), root(&mut parent, pj));
+                parent[a] = b;
+            }
+        }
+    }
+    let mut convs: HashMap<usize, usize> = HashMap::new();
+    let mut crossing: HashMap<usize, Vec<ValueId>> = HashMap::new();
+    for (ji, j) in joins.iter().enumerate() {
+        let r = root(&mut parent, ji);
         let n = &g.nodes[j.node];
+        if matches!(j.kind, Kind::Conv | Kind::QConv) {
+            *convs.entry(r).or_default() += 1;
+        }
+        let cross = crossing.entry(r).or_default();
         for (k, how) in j.inputs.iter().enumerate() {
             if let (In::Layout, Some(v)) = (how, n.inputs.get(k).copied().flatten()) {
                 if !region[v.index()] {
-                    crossing.push(v);
+                    cross.push(v);
                 }
             }
         }
         for &o in n.outputs.iter().flatten() {
             if leaves(&idx, &member, o) {
-                crossing.push(o);
+                cross.push(o);
             }
         }
     }
-    crossing.sort_unstable();
-    crossing.dedup();
-    if crossing.len() * MAX_TRANSPOSES_PER_CONV > convs {
+    let mut kept = HashMap::new();
+    for (r, cross) in &mut crossing {
+        cross.sort_unstable();
+        cross.dedup();
+        let c = convs.get(r).copied().unwrap_or(0);
+        kept.insert(*r, c >= 2 && cross.len() * MAX_TRANSPOSES_PER_CONV <= c);
+    }
+    let roots: Vec<usize> = (0..joins.len()).map(|ji| root(&mut parent, ji)).collect();
+    let joins: Vec<Join> = joins
+        .into_iter()
+        .zip(roots)
+        .filter(|(_, r)| kept[r])
+        .map(|(j, _)| j)
+        .collect();
+    if joins.is_empty() {
         return Ok(0);
     }
+    let mut member = vec![false; g.nodes.len()];
+    for j in &joins {
+        member[j.node] = true;
+    }
+    let mut idx = idx;
     // The NHWC twin of every region value.
     let mut twin: HashMap<ValueId, ValueId> = HashMap::new();
     let mut order_of_twins = Vec::new();
