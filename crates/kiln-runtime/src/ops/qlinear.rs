@@ -325,23 +325,29 @@ fn code_tensor(dt: DType, dev: &candle_core::Device) -> Result<Tensor> {
 
 /// `table[code]` for every element of `x` (the table indexed as [`code_tensor`] orders the codes).
 fn lookup(x: &Tensor, table: &[i32]) -> Result<Tensor> {
-    let flat = x.candle().flatten_all()?;
     let dims = x.dims().to_vec();
     let t = match x.dtype() {
         DType::U8 => {
-            let v: Vec<u8> = flat
-                .to_vec1::<u8>()?
-                .into_iter()
-                .map(|c| table[c as usize] as u8)
-                .collect();
+            // The table's codes are in u8's range (they are QuantizeLinear outputs).
+            let bytes: [u8; 256] = std::array::from_fn(|i| table.get(i).copied().unwrap_or(0) as u8);
+            let map = |src: &[u8]| src.iter().map(|&c| bytes[c as usize]).collect::<Vec<u8>>();
+            let v = match crate::fastmath::with_u8(x.candle(), map) {
+                Some(v) => v,
+                None => map(&x.candle().flatten_all()?.to_vec1::<u8>()?),
+            };
             candle_core::Tensor::from_vec(v, dims, x.device())?
         }
         _ => {
-            let v: Vec<i16> = flat
-                .to_vec1::<i16>()?
-                .into_iter()
-                .map(|c| table[(c as i32 + 128).clamp(0, 255) as usize] as i16)
-                .collect();
+            let codes: [i16; 256] = std::array::from_fn(|i| table.get(i).copied().unwrap_or(0) as i16);
+            let map = |src: &[i16]| {
+                src.iter()
+                    .map(|&c| codes[(c as i32 + 128).clamp(0, 255) as usize])
+                    .collect::<Vec<i16>>()
+            };
+            let v = match crate::fastmath::with_i16(x.candle(), map) {
+                Some(v) => v,
+                None => map(&x.candle().flatten_all()?.to_vec1::<i16>()?),
+            };
             candle_core::Tensor::from_vec(v, dims, x.device())?
         }
     };
@@ -520,18 +526,25 @@ struct BinaryRows {
 
 /// An 8-bit output code in Kiln's storage type (u8, or i8 widened to i16).
 trait Code: Copy + Default {
+    /// `v` is a whole number in the type's range (callers clamp it with `max`/`min`, which also
+    /// turn a NaN into the range's low end).
     fn from_f32(v: f32) -> Self;
 }
 impl Code for u8 {
     #[inline(always)]
     fn from_f32(v: f32) -> Self {
-        v as i32 as u8
+        debug_assert!((0.0..=255.0).contains(&v));
+        // SAFETY: `v` is finite and in 0..=255 (the trait's contract), so it fits i32; the
+        // unchecked conversion vectorizes where `as` (saturating, NaN to 0) does not.
+        unsafe { v.to_int_unchecked::<i32>() as u8 }
     }
 }
 impl Code for i16 {
     #[inline(always)]
     fn from_f32(v: f32) -> Self {
-        v as i32 as i16
+        debug_assert!((-128.0..=127.0).contains(&v));
+        // SAFETY: as above, `v` is finite and in -128..=127.
+        unsafe { v.to_int_unchecked::<i32>() as i16 }
     }
 }
 
