@@ -83,6 +83,13 @@ const DTYPE_AS_INPUT: &[&str] = &[
     "AveragePool",
     "GlobalAveragePool",
     "GlobalMaxPool",
+    // com.microsoft QOperator ops: codes of the first input's 8-bit type.
+    "QLinearAdd",
+    "QLinearMul",
+    "QLinearSigmoid",
+    "QLinearLeakyRelu",
+    "QLinearGlobalAveragePool",
+    "QLinearAveragePool",
     "MatMul",
     "Gemm",
     // Data movement: the output is (a rearrangement of) the data input's values.

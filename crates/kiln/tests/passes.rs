@@ -1318,6 +1318,115 @@ fn nhwc_quantized_convs_compute_what_nchw_computes() {
     assert_eq!(ops.get("QLinearConv"), Some(&1), "{ops:?}");
 }
 
+/// ONNX Runtime's QOperator ops join channels-last regions with the quantized convs and give the
+/// NCHW graph's codes exactly: a u8 MaxPool, QLinearSigmoid and QLinearMul (SiLU), a squeeze-excite
+/// block (QLinearGlobalAveragePool, two 1x1 convs, a broadcast QLinearMul) and a residual QLinearAdd.
+#[test]
+fn nhwc_qoperator_ops_compute_what_nchw_computes() {
+    const MS: &str = "com.microsoft";
+    let mut b = B::new();
+    // The second image brighter than the first, so the squeeze-excite scales differ per image.
+    let per_image = 3 * 17 * 15;
+    let vals: Vec<f32> = (0..2 * per_image)
+        .map(|i| ((i * 37 % 23) as f32 - 11.0) / 9.0 + (i / per_image) as f32 * 1.2)
+        .collect();
+    let x = b.input_data(TensorData::from_values("x", vec![2, 3, 17, 15], &vals).unwrap());
+    let mut n = 0;
+    let mut param = |b: &mut B, s: f32, z: u8| {
+        n += 1;
+        let sv = b.scalar(&format!("s{n}"), s);
+        let zv = b.init(TensorData::from_values(format!("z{n}"), vec![], &[z]).unwrap());
+        (sv, zv)
+    };
+    let filter = |b: &mut B, name: &str, m: usize, c: usize, k: usize| {
+        let v: Vec<i8> = (0..m * c * k * k).map(|i| ((i * 29 + m) % 61) as i8 - 30).collect();
+        let w = b.init(TensorData::from_values(name, vec![m, c, k, k], &v).unwrap());
+        let ws = b.f32s(
+            &format!("{name}_s"),
+            &[m],
+            &(0..m).map(|i| 0.004 + i as f32 * 0.0002).collect::<Vec<_>>(),
+        );
+        let wz = b.init(TensorData::from_values(format!("{name}_z"), vec![], &[0i8]).unwrap());
+        (w, ws, wz)
+    };
+    let conv = |b: &mut B,
+                x: ValueId,
+                xp: (ValueId, ValueId),
+                w: (ValueId, ValueId, ValueId),
+                yp: (ValueId, ValueId),
+                attrs| { b.node("QLinearConv", &[x, xp.0, xp.1, w.0, w.1, w.2, yp.0, yp.1], attrs) };
+    let xp = param(&mut b, 0.02, 128);
+    let q = b.op("QuantizeLinear", &[x, xp.0, xp.1]);
+    let (w1, p1) = (filter(&mut b, "w1", 16, 3, 3), param(&mut b, 0.05, 10));
+    let c1 = conv(
+        &mut b,
+        q,
+        xp,
+        w1,
+        p1,
+        vec![("pads", ints(&[1, 1, 1, 1])), ("strides", ints(&[2, 2]))],
+    );
+    let m = b.node(
+        "MaxPool",
+        &[c1],
+        vec![("kernel_shape", ints(&[3, 3])), ("pads", ints(&[1, 1, 1, 1]))],
+    );
+    let (w2, p2) = (filter(&mut b, "w2", 24, 16, 1), param(&mut b, 0.06, 128));
+    let c2 = conv(&mut b, m, p1, w2, p2, vec![]);
+    // SiLU: c2 * sigmoid(c2).
+    let ps = param(&mut b, 1.0 / 255.0, 0);
+    let sg = b.node_in(MS, "QLinearSigmoid", &[c2, p2.0, p2.1, ps.0, ps.1], vec![]);
+    let pm = param(&mut b, 0.03, 100);
+    let silu = b.node_in(MS, "QLinearMul", &[c2, p2.0, p2.1, sg, ps.0, ps.1, pm.0, pm.1], vec![]);
+    // Squeeze-excite.
+    let pg = param(&mut b, 0.03, 100);
+    let gap = b.node_in(MS, "QLinearGlobalAveragePool", &[silu, pm.0, pm.1, pg.0, pg.1], vec![]);
+    // Positive filters, so the excitation follows each image's mean.
+    let positive = |b: &mut B, name: &str, m: usize, c: usize, scale: f32| {
+        let v: Vec<i8> = (0..m * c).map(|i| (i % 7) as i8 + 1).collect();
+        let w = b.init(TensorData::from_values(name, vec![m, c, 1, 1], &v).unwrap());
+        let ws = b.f32s(&format!("{name}_s"), &[m], &vec![scale; m]);
+        let wz = b.init(TensorData::from_values(format!("{name}_z"), vec![], &[0i8]).unwrap());
+        (w, ws, wz)
+    };
+    let (w3, p3) = (positive(&mut b, "w3", 8, 24, 0.2), param(&mut b, 0.05, 128));
+    let s1 = conv(&mut b, gap, pg, w3, p3, vec![]);
+    let (w4, p4) = (positive(&mut b, "w4", 24, 8, 0.05), param(&mut b, 0.05, 128));
+    let s2 = conv(&mut b, s1, p3, w4, p4, vec![]);
+    let pe = param(&mut b, 1.0 / 255.0, 0);
+    let se = b.node_in(MS, "QLinearSigmoid", &[s2, p4.0, p4.1, pe.0, pe.1], vec![]);
+    let px = param(&mut b, 0.03, 110);
+    let scaled = b.node_in(
+        MS,
+        "QLinearMul",
+        &[silu, pm.0, pm.1, se, pe.0, pe.1, px.0, px.1],
+        vec![],
+    );
+    // Enough convs for the region, then a residual add.
+    let (mut y, mut yp) = (scaled, px);
+    for i in 0..8 {
+        let (w, p) = (
+            filter(&mut b, &format!("wl{i}"), 24, 24, 1),
+            param(&mut b, 0.05, 120 + i as u8),
+        );
+        y = conv(&mut b, y, yp, w, p, vec![]);
+        yp = p;
+    }
+    let pa = param(&mut b, 0.07, 125);
+    let sum = b.node_in(MS, "QLinearAdd", &[y, yp.0, yp.1, c2, p2.0, p2.1, pa.0, pa.1], vec![]);
+    let pf = param(&mut b, 0.03, 128);
+    let head = b.node_in(MS, "QLinearGlobalAveragePool", &[sum, pa.0, pa.1, pf.0, pf.1], vec![]);
+    let (mut model, feeds) = b.model(&[head, scaled], 13);
+    model.opsets.insert(MS.into(), 1);
+    let mut o = opts(&model, OptLevel::All);
+    o.nhwc_qconvs = true;
+    let (opt, _) = optimize_and_compare(&model, &feeds, &o, 0.0);
+    let ops = op_counts(&opt.graph);
+    assert_eq!(ops.get("ai.kiln::QLinearConvNhwc"), Some(&12), "{ops:?}");
+    assert_eq!(ops.get("ai.kiln::MaxPoolNhwc"), Some(&1), "{ops:?}");
+    assert_eq!(ops.get("Transpose"), Some(&3), "{ops:?}");
+}
+
 #[test]
 fn nhwc_regions_compute_what_nchw_computes() {
     let mut b = B::new();

@@ -15,7 +15,9 @@
 //!   `QLinearConv` with a constant 8-bit filter (group 1 or depthwise) and per-tensor input and
 //!   output parameters becomes `ai.kiln::QLinearConvNhwc`, and per-tensor `QuantizeLinear`,
 //!   `DequantizeLinear` and `ai.kiln::QuantizeDequantize` join as element-wise ops (a static QDQ
-//!   CNN then runs channels-last from its first conv to its pooling head).
+//!   CNN then runs channels-last from its first conv to its pooling head), as do ONNX Runtime's
+//!   QOperator `com.microsoft` `QLinearAdd`, `QLinearMul`, `QLinearSigmoid`, `QLinearLeakyRelu`
+//!   and `QLinearGlobalAveragePool` (with its `channels_last` attribute set).
 //! - with at least one input from the region: element-wise unary ops, `ai.kiln::ElementwiseChain`,
 //!   two-input element-wise binary ops whose other input is from the region, a constant (its data
 //!   permuted once, here), a value broadcast-neutral in every layout (rank <= 1 or all dims 1), or a
@@ -126,6 +128,8 @@ enum Kind {
     /// Concat or Split on this NCHW axis (normalized), remapped to NHWC.
     Axis(i64),
     Pool(&'static str),
+    /// `com.microsoft::QLinearGlobalAveragePool`, told its input is channels-last.
+    ChannelsLastAttr,
 }
 
 struct Join {
@@ -269,6 +273,68 @@ fn per_tensor_quantizer(g: &Graph, cx: &PassCx, n: &Node) -> bool {
         && n.inputs[1..].iter().all(|v| v.is_none_or(|v| layout_neutral(g, cx, v)))
 }
 
+/// ONNX Runtime's QOperator element-wise ops and pooling (`com.microsoft`) with per-tensor
+/// parameters: `QLinearAdd`/`QLinearMul` (inputs 0 and 3 are the operands), `QLinearSigmoid`/
+/// `QLinearLeakyRelu`, and `QLinearGlobalAveragePool` (its `channels_last` attribute set).
+fn qlinear_joins(g: &Graph, cx: &PassCx, n: &Node, region: &[bool], i: usize) -> Option<Join> {
+    if n.domain != MS || n.outputs.len() != 1 {
+        return None;
+    }
+    let in_region = |v: Option<ValueId>| v.is_some_and(|v| region[v.index()]);
+    let neutral = |ks: &[usize]| {
+        ks.iter().all(|&k| {
+            n.inputs
+                .get(k)
+                .copied()
+                .flatten()
+                .is_none_or(|v| layout_neutral(g, cx, v))
+        })
+    };
+    let unary = |kind: Kind| {
+        (in_region(n.inputs.first().copied().flatten()) && (4..=5).contains(&n.inputs.len()) && neutral(&[1, 2, 3, 4]))
+            .then(|| Join {
+                node: i,
+                inputs: (0..n.inputs.len())
+                    .map(|k| if k == 0 { In::Layout } else { In::Keep })
+                    .collect(),
+                kind,
+            })
+    };
+    match n.op_type.as_str() {
+        "QLinearAdd" | "QLinearMul" => {
+            if n.inputs.len() != 8 || !neutral(&[1, 2, 4, 5, 6, 7]) {
+                return None;
+            }
+            let (a, b) = (n.inputs[0]?, n.inputs[3]?);
+            if !(region[a.index()] || region[b.index()]) {
+                return None;
+            }
+            let how = |v: ValueId| {
+                if region[v.index()] || known_rank4(g, v) {
+                    Some(In::Layout)
+                } else if layout_neutral(g, cx, v) {
+                    Some(In::Keep)
+                } else {
+                    None
+                }
+            };
+            let mut ins = vec![In::Keep; 8];
+            ins[0] = how(a)?;
+            ins[3] = how(b)?;
+            Some(Join {
+                node: i,
+                inputs: ins,
+                kind: Kind::Same,
+            })
+        }
+        "QLinearSigmoid" | "QLinearLeakyRelu" => unary(Kind::Same),
+        "QLinearGlobalAveragePool" if matches!(n.attr("channels_last"), None | Some(Attribute::Int(0))) => {
+            unary(Kind::ChannelsLastAttr)
+        }
+        _ => None,
+    }
+}
+
 fn plan(g: &Graph, cx: &PassCx, allow: Allow, i: usize, region: &[bool]) -> Option<Join> {
     let n = &g.nodes[i];
     let from_region = |k: usize| n.inputs.get(k).copied().flatten().is_some_and(|v| region[v.index()]);
@@ -284,6 +350,9 @@ fn plan(g: &Graph, cx: &PassCx, allow: Allow, i: usize, region: &[bool]) -> Opti
     if allow.quantized {
         if let Some(ins) = qconv_joins(g, cx, n, region) {
             return join(ins, Kind::QConv);
+        }
+        if let Some(j) = qlinear_joins(g, cx, n, region, i) {
+            return Some(j);
         }
         if per_tensor_quantizer(g, cx, n) {
             return from_region(0).then(|| Join {
@@ -670,6 +739,10 @@ pub fn run(g: &mut Graph, cx: &PassCx) -> Result<usize> {
                 (String::new(), node.op_type.clone())
             }
             Kind::Pool(target) => (KILN.to_string(), target.to_string()),
+            Kind::ChannelsLastAttr => {
+                attributes.insert("channels_last".into(), Attribute::Int(1));
+                (node.domain.clone(), node.op_type.clone())
+            }
         };
         g.nodes[j.node] = Node {
             domain,

@@ -144,6 +144,23 @@ fn nhwc_pool(n: &NodeCtx, kind: Kind) -> Result<Box<dyn OpKernel>> {
                 )?);
             }
         }
+        // 8-bit codes (a QOperator model's MaxPool): the max of the codes is the code of the max,
+        // so the f32 kernel runs on them as floats (exact) and the result is stored back.
+        if matches!(kind, Kind::Max) && matches!(x.dtype(), DType::U8 | DType::I8) && !empty && x.device().is_cpu() {
+            let xf = x.candle().to_dtype(candle_core::DType::F32)?;
+            let fast = with_f32(&xf, |xs| {
+                let mut out = crate::fastmath::zeroed(nb * oh * ow * c);
+                super::nhwc::max_pool(&win, xs, &mut out);
+                out
+            });
+            if let Some(out) = fast {
+                let y = CT::from_vec(out, (nb, oh, ow, c), xf.device())?;
+                return out1(Tensor::new(
+                    y.to_dtype(crate::tensor::storage_dtype(x.dtype())?)?,
+                    x.dtype(),
+                )?);
+            }
+        }
         let nchw = Tensor::new(x.candle().permute((0, 3, 1, 2))?.contiguous()?, x.dtype())?;
         let mut outs = pool_run(cx, &nchw, &a)?;
         let Some(Value::Tensor(y)) = outs.drain(..).next() else {

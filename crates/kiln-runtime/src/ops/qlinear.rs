@@ -307,6 +307,11 @@ fn wrap(n: &NodeCtx, float_op: &'static str, layout: Layout) -> Result<Box<dyn O
                 return out1(y);
             }
         }
+        if float_op == "GlobalAveragePool" {
+            if let Some(y) = global_average_codes(ins, channels_last)? {
+                return out1(y);
+            }
+        }
         out1(general(cx, ins)?)
     }))
 }
@@ -431,18 +436,99 @@ fn binary(
         })
     };
     // One value of the smaller operand per span (repeated where it broadcasts over leading dims).
-    let small_spans = if sd[..p] == bd[..p] {
-        small.clone()
+    // `[N, 1, .., 1, C]` over `[N, .., C]` (a channels-last squeeze-excite scale): its rows of C
+    // repeated for every pixel.
+    let r = bd.len();
+    let trailing = r >= 3 && p == r && sd[1..r - 1].iter().all(|&d| d == 1) && (sd[0] == bd[0] || sd[0] == 1);
+    let w = if sd[..p] == bd[..p] {
+        codes(small)?
+    } else if trailing {
+        let (c, rows) = (bd[r - 1], bd[1..r - 1].iter().product::<usize>());
+        let rows_of_c = codes(small)?;
+        let mut w = Vec::with_capacity(big.elem_count());
+        for n in 0..bd[0] {
+            let row = &rows_of_c[(n % sd[0]) * c..][..c];
+            for _ in 0..rows {
+                w.extend_from_slice(row);
+            }
+        }
+        w
     } else {
         let t = small.candle().reshape(&sd[..p])?.broadcast_as(&bd[..p])?.contiguous()?;
-        Tensor::new(t, qdt)?
+        codes(&Tensor::new(t, qdt)?)?
     };
-    let (x, w) = (codes(big)?, codes(&small_spans)?);
+    let x = codes(big)?;
     let t = match qdt {
         DType::U8 => candle_core::Tensor::from_vec(k.run::<u8>(&x, &w), dims, big.device())?,
         _ => candle_core::Tensor::from_vec(k.run::<i16>(&x, &w), dims, big.device())?,
     };
     Ok(Some(Tensor::new(t.to_dtype(crate::tensor::storage_dtype(qdt)?)?, qdt)?))
+}
+
+/// QLinearGlobalAveragePool of 8-bit codes on the CPU, `[N, C, ...]` or (`channels_last`)
+/// `[N, ..., C]`, as ONNX Runtime computes it (MLAS): each channel's codes summed exactly in
+/// integers, less the input zero point times the pixel count, times `x_scale / y_scale / pixels` in
+/// f32, rounded half to even, plus the output zero point, saturated. `None` for other inputs.
+fn global_average_codes(ins: &[Option<&Value>], channels_last: bool) -> Result<Option<Tensor>> {
+    let x = tin(ins, 0)?;
+    let (qdt, d) = (x.dtype(), x.dims().to_vec());
+    if !matches!(qdt, DType::U8 | DType::I8) || !x.device().is_cpu() || d.len() < 3 {
+        return Ok(None);
+    }
+    let (nb, c) = (d[0], if channels_last { d[d.len() - 1] } else { d[1] });
+    let hw: usize = if channels_last {
+        d[1..d.len() - 1].iter().product()
+    } else {
+        d[2..].iter().product()
+    };
+    if nb * c * hw == 0 {
+        return Ok(None);
+    }
+    let ((xs, xz), (ys, yz)) = (params(ins, 1, 2, qdt)?, params(ins, 3, 4, qdt)?);
+    let codes: Vec<i32> = {
+        let flat = x.candle().flatten_all()?;
+        match qdt {
+            DType::U8 => flat.to_vec1::<u8>()?.into_iter().map(i32::from).collect(),
+            // i8 is stored widened to i16.
+            _ => flat.to_vec1::<i16>()?.into_iter().map(i32::from).collect(),
+        }
+    };
+    let mut sums = vec![0i64; nb * c];
+    for (n, img) in codes.chunks_exact(c * hw).enumerate() {
+        let out = &mut sums[n * c..(n + 1) * c];
+        if channels_last {
+            for px in img.chunks_exact(c) {
+                out.iter_mut().zip(px).for_each(|(s, &v)| *s += v as i64);
+            }
+        } else {
+            for (s, plane) in out.iter_mut().zip(img.chunks_exact(hw)) {
+                *s = plane.iter().map(|&v| v as i64).sum();
+            }
+        }
+    }
+    let scale = xs / ys / hw as f32;
+    let (lo, hi) = if qdt == DType::U8 {
+        (0.0, 255.0)
+    } else {
+        (-128.0, 127.0)
+    };
+    #[allow(clippy::manual_clamp)]
+    let q: Vec<f64> = sums
+        .iter()
+        .map(|&s| {
+            (((s - xz as i64 * hw as i64) as f32 * scale).round_ties_even() + yz as f32)
+                .max(lo)
+                .min(hi) as f64
+        })
+        .collect();
+    let mut dims = vec![1usize; d.len()];
+    dims[0] = nb;
+    if channels_last {
+        dims[d.len() - 1] = c;
+    } else {
+        dims[1] = c;
+    }
+    Ok(Some(quantized_tensor(&q, dims, qdt, x.device())?))
 }
 
 /// A per-tensor scale (one positive finite value) and zero point (one value of `qdt`, default 0).
