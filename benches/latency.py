@@ -11,6 +11,10 @@ falls on all three alike. Prints a markdown table of p50 milliseconds and Kiln (
 `--baseline-env VAR=VALUE` replaces the first column by `kiln bench` with that environment variable set
 (an A/B of one switch, e.g. `KILN_NHWC=1`), still interleaved with the other two; `--baseline-kiln PATH`
 by `kiln bench` of another build (an A/B of two commits).
+
+`--variants SUFFIX[,SUFFIX...]` runs, instead of each model `NAME.onnx`, the files `NAME.SUFFIX.onnx`
+beside it that exist (e.g. `static-int8-qdq,static-int8-qop`: the zoo CNNs as ONNX Runtime's static
+quantizer writes them, models/make_quantized.py) on the model's inputs.
 """
 import argparse
 import os
@@ -62,7 +66,9 @@ def main():
     ap.add_argument("--threads", default="1,2")
     ap.add_argument("--baseline-env", default="")
     ap.add_argument("--baseline-kiln", default="")
+    ap.add_argument("--variants", default="")
     args = ap.parse_args()
+    variants = [v for v in args.variants.split(",") if v]
     only = [o for o in args.only.split(",") if o]
     threads = [int(t) for t in args.threads.split(",") if t]
     base_env = dict([args.baseline_env.split("=", 1)]) if args.baseline_env else None
@@ -75,22 +81,26 @@ def main():
         path = os.path.join(args.models, file)
         if (only and not any(o in file for o in only)) or not os.path.exists(path):
             continue
+        runs = [(path, label)]
+        if variants:
+            stem = path[: -len(".onnx")]
+            runs = [(f"{stem}.{v}.onnx", f"{label}, {v}") for v in variants if os.path.exists(f"{stem}.{v}.onnx")]
         with tempfile.TemporaryDirectory() as d:
             memory.make_inputs(path, label, d)
-            for t in threads:
+            for (run, name), t in [(r, t) for r in runs for t in threads]:
                 rows = []
                 for _ in range(args.rounds):
                     if args.baseline_kiln:
-                        c = kiln_p50(args.baseline_kiln, path, d, t, [], env=base_env)
+                        c = kiln_p50(args.baseline_kiln, run, d, t, [], env=base_env)
                     elif base_env:
-                        c = kiln_p50(args.kiln, path, d, t, [], env=base_env)
+                        c = kiln_p50(args.kiln, run, d, t, [], env=base_env)
                     else:
-                        c = kiln_p50(args.kiln, path, d, t, ["--run-on-caller"])
-                    p = kiln_p50(args.kiln, path, d, t, [])
-                    rows.append((c, p, ort_p50(path, d, t)))
+                        c = kiln_p50(args.kiln, run, d, t, ["--run-on-caller"])
+                    p = kiln_p50(args.kiln, run, d, t, [])
+                    rows.append((c, p, ort_p50(run, d, t)))
                 col = lambda i: " / ".join(f"{r[i]:.2f}" for r in rows)  # noqa: E731
                 ratio = " / ".join(f"{p / o:.2f}" for _, p, o in rows)
-                print(f"| {label} | {t} | {col(0)} | {col(1)} | {col(2)} | {ratio} |", flush=True)
+                print(f"| {name} | {t} | {col(0)} | {col(1)} | {col(2)} | {ratio} |", flush=True)
 
 
 if __name__ == "__main__":

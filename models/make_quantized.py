@@ -14,7 +14,7 @@ forms `bilstm-tagger.dyn-int8.onnx` (per-direction weight scales) and `bilstm-ta
 (per gate column): the quantizer turns the LSTM into com.microsoft DynamicQuantizeLSTM, as it does in the
 BiLSTM text and OCR models users quantize.
 
-Static int8 (`quantize_static`, uint8 activations and int8 weights, per tensor, min-max calibration on 8
+Static int8 (`quantize_static` at its defaults: int8 activations and int8 weights, per tensor, min-max calibration on 8
 random image batches of 1 x 3 x 96 x 96 from a fixed seed) of three zoo CNNs (ResNet-18, MobileNetV2,
 EfficientNet-B0, when models/make_zoo.py has written them) in both of the quantizer's forms:
 `<stem>.static-int8-qop.onnx` (QOperator: QLinearConv, QLinearAdd, QLinearMul, QLinearSigmoid,
