@@ -175,6 +175,20 @@ fn int_attr(n: &Node, name: &str, default: i64) -> Option<i64> {
     }
 }
 
+/// A 2-D conv (by its `kernel_shape`, when given) of group 1 or depthwise (one input channel per
+/// group, channel multiplier 1) with the 4-D filter dims `wd`.
+fn dense_or_depthwise_2d(n: &Node, wd: &[usize]) -> bool {
+    let Some(group) = int_attr(n, "group", 1) else {
+        return false;
+    };
+    let depthwise = group > 1 && wd[1] == 1 && wd[0] == group as usize;
+    let two_d = match n.attr("kernel_shape") {
+        Some(Attribute::Ints(k)) => k.len() == 2,
+        _ => true,
+    };
+    (group == 1 || depthwise) && two_d
+}
+
 /// The conv's filter when the node can run as `ConvNhwc`.
 fn conv_joins(g: &Graph, cx: &PassCx, n: &Node, region: &[bool]) -> Option<Vec<In>> {
     let is_conv = (n.domain.is_empty() && n.op_type == "Conv")
@@ -191,15 +205,8 @@ fn conv_joins(g: &Graph, cx: &PassCx, n: &Node, region: &[bool]) -> Option<Vec<I
     if !region[x.index()] && g.value(x).dtype != Some(DType::F32) {
         return None;
     }
-    let group = int_attr(n, "group", 1)?;
-    let depthwise = group > 1 && w.dims[1] == 1 && w.dims[0] == group as usize;
-    if group != 1 && !depthwise {
+    if !dense_or_depthwise_2d(n, &w.dims) {
         return None;
-    }
-    if let Some(Attribute::Ints(k)) = n.attr("kernel_shape") {
-        if k.len() != 2 {
-            return None;
-        }
     }
     let mut ins = vec![In::Layout, In::Keep];
     if let Some(b) = n.inputs.get(2) {
@@ -235,15 +242,8 @@ fn qconv_joins(g: &Graph, cx: &PassCx, n: &Node, region: &[bool]) -> Option<Vec<
     if !region[x.index()] && !matches!(g.value(x).dtype, Some(DType::U8 | DType::I8)) {
         return None;
     }
-    let group = int_attr(n, "group", 1)?;
-    let depthwise = group > 1 && w.dims[1] == 1 && w.dims[0] == group as usize;
-    if group != 1 && !depthwise {
+    if !dense_or_depthwise_2d(n, &w.dims) {
         return None;
-    }
-    if let Some(Attribute::Ints(k)) = n.attr("kernel_shape") {
-        if k.len() != 2 {
-            return None;
-        }
     }
     // x_scale, x_zero_point, y_scale, y_zero_point.
     for k in [1, 2, 6, 7] {
