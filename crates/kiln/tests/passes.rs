@@ -1215,8 +1215,8 @@ fn nhwc_regions_are_decided_one_by_one() {
 /// Quantized convs in a channels-last region (`QLinearConvNhwc`, with the per-tensor
 /// Quantize/DequantizeLinear and the float ops between them) give exactly the codes and floats of
 /// the NCHW graph: dense 3x3 with a stride, pointwise (read in place), depthwise, 5x5 with a
-/// dilation and asymmetric pads, u8 and i8 filters and activations, per-channel filter scales and
-/// zero points, biases, a residual Add + Relu, a batch of two. A grouped conv that is not depthwise
+/// dilation and asymmetric pads, depthwise over 4 channels, u8 and i8 filters and activations,
+/// per-channel filter scales and zero points, biases, a residual Add + Relu, a batch of two. A grouped conv that is not depthwise
 /// stays NCHW between transposes; a conv whose output scale is zero takes the reference path
 /// (its saturated codes must match too).
 #[test]
@@ -1269,7 +1269,21 @@ fn nhwc_quantized_convs_compute_what_nchw_computes() {
     let (w3, w3s, w3z) = i8_filter(&mut b, "w3", 48, 32, 1);
     let (y3s, y3z, b3) = (scalar(&mut b, 0.05), u8z(&mut b, "y3z", 128), bias(&mut b, "b3", 48));
     let c3 = b.node_in("", "QLinearConv", &[c2, y2s, y2z, w3, w3s, w3z, y3s, y3z, b3], vec![]);
-    let d3 = b.op("DequantizeLinear", &[c3, y3s, y3z]);
+    // A depthwise conv over 4 channels (too few for the channels-last sums: NCHW planes inside).
+    let (wa, was, waz) = i8_filter(&mut b, "wa", 4, 48, 1);
+    let (yas, yaz) = (scalar(&mut b, 0.05), u8z(&mut b, "yaz", 128));
+    let ca = b.node_in("", "QLinearConv", &[c3, y3s, y3z, wa, was, waz, yas, yaz], vec![]);
+    let (wb, wbs, wbz) = i8_filter(&mut b, "wb", 4, 1, 3);
+    let (ybs, ybz) = (scalar(&mut b, 0.02), u8z(&mut b, "ybz", 128));
+    let cb = b.node(
+        "QLinearConv",
+        &[ca, yas, yaz, wb, wbs, wbz, ybs, ybz],
+        vec![("pads", ints(&[1, 1, 1, 1])), ("group", Attribute::Int(4))],
+    );
+    let (wc, wcs, wcz) = i8_filter(&mut b, "wc", 48, 4, 1);
+    let (ycs, ycz) = (scalar(&mut b, 0.02), u8z(&mut b, "ycz", 128));
+    let cc = b.node_in("", "QLinearConv", &[cb, ybs, ybz, wc, wcs, wcz, ycs, ycz], vec![]);
+    let d3 = b.op("DequantizeLinear", &[cc, ycs, ycz]);
     // A residual branch: pointwise 32 -> 48 from the first conv.
     let (w4, w4s, w4z) = i8_filter(&mut b, "w4", 48, 32, 1);
     let (y4s, y4z) = (scalar(&mut b, 0.06), u8z(&mut b, "y4z", 128));
@@ -1314,7 +1328,7 @@ fn nhwc_quantized_convs_compute_what_nchw_computes() {
     o.nhwc_qconvs = true;
     let (opt, _) = optimize_and_compare(&model, &feeds, &o, 0.0);
     let ops = op_counts(&opt.graph);
-    assert_eq!(ops.get("ai.kiln::QLinearConvNhwc"), Some(&12), "{ops:?}");
+    assert_eq!(ops.get("ai.kiln::QLinearConvNhwc"), Some(&15), "{ops:?}");
     assert_eq!(ops.get("QLinearConv"), Some(&1), "{ops:?}");
 }
 
