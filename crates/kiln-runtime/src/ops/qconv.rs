@@ -335,7 +335,7 @@ impl PackedQConv {
                 let xb = if nhwc {
                     let mut t = vec![0u8; xb.len()];
                     for (src, dst) in xb.chunks_exact(hw * s.c).zip(t.chunks_exact_mut(hw * s.c)) {
-                        transpose(src, hw, s.c, dst);
+                        super::shape::batched_transpose(src, 1, hw, s.c, dst);
                     }
                     planes_in = t;
                     &planes_in
@@ -359,7 +359,7 @@ impl PackedQConv {
                 }
                 if nhwc {
                     for (src, dst) in planes.chunks_exact(s.m * pix).zip(y.chunks_exact_mut(s.m * pix)) {
-                        transpose(src, s.m, pix, dst);
+                        super::shape::batched_transpose(src, 1, s.m, pix, dst);
                     }
                 }
             }
@@ -389,20 +389,6 @@ impl PackedQConv {
             }
         }
         Ok(y)
-    }
-}
-
-/// `src` (`rows x cols`, row-major) transposed into `dst` (`cols x rows`).
-fn transpose<T: Copy>(src: &[T], rows: usize, cols: usize, dst: &mut [T]) {
-    const TILE: usize = 32;
-    for r0 in (0..rows).step_by(TILE) {
-        for c0 in (0..cols).step_by(TILE) {
-            for r in r0..(r0 + TILE).min(rows) {
-                for c in c0..(c0 + TILE).min(cols) {
-                    dst[c * rows + r] = src[r * cols + c];
-                }
-            }
-        }
     }
 }
 
